@@ -1,0 +1,117 @@
+"""The `influence` command line: fit, score, self, demo.
+
+A public contract other tools drive: flags, output files and exit codes are stable.
+Exit codes: 0 ok, 2 bad input (one-line message on stderr, no traceback), 1 internal error,
+130 interrupted. Heavy imports (torch, transformers) happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local Hugging Face causal-LM directory")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--dtype", default="float32", help="model dtype: float32, bfloat16, float16 or float64 (default: float32)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: 8)")
+    parser.add_argument("--max-length", type=int, default=512, help="truncate sequences to this many tokens")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_damping_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--damping-factor", type=float, default=0.1, help="damping = F x mean eigenvalue per module (default 0.1)"
+    )
+    group.add_argument("--damping", type=float, default=None, help="absolute damping (overrides --damping-factor)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="influence",
+        description="Which training sequences made the model say this? EK-FAC influence functions for causal LMs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fit = commands.add_parser("fit", help="fit curvature factors (EK-FAC by default) on training data")
+    _add_model_options(fit)
+    fit.add_argument("--data", required=True, help='TRAIN.jsonl: {"id": optional, "text": ...} per line')
+    fit.add_argument("--out", required=True, help="output directory for the factors")
+    fit.add_argument("--strategy", default="ekfac", choices=["identity", "diagonal", "kfac", "ekfac"])
+    fit.add_argument("--fisher", default="sampled", choices=["sampled", "empirical"])
+    fit.add_argument("--modules", default="mlp", help="mlp | attention | all | a regex over module names")
+    fit.add_argument("--max-examples", type=int, default=None, help="fit on the first N training sequences")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the sampled labels")
+    fit.add_argument(
+        "--cache-gib",
+        type=float,
+        default=None,
+        help="memory for reusing the covariance pass in the correction pass (default: 1/4 of RAM)",
+    )
+
+    score = commands.add_parser("score", help="score training sequences against queries")
+    _add_model_options(score)
+    score.add_argument("--factors", required=True, help="directory written by `influence fit`")
+    score.add_argument("--data", required=True, help="TRAIN.jsonl")
+    score.add_argument("--queries", required=True, help='QUERIES.jsonl: {"id", "prompt", "completion"} per line')
+    score.add_argument("--out", required=True, help="output directory: scores.safetensors, results.json")
+    score.add_argument("--top-k", type=int, default=10)
+    _add_damping_options(score)
+    score.add_argument("--query-rank", type=int, default=None, help="low-rank query batching with rank R")
+    score.add_argument("--per-module", action="store_true", help="layer-wise breakdown of every score")
+    score.add_argument("--per-token", action="store_true", help="token-wise attribution of the top-k sequences")
+
+    self_cmd = commands.add_parser("self", help="self-influence of every training sequence")
+    _add_model_options(self_cmd)
+    self_cmd.add_argument("--factors", required=True)
+    self_cmd.add_argument("--data", required=True, help="TRAIN.jsonl")
+    self_cmd.add_argument("--out", required=True, help="output directory: scores.safetensors, results.json")
+    self_cmd.add_argument("--top-k", type=int, default=10)
+    _add_damping_options(self_cmd)
+
+    demo = commands.add_parser("demo", help="train a tiny model on planted facts, fit, score, print the answers")
+    demo.add_argument("--work-dir", default=".cache/demo", help="where the demo's model and data are cached")
+    demo.add_argument("--out", default="demo-out", help="where factors and scores are written")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .engine.errors import EngineError
+
+    try:
+        from . import commands
+
+        return getattr(commands, f"run_{args.command}")(args)
+    except EngineError as error:
+        print(f"influence {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("influence: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # an internal bug: say so in one line unless debugging
+        if os.environ.get("INFLUENCE_DEBUG"):
+            raise
+        print(
+            f"influence {args.command}: internal error: {type(error).__name__}: {error} "
+            "(set INFLUENCE_DEBUG=1 for a traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""One forward and backward pass that records, per tracked module, its inputs and the gradient
+of an objective with respect to its outputs.
+
+Layout of a `ModuleCapture` (B sequences, N token positions, N = T × calls):
+    a:          [B, N, d_in_full]  inputs with a homogeneous 1 appended when the module has a bias;
+                                    zero at padding positions
+    s:          [B, N, d_out]      ∂objective/∂output; zero at padding positions
+    token_mask: [B, N] bool        True at real (non-padding) positions
+    calls:      how many times the module ran in the forward pass (a shared module contributes
+                every call; its per-sequence gradient is Σ over all N positions)
+
+The per-sequence gradient of the objective w.r.t. the module's W ∈ R^{d_out × d_in_full} is
+    DW_b = Σ_n s[b, n] a[b, n]ᵀ = s[b]ᵀ a[b].
+Only activation gradients are computed: `torch.autograd.grad` is asked for the module outputs,
+so autograd never computes a weight gradient nor goes below the first tracked module.
+
+Objectives (all are sums of token log-likelihoods over `target_mask`; larger = more likely):
+    "true":    labels are the sequence's own next tokens (training gradients, queries, empirical Fisher)
+    "sampled": labels drawn from the model's own predictive distribution (the sampled Fisher, whose
+               expectation is the Gauss-Newton matrix for softmax cross-entropy). Each sequence
+               draws from its own generator seeded by (seed, sequence index), so the draw does not
+               depend on batching or partitioning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import Batch
+from .modules import TrackedModule, describe
+
+OBJECTIVES = ("true", "sampled")
+
+
+@dataclass
+class ModuleCapture:
+    a: torch.Tensor
+    s: torch.Tensor
+    token_mask: torch.Tensor
+    calls: int
+
+    def per_sequence_gradients(self) -> torch.Tensor:
+        """DW: [B, d_out, d_in_full] = sᵀ a per sequence."""
+        return torch.bmm(self.s.transpose(1, 2), self.a)
+
+
+def accumulation_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """Contractions run in float32, or float64 when the model itself is float64."""
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
+
+
+def sequence_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """The generator for sequence `index`'s sampled labels: independent of batch composition."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + index * 7919 + 17) % (2**63 - 1))
+    return generator
+
+
+def sample_labels(logits: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """Labels drawn from softmax(logits) per position.
+
+    logits: [B, T-1, V] (predictions for positions 1..T-1); indices: [B] sequence indices.
+    Returns [B, T-1] int64.
+    """
+    batch_size, positions, _ = logits.shape
+    probabilities = torch.softmax(logits.detach().float(), dim=-1)
+    labels = torch.empty(batch_size, positions, dtype=torch.long, device=logits.device)
+    for row in range(batch_size):
+        generator = sequence_generator(seed, int(indices[row]), logits.device)
+        labels[row] = torch.multinomial(probabilities[row], 1, generator=generator).squeeze(-1)
+    return labels
+
+
+def target_log_likelihood(logits: torch.Tensor, batch: Batch, objective: str, seed: int) -> torch.Tensor:
+    """Σ over targets of log p(label), a scalar; see the module docstring for `objective`.
+
+    logits: [B, T, V]; position t-1 predicts token t.
+    """
+    prediction_logits = logits[:, :-1, :]
+    mask = batch.target_mask[:, 1:]
+    if objective == "true":
+        labels = batch.input_ids[:, 1:]
+    elif objective == "sampled":
+        labels = sample_labels(prediction_logits, batch.indices, seed)
+    else:
+        raise ValueError(f"unknown objective {objective!r}")
+    log_probs = torch.log_softmax(prediction_logits.float(), dim=-1)
+    picked = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum()
+
+
+class _Recorder:
+    """Forward hooks that keep each tracked module's inputs and outputs for one pass."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.modules = modules
+        self.inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        self.outputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        self._handles = []
+
+    def __enter__(self) -> _Recorder:
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str) -> Callable:
+        def record(module, args, output):
+            self.inputs[name].append(args[0].detach())
+            self.outputs[name].append(output)
+
+        return record
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _token_layout(x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """[B, ..., d] -> [B, N, d] with all middle dimensions as token positions."""
+    return x.reshape(batch_size, -1, x.shape[-1])
+
+
+def capture(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    batch: Batch,
+    objective: str = "true",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> dict[str, ModuleCapture]:
+    """Run `model` on `batch` and return each tracked module's (a, s) capture.
+
+    Tracked weights must require grad (see `modules.freeze_except`). `dtype` is the dtype of
+    the returned tensors (default: `accumulation_dtype` of the model's dtype).
+    """
+    model_dtype = next(model.parameters()).dtype
+    dtype = dtype or accumulation_dtype(model_dtype)
+    batch_size, length = batch.input_ids.shape
+    with torch.enable_grad(), _Recorder(modules) as recorder:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        objective_value = target_log_likelihood(logits, batch, objective, seed)
+        names = [name for name in modules if recorder.outputs[name]]
+        outputs = [output for name in names for output in recorder.outputs[name]]
+        gradients = torch.autograd.grad(objective_value, outputs, allow_unused=True)
+    del logits, objective_value
+    captures: dict[str, ModuleCapture] = {}
+    position = 0
+    for name in names:
+        module = modules[name]
+        tracked = describe(name, module)
+        inputs = recorder.inputs[name]
+        calls = len(inputs)
+        call_gradients = gradients[position : position + calls]
+        position += calls
+        a_parts, s_parts, mask_parts = [], [], []
+        for x, output, g in zip(inputs, recorder.outputs[name], call_gradients, strict=True):
+            a = _token_layout(x, batch_size).to(dtype)
+            s = (
+                torch.zeros_like(_token_layout(output.detach(), batch_size), dtype=dtype)
+                if g is None
+                else (_token_layout(g, batch_size).to(dtype))
+            )
+            if a.shape[1] == length:
+                token_mask = batch.attention_mask.bool()
+            else:  # not token-aligned: every position counts
+                token_mask = torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
+            if tracked.has_bias:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            weight = token_mask.unsqueeze(-1).to(dtype)
+            a_parts.append(a * weight)
+            s_parts.append(s * weight)
+            mask_parts.append(token_mask)
+        captures[name] = ModuleCapture(
+            a=torch.cat(a_parts, dim=1) if calls > 1 else a_parts[0],
+            s=torch.cat(s_parts, dim=1) if calls > 1 else s_parts[0],
+            token_mask=torch.cat(mask_parts, dim=1) if calls > 1 else mask_parts[0],
+            calls=calls,
+        )
+    return captures
+
+
+def describe_all(modules: dict[str, nn.Module]) -> dict[str, TrackedModule]:
+    return {name: describe(name, module) for name, module in modules.items()}

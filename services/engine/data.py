@@ -1,0 +1,226 @@
+"""Training sequences and queries: reading JSONL, tokenising, and batching.
+
+Conventions (shared by every pass):
+- A training sequence is tokenised as the tokenizer does by default (special tokens included,
+  e.g. Llama's BOS) and truncated to `max_length` tokens. Its loss is the summed negative
+  log-likelihood of every token after the first: targets are positions 1..T-1.
+- A query is `prompt` tokens followed by `completion` tokens (each tokenised separately, the
+  completion without special tokens), so the boundary is exact. Its measurement is the summed
+  log-probability of the completion tokens only; prompt tokens are masked.
+- Batches are right-padded. `target_mask[b, t]` is 1 where token t is a scored target
+  (predicted from position t-1); position 0 is never a target.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, NotFoundError
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Query:
+    id: str
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class TokenizedSequence:
+    """One sequence's token ids and which of its tokens are loss targets.
+
+    input_ids: [T] int64; target_mask: [T] bool (False at position 0 and on prompt tokens).
+    """
+
+    index: int
+    input_ids: torch.Tensor
+    target_mask: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class Batch:
+    """Right-padded batch.
+
+    indices: [B] positions of the sequences in their source list;
+    input_ids, attention_mask, target_mask: [B, T].
+    """
+
+    indices: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    target_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            self.indices,
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.target_mask.to(device),
+        )
+
+
+def _read_jsonl(path: str | Path, kind: str) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"{kind} file not found: {path}")
+    records = []
+    with path.open("r", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{line_number}: malformed JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    if not records:
+        raise InputError(f"{kind} file is empty: {path}")
+    return records
+
+
+def _string_field(record: dict, field: str, where: str, *, allow_empty: bool = False) -> str:
+    value = record.get(field)
+    if not isinstance(value, str):
+        raise InputError(f"{where}: field '{field}' must be a string")
+    if not allow_empty and not value.strip():
+        raise InputError(f"{where}: field '{field}' is empty")
+    return value
+
+
+def _record_id(record: dict, default: str, where: str, seen: set[str]) -> str:
+    raw = record.get("id", default)
+    if raw is None:
+        raw = default
+    if not isinstance(raw, (str, int)):
+        raise InputError(f"{where}: field 'id' must be a string")
+    example_id = str(raw)
+    if example_id in seen:
+        raise InputError(f"{where}: duplicate id '{example_id}'")
+    seen.add(example_id)
+    return example_id
+
+
+def read_training_jsonl(path: str | Path) -> list[TrainingExample]:
+    """Read TRAIN.jsonl: one {"id": optional string, "text": string} per line."""
+    seen: set[str] = set()
+    examples = []
+    for number, record in enumerate(_read_jsonl(path, "training data")):
+        where = f"{path}: record {number + 1}"
+        examples.append(
+            TrainingExample(
+                id=_record_id(record, str(number), where, seen),
+                text=_string_field(record, "text", where),
+            )
+        )
+    return examples
+
+
+def read_queries_jsonl(path: str | Path) -> list[Query]:
+    """Read QUERIES.jsonl: one {"id": optional, "prompt": string, "completion": string} per line."""
+    seen: set[str] = set()
+    queries = []
+    for number, record in enumerate(_read_jsonl(path, "queries")):
+        where = f"{path}: query {number + 1}"
+        queries.append(
+            Query(
+                id=_record_id(record, str(number), where, seen),
+                prompt=_string_field(record, "prompt", where, allow_empty=True),
+                completion=_string_field(record, "completion", where),
+            )
+        )
+    return queries
+
+
+def _token_ids(tokenizer, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def tokenize_training(tokenizer, examples: Sequence[TrainingExample], max_length: int) -> list[TokenizedSequence]:
+    """Tokenise training texts; every token after the first is a target."""
+    sequences = []
+    for index, example in enumerate(examples):
+        ids = _token_ids(tokenizer, example.text, special=True)[:max_length]
+        if len(ids) < 2:
+            raise InputError(f"training example '{example.id}' has fewer than 2 tokens; nothing to predict")
+        target_mask = torch.ones(len(ids), dtype=torch.bool)
+        target_mask[0] = False
+        sequences.append(TokenizedSequence(index, torch.tensor(ids, dtype=torch.long), target_mask))
+    return sequences
+
+
+def tokenize_queries(tokenizer, queries: Sequence[Query], max_length: int) -> list[TokenizedSequence]:
+    """Tokenise prompt and completion separately; only completion tokens are targets.
+
+    A query longer than `max_length` is truncated from the left of the prompt so that the whole
+    completion is kept; a completion that alone exceeds the limit is an error.
+    """
+    sequences = []
+    for index, query in enumerate(queries):
+        prompt_ids = _token_ids(tokenizer, query.prompt, special=True) if query.prompt else []
+        if not prompt_ids and tokenizer.bos_token_id is not None:
+            prompt_ids = [tokenizer.bos_token_id]
+        completion_ids = _token_ids(tokenizer, query.completion, special=False)
+        if not completion_ids:
+            raise InputError(f"query '{query.id}': completion tokenises to no tokens")
+        if len(completion_ids) >= max_length:
+            raise InputError(
+                f"query '{query.id}': completion has {len(completion_ids)} tokens, max length is {max_length}"
+            )
+        prompt_ids = prompt_ids[-(max_length - len(completion_ids)) :] if prompt_ids else []
+        if not prompt_ids:
+            raise InputError(f"query '{query.id}': empty prompt and the tokenizer has no BOS token to condition on")
+        ids = prompt_ids + completion_ids
+        target_mask = torch.zeros(len(ids), dtype=torch.bool)
+        target_mask[len(prompt_ids) :] = True
+        sequences.append(TokenizedSequence(index, torch.tensor(ids, dtype=torch.long), target_mask))
+    return sequences
+
+
+def collate(sequences: Sequence[TokenizedSequence], pad_token_id: int) -> Batch:
+    """Right-pad sequences into one batch."""
+    longest = max(sequence.length for sequence in sequences)
+    batch_size = len(sequences)
+    input_ids = torch.full((batch_size, longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)
+    target_mask = torch.zeros((batch_size, longest), dtype=torch.bool)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : sequence.length] = sequence.input_ids
+        attention_mask[row, : sequence.length] = 1
+        target_mask[row, : sequence.length] = sequence.target_mask
+    indices = torch.tensor([sequence.index for sequence in sequences], dtype=torch.long)
+    return Batch(indices, input_ids, attention_mask, target_mask)
+
+
+def length_bucketed_batches(
+    sequences: Sequence[TokenizedSequence], batch_size: int, pad_token_id: int
+) -> Iterator[Batch]:
+    """Batches of similar-length sequences (sorted by length, stable), so padding wastes little.
+
+    Results are keyed by `Batch.indices`, so the order of batches never changes an answer.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    order = sorted(range(len(sequences)), key=lambda position: (-sequences[position].length, position))
+    for start in range(0, len(order), batch_size):
+        yield collate([sequences[position] for position in order[start : start + batch_size]], pad_token_id)
+
+
+def count_batches(n_sequences: int, batch_size: int) -> int:
+    return (n_sequences + batch_size - 1) // batch_size

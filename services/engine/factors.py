@@ -1,0 +1,230 @@
+"""Curvature factors of the tracked modules and the accumulators that build them.
+
+For a tracked module W ∈ R^{d_out × d_in} (d_in includes the bias coordinate) and sequences m:
+    A = Σ_tokens a aᵀ / n_tokens                 activation covariance      [d_in, d_in]
+    S = Σ_tokens s sᵀ / n_sequences              output-gradient covariance [d_out, d_out]
+    A = Q_A diag(λ_A) Q_Aᵀ,  S = Q_S diag(λ_S) Q_Sᵀ   (float64 eigendecomposition)
+so that, if tokens were independent, the per-sequence Fisher E_m[vec DW_m vec DW_mᵀ] ≈ A ⊗ S.
+Strategies, from cheapest to most accurate, all written as "eigenbasis + diagonal Λ [d_out, d_in]":
+    identity:  no curvature (plain gradient dot products)
+    diagonal:  basis = standard basis,  Λ = E_m[DW_m ⊙ DW_m]
+    kfac:      basis = (Q_S, Q_A),       Λ = λ_S λ_Aᵀ
+    ekfac:     basis = (Q_S, Q_A),       Λ = E_m[(Q_Sᵀ DW_m Q_A)^⊙2]  (eigenvalue correction)
+Accumulators hold unnormalised sums in float64 plus counts, so partial sums over data shards can
+be added in any order (`merge`) and normalised once (`finalize`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .capture import ModuleCapture
+from .modules import TrackedModule
+
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+FISHERS = ("sampled", "empirical")
+
+
+def needs_covariance(strategy: str) -> bool:
+    return strategy in ("kfac", "ekfac")
+
+
+def needs_correction(strategy: str) -> bool:
+    return strategy in ("diagonal", "ekfac")
+
+
+@dataclass
+class ModuleFactors:
+    """Factors of one module. Tensors live on the CPU; None where the strategy needs none."""
+
+    eigenvalues: torch.Tensor | None = None  # Λ: [d_out, d_in]
+    activation_covariance: torch.Tensor | None = None  # A: [d_in, d_in]
+    gradient_covariance: torch.Tensor | None = None  # S: [d_out, d_out]
+    activation_eigenvectors: torch.Tensor | None = None  # Q_A: [d_in, d_in]
+    gradient_eigenvectors: torch.Tensor | None = None  # Q_S: [d_out, d_out]
+    activation_eigenvalues: torch.Tensor | None = None  # λ_A: [d_in]
+    gradient_eigenvalues: torch.Tensor | None = None  # λ_S: [d_out]
+
+    TENSOR_FIELDS = (
+        "eigenvalues",
+        "activation_covariance",
+        "gradient_covariance",
+        "activation_eigenvectors",
+        "gradient_eigenvectors",
+        "activation_eigenvalues",
+        "gradient_eigenvalues",
+    )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.TENSOR_FIELDS if getattr(self, name) is not None}
+
+    @property
+    def has_basis(self) -> bool:
+        return self.gradient_eigenvectors is not None
+
+
+@dataclass
+class FactorSet:
+    """Everything needed to precondition query gradients for one model."""
+
+    strategy: str
+    fisher: str
+    modules: dict[str, TrackedModule]
+    factors: dict[str, ModuleFactors]
+    n_sequences: int = 0
+    n_tokens: int = 0
+    model_fingerprint: str = ""
+    metadata: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Covariance pass
+
+
+class CovarianceAccumulator:
+    """Σ a aᵀ and Σ s sᵀ over real tokens, per module, in float64."""
+
+    def __init__(self, modules: dict[str, TrackedModule]):
+        self.modules = modules
+        self.activation_sums = {
+            n: torch.zeros(m.d_in_full, m.d_in_full, dtype=torch.float64) for n, m in modules.items()
+        }
+        self.gradient_sums = {n: torch.zeros(m.d_out, m.d_out, dtype=torch.float64) for n, m in modules.items()}
+        self.token_counts = dict.fromkeys(modules, 0)
+        self.n_sequences = 0
+
+    def add(self, captures: dict[str, ModuleCapture], n_sequences: int) -> None:
+        """Add one batch. Padding rows of a and s are zero, so plain matmuls skip them."""
+        for name, capture in captures.items():
+            a = capture.a.reshape(-1, capture.a.shape[-1])  # [B·N, d_in]
+            s = capture.s.reshape(-1, capture.s.shape[-1])  # [B·N, d_out]
+            self.activation_sums[name] += (a.T @ a).to("cpu", torch.float64)
+            self.gradient_sums[name] += (s.T @ s).to("cpu", torch.float64)
+            self.token_counts[name] += int(capture.token_mask.sum())
+        self.n_sequences += n_sequences
+
+    def merge(self, other: CovarianceAccumulator) -> None:
+        for name in self.modules:
+            self.activation_sums[name] += other.activation_sums[name]
+            self.gradient_sums[name] += other.gradient_sums[name]
+            self.token_counts[name] += other.token_counts[name]
+        self.n_sequences += other.n_sequences
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Flat tensor dict (for safetensors): sums and counts."""
+        state = {"n_sequences": torch.tensor([self.n_sequences], dtype=torch.int64)}
+        for name in self.modules:
+            state[f"{name}/activation_sum"] = self.activation_sums[name]
+            state[f"{name}/gradient_sum"] = self.gradient_sums[name]
+            state[f"{name}/token_count"] = torch.tensor([self.token_counts[name]], dtype=torch.int64)
+        return state
+
+    @classmethod
+    def from_state(cls, modules: dict[str, TrackedModule], state: dict[str, torch.Tensor]) -> CovarianceAccumulator:
+        accumulator = cls(modules)
+        accumulator.n_sequences = int(state["n_sequences"][0])
+        for name in modules:
+            accumulator.activation_sums[name] = state[f"{name}/activation_sum"].to(torch.float64)
+            accumulator.gradient_sums[name] = state[f"{name}/gradient_sum"].to(torch.float64)
+            accumulator.token_counts[name] = int(state[f"{name}/token_count"][0])
+        return accumulator
+
+    def eigendecompose(self) -> dict[str, ModuleFactors]:
+        """Normalise and eigendecompose A and S in float64."""
+        factors = {}
+        for name in self.modules:
+            activation_covariance = self.activation_sums[name] / max(self.token_counts[name], 1)
+            gradient_covariance = self.gradient_sums[name] / max(self.n_sequences, 1)
+            activation_eigenvalues, activation_eigenvectors = symmetric_eigh(activation_covariance)
+            gradient_eigenvalues, gradient_eigenvectors = symmetric_eigh(gradient_covariance)
+            factors[name] = ModuleFactors(
+                eigenvalues=torch.outer(gradient_eigenvalues, activation_eigenvalues),
+                activation_covariance=activation_covariance,
+                gradient_covariance=gradient_covariance,
+                activation_eigenvectors=activation_eigenvectors,
+                gradient_eigenvectors=gradient_eigenvectors,
+                activation_eigenvalues=activation_eigenvalues,
+                gradient_eigenvalues=gradient_eigenvalues,
+            )
+        return factors
+
+
+def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending, clamped at 0) and eigenvectors of a symmetric PSD matrix, in float64."""
+    matrix = matrix.to(torch.float64)
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
+    return eigenvalues.clamp_min(0.0), eigenvectors
+
+
+# --------------------------------------------------------------------------------------------
+# Eigenvalue-correction pass (also the diagonal strategy's only pass)
+
+
+def rotated_per_sequence_gradients(
+    capture: ModuleCapture, gradient_basis: torch.Tensor | None, activation_basis: torch.Tensor | None
+) -> torch.Tensor:
+    """G̃ = Q_Sᵀ DW Q_A per sequence: [B, d_out, d_in].
+
+    Rotates the tokens first ((s Q_S)ᵀ (a Q_A)), which costs N·(d_out² + d_in²) per sequence
+    instead of d_out·d_in·(d_out + d_in) for rotating the materialised gradient. With no basis
+    (diagonal strategy) it is DW itself.
+    """
+    s, a = capture.s, capture.a
+    if gradient_basis is not None:
+        s = s @ gradient_basis.to(s)
+        a = a @ activation_basis.to(a)
+    return torch.bmm(s.transpose(1, 2), a)
+
+
+class CorrectionAccumulator:
+    """Σ_m (Q_Sᵀ DW_m Q_A)^⊙2 per module (or Σ_m DW_m^⊙2 with no basis)."""
+
+    def __init__(self, modules: dict[str, TrackedModule], bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None):
+        self.modules = modules
+        self.bases = bases
+        self.squared_sums = {n: torch.zeros(m.d_out, m.d_in_full, dtype=torch.float64) for n, m in modules.items()}
+        self.n_sequences = 0
+        self._device_bases: dict = {}
+
+    def _basis(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.bases is None:
+            return None, None
+        key = (name, like.device, like.dtype)
+        if key not in self._device_bases:
+            gradient_basis, activation_basis = self.bases[name]
+            self._device_bases[key] = (gradient_basis.to(like), activation_basis.to(like))
+        return self._device_bases[key]
+
+    def add(self, captures: dict[str, ModuleCapture], n_sequences: int) -> None:
+        for name, capture in captures.items():
+            rotated = rotated_per_sequence_gradients(capture, *self._basis(name, capture.a))
+            self.squared_sums[name] += rotated.square().sum(0).to("cpu", torch.float64)
+        self.n_sequences += n_sequences
+
+    def merge(self, other: CorrectionAccumulator) -> None:
+        for name in self.modules:
+            self.squared_sums[name] += other.squared_sums[name]
+        self.n_sequences += other.n_sequences
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state = {"n_sequences": torch.tensor([self.n_sequences], dtype=torch.int64)}
+        state.update({f"{name}/squared_sum": value for name, value in self.squared_sums.items()})
+        return state
+
+    @classmethod
+    def from_state(cls, modules, bases, state: dict[str, torch.Tensor]) -> CorrectionAccumulator:
+        accumulator = cls(modules, bases)
+        accumulator.n_sequences = int(state["n_sequences"][0])
+        for name in modules:
+            accumulator.squared_sums[name] = state[f"{name}/squared_sum"].to(torch.float64)
+        return accumulator
+
+    def eigenvalues(self) -> dict[str, torch.Tensor]:
+        """Λ per module: [d_out, d_in] = mean over sequences."""
+        return {name: value / max(self.n_sequences, 1) for name, value in self.squared_sums.items()}
+
+
+def bases_of(factors: dict[str, ModuleFactors]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: (f.gradient_eigenvectors, f.activation_eigenvectors) for name, f in factors.items()}

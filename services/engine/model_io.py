@@ -1,0 +1,106 @@
+"""Loading a local Hugging Face causal LM and fingerprinting it.
+
+Models and tokenizers come only from local directories (no hub downloads): `local_files_only`
+is always set, so a hub id fails at once with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, NotFoundError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype '{name}' (choose from {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device '{name}' (cpu or cuda)")
+    return device
+
+
+def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
+    """Load `AutoModelForCausalLM` and `AutoTokenizer` from a local directory, in eval mode.
+
+    Returns (model, tokenizer). The tokenizer always has a pad token id (eos, else 0).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise NotFoundError(f"model directory not found: {model_dir}")
+    torch_dtype = parse_dtype(dtype)
+    torch_device = parse_device(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as error:
+        raise InputError(f"cannot load a tokenizer from {model_dir}: {_first_line(error)}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, local_files_only=True, dtype=torch_dtype, attn_implementation="eager"
+        )
+    except Exception as error:
+        raise InputError(f"cannot load a causal language model from {model_dir}: {_first_line(error)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    model.to(torch_device)
+    model.eval()
+    return model, tokenizer
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def model_fingerprint(model: torch.nn.Module, tracked_names: list[str] | None = None) -> str:
+    """A sha256 identifying the model's architecture and weights, cheap enough for large models.
+
+    Hashes the config, every parameter's name and shape, and a strided sample of up to 4096
+    values of each tracked module's weight (or of every parameter when none are named).
+    Fine-tuning or re-initialising the model changes those values, so factors fitted for one
+    model are recognised as foreign to another.
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        config_dict = {
+            key: value
+            for key, value in config.to_dict().items()
+            if key not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation")
+        }
+        digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    parameters = dict(model.named_parameters())
+    for name in sorted(parameters):
+        digest.update(f"{name}:{tuple(parameters[name].shape)};".encode())
+    sampled = [f"{name}.weight" for name in tracked_names] if tracked_names else sorted(parameters)
+    for name in sampled:
+        values = parameters[name].detach().reshape(-1)
+        stride = max(1, values.numel() // 4096)
+        sample = values[::stride][:4096].to(device="cpu", dtype=torch.float32)
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
