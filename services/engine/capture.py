@@ -61,18 +61,23 @@ def sequence_generator(seed: int, index: int, device: torch.device) -> torch.Gen
 
 
 def sample_labels(logits: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
-    """Labels drawn from softmax(logits) per position.
+    """Labels drawn from softmax(logits) per position, by inverse-CDF sampling.
 
-    logits: [B, T-1, V] (predictions for positions 1..T-1); indices: [B] sequence indices.
+    Each sequence's uniforms come from its own generator (see `sequence_generator`), so a label
+    does not depend on which batch the sequence is in. logits: [B, T-1, V]; indices: [B].
     Returns [B, T-1] int64.
     """
-    batch_size, positions, _ = logits.shape
-    probabilities = torch.softmax(logits.detach().float(), dim=-1)
-    labels = torch.empty(batch_size, positions, dtype=torch.long, device=logits.device)
-    for row in range(batch_size):
-        generator = sequence_generator(seed, int(indices[row]), logits.device)
-        labels[row] = torch.multinomial(probabilities[row], 1, generator=generator).squeeze(-1)
-    return labels
+    _, positions, vocab = logits.shape
+    uniforms = torch.stack(
+        [
+            torch.rand(positions, generator=sequence_generator(seed, int(index), logits.device), device=logits.device)
+            for index in indices
+        ]
+    )
+    work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cumulative = torch.softmax(logits.detach().to(work_dtype), dim=-1).cumsum(-1)  # [B, T-1, V]
+    labels = torch.searchsorted(cumulative, uniforms.to(work_dtype).unsqueeze(-1) * cumulative[..., -1:])
+    return labels.squeeze(-1).clamp_max(vocab - 1)
 
 
 def target_log_likelihood(logits: torch.Tensor, batch: Batch, objective: str, seed: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ With the factors' eigenbasis (Q_S, Q_A) and diagonal Λ (see factors.py):
     P = Q_S [ (Q_Sᵀ DQ Q_A) ⊘ (Λ + λ) ] Q_Aᵀ      (rotate, divide, rotate back)
 The diagonal strategy divides without rotating; identity returns DQ unchanged (no curvature).
 Damping λ is absolute, or relative: λ = damping_factor × mean(Λ) per module (default 0.1).
-Done in float64: it runs once per query batch.
+Λ + λ and the division are float64; the rotations run in the scoring dtype.
 """
 
 from __future__ import annotations
@@ -39,12 +39,30 @@ class Damping:
         return f"absolute {self.absolute}" if self.absolute is not None else f"{self.factor} x mean eigenvalue"
 
 
-def precondition(gradient: torch.Tensor, factors: ModuleFactors, strategy: str, damping: Damping) -> torch.Tensor:
+def rotate(gradient: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """leftᵀ G right for a stack of matrices, as two 2-D matmuls (no broadcast copies).
+
+    gradient: [Q, d_out, d_in]; left: [d_out, d_out]; right: [d_in, d_in] -> [Q, d_out, d_in].
+    """
+    n, d_out, d_in = gradient.shape
+    rotated = (gradient.reshape(n * d_out, d_in) @ right).reshape(n, d_out, d_in)
+    rotated = (left.T @ rotated.transpose(0, 1).reshape(d_out, n * d_in)).reshape(d_out, n, d_in)
+    return rotated.transpose(0, 1)
+
+
+def precondition(
+    gradient: torch.Tensor,
+    factors: ModuleFactors,
+    strategy: str,
+    damping: Damping,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """P for a batch of query gradients.
 
-    gradient: [Q, d_out, d_in]; returns float64 [Q, d_out, d_in] on the gradient's device.
+    gradient: [Q, d_out, d_in]; returns [Q, d_out, d_in] in `dtype` on the gradient's device.
+    The rotations run in `dtype` (float32 for float32 models); Λ + λ and the division in float64.
     """
-    gradient = gradient.to(torch.float64)
+    gradient = gradient.to(dtype)
     if strategy == "identity":
         return gradient
     eigenvalues = factors.eigenvalues.to(gradient.device, torch.float64)
@@ -52,11 +70,11 @@ def precondition(gradient: torch.Tensor, factors: ModuleFactors, strategy: str, 
     if bool((denominator <= 0).any()):
         raise InputError("damping is zero and some eigenvalues are zero: the curvature is singular; set --damping > 0")
     if strategy == "diagonal":
-        return gradient / denominator
-    q_s = factors.gradient_eigenvectors.to(gradient.device, torch.float64)
-    q_a = factors.activation_eigenvectors.to(gradient.device, torch.float64)
-    rotated = q_s.T @ gradient @ q_a  # [Q, d_out, d_in]
-    return q_s @ (rotated / denominator) @ q_a.T
+        return (gradient.to(torch.float64) / denominator).to(dtype)
+    q_s = factors.gradient_eigenvectors.to(gradient.device, dtype)
+    q_a = factors.activation_eigenvectors.to(gradient.device, dtype)
+    scaled = (rotate(gradient, q_s, q_a).to(torch.float64) / denominator).to(dtype)
+    return rotate(scaled, q_s.T, q_a.T)
 
 
 def self_influence_terms(
@@ -74,12 +92,21 @@ def self_influence_terms(
 
 
 def low_rank(preconditioned: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-r approximation P ≈ U Vᵀ per query (truncated SVD, singular values folded into U).
+    """Best rank-r approximation P ≈ U Vᵀ per query (singular values folded into U).
 
-    preconditioned: [Q, d_out, d_in] -> U: [Q, d_out, r], V: [Q, d_in, r] (r capped at min(d_out, d_in)).
+    preconditioned: [Q, d_out, d_in] -> U: [Q, d_out, r], V: [Q, d_in, r], r ≤ min(d_out, d_in).
+    The top-r singular subspace comes from the eigendecomposition (float64) of the smaller Gram
+    matrix PᵀP or PPᵀ, several times cheaper than a full SVD; P V Vᵀ (or U Uᵀ P) is then the
+    truncated SVD exactly.
     """
     if rank < 1:
         raise InputError(f"--query-rank must be >= 1, got {rank}")
-    left, singular, right_h = torch.linalg.svd(preconditioned.to(torch.float64), full_matrices=False)
-    rank = min(rank, singular.shape[-1])
-    return left[..., :rank] * singular[..., None, :rank], right_h[..., :rank, :].transpose(-1, -2)
+    _, d_out, d_in = preconditioned.shape
+    rank = min(rank, d_out, d_in)
+    if d_in <= d_out:
+        gram = preconditioned.transpose(-1, -2) @ preconditioned  # [Q, d_in, d_in]
+        right = torch.linalg.eigh(gram.to(torch.float64))[1][..., -rank:].to(preconditioned.dtype)
+        return preconditioned @ right, right
+    gram = preconditioned @ preconditioned.transpose(-1, -2)  # [Q, d_out, d_out]
+    left = torch.linalg.eigh(gram.to(torch.float64))[1][..., -rank:].to(preconditioned.dtype)
+    return left, preconditioned.transpose(-1, -2) @ left

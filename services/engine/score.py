@@ -139,7 +139,7 @@ def prepare_queries(
     """Precondition each module's query gradients once and plan its scoring kernel."""
     prepared = {}
     for name, gradient in gradients.items():
-        preconditioned = precondition(gradient, factors.factors[name], factors.strategy, config.damping_policy)
+        preconditioned = precondition(gradient, factors.factors[name], factors.strategy, config.damping_policy, dtype)
         factor_pair = low_rank(preconditioned, config.query_rank) if config.query_rank else None
         prepared[name] = plan_module_queries(preconditioned, factor_pair, expected_tokens, dtype)
     return prepared
