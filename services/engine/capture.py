@@ -74,7 +74,7 @@ def sample_labels(logits: torch.Tensor, indices: torch.Tensor, seed: int) -> tor
             for index in indices
         ]
     )
-    work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    work_dtype = accumulation_dtype(logits.dtype)
     cumulative = torch.softmax(logits.detach().to(work_dtype), dim=-1).cumsum(-1)  # [B, T-1, V]
     labels = torch.searchsorted(cumulative, uniforms.to(work_dtype).unsqueeze(-1) * cumulative[..., -1:])
     return labels.squeeze(-1).clamp_max(vocab - 1)
@@ -93,7 +93,7 @@ def target_log_likelihood(logits: torch.Tensor, batch: Batch, objective: str, se
         labels = sample_labels(prediction_logits, batch.indices, seed)
     else:
         raise ValueError(f"unknown objective {objective!r}")
-    log_probs = torch.log_softmax(prediction_logits.float(), dim=-1)
+    log_probs = torch.log_softmax(prediction_logits.to(accumulation_dtype(logits.dtype)), dim=-1)
     picked = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum()
 
