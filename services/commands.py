@@ -16,6 +16,7 @@ from .engine.fit import FitConfig, fit_factors
 from .engine.model_io import load_model_and_tokenizer
 from .engine.progress import TqdmProgress
 from .engine.score import ScoreConfig, compute_scores, compute_self_influence
+from .reports import pairwise_report, self_report
 
 
 def _log(args, message: str) -> None:
@@ -82,38 +83,21 @@ def run_score(args) -> int:
     if result.per_module is not None:
         tensors["per_module"] = result.per_module.contiguous()
     save_file(tensors, str(out / "scores.safetensors"))
-    report = {
-        "kind": "pairwise",
-        "sign": "positive = up-weighting the training sequence makes the completion more likely",
-        "strategy": factors.strategy,
-        "damping": config.damping_policy.describe(),
-        "query_rank": config.query_rank,
-        "modules": result.module_names,
-        "queries": [
-            {
-                "id": query.id,
-                "prompt": query.prompt,
-                "completion": query.completion,
-                "top": [_top_entry(rank, entry, examples) for rank, entry in enumerate(result.top[position], start=1)],
-            }
-            for position, query in enumerate(queries)
-        ],
-    }
+    report = pairwise_report(
+        queries,
+        result.top,
+        lambda i: (examples[i].id, examples[i].text),
+        strategy=factors.strategy,
+        damping=config.damping_policy.describe(),
+        query_rank=config.query_rank,
+        modules=result.module_names,
+    )
     (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     _log(
         args,
         f"scored {len(queries)} queries x {len(examples)} sequences in {time.perf_counter() - started:.1f}s -> {out}",
     )
     return 0
-
-
-def _top_entry(rank: int, entry, examples) -> dict:
-    record = {"rank": rank, "id": examples[entry.index].id, "score": entry.score, "text": examples[entry.index].text}
-    if entry.per_module is not None:
-        record["per_module"] = entry.per_module
-    if entry.token_scores is not None:
-        record["tokens"] = [{"token": t, "score": s} for t, s in zip(entry.tokens, entry.token_scores, strict=True)]
-    return record
 
 
 def run_self(args) -> int:
@@ -125,16 +109,13 @@ def run_self(args) -> int:
     model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
     scores = compute_self_influence(model, tokenizer, factors, examples, config, TqdmProgress(not args.quiet))
     save_file({"scores": scores.contiguous()}, str(out / "scores.safetensors"))
-    order = scores.argsort(descending=True)[: args.top_k].tolist()
-    report = {
-        "kind": "self",
-        "strategy": factors.strategy,
-        "damping": config.damping_policy.describe(),
-        "top": [
-            {"rank": rank, "id": examples[i].id, "score": float(scores[i]), "text": examples[i].text}
-            for rank, i in enumerate(order, start=1)
-        ],
-    }
+    report = self_report(
+        scores,
+        lambda i: (examples[i].id, examples[i].text),
+        strategy=factors.strategy,
+        damping=config.damping_policy.describe(),
+        top_k=args.top_k,
+    )
     (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     _log(args, f"self-influence of {len(examples)} sequences -> {out}")
     return 0

@@ -14,7 +14,7 @@ Conventions (shared by every pass):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,20 +78,25 @@ def _read_jsonl(path: str | Path, kind: str) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"{kind} file not found: {path}")
-    records = []
     with path.open("r", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{line_number}: malformed JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+        return parse_jsonl(handle, str(path), kind)
+
+
+def parse_jsonl(lines: Iterable[str], source: str, kind: str) -> list[dict]:
+    """JSON objects, one per non-blank line; errors name `source` and the line number."""
+    records = []
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{source}:{line_number}: malformed JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{source}:{line_number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
     if not records:
-        raise InputError(f"{kind} file is empty: {path}")
+        raise InputError(f"{kind} file is empty: {source}")
     return records
 
 
@@ -119,10 +124,15 @@ def _record_id(record: dict, default: str, where: str, seen: set[str]) -> str:
 
 def read_training_jsonl(path: str | Path) -> list[TrainingExample]:
     """Read TRAIN.jsonl: one {"id": optional string, "text": string} per line."""
+    return training_examples(_read_jsonl(path, "training data"), str(path))
+
+
+def training_examples(records: Sequence[dict], source: str) -> list[TrainingExample]:
+    """Validate training records ({"id": optional, "text": string}); ids default to the line position."""
     seen: set[str] = set()
     examples = []
-    for number, record in enumerate(_read_jsonl(path, "training data")):
-        where = f"{path}: record {number + 1}"
+    for number, record in enumerate(records):
+        where = f"{source}: record {number + 1}"
         examples.append(
             TrainingExample(
                 id=_record_id(record, str(number), where, seen),
@@ -134,10 +144,17 @@ def read_training_jsonl(path: str | Path) -> list[TrainingExample]:
 
 def read_queries_jsonl(path: str | Path) -> list[Query]:
     """Read QUERIES.jsonl: one {"id": optional, "prompt": string, "completion": string} per line."""
+    return query_records(_read_jsonl(path, "queries"), str(path))
+
+
+def query_records(records: Sequence[dict], source: str) -> list[Query]:
+    """Validate query records; ids default to the position."""
+    if not records:
+        raise InputError(f"no queries in {source}")
     seen: set[str] = set()
     queries = []
-    for number, record in enumerate(_read_jsonl(path, "queries")):
-        where = f"{path}: query {number + 1}"
+    for number, record in enumerate(records):
+        where = f"{source}: query {number + 1}"
         queries.append(
             Query(
                 id=_record_id(record, str(number), where, seen),
@@ -152,10 +169,16 @@ def _token_ids(tokenizer, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def tokenize_training(tokenizer, examples: Sequence[TrainingExample], max_length: int) -> list[TokenizedSequence]:
-    """Tokenise training texts; every token after the first is a target."""
+def tokenize_training(
+    tokenizer, examples: Sequence[TrainingExample], max_length: int, start_index: int = 0
+) -> list[TokenizedSequence]:
+    """Tokenise training texts; every token after the first is a target.
+
+    Sequence indices are `start_index + position`: a shard keeps its sequences' global indices,
+    so sampled labels (seeded per index) do not depend on how the data is sharded.
+    """
     sequences = []
-    for index, example in enumerate(examples):
+    for index, example in enumerate(examples, start=start_index):
         ids = _token_ids(tokenizer, example.text, special=True)[:max_length]
         if len(ids) < 2:
             raise InputError(f"training example '{example.id}' has fewer than 2 tokens; nothing to predict")
@@ -224,3 +247,29 @@ def length_bucketed_batches(
 
 def count_batches(n_sequences: int, batch_size: int) -> int:
     return (n_sequences + batch_size - 1) // batch_size
+
+
+def pack_sequences(sequences: Sequence[TokenizedSequence]) -> dict[str, torch.Tensor]:
+    """Flat tensors for storage: token_ids [Σ T], offsets [n+1], target_mask [Σ T], index [n]."""
+    lengths = torch.tensor([sequence.length for sequence in sequences], dtype=torch.long)
+    offsets = torch.zeros(len(sequences) + 1, dtype=torch.long)
+    offsets[1:] = lengths.cumsum(0)
+    return {
+        "token_ids": torch.cat([sequence.input_ids for sequence in sequences]).to(torch.int64),
+        "target_mask": torch.cat([sequence.target_mask for sequence in sequences]).to(torch.uint8),
+        "offsets": offsets,
+        "index": torch.tensor([sequence.index for sequence in sequences], dtype=torch.long),
+    }
+
+
+def unpack_sequences(tensors: dict[str, torch.Tensor]) -> list[TokenizedSequence]:
+    """Inverse of `pack_sequences`."""
+    offsets = tensors["offsets"].tolist()
+    return [
+        TokenizedSequence(
+            int(index),
+            tensors["token_ids"][start:end].clone(),
+            tensors["target_mask"][start:end].bool(),
+        )
+        for index, start, end in zip(tensors["index"].tolist(), offsets[:-1], offsets[1:], strict=True)
+    ]

@@ -46,30 +46,50 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: 
     Returns (model, tokenizer). The tokenizer always has a pad token id (eos, else 0).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # our own bars report progress; theirs would garble one-line errors
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise NotFoundError(f"model directory not found: {model_dir}")
     torch_dtype = parse_dtype(dtype)
     torch_device = parse_device(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except Exception as error:
-        raise InputError(f"cannot load a tokenizer from {model_dir}: {_first_line(error)}") from None
+    tokenizer = load_tokenizer(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, local_files_only=True, dtype=torch_dtype, attn_implementation="eager"
         )
     except Exception as error:
         raise InputError(f"cannot load a causal language model from {model_dir}: {_first_line(error)}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     model.to(torch_device)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(model_dir: str | Path):
+    """Only the tokenizer of a local model directory (with a pad token id, as above)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise NotFoundError(f"model directory not found: {model_dir}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as error:
+        raise InputError(f"cannot load a tokenizer from {model_dir}: {_first_line(error)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary and special tokens."""
+    vocabulary = sorted(tokenizer.get_vocab().items())
+    special = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id]
+    return hashlib.sha256(json.dumps([vocabulary, special]).encode()).hexdigest()
 
 
 def _first_line(error: Exception) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .capture import ModuleCapture, accumulation_dtype, capture
+from .capture import accumulation_dtype, capture
 from .data import (
     Query,
     TokenizedSequence,
@@ -98,7 +98,8 @@ def check_factors_match(model: nn.Module, modules: dict[str, nn.Module], factors
         )
 
 
-def _selection(factors: FactorSet) -> str:
+def module_pattern(factors: FactorSet) -> str:
+    """A --modules regex selecting exactly the factors' modules."""
     names = list(factors.modules)
     return "^(" + "|".join(name.replace(".", r"\.") for name in names) + ")$"
 
@@ -145,6 +146,101 @@ def prepare_queries(
     return prepared
 
 
+def score_sequences(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    sequences: Sequence[TokenizedSequence],
+    prepared: dict[str, ModuleQueries],
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Per-module scores of every prepared query against `sequences` (any shard of the data).
+
+    Returns float64 [n_modules, Q, len(sequences)]; column j belongs to sequences[j].
+    """
+    progress = progress or Progress()
+    device = device_of(model)
+    names = list(modules)
+    column = {sequence.index: position for position, sequence in enumerate(sequences)}
+    n_queries = next(iter(prepared.values())).n_queries
+    per_module = torch.zeros((len(names), n_queries, len(sequences)), dtype=torch.float64)
+    progress.stage("scores", count_batches(len(sequences), batch_size))
+    for batch in length_bucketed_batches(sequences, batch_size, pad_token_id):
+        progress.check_cancelled()
+        captures = capture(model, modules, batch.to(device), "true")
+        columns = torch.tensor([column[int(index)] for index in batch.indices])
+        for position, name in enumerate(names):
+            per_module[position][:, columns] = module_scores(captures[name], prepared[name]).to("cpu", torch.float64)
+        progress.advance(1, int(batch.attention_mask.sum()))
+    return per_module
+
+
+def token_scores(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    sequence: TokenizedSequence,
+    prepared: dict[str, ModuleQueries],
+    queries: Sequence[int],
+    pad_token_id: int,
+) -> torch.Tensor:
+    """Per-token attribution of one training sequence to the given queries: float64 [len(queries), T]."""
+    batch = collate([sequence], pad_token_id).to(device_of(model))
+    captures = capture(model, modules, batch, "true")
+    rows = [
+        sum(module_token_scores(captures[name], 0, prepared[name], query).to("cpu", torch.float64) for name in modules)
+        for query in queries
+    ]
+    return torch.stack(rows)[:, : sequence.length] if rows else torch.zeros(0, sequence.length, dtype=torch.float64)
+
+
+def top_k_entries(
+    scores: torch.Tensor, per_module: torch.Tensor | None, names: list[str], k: int
+) -> list[list[TopEntry]]:
+    """The k highest-scoring training sequences per query. scores: [Q, N]; per_module: [M, Q, N]."""
+    k = min(k, scores.shape[1])
+    top = []
+    for query in range(scores.shape[0]):
+        values, indices = torch.topk(scores[query], k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        entries = []
+        for value, index in zip(values.tolist(), indices.tolist(), strict=True):
+            breakdown = None
+            if per_module is not None:
+                breakdown = {name: float(per_module[m, query, index]) for m, name in enumerate(names)}
+            entries.append(TopEntry(index=index, score=float(value), per_module=breakdown))
+        top.append(entries)
+    return top
+
+
+def attach_token_scores(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    tokenizer,
+    sequence_of,
+    prepared: dict[str, ModuleQueries],
+    top: list[list[TopEntry]],
+    progress: Progress | None = None,
+) -> None:
+    """Fill each top-k entry's tokens and token scores; `sequence_of(index)` gives its sequence.
+
+    Each distinct training sequence is recomputed once, for all queries that rank it.
+    """
+    progress = progress or Progress()
+    wanted = sorted({entry.index for entries in top for entry in entries})
+    progress.stage("token scores", len(wanted))
+    for index in wanted:
+        progress.check_cancelled()
+        sequence = sequence_of(index)
+        asking = [(query, entry) for query, entries in enumerate(top) for entry in entries if entry.index == index]
+        rows = token_scores(model, modules, sequence, prepared, [query for query, _ in asking], tokenizer.pad_token_id)
+        tokens = [str(token) for token in tokenizer.convert_ids_to_tokens(sequence.input_ids.tolist())]
+        for row, (_, entry) in zip(rows, asking, strict=True):
+            entry.tokens = tokens
+            entry.token_scores = row.tolist()
+        progress.advance(1, sequence.length)
+
+
 def compute_scores(
     model: nn.Module,
     tokenizer,
@@ -162,10 +258,9 @@ def compute_scores(
         raise InputError("no queries to score")
     if not examples:
         raise InputError("no training examples to score")
-    modules, _ = prepare_model(model, _selection(factors))
+    modules, _ = prepare_model(model, module_pattern(factors))
     check_factors_match(model, modules, factors)
     dtype = accumulation_dtype(next(model.parameters()).dtype)
-    device = device_of(model)
     query_sequences = tokenize_queries(tokenizer, queries, config.max_length)
     train_sequences = tokenize_training(tokenizer, examples, config.max_length)
     pad = tokenizer.pad_token_id
@@ -175,18 +270,10 @@ def compute_scores(
     prepared = prepare_queries(gradients, factors, config, mean_tokens, dtype)
     del gradients
 
+    per_module = score_sequences(
+        model, modules, train_sequences, prepared, batch_size=config.batch_size, pad_token_id=pad, progress=progress
+    )
     names = list(modules)
-    n_queries, n_train = len(queries), len(examples)
-    per_module = torch.zeros((len(names), n_queries, n_train), dtype=torch.float64)
-    progress.stage("scores", count_batches(n_train, config.batch_size))
-    for batch in length_bucketed_batches(train_sequences, config.batch_size, pad):
-        progress.check_cancelled()
-        captures = capture(model, modules, batch.to(device), "true")
-        for position, name in enumerate(names):
-            per_module[position][:, batch.indices] = module_scores(captures[name], prepared[name]).to(
-                "cpu", torch.float64
-            )
-        progress.advance(1, int(batch.attention_mask.sum()))
     scores = per_module.sum(0)
     result = ScoreResult(
         scores=scores.to(torch.float32),
@@ -194,57 +281,44 @@ def compute_scores(
         per_module=per_module.to(torch.float32) if config.per_module else None,
         kernels={name: prepared[name].kernel for name in names},
     )
-    result.top = _top_k(scores, per_module if config.per_module else None, names, config.top_k)
+    result.top = top_k_entries(scores, per_module if config.per_module else None, names, config.top_k)
     if config.per_token and config.top_k:
-        _attach_token_scores(model, modules, tokenizer, train_sequences, prepared, result.top, progress)
+        attach_token_scores(model, modules, tokenizer, train_sequences.__getitem__, prepared, result.top, progress)
     progress.close()
     return result
 
 
-def _top_k(scores: torch.Tensor, per_module: torch.Tensor | None, names: list[str], k: int) -> list[list[TopEntry]]:
-    k = min(k, scores.shape[1])
-    top = []
-    for query in range(scores.shape[0]):
-        values, indices = torch.topk(scores[query], k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
-        entries = []
-        for value, index in zip(values.tolist(), indices.tolist(), strict=True):
-            breakdown = None
-            if per_module is not None:
-                breakdown = {name: float(per_module[m, query, index]) for m, name in enumerate(names)}
-            entries.append(TopEntry(index=index, score=float(value), per_module=breakdown))
-        top.append(entries)
-    return top
-
-
-def _attach_token_scores(
+def self_influence_sequences(
     model: nn.Module,
     modules: dict[str, nn.Module],
-    tokenizer,
-    train_sequences: Sequence[TokenizedSequence],
-    prepared: dict[str, ModuleQueries],
-    top: list[list[TopEntry]],
-    progress: Progress,
-) -> None:
-    """Recompute the top-k sequences' captures and split each score over their tokens."""
-    wanted = sorted({entry.index for entries in top for entry in entries})
+    sequences: Sequence[TokenizedSequence],
+    factors: FactorSet,
+    damping: Damping,
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """⟨P_m, DW_m⟩ for `sequences` (any shard): float64 [len(sequences)], in list order."""
+    progress = progress or Progress()
     device = device_of(model)
-    progress.stage("token scores", len(wanted))
-    for index in wanted:
-        sequence = train_sequences[index]
-        batch = collate([sequence], tokenizer.pad_token_id).to(device)
-        captures: dict[str, ModuleCapture] = capture(model, modules, batch, "true")
-        tokens = tokenizer.convert_ids_to_tokens(sequence.input_ids.tolist())
-        for query, entries in enumerate(top):
-            for entry in entries:
-                if entry.index != index:
-                    continue
-                per_token = sum(
-                    module_token_scores(captures[name], 0, prepared[name], query).to("cpu", torch.float64)
-                    for name in modules
-                )
-                entry.tokens = [str(token) for token in tokens]
-                entry.token_scores = per_token[: sequence.length].tolist()
-        progress.advance(1, sequence.length)
+    column = {sequence.index: position for position, sequence in enumerate(sequences)}
+    scores = torch.zeros(len(sequences), dtype=torch.float64)
+    progress.stage("self", count_batches(len(sequences), batch_size))
+    for batch in length_bucketed_batches(sequences, batch_size, pad_token_id):
+        progress.check_cancelled()
+        captures = capture(model, modules, batch.to(device), "true")
+        columns = torch.tensor([column[int(index)] for index in batch.indices])
+        for name, module_capture in captures.items():
+            module_factors = factors.factors[name]
+            gradient_basis = activation_basis = None
+            if module_factors.has_basis:
+                gradient_basis = module_factors.gradient_eigenvectors.to(module_capture.a)
+                activation_basis = module_factors.activation_eigenvectors.to(module_capture.a)
+            rotated = rotated_per_sequence_gradients(module_capture, gradient_basis, activation_basis)
+            scores[columns] += self_influence_terms(rotated, module_factors, factors.strategy, damping).to("cpu")
+        progress.advance(1, int(batch.attention_mask.sum()))
+    return scores
 
 
 def compute_self_influence(
@@ -261,32 +335,18 @@ def compute_self_influence(
     progress = progress or Progress()
     if not examples:
         raise InputError("no training examples to score")
-    modules, _ = prepare_model(model, _selection(factors))
+    modules, _ = prepare_model(model, module_pattern(factors))
     check_factors_match(model, modules, factors)
-    device = device_of(model)
     sequences = tokenize_training(tokenizer, examples, config.max_length)
-    damping = config.damping_policy
-    bases = {
-        name: (f.gradient_eigenvectors.to(device), f.activation_eigenvectors.to(device))
-        if f.has_basis
-        else (None, None)
-        for name, f in factors.factors.items()
-    }
-    scores = torch.zeros(len(sequences), dtype=torch.float64)
-    progress.stage("self", count_batches(len(sequences), config.batch_size))
-    for batch in length_bucketed_batches(sequences, config.batch_size, tokenizer.pad_token_id):
-        progress.check_cancelled()
-        captures = capture(model, modules, batch.to(device), "true")
-        for name, module_capture in captures.items():
-            gradient_basis, activation_basis = bases[name]
-            if gradient_basis is not None:
-                gradient_basis, activation_basis = (
-                    gradient_basis.to(module_capture.a),
-                    activation_basis.to(module_capture.a),
-                )
-            rotated = rotated_per_sequence_gradients(module_capture, gradient_basis, activation_basis)
-            terms = self_influence_terms(rotated, factors.factors[name], factors.strategy, damping)
-            scores[batch.indices] += terms.to("cpu")
-        progress.advance(1, int(batch.attention_mask.sum()))
+    scores = self_influence_sequences(
+        model,
+        modules,
+        sequences,
+        factors,
+        config.damping_policy,
+        batch_size=config.batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        progress=progress,
+    )
     progress.close()
     return scores.to(torch.float32)

@@ -41,6 +41,26 @@ class ModuleQueries:
     def kernel(self) -> str:
         return "materialise" if self.full is not None else "contract"
 
+    def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Flat tensors for storage under `prefix/...` (rank -1 means full rank)."""
+        tensors = {f"{prefix}/shape": torch.tensor([self.n_queries, self.rank or -1])}
+        for field in ("full", "left", "right"):
+            value = getattr(self, field)
+            if value is not None:
+                tensors[f"{prefix}/{field}"] = value.contiguous()
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, prefix: str, tensors: dict[str, torch.Tensor]) -> ModuleQueries:
+        n_queries, rank = tensors[f"{prefix}/shape"].tolist()
+        return cls(
+            int(n_queries),
+            None if rank < 0 else int(rank),
+            full=tensors.get(f"{prefix}/full"),
+            left=tensors.get(f"{prefix}/left"),
+            right=tensors.get(f"{prefix}/right"),
+        )
+
 
 def materialise_cost(batch: int, tokens: int, d_out: int, d_in: int, n_queries: int) -> float:
     return batch * d_out * d_in * (tokens + n_queries)

@@ -1,0 +1,317 @@
+"""`InfluenceClient`: the Python client of a running system (or of the embedded one).
+
+    client = InfluenceClient("localhost:50051")
+    dataset = client.register_dataset("model_dir", "train.jsonl")
+    factors = client.fit_factors("model_dir", dataset.name)
+    result = client.compute_scores("model_dir", factors.name, dataset.name, queries)
+    client.download_result(result.name, "out_dir")   # scores.safetensors + results.json
+
+Every create call sends a request_id, so retrying it after UNAVAILABLE is safe; only
+UNAVAILABLE is retried. `wait` polls the Operations service and reports progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.rpc import code_pb2
+
+from .engine.data import Query
+from .engine.errors import CancelledError, EngineError, InputError, NotFoundError, PreconditionError
+from .gen.influence.v1 import (
+    common_pb2,
+    factor_service_pb2,
+    factor_service_pb2_grpc,
+    gradient_service_pb2,
+    gradient_service_pb2_grpc,
+    query_service_pb2,
+    query_service_pb2_grpc,
+)
+
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InputError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: PreconditionError,
+    grpc.StatusCode.CANCELLED: CancelledError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: InputError,
+}
+_CODE_ERRORS = {
+    code_pb2.INVALID_ARGUMENT: InputError,
+    code_pb2.NOT_FOUND: NotFoundError,
+    code_pb2.FAILED_PRECONDITION: PreconditionError,
+    code_pb2.CANCELLED: CancelledError,
+}
+MAX_MESSAGE_BYTES = 512 * 2**20
+
+
+class RemoteError(EngineError):
+    """The server failed in a way that is not the caller's fault."""
+
+
+def _domain_error(error: grpc.RpcError) -> Exception:
+    kind = _ERRORS.get(error.code(), RemoteError)
+    return kind(f"{error.details()}" if kind is not RemoteError else f"{error.code().name}: {error.details()}")
+
+
+class InfluenceClient:
+    def __init__(self, target: str, *, timeout: float = 60.0, retries: int = 5):
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self.factors = factor_service_pb2_grpc.FactorServiceStub(self.channel)
+        self.gradients = gradient_service_pb2_grpc.GradientServiceStub(self.channel)
+        self.queries = query_service_pb2_grpc.QueryServiceStub(self.channel)
+        self.operations = operations_pb2_grpc.OperationsStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> InfluenceClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _call(self, method, request, *, timeout: float | None = None):
+        """Unary call; retries UNAVAILABLE with backoff (create calls carry a request_id)."""
+        delay = 0.2
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=timeout or self.timeout)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                raise _domain_error(error) from None
+        raise AssertionError("unreachable")
+
+    def _stream(self, method, request):
+        try:
+            yield from method(request, timeout=None)
+        except grpc.RpcError as error:
+            raise _domain_error(error) from None
+
+    def wait(
+        self,
+        operation: operations_pb2.Operation,
+        progress: Callable[[common_pb2.OperationMetadata], None] | None = None,
+        *,
+        poll_seconds: float = 0.2,
+        timeout: float | None = None,
+    ):
+        """Block until the operation is done; return its unpacked response message.
+
+        `progress(metadata)` is called whenever the metadata changes. A failed operation raises
+        the domain error of its status code with the server's message.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            metadata = common_pb2.OperationMetadata()
+            if operation.metadata.Unpack(metadata) and progress and metadata != last:
+                progress(metadata)
+                last = metadata
+            if operation.done:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise RemoteError(f"timed out waiting for {operation.name}")
+            time.sleep(poll_seconds)
+            poll_seconds = min(poll_seconds * 1.5, 2.0)
+            operation = self._call(
+                self.operations.GetOperation, operations_pb2.GetOperationRequest(name=operation.name)
+            )
+        if operation.HasField("error"):
+            kind = _CODE_ERRORS.get(operation.error.code, RemoteError)
+            raise kind(operation.error.message)
+        return operation
+
+    @staticmethod
+    def unpack(operation, message_type):
+        message = message_type()
+        operation.response.Unpack(message)
+        return message
+
+    # -- datasets -------------------------------------------------------------------------
+
+    def register_dataset(
+        self,
+        model: str | common_pb2.ModelSpec,
+        jsonl: str | Path | bytes,
+        *,
+        shard_size: int = 256,
+        max_length: int = 512,
+        display_name: str = "",
+        progress=None,
+    ) -> gradient_service_pb2.Dataset:
+        data = jsonl if isinstance(jsonl, bytes) else Path(jsonl).read_bytes()
+        request = gradient_service_pb2.RegisterDatasetRequest(
+            request_id=_request_id("register", data, shard_size, max_length, _model(model).path),
+            model=_model(model),
+            display_name=display_name or "",
+            jsonl=data,
+            shard_size=shard_size,
+            max_length=max_length,
+        )
+        operation = self._call(self.gradients.RegisterDataset, request)
+        return self.unpack(self.wait(operation, progress), gradient_service_pb2.Dataset)
+
+    def get_dataset(self, name: str) -> gradient_service_pb2.Dataset:
+        return self._call(self.gradients.GetDataset, gradient_service_pb2.GetDatasetRequest(name=name))
+
+    def list_datasets(self) -> list[gradient_service_pb2.Dataset]:
+        return _paged(
+            lambda token: self._call(
+                self.gradients.ListDatasets, gradient_service_pb2.ListDatasetsRequest(page_size=100, page_token=token)
+            ),
+            "datasets",
+        )
+
+    def delete_dataset(self, name: str) -> None:
+        self._call(self.gradients.DeleteDataset, gradient_service_pb2.DeleteDatasetRequest(name=name))
+
+    # -- factors --------------------------------------------------------------------------
+
+    def fit_factors(self, model, dataset: str, *, progress=None, **options) -> factor_service_pb2.FactorSet:
+        request = factor_service_pb2.FitFactorsRequest(model=_model(model), dataset=dataset, **options)
+        request.request_id = _request_id("fit", request.SerializeToString(deterministic=True))
+        operation = self._call(self.factors.FitFactors, request)
+        return self.unpack(self.wait(operation, progress), factor_service_pb2.FactorSet)
+
+    def get_factor_set(self, name: str) -> factor_service_pb2.FactorSet:
+        return self._call(self.factors.GetFactorSet, factor_service_pb2.GetFactorSetRequest(name=name))
+
+    def list_factor_sets(self) -> list[factor_service_pb2.FactorSet]:
+        return _paged(
+            lambda token: self._call(
+                self.factors.ListFactorSets, factor_service_pb2.ListFactorSetsRequest(page_size=100, page_token=token)
+            ),
+            "factor_sets",
+        )
+
+    def delete_factor_set(self, name: str) -> None:
+        self._call(self.factors.DeleteFactorSet, factor_service_pb2.DeleteFactorSetRequest(name=name))
+
+    def download_factors(self, name: str, out_dir: str | Path) -> Path:
+        """Write the factor set's files (manifest.json last) into out_dir: `influence score` reads it."""
+        files = _collect(self._stream(self.factors.StreamFactors, factor_service_pb2.StreamFactorsRequest(name=name)))
+        return _write_files(files, Path(out_dir), last="manifest.json")
+
+    # -- scores ---------------------------------------------------------------------------
+
+    def compute_scores(
+        self,
+        model,
+        factor_set: str,
+        dataset: str,
+        queries: Iterable[Query],
+        *,
+        progress=None,
+        damping: float | None = None,
+        **options,
+    ) -> query_service_pb2.ScoreResult:
+        request = query_service_pb2.ComputeScoresRequest(
+            model=_model(model),
+            factor_set=factor_set,
+            dataset=dataset,
+            queries=[query_service_pb2.Query(id=q.id, prompt=q.prompt, completion=q.completion) for q in queries],
+            **options,
+        )
+        if damping is not None:
+            request.damping = damping
+        request.request_id = _request_id("score", request.SerializeToString(deterministic=True))
+        operation = self._call(self.queries.ComputeScores, request)
+        return self.unpack(self.wait(operation, progress), query_service_pb2.ScoreResult)
+
+    def compute_self_influence(
+        self, model, factor_set: str, dataset: str, *, progress=None, damping: float | None = None, **options
+    ) -> query_service_pb2.ScoreResult:
+        request = query_service_pb2.ComputeSelfInfluenceRequest(
+            model=_model(model), factor_set=factor_set, dataset=dataset, **options
+        )
+        if damping is not None:
+            request.damping = damping
+        request.request_id = _request_id("self", request.SerializeToString(deterministic=True))
+        operation = self._call(self.queries.ComputeSelfInfluence, request)
+        return self.unpack(self.wait(operation, progress), query_service_pb2.ScoreResult)
+
+    def get_result(self, name: str) -> query_service_pb2.ScoreResult:
+        return self._call(self.queries.GetScoreResult, query_service_pb2.GetScoreResultRequest(name=name))
+
+    def score_rows(self, name: str) -> Iterable[query_service_pb2.ScoreRow]:
+        return self._stream(self.queries.StreamScoreRows, query_service_pb2.StreamScoreRowsRequest(name=name))
+
+    def download_result(self, name: str, out_dir: str | Path) -> Path:
+        """Write scores.safetensors and results.json (the CLI's output format) into out_dir."""
+        files = _collect(
+            self._stream(self.queries.StreamResultFiles, query_service_pb2.StreamResultFilesRequest(name=name))
+        )
+        return _write_files(files, Path(out_dir))
+
+
+def _model(model) -> common_pb2.ModelSpec:
+    if isinstance(model, common_pb2.ModelSpec):
+        return model
+    return common_pb2.ModelSpec(path=str(Path(model).resolve()))
+
+
+def _request_id(*parts) -> str:
+    """Deterministic per request content + a per-process nonce: a retry of the same call in this
+    process reuses the id; the same request from a new process is a new job."""
+    digest = hashlib.sha256(_NONCE.encode())
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else str(part).encode())
+    return digest.hexdigest()[:32]
+
+
+_NONCE = uuid.uuid4().hex
+
+
+def _paged(fetch, field: str) -> list:
+    items, token = [], ""
+    while True:
+        response = fetch(token)
+        items.extend(getattr(response, field))
+        token = response.next_page_token
+        if not token:
+            return items
+
+
+def _collect(chunks) -> dict[str, bytearray]:
+    files: dict[str, bytearray] = {}
+    expected: dict[str, str] = {}
+    for chunk in chunks:
+        buffer = files.setdefault(chunk.file, bytearray())
+        if chunk.offset != len(buffer):
+            raise RemoteError(f"stream of {chunk.file} skipped bytes at offset {chunk.offset}")
+        buffer.extend(chunk.data)
+        if chunk.sha256:
+            expected[chunk.file] = chunk.sha256
+    for name, digest in expected.items():
+        if hashlib.sha256(files[name]).hexdigest() != digest:
+            raise RemoteError(f"{name} arrived corrupted (sha256 mismatch)")
+    return files
+
+
+def _write_files(files: dict[str, bytearray], out_dir: Path, last: str | None = None) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in sorted(files, key=lambda n: n == last):
+        temporary = out_dir / f".{name}.part"
+        temporary.write_bytes(bytes(files[name]))
+        temporary.replace(out_dir / name)
+    return out_dir

@@ -1,0 +1,97 @@
+import datetime
+
+from google.longrunning import operations_pb2 as _operations_pb2
+from google.protobuf import empty_pb2 as _empty_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from services.gen.influence.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FactorSet(_message.Message):
+    __slots__ = ("name", "dataset", "model", "strategy", "fisher", "modules", "num_sequences", "num_tokens", "model_fingerprint", "create_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    FISHER_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dataset: str
+    model: _common_pb2.ModelSpec
+    strategy: str
+    fisher: str
+    modules: _containers.RepeatedScalarFieldContainer[str]
+    num_sequences: int
+    num_tokens: int
+    model_fingerprint: str
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., strategy: _Optional[str] = ..., fisher: _Optional[str] = ..., modules: _Optional[_Iterable[str]] = ..., num_sequences: _Optional[int] = ..., num_tokens: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class FitFactorsRequest(_message.Message):
+    __slots__ = ("request_id", "model", "dataset", "strategy", "fisher", "modules", "batch_size", "max_examples", "seed")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    FISHER_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: _common_pb2.ModelSpec
+    dataset: str
+    strategy: str
+    fisher: str
+    modules: str
+    batch_size: int
+    max_examples: int
+    seed: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., dataset: _Optional[str] = ..., strategy: _Optional[str] = ..., fisher: _Optional[str] = ..., modules: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_examples: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class GetFactorSetRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteFactorSetRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListFactorSetsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListFactorSetsResponse(_message.Message):
+    __slots__ = ("factor_sets", "next_page_token")
+    FACTOR_SETS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    factor_sets: _containers.RepeatedCompositeFieldContainer[FactorSet]
+    next_page_token: str
+    def __init__(self, factor_sets: _Optional[_Iterable[_Union[FactorSet, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class StreamFactorsRequest(_message.Message):
+    __slots__ = ("name", "modules", "chunk_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    modules: _containers.RepeatedScalarFieldContainer[str]
+    chunk_bytes: int
+    def __init__(self, name: _Optional[str] = ..., modules: _Optional[_Iterable[str]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...

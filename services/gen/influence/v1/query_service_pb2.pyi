@@ -1,0 +1,138 @@
+from google.longrunning import operations_pb2 as _operations_pb2
+from services.gen.influence.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Query(_message.Message):
+    __slots__ = ("id", "prompt", "completion")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    prompt: str
+    completion: str
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ...) -> None: ...
+
+class ComputeScoresRequest(_message.Message):
+    __slots__ = ("request_id", "model", "factor_set", "dataset", "queries", "top_k", "damping_factor", "damping", "query_rank", "per_module", "per_token", "batch_size")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_SET_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    DAMPING_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    DAMPING_FIELD_NUMBER: _ClassVar[int]
+    QUERY_RANK_FIELD_NUMBER: _ClassVar[int]
+    PER_MODULE_FIELD_NUMBER: _ClassVar[int]
+    PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: _common_pb2.ModelSpec
+    factor_set: str
+    dataset: str
+    queries: _containers.RepeatedCompositeFieldContainer[Query]
+    top_k: int
+    damping_factor: float
+    damping: float
+    query_rank: int
+    per_module: bool
+    per_token: bool
+    batch_size: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., top_k: _Optional[int] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ..., query_rank: _Optional[int] = ..., per_module: _Optional[bool] = ..., per_token: _Optional[bool] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class ComputeSelfInfluenceRequest(_message.Message):
+    __slots__ = ("request_id", "model", "factor_set", "dataset", "damping_factor", "damping", "top_k", "batch_size")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_SET_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    DAMPING_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    DAMPING_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: _common_pb2.ModelSpec
+    factor_set: str
+    dataset: str
+    damping_factor: float
+    damping: float
+    top_k: int
+    batch_size: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ..., top_k: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class ScoreResult(_message.Message):
+    __slots__ = ("name", "kind", "factor_set", "dataset", "num_queries", "num_train", "modules")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_SET_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRAIN_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    factor_set: str
+    dataset: str
+    num_queries: int
+    num_train: int
+    modules: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., num_queries: _Optional[int] = ..., num_train: _Optional[int] = ..., modules: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetScoreResultRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class StreamScoreRowsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class StreamResultFilesRequest(_message.Message):
+    __slots__ = ("name", "chunk_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    chunk_bytes: int
+    def __init__(self, name: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class TokenScore(_message.Message):
+    __slots__ = ("token", "score")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    score: float
+    def __init__(self, token: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class ScoreRow(_message.Message):
+    __slots__ = ("query_id", "rank", "train_id", "score", "text", "per_module", "tokens")
+    class PerModuleEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    QUERY_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    PER_MODULE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    query_id: str
+    rank: int
+    train_id: str
+    score: float
+    text: str
+    per_module: _containers.ScalarMap[str, float]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenScore]
+    def __init__(self, query_id: _Optional[str] = ..., rank: _Optional[int] = ..., train_id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., per_module: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,186 @@
+"""Operation records in Redis, in the style of google.longrunning.
+
+One hash per operation (`{prefix}:op:{id}`) with: kind, state, metadata (JSON), response
+(serialised google.protobuf.Any), error code and message, request id, times. A sorted set
+indexes operations by creation time for listing; `{prefix}:request:{request_id}` maps a
+create call's request id to its operation, so retried creates return the same operation.
+Fan-in: each (operation, stage) has a set of finished shards; `finish_shard` adds to it and
+says True exactly once, when the set first becomes complete, even under duplicate deliveries
+and concurrent workers (a Lua script makes the check-and-mark atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import redis
+
+from .errors import QueueUnavailable
+
+PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+TERMINAL = {SUCCEEDED, FAILED, CANCELLED}
+
+# KEYS: shards set, done flag, operation hash. ARGV: shard, total, stage-after, shards-after,
+# response ('' = not final), then (stream, payload) pairs to enqueue when the stage completes.
+# Completion, enqueueing the next stage and finishing the operation are one atomic step, so a
+# worker dying at any point can neither lose the advance nor make it happen twice.
+_FINISH_SHARD = """
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then return 0 end
+if not redis.call('SET', KEYS[2], '1', 'NX') then return 0 end
+local state = redis.call('HGET', KEYS[3], 'state')
+if state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then return 2 end
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[3], 'update_time', now[1] + now[2] / 1e6)
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[3], 'state', 'SUCCEEDED', 'response', ARGV[5], 'stage', 'done')
+  return 1
+end
+redis.call('HSET', KEYS[3], 'stage', ARGV[3], 'shards_total', ARGV[4], 'counter:shards_done', 0)
+for i = 6, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1]) end
+return 1
+"""
+
+_TRANSITION = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+if state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+class OperationStore:
+    def __init__(self, client: redis.Redis, prefix: str = "influence"):
+        self.client = client
+        self.prefix = prefix
+        self._finish_shard = client.register_script(_FINISH_SHARD)
+        self._transition = client.register_script(_TRANSITION)
+
+    def _key(self, operation_id: str) -> str:
+        return f"{self.prefix}:op:{operation_id}"
+
+    def create(self, kind: str, metadata: dict, request_id: str = "") -> tuple[dict, bool]:
+        """(operation, created). With a request_id seen before, the earlier operation and False."""
+        operation_id = uuid.uuid4().hex[:20]
+        try:
+            if request_id:
+                claimed = self.client.set(f"{self.prefix}:request:{request_id}", operation_id, nx=True, ex=7 * 86400)
+                if not claimed:
+                    existing = self.client.get(f"{self.prefix}:request:{request_id}").decode()
+                    for _ in range(50):  # the creator may still be writing its record
+                        record = self.get(existing)
+                        if record is not None:
+                            return record, False
+                        time.sleep(0.02)
+            now = time.time()
+            fields = {
+                "id": operation_id,
+                "kind": kind,
+                "state": PENDING,
+                "metadata": json.dumps(metadata),
+                "request_id": request_id,
+                "create_time": now,
+                "update_time": now,
+            }
+            pipe = self.client.pipeline()
+            pipe.hset(self._key(operation_id), mapping=fields)
+            pipe.zadd(f"{self.prefix}:ops", {operation_id: now})
+            pipe.execute()
+        except redis.RedisError as error:
+            raise QueueUnavailable(f"cannot create an operation: {error}") from None
+        return self.get(operation_id), True
+
+    def get(self, operation_id: str) -> dict | None:
+        raw = self.client.hgetall(self._key(operation_id))
+        if not raw:
+            return None
+        record = {key.decode(): value for key, value in raw.items()}
+        for key in ("id", "kind", "state", "request_id", "error_message", "stage", "last_error"):
+            if key in record:
+                record[key] = record[key].decode()
+        record["metadata"] = json.loads(record["metadata"])
+        record["error_code"] = int(record.get("error_code", 0))
+        record["shards_total"] = int(record.get("shards_total", 0))
+        record["counters"] = {
+            key.removeprefix("counter:"): int(value) for key, value in record.items() if key.startswith("counter:")
+        }
+        for key in ("create_time", "update_time"):
+            record[key] = float(record[key])
+        return record
+
+    def list(self, page_size: int = 50, page_token: str = "", kind: str = "") -> tuple[list[dict], str]:
+        """Newest first; the page token is the offset into the index."""
+        offset = int(page_token or 0)
+        page_size = max(1, min(page_size or 50, 500))
+        ids = self.client.zrevrange(f"{self.prefix}:ops", offset, offset + page_size - 1)
+        records = [
+            record for record in (self.get(i.decode()) for i in ids) if record and (not kind or record["kind"] == kind)
+        ]
+        more = len(ids) == page_size
+        return records, str(offset + page_size) if more else ""
+
+    def _apply(self, operation_id: str, **fields) -> bool:
+        """Set fields unless the operation already ended. True when applied."""
+        fields["update_time"] = time.time()
+        arguments = []
+        for key, value in fields.items():
+            arguments += [key, value]
+        return self._transition(keys=[self._key(operation_id)], args=arguments) == 1
+
+    def add_progress(self, operation_id: str, **increments: int) -> None:
+        """Atomic counters (shards_done, tokens_processed, bytes_written, ...): `record["counters"]`."""
+        pipe = self.client.pipeline()
+        for key, value in increments.items():
+            pipe.hincrby(self._key(operation_id), f"counter:{key}", int(value))
+        pipe.execute()
+
+    def succeed(self, operation_id: str, response: bytes) -> bool:
+        return self._apply(operation_id, state=SUCCEEDED, response=response)
+
+    def fail(self, operation_id: str, code: int, message: str) -> bool:
+        return self._apply(operation_id, state=FAILED, error_code=code, error_message=message[:2000])
+
+    def cancel(self, operation_id: str) -> bool:
+        return self._apply(operation_id, state=CANCELLED, error_code=1, error_message="cancelled by the caller")
+
+    def delete(self, operation_id: str) -> None:
+        self.client.delete(self._key(operation_id))
+        self.client.zrem(f"{self.prefix}:ops", operation_id)
+
+    def is_cancelled(self, operation_id: str) -> bool:
+        state = self.client.hget(self._key(operation_id), "state")
+        return state in (b"CANCELLED", None)
+
+    def finish_shard(
+        self,
+        operation_id: str,
+        stage: str,
+        shard: int,
+        total: int,
+        *,
+        next_stage: str = "",
+        next_tasks: list[tuple[str, bytes]] = (),
+        response: bytes = b"",
+    ) -> bool:
+        """Record a finished task of `stage`; True exactly once, when the stage first completes.
+
+        At that moment, atomically: either the operation succeeds with `response` (the last
+        stage), or the stage becomes `next_stage` and `next_tasks` ((stream, payload) pairs)
+        are appended to their streams.
+        """
+        base = f"{self.prefix}:fanin:{operation_id}:{stage}"
+        arguments: list = [shard, total, next_stage, len(next_tasks), response]
+        for stream, payload in next_tasks:
+            arguments += [stream, payload]
+        keys = [f"{base}:shards", f"{base}:done", self._key(operation_id)]
+        return self._finish_shard(keys=keys, args=arguments) == 1
+
+    def note_error(self, operation_id: str, text: str) -> None:
+        """Keep a task's last failure, reported as the cause if the task is dead-lettered."""
+        self.client.hset(self._key(operation_id), "last_error", text[:500])
+
+    def start(self, operation_id: str, stage: str, shards_total: int) -> bool:
+        return self._apply(operation_id, state=RUNNING, stage=stage, shards_total=shards_total)

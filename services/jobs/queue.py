@@ -1,0 +1,145 @@
+"""Tasks on Redis Streams, one stream per task kind, consumed through one consumer group.
+
+Delivery is at-least-once:
+- a consumer takes a task with XREADGROUP, or reclaims one whose lease expired with
+  XAUTOCLAIM (min idle = lease); both count a delivery (XPENDING's times-delivered);
+- while the handler runs, a heartbeat thread renews the lease with XCLAIM ... JUSTID, which
+  resets the idle time without counting a delivery;
+- the task is acknowledged (XACK, then XDEL) only after its handler returned, so a worker that
+  dies mid-task leaves it pending, and another worker reclaims it after the lease;
+- after `max_deliveries` the task is moved to the kind's dead-letter stream with its cause.
+Payloads are bytes (serialised protobuf TaskPayload messages); never pickle.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import redis
+
+from .errors import QueueUnavailable
+
+log = logging.getLogger("influence.jobs")
+GROUP = "workers"
+
+
+@dataclass
+class Task:
+    kind: str
+    message_id: str
+    payload: bytes
+    deliveries: int
+
+
+class TaskQueue:
+    def __init__(
+        self, client: redis.Redis, *, prefix: str = "influence", lease_seconds: float = 30.0, max_deliveries: int = 3
+    ):
+        self.client = client
+        self.prefix = prefix
+        self.lease_ms = int(lease_seconds * 1000)
+        self.max_deliveries = max_deliveries
+        self._groups: set[str] = set()
+
+    def stream(self, kind: str) -> str:
+        return f"{self.prefix}:tasks:{kind}"
+
+    def dead_stream(self, kind: str) -> str:
+        return f"{self.prefix}:dead:{kind}"
+
+    def _ensure_group(self, kind: str) -> None:
+        if kind in self._groups:
+            return
+        try:
+            self.client.xgroup_create(self.stream(kind), GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+        self._groups.add(kind)
+
+    def enqueue(self, kind: str, payload: bytes) -> str:
+        """Append a task; it is durable in Redis when this returns."""
+        try:
+            self._ensure_group(kind)
+            return self.client.xadd(self.stream(kind), {"payload": payload}).decode()
+        except redis.RedisError as error:
+            raise QueueUnavailable(f"cannot enqueue a {kind} task: {error}") from None
+
+    def take(self, kinds: list[str], consumer: str, block_ms: int = 1000) -> Task | None:
+        """The next task of any of `kinds`: an expired lease first, else a new one."""
+        for kind in kinds:
+            self._ensure_group(kind)
+            _, claimed, *_ = self.client.xautoclaim(self.stream(kind), GROUP, consumer, self.lease_ms, "0-0", count=1)
+            claimed = [entry for entry in claimed if entry and entry[1]]
+            if claimed:
+                return self._task(kind, *claimed[0])
+        response = self.client.xreadgroup(
+            GROUP, consumer, {self.stream(kind): ">" for kind in kinds}, count=1, block=block_ms
+        )
+        for stream, entries in response or []:
+            kind = stream.decode().removeprefix(f"{self.prefix}:tasks:")
+            for message_id, fields in entries:
+                return self._task(kind, message_id, fields)
+        return None
+
+    def _task(self, kind: str, message_id, fields) -> Task:
+        message_id = message_id.decode() if isinstance(message_id, bytes) else message_id
+        pending = self.client.xpending_range(self.stream(kind), GROUP, message_id, message_id, 1)
+        deliveries = int(pending[0]["times_delivered"]) if pending else 1
+        return Task(kind, message_id, fields[b"payload"], deliveries)
+
+    def renew(self, task: Task, consumer: str) -> None:
+        """Reset the task's idle time (its lease) without counting a delivery."""
+        self.client.xclaim(self.stream(task.kind), GROUP, consumer, 0, [task.message_id], justid=True)
+
+    def ack(self, task: Task) -> None:
+        pipe = self.client.pipeline()
+        pipe.xack(self.stream(task.kind), GROUP, task.message_id)
+        pipe.xdel(self.stream(task.kind), task.message_id)
+        pipe.execute()
+
+    def dead_letter(self, task: Task, cause: str) -> None:
+        """Move the task to the dead-letter stream with its cause, and out of the live stream."""
+        pipe = self.client.pipeline()
+        pipe.xadd(self.dead_stream(task.kind), {"payload": task.payload, "cause": cause, "message_id": task.message_id})
+        pipe.xack(self.stream(task.kind), GROUP, task.message_id)
+        pipe.xdel(self.stream(task.kind), task.message_id)
+        pipe.execute()
+
+    def depth(self, kind: str) -> int:
+        """Tasks not yet acknowledged (waiting or running)."""
+        self._ensure_group(kind)
+        return int(self.client.xlen(self.stream(kind)))
+
+    def dead_letters(self, kind: str) -> list[dict]:
+        return [
+            {key.decode(): value for key, value in fields.items()}
+            for _, fields in self.client.xrange(self.dead_stream(kind))
+        ]
+
+
+class LeaseKeeper:
+    """Renews a running task's lease every lease/3 seconds from a background thread."""
+
+    def __init__(self, queue: TaskQueue, task: Task, consumer: str):
+        self.queue, self.task, self.consumer = queue, task, consumer
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{task.message_id}", daemon=True)
+
+    def _run(self) -> None:
+        interval = max(self.queue.lease_ms / 3000, 0.05)
+        while not self._stop.wait(interval):
+            try:
+                self.queue.renew(self.task, self.consumer)
+            except redis.RedisError as error:  # Redis briefly away: try again next tick
+                log.warning("lease renewal of %s failed: %s", self.task.message_id, error)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

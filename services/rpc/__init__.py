@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by the three services: status mapping, operations, server assembly."""

@@ -1,0 +1,49 @@
+"""Where every artifact lives in the object store (DESIGN section 5). One function per key."""
+
+from __future__ import annotations
+
+MANIFEST = "manifest.json"
+
+
+def dataset_prefix(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}/"
+
+
+def dataset_shard(dataset_id: str, shard: int) -> str:
+    """Packed token ids of one shard (safetensors; see engine.data.pack_sequences)."""
+    return f"datasets/{dataset_id}/shards/{shard:05d}.safetensors"
+
+
+def dataset_records(dataset_id: str, shard: int) -> str:
+    """Ids and texts of one shard's sequences (JSON list of {"id", "text"})."""
+    return f"datasets/{dataset_id}/shards/{shard:05d}.json"
+
+
+def factors_prefix(factor_set_id: str) -> str:
+    return f"factors/{factor_set_id}/"
+
+
+def result_prefix(result_id: str) -> str:
+    return f"results/{result_id}/"
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/"
+
+
+def job_spec(job_id: str) -> str:
+    return f"jobs/{job_id}/spec.json"
+
+
+def job_upload(job_id: str) -> str:
+    return f"jobs/{job_id}/upload.jsonl"
+
+
+def job_partial(job_id: str, stage: str, shard: int) -> str:
+    """A shard task's output (safetensors), e.g. the covariance sums of shard 3."""
+    return f"jobs/{job_id}/{stage}/{shard:05d}.safetensors"
+
+
+def job_output(job_id: str, name: str) -> str:
+    """A whole-job intermediate, e.g. the eigenbases or the prepared queries."""
+    return f"jobs/{job_id}/{name}.safetensors"

@@ -1,0 +1,201 @@
+"""Submitting jobs and running their tasks: the glue between stages, the queue and operations.
+
+Submit: create the operation (idempotent by request_id), write the job's inputs and spec to
+the store, then enqueue the first stage's tasks. Run: take a task, skip it if its operation
+ended, run the stage under a renewed lease, then record completion; the last task of a stage
+atomically enqueues the next stage (or finishes the operation with its response).
+Failures: input errors fail the operation at once; anything else leaves the task pending so it
+is redelivered after its lease; past the delivery limit it is dead-lettered and the operation
+fails with the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from google.rpc import code_pb2
+
+from ..engine.errors import CancelledError, InputError, NotFoundError, PreconditionError
+from ..engine.progress import Progress
+from ..gen.influence.v1 import tasks_pb2
+from ..jobs.operations import TERMINAL, OperationStore
+from ..jobs.queue import LeaseKeeper, Task, TaskQueue
+from ..rpc.resources import dataset_message, factor_set_message, packed, result_message
+from . import layout
+from .specs import JobSpec
+from .stages import StageContext, first_stages, next_stage, run_stage, shard_count
+
+log = logging.getLogger("influence.worker")
+
+STAGES = (
+    "register",
+    "covariance",
+    "eigen",
+    "correction",
+    "finalize",
+    "prepare",
+    "score",
+    "merge",
+    "self",
+    "self_merge",
+)
+PERMANENT = (InputError, NotFoundError, PreconditionError)
+
+
+def _code(error: Exception) -> int:
+    if isinstance(error, NotFoundError):
+        return code_pb2.NOT_FOUND
+    if isinstance(error, PreconditionError):
+        return code_pb2.FAILED_PRECONDITION
+    return code_pb2.INVALID_ARGUMENT
+
+
+@dataclass
+class JobSystem:
+    """The shared state every server role and worker composes."""
+
+    store: object
+    operations: OperationStore
+    queue: TaskQueue
+
+    def payload(self, operation: str, spec: JobSpec, stage: str, shard: int) -> bytes:
+        return tasks_pb2.TaskPayload(
+            operation=operation, job=operation, stage=stage, shard=shard, num_shards=spec.num_shards
+        ).SerializeToString()
+
+    def stage_tasks(self, operation: str, spec: JobSpec, stage: str) -> list[tuple[str, bytes]]:
+        return [
+            (self.queue.stream(stage), self.payload(operation, spec, stage, shard))
+            for shard in range(shard_count(spec, stage))
+        ]
+
+    def submit(
+        self, kind: str, spec: JobSpec, *, request_id: str = "", target: str = "", upload: bytes | None = None
+    ) -> dict:
+        """Create the operation and enqueue the job (once per request_id)."""
+        record, created = self.operations.create(kind, {"kind": kind, "target": target}, request_id)
+        if not created:
+            return record
+        job = record["id"]
+        if upload is not None:
+            self.store.put_bytes(layout.job_upload(job), upload)
+        self.store.put_bytes(layout.job_spec(job), spec.to_json())
+        stage = first_stages(spec)[0]
+        self.operations.start(job, stage, shard_count(spec, stage))
+        for _, payload in self.stage_tasks(job, spec, stage):
+            self.queue.enqueue(stage, payload)
+        return self.operations.get(job)
+
+
+class OperationProgress(Progress):
+    """Reports tokens to the operation's counters and notices cancellation (checked ≤ 1/s)."""
+
+    def __init__(self, operations: OperationStore, operation: str):
+        self.operations, self.operation = operations, operation
+        self._checked, self._cancelled, self._tokens = 0.0, False, 0
+
+    def advance(self, batches: int = 1, tokens: int = 0) -> None:
+        self._tokens += tokens
+        if self._tokens and time.monotonic() - self._checked > 0.5:
+            self.operations.add_progress(self.operation, tokens_processed=self._tokens)
+            self._tokens = 0
+
+    def cancelled(self) -> bool:
+        if time.monotonic() - self._checked > 1.0:
+            self._checked = time.monotonic()
+            self._cancelled = self.operations.is_cancelled(self.operation)
+        return self._cancelled
+
+    def close(self) -> None:
+        if self._tokens:
+            self.operations.add_progress(self.operation, tokens_processed=self._tokens)
+            self._tokens = 0
+
+
+def response_of(spec: JobSpec, manifest: dict) -> bytes:
+    if spec.kind == "register":
+        return packed(dataset_message(manifest))
+    if spec.kind == "fit":
+        return packed(factor_set_message(spec.factor_set_id, manifest))
+    return packed(result_message(manifest))
+
+
+@dataclass
+class Worker:
+    """Takes tasks of `kinds` and runs them until `stop` is set."""
+
+    system: JobSystem
+    kinds: list[str] = field(default_factory=lambda: list(STAGES))
+    consumer: str = field(default_factory=lambda: f"worker-{uuid.uuid4().hex[:8]}")
+    context: StageContext | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        self.context = self.context or StageContext(self.system.store)
+
+    def run_forever(self, block_ms: int = 500) -> None:
+        log.info("worker %s taking %s", self.consumer, ",".join(self.kinds))
+        while not self.stop.is_set():
+            try:
+                self.run_once(block_ms)
+            except Exception:  # Redis or the store away: keep the worker alive and retry
+                log.exception("worker %s: task loop error", self.consumer)
+                self.stop.wait(1.0)
+
+    def run_once(self, block_ms: int = 500) -> bool:
+        task = self.system.queue.take(self.kinds, self.consumer, block_ms)
+        if task is None:
+            return False
+        self.handle(task)
+        return True
+
+    def handle(self, task: Task) -> None:
+        queue, operations = self.system.queue, self.system.operations
+        payload = tasks_pb2.TaskPayload.FromString(task.payload)
+        record = operations.get(payload.operation)
+        if record is None or record["state"] in TERMINAL:
+            queue.ack(task)
+            return
+        where = f"{payload.stage} task (shard {payload.shard})"
+        if task.deliveries > queue.max_deliveries:
+            cause = record.get("last_error") or "the worker was lost"
+            message = f"{where} failed {task.deliveries - 1} times; last error: {cause}"
+            queue.dead_letter(task, message)
+            operations.fail(payload.operation, code_pb2.ABORTED, message)
+            return
+        spec = JobSpec.from_json(self.system.store.get_bytes(layout.job_spec(payload.job)))
+        progress = OperationProgress(operations, payload.operation)
+        self.context.progress = progress
+        try:
+            with LeaseKeeper(queue, task, self.consumer):
+                manifest = run_stage(self.context, spec, payload.job, payload.stage, payload.shard)
+            progress.close()
+        except CancelledError:
+            queue.ack(task)
+            return
+        except PERMANENT as error:
+            operations.fail(payload.operation, _code(error), f"{where}: {error}")
+            queue.ack(task)
+            return
+        except Exception as error:  # transient or a bug: leave pending, redelivered after the lease
+            log.exception("%s of %s failed", where, payload.operation)
+            operations.client.hset(
+                operations._key(payload.operation), "last_error", f"{type(error).__name__}: {error}"[:500]
+            )
+            return
+        operations.add_progress(payload.operation, shards_done=1)
+        following = next_stage(spec, payload.stage)
+        operations.finish_shard(
+            payload.operation,
+            payload.stage,
+            payload.shard,
+            shard_count(spec, payload.stage),
+            next_stage=following or "",
+            next_tasks=self.system.stage_tasks(payload.operation, spec, following) if following else [],
+            response=response_of(spec, manifest) if following is None else b"",
+        )
+        queue.ack(task)

@@ -1,0 +1,45 @@
+"""Job specifications: what a job computes, stored once as JSON before its first task runs.
+
+Every task of a job reads the same spec, so a redelivered task recomputes exactly the same
+output. Resource names are "datasets/{id}", "factorSets/{id}", "results/{id}".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ModelRef:
+    path: str
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass
+class JobSpec:
+    """kind: "register" | "fit" | "score" | "self"."""
+
+    kind: str
+    model: ModelRef
+    dataset_id: str = ""
+    num_shards: int = 0
+    # register
+    display_name: str = ""
+    shard_size: int = 256
+    max_length: int = 512
+    # fit: engine FitConfig fields; score/self: engine ScoreConfig fields
+    config: dict = field(default_factory=dict)
+    factor_set_id: str = ""
+    result_id: str = ""
+    queries: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> JobSpec:
+        raw = json.loads(data)
+        raw["model"] = ModelRef(**raw["model"])
+        return cls(**raw)

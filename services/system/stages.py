@@ -1,0 +1,520 @@
+"""The stages of every job, each a function of (context, spec, shard) that reads its inputs from
+the object store and writes its output to a deterministic key. Running a stage twice writes the
+same bytes, so at-least-once delivery is harmless. No Redis or gRPC here: runner.py schedules.
+
+    register:  register                                               -> dataset artifact
+    fit:       covariance×k -> eigen -> correction×k -> finalize       -> factors artifact
+               (kfac skips correction; diagonal skips covariance/eigen; identity is finalize only)
+    score:     prepare -> score×k -> merge                             -> result artifact
+    self:      self×k -> self_merge                                    -> result artifact
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from ..engine.capture import accumulation_dtype
+from ..engine.data import (
+    Query,
+    TokenizedSequence,
+    pack_sequences,
+    parse_jsonl,
+    query_records,
+    tokenize_queries,
+    tokenize_training,
+    training_examples,
+    unpack_sequences,
+)
+from ..engine.errors import NotFoundError
+from ..engine.factor_io import from_artifact, storage_dtype_for, to_artifact
+from ..engine.factors import (
+    CorrectionAccumulator,
+    CovarianceAccumulator,
+    FactorSet,
+    ModuleFactors,
+    bases_of,
+    needs_correction,
+    needs_covariance,
+)
+from ..engine.fit import (
+    CaptureCache,
+    FitConfig,
+    accumulate_correction,
+    accumulate_covariance,
+    default_cache_bytes,
+    finalize_factors,
+    prepare_model,
+)
+from ..engine.model_io import load_tokenizer, model_fingerprint, tokenizer_fingerprint
+from ..engine.progress import Progress
+from ..engine.score import (
+    ScoreConfig,
+    attach_token_scores,
+    check_factors_match,
+    module_pattern,
+    prepare_queries,
+    query_gradients,
+    score_sequences,
+    self_influence_sequences,
+    top_k_entries,
+)
+from ..engine.scoring import ModuleQueries
+from ..reports import pairwise_report, self_report
+from . import layout
+from .model_cache import ModelCache
+from .specs import JobSpec
+
+SHARD_STAGES = {"covariance", "correction", "score", "self"}
+
+
+@dataclass
+class StageContext:
+    """What a stage may use: the store, the worker's model cache and capture cache, progress."""
+
+    store: object  # services.storage ArtifactStore: put_bytes/get_bytes/exists/list
+    models: ModelCache = field(default_factory=ModelCache)
+    progress: Progress = field(default_factory=Progress)
+    # (job, shard) -> captures of the covariance pass, reused by the same worker's correction task
+    capture_caches: dict = field(default_factory=dict)
+    cache_bytes: int = field(default_factory=default_cache_bytes)
+
+
+# ------------------------------------------------------------------------------------------
+# Plans: which stage follows which.
+
+
+def first_stages(spec: JobSpec) -> list[str]:
+    if spec.kind == "register":
+        return ["register"]
+    if spec.kind == "score":
+        return ["prepare"]
+    if spec.kind == "self":
+        return ["self"]
+    strategy = spec.config["strategy"]
+    if needs_covariance(strategy):
+        return ["covariance"]
+    return ["correction"] if needs_correction(strategy) else ["finalize"]
+
+
+def next_stage(spec: JobSpec, stage: str) -> str | None:
+    """The stage to run once every task of `stage` is done (None: the job is complete)."""
+    if spec.kind == "fit":
+        strategy = spec.config["strategy"]
+        return {
+            "covariance": "eigen",
+            "eigen": "correction" if needs_correction(strategy) else "finalize",
+            "correction": "finalize",
+        }.get(stage)
+    return {"prepare": "score", "score": "merge", "self": "self_merge"}.get(stage)
+
+
+def shard_count(spec: JobSpec, stage: str) -> int:
+    """How many tasks a stage has: one per data shard for shard stages, else one."""
+    return spec.num_shards if stage in SHARD_STAGES else 1
+
+
+# ------------------------------------------------------------------------------------------
+# Store helpers.
+
+
+def put_tensors(store, key: str, tensors: dict[str, torch.Tensor]) -> int:
+    data = save_tensors({name: value.detach().to("cpu").contiguous() for name, value in tensors.items()})
+    store.put_bytes(key, data)
+    return len(data)
+
+
+def get_tensors(store, key: str) -> dict[str, torch.Tensor]:
+    return load_tensors(store.get_bytes(key))
+
+
+def publish(store, prefix: str, files: dict[str, bytes], manifest: dict) -> int:
+    """Write every file, then manifest.json: readers never see half an artifact."""
+    for name, data in files.items():
+        store.put_bytes(prefix + name, data)
+    store.put_bytes(prefix + layout.MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return sum(len(data) for data in files.values())
+
+
+def read_manifest(store, prefix: str, what: str) -> dict:
+    key = prefix + layout.MANIFEST
+    if not store.exists(key):
+        raise NotFoundError(f"{what} not found")
+    return json.loads(store.get_bytes(key))
+
+
+def dataset_manifest(store, dataset_id: str) -> dict:
+    return read_manifest(store, layout.dataset_prefix(dataset_id), f"dataset 'datasets/{dataset_id}'")
+
+
+def load_shard(store, dataset_id: str, shard: int, limit: int | None = None) -> list[TokenizedSequence]:
+    """A shard's sequences (global indices kept), cut at global index `limit` if given."""
+    sequences = unpack_sequences(get_tensors(store, layout.dataset_shard(dataset_id, shard)))
+    return [s for s in sequences if limit is None or s.index < limit]
+
+
+def load_factor_set(store, factor_set_id: str) -> FactorSet:
+    prefix = layout.factors_prefix(factor_set_id)
+    manifest = read_manifest(store, prefix, f"factor set 'factorSets/{factor_set_id}'")
+    return from_artifact(manifest, lambda name: store.get_bytes(prefix + name))
+
+
+# ------------------------------------------------------------------------------------------
+# register
+
+
+def run_register(context: StageContext, spec: JobSpec, job: str) -> dict:
+    """Tokenise the uploaded JSONL into shards and publish the dataset."""
+    text = context.store.get_bytes(layout.job_upload(job)).decode("utf-8")
+    examples = training_examples(
+        parse_jsonl(io.StringIO(text), "uploaded dataset", "training data"), "uploaded dataset"
+    )
+    tokenizer = load_tokenizer(spec.model.path)
+    prefix = layout.dataset_prefix(spec.dataset_id)
+    num_shards = math.ceil(len(examples) / spec.shard_size)
+    num_tokens = 0
+    context.progress.stage("register", num_shards)
+    files = {}
+    for shard in range(num_shards):
+        start = shard * spec.shard_size
+        part = examples[start : start + spec.shard_size]
+        sequences = tokenize_training(tokenizer, part, spec.max_length, start_index=start)
+        num_tokens += sum(sequence.length for sequence in sequences)
+        shard_key = layout.dataset_shard(spec.dataset_id, shard).removeprefix(prefix)
+        records_key = layout.dataset_records(spec.dataset_id, shard).removeprefix(prefix)
+        files[shard_key] = save_tensors(pack_sequences(sequences))
+        files[records_key] = json.dumps([{"id": e.id, "text": e.text} for e in part]).encode()
+        context.progress.advance(1, sum(sequence.length for sequence in sequences))
+    manifest = {
+        "kind": "dataset",
+        "name": f"datasets/{spec.dataset_id}",
+        "display_name": spec.display_name,
+        "num_examples": len(examples),
+        "num_shards": num_shards,
+        "shard_size": spec.shard_size,
+        "max_length": spec.max_length,
+        "num_tokens": num_tokens,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "create_time": time.time(),
+    }
+    publish(context.store, prefix, files, manifest)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------
+# fit
+
+
+def _fit_setup(context: StageContext, spec: JobSpec):
+    config = FitConfig(**spec.config)
+    model, tokenizer = context.models.get(spec.model)
+    modules, tracked = prepare_model(model, config.modules)
+    return config, model, tokenizer, modules, tracked
+
+
+def _fit_limit(spec: JobSpec) -> int | None:
+    return spec.config.get("max_examples") or None
+
+
+def run_covariance(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
+    config, model, tokenizer, modules, _tracked = _fit_setup(context, spec)
+    sequences = load_shard(context.store, spec.dataset_id, shard, _fit_limit(spec))
+    cache = None
+    if config.strategy == "ekfac":
+        cache = CaptureCache(context.cache_bytes)
+        context.capture_caches[(job, shard)] = cache
+    accumulator = accumulate_covariance(
+        model,
+        modules,
+        sequences,
+        objective=config.objective,
+        batch_size=config.batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=config.seed,
+        progress=context.progress,
+        cache=cache,
+    )
+    put_tensors(context.store, layout.job_partial(job, "covariance", shard), accumulator.state())
+
+
+def run_eigen(context: StageContext, spec: JobSpec, job: str) -> None:
+    _, _, _, _, tracked = _fit_setup(context, spec)
+    merged = None
+    for shard in range(spec.num_shards):
+        state = get_tensors(context.store, layout.job_partial(job, "covariance", shard))
+        partial = CovarianceAccumulator.from_state(tracked, state)
+        if merged is None:
+            merged = partial
+        else:
+            merged.merge(partial)
+    factors = merged.eigendecompose()
+    tensors = {f"{name}/{key}": value for name, f in factors.items() for key, value in f.tensors().items()}
+    tensors["n_tokens"] = torch.tensor([max(merged.token_counts.values())])
+    put_tensors(context.store, layout.job_output(job, "eigen"), tensors)
+
+
+def _eigen_factors(context: StageContext, job: str, tracked) -> tuple[dict[str, ModuleFactors], int]:
+    tensors = get_tensors(context.store, layout.job_output(job, "eigen"))
+    factors = {
+        name: ModuleFactors(
+            **{key: tensors[f"{name}/{key}"] for key in ModuleFactors.TENSOR_FIELDS if f"{name}/{key}" in tensors}
+        )
+        for name in tracked
+    }
+    return factors, int(tensors["n_tokens"][0])
+
+
+def run_correction(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
+    config, model, tokenizer, modules, tracked = _fit_setup(context, spec)
+    bases = bases_of(_eigen_factors(context, job, tracked)[0]) if config.strategy == "ekfac" else None
+    sequences = load_shard(context.store, spec.dataset_id, shard, _fit_limit(spec))
+    accumulator = accumulate_correction(
+        model,
+        modules,
+        sequences,
+        bases,
+        objective=config.objective,
+        batch_size=config.batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        seed=config.seed,
+        progress=context.progress,
+        cache=context.capture_caches.pop((job, shard), None),
+    )
+    put_tensors(context.store, layout.job_partial(job, "correction", shard), accumulator.state())
+
+
+def run_finalize(context: StageContext, spec: JobSpec, job: str) -> dict:
+    config, model, _, _modules, tracked = _fit_setup(context, spec)
+    covariance_factors, n_tokens = (None, 0)
+    if needs_covariance(config.strategy):
+        covariance_factors, n_tokens = _eigen_factors(context, job, tracked)
+    correction = None
+    if needs_correction(config.strategy):
+        for shard in range(spec.num_shards):
+            state = get_tensors(context.store, layout.job_partial(job, "correction", shard))
+            partial = CorrectionAccumulator.from_state(tracked, None, state)
+            if correction is None:
+                correction = partial
+            else:
+                correction.merge(partial)
+    dataset = dataset_manifest(context.store, spec.dataset_id)
+    n_sequences = min(dataset["num_examples"], _fit_limit(spec) or dataset["num_examples"])
+    factor_set = FactorSet(
+        strategy=config.strategy,
+        fisher=config.fisher,
+        modules=tracked,
+        factors=finalize_factors(config.strategy, covariance_factors, correction, tracked),
+        n_sequences=n_sequences,
+        n_tokens=n_tokens or dataset["num_tokens"],
+        model_fingerprint=model_fingerprint(model, list(tracked)),
+        metadata={
+            "fit_config": spec.config,
+            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "dataset": f"datasets/{spec.dataset_id}",
+            "model_path": spec.model.path,
+            "create_time": time.time(),
+        },
+    )
+    for shard in range(spec.num_shards):
+        context.capture_caches.pop((job, shard), None)
+    manifest, files = to_artifact(factor_set, storage_dtype_for(factor_set))
+    publish(context.store, layout.factors_prefix(spec.factor_set_id), files, manifest)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------
+# score
+
+
+def _queries(spec: JobSpec) -> list[Query]:
+    return query_records(spec.queries, "request")
+
+
+def _score_setup(context: StageContext, spec: JobSpec):
+    config = ScoreConfig(**spec.config)
+    model, tokenizer = context.models.get(spec.model)
+    factors = load_factor_set(context.store, spec.factor_set_id)
+    modules, _ = prepare_model(model, module_pattern(factors))
+    check_factors_match(model, modules, factors)
+    return config, model, tokenizer, factors, modules
+
+
+def run_prepare(context: StageContext, spec: JobSpec, job: str) -> None:
+    """Query gradients and their IHVPs, once per job."""
+    config, model, tokenizer, factors, modules = _score_setup(context, spec)
+    sequences = tokenize_queries(tokenizer, _queries(spec), config.max_length)
+    gradients = query_gradients(model, modules, sequences, config.batch_size, tokenizer.pad_token_id, context.progress)
+    dataset = dataset_manifest(context.store, spec.dataset_id)
+    mean_tokens = dataset["num_tokens"] / max(dataset["num_examples"], 1)
+    dtype = accumulation_dtype(next(model.parameters()).dtype)
+    prepared = prepare_queries(gradients, factors, config, mean_tokens, dtype)
+    tensors = {}
+    for name, module_queries in prepared.items():
+        tensors.update(module_queries.to_tensors(name))
+    put_tensors(context.store, layout.job_output(job, "prepared"), tensors)
+
+
+def _prepared(context: StageContext, job: str, modules) -> dict[str, ModuleQueries]:
+    tensors = get_tensors(context.store, layout.job_output(job, "prepared"))
+    return {name: ModuleQueries.from_tensors(name, tensors) for name in modules}
+
+
+def run_score(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
+    """Contract one shard's training gradients with the prepared queries, in place."""
+    config, model, tokenizer, _, modules = _score_setup(context, spec)
+    sequences = load_shard(context.store, spec.dataset_id, shard)
+    per_module = score_sequences(
+        model,
+        modules,
+        sequences,
+        _prepared(context, job, modules),
+        batch_size=config.batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        progress=context.progress,
+    )
+    index = torch.tensor([sequence.index for sequence in sequences])
+    put_tensors(context.store, layout.job_partial(job, "score", shard), {"per_module": per_module, "index": index})
+
+
+class _DatasetView:
+    """Lazy access to a dataset's sequences and records by global index."""
+
+    def __init__(self, store, dataset_id: str):
+        self.store, self.dataset_id = store, dataset_id
+        self.manifest = dataset_manifest(store, dataset_id)
+        self._sequences: dict[int, list[TokenizedSequence]] = {}
+        self._records: dict[int, list[dict]] = {}
+
+    def _shard(self, index: int) -> tuple[int, int]:
+        return divmod(index, self.manifest["shard_size"])
+
+    def sequence(self, index: int) -> TokenizedSequence:
+        shard, offset = self._shard(index)
+        if shard not in self._sequences:
+            self._sequences[shard] = load_shard(self.store, self.dataset_id, shard)
+        return self._sequences[shard][offset]
+
+    def record(self, index: int) -> tuple[str, str]:
+        shard, offset = self._shard(index)
+        if shard not in self._records:
+            self._records[shard] = json.loads(self.store.get_bytes(layout.dataset_records(self.dataset_id, shard)))
+        entry = self._records[shard][offset]
+        return entry["id"], entry["text"]
+
+
+def _gather(context: StageContext, spec: JobSpec, job: str, stage: str, key: str) -> torch.Tensor:
+    """Concatenate shard partials along their last dimension, in global index order."""
+    parts = [get_tensors(context.store, layout.job_partial(job, stage, shard)) for shard in range(spec.num_shards)]
+    return torch.cat([part[key] for part in parts], dim=-1)
+
+
+def run_merge(context: StageContext, spec: JobSpec, job: str) -> dict:
+    """Top-k over all shards, token-wise attribution of the top-k, and the result files."""
+    config, model, tokenizer, factors, modules = _score_setup(context, spec)
+    per_module = _gather(context, spec, job, "score", "per_module")  # [M, Q, N]
+    names = list(modules)
+    scores = per_module.sum(0)
+    top = top_k_entries(scores, per_module if config.per_module else None, names, config.top_k)
+    view = _DatasetView(context.store, spec.dataset_id)
+    if config.per_token and config.top_k:
+        prepared = _prepared(context, job, modules)
+        attach_token_scores(model, modules, tokenizer, view.sequence, prepared, top, context.progress)
+    tensors = {"scores": scores.to(torch.float32).contiguous()}
+    if config.per_module:
+        tensors["per_module"] = per_module.to(torch.float32).contiguous()
+    report = pairwise_report(
+        _queries(spec),
+        top,
+        view.record,
+        strategy=factors.strategy,
+        damping=config.damping_policy.describe(),
+        query_rank=config.query_rank,
+        modules=names,
+    )
+    return _publish_result(context, spec, tensors, report, num_queries=len(spec.queries))
+
+
+def _publish_result(context: StageContext, spec: JobSpec, tensors: dict, report: dict, num_queries: int) -> dict:
+    files = {"scores.safetensors": save_tensors(tensors), "results.json": json.dumps(report, indent=2).encode()}
+    manifest = {
+        "kind": "result",
+        "name": f"results/{spec.result_id}",
+        "result_kind": report["kind"],
+        "factor_set": f"factorSets/{spec.factor_set_id}",
+        "dataset": f"datasets/{spec.dataset_id}",
+        "num_queries": num_queries,
+        "num_train": int(tensors["scores"].shape[-1]),
+        "modules": report.get("modules", []),
+        "files": {name: _sha256(data) for name, data in files.items()},
+        "create_time": time.time(),
+    }
+    publish(context.store, layout.result_prefix(spec.result_id), files, manifest)
+    return manifest
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------
+# self-influence
+
+
+def run_self(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
+    config, model, tokenizer, factors, modules = _score_setup(context, spec)
+    sequences = load_shard(context.store, spec.dataset_id, shard)
+    scores = self_influence_sequences(
+        model,
+        modules,
+        sequences,
+        factors,
+        config.damping_policy,
+        batch_size=config.batch_size,
+        pad_token_id=tokenizer.pad_token_id,
+        progress=context.progress,
+    )
+    put_tensors(context.store, layout.job_partial(job, "self", shard), {"scores": scores})
+
+
+def run_self_merge(context: StageContext, spec: JobSpec, job: str) -> dict:
+    config = ScoreConfig(**spec.config)
+    factors_manifest = read_manifest(context.store, layout.factors_prefix(spec.factor_set_id), "factor set")
+    scores = _gather(context, spec, job, "self", "scores").to(torch.float32)
+    view = _DatasetView(context.store, spec.dataset_id)
+    report = self_report(
+        scores,
+        view.record,
+        strategy=factors_manifest["strategy"],
+        damping=config.damping_policy.describe(),
+        top_k=config.top_k,
+    )
+    return _publish_result(context, spec, {"scores": scores.contiguous()}, report, num_queries=0)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def run_stage(context: StageContext, spec: JobSpec, job: str, stage: str, shard: int) -> dict | None:
+    """Run one task. Returns the published manifest for a job's last stage, else None."""
+    if stage in SHARD_STAGES:
+        {"covariance": run_covariance, "correction": run_correction, "score": run_score, "self": run_self}[stage](
+            context, spec, job, shard
+        )
+        return None
+    handler = {
+        "register": run_register,
+        "eigen": run_eigen,
+        "finalize": run_finalize,
+        "prepare": run_prepare,
+        "merge": run_merge,
+        "self_merge": run_self_merge,
+    }[stage]
+    return handler(context, spec, job)
