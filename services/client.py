@@ -207,6 +207,22 @@ class InfluenceClient:
     def delete_factor_set(self, name: str) -> None:
         self._call(self.factors.DeleteFactorSet, factor_service_pb2.DeleteFactorSetRequest(name=name))
 
+    def import_factors(self, directory: str | Path) -> factor_service_pb2.FactorSet:
+        """Upload a factor directory written by `influence fit`; the server verifies every sha256."""
+        directory = Path(directory)
+        names = sorted(path.name for path in directory.iterdir() if path.is_file() and not path.name.startswith("."))
+
+        def chunks():
+            for name in names:
+                data = (directory / name).read_bytes()
+                for offset in range(0, max(len(data), 1), 4 * 2**20):
+                    yield common_pb2.FileChunk(file=name, offset=offset, data=data[offset : offset + 4 * 2**20])
+
+        try:
+            return self.factors.ImportFactors(chunks(), timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise _domain_error(error) from None
+
     def download_factors(self, name: str, out_dir: str | Path) -> Path:
         """Write the factor set's files (manifest.json last) into out_dir: `influence score` reads it."""
         files = _collect(self._stream(self.factors.StreamFactors, factor_service_pb2.StreamFactorsRequest(name=name)))

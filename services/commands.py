@@ -1,22 +1,26 @@
-"""What each CLI command does, composed from the engine. Argument parsing lives in cli.py."""
+"""What each CLI command does. Argument parsing lives in cli.py.
+
+`fit`, `score` and `self` run through the service system: an embedded one started for the
+command (embedded Redis, local artifacts, in-process workers), or a deployed one with
+`--server HOST:PORT`. Inputs are read and validated locally first, so an error names the
+user's file and line; then the data is uploaded, the job runs as an operation with progress
+bars, and the outputs are downloaded into --out.
+"""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import sys
 import time
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from .engine.data import read_queries_jsonl, read_training_jsonl
-from .engine.errors import InputError
-from .engine.factor_io import load_factors, save_factors
-from .engine.fit import FitConfig, fit_factors
-from .engine.model_io import load_model_and_tokenizer
-from .engine.progress import TqdmProgress
-from .engine.score import ScoreConfig, compute_scores, compute_self_influence
-from .reports import pairwise_report, self_report
+from .engine.errors import InputError, NotFoundError
+from .engine.factor_io import load_factors
+from .engine.fit import FitConfig
+from .engine.model_io import load_tokenizer, parse_device, parse_dtype
+from .engine.score import ScoreConfig
+from .gen.influence.v1 import common_pb2
 
 
 def _log(args, message: str) -> None:
@@ -32,6 +36,83 @@ def _out_dir(path: str) -> Path:
     return out
 
 
+class StageBars:
+    """tqdm bars from operation metadata: one bar per stage, shards done / total, tokens/s."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._bar = None
+        self._stage = None
+        self._started = time.monotonic()
+
+    def __call__(self, metadata: common_pb2.OperationMetadata) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if metadata.stage != self._stage:
+            self.close()
+            self._stage = metadata.stage
+            if metadata.stage == "done":
+                return
+            self._bar = tqdm(
+                total=metadata.shards_total, desc=f"{metadata.stage:>12}", unit="shard", dynamic_ncols=True
+            )
+        if self._bar is not None:
+            elapsed = max(time.monotonic() - self._started, 1e-9)
+            self._bar.set_postfix_str(f"{metadata.tokens_processed / elapsed:,.0f} tok/s", refresh=False)
+            self._bar.update(metadata.shards_done - self._bar.n)
+
+    def close(self, clear: bool = False) -> None:
+        if self._bar is not None:
+            if clear:
+                self._bar.leave = False
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> StageBars:
+        return self
+
+    def __exit__(self, error_type, *exc) -> None:
+        self.close(clear=error_type is not None)  # an error message stays a single line
+
+
+@contextlib.contextmanager
+def connected(args):
+    """An InfluenceClient to --server, or to an embedded system started for this command."""
+    from .client import InfluenceClient
+
+    if args.server:
+        with InfluenceClient(args.server) as client:
+            yield client
+        return
+    from .system.embedded import EmbeddedSystem
+
+    with EmbeddedSystem() as system, InfluenceClient(system.target) as client:
+        yield client
+
+
+def _model(args) -> common_pb2.ModelSpec:
+    parse_dtype(args.dtype)
+    path = Path(args.model)
+    if not args.server:
+        parse_device(args.device)
+        if not path.is_dir():
+            raise NotFoundError(f"model directory not found: {path}")
+        load_tokenizer(path)  # fail fast, before uploading anything, if the directory holds no model
+        path = path.resolve()
+    return common_pb2.ModelSpec(path=str(path), device=args.device, dtype=args.dtype)
+
+
+def _register(client, args, model, bars) -> str:
+    data = Path(args.data)
+    read_training_jsonl(data)  # validate locally: errors name the file and line
+    dataset = client.register_dataset(
+        model, data, max_length=args.max_length, shard_size=args.shard_size, progress=bars
+    )
+    return dataset.name
+
+
 def run_fit(args) -> int:
     config = FitConfig(
         strategy=args.strategy,
@@ -41,25 +122,43 @@ def run_fit(args) -> int:
         max_length=args.max_length,
         max_examples=args.max_examples,
         seed=args.seed,
-        cache_gib=args.cache_gib,
     )
     config.validate()
-    examples = read_training_jsonl(args.data)
     out = _out_dir(args.out)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    model = _model(args)
     started = time.perf_counter()
-    factors = fit_factors(model, tokenizer, examples, config, TqdmProgress(not args.quiet))
-    save_factors(factors, out)
+    with StageBars(not args.quiet) as bars, connected(args) as client:
+        dataset = _register(client, args, model, bars)
+        factor_set = client.fit_factors(
+            model,
+            dataset,
+            progress=bars,
+            strategy=config.strategy,
+            fisher=config.fisher,
+            modules=config.modules,
+            batch_size=config.batch_size,
+            max_examples=config.max_examples or 0,
+            seed=config.seed,
+        )
+        client.download_factors(factor_set.name, out)
     _log(
         args,
-        f"fitted {factors.strategy} factors for {len(factors.modules)} modules on {factors.n_sequences} sequences "
-        f"({factors.n_tokens} tokens) in {time.perf_counter() - started:.1f}s -> {out}",
+        f"fitted {factor_set.strategy} factors for {len(factor_set.modules)} modules on {factor_set.num_sequences} "
+        f"sequences ({factor_set.num_tokens} tokens) in {time.perf_counter() - started:.1f}s -> {out}",
     )
     return 0
 
 
+def _factor_set(client, args) -> str:
+    """A server-side factor set name: given as one, or imported from a local --factors directory."""
+    if args.factors.startswith("factorSets/") and not Path(args.factors).exists():
+        return args.factors
+    load_factors(args.factors)  # validate locally (format, sha256)
+    return client.import_factors(args.factors).name
+
+
 def _score_config(args, **extra) -> ScoreConfig:
-    return ScoreConfig(
+    config = ScoreConfig(
         damping_factor=args.damping_factor,
         damping=args.damping,
         batch_size=args.batch_size,
@@ -67,57 +166,62 @@ def _score_config(args, **extra) -> ScoreConfig:
         top_k=args.top_k,
         **extra,
     )
+    config.validate()
+    _ = config.damping_policy  # validates the damping values
+    return config
 
 
 def run_score(args) -> int:
     config = _score_config(args, query_rank=args.query_rank, per_module=args.per_module, per_token=args.per_token)
-    config.validate()
-    examples = read_training_jsonl(args.data)
     queries = read_queries_jsonl(args.queries)
-    factors = load_factors(args.factors)
     out = _out_dir(args.out)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
+    model = _model(args)
     started = time.perf_counter()
-    result = compute_scores(model, tokenizer, factors, examples, queries, config, TqdmProgress(not args.quiet))
-    tensors = {"scores": result.scores.contiguous()}
-    if result.per_module is not None:
-        tensors["per_module"] = result.per_module.contiguous()
-    save_file(tensors, str(out / "scores.safetensors"))
-    report = pairwise_report(
-        queries,
-        result.top,
-        lambda i: (examples[i].id, examples[i].text),
-        strategy=factors.strategy,
-        damping=config.damping_policy.describe(),
-        query_rank=config.query_rank,
-        modules=result.module_names,
-    )
-    (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    with StageBars(not args.quiet) as bars, connected(args) as client:
+        factor_set = _factor_set(client, args)
+        dataset = _register(client, args, model, bars)
+        result = client.compute_scores(
+            model,
+            factor_set,
+            dataset,
+            queries,
+            progress=bars,
+            damping=config.damping,
+            damping_factor=config.damping_factor,
+            query_rank=config.query_rank or 0,
+            top_k=config.top_k,
+            per_module=config.per_module,
+            per_token=config.per_token,
+            batch_size=config.batch_size,
+        )
+        client.download_result(result.name, out)
     _log(
         args,
-        f"scored {len(queries)} queries x {len(examples)} sequences in {time.perf_counter() - started:.1f}s -> {out}",
+        f"scored {result.num_queries} queries x {result.num_train} sequences "
+        f"in {time.perf_counter() - started:.1f}s -> {out}",
     )
     return 0
 
 
 def run_self(args) -> int:
     config = _score_config(args)
-    config.validate()
-    examples = read_training_jsonl(args.data)
-    factors = load_factors(args.factors)
     out = _out_dir(args.out)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.device, args.dtype)
-    scores = compute_self_influence(model, tokenizer, factors, examples, config, TqdmProgress(not args.quiet))
-    save_file({"scores": scores.contiguous()}, str(out / "scores.safetensors"))
-    report = self_report(
-        scores,
-        lambda i: (examples[i].id, examples[i].text),
-        strategy=factors.strategy,
-        damping=config.damping_policy.describe(),
-        top_k=args.top_k,
-    )
-    (out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    _log(args, f"self-influence of {len(examples)} sequences -> {out}")
+    model = _model(args)
+    with StageBars(not args.quiet) as bars, connected(args) as client:
+        factor_set = _factor_set(client, args)
+        dataset = _register(client, args, model, bars)
+        result = client.compute_self_influence(
+            model,
+            factor_set,
+            dataset,
+            progress=bars,
+            damping=config.damping,
+            damping_factor=config.damping_factor,
+            top_k=config.top_k,
+            batch_size=config.batch_size,
+        )
+        client.download_result(result.name, out)
+    _log(args, f"self-influence of {result.num_train} sequences -> {out}")
     return 0
 
 
@@ -125,3 +229,52 @@ def run_demo(args) -> int:
     from .demo import run_demo as demo
 
     return demo(args)
+
+
+def run_serve(args) -> int:
+    import asyncio
+    import logging
+    import threading
+
+    from .rpc.server import serve_forever
+    from .system.config import system_from_args
+    from .system.runner import Worker
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    roles = tuple(role.strip() for role in args.role.split(",") if role.strip())
+    unknown = set(roles) - {"factor", "gradient", "query"}
+    if unknown or not roles:
+        raise InputError(f"--role takes factor, gradient and/or query, got {args.role!r}")
+    with system_from_args(args) as system:
+        workers = [Worker(system, consumer=f"serve-{n}") for n in range(args.workers)]
+        threads = [threading.Thread(target=w.run_forever, daemon=True) for w in workers]
+        for thread in threads:
+            thread.start()
+        try:
+            asyncio.run(serve_forever(system, args.host, args.port, roles))
+        finally:
+            for worker in workers:
+                worker.stop.set()
+            for thread in threads:
+                thread.join(60)
+    return 0
+
+
+def run_worker(args) -> int:
+    import logging
+    import signal
+
+    from .system.config import system_from_args
+    from .system.runner import STAGES, Worker
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()] if args.kinds else list(STAGES)
+    unknown = set(kinds) - set(STAGES)
+    if unknown:
+        raise InputError(f"--kinds: unknown task kinds {sorted(unknown)} (choose from {', '.join(STAGES)})")
+    with system_from_args(args) as system:
+        worker = Worker(system, kinds=kinds, consumer=args.name or f"worker-{Path('/proc/self').resolve().name}")
+        signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
+        print(f"influence: worker {worker.consumer} taking {','.join(kinds)}", flush=True)
+        worker.run_forever()
+    return 0

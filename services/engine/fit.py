@@ -38,7 +38,7 @@ from .factors import (
     needs_covariance,
 )
 from .model_io import model_fingerprint
-from .modules import TrackedModule, device_of, freeze_except, select_modules
+from .modules import TrackedModule, check_selection, device_of, freeze_except, select_modules
 from .progress import Progress
 
 
@@ -64,6 +64,7 @@ class FitConfig:
             raise InputError(f"--max-length must be >= 2, got {self.max_length}")
         if self.max_examples is not None and self.max_examples < 1:
             raise InputError(f"--max-examples must be >= 1, got {self.max_examples}")
+        check_selection(self.modules)
 
     @property
     def objective(self) -> str:

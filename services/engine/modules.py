@@ -70,6 +70,16 @@ def _kind(name: str) -> str | None:
     return None
 
 
+def check_selection(selection: str) -> None:
+    """Raise InputError for an invalid --modules regular expression (keywords are always valid)."""
+    if selection in ("mlp", "attention", "all"):
+        return
+    try:
+        re.compile(selection)
+    except re.error as error:
+        raise InputError(f"invalid --modules regular expression '{selection}': {error}") from None
+
+
 def select_modules(model: nn.Module, selection: str = "mlp") -> dict[str, nn.Module]:
     """Tracked modules in model order, keyed by full name.
 
@@ -81,10 +91,8 @@ def select_modules(model: nn.Module, selection: str = "mlp") -> dict[str, nn.Mod
     elif selection == "all":
         chosen = [(n, m) for n, m in candidates if _kind(n) is not None]
     else:
-        try:
-            pattern = re.compile(selection)
-        except re.error as error:
-            raise InputError(f"invalid --modules regular expression '{selection}': {error}") from None
+        check_selection(selection)
+        pattern = re.compile(selection)
         chosen = [(n, m) for n, m in candidates if pattern.search(n)]
     if not chosen:
         names = ", ".join(n for n, _ in candidates[:6]) or "none"

@@ -1,0 +1,313 @@
+"""The `influence` command line as a public contract: output files, equality with the engine,
+progress bars, and one-line errors with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from services.cli import main
+from services.engine.data import read_queries_jsonl, read_training_jsonl
+from services.engine.factor_io import load_factors
+from services.engine.model_io import load_model_and_tokenizer
+from services.engine.score import ScoreConfig, compute_scores
+from services.toy.models import build_tiny_model, save_model_dir
+from services.toy.tokenizer import build_word_tokenizer
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = build_word_tokenizer(WORDS)
+    model = build_tiny_model("gpt2", len(tokenizer), n_layer=2, d_model=16, seed=0)
+    save_model_dir(model, tokenizer, root / "model")
+    other = build_tiny_model("gpt2", len(tokenizer), n_layer=2, d_model=16, seed=1)
+    save_model_dir(other, tokenizer, root / "other-model")
+    generator = torch.Generator().manual_seed(0)
+    train = [
+        {
+            "id": f"t{i}",
+            "text": " ".join(WORDS[int(j)] for j in torch.randint(0, 40, (int(3 + i % 9),), generator=generator)),
+        }
+        for i in range(14)
+    ]
+    queries = [
+        {"id": "a", "prompt": "w1 w2 w3", "completion": "w4 w5"},
+        {"prompt": "w7", "completion": "w9"},
+    ]
+    write_jsonl(root / "train.jsonl", train)
+    write_jsonl(root / "queries.jsonl", queries)
+    assert (
+        main(
+            [
+                "fit",
+                "--model",
+                str(root / "model"),
+                "--data",
+                str(root / "train.jsonl"),
+                "--out",
+                str(root / "factors"),
+                "--quiet",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
+    return root
+
+
+def run(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+def test_score_writes_the_documented_files_and_equals_the_engine(workspace, tmp_path, capsys):
+    out = tmp_path / "scores"
+    code, _ = run(
+        [
+            "score",
+            "--model",
+            str(workspace / "model"),
+            "--factors",
+            str(workspace / "factors"),
+            "--data",
+            str(workspace / "train.jsonl"),
+            "--queries",
+            str(workspace / "queries.jsonl"),
+            "--out",
+            str(out),
+            "--top-k",
+            "3",
+            "--per-module",
+            "--per-token",
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0
+    tensors = load_file(str(out / "scores.safetensors"))
+    assert tensors["scores"].dtype == torch.float32 and tensors["scores"].shape == (2, 14)
+    assert tensors["per_module"].shape == (4, 2, 14)
+    results = json.loads((out / "results.json").read_text())
+    assert [q["id"] for q in results["queries"]] == ["a", "1"]
+    first = results["queries"][0]["top"]
+    assert [entry["rank"] for entry in first] == [1, 2, 3]
+    assert first[0]["score"] >= first[1]["score"] >= first[2]["score"]
+    for entry in first:
+        index = int(entry["id"][1:])
+        assert entry["score"] == pytest.approx(float(tensors["scores"][0, index]), rel=1e-6)
+        assert sum(t["score"] for t in entry["tokens"]) == pytest.approx(entry["score"], rel=1e-4, abs=1e-5)
+        assert sum(entry["per_module"].values()) == pytest.approx(entry["score"], rel=1e-4, abs=1e-5)
+        assert entry["text"] == read_training_jsonl(workspace / "train.jsonl")[index].text
+
+    model, tokenizer = load_model_and_tokenizer(workspace / "model")
+    expected = compute_scores(
+        model,
+        tokenizer,
+        load_factors(workspace / "factors"),
+        read_training_jsonl(workspace / "train.jsonl"),
+        read_queries_jsonl(workspace / "queries.jsonl"),
+        ScoreConfig(),
+    ).scores
+    assert torch.allclose(tensors["scores"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_self_writes_one_score_per_training_sequence(workspace, tmp_path, capsys):
+    code, _ = run(
+        [
+            "self",
+            "--model",
+            str(workspace / "model"),
+            "--factors",
+            str(workspace / "factors"),
+            "--data",
+            str(workspace / "train.jsonl"),
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0
+    scores = load_file(str(tmp_path / "scores.safetensors"))["scores"]
+    assert scores.shape == (14,) and scores.dtype == torch.float32 and bool((scores > 0).all())
+    top = json.loads((tmp_path / "results.json").read_text())["top"]
+    assert top[0]["score"] == pytest.approx(float(scores.max()), rel=1e-6)
+
+
+def test_fit_shows_progress_and_writes_a_manifest(workspace, tmp_path, capsys):
+    code, err = run(
+        [
+            "fit",
+            "--model",
+            str(workspace / "model"),
+            "--data",
+            str(workspace / "train.jsonl"),
+            "--out",
+            str(tmp_path / "f"),
+            "--strategy",
+            "kfac",
+            "--fisher",
+            "empirical",
+            "--modules",
+            "attention",
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert "%|" in err and "shard" in err  # a tqdm stage bar on stderr
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert manifest["strategy"] == "kfac" and manifest["fisher"] == "empirical"
+    assert all("attn" in name for name in manifest["modules"])
+    assert set(manifest["files"]) == {info["file"] for info in manifest["modules"].values()}
+    assert manifest["n_sequences"] == 14 and manifest["model_fingerprint"]
+
+
+def bad_cases(workspace: Path, tmp: Path):
+    model, factors = str(workspace / "model"), str(workspace / "factors")
+    train, queries = str(workspace / "train.jsonl"), str(workspace / "queries.jsonl")
+    malformed = tmp / "malformed.jsonl"
+    malformed.write_text('{"text": "w1 w2"}\n{"text": \n')
+    empty_completion = write_jsonl(tmp / "empty.jsonl", [{"prompt": "w1", "completion": "  "}])
+    no_text = write_jsonl(tmp / "notext.jsonl", [{"id": "x"}])
+    not_a_model = tmp / "not-a-model"
+    not_a_model.mkdir(exist_ok=True)
+    (not_a_model / "config.json").write_text("{}")
+    a_file = tmp / "a-file"
+    a_file.write_text("x")
+    score = ["score", "--model", model, "--factors", factors, "--data", train, "--queries", queries, "--quiet"]
+    return {
+        "missing data file": (
+            ["fit", "--model", model, "--data", str(tmp / "nope.jsonl"), "--out", str(tmp / "o")],
+            "not found",
+        ),
+        "malformed JSON line": (
+            ["fit", "--model", model, "--data", str(malformed), "--out", str(tmp / "o")],
+            ":2: malformed JSON",
+        ),
+        "record without text": (
+            ["fit", "--model", model, "--data", str(no_text), "--out", str(tmp / "o")],
+            "'text' must be a string",
+        ),
+        "empty completion": (
+            [*score[:8], str(empty_completion), "--out", str(tmp / "o"), "--quiet"],
+            "'completion' is empty",
+        ),
+        "unknown modules regex": (
+            ["fit", "--model", model, "--data", train, "--out", str(tmp / "o"), "--modules", "zzz"],
+            "matches no linear module",
+        ),
+        "invalid regex": (
+            ["fit", "--model", model, "--data", train, "--out", str(tmp / "o"), "--modules", "(("],
+            "invalid --modules",
+        ),
+        "missing model dir": (
+            ["fit", "--model", str(tmp / "none"), "--data", train, "--out", str(tmp / "o")],
+            "model directory not found",
+        ),
+        "model dir that does not load": (
+            ["fit", "--model", str(not_a_model), "--data", train, "--out", str(tmp / "o")],
+            "cannot load",
+        ),
+        "factors for another model": (
+            ["score", "--model", str(workspace / "other-model"), *score[3:], "--out", str(tmp / "o")],
+            "another model",
+        ),
+        "missing factors": (
+            ["score", "--model", model, "--factors", str(tmp / "nf"), *score[5:], "--out", str(tmp / "o")],
+            "no factors",
+        ),
+        "out is a file": ([*score, "--out", str(a_file)], "not a directory"),
+        "bad batch size": (
+            ["fit", "--model", model, "--data", train, "--out", str(tmp / "o"), "--batch-size", "0"],
+            "--batch-size",
+        ),
+        "bad query rank": ([*score, "--out", str(tmp / "o"), "--query-rank", "0"], "--query-rank"),
+        "bad dtype": (
+            ["fit", "--model", model, "--data", train, "--out", str(tmp / "o"), "--dtype", "int8"],
+            "unknown dtype",
+        ),
+        "cuda without cuda": (
+            ["fit", "--model", model, "--data", train, "--out", str(tmp / "o"), "--device", "cuda"],
+            "CUDA is not available",
+        )
+        if not torch.cuda.is_available()
+        else (["fit", "--model", model, "--data", train, "--out", str(tmp / "o"), "--dtype", "int8"], "unknown dtype"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing data file",
+        "malformed JSON line",
+        "record without text",
+        "empty completion",
+        "unknown modules regex",
+        "invalid regex",
+        "missing model dir",
+        "model dir that does not load",
+        "factors for another model",
+        "missing factors",
+        "out is a file",
+        "bad batch size",
+        "bad query rank",
+        "bad dtype",
+        "cuda without cuda",
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_code_2(workspace, tmp_path, capsys, case):
+    args, expected = bad_cases(workspace, tmp_path)[case]
+    code, err = run(args, capsys)
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    # Progress bars of stages that ran before the failure may precede it (tqdm redraws with \r);
+    # the error itself is exactly one line, and the last one.
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in err.splitlines()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert errors[0].startswith(f"influence {args[0]}: error: ") and expected in errors[0], errors[0]
+
+
+def test_the_installed_entry_point_reports_errors_without_a_traceback(workspace, tmp_path):
+    """The real console script, in a fresh process, offline."""
+    executable = Path(sys.executable).with_name("influence")
+    result = subprocess.run(
+        [
+            str(executable),
+            "score",
+            "--model",
+            str(workspace / "model"),
+            "--factors",
+            str(workspace / "factors"),
+            "--data",
+            str(workspace / "train.jsonl"),
+            "--queries",
+            str(tmp_path / "missing.jsonl"),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"influence score: error: queries file not found: {tmp_path / 'missing.jsonl'}"
+    ]

@@ -1,0 +1,306 @@
+"""Per-sequence gradients, breakdowns and invariances of the engine (float64 unless stated).
+
+Tolerance 1e-9 relative where two float64 computations differ only in summation order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from services.engine.capture import capture, describe_all
+from services.engine.data import collate, length_bucketed_batches, tokenize_queries, tokenize_training
+from services.engine.errors import InputError, PreconditionError
+from services.engine.factor_io import load_factors, save_factors
+from services.engine.factors import bases_of
+from services.engine.fit import (
+    CaptureCache,
+    FitConfig,
+    accumulate_correction,
+    accumulate_covariance,
+    finalize_factors,
+    fit_factors,
+    prepare_model,
+)
+from services.engine.modules import select_modules
+from services.engine.precondition import Damping, low_rank, precondition
+from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
+from services.engine.scoring import module_scores, plan_module_queries
+from tests.reference import IntTokenizer, SharedLayerLM, loop_gradients
+from tests.test_engine_exact import assert_close
+from tests.tiny import random_examples, random_queries, tiny_model
+
+TOL = 1e-9
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox", "opt"])
+@pytest.mark.parametrize("selection", ["mlp", "attention"])
+def test_per_sequence_gradients_equal_a_plain_autograd_loop(arch, selection):
+    """Batched, padded, hook-captured DW_m == each sequence alone with loss.backward()."""
+    model = tiny_model(arch)
+    tokenizer = IntTokenizer()
+    sequences = tokenize_training(tokenizer, random_examples(7, seed=11), 64)
+    modules, _ = prepare_model(model, selection)
+    expected = loop_gradients(model, modules, sequences)
+    for batch in length_bucketed_batches(sequences, 3, tokenizer.pad_token_id):
+        captures = capture(model, modules, batch)
+        for name, module_capture in captures.items():
+            actual = module_capture.per_sequence_gradients().reshape(len(batch.indices), -1)
+            assert_close(actual, expected[name][batch.indices], TOL, f"{arch} {name}")
+
+
+def test_module_selection_finds_mlp_and_attention_per_architecture():
+    expected_mlp = {
+        "gpt2": {"mlp.c_fc", "mlp.c_proj"},
+        "llama": {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
+        "gpt_neox": {"mlp.dense_h_to_4h", "mlp.dense_4h_to_h"},
+        "opt": {"fc1", "fc2"},
+    }
+    for arch, suffixes in expected_mlp.items():
+        model = tiny_model(arch)
+        mlp = select_modules(model, "mlp")
+        attention = select_modules(model, "attention")
+        assert all(any(name.endswith(suffix) for suffix in suffixes) for name in mlp), (arch, list(mlp))
+        assert len(mlp) == len(suffixes) * 2, (arch, list(mlp))
+        assert attention and not set(attention) & set(mlp), arch
+        assert set(select_modules(model, "all")) == set(mlp) | set(attention)
+        assert "lm_head" not in " ".join(select_modules(model, "all"))
+
+
+def test_bad_module_selection_is_a_clear_error():
+    model = tiny_model("gpt2")
+    with pytest.raises(InputError, match="matches no linear module"):
+        select_modules(model, "no_such_module")
+    with pytest.raises(InputError, match="invalid --modules regular expression"):
+        select_modules(model, "mlp(")
+
+
+def test_query_gradient_counts_only_completion_tokens():
+    model = tiny_model("gpt2")
+    tokenizer = IntTokenizer()
+    queries = random_queries(4, seed=12)
+    sequences = tokenize_queries(tokenizer, queries, 64)
+    for sequence, query in zip(sequences, queries, strict=True):
+        n_prompt = len(query.prompt.split())
+        assert not bool(sequence.target_mask[:n_prompt].any()) and bool(sequence.target_mask[n_prompt:].all())
+    modules, _ = prepare_model(model, "mlp")
+    expected = loop_gradients(model, modules, sequences)
+    batch = collate(sequences, 0)
+    for name, module_capture in capture(model, modules, batch).items():
+        assert_close(module_capture.per_sequence_gradients().reshape(len(queries), -1), expected[name], TOL, name)
+
+
+def test_breakdowns_sum_to_the_total():
+    """Per-module scores sum to the total; per-token scores of each top-k sequence sum to its score."""
+    model = tiny_model("gpt2")
+    tokenizer = IntTokenizer()
+    examples, queries = random_examples(9, seed=13), random_queries(3, seed=14)
+    factors = fit_factors(model, tokenizer, examples, FitConfig(batch_size=4))
+    for rank in (None, 2):
+        config = ScoreConfig(per_module=True, per_token=True, top_k=4, batch_size=4, query_rank=rank)
+        result = compute_scores(model, tokenizer, factors, examples, queries, config)
+        assert_close(result.per_module.sum(0), result.scores, 1e-6, "per-module sum (float32 storage)")
+        for query_top in result.top:
+            for entry in query_top:
+                assert len(entry.token_scores) == len(examples[entry.index].text.split())
+                assert abs(sum(entry.token_scores) - entry.score) <= 1e-9 * max(1.0, abs(entry.score))
+                assert abs(sum(entry.per_module.values()) - entry.score) <= 1e-9 * max(1.0, abs(entry.score))
+
+
+def test_batch_size_does_not_change_factors_or_scores():
+    """Sampled labels come from per-sequence generators, so batching changes nothing but round-off."""
+    model = tiny_model("llama")
+    tokenizer = IntTokenizer()
+    examples, queries = random_examples(11, seed=15), random_queries(2, seed=16)
+    results = []
+    for batch_size in (1, 4, 11):
+        factors = fit_factors(model, tokenizer, examples, FitConfig(batch_size=batch_size, seed=1))
+        results.append(
+            (factors, compute_scores(model, tokenizer, factors, examples, queries, ScoreConfig(batch_size=batch_size)))
+        )
+    (reference_factors, reference), *others = results
+    for factors, result in others:
+        for name in factors.factors:
+            assert_close(factors.factors[name].eigenvalues, reference_factors.factors[name].eigenvalues, TOL, name)
+        assert_close(result.scores, reference.scores, 1e-6, "scores (float32 storage)")
+
+
+def test_partitioned_fit_equals_unpartitioned():
+    """Covariance and correction sums over shards, merged, equal the single-process fit."""
+    model = tiny_model("gpt2")
+    tokenizer = IntTokenizer()
+    examples = random_examples(13, seed=17)
+    config = FitConfig(batch_size=3, seed=2)
+    whole = fit_factors(model, tokenizer, examples, config)
+
+    modules, tracked = prepare_model(model, "mlp")
+    sequences = tokenize_training(tokenizer, examples, config.max_length)
+    shards = [sequences[:5], sequences[5:6], sequences[6:]]
+    common = dict(objective="sampled", batch_size=3, pad_token_id=0, seed=2)
+    covariance = accumulate_covariance(model, modules, shards[0], **common)
+    for shard in shards[1:]:
+        covariance.merge(accumulate_covariance(model, modules, shard, **common))
+    covariance_factors = covariance.eigendecompose()
+    correction = accumulate_correction(model, modules, shards[2], bases_of(covariance_factors), **common)
+    for shard in shards[:2]:
+        correction.merge(accumulate_correction(model, modules, shard, bases_of(covariance_factors), **common))
+    merged = finalize_factors("ekfac", covariance_factors, correction, tracked)
+    for name in tracked:
+        for field, value in whole.factors[name].tensors().items():
+            if "eigenvectors" in field:  # equal up to sign: compare through the projector
+                value, other = value @ value.T, getattr(merged[name], field) @ getattr(merged[name], field).T
+            else:
+                other = getattr(merged[name], field)
+            assert_close(other, value, TOL, f"{name} {field}")
+
+
+def test_cached_and_recomputed_correction_pass_agree():
+    model = tiny_model("gpt2")
+    tokenizer = IntTokenizer()
+    examples = random_examples(8, seed=18)
+    cached = fit_factors(model, tokenizer, examples, FitConfig(batch_size=3))
+    recomputed = fit_factors(model, tokenizer, examples, FitConfig(batch_size=3, cache_gib=0))
+    for name in cached.factors:
+        assert torch.equal(cached.factors[name].eigenvalues, recomputed.factors[name].eigenvalues), name
+    cache = CaptureCache(0)
+    cache.offer(
+        capture(model, prepare_model(model, "mlp")[0], collate(tokenize_training(tokenizer, examples, 64)[:2], 0)), 2
+    )
+    assert not cache.complete
+
+
+def test_full_rank_query_batching_reproduces_full_scores_and_kernels_agree():
+    model = tiny_model("gpt2")
+    tokenizer = IntTokenizer()
+    examples, queries = random_examples(7, seed=19), random_queries(3, seed=20)
+    factors = fit_factors(model, tokenizer, examples, FitConfig())
+    full = compute_scores(model, tokenizer, factors, examples, queries, ScoreConfig())
+    ranked = compute_scores(model, tokenizer, factors, examples, queries, ScoreConfig(query_rank=64))
+    assert_close(ranked.scores, full.scores, 1e-6, "rank >= min(d_out, d_in)")
+    low = compute_scores(model, tokenizer, factors, examples, queries, ScoreConfig(query_rank=1))
+    assert relative_error_of(low.scores, full.scores) > 1e-4, "rank 1 should differ from full rank"
+
+    # Both kernels score the same low-rank P identically.
+    modules, _ = prepare_model(model, "mlp")
+    batch = collate(tokenize_training(tokenizer, examples, 64), 0)
+    captures = capture(model, modules, batch)
+    name = next(iter(modules))
+    gradient = torch.randn(3, *factors.factors[name].eigenvalues.shape, dtype=torch.float64)
+    factor_pair = low_rank(gradient, 2)
+    contract = plan_module_queries(gradient, factor_pair, expected_tokens=1.0, dtype=torch.float64)
+    materialise = plan_module_queries(gradient, factor_pair, expected_tokens=1e9, dtype=torch.float64)
+    assert (contract.kernel, materialise.kernel) == ("contract", "materialise")
+    assert_close(module_scores(captures[name], contract), module_scores(captures[name], materialise), TOL, "kernels")
+
+
+def relative_error_of(actual, expected) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def test_conv1d_equals_an_equivalent_linear():
+    """GPT-2's Conv1D (weight stored transposed) scores exactly like nn.Linear with Wᵀ."""
+    model = tiny_model("gpt2")
+    tokenizer = IntTokenizer()
+    examples, queries = random_examples(6, seed=21), random_queries(2, seed=22)
+    conv_factors = fit_factors(model, tokenizer, examples, FitConfig())
+    conv_scores = compute_scores(model, tokenizer, conv_factors, examples, queries, ScoreConfig()).scores
+
+    linear_model = tiny_model("gpt2")
+    for block in linear_model.transformer.h:
+        for attribute in ("c_fc", "c_proj"):
+            conv = getattr(block.mlp, attribute)
+            linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], dtype=torch.float64)
+            linear.weight.data = conv.weight.data.T.clone()
+            linear.bias.data = conv.bias.data.clone()
+            setattr(block.mlp, attribute, linear)
+    linear_factors = fit_factors(linear_model, tokenizer, examples, FitConfig())
+    linear_factors.model_fingerprint = ""
+    linear_scores = compute_scores(linear_model, tokenizer, linear_factors, examples, queries, ScoreConfig()).scores
+    for name in conv_factors.factors:
+        assert_close(linear_factors.factors[name].eigenvalues, conv_factors.factors[name].eigenvalues, TOL, name)
+    assert_close(linear_scores, conv_scores, 1e-6, "scores")
+
+
+def test_a_module_called_twice_contributes_both_calls():
+    model = SharedLayerLM(vocab=11, width=4)
+    tokenizer = IntTokenizer()
+    examples = random_examples(5, vocab=11, seed=23)
+    sequences = tokenize_training(tokenizer, examples, 64)
+    modules, tracked = prepare_model(model, "mlp")
+    expected = loop_gradients(model, modules, sequences)
+    batch = collate(sequences, 0)
+    module_capture = capture(model, modules, batch)["blocks.0.mlp"]
+    assert module_capture.calls == 2
+    assert_close(module_capture.per_sequence_gradients().reshape(5, -1), expected["blocks.0.mlp"], TOL, "shared")
+    covariance = accumulate_covariance(model, modules, sequences, objective="true", batch_size=2, pad_token_id=0)
+    assert covariance.token_counts["blocks.0.mlp"] == 2 * sum(s.length for s in sequences)
+    factors = fit_factors(model, tokenizer, examples, FitConfig(fisher="empirical"))
+    scores = compute_self_influence(model, tokenizer, factors, examples)
+    assert bool((scores > 0).all())
+    assert describe_all(modules)["blocks.0.mlp"] == tracked["blocks.0.mlp"]
+
+
+def test_padding_does_not_change_a_sequence_score():
+    model = tiny_model("opt")
+    tokenizer = IntTokenizer()
+    examples, queries = random_examples(6, seed=24, min_len=2, max_len=14), random_queries(2, seed=25)
+    factors = fit_factors(model, tokenizer, examples, FitConfig(fisher="empirical"))
+    together = compute_scores(model, tokenizer, factors, examples, queries, ScoreConfig(batch_size=6)).scores
+    alone = compute_scores(model, tokenizer, factors, examples, queries, ScoreConfig(batch_size=1)).scores
+    assert_close(together, alone, 1e-6, "padded batch vs one at a time")
+
+
+def test_seeded_fit_is_bit_reproducible_and_seed_matters():
+    model = tiny_model("gpt2").float()
+    tokenizer = IntTokenizer()
+    examples = random_examples(8, seed=26)
+    first = fit_factors(model, tokenizer, examples, FitConfig(seed=4))
+    second = fit_factors(model, tokenizer, examples, FitConfig(seed=4))
+    other = fit_factors(model, tokenizer, examples, FitConfig(seed=5))
+    for name in first.factors:
+        for field, value in first.factors[name].tensors().items():
+            assert torch.equal(value, getattr(second.factors[name], field)), (name, field)
+        assert not torch.equal(first.factors[name].gradient_covariance, other.factors[name].gradient_covariance)
+
+
+def test_self_influence_is_the_preconditioned_gradient_norm():
+    model = tiny_model("gpt2")
+    tokenizer = IntTokenizer()
+    examples = random_examples(5, seed=27)
+    factors = fit_factors(model, tokenizer, examples, FitConfig())
+    self_scores = compute_self_influence(model, tokenizer, factors, examples)
+    modules, _ = prepare_model(model, "mlp")
+    gradients = loop_gradients(model, modules, tokenize_training(tokenizer, examples, 64))
+    expected = torch.zeros(len(examples), dtype=torch.float64)
+    for name in modules:
+        shape = factors.factors[name].eigenvalues.shape
+        preconditioned = precondition(gradients[name].reshape(-1, *shape), factors.factors[name], "ekfac", Damping())
+        expected += (preconditioned.reshape(len(examples), -1) * gradients[name]).sum(-1)
+    assert_close(self_scores.to(torch.float64), expected, 1e-6, "self-influence")
+
+
+def test_factor_files_round_trip_and_are_verified(tmp_path):
+    model = tiny_model("gpt2")
+    tokenizer = IntTokenizer()
+    examples, queries = random_examples(5, seed=28), random_queries(2, seed=29)
+    factors = fit_factors(model, tokenizer, examples, FitConfig())
+    save_factors(factors, tmp_path / "f")
+    loaded = load_factors(tmp_path / "f")
+    assert loaded.strategy == "ekfac" and loaded.modules == factors.modules
+    for name in factors.factors:
+        for field, value in factors.factors[name].tensors().items():
+            assert torch.equal(getattr(loaded.factors[name], field), value), (name, field)
+    assert torch.equal(
+        compute_scores(model, tokenizer, loaded, examples, queries).scores,
+        compute_scores(model, tokenizer, factors, examples, queries).scores,
+    )
+    other_model = tiny_model("gpt2", seed=1)
+    with pytest.raises(PreconditionError, match="another model"):
+        compute_scores(other_model, tokenizer, loaded, examples, queries)
+    victim = next((tmp_path / "f").glob("*.safetensors"))
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(PreconditionError, match="corrupted"):
+        load_factors(tmp_path / "f")
