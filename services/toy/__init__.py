@@ -1,0 +1,1 @@
+"""Tiny models, word-level tokenizers and the planted-facts demo corpus (built locally, no downloads)."""
