@@ -58,8 +58,17 @@ def build_server(system: JobSystem, roles: tuple[str, ...] = ROLES, limits: Limi
 class BackgroundServer:
     """A server on its own event loop in a thread (embedded mode and tests). `port` after start."""
 
-    def __init__(self, system: JobSystem, host: str = "127.0.0.1", port: int = 0, roles=ROLES, grace: float = 1.0):
+    def __init__(
+        self,
+        system: JobSystem,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        roles=ROLES,
+        grace: float = 1.0,
+        limits: Limits | None = None,
+    ):
         self.system, self.host, self.requested_port, self.roles, self.grace = system, host, port, roles, grace
+        self.limits = limits
         self.port: int | None = None
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -71,7 +80,7 @@ class BackgroundServer:
 
         async def main():
             self._stop = asyncio.Event()
-            server = build_server(self.system, self.roles)
+            server = build_server(self.system, self.roles, self.limits)
             self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
             await server.start()
             self._ready.set()

@@ -18,7 +18,8 @@ DEFAULT_STATE_DIR = ".cache/influence-server"
 @contextlib.contextmanager
 def system_from_args(args):
     """A JobSystem. Without a Redis URL an embedded Redis is started under --state-dir; without
-    a store URL, artifacts go to --state-dir/artifacts (the single-machine defaults)."""
+    a store URL, artifacts go to --state-dir/artifacts (the single-machine defaults).
+    INFLUENCE_QUEUE_PREFIX namespaces the Redis keys (several systems can share one Redis)."""
     state = Path(args.state_dir or os.environ.get("INFLUENCE_STATE_DIR") or DEFAULT_STATE_DIR)
     redis_url = args.redis_url or os.environ.get("INFLUENCE_REDIS_URL", "")
     store_url = args.store_url or os.environ.get("INFLUENCE_STORE_URL", "") or str(state / "artifacts")
@@ -29,10 +30,11 @@ def system_from_args(args):
         else:
             embedded = EmbeddedRedis(state / "redis")
             client = embedded.client()
+        prefix = os.environ.get("INFLUENCE_QUEUE_PREFIX", "influence")
         yield JobSystem(
             open_store(store_url),
-            OperationStore(client),
-            TaskQueue(client, lease_seconds=args.lease_seconds, max_deliveries=args.max_deliveries),
+            OperationStore(client, prefix=prefix),
+            TaskQueue(client, prefix=prefix, lease_seconds=args.lease_seconds, max_deliveries=args.max_deliveries),
         )
     finally:
         if embedded is not None:
