@@ -112,14 +112,17 @@ class InfluenceClient:
         operation: operations_pb2.Operation,
         progress: Callable[[common_pb2.OperationMetadata], None] | None = None,
         *,
-        poll_seconds: float = 0.2,
         timeout: float | None = None,
+        interval: float = 0.5,
     ):
-        """Block until the operation is done; return its unpacked response message.
+        """Block until the operation is done; return it (see `unpack` for its response).
 
-        `progress(metadata)` is called whenever the metadata changes. A failed operation raises
-        the domain error of its status code with the server's message.
+        Uses the server-side WaitOperation in `interval`-long slices, so completion is noticed
+        at once and `progress(metadata)` is called between slices when the metadata changed.
+        A failed operation raises the domain error of its status code with the server's message.
         """
+        from google.protobuf import duration_pb2
+
         deadline = None if timeout is None else time.monotonic() + timeout
         last = None
         while True:
@@ -131,11 +134,10 @@ class InfluenceClient:
                 break
             if deadline is not None and time.monotonic() > deadline:
                 raise RemoteError(f"timed out waiting for {operation.name}")
-            time.sleep(poll_seconds)
-            poll_seconds = min(poll_seconds * 1.5, 2.0)
-            operation = self._call(
-                self.operations.GetOperation, operations_pb2.GetOperationRequest(name=operation.name)
+            request = operations_pb2.WaitOperationRequest(
+                name=operation.name, timeout=duration_pb2.Duration(nanos=int(interval * 1e9))
             )
+            operation = self._call(self.operations.WaitOperation, request, timeout=interval + 30)
         if operation.HasField("error"):
             kind = _CODE_ERRORS.get(operation.error.code, RemoteError)
             raise kind(operation.error.message)

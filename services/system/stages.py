@@ -70,7 +70,7 @@ from ..engine.score import (
 from ..engine.scoring import ModuleQueries
 from ..reports import pairwise_report, self_report
 from . import layout
-from .model_cache import ModelCache
+from .model_cache import ArtifactCache, ModelCache
 from .specs import JobSpec
 
 SHARD_STAGES = {"covariance", "correction", "score", "self"}
@@ -82,6 +82,7 @@ class StageContext:
 
     store: object  # services.storage ArtifactStore: put_bytes/get_bytes/exists/list
     models: ModelCache = field(default_factory=ModelCache)
+    artifacts: ArtifactCache = field(default_factory=ArtifactCache)
     progress: Progress = field(default_factory=Progress)
     # (job, shard) -> captures of the covariance pass, reused by the same worker's correction task
     capture_caches: dict = field(default_factory=dict)
@@ -152,6 +153,7 @@ def read_manifest(store, prefix: str, what: str) -> dict:
 
 
 def dataset_manifest(store, dataset_id: str) -> dict:
+    """The published manifest of a dataset (NotFoundError if absent)."""
     return read_manifest(store, layout.dataset_prefix(dataset_id), f"dataset 'datasets/{dataset_id}'")
 
 
@@ -262,7 +264,8 @@ def run_eigen(context: StageContext, spec: JobSpec, job: str) -> None:
 
 
 def _eigen_factors(context: StageContext, job: str, tracked) -> tuple[dict[str, ModuleFactors], int]:
-    tensors = get_tensors(context.store, layout.job_output(job, "eigen"))
+    key = layout.job_output(job, "eigen")
+    tensors = context.artifacts.get(key, lambda: get_tensors(context.store, key))
     factors = {
         name: ModuleFactors(
             **{key: tensors[f"{name}/{key}"] for key in ModuleFactors.TENSOR_FIELDS if f"{name}/{key}" in tensors}
@@ -341,9 +344,13 @@ def _queries(spec: JobSpec) -> list[Query]:
 def _score_setup(context: StageContext, spec: JobSpec):
     config = ScoreConfig(**spec.config)
     model, tokenizer = context.models.get(spec.model)
-    factors = load_factor_set(context.store, spec.factor_set_id)
+    factors = context.artifacts.get(
+        ("factors", spec.factor_set_id), lambda: load_factor_set(context.store, spec.factor_set_id)
+    )
     modules, _ = prepare_model(model, module_pattern(factors))
-    check_factors_match(model, modules, factors)
+    context.artifacts.get(
+        ("checked", id(model), spec.factor_set_id), lambda: check_factors_match(model, modules, factors)
+    )
     return config, model, tokenizer, factors, modules
 
 
@@ -363,7 +370,8 @@ def run_prepare(context: StageContext, spec: JobSpec, job: str) -> None:
 
 
 def _prepared(context: StageContext, job: str, modules) -> dict[str, ModuleQueries]:
-    tensors = get_tensors(context.store, layout.job_output(job, "prepared"))
+    key = layout.job_output(job, "prepared")
+    tensors = context.artifacts.get(key, lambda: get_tensors(context.store, key))
     return {name: ModuleQueries.from_tensors(name, tensors) for name in modules}
 
 
