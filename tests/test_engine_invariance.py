@@ -27,6 +27,7 @@ from services.engine.modules import select_modules
 from services.engine.precondition import Damping, low_rank, precondition
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
 from services.engine.scoring import module_scores, plan_module_queries
+from services.toy.models import build_tiny_model
 from tests.reference import IntTokenizer, SharedLayerLM, loop_gradients
 from tests.test_engine_exact import assert_close
 from tests.tiny import random_examples, random_queries, tiny_model
@@ -304,3 +305,17 @@ def test_factor_files_round_trip_and_are_verified(tmp_path):
     victim.write_bytes(bytes(data))
     with pytest.raises(PreconditionError, match="corrupted"):
         load_factors(tmp_path / "f")
+
+
+def test_bfloat16_model_scores_track_float32():
+    """A bfloat16 model (8-bit mantissa, ~0.4% error per op) is captured and contracted in
+    float32: its scores are not equal to float32's but must correlate almost perfectly."""
+    examples, queries = random_examples(20, seed=30), random_queries(3, seed=31)
+    scores = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_tiny_model("llama", 23, d_model=16, seed=0, dtype=dtype)
+        factors = fit_factors(model, IntTokenizer(), examples, FitConfig(fisher="empirical"))
+        scores[dtype] = compute_scores(model, IntTokenizer(), factors, examples, queries).scores.flatten()
+    assert scores[torch.bfloat16].dtype == torch.float32
+    pearson = float(torch.corrcoef(torch.stack([scores[torch.float32], scores[torch.bfloat16]]))[0, 1])
+    assert pearson > 0.999, pearson
