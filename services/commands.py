@@ -124,6 +124,7 @@ def run_fit(args) -> int:
         seed=args.seed,
     )
     config.validate()
+    read_training_jsonl(args.data)  # validate locally, before starting anything: errors name the file and line
     out = _out_dir(args.out)
     model = _model(args)
     started = time.perf_counter()
@@ -153,7 +154,6 @@ def _factor_set(client, args) -> str:
     """A server-side factor set name: given as one, or imported from a local --factors directory."""
     if args.factors.startswith("factorSets/") and not Path(args.factors).exists():
         return args.factors
-    load_factors(args.factors)  # validate locally (format, sha256)
     return client.import_factors(args.factors).name
 
 
@@ -174,6 +174,9 @@ def _score_config(args, **extra) -> ScoreConfig:
 def run_score(args) -> int:
     config = _score_config(args, query_rank=args.query_rank, per_module=args.per_module, per_token=args.per_token)
     queries = read_queries_jsonl(args.queries)
+    read_training_jsonl(args.data)
+    if not args.factors.startswith("factorSets/") or Path(args.factors).exists():
+        load_factors(args.factors)
     out = _out_dir(args.out)
     model = _model(args)
     started = time.perf_counter()
@@ -205,6 +208,9 @@ def run_score(args) -> int:
 
 def run_self(args) -> int:
     config = _score_config(args)
+    read_training_jsonl(args.data)
+    if not args.factors.startswith("factorSets/") or Path(args.factors).exists():
+        load_factors(args.factors)
     out = _out_dir(args.out)
     model = _model(args)
     with StageBars(not args.quiet) as bars, connected(args) as client:

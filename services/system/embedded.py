@@ -45,7 +45,9 @@ class EmbeddedSystem:
         self.server = BackgroundServer(self.system).start()
         for number in range(self.workers_count):
             worker = Worker(self.system, consumer=f"embedded-{number}", context=StageContext(self.system.store))
-            thread = threading.Thread(target=worker.run_forever, name=f"worker-{number}", daemon=True)
+            thread = threading.Thread(
+                target=worker.run_forever, kwargs={"block_ms": 100}, name=f"worker-{number}", daemon=True
+            )
             thread.start()
             self.workers.append(worker)
             self._threads.append(thread)
