@@ -1,0 +1,452 @@
+"""The service system end to end: real redis-server, real S3 server (SeaweedFS), real gRPC over
+loopback, workers as threads or as separate processes.
+
+Equality with the in-process engine: the distributed fit sums the same per-shard float64
+partials in a fixed order, so factors agree to float32 round-off of the stored tensors; scores
+are asserted to 1e-5 relative (float32 storage of factors and scores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import load_file
+
+from services.client import InfluenceClient
+from services.engine.data import Query, TrainingExample, read_training_jsonl
+from services.engine.errors import InputError, NotFoundError, PreconditionError
+from services.engine.factor_io import load_factors
+from services.engine.fit import FitConfig, fit_factors
+from services.engine.model_io import load_model_and_tokenizer
+from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
+from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
+from services.jobs.connection import connect
+from services.jobs.operations import OperationStore
+from services.jobs.queue import TaskQueue
+from services.rpc.server import BackgroundServer
+from services.rpc.servicers import Limits
+from services.storage import open_store
+from services.system.runner import JobSystem, Worker
+from services.toy.models import build_tiny_model, save_model_dir
+from services.toy.tokenizer import build_word_tokenizer
+from tests.servers.redis import redis_server  # noqa: F401
+from tests.servers.s3 import s3_server  # noqa: F401
+
+WORDS = [f"w{i}" for i in range(50)]
+QUERIES = [Query("a", "w1 w2 w3", "w4 w5"), Query("b", "w7 w8", "w9"), Query("c", "w10", "w11 w12 w13")]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def make_examples(count: int, seed: int, max_len: int = 12) -> list[TrainingExample]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        TrainingExample(
+            f"t{i}",
+            " ".join(
+                WORDS[int(j)]
+                for j in torch.randint(
+                    0, len(WORDS), (int(torch.randint(3, max_len, (1,), generator=generator)),), generator=generator
+                )
+            ),
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("system")
+    tokenizer = build_word_tokenizer(WORDS)
+    save_model_dir(build_tiny_model("gpt2", len(tokenizer), d_model=16, seed=0), tokenizer, root / "model")
+    save_model_dir(build_tiny_model("gpt2", len(tokenizer), d_model=16, seed=1), tokenizer, root / "other-model")
+    other_tokenizer = build_word_tokenizer(list(reversed(WORDS)))
+    save_model_dir(
+        build_tiny_model("gpt2", len(other_tokenizer), d_model=16, seed=0), other_tokenizer, root / "other-vocab"
+    )
+    examples = make_examples(23, seed=0)
+    write_jsonl(root / "train.jsonl", [{"id": e.id, "text": e.text} for e in examples])
+    return root
+
+
+class Cluster:
+    """JobSystem on the real servers + a gRPC server + worker threads; fresh Redis prefix and bucket."""
+
+    def __init__(
+        self, redis_url: str, store_url: str, workers: int = 1, lease_seconds: float = 30.0, max_deliveries: int = 3
+    ):
+        self.prefix = f"t{uuid.uuid4().hex[:8]}"
+        client = connect(redis_url)
+        self.store = open_store(store_url)
+        self.system = JobSystem(
+            self.store,
+            OperationStore(client, prefix=self.prefix),
+            TaskQueue(client, prefix=self.prefix, lease_seconds=lease_seconds, max_deliveries=max_deliveries),
+        )
+        self.server = BackgroundServer(self.system, limits=Limits(max_upload_bytes=1 * 2**20)).start()
+        self.workers = [Worker(self.system, consumer=f"w{n}") for n in range(workers)]
+        self.threads = [
+            threading.Thread(target=w.run_forever, kwargs={"block_ms": 100}, daemon=True) for w in self.workers
+        ]
+        for thread in self.threads:
+            thread.start()
+        self.client = InfluenceClient(self.server.target)
+
+    def close(self):
+        self.client.close()
+        for worker in self.workers:
+            worker.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+        self.server.stop()
+
+
+@pytest.fixture
+def cluster(redis_server, s3_server):  # noqa: F811
+    created = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"))
+    yield created
+    created.close()
+
+
+def test_register_fit_score_self_over_grpc_equal_the_in_process_engine(cluster, workspace, tmp_path):
+    client, model = cluster.client, str(workspace / "model")
+    dataset = client.register_dataset(model, workspace / "train.jsonl", shard_size=5, max_length=64)
+    assert (dataset.num_examples, dataset.num_shards) == (23, 5)
+    seen_stages = []
+    factor_set = client.fit_factors(model, dataset.name, batch_size=3, progress=lambda m: seen_stages.append(m.stage))
+    assert {"covariance", "correction"} <= set(seen_stages) or seen_stages[-1] == "done"
+    result = client.compute_scores(
+        model, factor_set.name, dataset.name, QUERIES, batch_size=3, top_k=4, per_module=True, per_token=True
+    )
+    self_result = client.compute_self_influence(model, factor_set.name, dataset.name, batch_size=3)
+    client.download_result(result.name, tmp_path / "scores")
+    client.download_result(self_result.name, tmp_path / "self")
+    client.download_factors(factor_set.name, tmp_path / "factors")
+
+    examples = read_training_jsonl(workspace / "train.jsonl")
+    engine_model, tokenizer = load_model_and_tokenizer(model)
+    local = fit_factors(engine_model, tokenizer, examples, FitConfig(batch_size=3, max_length=64))
+    remote = load_factors(tmp_path / "factors")
+    for name, factors in local.factors.items():
+        # float32 captures summed per shard: round-off ~1e-7 of the largest eigenvalue
+        scale = float(factors.eigenvalues.abs().max())
+        torch.testing.assert_close(
+            remote.factors[name].eigenvalues, factors.eigenvalues.float(), rtol=1e-4, atol=1e-6 * scale
+        )
+    config = ScoreConfig(batch_size=3, max_length=64, top_k=4)
+    expected = compute_scores(engine_model, tokenizer, local, examples, QUERIES, config).scores
+    actual = load_file(str(tmp_path / "scores" / "scores.safetensors"))["scores"]
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    expected_self = compute_self_influence(engine_model, tokenizer, local, examples, config)
+    torch.testing.assert_close(
+        load_file(str(tmp_path / "self" / "scores.safetensors"))["scores"], expected_self, rtol=1e-5, atol=0
+    )
+
+    report = json.loads((tmp_path / "scores" / "results.json").read_text())
+    first = report["queries"][0]["top"][0]
+    assert sum(t["score"] for t in first["tokens"]) == pytest.approx(first["score"], rel=1e-4)
+    rows = list(client.score_rows(result.name))
+    assert len(rows) == 3 * 4 and rows[0].train_id == first["id"] and rows[0].tokens
+    assert [d.name for d in client.list_datasets()] == [dataset.name]
+    assert [f.name for f in client.list_factor_sets()] == [factor_set.name]
+
+
+def test_health_and_reflection_answer_on_every_service(cluster):
+    channel = grpc.insecure_channel(cluster.server.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "influence.v1.FactorService", "influence.v1.GradientService", "influence.v1.QueryService"):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING, service
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in next(responses).list_services_response.service}
+    assert {"influence.v1.FactorService", "google.longrunning.Operations"} <= names
+    channel.close()
+
+
+def test_create_calls_are_idempotent_by_request_id(cluster, workspace):
+    request = gradient_service_pb2.RegisterDatasetRequest(
+        request_id="same-id",
+        model=common_pb2.ModelSpec(path=str(workspace / "model")),
+        jsonl=(workspace / "train.jsonl").read_bytes(),
+        shard_size=10,
+    )
+    first = cluster.client.gradients.RegisterDataset(request)
+    second = cluster.client.gradients.RegisterDataset(request)
+    assert first.name == second.name
+    cluster.client.wait(first)
+    assert len(cluster.client.list_datasets()) == 1
+
+
+def status_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    return raised.value.code(), raised.value.details()
+
+
+def test_bad_requests_get_the_right_status_and_a_clear_message(cluster, workspace):
+    client, model = cluster.client, common_pb2.ModelSpec(path=str(workspace / "model"))
+    gradients, factors, queries, operations = client.gradients, client.factors, client.queries, client.operations
+    dataset = client.register_dataset(str(workspace / "model"), workspace / "train.jsonl", shard_size=10)
+    factor_set = client.fit_factors(str(workspace / "model"), dataset.name, strategy="identity")
+    from google.longrunning import operations_pb2
+
+    cases = {
+        "unknown dataset": (
+            lambda: factors.FitFactors(factor_service_pb2.FitFactorsRequest(model=model, dataset="datasets/nope")),
+            grpc.StatusCode.NOT_FOUND,
+            "dataset 'datasets/nope' not found",
+        ),
+        "malformed name": (
+            lambda: gradients.GetDataset(gradient_service_pb2.GetDatasetRequest(name="nope")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "name must look like 'datasets/ID'",
+        ),
+        "missing model": (
+            lambda: factors.FitFactors(factor_service_pb2.FitFactorsRequest(dataset=dataset.name)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "model.path is required",
+        ),
+        "model directory not found": (
+            lambda: factors.FitFactors(
+                factor_service_pb2.FitFactorsRequest(model=common_pb2.ModelSpec(path="/no/such"), dataset=dataset.name)
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "model directory not found",
+        ),
+        "unknown strategy": (
+            lambda: factors.FitFactors(
+                factor_service_pb2.FitFactorsRequest(model=model, dataset=dataset.name, strategy="magic")
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unknown strategy 'magic'",
+        ),
+        "tokenizer mismatch": (
+            lambda: factors.FitFactors(
+                factor_service_pb2.FitFactorsRequest(
+                    model=common_pb2.ModelSpec(path=str(workspace / "other-vocab")), dataset=dataset.name
+                )
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "tokenised with another tokenizer",
+        ),
+        "empty queries": (
+            lambda: queries.ComputeScores(
+                query_service_pb2.ComputeScoresRequest(model=model, factor_set=factor_set.name, dataset=dataset.name)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "queries is empty",
+        ),
+        "empty completion": (
+            lambda: queries.ComputeScores(
+                query_service_pb2.ComputeScoresRequest(
+                    model=model,
+                    factor_set=factor_set.name,
+                    dataset=dataset.name,
+                    queries=[query_service_pb2.Query(prompt="w1", completion=" ")],
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "'completion' is empty",
+        ),
+        "negative top_k": (
+            lambda: queries.ComputeScores(
+                query_service_pb2.ComputeScoresRequest(
+                    model=model,
+                    factor_set=factor_set.name,
+                    dataset=dataset.name,
+                    top_k=-1,
+                    queries=[query_service_pb2.Query(prompt="w1", completion="w2")],
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "top_k must be >= 0",
+        ),
+        "unknown factor set": (
+            lambda: queries.ComputeScores(
+                query_service_pb2.ComputeScoresRequest(
+                    model=model,
+                    factor_set="factorSets/nope",
+                    dataset=dataset.name,
+                    queries=[query_service_pb2.Query(prompt="w1", completion="w2")],
+                )
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "factor set 'factorSets/nope' not found",
+        ),
+        "malformed jsonl": (
+            lambda: gradients.RegisterDataset(
+                gradient_service_pb2.RegisterDatasetRequest(model=model, jsonl=b'{"text": "w1"}\n{oops\n')
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "jsonl:2: malformed JSON",
+        ),
+        "empty upload": (
+            lambda: gradients.RegisterDataset(gradient_service_pb2.RegisterDatasetRequest(model=model)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "jsonl is empty",
+        ),
+        "oversize upload": (
+            lambda: gradients.RegisterDataset(
+                gradient_service_pb2.RegisterDatasetRequest(model=model, jsonl=b'{"text": "w1 w2"}\n' * 70_000)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the limit is",
+        ),
+        "unknown operation": (
+            lambda: operations.GetOperation(operations_pb2.GetOperationRequest(name="operations/nope")),
+            grpc.StatusCode.NOT_FOUND,
+            "operation 'operations/nope' not found",
+        ),
+        "bad page token": (
+            lambda: gradients.ListDatasets(gradient_service_pb2.ListDatasetsRequest(page_token="x")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid page_token",
+        ),
+    }
+    for label, (call, code, message) in cases.items():
+        actual_code, details = status_of(call)
+        assert (actual_code, message in details) == (code, True), (label, actual_code, details)
+
+
+def test_factors_of_another_model_fail_the_operation_with_failed_precondition(cluster, workspace):
+    client = cluster.client
+    dataset = client.register_dataset(str(workspace / "model"), workspace / "train.jsonl", shard_size=10)
+    factor_set = client.fit_factors(str(workspace / "model"), dataset.name, strategy="kfac")
+    with pytest.raises(PreconditionError, match="another model"):
+        client.compute_scores(str(workspace / "other-model"), factor_set.name, dataset.name, QUERIES)
+    with pytest.raises(NotFoundError):
+        client.get_result("results/nope")
+    with pytest.raises(InputError, match="must look like"):
+        client.get_factor_set("factors/x")
+
+
+def test_cancellation_reaches_running_tasks(cluster, workspace, tmp_path):
+    client, model = cluster.client, str(workspace / "model")
+    examples = make_examples(400, seed=3, max_len=40)
+    write_jsonl(tmp_path / "big.jsonl", [{"text": e.text} for e in examples])
+    dataset = client.register_dataset(model, tmp_path / "big.jsonl", shard_size=400)
+    request = factor_service_pb2.FitFactorsRequest(
+        model=common_pb2.ModelSpec(path=model), dataset=dataset.name, batch_size=1, request_id="cancel-me"
+    )
+    operation = client.factors.FitFactors(request)
+    from google.longrunning import operations_pb2
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        record = cluster.system.operations.get(operation.name.split("/")[1])
+        if record["counters"].get("tokens_processed", 0) > 0:
+            break
+        time.sleep(0.05)
+    client.operations.CancelOperation(operations_pb2.CancelOperationRequest(name=operation.name))
+    started = time.monotonic()
+    while cluster.system.queue.depth("covariance") and time.monotonic() - started < 20:
+        time.sleep(0.1)
+    assert cluster.system.queue.depth("covariance") == 0, "the running task should stop between batches"
+    assert time.monotonic() - started < 10
+    done = client.operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name))
+    assert done.done and done.error.code == 1  # CANCELLED
+    assert cluster.system.queue.depth("eigen") == 0
+
+
+def test_a_task_that_keeps_failing_is_dead_lettered_and_fails_its_operation(redis_server, s3_server, workspace):  # noqa: F811
+    cluster = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"), lease_seconds=0.5, max_deliveries=2)
+    try:
+        client, model = cluster.client, str(workspace / "model")
+        dataset = client.register_dataset(model, workspace / "train.jsonl", shard_size=10)
+        dataset_id = dataset.name.split("/")[1]
+        cluster.store.put_bytes(f"datasets/{dataset_id}/shards/00001.safetensors", b"not a safetensors file")
+        with pytest.raises(Exception, match=r"failed 2 times; last error: .*SafetensorError"):
+            client.fit_factors(model, dataset.name)
+        letters = cluster.system.queue.dead_letters("covariance")
+        assert len(letters) == 1 and b"failed 2 times" in letters[0]["cause"]
+    finally:
+        cluster.close()
+
+
+def test_a_worker_killed_mid_task_does_not_change_the_result(redis_server, s3_server, workspace, tmp_path):  # noqa: F811
+    """SIGKILL a worker process during a covariance task; another worker reclaims the task after
+    its lease and the factors equal those of an undisturbed run bit for bit."""
+    store_url = s3_server.url(f"b{uuid.uuid4().hex[:10]}")
+    examples = make_examples(240, seed=4, max_len=60)
+    write_jsonl(tmp_path / "train.jsonl", [{"id": e.id, "text": e.text} for e in examples])
+    model = str(workspace / "model")
+
+    def run(kill: bool) -> dict:
+        cluster = Cluster(redis_server.url, store_url, workers=0, lease_seconds=1.0)
+        env = {
+            **os.environ,
+            "INFLUENCE_S3_ACCESS_KEY": s3_server.access_key,
+            "INFLUENCE_S3_SECRET_KEY": s3_server.secret_key,
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "worker",
+            "--redis-url",
+            redis_server.url,
+            "--store-url",
+            store_url,
+            "--lease-seconds",
+            "1",
+            "--log-level",
+            "warning",
+        ]
+        prefix_env = {**env, "INFLUENCE_QUEUE_PREFIX": cluster.prefix}
+        first = subprocess.Popen(command, env=prefix_env, start_new_session=True)
+        second = None
+        try:
+            dataset = cluster.client.register_dataset(model, tmp_path / "train.jsonl", shard_size=80, max_length=64)
+            operation = cluster.client.factors.FitFactors(
+                factor_service_pb2.FitFactorsRequest(
+                    model=common_pb2.ModelSpec(path=model), dataset=dataset.name, batch_size=2
+                )
+            )
+            operation_id = operation.name.split("/")[1]
+            if kill:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    record = cluster.system.operations.get(operation_id)
+                    if record["counters"].get("tokens_processed", 0) > 0:
+                        break
+                    time.sleep(0.02)
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait(10)
+            second = subprocess.Popen(command, env=prefix_env, start_new_session=True) if kill else None
+            factor_set = cluster.client.unpack(
+                cluster.client.wait(operation, timeout=240), factor_service_pb2.FactorSet
+            )
+            out = tmp_path / ("killed" if kill else "undisturbed")
+            cluster.client.download_factors(factor_set.name, out)
+            return {"factors": load_factors(out), "record": cluster.system.operations.get(operation_id)}
+        finally:
+            for process in (first, second):
+                if process is not None and process.poll() is None:
+                    os.killpg(process.pid, signal.SIGTERM)
+                    process.wait(30)
+            cluster.close()
+
+    undisturbed = run(kill=False)
+    killed = run(kill=True)
+    for name, factors in undisturbed["factors"].factors.items():
+        for field, value in factors.tensors().items():
+            assert torch.equal(getattr(killed["factors"].factors[name], field), value), (name, field)
+    assert killed["record"]["state"] == "SUCCEEDED"
