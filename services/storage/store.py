@@ -116,10 +116,17 @@ class S3Store(ArtifactStore):
         retries: int = 4,
         backoff: float = 0.25,
     ):
+        import urllib3
         from minio import Minio
 
         self.endpoint, self.bucket, self.retries, self.backoff = endpoint, bucket, retries, backoff
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region)
+        # One retry policy (ours, below): the SDK's pool would otherwise retry 5 more times per attempt.
+        pool = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=300), retries=urllib3.Retry(total=0, redirect=0), maxsize=16
+        )
+        self.client = Minio(
+            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=pool
+        )
         self._retry(self._ensure_bucket)
 
     def _ensure_bucket(self) -> None:

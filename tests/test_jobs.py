@@ -1,0 +1,112 @@
+"""Redis job primitives on a real redis-server: leases, reclaim, fan-in, durability."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from services.jobs.connection import EmbeddedRedis, connect
+from services.jobs.operations import OperationStore
+from services.jobs.queue import LeaseKeeper, TaskQueue
+from tests.servers.redis import redis_server  # noqa: F401
+
+
+@pytest.fixture
+def redis(redis_server):  # noqa: F811
+    return connect(redis_server.url)
+
+
+def fresh(redis, **options):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    return TaskQueue(redis, prefix=prefix, **options), OperationStore(redis, prefix=prefix)
+
+
+def test_a_renewed_lease_keeps_a_task_and_an_expired_one_is_reclaimed(redis):
+    queue, _ = fresh(redis, lease_seconds=0.3)
+    queue.enqueue("score", b"one")
+    task = queue.take(["score"], "alice", block_ms=100)
+    with LeaseKeeper(queue, task, "alice"):
+        time.sleep(0.9)  # three leases long
+        assert queue.take(["score"], "bob", block_ms=50) is None
+    time.sleep(0.4)  # now nobody renews it
+    reclaimed = queue.take(["score"], "bob", block_ms=50)
+    assert (reclaimed.payload, reclaimed.deliveries) == (b"one", 2)
+    queue.ack(reclaimed)
+    assert queue.depth("score") == 0
+
+
+def test_request_ids_make_creates_idempotent_under_concurrency(redis):
+    _, operations = fresh(redis)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(operations.create("fit", {}, "req-1"))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({record["id"] for record, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+
+
+def test_terminal_states_do_not_change(redis):
+    _, operations = fresh(redis)
+    record, _ = operations.create("fit", {})
+    assert operations.cancel(record["id"])
+    assert not operations.succeed(record["id"], b"x") and not operations.fail(record["id"], 2, "late")
+    assert operations.get(record["id"])["state"] == "CANCELLED"
+
+
+def test_fan_in_advances_exactly_once_under_duplicates_and_concurrency(redis):
+    queue, operations = fresh(redis)
+    record, _ = operations.create("fit", {})
+    operations.start(record["id"], "covariance", 6)
+    next_tasks = [(queue.stream("eigen"), b"eigen-task")]
+    outcomes = []
+
+    def finish(shard):
+        for _ in range(3):  # duplicate deliveries of every shard task
+            outcomes.append(
+                operations.finish_shard(record["id"], "covariance", shard, 6, next_stage="eigen", next_tasks=next_tasks)
+            )
+
+    threads = [threading.Thread(target=finish, args=(shard,)) for shard in range(6) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes.count(True) == 1
+    assert redis.xlen(queue.stream("eigen")) == 1
+    assert operations.get(record["id"])["stage"] == "eigen"
+
+
+def test_a_redis_restart_loses_no_task_and_no_operation(redis_server):  # noqa: F811
+    queue, operations = fresh(connect(redis_server.url))
+    record, _ = operations.create("score", {"kind": "score"}, "req-restart")
+    queue.enqueue("score", b"survives")
+    redis_server.restart()
+    queue, operations = (
+        TaskQueue(connect(redis_server.url), prefix=queue.prefix),
+        OperationStore(connect(redis_server.url), prefix=queue.prefix),
+    )
+    assert operations.get(record["id"])["kind"] == "score"
+    assert operations.create("score", {}, "req-restart")[0]["id"] == record["id"]
+    assert queue.take(["score"], "after", block_ms=100).payload == b"survives"
+
+
+def test_embedded_redis_supports_the_same_primitives(tmp_path):
+    server = EmbeddedRedis(tmp_path)
+    try:
+        queue = TaskQueue(server.client(), lease_seconds=0.2)
+        queue.enqueue("merge", b"x")
+        first = queue.take(["merge"], "a", block_ms=50)
+        time.sleep(0.3)
+        again = queue.take(["merge"], "b", block_ms=50)
+        assert (first.payload, again.deliveries) == (b"x", 2)
+        queue.dead_letter(again, "gave up")
+        assert queue.dead_letters("merge")[0]["cause"] == b"gave up"
+    finally:
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 2
