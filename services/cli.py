@@ -44,9 +44,19 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir", default="", help="embedded Redis and artifacts (default .cache/influence-server)"
     )
-    parser.add_argument("--lease-seconds", type=float, default=60.0, help="task lease, renewed while a task runs")
-    parser.add_argument("--max-deliveries", type=int, default=3, help="deliveries before a task is dead-lettered")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=float(os.environ.get("INFLUENCE_LEASE_SECONDS", "60")),
+        help="task lease, renewed while a task runs (env INFLUENCE_LEASE_SECONDS)",
+    )
+    parser.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=int(os.environ.get("INFLUENCE_MAX_DELIVERIES", "3")),
+        help="deliveries before a task is dead-lettered (env INFLUENCE_MAX_DELIVERIES)",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("INFLUENCE_LOG_LEVEL", "info"))
 
 
 def _add_damping_options(parser: argparse.ArgumentParser) -> None:
