@@ -35,8 +35,8 @@ from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_s
 from services.jobs.connection import connect
 from services.jobs.operations import OperationStore
 from services.jobs.queue import TaskQueue
+from services.rpc.common import Limits
 from services.rpc.server import BackgroundServer
-from services.rpc.servicers import Limits
 from services.storage import open_store
 from services.system.runner import JobSystem, Worker
 from services.toy.models import build_tiny_model, save_model_dir

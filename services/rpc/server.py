@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..client import MAX_MESSAGE_BYTES
+from ..factor_svc import FactorServicer
 from ..gen.influence.v1 import (
     factor_service_pb2,
     factor_service_pb2_grpc,
@@ -20,8 +21,11 @@ from ..gen.influence.v1 import (
     query_service_pb2,
     query_service_pb2_grpc,
 )
+from ..gradient_svc import GradientServicer
+from ..query_svc import QueryServicer
 from ..system.runner import JobSystem
-from .servicers import FactorServicer, GradientServicer, Limits, OperationsServicer, QueryServicer
+from .common import Limits
+from .operations import OperationsServicer
 
 log = logging.getLogger("influence.server")
 ROLES = ("factor", "gradient", "query")

@@ -1,0 +1,3 @@
+from .servicer import FactorServicer
+
+__all__ = ["FactorServicer"]

@@ -1,0 +1,127 @@
+"""FactorService: fit jobs (as Operations) and the factor sets they produce."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+
+from google.protobuf import empty_pb2
+
+from ..engine.errors import NotFoundError, PreconditionError
+from ..engine.factor_io import from_artifact
+from ..engine.fit import FitConfig
+from ..engine.model_io import load_tokenizer, tokenizer_fingerprint
+from ..gen.influence.v1 import (
+    factor_service_pb2,
+    factor_service_pb2_grpc,
+)
+from ..rpc import validation
+from ..rpc.common import Limits, file_chunks, list_artifacts, model_ref, new_id, operation_message
+from ..rpc.resources import factor_set_message
+from ..rpc.status import RequestError, grpc_errors
+from ..system import layout
+from ..system.runner import JobSystem
+from ..system.specs import JobSpec
+from ..system.stages import dataset_manifest, read_manifest
+
+
+class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
+    def __init__(self, system: JobSystem, limits: Limits):
+        self.system, self.limits = system, limits
+
+    @grpc_errors
+    async def FitFactors(self, request, context):
+        model = model_ref(request.model)
+        dataset_id = validation.resource_id(request.dataset, "datasets", "dataset")
+        manifest = dataset_manifest(self.system.store, dataset_id)
+        if tokenizer_fingerprint(load_tokenizer(model.path)) != manifest["tokenizer_fingerprint"]:
+            raise PreconditionError(f"{request.dataset} was tokenised with another tokenizer than {model.path}'s")
+        config = FitConfig(
+            strategy=request.strategy or "ekfac",
+            fisher=request.fisher or "sampled",
+            modules=request.modules or "mlp",
+            batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
+            max_length=manifest["max_length"],
+            max_examples=request.max_examples or None,
+            seed=request.seed,
+        )
+        config.validate()
+        limit = min(manifest["num_examples"], config.max_examples or manifest["num_examples"])
+        spec = JobSpec(
+            "fit",
+            model,
+            dataset_id=dataset_id,
+            num_shards=-(-limit // manifest["shard_size"]),
+            config=asdict(config),
+            factor_set_id=new_id(),
+        )
+        record = self.system.submit(
+            "fit_factors", spec, request_id=request.request_id, target=f"factorSets/{spec.factor_set_id}"
+        )
+        return operation_message(record)
+
+    def _manifest(self, name: str) -> tuple[str, dict]:
+        factor_set_id = validation.resource_id(name, "factorSets", "name")
+        return factor_set_id, read_manifest(
+            self.system.store, layout.factors_prefix(factor_set_id), f"factor set '{name}'"
+        )
+
+    @grpc_errors
+    async def GetFactorSet(self, request, context):
+        return factor_set_message(*self._manifest(request.name))
+
+    @grpc_errors
+    async def ListFactorSets(self, request, context):
+        items, token = list_artifacts(self.system.store, "factors/", request.page_size, request.page_token)
+        return factor_service_pb2.ListFactorSetsResponse(
+            factor_sets=[factor_set_message(i, m) for i, m in items], next_page_token=token
+        )
+
+    @grpc_errors
+    async def DeleteFactorSet(self, request, context):
+        factor_set_id, _ = self._manifest(request.name)
+        self.system.store.delete(layout.factors_prefix(factor_set_id) + layout.MANIFEST)
+        self.system.store.delete_prefix(layout.factors_prefix(factor_set_id))
+        return empty_pb2.Empty()
+
+    @grpc_errors
+    async def StreamFactors(self, request, context):
+        factor_set_id, manifest = self._manifest(request.name)
+        modules = list(request.modules) or list(manifest["modules"])
+        unknown = [name for name in modules if name not in manifest["modules"]]
+        if unknown:
+            raise NotFoundError(f"factor set has no module {unknown[0]!r}")
+        files = [manifest["modules"][name]["file"] for name in modules] + [layout.MANIFEST]
+        chunk = validation.positive(request.chunk_bytes, "chunk_bytes", self.limits.chunk_bytes, 64 * 2**20)
+        for message in file_chunks(self.system.store, layout.factors_prefix(factor_set_id), files, chunk):
+            yield message
+
+    @grpc_errors
+    async def ImportFactors(self, request_iterator, context):
+        files: dict[str, bytearray] = {}
+        total = 0
+        async for chunk in request_iterator:
+            total += len(chunk.data)
+            if total > self.limits.max_upload_bytes:
+                raise RequestError(f"factor upload exceeds {self.limits.max_upload_bytes} bytes")
+            files.setdefault(chunk.file, bytearray()).extend(chunk.data)
+        if layout.MANIFEST not in files:
+            raise RequestError("factor upload has no manifest.json")
+        try:
+            manifest = json.loads(bytes(files[layout.MANIFEST]))
+        except json.JSONDecodeError:
+            raise RequestError("manifest.json is not valid JSON") from None
+
+        def read_file(name: str) -> bytes:
+            if name not in files:
+                raise RequestError(f"factor upload is missing {name}")
+            return bytes(files[name])
+
+        from_artifact(manifest, read_file)  # validates format and every sha256
+        factor_set_id = hashlib.sha256(bytes(files[layout.MANIFEST])).hexdigest()[:20]
+        prefix = layout.factors_prefix(factor_set_id)
+        for name in manifest["files"]:
+            self.system.store.put_bytes(prefix + name, bytes(files[name]))
+        self.system.store.put_bytes(prefix + layout.MANIFEST, bytes(files[layout.MANIFEST]))
+        return factor_set_message(factor_set_id, manifest)

@@ -1,0 +1,3 @@
+from .servicer import GradientServicer
+
+__all__ = ["GradientServicer"]

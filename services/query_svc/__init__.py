@@ -1,0 +1,3 @@
+from .servicer import QueryServicer
+
+__all__ = ["QueryServicer"]

@@ -1,0 +1,104 @@
+"""What the three servicers share: request limits, operation messages, listing and chunked files.
+
+The servicers themselves live in services/factor_svc, services/gradient_svc and
+services/query_svc; the Operations service in rpc/operations.py. They are thin: validate, call
+the job system, convert. Errors become status codes in one place (rpc/status.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+
+from google.longrunning import operations_pb2
+from google.protobuf import any_pb2, timestamp_pb2
+from google.rpc import status_pb2
+
+from ..gen.influence.v1 import (
+    common_pb2,
+)
+from ..jobs.operations import CANCELLED, FAILED, SUCCEEDED, TERMINAL
+from ..system import layout
+from ..system.specs import ModelRef
+from . import validation
+
+
+@dataclass
+class Limits:
+    max_upload_bytes: int = 256 * 2**20
+    max_queries: int = 4096
+    max_query_chars: int = 100_000
+    chunk_bytes: int = 1 * 2**20
+
+
+def model_ref(spec: common_pb2.ModelSpec) -> ModelRef:
+    return ModelRef(validation.model_path(spec), spec.device or "cpu", spec.dtype or "float32")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:20]
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def operation_message(record: dict) -> operations_pb2.Operation:
+    """An operation record (jobs.operations) as a google.longrunning.Operation."""
+    counters = record["counters"]
+    metadata = common_pb2.OperationMetadata(
+        kind=record["metadata"].get("kind", record["kind"]),
+        stage=record.get("stage", ""),
+        shards_done=counters.get("shards_done", 0),
+        shards_total=record.get("shards_total", 0),
+        tokens_processed=counters.get("tokens_processed", 0),
+        bytes_written=counters.get("bytes_written", 0),
+        bytes_read=counters.get("bytes_read", 0),
+        create_time=_timestamp(record["create_time"]),
+        update_time=_timestamp(record["update_time"]),
+        target=record["metadata"].get("target", ""),
+    )
+    packed = any_pb2.Any()
+    packed.Pack(metadata)
+    operation = operations_pb2.Operation(
+        name=f"operations/{record['id']}", metadata=packed, done=record["state"] in TERMINAL
+    )
+    if record["state"] == SUCCEEDED:
+        operation.response.ParseFromString(record["response"])
+    elif record["state"] in (FAILED, CANCELLED):
+        operation.error.CopyFrom(
+            status_pb2.Status(code=record["error_code"] or 2, message=record.get("error_message", ""))
+        )
+    return operation
+
+
+def list_artifacts(store, prefix: str, page_size: int, page_token: str) -> tuple[list[tuple[str, dict]], str]:
+    """(id, manifest) of published artifacts under prefix, sorted by id, paginated."""
+    size, offset = validation.page(page_size, page_token)
+    ids = sorted(
+        {key[len(prefix) :].split("/", 1)[0] for key in store.list(prefix) if key.endswith("/" + layout.MANIFEST)}
+    )
+    chosen = ids[offset : offset + size]
+    items = [
+        (artifact_id, json.loads(store.get_bytes(f"{prefix}{artifact_id}/{layout.MANIFEST}"))) for artifact_id in chosen
+    ]
+    return items, str(offset + size) if offset + size < len(ids) else ""
+
+
+def file_chunks(store, prefix: str, files: list[str], chunk_bytes: int):
+    for name in files:
+        data = store.get_bytes(prefix + name)
+        digest = hashlib.sha256(data).hexdigest()
+        for offset in range(0, max(len(data), 1), chunk_bytes):
+            first = offset == 0
+            yield common_pb2.FileChunk(
+                file=name,
+                offset=offset,
+                data=data[offset : offset + chunk_bytes],
+                size=len(data) if first else 0,
+                sha256=digest if first else "",
+            )

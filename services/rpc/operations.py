@@ -1,0 +1,68 @@
+"""google.longrunning.Operations backed by the Redis operation records."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import empty_pb2
+
+from ..engine.errors import NotFoundError, PreconditionError
+from ..jobs.operations import TERMINAL
+from ..rpc import validation
+from ..rpc.common import operation_message
+from ..rpc.status import grpc_errors
+from ..system.runner import JobSystem
+
+
+class OperationsServicer(operations_pb2_grpc.OperationsServicer):
+    """google.longrunning.Operations backed by the Redis operation records."""
+
+    def __init__(self, system: JobSystem):
+        self.system = system
+
+    def _record(self, name: str) -> dict:
+        record = self.system.operations.get(validation.resource_id(name, "operations", "name"))
+        if record is None:
+            raise NotFoundError(f"operation {name!r} not found")
+        return record
+
+    @grpc_errors
+    async def GetOperation(self, request, context):
+        return operation_message(self._record(request.name))
+
+    @grpc_errors
+    async def ListOperations(self, request, context):
+        size, offset = validation.page(request.page_size, request.page_token)
+        records, token = self.system.operations.list(
+            size, str(offset), kind=request.filter.removeprefix("kind=") if request.filter else ""
+        )
+        return operations_pb2.ListOperationsResponse(
+            operations=[operation_message(r) for r in records], next_page_token=token
+        )
+
+    @grpc_errors
+    async def CancelOperation(self, request, context):
+        record = self._record(request.name)
+        self.system.operations.cancel(record["id"])
+        return empty_pb2.Empty()
+
+    @grpc_errors
+    async def DeleteOperation(self, request, context):
+        record = self._record(request.name)
+        if record["state"] not in TERMINAL:
+            raise PreconditionError(f"{request.name} is still running; cancel it first")
+        self.system.operations.delete(record["id"])
+        return empty_pb2.Empty()
+
+    @grpc_errors
+    async def WaitOperation(self, request, context):
+        deadline = time.monotonic() + (
+            request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
+        )
+        record = self._record(request.name)
+        while record["state"] not in TERMINAL and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # one Redis HGETALL: cheap, and completion is seen within 20 ms
+            record = self._record(request.name)
+        return operation_message(record)
