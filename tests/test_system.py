@@ -8,6 +8,7 @@ are asserted to 1e-5 relative (float32 storage of factors and scores).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -372,11 +373,24 @@ def test_a_task_that_keeps_failing_is_dead_lettered_and_fails_its_operation(redi
         client, model = cluster.client, str(workspace / "model")
         dataset = client.register_dataset(model, workspace / "train.jsonl", shard_size=10)
         dataset_id = dataset.name.split("/")[1]
-        cluster.store.put_bytes(f"datasets/{dataset_id}/shards/00001.safetensors", b"not a safetensors file")
+        prefix = f"datasets/{dataset_id}/"
+
+        # A shard whose bytes differ from its manifest: an integrity error fails the job at once.
+        good = cluster.store.get_bytes(prefix + "shards/00001.safetensors")
+        cluster.store.put_bytes(prefix + "shards/00001.safetensors", b"not a safetensors file")
+        with pytest.raises(PreconditionError, match="corrupted"):
+            client.fit_factors(model, dataset.name)
+
+        # A shard that matches its manifest but does not parse (a bad writer): retried, then
+        # dead-lettered with its cause, and the operation fails with it.
+        manifest = json.loads(cluster.store.get_bytes(prefix + "manifest.json"))
+        manifest["files"]["shards/00001.safetensors"] = hashlib.sha256(b"not a safetensors file").hexdigest()
+        cluster.store.put_bytes(prefix + "manifest.json", json.dumps(manifest).encode())
         with pytest.raises(Exception, match=r"failed 2 times; last error: .*SafetensorError"):
             client.fit_factors(model, dataset.name)
         letters = cluster.system.queue.dead_letters("covariance")
         assert len(letters) == 1 and b"failed 2 times" in letters[0]["cause"]
+        assert good
     finally:
         cluster.close()
 

@@ -1,14 +1,53 @@
-"""Artifact storage: one interface, a local-directory backend and an S3 backend (minio SDK)."""
+"""Artifact storage: one interface (base.ArtifactStore), a local-directory backend and an S3
+backend (minio SDK), artifacts published manifest-last, and safetensors helpers.
 
-from .errors import IntegrityError, StorageError, StorageUnavailable
-from .store import ArtifactStore, LocalStore, S3Store, open_store
+    store = open_store("s3://bucket?endpoint=127.0.0.1:8333")   # or a directory
+    store.put_bytes("jobs/j1/spec.json", b"{}")
+    with ArtifactWriter(store, "factors/f1") as writer: ...
+    open_artifact(store, "factors/f1").read_tensors("mlp.safetensors")
+"""
+
+from .artifacts import ArtifactReader, ArtifactWriter, delete_artifact, is_published, open_artifact
+from .base import ArtifactStore, ObjectInfo
+from .errors import (
+    AccessDenied,
+    IntegrityError,
+    InvalidArgument,
+    NotFoundError,
+    StorageError,
+    StorageUnavailable,
+    UnsupportedFormat,
+)
+from .local import LocalStore
+from .manifest import FORMAT_VERSION, MANIFEST, FileEntry, Manifest
+from .retry import RetryPolicy
+from .s3 import S3Store
+from .tensors import get_tensors, put_tensors
+from .url import open_store
 
 __all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "AccessDenied",
+    "ArtifactReader",
     "ArtifactStore",
+    "ArtifactWriter",
+    "FileEntry",
     "IntegrityError",
+    "InvalidArgument",
     "LocalStore",
+    "Manifest",
+    "NotFoundError",
+    "ObjectInfo",
+    "RetryPolicy",
     "S3Store",
     "StorageError",
     "StorageUnavailable",
+    "UnsupportedFormat",
+    "delete_artifact",
+    "get_tensors",
+    "is_published",
+    "open_artifact",
     "open_store",
+    "put_tensors",
 ]

@@ -16,7 +16,7 @@ from ..gen.influence.v1 import gradient_service_pb2
 from . import layout
 from .model_cache import ModelCache
 from .specs import ModelRef
-from .stages import load_shard
+from .stages import dataset_manifest, load_shard, read_verified
 
 _models = ModelCache(capacity=1)
 
@@ -28,7 +28,9 @@ def gradient_blocks(
     loaded_model, tokenizer = _models.get(model)
     tracked_modules, _ = prepare_model(loaded_model, modules)
     sequences = load_shard(store, dataset_id, shard)
-    records = json.loads(store.get_bytes(layout.dataset_records(dataset_id, shard)))
+    prefix = layout.dataset_prefix(dataset_id)
+    name = layout.dataset_records(dataset_id, shard).removeprefix(prefix)
+    records = json.loads(read_verified(store, prefix, name, dataset_manifest(store, dataset_id)))
     device = device_of(loaded_model)
     for start in range(0, len(sequences), block_size):
         block = sequences[start : start + block_size]

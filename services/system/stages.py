@@ -69,6 +69,7 @@ from ..engine.score import (
 )
 from ..engine.scoring import ModuleQueries
 from ..reports import pairwise_report, self_report
+from ..storage.errors import IntegrityError
 from . import layout
 from .model_cache import ArtifactCache, ModelCache
 from .specs import JobSpec
@@ -157,9 +158,21 @@ def dataset_manifest(store, dataset_id: str) -> dict:
     return read_manifest(store, layout.dataset_prefix(dataset_id), f"dataset 'datasets/{dataset_id}'")
 
 
+def read_verified(store, prefix: str, name: str, manifest: dict) -> bytes:
+    """A file of a published artifact, checked against the sha256 its manifest lists."""
+    data = store.get_bytes(prefix + name)
+    expected = manifest.get("files", {}).get(name)
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise IntegrityError(f"{prefix}{name} is corrupted (sha256 differs from its manifest)")
+    return data
+
+
 def load_shard(store, dataset_id: str, shard: int, limit: int | None = None) -> list[TokenizedSequence]:
-    """A shard's sequences (global indices kept), cut at global index `limit` if given."""
-    sequences = unpack_sequences(get_tensors(store, layout.dataset_shard(dataset_id, shard)))
+    """A shard's sequences (global indices kept, sha256-verified), cut at global index `limit` if given."""
+    prefix = layout.dataset_prefix(dataset_id)
+    name = layout.dataset_shard(dataset_id, shard).removeprefix(prefix)
+    data = read_verified(store, prefix, name, dataset_manifest(store, dataset_id))
+    sequences = unpack_sequences(load_tensors(data))
     return [s for s in sequences if limit is None or s.index < limit]
 
 
@@ -197,6 +210,7 @@ def run_register(context: StageContext, spec: JobSpec, job: str) -> dict:
         context.progress.advance(1, sum(sequence.length for sequence in sequences))
     manifest = {
         "kind": "dataset",
+        "files": {name: _sha256(data) for name, data in files.items()},
         "name": f"datasets/{spec.dataset_id}",
         "display_name": spec.display_name,
         "num_examples": len(examples),
@@ -413,7 +427,9 @@ class _DatasetView:
     def record(self, index: int) -> tuple[str, str]:
         shard, offset = self._shard(index)
         if shard not in self._records:
-            self._records[shard] = json.loads(self.store.get_bytes(layout.dataset_records(self.dataset_id, shard)))
+            prefix = layout.dataset_prefix(self.dataset_id)
+            name = layout.dataset_records(self.dataset_id, shard).removeprefix(prefix)
+            self._records[shard] = json.loads(read_verified(self.store, prefix, name, self.manifest))
         entry = self._records[shard][offset]
         return entry["id"], entry["text"]
 

@@ -1,0 +1,99 @@
+"""The artifact store interface: what every backend does, identically.
+
+Keys follow services/storage/keys.py. Semantics every backend guarantees (the contract
+tests in tests/test_storage.py check them against each backend):
+- put_* replaces the object atomically: a reader sees the old or the new bytes, never a mix;
+- get_* of a missing key raises NotFoundError (get_file then leaves no file behind);
+- list(prefix) is recursive and sorted, and is a plain string-prefix match ("jobs/a" also
+  matches "jobs/ab/x");
+- delete of a missing key is a no-op; delete_prefix returns how many objects it removed;
+- put_file / get_file stream: memory use does not grow with the file size.
+One difference remains: S3 can hold both "a" and "a/b"; LocalStore (a file cannot be a
+directory) refuses the second with InvalidArgument. Artifact layouts never need both.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import InvalidArgument
+from .keys import check_prefix
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int  # bytes
+
+
+class ArtifactStore(abc.ABC):
+    """A flat key -> bytes store (see the module docstring for the contract)."""
+
+    @abc.abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def put_file(self, key: str, path: str | Path) -> None:
+        """Upload the local file `path` to `key`, streaming."""
+
+    @abc.abstractmethod
+    def get_file(self, key: str, path: str | Path) -> Path:
+        """Download `key` to the local file `path` (parents created, replaced atomically)."""
+
+    @abc.abstractmethod
+    def stat(self, key: str) -> ObjectInfo:
+        """Size of the object at `key` (NotFoundError if none)."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> list[str]: ...
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """A URL for open_store that reaches the same objects (never contains secrets)."""
+
+    def close(self) -> None:
+        """Release connections (a no-op where there are none); the store is unusable afterwards."""
+        return None
+
+    def size(self, key: str) -> int:
+        return self.stat(key).size
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object whose key starts with `prefix` (non-empty); how many there were."""
+        if not check_prefix(prefix):
+            raise InvalidArgument("delete_prefix needs a non-empty prefix (refusing to empty the whole store)")
+        keys = self.list(prefix)
+        for key in keys:
+            self.delete(key)
+        return len(keys)
+
+    def put_tensors(self, key: str, tensors: Mapping[str, torch.Tensor]) -> int:
+        """Save tensors as one safetensors object; returns its size in bytes."""
+        from .tensors import put_tensors
+
+        return put_tensors(self, key, tensors)
+
+    def get_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        """Load a safetensors object (CPU tensors)."""
+        from .tensors import get_tensors
+
+        return get_tensors(self, key)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()!r})"

@@ -1,0 +1,137 @@
+"""LocalStore: the artifact store as plain files under a root directory (the embedded default).
+
+Writes go to a hidden temporary file beside the target, then os.replace: a reader sees the
+old or the new file, never a partial one. Temporary names start with '.', which no key
+segment may (keys.py), so they never collide with a key nor appear in a listing; a crash
+can leave one behind, harmlessly. No fsync: atomic for readers, not durable across a power
+cut (the object store is the durable backend).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from .base import ArtifactStore, ObjectInfo
+from .errors import InvalidArgument, NotFoundError
+from .keys import check_key, check_prefix
+
+_COPY_CHUNK = 1 << 20
+
+
+class LocalStore(ArtifactStore):
+    """Objects as files: key "a/b/c" is the file root/a/b/c."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    # -- writes -------------------------------------------------------------------------
+
+    def _write_atomically(self, key: str, write: Callable[[BinaryIO], None]) -> None:
+        path = self._path(key)
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        for attempt in range(3):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(temporary, "xb")  # noqa: SIM115 (closed below)
+                break
+            except FileNotFoundError:  # a concurrent delete just removed the emptied parent
+                if attempt == 2:
+                    raise
+            except (FileExistsError, NotADirectoryError):
+                raise InvalidArgument(f"cannot store {key!r}: a prefix of it is an object") from None
+        try:
+            with handle:
+                write(handle)
+            if path.is_dir():
+                raise InvalidArgument(f"cannot store {key!r}: other keys start with {key + '/'!r}")
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._write_atomically(key, lambda handle: handle.write(data))
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        source = Path(path)
+        if not source.is_file():
+            raise NotFoundError(f"cannot upload {source}: no such file")
+        with open(source, "rb") as reader:
+            self._write_atomically(key, lambda handle: shutil.copyfileobj(reader, handle, _COPY_CHUNK))
+
+    # -- reads --------------------------------------------------------------------------
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise NotFoundError(f"no object at {key!r} in {self.describe()}") from None
+
+    def get_file(self, key: str, path: str | Path) -> Path:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+        try:
+            try:
+                source = open(self._path(key), "rb")  # noqa: SIM115 (closed right below)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                raise NotFoundError(f"no object at {key!r} in {self.describe()}") from None
+            with source, open(temporary, "xb") as handle:
+                shutil.copyfileobj(source, handle, _COPY_CHUNK)
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+        return target
+
+    def stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        if not path.is_file():
+            raise NotFoundError(f"no object at {key!r} in {self.describe()}")
+        return ObjectInfo(key, path.stat().st_size)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        check_prefix(prefix)
+        # Walk only the deepest directory the prefix names completely; filter the rest by string.
+        directory = prefix.rpartition("/")[0]
+        start = self.root / directory if directory else self.root
+        keys = []
+        for folder, subfolders, files in os.walk(start):
+            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+            relative = Path(folder).relative_to(self.root).as_posix()
+            base = "" if relative == "." else relative + "/"
+            keys.extend(base + name for name in files if not name.startswith(".") and (base + name).startswith(prefix))
+        return sorted(keys)
+
+    # -- deletes ------------------------------------------------------------------------
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except IsADirectoryError:
+            return  # "a" when only "a/..." objects exist: there is no object "a"
+        self._remove_empty_parents(path.parent)
+
+    def _remove_empty_parents(self, directory: Path) -> None:
+        while directory != self.root and self.root in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:
+                return  # not empty (or already gone because of a concurrent delete)
+            directory = directory.parent
+
+    def describe(self) -> str:
+        return self.root.as_uri()
