@@ -163,7 +163,7 @@ class InfluenceClient:
     ) -> gradient_service_pb2.Dataset:
         data = jsonl if isinstance(jsonl, bytes) else Path(jsonl).read_bytes()
         request = gradient_service_pb2.RegisterDatasetRequest(
-            request_id=_request_id("register", data, shard_size, max_length, _model(model).path),
+            request_id=_request_id(),
             model=_model(model),
             display_name=display_name or "",
             jsonl=data,
@@ -191,7 +191,7 @@ class InfluenceClient:
 
     def fit_factors(self, model, dataset: str, *, progress=None, **options) -> factor_service_pb2.FactorSet:
         request = factor_service_pb2.FitFactorsRequest(model=_model(model), dataset=dataset, **options)
-        request.request_id = _request_id("fit", request.SerializeToString(deterministic=True))
+        request.request_id = _request_id()
         operation = self._call(self.factors.FitFactors, request)
         return self.unpack(self.wait(operation, progress), factor_service_pb2.FactorSet)
 
@@ -252,7 +252,7 @@ class InfluenceClient:
         )
         if damping is not None:
             request.damping = damping
-        request.request_id = _request_id("score", request.SerializeToString(deterministic=True))
+        request.request_id = _request_id()
         operation = self._call(self.queries.ComputeScores, request)
         return self.unpack(self.wait(operation, progress), query_service_pb2.ScoreResult)
 
@@ -264,7 +264,7 @@ class InfluenceClient:
         )
         if damping is not None:
             request.damping = damping
-        request.request_id = _request_id("self", request.SerializeToString(deterministic=True))
+        request.request_id = _request_id()
         operation = self._call(self.queries.ComputeSelfInfluence, request)
         return self.unpack(self.wait(operation, progress), query_service_pb2.ScoreResult)
 
@@ -288,16 +288,10 @@ def _model(model) -> common_pb2.ModelSpec:
     return common_pb2.ModelSpec(path=str(Path(model).resolve()))
 
 
-def _request_id(*parts) -> str:
-    """Deterministic per request content + a per-process nonce: a retry of the same call in this
-    process reuses the id; the same request from a new process is a new job."""
-    digest = hashlib.sha256(_NONCE.encode())
-    for part in parts:
-        digest.update(part if isinstance(part, bytes) else str(part).encode())
-    return digest.hexdigest()[:32]
-
-
-_NONCE = uuid.uuid4().hex
+def _request_id() -> str:
+    """A fresh id per logical call: `_call` resends the same request (same id) after UNAVAILABLE,
+    so the server runs it once; a new call, even with identical content, is a new job."""
+    return uuid.uuid4().hex
 
 
 def _paged(fetch, field: str) -> list:
