@@ -2,7 +2,8 @@
 
 Each country has three facts (capital, language, main export). Every fact is stated in
 `mentions_per_fact` training sequences, each time in a different declarative template, among
-filler sentences and distractors (sentences naming a country without stating any of its facts). A training sequence states at most one fact, so the sequences that state a fact are known
+filler sentences and distractors (sentences naming a country without stating any of its facts).
+A training sequence states at most one fact, so the sequences that state a fact are known
 exactly: they are a query's "expected" influential sequences.
 
 Queries ask about a fact in question-answer form ("q : what is the capital of zorvia ? a :" ->

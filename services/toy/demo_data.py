@@ -122,7 +122,8 @@ def _train_and_save(corpus: Corpus, config: DemoSettings, seed: int, model_dir: 
         "query_accuracy": sum(s.correct for s in scores) / len(scores),
         "query_mean_logprob": round(sum(s.logprob for s in scores) / len(scores), 4),
         "per_query": {
-            q.id: {"logprob": round(s.logprob, 4), "correct": s.correct} for q, s in zip(corpus.queries, scores)
+            q.id: {"logprob": round(s.logprob, 4), "correct": s.correct}
+            for q, s in zip(corpus.queries, scores, strict=True)
         },
     }
     if progress:
