@@ -74,7 +74,7 @@ def worker_reference(args, work: Path, workload: Workload, data: dict) -> dict:
         parameter.requires_grad_(True)
     ids = data["train_ids"]
     bs = args.batch_size
-    n_batches = max(1, min(args.reference_batches, ids.shape[0] // bs))
+    n_batches = max(1, min(args.reference_batches, ids.shape[0] // bs - 1))  # plus one warm-up batch
     batches = [ids[i * bs : (i + 1) * bs] for i in range(n_batches + 1)]
 
     def step(batch, backward: bool):
