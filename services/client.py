@@ -321,7 +321,10 @@ def _collect(chunks) -> dict[str, bytearray]:
 
 
 def _write_files(files: dict[str, bytearray], out_dir: Path, last: str | None = None) -> Path:
+    """Write every file atomically; `last` (a manifest) is removed first and written last."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if last:
+        (out_dir / last).unlink(missing_ok=True)
     for name in sorted(files, key=lambda n: n == last):
         temporary = out_dir / f".{name}.part"
         temporary.write_bytes(bytes(files[name]))

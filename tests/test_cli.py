@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 from services.cli import main
 from services.engine.data import read_queries_jsonl, read_training_jsonl
-from services.engine.factor_io import load_factors
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.score import ScoreConfig, compute_scores
+from services.system.factor_artifacts import load_factors
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 
@@ -172,10 +172,12 @@ def test_fit_shows_progress_and_writes_a_manifest(workspace, tmp_path, capsys):
     assert code == 0
     assert "%|" in err and "shard" in err  # a tqdm stage bar on stderr
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
-    assert manifest["strategy"] == "kfac" and manifest["fisher"] == "empirical"
-    assert all("attn" in name for name in manifest["modules"])
-    assert set(manifest["files"]) == {info["file"] for info in manifest["modules"].values()}
-    assert manifest["n_sequences"] == 14 and manifest["model_fingerprint"]
+    metadata = manifest["metadata"]
+    assert metadata["strategy"] == "kfac" and metadata["fisher"] == "empirical"
+    assert all("attn" in name for name in metadata["modules"])
+    assert set(manifest["files"]) == {info["file"] for info in metadata["modules"].values()}
+    assert all(len(entry["sha256"]) == 64 and entry["size"] > 0 for entry in manifest["files"].values())
+    assert metadata["n_sequences"] == 14 and metadata["model_fingerprint"]
 
 
 def bad_cases(workspace: Path, tmp: Path):

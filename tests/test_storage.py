@@ -283,7 +283,7 @@ def test_reads_are_checked_against_the_manifest(store, tmp_path):
     assert not (tmp_path / "copy.bin").exists()  # a corrupted download is not left behind
 
     store.delete("factors/f1/big.bin")
-    with pytest.raises(IntegrityError, match="missing from the store"):
+    with pytest.raises(IntegrityError, match="listed in the manifest but missing"):
         artifact.read_bytes("big.bin")
 
 

@@ -24,11 +24,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from services.client import InfluenceClient
 from services.engine.data import Query, TrainingExample, read_training_jsonl
 from services.engine.errors import InputError, NotFoundError, PreconditionError
-from services.engine.factor_io import load_factors
 from services.engine.fit import FitConfig, fit_factors
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
@@ -39,6 +39,7 @@ from services.jobs.queue import TaskQueue
 from services.rpc.common import Limits
 from services.rpc.server import BackgroundServer
 from services.storage import open_store
+from services.system.factor_artifacts import load_factors
 from services.system.runner import JobSystem, Worker
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
@@ -381,12 +382,25 @@ def test_a_task_that_keeps_failing_is_dead_lettered_and_fails_its_operation(redi
         with pytest.raises(PreconditionError, match="corrupted"):
             client.fit_factors(model, dataset.name)
 
-        # A shard that matches its manifest but does not parse (a bad writer): retried, then
-        # dead-lettered with its cause, and the operation fails with it.
-        manifest = json.loads(cluster.store.get_bytes(prefix + "manifest.json"))
-        manifest["files"]["shards/00001.safetensors"] = hashlib.sha256(b"not a safetensors file").hexdigest()
-        cluster.store.put_bytes(prefix + "manifest.json", json.dumps(manifest).encode())
-        with pytest.raises(Exception, match=r"failed 2 times; last error: .*SafetensorError"):
+        def replace_shard(data: bytes) -> None:
+            """Write `data` as shard 1 and make the manifest vouch for it (a bad writer)."""
+            cluster.store.put_bytes(prefix + "shards/00001.safetensors", data)
+            manifest = json.loads(cluster.store.get_bytes(prefix + "manifest.json"))
+            manifest["files"]["shards/00001.safetensors"] = {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+            }
+            cluster.store.put_bytes(prefix + "manifest.json", json.dumps(manifest).encode())
+
+        # Bytes the manifest vouches for but that are no safetensors file: fails at once too.
+        replace_shard(b"not a safetensors file")
+        with pytest.raises(PreconditionError, match="not a valid safetensors file"):
+            client.fit_factors(model, dataset.name)
+
+        # A valid file without the tensors a shard holds: an unexpected error, so the task is
+        # retried; after the delivery limit it is dead-lettered and the operation fails with it.
+        replace_shard(save_tensors({"unrelated": torch.zeros(3)}))
+        with pytest.raises(Exception, match=r"failed 2 times; last error: KeyError"):
             client.fit_factors(model, dataset.name)
         letters = cluster.system.queue.dead_letters("covariance")
         assert len(letters) == 1 and b"failed 2 times" in letters[0]["cause"]

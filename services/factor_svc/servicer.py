@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict
 
 from google.protobuf import empty_pb2
@@ -20,10 +19,12 @@ from ..rpc import validation
 from ..rpc.common import Limits, file_chunks, list_artifacts, model_ref, new_id, operation_message
 from ..rpc.resources import factor_set_message
 from ..rpc.status import RequestError, grpc_errors
+from ..storage import MANIFEST, ArtifactReader, ArtifactWriter, FileEntry, IntegrityError, Manifest, delete_artifact
+from ..storage.manifest import sha256_bytes
 from ..system import layout
 from ..system.runner import JobSystem
 from ..system.specs import JobSpec
-from ..system.stages import dataset_manifest, read_manifest
+from ..system.stages import dataset_manifest, factors_artifact
 
 
 class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
@@ -61,15 +62,14 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
         )
         return operation_message(record)
 
-    def _manifest(self, name: str) -> tuple[str, dict]:
+    def _artifact(self, name: str) -> tuple[str, ArtifactReader]:
         factor_set_id = validation.resource_id(name, "factorSets", "name")
-        return factor_set_id, read_manifest(
-            self.system.store, layout.factors_prefix(factor_set_id), f"factor set '{name}'"
-        )
+        return factor_set_id, factors_artifact(self.system.store, factor_set_id)
 
     @grpc_errors
     async def GetFactorSet(self, request, context):
-        return factor_set_message(*self._manifest(request.name))
+        factor_set_id, artifact = self._artifact(request.name)
+        return factor_set_message(factor_set_id, artifact.metadata)
 
     @grpc_errors
     async def ListFactorSets(self, request, context):
@@ -80,25 +80,27 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
 
     @grpc_errors
     async def DeleteFactorSet(self, request, context):
-        factor_set_id, _ = self._manifest(request.name)
-        self.system.store.delete(layout.factors_prefix(factor_set_id) + layout.MANIFEST)
-        self.system.store.delete_prefix(layout.factors_prefix(factor_set_id))
+        factor_set_id, _ = self._artifact(request.name)
+        delete_artifact(self.system.store, layout.factors_prefix(factor_set_id))
         return empty_pb2.Empty()
 
     @grpc_errors
     async def StreamFactors(self, request, context):
-        factor_set_id, manifest = self._manifest(request.name)
-        modules = list(request.modules) or list(manifest["modules"])
-        unknown = [name for name in modules if name not in manifest["modules"]]
+        """The factor files, then manifest.json: written in order, a directory `load_factors` reads."""
+        _, artifact = self._artifact(request.name)
+        modules = artifact.metadata["modules"]
+        unknown = [name for name in request.modules if name not in modules]
         if unknown:
             raise NotFoundError(f"factor set has no module {unknown[0]!r}")
-        files = [manifest["modules"][name]["file"] for name in modules] + [layout.MANIFEST]
+        chosen = list(request.modules) or list(modules)
         chunk = validation.positive(request.chunk_bytes, "chunk_bytes", self.limits.chunk_bytes, 64 * 2**20)
-        for message in file_chunks(self.system.store, layout.factors_prefix(factor_set_id), files, chunk):
+        files = [modules[name]["file"] for name in chosen]
+        for message in file_chunks(artifact, files, chunk, with_manifest=True):
             yield message
 
     @grpc_errors
     async def ImportFactors(self, request_iterator, context):
+        """A factor directory's files (manifest.json among them), verified, then stored unchanged."""
         files: dict[str, bytearray] = {}
         total = 0
         async for chunk in request_iterator:
@@ -106,22 +108,18 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
             if total > self.limits.max_upload_bytes:
                 raise RequestError(f"factor upload exceeds {self.limits.max_upload_bytes} bytes")
             files.setdefault(chunk.file, bytearray()).extend(chunk.data)
-        if layout.MANIFEST not in files:
-            raise RequestError("factor upload has no manifest.json")
-        try:
-            manifest = json.loads(bytes(files[layout.MANIFEST]))
-        except json.JSONDecodeError:
-            raise RequestError("manifest.json is not valid JSON") from None
-
-        def read_file(name: str) -> bytes:
+        if MANIFEST not in files:
+            raise RequestError(f"factor upload has no {MANIFEST}")
+        manifest = Manifest.from_bytes(bytes(files.pop(MANIFEST)), f"uploaded {MANIFEST}")
+        for name, entry in manifest.files.items():
             if name not in files:
-                raise RequestError(f"factor upload is missing {name}")
-            return bytes(files[name])
-
-        from_artifact(manifest, read_file)  # validates format and every sha256
-        factor_set_id = hashlib.sha256(bytes(files[layout.MANIFEST])).hexdigest()[:20]
-        prefix = layout.factors_prefix(factor_set_id)
-        for name in manifest["files"]:
-            self.system.store.put_bytes(prefix + name, bytes(files[name]))
-        self.system.store.put_bytes(prefix + layout.MANIFEST, bytes(files[layout.MANIFEST]))
-        return factor_set_message(factor_set_id, manifest)
+                raise RequestError(f"factor upload is missing {name}, which its manifest lists")
+            if FileEntry(name, sha256_bytes(files[name]), len(files[name])) != entry:
+                raise IntegrityError(f"uploaded {name} is corrupted (sha256 or size differs from its manifest)")
+        from_artifact(manifest.metadata, lambda name: bytes(files[name]), "uploaded factors")  # parses every file
+        factor_set_id = hashlib.sha256(manifest.to_bytes()).hexdigest()[:20]
+        writer = ArtifactWriter(self.system.store, layout.factors_prefix(factor_set_id))
+        for name in sorted(manifest.files):
+            writer.add_bytes(name, bytes(files[name]))
+        writer.publish(manifest.metadata)
+        return factor_set_message(factor_set_id, manifest.metadata)

@@ -15,6 +15,7 @@ from ..rpc import validation
 from ..rpc.common import Limits, list_artifacts, model_ref, new_id, operation_message
 from ..rpc.resources import dataset_message
 from ..rpc.status import RequestError, grpc_errors
+from ..storage import delete_artifact
 from ..system import layout
 from ..system.runner import JobSystem
 from ..system.specs import JobSpec
@@ -71,8 +72,7 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
     async def DeleteDataset(self, request, context):
         dataset_id = validation.resource_id(request.name, "datasets", "name")
         dataset_manifest(self.system.store, dataset_id)
-        self.system.store.delete(layout.dataset_prefix(dataset_id) + layout.MANIFEST)  # unpublish first
-        self.system.store.delete_prefix(layout.dataset_prefix(dataset_id))
+        delete_artifact(self.system.store, layout.dataset_prefix(dataset_id))
         return empty_pb2.Empty()
 
     @grpc_errors

@@ -16,10 +16,11 @@ from ..rpc import validation
 from ..rpc.common import Limits, file_chunks, model_ref, new_id, operation_message
 from ..rpc.resources import result_message
 from ..rpc.status import RequestError, grpc_errors
+from ..storage import ArtifactReader, open_artifact
 from ..system import layout
 from ..system.runner import JobSystem
 from ..system.specs import JobSpec, ModelRef
-from ..system.stages import dataset_manifest, read_manifest
+from ..system.stages import dataset_manifest, factors_artifact
 
 
 class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
@@ -30,9 +31,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         model = model_ref(request.model)
         factor_set_id = validation.resource_id(request.factor_set, "factorSets", "factor_set")
         dataset_id = validation.resource_id(request.dataset, "datasets", "dataset")
-        factors = read_manifest(
-            self.system.store, layout.factors_prefix(factor_set_id), f"factor set '{request.factor_set}'"
-        )
+        factors = factors_artifact(self.system.store, factor_set_id).metadata
         dataset = dataset_manifest(self.system.store, dataset_id)
         return model, factor_set_id, dataset_id, {"factors": factors, "dataset": dataset}
 
@@ -107,18 +106,17 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         )
         return operation_message(record)
 
-    def _result(self, name: str) -> tuple[str, dict]:
+    def _result(self, name: str) -> ArtifactReader:
         result_id = validation.resource_id(name, "results", "name")
-        return result_id, read_manifest(self.system.store, layout.result_prefix(result_id), f"result '{name}'")
+        return open_artifact(self.system.store, layout.result_prefix(result_id), f"result '{name}'")
 
     @grpc_errors
     async def GetScoreResult(self, request, context):
-        return result_message(self._result(request.name)[1])
+        return result_message(self._result(request.name).metadata)
 
     @grpc_errors
     async def StreamScoreRows(self, request, context):
-        result_id, _ = self._result(request.name)
-        report = json.loads(self.system.store.get_bytes(layout.result_prefix(result_id) + "results.json"))
+        report = json.loads(self._result(request.name).read_bytes("results.json"))
         groups = report["queries"] if report["kind"] == "pairwise" else [{"id": "", "top": report["top"]}]
         for group in groups:
             for entry in group["top"]:
@@ -137,9 +135,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
 
     @grpc_errors
     async def StreamResultFiles(self, request, context):
-        result_id, manifest = self._result(request.name)
+        artifact = self._result(request.name)
         chunk = validation.positive(request.chunk_bytes, "chunk_bytes", self.limits.chunk_bytes, 64 * 2**20)
-        for message in file_chunks(
-            self.system.store, layout.result_prefix(result_id), sorted(manifest["files"]), chunk
-        ):
+        for message in file_chunks(artifact, artifact.names(), chunk):
             yield message

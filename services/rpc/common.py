@@ -8,7 +8,6 @@ the job system, convert. Errors become status codes in one place (rpc/status.py)
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from ..gen.influence.v1 import (
     common_pb2,
 )
 from ..jobs.operations import CANCELLED, FAILED, SUCCEEDED, TERMINAL
-from ..system import layout
+from ..storage import MANIFEST, ArtifactReader, open_artifact
 from ..system.specs import ModelRef
 from . import validation
 
@@ -77,28 +76,31 @@ def operation_message(record: dict) -> operations_pb2.Operation:
 
 
 def list_artifacts(store, prefix: str, page_size: int, page_token: str) -> tuple[list[tuple[str, dict]], str]:
-    """(id, manifest) of published artifacts under prefix, sorted by id, paginated."""
+    """(id, metadata) of the artifacts published under prefix, sorted by id, paginated."""
     size, offset = validation.page(page_size, page_token)
-    ids = sorted(
-        {key[len(prefix) :].split("/", 1)[0] for key in store.list(prefix) if key.endswith("/" + layout.MANIFEST)}
-    )
+    ids = sorted({key[len(prefix) :].split("/", 1)[0] for key in store.list(prefix) if key.endswith("/" + MANIFEST)})
     chosen = ids[offset : offset + size]
-    items = [
-        (artifact_id, json.loads(store.get_bytes(f"{prefix}{artifact_id}/{layout.MANIFEST}"))) for artifact_id in chosen
-    ]
+    items = [(artifact_id, open_artifact(store, prefix + artifact_id).metadata) for artifact_id in chosen]
     return items, str(offset + size) if offset + size < len(ids) else ""
 
 
-def file_chunks(store, prefix: str, files: list[str], chunk_bytes: int):
-    for name in files:
-        data = store.get_bytes(prefix + name)
-        digest = hashlib.sha256(data).hexdigest()
-        for offset in range(0, max(len(data), 1), chunk_bytes):
-            first = offset == 0
-            yield common_pb2.FileChunk(
-                file=name,
-                offset=offset,
-                data=data[offset : offset + chunk_bytes],
-                size=len(data) if first else 0,
-                sha256=digest if first else "",
-            )
+def file_chunks(artifact: ArtifactReader, names: list[str], chunk_bytes: int, with_manifest: bool = False):
+    """FileChunk messages of an artifact's files (each checked against the manifest as read), and
+    then of manifest.json itself if asked, so the receiver can rebuild the artifact as it is."""
+    for name in names:
+        yield from _chunks(name, artifact.read_bytes(name), chunk_bytes)
+    if with_manifest:
+        yield from _chunks(MANIFEST, artifact.manifest.to_bytes(), chunk_bytes)
+
+
+def _chunks(name: str, data: bytes, chunk_bytes: int):
+    digest = hashlib.sha256(data).hexdigest()
+    for offset in range(0, max(len(data), 1), chunk_bytes):
+        first = offset == 0
+        yield common_pb2.FileChunk(
+            file=name,
+            offset=offset,
+            data=data[offset : offset + chunk_bytes],
+            size=len(data) if first else 0,
+            sha256=digest if first else "",
+        )

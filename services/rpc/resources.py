@@ -1,4 +1,4 @@
-"""Resource messages (Dataset, FactorSet, ScoreResult) built from artifact manifests."""
+"""Resource messages (Dataset, FactorSet, ScoreResult) built from their artifacts' metadata."""
 
 from __future__ import annotations
 
@@ -14,45 +14,46 @@ def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def dataset_message(manifest: dict) -> gradient_service_pb2.Dataset:
+def dataset_message(metadata: dict) -> gradient_service_pb2.Dataset:
     return gradient_service_pb2.Dataset(
-        name=manifest["name"],
-        display_name=manifest.get("display_name", ""),
-        num_examples=manifest["num_examples"],
-        num_shards=manifest["num_shards"],
-        shard_size=manifest["shard_size"],
-        max_length=manifest["max_length"],
-        num_tokens=manifest["num_tokens"],
-        tokenizer_fingerprint=manifest.get("tokenizer_fingerprint", ""),
-        create_time=_timestamp(manifest.get("create_time")),
-    )
-
-
-def factor_set_message(factor_set_id: str, manifest: dict) -> factor_service_pb2.FactorSet:
-    metadata = manifest.get("metadata", {})
-    return factor_service_pb2.FactorSet(
-        name=f"factorSets/{factor_set_id}",
-        dataset=metadata.get("dataset", ""),
-        model=common_pb2.ModelSpec(path=metadata.get("model_path", ""), dtype=metadata.get("model_dtype", "")),
-        strategy=manifest["strategy"],
-        fisher=manifest["fisher"],
-        modules=list(manifest["modules"]),
-        num_sequences=manifest["n_sequences"],
-        num_tokens=manifest["n_tokens"],
-        model_fingerprint=manifest["model_fingerprint"],
+        name=metadata["name"],
+        display_name=metadata.get("display_name", ""),
+        num_examples=metadata["num_examples"],
+        num_shards=metadata["num_shards"],
+        shard_size=metadata["shard_size"],
+        max_length=metadata["max_length"],
+        num_tokens=metadata["num_tokens"],
+        tokenizer_fingerprint=metadata.get("tokenizer_fingerprint", ""),
         create_time=_timestamp(metadata.get("create_time")),
     )
 
 
-def result_message(manifest: dict) -> query_service_pb2.ScoreResult:
+def factor_set_message(factor_set_id: str, metadata: dict) -> factor_service_pb2.FactorSet:
+    """metadata: engine.factor_io's factor metadata."""
+    provenance = metadata.get("provenance", {})
+    return factor_service_pb2.FactorSet(
+        name=f"factorSets/{factor_set_id}",
+        dataset=provenance.get("dataset", ""),
+        model=common_pb2.ModelSpec(path=provenance.get("model_path", ""), dtype=provenance.get("model_dtype", "")),
+        strategy=metadata["strategy"],
+        fisher=metadata["fisher"],
+        modules=list(metadata["modules"]),
+        num_sequences=metadata["n_sequences"],
+        num_tokens=metadata["n_tokens"],
+        model_fingerprint=metadata["model_fingerprint"],
+        create_time=_timestamp(provenance.get("create_time")),
+    )
+
+
+def result_message(metadata: dict) -> query_service_pb2.ScoreResult:
     return query_service_pb2.ScoreResult(
-        name=manifest["name"],
-        kind=manifest["result_kind"],
-        factor_set=manifest["factor_set"],
-        dataset=manifest["dataset"],
-        num_queries=manifest["num_queries"],
-        num_train=manifest["num_train"],
-        modules=manifest.get("modules", []),
+        name=metadata["name"],
+        kind=metadata["result_kind"],
+        factor_set=metadata["factor_set"],
+        dataset=metadata["dataset"],
+        num_queries=metadata["num_queries"],
+        num_train=metadata["num_train"],
+        modules=metadata.get("modules", []),
     )
 
 

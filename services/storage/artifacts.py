@@ -119,13 +119,15 @@ class ArtifactReader:
         try:
             return fetch(self.store, self.prefix + name)
         except NotFoundError:
-            raise IntegrityError(f"{self.prefix}{name} is listed in the manifest but missing from the store") from None
+            raise IntegrityError(
+                f"{self.prefix}{name} is listed in the manifest but missing (store {self.store.describe()})"
+            ) from None
 
     def _check(self, entry: FileEntry, sha256: str, size: int) -> None:
         if size != entry.size or sha256 != entry.sha256:
             raise IntegrityError(
                 f"{self.prefix}{entry.name} is corrupted: sha256 {sha256[:12]}.. and {size} bytes, but the "
-                f"manifest says {entry.sha256[:12]}.. and {entry.size} bytes"
+                f"manifest says {entry.sha256[:12]}.. and {entry.size} bytes (store {self.store.describe()})"
             )
 
     def read_bytes(self, name: str) -> bytes:
@@ -159,12 +161,15 @@ class ArtifactReader:
                 self.get_file(name, Path(directory) / "file")
 
 
-def open_artifact(store: ArtifactStore, prefix: str) -> ArtifactReader:
-    """The artifact published under `prefix`; NotFoundError if it has no manifest (yet)."""
+def open_artifact(store: ArtifactStore, prefix: str, what: str | None = None) -> ArtifactReader:
+    """The artifact published under `prefix`; NotFoundError if it has no manifest (yet), whose
+    message is "{what} not found" when `what` names the artifact for the caller's user."""
     prefix = as_directory(prefix)
     try:
         data = store.get_bytes(prefix + MANIFEST)
     except NotFoundError:
+        if what:
+            raise NotFoundError(f"{what} not found") from None
         raise NotFoundError(f"no published artifact at {prefix} in {store.describe()} (no {MANIFEST})") from None
     return ArtifactReader(store, prefix, Manifest.from_bytes(data, prefix + MANIFEST))
 
@@ -176,5 +181,7 @@ def is_published(store: ArtifactStore, prefix: str) -> bool:
 def delete_artifact(store: ArtifactStore, prefix: str) -> int:
     """Unpublish (manifest first, so no reader sees a partial artifact), then delete every file."""
     prefix = as_directory(prefix)
+    if not prefix:
+        raise InvalidArgument("refusing to delete an artifact that is the whole store")
     store.delete(prefix + MANIFEST)
     return store.delete_prefix(prefix)

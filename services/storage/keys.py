@@ -45,7 +45,10 @@ def check_prefix(prefix: str) -> str:
 
 
 def as_directory(prefix: str) -> str:
-    """`prefix` with exactly one trailing '/' (artifact prefixes name a directory)."""
+    """`prefix` with exactly one trailing '/' (artifact prefixes name a directory); "" stays ""
+    (the store's root is the artifact, e.g. a local directory that holds one factor set)."""
     prefix = prefix.rstrip("/")
+    if not prefix:
+        return ""
     check_key(prefix)
     return prefix + "/"

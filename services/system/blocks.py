@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 
 import torch
@@ -13,10 +12,9 @@ from ..engine.data import collate
 from ..engine.fit import prepare_model
 from ..engine.modules import device_of
 from ..gen.influence.v1 import gradient_service_pb2
-from . import layout
 from .model_cache import ModelCache
 from .specs import ModelRef
-from .stages import dataset_manifest, load_shard, read_verified
+from .stages import dataset_artifact, load_records, load_shard
 
 _models = ModelCache(capacity=1)
 
@@ -27,10 +25,8 @@ def gradient_blocks(
     """Yields blocks of ∇ log p(z_m): per module a float32 tensor [n, d_out, d_in(+1)]."""
     loaded_model, tokenizer = _models.get(model)
     tracked_modules, _ = prepare_model(loaded_model, modules)
-    sequences = load_shard(store, dataset_id, shard)
-    prefix = layout.dataset_prefix(dataset_id)
-    name = layout.dataset_records(dataset_id, shard).removeprefix(prefix)
-    records = json.loads(read_verified(store, prefix, name, dataset_manifest(store, dataset_id)))
+    dataset = dataset_artifact(store, dataset_id)
+    sequences, records = load_shard(dataset, shard), load_records(dataset, shard)
     device = device_of(loaded_model)
     for start in range(0, len(sequences), block_size):
         block = sequences[start : start + block_size]

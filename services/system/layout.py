@@ -1,22 +1,25 @@
-"""Where every artifact lives in the object store (DESIGN section 5). One function per key."""
+"""Where every artifact lives in the object store (DESIGN section 5). One function per key.
+
+An artifact is a prefix holding files and a manifest.json written last (services/storage);
+`*_prefix` name artifacts, `shard_*` files inside a dataset artifact, `job_*` a job's private
+intermediates (plain objects, rewritten identically by a retried task).
+"""
 
 from __future__ import annotations
-
-MANIFEST = "manifest.json"
 
 
 def dataset_prefix(dataset_id: str) -> str:
     return f"datasets/{dataset_id}/"
 
 
-def dataset_shard(dataset_id: str, shard: int) -> str:
-    """Packed token ids of one shard (safetensors; see engine.data.pack_sequences)."""
-    return f"datasets/{dataset_id}/shards/{shard:05d}.safetensors"
+def shard_tokens(shard: int) -> str:
+    """In a dataset artifact: packed token ids of one shard (safetensors; engine.data.pack_sequences)."""
+    return f"shards/{shard:05d}.safetensors"
 
 
-def dataset_records(dataset_id: str, shard: int) -> str:
-    """Ids and texts of one shard's sequences (JSON list of {"id", "text"})."""
-    return f"datasets/{dataset_id}/shards/{shard:05d}.json"
+def shard_records(shard: int) -> str:
+    """In a dataset artifact: ids and texts of one shard's sequences (JSON list of {"id", "text"})."""
+    return f"shards/{shard:05d}.json"
 
 
 def factors_prefix(factor_set_id: str) -> str:

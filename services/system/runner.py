@@ -116,12 +116,12 @@ class OperationProgress(Progress):
             self._tokens = 0
 
 
-def response_of(spec: JobSpec, manifest: dict) -> bytes:
+def response_of(spec: JobSpec, metadata: dict) -> bytes:
     if spec.kind == "register":
-        return packed(dataset_message(manifest))
+        return packed(dataset_message(metadata))
     if spec.kind == "fit":
-        return packed(factor_set_message(spec.factor_set_id, manifest))
-    return packed(result_message(manifest))
+        return packed(factor_set_message(spec.factor_set_id, metadata))
+    return packed(result_message(metadata))
 
 
 @dataclass
@@ -172,7 +172,7 @@ class Worker:
         self.context.progress = progress
         try:
             with LeaseKeeper(queue, task, self.consumer):
-                manifest = run_stage(self.context, spec, payload.job, payload.stage, payload.shard)
+                published = run_stage(self.context, spec, payload.job, payload.stage, payload.shard)
             progress.close()
         except CancelledError:
             queue.ack(task)
@@ -183,9 +183,7 @@ class Worker:
             return
         except Exception as error:  # transient or a bug: leave pending, redelivered after the lease
             log.exception("%s of %s failed", where, payload.operation)
-            operations.client.hset(
-                operations._key(payload.operation), "last_error", f"{type(error).__name__}: {error}"[:500]
-            )
+            operations.note_error(payload.operation, f"{type(error).__name__}: {error}")
             return
         operations.add_progress(payload.operation, shards_done=1)
         following = next_stage(spec, payload.stage)
@@ -196,6 +194,6 @@ class Worker:
             shard_count(spec, payload.stage),
             next_stage=following or "",
             next_tasks=self.system.stage_tasks(payload.operation, spec, following) if following else [],
-            response=response_of(spec, manifest) if following is None else b"",
+            response=response_of(spec, published) if following is None else b"",
         )
         queue.ack(task)

@@ -7,6 +7,7 @@ output. Resource names are "datasets/{id}", "factorSets/{id}", "results/{id}".
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 
 
@@ -34,6 +35,9 @@ class JobSpec:
     factor_set_id: str = ""
     result_id: str = ""
     queries: list[dict] = field(default_factory=list)
+    # when the job was submitted: the create_time of what it publishes (so a retried task's
+    # manifest is byte-identical to the first one's)
+    create_time: float = field(default_factory=time.time)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

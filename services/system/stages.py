@@ -11,16 +11,12 @@ same bytes, so at-least-once delivery is harmless. No Redis or gRPC here: runner
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from ..engine.capture import accumulation_dtype
 from ..engine.data import (
@@ -34,8 +30,6 @@ from ..engine.data import (
     training_examples,
     unpack_sequences,
 )
-from ..engine.errors import NotFoundError
-from ..engine.factor_io import from_artifact, storage_dtype_for, to_artifact
 from ..engine.factors import (
     CorrectionAccumulator,
     CovarianceAccumulator,
@@ -69,8 +63,9 @@ from ..engine.score import (
 )
 from ..engine.scoring import ModuleQueries
 from ..reports import pairwise_report, self_report
-from ..storage.errors import IntegrityError
+from ..storage import ArtifactReader, ArtifactStore, ArtifactWriter, get_tensors, open_artifact, put_tensors
 from . import layout
+from .factor_artifacts import factor_reader, publish_factor_set, read_factor_set
 from .model_cache import ArtifactCache, ModelCache
 from .specs import JobSpec
 
@@ -81,7 +76,7 @@ SHARD_STAGES = {"covariance", "correction", "score", "self"}
 class StageContext:
     """What a stage may use: the store, the worker's model cache and capture cache, progress."""
 
-    store: object  # services.storage ArtifactStore: put_bytes/get_bytes/exists/list
+    store: ArtifactStore
     models: ModelCache = field(default_factory=ModelCache)
     artifacts: ArtifactCache = field(default_factory=ArtifactCache)
     progress: Progress = field(default_factory=Progress)
@@ -125,61 +120,37 @@ def shard_count(spec: JobSpec, stage: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------
-# Store helpers.
+# Published inputs: datasets and factor sets (every read checked against the manifest).
 
 
-def put_tensors(store, key: str, tensors: dict[str, torch.Tensor]) -> int:
-    data = save_tensors({name: value.detach().to("cpu").contiguous() for name, value in tensors.items()})
-    store.put_bytes(key, data)
-    return len(data)
-
-
-def get_tensors(store, key: str) -> dict[str, torch.Tensor]:
-    return load_tensors(store.get_bytes(key))
-
-
-def publish(store, prefix: str, files: dict[str, bytes], manifest: dict) -> int:
-    """Write every file, then manifest.json: readers never see half an artifact."""
-    for name, data in files.items():
-        store.put_bytes(prefix + name, data)
-    store.put_bytes(prefix + layout.MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
-    return sum(len(data) for data in files.values())
-
-
-def read_manifest(store, prefix: str, what: str) -> dict:
-    key = prefix + layout.MANIFEST
-    if not store.exists(key):
-        raise NotFoundError(f"{what} not found")
-    return json.loads(store.get_bytes(key))
+def dataset_artifact(store, dataset_id: str) -> ArtifactReader:
+    """The published dataset (NotFoundError if absent); its metadata describes it."""
+    return open_artifact(store, layout.dataset_prefix(dataset_id), f"dataset 'datasets/{dataset_id}'")
 
 
 def dataset_manifest(store, dataset_id: str) -> dict:
-    """The published manifest of a dataset (NotFoundError if absent)."""
-    return read_manifest(store, layout.dataset_prefix(dataset_id), f"dataset 'datasets/{dataset_id}'")
+    """The published dataset's metadata (NotFoundError if absent)."""
+    return dataset_artifact(store, dataset_id).metadata
 
 
-def read_verified(store, prefix: str, name: str, manifest: dict) -> bytes:
-    """A file of a published artifact, checked against the sha256 its manifest lists."""
-    data = store.get_bytes(prefix + name)
-    expected = manifest.get("files", {}).get(name)
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise IntegrityError(f"{prefix}{name} is corrupted (sha256 differs from its manifest)")
-    return data
-
-
-def load_shard(store, dataset_id: str, shard: int, limit: int | None = None) -> list[TokenizedSequence]:
-    """A shard's sequences (global indices kept, sha256-verified), cut at global index `limit` if given."""
-    prefix = layout.dataset_prefix(dataset_id)
-    name = layout.dataset_shard(dataset_id, shard).removeprefix(prefix)
-    data = read_verified(store, prefix, name, dataset_manifest(store, dataset_id))
-    sequences = unpack_sequences(load_tensors(data))
+def load_shard(dataset: ArtifactReader, shard: int, limit: int | None = None) -> list[TokenizedSequence]:
+    """A shard's sequences (global indices kept), cut at global index `limit` if given."""
+    sequences = unpack_sequences(dataset.read_tensors(layout.shard_tokens(shard)))
     return [s for s in sequences if limit is None or s.index < limit]
 
 
+def load_records(dataset: ArtifactReader, shard: int) -> list[dict]:
+    """A shard's {"id", "text"} records, in shard order."""
+    return json.loads(dataset.read_bytes(layout.shard_records(shard)))
+
+
+def factors_artifact(store, factor_set_id: str) -> ArtifactReader:
+    """The published factor set (NotFoundError if absent); its metadata describes it."""
+    return factor_reader(store, layout.factors_prefix(factor_set_id), f"factor set 'factorSets/{factor_set_id}'")
+
+
 def load_factor_set(store, factor_set_id: str) -> FactorSet:
-    prefix = layout.factors_prefix(factor_set_id)
-    manifest = read_manifest(store, prefix, f"factor set 'factorSets/{factor_set_id}'")
-    return from_artifact(manifest, lambda name: store.get_bytes(prefix + name))
+    return read_factor_set(store, layout.factors_prefix(factor_set_id), f"factor set 'factorSets/{factor_set_id}'")
 
 
 # ------------------------------------------------------------------------------------------
@@ -193,24 +164,20 @@ def run_register(context: StageContext, spec: JobSpec, job: str) -> dict:
         parse_jsonl(io.StringIO(text), "uploaded dataset", "training data"), "uploaded dataset"
     )
     tokenizer = load_tokenizer(spec.model.path)
-    prefix = layout.dataset_prefix(spec.dataset_id)
     num_shards = math.ceil(len(examples) / spec.shard_size)
     num_tokens = 0
     context.progress.stage("register", num_shards)
-    files = {}
+    writer = ArtifactWriter(context.store, layout.dataset_prefix(spec.dataset_id))
     for shard in range(num_shards):
         start = shard * spec.shard_size
         part = examples[start : start + spec.shard_size]
         sequences = tokenize_training(tokenizer, part, spec.max_length, start_index=start)
         num_tokens += sum(sequence.length for sequence in sequences)
-        shard_key = layout.dataset_shard(spec.dataset_id, shard).removeprefix(prefix)
-        records_key = layout.dataset_records(spec.dataset_id, shard).removeprefix(prefix)
-        files[shard_key] = save_tensors(pack_sequences(sequences))
-        files[records_key] = json.dumps([{"id": e.id, "text": e.text} for e in part]).encode()
+        writer.add_tensors(layout.shard_tokens(shard), pack_sequences(sequences))
+        writer.add_bytes(layout.shard_records(shard), json.dumps([{"id": e.id, "text": e.text} for e in part]).encode())
         context.progress.advance(1, sum(sequence.length for sequence in sequences))
-    manifest = {
+    metadata = {
         "kind": "dataset",
-        "files": {name: _sha256(data) for name, data in files.items()},
         "name": f"datasets/{spec.dataset_id}",
         "display_name": spec.display_name,
         "num_examples": len(examples),
@@ -219,10 +186,10 @@ def run_register(context: StageContext, spec: JobSpec, job: str) -> dict:
         "max_length": spec.max_length,
         "num_tokens": num_tokens,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "create_time": time.time(),
+        "create_time": spec.create_time,
     }
-    publish(context.store, prefix, files, manifest)
-    return manifest
+    writer.publish(metadata)
+    return metadata
 
 
 # ------------------------------------------------------------------------------------------
@@ -242,7 +209,7 @@ def _fit_limit(spec: JobSpec) -> int | None:
 
 def run_covariance(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
     config, model, tokenizer, modules, _tracked = _fit_setup(context, spec)
-    sequences = load_shard(context.store, spec.dataset_id, shard, _fit_limit(spec))
+    sequences = load_shard(dataset_artifact(context.store, spec.dataset_id), shard, _fit_limit(spec))
     cache = None
     if config.strategy == "ekfac":
         cache = CaptureCache(context.cache_bytes)
@@ -292,7 +259,7 @@ def _eigen_factors(context: StageContext, job: str, tracked) -> tuple[dict[str, 
 def run_correction(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
     config, model, tokenizer, modules, tracked = _fit_setup(context, spec)
     bases = bases_of(_eigen_factors(context, job, tracked)[0]) if config.strategy == "ekfac" else None
-    sequences = load_shard(context.store, spec.dataset_id, shard, _fit_limit(spec))
+    sequences = load_shard(dataset_artifact(context.store, spec.dataset_id), shard, _fit_limit(spec))
     accumulator = accumulate_correction(
         model,
         modules,
@@ -337,14 +304,14 @@ def run_finalize(context: StageContext, spec: JobSpec, job: str) -> dict:
             "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "dataset": f"datasets/{spec.dataset_id}",
             "model_path": spec.model.path,
-            "create_time": time.time(),
+            "create_time": spec.create_time,
         },
     )
-    for shard in range(spec.num_shards):
-        context.capture_caches.pop((job, shard), None)
-    manifest, files = to_artifact(factor_set, storage_dtype_for(factor_set))
-    publish(context.store, layout.factors_prefix(spec.factor_set_id), files, manifest)
-    return manifest
+    for shard in range(spec.num_shards):  # caches a correction task on another worker made redundant
+        leftover = context.capture_caches.pop((job, shard), None)
+        if leftover is not None:
+            leftover.release()
+    return publish_factor_set(context.store, layout.factors_prefix(spec.factor_set_id), factor_set)
 
 
 # ------------------------------------------------------------------------------------------
@@ -392,7 +359,7 @@ def _prepared(context: StageContext, job: str, modules) -> dict[str, ModuleQueri
 def run_score(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
     """Contract one shard's training gradients with the prepared queries, in place."""
     config, model, tokenizer, _, modules = _score_setup(context, spec)
-    sequences = load_shard(context.store, spec.dataset_id, shard)
+    sequences = load_shard(dataset_artifact(context.store, spec.dataset_id), shard)
     per_module = score_sequences(
         model,
         modules,
@@ -410,26 +377,23 @@ class _DatasetView:
     """Lazy access to a dataset's sequences and records by global index."""
 
     def __init__(self, store, dataset_id: str):
-        self.store, self.dataset_id = store, dataset_id
-        self.manifest = dataset_manifest(store, dataset_id)
+        self.artifact = dataset_artifact(store, dataset_id)
         self._sequences: dict[int, list[TokenizedSequence]] = {}
         self._records: dict[int, list[dict]] = {}
 
     def _shard(self, index: int) -> tuple[int, int]:
-        return divmod(index, self.manifest["shard_size"])
+        return divmod(index, self.artifact.metadata["shard_size"])
 
     def sequence(self, index: int) -> TokenizedSequence:
         shard, offset = self._shard(index)
         if shard not in self._sequences:
-            self._sequences[shard] = load_shard(self.store, self.dataset_id, shard)
+            self._sequences[shard] = load_shard(self.artifact, shard)
         return self._sequences[shard][offset]
 
     def record(self, index: int) -> tuple[str, str]:
         shard, offset = self._shard(index)
         if shard not in self._records:
-            prefix = layout.dataset_prefix(self.dataset_id)
-            name = layout.dataset_records(self.dataset_id, shard).removeprefix(prefix)
-            self._records[shard] = json.loads(read_verified(self.store, prefix, name, self.manifest))
+            self._records[shard] = load_records(self.artifact, shard)
         entry = self._records[shard][offset]
         return entry["id"], entry["text"]
 
@@ -467,8 +431,7 @@ def run_merge(context: StageContext, spec: JobSpec, job: str) -> dict:
 
 
 def _publish_result(context: StageContext, spec: JobSpec, tensors: dict, report: dict, num_queries: int) -> dict:
-    files = {"scores.safetensors": save_tensors(tensors), "results.json": json.dumps(report, indent=2).encode()}
-    manifest = {
+    metadata = {
         "kind": "result",
         "name": f"results/{spec.result_id}",
         "result_kind": report["kind"],
@@ -477,15 +440,13 @@ def _publish_result(context: StageContext, spec: JobSpec, tensors: dict, report:
         "num_queries": num_queries,
         "num_train": int(tensors["scores"].shape[-1]),
         "modules": report.get("modules", []),
-        "files": {name: _sha256(data) for name, data in files.items()},
-        "create_time": time.time(),
+        "create_time": spec.create_time,
     }
-    publish(context.store, layout.result_prefix(spec.result_id), files, manifest)
-    return manifest
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    writer = ArtifactWriter(context.store, layout.result_prefix(spec.result_id))
+    writer.add_bytes("results.json", json.dumps(report, indent=2).encode())
+    writer.add_tensors("scores.safetensors", tensors)
+    writer.publish(metadata)
+    return metadata
 
 
 # ------------------------------------------------------------------------------------------
@@ -494,7 +455,7 @@ def _sha256(data: bytes) -> str:
 
 def run_self(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
     config, model, tokenizer, factors, modules = _score_setup(context, spec)
-    sequences = load_shard(context.store, spec.dataset_id, shard)
+    sequences = load_shard(dataset_artifact(context.store, spec.dataset_id), shard)
     scores = self_influence_sequences(
         model,
         modules,
@@ -510,13 +471,13 @@ def run_self(context: StageContext, spec: JobSpec, job: str, shard: int) -> None
 
 def run_self_merge(context: StageContext, spec: JobSpec, job: str) -> dict:
     config = ScoreConfig(**spec.config)
-    factors_manifest = read_manifest(context.store, layout.factors_prefix(spec.factor_set_id), "factor set")
+    strategy = factors_artifact(context.store, spec.factor_set_id).metadata["strategy"]
     scores = _gather(context, spec, job, "self", "scores").to(torch.float32)
     view = _DatasetView(context.store, spec.dataset_id)
     report = self_report(
         scores,
         view.record,
-        strategy=factors_manifest["strategy"],
+        strategy=strategy,
         damping=config.damping_policy.describe(),
         top_k=config.top_k,
     )
@@ -527,7 +488,7 @@ def run_self_merge(context: StageContext, spec: JobSpec, job: str) -> dict:
 
 
 def run_stage(context: StageContext, spec: JobSpec, job: str, stage: str, shard: int) -> dict | None:
-    """Run one task. Returns the published manifest for a job's last stage, else None."""
+    """Run one task. Returns the published artifact's metadata for a job's last stage, else None."""
     if stage in SHARD_STAGES:
         {"covariance": run_covariance, "correction": run_correction, "score": run_score, "self": run_self}[stage](
             context, spec, job, shard
