@@ -14,7 +14,8 @@ The per-sequence gradient of the objective w.r.t. the module's W ∈ R^{d_out ×
 Only activation gradients are computed: `torch.autograd.grad` is asked for the module outputs,
 so autograd never computes a weight gradient nor goes below the first tracked module.
 
-Objectives (all are sums of token log-likelihoods over `target_mask`; larger = more likely):
+Objectives (all are sums of token log-likelihoods over `target_mask`; larger = more likely;
+their gradient w.r.t. the logits is formed directly, see `log_likelihood_gradient`):
     "true":    labels are the sequence's own next tokens (training gradients, queries, empirical Fisher)
     "sampled": labels drawn from the model's own predictive distribution (the sampled Fisher, whose
                expectation is the Gauss-Newton matrix for softmax cross-entropy). Each sequence
@@ -43,6 +44,11 @@ class ModuleCapture:
     token_mask: torch.Tensor
     calls: int
 
+    def to(self, device: torch.device) -> ModuleCapture:
+        if self.a.device == device:
+            return self
+        return ModuleCapture(self.a.to(device), self.s.to(device), self.token_mask.to(device), self.calls)
+
     def per_sequence_gradients(self) -> torch.Tensor:
         """DW: [B, d_out, d_in_full] = sᵀ a per sequence."""
         return torch.bmm(self.s.transpose(1, 2), self.a)
@@ -61,41 +67,49 @@ def sequence_generator(seed: int, index: int, device: torch.device) -> torch.Gen
 
 
 def sample_labels(logits: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
-    """Labels drawn from softmax(logits) per position, by inverse-CDF sampling.
+    """Labels drawn from softmax(logits) per position: logits [B, T-1, V], indices [B] -> [B, T-1]."""
+    return sample_from(torch.softmax(logits.detach().to(accumulation_dtype(logits.dtype)), dim=-1), indices, seed)
+
+
+def sample_from(probabilities: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
+    """Labels drawn from `probabilities` [B, T-1, V] per position, by inverse-CDF sampling.
 
     Each sequence's uniforms come from its own generator (see `sequence_generator`), so a label
-    does not depend on which batch the sequence is in. logits: [B, T-1, V]; indices: [B].
-    Returns [B, T-1] int64.
+    does not depend on which batch the sequence is in. indices: [B]. Returns [B, T-1] int64.
     """
-    _, positions, vocab = logits.shape
+    _, positions, vocab = probabilities.shape
+    device = probabilities.device
     uniforms = torch.stack(
         [
-            torch.rand(positions, generator=sequence_generator(seed, int(index), logits.device), device=logits.device)
+            torch.rand(positions, generator=sequence_generator(seed, int(index), device), device=device)
             for index in indices
         ]
     )
-    work_dtype = accumulation_dtype(logits.dtype)
-    cumulative = torch.softmax(logits.detach().to(work_dtype), dim=-1).cumsum(-1)  # [B, T-1, V]
-    labels = torch.searchsorted(cumulative, uniforms.to(work_dtype).unsqueeze(-1) * cumulative[..., -1:])
+    cumulative = probabilities.cumsum(-1)  # [B, T-1, V]
+    labels = torch.searchsorted(cumulative, uniforms.to(cumulative.dtype).unsqueeze(-1) * cumulative[..., -1:])
     return labels.squeeze(-1).clamp_max(vocab - 1)
 
 
-def target_log_likelihood(logits: torch.Tensor, batch: Batch, objective: str, seed: int) -> torch.Tensor:
-    """Σ over targets of log p(label), a scalar; see the module docstring for `objective`.
+def log_likelihood_gradient(logits: torch.Tensor, batch: Batch, objective: str, seed: int) -> torch.Tensor:
+    """∂/∂logits of Σ over targets of log p(label): [B, T, V] in the logits' dtype.
 
-    logits: [B, T, V]; position t-1 predicts token t.
+    Position t-1 predicts token t; see the module docstring for `objective`. The derivative of
+    log softmax(x)[y] is onehot(y) - softmax(x), written directly: one softmax serves both the
+    label draw and the gradient, and autograd never builds the log-softmax/gather backward.
     """
-    prediction_logits = logits[:, :-1, :]
-    mask = batch.target_mask[:, 1:]
+    work_dtype = accumulation_dtype(logits.dtype)
+    probabilities = torch.softmax(logits.detach().to(work_dtype), dim=-1)  # [B, T, V]; the last row is unused
     if objective == "true":
         labels = batch.input_ids[:, 1:]
     elif objective == "sampled":
-        labels = sample_labels(prediction_logits, batch.indices, seed)
+        labels = sample_from(probabilities[:, :-1], batch.indices, seed)
     else:
         raise ValueError(f"unknown objective {objective!r}")
-    log_probs = torch.log_softmax(prediction_logits.to(accumulation_dtype(logits.dtype)), dim=-1)
-    picked = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum()
+    mask = torch.zeros(batch.target_mask.shape, dtype=work_dtype, device=logits.device)  # [B, T]
+    mask[:, :-1] = batch.target_mask[:, 1:]  # position t-1 counts when token t is a target
+    gradient = probabilities.mul_(mask.neg().unsqueeze(-1))  # -softmax, in place
+    gradient[:, :-1].scatter_add_(-1, labels.unsqueeze(-1), mask[:, :-1].unsqueeze(-1))
+    return gradient.to(logits.dtype)
 
 
 class _Recorder:
@@ -149,11 +163,12 @@ def capture(
     batch_size, length = batch.input_ids.shape
     with torch.enable_grad(), _Recorder(modules) as recorder:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        objective_value = target_log_likelihood(logits, batch, objective, seed)
+        logits_gradient = log_likelihood_gradient(logits, batch, objective, seed)
         names = [name for name in modules if recorder.outputs[name]]
         outputs = [output for name in names for output in recorder.outputs[name]]
-        gradients = torch.autograd.grad(objective_value, outputs, allow_unused=True)
-    del logits, objective_value
+        gradients = torch.autograd.grad(logits, outputs, grad_outputs=logits_gradient, allow_unused=True)
+    del logits, logits_gradient
+    padded = not bool(batch.attention_mask.bool().all())
     captures: dict[str, ModuleCapture] = {}
     position = 0
     for name in names:
@@ -177,9 +192,11 @@ def capture(
                 token_mask = torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
             if tracked.has_bias:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            weight = token_mask.unsqueeze(-1).to(dtype)
-            a_parts.append(a * weight)
-            s_parts.append(s * weight)
+            if padded:  # zero both at padding (s is zero there already, but only by construction)
+                weight = token_mask.unsqueeze(-1).to(dtype)
+                a, s = a * weight, s * weight
+            a_parts.append(a)
+            s_parts.append(s)
             mask_parts.append(token_mask)
         captures[name] = ModuleCapture(
             a=torch.cat(a_parts, dim=1) if calls > 1 else a_parts[0],

@@ -100,8 +100,8 @@ class CovarianceAccumulator:
         for name, capture in captures.items():
             a = capture.a.reshape(-1, capture.a.shape[-1])  # [B·N, d_in]
             s = capture.s.reshape(-1, capture.s.shape[-1])  # [B·N, d_out]
-            self.activation_sums[name] += (a.T @ a).to("cpu", torch.float64)
-            self.gradient_sums[name] += (s.T @ s).to("cpu", torch.float64)
+            self.activation_sums[name] += gram(a).to("cpu", torch.float64)
+            self.gradient_sums[name] += gram(s).to("cpu", torch.float64)
             self.token_counts[name] += int(capture.token_mask.sum())
         self.n_sequences += n_sequences
 
@@ -149,6 +149,25 @@ class CovarianceAccumulator:
                 gradient_eigenvalues=gradient_eigenvalues,
             )
         return factors
+
+
+def gram(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """xᵀx: [n, d] -> [d, d], exactly symmetric.
+
+    For d ≥ 2·block only the blocks on and above the diagonal are multiplied and the rest is
+    mirrored: ≈ (k+1)/2k of the multiply-adds for k blocks (0.62 at d = 1024, block 256), with
+    each block still a large GEMM. Below that one GEMM is faster.
+    """
+    d = x.shape[1]
+    if d < 2 * block:
+        return x.T @ x
+    out = torch.empty(d, d, dtype=x.dtype, device=x.device)
+    for start in range(0, d, block):
+        stop = min(start + block, d)
+        rows = x[:, start:stop].T @ x[:, start:]  # [stop - start, d - start]
+        out[start:stop, start:] = rows
+        out[stop:, start:stop] = rows[:, stop - start :].T
+    return out
 
 
 def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

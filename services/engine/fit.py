@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .arena import HostArena
 from .capture import ModuleCapture, capture, describe_all
 from .data import TokenizedSequence, TrainingExample, count_batches, length_bucketed_batches, tokenize_training
 from .errors import InputError
@@ -80,23 +81,26 @@ def default_cache_bytes() -> int:
 
 
 class CaptureCache:
-    """Keeps captures (on the CPU) within a byte budget; gives up as a whole once over it."""
+    """Keeps captures (on the CPU, in a HostArena) within a byte budget; gives up as a whole once over it."""
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
         self.batches: list[tuple[dict[str, ModuleCapture], int]] | None = []
-        self.bytes = 0
+        self.arena = HostArena()
+
+    @property
+    def bytes(self) -> int:
+        return self.arena.bytes
 
     def offer(self, captures: dict[str, ModuleCapture], n_sequences: int) -> None:
         if self.batches is None:
             return
         size = sum(c.a.numel() * c.a.element_size() + c.s.numel() * c.s.element_size() for c in captures.values())
         if self.bytes + size > self.budget_bytes:
-            self.batches, self.bytes = None, 0
+            self.release()
             return
-        self.bytes += size
         kept = {
-            name: ModuleCapture(c.a.to("cpu"), c.s.to("cpu"), c.token_mask.to("cpu"), c.calls)
+            name: ModuleCapture(self.arena.copy(c.a), self.arena.copy(c.s), c.token_mask.to("cpu"), c.calls)
             for name, c in captures.items()
         }
         self.batches.append((kept, n_sequences))
@@ -104,6 +108,11 @@ class CaptureCache:
     @property
     def complete(self) -> bool:
         return self.batches is not None
+
+    def release(self) -> None:
+        """Drop everything kept (the cache is incomplete from then on)."""
+        self.batches = None
+        self.arena.release()
 
 
 def _tokens(captures: dict[str, ModuleCapture]) -> int:
@@ -161,14 +170,17 @@ def accumulate_correction(
     """Σ_m (Q_Sᵀ DW_m Q_A)² over `sequences`; from `cache` when it holds the whole covariance pass."""
     progress = progress or Progress()
     accumulator = CorrectionAccumulator(describe_all(modules), bases)
+    device = device_of(model)
     if cache is not None and cache.complete:
         progress.stage("correction", len(cache.batches))
-        for captures, n_sequences in cache.batches:
-            progress.check_cancelled()
-            accumulator.add(captures, n_sequences)
-            progress.advance(1, _tokens(captures))
+        try:
+            for captures, n_sequences in cache.batches:
+                progress.check_cancelled()
+                accumulator.add({name: c.to(device) for name, c in captures.items()}, n_sequences)
+                progress.advance(1, _tokens(captures))
+        finally:
+            cache.release()  # single use: the memory goes back now, not when the caller drops it
         return accumulator
-    device = device_of(model)
     progress.stage("correction", count_batches(len(sequences), batch_size))
     for batch in length_bucketed_batches(sequences, batch_size, pad_token_id):
         progress.check_cancelled()
@@ -232,7 +244,6 @@ def fit_factors(
         correction = accumulate_correction(model, modules, sequences, bases, cache=cache, **common)
         if not n_tokens:
             n_tokens = sum(sequence.length for sequence in sequences)
-    del cache
     progress.close()
     return FactorSet(
         strategy=config.strategy,
