@@ -100,8 +100,8 @@ class CovarianceAccumulator:
         for name, capture in captures.items():
             a = capture.a.reshape(-1, capture.a.shape[-1])  # [B·N, d_in]
             s = capture.s.reshape(-1, capture.s.shape[-1])  # [B·N, d_out]
-            self.activation_sums[name] += gram(a).to("cpu", torch.float64)
-            self.gradient_sums[name] += gram(s).to("cpu", torch.float64)
+            accumulate(self.activation_sums[name], gram(a))
+            accumulate(self.gradient_sums[name], gram(s))
             self.token_counts[name] += int(capture.token_mask.sum())
         self.n_sequences += n_sequences
 
@@ -149,6 +149,12 @@ class CovarianceAccumulator:
                 gradient_eigenvalues=gradient_eigenvalues,
             )
         return factors
+
+
+def accumulate(total: torch.Tensor, value: torch.Tensor) -> None:
+    """total += value, with total a float64 CPU sum: the cast is fused into the add (no float64
+    copy of value), and a device value is copied to the CPU once."""
+    total.add_(value if value.device == total.device else value.to(total.device))
 
 
 def gram(x: torch.Tensor, block: int = 256) -> torch.Tensor:
@@ -219,7 +225,7 @@ class CorrectionAccumulator:
     def add(self, captures: dict[str, ModuleCapture], n_sequences: int) -> None:
         for name, capture in captures.items():
             rotated = rotated_per_sequence_gradients(capture, *self._basis(name, capture.a))
-            self.squared_sums[name] += rotated.square().sum(0).to("cpu", torch.float64)
+            accumulate(self.squared_sums[name], rotated.square_().sum(0))
         self.n_sequences += n_sequences
 
     def merge(self, other: CorrectionAccumulator) -> None:
