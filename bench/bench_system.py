@@ -1,26 +1,33 @@
 """Service-system benchmark: embedded-system overhead over the in-process engine on the demo
 workload, a factor fit with 2 workers vs 1, and bytes moved through the store per stage.
 
-    .venv/bin/python bench/bench_system.py [--work-dir .cache/demo] [--repeats 2]
+    .venv/bin/python bench/bench_system.py [--work-dir .cache/demo] [--repeats 5] [--scale 1]
 
-Prints a markdown table and writes bench/out/system.json. Each configuration runs `--repeats`
-times and the fastest is kept (the machine is shared; the minimum is the least disturbed).
+`--scale K` repeats the demo's training corpus K times (ids made unique), to see the fixed
+costs amortise. Prints a markdown table and writes bench/out/system-x{K}.json. Configurations
+run interleaved, `--repeats` rounds, and each reports its median round (the machine is shared
+and sub-second timings jitter by ±30%).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.client import InfluenceClient
+import torch
+
 from services.engine.data import read_queries_jsonl, read_training_jsonl
 from services.engine.fit import FitConfig, fit_factors
 from services.engine.model_io import load_model_and_tokenizer
@@ -76,62 +83,109 @@ def in_process(paths, fit_config, score_config) -> dict:
         "fit_s": fitted - loaded,
         "score_s": done - fitted,
         "total_s": done - started,
-        "scores": result.scores,
+        "scores": result.scores.tolist(),
     }
 
 
 def embedded(paths, fit_config, score_config, workers: int) -> dict:
+    """The CLI's way: a foreground embedded system (worker 0 on this thread, the client on another)."""
     queries = read_queries_jsonl(paths.queries_jsonl)
     model = str(Path(paths.model_dir).resolve())
-    started = time.perf_counter()
-    with EmbeddedSystem(workers=workers) as system, InfluenceClient(system.target) as client:
+    times = {"started": time.perf_counter()}
+    out = Path("bench/out/embedded-scores")
+
+    def body(client) -> dict:
+        times["up"] = time.perf_counter()
+        dataset = client.register_dataset(model, paths.train_jsonl, shard_size=256, max_length=fit_config.max_length)
+        times["registered"] = time.perf_counter()
+        factor_set = client.fit_factors(model, dataset.name, batch_size=fit_config.batch_size)
+        times["fitted"] = time.perf_counter()
+        result = client.compute_scores(
+            model, factor_set.name, dataset.name, queries, batch_size=score_config.batch_size, top_k=score_config.top_k
+        )
+        times["done"] = time.perf_counter()
+        client.download_result(result.name, out)
+        return {"shards": dataset.num_shards}
+
+    with EmbeddedSystem(workers=workers, foreground=True) as system:
         counting = CountingStore(system.system.store)
         system.system.store = counting
         for worker in system.workers:
             worker.context.store = counting
-        up = time.perf_counter()
-        dataset = client.register_dataset(model, paths.train_jsonl, shard_size=128, max_length=fit_config.max_length)
-        registered = time.perf_counter()
-        factor_set = client.fit_factors(model, dataset.name, batch_size=fit_config.batch_size)
-        fitted = time.perf_counter()
-        result = client.compute_scores(
-            model, factor_set.name, dataset.name, queries, batch_size=score_config.batch_size, top_k=score_config.top_k
-        )
-        done = time.perf_counter()
-        out = Path("bench/out/embedded-scores")
-        client.download_result(result.name, out)
+        info = system.run(body)
     from safetensors.torch import load_file
 
     return {
-        "startup_s": up - started,
-        "register_s": registered - up,
-        "fit_s": fitted - registered,
-        "score_s": done - fitted,
-        "total_s": done - started,
-        "shards": dataset.num_shards,
+        "startup_s": times["up"] - times["started"],
+        "register_s": times["registered"] - times["up"],
+        "fit_s": times["fitted"] - times["registered"],
+        "score_s": times["done"] - times["fitted"],
+        "total_s": times["done"] - times["started"],
+        "shards": info["shards"],
         "bytes_written": dict(counting.written),
         "bytes_read": dict(counting.read),
-        "scores": load_file(str(out / "scores.safetensors"))["scores"],
+        "scores": load_file(str(out / "scores.safetensors"))["scores"].tolist(),
     }
 
 
-def best(runs: list[dict]) -> dict:
-    return min(runs, key=lambda run: run["total_s"])
+CONFIGURATIONS = {
+    "in_process": lambda paths, fit, score: in_process(paths, fit, score),
+    "embedded_1": lambda paths, fit, score: embedded(paths, fit, score, workers=1),
+    "embedded_2": lambda paths, fit, score: embedded(paths, fit, score, workers=2),
+}
+
+
+def run_one(name: str, paths, fit_config, score_config) -> dict:
+    """One configuration in a fresh process, as a CLI command would run it."""
+    command = [sys.executable, __file__, "--configuration", name, "--train", str(paths.train_jsonl)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def median(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda run: run["total_s"])[len(runs) // 2]
+
+
+def scaled_corpus(paths, scale: int) -> Path:
+    """The demo training corpus repeated `scale` times, as a JSONL file under bench/out."""
+    if scale == 1:
+        return Path(paths.train_jsonl)
+    lines = Path(paths.train_jsonl).read_text().splitlines()
+    target = Path(f"bench/out/train-x{scale}.jsonl")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w") as handle:
+        for copy in range(scale):
+            for line in lines:
+                record = json.loads(line)
+                record["id"] = f"{record['id']}-{copy}"
+                handle.write(json.dumps(record) + "\n")
+    return target
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work-dir", default=".cache/demo")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--scale", type=int, default=1)
+    parser.add_argument("--configuration", choices=sorted(CONFIGURATIONS), help=argparse.SUPPRESS)
+    parser.add_argument("--train", help=argparse.SUPPRESS)
     args = parser.parse_args()
     paths = prepare_demo(Path(args.work_dir), progress=False)
     fit_config = FitConfig(batch_size=16, max_length=128)
     score_config = ScoreConfig(batch_size=16, max_length=128, top_k=5)
+    if args.configuration:  # a child process: run one configuration, print its JSON
+        paths = dataclasses.replace(paths, train_jsonl=Path(args.train))
+        print(json.dumps(CONFIGURATIONS[args.configuration](paths, fit_config, score_config)))
+        return
+    paths = dataclasses.replace(paths, train_jsonl=scaled_corpus(paths, args.scale))
 
-    local = best([in_process(paths, fit_config, score_config) for _ in range(args.repeats)])
-    one = best([embedded(paths, fit_config, score_config, workers=1) for _ in range(args.repeats)])
-    two = best([embedded(paths, fit_config, score_config, workers=2) for _ in range(args.repeats)])
-    agreement = float((one["scores"] - local["scores"]).abs().max() / local["scores"].abs().max())
+    rounds = {name: [] for name in CONFIGURATIONS}
+    for _ in range(args.repeats):
+        for name in CONFIGURATIONS:
+            rounds[name].append(run_one(name, paths, fit_config, score_config))
+    local, one, two = (median(rounds[name]) for name in CONFIGURATIONS)
+    one_scores, local_scores = torch.tensor(one["scores"]), torch.tensor(local["scores"])
+    agreement = float((one_scores - local_scores).abs().max() / local_scores.abs().max())
 
     def row(name, run, keys):
         return f"| {name} | " + " | ".join(f"{run[k]:.2f}" if k in run else "-" for k in keys) + " |"
@@ -152,6 +206,8 @@ def main() -> None:
         print(f"| {kind} | {one['bytes_written'].get(kind, 0):,} | {one['bytes_read'].get(kind, 0):,} |")
     Path("bench/out").mkdir(parents=True, exist_ok=True)
     summary = {
+        "scale": args.scale,
+        "training_sequences": len(Path(paths.train_jsonl).read_text().splitlines()),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "in_process": {k: v for k, v in local.items() if k != "scores"},
@@ -160,7 +216,7 @@ def main() -> None:
         "overhead": overhead,
         "max_relative_score_difference": agreement,
     }
-    Path("bench/out/system.json").write_text(json.dumps(summary, indent=2))
+    Path(f"bench/out/system-x{args.scale}.json").write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

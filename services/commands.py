@@ -9,10 +9,11 @@ bars, and the outputs are downloaded into --out.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from .engine.data import read_queries_jsonl, read_training_jsonl
 from .engine.errors import InputError, NotFoundError
@@ -21,6 +22,8 @@ from .engine.model_io import load_tokenizer, parse_device, parse_dtype
 from .engine.score import ScoreConfig
 from .gen.influence.v1 import common_pb2
 from .system.factor_artifacts import load_factors
+
+T = TypeVar("T")
 
 
 def _log(args, message: str) -> None:
@@ -77,19 +80,18 @@ class StageBars:
         self.close(clear=error_type is not None)  # an error message stays a single line
 
 
-@contextlib.contextmanager
-def connected(args):
-    """An InfluenceClient to --server, or to an embedded system started for this command."""
+def through_system(args, body: Callable[..., T]) -> T:
+    """body(client) against --server, or against an embedded system started for this command
+    (whose worker runs on this thread while body waits on a helper thread: see system/embedded.py)."""
     from .client import InfluenceClient
 
     if args.server:
         with InfluenceClient(args.server) as client:
-            yield client
-        return
+            return body(client)
     from .system.embedded import EmbeddedSystem
 
-    with EmbeddedSystem() as system, InfluenceClient(system.target) as client:
-        yield client
+    with EmbeddedSystem(foreground=True) as system:
+        return system.run(body)
 
 
 def _model(args) -> common_pb2.ModelSpec:
@@ -128,20 +130,25 @@ def run_fit(args) -> int:
     out = _out_dir(args.out)
     model = _model(args)
     started = time.perf_counter()
-    with StageBars(not args.quiet) as bars, connected(args) as client:
-        dataset = _register(client, args, model, bars)
-        factor_set = client.fit_factors(
-            model,
-            dataset,
-            progress=bars,
-            strategy=config.strategy,
-            fisher=config.fisher,
-            modules=config.modules,
-            batch_size=config.batch_size,
-            max_examples=config.max_examples or 0,
-            seed=config.seed,
-        )
-        client.download_factors(factor_set.name, out)
+    with StageBars(not args.quiet) as bars:
+
+        def fit(client):
+            dataset = _register(client, args, model, bars)
+            factor_set = client.fit_factors(
+                model,
+                dataset,
+                progress=bars,
+                strategy=config.strategy,
+                fisher=config.fisher,
+                modules=config.modules,
+                batch_size=config.batch_size,
+                max_examples=config.max_examples or 0,
+                seed=config.seed,
+            )
+            client.download_factors(factor_set.name, out)
+            return factor_set
+
+        factor_set = through_system(args, fit)
     _log(
         args,
         f"fitted {factor_set.strategy} factors for {len(factor_set.modules)} modules on {factor_set.num_sequences} "
@@ -180,24 +187,29 @@ def run_score(args) -> int:
     out = _out_dir(args.out)
     model = _model(args)
     started = time.perf_counter()
-    with StageBars(not args.quiet) as bars, connected(args) as client:
-        factor_set = _factor_set(client, args)
-        dataset = _register(client, args, model, bars)
-        result = client.compute_scores(
-            model,
-            factor_set,
-            dataset,
-            queries,
-            progress=bars,
-            damping=config.damping,
-            damping_factor=config.damping_factor,
-            query_rank=config.query_rank or 0,
-            top_k=config.top_k,
-            per_module=config.per_module,
-            per_token=config.per_token,
-            batch_size=config.batch_size,
-        )
-        client.download_result(result.name, out)
+    with StageBars(not args.quiet) as bars:
+
+        def score(client):
+            factor_set = _factor_set(client, args)
+            dataset = _register(client, args, model, bars)
+            result = client.compute_scores(
+                model,
+                factor_set,
+                dataset,
+                queries,
+                progress=bars,
+                damping=config.damping,
+                damping_factor=config.damping_factor,
+                query_rank=config.query_rank or 0,
+                top_k=config.top_k,
+                per_module=config.per_module,
+                per_token=config.per_token,
+                batch_size=config.batch_size,
+            )
+            client.download_result(result.name, out)
+            return result
+
+        result = through_system(args, score)
     _log(
         args,
         f"scored {result.num_queries} queries x {result.num_train} sequences "
@@ -213,20 +225,25 @@ def run_self(args) -> int:
         load_factors(args.factors)
     out = _out_dir(args.out)
     model = _model(args)
-    with StageBars(not args.quiet) as bars, connected(args) as client:
-        factor_set = _factor_set(client, args)
-        dataset = _register(client, args, model, bars)
-        result = client.compute_self_influence(
-            model,
-            factor_set,
-            dataset,
-            progress=bars,
-            damping=config.damping,
-            damping_factor=config.damping_factor,
-            top_k=config.top_k,
-            batch_size=config.batch_size,
-        )
-        client.download_result(result.name, out)
+    with StageBars(not args.quiet) as bars:
+
+        def self_influence(client):
+            factor_set = _factor_set(client, args)
+            dataset = _register(client, args, model, bars)
+            result = client.compute_self_influence(
+                model,
+                factor_set,
+                dataset,
+                progress=bars,
+                damping=config.damping,
+                damping_factor=config.damping_factor,
+                top_k=config.top_k,
+                batch_size=config.batch_size,
+            )
+            client.download_result(result.name, out)
+            return result
+
+        result = through_system(args, self_influence)
     _log(args, f"self-influence of {result.num_train} sequences -> {out}")
     return 0
 
@@ -244,7 +261,7 @@ def run_serve(args) -> int:
 
     from .rpc.server import serve_forever
     from .system.config import system_from_args
-    from .system.runner import Worker
+    from .system.runner import Worker, threads_per_worker
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     roles = tuple(role.strip() for role in args.role.split(",") if role.strip())
@@ -252,7 +269,8 @@ def run_serve(args) -> int:
     if unknown or not roles:
         raise InputError(f"--role takes factor, gradient and/or query, got {args.role!r}")
     with system_from_args(args) as system:
-        workers = [Worker(system, consumer=f"serve-{n}") for n in range(args.workers)]
+        cores_each = threads_per_worker(args.workers)
+        workers = [Worker(system, consumer=f"serve-{n}", torch_threads=cores_each) for n in range(args.workers)]
         threads = [threading.Thread(target=w.run_forever, daemon=True) for w in workers]
         for thread in threads:
             thread.start()

@@ -19,7 +19,6 @@ from .engine.data import read_queries_jsonl, read_training_jsonl
 
 
 def run_demo(args) -> int:
-    from .client import InfluenceClient
     from .commands import StageBars
     from .system.embedded import EmbeddedSystem
     from .toy.demo_data import prepare_demo
@@ -36,7 +35,8 @@ def run_demo(args) -> int:
     model = str(Path(paths.model_dir).resolve())
 
     say("[2/4] starting the embedded system (Redis, local artifacts, gRPC services, a worker)")
-    with EmbeddedSystem() as system, InfluenceClient(system.target) as client:
+
+    def fit_and_score(client) -> None:
         with StageBars(not args.quiet) as bars:
             dataset = client.register_dataset(model, paths.train_jsonl, shard_size=256, max_length=128, progress=bars)
         say(f"[3/4] fitting EK-FAC factors on {dataset.num_examples} training sequences ({dataset.num_shards} shards)")
@@ -57,6 +57,9 @@ def run_demo(args) -> int:
                 per_token=True,
             )
         client.download_result(result.name, out / "scores")
+
+    with EmbeddedSystem(foreground=True) as system:
+        system.run(fit_and_score)
     report = json.loads((out / "scores" / "results.json").read_text())
 
     hits_at_1 = 0

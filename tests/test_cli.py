@@ -313,3 +313,33 @@ def test_the_installed_entry_point_reports_errors_without_a_traceback(workspace,
     assert result.stderr.strip().splitlines() == [
         f"influence score: error: queries file not found: {tmp_path / 'missing.jsonl'}"
     ]
+
+
+def test_the_foreground_embedded_system_works_on_the_callers_thread(workspace):
+    """EmbeddedSystem.run: tasks run on the calling thread (the one that may own torch's OpenMP
+    team), the body on a helper thread; the body's result and its errors come back to the caller."""
+    import threading
+
+    from services.engine.errors import NotFoundError
+    from services.system import runner
+    from services.system.embedded import EmbeddedSystem
+
+    seen = []
+    original = runner.run_stage
+
+    def recording(context, spec, job, stage, shard):
+        seen.append((stage, threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+        return original(context, spec, job, stage, shard)
+
+    runner.run_stage = recording
+    try:
+        with EmbeddedSystem(foreground=True) as system:
+            dataset = system.run(
+                lambda client: client.register_dataset(str(workspace / "model"), workspace / "train.jsonl")
+            )
+            assert dataset.num_examples == 14
+            with pytest.raises(NotFoundError, match="not found"):
+                system.run(lambda client: client.get_dataset("datasets/0000"))
+    finally:
+        runner.run_stage = original
+    assert seen == [("register", True, runner.available_cores())]

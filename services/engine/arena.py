@@ -6,8 +6,7 @@ benchmark VMs: ≈ 2 s per GiB of never-touched memory with 4 KiB pages) that fi
 than the arithmetic the cache saves, and kept tensors interleaved with a pass's transient ones
 also fragment the allocator. The arena takes memory in large anonymous mappings advised as
 transparent huge pages (512× fewer faults where THP is in madvise mode) and hands out slices,
-so transient tensors keep reusing the allocator's warm memory, and populates each mapping in
-one system call.
+so transient tensors keep reusing the allocator's warm memory.
 
     arena = HostArena()
     kept = arena.copy(tensor)   # a CPU copy living in the arena
@@ -22,12 +21,6 @@ import mmap
 import torch
 
 _ALIGN = 64  # bytes: a cache line, and enough for every dtype's alignment
-# Huge pages where THP is in madvise mode, then populate the chunk in one system call
-# (MADV_POPULATE_WRITE, Linux 5.14+): measured here 0.37 s/GiB against ≈ 2 s/GiB when the
-# same pages fault in one by one as a copy first touches them.
-_ADVICE = [getattr(mmap, "MADV_HUGEPAGE", None), getattr(mmap, "MADV_POPULATE_WRITE", 23)]
-_ADVICE = [advice for advice in _ADVICE if advice is not None and hasattr(mmap.mmap, "madvise")]
-
 
 class HostArena:
     def __init__(self, chunk_bytes: int = 256 << 20):
@@ -38,9 +31,6 @@ class HostArena:
 
     def _new_chunk(self, size: int) -> None:
         region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        for advice in _ADVICE:
-            with contextlib.suppress(OSError):  # an older kernel: plain pages, faulted on first touch
-                region.madvise(advice)
         self._chunks.append((region, torch.frombuffer(region, dtype=torch.uint8)))
         self._offset = 0
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from google.protobuf import empty_pb2
 
 from ..engine.data import parse_jsonl, training_examples
@@ -25,6 +27,11 @@ from ..system.stages import dataset_manifest
 class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
     def __init__(self, system: JobSystem, limits: Limits):
         self.system, self.limits = system, limits
+        # StreamBlocks computes gradients off the event loop, on one thread with one torch CPU
+        # thread: it must not own an OpenMP team beside the workers' (see system/embedded.py).
+        self._blocks_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="stream-blocks", initializer=torch.set_num_threads, initargs=(1,)
+        )
 
     @grpc_errors
     async def RegisterDataset(self, request, context):
@@ -94,7 +101,7 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
         )
         loop = asyncio.get_running_loop()
         while True:
-            block = await loop.run_in_executor(None, next, blocks, None)
+            block = await loop.run_in_executor(self._blocks_executor, next, blocks, None)
             if block is None:
                 return
             yield block
