@@ -13,6 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services.system.runner import STAGES
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "influence"
 HELM = ROOT / "tools" / "bin" / "helm"
@@ -110,18 +112,7 @@ def test_default_renders_the_whole_system():
     for pool in ("gpu", "cpu"):
         args = pod(docs, f"worker-{pool}")["spec"]["containers"][0]["args"]
         kinds |= set(args[args.index("--kinds") + 1].split(","))
-    assert kinds == {
-        "register",
-        "covariance",
-        "eigen",
-        "correction",
-        "finalize",
-        "prepare",
-        "score",
-        "merge",
-        "self",
-        "self_merge",
-    }
+    assert kinds == set(STAGES)
 
 
 def test_gpu_pools_get_gpus_tolerations_and_affinity():

@@ -43,6 +43,7 @@ from services.system.factor_artifacts import load_factors
 from services.system.runner import JobSystem, Worker
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
+from tests.servers.ports import wait_until
 from tests.servers.redis import redis_server  # noqa: F401
 from tests.servers.s3 import s3_server  # noqa: F401
 
@@ -478,3 +479,37 @@ def test_a_worker_killed_mid_task_does_not_change_the_result(redis_server, s3_se
         for field, value in factors.tensors().items():
             assert torch.equal(getattr(killed["factors"].factors[name], field), value), (name, field)
     assert killed["record"]["state"] == "SUCCEEDED"
+
+
+def test_stream_blocks_relays_a_workers_job_and_a_consumer_leaving_cancels_it(cluster, workspace):
+    client, model = cluster.client, str(workspace / "model")
+    dataset = client.register_dataset(model, workspace / "train.jsonl", shard_size=23)
+
+    def stream(**fields):
+        request = gradient_service_pb2.StreamBlocksRequest(
+            dataset=dataset.name, shard=0, model=common_pb2.ModelSpec(path=model), **fields
+        )
+        return client.gradients.StreamBlocks(request)
+
+    def blocks_jobs() -> list[dict]:
+        return [r for r in cluster.system.operations.list(100)[0] if r["kind"] == "stream_blocks"]
+
+    # A complete stream: every sequence once, in order, and the worker's blocks deleted after.
+    blocks = list(stream(block_size=5))
+    assert [len(b.example_ids) for b in blocks] == [5, 5, 5, 5, 3]
+    assert [i for b in blocks for i in b.example_ids] == [f"t{n}" for n in range(23)]
+    (finished,) = blocks_jobs()
+    assert finished["state"] == "SUCCEEDED"
+    assert not cluster.store.list(f"jobs/{finished['id']}/blocks/")
+
+    # A consumer that leaves after one block cancels the worker's job.
+    responses = stream(block_size=1)
+    next(responses)
+    responses.cancel()
+    wait_until(lambda: any(r["state"] == "CANCELLED" for r in blocks_jobs()), 20, "the blocks job cancelled")
+
+    # A job that fails on the worker ends the stream with the job's status code.
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stream(modules=r"^nothing\.matches$"))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "matches no linear module" in raised.value.details()

@@ -3,35 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import json
 
-import torch
 from google.protobuf import empty_pb2
 
 from ..engine.data import parse_jsonl, training_examples
+from ..engine.modules import check_selection
 from ..gen.influence.v1 import (
     gradient_service_pb2,
     gradient_service_pb2_grpc,
 )
+from ..jobs.operations import CANCELLED, FAILED
 from ..rpc import validation
 from ..rpc.common import Limits, list_artifacts, model_ref, new_id, operation_message
 from ..rpc.resources import dataset_message
-from ..rpc.status import RequestError, grpc_errors
+from ..rpc.status import JobFailed, RequestError, grpc_errors
 from ..storage import delete_artifact
 from ..system import layout
+from ..system.blocks import block_key, count_key
 from ..system.runner import JobSystem
 from ..system.specs import JobSpec
 from ..system.stages import dataset_manifest
+
+_POLL_SECONDS = 0.05  # how often StreamBlocks looks for the worker's next block
 
 
 class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
     def __init__(self, system: JobSystem, limits: Limits):
         self.system, self.limits = system, limits
-        # StreamBlocks computes gradients off the event loop, on one thread with one torch CPU
-        # thread: it must not own an OpenMP team beside the workers' (see system/embedded.py).
-        self._blocks_executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="stream-blocks", initializer=torch.set_num_threads, initargs=(1,)
-        )
 
     @grpc_errors
     async def RegisterDataset(self, request, context):
@@ -84,24 +83,41 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
 
     @grpc_errors
     async def StreamBlocks(self, request, context):
-        from ..system.blocks import gradient_blocks
-
+        """Submits a one-task blocks job (a worker computes, see system/blocks.py) and streams the
+        blocks as the worker writes them. A consumer that goes away cancels the job."""
         dataset_id = validation.resource_id(request.dataset, "datasets", "dataset")
         manifest = dataset_manifest(self.system.store, dataset_id)
         if not 0 <= request.shard < manifest["num_shards"]:
             raise RequestError(f"shard must be in [0, {manifest['num_shards']}), got {request.shard}")
-        model = model_ref(request.model)
-        blocks = gradient_blocks(
-            self.system.store,
-            dataset_id,
-            request.shard,
-            model,
-            request.modules or "mlp",
-            validation.positive(request.block_size, "block_size", 8, 1024),
+        modules = request.modules or "mlp"
+        check_selection(modules)
+        spec = JobSpec(
+            "blocks",
+            model_ref(request.model),
+            dataset_id=dataset_id,
+            num_shards=1,
+            config={
+                "shard": request.shard,
+                "modules": modules,
+                "block_size": validation.positive(request.block_size, "block_size", 8, 1024),
+            },
         )
-        loop = asyncio.get_running_loop()
-        while True:
-            block = await loop.run_in_executor(self._blocks_executor, next, blocks, None)
-            if block is None:
-                return
-            yield block
+        job = self.system.submit("stream_blocks", spec, target=f"{request.dataset}/shards/{request.shard}")["id"]
+        store, sent, total = self.system.store, 0, None
+        try:
+            while total is None or sent < total:
+                if store.exists(block_key(job, sent)):
+                    yield gradient_service_pb2.GradientBlock.FromString(store.get_bytes(block_key(job, sent)))
+                    sent += 1
+                elif total is None and store.exists(count_key(job)):
+                    total = json.loads(store.get_bytes(count_key(job)))["blocks"]
+                else:
+                    record = self.system.operations.get(job)
+                    if record["state"] in (FAILED, CANCELLED):
+                        raise JobFailed(record["error_code"], record.get("error_message", "the blocks job failed"))
+                    await asyncio.sleep(_POLL_SECONDS)
+        finally:
+            if total is None or sent < total:  # the consumer went away or the job failed
+                self.system.operations.cancel(job)
+            else:
+                store.delete_prefix(layout.job_prefix(job))

@@ -34,6 +34,14 @@ class Unavailable(EngineError):
     """A backing service (Redis, object storage) is unreachable (UNAVAILABLE: clients may retry)."""
 
 
+class JobFailed(EngineError):
+    """A job a streaming call waited on failed: the call ends with the job's own status code."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code  # a google.rpc.Code value
+
+
 # Checked in order: the first matching class decides. Storage and job-queue errors register
 # themselves with `register` so this module needs no import of them.
 _CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
@@ -53,6 +61,8 @@ def register(error_type: type[BaseException], code: grpc.StatusCode) -> None:
 
 
 def status_of(error: BaseException) -> grpc.StatusCode:
+    if isinstance(error, JobFailed):
+        return next((code for code in grpc.StatusCode if code.value[0] == error.code), grpc.StatusCode.UNKNOWN)
     for error_type, code in _CODES:
         if isinstance(error, error_type):
             return code

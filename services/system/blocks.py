@@ -1,7 +1,14 @@
-"""Training-gradient blocks of a shard for StreamBlocks: per-sequence gradients, a block at a time."""
+"""Training-gradient blocks of a shard, for StreamBlocks: per-sequence gradients, a block at a time.
+
+A "blocks" job has one task, run on a worker like every other computation (GPU pools compute,
+the API servers stream): it writes block i of the shard to jobs/{job}/blocks/{i}.pb (a
+serialised GradientBlock) in order, then jobs/{job}/blocks/count.json. A redelivered task
+rewrites the same bytes, so a reader that has already streamed blocks 0..i-1 simply goes on.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import torch
@@ -12,31 +19,50 @@ from ..engine.data import collate
 from ..engine.fit import prepare_model
 from ..engine.modules import device_of
 from ..gen.influence.v1 import gradient_service_pb2
-from .model_cache import ModelCache
-from .specs import ModelRef
-from .stages import dataset_artifact, load_records, load_shard
+from ..storage import ArtifactReader
 
-_models = ModelCache(capacity=1)
+
+def block_key(job: str, block: int) -> str:
+    return f"jobs/{job}/blocks/{block:05d}.pb"
+
+
+def count_key(job: str) -> str:
+    """Written after the last block: {"blocks": n}."""
+    return f"jobs/{job}/blocks/count.json"
 
 
 def gradient_blocks(
-    store, dataset_id: str, shard: int, model: ModelRef, modules: str, block_size: int
+    dataset: ArtifactReader, shard: int, model, tokenizer, modules: str, block_size: int, progress=None
 ) -> Iterator[gradient_service_pb2.GradientBlock]:
-    """Yields blocks of ∇ log p(z_m): per module a float32 tensor [n, d_out, d_in(+1)]."""
-    loaded_model, tokenizer = _models.get(model)
-    tracked_modules, _ = prepare_model(loaded_model, modules)
-    dataset = dataset_artifact(store, dataset_id)
+    """Yields blocks of ∇ log p(z_m): per module a float32 tensor [n, d_out, d_in(+1)], plus
+    "example_index" [n] (global indices)."""
+    from .stages import load_records, load_shard
+
+    tracked_modules, _ = prepare_model(model, modules)
     sequences, records = load_shard(dataset, shard), load_records(dataset, shard)
-    device = device_of(loaded_model)
+    device = device_of(model)
     for start in range(0, len(sequences), block_size):
+        if progress is not None:
+            progress.check_cancelled()
         block = sequences[start : start + block_size]
-        captures = capture(loaded_model, tracked_modules, collate(block, tokenizer.pad_token_id).to(device), "true")
+        captures = capture(model, tracked_modules, collate(block, tokenizer.pad_token_id).to(device), "true")
         tensors = {
             name: c.per_sequence_gradients().to("cpu", torch.float32).contiguous() for name, c in captures.items()
         }
         tensors["example_index"] = torch.tensor([sequence.index for sequence in block])
+        if progress is not None:
+            progress.advance(1, sum(sequence.length for sequence in block))
         yield gradient_service_pb2.GradientBlock(
             shard=shard,
             example_ids=[records[start + offset]["id"] for offset in range(len(block))],
             safetensors=save_tensors(tensors),
         )
+
+
+def write_blocks(store, job: str, blocks: Iterator[gradient_service_pb2.GradientBlock]) -> int:
+    """Write each block as it is computed, then the count; returns the number of blocks."""
+    count = 0
+    for count, block in enumerate(blocks, start=1):
+        store.put_bytes(block_key(job, count - 1), block.SerializeToString())
+    store.put_bytes(count_key(job), json.dumps({"blocks": count}).encode())
+    return count

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
+from google.protobuf import empty_pb2
 from google.rpc import code_pb2
 
 from ..engine.errors import CancelledError, InputError, NotFoundError, PreconditionError
@@ -44,6 +45,7 @@ STAGES = (
     "merge",
     "self",
     "self_merge",
+    "blocks",
 )
 PERMANENT = (InputError, NotFoundError, PreconditionError)
 
@@ -119,6 +121,8 @@ class OperationProgress(Progress):
 
 
 def response_of(spec: JobSpec, metadata: dict) -> bytes:
+    if spec.kind == "blocks":  # the blocks themselves are the output (StreamBlocks reads them)
+        return packed(empty_pb2.Empty())
     if spec.kind == "register":
         return packed(dataset_message(metadata))
     if spec.kind == "fit":

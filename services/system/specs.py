@@ -20,7 +20,7 @@ class ModelRef:
 
 @dataclass
 class JobSpec:
-    """kind: "register" | "fit" | "score" | "self"."""
+    """kind: "register" | "fit" | "score" | "self" | "blocks"."""
 
     kind: str
     model: ModelRef
@@ -30,7 +30,8 @@ class JobSpec:
     display_name: str = ""
     shard_size: int = 256
     max_length: int = 512
-    # fit: engine FitConfig fields; score/self: engine ScoreConfig fields
+    # fit: engine FitConfig fields; score/self: engine ScoreConfig fields; blocks: shard,
+    # modules, block_size
     config: dict = field(default_factory=dict)
     factor_set_id: str = ""
     result_id: str = ""

@@ -7,6 +7,7 @@ same bytes, so at-least-once delivery is harmless. No Redis or gRPC here: runner
                (kfac skips correction; diagonal skips covariance/eigen; identity is finalize only)
     score:     prepare -> score×k -> merge                             -> result artifact
     self:      self×k -> self_merge                                    -> result artifact
+    blocks:    blocks (one shard's per-sequence gradients)             -> jobs/{job}/blocks/ for StreamBlocks
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from ..engine.scoring import ModuleQueries
 from ..reports import pairwise_report, self_report
 from ..storage import ArtifactReader, ArtifactStore, ArtifactWriter, get_tensors, open_artifact, put_tensors
 from . import layout
+from .blocks import gradient_blocks, write_blocks
 from .factor_artifacts import factor_reader, publish_factor_set, read_factor_set
 from .model_cache import ArtifactCache, ModelCache
 from .specs import JobSpec
@@ -90,8 +92,8 @@ class StageContext:
 
 
 def first_stages(spec: JobSpec) -> list[str]:
-    if spec.kind == "register":
-        return ["register"]
+    if spec.kind in ("register", "blocks"):
+        return [spec.kind]
     if spec.kind == "score":
         return ["prepare"]
     if spec.kind == "self":
@@ -485,6 +487,21 @@ def run_self_merge(context: StageContext, spec: JobSpec, job: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
+# blocks (StreamBlocks' computation; see blocks.py)
+
+
+def run_blocks(context: StageContext, spec: JobSpec, job: str) -> dict:
+    model, tokenizer = context.models.get(spec.model)
+    dataset = dataset_artifact(context.store, spec.dataset_id)
+    shard, block_size = spec.config["shard"], spec.config["block_size"]
+    context.progress.stage("blocks", -(-len(load_records(dataset, shard)) // block_size))
+    blocks = gradient_blocks(
+        dataset, shard, model, tokenizer, spec.config["modules"], block_size, progress=context.progress
+    )
+    return {"kind": "blocks", "num_blocks": write_blocks(context.store, job, blocks)}
+
+
+# ------------------------------------------------------------------------------------------
 
 
 def run_stage(context: StageContext, spec: JobSpec, job: str, stage: str, shard: int) -> dict | None:
@@ -496,6 +513,7 @@ def run_stage(context: StageContext, spec: JobSpec, job: str, stage: str, shard:
         return None
     handler = {
         "register": run_register,
+        "blocks": run_blocks,
         "eigen": run_eigen,
         "finalize": run_finalize,
         "prepare": run_prepare,

@@ -97,9 +97,11 @@ class GradientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamBlocks(self, request, context):
-        """Computes one shard's per-sequence training gradients and streams them, a block of
-        sequences at a time, for consumers outside the system. Scoring inside the system never
-        streams blocks: it contracts them in place on the workers (docs/architecture.md says why).
+        """Streams one shard's per-sequence training gradients, a block of sequences at a time, for
+        consumers outside the system: a worker computes them (a one-task job; cancelled when the
+        stream is) and the server relays each block as soon as it is written. Scoring inside the
+        system never streams blocks: it contracts them in place on the workers
+        (docs/architecture.md says why).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
