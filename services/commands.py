@@ -54,6 +54,8 @@ class StageBars:
         from tqdm import tqdm
 
         if metadata.stage != self._stage:
+            if self._bar is not None:  # the stage is over: show it complete before moving on
+                self._bar.update(self._bar.total - self._bar.n)
             self.close()
             self._stage = metadata.stage
             if metadata.stage == "done":

@@ -62,12 +62,13 @@ def run_demo(args) -> int:
         system.run(fit_and_score)
     report = json.loads((out / "scores" / "results.json").read_text())
 
-    hits_at_1 = 0
+    hits_at_1 = hits_in_top = 0
     summary_rows = []
     for query in report["queries"]:
         wanted = set(expected.get(query["id"], []))
         top = query["top"]
         hits_at_1 += bool(top) and top[0]["id"] in wanted
+        hits_in_top += any(entry["id"] in wanted for entry in top)
         print(f"\nQuery {query['id']}: {query['prompt']!r} -> {query['completion']!r}")
         for entry in top[:3]:
             mark = "planted" if entry["id"] in wanted else "       "
@@ -77,11 +78,14 @@ def run_demo(args) -> int:
         "queries": len(report["queries"]),
         "training_sequences": len(examples),
         "top1_is_planted": hits_at_1,
+        "planted_in_top5": hits_in_top,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "demo.json").write_text(json.dumps({"summary": summary, "queries": summary_rows}, indent=2))
     print(
-        f"\n{hits_at_1}/{len(report['queries'])} queries have a planted training sequence as their most "
-        f"influential one ({summary['seconds']} s). Results in {out}/."
+        f"\n{hits_at_1}/{len(report['queries'])} queries have a planted training sequence (one stating the "
+        f"queried fact) as their most influential one, {hits_in_top}/{len(report['queries'])} among their top "
+        f"{len(report['queries'][0]['top']) if report['queries'] else 0} ({summary['seconds']} s). "
+        f"Results in {out}/."
     )
     return 0
