@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .engine.data import read_queries_jsonl, read_training_jsonl
+from .engine.errors import InputError
 
 
 def run_demo(args) -> int:
@@ -28,7 +29,9 @@ def run_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     say(f"[1/4] demo model and corpus in {args.work_dir}")
-    paths = prepare_demo(Path(args.work_dir), seed=args.seed, progress=not args.quiet)
+    if args.epochs < 1:
+        raise InputError(f"--epochs must be >= 1, got {args.epochs}")
+    paths = prepare_demo(Path(args.work_dir), seed=args.seed, progress=not args.quiet, epochs=args.epochs)
     examples = read_training_jsonl(paths.train_jsonl)
     queries = read_queries_jsonl(paths.queries_jsonl)
     expected = json.loads(Path(paths.expected_json).read_text())

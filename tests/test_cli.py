@@ -343,3 +343,19 @@ def test_the_foreground_embedded_system_works_on_the_callers_thread(workspace):
     finally:
         runner.run_stage = original
     assert seen == [("register", True, runner.available_cores())]
+
+
+def test_the_demo_runs_end_to_end(tmp_path, capsys):
+    """The README's main job, with a briefly trained model: every query is answered with its
+    top-5 training sequences, and the summary is written."""
+    code = main(
+        ["demo", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--epochs", "2", "--quiet"]
+    )
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "demo.json").read_text())["summary"]
+    assert summary["queries"] == 24 and summary["training_sequences"] > 500
+    assert 0 <= summary["top1_is_planted"] <= summary["planted_in_top5"] <= 24
+    report = json.loads((tmp_path / "out" / "scores" / "results.json").read_text())
+    assert all(len(query["top"]) == 5 and query["top"][0]["tokens"] for query in report["queries"])
+    assert load_factors(tmp_path / "out" / "factors").strategy == "ekfac"
+    assert "queries have a planted training sequence" in capsys.readouterr().out
