@@ -159,11 +159,20 @@ def run_fit(args) -> int:
     return 0
 
 
+def _names_server_factors(args) -> bool:
+    """--factors names a factor set on the server ("factorSets/{id}") rather than a local directory."""
+    return args.factors.startswith("factorSets/") and not Path(args.factors).exists()
+
+
+def _check_factors(args) -> None:
+    """A local --factors directory is loaded (and verified) before anything is started or uploaded."""
+    if not _names_server_factors(args):
+        load_factors(args.factors)
+
+
 def _factor_set(client, args) -> str:
     """A server-side factor set name: given as one, or imported from a local --factors directory."""
-    if args.factors.startswith("factorSets/") and not Path(args.factors).exists():
-        return args.factors
-    return client.import_factors(args.factors).name
+    return args.factors if _names_server_factors(args) else client.import_factors(args.factors).name
 
 
 def _score_config(args, **extra) -> ScoreConfig:
@@ -184,8 +193,7 @@ def run_score(args) -> int:
     config = _score_config(args, query_rank=args.query_rank, per_module=args.per_module, per_token=args.per_token)
     queries = read_queries_jsonl(args.queries)
     read_training_jsonl(args.data)
-    if not args.factors.startswith("factorSets/") or Path(args.factors).exists():
-        load_factors(args.factors)
+    _check_factors(args)
     out = _out_dir(args.out)
     model = _model(args)
     started = time.perf_counter()
@@ -223,8 +231,7 @@ def run_score(args) -> int:
 def run_self(args) -> int:
     config = _score_config(args)
     read_training_jsonl(args.data)
-    if not args.factors.startswith("factorSets/") or Path(args.factors).exists():
-        load_factors(args.factors)
+    _check_factors(args)
     out = _out_dir(args.out)
     model = _model(args)
     with StageBars(not args.quiet) as bars:
