@@ -86,7 +86,8 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
 
     @grpc_errors
     async def StreamFactors(self, request, context):
-        """The factor files, then manifest.json: written in order, a directory `load_factors` reads."""
+        """The chosen modules' files, then manifest.json (all modules: written in order, a directory
+        `load_factors` reads)."""
         _, artifact = self._artifact(request.name)
         modules = artifact.metadata["modules"]
         unknown = [name for name in request.modules if name not in modules]
