@@ -33,9 +33,11 @@ from services.storage import (
     StorageUnavailable,
     UnsupportedFormat,
     delete_artifact,
+    get_tensors,
     is_published,
     open_artifact,
     open_store,
+    put_tensors,
 )
 from tests.servers.s3 import S3Server, s3_server  # noqa: F401
 
@@ -187,15 +189,15 @@ def test_tensors_round_trip_through_safetensors(store):
         "view_b": base[3:],
         "transposed": base.t(),
     }
-    size = store.put_tensors("jobs/j/covariance/00000.safetensors", tensors)
+    size = put_tensors(store, "jobs/j/covariance/00000.safetensors", tensors)
     assert size == store.size("jobs/j/covariance/00000.safetensors")
-    loaded = store.get_tensors("jobs/j/covariance/00000.safetensors")
+    loaded = get_tensors(store, "jobs/j/covariance/00000.safetensors")
     assert sorted(loaded) == sorted(tensors)
     for name, value in tensors.items():
         assert loaded[name].dtype == value.dtype and torch.equal(loaded[name], value), name
     store.put_bytes("jobs/j/garbage.safetensors", b"not safetensors")
     with pytest.raises(IntegrityError, match="not a valid safetensors"):
-        store.get_tensors("jobs/j/garbage.safetensors")
+        get_tensors(store, "jobs/j/garbage.safetensors")
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,7 +275,7 @@ def test_reads_are_checked_against_the_manifest(store, tmp_path):
     with pytest.raises(IntegrityError, match=r"notes\.txt is corrupted"):
         artifact.verify()
 
-    store.put_tensors("factors/f1/mlp.safetensors", {"A": torch.zeros(3, 3), "S": torch.ones(2, 2)})
+    put_tensors(store, "factors/f1/mlp.safetensors", {"A": torch.zeros(3, 3), "S": torch.ones(2, 2)})
     with pytest.raises(IntegrityError, match=r"mlp\.safetensors is corrupted"):
         artifact.read_tensors("mlp.safetensors")
 

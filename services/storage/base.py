@@ -15,7 +15,6 @@ directory) refuses the second with InvalidArgument. Artifact layouts never need 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +23,7 @@ from .errors import InvalidArgument
 from .keys import check_prefix
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
 @dataclass(frozen=True)
@@ -82,18 +81,6 @@ class ArtifactStore(abc.ABC):
         for key in keys:
             self.delete(key)
         return len(keys)
-
-    def put_tensors(self, key: str, tensors: Mapping[str, torch.Tensor]) -> int:
-        """Save tensors as one safetensors object; returns its size in bytes."""
-        from .tensors import put_tensors
-
-        return put_tensors(self, key, tensors)
-
-    def get_tensors(self, key: str) -> dict[str, torch.Tensor]:
-        """Load a safetensors object (CPU tensors)."""
-        from .tensors import get_tensors
-
-        return get_tensors(self, key)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()!r})"
