@@ -77,7 +77,7 @@ def sample_from(probabilities: torch.Tensor, indices: torch.Tensor, seed: int) -
     Each sequence's uniforms come from its own generator (see `sequence_generator`), so a label
     does not depend on which batch the sequence is in. indices: [B]. Returns [B, T-1] int64.
     """
-    _, positions, vocab = probabilities.shape
+    _, positions, _ = probabilities.shape
     device = probabilities.device
     uniforms = torch.stack(
         [
@@ -85,9 +85,31 @@ def sample_from(probabilities: torch.Tensor, indices: torch.Tensor, seed: int) -
             for index in indices
         ]
     )
-    cumulative = probabilities.cumsum(-1)  # [B, T-1, V]
-    labels = torch.searchsorted(cumulative, uniforms.to(cumulative.dtype).unsqueeze(-1) * cumulative[..., -1:])
-    return labels.squeeze(-1).clamp_max(vocab - 1)
+    return inverse_cdf(probabilities, uniforms)
+
+
+def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """The first index i with Σ_{j≤i} w_j ≥ u·Σ_j w_j, per row: weights [..., V] ≥ 0, uniforms
+    [...] in [0, 1) -> [...] int64.
+
+    Two levels instead of a cumulative sum over V (a sequential scan, 17 ms per 8×128×5000 batch
+    on 2 cores, 2 s of a 1,000-sequence fit): block totals (one vectorised sum), then a cumulative
+    sum over the V/block totals and over the one chosen block of each row.
+    """
+    vocab = weights.shape[-1]
+    full = vocab // block * block
+    totals = [weights[..., :full].unflatten(-1, (-1, block)).sum(-1)] if full else []
+    if full < vocab:
+        totals.append(weights[..., full:].sum(-1, keepdim=True))
+    block_cumulative = torch.cat(totals, dim=-1).cumsum(-1)  # [..., n_blocks]
+    target = (uniforms.to(weights.dtype) * block_cumulative[..., -1]).unsqueeze(-1)  # [..., 1]
+    chosen = torch.searchsorted(block_cumulative, target).clamp_max(block_cumulative.shape[-1] - 1)  # [..., 1]
+    before = torch.where(chosen > 0, block_cumulative.gather(-1, (chosen - 1).clamp_min(0)), 0)
+    columns = chosen * block + torch.arange(block, device=weights.device)  # [..., block]
+    inside = weights.gather(-1, columns.clamp_max(vocab - 1)).masked_fill(columns >= vocab, 0).cumsum(-1)
+    offset = torch.searchsorted(inside, target - before).clamp_max(block - 1)
+    limit = torch.minimum(vocab - 1 - chosen * block, torch.tensor(block - 1, device=weights.device))
+    return (chosen * block + torch.minimum(offset, limit)).squeeze(-1)
 
 
 def log_likelihood_gradient(logits: torch.Tensor, batch: Batch, objective: str, seed: int) -> torch.Tensor:
