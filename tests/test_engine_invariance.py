@@ -319,3 +319,21 @@ def test_bfloat16_model_scores_track_float32():
     assert scores[torch.bfloat16].dtype == torch.float32
     pearson = float(torch.corrcoef(torch.stack([scores[torch.float32], scores[torch.bfloat16]]))[0, 1])
     assert pearson > 0.999, pearson
+
+
+@pytest.mark.parametrize("vocab", [7, 64, 100, 5000])
+def test_two_level_inverse_cdf_matches_the_flat_scan(vocab):
+    """The sampler's two-level search picks the first index whose running sum reaches u·total,
+    like a flat cumulative-sum search (in float64 no rounding separates the two), never an index
+    of zero weight, and leaves the padding of the last block alone."""
+    from services.engine.capture import inverse_cdf
+
+    generator = torch.Generator().manual_seed(vocab)
+    weights = torch.softmax(3 * torch.randn(4, 33, vocab, generator=generator, dtype=torch.float64), -1)
+    weights[..., 1::3] = 0.0
+    uniforms = torch.rand(4, 33, generator=generator, dtype=torch.float64)
+    cumulative = weights.cumsum(-1)
+    flat = torch.searchsorted(cumulative, (uniforms.unsqueeze(-1) * cumulative[..., -1:])).squeeze(-1)
+    drawn = inverse_cdf(weights, uniforms)
+    assert torch.equal(drawn, flat)
+    assert (weights.gather(-1, drawn.unsqueeze(-1)) > 0).all()
