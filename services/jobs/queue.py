@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import redis
@@ -42,6 +43,7 @@ class TaskQueue:
         self.lease_ms = int(lease_seconds * 1000)
         self.max_deliveries = max_deliveries
         self._groups: set[str] = set()
+        self._next_reclaim_scan: dict[tuple[str, ...], float] = {}  # by the kinds a consumer takes
 
     def stream(self, kind: str) -> str:
         return f"{self.prefix}:tasks:{kind}"
@@ -68,13 +70,22 @@ class TaskQueue:
             raise QueueUnavailable(f"cannot enqueue a {kind} task: {error}") from None
 
     def take(self, kinds: list[str], consumer: str, block_ms: int = 1000) -> Task | None:
-        """The next task of any of `kinds`: an expired lease first, else a new one."""
+        """The next task of any of `kinds`: an expired lease first, else a new one.
+
+        Expired leases are looked for at most every lease/4 (≤ 1 s) while none is found: a lease
+        takes `lease` to expire anyway, and the scan costs a round trip per kind."""
+        if time.monotonic() >= self._next_reclaim_scan.get(tuple(kinds), 0.0):
+            for kind in kinds:
+                self._ensure_group(kind)
+                _, claimed, *_ = self.client.xautoclaim(
+                    self.stream(kind), GROUP, consumer, self.lease_ms, "0-0", count=1
+                )
+                claimed = [entry for entry in claimed if entry and entry[1]]
+                if claimed:
+                    return self._task(kind, *claimed[0])
+            self._next_reclaim_scan[tuple(kinds)] = time.monotonic() + min(1.0, self.lease_ms / 4000)
         for kind in kinds:
             self._ensure_group(kind)
-            _, claimed, *_ = self.client.xautoclaim(self.stream(kind), GROUP, consumer, self.lease_ms, "0-0", count=1)
-            claimed = [entry for entry in claimed if entry and entry[1]]
-            if claimed:
-                return self._task(kind, *claimed[0])
         response = self.client.xreadgroup(
             GROUP, consumer, {self.stream(kind): ">" for kind in kinds}, count=1, block=block_ms
         )

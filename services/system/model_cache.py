@@ -1,9 +1,12 @@
-"""Models a worker process keeps loaded between tasks (loading one costs seconds)."""
+"""What a worker process keeps between tasks: loaded models (loading one costs seconds) and\nwrite-once artifacts."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
+
+import torch
 
 from ..engine.model_io import load_model_and_tokenizer
 from .specs import ModelRef
@@ -36,21 +39,58 @@ class ModelCache:
         return loaded
 
 
-class ArtifactCache:
-    """Write-once artifacts a worker reads again and again (a job's eigenbases and prepared
-    queries, factor sets): kept by key, least recently used first out. Safe because every key
-    is written once (a retried task rewrites the same bytes)."""
+def tensor_bytes(value, depth: int = 0) -> int:
+    """Bytes of the tensors in `value` (a tensor, or dicts, lists and dataclasses of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if depth > 4:
+        return 0
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item, depth + 1) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(tensor_bytes(item, depth + 1) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(tensor_bytes(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value))
+    return 0
 
-    def __init__(self, capacity: int = 8):
-        self.capacity = capacity
-        self._entries: OrderedDict = OrderedDict()
+
+class ArtifactCache:
+    """Write-once artifacts a worker reads again and again (a job's eigenbases, partial sums and
+    prepared queries, factor sets): kept by key, least recently used first out, within
+    `capacity` entries and `max_bytes` of tensors (a value larger than that is not kept).
+    Safe because every key is written once (a retried task rewrites the same bytes). A stage
+    that writes such an artifact `put`s it too, so the next stage on this worker skips the
+    read, the manifest check and the decoding.
+    """
+
+    def __init__(self, capacity: int = 64, max_bytes: int = 1 << 30):
+        self.capacity, self.max_bytes = capacity, max_bytes
+        self._entries: OrderedDict = OrderedDict()  # key -> (value, bytes)
+        self._bytes = 0
 
     def get(self, key, load):
         if key in self._entries:
             self._entries.move_to_end(key)
-            return self._entries[key]
-        value = load()
-        self._entries[key] = value
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+            return self._entries[key][0]
+        return self.put(key, load())
+
+    def put(self, key, value):
+        """Keep `value` under `key` (if it fits); returns it."""
+        size = tensor_bytes(value)
+        if key in self._entries:
+            self._bytes -= self._entries.pop(key)[1]
+        if size <= self.max_bytes:
+            self._entries[key] = (value, size)
+            self._bytes += size
+            while len(self._entries) > self.capacity or self._bytes > self.max_bytes:
+                self._bytes -= self._entries.popitem(last=False)[1][1]
         return value
+
+    def take(self, key, load):
+        """The value under `key`, removed from the cache (else `load()`): for a value read once
+        and then changed in place, like a partial sum merged into others."""
+        if key in self._entries:
+            value, size = self._entries.pop(key)
+            self._bytes -= size
+            return value
+        return load()

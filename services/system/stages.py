@@ -155,6 +155,19 @@ def load_factor_set(store, factor_set_id: str) -> FactorSet:
     return read_factor_set(store, layout.factors_prefix(factor_set_id), f"factor set 'factorSets/{factor_set_id}'")
 
 
+def _put_job_tensors(context: StageContext, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a job's intermediate tensors, and keep them for this worker's next stage."""
+    put_tensors(context.store, key, tensors)
+    context.artifacts.put(key, tensors)
+
+
+def _take_job_tensors(context: StageContext, job: str, stage: str, shard: int) -> dict[str, torch.Tensor]:
+    """A shard's partial sums, from this worker's memory if it wrote them, else the store; the
+    caller merges them in place, so they leave the cache."""
+    key = layout.job_partial(job, stage, shard)
+    return context.artifacts.take(key, lambda: get_tensors(context.store, key))
+
+
 # ------------------------------------------------------------------------------------------
 # register
 
@@ -227,15 +240,14 @@ def run_covariance(context: StageContext, spec: JobSpec, job: str, shard: int) -
         progress=context.progress,
         cache=cache,
     )
-    put_tensors(context.store, layout.job_partial(job, "covariance", shard), accumulator.state())
+    _put_job_tensors(context, layout.job_partial(job, "covariance", shard), accumulator.state())
 
 
 def run_eigen(context: StageContext, spec: JobSpec, job: str) -> None:
     _, _, _, _, tracked = _fit_setup(context, spec)
     merged = None
     for shard in range(spec.num_shards):
-        state = get_tensors(context.store, layout.job_partial(job, "covariance", shard))
-        partial = CovarianceAccumulator.from_state(tracked, state)
+        partial = CovarianceAccumulator.from_state(tracked, _take_job_tensors(context, job, "covariance", shard))
         if merged is None:
             merged = partial
         else:
@@ -243,7 +255,7 @@ def run_eigen(context: StageContext, spec: JobSpec, job: str) -> None:
     factors = merged.eigendecompose()
     tensors = {f"{name}/{key}": value for name, f in factors.items() for key, value in f.tensors().items()}
     tensors["n_tokens"] = torch.tensor([max(merged.token_counts.values())])
-    put_tensors(context.store, layout.job_output(job, "eigen"), tensors)
+    _put_job_tensors(context, layout.job_output(job, "eigen"), tensors)
 
 
 def _eigen_factors(context: StageContext, job: str, tracked) -> tuple[dict[str, ModuleFactors], int]:
@@ -274,7 +286,7 @@ def run_correction(context: StageContext, spec: JobSpec, job: str, shard: int) -
         progress=context.progress,
         cache=context.capture_caches.pop((job, shard), None),
     )
-    put_tensors(context.store, layout.job_partial(job, "correction", shard), accumulator.state())
+    _put_job_tensors(context, layout.job_partial(job, "correction", shard), accumulator.state())
 
 
 def run_finalize(context: StageContext, spec: JobSpec, job: str) -> dict:
@@ -285,7 +297,7 @@ def run_finalize(context: StageContext, spec: JobSpec, job: str) -> dict:
     correction = None
     if needs_correction(config.strategy):
         for shard in range(spec.num_shards):
-            state = get_tensors(context.store, layout.job_partial(job, "correction", shard))
+            state = _take_job_tensors(context, job, "correction", shard)
             partial = CorrectionAccumulator.from_state(tracked, None, state)
             if correction is None:
                 correction = partial
@@ -349,7 +361,7 @@ def run_prepare(context: StageContext, spec: JobSpec, job: str) -> None:
     tensors = {}
     for name, module_queries in prepared.items():
         tensors.update(module_queries.to_tensors(name))
-    put_tensors(context.store, layout.job_output(job, "prepared"), tensors)
+    _put_job_tensors(context, layout.job_output(job, "prepared"), tensors)
 
 
 def _prepared(context: StageContext, job: str, modules) -> dict[str, ModuleQueries]:
