@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from services.jobs.connection import EmbeddedRedis, _alive, connect
+from services.jobs.connection import EmbeddedRedis, connect, process_running
 from services.jobs.operations import OperationStore
 from services.jobs.queue import LeaseKeeper, TaskQueue
 from tests.servers.redis import redis_server  # noqa: F401
@@ -121,7 +121,7 @@ def test_embedded_redis_keeps_its_state_across_owners(tmp_path):
     try:
         assert adopted.pid == first.pid
         adopted.stop()
-        assert not _alive(first.pid)
+        assert not process_running(first.pid)
         restarted = EmbeddedRedis(tmp_path)
         try:
             assert restarted.pid != first.pid

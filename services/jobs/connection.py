@@ -15,7 +15,7 @@ import redis
 from .errors import QueueUnavailable
 
 
-def _alive(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """True while the process runs (a zombie, exited but not yet reaped, counts as gone)."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -83,7 +83,7 @@ class EmbeddedRedis:
             pid = int(self._pidfile.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) and os.path.exists(self.socket_file) and self._answers() else None
+        return pid if process_running(pid) and os.path.exists(self.socket_file) and self._answers() else None
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -114,8 +114,8 @@ class EmbeddedRedis:
                 self._process.wait(5)
             return
         deadline = time.monotonic() + timeout  # an adopted server: not our child, poll it
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and process_running(pid):
             time.sleep(0.02)
-        if _alive(pid):
+        if process_running(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
