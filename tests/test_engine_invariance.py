@@ -337,3 +337,17 @@ def test_two_level_inverse_cdf_matches_the_flat_scan(vocab):
     drawn = inverse_cdf(weights, uniforms)
     assert torch.equal(drawn, flat)
     assert (weights.gather(-1, drawn.unsqueeze(-1)) > 0).all()
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 300])
+def test_packed_symmetric_partial_sums_round_trip(d):
+    """Partial covariance sums travel as upper triangles: unpacking gives the symmetrised matrix
+    exactly, with d(d+1)/2 stored entries."""
+    from services.engine.factors import symmetric_from_upper, upper_triangle
+
+    x = torch.randn(d, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    packed = upper_triangle(x)
+    assert packed.shape == (d * (d + 1) // 2,)
+    assert torch.equal(symmetric_from_upper(packed, d), 0.5 * (x + x.T))
+    with pytest.raises(ValueError, match="entries"):
+        symmetric_from_upper(packed[:-1], d)

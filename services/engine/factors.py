@@ -86,12 +86,14 @@ class FactorSet:
 class CovarianceAccumulator:
     """Σ a aᵀ and Σ s sᵀ over real tokens, per module, in float64."""
 
-    def __init__(self, modules: dict[str, TrackedModule]):
+    def __init__(self, modules: dict[str, TrackedModule], allocate: bool = True):
         self.modules = modules
         self.activation_sums = {
-            n: torch.zeros(m.d_in_full, m.d_in_full, dtype=torch.float64) for n, m in modules.items()
+            n: torch.zeros(m.d_in_full, m.d_in_full, dtype=torch.float64) for n, m in modules.items() if allocate
         }
-        self.gradient_sums = {n: torch.zeros(m.d_out, m.d_out, dtype=torch.float64) for n, m in modules.items()}
+        self.gradient_sums = {
+            n: torch.zeros(m.d_out, m.d_out, dtype=torch.float64) for n, m in modules.items() if allocate
+        }
         self.token_counts = dict.fromkeys(modules, 0)
         self.n_sequences = 0
 
@@ -113,21 +115,26 @@ class CovarianceAccumulator:
         self.n_sequences += other.n_sequences
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Flat tensor dict (for safetensors): sums and counts."""
+        """Flat tensor dict (for safetensors): counts, and each symmetric sum as its upper triangle
+        (row-major, [d(d+1)/2]): half the bytes of a partial sum through the store."""
         state = {"n_sequences": torch.tensor([self.n_sequences], dtype=torch.int64)}
         for name in self.modules:
-            state[f"{name}/activation_sum"] = self.activation_sums[name]
-            state[f"{name}/gradient_sum"] = self.gradient_sums[name]
+            state[f"{name}/activation_sum_upper"] = upper_triangle(self.activation_sums[name])
+            state[f"{name}/gradient_sum_upper"] = upper_triangle(self.gradient_sums[name])
             state[f"{name}/token_count"] = torch.tensor([self.token_counts[name]], dtype=torch.int64)
         return state
 
     @classmethod
     def from_state(cls, modules: dict[str, TrackedModule], state: dict[str, torch.Tensor]) -> CovarianceAccumulator:
-        accumulator = cls(modules)
+        accumulator = cls(modules, allocate=False)
         accumulator.n_sequences = int(state["n_sequences"][0])
-        for name in modules:
-            accumulator.activation_sums[name] = state[f"{name}/activation_sum"].to(torch.float64)
-            accumulator.gradient_sums[name] = state[f"{name}/gradient_sum"].to(torch.float64)
+        for name, module in modules.items():
+            accumulator.activation_sums[name] = symmetric_from_upper(
+                state[f"{name}/activation_sum_upper"].to(torch.float64), module.d_in_full
+            )
+            accumulator.gradient_sums[name] = symmetric_from_upper(
+                state[f"{name}/gradient_sum_upper"].to(torch.float64), module.d_out
+            )
             accumulator.token_counts[name] = int(state[f"{name}/token_count"][0])
         return accumulator
 
@@ -174,6 +181,25 @@ def gram(x: torch.Tensor, block: int = 128) -> torch.Tensor:
         out[start:stop, start:] = rows
         out[stop:, start:stop] = rows[:, stop - start :].T
     return out
+
+
+def _upper_mask(d: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(d, d, dtype=torch.bool, device=device).triu_()
+
+
+def upper_triangle(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of ½(M + Mᵀ), row by row: [d, d] -> [d(d+1)/2]. (Symmetrising first
+    keeps exactly what `symmetric_eigh` would use.)"""
+    return torch.masked_select(0.5 * (matrix + matrix.T), _upper_mask(matrix.shape[0], matrix.device))
+
+
+def symmetric_from_upper(upper: torch.Tensor, d: int) -> torch.Tensor:
+    """Inverse of `upper_triangle`: [d(d+1)/2] -> the symmetric [d, d]."""
+    if upper.numel() != d * (d + 1) // 2:
+        raise ValueError(f"a packed symmetric {d} x {d} matrix has {d * (d + 1) // 2} entries, got {upper.numel()}")
+    mask = _upper_mask(d, upper.device)
+    matrix = torch.zeros(d, d, dtype=upper.dtype, device=upper.device).masked_scatter_(mask, upper)
+    return torch.where(mask, matrix, matrix.T)
 
 
 def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
