@@ -96,7 +96,7 @@ def embedded(paths, fit_config, score_config, workers: int) -> dict:
 
     def body(client) -> dict:
         times["up"] = time.perf_counter()
-        dataset = client.register_dataset(model, paths.train_jsonl, shard_size=256, max_length=fit_config.max_length)
+        dataset = client.register_dataset(model, paths.train_jsonl, max_length=fit_config.max_length)
         times["registered"] = time.perf_counter()
         factor_set = client.fit_factors(model, dataset.name, batch_size=fit_config.batch_size)
         times["fitted"] = time.perf_counter()

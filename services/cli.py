@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from .system.specs import DEFAULT_SHARD_SIZE
+
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local Hugging Face causal-LM directory")
@@ -28,7 +30,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="run through a deployed system (default: an embedded one started for this command)",
     )
-    parser.add_argument("--shard-size", type=int, default=256, help="training sequences per data shard (default 256)")
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        help=f"training sequences per data shard (default {DEFAULT_SHARD_SIZE})",
+    )
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:

@@ -33,6 +33,7 @@ from .gen.influence.v1 import (
     query_service_pb2,
     query_service_pb2_grpc,
 )
+from .system.specs import DEFAULT_SHARD_SIZE
 
 _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InputError,
@@ -156,7 +157,7 @@ class InfluenceClient:
         model: str | common_pb2.ModelSpec,
         jsonl: str | Path | bytes,
         *,
-        shard_size: int = 256,
+        shard_size: int = DEFAULT_SHARD_SIZE,
         max_length: int = 512,
         display_name: str = "",
         progress=None,

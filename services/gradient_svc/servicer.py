@@ -22,7 +22,7 @@ from ..storage import delete_artifact
 from ..system import layout
 from ..system.blocks import block_key, count_key
 from ..system.runner import JobSystem
-from ..system.specs import JobSpec
+from ..system.specs import DEFAULT_SHARD_SIZE, JobSpec
 from ..system.stages import dataset_manifest
 
 _POLL_SECONDS = 0.05  # how often StreamBlocks looks for the worker's next block
@@ -49,7 +49,7 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
             model,
             dataset_id=new_id(),
             display_name=request.display_name,
-            shard_size=validation.positive(request.shard_size, "shard_size", 256, 1_000_000),
+            shard_size=validation.positive(request.shard_size, "shard_size", DEFAULT_SHARD_SIZE, 1_000_000),
             max_length=validation.positive(request.max_length, "max_length", 512, 1_000_000),
         )
         record = self.system.submit(

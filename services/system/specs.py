@@ -10,6 +10,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
+# Training sequences per data shard unless a request says otherwise. A shard is the unit of
+# fan-out and retry, and each costs a few tasks (≈ 35 ms on the embedded system) plus, in a fit,
+# one partial sum per tracked module through the store (for an LLM's MLP, ~0.5 GB per module and
+# shard), so shards should hold minutes of work, not seconds.
+DEFAULT_SHARD_SIZE = 1024
+
 
 @dataclass
 class ModelRef:
@@ -28,7 +34,7 @@ class JobSpec:
     num_shards: int = 0
     # register
     display_name: str = ""
-    shard_size: int = 256
+    shard_size: int = DEFAULT_SHARD_SIZE
     max_length: int = 512
     # fit: engine FitConfig fields; score/self: engine ScoreConfig fields; blocks: shard,
     # modules, block_size
