@@ -168,6 +168,15 @@ def test_register_fit_score_self_over_grpc_equal_the_in_process_engine(cluster, 
     assert [d.name for d in client.list_datasets()] == [dataset.name]
     assert [f.name for f in client.list_factor_sets()] == [factor_set.name]
 
+    # A succeeded job leaves no intermediates behind (the worker deletes jobs/{id}/ right after
+    # recording success, so allow it a moment).
+    succeeded = [r["id"] for r in cluster.system.operations.list(100)[0] if r["state"] == "SUCCEEDED"]
+    assert len(succeeded) >= 4
+    deadline = time.monotonic() + 10
+    while any(cluster.store.list(f"jobs/{job}/") for job in succeeded) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [job for job in succeeded if cluster.store.list(f"jobs/{job}/")]
+
 
 def test_health_and_reflection_answer_on_every_service(cluster):
     channel = grpc.insecure_channel(cluster.server.target)

@@ -86,6 +86,11 @@ class ArtifactCache:
                 self._bytes -= self._entries.popitem(last=False)[1][1]
         return value
 
+    def forget_prefix(self, prefix: str) -> None:
+        """Drop every entry whose key is a store key starting with `prefix` (a finished job's)."""
+        for key in [key for key in self._entries if isinstance(key, str) and key.startswith(prefix)]:
+            self._bytes -= self._entries.pop(key)[1]
+
     def take(self, key, load):
         """The value under `key`, removed from the cache (else `load()`): for a value read once
         and then changed in place, like a partial sum merged into others."""

@@ -215,7 +215,7 @@ class Worker:
             return
         operations.add_progress(payload.operation, shards_done=1)
         following = next_stage(spec, payload.stage)
-        operations.finish_shard(
+        completed = operations.finish_shard(
             payload.operation,
             payload.stage,
             payload.shard,
@@ -225,3 +225,17 @@ class Worker:
             response=response_of(spec, published) if following is None else b"",
         )
         queue.ack(task)
+        if completed and following is None and spec.kind != "blocks":  # StreamBlocks deletes its own
+            self.discard_intermediates(payload.job)
+
+    def discard_intermediates(self, job: str) -> None:
+        """Delete a succeeded job's jobs/{id}/ objects (spec, upload, partial sums, eigenbases,
+        prepared queries, per-shard scores): its outputs are published artifacts by then, and a
+        late duplicate of one of its tasks finds the operation ended and does nothing. Without
+        this a long-running system keeps every fit's partial sums forever."""
+        prefix = layout.job_prefix(job)
+        self.context.artifacts.forget_prefix(prefix)
+        try:
+            self.system.store.delete_prefix(prefix)
+        except Exception as error:  # the store briefly away: the objects are garbage, not state
+            log.warning("could not delete %s: %s", prefix, error)
