@@ -106,15 +106,15 @@ class EmbeddedRedis:
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        if self._process is not None:
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + timeout
+        if self._process is not None:  # our child: poll every 2 ms (Popen.wait backs off to 50 ms)
+            while self._process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if self._process.poll() is None:
                 self._process.kill()
                 self._process.wait(5)
             return
-        deadline = time.monotonic() + timeout  # an adopted server: not our child, poll it
-        while time.monotonic() < deadline and process_running(pid):
+        while time.monotonic() < deadline and process_running(pid):  # adopted: not our child
             time.sleep(0.02)
         if process_running(pid):
             with contextlib.suppress(ProcessLookupError):
