@@ -92,8 +92,8 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 64) 
     """The first index i with Σ_{j≤i} w_j ≥ u·Σ_j w_j, per row: weights [..., V] ≥ 0, uniforms
     [...] in [0, 1) -> [...] int64.
 
-    Two levels instead of a cumulative sum over V (a sequential scan, 17 ms per 8×128×5000 batch
-    on 2 cores, 2 s of a 1,000-sequence fit): block totals (one vectorised sum), then a cumulative
+    Two levels instead of a cumulative sum over V (a sequential scan, 7-17 ms per 8×128×5000
+    batch on 2 cores, 1-2 s of a 1,000-sequence fit): block totals (one vectorised sum), then a cumulative
     sum over the V/block totals and over the one chosen block of each row.
     """
     vocab = weights.shape[-1]

@@ -66,7 +66,7 @@ class EmbeddedRedis:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C of the command reaches us, and we stop it gracefully
+                start_new_session=True,  # a Ctrl-C reaches only us; stop() then shuts it down gracefully
             )
             self.pid = self._process.pid
             self._wait_ready(start_timeout)
