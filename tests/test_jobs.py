@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -9,6 +10,7 @@ import uuid
 import pytest
 
 from services.jobs.connection import EmbeddedRedis, connect, process_running
+from services.jobs.ended import EndedWatcher
 from services.jobs.operations import OperationStore
 from services.jobs.queue import LeaseKeeper, TaskQueue
 from tests.servers.redis import redis_server  # noqa: F401
@@ -56,6 +58,29 @@ def test_terminal_states_do_not_change(redis):
     assert operations.cancel(record["id"])
     assert not operations.succeed(record["id"], b"x") and not operations.fail(record["id"], 2, "late")
     assert operations.get(record["id"])["state"] == "CANCELLED"
+
+
+def test_the_watcher_hears_every_way_an_operation_ends_and_nothing_else(redis):
+    _, operations = fresh(redis)
+    watcher = EndedWatcher(operations)
+    try:
+        assert watcher.wait_subscribed(10)
+        finished, failed, cancelled, running = (operations.create("fit", {})[0]["id"] for _ in range(4))
+        heard = {name: threading.Event() for name in (finished, failed, cancelled, running)}
+        with contextlib.ExitStack() as stack:
+            for name, event in heard.items():
+                stack.enter_context(watcher.watch(name, event.set))
+            operations.start(running, "covariance", 2)
+            operations.finish_shard(running, "covariance", 0, 2, next_stage="eigen")  # not the last shard
+            operations.finish_shard(finished, "merge", 0, 1, response=b"done")
+            operations.fail(failed, 13, "broken")
+            operations.cancel(cancelled)
+            for name in (finished, failed, cancelled):
+                assert heard[name].wait(10), name
+            assert not heard[running].wait(0.2)
+        operations.cancel(running)  # nobody watches it any more: no callback, no error
+    finally:
+        watcher.close()
 
 
 def test_fan_in_advances_exactly_once_under_duplicates_and_concurrency(redis):

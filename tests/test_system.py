@@ -207,6 +207,30 @@ def test_create_calls_are_idempotent_by_request_id(cluster, workspace):
     assert len(cluster.client.list_datasets()) == 1
 
 
+def test_wait_operation_returns_when_the_operation_ends_not_at_its_next_recheck(cluster, workspace, monkeypatch):
+    """The Redis notification, not the fallback re-read (set to a minute here), ends the wait."""
+    from google.longrunning import operations_pb2
+    from google.protobuf import duration_pb2
+
+    from services.rpc.operations import OperationsServicer
+
+    monkeypatch.setattr(OperationsServicer, "RECHECK_SECONDS", 60.0)
+    request = gradient_service_pb2.RegisterDatasetRequest(
+        request_id=uuid.uuid4().hex,
+        model=common_pb2.ModelSpec(path=str(workspace / "model")),
+        jsonl=(workspace / "train.jsonl").read_bytes(),
+        shard_size=10,
+    )
+    operation = cluster.client.gradients.RegisterDataset(request)
+    started = time.monotonic()
+    waited = cluster.client.operations.WaitOperation(
+        operations_pb2.WaitOperationRequest(name=operation.name, timeout=duration_pb2.Duration(seconds=60)),
+        timeout=90,
+    )
+    assert waited.done and not waited.HasField("error")
+    assert time.monotonic() - started < 30  # the task takes well under a second; the recheck is at 60 s
+
+
 def status_of(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as raised:
         call()

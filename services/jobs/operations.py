@@ -23,7 +23,8 @@ PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDE
 TERMINAL = {SUCCEEDED, FAILED, CANCELLED}
 
 # KEYS: shards set, done flag, operation hash. ARGV: shard, total, stage-after, shards-after,
-# response ('' = not final), then (stream, payload) pairs to enqueue when the stage completes.
+# response ('' = not final), ended channel, operation id, then (stream, payload) pairs to
+# enqueue when the stage completes.
 # Completion, enqueueing the next stage and finishing the operation are one atomic step, so a
 # worker dying at any point can neither lose the advance nor make it happen twice.
 _FINISH_SHARD = """
@@ -36,18 +37,23 @@ local now = redis.call('TIME')
 redis.call('HSET', KEYS[3], 'update_time', now[1] + now[2] / 1e6)
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[3], 'state', 'SUCCEEDED', 'response', ARGV[5], 'stage', 'done')
+  redis.call('PUBLISH', ARGV[6], ARGV[7])
   return 1
 end
 redis.call('HSET', KEYS[3], 'stage', ARGV[3], 'shards_total', ARGV[4], 'counter:shards_done', 0)
-for i = 6, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1]) end
+for i = 8, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1]) end
 return 1
 """
 
+# KEYS: operation hash. ARGV: ended channel, operation id, then (field, value) pairs. Publishes
+# the id when the fields end the operation (see jobs/ended.py).
 _TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
 if state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then return 0 end
-for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+state = redis.call('HGET', KEYS[1], 'state')
+if state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
 return 1
 """
 
@@ -56,6 +62,7 @@ class OperationStore:
     def __init__(self, client: redis.Redis, prefix: str = "influence"):
         self.client = client
         self.prefix = prefix
+        self.ended_channel = f"{prefix}:ended"  # an operation's id, published as it ends
         self._finish_shard = client.register_script(_FINISH_SHARD)
         self._transition = client.register_script(_TRANSITION)
 
@@ -125,7 +132,7 @@ class OperationStore:
     def _apply(self, operation_id: str, **fields) -> bool:
         """Set fields unless the operation already ended. True when applied."""
         fields["update_time"] = time.time()
-        arguments = []
+        arguments = [self.ended_channel, operation_id]
         for key, value in fields.items():
             arguments += [key, value]
         return self._transition(keys=[self._key(operation_id)], args=arguments) == 1
@@ -172,7 +179,7 @@ class OperationStore:
         are appended to their streams.
         """
         base = f"{self.prefix}:fanin:{operation_id}:{stage}"
-        arguments: list = [shard, total, next_stage, len(next_tasks), response]
+        arguments: list = [shard, total, next_stage, len(next_tasks), response, self.ended_channel, operation_id]
         for stream, payload in next_tasks:
             arguments += [stream, payload]
         keys = [f"{base}:shards", f"{base}:done", self._key(operation_id)]

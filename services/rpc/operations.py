@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import empty_pb2
 
 from ..engine.errors import NotFoundError, PreconditionError
+from ..jobs.ended import EndedWatcher
 from ..jobs.operations import TERMINAL
 from ..rpc import validation
 from ..rpc.common import operation_message
@@ -19,8 +21,13 @@ from ..system.runner import JobSystem
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     """google.longrunning.Operations backed by the Redis operation records."""
 
-    def __init__(self, system: JobSystem):
+    # How often a waiter re-reads the record even without a message (a lost pub/sub message,
+    # or a Redis reconnect, then costs at most this much latency).
+    RECHECK_SECONDS = 0.25
+
+    def __init__(self, system: JobSystem, watcher: EndedWatcher):
         self.system = system
+        self.watcher = watcher
 
     def _record(self, name: str) -> dict:
         record = self.system.operations.get(validation.resource_id(name, "operations", "name"))
@@ -61,11 +68,12 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         deadline = time.monotonic() + (
             request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
         )
-        started = time.monotonic()
-        record = self._record(request.name)
-        while record["state"] not in TERMINAL and time.monotonic() < deadline:
-            # One Redis HGETALL per poll. The interval grows with the wait (2 ms up to 20 ms), so a
-            # short job is seen done within a few ms and a long one costs ≤ 50 polls a second.
-            await asyncio.sleep(min(0.02, max(0.002, (time.monotonic() - started) / 10)))
+        operation_id = validation.resource_id(request.name, "operations", "name")
+        loop, ended = asyncio.get_running_loop(), asyncio.Event()
+        with self.watcher.watch(operation_id, lambda: loop.call_soon_threadsafe(ended.set)):
             record = self._record(request.name)
+            while record["state"] not in TERMINAL and (remaining := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), timeout=min(remaining, self.RECHECK_SECONDS))
+                record = self._record(request.name)
         return operation_message(record)

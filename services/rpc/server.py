@@ -22,6 +22,7 @@ from ..gen.influence.v1 import (
     query_service_pb2_grpc,
 )
 from ..gradient_svc import GradientServicer
+from ..jobs.ended import EndedWatcher
 from ..query_svc import QueryServicer
 from ..system.runner import JobSystem
 from .common import Limits
@@ -31,8 +32,11 @@ log = logging.getLogger("influence.server")
 ROLES = ("factor", "gradient", "query")
 
 
-def build_server(system: JobSystem, roles: tuple[str, ...] = ROLES, limits: Limits | None = None) -> grpc.aio.Server:
-    """An aio server with the roles' services, Operations, health (per service) and reflection."""
+def build_server(
+    system: JobSystem, watcher: EndedWatcher, roles: tuple[str, ...] = ROLES, limits: Limits | None = None
+) -> grpc.aio.Server:
+    """An aio server with the roles' services, Operations, health (per service) and reflection.
+    `watcher` (the caller closes it after the server stopped) wakes WaitOperation calls."""
     limits = limits or Limits()
     server = grpc.aio.server(
         options=[
@@ -50,7 +54,7 @@ def build_server(system: JobSystem, roles: tuple[str, ...] = ROLES, limits: Limi
     if "query" in roles:
         query_service_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(system, limits), server)
         names.append(query_service_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name)
-    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(system), server)
+    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(system, watcher), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", *names]:
@@ -84,12 +88,14 @@ class BackgroundServer:
 
         async def main():
             self._stop = asyncio.Event()
-            server = build_server(self.system, self.roles, self.limits)
+            watcher = EndedWatcher(self.system.operations)
+            server = build_server(self.system, watcher, self.roles, self.limits)
             self.port = server.add_insecure_port(f"{self.host}:{self.requested_port}")
             await server.start()
             self._ready.set()
             await self._stop.wait()
             await server.stop(self.grace)
+            watcher.close()
 
         self._loop.run_until_complete(main())
         self._loop.close()
@@ -114,7 +120,8 @@ async def serve_forever(system: JobSystem, host: str, port: int, roles: tuple[st
     """Serve until SIGTERM/SIGINT, then stop gracefully (in-flight RPCs get `grace` seconds)."""
     import signal
 
-    server = build_server(system, roles)
+    watcher = EndedWatcher(system.operations)
+    server = build_server(system, watcher, roles)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     log.info("serving %s on %s:%d", ",".join(roles), host, bound)
@@ -125,3 +132,4 @@ async def serve_forever(system: JobSystem, host: str, port: int, roles: tuple[st
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await server.stop(grace)
+    watcher.close()
