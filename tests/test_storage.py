@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load as safetensors_load
 
 from services.engine.errors import NotFoundError as EngineNotFoundError
 from services.storage import (
@@ -188,6 +189,10 @@ def test_tensors_round_trip_through_safetensors(store):
         "view_a": base[:3],  # two views of one storage: safetensors alone would refuse these
         "view_b": base[3:],
         "transposed": base.t(),
+        "scalar": torch.tensor(2.5, dtype=torch.float16),
+        "mask": torch.tensor([True, False, True]),
+        "small": torch.tensor([-3, 4], dtype=torch.int8),
+        "count": torch.tensor([3], dtype=torch.int32),
     }
     size = put_tensors(store, "jobs/j/covariance/00000.safetensors", tensors)
     assert size == store.size("jobs/j/covariance/00000.safetensors")
@@ -195,6 +200,15 @@ def test_tensors_round_trip_through_safetensors(store):
     assert sorted(loaded) == sorted(tensors)
     for name, value in tensors.items():
         assert loaded[name].dtype == value.dtype and torch.equal(loaded[name], value), name
+    # Our encoder writes the layout itself: the header is valid JSON padded to 8 bytes and
+    # every tensor starts aligned to its element size (safetensors' parser checks the rest).
+    data = store.get_bytes("jobs/j/covariance/00000.safetensors")
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_size])
+    assert header_size % 8 == 0 and set(header) == set(tensors)
+    for name, entry in header.items():
+        assert (8 + header_size + entry["data_offsets"][0]) % tensors[name].element_size() == 0, name
+    assert get_tensors(store, "jobs/j/covariance/00000.safetensors").keys() == safetensors_load(data).keys()
     store.put_bytes("jobs/j/garbage.safetensors", b"not safetensors")
     with pytest.raises(IntegrityError, match="not a valid safetensors"):
         get_tensors(store, "jobs/j/garbage.safetensors")

@@ -1,14 +1,15 @@
 """The factor-set format: one safetensors file per module, described by JSON metadata.
 
-    to_artifact(factor_set)  -> (metadata, {file name: safetensors bytes})
-    from_artifact(metadata, read_file) -> FactorSet
+    to_artifact(factor_set)  -> (metadata, {file name: {tensor name: tensor}})
+    from_artifact(metadata, read_tensors) -> FactorSet
 
 metadata:
     kind "factors", format_version, strategy, fisher, model_fingerprint, n_sequences, n_tokens,
     storage_dtype, damping_policy (the default used at score time),
     modules {name: {d_in, d_out, has_bias, transposed, file}}, provenance (e.g. the fit config).
 Tensors are stored in float64 when the factors are float64 (exact tests) and float32 otherwise.
-Persisting is not the engine's job: services/storage publishes (metadata, files) as an artifact,
+Persisting is not the engine's job: services/storage encodes each file (safetensors) and
+publishes (metadata, files) as an artifact,
 a manifest.json with every file's sha256 written last, in a directory or an object store alike
 (services/system/factor_artifacts.py).
 """
@@ -18,9 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
 from .errors import PreconditionError
 from .factors import FactorSet, ModuleFactors
@@ -34,10 +32,12 @@ def _file_name(module_name: str) -> str:
     return f"{module_name}.safetensors"
 
 
-def to_artifact(factor_set: FactorSet, storage_dtype: torch.dtype | None = None) -> tuple[dict, dict[str, bytes]]:
-    """(metadata, {file name: safetensors bytes}) for a factor set (see the module docstring)."""
+def to_artifact(
+    factor_set: FactorSet, storage_dtype: torch.dtype | None = None
+) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(metadata, {file name: {tensor name: CPU tensor in storage_dtype}}) for a factor set."""
     storage_dtype = storage_dtype or storage_dtype_for(factor_set)
-    files: dict[str, bytes] = {}
+    files: dict[str, dict[str, torch.Tensor]] = {}
     modules = {}
     for name, tracked in factor_set.modules.items():
         tensors = {
@@ -45,7 +45,7 @@ def to_artifact(factor_set: FactorSet, storage_dtype: torch.dtype | None = None)
             for key, value in factor_set.factors[name].tensors().items()
         }
         file_name = _file_name(name)
-        files[file_name] = save_safetensors_bytes(tensors)
+        files[file_name] = tensors
         modules[name] = {
             "d_in": tracked.d_in,
             "d_out": tracked.d_out,
@@ -79,18 +79,17 @@ def check_metadata(metadata: dict, where: str = "factor set") -> None:
         )
 
 
-def from_artifact(metadata: dict, read_file: Callable[[str], bytes], where: str = "factor set") -> FactorSet:
-    """Rebuild a FactorSet; `read_file(name) -> bytes` returns a file already checked against
-    its manifest (the artifact reader does that)."""
+def from_artifact(
+    metadata: dict, read_tensors: Callable[[str], dict[str, torch.Tensor]], where: str = "factor set"
+) -> FactorSet:
+    """Rebuild a FactorSet; `read_tensors(file name)` returns a file's tensors, checked against
+    its manifest and decoded (the artifact reader does that)."""
     check_metadata(metadata, where)
     tracked, factors = {}, {}
     try:
         for name, info in metadata["modules"].items():
             tracked[name] = TrackedModule(name, info["d_in"], info["d_out"], info["has_bias"], info["transposed"])
-            try:
-                tensors = load_safetensors_bytes(read_file(info["file"]))
-            except (SafetensorError, ValueError) as error:
-                raise PreconditionError(f"{where}: {info['file']} is not a valid safetensors file: {error}") from None
+            tensors = read_tensors(info["file"])
             factors[name] = ModuleFactors(
                 **{key: tensors[key] for key in ModuleFactors.TENSOR_FIELDS if key in tensors}
             )

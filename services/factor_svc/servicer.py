@@ -21,6 +21,7 @@ from ..rpc.resources import factor_set_message
 from ..rpc.status import RequestError, grpc_errors
 from ..storage import MANIFEST, ArtifactReader, ArtifactWriter, FileEntry, IntegrityError, Manifest, delete_artifact
 from ..storage.manifest import sha256_bytes
+from ..storage.tensors import tensors_from_bytes
 from ..system import layout
 from ..system.runner import JobSystem
 from ..system.specs import JobSpec
@@ -117,7 +118,11 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
                 raise RequestError(f"factor upload is missing {name}, which its manifest lists")
             if FileEntry(name, sha256_bytes(files[name]), len(files[name])) != entry:
                 raise IntegrityError(f"uploaded {name} is corrupted (sha256 or size differs from its manifest)")
-        from_artifact(manifest.metadata, lambda name: bytes(files[name]), "uploaded factors")  # parses every file
+        from_artifact(
+            manifest.metadata,
+            lambda name: tensors_from_bytes(bytes(files[name]), f"uploaded {name}"),
+            "uploaded factors",
+        )  # parses every file
         factor_set_id = hashlib.sha256(manifest.to_bytes()).hexdigest()[:20]
         writer = ArtifactWriter(self.system.store, layout.factors_prefix(factor_set_id))
         for name in sorted(manifest.files):

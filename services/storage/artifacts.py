@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 from .base import ArtifactStore
 from .errors import IntegrityError, InvalidArgument, NotFoundError, StorageError
 from .keys import as_directory, check_key
-from .manifest import MANIFEST, FileEntry, Manifest, sha256_bytes, sha256_file
-from .tensors import tensors_from_bytes, tensors_to_bytes
+from .manifest import MANIFEST, FileEntry, Manifest, sha256_buffers, sha256_bytes, sha256_file
+from .tensors import encode_tensors, tensors_from_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +75,10 @@ class ArtifactWriter:
         return self._add(name, sha256, size)
 
     def add_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> FileEntry:
-        return self.add_bytes(name, tensors_to_bytes(tensors))
+        self._check_open(name)
+        buffers = encode_tensors(tensors)
+        self.store.put_buffers(self.prefix + name, buffers)
+        return self._add(name, sha256_buffers(buffers), sum(buffer.nbytes for buffer in buffers))
 
     def publish(self, metadata: Mapping | None = None) -> Manifest:
         """Write manifest.json (files sorted by name); the artifact is visible from now on."""

@@ -2,7 +2,7 @@
 
 Keys follow services/storage/keys.py. Semantics every backend guarantees (the contract
 tests in tests/test_storage.py check them against each backend):
-- put_* replaces the object atomically: a reader sees the old or the new bytes, never a mix;
+- put_* (bytes, buffers, file) replaces the object atomically: a reader sees the old or the new bytes, never a mix;
 - get_* of a missing key raises NotFoundError (get_file then leaves no file behind);
 - list(prefix) is recursive and sorted, and is a plain string-prefix match ("jobs/a" also
   matches "jobs/ab/x");
@@ -15,15 +15,12 @@ directory) refuses the second with InvalidArgument. Artifact layouts never need 
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import InvalidArgument
 from .keys import check_prefix
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)
@@ -40,6 +37,11 @@ class ArtifactStore(abc.ABC):
 
     @abc.abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
+
+    def put_buffers(self, key: str, buffers: Sequence[bytes | memoryview]) -> None:
+        """Store the concatenation of `buffers` at `key` (a backend that can write them one by
+        one, without joining them first, overrides this)."""
+        self.put_bytes(key, b"".join(buffers))
 
     @abc.abstractmethod
     def put_file(self, key: str, path: str | Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -59,6 +59,9 @@ class LocalStore(ArtifactStore):
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write_atomically(key, lambda handle: handle.write(data))
+
+    def put_buffers(self, key: str, buffers: Sequence[bytes | memoryview]) -> None:
+        self._write_atomically(key, lambda handle: handle.writelines(buffers))
 
     def put_file(self, key: str, path: str | Path) -> None:
         source = Path(path)

@@ -69,6 +69,14 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_buffers(buffers) -> str:
+    """sha256 of the concatenation of `buffers` (bytes or memoryviews), without joining them."""
+    digest = hashlib.sha256()
+    for buffer in buffers:
+        digest.update(buffer)
+    return digest.hexdigest()
+
+
 def sha256_file(path: str | Path) -> tuple[str, int]:
     """(hex sha256, size) of a local file, read in chunks."""
     digest, size = hashlib.sha256(), 0

@@ -12,7 +12,6 @@ import json
 from collections.abc import Iterator
 
 import torch
-from safetensors.torch import save as save_tensors
 
 from ..engine.capture import capture
 from ..engine.data import collate
@@ -20,6 +19,7 @@ from ..engine.fit import prepare_model
 from ..engine.modules import device_of
 from ..gen.influence.v1 import gradient_service_pb2
 from ..storage import ArtifactReader
+from ..storage.tensors import tensors_to_bytes
 
 
 def block_key(job: str, block: int) -> str:
@@ -55,7 +55,7 @@ def gradient_blocks(
         yield gradient_service_pb2.GradientBlock(
             shard=shard,
             example_ids=[records[start + offset]["id"] for offset in range(len(block))],
-            safetensors=save_tensors(tensors),
+            safetensors=tensors_to_bytes(tensors),
         )
 
 

@@ -22,8 +22,8 @@ def publish_factor_set(store: ArtifactStore, prefix: str, factor_set: FactorSet)
     """Write the module files, then the manifest; returns the factor metadata."""
     metadata, files = to_artifact(factor_set)
     writer = ArtifactWriter(store, prefix)
-    for name, data in sorted(files.items()):
-        writer.add_bytes(name, data)
+    for name, tensors in sorted(files.items()):
+        writer.add_tensors(name, tensors)
     writer.publish(metadata)
     return metadata
 
@@ -38,7 +38,7 @@ def factor_reader(store: ArtifactStore, prefix: str, what: str) -> ArtifactReade
 def read_factor_set(store: ArtifactStore, prefix: str, what: str = "factor set") -> FactorSet:
     """Load and verify (sha256 and size of every file) a published factor set."""
     reader = factor_reader(store, prefix, what)
-    return from_artifact(reader.metadata, reader.read_bytes, what)
+    return from_artifact(reader.metadata, reader.read_tensors, what)
 
 
 def save_factors(factor_set: FactorSet, directory: str | Path) -> Path:
