@@ -40,6 +40,7 @@ from services.rpc.common import Limits
 from services.rpc.server import BackgroundServer
 from services.storage import open_store
 from services.system.factor_artifacts import load_factors
+from services.system.model_cache import ArtifactCache
 from services.system.runner import JobSystem, Worker
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
@@ -409,6 +410,9 @@ def test_a_task_that_keeps_failing_is_dead_lettered_and_fails_its_operation(redi
         dataset = client.register_dataset(model, workspace / "train.jsonl", shard_size=10)
         dataset_id = dataset.name.split("/")[1]
         prefix = f"datasets/{dataset_id}/"
+        # The worker that registered the dataset keeps the shards it wrote and would never read
+        # the damaged copies below: start it afresh, as another worker would be.
+        cluster.workers[0].context.artifacts = ArtifactCache()
 
         # A shard whose bytes differ from its manifest: an integrity error fails the job at once.
         good = cluster.store.get_bytes(prefix + "shards/00001.safetensors")

@@ -263,13 +263,10 @@ def pack_sequences(sequences: Sequence[TokenizedSequence]) -> dict[str, torch.Te
 
 
 def unpack_sequences(tensors: dict[str, torch.Tensor]) -> list[TokenizedSequence]:
-    """Inverse of `pack_sequences`."""
+    """Inverse of `pack_sequences`; the sequences are views into the flat tensors."""
     offsets = tensors["offsets"].tolist()
+    token_ids, target_mask = tensors["token_ids"], tensors["target_mask"].bool()
     return [
-        TokenizedSequence(
-            int(index),
-            tensors["token_ids"][start:end].clone(),
-            tensors["target_mask"][start:end].bool(),
-        )
+        TokenizedSequence(int(index), token_ids[start:end], target_mask[start:end])
         for index, start, end in zip(tensors["index"].tolist(), offsets[:-1], offsets[1:], strict=True)
     ]

@@ -141,6 +141,15 @@ def load_shard(dataset: ArtifactReader, shard: int, limit: int | None = None) ->
     return [s for s in sequences if limit is None or s.index < limit]
 
 
+def _shard_sequences(context: StageContext, dataset_id: str, shard: int, limit: int | None = None):
+    """`load_shard` through the worker's cache: a published dataset never changes, and the
+    fit's two passes and the score pass all read the same shards (register puts them)."""
+    sequences = context.artifacts.get(
+        ("shard", dataset_id, shard), lambda: load_shard(dataset_artifact(context.store, dataset_id), shard)
+    )
+    return [s for s in sequences if limit is None or s.index < limit]
+
+
 def load_records(dataset: ArtifactReader, shard: int) -> list[dict]:
     """A shard's {"id", "text"} records, in shard order."""
     return json.loads(dataset.read_bytes(layout.shard_records(shard)))
@@ -180,7 +189,7 @@ def run_register(context: StageContext, spec: JobSpec, job: str) -> dict:
     )
     tokenizer = load_tokenizer(spec.model.path)
     num_shards = math.ceil(len(examples) / spec.shard_size)
-    num_tokens = 0
+    num_tokens, shards = 0, []
     context.progress.stage("register", num_shards)
     writer = ArtifactWriter(context.store, layout.dataset_prefix(spec.dataset_id))
     for shard in range(num_shards):
@@ -188,6 +197,7 @@ def run_register(context: StageContext, spec: JobSpec, job: str) -> dict:
         part = examples[start : start + spec.shard_size]
         sequences = tokenize_training(tokenizer, part, spec.max_length, start_index=start)
         num_tokens += sum(sequence.length for sequence in sequences)
+        shards.append(sequences)
         writer.add_tensors(layout.shard_tokens(shard), pack_sequences(sequences))
         writer.add_bytes(layout.shard_records(shard), json.dumps([{"id": e.id, "text": e.text} for e in part]).encode())
         context.progress.advance(1, sum(sequence.length for sequence in sequences))
@@ -204,6 +214,8 @@ def run_register(context: StageContext, spec: JobSpec, job: str) -> dict:
         "create_time": spec.create_time,
     }
     writer.publish(metadata)
+    for shard, sequences in enumerate(shards):  # the fit that follows on this worker reads none back
+        context.artifacts.put(("shard", spec.dataset_id, shard), sequences)
     return metadata
 
 
@@ -224,7 +236,7 @@ def _fit_limit(spec: JobSpec) -> int | None:
 
 def run_covariance(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
     config, model, tokenizer, modules, _tracked = _fit_setup(context, spec)
-    sequences = load_shard(dataset_artifact(context.store, spec.dataset_id), shard, _fit_limit(spec))
+    sequences = _shard_sequences(context, spec.dataset_id, shard, _fit_limit(spec))
     cache = None
     if config.strategy == "ekfac":
         cache = CaptureCache(context.cache_bytes)
@@ -283,7 +295,7 @@ def _eigen_factors(context: StageContext, job: str, tracked) -> tuple[dict[str, 
 def run_correction(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
     config, model, tokenizer, modules, tracked = _fit_setup(context, spec)
     bases = bases_of(_eigen_factors(context, job, tracked)[0]) if config.strategy == "ekfac" else None
-    sequences = load_shard(dataset_artifact(context.store, spec.dataset_id), shard, _fit_limit(spec))
+    sequences = _shard_sequences(context, spec.dataset_id, shard, _fit_limit(spec))
     accumulator = accumulate_correction(
         model,
         modules,
@@ -383,7 +395,7 @@ def _prepared(context: StageContext, job: str, modules) -> dict[str, ModuleQueri
 def run_score(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
     """Contract one shard's training gradients with the prepared queries, in place."""
     config, model, tokenizer, _, modules = _score_setup(context, spec)
-    sequences = load_shard(dataset_artifact(context.store, spec.dataset_id), shard)
+    sequences = _shard_sequences(context, spec.dataset_id, shard)
     per_module = score_sequences(
         model,
         modules,
@@ -479,7 +491,7 @@ def _publish_result(context: StageContext, spec: JobSpec, tensors: dict, report:
 
 def run_self(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
     config, model, tokenizer, factors, modules = _score_setup(context, spec)
-    sequences = load_shard(dataset_artifact(context.store, spec.dataset_id), shard)
+    sequences = _shard_sequences(context, spec.dataset_id, shard)
     scores = self_influence_sequences(
         model,
         modules,
