@@ -40,10 +40,11 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: str = "float32"):
+def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", tokenizer=None):
     """Load `AutoModelForCausalLM` and `AutoTokenizer` from a local directory, in eval mode.
 
-    Returns (model, tokenizer). The tokenizer always has a pad token id (eos, else 0).
+    Returns (model, tokenizer). The tokenizer always has a pad token id (eos, else 0). A
+    `tokenizer` already loaded from `model_dir` (by `load_tokenizer`) is used as it is.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
@@ -56,7 +57,7 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: 
         raise NotFoundError(f"model directory not found: {model_dir}")
     torch_dtype = parse_dtype(dtype)
     torch_device = parse_device(device)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, local_files_only=True, dtype=torch_dtype, attn_implementation="eager"

@@ -18,14 +18,15 @@ from ..engine.factors import FactorSet
 from ..storage import MANIFEST, ArtifactReader, ArtifactStore, ArtifactWriter, LocalStore, open_artifact
 
 
-def publish_factor_set(store: ArtifactStore, prefix: str, factor_set: FactorSet) -> dict:
-    """Write the module files, then the manifest; returns the factor metadata."""
+def publish_factor_set(store: ArtifactStore, prefix: str, factor_set: FactorSet) -> tuple[dict, FactorSet]:
+    """Write the module files, then the manifest. Returns the factor metadata and the factor set
+    as a reader will load it (storage dtype), so the writer can use it without reading back."""
     metadata, files = to_artifact(factor_set)
     writer = ArtifactWriter(store, prefix)
     for name, tensors in sorted(files.items()):
         writer.add_tensors(name, tensors)
     writer.publish(metadata)
-    return metadata
+    return metadata, from_artifact(metadata, files.__getitem__)
 
 
 def factor_reader(store: ArtifactStore, prefix: str, what: str) -> ArtifactReader:

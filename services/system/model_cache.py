@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..engine.model_io import load_model_and_tokenizer
+from ..engine.model_io import load_model_and_tokenizer, load_tokenizer
 from .specs import ModelRef
 
 # transformers' from_pretrained is not thread-safe (it swaps global init contexts): one load at a time.
@@ -22,6 +22,7 @@ class ModelCache:
     def __init__(self, capacity: int = 2):
         self.capacity = capacity
         self._entries: OrderedDict = OrderedDict()
+        self._tokenizers: OrderedDict = OrderedDict()  # path -> tokenizer, for tokenising alone
         self._lock = threading.Lock()
 
     def get(self, ref: ModelRef):
@@ -30,13 +31,31 @@ class ModelCache:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
+            tokenizer = self._tokenizers.get(ref.path)
         with _LOADING:
-            loaded = load_model_and_tokenizer(ref.path, ref.device, ref.dtype)
+            loaded = load_model_and_tokenizer(ref.path, ref.device, ref.dtype, tokenizer=tokenizer)
         with self._lock:
             self._entries[key] = loaded
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         return loaded
+
+    def tokenizer(self, path: str):
+        """The tokenizer of the model directory `path` (a dataset registration needs no model);
+        a model loaded later from `path` shares it."""
+        with self._lock:
+            for (entry_path, _, _), (_, tokenizer) in self._entries.items():
+                if entry_path == path:
+                    return tokenizer
+            if path in self._tokenizers:
+                self._tokenizers.move_to_end(path)
+                return self._tokenizers[path]
+        tokenizer = load_tokenizer(path)
+        with self._lock:
+            self._tokenizers[path] = tokenizer
+            while len(self._tokenizers) > self.capacity:
+                self._tokenizers.popitem(last=False)
+        return tokenizer
 
 
 def tensor_bytes(value, depth: int = 0) -> int:

@@ -96,17 +96,19 @@ class JobSystem:
 
 
 class OperationProgress(Progress):
-    """Reports tokens to the operation's counters and notices cancellation (checked ≤ 1/s)."""
+    """Reports tokens to the operation's counters (≤ 2 writes/s) and notices cancellation
+    (checked ≤ 1/s)."""
 
     def __init__(self, operations: OperationStore, operation: str):
         self.operations, self.operation = operations, operation
         self._checked, self._cancelled, self._tokens = 0.0, False, 0
+        self._reported = time.monotonic()
 
     def advance(self, batches: int = 1, tokens: int = 0) -> None:
         self._tokens += tokens
-        if self._tokens and time.monotonic() - self._checked > 0.5:
+        if self._tokens and time.monotonic() - self._reported > 0.5:
             self.operations.add_progress(self.operation, tokens_processed=self._tokens)
-            self._tokens = 0
+            self._tokens, self._reported = 0, time.monotonic()
 
     def cancelled(self) -> bool:
         if time.monotonic() - self._checked > 1.0:

@@ -49,7 +49,7 @@ from ..engine.fit import (
     finalize_factors,
     prepare_model,
 )
-from ..engine.model_io import load_tokenizer, model_fingerprint, tokenizer_fingerprint
+from ..engine.model_io import model_fingerprint, tokenizer_fingerprint
 from ..engine.progress import Progress
 from ..engine.score import (
     ScoreConfig,
@@ -187,7 +187,7 @@ def run_register(context: StageContext, spec: JobSpec, job: str) -> dict:
     examples = training_examples(
         parse_jsonl(io.StringIO(text), "uploaded dataset", "training data"), "uploaded dataset"
     )
-    tokenizer = load_tokenizer(spec.model.path)
+    tokenizer = context.models.tokenizer(spec.model.path)
     num_shards = math.ceil(len(examples) / spec.shard_size)
     num_tokens, shards = 0, []
     context.progress.stage("register", num_shards)
@@ -347,7 +347,9 @@ def run_finalize(context: StageContext, spec: JobSpec, job: str) -> dict:
         leftover = context.capture_caches.pop((job, shard), None)
         if leftover is not None:
             leftover.release()
-    return publish_factor_set(context.store, layout.factors_prefix(spec.factor_set_id), factor_set)
+    metadata, stored = publish_factor_set(context.store, layout.factors_prefix(spec.factor_set_id), factor_set)
+    context.artifacts.put(("factors", spec.factor_set_id), stored)  # a score job on this worker reads none back
+    return metadata
 
 
 # ------------------------------------------------------------------------------------------
