@@ -30,9 +30,11 @@ def test_a_renewed_lease_keeps_a_task_and_an_expired_one_is_reclaimed(redis):
     queue, _ = fresh(redis, lease_seconds=0.3)
     queue.enqueue("score", b"one")
     task = queue.take(["score"], "alice", block_ms=100)
-    with LeaseKeeper(queue, task, "alice"):
+    keeper = LeaseKeeper(queue, "alice")
+    with keeper.holding(task):
         time.sleep(0.9)  # three leases long
         assert queue.take(["score"], "bob", block_ms=50) is None
+    keeper.close()
     time.sleep(0.4)  # now nobody renews it
     reclaimed = queue.take(["score"], "bob", block_ms=50)
     assert (reclaimed.payload, reclaimed.deliveries) == (b"one", 2)

@@ -23,11 +23,13 @@ PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDE
 TERMINAL = {SUCCEEDED, FAILED, CANCELLED}
 
 # KEYS: shards set, done flag, operation hash. ARGV: shard, total, stage-after, shards-after,
-# response ('' = not final), ended channel, operation id, then (stream, payload) pairs to
-# enqueue when the stage completes.
+# response ('' = not final), ended channel, operation id, number of counters, the (counter,
+# increment) pairs, then (stream, payload) pairs to enqueue when the stage completes.
 # Completion, enqueueing the next stage and finishing the operation are one atomic step, so a
 # worker dying at any point can neither lose the advance nor make it happen twice.
 _FINISH_SHARD = """
+local counters_end = 8 + 2 * tonumber(ARGV[8])
+for i = 9, counters_end, 2 do redis.call('HINCRBY', KEYS[3], 'counter:' .. ARGV[i], ARGV[i + 1]) end
 redis.call('SADD', KEYS[1], ARGV[1])
 if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then return 0 end
 if not redis.call('SET', KEYS[2], '1', 'NX') then return 0 end
@@ -41,7 +43,7 @@ if ARGV[5] ~= '' then
   return 1
 end
 redis.call('HSET', KEYS[3], 'stage', ARGV[3], 'shards_total', ARGV[4], 'counter:shards_done', 0)
-for i = 8, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1]) end
+for i = counters_end + 1, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1]) end
 return 1
 """
 
@@ -171,15 +173,21 @@ class OperationStore:
         next_stage: str = "",
         next_tasks: list[tuple[str, bytes]] = (),
         response: bytes = b"",
+        counters: dict[str, int] | None = None,
     ) -> bool:
         """Record a finished task of `stage`; True exactly once, when the stage first completes.
+        `counters` are added to the operation's counters first (as `add_progress` does).
 
         At that moment, atomically: either the operation succeeds with `response` (the last
         stage), or the stage becomes `next_stage` and `next_tasks` ((stream, payload) pairs)
         are appended to their streams.
         """
         base = f"{self.prefix}:fanin:{operation_id}:{stage}"
+        counters = counters or {}
         arguments: list = [shard, total, next_stage, len(next_tasks), response, self.ended_channel, operation_id]
+        arguments.append(len(counters))
+        for name, increment in counters.items():
+            arguments += [name, int(increment)]
         for stream, payload in next_tasks:
             arguments += [stream, payload]
         keys = [f"{base}:shards", f"{base}:done", self._key(operation_id)]

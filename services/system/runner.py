@@ -116,10 +116,10 @@ class OperationProgress(Progress):
             self._cancelled = self.operations.is_cancelled(self.operation)
         return self._cancelled
 
-    def close(self) -> None:
-        if self._tokens:
-            self.operations.add_progress(self.operation, tokens_processed=self._tokens)
-            self._tokens = 0
+    def unreported(self) -> dict[str, int]:
+        """Counts not written yet, now the caller's to write (with the task's completion)."""
+        tokens, self._tokens = self._tokens, 0
+        return {"tokens_processed": tokens} if tokens else {}
 
 
 def response_of(spec: JobSpec, metadata: dict) -> bytes:
@@ -164,17 +164,21 @@ class Worker:
 
     def __post_init__(self):
         self.context = self.context or StageContext(self.system.store)
+        self.lease = LeaseKeeper(self.system.queue, self.consumer)
 
     def run_forever(self, block_ms: int = 500) -> None:
         log.info("worker %s taking %s", self.consumer, ",".join(self.kinds))
         # Always set: torch keeps one global default that any thread's set_num_threads changes.
         torch.set_num_threads(self.torch_threads or available_cores())
-        while not self.stop.is_set():
-            try:
-                self.run_once(block_ms)
-            except Exception:  # Redis or the store away: keep the worker alive and retry
-                log.exception("worker %s: task loop error", self.consumer)
-                self.stop.wait(1.0)
+        try:
+            while not self.stop.is_set():
+                try:
+                    self.run_once(block_ms)
+                except Exception:  # Redis or the store away: keep the worker alive and retry
+                    log.exception("worker %s: task loop error", self.consumer)
+                    self.stop.wait(1.0)
+        finally:
+            self.lease.close()
 
     def run_once(self, block_ms: int = 500) -> bool:
         task = self.system.queue.take(self.kinds, self.consumer, block_ms)
@@ -201,9 +205,8 @@ class Worker:
         progress = OperationProgress(operations, payload.operation)
         self.context.progress = progress
         try:
-            with LeaseKeeper(queue, task, self.consumer):
+            with self.lease.holding(task):
                 published = run_stage(self.context, spec, payload.job, payload.stage, payload.shard)
-            progress.close()
         except CancelledError:
             queue.ack(task)
             return
@@ -215,7 +218,6 @@ class Worker:
             log.exception("%s of %s failed", where, payload.operation)
             operations.note_error(payload.operation, f"{type(error).__name__}: {error}")
             return
-        operations.add_progress(payload.operation, shards_done=1)
         following = next_stage(spec, payload.stage)
         completed = operations.finish_shard(
             payload.operation,
@@ -225,6 +227,7 @@ class Worker:
             next_stage=following or "",
             next_tasks=self.system.stage_tasks(payload.operation, spec, following) if following else [],
             response=response_of(spec, published) if following is None else b"",
+            counters={"shards_done": 1, **progress.unreported()},
         )
         queue.ack(task)
         if completed and following is None and spec.kind != "blocks":  # StreamBlocks deletes its own
