@@ -232,6 +232,17 @@ def test_wait_operation_returns_when_the_operation_ends_not_at_its_next_recheck(
     assert time.monotonic() - started < 30  # the task takes well under a second; the recheck is at 60 s
 
 
+def test_wait_operation_still_ends_when_the_notification_is_lost(cluster, workspace, monkeypatch):
+    """Pub/sub may drop a message: the waiter's periodic re-read of the record then ends the wait."""
+    from services.jobs.ended import EndedWatcher
+    from services.rpc.operations import OperationsServicer
+
+    monkeypatch.setattr(OperationsServicer, "RECHECK_SECONDS", 0.05)
+    monkeypatch.setattr(EndedWatcher, "_notify", lambda self, operation_id: None)
+    dataset = cluster.client.register_dataset(str(workspace / "model"), workspace / "train.jsonl", shard_size=10)
+    assert dataset.num_examples == 23
+
+
 def status_of(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as raised:
         call()

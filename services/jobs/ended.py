@@ -24,7 +24,7 @@ log = logging.getLogger("influence.jobs")
 
 class EndedWatcher:
     """`with watcher.watch(operation_id, callback):` calls `callback()` (on the watcher's thread)
-    when the operation ends while the block runs. The thread starts on first use."""
+    when the operation ends while the block runs. The thread subscribes at construction."""
 
     def __init__(self, operations: OperationStore, reconnect_seconds: float = 0.5):
         self.operations = operations
@@ -33,11 +33,16 @@ class EndedWatcher:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._subscribed = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._run, name="operation-ended-watcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def live(self) -> bool:
+        """True while the subscription is confirmed (waiters may then rely on it)."""
+        return self._subscribed.is_set()
 
     @contextmanager
     def watch(self, operation_id: str, callback: Callable[[], None]) -> Iterator[None]:
-        self._start()
         with self._lock:
             self._callbacks[operation_id].add(callback)
         try:
@@ -52,19 +57,13 @@ class EndedWatcher:
 
     def wait_subscribed(self, timeout: float) -> bool:
         """True once the subscription is live (tests use it to avoid a startup race)."""
-        self._start()
         return self._subscribed.wait(timeout)
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(target=self._run, name="operation-ended-watcher", daemon=True)
-                self._thread.start()
+        with suppress(redis.RedisError, OSError):  # wake the thread now rather than at its next poll
+            self.operations.client.publish(self.operations.ended_channel, "")
+        self._thread.join(5)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -21,9 +21,11 @@ from ..system.runner import JobSystem
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     """google.longrunning.Operations backed by the Redis operation records."""
 
-    # How often a waiter re-reads the record even without a message (a lost pub/sub message,
-    # or a Redis reconnect, then costs at most this much latency).
+    # How often a waiter re-reads the record even without a message: a lost pub/sub message
+    # then costs at most this much latency. While the subscription is down (starting, or Redis
+    # reconnecting) it polls every UNWATCHED_SECONDS instead.
     RECHECK_SECONDS = 0.25
+    UNWATCHED_SECONDS = 0.02
 
     def __init__(self, system: JobSystem, watcher: EndedWatcher):
         self.system = system
@@ -74,6 +76,8 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             record = self._record(request.name)
             while record["state"] not in TERMINAL and (remaining := deadline - time.monotonic()) > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ended.wait(), timeout=min(remaining, self.RECHECK_SECONDS))
+                    interval = self.RECHECK_SECONDS if self.watcher.live else self.UNWATCHED_SECONDS
+                    await asyncio.wait_for(ended.wait(), timeout=min(remaining, interval))
+                ended.clear()
                 record = self._record(request.name)
         return operation_message(record)
