@@ -59,6 +59,11 @@ class CountingStore:
             self.written[self.kind(key)] += len(data)
         return self.inner.put_bytes(key, data)
 
+    def put_buffers(self, key, buffers):
+        with self._lock:
+            self.written[self.kind(key)] += sum(memoryview(buffer).nbytes for buffer in buffers)
+        return self.inner.put_buffers(key, buffers)
+
     def get_bytes(self, key):
         data = self.inner.get_bytes(key)
         with self._lock:
