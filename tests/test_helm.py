@@ -5,6 +5,7 @@ failures on bad values. Needs tools/bin/helm (installed by scripts/install/helm.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -295,6 +296,17 @@ def test_bad_values_fail_with_every_problem_listed():
     assert "must be host:port without a scheme" in stderr and "must start with redis://" in stderr
     stderr = render_fails("workers.pools.gpu.resources.requests.nvidia\\.com/gpu=2")
     assert "workers.pools.gpu: resources.requests.nvidia.com/gpu must equal limits" in stderr
+
+
+def test_every_task_kind_must_be_taken_by_an_enabled_pool():
+    """A kind no pool takes would leave its tasks queued forever: the chart refuses to render.
+    The chart's list of kinds (schema enum and the check) is the runner's STAGES."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["definitions"]["pool"]["properties"]["kinds"]["items"]["enum"] == list(STAGES)
+    stderr = render_fails("workers.pools.gpu.kinds={covariance,correction,prepare,score,self}")
+    assert "no enabled pool takes blocks, fit_one_shard, score_one_shard" in stderr, stderr
+    stderr = render_fails("workers.pools.cpu.enabled=false")
+    assert "no enabled pool takes register, eigen, finalize, merge, self_merge" in stderr, stderr
 
 
 @pytest.mark.parametrize(

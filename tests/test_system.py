@@ -179,6 +179,55 @@ def test_register_fit_score_self_over_grpc_equal_the_in_process_engine(cluster, 
     assert not [job for job in succeeded if cluster.store.list(f"jobs/{job}/")]
 
 
+def test_a_one_shard_dataset_runs_each_job_as_one_task_with_the_same_results(cluster, workspace, tmp_path):
+    """fit_one_shard / score_one_shard chain the stages in memory: the factors of every strategy
+    and the scores (with module and token breakdowns) still equal the in-process engine's."""
+    client, model = cluster.client, str(workspace / "model")
+    dataset = client.register_dataset(model, workspace / "train.jsonl", shard_size=100, max_length=64)
+    assert dataset.num_shards == 1
+    examples = read_training_jsonl(workspace / "train.jsonl")
+    engine_model, tokenizer = load_model_and_tokenizer(model)
+    stages: list[str] = []
+    for strategy in ("kfac", "diagonal", "ekfac"):  # ekfac last: the scores below use it
+        stages.clear()
+        factor_set = client.fit_factors(
+            model, dataset.name, batch_size=3, strategy=strategy, progress=lambda m: stages.append(m.stage)
+        )
+        assert set(stages) <= {"fit_one_shard", "done"}, stages
+        client.download_factors(factor_set.name, tmp_path / strategy)
+        remote = load_factors(tmp_path / strategy)
+        local = fit_factors(
+            engine_model, tokenizer, examples, FitConfig(strategy=strategy, batch_size=3, max_length=64)
+        )
+        for name, factors in local.factors.items():
+            for key, value in factors.tensors().items():
+                scale = float(value.abs().max())
+                torch.testing.assert_close(
+                    remote.factors[name].tensors()[key], value.float(), rtol=1e-4, atol=1e-6 * scale, msg=key
+                )
+    stages.clear()
+    result = client.compute_scores(
+        model,
+        factor_set.name,
+        dataset.name,
+        QUERIES,
+        batch_size=3,
+        top_k=4,
+        per_module=True,
+        per_token=True,
+        progress=lambda m: stages.append(m.stage),
+    )
+    assert set(stages) <= {"score_one_shard", "done"}, stages
+    client.download_result(result.name, tmp_path / "scores")
+    expected = compute_scores(
+        engine_model, tokenizer, local, examples, QUERIES, ScoreConfig(batch_size=3, max_length=64)
+    )
+    actual = load_file(str(tmp_path / "scores" / "scores.safetensors"))["scores"]
+    torch.testing.assert_close(actual, expected.scores, rtol=1e-5, atol=1e-5 * float(expected.scores.abs().max()))
+    first = json.loads((tmp_path / "scores" / "results.json").read_text())["queries"][0]["top"][0]
+    assert sum(t["score"] for t in first["tokens"]) == pytest.approx(first["score"], rel=1e-4)
+
+
 def test_health_and_reflection_answer_on_every_service(cluster):
     channel = grpc.insecure_channel(cluster.server.target)
     health = health_pb2_grpc.HealthStub(channel)

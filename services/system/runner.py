@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
@@ -46,6 +47,8 @@ STAGES = (
     "self",
     "self_merge",
     "blocks",
+    "fit_one_shard",
+    "score_one_shard",
 )
 PERMANENT = (InputError, NotFoundError, PreconditionError)
 
@@ -149,6 +152,40 @@ def threads_per_worker(workers: int) -> int:
     return max(1, available_cores() // max(1, workers))
 
 
+class PrefixDeleter:
+    """Deletes store prefixes on a thread of its own, in order, so that removing a finished
+    job's objects (a few ms, more on S3) does not delay the worker's next task. `close` waits
+    for what was submitted; what a killed process leaves is garbage, never state."""
+
+    def __init__(self, store):
+        self.store = store
+        self._prefixes: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, prefix: str) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="prefix-deleter", daemon=True)
+                self._thread.start()
+            self._prefixes.put(prefix)
+
+    def _run(self) -> None:
+        while (prefix := self._prefixes.get()) is not None:
+            try:
+                self.store.delete_prefix(prefix)
+            except Exception as error:  # the store briefly away: the objects are garbage, not state
+                log.warning("could not delete %s: %s", prefix, error)
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._prefixes.put(None)
+        if thread is not None:
+            thread.join(timeout)
+
+
 @dataclass
 class Worker:
     """Takes tasks of `kinds` and runs them until `stop` is set."""
@@ -165,6 +202,7 @@ class Worker:
     def __post_init__(self):
         self.context = self.context or StageContext(self.system.store)
         self.lease = LeaseKeeper(self.system.queue, self.consumer)
+        self._deleter = PrefixDeleter(self.system.store)
 
     def run_forever(self, block_ms: int = 500) -> None:
         log.info("worker %s taking %s", self.consumer, ",".join(self.kinds))
@@ -179,6 +217,7 @@ class Worker:
                     self.stop.wait(1.0)
         finally:
             self.lease.close()
+            self._deleter.close()
 
     def run_once(self, block_ms: int = 500) -> bool:
         task = self.system.queue.take(self.kinds, self.consumer, block_ms)
@@ -240,7 +279,4 @@ class Worker:
         this a long-running system keeps every fit's partial sums forever."""
         prefix = layout.job_prefix(job)
         self.context.artifacts.forget_prefix(prefix)
-        try:
-            self.system.store.delete_prefix(prefix)
-        except Exception as error:  # the store briefly away: the objects are garbage, not state
-            log.warning("could not delete %s: %s", prefix, error)
+        self._deleter.submit(prefix)

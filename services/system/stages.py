@@ -5,7 +5,9 @@ same bytes, so at-least-once delivery is harmless. No Redis or gRPC here: runner
     register:  register                                               -> dataset artifact
     fit:       covariance×k -> eigen -> correction×k -> finalize       -> factors artifact
                (kfac skips correction; diagonal skips covariance/eigen; identity is finalize only)
+               k = 1: fit_one_shard (the same stages in one task, outputs kept in memory)
     score:     prepare -> score×k -> merge                             -> result artifact
+               k = 1: score_one_shard
     self:      self×k -> self_merge                                    -> result artifact
     blocks:    blocks (one shard's per-sequence gradients)             -> jobs/{job}/blocks/ for StreamBlocks
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +97,8 @@ class StageContext:
 def first_stages(spec: JobSpec) -> list[str]:
     if spec.kind in ("register", "blocks"):
         return [spec.kind]
+    if spec.kind in ("fit", "score") and spec.num_shards == 1:  # nothing to fan out: one task
+        return [f"{spec.kind}_one_shard"]
     if spec.kind == "score":
         return ["prepare"]
     if spec.kind == "self":
@@ -235,6 +240,13 @@ def _fit_limit(spec: JobSpec) -> int | None:
 
 
 def run_covariance(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
+    state = _covariance_partial(context, spec, job, shard)
+    _put_job_tensors(context, layout.job_partial(job, "covariance", shard), state)
+
+
+def _covariance_partial(context: StageContext, spec: JobSpec, job: str, shard: int) -> dict[str, torch.Tensor]:
+    """One shard's covariance sums (CovarianceAccumulator.state); keeps the captures for the
+    correction pass on this worker."""
     config, model, tokenizer, modules, _tracked = _fit_setup(context, spec)
     sequences = _shard_sequences(context, spec.dataset_id, shard, _fit_limit(spec))
     cache = None
@@ -252,17 +264,22 @@ def run_covariance(context: StageContext, spec: JobSpec, job: str, shard: int) -
         progress=context.progress,
         cache=cache,
     )
-    _put_job_tensors(context, layout.job_partial(job, "covariance", shard), accumulator.state())
+    return accumulator.state()
 
 
 def run_eigen(context: StageContext, spec: JobSpec, job: str) -> None:
-    """Reduce the covariance partial sums and eigendecompose. The output is stored in the dtype
-    the factor set will be stored in (the correction rotates in it too), without K-FAC's
-    eigenvalue products when EK-FAC replaces them: half the bytes, the same published factors."""
+    partials = (_take_job_tensors(context, job, "covariance", shard) for shard in range(spec.num_shards))
+    _put_job_tensors(context, layout.job_output(job, "eigen"), _eigen_output(context, spec, partials))
+
+
+def _eigen_output(context: StageContext, spec: JobSpec, partials: Iterable[dict]) -> dict[str, torch.Tensor]:
+    """Reduce covariance partial sums and eigendecompose. The output is in the dtype the factor
+    set will be stored in (the correction rotates in it too), without K-FAC's eigenvalue
+    products when EK-FAC replaces them: half the bytes, the same published factors."""
     config, model, _, _, tracked = _fit_setup(context, spec)
     merged = None
-    for shard in range(spec.num_shards):
-        partial = CovarianceAccumulator.from_state(tracked, _take_job_tensors(context, job, "covariance", shard))
+    for state in partials:
+        partial = CovarianceAccumulator.from_state(tracked, state)
         if merged is None:
             merged = partial
         else:
@@ -277,12 +294,16 @@ def run_eigen(context: StageContext, spec: JobSpec, job: str) -> None:
         if key not in replaced
     }
     tensors["n_tokens"] = torch.tensor([max(merged.token_counts.values())])
-    _put_job_tensors(context, layout.job_output(job, "eigen"), tensors)
+    return tensors
 
 
-def _eigen_factors(context: StageContext, job: str, tracked) -> tuple[dict[str, ModuleFactors], int]:
+def _stored_eigen_output(context: StageContext, job: str) -> dict[str, torch.Tensor]:
     key = layout.job_output(job, "eigen")
-    tensors = context.artifacts.get(key, lambda: get_tensors(context.store, key))
+    return context.artifacts.get(key, lambda: get_tensors(context.store, key))
+
+
+def _eigen_factors(tensors: dict[str, torch.Tensor], tracked) -> tuple[dict[str, ModuleFactors], int]:
+    """The eigen stage's output as per-module factors, and the token count."""
     factors = {
         name: ModuleFactors(
             **{key: tensors[f"{name}/{key}"] for key in ModuleFactors.TENSOR_FIELDS if f"{name}/{key}" in tensors}
@@ -293,8 +314,17 @@ def _eigen_factors(context: StageContext, job: str, tracked) -> tuple[dict[str, 
 
 
 def run_correction(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
+    eigen = _stored_eigen_output(context, job) if spec.config["strategy"] == "ekfac" else None
+    state = _correction_partial(context, spec, job, shard, eigen)
+    _put_job_tensors(context, layout.job_partial(job, "correction", shard), state)
+
+
+def _correction_partial(
+    context: StageContext, spec: JobSpec, job: str, shard: int, eigen: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """One shard's eigenvalue-correction sums, in the eigenbases of `eigen` (EK-FAC) or none."""
     config, model, tokenizer, modules, tracked = _fit_setup(context, spec)
-    bases = bases_of(_eigen_factors(context, job, tracked)[0]) if config.strategy == "ekfac" else None
+    bases = bases_of(_eigen_factors(eigen, tracked)[0]) if eigen is not None else None
     sequences = _shard_sequences(context, spec.dataset_id, shard, _fit_limit(spec))
     accumulator = accumulate_correction(
         model,
@@ -308,18 +338,27 @@ def run_correction(context: StageContext, spec: JobSpec, job: str, shard: int) -
         progress=context.progress,
         cache=context.capture_caches.pop((job, shard), None),
     )
-    _put_job_tensors(context, layout.job_partial(job, "correction", shard), accumulator.state())
+    return accumulator.state()
 
 
 def run_finalize(context: StageContext, spec: JobSpec, job: str) -> dict:
+    strategy = spec.config["strategy"]
+    eigen = _stored_eigen_output(context, job) if needs_covariance(strategy) else None
+    corrections = []
+    if needs_correction(strategy):
+        corrections = (_take_job_tensors(context, job, "correction", shard) for shard in range(spec.num_shards))
+    return _publish_fit(context, spec, job, eigen, corrections)
+
+
+def _publish_fit(
+    context: StageContext, spec: JobSpec, job: str, eigen: dict | None, corrections: Iterable[dict]
+) -> dict:
+    """Reduce the correction partial sums, assemble the factor set and publish it."""
     config, model, _, _modules, tracked = _fit_setup(context, spec)
-    covariance_factors, n_tokens = (None, 0)
-    if needs_covariance(config.strategy):
-        covariance_factors, n_tokens = _eigen_factors(context, job, tracked)
+    covariance_factors, n_tokens = _eigen_factors(eigen, tracked) if eigen is not None else (None, 0)
     correction = None
     if needs_correction(config.strategy):
-        for shard in range(spec.num_shards):
-            state = _take_job_tensors(context, job, "correction", shard)
+        for state in corrections:
             partial = CorrectionAccumulator.from_state(tracked, None, state)
             if correction is None:
                 correction = partial
@@ -352,6 +391,20 @@ def run_finalize(context: StageContext, spec: JobSpec, job: str) -> dict:
     return metadata
 
 
+def run_fit_one_shard(context: StageContext, spec: JobSpec, job: str) -> dict:
+    """A one-shard fit in one task: the same stages, their outputs passed in memory. With one
+    shard there is nothing to fan out, so storing the partial sums and eigenbases between
+    tasks would only buy a finer-grained retry; a retried task recomputes it all."""
+    strategy = spec.config["strategy"]
+    eigen = None
+    if needs_covariance(strategy):
+        eigen = _eigen_output(context, spec, [_covariance_partial(context, spec, job, 0)])
+    corrections = []
+    if needs_correction(strategy):
+        corrections = [_correction_partial(context, spec, job, 0, eigen if strategy == "ekfac" else None)]
+    return _publish_fit(context, spec, job, eigen, corrections)
+
+
 # ------------------------------------------------------------------------------------------
 # score
 
@@ -374,7 +427,11 @@ def _score_setup(context: StageContext, spec: JobSpec):
 
 
 def run_prepare(context: StageContext, spec: JobSpec, job: str) -> None:
-    """Query gradients and their IHVPs, once per job."""
+    _put_job_tensors(context, layout.job_output(job, "prepared"), _prepared_tensors(context, spec))
+
+
+def _prepared_tensors(context: StageContext, spec: JobSpec) -> dict[str, torch.Tensor]:
+    """Query gradients and their IHVPs (once per job), as ModuleQueries tensors."""
     config, model, tokenizer, factors, modules = _score_setup(context, spec)
     sequences = tokenize_queries(tokenizer, _queries(spec), config.max_length)
     gradients = query_gradients(model, modules, sequences, config.batch_size, tokenizer.pad_token_id, context.progress)
@@ -385,7 +442,7 @@ def run_prepare(context: StageContext, spec: JobSpec, job: str) -> None:
     tensors = {}
     for name, module_queries in prepared.items():
         tensors.update(module_queries.to_tensors(name))
-    _put_job_tensors(context, layout.job_output(job, "prepared"), tensors)
+    return tensors
 
 
 def _prepared(context: StageContext, job: str, modules) -> dict[str, ModuleQueries]:
@@ -395,20 +452,28 @@ def _prepared(context: StageContext, job: str, modules) -> dict[str, ModuleQueri
 
 
 def run_score(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
-    """Contract one shard's training gradients with the prepared queries, in place."""
+    modules = _score_setup(context, spec)[4]
+    partial = _score_partial(context, spec, shard, _prepared(context, job, modules))
+    put_tensors(context.store, layout.job_partial(job, "score", shard), partial)
+
+
+def _score_partial(
+    context: StageContext, spec: JobSpec, shard: int, prepared: dict[str, ModuleQueries]
+) -> dict[str, torch.Tensor]:
+    """Contract one shard's training gradients with the prepared queries, in place:
+    per_module [M, Q, n] and the shard's global indices [n]."""
     config, model, tokenizer, _, modules = _score_setup(context, spec)
     sequences = _shard_sequences(context, spec.dataset_id, shard)
     per_module = score_sequences(
         model,
         modules,
         sequences,
-        _prepared(context, job, modules),
+        prepared,
         batch_size=config.batch_size,
         pad_token_id=tokenizer.pad_token_id,
         progress=context.progress,
     )
-    index = torch.tensor([sequence.index for sequence in sequences])
-    put_tensors(context.store, layout.job_partial(job, "score", shard), {"per_module": per_module, "index": index})
+    return {"per_module": per_module, "index": torch.tensor([sequence.index for sequence in sequences])}
 
 
 class _DatasetView:
@@ -436,23 +501,37 @@ class _DatasetView:
         return entry["id"], entry["text"]
 
 
-def _gather(context: StageContext, spec: JobSpec, job: str, stage: str, key: str) -> torch.Tensor:
-    """Concatenate shard partials along their last dimension, in global index order."""
-    parts = [get_tensors(context.store, layout.job_partial(job, stage, shard)) for shard in range(spec.num_shards)]
-    return torch.cat([part[key] for part in parts], dim=-1)
+def _stored_partials(context: StageContext, spec: JobSpec, job: str, stage: str) -> list[dict[str, torch.Tensor]]:
+    """Every shard's partial of `stage`, in shard (so global index) order."""
+    return [get_tensors(context.store, layout.job_partial(job, stage, shard)) for shard in range(spec.num_shards)]
 
 
 def run_merge(context: StageContext, spec: JobSpec, job: str) -> dict:
-    """Top-k over all shards, token-wise attribution of the top-k, and the result files."""
+    modules = _score_setup(context, spec)[4]
+    partials = _stored_partials(context, spec, job, "score")
+    return _merge_scores(context, spec, partials, lambda: _prepared(context, job, modules))
+
+
+def run_score_one_shard(context: StageContext, spec: JobSpec, job: str) -> dict:
+    """A one-shard score job in one task (prepare, score, merge; see run_fit_one_shard): the
+    prepared queries, the largest intermediate of a score job, never leave memory."""
+    modules = _score_setup(context, spec)[4]
+    tensors = _prepared_tensors(context, spec)
+    prepared = {name: ModuleQueries.from_tensors(name, tensors) for name in modules}
+    return _merge_scores(context, spec, [_score_partial(context, spec, 0, prepared)], lambda: prepared)
+
+
+def _merge_scores(context: StageContext, spec: JobSpec, partials: list[dict], prepared: Callable) -> dict:
+    """Top-k over all shards' partials, token-wise attribution of the top-k (which needs
+    `prepared()`, the prepared queries), and the result files."""
     config, model, tokenizer, factors, modules = _score_setup(context, spec)
-    per_module = _gather(context, spec, job, "score", "per_module")  # [M, Q, N]
+    per_module = torch.cat([partial["per_module"] for partial in partials], dim=-1)  # [M, Q, N]
     names = list(modules)
     scores = per_module.sum(0)
     top = top_k_entries(scores, per_module if config.per_module else None, names, config.top_k)
     view = _DatasetView(context.store, spec.dataset_id)
     if config.per_token and config.top_k:
-        prepared = _prepared(context, job, modules)
-        attach_token_scores(model, modules, tokenizer, view.sequence, prepared, top, context.progress)
+        attach_token_scores(model, modules, tokenizer, view.sequence, prepared(), top, context.progress)
     tensors = {"scores": scores.to(torch.float32).contiguous()}
     if config.per_module:
         tensors["per_module"] = per_module.to(torch.float32).contiguous()
@@ -510,7 +589,8 @@ def run_self(context: StageContext, spec: JobSpec, job: str, shard: int) -> None
 def run_self_merge(context: StageContext, spec: JobSpec, job: str) -> dict:
     config = ScoreConfig(**spec.config)
     strategy = factors_artifact(context.store, spec.factor_set_id).metadata["strategy"]
-    scores = _gather(context, spec, job, "self", "scores").to(torch.float32)
+    scores = torch.cat([part["scores"] for part in _stored_partials(context, spec, job, "self")], dim=-1)
+    scores = scores.to(torch.float32)
     view = _DatasetView(context.store, spec.dataset_id)
     report = self_report(
         scores,
@@ -555,5 +635,7 @@ def run_stage(context: StageContext, spec: JobSpec, job: str, stage: str, shard:
         "prepare": run_prepare,
         "merge": run_merge,
         "self_merge": run_self_merge,
+        "fit_one_shard": run_fit_one_shard,
+        "score_one_shard": run_score_one_shard,
     }[stage]
     return handler(context, spec, job)

@@ -116,6 +116,21 @@ types and unknown keys first; this checks what a schema cannot say well.
 {{- end }}
 {{- end }}
 {{- end }}
+{{- $taken := list }}
+{{- range $name, $pool := .Values.workers.pools }}
+{{- if include "influence.poolEnabled" $pool }}
+{{- $taken = concat $taken (default list $pool.kinds) }}
+{{- end }}
+{{- end }}
+{{- $untaken := list }}
+{{- range $kind := list "register" "covariance" "eigen" "correction" "finalize" "prepare" "score" "merge" "self" "self_merge" "blocks" "fit_one_shard" "score_one_shard" }}
+{{- if not (has $kind $taken) }}
+{{- $untaken = append $untaken $kind }}
+{{- end }}
+{{- end }}
+{{- if $untaken }}
+{{- $problems = append $problems (printf "workers.pools: no enabled pool takes %s; tasks of these kinds would wait forever (add them to a pool's kinds)" (join ", " $untaken)) }}
+{{- end }}
 {{- if $problems }}
 {{- fail (printf "\n\ninvalid values for the influence chart:\n  - %s\n" (join "\n  - " $problems)) }}
 {{- end }}
