@@ -204,7 +204,9 @@ def main() -> None:
     overhead = one["total_s"] / local["total_s"] - 1
     # Rounds run the configurations back to back, so a round's ratio cancels slow host periods
     # that the ratio of two medians does not.
-    paired = sorted(e["total_s"] / i["total_s"] - 1 for e, i in zip(rounds["embedded_1"], rounds["in_process"]))
+    paired = sorted(
+        e["total_s"] / i["total_s"] - 1 for e, i in zip(rounds["embedded_1"], rounds["in_process"], strict=True)
+    )
     print(
         f"\nembedded overhead: {overhead:+.1%} (total), fit {one['fit_s'] / local['fit_s'] - 1:+.1%}, "
         f"score {one['score_s'] / local['score_s'] - 1:+.1%}; max relative score difference {agreement:.1e}"
