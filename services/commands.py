@@ -40,13 +40,20 @@ def _out_dir(path: str) -> Path:
 
 
 class StageBars:
-    """tqdm bars from operation metadata: one bar per stage, shards done / total, tokens/s."""
+    """tqdm bars from operation metadata: one bar per stage, shards done / total, and the stage's
+    tokens/s (the operation's token counter counts every stage's tokens, so a bar shows what
+    it grew by since its stage began)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._bar = None
         self._stage = None
-        self._started = time.monotonic()
+        self._stage_started, self._stage_tokens = time.monotonic(), 0
+
+    def _show_rate(self, tokens_processed: int) -> None:
+        elapsed = max(time.monotonic() - self._stage_started, 1e-9)
+        rate = (tokens_processed - self._stage_tokens) / elapsed
+        self._bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
 
     def __call__(self, metadata: common_pb2.OperationMetadata) -> None:
         if not self.enabled:
@@ -54,18 +61,19 @@ class StageBars:
         from tqdm import tqdm
 
         if metadata.stage != self._stage:
-            if self._bar is not None:  # the stage is over: show it complete before moving on
+            if self._bar is not None:  # the stage is over: the new metadata holds its last counts
+                self._show_rate(metadata.tokens_processed)
                 self._bar.update(self._bar.total - self._bar.n)
             self.close()
             self._stage = metadata.stage
+            self._stage_started, self._stage_tokens = time.monotonic(), metadata.tokens_processed
             if metadata.stage == "done":
                 return
             self._bar = tqdm(
                 total=metadata.shards_total, desc=f"{metadata.stage:>12}", unit="shard", dynamic_ncols=True
             )
         if self._bar is not None:
-            elapsed = max(time.monotonic() - self._started, 1e-9)
-            self._bar.set_postfix_str(f"{metadata.tokens_processed / elapsed:,.0f} tok/s", refresh=False)
+            self._show_rate(metadata.tokens_processed)
             self._bar.update(metadata.shards_done - self._bar.n)
 
     def close(self, clear: bool = False) -> None:

@@ -42,7 +42,8 @@ def run_demo(args) -> int:
     def fit_and_score(client) -> None:
         with StageBars(not args.quiet) as bars:
             dataset = client.register_dataset(model, paths.train_jsonl, max_length=128, progress=bars)
-        say(f"[3/4] fitting EK-FAC factors on {dataset.num_examples} training sequences ({dataset.num_shards} shards)")
+        shards = f"{dataset.num_shards} shard" + ("s" if dataset.num_shards != 1 else "")
+        say(f"[3/4] fitting EK-FAC factors on {dataset.num_examples} training sequences ({shards})")
         with StageBars(not args.quiet) as bars:
             factor_set = client.fit_factors(model, dataset.name, batch_size=16, progress=bars)
         client.download_factors(factor_set.name, out / "factors")
