@@ -31,7 +31,9 @@ class IntTokenizer:
     bos_token_id = None
     eos_token_id = None
 
-    def __call__(self, text, add_special_tokens=True):
+    def __call__(self, text, add_special_tokens=True):  # a text or a list of them, as HF tokenizers take
+        if isinstance(text, list):
+            return {"input_ids": [[int(word) for word in item.split()] for item in text]}
         return {"input_ids": [int(word) for word in text.split()]}
 
     def convert_ids_to_tokens(self, ids):

@@ -177,15 +177,27 @@ def tokenize_training(
     Sequence indices are `start_index + position`: a shard keeps its sequences' global indices,
     so sampled labels (seeded per index) do not depend on how the data is sharded.
     """
-    sequences = []
-    for index, example in enumerate(examples, start=start_index):
-        ids = _token_ids(tokenizer, example.text, special=True)[:max_length]
+    if not examples:
+        return []
+    # One batched call (the Rust tokenizer encodes in bulk; per text, the Python wrapper cost
+    # twice the encoding), and one flat tensor that the sequences are views of.
+    token_lists = tokenizer([example.text for example in examples], add_special_tokens=True)["input_ids"]
+    token_lists = [list(ids[:max_length]) for ids in token_lists]
+    for example, ids in zip(examples, token_lists, strict=True):
         if len(ids) < 2:
             raise InputError(f"training example '{example.id}' has fewer than 2 tokens; nothing to predict")
-        target_mask = torch.ones(len(ids), dtype=torch.bool)
-        target_mask[0] = False
-        sequences.append(TokenizedSequence(index, torch.tensor(ids, dtype=torch.long), target_mask))
-    return sequences
+    offsets = [0]
+    for ids in token_lists:
+        offsets.append(offsets[-1] + len(ids))
+    token_ids = torch.tensor([token for ids in token_lists for token in ids], dtype=torch.long)
+    target_mask = torch.ones(offsets[-1], dtype=torch.bool)
+    target_mask[offsets[:-1]] = False  # the first token of each sequence is no target
+    return [
+        TokenizedSequence(index, token_ids[start:end], target_mask[start:end])
+        for index, start, end in zip(
+            range(start_index, start_index + len(examples)), offsets[:-1], offsets[1:], strict=True
+        )
+    ]
 
 
 def tokenize_queries(tokenizer, queries: Sequence[Query], max_length: int) -> list[TokenizedSequence]:
