@@ -143,7 +143,7 @@ def dataset_manifest(store, dataset_id: str) -> dict:
 def load_shard(dataset: ArtifactReader, shard: int, limit: int | None = None) -> list[TokenizedSequence]:
     """A shard's sequences (global indices kept), cut at global index `limit` if given."""
     sequences = unpack_sequences(dataset.read_tensors(layout.shard_tokens(shard)))
-    return [s for s in sequences if limit is None or s.index < limit]
+    return sequences if limit is None else [s for s in sequences if s.index < limit]
 
 
 def _shard_sequences(context: StageContext, dataset_id: str, shard: int, limit: int | None = None):
@@ -152,7 +152,7 @@ def _shard_sequences(context: StageContext, dataset_id: str, shard: int, limit: 
     sequences = context.artifacts.get(
         ("shard", dataset_id, shard), lambda: load_shard(dataset_artifact(context.store, dataset_id), shard)
     )
-    return [s for s in sequences if limit is None or s.index < limit]
+    return sequences if limit is None else [s for s in sequences if s.index < limit]
 
 
 def load_records(dataset: ArtifactReader, shard: int) -> list[dict]:
@@ -314,7 +314,7 @@ def _eigen_factors(tensors: dict[str, torch.Tensor], tracked) -> tuple[dict[str,
 
 
 def run_correction(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
-    eigen = _stored_eigen_output(context, job) if spec.config["strategy"] == "ekfac" else None
+    eigen = _stored_eigen_output(context, job) if needs_covariance(spec.config["strategy"]) else None
     state = _correction_partial(context, spec, job, shard, eigen)
     _put_job_tensors(context, layout.job_partial(job, "correction", shard), state)
 
@@ -322,7 +322,8 @@ def run_correction(context: StageContext, spec: JobSpec, job: str, shard: int) -
 def _correction_partial(
     context: StageContext, spec: JobSpec, job: str, shard: int, eigen: dict[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
-    """One shard's eigenvalue-correction sums, in the eigenbases of `eigen` (EK-FAC) or none."""
+    """One shard's eigenvalue-correction sums, in the eigenbases of `eigen` (EK-FAC, the one
+    strategy that has both) or in the parameter basis (diagonal: `eigen` is None)."""
     config, model, tokenizer, modules, tracked = _fit_setup(context, spec)
     bases = bases_of(_eigen_factors(eigen, tracked)[0]) if eigen is not None else None
     sequences = _shard_sequences(context, spec.dataset_id, shard, _fit_limit(spec))
@@ -401,7 +402,7 @@ def run_fit_one_shard(context: StageContext, spec: JobSpec, job: str) -> dict:
         eigen = _eigen_output(context, spec, [_covariance_partial(context, spec, job, 0)])
     corrections = []
     if needs_correction(strategy):
-        corrections = [_correction_partial(context, spec, job, 0, eigen if strategy == "ekfac" else None)]
+        corrections = [_correction_partial(context, spec, job, 0, eigen)]
     return _publish_fit(context, spec, job, eigen, corrections)
 
 
@@ -477,11 +478,12 @@ def _score_partial(
 
 
 class _DatasetView:
-    """Lazy access to a dataset's sequences and records by global index."""
+    """Lazy access to a dataset's sequences (through the worker's shard cache) and records by
+    global index."""
 
-    def __init__(self, store, dataset_id: str):
-        self.artifact = dataset_artifact(store, dataset_id)
-        self._sequences: dict[int, list[TokenizedSequence]] = {}
+    def __init__(self, context: StageContext, dataset_id: str):
+        self.context, self.dataset_id = context, dataset_id
+        self.artifact = dataset_artifact(context.store, dataset_id)
         self._records: dict[int, list[dict]] = {}
 
     def _shard(self, index: int) -> tuple[int, int]:
@@ -489,9 +491,7 @@ class _DatasetView:
 
     def sequence(self, index: int) -> TokenizedSequence:
         shard, offset = self._shard(index)
-        if shard not in self._sequences:
-            self._sequences[shard] = load_shard(self.artifact, shard)
-        return self._sequences[shard][offset]
+        return _shard_sequences(self.context, self.dataset_id, shard)[offset]
 
     def record(self, index: int) -> tuple[str, str]:
         shard, offset = self._shard(index)
@@ -529,7 +529,7 @@ def _merge_scores(context: StageContext, spec: JobSpec, partials: list[dict], pr
     names = list(modules)
     scores = per_module.sum(0)
     top = top_k_entries(scores, per_module if config.per_module else None, names, config.top_k)
-    view = _DatasetView(context.store, spec.dataset_id)
+    view = _DatasetView(context, spec.dataset_id)
     if config.per_token and config.top_k:
         attach_token_scores(model, modules, tokenizer, view.sequence, prepared(), top, context.progress)
     tensors = {"scores": scores.to(torch.float32).contiguous()}
@@ -591,7 +591,7 @@ def run_self_merge(context: StageContext, spec: JobSpec, job: str) -> dict:
     strategy = factors_artifact(context.store, spec.factor_set_id).metadata["strategy"]
     scores = torch.cat([part["scores"] for part in _stored_partials(context, spec, job, "self")], dim=-1)
     scores = scores.to(torch.float32)
-    view = _DatasetView(context.store, spec.dataset_id)
+    view = _DatasetView(context, spec.dataset_id)
     report = self_report(
         scores,
         view.record,
