@@ -29,8 +29,9 @@ TERMINAL = {SUCCEEDED, FAILED, CANCELLED}
 # worker dying at any point can neither lose the advance nor make it happen twice.
 _FINISH_SHARD = """
 local counters_end = 8 + 2 * tonumber(ARGV[8])
-for i = 9, counters_end, 2 do redis.call('HINCRBY', KEYS[3], 'counter:' .. ARGV[i], ARGV[i + 1]) end
-redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then  -- a duplicate delivery counts nothing twice
+  for i = 9, counters_end, 2 do redis.call('HINCRBY', KEYS[3], 'counter:' .. ARGV[i], ARGV[i + 1]) end
+end
 if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then return 0 end
 if not redis.call('SET', KEYS[2], '1', 'NX') then return 0 end
 local state = redis.call('HGET', KEYS[3], 'state')
@@ -176,7 +177,8 @@ class OperationStore:
         counters: dict[str, int] | None = None,
     ) -> bool:
         """Record a finished task of `stage`; True exactly once, when the stage first completes.
-        `counters` are added to the operation's counters first (as `add_progress` does).
+        `counters` are added to the operation's counters (as `add_progress` does) the first time
+        this shard is recorded, not again for a duplicate delivery.
 
         At that moment, atomically: either the operation succeeds with `response` (the last
         stage), or the stage becomes `next_stage` and `next_tasks` ((stream, payload) pairs)
