@@ -44,11 +44,12 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
     tensor buffers share memory with CPU, contiguous versions of the tensors."""
     import torch
 
-    values = {}
+    values, dtypes = {}, {}
     for name, tensor in tensors.items():
         if not isinstance(name, str):
             raise InvalidArgument(f"tensor names must be strings, got {name!r}")
-        if str(tensor.dtype).removeprefix("torch.") not in _DTYPE_NAMES:
+        dtypes[name] = _DTYPE_NAMES.get(str(tensor.dtype).removeprefix("torch."))
+        if dtypes[name] is None:
             raise InvalidArgument(
                 f"tensor {name!r} has dtype {tensor.dtype}, which safetensors objects here do not hold"
             )
@@ -58,7 +59,7 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
         value = values[name]
         size = value.numel() * value.element_size()
         header[name] = {
-            "dtype": _DTYPE_NAMES[str(value.dtype).removeprefix("torch.")],
+            "dtype": dtypes[name],
             "shape": list(value.shape),
             "data_offsets": [offset, offset + size],
         }

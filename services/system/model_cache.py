@@ -1,4 +1,5 @@
-"""What a worker process keeps between tasks: loaded models (loading one costs seconds) and\nwrite-once artifacts."""
+"""What a worker process keeps between tasks: loaded models (loading one costs seconds) and
+write-once artifacts."""
 
 from __future__ import annotations
 
