@@ -20,7 +20,6 @@ from ..rpc.resources import dataset_message
 from ..rpc.status import JobFailed, RequestError, grpc_errors
 from ..storage import delete_artifact
 from ..system import layout
-from ..system.blocks import block_key, count_key
 from ..system.runner import JobSystem
 from ..system.specs import DEFAULT_SHARD_SIZE, JobSpec
 from ..system.stages import dataset_manifest
@@ -106,11 +105,11 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
         store, sent, total = self.system.store, 0, None
         try:
             while total is None or sent < total:
-                if store.exists(block_key(job, sent)):
-                    yield gradient_service_pb2.GradientBlock.FromString(store.get_bytes(block_key(job, sent)))
+                if store.exists(layout.job_block(job, sent)):
+                    yield gradient_service_pb2.GradientBlock.FromString(store.get_bytes(layout.job_block(job, sent)))
                     sent += 1
-                elif total is None and store.exists(count_key(job)):
-                    total = json.loads(store.get_bytes(count_key(job)))["blocks"]
+                elif total is None and store.exists(layout.job_block_count(job)):
+                    total = json.loads(store.get_bytes(layout.job_block_count(job)))["blocks"]
                 else:
                     record = self.system.operations.get(job)
                     if record["state"] in (FAILED, CANCELLED):

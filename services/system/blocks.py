@@ -2,7 +2,7 @@
 
 A "blocks" job has one task, run on a worker like every other computation (GPU pools compute,
 the API servers stream): it writes block i of the shard to jobs/{job}/blocks/{i}.pb (a
-serialised GradientBlock) in order, then jobs/{job}/blocks/count.json. A redelivered task
+serialised GradientBlock) in order, then jobs/{job}/blocks/count.json (keys: layout.job_block*). A redelivered task
 rewrites the same bytes, so a reader that has already streamed blocks 0..i-1 simply goes on.
 """
 
@@ -20,15 +20,7 @@ from ..engine.modules import device_of
 from ..gen.influence.v1 import gradient_service_pb2
 from ..storage import ArtifactReader
 from ..storage.tensors import tensors_to_bytes
-
-
-def block_key(job: str, block: int) -> str:
-    return f"jobs/{job}/blocks/{block:05d}.pb"
-
-
-def count_key(job: str) -> str:
-    """Written after the last block: {"blocks": n}."""
-    return f"jobs/{job}/blocks/count.json"
+from . import layout
 
 
 def gradient_blocks(
@@ -63,6 +55,6 @@ def write_blocks(store, job: str, blocks: Iterator[gradient_service_pb2.Gradient
     """Write each block as it is computed, then the count; returns the number of blocks."""
     count = 0
     for count, block in enumerate(blocks, start=1):
-        store.put_bytes(block_key(job, count - 1), block.SerializeToString())
-    store.put_bytes(count_key(job), json.dumps({"blocks": count}).encode())
+        store.put_bytes(layout.job_block(job, count - 1), block.SerializeToString())
+    store.put_bytes(layout.job_block_count(job), json.dumps({"blocks": count}).encode())
     return count

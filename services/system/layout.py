@@ -50,3 +50,13 @@ def job_partial(job_id: str, stage: str, shard: int) -> str:
 def job_output(job_id: str, name: str) -> str:
     """A whole-job intermediate, e.g. the eigenbases or the prepared queries."""
     return f"jobs/{job_id}/{name}.safetensors"
+
+
+def job_block(job_id: str, block: int) -> str:
+    """StreamBlocks: block i of a blocks job (a serialised GradientBlock; system/blocks.py)."""
+    return f"jobs/{job_id}/blocks/{block:05d}.pb"
+
+
+def job_block_count(job_id: str) -> str:
+    """StreamBlocks: written after a blocks job's last block, {"blocks": n}."""
+    return f"jobs/{job_id}/blocks/count.json"
