@@ -2,8 +2,9 @@
 
 A "blocks" job has one task, run on a worker like every other computation (GPU pools compute,
 the API servers stream): it writes block i of the shard to jobs/{job}/blocks/{i}.pb (a
-serialised GradientBlock) in order, then jobs/{job}/blocks/count.json (keys: layout.job_block*). A redelivered task
-rewrites the same bytes, so a reader that has already streamed blocks 0..i-1 simply goes on.
+serialised GradientBlock) in order, then jobs/{job}/blocks/count.json (layout.job_block*).
+A redelivered task rewrites the same bytes, so a reader that has already streamed blocks
+0..i-1 simply goes on.
 """
 
 from __future__ import annotations
