@@ -22,9 +22,10 @@ import torch
 
 from .errors import PreconditionError
 from .factors import FactorSet, ModuleFactors
+from .finite import require_finite
 from .modules import TrackedModule
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model fingerprints independent of module order and load dtype
 KIND = "factors"
 
 
@@ -41,7 +42,10 @@ def to_artifact(
     modules = {}
     for name, tracked in factor_set.modules.items():
         tensors = {
-            key: value.detach().to("cpu", storage_dtype).contiguous()
+            key: require_finite(
+                value.detach().to("cpu", storage_dtype).contiguous(),
+                f"the {key} of module {name} (in the {str(storage_dtype).removeprefix('torch.')} factor file)",
+            )
             for key, value in factor_set.factors[name].tensors().items()
         }
         file_name = _file_name(name)
@@ -90,6 +94,8 @@ def from_artifact(
         for name, info in metadata["modules"].items():
             tracked[name] = TrackedModule(name, info["d_in"], info["d_out"], info["has_bias"], info["transposed"])
             tensors = read_tensors(info["file"])
+            for key, value in tensors.items():
+                require_finite(value, f"{where}: tensor {key} of module {name}", "the factor file is damaged")
             factors[name] = ModuleFactors(
                 **{key: tensors[key] for key in ModuleFactors.TENSOR_FIELDS if key in tensors}
             )

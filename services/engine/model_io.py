@@ -101,27 +101,34 @@ def _first_line(error: Exception) -> str:
 def model_fingerprint(model: torch.nn.Module, tracked_names: list[str] | None = None) -> str:
     """A sha256 identifying the model's architecture and weights, cheap enough for large models.
 
-    Hashes the config, every parameter's name and shape, and a strided sample of up to 4096
-    values of each tracked module's weight (or of every parameter when none are named).
+    Hashes the config (without fields that describe how it was loaded: path, dtype, attention
+    implementation, library version), every parameter's name and shape, and a strided sample of
+    up to 4096 values of each tracked module's weight (of every parameter when none are named).
     Fine-tuning or re-initialising the model changes those values, so factors fitted for one
     model are recognised as foreign to another.
+
+    Depends only on the model: not on the order of `tracked_names` (they are sorted), nor on the
+    device, nor on the dtype it was loaded in (float32, float64 and bfloat16 loads of one
+    checkpoint agree: samples are hashed rounded to bfloat16).
     """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        config_dict = {
-            key: value
-            for key, value in config.to_dict().items()
-            if key not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation")
-        }
+        config_dict = {key: value for key, value in config.to_dict().items() if key not in _LOAD_ONLY_CONFIG_KEYS}
         digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
     parameters = dict(model.named_parameters())
     for name in sorted(parameters):
         digest.update(f"{name}:{tuple(parameters[name].shape)};".encode())
-    sampled = [f"{name}.weight" for name in tracked_names] if tracked_names else sorted(parameters)
+    sampled = sorted({f"{name}.weight" for name in tracked_names} if tracked_names else parameters)
     for name in sampled:
         values = parameters[name].detach().reshape(-1)
         stride = max(1, values.numel() // 4096)
-        sample = values[::stride][:4096].to(device="cpu", dtype=torch.float32)
-        digest.update(sample.numpy().tobytes())
+        sample = values[::stride][:4096].to(device="cpu").to(torch.bfloat16)
+        digest.update(name.encode() + b"\0" + sample.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
+
+
+# Config fields that say how a checkpoint was loaded or saved, not what the model is.
+_LOAD_ONLY_CONFIG_KEYS = frozenset(
+    ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation", "attn_implementation")
+)
