@@ -214,9 +214,10 @@ def capture(
                 token_mask = torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
             if tracked.has_bias:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            if padded:  # zero both at padding (s is zero there already, but only by construction)
-                weight = token_mask.unsqueeze(-1).to(dtype)
-                a, s = a * weight, s * weight
+            if padded:  # zero both at padding (s is zero there already, but only by construction);
+                # a select, not a product: padding activations that overflow must not become NaN
+                keep = token_mask.unsqueeze(-1)
+                a, s = a.where(keep, 0.0), s.where(keep, 0.0)
             a_parts.append(a)
             s_parts.append(s)
             mask_parts.append(token_mask)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .capture import ModuleCapture
+from .finite import require_finite
 from .modules import TrackedModule
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
@@ -114,6 +115,16 @@ class CovarianceAccumulator:
             self.token_counts[name] += other.token_counts[name]
         self.n_sequences += other.n_sequences
 
+    def check_finite(self) -> None:
+        """NonFiniteError naming the first module whose sums hold NaN or Inf."""
+        for name in self.modules:
+            for kind, sums in (("activation", self.activation_sums), ("output-gradient", self.gradient_sums)):
+                require_finite(
+                    sums[name],
+                    f"the {kind} covariance of module {name} (covariance pass)",
+                    "the model produces non-finite activations or gradients on this data",
+                )
+
     def state(self) -> dict[str, torch.Tensor]:
         """Flat tensor dict (for safetensors): counts, and each symmetric sum as its upper triangle
         (row-major, [d(d+1)/2]): half the bytes of a partial sum through the store."""
@@ -146,6 +157,13 @@ class CovarianceAccumulator:
             gradient_covariance = self.gradient_sums[name] / max(self.n_sequences, 1)
             activation_eigenvalues, activation_eigenvectors = symmetric_eigh(activation_covariance)
             gradient_eigenvalues, gradient_eigenvectors = symmetric_eigh(gradient_covariance)
+            for label, value in (
+                ("activation eigenvalues", activation_eigenvalues),
+                ("output-gradient eigenvalues", gradient_eigenvalues),
+                ("activation eigenvectors", activation_eigenvectors),
+                ("output-gradient eigenvectors", gradient_eigenvectors),
+            ):
+                require_finite(value, f"the {label} of module {name} (eigendecomposition)")
             factors[name] = ModuleFactors(
                 eigenvalues=torch.outer(gradient_eigenvalues, activation_eigenvalues),
                 activation_covariance=activation_covariance,
@@ -253,6 +271,14 @@ class CorrectionAccumulator:
             rotated = rotated_per_sequence_gradients(capture, *self._basis(name, capture.a))
             accumulate(self.squared_sums[name], rotated.square_().sum(0))
         self.n_sequences += n_sequences
+
+    def check_finite(self) -> None:
+        for name, value in self.squared_sums.items():
+            require_finite(
+                value,
+                f"the eigenvalue-correction sums of module {name} (correction pass)",
+                "the model produces non-finite gradients on this data",
+            )
 
     def merge(self, other: CorrectionAccumulator) -> None:
         for name in self.modules:

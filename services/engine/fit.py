@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from .arena import HostArena
-from .capture import ModuleCapture, capture, describe_all
-from .data import TokenizedSequence, TrainingExample, count_batches, length_bucketed_batches, tokenize_training
+from .capture import ModuleCapture, describe_all
+from .data import TokenizedSequence, TrainingExample, tokenize_training
 from .errors import InputError
 from .factors import (
     FISHERS,
@@ -38,8 +38,10 @@ from .factors import (
     needs_correction,
     needs_covariance,
 )
+from .finite import check_module_weights
 from .model_io import model_fingerprint
 from .modules import TrackedModule, check_selection, device_of, freeze_except, select_modules
+from .passes import captured_batches
 from .progress import Progress
 
 
@@ -123,6 +125,7 @@ def _tokens(captures: dict[str, ModuleCapture]) -> int:
 def prepare_model(model: nn.Module, selection: str) -> tuple[dict[str, nn.Module], dict[str, TrackedModule]]:
     """Select tracked modules and freeze every other parameter."""
     modules = select_modules(model, selection)
+    check_module_weights(modules)
     freeze_except(model, modules)
     return modules, describe_all(modules)
 
@@ -140,17 +143,22 @@ def accumulate_covariance(
     cache: CaptureCache | None = None,
 ) -> CovarianceAccumulator:
     """Σ a aᵀ and Σ s sᵀ over `sequences` (any shard of the data)."""
-    progress = progress or Progress()
     accumulator = CovarianceAccumulator(describe_all(modules))
-    device = device_of(model)
-    progress.stage("covariance", count_batches(len(sequences), batch_size))
-    for batch in length_bucketed_batches(sequences, batch_size, pad_token_id):
-        progress.check_cancelled()
-        captures = capture(model, modules, batch.to(device), objective, seed=seed)
+    for batch, captures in captured_batches(
+        model,
+        modules,
+        sequences,
+        batch_size=batch_size,
+        pad_token_id=pad_token_id,
+        stage="covariance",
+        objective=objective,
+        seed=seed,
+        progress=progress,
+    ):
         accumulator.add(captures, len(batch.indices))
         if cache is not None:
             cache.offer(captures, len(batch.indices))
-        progress.advance(1, _tokens(captures))
+    accumulator.check_finite()
     return accumulator
 
 
@@ -180,13 +188,21 @@ def accumulate_correction(
                 progress.advance(1, _tokens(captures))
         finally:
             cache.release()  # single use: the memory goes back now, not when the caller drops it
+        accumulator.check_finite()
         return accumulator
-    progress.stage("correction", count_batches(len(sequences), batch_size))
-    for batch in length_bucketed_batches(sequences, batch_size, pad_token_id):
-        progress.check_cancelled()
-        captures = capture(model, modules, batch.to(device), objective, seed=seed)
+    for batch, captures in captured_batches(
+        model,
+        modules,
+        sequences,
+        batch_size=batch_size,
+        pad_token_id=pad_token_id,
+        stage="correction",
+        objective=objective,
+        seed=seed,
+        progress=progress,
+    ):
         accumulator.add(captures, len(batch.indices))
-        progress.advance(1, _tokens(captures))
+    accumulator.check_finite()
     return accumulator
 
 

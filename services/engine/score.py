@@ -26,16 +26,16 @@ from .data import (
     TokenizedSequence,
     TrainingExample,
     collate,
-    count_batches,
-    length_bucketed_batches,
     tokenize_queries,
     tokenize_training,
 )
 from .errors import InputError, PreconditionError
 from .factors import FactorSet, rotated_per_sequence_gradients
+from .finite import first_non_finite, require_finite
 from .fit import prepare_model
 from .model_io import model_fingerprint
 from .modules import device_of
+from .passes import QUERY, captured_batches
 from .precondition import Damping, low_rank, precondition, self_influence_terms
 from .progress import Progress
 from .scoring import ModuleQueries, module_scores, module_token_scores, plan_module_queries
@@ -115,10 +115,16 @@ def query_gradients(
     """∇ log p(completion | prompt) per query and module: {name: [Q, d_out, d_in]} in query order."""
     device = device_of(model)
     gradients: dict[str, torch.Tensor] = {}
-    progress.stage("queries", count_batches(len(sequences), batch_size))
-    for batch in length_bucketed_batches(sequences, batch_size, pad_token_id):
-        progress.check_cancelled()
-        captures = capture(model, modules, batch.to(device), "true")
+    for batch, captures in captured_batches(
+        model,
+        modules,
+        sequences,
+        batch_size=batch_size,
+        pad_token_id=pad_token_id,
+        stage="queries",
+        progress=progress,
+        subject=QUERY,
+    ):
         for name, module_capture in captures.items():
             per_query = module_capture.per_sequence_gradients()
             if name not in gradients:
@@ -126,7 +132,6 @@ def query_gradients(
                     (len(sequences), *per_query.shape[1:]), dtype=per_query.dtype, device=device
                 )
             gradients[name][batch.indices.to(device)] = per_query
-        progress.advance(1, int(batch.attention_mask.sum()))
     return gradients
 
 
@@ -141,6 +146,7 @@ def prepare_queries(
     prepared = {}
     for name, gradient in gradients.items():
         preconditioned = precondition(gradient, factors.factors[name], factors.strategy, config.damping_policy, dtype)
+        require_finite(preconditioned, f"the preconditioned query gradients of module {name}", "damping too small?")
         factor_pair = low_rank(preconditioned, config.query_rank) if config.query_rank else None
         prepared[name] = plan_module_queries(preconditioned, factor_pair, expected_tokens, dtype)
     return prepared
@@ -160,21 +166,41 @@ def score_sequences(
 
     Returns float64 [n_modules, Q, len(sequences)]; column j belongs to sequences[j].
     """
-    progress = progress or Progress()
-    device = device_of(model)
     names = list(modules)
     column = {sequence.index: position for position, sequence in enumerate(sequences)}
     n_queries = next(iter(prepared.values())).n_queries
     per_module = torch.zeros((len(names), n_queries, len(sequences)), dtype=torch.float64)
-    progress.stage("scores", count_batches(len(sequences), batch_size))
-    for batch in length_bucketed_batches(sequences, batch_size, pad_token_id):
-        progress.check_cancelled()
-        captures = capture(model, modules, batch.to(device), "true")
+    for batch, captures in captured_batches(
+        model,
+        modules,
+        sequences,
+        batch_size=batch_size,
+        pad_token_id=pad_token_id,
+        stage="scores",
+        progress=progress,
+    ):
         columns = torch.tensor([column[int(index)] for index in batch.indices])
         for position, name in enumerate(names):
             per_module[position][:, columns] = module_scores(captures[name], prepared[name]).to("cpu", torch.float64)
-        progress.advance(1, int(batch.attention_mask.sum()))
+    _check_scores(per_module, sequences, names)
     return per_module
+
+
+def _check_scores(per_module: torch.Tensor, sequences: Sequence[TokenizedSequence], names: list[str]) -> None:
+    """NonFiniteError naming the first training sequence (and module) whose score is not finite.
+    per_module: [M, Q, N] or [N]."""
+    column = first_non_finite(per_module, -1)
+    if column is None:
+        return
+    where = ""
+    if per_module.dim() == 3:
+        module = first_non_finite(per_module[..., column], 0)
+        where = f", module {names[module]}"
+    require_finite(
+        per_module[..., column],
+        f"the score of training sequence {sequences[column].index + 1} (in file order{where})",
+        "the model produces non-finite gradients on this sequence",
+    )
 
 
 def token_scores(
@@ -300,14 +326,17 @@ def self_influence_sequences(
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """⟨P_m, DW_m⟩ for `sequences` (any shard): float64 [len(sequences)], in list order."""
-    progress = progress or Progress()
-    device = device_of(model)
     column = {sequence.index: position for position, sequence in enumerate(sequences)}
     scores = torch.zeros(len(sequences), dtype=torch.float64)
-    progress.stage("self", count_batches(len(sequences), batch_size))
-    for batch in length_bucketed_batches(sequences, batch_size, pad_token_id):
-        progress.check_cancelled()
-        captures = capture(model, modules, batch.to(device), "true")
+    for batch, captures in captured_batches(
+        model,
+        modules,
+        sequences,
+        batch_size=batch_size,
+        pad_token_id=pad_token_id,
+        stage="self",
+        progress=progress,
+    ):
         columns = torch.tensor([column[int(index)] for index in batch.indices])
         for name, module_capture in captures.items():
             module_factors = factors.factors[name]
@@ -317,7 +346,7 @@ def self_influence_sequences(
                 activation_basis = module_factors.activation_eigenvectors.to(module_capture.a)
             rotated = rotated_per_sequence_gradients(module_capture, gradient_basis, activation_basis)
             scores[columns] += self_influence_terms(rotated, module_factors, factors.strategy, damping).to("cpu")
-        progress.advance(1, int(batch.attention_mask.sum()))
+    _check_scores(scores, sequences, list(modules))
     return scores
 
 
