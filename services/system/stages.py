@@ -240,31 +240,43 @@ def _fit_limit(spec: JobSpec) -> int | None:
 
 
 def run_covariance(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
-    state = _covariance_partial(context, spec, job, shard)
-    _put_job_tensors(context, layout.job_partial(job, "covariance", shard), state)
+    state, cache = _covariance_partial(context, spec, shard)
+    try:
+        _put_job_tensors(context, layout.job_partial(job, "covariance", shard), state)
+    except BaseException:
+        if cache is not None:
+            cache.release()
+        raise
+    if cache is not None:  # visible to this worker's correction task only once the task succeeded
+        context.capture_caches[(job, shard)] = cache
 
 
-def _covariance_partial(context: StageContext, spec: JobSpec, job: str, shard: int) -> dict[str, torch.Tensor]:
-    """One shard's covariance sums (CovarianceAccumulator.state); keeps the captures for the
-    correction pass on this worker."""
+def _covariance_partial(
+    context: StageContext, spec: JobSpec, shard: int
+) -> tuple[dict[str, torch.Tensor], CaptureCache | None]:
+    """One shard's covariance sums (CovarianceAccumulator.state) and, for EK-FAC, the captures
+    kept for the correction pass (the caller decides whether they become visible). A pass that
+    fails releases its half-filled cache: no later task can mistake it for a whole one."""
     config, model, tokenizer, modules, _tracked = _fit_setup(context, spec)
     sequences = _shard_sequences(context, spec.dataset_id, shard, _fit_limit(spec))
-    cache = None
-    if config.strategy == "ekfac":
-        cache = CaptureCache(context.cache_bytes)
-        context.capture_caches[(job, shard)] = cache
-    accumulator = accumulate_covariance(
-        model,
-        modules,
-        sequences,
-        objective=config.objective,
-        batch_size=config.batch_size,
-        pad_token_id=tokenizer.pad_token_id,
-        seed=config.seed,
-        progress=context.progress,
-        cache=cache,
-    )
-    return accumulator.state()
+    cache = CaptureCache(context.cache_bytes) if config.strategy == "ekfac" else None
+    try:
+        accumulator = accumulate_covariance(
+            model,
+            modules,
+            sequences,
+            objective=config.objective,
+            batch_size=config.batch_size,
+            pad_token_id=tokenizer.pad_token_id,
+            seed=config.seed,
+            progress=context.progress,
+            cache=cache,
+        )
+    except BaseException:
+        if cache is not None:
+            cache.release()
+        raise
+    return accumulator.state(), cache
 
 
 def run_eigen(context: StageContext, spec: JobSpec, job: str) -> None:
@@ -315,12 +327,17 @@ def _eigen_factors(tensors: dict[str, torch.Tensor], tracked) -> tuple[dict[str,
 
 def run_correction(context: StageContext, spec: JobSpec, job: str, shard: int) -> None:
     eigen = _stored_eigen_output(context, job) if needs_covariance(spec.config["strategy"]) else None
-    state = _correction_partial(context, spec, job, shard, eigen)
+    cache = context.capture_caches.pop((job, shard), None)
+    state = _correction_partial(context, spec, shard, eigen, cache)
     _put_job_tensors(context, layout.job_partial(job, "correction", shard), state)
 
 
 def _correction_partial(
-    context: StageContext, spec: JobSpec, job: str, shard: int, eigen: dict[str, torch.Tensor] | None
+    context: StageContext,
+    spec: JobSpec,
+    shard: int,
+    eigen: dict[str, torch.Tensor] | None,
+    cache: CaptureCache | None,
 ) -> dict[str, torch.Tensor]:
     """One shard's eigenvalue-correction sums, in the eigenbases of `eigen` (EK-FAC, the one
     strategy that has both) or in the parameter basis (diagonal: `eigen` is None)."""
@@ -337,7 +354,7 @@ def _correction_partial(
         pad_token_id=tokenizer.pad_token_id,
         seed=config.seed,
         progress=context.progress,
-        cache=context.capture_caches.pop((job, shard), None),
+        cache=cache,
     )
     return accumulator.state()
 
@@ -397,12 +414,17 @@ def run_fit_one_shard(context: StageContext, spec: JobSpec, job: str) -> dict:
     shard there is nothing to fan out, so storing the partial sums and eigenbases between
     tasks would only buy a finer-grained retry; a retried task recomputes it all."""
     strategy = spec.config["strategy"]
-    eigen = None
-    if needs_covariance(strategy):
-        eigen = _eigen_output(context, spec, [_covariance_partial(context, spec, job, 0)])
-    corrections = []
-    if needs_correction(strategy):
-        corrections = [_correction_partial(context, spec, job, 0, eigen)]
+    eigen, cache = None, None
+    try:
+        if needs_covariance(strategy):
+            state, cache = _covariance_partial(context, spec, 0)
+            eigen = _eigen_output(context, spec, [state])
+        corrections = []
+        if needs_correction(strategy):
+            corrections = [_correction_partial(context, spec, 0, eigen, cache)]
+    finally:
+        if cache is not None:
+            cache.release()
     return _publish_fit(context, spec, job, eigen, corrections)
 
 
@@ -560,7 +582,7 @@ def _publish_result(context: StageContext, spec: JobSpec, tensors: dict, report:
         "create_time": spec.create_time,
     }
     writer = ArtifactWriter(context.store, layout.result_prefix(spec.result_id))
-    writer.add_bytes("results.json", json.dumps(report, indent=2).encode())
+    writer.add_bytes("results.json", json.dumps(report, indent=2, allow_nan=False).encode())
     writer.add_tensors("scores.safetensors", tensors)
     writer.publish(metadata)
     return metadata
