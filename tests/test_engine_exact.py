@@ -1,10 +1,12 @@
 """The engine's curvature and scores against exact references in float64.
 
-Tolerances: everything here is float64 on tiny problems (≤ ~200 parameters per module), where
+Tolerances: the models here are float64 on tiny problems (≤ ~200 parameters per module), where
 the reference and the engine differ only by summation order and eigendecomposition round-off:
 relative errors of 1e-12..1e-10 are typical, so 1e-8 is asserted (loose enough for any BLAS,
 tight enough that any modelling error — a missing token, a wrong normalisation, a transposed
-factor — shows as O(1)).
+factor — shows as O(1)). Claims of exactness use models that are float64 end to end (GPT-2 and
+the reference models); a Llama computes its softmax and RMSNorm in float32 even in a float64
+model, so it is held to tests/numerics.FLOAT32 (see `model_tolerance`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from services.engine.modules import weight_gradient_layout
 from services.engine.precondition import Damping, precondition
 from services.engine.progress import Progress
 from services.engine.score import ScoreConfig, compute_scores, query_gradients
+from tests.numerics import assert_close, model_tolerance, relative_error
 from tests.reference import (
     BigramLM,
     IntTokenizer,
@@ -35,19 +38,6 @@ from tests.reference import (
 from tests.tiny import random_examples, random_queries, tiny_model
 
 TOL = 1e-8
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
-
-
-def assert_close(actual, expected, tol=TOL, what=""):
-    error = relative_error(actual.to(torch.float64), expected.to(torch.float64))
-    worst = int((actual - expected).abs().argmax())
-    assert error < tol, (
-        f"{what}: relative error {error:.3e} >= {tol:.0e}; worst entry {worst}: "
-        f"{actual.reshape(-1)[worst].item():.6e} vs {expected.reshape(-1)[worst].item():.6e}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,8 +62,8 @@ def test_kfac_and_ekfac_equal_exact_damped_ggn_when_it_factorises(strategy, bias
 
     ggn = exact_ggn(model, name, module, sequences)
     fisher = exact_fisher(loop_gradients(model, {name: module}, sequences)[name])
-    assert_close(fisher, ggn, what="reference check: empirical Fisher == GGN here")
-    assert_close(dense_curvature(factors.factors[name], strategy), ggn, what=f"{strategy} curvature vs exact GGN")
+    assert_close(fisher, ggn, TOL, what="reference check: empirical Fisher == GGN here")
+    assert_close(dense_curvature(factors.factors[name], strategy), ggn, TOL, what=f"{strategy} curvature vs exact GGN")
 
     d_out, d_in = factors.factors[name].eigenvalues.shape
     vectors = torch.randn(3, d_out, d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -83,7 +73,7 @@ def test_kfac_and_ekfac_equal_exact_damped_ggn_when_it_factorises(strategy, bias
         ggn + damping_value * torch.eye(ggn.shape[0], dtype=torch.float64), vectors.reshape(3, -1).T
     ).T
     actual = precondition(vectors, factors.factors[name], strategy, damping).reshape(3, -1)
-    assert_close(actual, expected, what=f"{strategy} IHVP vs exact damped GGN inverse")
+    assert_close(actual, expected, TOL, what=f"{strategy} IHVP vs exact damped GGN inverse")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +97,8 @@ def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kfac_basis(arch,
         fisher_matrix = exact_fisher(gradients[name])
         basis = kronecker_basis(factors.factors[name])
         expected = torch.diagonal(basis.T @ fisher_matrix @ basis)
-        assert_close(factors.factors[name].eigenvalues.reshape(-1), expected, what=f"{name} Λ")
+        tol = max(TOL, model_tolerance(model))
+        assert_close(factors.factors[name].eigenvalues.reshape(-1), expected, tol, what=f"{name} Λ")
 
 
 def test_ekfac_is_closer_to_the_exact_fisher_than_kfac():
@@ -174,7 +165,7 @@ def test_scores_equal_dense_inverse_products(strategy):
             identity = torch.eye(curvature.shape[0], dtype=torch.float64)
             preconditioned = torch.linalg.solve(curvature + damping_value * identity, query_grads[name].T).T
         expected += preconditioned @ train_grads[name].T
-    assert_close(result.scores.to(torch.float64), expected, tol=1e-6, what=f"{strategy} scores (stored as float32)")
+    assert_close(result.scores.to(torch.float64), expected, 1e-6, what=f"{strategy} scores (stored as float32)")
 
 
 def test_sign_positive_score_means_upweighting_makes_completion_more_likely():
