@@ -13,11 +13,10 @@ from services.jobs.connection import EmbeddedRedis, connect, process_running
 from services.jobs.ended import EndedWatcher
 from services.jobs.operations import OperationStore
 from services.jobs.queue import LeaseKeeper, TaskQueue
-from tests.servers.redis import redis_server  # noqa: F401
 
 
 @pytest.fixture
-def redis(redis_server):  # noqa: F811
+def redis(redis_server):
     return connect(redis_server.url)
 
 
@@ -108,7 +107,7 @@ def test_fan_in_advances_exactly_once_under_duplicates_and_concurrency(redis):
     assert operations.get(record["id"])["stage"] == "eigen"
 
 
-def test_a_redis_restart_loses_no_task_and_no_operation(redis_server):  # noqa: F811
+def test_a_redis_restart_loses_no_task_and_no_operation(redis_server):
     queue, operations = fresh(connect(redis_server.url))
     record, _ = operations.create("score", {"kind": "score"}, "req-restart")
     queue.enqueue("score", b"survives")

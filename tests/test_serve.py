@@ -4,18 +4,13 @@ driven by the CLI's --server mode and the client; StreamBlocks against the autog
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-import uuid
 
 import grpc
 import pytest
 import torch
 from google.longrunning import operations_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file
 
@@ -27,53 +22,7 @@ from services.engine.fit import prepare_model
 from services.engine.model_io import load_model_and_tokenizer
 from services.gen.influence.v1 import common_pb2, gradient_service_pb2
 from tests.reference import loop_gradients
-from tests.servers.ports import free_ports, wait_until
-from tests.servers.redis import redis_server  # noqa: F401
-from tests.servers.s3 import s3_server  # noqa: F401
 from tests.test_system import workspace  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def served(redis_server, s3_server, tmp_path_factory):  # noqa: F811
-    port = free_ports(1)[0]
-    state = tmp_path_factory.mktemp("serve")
-    env = {
-        **os.environ,
-        **s3_server.env(),
-        "INFLUENCE_REDIS_URL": redis_server.url,
-        "INFLUENCE_STORE_URL": s3_server.url(f"serve{uuid.uuid4().hex[:8]}"),
-        "INFLUENCE_QUEUE_PREFIX": f"serve{uuid.uuid4().hex[:6]}",
-        "INFLUENCE_PORT": str(port),
-        "INFLUENCE_LOG_LEVEL": "warning",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1", "--state-dir", str(state)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    target = f"127.0.0.1:{port}"
-    channel = grpc.insecure_channel(target)
-    health = health_pb2_grpc.HealthStub(channel)
-
-    def serving() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(process.stdout.read().decode())
-        try:
-            return (
-                health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                == health_pb2.HealthCheckResponse.SERVING
-            )
-        except grpc.RpcError:
-            return False
-
-    wait_until(serving, 60, "influence serve")
-    yield target, process
-    channel.close()
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
 
 
 def test_cli_commands_run_through_a_deployed_system(served, workspace, tmp_path, capsys):  # noqa: F811

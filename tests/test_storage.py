@@ -40,7 +40,7 @@ from services.storage import (
     open_store,
     put_tensors,
 )
-from tests.servers.s3 import S3Server, s3_server  # noqa: F401
+from tests.servers.s3 import S3Server
 
 FAST_RETRY = RetryPolicy(attempts=3, initial_delay=0.05, max_delay=0.2)
 MiB = 1 << 20
@@ -330,7 +330,7 @@ def test_republishing_the_same_content_is_harmless(store, tmp_path):
 # open_store
 
 
-def test_open_store_urls(tmp_path, s3_server, monkeypatch):  # noqa: F811
+def test_open_store_urls(tmp_path, s3_server, monkeypatch):
     local = open_store(f"file://{tmp_path}/a")
     local.put_bytes("k", b"v")
     assert isinstance(local, LocalStore) and open_store(str(tmp_path / "a")).get_bytes("k") == b"v"
@@ -363,7 +363,7 @@ def test_open_store_urls(tmp_path, s3_server, monkeypatch):  # noqa: F811
 # S3 failure modes
 
 
-def test_wrong_credentials_are_a_clear_error_at_once(s3_server):  # noqa: F811
+def test_wrong_credentials_are_a_clear_error_at_once(s3_server):
     bucket = new_bucket()
     S3Store(s3_server.endpoint, bucket, s3_server.access_key, s3_server.secret_key).put_bytes("k", b"v")
     for access_key, secret_key in [

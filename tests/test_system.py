@@ -45,8 +45,6 @@ from services.system.runner import JobSystem, Worker
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 from tests.servers.ports import wait_until
-from tests.servers.redis import redis_server  # noqa: F401
-from tests.servers.s3 import s3_server  # noqa: F401
 
 WORDS = [f"w{i}" for i in range(50)]
 QUERIES = [Query("a", "w1 w2 w3", "w4 w5"), Query("b", "w7 w8", "w9"), Query("c", "w10", "w11 w12 w13")]
@@ -121,7 +119,7 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(redis_server, s3_server):  # noqa: F811
+def cluster(redis_server, s3_server):
     created = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"))
     yield created
     created.close()
@@ -463,7 +461,7 @@ def test_cancellation_reaches_running_tasks(cluster, workspace, tmp_path):
     assert cluster.system.queue.depth("eigen") == 0
 
 
-def test_a_task_that_keeps_failing_is_dead_lettered_and_fails_its_operation(redis_server, s3_server, workspace):  # noqa: F811
+def test_a_task_that_keeps_failing_is_dead_lettered_and_fails_its_operation(redis_server, s3_server, workspace):
     cluster = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"), lease_seconds=0.5, max_deliveries=2)
     try:
         client, model = cluster.client, str(workspace / "model")
@@ -507,7 +505,7 @@ def test_a_task_that_keeps_failing_is_dead_lettered_and_fails_its_operation(redi
         cluster.close()
 
 
-def test_a_worker_killed_mid_task_does_not_change_the_result(redis_server, s3_server, workspace, tmp_path):  # noqa: F811
+def test_a_worker_killed_mid_task_does_not_change_the_result(redis_server, s3_server, workspace, tmp_path):
     """SIGKILL a worker process during a covariance task; another worker reclaims the task after
     its lease and the factors equal those of an undisturbed run bit for bit."""
     store_url = s3_server.url(f"b{uuid.uuid4().hex[:10]}")

