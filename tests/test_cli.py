@@ -3,6 +3,7 @@ progress bars, and one-line errors with exit code 2 for bad input."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -14,9 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from services.cli import main
+from services.commands import StageBars
 from services.engine.data import read_queries_jsonl, read_training_jsonl
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.score import ScoreConfig, compute_scores
+from services.gen.influence.v1 import common_pb2
 from services.system.factor_artifacts import load_factors
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
@@ -170,7 +173,9 @@ def test_fit_shows_progress_and_writes_a_manifest(workspace, tmp_path, capsys):
         capsys,
     )
     assert code == 0
-    assert "%|" in err and "shard" in err  # a tqdm stage bar on stderr
+    # stderr is not a terminal here: one line per finished stage, no carriage-return redraws
+    assert "\r" not in err and "%|" not in err, err
+    assert any(line.strip().startswith("register: 1/1 shards in") and "tok/s" in line for line in err.splitlines())
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
     metadata = manifest["metadata"]
     assert metadata["strategy"] == "kfac" and metadata["fisher"] == "empirical"
@@ -178,6 +183,33 @@ def test_fit_shows_progress_and_writes_a_manifest(workspace, tmp_path, capsys):
     assert set(manifest["files"]) == {info["file"] for info in metadata["modules"].values()}
     assert all(len(entry["sha256"]) == 64 and entry["size"] > 0 for entry in manifest["files"].values())
     assert metadata["n_sequences"] == 14 and metadata["model_fingerprint"]
+
+
+def test_stage_bars_redraw_on_a_terminal_and_print_a_line_per_stage_in_a_log():
+    class Stream(io.StringIO):
+        def __init__(self, tty: bool):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    def feed(bars: StageBars) -> None:
+        for stage, done, total, tokens in [("covariance", 0, 4, 0), ("covariance", 2, 4, 500), ("eigen", 0, 1, 900)]:
+            bars(
+                common_pb2.OperationMetadata(stage=stage, shards_done=done, shards_total=total, tokens_processed=tokens)
+            )
+        bars(common_pb2.OperationMetadata(stage="done", shards_done=1, shards_total=1, tokens_processed=900))
+
+    terminal, log = Stream(True), Stream(False)
+    with StageBars(True, terminal) as bars:
+        feed(bars)
+    with StageBars(True, log) as bars:
+        feed(bars)
+    assert "%|" in terminal.getvalue() and "covariance" in terminal.getvalue()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in log.getvalue(), lines
+    assert lines[0].strip().startswith("covariance: 4/4 shards in") and lines[1].strip().startswith("eigen: 1/1")
 
 
 def bad_cases(workspace: Path, tmp: Path):
