@@ -144,15 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .engine.errors import EngineError
+    from .errors import DomainError, exit_code_of, message_of
 
     try:
         from . import commands
 
         return getattr(commands, f"run_{args.command}")(args)
-    except EngineError as error:
-        print(f"influence {args.command}: error: {error}", file=sys.stderr)
-        return 1 if type(error).__name__ in ("RemoteError", "QueueUnavailable", "StorageUnavailable") else 2
+    except DomainError as error:
+        print(f"influence {args.command}: error: {message_of(error)}", file=sys.stderr)
+        return exit_code_of(error)
     except KeyboardInterrupt:
         print("influence: interrupted", file=sys.stderr)
         return 130

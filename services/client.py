@@ -23,7 +23,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import code_pb2
 
 from .engine.data import Query
-from .engine.errors import CancelledError, EngineError, InputError, NotFoundError, PreconditionError
+from .errors import DomainError, InternalError, error_for_code
 from .gen.influence.v1 import (
     common_pb2,
     factor_service_pb2,
@@ -35,29 +35,12 @@ from .gen.influence.v1 import (
 )
 from .system.specs import DEFAULT_SHARD_SIZE
 
-_ERRORS = {
-    grpc.StatusCode.INVALID_ARGUMENT: InputError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.FAILED_PRECONDITION: PreconditionError,
-    grpc.StatusCode.CANCELLED: CancelledError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: InputError,
-}
-_CODE_ERRORS = {
-    code_pb2.INVALID_ARGUMENT: InputError,
-    code_pb2.NOT_FOUND: NotFoundError,
-    code_pb2.FAILED_PRECONDITION: PreconditionError,
-    code_pb2.CANCELLED: CancelledError,
-}
 MAX_MESSAGE_BYTES = 512 * 2**20
 
 
-class RemoteError(EngineError):
-    """The server failed in a way that is not the caller's fault."""
-
-
-def _domain_error(error: grpc.RpcError) -> Exception:
-    kind = _ERRORS.get(error.code(), RemoteError)
-    return kind(f"{error.details()}" if kind is not RemoteError else f"{error.code().name}: {error.details()}")
+def _domain_error(error: grpc.RpcError) -> DomainError:
+    """The domain error (services/errors.py) for a failed call's status."""
+    return error_for_code(error.code().name, error.details() or "")
 
 
 class InfluenceClient:
@@ -134,14 +117,14 @@ class InfluenceClient:
             if operation.done:
                 break
             if deadline is not None and time.monotonic() > deadline:
-                raise RemoteError(f"timed out waiting for {operation.name}")
+                raise InternalError(f"timed out waiting for {operation.name}")
             request = operations_pb2.WaitOperationRequest(
                 name=operation.name, timeout=duration_pb2.Duration(nanos=int(interval * 1e9))
             )
             operation = self._call(self.operations.WaitOperation, request, timeout=interval + 30)
         if operation.HasField("error"):
-            kind = _CODE_ERRORS.get(operation.error.code, RemoteError)
-            raise kind(operation.error.message)
+            name = code_pb2.Code.Name(operation.error.code) if operation.error.code in code_pb2.Code.values() else ""
+            raise error_for_code(name, operation.error.message)
         return operation
 
     @staticmethod
@@ -311,13 +294,13 @@ def _collect(chunks) -> dict[str, bytearray]:
     for chunk in chunks:
         buffer = files.setdefault(chunk.file, bytearray())
         if chunk.offset != len(buffer):
-            raise RemoteError(f"stream of {chunk.file} skipped bytes at offset {chunk.offset}")
+            raise InternalError(f"stream of {chunk.file} skipped bytes at offset {chunk.offset}")
         buffer.extend(chunk.data)
         if chunk.sha256:
             expected[chunk.file] = chunk.sha256
     for name, digest in expected.items():
         if hashlib.sha256(files[name]).hexdigest() != digest:
-            raise RemoteError(f"{name} arrived corrupted (sha256 mismatch)")
+            raise InternalError(f"{name} arrived corrupted (sha256 mismatch)")
     return files
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from .engine.data import read_queries_jsonl, read_training_jsonl
-from .engine.errors import InputError, NotFoundError
 from .engine.fit import FitConfig
 from .engine.model_io import load_tokenizer, parse_device, parse_dtype
 from .engine.score import ScoreConfig
+from .errors import InputError, NotFoundError
 from .gen.influence.v1 import common_pb2
 from .system.factor_artifacts import load_factors
 

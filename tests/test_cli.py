@@ -352,7 +352,7 @@ def test_the_foreground_embedded_system_works_on_the_callers_thread(workspace):
     team), the body on a helper thread; the body's result and its errors come back to the caller."""
     import threading
 
-    from services.engine.errors import NotFoundError
+    from services.errors import NotFoundError
     from services.system import runner
     from services.system.embedded import EmbeddedSystem
 

@@ -13,7 +13,6 @@ from torch import nn
 
 from services.engine.capture import capture, describe_all
 from services.engine.data import collate, length_bucketed_batches, tokenize_queries, tokenize_training
-from services.engine.errors import InputError, PreconditionError
 from services.engine.factors import bases_of
 from services.engine.fit import (
     CaptureCache,
@@ -28,6 +27,7 @@ from services.engine.modules import select_modules
 from services.engine.precondition import Damping, low_rank, precondition
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
 from services.engine.scoring import module_scores, plan_module_queries
+from services.errors import InputError, PreconditionError
 from services.system.factor_artifacts import load_factors, save_factors
 from services.toy.models import build_tiny_model
 from tests.numerics import FLOAT32, FLOAT64, assert_close, assert_columns_equal_up_to_sign, model_tolerance

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from services.cli import main
 from services.client import InfluenceClient
-from services.engine.errors import PreconditionError
+from services.errors import PreconditionError
 from services.gen.influence.v1 import common_pb2, factor_service_pb2
 from services.storage import LocalStore, Manifest
 from services.storage.manifest import MANIFEST, FileEntry, sha256_bytes

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from services.cli import main
 from services.client import InfluenceClient
 from services.engine.data import tokenize_training, training_examples
-from services.engine.errors import NotFoundError
 from services.engine.fit import prepare_model
 from services.engine.model_io import load_model_and_tokenizer
+from services.errors import NotFoundError
 from services.gen.influence.v1 import common_pb2, gradient_service_pb2
 from tests.reference import loop_gradients
 from tests.test_system import workspace  # noqa: F401

@@ -19,20 +19,21 @@ import pytest
 import torch
 from safetensors.torch import load as safetensors_load
 
-from services.engine.errors import NotFoundError as EngineNotFoundError
-from services.storage import (
-    MANIFEST,
-    AccessDenied,
-    ArtifactWriter,
+from services.errors import (
+    InputError,
     IntegrityError,
-    InvalidArgument,
-    LocalStore,
     NotFoundError,
-    RetryPolicy,
-    S3Store,
+    PermissionDeniedError,
     StorageError,
     StorageUnavailable,
     UnsupportedFormat,
+)
+from services.storage import (
+    MANIFEST,
+    ArtifactWriter,
+    LocalStore,
+    RetryPolicy,
+    S3Store,
     delete_artifact,
     get_tensors,
     is_published,
@@ -90,7 +91,7 @@ def test_bytes_round_trip_replace_stat_and_missing_keys(store):
     for missing in ("jobs/a/other", "jobs/a", "nothing/here"):
         with pytest.raises(NotFoundError, match="no object"):
             store.get_bytes(missing)
-        with pytest.raises(EngineNotFoundError):  # what the servicers catch and map to NOT_FOUND
+        with pytest.raises(NotFoundError):  # what the servicers catch and map to NOT_FOUND
             store.stat(missing)
 
 
@@ -164,7 +165,7 @@ def test_delete_and_delete_prefix(store):
     assert store.delete_prefix("factors/f1/") == 2
     assert store.list() == ["factors/f10/a"]
     assert store.delete_prefix("factors/f1/") == 0
-    with pytest.raises(InvalidArgument, match="non-empty prefix"):
+    with pytest.raises(InputError, match="non-empty prefix"):
         store.delete_prefix("")
     store.put_bytes("factors/f2/a", b"back")  # a key can come back after its directory emptied
     assert store.get_bytes("factors/f2/a") == b"back"
@@ -172,9 +173,9 @@ def test_delete_and_delete_prefix(store):
 
 @pytest.mark.parametrize("key", ["", "/etc/passwd", "a/../../x", "a//b", "a/./b", ".hidden", "a/.tmp", "a\\b", "x/"])
 def test_malformed_keys_are_refused(store, key):
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InputError):
         store.put_bytes(key, b"x")
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InputError):
         store.get_bytes(key)
 
 
@@ -271,9 +272,9 @@ def test_the_writer_as_a_context_manager_publishes_only_on_success(store):
     with ArtifactWriter(store, "indexes/i1", metadata={"shards": 1}) as writer:
         writer.add_bytes("blocks/00000.safetensors", b"part")
     assert open_artifact(store, "indexes/i1").metadata == {"shards": 1}
-    with pytest.raises(InvalidArgument, match="reserved"):
+    with pytest.raises(InputError, match="reserved"):
         ArtifactWriter(store, "indexes/i2").add_bytes(MANIFEST, b"{}")
-    with pytest.raises(InvalidArgument, match="plain JSON"):
+    with pytest.raises(InputError, match="plain JSON"):
         ArtifactWriter(store, "indexes/i2").publish({"bad": object()})
 
 
@@ -342,7 +343,7 @@ def test_open_store_urls(tmp_path, s3_server, monkeypatch):
         "s3://b/path?endpoint=h:1",
         "file://host/x",
     ):
-        with pytest.raises(InvalidArgument):
+        with pytest.raises(InputError):
             open_store(bad)
 
     # Credentials from the environment: INFLUENCE_S3_* first, AWS_* as the fallback.
@@ -355,7 +356,7 @@ def test_open_store_urls(tmp_path, s3_server, monkeypatch):
     remote.put_bytes("k", b"v")
     assert isinstance(remote, S3Store) and open_store(remote.describe()).get_bytes("k") == b"v"
     monkeypatch.setenv("INFLUENCE_S3_SECRET_KEY", "wrong-secret")  # takes precedence over AWS_*
-    with pytest.raises(AccessDenied):
+    with pytest.raises(PermissionDeniedError):
         open_store(remote.describe())
 
 
@@ -372,7 +373,7 @@ def test_wrong_credentials_are_a_clear_error_at_once(s3_server):
         (None, None),
     ]:
         started = time.monotonic()
-        with pytest.raises(AccessDenied, match=r"refused access .*check the credentials"):
+        with pytest.raises(PermissionDeniedError, match=r"refused access .*check the credentials"):
             S3Store(s3_server.endpoint, bucket, access_key, secret_key)
         assert time.monotonic() - started < 2  # an auth failure is not retried
 

@@ -28,10 +28,10 @@ from safetensors.torch import save as save_tensors
 
 from services.client import InfluenceClient
 from services.engine.data import Query, TrainingExample, read_training_jsonl
-from services.engine.errors import InputError, NotFoundError, PreconditionError
 from services.engine.fit import FitConfig, fit_factors
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
+from services.errors import InputError, NotFoundError, PreconditionError
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.jobs.connection import connect
 from services.jobs.operations import OperationStore

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, NotFoundError
+from ..errors import InputError, NotFoundError
 
 
 @dataclass(frozen=True)

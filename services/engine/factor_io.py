@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import PreconditionError
+from ..errors import PreconditionError
 from .factors import FactorSet, ModuleFactors
 from .finite import require_finite
 from .modules import TrackedModule

@@ -20,11 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import PreconditionError
-
-
-class NonFiniteError(PreconditionError):
-    """A tensor that must be finite holds NaN or Inf (maps to FAILED_PRECONDITION)."""
+from ..errors import NonFiniteError
 
 
 def is_finite(tensor: torch.Tensor) -> bool:

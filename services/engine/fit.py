@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .arena import HostArena
 from .capture import ModuleCapture, describe_all
 from .data import TokenizedSequence, TrainingExample, tokenize_training
-from .errors import InputError
 from .factors import (
     FISHERS,
     STRATEGIES,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, NotFoundError
+from ..errors import InputError, NotFoundError
 
 DTYPES = {
     "float32": torch.float32,

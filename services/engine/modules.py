@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 
 _BLOCK = re.compile(r"\.(\d+)\.")
 _MLP_WORDS = re.compile(r"(^|\.)(mlp|feed_forward|ffn|ff|fc1|fc2|dense_h_to_4h|dense_4h_to_h)(\.|$)")

@@ -17,9 +17,10 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
+from ..errors import NonFiniteError
 from .capture import ModuleCapture, capture
 from .data import Batch, TokenizedSequence, collate, count_batches, length_bucketed_batches
-from .finite import NonFiniteError, is_finite
+from .finite import is_finite
 from .modules import device_of
 from .progress import Progress
 

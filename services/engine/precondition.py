@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .factors import ModuleFactors
 
 

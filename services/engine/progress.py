@@ -7,7 +7,7 @@ metadata; tests use the silent default.
 
 from __future__ import annotations
 
-from .errors import CancelledError
+from ..errors import CancelledError
 
 
 class Progress:

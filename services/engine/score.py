@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import InputError, PreconditionError
 from .capture import accumulation_dtype, capture
 from .data import (
     Query,
@@ -29,7 +30,6 @@ from .data import (
     tokenize_queries,
     tokenize_training,
 )
-from .errors import InputError, PreconditionError
 from .factors import FactorSet, rotated_per_sequence_gradients
 from .finite import first_non_finite, require_finite
 from .fit import prepare_model

@@ -7,10 +7,10 @@ from dataclasses import asdict
 
 from google.protobuf import empty_pb2
 
-from ..engine.errors import NotFoundError, PreconditionError
 from ..engine.factor_io import from_artifact
 from ..engine.fit import FitConfig
 from ..engine.model_io import load_tokenizer, tokenizer_fingerprint
+from ..errors import InputError, IntegrityError, NotFoundError, PreconditionError
 from ..gen.influence.v1 import (
     factor_service_pb2,
     factor_service_pb2_grpc,
@@ -18,8 +18,8 @@ from ..gen.influence.v1 import (
 from ..rpc import validation
 from ..rpc.common import Limits, file_chunks, list_artifacts, model_ref, new_id, operation_message
 from ..rpc.resources import factor_set_message
-from ..rpc.status import RequestError, grpc_errors
-from ..storage import MANIFEST, ArtifactReader, ArtifactWriter, FileEntry, IntegrityError, Manifest, delete_artifact
+from ..rpc.status import grpc_errors
+from ..storage import MANIFEST, ArtifactReader, ArtifactWriter, FileEntry, Manifest, delete_artifact
 from ..storage.manifest import sha256_bytes
 from ..storage.tensors import tensors_from_bytes
 from ..system import layout
@@ -108,14 +108,14 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
         async for chunk in request_iterator:
             total += len(chunk.data)
             if total > self.limits.max_upload_bytes:
-                raise RequestError(f"factor upload exceeds {self.limits.max_upload_bytes} bytes")
+                raise InputError(f"factor upload exceeds {self.limits.max_upload_bytes} bytes")
             files.setdefault(chunk.file, bytearray()).extend(chunk.data)
         if MANIFEST not in files:
-            raise RequestError(f"factor upload has no {MANIFEST}")
+            raise InputError(f"factor upload has no {MANIFEST}")
         manifest = Manifest.from_bytes(bytes(files.pop(MANIFEST)), f"uploaded {MANIFEST}")
         for name, entry in manifest.files.items():
             if name not in files:
-                raise RequestError(f"factor upload is missing {name}, which its manifest lists")
+                raise InputError(f"factor upload is missing {name}, which its manifest lists")
             if FileEntry(name, sha256_bytes(files[name]), len(files[name])) != entry:
                 raise IntegrityError(f"uploaded {name} is corrupted (sha256 or size differs from its manifest)")
         from_artifact(

@@ -9,6 +9,7 @@ from google.protobuf import empty_pb2
 
 from ..engine.data import parse_jsonl, training_examples
 from ..engine.modules import check_selection
+from ..errors import InputError, error_for_code
 from ..gen.influence.v1 import (
     gradient_service_pb2,
     gradient_service_pb2_grpc,
@@ -17,7 +18,7 @@ from ..jobs.operations import CANCELLED, FAILED
 from ..rpc import validation
 from ..rpc.common import Limits, list_artifacts, model_ref, new_id, operation_message
 from ..rpc.resources import dataset_message
-from ..rpc.status import JobFailed, RequestError, grpc_errors
+from ..rpc.status import code_name, grpc_errors
 from ..storage import delete_artifact
 from ..system import layout
 from ..system.runner import JobSystem
@@ -35,13 +36,13 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
     async def RegisterDataset(self, request, context):
         model = model_ref(request.model)
         if not request.jsonl:
-            raise RequestError('jsonl is empty: upload at least one {"text": ...} line')
+            raise InputError('jsonl is empty: upload at least one {"text": ...} line')
         if len(request.jsonl) > self.limits.max_upload_bytes:
-            raise RequestError(f"jsonl is {len(request.jsonl)} bytes; the limit is {self.limits.max_upload_bytes}")
+            raise InputError(f"jsonl is {len(request.jsonl)} bytes; the limit is {self.limits.max_upload_bytes}")
         try:
             text = request.jsonl.decode("utf-8")
         except UnicodeDecodeError:
-            raise RequestError("jsonl is not UTF-8 text") from None
+            raise InputError("jsonl is not UTF-8 text") from None
         training_examples(parse_jsonl(text.splitlines(), "jsonl", "training data"), "jsonl")
         spec = JobSpec(
             "register",
@@ -87,7 +88,7 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
         dataset_id = validation.resource_id(request.dataset, "datasets", "dataset")
         manifest = dataset_manifest(self.system.store, dataset_id)
         if not 0 <= request.shard < manifest["num_shards"]:
-            raise RequestError(f"shard must be in [0, {manifest['num_shards']}), got {request.shard}")
+            raise InputError(f"shard must be in [0, {manifest['num_shards']}), got {request.shard}")
         modules = request.modules or "mlp"
         check_selection(modules)
         spec = JobSpec(
@@ -113,7 +114,9 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
                 else:
                     record = self.system.operations.get(job)
                     if record["state"] in (FAILED, CANCELLED):
-                        raise JobFailed(record["error_code"], record.get("error_message", "the blocks job failed"))
+                        raise error_for_code(
+                            code_name(record["error_code"]), record.get("error_message", "the blocks job failed")
+                        )
                     await asyncio.sleep(_POLL_SECONDS)
         finally:
             if total is None or sent < total:  # the consumer went away or the job failed

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import redis
 
-from .errors import QueueUnavailable
+from ..errors import QueueUnavailable
 
 
 def process_running(pid: int) -> bool:

@@ -17,7 +17,7 @@ import uuid
 
 import redis
 
-from .errors import QueueUnavailable
+from ..errors import QueueUnavailable
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = {SUCCEEDED, FAILED, CANCELLED}

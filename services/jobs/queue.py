@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import redis
 
-from .errors import QueueUnavailable
+from ..errors import QueueUnavailable
 
 log = logging.getLogger("influence.jobs")
 GROUP = "workers"

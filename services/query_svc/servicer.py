@@ -8,6 +8,7 @@ from dataclasses import asdict
 from ..engine.data import query_records
 from ..engine.precondition import Damping
 from ..engine.score import ScoreConfig
+from ..errors import InputError
 from ..gen.influence.v1 import (
     query_service_pb2,
     query_service_pb2_grpc,
@@ -15,7 +16,7 @@ from ..gen.influence.v1 import (
 from ..rpc import validation
 from ..rpc.common import Limits, file_chunks, model_ref, new_id, operation_message
 from ..rpc.resources import result_message
-from ..rpc.status import RequestError, grpc_errors
+from ..rpc.status import grpc_errors
 from ..storage import ArtifactReader, open_artifact
 from ..system import layout
 from ..system.runner import JobSystem
@@ -37,7 +38,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
 
     def _damping(self, request) -> dict:
         if request.damping_factor < 0:
-            raise RequestError(f"damping_factor must be >= 0, got {request.damping_factor}")
+            raise InputError(f"damping_factor must be >= 0, got {request.damping_factor}")
         damping = request.damping if request.HasField("damping") else None
         Damping(factor=request.damping_factor or 0.1, absolute=damping)
         return {"damping_factor": request.damping_factor or 0.1, "damping": damping}
@@ -46,13 +47,13 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     async def ComputeScores(self, request, context):
         model, factor_set_id, dataset_id, found = self._inputs(request)
         if not request.queries:
-            raise RequestError("queries is empty: send at least one {id, prompt, completion}")
+            raise InputError("queries is empty: send at least one {id, prompt, completion}")
         if len(request.queries) > self.limits.max_queries:
-            raise RequestError(f"{len(request.queries)} queries; the limit is {self.limits.max_queries} per request")
+            raise InputError(f"{len(request.queries)} queries; the limit is {self.limits.max_queries} per request")
         records = []
         for position, query in enumerate(request.queries):
             if len(query.prompt) + len(query.completion) > self.limits.max_query_chars:
-                raise RequestError(f"query {position + 1} is longer than {self.limits.max_query_chars} characters")
+                raise InputError(f"query {position + 1} is longer than {self.limits.max_query_chars} characters")
             record = {"prompt": query.prompt, "completion": query.completion}
             if query.id:
                 record["id"] = query.id

@@ -9,7 +9,7 @@ import time
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import empty_pb2
 
-from ..engine.errors import NotFoundError, PreconditionError
+from ..errors import NotFoundError, PreconditionError
 from ..jobs.ended import EndedWatcher
 from ..jobs.operations import TERMINAL
 from ..rpc import validation

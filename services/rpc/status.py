@@ -1,8 +1,9 @@
-"""The one place where domain errors become gRPC status codes.
+"""Domain errors as gRPC statuses, for the servicers (the meaning of each error is services/errors.py).
 
-Servicers never pick codes themselves: they raise domain errors (engine, storage, jobs) or
-`RequestError`, and `grpc_errors` turns them into `context.abort(code, message)`. Anything
-unexpected is INTERNAL with a one-line message (the traceback goes to the server log).
+Servicers never pick codes themselves: they raise domain errors and `grpc_errors` turns them into
+`context.abort(code, message)`. Anything unexpected is INTERNAL with a one-line message (the
+traceback goes to the server log). Operation records keep google.rpc.Code numbers; `rpc_code`
+and `code_name` convert.
 """
 
 from __future__ import annotations
@@ -12,73 +13,35 @@ import inspect
 import logging
 
 import grpc
+from google.rpc import code_pb2
 
-from ..engine.errors import CancelledError, EngineError, InputError, NotFoundError, PreconditionError
+from ..errors import code_of, message_of
 
 log = logging.getLogger("influence.rpc")
 
 
-class RequestError(InputError):
-    """A malformed request field (INVALID_ARGUMENT)."""
+def status_code(error: BaseException) -> grpc.StatusCode:
+    return grpc.StatusCode[code_of(error)]
 
 
-class ResourceExhausted(EngineError):
-    """The request is too large (RESOURCE_EXHAUSTED)."""
+def rpc_code(error: BaseException) -> int:
+    """The google.rpc.Code number of an error (what an operation record stores)."""
+    return code_pb2.Code.Value(code_of(error))
 
 
-class AlreadyExists(EngineError):
-    """ALREADY_EXISTS."""
-
-
-class Unavailable(EngineError):
-    """A backing service (Redis, object storage) is unreachable (UNAVAILABLE: clients may retry)."""
-
-
-class JobFailed(EngineError):
-    """A job a streaming call waited on failed: the call ends with the job's own status code."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code = code  # a google.rpc.Code value
-
-
-# Checked in order: the first matching class decides. Storage and job-queue errors register
-# themselves with `register` so this module needs no import of them.
-_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-    (CancelledError, grpc.StatusCode.CANCELLED),
-    (InputError, grpc.StatusCode.INVALID_ARGUMENT),
-]
-
-
-def register(error_type: type[BaseException], code: grpc.StatusCode) -> None:
-    """Map another domain error type (e.g. a storage error) to a status code."""
-    _CODES.insert(0, (error_type, code))
-
-
-def status_of(error: BaseException) -> grpc.StatusCode:
-    if isinstance(error, JobFailed):
-        return next((code for code in grpc.StatusCode if code.value[0] == error.code), grpc.StatusCode.UNKNOWN)
-    for error_type, code in _CODES:
-        if isinstance(error, error_type):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-def message_of(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:1000]
+def code_name(number: int) -> str:
+    """The name of a google.rpc.Code number (UNKNOWN for a number that names none)."""
+    try:
+        return code_pb2.Code.Name(number)
+    except ValueError:
+        return "UNKNOWN"
 
 
 def grpc_errors(method):
     """Decorate an async servicer method (unary or server-streaming) to map errors to statuses."""
 
     def _abort_args(error: BaseException):
-        code = status_of(error)
+        code = status_code(error)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("internal error in %s", method.__qualname__)
             return code, f"internal error: {type(error).__name__}: {message_of(error)}"

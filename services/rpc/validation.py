@@ -1,52 +1,51 @@
-"""Checks of request fields shared by the servicers; each failure is a RequestError naming the field."""
+"""Checks of request fields shared by the servicers; each failure is an InputError naming the field."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from ..engine.errors import NotFoundError
-from .status import RequestError
+from ..errors import InputError, NotFoundError
 
 _RESOURCE = re.compile(r"^(datasets|factorSets|results|operations)/([A-Za-z0-9_-]{1,64})$")
 
 
 def resource_id(name: str, collection: str, field: str) -> str:
-    """The id in "{collection}/{id}", or a RequestError naming the field."""
+    """The id in "{collection}/{id}", or a InputError naming the field."""
     match = _RESOURCE.match(name or "")
     if not match or match.group(1) != collection:
-        raise RequestError(f"{field} must look like '{collection}/ID', got {name!r}")
+        raise InputError(f"{field} must look like '{collection}/ID', got {name!r}")
     return match.group(2)
 
 
 def model_path(spec, field: str = "model.path") -> str:
     if not spec.path:
-        raise RequestError(f"{field} is required (a model directory readable by the workers)")
+        raise InputError(f"{field} is required (a model directory readable by the workers)")
     if not Path(spec.path).is_dir():
         raise NotFoundError(f"model directory not found: {spec.path}")
     if spec.device not in ("", "cpu", "cuda"):
-        raise RequestError(f"model.device must be cpu or cuda, got {spec.device!r}")
+        raise InputError(f"model.device must be cpu or cuda, got {spec.device!r}")
     if spec.dtype not in ("", "float32", "float64", "bfloat16", "float16"):
-        raise RequestError(f"model.dtype must be float32, bfloat16, float16 or float64, got {spec.dtype!r}")
+        raise InputError(f"model.dtype must be float32, bfloat16, float16 or float64, got {spec.dtype!r}")
     return spec.path
 
 
 def positive(value: int, field: str, default: int, maximum: int | None = None) -> int:
     if value < 0:
-        raise RequestError(f"{field} must be >= 0, got {value}")
+        raise InputError(f"{field} must be >= 0, got {value}")
     value = value or default
     if maximum is not None and value > maximum:
-        raise RequestError(f"{field} must be <= {maximum}, got {value}")
+        raise InputError(f"{field} must be <= {maximum}, got {value}")
     return value
 
 
 def page(page_size: int, page_token: str) -> tuple[int, int]:
     if page_size < 0:
-        raise RequestError(f"page_size must be >= 0, got {page_size}")
+        raise InputError(f"page_size must be >= 0, got {page_size}")
     try:
         offset = int(page_token or 0)
     except ValueError:
-        raise RequestError(f"invalid page_token {page_token!r}") from None
+        raise InputError(f"invalid page_token {page_token!r}") from None
     if offset < 0:
-        raise RequestError(f"invalid page_token {page_token!r}")
+        raise InputError(f"invalid page_token {page_token!r}")
     return min(page_size or 50, 500), offset

@@ -9,15 +9,6 @@ backend (minio SDK), artifacts published manifest-last, and safetensors helpers.
 
 from .artifacts import ArtifactReader, ArtifactWriter, delete_artifact, is_published, open_artifact
 from .base import ArtifactStore, ObjectInfo
-from .errors import (
-    AccessDenied,
-    IntegrityError,
-    InvalidArgument,
-    NotFoundError,
-    StorageError,
-    StorageUnavailable,
-    UnsupportedFormat,
-)
 from .local import LocalStore
 from .manifest import FORMAT_VERSION, MANIFEST, FileEntry, Manifest
 from .retry import RetryPolicy
@@ -28,22 +19,15 @@ from .url import open_store
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
-    "AccessDenied",
     "ArtifactReader",
     "ArtifactStore",
     "ArtifactWriter",
     "FileEntry",
-    "IntegrityError",
-    "InvalidArgument",
     "LocalStore",
     "Manifest",
-    "NotFoundError",
     "ObjectInfo",
     "RetryPolicy",
     "S3Store",
-    "StorageError",
-    "StorageUnavailable",
-    "UnsupportedFormat",
     "delete_artifact",
     "get_tensors",
     "is_published",

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import InputError, IntegrityError, NotFoundError, StorageError
 from .base import ArtifactStore
-from .errors import IntegrityError, InvalidArgument, NotFoundError, StorageError
 from .keys import as_directory, check_key
 from .manifest import MANIFEST, FileEntry, Manifest, sha256_buffers, sha256_bytes, sha256_file
 from .tensors import encode_tensors, tensors_from_bytes
@@ -36,7 +36,7 @@ _VERIFY_IN_MEMORY = 64 << 20  # verify() downloads bigger files to a temporary f
 def _check_name(name: str) -> str:
     check_key(name)
     if name == MANIFEST:
-        raise InvalidArgument(f"{MANIFEST!r} is reserved for the artifact's manifest")
+        raise InputError(f"{MANIFEST!r} is reserved for the artifact's manifest")
     return name
 
 
@@ -185,6 +185,6 @@ def delete_artifact(store: ArtifactStore, prefix: str) -> int:
     """Unpublish (manifest first, so no reader sees a partial artifact), then delete every file."""
     prefix = as_directory(prefix)
     if not prefix:
-        raise InvalidArgument("refusing to delete an artifact that is the whole store")
+        raise InputError("refusing to delete an artifact that is the whole store")
     store.delete(prefix + MANIFEST)
     return store.delete_prefix(prefix)

@@ -9,7 +9,7 @@ tests in tests/test_storage.py check them against each backend):
 - delete of a missing key is a no-op; delete_prefix returns how many objects it removed;
 - put_file / get_file stream: memory use does not grow with the file size.
 One difference remains: S3 can hold both "a" and "a/b"; LocalStore (a file cannot be a
-directory) refuses the second with InvalidArgument. Artifact layouts never need both.
+directory) refuses the second with InputError. Artifact layouts never need both.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidArgument
+from ..errors import InputError
 from .keys import check_prefix
 
 
@@ -78,7 +78,7 @@ class ArtifactStore(abc.ABC):
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object whose key starts with `prefix` (non-empty); how many there were."""
         if not check_prefix(prefix):
-            raise InvalidArgument("delete_prefix needs a non-empty prefix (refusing to empty the whole store)")
+            raise InputError("delete_prefix needs a non-empty prefix (refusing to empty the whole store)")
         keys = self.list(prefix)
         for key in keys:
             self.delete(key)

@@ -8,22 +8,22 @@ may start with; "" means everything.
 
 from __future__ import annotations
 
-from .errors import InvalidArgument
+from ..errors import InputError
 
 MAX_KEY_BYTES = 1024  # the S3 limit
 
 
 def check_key(key: str) -> str:
-    """`key` unchanged if valid, else InvalidArgument naming the problem."""
+    """`key` unchanged if valid, else InputError naming the problem."""
     if not isinstance(key, str) or not key:
-        raise InvalidArgument(f"invalid key {key!r}: keys are non-empty strings")
+        raise InputError(f"invalid key {key!r}: keys are non-empty strings")
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
-        raise InvalidArgument(f"invalid key {key[:60]!r}...: longer than {MAX_KEY_BYTES} bytes")
+        raise InputError(f"invalid key {key[:60]!r}...: longer than {MAX_KEY_BYTES} bytes")
     if "\\" in key or "\x00" in key:
-        raise InvalidArgument(f"invalid key {key!r}: backslashes and NUL are not allowed")
+        raise InputError(f"invalid key {key!r}: backslashes and NUL are not allowed")
     for segment in key.split("/"):
         if not segment or segment.startswith("."):
-            raise InvalidArgument(
+            raise InputError(
                 f"invalid key {key!r}: segments must be non-empty and must not start with '.' (no '/x', 'a//b', '..')"
             )
     return key
@@ -34,7 +34,7 @@ def check_prefix(prefix: str) -> str:
     if prefix == "":
         return prefix
     if not isinstance(prefix, str):
-        raise InvalidArgument(f"invalid prefix {prefix!r}")
+        raise InputError(f"invalid prefix {prefix!r}")
     # Every complete segment must be valid; the last, partial one may be empty ("jobs/").
     head, _, tail = prefix.rpartition("/")
     if head:

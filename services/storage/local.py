@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from ..errors import InputError, NotFoundError
 from .base import ArtifactStore, ObjectInfo
-from .errors import InvalidArgument, NotFoundError
 from .keys import check_key, check_prefix
 
 _COPY_CHUNK = 1 << 20
@@ -47,12 +47,12 @@ class LocalStore(ArtifactStore):
                 if attempt == 2:
                     raise
             except (FileExistsError, NotADirectoryError):
-                raise InvalidArgument(f"cannot store {key!r}: a prefix of it is an object") from None
+                raise InputError(f"cannot store {key!r}: a prefix of it is an object") from None
         try:
             with handle:
                 write(handle)
             if path.is_dir():
-                raise InvalidArgument(f"cannot store {key!r}: other keys start with {key + '/'!r}")
+                raise InputError(f"cannot store {key!r}: other keys start with {key + '/'!r}")
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import IntegrityError, InvalidArgument, UnsupportedFormat
+from ..errors import InputError, IntegrityError, UnsupportedFormat
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -44,7 +44,7 @@ class Manifest:
         try:
             return (json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
         except (TypeError, ValueError) as error:
-            raise InvalidArgument(f"artifact metadata must be plain JSON: {error}") from None
+            raise InputError(f"artifact metadata must be plain JSON: {error}") from None
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .errors import StorageUnavailable
+from ..errors import StorageUnavailable
 
 T = TypeVar("T")
 

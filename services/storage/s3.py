@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from ..errors import DomainError, InputError, NotFoundError, PermissionDeniedError, StorageError
 from .base import ArtifactStore, ObjectInfo
-from .errors import AccessDenied, InvalidArgument, NotFoundError, StorageError
 from .keys import check_key, check_prefix
 from .retry import RetryPolicy, Transient, call_with_retries
 
@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 _CHUNK = 1 << 20
 _MISSING = {"NoSuchKey", "NoSuchObject"}
-_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
+_DENIED = {"PermissionDeniedError", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
 _NETWORK_ERRORS = (http.client.HTTPException, ConnectionError, TimeoutError)  # plus urllib3's, imported lazily
 _TRANSIENT = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "OperationAborted", "Throttling"}
 
@@ -65,7 +65,7 @@ class S3Store(ArtifactStore):
                 http_client=pool,
             )
         except ValueError as error:
-            raise InvalidArgument(f"invalid S3 endpoint {endpoint!r}: {error}") from None
+            raise InputError(f"invalid S3 endpoint {endpoint!r}: {error}") from None
         self._call("create bucket", None, self._ensure_bucket)
 
     def close(self) -> None:
@@ -84,7 +84,7 @@ class S3Store(ArtifactStore):
             if error.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):  # created concurrently
                 raise
         except ValueError as error:  # the SDK validates bucket names
-            raise InvalidArgument(f"invalid bucket name {self.bucket!r}: {error}") from None
+            raise InputError(f"invalid bucket name {self.bucket!r}: {error}") from None
 
     def _call(self, what: str, key: str | None, operation: Callable[[], T]) -> T:
         """Run `operation` under the retry policy, translating SDK errors to domain errors."""
@@ -92,7 +92,7 @@ class S3Store(ArtifactStore):
         def attempt() -> T:
             try:
                 return operation()
-            except StorageError:
+            except DomainError:
                 raise
             except Exception as error:
                 translated = self._translate(error, what, key)
@@ -124,7 +124,7 @@ class S3Store(ArtifactStore):
         if code == "NoSuchBucket":
             return NotFoundError(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
         if code in _DENIED or status == 403:
-            return AccessDenied(
+            return PermissionDeniedError(
                 f"object store {self.describe()} refused access ({code or status}) during {what}: check the "
                 "credentials (INFLUENCE_S3_ACCESS_KEY / INFLUENCE_S3_SECRET_KEY) and their permissions on the bucket"
             )
@@ -232,7 +232,7 @@ class S3Store(ArtifactStore):
         from minio.deleteobjects import DeleteObject
 
         if not check_prefix(prefix):
-            raise InvalidArgument("delete_prefix needs a non-empty prefix (refusing to empty the whole bucket)")
+            raise InputError("delete_prefix needs a non-empty prefix (refusing to empty the whole bucket)")
         keys = self.list(prefix)
 
         def remove() -> None:

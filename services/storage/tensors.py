@@ -18,7 +18,7 @@ import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .errors import IntegrityError, InvalidArgument
+from ..errors import InputError, IntegrityError
 
 if TYPE_CHECKING:
     import torch
@@ -47,12 +47,10 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> list[memoryview]:
     values, dtypes = {}, {}
     for name, tensor in tensors.items():
         if not isinstance(name, str):
-            raise InvalidArgument(f"tensor names must be strings, got {name!r}")
+            raise InputError(f"tensor names must be strings, got {name!r}")
         dtypes[name] = _DTYPE_NAMES.get(str(tensor.dtype).removeprefix("torch."))
         if dtypes[name] is None:
-            raise InvalidArgument(
-                f"tensor {name!r} has dtype {tensor.dtype}, which safetensors objects here do not hold"
-            )
+            raise InputError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors objects here do not hold")
         values[name] = tensor.detach().to("cpu").contiguous()
     header, buffers, offset = {}, [], 0
     for name in sorted(values, key=lambda n: (-values[n].element_size(), n)):

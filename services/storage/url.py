@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import urllib.parse
 
+from ..errors import InputError
 from .base import ArtifactStore
-from .errors import InvalidArgument
 from .local import LocalStore
 from .retry import RetryPolicy
 
@@ -23,18 +23,16 @@ _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 def open_store(url: str, *, retry: RetryPolicy | None = None, connect_timeout: float = 5.0) -> ArtifactStore:
     """The store `url` names (see the module docstring); `retry` and `connect_timeout` apply to S3."""
     if not url:
-        raise InvalidArgument("empty store URL")
+        raise InputError("empty store URL")
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise InvalidArgument(f"store URL {url!r}: file URLs need an absolute path (file:///dir)")
+            raise InputError(f"store URL {url!r}: file URLs need an absolute path (file:///dir)")
         return LocalStore(urllib.parse.unquote(parsed.path))
     if parsed.scheme == "s3":
         return _s3_store(url, parsed, retry, connect_timeout)
     if "://" in url:
-        raise InvalidArgument(
-            f"unsupported store URL {url!r}: use a directory, file:///dir or s3://bucket?endpoint=..."
-        )
+        raise InputError(f"unsupported store URL {url!r}: use a directory, file:///dir or s3://bucket?endpoint=...")
     return LocalStore(url)
 
 
@@ -44,14 +42,14 @@ def _s3_store(url: str, parsed: urllib.parse.SplitResult, retry: RetryPolicy | N
     options = {name: values[-1] for name, values in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items()}
     unknown = sorted(set(options) - _S3_OPTIONS)
     if unknown:
-        raise InvalidArgument(f"store URL {url!r}: unknown option(s) {unknown} (known: {sorted(_S3_OPTIONS)})")
+        raise InputError(f"store URL {url!r}: unknown option(s) {unknown} (known: {sorted(_S3_OPTIONS)})")
     if not parsed.netloc or parsed.path not in ("", "/"):
-        raise InvalidArgument(f"store URL {url!r}: expected s3://bucket?endpoint=host:port")
+        raise InputError(f"store URL {url!r}: expected s3://bucket?endpoint=host:port")
     if not options.get("endpoint"):
-        raise InvalidArgument(f"store URL {url!r}: needs ?endpoint=host:port")
+        raise InputError(f"store URL {url!r}: needs ?endpoint=host:port")
     secure = options.get("secure", "0").lower()
     if secure not in _TRUE | _FALSE:
-        raise InvalidArgument(f"store URL {url!r}: secure must be 0 or 1, got {secure!r}")
+        raise InputError(f"store URL {url!r}: secure must be 0 or 1, got {secure!r}")
     return S3Store(
         options["endpoint"],
         parsed.netloc,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..engine.errors import NotFoundError
 from ..engine.factor_io import check_metadata, from_artifact, to_artifact
 from ..engine.factors import FactorSet
+from ..errors import NotFoundError
 from ..storage import MANIFEST, ArtifactReader, ArtifactStore, ArtifactWriter, LocalStore, open_artifact
 
 

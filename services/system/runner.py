@@ -23,12 +23,13 @@ import torch
 from google.protobuf import empty_pb2
 from google.rpc import code_pb2
 
-from ..engine.errors import CancelledError, InputError, NotFoundError, PreconditionError
 from ..engine.progress import Progress
+from ..errors import CancelledError, DomainError
 from ..gen.influence.v1 import tasks_pb2
 from ..jobs.operations import TERMINAL, OperationStore
 from ..jobs.queue import LeaseKeeper, Task, TaskQueue
 from ..rpc.resources import dataset_message, factor_set_message, packed, result_message
+from ..rpc.status import rpc_code
 from . import layout
 from .specs import JobSpec
 from .stages import StageContext, first_stages, next_stage, run_stage, shard_count
@@ -50,15 +51,6 @@ STAGES = (
     "fit_one_shard",
     "score_one_shard",
 )
-PERMANENT = (InputError, NotFoundError, PreconditionError)
-
-
-def _code(error: Exception) -> int:
-    if isinstance(error, NotFoundError):
-        return code_pb2.NOT_FOUND
-    if isinstance(error, PreconditionError):
-        return code_pb2.FAILED_PRECONDITION
-    return code_pb2.INVALID_ARGUMENT
 
 
 @dataclass
@@ -249,8 +241,12 @@ class Worker:
         except CancelledError:
             queue.ack(task)
             return
-        except PERMANENT as error:
-            operations.fail(payload.operation, _code(error), f"{where}: {error}")
+        except DomainError as error:
+            if not error.callers_fault:  # transient or the system's fault: redelivered after the lease
+                log.warning("%s of %s failed: %s", where, payload.operation, error)
+                operations.note_error(payload.operation, f"{type(error).__name__}: {error}")
+                return
+            operations.fail(payload.operation, rpc_code(error), f"{where}: {error}")
             queue.ack(task)
             return
         except Exception as error:  # transient or a bug: leave pending, redelivered after the lease

@@ -1,0 +1,160 @@
+"""The domain errors of the whole system, and the one table that says what each one means to a
+caller: its gRPC status code, whether a client should retry, and the CLI's exit code.
+
+Every layer raises these (or a subclass with a more specific name, e.g. storage's
+IntegrityError); nothing below the servicers knows about gRPC, and this module imports nothing,
+so the engine, the stores, the client and the CLI all share it.
+
+    class                    status               retried   CLI exit
+    InputError               INVALID_ARGUMENT     no        2   the caller's input is invalid
+    NotFoundError            NOT_FOUND            no        2   a named input does not exist
+    PreconditionError        FAILED_PRECONDITION  no        2   inputs valid alone, not together
+    AlreadyExistsError       ALREADY_EXISTS       no        2
+    ResourceExhaustedError   RESOURCE_EXHAUSTED   no        2   over a configured limit
+    PermissionDeniedError    PERMISSION_DENIED    no        1   the system's own credentials
+    CancelledError           CANCELLED            no        130 stopped on request
+    UnavailableError         UNAVAILABLE          yes       1   Redis or the object store away
+    AbortedError             ABORTED              no        1   a task failed every delivery
+    InternalError            INTERNAL             no        1   a bug, or an unknown remote failure
+Exit code 2 means "fix your input" (the classes with `callers_fault`: a job task that raises one
+fails its job at once instead of being retried); 1 means the system failed; 130 is an interruption.
+"""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base of every error the system raises on purpose. Subclasses set `code`."""
+
+    code = "INTERNAL"  # a google.rpc.Code name (the same names as grpc.StatusCode)
+    retryable = False  # a client may retry the call
+    callers_fault = False  # retrying cannot help: a job task failing with it fails the job at once
+    exit_code = 1
+
+
+class InputError(DomainError, ValueError):
+    """The caller's input is invalid."""
+
+    code, exit_code = "INVALID_ARGUMENT", 2
+    callers_fault = True
+
+
+class NotFoundError(DomainError, FileNotFoundError):
+    """A named input (file, directory, artifact, operation) does not exist."""
+
+    code, exit_code = "NOT_FOUND", 2
+    callers_fault = True
+
+
+class PreconditionError(DomainError):
+    """Inputs are individually valid but do not fit together, e.g. factors fitted for another model."""
+
+    code, exit_code = "FAILED_PRECONDITION", 2
+    callers_fault = True
+
+
+class AlreadyExistsError(DomainError):
+    code, exit_code = "ALREADY_EXISTS", 2
+    callers_fault = True
+
+
+class ResourceExhaustedError(DomainError):
+    """A request over a configured limit (size, count)."""
+
+    code, exit_code = "RESOURCE_EXHAUSTED", 2
+    callers_fault = True
+
+
+class PermissionDeniedError(DomainError):
+    """A backing service refused the system's credentials."""
+
+    code = "PERMISSION_DENIED"
+
+
+class CancelledError(DomainError):
+    """The caller asked to stop (checked between batches)."""
+
+    code, exit_code = "CANCELLED", 130
+
+
+class UnavailableError(DomainError):
+    """A backing service (Redis, the object store) or the server is unreachable; retry later."""
+
+    code, retryable = "UNAVAILABLE", True
+
+
+class AbortedError(DomainError):
+    """A task failed on every delivery and was dead-lettered."""
+
+    code = "ABORTED"
+
+
+class InternalError(DomainError):
+    """An unexpected failure (the server's log has the traceback)."""
+
+    code = "INTERNAL"
+
+
+_BY_CODE: dict[str, type[DomainError]] = {
+    error.code: error
+    for error in (
+        InputError,
+        NotFoundError,
+        PreconditionError,
+        AlreadyExistsError,
+        ResourceExhaustedError,
+        PermissionDeniedError,
+        CancelledError,
+        UnavailableError,
+        AbortedError,
+        InternalError,
+    )
+}
+
+
+def code_of(error: BaseException) -> str:
+    """The status code name of any exception (INTERNAL for one that is not a DomainError)."""
+    return error.code if isinstance(error, DomainError) else "INTERNAL"
+
+
+def error_for_code(code: str, message: str) -> DomainError:
+    """The domain error a client raises for a status `code` name (INTERNAL for any other code)."""
+    return _BY_CODE.get(code, InternalError)(message if code in _BY_CODE else f"{code}: {message}")
+
+
+def exit_code_of(error: BaseException) -> int:
+    return error.exit_code if isinstance(error, DomainError) else 1
+
+
+def message_of(error: BaseException) -> str:
+    """The first line of the error's text (at most 1,000 characters)."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:1000]
+
+
+# -- more specific names, each one of the classes above ------------------------------------------
+
+
+class NonFiniteError(PreconditionError):
+    """A tensor that must be finite holds NaN or Inf (the model, the data or a factor file)."""
+
+
+class IntegrityError(PreconditionError):
+    """Stored bytes differ from what their manifest promises (sha256 or size), a file it lists is
+    missing, or the manifest itself is unreadable."""
+
+
+class UnsupportedFormat(PreconditionError):
+    """An artifact written in a format version this code does not read."""
+
+
+class StorageError(InternalError):
+    """The object store failed in a way that is neither transient nor the caller's fault."""
+
+
+class StorageUnavailable(UnavailableError):
+    """The object store did not answer after bounded retries."""
+
+
+class QueueUnavailable(UnavailableError):
+    """Redis did not answer."""
