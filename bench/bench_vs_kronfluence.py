@@ -282,10 +282,10 @@ def worker_kronfluence(args, work: Path, workload: Workload, data: dict, sampler
 
 
 def worker_ours(args, work: Path, workload: Workload, data: dict, sampler: RssSampler) -> dict:
-    from services.engine.data import Query, TrainingExample
     from services.engine.fit import FitConfig, fit_factors
     from services.engine.model_io import load_model_and_tokenizer
     from services.engine.progress import Progress
+    from services.engine.records import Query, TrainingExample
     from services.engine.score import ScoreConfig, compute_scores
 
     class StageTimes(Progress):

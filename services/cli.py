@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from .system.specs import DEFAULT_SHARD_SIZE
+from .wire import DEFAULT_SHARD_SIZE
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +62,13 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
         help="deliveries before a task is dead-lettered (env INFLUENCE_MAX_DELIVERIES)",
     )
     parser.add_argument("--log-level", default=os.environ.get("INFLUENCE_LOG_LEVEL", "info"))
+    parser.add_argument(
+        "--cache-gib",
+        type=float,
+        default=None,
+        help="memory each worker may keep of covariance passes for their correction passes "
+        "(default: 1/4 of the memory limit, the container's if any)",
+    )
 
 
 def _add_damping_options(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-gib",
         type=float,
         default=None,
-        help="memory for reusing the covariance pass in the correction pass (default: 1/4 of RAM)",
+        help="at most this much memory (GiB) kept of the covariance pass for the correction pass, within "
+        "the worker's budget (default: the worker's budget, 1/4 of its memory limit; 0: recompute instead)",
     )
 
     score = commands.add_parser("score", help="score training sequences against queries")
@@ -135,7 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run tasks from the Redis queues")
     worker.add_argument("--kinds", default="", help="comma-separated task kinds (default: all)")
-    worker.add_argument("--pool", default="", help="pool name (informational, for logs and metrics)")
     worker.add_argument("--name", default="", help="consumer name (default: worker-PID)")
     _add_connection_options(worker)
     return parser
@@ -165,10 +171,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
 
 
 if __name__ == "__main__":

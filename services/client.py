@@ -22,7 +22,7 @@ import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import code_pb2
 
-from .engine.data import Query
+from .engine.records import Query
 from .errors import DomainError, InternalError, error_for_code
 from .gen.influence.v1 import (
     common_pb2,
@@ -33,9 +33,7 @@ from .gen.influence.v1 import (
     query_service_pb2,
     query_service_pb2_grpc,
 )
-from .system.specs import DEFAULT_SHARD_SIZE
-
-MAX_MESSAGE_BYTES = 512 * 2**20
+from .wire import DEFAULT_SHARD_SIZE, MAX_MESSAGE_BYTES
 
 
 def _domain_error(error: grpc.RpcError) -> DomainError:

@@ -15,13 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from .engine.data import read_queries_jsonl, read_training_jsonl
 from .engine.fit import FitConfig
 from .engine.model_io import load_tokenizer, parse_device, parse_dtype
+from .engine.records import read_queries_jsonl, read_training_jsonl
 from .engine.score import ScoreConfig
 from .errors import InputError, NotFoundError
+from .factor_svc.artifacts import load_factors
 from .gen.influence.v1 import common_pb2
-from .system.factor_artifacts import load_factors
+from .progress_bars import StageBars
 
 T = TypeVar("T")
 
@@ -39,91 +40,15 @@ def _out_dir(path: str) -> Path:
     return out
 
 
-class StageBars:
-    """Progress from operation metadata: one bar per stage, shards done / total, and the stage's
-    tokens/s (the operation's token counter counts every stage's tokens, so a bar shows what
-    it grew by since its stage began).
-
-    On a terminal the bars redraw in place. When stderr is not a terminal (a log file, CI), a
-    bar's carriage-return redraws would flood the log, so each stage prints one line when it
-    ends instead."""
-
-    def __init__(self, enabled: bool, stream=None):
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._bar = None
-        self._stage = None
-        self._stage_started, self._stage_tokens = time.monotonic(), 0
-        self._last = None
-
-    def _rate(self, tokens_processed: int) -> float:
-        elapsed = max(time.monotonic() - self._stage_started, 1e-9)
-        return (tokens_processed - self._stage_tokens) / elapsed
-
-    def __call__(self, metadata: common_pb2.OperationMetadata) -> None:
-        if not self.enabled:
-            return
-        if metadata.stage != self._stage:
-            self._end_stage(metadata)
-            self._stage = metadata.stage
-            self._stage_started, self._stage_tokens = time.monotonic(), metadata.tokens_processed
-            if metadata.stage != "done" and self.interactive:
-                from tqdm import tqdm
-
-                self._bar = tqdm(
-                    total=metadata.shards_total,
-                    desc=f"{metadata.stage:>12}",
-                    unit="shard",
-                    dynamic_ncols=True,
-                    file=self.stream,
-                )
-        self._last = metadata
-        if self._bar is not None:
-            self._bar.set_postfix_str(f"{self._rate(metadata.tokens_processed):,.0f} tok/s", refresh=False)
-            self._bar.update(metadata.shards_done - self._bar.n)
-
-    def _end_stage(self, metadata: common_pb2.OperationMetadata) -> None:
-        """The stage that was running is over: `metadata` (of the next stage) holds its last counts."""
-        if self._stage in (None, "done"):
-            return
-        rate = self._rate(metadata.tokens_processed)
-        if self._bar is not None:
-            self._bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-            self._bar.update(self._bar.total - self._bar.n)
-            self.close()
-        elif self._last is not None:
-            elapsed = time.monotonic() - self._stage_started
-            total = self._last.shards_total
-            print(
-                f"{self._stage:>12}: {total}/{total} shards in {elapsed:.1f}s, {rate:,.0f} tok/s",
-                file=self.stream,
-                flush=True,
-            )
-
-    def close(self, clear: bool = False) -> None:
-        if self._bar is not None:
-            if clear:
-                self._bar.leave = False
-            self._bar.close()
-            self._bar = None
-
-    def __enter__(self) -> StageBars:
-        return self
-
-    def __exit__(self, error_type, *exc) -> None:
-        self.close(clear=error_type is not None)  # an error message stays a single line
-
-
 def through_system(args, body: Callable[..., T]) -> T:
     """body(client) against --server, or against an embedded system started for this command
-    (whose worker runs on this thread while body waits on a helper thread: see system/embedded.py)."""
+    (whose worker runs on this thread while body waits on a helper thread: see embedded.py)."""
     from .client import InfluenceClient
 
     if args.server:
         with InfluenceClient(args.server) as client:
             return body(client)
-    from .system.embedded import EmbeddedSystem
+    from .embedded import EmbeddedSystem
 
     with EmbeddedSystem(foreground=True) as system:
         return system.run(body)
@@ -159,6 +84,7 @@ def run_fit(args) -> int:
         max_length=args.max_length,
         max_examples=args.max_examples,
         seed=args.seed,
+        cache_gib=args.cache_gib,
     )
     config.validate()
     read_training_jsonl(args.data)  # validate locally, before starting anything: errors name the file and line
@@ -179,6 +105,7 @@ def run_fit(args) -> int:
                 batch_size=config.batch_size,
                 max_examples=config.max_examples or 0,
                 seed=config.seed,
+                cache_gib=config.cache_gib,
             )
             client.download_factors(factor_set.name, out)
             return factor_set
@@ -296,28 +223,43 @@ def run_demo(args) -> int:
     return demo(args)
 
 
+def _connect(args):
+    from .assembly import connect
+
+    return connect(args.redis_url, args.store_url, args.state_dir, args.lease_seconds, args.max_deliveries)
+
+
+def _worker_context(args, system):
+    from .engine.memory import gib_to_bytes
+    from .system.context import WorkerContext
+
+    return WorkerContext(system.store, cache_bytes=gib_to_bytes(args.cache_gib))
+
+
 def run_serve(args) -> int:
     import asyncio
     import logging
     import threading
 
-    from .rpc.server import serve_forever
-    from .system.config import system_from_args
+    from .assembly import ROLES, serve
     from .system.runner import Worker, threads_per_worker
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     roles = tuple(role.strip() for role in args.role.split(",") if role.strip())
-    unknown = set(roles) - {"factor", "gradient", "query"}
+    unknown = set(roles) - set(ROLES)
     if unknown or not roles:
         raise InputError(f"--role takes factor, gradient and/or query, got {args.role!r}")
-    with system_from_args(args) as system:
+    with _connect(args) as system:
         cores_each = threads_per_worker(args.workers)
-        workers = [Worker(system, consumer=f"serve-{n}", torch_threads=cores_each) for n in range(args.workers)]
+        workers = [
+            Worker(system, consumer=f"serve-{n}", context=_worker_context(args, system), torch_threads=cores_each)
+            for n in range(args.workers)
+        ]
         threads = [threading.Thread(target=w.run_forever, daemon=True) for w in workers]
         for thread in threads:
             thread.start()
         try:
-            asyncio.run(serve_forever(system, args.host, args.port, roles))
+            asyncio.run(serve(system, args.host, args.port, roles))
         finally:
             for worker in workers:
                 worker.stop.set()
@@ -330,16 +272,19 @@ def run_worker(args) -> int:
     import logging
     import signal
 
-    from .system.config import system_from_args
-    from .system.runner import STAGES, Worker
+    from .assembly import STAGE_TABLE
+    from .system.runner import Worker
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()] if args.kinds else list(STAGES)
-    unknown = set(kinds) - set(STAGES)
-    if unknown:
-        raise InputError(f"--kinds: unknown task kinds {sorted(unknown)} (choose from {', '.join(STAGES)})")
-    with system_from_args(args) as system:
-        worker = Worker(system, kinds=kinds, consumer=args.name or f"worker-{Path('/proc/self').resolve().name}")
+    kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()] if args.kinds else STAGE_TABLE.kinds
+    STAGE_TABLE.check_kinds(kinds)
+    with _connect(args) as system:
+        worker = Worker(
+            system,
+            kinds=kinds,
+            consumer=args.name or f"worker-{Path('/proc/self').resolve().name}",
+            context=_worker_context(args, system),
+        )
         signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
         print(f"influence: worker {worker.consumer} taking {','.join(kinds)}", flush=True)
         worker.run_forever()

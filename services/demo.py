@@ -15,13 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from .engine.data import read_queries_jsonl, read_training_jsonl
-from .engine.errors import InputError
+from .engine.records import read_queries_jsonl, read_training_jsonl
+from .errors import InputError
 
 
 def run_demo(args) -> int:
-    from .commands import StageBars
-    from .system.embedded import EmbeddedSystem
+    from .progress_bars import StageBars
+    from .embedded import EmbeddedSystem
     from .toy.demo_data import prepare_demo
 
     started = time.perf_counter()

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 
 from services.cli import main
 from services.commands import StageBars
-from services.engine.data import read_queries_jsonl, read_training_jsonl
 from services.engine.model_io import load_model_and_tokenizer
+from services.engine.records import read_queries_jsonl, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores
+from services.factor_svc.artifacts import load_factors
 from services.gen.influence.v1 import common_pb2
-from services.system.factor_artifacts import load_factors
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 
@@ -347,33 +347,30 @@ def test_the_installed_entry_point_reports_errors_without_a_traceback(workspace,
     ]
 
 
-def test_the_foreground_embedded_system_works_on_the_callers_thread(workspace):
+def test_the_foreground_embedded_system_works_on_the_callers_thread(workspace, monkeypatch):
     """EmbeddedSystem.run: tasks run on the calling thread (the one that may own torch's OpenMP
     team), the body on a helper thread; the body's result and its errors come back to the caller."""
     import threading
 
+    from services.assembly import STAGE_TABLE
+    from services.embedded import EmbeddedSystem
     from services.errors import NotFoundError
     from services.system import runner
-    from services.system.embedded import EmbeddedSystem
+    from services.system.plans import Stage
 
     seen = []
-    original = runner.run_stage
+    original = STAGE_TABLE.stage("register")
 
-    def recording(context, spec, job, stage, shard):
-        seen.append((stage, threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
-        return original(context, spec, job, stage, shard)
+    def recording(call):
+        seen.append((call.stage, threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+        return original.run(call)
 
-    runner.run_stage = recording
-    try:
-        with EmbeddedSystem(foreground=True) as system:
-            dataset = system.run(
-                lambda client: client.register_dataset(str(workspace / "model"), workspace / "train.jsonl")
-            )
-            assert dataset.num_examples == 14
-            with pytest.raises(NotFoundError, match="not found"):
-                system.run(lambda client: client.get_dataset("datasets/0000"))
-    finally:
-        runner.run_stage = original
+    monkeypatch.setitem(STAGE_TABLE.stages, "register", Stage("register", recording))
+    with EmbeddedSystem(foreground=True) as system:
+        dataset = system.run(lambda client: client.register_dataset(str(workspace / "model"), workspace / "train.jsonl"))
+        assert dataset.num_examples == 14
+        with pytest.raises(NotFoundError, match="not found"):
+            system.run(lambda client: client.get_dataset("datasets/0000"))
     assert seen == [("register", True, runner.available_cores())]
 
 

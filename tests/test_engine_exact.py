@@ -16,12 +16,12 @@ import itertools
 import pytest
 import torch
 
-from services.engine.data import TrainingExample, tokenize_queries, tokenize_training
+from services.engine.data import tokenize_queries, tokenize_training
 from services.engine.fit import FitConfig, fit_factors, prepare_model
 from services.engine.modules import weight_gradient_layout
 from services.engine.precondition import Damping, precondition
-from services.engine.progress import Progress
-from services.engine.score import ScoreConfig, compute_scores, query_gradients
+from services.engine.records import TrainingExample
+from services.engine.score import ScoreConfig, Scorer, compute_scores
 from tests.numerics import assert_close, model_tolerance, relative_error
 from tests.reference import (
     BigramLM,
@@ -114,7 +114,9 @@ def test_ekfac_is_closer_to_the_exact_fisher_than_kfac():
     }
     modules, _ = prepare_model(model, "mlp")
     gradients = loop_gradients(model, modules, tokenize_training(tokenizer, examples, 64))
-    query_grads = query_gradients(model, modules, tokenize_queries(tokenizer, queries, 64), 4, 0, Progress())
+    query_grads = Scorer(model, tokenizer, fitted["ekfac"], ScoreConfig(batch_size=4, max_length=64)).query_gradients(
+        queries
+    )
     for name in modules:
         fisher_matrix = exact_fisher(gradients[name])
         errors = {

@@ -13,22 +13,13 @@ from torch import nn
 
 from services.engine.capture import capture, describe_all
 from services.engine.data import collate, length_bucketed_batches, tokenize_queries, tokenize_training
-from services.engine.factors import bases_of
-from services.engine.fit import (
-    CaptureCache,
-    FitConfig,
-    accumulate_correction,
-    accumulate_covariance,
-    finalize_factors,
-    fit_factors,
-    prepare_model,
-)
+from services.engine.fit import CaptureCache, FitConfig, FitModel, eigendecompose, fit_factors, prepare_model
 from services.engine.modules import select_modules
 from services.engine.precondition import Damping, low_rank, precondition
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
 from services.engine.scoring import module_scores, plan_module_queries
 from services.errors import InputError, PreconditionError
-from services.system.factor_artifacts import load_factors, save_factors
+from services.factor_svc.artifacts import load_factors, save_factors
 from services.toy.models import build_tiny_model
 from tests.numerics import FLOAT32, FLOAT64, assert_close, assert_columns_equal_up_to_sign, model_tolerance
 from tests.reference import IntTokenizer, SharedLayerLM, loop_gradients
@@ -133,25 +124,19 @@ def test_batch_size_does_not_change_factors_or_scores(arch):
 
 
 def test_partitioned_fit_equals_unpartitioned():
-    """Covariance and correction sums over shards, merged, equal the single-process fit."""
+    """Covariance and correction sums over shards (reduced in any order) equal the single-process fit."""
     model = tiny_model("gpt2")
     tokenizer = IntTokenizer()
     examples = random_examples(13, seed=17)
     config = FitConfig(batch_size=3, seed=2)
     whole = fit_factors(model, tokenizer, examples, config)
 
-    modules, tracked = prepare_model(model, "mlp")
-    sequences = tokenize_training(tokenizer, examples, config.max_length)
+    fit = FitModel(model, tokenizer, config)
+    sequences = fit.tokenize(examples)
     shards = [sequences[:5], sequences[5:6], sequences[6:]]
-    common = dict(objective="sampled", batch_size=3, pad_token_id=0, seed=2)
-    covariance = accumulate_covariance(model, modules, shards[0], **common)
-    for shard in shards[1:]:
-        covariance.merge(accumulate_covariance(model, modules, shard, **common))
-    covariance_factors = covariance.eigendecompose()
-    correction = accumulate_correction(model, modules, shards[2], bases_of(covariance_factors), **common)
-    for shard in shards[:2]:
-        correction.merge(accumulate_correction(model, modules, shard, bases_of(covariance_factors), **common))
-    merged = finalize_factors("ekfac", covariance_factors, correction, tracked)
+    eigen = eigendecompose([fit.covariance(shard) for shard in shards], torch.float64)
+    merged = fit.finalize(eigen, [fit.correction(shard, eigen) for shard in reversed(shards)], len(sequences)).factors
+    tracked = fit.tracked
     for name in tracked:
         for field, value in whole.factors[name].tensors().items():
             other = getattr(merged[name], field)
@@ -249,7 +234,7 @@ def test_a_module_called_twice_contributes_both_calls():
     module_capture = capture(model, modules, batch)["blocks.0.mlp"]
     assert module_capture.calls == 2
     assert_close(module_capture.per_sequence_gradients().reshape(5, -1), expected["blocks.0.mlp"], TOL, "shared")
-    covariance = accumulate_covariance(model, modules, sequences, objective="true", batch_size=2, pad_token_id=0)
+    covariance = FitModel(model, tokenizer, FitConfig(fisher="empirical", batch_size=2)).covariance(sequences)
     assert covariance.token_counts["blocks.0.mlp"] == 2 * sum(s.length for s in sequences)
     factors = fit_factors(model, tokenizer, examples, FitConfig(fisher="empirical"))
     scores = compute_self_influence(model, tokenizer, factors, examples)

@@ -17,10 +17,10 @@ import redis
 from google.longrunning import operations_pb2
 
 from services.client import InfluenceClient
-from services.engine.data import read_training_jsonl
+from services.embedded import EmbeddedSystem
+from services.engine.records import read_training_jsonl
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.storage import LocalStore
-from services.system.embedded import EmbeddedSystem
 from services.system.runner import OperationProgress, Worker
 from tests.test_system import QUERIES, workspace  # noqa: F401
 

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.system.runner import STAGES
+from services.assembly import STAGE_TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "influence"
@@ -113,7 +113,7 @@ def test_default_renders_the_whole_system():
     for pool in ("gpu", "cpu"):
         args = pod(docs, f"worker-{pool}")["spec"]["containers"][0]["args"]
         kinds |= set(args[args.index("--kinds") + 1].split(","))
-    assert kinds == set(STAGES)
+    assert kinds == set(STAGE_TABLE.kinds)
 
 
 def test_gpu_pools_get_gpus_tolerations_and_affinity():
@@ -131,8 +131,6 @@ def test_gpu_pools_get_gpus_tolerations_and_affinity():
     assert gpu["terminationGracePeriodSeconds"] == 900
     assert container["args"] == [
         "worker",
-        "--pool",
-        "gpu",
         "--kinds",
         "covariance,correction,score,self",
         "--name",
@@ -300,9 +298,9 @@ def test_bad_values_fail_with_every_problem_listed():
 
 def test_every_task_kind_must_be_taken_by_an_enabled_pool():
     """A kind no pool takes would leave its tasks queued forever: the chart refuses to render.
-    The chart's list of kinds (schema enum and the check) is the runner's STAGES."""
+    The chart's list of kinds (schema enum and the check) is the stage table's kinds (services/assembly.STAGE_TABLE)."""
     schema = json.loads((CHART / "values.schema.json").read_text())
-    assert schema["definitions"]["pool"]["properties"]["kinds"]["items"]["enum"] == list(STAGES)
+    assert sorted(schema["definitions"]["pool"]["properties"]["kinds"]["items"]["enum"]) == sorted(STAGE_TABLE.kinds)
     stderr = render_fails("workers.pools.gpu.kinds={covariance,correction,prepare,score,self}")
     assert "no enabled pool takes blocks, fit_one_shard, score_one_shard" in stderr, stderr
     stderr = render_fails("workers.pools.cpu.enabled=false")

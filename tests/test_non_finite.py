@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from services.cli import main
 from services.client import InfluenceClient
+from services.embedded import EmbeddedSystem
 from services.errors import PreconditionError
 from services.gen.influence.v1 import common_pb2, factor_service_pb2
 from services.storage import LocalStore, Manifest
 from services.storage.manifest import MANIFEST, FileEntry, sha256_bytes
-from services.system.embedded import EmbeddedSystem
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 

@@ -25,10 +25,10 @@ def test_generated_code_is_current(tmp_path):
 
 
 def test_every_service_method_is_implemented():
-    from services.factor_svc import FactorServicer
+    from services.factor_svc.servicer import FactorServicer
     from services.gen.influence.v1 import factor_service_pb2, gradient_service_pb2, query_service_pb2
-    from services.gradient_svc import GradientServicer
-    from services.query_svc import QueryServicer
+    from services.gradient_svc.servicer import GradientServicer
+    from services.query_svc.servicer import QueryServicer
 
     for module, service, implementation in (
         (factor_service_pb2, "FactorService", FactorServicer),

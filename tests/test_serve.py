@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from services.cli import main
 from services.client import InfluenceClient
-from services.engine.data import tokenize_training, training_examples
+from services.engine.data import tokenize_training
 from services.engine.fit import prepare_model
 from services.engine.model_io import load_model_and_tokenizer
+from services.engine.records import training_examples
 from services.errors import NotFoundError
 from services.gen.influence.v1 import common_pb2, gradient_service_pb2
 from tests.reference import loop_gradients

@@ -26,22 +26,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
+from services.assembly import job_system, make_server
 from services.client import InfluenceClient
-from services.engine.data import Query, TrainingExample, read_training_jsonl
 from services.engine.fit import FitConfig, fit_factors
 from services.engine.model_io import load_model_and_tokenizer
+from services.engine.records import Query, TrainingExample, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
 from services.errors import InputError, NotFoundError, PreconditionError
+from services.factor_svc.artifacts import load_factors
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.jobs.connection import connect
-from services.jobs.operations import OperationStore
-from services.jobs.queue import TaskQueue
 from services.rpc.common import Limits
 from services.rpc.server import BackgroundServer
 from services.storage import open_store
-from services.system.factor_artifacts import load_factors
-from services.system.model_cache import ArtifactCache
-from services.system.runner import JobSystem, Worker
+from services.system.caches import ArtifactCache
+from services.system.runner import Worker
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 from tests.servers.ports import wait_until
@@ -95,12 +94,11 @@ class Cluster:
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         client = connect(redis_url)
         self.store = open_store(store_url)
-        self.system = JobSystem(
-            self.store,
-            OperationStore(client, prefix=self.prefix),
-            TaskQueue(client, prefix=self.prefix, lease_seconds=lease_seconds, max_deliveries=max_deliveries),
+        self.system = job_system(
+            self.store, client, prefix=self.prefix, lease_seconds=lease_seconds, max_deliveries=max_deliveries
         )
-        self.server = BackgroundServer(self.system, limits=Limits(max_upload_bytes=1 * 2**20)).start()
+        limits = Limits(max_upload_bytes=1 * 2**20)
+        self.server = BackgroundServer(lambda: make_server(self.system, limits=limits)).start()
         self.workers = [Worker(self.system, consumer=f"w{n}") for n in range(workers)]
         self.threads = [
             threading.Thread(target=w.run_forever, kwargs={"block_ms": 100}, daemon=True) for w in self.workers

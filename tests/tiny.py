@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.engine.data import Query, TrainingExample
+from services.engine.records import Query, TrainingExample
 from services.toy.models import build_tiny_model
 from tests.reference import ids_text
 

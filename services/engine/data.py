@@ -1,4 +1,4 @@
-"""Training sequences and queries: reading JSONL, tokenising, and batching.
+"""Training sequences and queries: tokenising and batching (reading them is records.py).
 
 Conventions (shared by every pass):
 - A training sequence is tokenised as the tokenizer does by default (special tokens included,
@@ -13,27 +13,13 @@ Conventions (shared by every pass):
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..errors import InputError, NotFoundError
-
-
-@dataclass(frozen=True)
-class TrainingExample:
-    id: str
-    text: str
-
-
-@dataclass(frozen=True)
-class Query:
-    id: str
-    prompt: str
-    completion: str
+from ..errors import InputError
+from .records import Query, TrainingExample
 
 
 @dataclass(frozen=True)
@@ -72,97 +58,6 @@ class Batch:
             self.attention_mask.to(device),
             self.target_mask.to(device),
         )
-
-
-def _read_jsonl(path: str | Path, kind: str) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"{kind} file not found: {path}")
-    with path.open("r", encoding="utf-8") as handle:
-        return parse_jsonl(handle, str(path), kind)
-
-
-def parse_jsonl(lines: Iterable[str], source: str, kind: str) -> list[dict]:
-    """JSON objects, one per non-blank line; errors name `source` and the line number."""
-    records = []
-    for line_number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{source}:{line_number}: malformed JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{source}:{line_number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    if not records:
-        raise InputError(f"{kind} file is empty: {source}")
-    return records
-
-
-def _string_field(record: dict, field: str, where: str, *, allow_empty: bool = False) -> str:
-    value = record.get(field)
-    if not isinstance(value, str):
-        raise InputError(f"{where}: field '{field}' must be a string")
-    if not allow_empty and not value.strip():
-        raise InputError(f"{where}: field '{field}' is empty")
-    return value
-
-
-def _record_id(record: dict, default: str, where: str, seen: set[str]) -> str:
-    raw = record.get("id", default)
-    if raw is None:
-        raw = default
-    if not isinstance(raw, (str, int)):
-        raise InputError(f"{where}: field 'id' must be a string")
-    example_id = str(raw)
-    if example_id in seen:
-        raise InputError(f"{where}: duplicate id '{example_id}'")
-    seen.add(example_id)
-    return example_id
-
-
-def read_training_jsonl(path: str | Path) -> list[TrainingExample]:
-    """Read TRAIN.jsonl: one {"id": optional string, "text": string} per line."""
-    return training_examples(_read_jsonl(path, "training data"), str(path))
-
-
-def training_examples(records: Sequence[dict], source: str) -> list[TrainingExample]:
-    """Validate training records ({"id": optional, "text": string}); ids default to the line position."""
-    seen: set[str] = set()
-    examples = []
-    for number, record in enumerate(records):
-        where = f"{source}: record {number + 1}"
-        examples.append(
-            TrainingExample(
-                id=_record_id(record, str(number), where, seen),
-                text=_string_field(record, "text", where),
-            )
-        )
-    return examples
-
-
-def read_queries_jsonl(path: str | Path) -> list[Query]:
-    """Read QUERIES.jsonl: one {"id": optional, "prompt": string, "completion": string} per line."""
-    return query_records(_read_jsonl(path, "queries"), str(path))
-
-
-def query_records(records: Sequence[dict], source: str) -> list[Query]:
-    """Validate query records; ids default to the position."""
-    if not records:
-        raise InputError(f"no queries in {source}")
-    seen: set[str] = set()
-    queries = []
-    for number, record in enumerate(records):
-        where = f"{source}: query {number + 1}"
-        queries.append(
-            Query(
-                id=_record_id(record, str(number), where, seen),
-                prompt=_string_field(record, "prompt", where, allow_empty=True),
-                completion=_string_field(record, "completion", where),
-            )
-        )
-    return queries
 
 
 def _token_ids(tokenizer, text: str, *, special: bool) -> list[int]:

@@ -11,7 +11,7 @@ Tensors are stored in float64 when the factors are float64 (exact tests) and flo
 Persisting is not the engine's job: services/storage encodes each file (safetensors) and
 publishes (metadata, files) as an artifact,
 a manifest.json with every file's sha256 written last, in a directory or an object store alike
-(services/system/factor_artifacts.py).
+(services/factor_svc/artifacts.py).
 """
 
 from __future__ import annotations
@@ -111,6 +111,11 @@ def from_artifact(
         )
     except (KeyError, TypeError) as error:
         raise PreconditionError(f"{where} has incomplete metadata ({type(error).__name__}: {error})") from None
+
+
+def storage_dtype_for_model(model_dtype: torch.dtype) -> torch.dtype:
+    """Factors of a float64 model are stored in float64 (exact tests), every other model's in float32."""
+    return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
 def storage_dtype_for(factor_set: FactorSet) -> torch.dtype:

@@ -5,35 +5,26 @@ For a tracked module W ∈ R^{d_out × d_in} (d_in includes the bias coordinate)
     S = Σ_tokens s sᵀ / n_sequences              output-gradient covariance [d_out, d_out]
     A = Q_A diag(λ_A) Q_Aᵀ,  S = Q_S diag(λ_S) Q_Sᵀ   (float64 eigendecomposition)
 so that, if tokens were independent, the per-sequence Fisher E_m[vec DW_m vec DW_mᵀ] ≈ A ⊗ S.
-Strategies, from cheapest to most accurate, all written as "eigenbasis + diagonal Λ [d_out, d_in]":
-    identity:  no curvature (plain gradient dot products)
-    diagonal:  basis = standard basis,  Λ = E_m[DW_m ⊙ DW_m]
-    kfac:      basis = (Q_S, Q_A),       Λ = λ_S λ_Aᵀ
-    ekfac:     basis = (Q_S, Q_A),       Λ = E_m[(Q_Sᵀ DW_m Q_A)^⊙2]  (eigenvalue correction)
+Every strategy (strategies.py) is "an eigenbasis + a diagonal Λ [d_out, d_in]"; `combine` builds
+each module's factors from what the passes produced.
+
 Accumulators hold unnormalised sums in float64 plus counts, so partial sums over data shards can
-be added in any order (`merge`) and normalised once (`finalize`).
+be added in any order (`merge`, `reduce`) and normalised once: `CovarianceAccumulator.eigendecompose`
+gives the `Eigenbases`, `CorrectionAccumulator.eigenvalues` the corrected Λ.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from .capture import ModuleCapture
 from .finite import require_finite
 from .modules import TrackedModule
-
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
-FISHERS = ("sampled", "empirical")
-
-
-def needs_covariance(strategy: str) -> bool:
-    return strategy in ("kfac", "ekfac")
-
-
-def needs_correction(strategy: str) -> bool:
-    return strategy in ("diagonal", "ekfac")
+from .strategies import Strategy, get_strategy
 
 
 @dataclass
@@ -149,7 +140,7 @@ class CovarianceAccumulator:
             accumulator.token_counts[name] = int(state[f"{name}/token_count"][0])
         return accumulator
 
-    def eigendecompose(self) -> dict[str, ModuleFactors]:
+    def eigendecompose(self) -> Eigenbases:
         """Normalise and eigendecompose A and S in float64."""
         factors = {}
         for name in self.modules:
@@ -165,7 +156,6 @@ class CovarianceAccumulator:
             ):
                 require_finite(value, f"the {label} of module {name} (eigendecomposition)")
             factors[name] = ModuleFactors(
-                eigenvalues=torch.outer(gradient_eigenvalues, activation_eigenvalues),
                 activation_covariance=activation_covariance,
                 gradient_covariance=gradient_covariance,
                 activation_eigenvectors=activation_eigenvectors,
@@ -173,7 +163,41 @@ class CovarianceAccumulator:
                 activation_eigenvalues=activation_eigenvalues,
                 gradient_eigenvalues=gradient_eigenvalues,
             )
-        return factors
+        return Eigenbases(factors, n_tokens=max(self.token_counts.values(), default=0))
+
+
+@dataclass
+class Eigenbases:
+    """The covariance pass over all the data, eigendecomposed: per module A, S, Q_A, Q_S, λ_A, λ_S
+    (a ModuleFactors without Λ), and the number of tokens it saw."""
+
+    factors: dict[str, ModuleFactors]
+    n_tokens: int
+
+    def bases(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(Q_S, Q_A) per module: the basis the correction pass measures Λ in."""
+        return {name: (f.gradient_eigenvectors, f.activation_eigenvectors) for name, f in self.factors.items()}
+
+    def to_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Flat tensors in `dtype` (the factor set's storage dtype, which the correction rotates in):
+        "{module}/{field}" and "n_tokens"."""
+        tensors = {
+            f"{name}/{key}": value.to(dtype).contiguous()
+            for name, factors in self.factors.items()
+            for key, value in factors.tensors().items()
+        }
+        tensors["n_tokens"] = torch.tensor([self.n_tokens])
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], modules: Iterable[str]) -> Eigenbases:
+        factors = {
+            name: ModuleFactors(
+                **{key: tensors[f"{name}/{key}"] for key in ModuleFactors.TENSOR_FIELDS if f"{name}/{key}" in tensors}
+            )
+            for name in modules
+        }
+        return cls(factors, int(tensors["n_tokens"][0]))
 
 
 def accumulate(total: torch.Tensor, value: torch.Tensor) -> None:
@@ -255,6 +279,7 @@ class CorrectionAccumulator:
         self.bases = bases
         self.squared_sums = {n: torch.zeros(m.d_out, m.d_in_full, dtype=torch.float64) for n, m in modules.items()}
         self.n_sequences = 0
+        self.n_tokens = 0
         self._device_bases: dict = {}
 
     def _basis(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -271,6 +296,7 @@ class CorrectionAccumulator:
             rotated = rotated_per_sequence_gradients(capture, *self._basis(name, capture.a))
             accumulate(self.squared_sums[name], rotated.square_().sum(0))
         self.n_sequences += n_sequences
+        self.n_tokens += sequence_tokens(captures)
 
     def check_finite(self) -> None:
         for name, value in self.squared_sums.items():
@@ -284,9 +310,13 @@ class CorrectionAccumulator:
         for name in self.modules:
             self.squared_sums[name] += other.squared_sums[name]
         self.n_sequences += other.n_sequences
+        self.n_tokens += other.n_tokens
 
     def state(self) -> dict[str, torch.Tensor]:
-        state = {"n_sequences": torch.tensor([self.n_sequences], dtype=torch.int64)}
+        state = {
+            "n_sequences": torch.tensor([self.n_sequences], dtype=torch.int64),
+            "n_tokens": torch.tensor([self.n_tokens], dtype=torch.int64),
+        }
         state.update({f"{name}/squared_sum": value for name, value in self.squared_sums.items()})
         return state
 
@@ -294,6 +324,7 @@ class CorrectionAccumulator:
     def from_state(cls, modules, bases, state: dict[str, torch.Tensor]) -> CorrectionAccumulator:
         accumulator = cls(modules, bases)
         accumulator.n_sequences = int(state["n_sequences"][0])
+        accumulator.n_tokens = int(state["n_tokens"][0])
         for name in modules:
             accumulator.squared_sums[name] = state[f"{name}/squared_sum"].to(torch.float64)
         return accumulator
@@ -303,5 +334,49 @@ class CorrectionAccumulator:
         return {name: value / max(self.n_sequences, 1) for name, value in self.squared_sums.items()}
 
 
-def bases_of(factors: dict[str, ModuleFactors]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {name: (f.gradient_eigenvectors, f.activation_eigenvectors) for name, f in factors.items()}
+Accumulator = TypeVar("Accumulator", "CovarianceAccumulator", "CorrectionAccumulator")
+
+
+def reduce(partials: Iterable[Accumulator]) -> Accumulator:
+    """The sum of shards' partial accumulators (merged into the first, in the given order)."""
+    total = None
+    for partial in partials:
+        if total is None:
+            total = partial
+        else:
+            total.merge(partial)
+    if total is None:
+        raise ValueError("nothing to reduce: no partial sums")
+    return total
+
+
+def sequence_tokens(captures: dict[str, ModuleCapture]) -> int:
+    """Real tokens of a batch's sequences (one call of the first module's positions)."""
+    first = next(iter(captures.values()))
+    return int(first.token_mask[:, : first.token_mask.shape[1] // first.calls].sum())
+
+
+def combine(
+    strategy: str | Strategy,
+    eigenbases: Eigenbases | None,
+    correction: CorrectionAccumulator | None,
+    tracked: dict[str, TrackedModule],
+) -> dict[str, ModuleFactors]:
+    """Each module's factors from what the strategy's passes produced: the eigenbasis (with A, S,
+    λ_A, λ_S) when there was a covariance pass, and Λ = the corrected eigenvalues when there was a
+    correction pass, else λ_S λ_Aᵀ (K-FAC)."""
+    strategy = get_strategy(strategy)
+    corrected = correction.eigenvalues() if strategy.correction else {}
+    factors = {}
+    for name in tracked:
+        module = ModuleFactors()
+        if strategy.covariance:
+            module = ModuleFactors(**eigenbases.factors[name].tensors())
+            if not strategy.correction:
+                module.eigenvalues = torch.outer(
+                    module.gradient_eigenvalues.to(torch.float64), module.activation_eigenvalues.to(torch.float64)
+                )
+        if strategy.correction:
+            module.eigenvalues = corrected[name]
+        factors[name] = module
+    return factors

@@ -1,23 +1,26 @@
-"""Fitting curvature factors: the covariance pass, eigendecomposition, the eigenvalue-correction pass.
+"""Fitting curvature factors, as shard-level steps and the one orchestration that chains them.
 
-Pass structure per strategy:
-    identity:  nothing
-    diagonal:  one pass: Σ_m DW_m²
-    kfac:      covariance pass, eigendecomposition
-    ekfac:     covariance pass, eigendecomposition, correction pass
+    fit = FitModel(model, tokenizer, config)          # modules selected, frozen, checked, once
+    partial  = fit.covariance(shard)                  # per data shard: Σ a aᵀ, Σ s sᵀ (mergeable)
+    eigen    = eigendecompose([partial, ...])         # reduce over shards, eigendecompose (float64)
+    partial  = fit.correction(shard, eigen)           # per data shard: Σ_m (Q_Sᵀ DW_m Q_A)² (mergeable)
+    factors  = fit.finalize(eigen, [partial, ...])    # reduce, combine per strategy -> FactorSet
+
+`fit_factors` (the in-process API) runs exactly these on the whole data as one shard, and the
+service system's fit stages (services/factor_svc/stages.py) run them per shard with the partial
+sums and eigenbases stored between tasks: the reference tests check the code production runs.
+Which steps run is the strategy's business (strategies.py): identity none, diagonal the
+correction pass, kfac the covariance pass, ekfac both.
+
 The correction pass needs the same (a, s) as the covariance pass (the same sampled labels: each
-sequence's labels come from its own seeded generator). When they fit in `cache_gib`, the
-covariance pass keeps them and the correction pass reuses them with no model forward/backward;
-otherwise the correction pass recomputes them. Either way the result is the same.
-
-`accumulate_covariance` and `accumulate_correction` run over any subset of the data and return
-mergeable accumulators: a distributed fit runs them per shard and merges.
+sequence's labels come from its own seeded generator). When they fit in the capture budget, the
+covariance pass keeps them (`CaptureCache`) and the correction pass replays them with no model
+forward/backward; otherwise it recomputes them. Either way the result is the same.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,23 +29,25 @@ from torch import nn
 from ..errors import InputError
 from .arena import HostArena
 from .capture import ModuleCapture, describe_all
-from .data import TokenizedSequence, TrainingExample, tokenize_training
+from .data import TokenizedSequence, tokenize_training
+from .factor_io import storage_dtype_for_model
 from .factors import (
-    FISHERS,
-    STRATEGIES,
     CorrectionAccumulator,
     CovarianceAccumulator,
+    Eigenbases,
     FactorSet,
-    ModuleFactors,
-    bases_of,
-    needs_correction,
-    needs_covariance,
+    combine,
+    reduce,
+    sequence_tokens,
 )
 from .finite import check_module_weights
+from .memory import MemoryBudget, default_cache_bytes, gib_to_bytes
 from .model_io import model_fingerprint
 from .modules import TrackedModule, check_selection, device_of, freeze_except, select_modules
 from .passes import captured_batches
 from .progress import Progress
+from .records import TrainingExample
+from .strategies import FISHERS, Strategy, get_strategy
 
 
 @dataclass
@@ -54,11 +59,10 @@ class FitConfig:
     max_length: int = 512
     max_examples: int | None = None
     seed: int = 0
-    cache_gib: float | None = None  # None: a quarter of physical memory
+    cache_gib: float | None = None  # capture-cache cap for this fit; None: the process's budget
 
     def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise InputError(f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})")
+        get_strategy(self.strategy)
         if self.fisher not in FISHERS:
             raise InputError(f"unknown fisher '{self.fisher}' (choose from {', '.join(FISHERS)})")
         if self.batch_size < 1:
@@ -67,28 +71,29 @@ class FitConfig:
             raise InputError(f"--max-length must be >= 2, got {self.max_length}")
         if self.max_examples is not None and self.max_examples < 1:
             raise InputError(f"--max-examples must be >= 1, got {self.max_examples}")
+        if self.cache_gib is not None and self.cache_gib < 0:
+            raise InputError(f"--cache-gib must be >= 0, got {self.cache_gib}")
         check_selection(self.modules)
 
     @property
     def objective(self) -> str:
         return "sampled" if self.fisher == "sampled" else "true"
 
-
-def default_cache_bytes() -> int:
-    try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        physical = 8 * 2**30
-    return physical // 4
+    @property
+    def strategy_spec(self) -> Strategy:
+        return get_strategy(self.strategy)
 
 
 class CaptureCache:
-    """Keeps captures (on the CPU, in a HostArena) within a byte budget; gives up as a whole once over it."""
+    """Keeps a pass's captures (on the CPU, in a HostArena) within a shared `MemoryBudget` and an
+    optional cap of its own; gives up as a whole (and frees what it held) once either is exceeded."""
 
-    def __init__(self, budget_bytes: int):
-        self.budget_bytes = budget_bytes
+    def __init__(self, budget: MemoryBudget | int, cap_bytes: int | None = None):
+        self.budget = budget if isinstance(budget, MemoryBudget) else MemoryBudget(budget)
+        self.cap_bytes = cap_bytes
         self.batches: list[tuple[dict[str, ModuleCapture], int]] | None = []
         self.arena = HostArena()
+        self._reserved = 0
 
     @property
     def bytes(self) -> int:
@@ -98,9 +103,11 @@ class CaptureCache:
         if self.batches is None:
             return
         size = sum(c.a.numel() * c.a.element_size() + c.s.numel() * c.s.element_size() for c in captures.values())
-        if self.bytes + size > self.budget_bytes:
+        over_cap = self.cap_bytes is not None and self._reserved + size > self.cap_bytes
+        if over_cap or not self.budget.reserve(size):
             self.release()
             return
+        self._reserved += size
         kept = {
             name: ModuleCapture(self.arena.copy(c.a), self.arena.copy(c.s), c.token_mask.to("cpu"), c.calls)
             for name, c in captures.items()
@@ -112,117 +119,134 @@ class CaptureCache:
         return self.batches is not None
 
     def release(self) -> None:
-        """Drop everything kept (the cache is incomplete from then on)."""
+        """Drop everything kept and give its bytes back to the budget (incomplete from then on)."""
         self.batches = None
         self.arena.release()
-
-
-def _tokens(captures: dict[str, ModuleCapture]) -> int:
-    first = next(iter(captures.values()))
-    return int(first.token_mask[:, : first.token_mask.shape[1] // first.calls].sum())
+        self.budget.free(self._reserved)
+        self._reserved = 0
 
 
 def prepare_model(model: nn.Module, selection: str) -> tuple[dict[str, nn.Module], dict[str, TrackedModule]]:
-    """Select tracked modules and freeze every other parameter."""
+    """Select tracked modules, check their weights are finite, freeze every other parameter."""
     modules = select_modules(model, selection)
     check_module_weights(modules)
     freeze_except(model, modules)
     return modules, describe_all(modules)
 
 
-def accumulate_covariance(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    sequences: Sequence[TokenizedSequence],
-    *,
-    objective: str,
-    batch_size: int,
-    pad_token_id: int,
-    seed: int = 0,
-    progress: Progress | None = None,
-    cache: CaptureCache | None = None,
-) -> CovarianceAccumulator:
-    """Σ a aᵀ and Σ s sᵀ over `sequences` (any shard of the data)."""
-    accumulator = CovarianceAccumulator(describe_all(modules))
-    for batch, captures in captured_batches(
-        model,
-        modules,
-        sequences,
-        batch_size=batch_size,
-        pad_token_id=pad_token_id,
-        stage="covariance",
-        objective=objective,
-        seed=seed,
-        progress=progress,
-    ):
-        accumulator.add(captures, len(batch.indices))
-        if cache is not None:
-            cache.offer(captures, len(batch.indices))
-    accumulator.check_finite()
-    return accumulator
+class FitModel:
+    """A model ready for a fit's passes (see the module docstring): its tracked modules selected,
+    their weights checked, everything else frozen. Built once per task."""
 
+    def __init__(self, model: nn.Module, tokenizer, config: FitConfig):
+        config.validate()
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.strategy = config.strategy_spec
+        self.modules, self.tracked = prepare_model(model, config.modules)
+        self.dtype = next(model.parameters()).dtype
 
-def accumulate_correction(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    sequences: Sequence[TokenizedSequence],
-    bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
-    *,
-    objective: str,
-    batch_size: int,
-    pad_token_id: int,
-    seed: int = 0,
-    progress: Progress | None = None,
-    cache: CaptureCache | None = None,
-) -> CorrectionAccumulator:
-    """Σ_m (Q_Sᵀ DW_m Q_A)² over `sequences`; from `cache` when it holds the whole covariance pass."""
-    progress = progress or Progress()
-    accumulator = CorrectionAccumulator(describe_all(modules), bases)
-    device = device_of(model)
-    if cache is not None and cache.complete:
-        progress.stage("correction", len(cache.batches))
-        try:
-            for captures, n_sequences in cache.batches:
-                progress.check_cancelled()
-                accumulator.add({name: c.to(device) for name, c in captures.items()}, n_sequences)
-                progress.advance(1, _tokens(captures))
-        finally:
-            cache.release()  # single use: the memory goes back now, not when the caller drops it
+    def tokenize(self, examples: Sequence[TrainingExample]) -> list[TokenizedSequence]:
+        """The fit's training sequences: the first `max_examples` examples, tokenised."""
+        examples = list(examples)[: self.config.max_examples] if self.config.max_examples else list(examples)
+        if not examples:
+            raise InputError("no training examples to fit on")
+        return tokenize_training(self.tokenizer, examples, self.config.max_length)
+
+    def capture_cache(self, budget: MemoryBudget) -> CaptureCache | None:
+        """A cache for the covariance pass's captures, when the correction pass can replay them."""
+        if not self.strategy.reuses_captures:
+            return None
+        return CaptureCache(budget, gib_to_bytes(self.config.cache_gib))
+
+    def _passes(self, sequences, stage: str, progress: Progress | None):
+        return captured_batches(
+            self.model,
+            self.modules,
+            sequences,
+            batch_size=self.config.batch_size,
+            pad_token_id=self.tokenizer.pad_token_id,
+            stage=stage,
+            objective=self.config.objective,
+            seed=self.config.seed,
+            progress=progress,
+        )
+
+    def covariance(
+        self,
+        sequences: Sequence[TokenizedSequence],
+        progress: Progress | None = None,
+        cache: CaptureCache | None = None,
+    ) -> CovarianceAccumulator:
+        """Σ a aᵀ and Σ s sᵀ over `sequences` (any shard of the data); `cache` keeps the captures."""
+        accumulator = CovarianceAccumulator(self.tracked)
+        for batch, captures in self._passes(sequences, "covariance", progress):
+            accumulator.add(captures, len(batch.indices))
+            if cache is not None:
+                cache.offer(captures, len(batch.indices))
         accumulator.check_finite()
         return accumulator
-    for batch, captures in captured_batches(
-        model,
-        modules,
-        sequences,
-        batch_size=batch_size,
-        pad_token_id=pad_token_id,
-        stage="correction",
-        objective=objective,
-        seed=seed,
-        progress=progress,
-    ):
-        accumulator.add(captures, len(batch.indices))
-    accumulator.check_finite()
-    return accumulator
+
+    def correction(
+        self,
+        sequences: Sequence[TokenizedSequence],
+        eigen: Eigenbases | None,
+        progress: Progress | None = None,
+        cache: CaptureCache | None = None,
+    ) -> CorrectionAccumulator:
+        """Σ_m (Q_Sᵀ DW_m Q_A)² over `sequences` in `eigen`'s bases (or Σ_m DW_m² with none);
+        from `cache` when it holds the whole covariance pass of these sequences (then released)."""
+        accumulator = CorrectionAccumulator(self.tracked, eigen.bases() if eigen is not None else None)
+        if cache is not None and cache.complete:
+            progress = progress or Progress()
+            device = device_of(self.model)
+            progress.stage("correction", len(cache.batches))
+            try:
+                for captures, n_sequences in cache.batches:
+                    progress.check_cancelled()
+                    accumulator.add({name: c.to(device) for name, c in captures.items()}, n_sequences)
+                    progress.advance(1, sequence_tokens(captures))
+            finally:
+                cache.release()  # single use: the memory goes back now, not when the caller drops it
+        else:
+            for batch, captures in self._passes(sequences, "correction", progress):
+                accumulator.add(captures, len(batch.indices))
+        accumulator.check_finite()
+        return accumulator
+
+    def finalize(
+        self,
+        eigen: Eigenbases | None,
+        corrections: Iterable[CorrectionAccumulator],
+        n_sequences: int,
+        provenance: dict | None = None,
+    ) -> FactorSet:
+        """Reduce the correction partial sums and assemble the factor set."""
+        correction = reduce(corrections) if self.strategy.correction else None
+        n_tokens = eigen.n_tokens if eigen is not None else (correction.n_tokens if correction is not None else 0)
+        return FactorSet(
+            strategy=self.strategy.name,
+            fisher=self.config.fisher,
+            modules=self.tracked,
+            factors=combine(self.strategy, eigen, correction, self.tracked),
+            n_sequences=n_sequences,
+            n_tokens=n_tokens,
+            model_fingerprint=model_fingerprint(self.model, list(self.tracked)),
+            metadata={
+                "fit_config": asdict(self.config),
+                "model_dtype": str(self.dtype).removeprefix("torch."),
+                **(provenance or {}),
+            },
+        )
+
+    def storage_dtype(self) -> torch.dtype:
+        return storage_dtype_for_model(self.dtype)
 
 
-def finalize_factors(
-    strategy: str,
-    covariance_factors: dict[str, ModuleFactors] | None,
-    correction: CorrectionAccumulator | None,
-    tracked: dict[str, TrackedModule],
-) -> dict[str, ModuleFactors]:
-    """Combine the passes' results into each module's factors (see factors.py)."""
-    if strategy == "identity":
-        return {name: ModuleFactors() for name in tracked}
-    if strategy == "kfac":
-        return covariance_factors
-    eigenvalues = correction.eigenvalues()
-    if strategy == "diagonal":
-        return {name: ModuleFactors(eigenvalues=eigenvalues[name]) for name in tracked}
-    for name, factors in covariance_factors.items():
-        factors.eigenvalues = eigenvalues[name]
-    return covariance_factors
+def eigendecompose(partials: Iterable[CovarianceAccumulator], dtype: torch.dtype) -> Eigenbases:
+    """Reduce covariance partial sums (in the order given), eigendecompose in float64, and round
+    the result to `dtype` (the factor set's storage dtype), the form every later step uses."""
+    eigen = reduce(partials).eigendecompose()
+    return Eigenbases.from_tensors(eigen.to_tensors(dtype), eigen.factors)
 
 
 def fit_factors(
@@ -231,46 +255,20 @@ def fit_factors(
     examples: Sequence[TrainingExample],
     config: FitConfig | None = None,
     progress: Progress | None = None,
+    budget: MemoryBudget | None = None,
 ) -> FactorSet:
-    """Fit the configured strategy's factors on `examples` (see the module docstring)."""
-    config = config or FitConfig()
-    config.validate()
+    """Fit the configured strategy's factors on `examples`: the steps above, the data as one shard."""
+    fit = FitModel(model, tokenizer, config or FitConfig())
     progress = progress or Progress()
-    modules, tracked = prepare_model(model, config.modules)
-    examples = list(examples)[: config.max_examples] if config.max_examples else list(examples)
-    if not examples:
-        raise InputError("no training examples to fit on")
-    sequences = tokenize_training(tokenizer, examples, config.max_length)
-    common = dict(
-        objective=config.objective,
-        batch_size=config.batch_size,
-        pad_token_id=tokenizer.pad_token_id,
-        seed=config.seed,
-        progress=progress,
-    )
-    covariance_factors, correction, n_tokens, cache = None, None, 0, None
-    if needs_covariance(config.strategy):
-        budget = default_cache_bytes() if config.cache_gib is None else int(config.cache_gib * 2**30)
-        cache = CaptureCache(budget) if config.strategy == "ekfac" else None
-        covariance = accumulate_covariance(model, modules, sequences, cache=cache, **common)
-        covariance_factors = covariance.eigendecompose()
-        n_tokens = max(covariance.token_counts.values())
-    if needs_correction(config.strategy):
-        bases = bases_of(covariance_factors) if config.strategy == "ekfac" else None
-        correction = accumulate_correction(model, modules, sequences, bases, cache=cache, **common)
-        if not n_tokens:
-            n_tokens = sum(sequence.length for sequence in sequences)
+    sequences = fit.tokenize(examples)
+    cache = fit.capture_cache(budget or MemoryBudget(default_cache_bytes()))
+    try:
+        eigen = None
+        if fit.strategy.covariance:
+            eigen = eigendecompose([fit.covariance(sequences, progress, cache)], fit.storage_dtype())
+        corrections = [fit.correction(sequences, eigen, progress, cache)] if fit.strategy.correction else []
+    finally:
+        if cache is not None:
+            cache.release()
     progress.close()
-    return FactorSet(
-        strategy=config.strategy,
-        fisher=config.fisher,
-        modules=tracked,
-        factors=finalize_factors(config.strategy, covariance_factors, correction, tracked),
-        n_sequences=len(sequences),
-        n_tokens=n_tokens,
-        model_fingerprint=model_fingerprint(model, list(tracked)),
-        metadata={
-            "fit_config": asdict(config),
-            "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        },
-    )
+    return fit.finalize(eigen, corrections, n_sequences=len(sequences))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +22,15 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """How to load and run a model: a local Hugging Face directory, a device and a dtype."""
+
+    path: str
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

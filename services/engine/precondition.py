@@ -15,6 +15,7 @@ import torch
 
 from ..errors import InputError
 from .factors import ModuleFactors
+from .strategies import Strategy, get_strategy
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def rotate(gradient: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> t
 def precondition(
     gradient: torch.Tensor,
     factors: ModuleFactors,
-    strategy: str,
+    strategy: str | Strategy,
     damping: Damping,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
@@ -62,14 +63,15 @@ def precondition(
     gradient: [Q, d_out, d_in]; returns [Q, d_out, d_in] in `dtype` on the gradient's device.
     The rotations run in `dtype` (float32 for float32 models); Λ + λ and the division in float64.
     """
+    strategy = get_strategy(strategy)
     gradient = gradient.to(dtype)
-    if strategy == "identity":
+    if not strategy.curvature:
         return gradient
     eigenvalues = factors.eigenvalues.to(gradient.device, torch.float64)
     denominator = eigenvalues + damping.value(eigenvalues)
     if bool((denominator <= 0).any()):
         raise InputError("damping is zero and some eigenvalues are zero: the curvature is singular; set --damping > 0")
-    if strategy == "diagonal":
+    if not strategy.covariance:  # Λ lives in the parameter basis
         return (gradient.to(torch.float64) / denominator).to(dtype)
     q_s = factors.gradient_eigenvectors.to(gradient.device, dtype)
     q_a = factors.activation_eigenvectors.to(gradient.device, dtype)
@@ -78,14 +80,14 @@ def precondition(
 
 
 def self_influence_terms(
-    rotated: torch.Tensor, factors: ModuleFactors, strategy: str, damping: Damping
+    rotated: torch.Tensor, factors: ModuleFactors, strategy: str | Strategy, damping: Damping
 ) -> torch.Tensor:
     """⟨P_m, DW_m⟩ per sequence from its rotated gradient G̃_m = Q_Sᵀ DW_m Q_A: [B, d_out, d_in] -> [B].
 
     In the eigenbasis the preconditioner is diagonal, so this is Σ G̃² / (Λ + λ).
     """
     squared = rotated.to(torch.float64).square()
-    if strategy == "identity":
+    if not get_strategy(strategy).curvature:
         return squared.sum((1, 2))
     eigenvalues = factors.eigenvalues.to(rotated.device, torch.float64)
     return (squared / (eigenvalues + damping.value(eigenvalues))).sum((1, 2))

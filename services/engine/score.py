@@ -1,4 +1,5 @@
-"""Influence scores of training sequences on queries, with layer-wise and token-wise breakdowns.
+"""Influence scores of training sequences on queries, with layer-wise and token-wise breakdowns,
+as shard-level steps and the one orchestration that chains them.
 
     score(q, m) = Σ_modules ⟨P_q, DW_m⟩,   P_q = (G + λI)⁻¹ ∇θ log p(completion_q | prompt_q)
                                            DW_m = ∇θ log p(z_m)   (summed over z_m's tokens)
@@ -6,15 +7,19 @@ Sign: positive means up-weighting z_m in training makes the completion more like
 nats of the completion's log-probability per unit of up-weighting z_m's summed log-likelihood
 (first order), with G the per-sequence Gauss-Newton/Fisher average over the fit data.
 
-Pipeline: query gradients (one pass over the queries) → preconditioned once → stream training
-batches, each one forward/backward, scored by the planned kernel (scoring.py) → top-k per query
-→ optional per-token attribution for the top-k only (their sequences are recomputed).
-Self-influence: ⟨P_m, DW_m⟩ with P_m preconditioned from z_m itself.
+    scorer   = Scorer(model, tokenizer, factors, config)   # modules matched, fingerprint checked, once
+    prepared = scorer.prepare(queries, mean_tokens)         # query gradients, IHVPs, kernels: once per job
+    partial  = scorer.score(prepared, shard)                # per data shard: per-module scores [M, Q, n]
+    result   = scorer.merge(partials, prepared, sequence_of)   # scores, top-k, per-token for the top-k
+    partial  = scorer.self_influence(shard)                 # per data shard: ⟨P_m, DW_m⟩ [n]
+`compute_scores` / `compute_self_influence` (the in-process API) chain exactly these with the data as
+one shard; the service system's score stages (services/query_svc/stages.py) run them per shard.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,14 +27,7 @@ from torch import nn
 
 from ..errors import InputError, PreconditionError
 from .capture import accumulation_dtype, capture
-from .data import (
-    Query,
-    TokenizedSequence,
-    TrainingExample,
-    collate,
-    tokenize_queries,
-    tokenize_training,
-)
+from .data import TokenizedSequence, collate, tokenize_queries, tokenize_training
 from .factors import FactorSet, rotated_per_sequence_gradients
 from .finite import first_non_finite, require_finite
 from .fit import prepare_model
@@ -38,6 +36,7 @@ from .modules import device_of
 from .passes import QUERY, captured_batches
 from .precondition import Damping, low_rank, precondition, self_influence_terms
 from .progress import Progress
+from .records import Query, TrainingExample
 from .scoring import ModuleQueries, module_scores, module_token_scores, plan_module_queries
 
 
@@ -61,6 +60,7 @@ class ScoreConfig:
             raise InputError(f"--query-rank must be >= 1, got {self.query_rank}")
         if self.max_length < 2:
             raise InputError(f"--max-length must be >= 2, got {self.max_length}")
+        _ = self.damping_policy  # validates the damping values
 
     @property
     def damping_policy(self) -> Damping:
@@ -87,15 +87,62 @@ class ScoreResult:
     kernels: dict[str, str] = field(default_factory=dict)
 
 
-def check_factors_match(model: nn.Module, modules: dict[str, nn.Module], factors: FactorSet) -> None:
-    missing = [name for name in factors.modules if name not in modules]
-    if missing:
-        raise PreconditionError(f"factors were fitted for modules this model does not have: {', '.join(missing[:3])}")
-    fingerprint = model_fingerprint(model, list(factors.modules))
-    if factors.model_fingerprint and fingerprint != factors.model_fingerprint:
-        raise PreconditionError(
-            "factors were fitted for another model (model fingerprint differs); refit them for this model"
-        )
+@dataclass
+class PreparedQueries:
+    """The queries' preconditioned gradients per module, in each module's kernel representation."""
+
+    modules: dict[str, ModuleQueries]
+
+    @property
+    def n_queries(self) -> int:
+        return next(iter(self.modules.values())).n_queries
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, module_queries in self.modules.items():
+            tensors.update(module_queries.to_tensors(name))
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], names: Sequence[str]) -> PreparedQueries:
+        return cls({name: ModuleQueries.from_tensors(name, tensors) for name in names})
+
+
+@dataclass
+class ShardScores:
+    """One shard's scores: per_module float64 [M, Q, n] (self-influence: [n]) and the sequences'
+    global indices [n] (ascending: shards hold consecutive sequences)."""
+
+    scores: torch.Tensor
+    index: torch.Tensor
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"scores": self.scores.contiguous(), "index": self.index.contiguous()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ShardScores:
+        return cls(tensors["scores"], tensors["index"])
+
+
+def concatenate(partials: Sequence[ShardScores]) -> torch.Tensor:
+    """The shards' scores side by side in global index order: [..., N]; every index 0..N-1 once."""
+    index = torch.cat([partial.index for partial in partials])
+    if not torch.equal(index, torch.arange(index.numel())):
+        raise PreconditionError("the shards' scores do not cover the dataset's sequences once each, in order")
+    return torch.cat([partial.scores for partial in partials], dim=-1)
+
+
+# Fingerprints already computed per model object and module set: a worker that keeps a model
+# loaded checks factor sets against it without re-hashing the weights for every task.
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module, names: Sequence[str]) -> str:
+    known = _FINGERPRINTS.setdefault(model, {})
+    key = tuple(sorted(names))
+    if key not in known:
+        known[key] = model_fingerprint(model, list(key))
+    return known[key]
 
 
 def module_pattern(factors: FactorSet) -> str:
@@ -104,86 +151,178 @@ def module_pattern(factors: FactorSet) -> str:
     return "^(" + "|".join(name.replace(".", r"\.") for name in names) + ")$"
 
 
-def query_gradients(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    sequences: Sequence[TokenizedSequence],
-    batch_size: int,
-    pad_token_id: int,
-    progress: Progress,
-) -> dict[str, torch.Tensor]:
-    """∇ log p(completion | prompt) per query and module: {name: [Q, d_out, d_in]} in query order."""
-    device = device_of(model)
-    gradients: dict[str, torch.Tensor] = {}
-    for batch, captures in captured_batches(
-        model,
-        modules,
-        sequences,
-        batch_size=batch_size,
-        pad_token_id=pad_token_id,
-        stage="queries",
-        progress=progress,
-        subject=QUERY,
-    ):
-        for name, module_capture in captures.items():
-            per_query = module_capture.per_sequence_gradients()
-            if name not in gradients:
-                gradients[name] = torch.zeros(
-                    (len(sequences), *per_query.shape[1:]), dtype=per_query.dtype, device=device
-                )
-            gradients[name][batch.indices.to(device)] = per_query
-    return gradients
+class Scorer:
+    """A model ready to be scored against a factor set (see the module docstring): the factors'
+    modules selected in model order, their weights checked, the model's fingerprint matched to
+    the factors'. Built once per task."""
 
+    def __init__(self, model: nn.Module, tokenizer, factors: FactorSet, config: ScoreConfig):
+        config.validate()
+        self.model, self.tokenizer, self.factors, self.config = model, tokenizer, factors, config
+        self.modules, _ = prepare_model(model, module_pattern(factors))
+        missing = [name for name in factors.modules if name not in self.modules]
+        if missing:
+            raise PreconditionError(
+                f"factors were fitted for modules this model does not have: {', '.join(missing[:3])}"
+            )
+        if factors.model_fingerprint and _fingerprint(model, list(self.modules)) != factors.model_fingerprint:
+            raise PreconditionError(
+                "factors were fitted for another model (model fingerprint differs); refit them for this model"
+            )
+        self.names = list(self.modules)  # model order: the row order of per-module scores
+        self.dtype = accumulation_dtype(next(model.parameters()).dtype)
+        self.pad_token_id = tokenizer.pad_token_id
 
-def prepare_queries(
-    gradients: dict[str, torch.Tensor],
-    factors: FactorSet,
-    config: ScoreConfig,
-    expected_tokens: float,
-    dtype: torch.dtype,
-) -> dict[str, ModuleQueries]:
-    """Precondition each module's query gradients once and plan its scoring kernel."""
-    prepared = {}
-    for name, gradient in gradients.items():
-        preconditioned = precondition(gradient, factors.factors[name], factors.strategy, config.damping_policy, dtype)
-        require_finite(preconditioned, f"the preconditioned query gradients of module {name}", "damping too small?")
-        factor_pair = low_rank(preconditioned, config.query_rank) if config.query_rank else None
-        prepared[name] = plan_module_queries(preconditioned, factor_pair, expected_tokens, dtype)
-    return prepared
+    def tokenize_training(self, examples: Sequence[TrainingExample]) -> list[TokenizedSequence]:
+        if not examples:
+            raise InputError("no training examples to score")
+        return tokenize_training(self.tokenizer, examples, self.config.max_length)
 
+    def _passes(self, sequences, stage: str, progress: Progress | None, subject=None):
+        extra = {"subject": subject} if subject else {}
+        return captured_batches(
+            self.model,
+            self.modules,
+            sequences,
+            batch_size=self.config.batch_size,
+            pad_token_id=self.pad_token_id,
+            stage=stage,
+            progress=progress,
+            **extra,
+        )
 
-def score_sequences(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    sequences: Sequence[TokenizedSequence],
-    prepared: dict[str, ModuleQueries],
-    *,
-    batch_size: int,
-    pad_token_id: int,
-    progress: Progress | None = None,
-) -> torch.Tensor:
-    """Per-module scores of every prepared query against `sequences` (any shard of the data).
+    def query_gradients(self, queries: Sequence[Query], progress: Progress | None = None) -> dict[str, torch.Tensor]:
+        """∇ log p(completion | prompt) per query and module: {name: [Q, d_out, d_in]} in query order."""
+        if not queries:
+            raise InputError("no queries to score")
+        sequences = tokenize_queries(self.tokenizer, queries, self.config.max_length)
+        device = device_of(self.model)
+        gradients: dict[str, torch.Tensor] = {}
+        for batch, captures in self._passes(sequences, "queries", progress, subject=QUERY):
+            for name, module_capture in captures.items():
+                per_query = module_capture.per_sequence_gradients()
+                if name not in gradients:
+                    gradients[name] = torch.zeros(
+                        (len(sequences), *per_query.shape[1:]), dtype=per_query.dtype, device=device
+                    )
+                gradients[name][batch.indices.to(device)] = per_query
+        return gradients
 
-    Returns float64 [n_modules, Q, len(sequences)]; column j belongs to sequences[j].
-    """
-    names = list(modules)
-    column = {sequence.index: position for position, sequence in enumerate(sequences)}
-    n_queries = next(iter(prepared.values())).n_queries
-    per_module = torch.zeros((len(names), n_queries, len(sequences)), dtype=torch.float64)
-    for batch, captures in captured_batches(
-        model,
-        modules,
-        sequences,
-        batch_size=batch_size,
-        pad_token_id=pad_token_id,
-        stage="scores",
-        progress=progress,
-    ):
-        columns = torch.tensor([column[int(index)] for index in batch.indices])
-        for position, name in enumerate(names):
-            per_module[position][:, columns] = module_scores(captures[name], prepared[name]).to("cpu", torch.float64)
-    _check_scores(per_module, sequences, names)
-    return per_module
+    def prepare(
+        self, queries: Sequence[Query], mean_tokens: float, progress: Progress | None = None
+    ) -> PreparedQueries:
+        """Query gradients, preconditioned once, each module's kernel planned for training sequences
+        of `mean_tokens` tokens on average (scoring.py)."""
+        gradients = self.query_gradients(queries, progress)
+        damping, strategy = self.config.damping_policy, self.factors.strategy
+        prepared = {}
+        for name in self.names:
+            preconditioned = precondition(
+                gradients.pop(name), self.factors.factors[name], strategy, damping, self.dtype
+            )
+            require_finite(preconditioned, f"the preconditioned query gradients of module {name}", "damping too small?")
+            factor_pair = low_rank(preconditioned, self.config.query_rank) if self.config.query_rank else None
+            prepared[name] = plan_module_queries(preconditioned, factor_pair, mean_tokens, self.dtype)
+        return PreparedQueries(prepared)
+
+    def score(
+        self, prepared: PreparedQueries, sequences: Sequence[TokenizedSequence], progress: Progress | None = None
+    ) -> ShardScores:
+        """Per-module scores of every prepared query against `sequences` (any shard of the data):
+        float64 [M, Q, len(sequences)], column j for sequences[j]."""
+        column = {sequence.index: position for position, sequence in enumerate(sequences)}
+        per_module = torch.zeros((len(self.names), prepared.n_queries, len(sequences)), dtype=torch.float64)
+        for batch, captures in self._passes(sequences, "scores", progress):
+            columns = torch.tensor([column[int(index)] for index in batch.indices])
+            for position, name in enumerate(self.names):
+                scores = module_scores(captures[name], prepared.modules[name])
+                per_module[position][:, columns] = scores.to("cpu", torch.float64)
+        _check_scores(per_module, sequences, self.names)
+        return ShardScores(per_module, torch.tensor([sequence.index for sequence in sequences]))
+
+    def merge(
+        self,
+        partials: Sequence[ShardScores],
+        prepared: Callable[[], PreparedQueries],
+        sequence_of: Callable[[int], TokenizedSequence],
+        progress: Progress | None = None,
+    ) -> ScoreResult:
+        """The shards' scores as one result: totals, top-k per query, and token-wise attribution of
+        the top-k (their sequences are recomputed; `prepared()` is called only then)."""
+        per_module = concatenate(partials)  # [M, Q, N]
+        scores = per_module.sum(0)
+        result = ScoreResult(
+            scores=scores.to(torch.float32),
+            module_names=self.names,
+            per_module=per_module.to(torch.float32) if self.config.per_module else None,
+        )
+        result.top = top_k_entries(
+            scores, per_module if self.config.per_module else None, self.names, self.config.top_k
+        )
+        if self.config.per_token and self.config.top_k:
+            queries = prepared()
+            result.kernels = {name: queries.modules[name].kernel for name in self.names}
+            self.attach_token_scores(queries, result.top, sequence_of, progress)
+        return result
+
+    def token_scores(
+        self, sequence: TokenizedSequence, prepared: PreparedQueries, queries: Sequence[int]
+    ) -> torch.Tensor:
+        """Per-token attribution of one training sequence to the given queries: float64 [len(queries), T]."""
+        batch = collate([sequence], self.pad_token_id).to(device_of(self.model))
+        captures = capture(self.model, self.modules, batch, "true")
+        rows = [
+            sum(
+                module_token_scores(captures[name], 0, prepared.modules[name], query).to("cpu", torch.float64)
+                for name in self.names
+            )
+            for query in queries
+        ]
+        if not rows:
+            return torch.zeros(0, sequence.length, dtype=torch.float64)
+        return torch.stack(rows)[:, : sequence.length]
+
+    def attach_token_scores(
+        self,
+        prepared: PreparedQueries,
+        top: list[list[TopEntry]],
+        sequence_of: Callable[[int], TokenizedSequence],
+        progress: Progress | None = None,
+    ) -> None:
+        """Fill each top-k entry's tokens and token scores; each distinct training sequence is
+        recomputed once, for all queries that rank it."""
+        progress = progress or Progress()
+        wanted = sorted({entry.index for entries in top for entry in entries})
+        progress.stage("token scores", len(wanted))
+        for index in wanted:
+            progress.check_cancelled()
+            sequence = sequence_of(index)
+            asking = [(query, entry) for query, entries in enumerate(top) for entry in entries if entry.index == index]
+            rows = self.token_scores(sequence, prepared, [query for query, _ in asking])
+            require_finite(rows, f"the token scores of training sequence {index + 1} (in file order)")
+            tokens = [str(token) for token in self.tokenizer.convert_ids_to_tokens(sequence.input_ids.tolist())]
+            for row, (_, entry) in zip(rows, asking, strict=True):
+                entry.tokens = tokens
+                entry.token_scores = row.tolist()
+            progress.advance(1, sequence.length)
+
+    def self_influence(self, sequences: Sequence[TokenizedSequence], progress: Progress | None = None) -> ShardScores:
+        """⟨P_m, DW_m⟩ for `sequences` (any shard): float64 [len(sequences)], in list order."""
+        column = {sequence.index: position for position, sequence in enumerate(sequences)}
+        scores = torch.zeros(len(sequences), dtype=torch.float64)
+        damping, strategy = self.config.damping_policy, self.factors.strategy
+        for batch, captures in self._passes(sequences, "self", progress):
+            columns = torch.tensor([column[int(index)] for index in batch.indices])
+            for name, module_capture in captures.items():
+                module_factors = self.factors.factors[name]
+                gradient_basis = activation_basis = None
+                if module_factors.has_basis:
+                    gradient_basis = module_factors.gradient_eigenvectors.to(module_capture.a)
+                    activation_basis = module_factors.activation_eigenvectors.to(module_capture.a)
+                rotated = rotated_per_sequence_gradients(module_capture, gradient_basis, activation_basis)
+                scores[columns] += self_influence_terms(rotated, module_factors, strategy, damping).to("cpu")
+        _check_scores(scores, sequences, self.names)
+        return ShardScores(scores, torch.tensor([sequence.index for sequence in sequences]))
 
 
 def _check_scores(per_module: torch.Tensor, sequences: Sequence[TokenizedSequence], names: list[str]) -> None:
@@ -201,24 +340,6 @@ def _check_scores(per_module: torch.Tensor, sequences: Sequence[TokenizedSequenc
         f"the score of training sequence {sequences[column].index + 1} (in file order{where})",
         "the model produces non-finite gradients on this sequence",
     )
-
-
-def token_scores(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    sequence: TokenizedSequence,
-    prepared: dict[str, ModuleQueries],
-    queries: Sequence[int],
-    pad_token_id: int,
-) -> torch.Tensor:
-    """Per-token attribution of one training sequence to the given queries: float64 [len(queries), T]."""
-    batch = collate([sequence], pad_token_id).to(device_of(model))
-    captures = capture(model, modules, batch, "true")
-    rows = [
-        sum(module_token_scores(captures[name], 0, prepared[name], query).to("cpu", torch.float64) for name in modules)
-        for query in queries
-    ]
-    return torch.stack(rows)[:, : sequence.length] if rows else torch.zeros(0, sequence.length, dtype=torch.float64)
 
 
 def top_k_entries(
@@ -239,32 +360,8 @@ def top_k_entries(
     return top
 
 
-def attach_token_scores(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    tokenizer,
-    sequence_of,
-    prepared: dict[str, ModuleQueries],
-    top: list[list[TopEntry]],
-    progress: Progress | None = None,
-) -> None:
-    """Fill each top-k entry's tokens and token scores; `sequence_of(index)` gives its sequence.
-
-    Each distinct training sequence is recomputed once, for all queries that rank it.
-    """
-    progress = progress or Progress()
-    wanted = sorted({entry.index for entries in top for entry in entries})
-    progress.stage("token scores", len(wanted))
-    for index in wanted:
-        progress.check_cancelled()
-        sequence = sequence_of(index)
-        asking = [(query, entry) for query, entries in enumerate(top) for entry in entries if entry.index == index]
-        rows = token_scores(model, modules, sequence, prepared, [query for query, _ in asking], tokenizer.pad_token_id)
-        tokens = [str(token) for token in tokenizer.convert_ids_to_tokens(sequence.input_ids.tolist())]
-        for row, (_, entry) in zip(rows, asking, strict=True):
-            entry.tokens = tokens
-            entry.token_scores = row.tolist()
-        progress.advance(1, sequence.length)
+def mean_length(sequences: Sequence[TokenizedSequence]) -> float:
+    return sum(sequence.length for sequence in sequences) / max(len(sequences), 1)
 
 
 def compute_scores(
@@ -276,78 +373,17 @@ def compute_scores(
     config: ScoreConfig | None = None,
     progress: Progress | None = None,
 ) -> ScoreResult:
-    """Pairwise influence scores [n_queries, n_train] plus top-k (see the module docstring)."""
-    config = config or ScoreConfig()
-    config.validate()
+    """Pairwise influence scores [n_queries, n_train] plus top-k: the steps above, the data as one shard."""
     progress = progress or Progress()
+    scorer = Scorer(model, tokenizer, factors, config or ScoreConfig())
     if not queries:
         raise InputError("no queries to score")
-    if not examples:
-        raise InputError("no training examples to score")
-    modules, _ = prepare_model(model, module_pattern(factors))
-    check_factors_match(model, modules, factors)
-    dtype = accumulation_dtype(next(model.parameters()).dtype)
-    query_sequences = tokenize_queries(tokenizer, queries, config.max_length)
-    train_sequences = tokenize_training(tokenizer, examples, config.max_length)
-    pad = tokenizer.pad_token_id
-
-    gradients = query_gradients(model, modules, query_sequences, config.batch_size, pad, progress)
-    mean_tokens = sum(s.length for s in train_sequences) / len(train_sequences)
-    prepared = prepare_queries(gradients, factors, config, mean_tokens, dtype)
-    del gradients
-
-    per_module = score_sequences(
-        model, modules, train_sequences, prepared, batch_size=config.batch_size, pad_token_id=pad, progress=progress
-    )
-    names = list(modules)
-    scores = per_module.sum(0)
-    result = ScoreResult(
-        scores=scores.to(torch.float32),
-        module_names=names,
-        per_module=per_module.to(torch.float32) if config.per_module else None,
-        kernels={name: prepared[name].kernel for name in names},
-    )
-    result.top = top_k_entries(scores, per_module if config.per_module else None, names, config.top_k)
-    if config.per_token and config.top_k:
-        attach_token_scores(model, modules, tokenizer, train_sequences.__getitem__, prepared, result.top, progress)
+    train = scorer.tokenize_training(examples)
+    prepared = scorer.prepare(queries, mean_length(train), progress)
+    result = scorer.merge([scorer.score(prepared, train, progress)], lambda: prepared, train.__getitem__, progress)
+    result.kernels = {name: prepared.modules[name].kernel for name in scorer.names}
     progress.close()
     return result
-
-
-def self_influence_sequences(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    sequences: Sequence[TokenizedSequence],
-    factors: FactorSet,
-    damping: Damping,
-    *,
-    batch_size: int,
-    pad_token_id: int,
-    progress: Progress | None = None,
-) -> torch.Tensor:
-    """⟨P_m, DW_m⟩ for `sequences` (any shard): float64 [len(sequences)], in list order."""
-    column = {sequence.index: position for position, sequence in enumerate(sequences)}
-    scores = torch.zeros(len(sequences), dtype=torch.float64)
-    for batch, captures in captured_batches(
-        model,
-        modules,
-        sequences,
-        batch_size=batch_size,
-        pad_token_id=pad_token_id,
-        stage="self",
-        progress=progress,
-    ):
-        columns = torch.tensor([column[int(index)] for index in batch.indices])
-        for name, module_capture in captures.items():
-            module_factors = factors.factors[name]
-            gradient_basis = activation_basis = None
-            if module_factors.has_basis:
-                gradient_basis = module_factors.gradient_eigenvectors.to(module_capture.a)
-                activation_basis = module_factors.activation_eigenvectors.to(module_capture.a)
-            rotated = rotated_per_sequence_gradients(module_capture, gradient_basis, activation_basis)
-            scores[columns] += self_influence_terms(rotated, module_factors, factors.strategy, damping).to("cpu")
-    _check_scores(scores, sequences, list(modules))
-    return scores
 
 
 def compute_self_influence(
@@ -359,23 +395,8 @@ def compute_self_influence(
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """⟨P_m, DW_m⟩ for every training sequence: [n_train] float32."""
-    config = config or ScoreConfig()
-    config.validate()
     progress = progress or Progress()
-    if not examples:
-        raise InputError("no training examples to score")
-    modules, _ = prepare_model(model, module_pattern(factors))
-    check_factors_match(model, modules, factors)
-    sequences = tokenize_training(tokenizer, examples, config.max_length)
-    scores = self_influence_sequences(
-        model,
-        modules,
-        sequences,
-        factors,
-        config.damping_policy,
-        batch_size=config.batch_size,
-        pad_token_id=tokenizer.pad_token_id,
-        progress=progress,
-    )
+    scorer = Scorer(model, tokenizer, factors, config or ScoreConfig())
+    scores = concatenate([scorer.self_influence(scorer.tokenize_training(examples), progress)])
     progress.close()
     return scores.to(torch.float32)

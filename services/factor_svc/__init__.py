@@ -1,3 +1,1 @@
-from .servicer import FactorServicer
-
-__all__ = ["FactorServicer"]
+"""FactorService: fits curvature factors as jobs (stages.py) and serves the factor sets (servicer.py)."""

@@ -1,9 +1,13 @@
-"""FactorService: fit jobs (as Operations) and the factor sets they produce."""
+"""FactorService: fit jobs (as Operations) and the factor sets they produce.
+
+Thin: each method validates the request, runs the domain work on a thread (never blocking the
+event loop that also serves health checks and other callers' waits) and converts the result.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from dataclasses import asdict
 
 from google.protobuf import empty_pb2
 
@@ -11,12 +15,10 @@ from ..engine.factor_io import from_artifact
 from ..engine.fit import FitConfig
 from ..engine.model_io import load_tokenizer, tokenizer_fingerprint
 from ..errors import InputError, IntegrityError, NotFoundError, PreconditionError
-from ..gen.influence.v1 import (
-    factor_service_pb2,
-    factor_service_pb2_grpc,
-)
+from ..gen.influence.v1 import factor_service_pb2, factor_service_pb2_grpc
+from ..gradient_svc.datasets import dataset_metadata
 from ..rpc import validation
-from ..rpc.common import Limits, file_chunks, list_artifacts, model_ref, new_id, operation_message
+from ..rpc.common import Limits, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
 from ..rpc.resources import factor_set_message
 from ..rpc.status import grpc_errors
 from ..storage import MANIFEST, ArtifactReader, ArtifactWriter, FileEntry, Manifest, delete_artifact
@@ -24,8 +26,8 @@ from ..storage.manifest import sha256_bytes
 from ..storage.tensors import tensors_from_bytes
 from ..system import layout
 from ..system.runner import JobSystem
-from ..system.specs import JobSpec
-from ..system.stages import dataset_manifest, factors_artifact
+from ..system.specs import FitJob
+from .artifacts import factors_artifact
 
 
 class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
@@ -34,32 +36,35 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
 
     @grpc_errors
     async def FitFactors(self, request, context):
+        return await asyncio.to_thread(self._fit, request)
+
+    def _fit(self, request):
         model = model_ref(request.model)
         dataset_id = validation.resource_id(request.dataset, "datasets", "dataset")
-        manifest = dataset_manifest(self.system.store, dataset_id)
-        if tokenizer_fingerprint(load_tokenizer(model.path)) != manifest["tokenizer_fingerprint"]:
+        dataset = dataset_metadata(self.system.store, dataset_id)
+        if tokenizer_fingerprint(load_tokenizer(model.path)) != dataset["tokenizer_fingerprint"]:
             raise PreconditionError(f"{request.dataset} was tokenised with another tokenizer than {model.path}'s")
         config = FitConfig(
             strategy=request.strategy or "ekfac",
             fisher=request.fisher or "sampled",
             modules=request.modules or "mlp",
             batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
-            max_length=manifest["max_length"],
+            max_length=dataset["max_length"],
             max_examples=request.max_examples or None,
             seed=request.seed,
+            cache_gib=request.cache_gib if request.HasField("cache_gib") else None,
         )
         config.validate()
-        limit = min(manifest["num_examples"], config.max_examples or manifest["num_examples"])
-        spec = JobSpec(
-            "fit",
+        examples = min(dataset["num_examples"], config.max_examples or dataset["num_examples"])
+        job = FitJob(
             model,
             dataset_id=dataset_id,
-            num_shards=-(-limit // manifest["shard_size"]),
-            config=asdict(config),
+            shards=-(-examples // dataset["shard_size"]),
             factor_set_id=new_id(),
+            config=config,
         )
         record = self.system.submit(
-            "fit_factors", spec, request_id=request.request_id, target=f"factorSets/{spec.factor_set_id}"
+            "fit_factors", job, request_id=request.request_id, target=f"factorSets/{job.factor_set_id}"
         )
         return operation_message(record)
 
@@ -69,27 +74,29 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
 
     @grpc_errors
     async def GetFactorSet(self, request, context):
-        factor_set_id, artifact = self._artifact(request.name)
+        factor_set_id, artifact = await asyncio.to_thread(self._artifact, request.name)
         return factor_set_message(factor_set_id, artifact.metadata)
 
     @grpc_errors
     async def ListFactorSets(self, request, context):
-        items, token = list_artifacts(self.system.store, "factors/", request.page_size, request.page_token)
+        items, token = await asyncio.to_thread(
+            list_artifacts, self.system.store, "factors/", request.page_size, request.page_token
+        )
         return factor_service_pb2.ListFactorSetsResponse(
             factor_sets=[factor_set_message(i, m) for i, m in items], next_page_token=token
         )
 
     @grpc_errors
     async def DeleteFactorSet(self, request, context):
-        factor_set_id, _ = self._artifact(request.name)
-        delete_artifact(self.system.store, layout.factors_prefix(factor_set_id))
+        factor_set_id, _ = await asyncio.to_thread(self._artifact, request.name)
+        await asyncio.to_thread(delete_artifact, self.system.store, layout.factors_prefix(factor_set_id))
         return empty_pb2.Empty()
 
     @grpc_errors
     async def StreamFactors(self, request, context):
         """The chosen modules' files, then manifest.json (all modules: written in order, a directory
         `load_factors` reads)."""
-        _, artifact = self._artifact(request.name)
+        _, artifact = await asyncio.to_thread(self._artifact, request.name)
         modules = artifact.metadata["modules"]
         unknown = [name for name in request.modules if name not in modules]
         if unknown:
@@ -97,7 +104,7 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
         chosen = list(request.modules) or list(modules)
         chunk = validation.positive(request.chunk_bytes, "chunk_bytes", self.limits.chunk_bytes, 64 * 2**20)
         files = [modules[name]["file"] for name in chosen]
-        for message in file_chunks(artifact, files, chunk, with_manifest=True):
+        async for message in in_thread(file_chunks(artifact, files, chunk, with_manifest=True)):
             yield message
 
     @grpc_errors
@@ -110,6 +117,9 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
             if total > self.limits.max_upload_bytes:
                 raise InputError(f"factor upload exceeds {self.limits.max_upload_bytes} bytes")
             files.setdefault(chunk.file, bytearray()).extend(chunk.data)
+        return await asyncio.to_thread(self._import, files)
+
+    def _import(self, files: dict[str, bytearray]):
         if MANIFEST not in files:
             raise InputError(f"factor upload has no {MANIFEST}")
         manifest = Manifest.from_bytes(bytes(files.pop(MANIFEST)), f"uploaded {MANIFEST}")

@@ -1,3 +1,2 @@
-from .servicer import GradientServicer
-
-__all__ = ["GradientServicer"]
+"""GradientService: registered datasets (datasets.py, stages.py) and training-gradient blocks
+(blocks.py), served by servicer.py."""

@@ -1,4 +1,8 @@
-"""GradientService: registered datasets and training-gradient blocks."""
+"""GradientService: registered datasets and training-gradient blocks.
+
+Thin: each method validates the request, runs the domain work on a thread (never blocking the
+event loop) and converts the result.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,10 @@ import json
 
 from google.protobuf import empty_pb2
 
-from ..engine.data import parse_jsonl, training_examples
 from ..engine.modules import check_selection
+from ..engine.records import parse_jsonl, training_examples
 from ..errors import InputError, error_for_code
-from ..gen.influence.v1 import (
-    gradient_service_pb2,
-    gradient_service_pb2_grpc,
-)
+from ..gen.influence.v1 import gradient_service_pb2, gradient_service_pb2_grpc
 from ..jobs.operations import CANCELLED, FAILED
 from ..rpc import validation
 from ..rpc.common import Limits, list_artifacts, model_ref, new_id, operation_message
@@ -22,8 +23,8 @@ from ..rpc.status import code_name, grpc_errors
 from ..storage import delete_artifact
 from ..system import layout
 from ..system.runner import JobSystem
-from ..system.specs import DEFAULT_SHARD_SIZE, JobSpec
-from ..system.stages import dataset_manifest
+from ..system.specs import DEFAULT_SHARD_SIZE, BlocksJob, RegisterJob
+from .datasets import dataset_metadata
 
 _POLL_SECONDS = 0.05  # how often StreamBlocks looks for the worker's next block
 
@@ -34,6 +35,9 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
 
     @grpc_errors
     async def RegisterDataset(self, request, context):
+        return await asyncio.to_thread(self._register, request)
+
+    def _register(self, request):
         model = model_ref(request.model)
         if not request.jsonl:
             raise InputError('jsonl is empty: upload at least one {"text": ...} line')
@@ -44,8 +48,7 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
         except UnicodeDecodeError:
             raise InputError("jsonl is not UTF-8 text") from None
         training_examples(parse_jsonl(text.splitlines(), "jsonl", "training data"), "jsonl")
-        spec = JobSpec(
-            "register",
+        job = RegisterJob(
             model,
             dataset_id=new_id(),
             display_name=request.display_name,
@@ -54,72 +57,81 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
         )
         record = self.system.submit(
             "register_dataset",
-            spec,
+            job,
             request_id=request.request_id,
-            target=f"datasets/{spec.dataset_id}",
+            target=f"datasets/{job.dataset_id}",
             upload=request.jsonl,
         )
         return operation_message(record)
 
+    def _metadata(self, name: str, field: str = "name") -> tuple[str, dict]:
+        dataset_id = validation.resource_id(name, "datasets", field)
+        return dataset_id, dataset_metadata(self.system.store, dataset_id)
+
     @grpc_errors
     async def GetDataset(self, request, context):
-        return dataset_message(
-            dataset_manifest(self.system.store, validation.resource_id(request.name, "datasets", "name"))
-        )
+        return dataset_message((await asyncio.to_thread(self._metadata, request.name))[1])
 
     @grpc_errors
     async def ListDatasets(self, request, context):
-        items, token = list_artifacts(self.system.store, "datasets/", request.page_size, request.page_token)
+        items, token = await asyncio.to_thread(
+            list_artifacts, self.system.store, "datasets/", request.page_size, request.page_token
+        )
         return gradient_service_pb2.ListDatasetsResponse(
-            datasets=[dataset_message(manifest) for _, manifest in items], next_page_token=token
+            datasets=[dataset_message(metadata) for _, metadata in items], next_page_token=token
         )
 
     @grpc_errors
     async def DeleteDataset(self, request, context):
-        dataset_id = validation.resource_id(request.name, "datasets", "name")
-        dataset_manifest(self.system.store, dataset_id)
-        delete_artifact(self.system.store, layout.dataset_prefix(dataset_id))
+        dataset_id, _ = await asyncio.to_thread(self._metadata, request.name)
+        await asyncio.to_thread(delete_artifact, self.system.store, layout.dataset_prefix(dataset_id))
         return empty_pb2.Empty()
+
+    def _submit_blocks(self, request) -> str:
+        dataset_id, dataset = self._metadata(request.dataset, "dataset")
+        if not 0 <= request.shard < dataset["num_shards"]:
+            raise InputError(f"shard must be in [0, {dataset['num_shards']}), got {request.shard}")
+        modules = request.modules or "mlp"
+        check_selection(modules)
+        job = BlocksJob(
+            model_ref(request.model),
+            dataset_id=dataset_id,
+            shard=request.shard,
+            modules=modules,
+            block_size=validation.positive(request.block_size, "block_size", 8, 1024),
+        )
+        return self.system.submit("stream_blocks", job, target=f"{request.dataset}/shards/{request.shard}")["id"]
+
+    def _next_block(self, job: str, sent: int, total: int | None) -> tuple[object | None, int | None]:
+        """(block `sent` if written, else None; the block count once known). Raises the job's
+        error when it failed."""
+        store = self.system.store
+        if store.exists(layout.job_block(job, sent)):
+            return gradient_service_pb2.GradientBlock.FromString(store.get_bytes(layout.job_block(job, sent))), total
+        if total is None and store.exists(layout.job_block_count(job)):
+            return None, json.loads(store.get_bytes(layout.job_block_count(job)))["blocks"]
+        record = self.system.operations.get(job)
+        if record["state"] in (FAILED, CANCELLED):
+            message = record.get("error_message") or "the blocks job failed"
+            raise error_for_code(code_name(record["error_code"]), message)
+        return None, total
 
     @grpc_errors
     async def StreamBlocks(self, request, context):
-        """Submits a one-task blocks job (a worker computes, see system/blocks.py) and streams the
-        blocks as the worker writes them. A consumer that goes away cancels the job."""
-        dataset_id = validation.resource_id(request.dataset, "datasets", "dataset")
-        manifest = dataset_manifest(self.system.store, dataset_id)
-        if not 0 <= request.shard < manifest["num_shards"]:
-            raise InputError(f"shard must be in [0, {manifest['num_shards']}), got {request.shard}")
-        modules = request.modules or "mlp"
-        check_selection(modules)
-        spec = JobSpec(
-            "blocks",
-            model_ref(request.model),
-            dataset_id=dataset_id,
-            num_shards=1,
-            config={
-                "shard": request.shard,
-                "modules": modules,
-                "block_size": validation.positive(request.block_size, "block_size", 8, 1024),
-            },
-        )
-        job = self.system.submit("stream_blocks", spec, target=f"{request.dataset}/shards/{request.shard}")["id"]
-        store, sent, total = self.system.store, 0, None
+        """Submits a one-task blocks job (a worker computes, see blocks.py) and streams the blocks
+        as the worker writes them. A consumer that goes away cancels the job."""
+        job = await asyncio.to_thread(self._submit_blocks, request)
+        sent, total = 0, None
         try:
             while total is None or sent < total:
-                if store.exists(layout.job_block(job, sent)):
-                    yield gradient_service_pb2.GradientBlock.FromString(store.get_bytes(layout.job_block(job, sent)))
+                block, total = await asyncio.to_thread(self._next_block, job, sent, total)
+                if block is not None:
+                    yield block
                     sent += 1
-                elif total is None and store.exists(layout.job_block_count(job)):
-                    total = json.loads(store.get_bytes(layout.job_block_count(job)))["blocks"]
-                else:
-                    record = self.system.operations.get(job)
-                    if record["state"] in (FAILED, CANCELLED):
-                        raise error_for_code(
-                            code_name(record["error_code"]), record.get("error_message", "the blocks job failed")
-                        )
+                elif total is None or sent < total:
                     await asyncio.sleep(_POLL_SECONDS)
         finally:
             if total is None or sent < total:  # the consumer went away or the job failed
-                self.system.operations.cancel(job)
+                await asyncio.to_thread(self.system.operations.cancel, job)
             else:
-                store.delete_prefix(layout.job_prefix(job))
+                await asyncio.to_thread(self.system.store.delete_prefix, layout.job_prefix(job))

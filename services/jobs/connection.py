@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import signal
@@ -14,6 +15,20 @@ import psutil
 import redis
 
 from ..errors import QueueUnavailable
+
+
+def redis_unavailable(method):
+    """Decorate a method that talks to Redis: a Redis failure becomes QueueUnavailable (UNAVAILABLE
+    to callers, who may retry) naming the method, instead of a raw redis error (INTERNAL)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as error:
+            raise QueueUnavailable(f"Redis unavailable ({method.__name__}): {error}") from error
+
+    return wrapper
 
 
 def process_running(pid: int) -> bool:

@@ -18,6 +18,7 @@ import uuid
 import redis
 
 from ..errors import QueueUnavailable
+from .connection import redis_unavailable
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = {SUCCEEDED, FAILED, CANCELLED}
@@ -103,6 +104,7 @@ class OperationStore:
             raise QueueUnavailable(f"cannot create an operation: {error}") from None
         return self.get(operation_id), True
 
+    @redis_unavailable
     def get(self, operation_id: str) -> dict | None:
         raw = self.client.hgetall(self._key(operation_id))
         if not raw:
@@ -121,6 +123,7 @@ class OperationStore:
             record[key] = float(record[key])
         return record
 
+    @redis_unavailable
     def list(self, page_size: int = 50, page_token: str = "", kind: str = "") -> tuple[list[dict], str]:
         """Newest first; the page token is the offset into the index."""
         offset = int(page_token or 0)
@@ -132,6 +135,7 @@ class OperationStore:
         more = len(ids) == page_size
         return records, str(offset + page_size) if more else ""
 
+    @redis_unavailable
     def _apply(self, operation_id: str, **fields) -> bool:
         """Set fields unless the operation already ended. True when applied."""
         fields["update_time"] = time.time()
@@ -140,6 +144,7 @@ class OperationStore:
             arguments += [key, value]
         return self._transition(keys=[self._key(operation_id)], args=arguments) == 1
 
+    @redis_unavailable
     def add_progress(self, operation_id: str, **increments: int) -> None:
         """Atomic counters (shards_done, tokens_processed, bytes_written, ...): `record["counters"]`."""
         pipe = self.client.pipeline()
@@ -156,14 +161,17 @@ class OperationStore:
     def cancel(self, operation_id: str) -> bool:
         return self._apply(operation_id, state=CANCELLED, error_code=1, error_message="cancelled by the caller")
 
+    @redis_unavailable
     def delete(self, operation_id: str) -> None:
         self.client.delete(self._key(operation_id))
         self.client.zrem(f"{self.prefix}:ops", operation_id)
 
+    @redis_unavailable
     def is_cancelled(self, operation_id: str) -> bool:
         state = self.client.hget(self._key(operation_id), "state")
         return state in (b"CANCELLED", None)
 
+    @redis_unavailable
     def finish_shard(
         self,
         operation_id: str,
@@ -195,6 +203,7 @@ class OperationStore:
         keys = [f"{base}:shards", f"{base}:done", self._key(operation_id)]
         return self._finish_shard(keys=keys, args=arguments) == 1
 
+    @redis_unavailable
     def note_error(self, operation_id: str, text: str) -> None:
         """Keep a task's last failure, reported as the cause if the task is dead-lettered."""
         self.client.hset(self._key(operation_id), "last_error", text[:500])

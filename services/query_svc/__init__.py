@@ -1,3 +1,1 @@
-from .servicer import QueryServicer
-
-__all__ = ["QueryServicer"]
+"""QueryService: scoring and self-influence jobs (stages.py), their reports (reports.py) and results (servicer.py)."""

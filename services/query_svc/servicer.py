@@ -1,51 +1,62 @@
-"""QueryService: scoring and self-influence jobs (as Operations) and their results."""
+"""QueryService: scoring and self-influence jobs (as Operations) and their results.
+
+Thin: each method validates the request, runs the domain work on a thread (never blocking the
+event loop) and converts the result.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from dataclasses import asdict
 
-from ..engine.data import query_records
-from ..engine.precondition import Damping
+from ..engine.records import query_records
 from ..engine.score import ScoreConfig
 from ..errors import InputError
-from ..gen.influence.v1 import (
-    query_service_pb2,
-    query_service_pb2_grpc,
-)
+from ..factor_svc.artifacts import factors_artifact
+from ..gen.influence.v1 import query_service_pb2, query_service_pb2_grpc
+from ..gradient_svc.datasets import dataset_metadata
 from ..rpc import validation
-from ..rpc.common import Limits, file_chunks, model_ref, new_id, operation_message
+from ..rpc.common import Limits, file_chunks, in_thread, model_ref, new_id, operation_message
 from ..rpc.resources import result_message
 from ..rpc.status import grpc_errors
 from ..storage import ArtifactReader, open_artifact
 from ..system import layout
 from ..system.runner import JobSystem
-from ..system.specs import JobSpec, ModelRef
-from ..system.stages import dataset_manifest, factors_artifact
+from ..system.specs import ScoreJob, SelfJob
 
 
 class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     def __init__(self, system: JobSystem, limits: Limits):
         self.system, self.limits = system, limits
 
-    def _inputs(self, request) -> tuple[ModelRef, str, str, dict]:
-        model = model_ref(request.model)
+    def _inputs(self, request) -> tuple[str, str, dict]:
+        """The factor set's and dataset's ids, checked to exist, and the dataset's metadata."""
         factor_set_id = validation.resource_id(request.factor_set, "factorSets", "factor_set")
         dataset_id = validation.resource_id(request.dataset, "datasets", "dataset")
-        factors = factors_artifact(self.system.store, factor_set_id).metadata
-        dataset = dataset_manifest(self.system.store, dataset_id)
-        return model, factor_set_id, dataset_id, {"factors": factors, "dataset": dataset}
+        factors_artifact(self.system.store, factor_set_id)
+        return factor_set_id, dataset_id, dataset_metadata(self.system.store, dataset_id)
 
-    def _damping(self, request) -> dict:
-        if request.damping_factor < 0:
+    def _config(self, request, dataset: dict, **extra) -> ScoreConfig:
+        if request.HasField("damping_factor") and request.damping_factor < 0:
             raise InputError(f"damping_factor must be >= 0, got {request.damping_factor}")
-        damping = request.damping if request.HasField("damping") else None
-        Damping(factor=request.damping_factor or 0.1, absolute=damping)
-        return {"damping_factor": request.damping_factor or 0.1, "damping": damping}
+        config = ScoreConfig(
+            damping_factor=request.damping_factor if request.HasField("damping_factor") else 0.1,
+            damping=request.damping if request.HasField("damping") else None,
+            batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
+            max_length=dataset["max_length"],
+            top_k=validation.positive(request.top_k, "top_k", 10, 10_000),
+            **extra,
+        )
+        config.validate()
+        return config
 
     @grpc_errors
     async def ComputeScores(self, request, context):
-        model, factor_set_id, dataset_id, found = self._inputs(request)
+        return await asyncio.to_thread(self._scores, request)
+
+    def _scores(self, request):
+        model = model_ref(request.model)
+        factor_set_id, dataset_id, dataset = self._inputs(request)
         if not request.queries:
             raise InputError("queries is empty: send at least one {id, prompt, completion}")
         if len(request.queries) > self.limits.max_queries:
@@ -58,52 +69,44 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             if query.id:
                 record["id"] = query.id
             records.append(record)
-        queries = query_records(records, "queries")
-        config = ScoreConfig(
-            **self._damping(request),
+        config = self._config(
+            request,
+            dataset,
             query_rank=request.query_rank or None,
-            batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
-            max_length=found["dataset"]["max_length"],
-            top_k=validation.positive(request.top_k, "top_k", 10, 10_000),
             per_module=request.per_module,
             per_token=request.per_token,
         )
-        config.validate()
-        spec = JobSpec(
-            "score",
+        job = ScoreJob(
             model,
             dataset_id=dataset_id,
-            num_shards=found["dataset"]["num_shards"],
-            config=asdict(config),
+            shards=dataset["num_shards"],
             factor_set_id=factor_set_id,
             result_id=new_id(),
-            queries=[{"id": q.id, "prompt": q.prompt, "completion": q.completion} for q in queries],
+            config=config,
+            queries=query_records(records, "queries"),
         )
         record = self.system.submit(
-            "compute_scores", spec, request_id=request.request_id, target=f"results/{spec.result_id}"
+            "compute_scores", job, request_id=request.request_id, target=f"results/{job.result_id}"
         )
         return operation_message(record)
 
     @grpc_errors
     async def ComputeSelfInfluence(self, request, context):
-        model, factor_set_id, dataset_id, found = self._inputs(request)
-        config = ScoreConfig(
-            **self._damping(request),
-            batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
-            max_length=found["dataset"]["max_length"],
-            top_k=validation.positive(request.top_k, "top_k", 10, 10_000),
-        )
-        spec = JobSpec(
-            "self",
+        return await asyncio.to_thread(self._self, request)
+
+    def _self(self, request):
+        model = model_ref(request.model)
+        factor_set_id, dataset_id, dataset = self._inputs(request)
+        job = SelfJob(
             model,
             dataset_id=dataset_id,
-            num_shards=found["dataset"]["num_shards"],
-            config=asdict(config),
+            shards=dataset["num_shards"],
             factor_set_id=factor_set_id,
             result_id=new_id(),
+            config=self._config(request, dataset),
         )
         record = self.system.submit(
-            "compute_self_influence", spec, request_id=request.request_id, target=f"results/{spec.result_id}"
+            "compute_self_influence", job, request_id=request.request_id, target=f"results/{job.result_id}"
         )
         return operation_message(record)
 
@@ -113,11 +116,10 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
 
     @grpc_errors
     async def GetScoreResult(self, request, context):
-        return result_message(self._result(request.name).metadata)
+        return result_message((await asyncio.to_thread(self._result, request.name)).metadata)
 
-    @grpc_errors
-    async def StreamScoreRows(self, request, context):
-        report = json.loads(self._result(request.name).read_bytes("results.json"))
+    def _rows(self, name: str):
+        report = json.loads(self._result(name).read_bytes("results.json"))
         groups = report["queries"] if report["kind"] == "pairwise" else [{"id": "", "top": report["top"]}]
         for group in groups:
             for entry in group["top"]:
@@ -135,8 +137,13 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
                 )
 
     @grpc_errors
+    async def StreamScoreRows(self, request, context):
+        async for row in in_thread(self._rows(request.name)):
+            yield row
+
+    @grpc_errors
     async def StreamResultFiles(self, request, context):
-        artifact = self._result(request.name)
+        artifact = await asyncio.to_thread(self._result, request.name)
         chunk = validation.positive(request.chunk_bytes, "chunk_bytes", self.limits.chunk_bytes, 64 * 2**20)
-        for message in file_chunks(artifact, artifact.names(), chunk):
+        async for message in in_thread(file_chunks(artifact, artifact.names(), chunk)):
             yield message

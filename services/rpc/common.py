@@ -7,20 +7,22 @@ the job system, convert. Errors become status codes in one place (rpc/status.py)
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from google.longrunning import operations_pb2
 from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import status_pb2
 
+from ..engine.model_io import ModelRef
 from ..gen.influence.v1 import (
     common_pb2,
 )
 from ..jobs.operations import CANCELLED, FAILED, SUCCEEDED, TERMINAL
 from ..storage import MANIFEST, ArtifactReader, open_artifact
-from ..system.specs import ModelRef
 from . import validation
 
 
@@ -104,3 +106,11 @@ def _chunks(name: str, data: bytes, chunk_bytes: int):
             size=len(data) if first else 0,
             sha256=digest if first else "",
         )
+
+
+async def in_thread(iterator: Iterator):
+    """An async iterator over a blocking iterator, each `next` on a worker thread: a servicer
+    streams store reads without stalling the event loop."""
+    done = object()
+    while (item := await asyncio.to_thread(next, iterator, done)) is not done:
+        yield item

@@ -11,11 +11,10 @@ from google.protobuf import empty_pb2
 
 from ..errors import NotFoundError, PreconditionError
 from ..jobs.ended import EndedWatcher
-from ..jobs.operations import TERMINAL
-from ..rpc import validation
-from ..rpc.common import operation_message
-from ..rpc.status import grpc_errors
-from ..system.runner import JobSystem
+from ..jobs.operations import TERMINAL, OperationStore
+from . import validation
+from .common import operation_message
+from .status import grpc_errors
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
@@ -27,42 +26,41 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     RECHECK_SECONDS = 0.25
     UNWATCHED_SECONDS = 0.02
 
-    def __init__(self, system: JobSystem, watcher: EndedWatcher):
-        self.system = system
+    def __init__(self, operations: OperationStore, watcher: EndedWatcher):
+        self.operations = operations
         self.watcher = watcher
 
     def _record(self, name: str) -> dict:
-        record = self.system.operations.get(validation.resource_id(name, "operations", "name"))
+        record = self.operations.get(validation.resource_id(name, "operations", "name"))
         if record is None:
             raise NotFoundError(f"operation {name!r} not found")
         return record
 
     @grpc_errors
     async def GetOperation(self, request, context):
-        return operation_message(self._record(request.name))
+        return operation_message(await asyncio.to_thread(self._record, request.name))
 
     @grpc_errors
     async def ListOperations(self, request, context):
         size, offset = validation.page(request.page_size, request.page_token)
-        records, token = self.system.operations.list(
-            size, str(offset), kind=request.filter.removeprefix("kind=") if request.filter else ""
-        )
+        kind = request.filter.removeprefix("kind=") if request.filter else ""
+        records, token = await asyncio.to_thread(self.operations.list, size, str(offset), kind)
         return operations_pb2.ListOperationsResponse(
             operations=[operation_message(r) for r in records], next_page_token=token
         )
 
     @grpc_errors
     async def CancelOperation(self, request, context):
-        record = self._record(request.name)
-        self.system.operations.cancel(record["id"])
+        record = await asyncio.to_thread(self._record, request.name)
+        await asyncio.to_thread(self.operations.cancel, record["id"])
         return empty_pb2.Empty()
 
     @grpc_errors
     async def DeleteOperation(self, request, context):
-        record = self._record(request.name)
+        record = await asyncio.to_thread(self._record, request.name)
         if record["state"] not in TERMINAL:
             raise PreconditionError(f"{request.name} is still running; cancel it first")
-        self.system.operations.delete(record["id"])
+        await asyncio.to_thread(self.operations.delete, record["id"])
         return empty_pb2.Empty()
 
     @grpc_errors
@@ -73,11 +71,11 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         operation_id = validation.resource_id(request.name, "operations", "name")
         loop, ended = asyncio.get_running_loop(), asyncio.Event()
         with self.watcher.watch(operation_id, lambda: loop.call_soon_threadsafe(ended.set)):
-            record = self._record(request.name)
+            record = await asyncio.to_thread(self._record, request.name)
             while record["state"] not in TERMINAL and (remaining := deadline - time.monotonic()) > 0:
                 with contextlib.suppress(TimeoutError):
                     interval = self.RECHECK_SECONDS if self.watcher.live else self.UNWATCHED_SECONDS
                     await asyncio.wait_for(ended.wait(), timeout=min(remaining, interval))
                 ended.clear()
-                record = self._record(request.name)
+                record = await asyncio.to_thread(self._record, request.name)
         return operation_message(record)

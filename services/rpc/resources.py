@@ -62,3 +62,10 @@ def packed(message) -> bytes:
     wrapper = any_pb2.Any()
     wrapper.Pack(message)
     return wrapper.SerializeToString()
+
+
+def empty_response() -> bytes:
+    """The response of a job whose output is not a resource (e.g. StreamBlocks' blocks job)."""
+    from google.protobuf import empty_pb2
+
+    return packed(empty_pb2.Empty())

@@ -53,7 +53,7 @@ def job_output(job_id: str, name: str) -> str:
 
 
 def job_block(job_id: str, block: int) -> str:
-    """StreamBlocks: block i of a blocks job (a serialised GradientBlock; system/blocks.py)."""
+    """StreamBlocks: block i of a blocks job (a serialised GradientBlock; gradient_svc/blocks.py)."""
     return f"jobs/{job_id}/blocks/{block:05d}.pb"
 
 

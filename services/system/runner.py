@@ -1,12 +1,14 @@
-"""Submitting jobs and running their tasks: the glue between stages, the queue and operations.
+"""Submitting jobs and running their tasks: the glue between the stage table, the queue and the
+operation records. Which stages a job has is the table's business (plans.py), given by the
+top-level assembly.
 
 Submit: create the operation (idempotent by request_id), write the job's inputs and spec to
 the store, then enqueue the first stage's tasks. Run: take a task, skip it if its operation
-ended, run the stage under a renewed lease, then record completion; the last task of a stage
-atomically enqueues the next stage (or finishes the operation with its response).
-Failures: input errors fail the operation at once; anything else leaves the task pending so it
-is redelivered after its lease; past the delivery limit it is dead-lettered and the operation
-fails with the cause.
+ended, parse its job once, run the stage under a renewed lease, then record completion; the last
+task of a stage atomically enqueues the next stage (or finishes the operation with its response).
+Failures: an error that is the caller's fault (errors.py `callers_fault`) fails the operation at
+once; anything else leaves the task pending so it is redelivered after its lease; past the
+delivery limit it is dead-lettered and the operation fails with the cause.
 """
 
 from __future__ import annotations
@@ -20,74 +22,58 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
-from google.protobuf import empty_pb2
 from google.rpc import code_pb2
 
 from ..engine.progress import Progress
-from ..errors import CancelledError, DomainError
+from ..errors import CancelledError, DomainError, code_of
 from ..gen.influence.v1 import tasks_pb2
 from ..jobs.operations import TERMINAL, OperationStore
 from ..jobs.queue import LeaseKeeper, Task, TaskQueue
-from ..rpc.resources import dataset_message, factor_set_message, packed, result_message
-from ..rpc.status import rpc_code
+from ..storage import ArtifactStore
 from . import layout
-from .specs import JobSpec
-from .stages import StageContext, first_stages, next_stage, run_stage, shard_count
+from .context import WorkerContext
+from .plans import StageCall, StageTable
+from .specs import Job, decode_job, encode_job
 
 log = logging.getLogger("influence.worker")
-
-STAGES = (
-    "register",
-    "covariance",
-    "eigen",
-    "correction",
-    "finalize",
-    "prepare",
-    "score",
-    "merge",
-    "self",
-    "self_merge",
-    "blocks",
-    "fit_one_shard",
-    "score_one_shard",
-)
 
 
 @dataclass
 class JobSystem:
     """The shared state every server role and worker composes."""
 
-    store: object
+    store: ArtifactStore
     operations: OperationStore
     queue: TaskQueue
+    table: StageTable
 
-    def payload(self, operation: str, spec: JobSpec, stage: str, shard: int) -> bytes:
+    def payload(self, operation: str, job: Job, stage: str, shard: int) -> bytes:
         return tasks_pb2.TaskPayload(
-            operation=operation, job=operation, stage=stage, shard=shard, num_shards=spec.num_shards
+            operation=operation, job=operation, stage=stage, shard=shard, num_shards=job.num_shards
         ).SerializeToString()
 
-    def stage_tasks(self, operation: str, spec: JobSpec, stage: str) -> list[tuple[str, bytes]]:
+    def stage_tasks(self, operation: str, job: Job, stage: str) -> list[tuple[str, bytes]]:
         return [
-            (self.queue.stream(stage), self.payload(operation, spec, stage, shard))
-            for shard in range(shard_count(spec, stage))
+            (self.queue.stream(stage), self.payload(operation, job, stage, shard))
+            for shard in range(self.table.tasks(job, stage))
         ]
 
     def submit(
-        self, kind: str, spec: JobSpec, *, request_id: str = "", target: str = "", upload: bytes | None = None
+        self, kind: str, job: Job, *, request_id: str = "", target: str = "", upload: bytes | None = None
     ) -> dict:
         """Create the operation and enqueue the job (once per request_id)."""
         record, created = self.operations.create(kind, {"kind": kind, "target": target}, request_id)
         if not created:
             return record
-        job = record["id"]
+        job_id = record["id"]
         if upload is not None:
-            self.store.put_bytes(layout.job_upload(job), upload)
-        self.store.put_bytes(layout.job_spec(job), spec.to_json())
-        stage = first_stages(spec)[0]
-        self.operations.start(job, stage, shard_count(spec, stage))
-        for _, payload in self.stage_tasks(job, spec, stage):
+            self.store.put_bytes(layout.job_upload(job_id), upload)
+        self.store.put_bytes(layout.job_spec(job_id), encode_job(job))
+        stage = self.table.plan(job).first(job)
+        self.operations.start(job_id, stage, self.table.tasks(job, stage))
+        for _, payload in self.stage_tasks(job_id, job, stage):
             self.queue.enqueue(stage, payload)
-        return self.operations.get(job)
+        return self.operations.get(job_id)
 
 
 class OperationProgress(Progress):
@@ -115,16 +101,6 @@ class OperationProgress(Progress):
         """Counts not written yet, now the caller's to write (with the task's completion)."""
         tokens, self._tokens = self._tokens, 0
         return {"tokens_processed": tokens} if tokens else {}
-
-
-def response_of(spec: JobSpec, metadata: dict) -> bytes:
-    if spec.kind == "blocks":  # the blocks themselves are the output (StreamBlocks reads them)
-        return packed(empty_pb2.Empty())
-    if spec.kind == "register":
-        return packed(dataset_message(metadata))
-    if spec.kind == "fit":
-        return packed(factor_set_message(spec.factor_set_id, metadata))
-    return packed(result_message(metadata))
 
 
 def available_cores() -> int:
@@ -180,19 +156,20 @@ class PrefixDeleter:
 
 @dataclass
 class Worker:
-    """Takes tasks of `kinds` and runs them until `stop` is set."""
+    """Takes tasks of `kinds` (default: every stage of the table) and runs them until `stop` is set."""
 
     system: JobSystem
-    kinds: list[str] = field(default_factory=lambda: list(STAGES))
+    kinds: list[str] | None = None
     consumer: str = field(default_factory=lambda: f"worker-{uuid.uuid4().hex[:8]}")
-    context: StageContext | None = None
+    context: WorkerContext | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     # torch CPU threads for this worker's thread (None: every available core). Several workers
     # in one process should split the cores (see `threads_per_worker`).
     torch_threads: int | None = None
 
     def __post_init__(self):
-        self.context = self.context or StageContext(self.system.store)
+        self.kinds = self.system.table.check_kinds(self.kinds or self.system.table.kinds)
+        self.context = self.context or WorkerContext(self.system.store)
         self.lease = LeaseKeeper(self.system.queue, self.consumer)
         self._deleter = PrefixDeleter(self.system.store)
 
@@ -210,13 +187,26 @@ class Worker:
         finally:
             self.lease.close()
             self._deleter.close()
+            for job in self.context.captures.jobs():
+                self.context.captures.release_job(job)
 
     def run_once(self, block_ms: int = 500) -> bool:
+        """Run the next task if one comes within `block_ms`; True if one ran. Either way, release
+        the capture caches of jobs that have ended."""
         task = self.system.queue.take(self.kinds, self.consumer, block_ms)
-        if task is None:
-            return False
-        self.handle(task)
-        return True
+        if task is not None:
+            self.handle(task)
+        self.release_ended_caches()
+        return task is not None
+
+    def release_ended_caches(self) -> None:
+        operations = self.system.operations
+
+        def ended(job: str) -> bool:
+            record = operations.get(job)
+            return record is None or record["state"] in TERMINAL
+
+        self.context.captures.release_ended(ended)
 
     def handle(self, task: Task) -> None:
         queue, operations = self.system.queue, self.system.operations
@@ -232,40 +222,42 @@ class Worker:
             queue.dead_letter(task, message)
             operations.fail(payload.operation, code_pb2.ABORTED, message)
             return
-        spec = JobSpec.from_json(self.system.store.get_bytes(layout.job_spec(payload.job)))
         progress = OperationProgress(operations, payload.operation)
         self.context.progress = progress
         try:
+            job = decode_job(self.system.store.get_bytes(layout.job_spec(payload.job)))
+            call = StageCall(self.context, job, payload.job, payload.stage, payload.shard)
             with self.lease.holding(task):
-                published = run_stage(self.context, spec, payload.job, payload.stage, payload.shard)
+                published = self.system.table.stage(payload.stage).run(call)
         except CancelledError:
             queue.ack(task)
             return
-        except DomainError as error:
-            if not error.callers_fault:  # transient or the system's fault: redelivered after the lease
-                log.warning("%s of %s failed: %s", where, payload.operation, error)
-                operations.note_error(payload.operation, f"{type(error).__name__}: {error}")
+        except Exception as error:
+            if isinstance(error, DomainError) and error.callers_fault:
+                operations.fail(payload.operation, code_pb2.Code.Value(code_of(error)), f"{where}: {error}")
+                queue.ack(task)
                 return
-            operations.fail(payload.operation, rpc_code(error), f"{where}: {error}")
-            queue.ack(task)
-            return
-        except Exception as error:  # transient or a bug: leave pending, redelivered after the lease
-            log.exception("%s of %s failed", where, payload.operation)
+            # transient or the system's fault: left pending, redelivered after the lease
+            if isinstance(error, DomainError):
+                log.warning("%s of %s failed: %s: %s", where, payload.operation, type(error).__name__, error)
+            else:  # a bug: the traceback belongs in the log
+                log.exception("%s of %s failed", where, payload.operation)
             operations.note_error(payload.operation, f"{type(error).__name__}: {error}")
             return
-        following = next_stage(spec, payload.stage)
+        plan = self.system.table.plan(job)
+        following = plan.after(job, payload.stage)
         completed = operations.finish_shard(
             payload.operation,
             payload.stage,
             payload.shard,
-            shard_count(spec, payload.stage),
+            self.system.table.tasks(job, payload.stage),
             next_stage=following or "",
-            next_tasks=self.system.stage_tasks(payload.operation, spec, following) if following else [],
-            response=response_of(spec, published) if following is None else b"",
+            next_tasks=self.system.stage_tasks(payload.operation, job, following) if following else [],
+            response=plan.respond(job, published) if following is None else b"",
             counters={"shards_done": 1, **progress.unreported()},
         )
         queue.ack(task)
-        if completed and following is None and spec.kind != "blocks":  # StreamBlocks deletes its own
+        if completed and following is None and not plan.keeps_intermediates:
             self.discard_intermediates(payload.job)
 
     def discard_intermediates(self, job: str) -> None:
@@ -275,4 +267,5 @@ class Worker:
         this a long-running system keeps every fit's partial sums forever."""
         prefix = layout.job_prefix(job)
         self.context.artifacts.forget_prefix(prefix)
+        self.context.captures.release_job(job)
         self._deleter.submit(prefix)

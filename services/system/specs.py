@@ -1,56 +1,128 @@
-"""Job specifications: what a job computes, stored once as JSON before its first task runs.
+"""Job specifications: what a job computes, as typed objects, stored once as JSON before its first
+task runs (jobs/{id}/spec.json). Every task of a job parses the same spec once, so a redelivered
+task recomputes exactly the same output. Resource names are "datasets/{id}", "factorSets/{id}",
+"results/{id}".
 
-Every task of a job reads the same spec, so a redelivered task recomputes exactly the same
-output. Resource names are "datasets/{id}", "factorSets/{id}", "results/{id}".
+    RegisterJob  tokenise an uploaded JSONL into dataset shards            -> datasets/{id}
+    FitJob       fit curvature factors on a dataset                        -> factorSets/{id}
+    ScoreJob     score queries against a dataset with a factor set         -> results/{id}
+    SelfJob      self-influence of a dataset's sequences                   -> results/{id}
+    BlocksJob    one shard's per-sequence gradients, for StreamBlocks      -> relayed blocks
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
-# Training sequences per data shard unless a request says otherwise. A shard is the unit of
-# fan-out and retry, and each costs a few tasks (≈ 35 ms on the embedded system) plus, in a fit,
-# one partial sum per tracked module through the store (for an LLM's MLP, ~0.5 GB per module and
-# shard), so shards should hold minutes of work, not seconds.
-DEFAULT_SHARD_SIZE = 1024
-
-
-@dataclass
-class ModelRef:
-    path: str
-    device: str = "cpu"
-    dtype: str = "float32"
+from ..engine.fit import FitConfig
+from ..engine.model_io import ModelRef
+from ..engine.records import Query
+from ..engine.score import ScoreConfig
+from ..errors import InputError
+from ..wire import DEFAULT_SHARD_SIZE
 
 
 @dataclass
-class JobSpec:
-    """kind: "register" | "fit" | "score" | "self" | "blocks"."""
+class Job:
+    """Common to every job. `create_time` (submission) is the create_time of what the job
+    publishes, so a retried task's manifest is byte-identical to the first one's."""
 
-    kind: str
+    kind: ClassVar[str] = ""
     model: ModelRef
-    dataset_id: str = ""
-    num_shards: int = 0
-    # register
+    create_time: float = field(default_factory=time.time, kw_only=True)
+
+    @property
+    def num_shards(self) -> int:
+        return 1
+
+
+@dataclass
+class RegisterJob(Job):
+    kind: ClassVar[str] = "register"
+    dataset_id: str
     display_name: str = ""
     shard_size: int = DEFAULT_SHARD_SIZE
     max_length: int = 512
-    # fit: engine FitConfig fields; score/self: engine ScoreConfig fields; blocks: shard,
-    # modules, block_size
-    config: dict = field(default_factory=dict)
-    factor_set_id: str = ""
-    result_id: str = ""
-    queries: list[dict] = field(default_factory=list)
-    # when the job was submitted: the create_time of what it publishes (so a retried task's
-    # manifest is byte-identical to the first one's)
-    create_time: float = field(default_factory=time.time)
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
 
-    @classmethod
-    def from_json(cls, data: bytes) -> JobSpec:
+@dataclass
+class FitJob(Job):
+    kind: ClassVar[str] = "fit"
+    dataset_id: str
+    shards: int
+    factor_set_id: str
+    config: FitConfig
+
+    @property
+    def num_shards(self) -> int:
+        return self.shards
+
+
+@dataclass
+class ScoreJob(Job):
+    kind: ClassVar[str] = "score"
+    dataset_id: str
+    shards: int
+    factor_set_id: str
+    result_id: str
+    config: ScoreConfig
+    queries: list[Query]
+
+    @property
+    def num_shards(self) -> int:
+        return self.shards
+
+
+@dataclass
+class SelfJob(Job):
+    kind: ClassVar[str] = "self"
+    dataset_id: str
+    shards: int
+    factor_set_id: str
+    result_id: str
+    config: ScoreConfig
+
+    @property
+    def num_shards(self) -> int:
+        return self.shards
+
+
+@dataclass
+class BlocksJob(Job):
+    kind: ClassVar[str] = "blocks"
+    dataset_id: str
+    shard: int
+    modules: str
+    block_size: int
+
+
+JOB_TYPES: dict[str, type[Job]] = {job.kind: job for job in (RegisterJob, FitJob, ScoreJob, SelfJob, BlocksJob)}
+
+
+def encode_job(job: Job) -> bytes:
+    return json.dumps({"kind": job.kind, **asdict(job)}, sort_keys=True).encode()
+
+
+def decode_job(data: bytes) -> Job:
+    """The typed job of a spec written by `encode_job` (InputError if it is not one)."""
+    try:
         raw = json.loads(data)
-        raw["model"] = ModelRef(**raw["model"])
-        return cls(**raw)
+        job_type = JOB_TYPES[raw.pop("kind")]
+        values = {}
+        for item in fields(job_type):
+            if item.name not in raw:
+                continue
+            value = raw[item.name]
+            if item.name == "model":
+                value = ModelRef(**value)
+            elif item.name == "config":
+                value = (FitConfig if job_type is FitJob else ScoreConfig)(**value)
+            elif item.name == "queries":
+                value = [Query(**query) for query in value]
+            values[item.name] = value
+        return job_type(**values)
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(f"unreadable job spec ({type(error).__name__}: {error})") from None

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from services.gen.influence.v1 import common_pb2 as influence_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!influence/v1/factor_service.proto\x12\x0cinfluence.v1\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19influence/v1/common.proto\"\xfc\x01\n\tFactorSet\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x0e\n\x06\x66isher\x18\x05 \x01(\t\x12\x0f\n\x07modules\x18\x06 \x03(\t\x12\x15\n\rnum_sequences\x18\x07 \x01(\x03\x12\x12\n\nnum_tokens\x18\x08 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcb\x01\n\x11\x46itFactorsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x0e\n\x06\x66isher\x18\x05 \x01(\t\x12\x0f\n\x07modules\x18\x06 \x01(\t\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x14\n\x0cmax_examples\x18\x08 \x01(\x03\x12\x0c\n\x04seed\x18\t \x01(\x03\"#\n\x13GetFactorSetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16\x44\x65leteFactorSetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x15ListFactorSetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x16ListFactorSetsResponse\x12,\n\x0b\x66\x61\x63tor_sets\x18\x01 \x03(\x0b\x32\x17.influence.v1.FactorSet\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x14StreamFactorsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07modules\x18\x02 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x05\x32\xec\x03\n\rFactorService\x12L\n\nFitFactors\x12\x1f.influence.v1.FitFactorsRequest\x1a\x1d.google.longrunning.Operation\x12J\n\x0cGetFactorSet\x12!.influence.v1.GetFactorSetRequest\x1a\x17.influence.v1.FactorSet\x12[\n\x0eListFactorSets\x12#.influence.v1.ListFactorSetsRequest\x1a$.influence.v1.ListFactorSetsResponse\x12O\n\x0f\x44\x65leteFactorSet\x12$.influence.v1.DeleteFactorSetRequest\x1a\x16.google.protobuf.Empty\x12N\n\rStreamFactors\x12\".influence.v1.StreamFactorsRequest\x1a\x17.influence.v1.FileChunk0\x01\x12\x43\n\rImportFactors\x12\x17.influence.v1.FileChunk\x1a\x17.influence.v1.FactorSet(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!influence/v1/factor_service.proto\x12\x0cinfluence.v1\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19influence/v1/common.proto\"\xfc\x01\n\tFactorSet\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x0e\n\x06\x66isher\x18\x05 \x01(\t\x12\x0f\n\x07modules\x18\x06 \x03(\t\x12\x15\n\rnum_sequences\x18\x07 \x01(\x03\x12\x12\n\nnum_tokens\x18\x08 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf1\x01\n\x11\x46itFactorsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\x0e\n\x06\x66isher\x18\x05 \x01(\t\x12\x0f\n\x07modules\x18\x06 \x01(\t\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x14\n\x0cmax_examples\x18\x08 \x01(\x03\x12\x0c\n\x04seed\x18\t \x01(\x03\x12\x16\n\tcache_gib\x18\n \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_cache_gib\"#\n\x13GetFactorSetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16\x44\x65leteFactorSetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x15ListFactorSetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x16ListFactorSetsResponse\x12,\n\x0b\x66\x61\x63tor_sets\x18\x01 \x03(\x0b\x32\x17.influence.v1.FactorSet\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x14StreamFactorsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07modules\x18\x02 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x05\x32\xec\x03\n\rFactorService\x12L\n\nFitFactors\x12\x1f.influence.v1.FitFactorsRequest\x1a\x1d.google.longrunning.Operation\x12J\n\x0cGetFactorSet\x12!.influence.v1.GetFactorSetRequest\x1a\x17.influence.v1.FactorSet\x12[\n\x0eListFactorSets\x12#.influence.v1.ListFactorSetsRequest\x1a$.influence.v1.ListFactorSetsResponse\x12O\n\x0f\x44\x65leteFactorSet\x12$.influence.v1.DeleteFactorSetRequest\x1a\x16.google.protobuf.Empty\x12N\n\rStreamFactors\x12\".influence.v1.StreamFactorsRequest\x1a\x17.influence.v1.FileChunk0\x01\x12\x43\n\rImportFactors\x12\x17.influence.v1.FileChunk\x1a\x17.influence.v1.FactorSet(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,17 +38,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FACTORSET']._serialized_start=178
   _globals['_FACTORSET']._serialized_end=430
   _globals['_FITFACTORSREQUEST']._serialized_start=433
-  _globals['_FITFACTORSREQUEST']._serialized_end=636
-  _globals['_GETFACTORSETREQUEST']._serialized_start=638
-  _globals['_GETFACTORSETREQUEST']._serialized_end=673
-  _globals['_DELETEFACTORSETREQUEST']._serialized_start=675
-  _globals['_DELETEFACTORSETREQUEST']._serialized_end=713
-  _globals['_LISTFACTORSETSREQUEST']._serialized_start=715
-  _globals['_LISTFACTORSETSREQUEST']._serialized_end=777
-  _globals['_LISTFACTORSETSRESPONSE']._serialized_start=779
-  _globals['_LISTFACTORSETSRESPONSE']._serialized_end=874
-  _globals['_STREAMFACTORSREQUEST']._serialized_start=876
-  _globals['_STREAMFACTORSREQUEST']._serialized_end=950
-  _globals['_FACTORSERVICE']._serialized_start=953
-  _globals['_FACTORSERVICE']._serialized_end=1445
+  _globals['_FITFACTORSREQUEST']._serialized_end=674
+  _globals['_GETFACTORSETREQUEST']._serialized_start=676
+  _globals['_GETFACTORSETREQUEST']._serialized_end=711
+  _globals['_DELETEFACTORSETREQUEST']._serialized_start=713
+  _globals['_DELETEFACTORSETREQUEST']._serialized_end=751
+  _globals['_LISTFACTORSETSREQUEST']._serialized_start=753
+  _globals['_LISTFACTORSETSREQUEST']._serialized_end=815
+  _globals['_LISTFACTORSETSRESPONSE']._serialized_start=817
+  _globals['_LISTFACTORSETSRESPONSE']._serialized_end=912
+  _globals['_STREAMFACTORSREQUEST']._serialized_start=914
+  _globals['_STREAMFACTORSREQUEST']._serialized_end=988
+  _globals['_FACTORSERVICE']._serialized_start=991
+  _globals['_FACTORSERVICE']._serialized_end=1483
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ class FactorSet(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., strategy: _Optional[str] = ..., fisher: _Optional[str] = ..., modules: _Optional[_Iterable[str]] = ..., num_sequences: _Optional[int] = ..., num_tokens: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class FitFactorsRequest(_message.Message):
-    __slots__ = ("request_id", "model", "dataset", "strategy", "fisher", "modules", "batch_size", "max_examples", "seed")
+    __slots__ = ("request_id", "model", "dataset", "strategy", "fisher", "modules", "batch_size", "max_examples", "seed", "cache_gib")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class FitFactorsRequest(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_GIB_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: _common_pb2.ModelSpec
     dataset: str
@@ -56,7 +57,8 @@ class FitFactorsRequest(_message.Message):
     batch_size: int
     max_examples: int
     seed: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., dataset: _Optional[str] = ..., strategy: _Optional[str] = ..., fisher: _Optional[str] = ..., modules: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_examples: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    cache_gib: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., dataset: _Optional[str] = ..., strategy: _Optional[str] = ..., fisher: _Optional[str] = ..., modules: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_examples: _Optional[int] = ..., seed: _Optional[int] = ..., cache_gib: _Optional[float] = ...) -> None: ...
 
 class GetFactorSetRequest(_message.Message):
     __slots__ = ("name",)

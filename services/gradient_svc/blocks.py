@@ -16,12 +16,14 @@ import torch
 
 from ..engine.capture import capture
 from ..engine.data import collate
+from ..engine.finite import require_finite
 from ..engine.fit import prepare_model
 from ..engine.modules import device_of
 from ..gen.influence.v1 import gradient_service_pb2
 from ..storage import ArtifactReader
 from ..storage.tensors import tensors_to_bytes
-from . import layout
+from ..system import layout
+from .datasets import load_records, load_shard
 
 
 def gradient_blocks(
@@ -29,8 +31,6 @@ def gradient_blocks(
 ) -> Iterator[gradient_service_pb2.GradientBlock]:
     """Yields blocks of ∇ log p(z_m): per module a float32 tensor [n, d_out, d_in(+1)], plus
     "example_index" [n] (global indices)."""
-    from .stages import load_records, load_shard
-
     tracked_modules, _ = prepare_model(model, modules)
     sequences, records = load_shard(dataset, shard), load_records(dataset, shard)
     device = device_of(model)
@@ -40,7 +40,11 @@ def gradient_blocks(
         block = sequences[start : start + block_size]
         captures = capture(model, tracked_modules, collate(block, tokenizer.pad_token_id).to(device), "true")
         tensors = {
-            name: c.per_sequence_gradients().to("cpu", torch.float32).contiguous() for name, c in captures.items()
+            name: require_finite(
+                c.per_sequence_gradients().to("cpu", torch.float32).contiguous(),
+                f"the gradient block {start // block_size} of shard {shard}, module {name}",
+            )
+            for name, c in captures.items()
         }
         tensors["example_index"] = torch.tensor([sequence.index for sequence in block])
         if progress is not None:

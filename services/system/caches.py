@@ -1,16 +1,18 @@
-"""What a worker process keeps between tasks: loaded models (loading one costs seconds) and
-write-once artifacts."""
+"""What a worker keeps between tasks: loaded models (loading one costs seconds), write-once
+artifacts, and the fit's capture caches within one memory budget."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
-from ..engine.model_io import load_model_and_tokenizer, load_tokenizer
-from .specs import ModelRef
+from ..engine.fit import CaptureCache
+from ..engine.memory import MemoryBudget
+from ..engine.model_io import ModelRef, load_model_and_tokenizer, load_tokenizer
 
 # transformers' from_pretrained is not thread-safe (it swaps global init contexts): one load at a time.
 _LOADING = threading.Lock()
@@ -20,8 +22,12 @@ class ModelCache:
     """Least-recently-used cache of (model, tokenizer) by (path, device, dtype), one per worker:
     a worker's hooks must not run on a model another thread is using."""
 
-    def __init__(self, capacity: int = 2):
+    def __init__(self, capacity: int = 2, loader: Callable | None = None, tokenizer_loader: Callable | None = None):
+        """`loader(path, device, dtype, tokenizer=...)` -> (model, tokenizer) and
+        `tokenizer_loader(path)` default to loading local Hugging Face directories."""
         self.capacity = capacity
+        self.loader = loader or load_model_and_tokenizer
+        self.tokenizer_loader = tokenizer_loader or load_tokenizer
         self._entries: OrderedDict = OrderedDict()
         self._tokenizers: OrderedDict = OrderedDict()  # path -> tokenizer, for tokenising alone
         self._lock = threading.Lock()
@@ -34,7 +40,7 @@ class ModelCache:
                 return self._entries[key]
             tokenizer = self._tokenizers.get(ref.path)
         with _LOADING:
-            loaded = load_model_and_tokenizer(ref.path, ref.device, ref.dtype, tokenizer=tokenizer)
+            loaded = self.loader(ref.path, ref.device, ref.dtype, tokenizer=tokenizer)
         with self._lock:
             self._entries[key] = loaded
             while len(self._entries) > self.capacity:
@@ -51,7 +57,7 @@ class ModelCache:
             if path in self._tokenizers:
                 self._tokenizers.move_to_end(path)
                 return self._tokenizers[path]
-        tokenizer = load_tokenizer(path)
+        tokenizer = self.tokenizer_loader(path)
         with self._lock:
             self._tokenizers[path] = tokenizer
             while len(self._tokenizers) > self.capacity:
@@ -121,3 +127,47 @@ class ArtifactCache:
             self._bytes -= size
             return value
         return load()
+
+
+class CapturePool:
+    """The capture caches a worker keeps, by (job, shard), all drawing on one `MemoryBudget`.
+
+    A covariance task's cache is kept only once the task succeeded (`keep`), taken by the same
+    shard's correction task on this worker (`take`), and released when its job ends for any reason
+    (`release_ended`: succeeded, failed, cancelled, or the correction ran on another worker)."""
+
+    def __init__(self, budget: MemoryBudget):
+        self.budget = budget
+        self._caches: dict[tuple[str, int], CaptureCache] = {}
+        self._lock = threading.Lock()
+
+    def keep(self, job: str, shard: int, cache: CaptureCache) -> None:
+        with self._lock:
+            previous = self._caches.pop((job, shard), None)
+            self._caches[(job, shard)] = cache
+        if previous is not None and previous is not cache:
+            previous.release()
+
+    def take(self, job: str, shard: int) -> CaptureCache | None:
+        with self._lock:
+            return self._caches.pop((job, shard), None)
+
+    def jobs(self) -> set[str]:
+        with self._lock:
+            return {job for job, _ in self._caches}
+
+    def release_job(self, job: str) -> None:
+        with self._lock:
+            released = [self._caches.pop(key) for key in [key for key in self._caches if key[0] == job]]
+        for cache in released:
+            cache.release()
+
+    def release_ended(self, ended: Callable[[str], bool]) -> None:
+        """Release the caches of every job for which `ended(job)` is true."""
+        for job in self.jobs():
+            if ended(job):
+                self.release_job(job)
+
+    @property
+    def bytes(self) -> int:
+        return self.budget.used

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .engine.data import Query
-from .engine.score import TopEntry
+from ..engine.records import Query
+from ..engine.score import TopEntry
 
 SIGN = "positive = up-weighting the training sequence makes the completion more likely"
 

@@ -16,6 +16,7 @@ from ..engine.factor_io import check_metadata, from_artifact, to_artifact
 from ..engine.factors import FactorSet
 from ..errors import NotFoundError
 from ..storage import MANIFEST, ArtifactReader, ArtifactStore, ArtifactWriter, LocalStore, open_artifact
+from ..system import layout
 
 
 def publish_factor_set(store: ArtifactStore, prefix: str, factor_set: FactorSet) -> tuple[dict, FactorSet]:
@@ -57,3 +58,13 @@ def load_factors(directory: str | Path) -> FactorSet:
     if not (directory / MANIFEST).is_file():
         raise NotFoundError(f"no factors at {directory} (missing {MANIFEST})")
     return read_factor_set(LocalStore(directory), "", f"factors at {directory}")
+
+
+def factors_artifact(store: ArtifactStore, factor_set_id: str) -> ArtifactReader:
+    """The published factor set factorSets/{id} (NotFoundError if absent)."""
+    return factor_reader(store, layout.factors_prefix(factor_set_id), f"factor set 'factorSets/{factor_set_id}'")
+
+
+def load_factor_set(store: ArtifactStore, factor_set_id: str) -> FactorSet:
+    """The published factor set factorSets/{id}, every file verified."""
+    return read_factor_set(store, layout.factors_prefix(factor_set_id), f"factor set 'factorSets/{factor_set_id}'")

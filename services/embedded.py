@@ -28,13 +28,12 @@ from typing import TypeVar
 
 import torch
 
-from ..jobs.connection import EmbeddedRedis
-from ..jobs.operations import OperationStore
-from ..jobs.queue import TaskQueue
-from ..rpc.server import BackgroundServer
-from ..storage import LocalStore
-from .runner import JobSystem, Worker, threads_per_worker
-from .stages import StageContext
+from .assembly import job_system, make_server
+from .jobs.connection import EmbeddedRedis
+from .rpc.server import BackgroundServer
+from .storage import LocalStore
+from .system.context import WorkerContext
+from .system.runner import Worker, threads_per_worker
 
 T = TypeVar("T")
 
@@ -53,12 +52,14 @@ class EmbeddedSystem:
         workers: int = 1,
         lease_seconds: float = 60.0,
         foreground: bool = False,
+        cache_bytes: int | None = None,
     ):
         self._temporary = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="influence-embedded-"))
         self.workers_count = workers
         self.lease_seconds = lease_seconds
         self.foreground = foreground
+        self.cache_bytes = cache_bytes  # each worker's capture-cache budget (None: ¼ of the memory limit)
         self.redis: EmbeddedRedis | None = None
         self.server: BackgroundServer | None = None
         self.workers: list[Worker] = []
@@ -66,19 +67,16 @@ class EmbeddedSystem:
 
     def start(self) -> EmbeddedSystem:
         self.redis = EmbeddedRedis(self.directory / "redis")
-        client = self.redis.client()
-        self.system = JobSystem(
-            LocalStore(self.directory / "artifacts"),
-            OperationStore(client),
-            TaskQueue(client, lease_seconds=self.lease_seconds),
+        self.system = job_system(
+            LocalStore(self.directory / "artifacts"), self.redis.client(), lease_seconds=self.lease_seconds
         )
-        self.server = BackgroundServer(self.system).start()
+        self.server = BackgroundServer(lambda: make_server(self.system)).start()
         threads = threads_per_worker(self.workers_count)
         for number in range(self.workers_count):
             worker = Worker(
                 self.system,
                 consumer=f"embedded-{number}",
-                context=StageContext(self.system.store),
+                context=WorkerContext(self.system.store, cache_bytes=self.cache_bytes),
                 torch_threads=threads,
             )
             self.workers.append(worker)
@@ -94,7 +92,7 @@ class EmbeddedSystem:
     def run(self, body: Callable[..., T]) -> T:
         """body(client) on a helper thread while this thread runs worker 0; body's result (or
         its exception, raised here). Needs `foreground=True`."""
-        from ..client import InfluenceClient
+        from .client import InfluenceClient
 
         if not self.foreground:
             raise RuntimeError("EmbeddedSystem.run needs foreground=True (worker 0 is already in a thread)")

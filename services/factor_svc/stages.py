@@ -1,0 +1,173 @@
+"""FactorService's job: a fit, as stages over the engine's shard-level steps (engine/fit.py).
+
+    covariance × shards -> eigen -> correction × shards -> finalize      -> factorSets/{id}
+    (kfac skips the correction; diagonal skips covariance and eigen; identity is finalize only)
+    one shard: fit_one_shard, the same steps in one task with their outputs kept in memory
+
+Every stage reads its inputs from the store (through the worker's cache when it wrote them
+itself) and writes its output to a deterministic key (system/layout.py); a redelivered task
+rewrites the same bytes. A covariance task's captures become visible to this worker's
+correction task of the same shard only once the task has succeeded (context.captures), and
+are released when the job ends for any reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..engine.factors import CorrectionAccumulator, CovarianceAccumulator, Eigenbases
+from ..engine.fit import FitModel, eigendecompose
+from ..gradient_svc.datasets import dataset_metadata, shard_sequences
+from ..rpc.resources import factor_set_message, packed
+from ..storage import get_tensors, put_tensors
+from ..system import layout
+from ..system.plans import JobPlan, Stage, StageCall
+from ..system.specs import FitJob
+from .artifacts import publish_factor_set
+
+
+def _fit(call: StageCall) -> FitModel:
+    """The task's model, prepared for the fit once."""
+    job: FitJob = call.job
+    model, tokenizer = call.context.models.get(job.model)
+    return FitModel(model, tokenizer, job.config)
+
+
+def _sequences(call: StageCall, shard: int):
+    job: FitJob = call.job
+    return shard_sequences(call.context, job.dataset_id, shard, job.config.max_examples)
+
+
+def _put(call: StageCall, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a job's intermediate tensors, and keep them for this worker's next stage."""
+    put_tensors(call.context.store, key, tensors)
+    call.context.artifacts.put(key, tensors)
+
+
+def _get(call: StageCall, key: str) -> dict[str, torch.Tensor]:
+    return call.context.artifacts.get(key, lambda: get_tensors(call.context.store, key))
+
+
+def _take_partials(call: StageCall, stage: str) -> list[dict[str, torch.Tensor]]:
+    """Every shard's partial sums of `stage`, in shard order, from this worker's memory if it
+    wrote them (taken out: they are merged in place), else from the store."""
+    store, artifacts = call.context.store, call.context.artifacts
+    keys = [layout.job_partial(call.job_id, stage, shard) for shard in range(call.job.num_shards)]
+    return [artifacts.take(key, lambda key=key: get_tensors(store, key)) for key in keys]
+
+
+def _eigenbases(call: StageCall, fit: FitModel) -> Eigenbases | None:
+    if not fit.strategy.covariance:
+        return None
+    return Eigenbases.from_tensors(_get(call, layout.job_output(call.job_id, "eigen")), fit.tracked)
+
+
+def run_covariance(call: StageCall) -> None:
+    fit = _fit(call)
+    cache = fit.capture_cache(call.context.captures.budget)
+    try:
+        partial = fit.covariance(_sequences(call, call.shard), call.context.progress, cache)
+        _put(call, layout.job_partial(call.job_id, "covariance", call.shard), partial.state())
+    except BaseException:
+        if cache is not None:  # a failed pass leaves no half-filled cache behind
+            cache.release()
+        raise
+    if cache is not None:
+        call.context.captures.keep(call.job_id, call.shard, cache)
+
+
+def run_eigen(call: StageCall) -> None:
+    fit = _fit(call)
+    partials = (CovarianceAccumulator.from_state(fit.tracked, state) for state in _take_partials(call, "covariance"))
+    eigen = eigendecompose(partials, fit.storage_dtype())
+    _put(call, layout.job_output(call.job_id, "eigen"), eigen.to_tensors(fit.storage_dtype()))
+
+
+def run_correction(call: StageCall) -> None:
+    fit = _fit(call)
+    cache = call.context.captures.take(call.job_id, call.shard)
+    partial = fit.correction(_sequences(call, call.shard), _eigenbases(call, fit), call.context.progress, cache)
+    _put(call, layout.job_partial(call.job_id, "correction", call.shard), partial.state())
+
+
+def run_finalize(call: StageCall) -> dict:
+    fit = _fit(call)
+    corrections = []
+    if fit.strategy.correction:
+        corrections = (
+            CorrectionAccumulator.from_state(fit.tracked, None, state) for state in _take_partials(call, "correction")
+        )
+    return _publish(call, fit, _eigenbases(call, fit), corrections)
+
+
+def run_fit_one_shard(call: StageCall) -> dict:
+    """A one-shard fit in one task: the same steps, their outputs passed in memory. With one
+    shard there is nothing to fan out, so storing the partial sums and eigenbases between
+    tasks would only buy a finer-grained retry; a retried task recomputes it all."""
+    fit, progress = _fit(call), call.context.progress
+    sequences = _sequences(call, 0)
+    cache = fit.capture_cache(call.context.captures.budget)
+    try:
+        eigen = None
+        if fit.strategy.covariance:
+            eigen = eigendecompose([fit.covariance(sequences, progress, cache)], fit.storage_dtype())
+        corrections = [fit.correction(sequences, eigen, progress, cache)] if fit.strategy.correction else []
+    finally:
+        if cache is not None:
+            cache.release()
+    return _publish(call, fit, eigen, corrections)
+
+
+def _publish(call: StageCall, fit: FitModel, eigen: Eigenbases | None, corrections) -> dict:
+    job: FitJob = call.job
+    dataset = dataset_metadata(call.context.store, job.dataset_id)
+    n_sequences = min(dataset["num_examples"], job.config.max_examples or dataset["num_examples"])
+    factor_set = fit.finalize(
+        eigen,
+        corrections,
+        n_sequences=n_sequences,
+        provenance={
+            "dataset": f"datasets/{job.dataset_id}",
+            "model_path": job.model.path,
+            "create_time": job.create_time,
+        },
+    )
+    prefix = layout.factors_prefix(job.factor_set_id)
+    metadata, stored = publish_factor_set(call.context.store, prefix, factor_set)
+    call.context.artifacts.put(("factors", job.factor_set_id), stored)  # a score job on this worker reads none back
+    return metadata
+
+
+def _first(job: FitJob) -> str:
+    if job.num_shards == 1:  # nothing to fan out: one task
+        return "fit_one_shard"
+    strategy = job.config.strategy_spec
+    if strategy.covariance:
+        return "covariance"
+    return "correction" if strategy.correction else "finalize"
+
+
+def _after(job: FitJob, stage: str) -> str | None:
+    strategy = job.config.strategy_spec
+    return {
+        "covariance": "eigen",
+        "eigen": "correction" if strategy.correction else "finalize",
+        "correction": "finalize",
+    }.get(stage)
+
+
+STAGES = [
+    Stage("covariance", run_covariance, per_shard=True),
+    Stage("eigen", run_eigen),
+    Stage("correction", run_correction, per_shard=True),
+    Stage("finalize", run_finalize),
+    Stage("fit_one_shard", run_fit_one_shard),
+]
+PLANS = [
+    JobPlan(
+        "fit",
+        first=_first,
+        after=_after,
+        respond=lambda job, metadata: packed(factor_set_message(job.factor_set_id, metadata)),
+    )
+]

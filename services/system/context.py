@@ -1,0 +1,26 @@
+"""What a stage may use on its worker: the store, the caches kept between tasks, the memory budget
+of the capture caches, and the current task's progress reporter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..engine.memory import MemoryBudget, default_cache_bytes
+from ..engine.progress import Progress
+from ..storage import ArtifactStore
+from .caches import ArtifactCache, CapturePool, ModelCache
+
+
+@dataclass
+class WorkerContext:
+    store: ArtifactStore
+    models: ModelCache = field(default_factory=ModelCache)
+    artifacts: ArtifactCache = field(default_factory=ArtifactCache)
+    # bytes every capture cache of this worker may hold together (default: ¼ of the memory limit)
+    cache_bytes: int | None = None
+    progress: Progress = field(default_factory=Progress)
+
+    def __post_init__(self):
+        self.captures = CapturePool(
+            MemoryBudget(default_cache_bytes() if self.cache_bytes is None else self.cache_bytes)
+        )
