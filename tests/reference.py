@@ -194,3 +194,60 @@ def dense_curvature(factors, strategy: str) -> torch.Tensor:
         return torch.diag(eigenvalues)
     basis = kronecker_basis(factors)
     return basis @ torch.diag(eigenvalues) @ basis.T
+
+
+# -- the bigram model as a Hugging Face checkpoint, so the exact case also runs through the service
+# system (which loads models from directories with AutoModelForCausalLM) ------------------------
+
+
+def register_bigram_architecture():
+    """Register `BigramForCausalLM` with the Auto classes (in this process) and return it."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutput
+
+    class BigramConfig(PretrainedConfig):
+        model_type = "influence_test_bigram"
+
+        def __init__(self, vocab_size: int = 5, width: int = 3, bias: bool = True, **kwargs):
+            self.width, self.bias = width, bias
+            super().__init__(vocab_size=vocab_size, **kwargs)
+
+    class BigramForCausalLM(PreTrainedModel):
+        config_class = BigramConfig
+        base_model_prefix = "bigram"
+
+        def __init__(self, config: BigramConfig):
+            super().__init__(config)
+            reference = BigramLM(config.vocab_size, config.width, bias=config.bias)
+            self.embed = reference.embed
+            self.layers = reference.layers
+            self.post_init()
+
+        def _init_weights(self, module):  # the weights come from BigramLM or the checkpoint
+            pass
+
+        def forward(self, input_ids=None, attention_mask=None, use_cache=False, **kwargs):
+            return CausalLMOutput(logits=self.layers[0].mlp(self.embed(input_ids)))
+
+    try:
+        AutoConfig.register(BigramConfig.model_type, BigramConfig)
+        AutoModelForCausalLM.register(BigramConfig, BigramForCausalLM)
+    except ValueError:  # registered before in this process
+        pass
+    return AutoModelForCausalLM
+
+
+def save_bigram_checkpoint(out_dir, vocab: int = 5, width: int = 3, bias: bool = True):
+    """A float64 BigramLM (zero head: uniform predictions) and a word-level tokenizer whose ids are
+    the words "0".."vocab-1" themselves (no special tokens), saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    auto = register_bigram_architecture()
+    config = AutoConfig.for_model("influence_test_bigram", vocab_size=vocab, width=width, bias=bias)
+    model = auto.from_config(config, dtype=torch.float64)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    core = Tokenizer(models.WordLevel(vocab={str(i): i for i in range(vocab)}, unk_token="0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="0").save_pretrained(str(out_dir))
+    return out_dir

@@ -20,7 +20,7 @@ from services.engine.data import tokenize_queries, tokenize_training
 from services.engine.fit import FitConfig, fit_factors, prepare_model
 from services.engine.modules import weight_gradient_layout
 from services.engine.precondition import Damping, precondition
-from services.engine.records import TrainingExample
+from services.engine.records import Query, TrainingExample
 from services.engine.score import ScoreConfig, Scorer, compute_scores
 from tests.numerics import assert_close, model_tolerance, relative_error
 from tests.reference import (
@@ -214,3 +214,48 @@ def test_sign_positive_score_means_upweighting_makes_completion_more_likely():
             float(scores[index]),
         )
     assert scores.abs().max() > 0 and (scores > 0).any() and (scores < 0).any()
+
+
+@pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
+def test_the_service_system_reproduces_the_exact_damped_ggn(strategy, tmp_path):
+    """The factorising bigram case through the whole system: a float64 checkpoint loaded by the
+    workers, the data in four shards (per-shard partial sums, eigendecomposition, correction,
+    finalize), scores by the distributed score stages. Curvature == exact GGN, and scores ==
+    g_qᵀ (GGN + λI)⁻¹ g_m with dense matrices (stored as float32: 1e-6)."""
+    from safetensors.torch import load_file
+
+    from services.client import InfluenceClient
+    from services.embedded import EmbeddedSystem
+    from services.engine.model_io import load_model_and_tokenizer
+    from services.factor_svc.artifacts import load_factors
+    from services.gen.influence.v1 import common_pb2
+    from tests.reference import save_bigram_checkpoint
+
+    vocab = 5
+    model_dir = save_bigram_checkpoint(tmp_path / "bigram", vocab=vocab)
+    pairs = [f"{x} {y}" for x, y in itertools.product(range(vocab), repeat=2)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(f'{{"text": "{text}"}}\n' for text in pairs))
+    queries = [Query("q0", "1", "3"), Query("q1", "4", "0")]
+    spec = common_pb2.ModelSpec(path=str(model_dir), dtype="float64")
+    with EmbeddedSystem() as system, InfluenceClient(system.target) as client:
+        dataset = client.register_dataset(spec, data, shard_size=7)
+        assert dataset.num_shards == 4
+        factor_set = client.fit_factors(spec, dataset.name, strategy=strategy, fisher="empirical")
+        result = client.compute_scores(spec, factor_set.name, dataset.name, queries, top_k=3)
+        client.download_factors(factor_set.name, tmp_path / "factors")
+        client.download_result(result.name, tmp_path / "scores")
+
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype="float64")
+    name, module = "layers.0.mlp", model.layers[0].mlp
+    factors = load_factors(tmp_path / "factors").factors[name]
+    sequences = tokenize_training(tokenizer, [TrainingExample(str(i), text) for i, text in enumerate(pairs)], 8)
+    ggn = exact_ggn(model, name, module, sequences)
+    assert_close(dense_curvature(factors, strategy), ggn, TOL, f"{strategy} curvature through the system")
+
+    train_grads = loop_gradients(model, {name: module}, sequences)[name]
+    query_grads = loop_gradients(model, {name: module}, tokenize_queries(tokenizer, queries, 8))[name]
+    damping = Damping(0.1).value(factors.eigenvalues)
+    expected = torch.linalg.solve(ggn + damping * torch.eye(ggn.shape[0], dtype=torch.float64), query_grads.T).T
+    scores = load_file(str(tmp_path / "scores" / "scores.safetensors"))["scores"]
+    assert_close(scores, expected @ train_grads.T, 1e-6, f"{strategy} scores through the system")

@@ -34,8 +34,6 @@ from torch import nn
 from .data import Batch
 from .modules import TrackedModule, describe
 
-OBJECTIVES = ("true", "sampled")
-
 
 @dataclass
 class ModuleCapture:

@@ -125,11 +125,5 @@ def freeze_except(model: nn.Module, modules: dict[str, nn.Module]) -> None:
         module.weight.requires_grad_(True)
 
 
-def parameter_count(modules: dict[str, nn.Module]) -> int:
-    return sum(
-        module.weight.numel() + (module.bias.numel() if module.bias is not None else 0) for module in modules.values()
-    )
-
-
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device

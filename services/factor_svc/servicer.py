@@ -14,7 +14,7 @@ from google.protobuf import empty_pb2
 from ..engine.factor_io import from_artifact
 from ..engine.fit import FitConfig
 from ..engine.model_io import load_tokenizer, tokenizer_fingerprint
-from ..errors import InputError, IntegrityError, NotFoundError, PreconditionError
+from ..errors import InputError, IntegrityError, NotFoundError, PreconditionError, ResourceExhaustedError
 from ..gen.influence.v1 import factor_service_pb2, factor_service_pb2_grpc
 from ..gradient_svc.datasets import dataset_metadata
 from ..rpc import validation
@@ -115,7 +115,7 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
         async for chunk in request_iterator:
             total += len(chunk.data)
             if total > self.limits.max_upload_bytes:
-                raise InputError(f"factor upload exceeds {self.limits.max_upload_bytes} bytes")
+                raise ResourceExhaustedError(f"factor upload exceeds the limit of {self.limits.max_upload_bytes} bytes")
             files.setdefault(chunk.file, bytearray()).extend(chunk.data)
         return await asyncio.to_thread(self._import, files)
 

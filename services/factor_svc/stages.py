@@ -72,7 +72,7 @@ def run_covariance(call: StageCall) -> None:
         if cache is not None:  # a failed pass leaves no half-filled cache behind
             cache.release()
         raise
-    if cache is not None:
+    if cache is not None and cache.complete:  # a cache that gave up (over its budget) holds nothing
         call.context.captures.keep(call.job_id, call.shard, cache)
 
 

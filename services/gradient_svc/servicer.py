@@ -13,7 +13,7 @@ from google.protobuf import empty_pb2
 
 from ..engine.modules import check_selection
 from ..engine.records import parse_jsonl, training_examples
-from ..errors import InputError, error_for_code
+from ..errors import InputError, ResourceExhaustedError, error_for_code
 from ..gen.influence.v1 import gradient_service_pb2, gradient_service_pb2_grpc
 from ..jobs.operations import CANCELLED, FAILED
 from ..rpc import validation
@@ -42,7 +42,9 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
         if not request.jsonl:
             raise InputError('jsonl is empty: upload at least one {"text": ...} line')
         if len(request.jsonl) > self.limits.max_upload_bytes:
-            raise InputError(f"jsonl is {len(request.jsonl)} bytes; the limit is {self.limits.max_upload_bytes}")
+            raise ResourceExhaustedError(
+                f"jsonl is {len(request.jsonl)} bytes; the limit is {self.limits.max_upload_bytes}"
+            )
         try:
             text = request.jsonl.decode("utf-8")
         except UnicodeDecodeError:

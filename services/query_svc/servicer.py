@@ -11,7 +11,7 @@ import json
 
 from ..engine.records import query_records
 from ..engine.score import ScoreConfig
-from ..errors import InputError
+from ..errors import InputError, ResourceExhaustedError
 from ..factor_svc.artifacts import factors_artifact
 from ..gen.influence.v1 import query_service_pb2, query_service_pb2_grpc
 from ..gradient_svc.datasets import dataset_metadata
@@ -60,7 +60,9 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
         if not request.queries:
             raise InputError("queries is empty: send at least one {id, prompt, completion}")
         if len(request.queries) > self.limits.max_queries:
-            raise InputError(f"{len(request.queries)} queries; the limit is {self.limits.max_queries} per request")
+            raise ResourceExhaustedError(
+                f"{len(request.queries)} queries; the limit is {self.limits.max_queries} per request"
+            )
         records = []
         for position, query in enumerate(request.queries):
             if len(query.prompt) + len(query.completion) > self.limits.max_query_chars:

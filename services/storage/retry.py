@@ -49,9 +49,6 @@ class RetryPolicy:
             delay *= self.multiplier
 
 
-NO_RETRY = RetryPolicy(attempts=1)
-
-
 def call_with_retries(attempt: Callable[[], T], policy: RetryPolicy, what: str, where: str) -> T:
     """`attempt()` until it does not raise Transient, at most policy.attempts times."""
     started = time.monotonic()

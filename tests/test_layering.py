@@ -1,0 +1,122 @@
+"""The package's import structure as docs/architecture.md draws it: imports point downward only,
+there are no import cycles, and the client is importable without torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "services"
+
+# Layer of each top-level part of the package (higher may import lower, never the reverse).
+# Modules at the same layer may import each other only where listed in SIBLINGS.
+LAYERS = {
+    "services": 0,  # the package's __init__
+    "errors": 0,
+    "wire": 0,
+    "gen": 0,
+    "engine": 1,
+    "storage": 2,
+    "jobs": 2,
+    "system": 3,
+    "rpc": 3,
+    "gradient_svc": 4,
+    "factor_svc": 4,
+    "query_svc": 4,
+    "assembly": 5,
+    "client": 6,
+    "progress_bars": 6,
+    "toy": 6,
+    "embedded": 7,
+    "demo": 8,
+    "commands": 9,
+    "cli": 10,
+}
+# service -> the services it may read from (datasets are GradientService's; factor sets FactorService's)
+SIBLINGS = {"factor_svc": {"gradient_svc"}, "query_svc": {"gradient_svc", "factor_svc"}}
+# the client stays light: no torch, no server-side modules
+CLIENT_MAY_IMPORT = {"errors", "wire", "gen", "engine.records"}
+
+
+def module_name(path: Path) -> str:
+    relative = path.relative_to(ROOT).with_suffix("")
+    parts = list(relative.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute names of the services.* modules `path` imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text())
+    package = module_name(path).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("services"):
+                for alias in node.names:  # `from . import layout` imports a module
+                    candidate = f"{target}.{alias.name}"
+                    found.add(candidate if (ROOT / candidate.replace(".", "/")).with_suffix(".py").exists() else target)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("services"))
+    return found
+
+
+def part_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+SOURCES = sorted(path for path in PACKAGE.rglob("*.py") if "gen" not in path.relative_to(PACKAGE).parts)
+GRAPH = {module_name(path): {m for m in imports_of(path) if m != module_name(path)} for path in SOURCES}
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_imports_point_downward(module):
+    here = part_of(module)
+    assert here in LAYERS, f"{module}: add its part to LAYERS (and to docs/architecture.md)"
+    for target in GRAPH[module]:
+        there = part_of(target)
+        if there == here or there in SIBLINGS.get(here, set()):
+            continue
+        assert LAYERS[there] < LAYERS[here], f"{module} imports {target}: {here} (layer {LAYERS[here]}) -> {there}"
+
+
+def test_there_are_no_import_cycles():
+    graph = {module: {t for t in targets if t in GRAPH} for module, targets in GRAPH.items()}
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycle = [*path[path.index(target) :], target] if target in path else [module, target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_the_client_imports_neither_torch_nor_server_modules():
+    client = GRAPH["services.client"]
+    allowed = {f"services.{name}" for name in CLIENT_MAY_IMPORT}
+    assert all(any(target == a or target.startswith(a + ".") for a in allowed) for target in client), client
+    code = "import sys, services.client; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == "ok", result.stderr
