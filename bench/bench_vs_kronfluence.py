@@ -295,15 +295,15 @@ def worker_ours(args, work: Path, workload: Workload, data: dict, sampler: RssSa
             self.times: dict[str, dict] = {}
             self.current = None
 
-        def stage(self, name, total):
+        def stage(self, name, total, unit="batch"):
             self.current = name
             now = time.perf_counter()
             self.times[name] = {"start": now, "last": now, "batches": 0, "tokens": 0}
 
-        def advance(self, batches=1, tokens=0):
+        def advance(self, units=1, tokens=0):
             entry = self.times[self.current]
             entry["last"] = time.perf_counter()
-            entry["batches"] += batches
+            entry["batches"] += units
             entry["tokens"] += tokens
 
         def summary(self, origin: float) -> dict:

@@ -230,7 +230,7 @@ def _connect(args):
 
 
 def _worker_context(args, system):
-    from .engine.memory import gib_to_bytes
+    from .engine.resources import gib_to_bytes
     from .system.context import WorkerContext
 
     return WorkerContext(system.store, cache_bytes=gib_to_bytes(args.cache_gib))

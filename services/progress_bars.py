@@ -1,74 +1,94 @@
-"""Progress of the system's operations in a terminal or a log: the CLI's and the demo's stage bars."""
+"""Progress of the system's operations in a terminal or a log: the CLI's and the demo's bars."""
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 
 from .gen.influence.v1 import common_pb2
 
 
+@dataclass(frozen=True)
+class Phase:
+    """What one bar shows: a job stage over its shards, or a step of a one-task stage over its
+    units (batches of a pass, modules of the eigendecomposition, ...)."""
+
+    name: str
+    done: int
+    total: int
+    unit: str
+
+
+def phase_of(metadata: common_pb2.OperationMetadata) -> Phase:
+    """A stage fanned out over several shards is shown by shards; a stage that is one task (a
+    one-shard fit, the eigendecomposition, a merge) by the step its task reports."""
+    if metadata.shards_total > 1 or not metadata.step:
+        return Phase(metadata.stage, metadata.shards_done, metadata.shards_total, "shard")
+    return Phase(metadata.step, metadata.step_done, metadata.step_total, metadata.step_unit or "batch")
+
+
 class StageBars:
-    """Progress from operation metadata: one bar per stage, shards done / total, and the stage's
-    tokens/s (the operation's token counter counts every stage's tokens, so a bar shows what
-    it grew by since its stage began).
+    """Progress bars from operation metadata, one per phase (see `phase_of`), with its units/s, ETA
+    and tokens/s (the operation's token counter counts every phase's tokens, so a bar shows what it
+    grew by since its phase began).
 
     On a terminal the bars redraw in place. When stderr is not a terminal (a log file, CI), a
-    bar's carriage-return redraws would flood the log, so each stage prints one line when it
-    ends instead."""
+    bar's carriage-return redraws would flood the log, so each phase prints one line when it ends
+    instead."""
 
     def __init__(self, enabled: bool, stream=None):
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
         self._bar = None
-        self._stage = None
-        self._stage_started, self._stage_tokens = time.monotonic(), 0
-        self._last = None
+        self._phase: Phase | None = None
+        self._started, self._start_tokens = time.monotonic(), 0
 
     def _rate(self, tokens_processed: int) -> float:
-        elapsed = max(time.monotonic() - self._stage_started, 1e-9)
-        return (tokens_processed - self._stage_tokens) / elapsed
+        return (tokens_processed - self._start_tokens) / max(time.monotonic() - self._started, 1e-9)
 
     def __call__(self, metadata: common_pb2.OperationMetadata) -> None:
         if not self.enabled:
             return
-        if metadata.stage != self._stage:
-            self._end_stage(metadata)
-            self._stage = metadata.stage
-            self._stage_started, self._stage_tokens = time.monotonic(), metadata.tokens_processed
-            if metadata.stage != "done" and self.interactive:
+        phase = phase_of(metadata)
+        if self._phase is None or phase.name != self._phase.name:
+            self._end_phase(metadata)
+            self._phase = phase
+            self._started, self._start_tokens = time.monotonic(), metadata.tokens_processed
+            if phase.name != "done" and self.interactive:
                 from tqdm import tqdm
 
                 self._bar = tqdm(
-                    total=metadata.shards_total,
-                    desc=f"{metadata.stage:>12}",
-                    unit="shard",
+                    total=phase.total or None,
+                    desc=f"{phase.name:>18}",
+                    unit=phase.unit,
                     dynamic_ncols=True,
                     file=self.stream,
                 )
-        self._last = metadata
+        self._phase = phase
         if self._bar is not None:
-            self._bar.set_postfix_str(f"{self._rate(metadata.tokens_processed):,.0f} tok/s", refresh=False)
-            self._bar.update(metadata.shards_done - self._bar.n)
+            if metadata.tokens_processed > self._start_tokens:
+                self._bar.set_postfix_str(f"{self._rate(metadata.tokens_processed):,.0f} tok/s", refresh=False)
+            self._bar.update(max(0, phase.done - self._bar.n))
 
-    def _end_stage(self, metadata: common_pb2.OperationMetadata) -> None:
-        """The stage that was running is over: `metadata` (of the next stage) holds its last counts."""
-        if self._stage in (None, "done"):
+    def _end_phase(self, metadata: common_pb2.OperationMetadata) -> None:
+        """The phase that was running is over: `metadata` (of the next one) holds its last counts."""
+        phase = self._phase
+        if phase is None or phase.name == "done":
             return
         rate = self._rate(metadata.tokens_processed)
         if self._bar is not None:
-            self._bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-            self._bar.update(self._bar.total - self._bar.n)
+            if rate > 0:
+                self._bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+            if self._bar.total:
+                self._bar.update(self._bar.total - self._bar.n)
             self.close()
-        elif self._last is not None:
-            elapsed = time.monotonic() - self._stage_started
-            total = self._last.shards_total
-            print(
-                f"{self._stage:>12}: {total}/{total} shards in {elapsed:.1f}s, {rate:,.0f} tok/s",
-                file=self.stream,
-                flush=True,
-            )
+        else:
+            elapsed = time.monotonic() - self._started
+            tokens = f", {rate:,.0f} tok/s" if rate > 0 else ""
+            line = f"{phase.name:>18}: {phase.total}/{phase.total} {phase.unit}s in {elapsed:.1f}s{tokens}"
+            print(line, file=self.stream, flush=True)
 
     def close(self, clear: bool = False) -> None:
         if self._bar is not None:

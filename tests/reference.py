@@ -189,7 +189,7 @@ def kronecker_basis(factors) -> torch.Tensor:
 
 def dense_curvature(factors, strategy: str) -> torch.Tensor:
     """The approximate curvature matrix the factors stand for: [P, P]."""
-    eigenvalues = factors.eigenvalues.to(torch.float64).reshape(-1)
+    eigenvalues = factors.diagonal().reshape(-1)
     if strategy == "diagonal":
         return torch.diag(eigenvalues)
     basis = kronecker_basis(factors)

@@ -119,7 +119,7 @@ def test_batch_size_does_not_change_factors_or_scores(arch):
     tol = model_tolerance(model)
     for factors, result in others:
         for name in factors.factors:
-            assert_close(factors.factors[name].eigenvalues, reference_factors.factors[name].eigenvalues, tol, name)
+            assert_close(factors.factors[name].diagonal(), reference_factors.factors[name].diagonal(), tol, name)
         assert_close(result.scores, reference.scores, max(tol, 1e-6), "scores (float32 storage)")
 
 
@@ -146,7 +146,7 @@ def test_partitioned_fit_equals_unpartitioned():
                 assert_close(other, value, TOL, f"{name} {field}")
         # and the IHVPs they produce agree
         gradient = torch.randn(
-            3, *whole.factors[name].eigenvalues.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+            3, *whole.factors[name].diagonal().shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
         )
         assert_close(
             precondition(gradient, merged[name], "ekfac", Damping()),
@@ -163,7 +163,7 @@ def test_cached_and_recomputed_correction_pass_agree():
     cached = fit_factors(model, tokenizer, examples, FitConfig(batch_size=3))
     recomputed = fit_factors(model, tokenizer, examples, FitConfig(batch_size=3, cache_gib=0))
     for name in cached.factors:
-        assert torch.equal(cached.factors[name].eigenvalues, recomputed.factors[name].eigenvalues), name
+        assert torch.equal(cached.factors[name].diagonal(), recomputed.factors[name].diagonal()), name
     cache = CaptureCache(0)
     cache.offer(
         capture(model, prepare_model(model, "mlp")[0], collate(tokenize_training(tokenizer, examples, 64)[:2], 0)), 2
@@ -187,7 +187,7 @@ def test_full_rank_query_batching_reproduces_full_scores_and_kernels_agree():
     batch = collate(tokenize_training(tokenizer, examples, 64), 0)
     captures = capture(model, modules, batch)
     name = next(iter(modules))
-    gradient = torch.randn(3, *factors.factors[name].eigenvalues.shape, dtype=torch.float64)
+    gradient = torch.randn(3, *factors.factors[name].diagonal().shape, dtype=torch.float64)
     factor_pair = low_rank(gradient, 2)
     contract = plan_module_queries(gradient, factor_pair, expected_tokens=1.0, dtype=torch.float64)
     materialise = plan_module_queries(gradient, factor_pair, expected_tokens=1e9, dtype=torch.float64)
@@ -219,7 +219,7 @@ def test_conv1d_equals_an_equivalent_linear():
     linear_factors.model_fingerprint = ""
     linear_scores = compute_scores(linear_model, tokenizer, linear_factors, examples, queries, ScoreConfig()).scores
     for name in conv_factors.factors:
-        assert_close(linear_factors.factors[name].eigenvalues, conv_factors.factors[name].eigenvalues, TOL, name)
+        assert_close(linear_factors.factors[name].diagonal(), conv_factors.factors[name].diagonal(), TOL, name)
     assert_close(linear_scores, conv_scores, 1e-6, "scores")
 
 
@@ -262,7 +262,7 @@ def test_seeded_fit_is_bit_reproducible_and_seed_matters():
     for name in first.factors:
         for field, value in first.factors[name].tensors().items():
             assert torch.equal(value, getattr(second.factors[name], field)), (name, field)
-        assert not torch.equal(first.factors[name].gradient_covariance, other.factors[name].gradient_covariance)
+        assert not torch.equal(first.factors[name].eigenvalues, other.factors[name].eigenvalues)
 
 
 def test_self_influence_is_the_preconditioned_gradient_norm():
@@ -275,7 +275,7 @@ def test_self_influence_is_the_preconditioned_gradient_norm():
     gradients = loop_gradients(model, modules, tokenize_training(tokenizer, examples, 64))
     expected = torch.zeros(len(examples), dtype=torch.float64)
     for name in modules:
-        shape = factors.factors[name].eigenvalues.shape
+        shape = factors.factors[name].diagonal().shape
         preconditioned = precondition(gradients[name].reshape(-1, *shape), factors.factors[name], "ekfac", Damping())
         expected += (preconditioned.reshape(len(examples), -1) * gradients[name]).sum(-1)
     assert_close(self_scores.to(torch.float64), expected, 1e-6, "self-influence")
@@ -351,3 +351,26 @@ def test_packed_symmetric_partial_sums_round_trip(d):
     assert torch.equal(symmetric_from_upper(packed, d), 0.5 * (x + x.T))
     with pytest.raises(ValueError, match="entries"):
         symmetric_from_upper(packed[:-1], d)
+
+
+def test_the_capture_cache_is_sized_up_front():
+    """capture_bytes predicts the cache's size exactly, so a pass whose captures cannot fit in the
+    budget (or the fit's own cap) never starts caching; the fit is the same either way."""
+    from services.engine.resources import MemoryBudget
+
+    model = tiny_model("gpt2")
+    tokenizer = IntTokenizer()
+    examples = random_examples(9, seed=31)
+    fit = FitModel(model, tokenizer, FitConfig(batch_size=4))
+    sequences = fit.tokenize(examples)
+    needed = fit.capture_bytes(sequences)
+    cache = fit.capture_cache(MemoryBudget(needed), sequences)
+    fit.covariance(sequences, cache=cache)
+    assert cache.complete and cache.bytes == needed
+    cache.release()
+    assert fit.capture_cache(MemoryBudget(needed - 1), sequences) is None
+    capped = FitModel(model, tokenizer, FitConfig(batch_size=4, cache_gib=(needed - 1) / 2**30))
+    assert capped.capture_cache(MemoryBudget(10 * needed), sequences) is None
+    budget = MemoryBudget(10 * needed)
+    budget.reserve(9 * needed + 1)  # another job's caches hold most of the budget
+    assert fit.capture_cache(budget, sequences) is None

@@ -37,13 +37,13 @@ class Injector:
     def install(self, monkeypatch) -> None:
         injector, stage_of, advance_of = self, OperationProgress.stage, OperationProgress.advance
 
-        def stage(progress, name, total):
+        def stage(progress, name, total, unit="batch"):
             progress.injection_stage, progress.injection_batches = name, 0
-            stage_of(progress, name, total)
+            stage_of(progress, name, total, unit)
 
-        def advance(progress, batches=1, tokens=0):
-            advance_of(progress, batches, tokens)
-            progress.injection_batches = getattr(progress, "injection_batches", 0) + batches
+        def advance(progress, units=1, tokens=0):
+            advance_of(progress, units, tokens)
+            progress.injection_batches = getattr(progress, "injection_batches", 0) + units
             armed = injector.armed and getattr(progress, "injection_stage", "") == injector.armed
             if armed and progress.injection_batches == 2:
                 injector.fired.append(injector.armed)

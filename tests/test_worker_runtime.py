@@ -21,9 +21,9 @@ from services.client import InfluenceClient
 from services.embedded import EmbeddedSystem
 from services.engine import score as engine_score
 from services.engine.fit import FitConfig, fit_factors
-from services.engine.memory import cgroup_limit_bytes
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.records import read_training_jsonl
+from services.engine.resources import cgroup_limit_bytes
 from services.engine.score import ScoreConfig, compute_scores
 from services.errors import InputError, NotFoundError
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2
@@ -216,3 +216,35 @@ def test_the_container_memory_limit_bounds_the_default_budget(tmp_path):
     limit.write_text("max\n")
     assert cgroup_limit_bytes([limit]) is None
     assert cgroup_limit_bytes([tmp_path / "absent"]) is None
+
+
+def test_a_one_task_fit_reports_each_step_with_its_units(workspace):  # noqa: F811
+    """Operation metadata carries the running task's step: a one-shard K-FAC fit ends on its
+    eigendecomposition with every module done, reported in modules."""
+    model = common_pb2.ModelSpec(path=str(workspace / "model"))
+    with EmbeddedSystem(workers=0) as system, InfluenceClient(system.target) as client:
+        worker = Worker(system.system, consumer="A")
+        dataset = registered(client, worker, model, (workspace / "train.jsonl").read_bytes(), shard_size=100)
+        seen = []
+        real_stage = worker.system.operations.report
+
+        def recording(operation_id, *, step=None, tokens=0):
+            if step:
+                seen.append(dict(step))
+            return real_stage(operation_id, step=step, tokens=tokens)
+
+        worker.system.operations.report = recording
+        request = factor_service_pb2.FitFactorsRequest(model=model, dataset=dataset.name, strategy="kfac")
+        operation = client.factors.FitFactors(request)
+        step(worker, "fit_one_shard")
+        operation = client.operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name))
+        metadata = common_pb2.OperationMetadata()
+        operation.metadata.Unpack(metadata)
+        modules = len(client.unpack(operation, factor_service_pb2.FactorSet).modules)
+        assert (metadata.step, metadata.step_done, metadata.step_total, metadata.step_unit) == (
+            "eigendecomposition",
+            modules,
+            modules,
+            "module",
+        )
+        assert seen[0]["step"] == "covariance" and seen[-1]["step"] == "eigendecomposition", seen

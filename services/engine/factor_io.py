@@ -25,7 +25,7 @@ from .factors import FactorSet, ModuleFactors
 from .finite import require_finite
 from .modules import TrackedModule
 
-FORMAT_VERSION = 2  # 2: model fingerprints independent of module order and load dtype
+FORMAT_VERSION = 3  # 2: order- and dtype-independent fingerprints; 3: only what preconditioning reads
 KIND = "factors"
 
 

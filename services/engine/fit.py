@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import InputError
 from .arena import HostArena
-from .capture import ModuleCapture, describe_all
+from .capture import ModuleCapture, accumulation_dtype, describe_all
 from .data import TokenizedSequence, tokenize_training
 from .factor_io import storage_dtype_for_model
 from .factors import (
@@ -41,12 +41,12 @@ from .factors import (
     sequence_tokens,
 )
 from .finite import check_module_weights
-from .memory import MemoryBudget, default_cache_bytes, gib_to_bytes
 from .model_io import model_fingerprint
 from .modules import TrackedModule, check_selection, device_of, freeze_except, select_modules
 from .passes import captured_batches
 from .progress import Progress
 from .records import TrainingExample
+from .resources import MemoryBudget, default_cache_bytes, gib_to_bytes
 from .strategies import FISHERS, Strategy, get_strategy
 
 
@@ -152,11 +152,29 @@ class FitModel:
             raise InputError("no training examples to fit on")
         return tokenize_training(self.tokenizer, examples, self.config.max_length)
 
-    def capture_cache(self, budget: MemoryBudget) -> CaptureCache | None:
-        """A cache for the covariance pass's captures, when the correction pass can replay them."""
+    def capture_cache(self, budget: MemoryBudget, sequences: Sequence[TokenizedSequence]) -> CaptureCache | None:
+        """A cache for the covariance pass's captures, when the correction pass can replay them and
+        they fit: within this fit's cap and what the budget has free. Decided up front from the
+        captures' size (`capture_bytes`), so a pass whose captures cannot fit never fills memory
+        only to give it back."""
         if not self.strategy.reuses_captures:
             return None
-        return CaptureCache(budget, gib_to_bytes(self.config.cache_gib))
+        cap = gib_to_bytes(self.config.cache_gib)
+        needed = self.capture_bytes(sequences)
+        free = budget.total - budget.used
+        if needed > free or (cap is not None and needed > cap):
+            return None
+        return CaptureCache(budget, cap)
+
+    def capture_bytes(self, sequences: Sequence[TokenizedSequence]) -> int:
+        """Bytes of the covariance pass's captures of `sequences`: per padded token position, a and
+        s of every tracked module ((d_in (+1) + d_out) × element size), over the pass's
+        length-bucketed batches (modules called more than once per forward count once here)."""
+        lengths = sorted((sequence.length for sequence in sequences), reverse=True)
+        batch = self.config.batch_size
+        positions = sum(lengths[start] * len(lengths[start : start + batch]) for start in range(0, len(lengths), batch))
+        element = torch.tensor([], dtype=accumulation_dtype(self.dtype)).element_size()
+        return positions * element * sum(m.d_in_full + m.d_out for m in self.tracked.values())
 
     def _passes(self, sequences, stage: str, progress: Progress | None):
         return captured_batches(
@@ -242,11 +260,12 @@ class FitModel:
         return storage_dtype_for_model(self.dtype)
 
 
-def eigendecompose(partials: Iterable[CovarianceAccumulator], dtype: torch.dtype) -> Eigenbases:
-    """Reduce covariance partial sums (in the order given), eigendecompose in float64, and round
-    the result to `dtype` (the factor set's storage dtype), the form every later step uses."""
-    eigen = reduce(partials).eigendecompose()
-    return Eigenbases.from_tensors(eigen.to_tensors(dtype), eigen.factors)
+def eigendecompose(
+    partials: Iterable[CovarianceAccumulator], dtype: torch.dtype, progress: Progress | None = None
+) -> Eigenbases:
+    """Reduce covariance partial sums (in the order given) and eigendecompose them in float64, the
+    result rounded to `dtype` (the factor set's storage dtype), the form every later step uses."""
+    return reduce(partials).eigendecompose(progress, dtype=dtype)
 
 
 def fit_factors(
@@ -261,11 +280,11 @@ def fit_factors(
     fit = FitModel(model, tokenizer, config or FitConfig())
     progress = progress or Progress()
     sequences = fit.tokenize(examples)
-    cache = fit.capture_cache(budget or MemoryBudget(default_cache_bytes()))
+    cache = fit.capture_cache(budget or MemoryBudget(default_cache_bytes()), sequences)
     try:
         eigen = None
         if fit.strategy.covariance:
-            eigen = eigendecompose([fit.covariance(sequences, progress, cache)], fit.storage_dtype())
+            eigen = eigendecompose([fit.covariance(sequences, progress, cache)], fit.storage_dtype(), progress)
         corrections = [fit.correction(sequences, eigen, progress, cache)] if fit.strategy.correction else []
     finally:
         if cache is not None:

@@ -67,7 +67,7 @@ def precondition(
     gradient = gradient.to(dtype)
     if not strategy.curvature:
         return gradient
-    eigenvalues = factors.eigenvalues.to(gradient.device, torch.float64)
+    eigenvalues = factors.diagonal().to(gradient.device)
     denominator = eigenvalues + damping.value(eigenvalues)
     if bool((denominator <= 0).any()):
         raise InputError("damping is zero and some eigenvalues are zero: the curvature is singular; set --damping > 0")
@@ -89,7 +89,7 @@ def self_influence_terms(
     squared = rotated.to(torch.float64).square()
     if not get_strategy(strategy).curvature:
         return squared.sum((1, 2))
-    eigenvalues = factors.eigenvalues.to(rotated.device, torch.float64)
+    eigenvalues = factors.diagonal().to(rotated.device)
     return (squared / (eigenvalues + damping.value(eigenvalues))).sum((1, 2))
 
 

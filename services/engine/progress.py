@@ -1,7 +1,8 @@
 """Progress reporting and cancellation between batches, with no UI in the math core.
 
-The engine calls `stage(name, total)` when a pass starts, `advance(batches, tokens)` after each
-batch and `check_cancelled()` between batches. Services write operation metadata (which
+The engine calls `stage(name, total, unit)` when a step starts (a pass over batches, the
+eigendecompositions over modules, ...), `advance(units, tokens)` as it goes and `check_cancelled()`
+between units. Services write operation metadata (which
 the CLI shows as bars); tests use the silent default.
 """
 
@@ -13,10 +14,10 @@ from ..errors import CancelledError
 class Progress:
     """Silent progress: subclass and override what you need."""
 
-    def stage(self, name: str, total: int) -> None:
+    def stage(self, name: str, total: int, unit: str = "batch") -> None:
         pass
 
-    def advance(self, batches: int = 1, tokens: int = 0) -> None:
+    def advance(self, units: int = 1, tokens: int = 0) -> None:
         pass
 
     def cancelled(self) -> bool:

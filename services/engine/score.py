@@ -293,7 +293,7 @@ class Scorer:
         recomputed once, for all queries that rank it."""
         progress = progress or Progress()
         wanted = sorted({entry.index for entries in top for entry in entries})
-        progress.stage("token scores", len(wanted))
+        progress.stage("token scores", len(wanted), "sequence")
         for index in wanted:
             progress.check_cancelled()
             sequence = sequence_of(index)

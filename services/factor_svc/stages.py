@@ -64,9 +64,10 @@ def _eigenbases(call: StageCall, fit: FitModel) -> Eigenbases | None:
 
 def run_covariance(call: StageCall) -> None:
     fit = _fit(call)
-    cache = fit.capture_cache(call.context.captures.budget)
+    sequences = _sequences(call, call.shard)
+    cache = fit.capture_cache(call.context.captures.budget, sequences)
     try:
-        partial = fit.covariance(_sequences(call, call.shard), call.context.progress, cache)
+        partial = fit.covariance(sequences, call.context.progress, cache)
         _put(call, layout.job_partial(call.job_id, "covariance", call.shard), partial.state())
     except BaseException:
         if cache is not None:  # a failed pass leaves no half-filled cache behind
@@ -79,7 +80,7 @@ def run_covariance(call: StageCall) -> None:
 def run_eigen(call: StageCall) -> None:
     fit = _fit(call)
     partials = (CovarianceAccumulator.from_state(fit.tracked, state) for state in _take_partials(call, "covariance"))
-    eigen = eigendecompose(partials, fit.storage_dtype())
+    eigen = eigendecompose(partials, fit.storage_dtype(), call.context.progress)
     _put(call, layout.job_output(call.job_id, "eigen"), eigen.to_tensors(fit.storage_dtype()))
 
 
@@ -106,11 +107,11 @@ def run_fit_one_shard(call: StageCall) -> dict:
     tasks would only buy a finer-grained retry; a retried task recomputes it all."""
     fit, progress = _fit(call), call.context.progress
     sequences = _sequences(call, 0)
-    cache = fit.capture_cache(call.context.captures.budget)
+    cache = fit.capture_cache(call.context.captures.budget, sequences)
     try:
         eigen = None
         if fit.strategy.covariance:
-            eigen = eigendecompose([fit.covariance(sequences, progress, cache)], fit.storage_dtype())
+            eigen = eigendecompose([fit.covariance(sequences, progress, cache)], fit.storage_dtype(), progress)
         corrections = [fit.correction(sequences, eigen, progress, cache)] if fit.strategy.correction else []
     finally:
         if cache is not None:

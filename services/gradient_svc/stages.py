@@ -33,7 +33,7 @@ def run_register(call: StageCall) -> dict:
     tokenizer = context.models.tokenizer(job.model.path)
     num_shards = math.ceil(len(examples) / job.shard_size)
     num_tokens, shards = 0, []
-    context.progress.stage("register", num_shards)
+    context.progress.stage("register", num_shards, "shard")
     writer = ArtifactWriter(context.store, layout.dataset_prefix(job.dataset_id))
     for shard in range(num_shards):
         start = shard * job.shard_size
@@ -67,7 +67,7 @@ def run_blocks(call: StageCall) -> dict:
     context = call.context
     model, tokenizer = context.models.get(job.model)
     dataset = dataset_artifact(context.store, job.dataset_id)
-    context.progress.stage("blocks", -(-len(load_records(dataset, job.shard)) // job.block_size))
+    context.progress.stage("blocks", -(-len(load_records(dataset, job.shard)) // job.block_size), "block")
     blocks = gradient_blocks(dataset, job.shard, model, tokenizer, job.modules, job.block_size, context.progress)
     return {"kind": "blocks", "num_blocks": write_blocks(context.store, call.job_id, blocks)}
 

@@ -110,9 +110,11 @@ class OperationStore:
         if not raw:
             return None
         record = {key.decode(): value for key, value in raw.items()}
-        for key in ("id", "kind", "state", "request_id", "error_message", "stage", "last_error"):
+        for key in ("id", "kind", "state", "request_id", "error_message", "stage", "last_error", "step", "step_unit"):
             if key in record:
                 record[key] = record[key].decode()
+        for key in ("step_done", "step_total"):
+            record[key] = int(record.get(key, 0))
         record["metadata"] = json.loads(record["metadata"])
         record["error_code"] = int(record.get("error_code", 0))
         record["shards_total"] = int(record.get("shards_total", 0))
@@ -144,14 +146,6 @@ class OperationStore:
             arguments += [key, value]
         return self._transition(keys=[self._key(operation_id)], args=arguments) == 1
 
-    @redis_unavailable
-    def add_progress(self, operation_id: str, **increments: int) -> None:
-        """Atomic counters (shards_done, tokens_processed, bytes_written, ...): `record["counters"]`."""
-        pipe = self.client.pipeline()
-        for key, value in increments.items():
-            pipe.hincrby(self._key(operation_id), f"counter:{key}", int(value))
-        pipe.execute()
-
     def succeed(self, operation_id: str, response: bytes) -> bool:
         return self._apply(operation_id, state=SUCCEEDED, response=response)
 
@@ -160,6 +154,17 @@ class OperationStore:
 
     def cancel(self, operation_id: str) -> bool:
         return self._apply(operation_id, state=CANCELLED, error_code=1, error_message="cancelled by the caller")
+
+    @redis_unavailable
+    def report(self, operation_id: str, *, step: dict | None = None, tokens: int = 0) -> None:
+        """A task's progress in one round trip: its current step's fields (step, step_done,
+        step_total, step_unit) and tokens processed since the last report."""
+        pipe = self.client.pipeline()
+        if step:
+            pipe.hset(self._key(operation_id), mapping={key: value for key, value in step.items()})
+        if tokens:
+            pipe.hincrby(self._key(operation_id), "counter:tokens_processed", int(tokens))
+        pipe.execute()
 
     @redis_unavailable
     def delete(self, operation_id: str) -> None:
@@ -185,7 +190,7 @@ class OperationStore:
         counters: dict[str, int] | None = None,
     ) -> bool:
         """Record a finished task of `stage`; True exactly once, when the stage first completes.
-        `counters` are added to the operation's counters (as `add_progress` does) the first time
+        `counters` are added to the operation's counters (`record["counters"]`) the first time
         this shard is recorded, not again for a duplicate delivery.
 
         At that moment, atomically: either the operation succeeds with `response` (the last

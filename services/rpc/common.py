@@ -62,6 +62,10 @@ def operation_message(record: dict) -> operations_pb2.Operation:
         create_time=_timestamp(record["create_time"]),
         update_time=_timestamp(record["update_time"]),
         target=record["metadata"].get("target", ""),
+        step=record.get("step", ""),
+        step_done=record.get("step_done", 0),
+        step_total=record.get("step_total", 0),
+        step_unit=record.get("step_unit", ""),
     )
     packed = any_pb2.Any()
     packed.Pack(metadata)

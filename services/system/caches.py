@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 
 from ..engine.fit import CaptureCache
-from ..engine.memory import MemoryBudget
 from ..engine.model_io import ModelRef, load_model_and_tokenizer, load_tokenizer
+from ..engine.resources import MemoryBudget
 
 # transformers' from_pretrained is not thread-safe (it swaps global init contexts): one load at a time.
 _LOADING = threading.Lock()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..engine.memory import MemoryBudget, default_cache_bytes
 from ..engine.progress import Progress
+from ..engine.resources import MemoryBudget, default_cache_bytes
 from ..storage import ArtifactStore
 from .caches import ArtifactCache, CapturePool, ModelCache
 

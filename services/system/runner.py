@@ -14,7 +14,6 @@ delivery limit it is dead-lettered and the operation fails with the cause.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -25,6 +24,7 @@ import torch
 from google.rpc import code_pb2
 
 from ..engine.progress import Progress
+from ..engine.resources import available_cores
 from ..errors import CancelledError, DomainError, code_of
 from ..gen.influence.v1 import tasks_pb2
 from ..jobs.operations import TERMINAL, OperationStore
@@ -77,19 +77,44 @@ class JobSystem:
 
 
 class OperationProgress(Progress):
-    """Reports tokens to the operation's counters (≤ 2 writes/s) and notices cancellation
-    (checked ≤ 1/s)."""
+    """Reports the task's step (name, units done of total) and tokens to the operation record, at
+    most twice a second (a step that just began is written within 0.1 s), and notices cancellation
+    (checked at most once a second)."""
+
+    WRITE_SECONDS = 0.5
+    NEW_STEP_SECONDS = 0.1
 
     def __init__(self, operations: OperationStore, operation: str):
         self.operations, self.operation = operations, operation
         self._checked, self._cancelled, self._tokens = 0.0, False, 0
-        self._reported = time.monotonic()
+        self._reported = 0.0  # a task's first step is written at once
+        self._step: dict | None = None
+        self._step_dirty = False
 
-    def advance(self, batches: int = 1, tokens: int = 0) -> None:
+    def stage(self, name: str, total: int, unit: str = "batch") -> None:
+        self._step = {"step": name, "step_done": 0, "step_total": total, "step_unit": unit}
+        self._step_dirty = True
+        self._report(self.NEW_STEP_SECONDS)
+
+    def advance(self, units: int = 1, tokens: int = 0) -> None:
         self._tokens += tokens
-        if self._tokens and time.monotonic() - self._reported > 0.5:
-            self.operations.add_progress(self.operation, tokens_processed=self._tokens)
-            self._tokens, self._reported = 0, time.monotonic()
+        if self._step is not None:
+            self._step["step_done"] += units
+            self._step_dirty = True
+        self._report(self.WRITE_SECONDS)
+
+    def _report(self, after_seconds: float) -> None:
+        if time.monotonic() - self._reported <= after_seconds or not (self._tokens or self._step_dirty):
+            return
+        self.operations.report(self.operation, step=self._step if self._step_dirty else None, tokens=self._tokens)
+        self._tokens, self._step_dirty, self._reported = 0, False, time.monotonic()
+
+    def flush(self) -> None:
+        """Write the step's final state now (at the end of a task), tokens excepted (those travel
+        with the task's completion, `unreported`)."""
+        if self._step_dirty:
+            self.operations.report(self.operation, step=self._step)
+            self._step_dirty = False
 
     def cancelled(self) -> bool:
         if time.monotonic() - self._checked > 1.0:
@@ -101,14 +126,6 @@ class OperationProgress(Progress):
         """Counts not written yet, now the caller's to write (with the task's completion)."""
         tokens, self._tokens = self._tokens, 0
         return {"tokens_processed": tokens} if tokens else {}
-
-
-def available_cores() -> int:
-    """CPU threads this process may use: OMP_NUM_THREADS if set, else the CPUs it is allowed on."""
-    configured = os.environ.get("OMP_NUM_THREADS", "")
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def threads_per_worker(workers: int) -> int:
@@ -244,6 +261,7 @@ class Worker:
                 log.exception("%s of %s failed", where, payload.operation)
             operations.note_error(payload.operation, f"{type(error).__name__}: {error}")
             return
+        progress.flush()
         plan = self.system.table.plan(job)
         following = plan.after(job, payload.stage)
         completed = operations.finish_shard(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19influence/v1/common.proto\x12\x0cinfluence.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x92\x02\n\x11OperationMetadata\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x13\n\x0bshards_done\x18\x03 \x01(\x03\x12\x14\n\x0cshards_total\x18\x04 \x01(\x03\x12\x18\n\x10tokens_processed\x18\x05 \x01(\x03\x12\x15\n\rbytes_written\x18\x06 \x01(\x03\x12\x12\n\nbytes_read\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06target\x18\n \x01(\t\"U\n\tFileChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"8\n\tModelSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19influence/v1/common.proto\x12\x0cinfluence.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xda\x02\n\x11OperationMetadata\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x13\n\x0bshards_done\x18\x03 \x01(\x03\x12\x14\n\x0cshards_total\x18\x04 \x01(\x03\x12\x18\n\x10tokens_processed\x18\x05 \x01(\x03\x12\x15\n\rbytes_written\x18\x06 \x01(\x03\x12\x12\n\nbytes_read\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06target\x18\n \x01(\t\x12\x0c\n\x04step\x18\x0b \x01(\t\x12\x11\n\tstep_done\x18\x0c \x01(\x03\x12\x12\n\nstep_total\x18\r \x01(\x03\x12\x11\n\tstep_unit\x18\x0e \x01(\t\"U\n\tFileChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"8\n\tModelSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'influence.v1.common_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OPERATIONMETADATA']._serialized_start=77
-  _globals['_OPERATIONMETADATA']._serialized_end=351
-  _globals['_FILECHUNK']._serialized_start=353
-  _globals['_FILECHUNK']._serialized_end=438
-  _globals['_MODELSPEC']._serialized_start=440
-  _globals['_MODELSPEC']._serialized_end=496
+  _globals['_OPERATIONMETADATA']._serialized_end=423
+  _globals['_FILECHUNK']._serialized_start=425
+  _globals['_FILECHUNK']._serialized_end=510
+  _globals['_MODELSPEC']._serialized_start=512
+  _globals['_MODELSPEC']._serialized_end=568
 # @@protoc_insertion_point(module_scope)

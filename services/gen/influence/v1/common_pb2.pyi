@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class OperationMetadata(_message.Message):
-    __slots__ = ("kind", "stage", "shards_done", "shards_total", "tokens_processed", "bytes_written", "bytes_read", "create_time", "update_time", "target")
+    __slots__ = ("kind", "stage", "shards_done", "shards_total", "tokens_processed", "bytes_written", "bytes_read", "create_time", "update_time", "target", "step", "step_done", "step_total", "step_unit")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     SHARDS_DONE_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,10 @@ class OperationMetadata(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEP_DONE_FIELD_NUMBER: _ClassVar[int]
+    STEP_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STEP_UNIT_FIELD_NUMBER: _ClassVar[int]
     kind: str
     stage: str
     shards_done: int
@@ -30,7 +34,11 @@ class OperationMetadata(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     target: str
-    def __init__(self, kind: _Optional[str] = ..., stage: _Optional[str] = ..., shards_done: _Optional[int] = ..., shards_total: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., bytes_written: _Optional[int] = ..., bytes_read: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ...) -> None: ...
+    step: str
+    step_done: int
+    step_total: int
+    step_unit: str
+    def __init__(self, kind: _Optional[str] = ..., stage: _Optional[str] = ..., shards_done: _Optional[int] = ..., shards_total: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., bytes_written: _Optional[int] = ..., bytes_read: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., step: _Optional[str] = ..., step_done: _Optional[int] = ..., step_total: _Optional[int] = ..., step_unit: _Optional[str] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("file", "offset", "data", "size", "sha256")

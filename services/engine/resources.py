@@ -1,4 +1,5 @@
-"""How much memory this process may use, and the budget the fit's capture cache draws on.
+"""The machine's resources as this process may use them: cores, memory, and the budget the fit's
+capture cache draws on.
 
 A container's limit (cgroup v2 `memory.max`, or v1 `memory.limit_in_bytes`) is what the kernel
 enforces, not the host's RAM: a worker in a 16 GiB pod on a 512 GiB node that sized its cache from
@@ -11,9 +12,13 @@ k caches together never exceed the budget.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 _CGROUP_LIMITS = (
     Path("/sys/fs/cgroup/memory.max"),  # cgroup v2
@@ -77,3 +82,22 @@ class MemoryBudget:
     def free(self, nbytes: int) -> None:
         with self._lock:
             self.used = max(0, self.used - nbytes)
+
+
+def available_cores() -> int:
+    """CPU threads this process may use: OMP_NUM_THREADS if set, else the CPUs it is allowed on."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """torch ops on one thread each inside the block (for work spread over a thread pool)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
