@@ -282,7 +282,7 @@ def worker_kronfluence(args, work: Path, workload: Workload, data: dict, sampler
 
 
 def worker_ours(args, work: Path, workload: Workload, data: dict, sampler: RssSampler) -> dict:
-    from services.engine.fit import FitConfig, fit_factors
+    from services.engine.fit import FitConfig, FitModel, fit_factors
     from services.engine.model_io import load_model_and_tokenizer
     from services.engine.progress import Progress
     from services.engine.records import Query, TrainingExample
@@ -354,12 +354,17 @@ def worker_ours(args, work: Path, workload: Workload, data: dict, sampler: RssSa
         record.setdefault("kernels", {})[label] = sorted(set(result.kernels.values()))
         scores[label] = result.scores.float().clone()
 
+    # The factor set keeps only what preconditioning reads; A and S, for the comparison with
+    # Kronfluence's, come from a covariance pass run again here (outside every timed stage).
+    covariance = FitModel(model, tokenizer, fit_config).covariance(
+        FitModel(model, tokenizer, fit_config).tokenize(examples)
+    )
     exported = {}
     for name in tracked:
         f = factors.factors[name]
         exported[name] = {
-            "activation_covariance": f.activation_covariance,
-            "gradient_covariance": f.gradient_covariance,
+            "activation_covariance": covariance.activation_sums[name] / covariance.token_counts[name],
+            "gradient_covariance": covariance.gradient_sums[name] / covariance.n_sequences,
             "activation_eigenvectors": f.activation_eigenvectors,
             "gradient_eigenvectors": f.gradient_eigenvectors,
             "lambda": f.eigenvalues,
