@@ -23,7 +23,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import code_pb2
 
 from .engine.records import Query
-from .errors import DomainError, InternalError, error_for_code
+from .errors import DomainError, InternalError, NotFoundError, error_for_code
 from .gen.influence.v1 import (
     common_pb2,
     factor_service_pb2,
@@ -142,16 +142,22 @@ class InfluenceClient:
         max_length: int = 512,
         display_name: str = "",
         progress=None,
+        by_path: bool = False,
     ) -> gradient_service_pb2.Dataset:
-        data = jsonl if isinstance(jsonl, bytes) else Path(jsonl).read_bytes()
+        """Register TRAIN.jsonl: its bytes in the request (up to the server's upload limit), or with
+        `by_path` its path, which the server reads itself (it must see the same file: the embedded
+        system, or a shared volume); no size limit then."""
         request = gradient_service_pb2.RegisterDatasetRequest(
             request_id=_request_id(),
             model=_model(model),
             display_name=display_name or "",
-            jsonl=data,
             shard_size=shard_size,
             max_length=max_length,
         )
+        if by_path:
+            request.uri = Path(jsonl).resolve().as_uri()
+        else:
+            request.jsonl = jsonl if isinstance(jsonl, bytes) else Path(jsonl).read_bytes()
         operation = self._call(self.gradients.RegisterDataset, request)
         return self.unpack(self.wait(operation, progress), gradient_service_pb2.Dataset)
 
@@ -191,26 +197,44 @@ class InfluenceClient:
     def delete_factor_set(self, name: str) -> None:
         self._call(self.factors.DeleteFactorSet, factor_service_pb2.DeleteFactorSetRequest(name=name))
 
-    def import_factors(self, directory: str | Path) -> factor_service_pb2.FactorSet:
-        """Upload a factor directory written by `influence fit`; the server verifies every sha256."""
+    def import_factors(
+        self, directory: str | Path, *, attempts: int = 5, progress: Callable[[str], None] | None = None
+    ) -> factor_service_pb2.FactorSet:
+        """Upload a factor directory written by `influence fit`, of any size: only the files the
+        server lacks, in chunks, each verified as it completes; an interrupted upload (UNAVAILABLE)
+        is resumed from a new plan, at most `attempts` times. A set the server has is not sent."""
         directory = Path(directory)
-        names = sorted(path.name for path in directory.iterdir() if path.is_file() and not path.name.startswith("."))
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.is_file():
+            raise NotFoundError(f"no factors at {directory} (missing manifest.json)")
+        manifest = manifest_path.read_bytes()
+        for attempt in range(attempts):
+            plan = self._call(
+                self.factors.PlanFactorImport, factor_service_pb2.PlanFactorImportRequest(manifest=manifest)
+            )
+            if plan.published:
+                return self.get_factor_set(plan.factor_set)
+            try:
+                return self.factors.ImportFactors(
+                    _upload_chunks(directory, manifest, plan.missing_files, progress), timeout=None
+                )
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
+                    raise _domain_error(error) from None
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+        raise AssertionError("unreachable")
 
-        def chunks():
-            for name in names:
-                data = (directory / name).read_bytes()
-                for offset in range(0, max(len(data), 1), 4 * 2**20):
-                    yield common_pb2.FileChunk(file=name, offset=offset, data=data[offset : offset + 4 * 2**20])
-
-        try:
-            return self.factors.ImportFactors(chunks(), timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise _domain_error(error) from None
+    def register_factors(self, directory: str | Path) -> factor_service_pb2.FactorSet:
+        """Register a factor directory where it is (the server must share the filesystem and keep
+        its artifacts in a local directory, as the embedded system does): nothing is copied."""
+        uri = Path(directory).resolve().as_uri()
+        return self._call(self.factors.RegisterFactors, factor_service_pb2.RegisterFactorsRequest(uri=uri))
 
     def download_factors(self, name: str, out_dir: str | Path) -> Path:
-        """Write the factor set's files (manifest.json last) into out_dir: `influence score` reads it."""
-        files = _collect(self._stream(self.factors.StreamFactors, factor_service_pb2.StreamFactorsRequest(name=name)))
-        return _write_files(files, Path(out_dir), last="manifest.json")
+        """Write the factor set's files (manifest.json last) into out_dir: `influence score` reads it.
+        Streamed to disk: memory does not grow with the set."""
+        chunks = self._stream(self.factors.StreamFactors, factor_service_pb2.StreamFactorsRequest(name=name))
+        return _receive_files(chunks, Path(out_dir), last="manifest.json")
 
     # -- scores ---------------------------------------------------------------------------
 
@@ -258,10 +282,8 @@ class InfluenceClient:
 
     def download_result(self, name: str, out_dir: str | Path) -> Path:
         """Write scores.safetensors and results.json (the CLI's output format) into out_dir."""
-        files = _collect(
-            self._stream(self.queries.StreamResultFiles, query_service_pb2.StreamResultFilesRequest(name=name))
-        )
-        return _write_files(files, Path(out_dir))
+        chunks = self._stream(self.queries.StreamResultFiles, query_service_pb2.StreamResultFilesRequest(name=name))
+        return _receive_files(chunks, Path(out_dir))
 
 
 def _model(model) -> common_pb2.ModelSpec:
@@ -286,29 +308,69 @@ def _paged(fetch, field: str) -> list:
             return items
 
 
-def _collect(chunks) -> dict[str, bytearray]:
-    files: dict[str, bytearray] = {}
-    expected: dict[str, str] = {}
-    for chunk in chunks:
-        buffer = files.setdefault(chunk.file, bytearray())
-        if chunk.offset != len(buffer):
-            raise InternalError(f"stream of {chunk.file} skipped bytes at offset {chunk.offset}")
-        buffer.extend(chunk.data)
-        if chunk.sha256:
-            expected[chunk.file] = chunk.sha256
-    for name, digest in expected.items():
-        if hashlib.sha256(files[name]).hexdigest() != digest:
-            raise InternalError(f"{name} arrived corrupted (sha256 mismatch)")
-    return files
+UPLOAD_CHUNK_BYTES = 4 * 2**20
 
 
-def _write_files(files: dict[str, bytearray], out_dir: Path, last: str | None = None) -> Path:
-    """Write every file atomically; `last` (a manifest) is removed first and written last."""
+def _upload_chunks(directory: Path, manifest: bytes, files, progress=None):
+    """manifest.json (its size on its first chunk), then each file read from disk in chunks."""
+    yield common_pb2.FileChunk(file="manifest.json", offset=0, data=manifest, size=len(manifest))
+    for name in files:
+        path = directory / name
+        size = path.stat().st_size
+        if progress is not None:
+            progress(name)
+        with path.open("rb") as handle:
+            offset = 0
+            while True:
+                data = handle.read(UPLOAD_CHUNK_BYTES)
+                if not data and offset:
+                    break
+                yield common_pb2.FileChunk(file=name, offset=offset, data=data, size=size if offset == 0 else 0)
+                offset += len(data)
+                if offset >= size:
+                    break
+
+
+def _receive_files(chunks, out_dir: Path, last: str | None = None) -> Path:
+    """Write streamed files into out_dir as they arrive (each to a temporary file, checked against
+    the sha256 its first chunk carries, then renamed into place); `last` (a manifest) is removed
+    first and put in place after every other file. Memory holds one chunk at a time."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if last:
         (out_dir / last).unlink(missing_ok=True)
-    for name in sorted(files, key=lambda n: n == last):
-        temporary = out_dir / f".{name}.part"
-        temporary.write_bytes(bytes(files[name]))
-        temporary.replace(out_dir / name)
+    temporaries: dict[str, Path] = {}
+    expected: dict[str, str] = {}
+    digests: dict[str, hashlib._Hash] = {}
+    sizes: dict[str, int] = {}
+    handle, current = None, None
+    try:
+        for chunk in chunks:
+            name = chunk.file
+            if name != current:
+                if handle is not None:
+                    handle.close()
+                if "/" in name or name.startswith(".") or name in temporaries:
+                    raise InternalError(f"the server sent an invalid or repeated file {name!r}")
+                current = name
+                temporaries[name] = out_dir / f".{name}.part"
+                handle = temporaries[name].open("wb")
+                digests[name], sizes[name], expected[name] = hashlib.sha256(), 0, chunk.sha256
+            if chunk.offset != sizes[name]:
+                raise InternalError(f"stream of {name} skipped bytes at offset {chunk.offset}")
+            handle.write(chunk.data)
+            digests[name].update(chunk.data)
+            sizes[name] += len(chunk.data)
+        if handle is not None:
+            handle.close()
+            handle = None
+        for name, digest in digests.items():
+            if expected[name] and digest.hexdigest() != expected[name]:
+                raise InternalError(f"{name} arrived corrupted (sha256 mismatch)")
+        for name in sorted(temporaries, key=lambda n: n == last):
+            temporaries[name].replace(out_dir / name)
+    finally:
+        if handle is not None:
+            handle.close()
+        for temporary in temporaries.values():
+            temporary.unlink(missing_ok=True)
     return out_dir

@@ -69,8 +69,9 @@ def _model(args) -> common_pb2.ModelSpec:
 def _register(client, args, model, bars) -> str:
     data = Path(args.data)
     read_training_jsonl(data)  # validate locally: errors name the file and line
+    # the embedded system reads the file where it is; a server is sent its bytes
     dataset = client.register_dataset(
-        model, data, max_length=args.max_length, shard_size=args.shard_size, progress=bars
+        model, data, max_length=args.max_length, shard_size=args.shard_size, progress=bars, by_path=not args.server
     )
     return dataset.name
 
@@ -131,8 +132,14 @@ def _check_factors(args) -> None:
 
 
 def _factor_set(client, args) -> str:
-    """A server-side factor set name: given as one, or imported from a local --factors directory."""
-    return args.factors if _names_server_factors(args) else client.import_factors(args.factors).name
+    """A server-side factor set name: given as one, or a local --factors directory, registered in
+    place by the embedded system (nothing is copied) or uploaded to a server in resumable chunks
+    (files the server already has are not sent again)."""
+    if _names_server_factors(args):
+        return args.factors
+    if not args.server:
+        return client.register_factors(args.factors).name
+    return client.import_factors(args.factors).name
 
 
 def _score_config(args, **extra) -> ScoreConfig:

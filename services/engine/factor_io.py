@@ -24,6 +24,7 @@ from ..errors import PreconditionError
 from .factors import FactorSet, ModuleFactors
 from .finite import require_finite
 from .modules import TrackedModule
+from .strategies import get_strategy
 
 FORMAT_VERSION = 3  # 2: order- and dtype-independent fingerprints; 3: only what preconditioning reads
 KIND = "factors"
@@ -83,6 +84,38 @@ def check_metadata(metadata: dict, where: str = "factor set") -> None:
         )
 
 
+def module_factors(
+    name: str, info: dict, tensors: dict[str, torch.Tensor], strategy: str, where: str
+) -> tuple[TrackedModule, ModuleFactors]:
+    """One module's entry and file, checked: the tensors its strategy needs, of the shapes its
+    entry says, all finite (PreconditionError naming the module and tensor otherwise)."""
+    tracked = TrackedModule(name, info["d_in"], info["d_out"], info["has_bias"], info["transposed"])
+    d_out, d_in = tracked.d_out, tracked.d_in_full
+    shapes = {
+        "eigenvalues": (d_out, d_in),
+        "activation_eigenvectors": (d_in, d_in),
+        "gradient_eigenvectors": (d_out, d_out),
+        "activation_eigenvalues": (d_in,),
+        "gradient_eigenvalues": (d_out,),
+    }
+    needed = {
+        "identity": (),
+        "diagonal": ("eigenvalues",),
+        "kfac": ("activation_eigenvectors", "gradient_eigenvectors", "activation_eigenvalues", "gradient_eigenvalues"),
+        "ekfac": ("eigenvalues", "activation_eigenvectors", "gradient_eigenvectors"),
+    }[get_strategy(strategy).name]
+    for key in needed:
+        if key not in tensors:
+            raise PreconditionError(f"{where}: module {name} has no tensor {key}, which {strategy} needs")
+    for key, value in tensors.items():
+        if key in shapes and tuple(value.shape) != shapes[key]:
+            raise PreconditionError(
+                f"{where}: tensor {key} of module {name} has shape {tuple(value.shape)}, expected {shapes[key]}"
+            )
+        require_finite(value, f"{where}: tensor {key} of module {name}", "the factor file is damaged")
+    return tracked, ModuleFactors(**{key: tensors[key] for key in needed})
+
+
 def from_artifact(
     metadata: dict, read_tensors: Callable[[str], dict[str, torch.Tensor]], where: str = "factor set"
 ) -> FactorSet:
@@ -92,12 +125,8 @@ def from_artifact(
     tracked, factors = {}, {}
     try:
         for name, info in metadata["modules"].items():
-            tracked[name] = TrackedModule(name, info["d_in"], info["d_out"], info["has_bias"], info["transposed"])
-            tensors = read_tensors(info["file"])
-            for key, value in tensors.items():
-                require_finite(value, f"{where}: tensor {key} of module {name}", "the factor file is damaged")
-            factors[name] = ModuleFactors(
-                **{key: tensors[key] for key in ModuleFactors.TENSOR_FIELDS if key in tensors}
+            tracked[name], factors[name] = module_factors(
+                name, info, read_tensors(info["file"]), metadata["strategy"], where
             )
         return FactorSet(
             strategy=metadata["strategy"],
@@ -109,6 +138,17 @@ def from_artifact(
             model_fingerprint=metadata["model_fingerprint"],
             metadata=metadata.get("provenance", {}),
         )
+    except (KeyError, TypeError) as error:
+        raise PreconditionError(f"{where} has incomplete metadata ({type(error).__name__}: {error})") from None
+
+
+def check_files(metadata: dict, read_tensors: Callable[[str], dict[str, torch.Tensor]], where: str) -> None:
+    """Check a factor set's metadata and every module file (as from_artifact does), one module at
+    a time, keeping none: an upload of any size is verified in bounded memory."""
+    check_metadata(metadata, where)
+    try:
+        for name, info in metadata["modules"].items():
+            module_factors(name, info, read_tensors(info["file"]), metadata["strategy"], where)
     except (KeyError, TypeError) as error:
         raise PreconditionError(f"{where} has incomplete metadata ({type(error).__name__}: {error})") from None
 

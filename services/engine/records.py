@@ -33,8 +33,17 @@ def _read_jsonl(path: str | Path, kind: str) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"{kind} file not found: {path}")
-    with path.open("r", encoding="utf-8") as handle:
-        return parse_jsonl(handle, str(path), kind)
+    with path.open("rb") as handle:
+        return parse_jsonl(_decoded_lines(handle, str(path)), str(path), kind)
+
+
+def _decoded_lines(handle, source: str) -> Iterable[str]:
+    """The file's lines as text; invalid UTF-8 is an InputError naming the line."""
+    for line_number, raw in enumerate(handle, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InputError(f"{source}:{line_number}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
 def parse_jsonl(lines: Iterable[str], source: str, kind: str) -> list[dict]:

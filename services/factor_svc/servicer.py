@@ -7,27 +7,25 @@ event loop that also serves health checks and other callers' waits) and converts
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
 from google.protobuf import empty_pb2
 
-from ..engine.factor_io import from_artifact
 from ..engine.fit import FitConfig
 from ..engine.model_io import load_tokenizer, tokenizer_fingerprint
-from ..errors import InputError, IntegrityError, NotFoundError, PreconditionError, ResourceExhaustedError
+from ..errors import InputError, NotFoundError, PreconditionError
 from ..gen.influence.v1 import factor_service_pb2, factor_service_pb2_grpc
 from ..gradient_svc.datasets import dataset_metadata
 from ..rpc import validation
 from ..rpc.common import Limits, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
 from ..rpc.resources import factor_set_message
 from ..rpc.status import grpc_errors
-from ..storage import MANIFEST, ArtifactReader, ArtifactWriter, FileEntry, Manifest, delete_artifact
-from ..storage.manifest import sha256_bytes
-from ..storage.tensors import tensors_from_bytes
+from ..storage import MANIFEST, ArtifactReader, delete_artifact
 from ..system import layout
 from ..system.runner import JobSystem
 from ..system.specs import FitJob
+from . import imports
 from .artifacts import factors_artifact
+from .imports import read_manifest
 
 
 class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
@@ -108,34 +106,45 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
             yield message
 
     @grpc_errors
-    async def ImportFactors(self, request_iterator, context):
-        """A factor directory's files (manifest.json among them), verified, then stored unchanged."""
-        files: dict[str, bytearray] = {}
-        total = 0
-        async for chunk in request_iterator:
-            total += len(chunk.data)
-            if total > self.limits.max_upload_bytes:
-                raise ResourceExhaustedError(f"factor upload exceeds the limit of {self.limits.max_upload_bytes} bytes")
-            files.setdefault(chunk.file, bytearray()).extend(chunk.data)
-        return await asyncio.to_thread(self._import, files)
+    async def PlanFactorImport(self, request, context):
+        def plan_it():
+            manifest = read_manifest(request.manifest, "the uploaded manifest.json")
+            identifier, published, missing = imports.plan(self.system.store, manifest)
+            return factor_service_pb2.FactorImportPlan(
+                factor_set=f"factorSets/{identifier}", published=published, missing_files=missing
+            )
 
-    def _import(self, files: dict[str, bytearray]):
-        if MANIFEST not in files:
-            raise InputError(f"factor upload has no {MANIFEST}")
-        manifest = Manifest.from_bytes(bytes(files.pop(MANIFEST)), f"uploaded {MANIFEST}")
-        for name, entry in manifest.files.items():
-            if name not in files:
-                raise InputError(f"factor upload is missing {name}, which its manifest lists")
-            if FileEntry(name, sha256_bytes(files[name]), len(files[name])) != entry:
-                raise IntegrityError(f"uploaded {name} is corrupted (sha256 or size differs from its manifest)")
-        from_artifact(
-            manifest.metadata,
-            lambda name: tensors_from_bytes(bytes(files[name]), f"uploaded {name}"),
-            "uploaded factors",
-        )  # parses every file
-        factor_set_id = hashlib.sha256(manifest.to_bytes()).hexdigest()[:20]
-        writer = ArtifactWriter(self.system.store, layout.factors_prefix(factor_set_id))
-        for name in sorted(manifest.files):
-            writer.add_bytes(name, bytes(files[name]))
-        writer.publish(manifest.metadata)
-        return factor_set_message(factor_set_id, manifest.metadata)
+        return await asyncio.to_thread(plan_it)
+
+    @grpc_errors
+    async def ImportFactors(self, request_iterator, context):
+        """manifest.json's chunks first (the first with the manifest's size), then the missing
+        files' (see imports.FactorUpload)."""
+        manifest_bytes, manifest_size, upload = bytearray(), 0, None
+        try:
+            async for chunk in request_iterator:
+                if upload is None:
+                    if chunk.file != MANIFEST:
+                        raise InputError(f"an upload starts with {MANIFEST}, got {chunk.file!r}")
+                    manifest_bytes.extend(chunk.data)
+                    if chunk.offset == 0:
+                        manifest_size = chunk.size or len(chunk.data)
+                    if len(manifest_bytes) < manifest_size:
+                        continue
+                    manifest = read_manifest(bytes(manifest_bytes), f"uploaded {MANIFEST}")
+                    upload = imports.FactorUpload(self.system.store, manifest)
+                    continue
+                await asyncio.to_thread(upload.add, chunk.file, chunk.offset, chunk.data)
+            if upload is None:
+                raise InputError(f"factor upload has no {MANIFEST}")
+            metadata = await asyncio.to_thread(upload.finish)
+            return factor_set_message(upload.id, metadata)
+        finally:
+            if upload is not None:
+                await asyncio.to_thread(upload.close)
+
+    @grpc_errors
+    async def RegisterFactors(self, request, context):
+        path = validation.file_uri(request.uri, "uri")
+        identifier, metadata = await asyncio.to_thread(imports.link, self.system.store, path)
+        return factor_set_message(identifier, metadata)

@@ -12,8 +12,8 @@ import json
 from google.protobuf import empty_pb2
 
 from ..engine.modules import check_selection
-from ..engine.records import parse_jsonl, training_examples
-from ..errors import InputError, ResourceExhaustedError, error_for_code
+from ..engine.records import parse_jsonl, read_training_jsonl, training_examples
+from ..errors import InputError, NotFoundError, ResourceExhaustedError, error_for_code
 from ..gen.influence.v1 import gradient_service_pb2, gradient_service_pb2_grpc
 from ..jobs.operations import CANCELLED, FAILED
 from ..rpc import validation
@@ -39,17 +39,26 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
 
     def _register(self, request):
         model = model_ref(request.model)
-        if not request.jsonl:
-            raise InputError('jsonl is empty: upload at least one {"text": ...} line')
-        if len(request.jsonl) > self.limits.max_upload_bytes:
-            raise ResourceExhaustedError(
-                f"jsonl is {len(request.jsonl)} bytes; the limit is {self.limits.max_upload_bytes}"
-            )
-        try:
-            text = request.jsonl.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InputError("jsonl is not UTF-8 text") from None
-        training_examples(parse_jsonl(text.splitlines(), "jsonl", "training data"), "jsonl")
+        if request.uri:
+            if request.jsonl:
+                raise InputError("send the dataset as jsonl or as uri, not both")
+            upload = validation.file_uri(request.uri, "uri")
+            if not upload.is_file():
+                raise NotFoundError(f"training data file not found: {upload}")
+            read_training_jsonl(upload)  # validated where it lies: errors name its lines
+        else:
+            if not request.jsonl:
+                raise InputError('jsonl is empty: upload at least one {"text": ...} line (or give a uri)')
+            if len(request.jsonl) > self.limits.max_upload_bytes:
+                raise ResourceExhaustedError(
+                    f"jsonl is {len(request.jsonl)} bytes; the limit is {self.limits.max_upload_bytes} (send a uri)"
+                )
+            try:
+                text = request.jsonl.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError("jsonl is not UTF-8 text") from None
+            training_examples(parse_jsonl(text.splitlines(), "jsonl", "training data"), "jsonl")
+            upload = request.jsonl
         job = RegisterJob(
             model,
             dataset_id=new_id(),
@@ -62,7 +71,7 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
             job,
             request_id=request.request_id,
             target=f"datasets/{job.dataset_id}",
-            upload=request.jsonl,
+            upload=upload,
         )
         return operation_message(record)
 

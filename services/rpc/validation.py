@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from ..errors import InputError, NotFoundError
 
@@ -49,3 +50,11 @@ def page(page_size: int, page_token: str) -> tuple[int, int]:
     if offset < 0:
         raise InputError(f"invalid page_token {page_token!r}")
     return min(page_size or 50, 500), offset
+
+
+def file_uri(uri: str, field: str) -> Path:
+    """The absolute path of a "file:///abs/path" URI (InputError naming the field otherwise)."""
+    parsed = urlparse(uri or "")
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+        raise InputError(f"{field} must be a file:///absolute/path URI, got {uri!r}")
+    return Path(unquote(parsed.path))

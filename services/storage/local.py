@@ -24,7 +24,10 @@ _COPY_CHUNK = 1 << 20
 
 
 class LocalStore(ArtifactStore):
-    """Objects as files: key "a/b/c" is the file root/a/b/c."""
+    """Objects as files: key "a/b/c" is the file root/a/b/c.
+
+    A prefix can also be a link to a directory outside the store (`link_directory`): its files
+    read as objects, and deleting the prefix removes only the link, never the files behind it."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).absolute()
@@ -70,6 +73,33 @@ class LocalStore(ArtifactStore):
         with open(source, "rb") as reader:
             self._write_atomically(key, lambda handle: shutil.copyfileobj(reader, handle, _COPY_CHUNK))
 
+    def link_directory(self, prefix: str, directory: str | Path) -> None:
+        """Make the files of `directory` readable as the objects under `prefix` (ending in "/"),
+        without copying them. The directory is never written or deleted through the store."""
+        if not prefix.endswith("/") or not check_prefix(prefix):
+            raise InputError(f"a linked directory needs a prefix ending in '/', got {prefix!r}")
+        source = Path(directory).absolute()
+        if not source.is_dir():
+            raise NotFoundError(f"cannot link {source}: no such directory")
+        link = self.root / prefix.removesuffix("/")
+        if link.is_symlink() and link.resolve() == source.resolve():
+            return
+        if link.exists() or link.is_symlink():
+            raise InputError(f"cannot link {prefix!r}: objects already exist there")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        temporary = link.with_name(f".{link.name}.{uuid.uuid4().hex}.link")
+        os.symlink(source, temporary, target_is_directory=True)
+        os.replace(temporary, link)
+
+    def _linked(self, path: Path) -> bool:
+        """True when `path` lies inside a linked directory (below root, through a symlink)."""
+        current = path.parent
+        while current != self.root and self.root in current.parents:
+            if current.is_symlink():
+                return True
+            current = current.parent
+        return False
+
     # -- reads --------------------------------------------------------------------------
 
     def get_bytes(self, key: str) -> bytes:
@@ -109,7 +139,7 @@ class LocalStore(ArtifactStore):
         directory = prefix.rpartition("/")[0]
         start = self.root / directory if directory else self.root
         keys = []
-        for folder, subfolders, files in os.walk(start):
+        for folder, subfolders, files in os.walk(start, followlinks=True):
             subfolders[:] = [name for name in subfolders if not name.startswith(".")]
             relative = Path(folder).relative_to(self.root).as_posix()
             base = "" if relative == "." else relative + "/"
@@ -120,6 +150,8 @@ class LocalStore(ArtifactStore):
 
     def delete(self, key: str) -> None:
         path = self._path(key)
+        if self._linked(path):
+            return  # a linked directory's files are never deleted through the store
         try:
             path.unlink()
         except (FileNotFoundError, NotADirectoryError):
@@ -134,6 +166,13 @@ class LocalStore(ArtifactStore):
         if not prefix.endswith("/") or not check_prefix(prefix):
             return super().delete_prefix(prefix)
         directory = self.root / prefix.removesuffix("/")
+        if directory.is_symlink():  # a linked directory: remove the link, keep its files
+            count = sum(len(files) for _, _, files in os.walk(directory, followlinks=True))
+            directory.unlink()
+            self._remove_empty_parents(directory.parent)
+            return count
+        if self._linked(directory / "x"):
+            return 0
         hidden = directory.with_name(f".{directory.name}.{uuid.uuid4().hex}.deleting")
         try:
             os.rename(directory, hidden)

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from google.rpc import code_pb2
@@ -66,7 +67,9 @@ class JobSystem:
         if not created:
             return record
         job_id = record["id"]
-        if upload is not None:
+        if isinstance(upload, Path):
+            self.store.put_file(layout.job_upload(job_id), upload)
+        elif upload is not None:
             self.store.put_bytes(layout.job_upload(job_id), upload)
         self.store.put_bytes(layout.job_spec(job_id), encode_job(job))
         stage = self.table.plan(job).first(job)

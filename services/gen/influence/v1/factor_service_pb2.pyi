@@ -88,6 +88,28 @@ class ListFactorSetsResponse(_message.Message):
     next_page_token: str
     def __init__(self, factor_sets: _Optional[_Iterable[_Union[FactorSet, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class PlanFactorImportRequest(_message.Message):
+    __slots__ = ("manifest",)
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    manifest: bytes
+    def __init__(self, manifest: _Optional[bytes] = ...) -> None: ...
+
+class FactorImportPlan(_message.Message):
+    __slots__ = ("factor_set", "published", "missing_files")
+    FACTOR_SET_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FILES_FIELD_NUMBER: _ClassVar[int]
+    factor_set: str
+    published: bool
+    missing_files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, factor_set: _Optional[str] = ..., published: _Optional[bool] = ..., missing_files: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RegisterFactorsRequest(_message.Message):
+    __slots__ = ("uri",)
+    URI_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    def __init__(self, uri: _Optional[str] = ...) -> None: ...
+
 class StreamFactorsRequest(_message.Message):
     __slots__ = ("name", "modules", "chunk_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]

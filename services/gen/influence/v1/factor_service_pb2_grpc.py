@@ -63,9 +63,19 @@ class FactorServiceStub:
                 request_serializer=influence_dot_v1_dot_factor__service__pb2.StreamFactorsRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_common__pb2.FileChunk.FromString,
                 _registered_method=True)
+        self.PlanFactorImport = channel.unary_unary(
+                '/influence.v1.FactorService/PlanFactorImport',
+                request_serializer=influence_dot_v1_dot_factor__service__pb2.PlanFactorImportRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_factor__service__pb2.FactorImportPlan.FromString,
+                _registered_method=True)
         self.ImportFactors = channel.stream_unary(
                 '/influence.v1.FactorService/ImportFactors',
                 request_serializer=influence_dot_v1_dot_common__pb2.FileChunk.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_factor__service__pb2.FactorSet.FromString,
+                _registered_method=True)
+        self.RegisterFactors = channel.unary_unary(
+                '/influence.v1.FactorService/RegisterFactors',
+                request_serializer=influence_dot_v1_dot_factor__service__pb2.RegisterFactorsRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_factor__service__pb2.FactorSet.FromString,
                 _registered_method=True)
 
@@ -108,9 +118,28 @@ class FactorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanFactorImport(self, request, context):
+        """Which files of a factor set (named by its manifest.json) the server still needs before the set
+        is published: nothing when it is published already, else the files an upload must send.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ImportFactors(self, request_iterator, context):
-        """Uploads a factor set written by `influence fit` (its files, manifest.json among them);
-        every file is checked against the manifest's sha256.
+        """Uploads a factor set written by `influence fit`, of any size: manifest.json first, then the
+        files the plan lists as missing, each as consecutive chunks. Every file is checked against the
+        manifest's sha256 and stored as it completes, so an interrupted upload resumes from the files
+        PlanFactorImport still lists. The set is published (manifest last) once every file is present.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterFactors(self, request, context):
+        """Registers a factor set the server can read where it is, without moving its bytes:
+        "file:///abs/dir" (a directory written by `influence fit`), when the server's artifact store is
+        a local directory (the embedded system): the set is linked in place, never modified or deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,9 +173,19 @@ def add_FactorServiceServicer_to_server(servicer, server):
                     request_deserializer=influence_dot_v1_dot_factor__service__pb2.StreamFactorsRequest.FromString,
                     response_serializer=influence_dot_v1_dot_common__pb2.FileChunk.SerializeToString,
             ),
+            'PlanFactorImport': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanFactorImport,
+                    request_deserializer=influence_dot_v1_dot_factor__service__pb2.PlanFactorImportRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_factor__service__pb2.FactorImportPlan.SerializeToString,
+            ),
             'ImportFactors': grpc.stream_unary_rpc_method_handler(
                     servicer.ImportFactors,
                     request_deserializer=influence_dot_v1_dot_common__pb2.FileChunk.FromString,
+                    response_serializer=influence_dot_v1_dot_factor__service__pb2.FactorSet.SerializeToString,
+            ),
+            'RegisterFactors': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterFactors,
+                    request_deserializer=influence_dot_v1_dot_factor__service__pb2.RegisterFactorsRequest.FromString,
                     response_serializer=influence_dot_v1_dot_factor__service__pb2.FactorSet.SerializeToString,
             ),
     }
@@ -297,6 +336,33 @@ class FactorService:
             _registered_method=True)
 
     @staticmethod
+    def PlanFactorImport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.FactorService/PlanFactorImport',
+            influence_dot_v1_dot_factor__service__pb2.PlanFactorImportRequest.SerializeToString,
+            influence_dot_v1_dot_factor__service__pb2.FactorImportPlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ImportFactors(request_iterator,
             target,
             options=(),
@@ -312,6 +378,33 @@ class FactorService:
             target,
             '/influence.v1.FactorService/ImportFactors',
             influence_dot_v1_dot_common__pb2.FileChunk.SerializeToString,
+            influence_dot_v1_dot_factor__service__pb2.FactorSet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterFactors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.FactorService/RegisterFactors',
+            influence_dot_v1_dot_factor__service__pb2.RegisterFactorsRequest.SerializeToString,
             influence_dot_v1_dot_factor__service__pb2.FactorSet.FromString,
             options,
             channel_credentials,

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from services.gen.influence.v1 import common_pb2 as influence_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#influence/v1/gradient_service.proto\x12\x0cinfluence.v1\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19influence/v1/common.proto\"\xe3\x01\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x12\n\nnum_shards\x18\x04 \x01(\x05\x12\x12\n\nshard_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x12\n\nnum_tokens\x18\x07 \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa1\x01\n\x16RegisterDatasetRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\r\n\x05jsonl\x18\x04 \x01(\x0c\x12\x12\n\nshard_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.influence.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x82\x01\n\x13StreamBlocksRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x0f\n\x07modules\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\"H\n\rGradientBlock\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x13\n\x0b\x65xample_ids\x18\x02 \x03(\t\x12\x13\n\x0bsafetensors\x18\x03 \x01(\x0c\x32\xa5\x03\n\x0fGradientService\x12V\n\x0fRegisterDataset\x12$.influence.v1.RegisterDatasetRequest\x1a\x1d.google.longrunning.Operation\x12\x44\n\nGetDataset\x12\x1f.influence.v1.GetDatasetRequest\x1a\x15.influence.v1.Dataset\x12U\n\x0cListDatasets\x12!.influence.v1.ListDatasetsRequest\x1a\".influence.v1.ListDatasetsResponse\x12K\n\rDeleteDataset\x12\".influence.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\x12P\n\x0cStreamBlocks\x12!.influence.v1.StreamBlocksRequest\x1a\x1b.influence.v1.GradientBlock0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#influence/v1/gradient_service.proto\x12\x0cinfluence.v1\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19influence/v1/common.proto\"\xe3\x01\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x12\n\nnum_shards\x18\x04 \x01(\x05\x12\x12\n\nshard_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x12\n\nnum_tokens\x18\x07 \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xae\x01\n\x16RegisterDatasetRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\r\n\x05jsonl\x18\x04 \x01(\x0c\x12\x12\n\nshard_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x0b\n\x03uri\x18\x07 \x01(\t\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.influence.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x82\x01\n\x13StreamBlocksRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x0f\n\x07modules\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\"H\n\rGradientBlock\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x13\n\x0b\x65xample_ids\x18\x02 \x03(\t\x12\x13\n\x0bsafetensors\x18\x03 \x01(\x0c\x32\xa5\x03\n\x0fGradientService\x12V\n\x0fRegisterDataset\x12$.influence.v1.RegisterDatasetRequest\x1a\x1d.google.longrunning.Operation\x12\x44\n\nGetDataset\x12\x1f.influence.v1.GetDatasetRequest\x1a\x15.influence.v1.Dataset\x12U\n\x0cListDatasets\x12!.influence.v1.ListDatasetsRequest\x1a\".influence.v1.ListDatasetsResponse\x12K\n\rDeleteDataset\x12\".influence.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\x12P\n\x0cStreamBlocks\x12!.influence.v1.StreamBlocksRequest\x1a\x1b.influence.v1.GradientBlock0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,19 +38,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATASET']._serialized_start=180
   _globals['_DATASET']._serialized_end=407
   _globals['_REGISTERDATASETREQUEST']._serialized_start=410
-  _globals['_REGISTERDATASETREQUEST']._serialized_end=571
-  _globals['_GETDATASETREQUEST']._serialized_start=573
-  _globals['_GETDATASETREQUEST']._serialized_end=606
-  _globals['_DELETEDATASETREQUEST']._serialized_start=608
-  _globals['_DELETEDATASETREQUEST']._serialized_end=644
-  _globals['_LISTDATASETSREQUEST']._serialized_start=646
-  _globals['_LISTDATASETSREQUEST']._serialized_end=706
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=708
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=796
-  _globals['_STREAMBLOCKSREQUEST']._serialized_start=799
-  _globals['_STREAMBLOCKSREQUEST']._serialized_end=929
-  _globals['_GRADIENTBLOCK']._serialized_start=931
-  _globals['_GRADIENTBLOCK']._serialized_end=1003
-  _globals['_GRADIENTSERVICE']._serialized_start=1006
-  _globals['_GRADIENTSERVICE']._serialized_end=1427
+  _globals['_REGISTERDATASETREQUEST']._serialized_end=584
+  _globals['_GETDATASETREQUEST']._serialized_start=586
+  _globals['_GETDATASETREQUEST']._serialized_end=619
+  _globals['_DELETEDATASETREQUEST']._serialized_start=621
+  _globals['_DELETEDATASETREQUEST']._serialized_end=657
+  _globals['_LISTDATASETSREQUEST']._serialized_start=659
+  _globals['_LISTDATASETSREQUEST']._serialized_end=719
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=721
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=809
+  _globals['_STREAMBLOCKSREQUEST']._serialized_start=812
+  _globals['_STREAMBLOCKSREQUEST']._serialized_end=942
+  _globals['_GRADIENTBLOCK']._serialized_start=944
+  _globals['_GRADIENTBLOCK']._serialized_end=1016
+  _globals['_GRADIENTSERVICE']._serialized_start=1019
+  _globals['_GRADIENTSERVICE']._serialized_end=1440
 # @@protoc_insertion_point(module_scope)

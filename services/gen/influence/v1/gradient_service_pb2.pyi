@@ -35,20 +35,22 @@ class Dataset(_message.Message):
     def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., num_examples: _Optional[int] = ..., num_shards: _Optional[int] = ..., shard_size: _Optional[int] = ..., max_length: _Optional[int] = ..., num_tokens: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RegisterDatasetRequest(_message.Message):
-    __slots__ = ("request_id", "model", "display_name", "jsonl", "shard_size", "max_length")
+    __slots__ = ("request_id", "model", "display_name", "jsonl", "shard_size", "max_length", "uri")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     JSONL_FIELD_NUMBER: _ClassVar[int]
     SHARD_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: _common_pb2.ModelSpec
     display_name: str
     jsonl: bytes
     shard_size: int
     max_length: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., display_name: _Optional[str] = ..., jsonl: _Optional[bytes] = ..., shard_size: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
+    uri: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., display_name: _Optional[str] = ..., jsonl: _Optional[bytes] = ..., shard_size: _Optional[int] = ..., max_length: _Optional[int] = ..., uri: _Optional[str] = ...) -> None: ...
 
 class GetDatasetRequest(_message.Message):
     __slots__ = ("name",)
