@@ -9,6 +9,7 @@ bars, and the outputs are downloaded into --out.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -121,10 +122,14 @@ def run_fit(args) -> int:
             return factor_set
 
         factor_set = through_system(args, fit)
+    timings = json.loads((out / "manifest.json").read_text())["metadata"].get("provenance", {}).get("timings") or {}
+    steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in timings.items())
     _log(
         args,
         f"fitted {factor_set.strategy} factors for {len(factor_set.modules)} modules on {factor_set.num_sequences} "
-        f"sequences ({factor_set.num_tokens} tokens) in {time.perf_counter() - started:.1f}s -> {out}",
+        f"sequences ({factor_set.num_tokens} tokens) in {time.perf_counter() - started:.1f}s"
+        + (f" ({steps})" if steps else "")
+        + f" -> {out}",
     )
     return 0
 

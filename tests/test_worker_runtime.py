@@ -247,4 +247,7 @@ def test_a_one_task_fit_reports_each_step_with_its_units(workspace):  # noqa: F8
             modules,
             "module",
         )
-        assert seen[0]["step"] == "covariance" and seen[-1]["step"] == "eigendecomposition", seen
+        order = ["starting", "covariance", "eigendecomposition"]
+        steps = [entry["step"] for entry in seen]
+        assert steps[0] == "starting" and steps[-1] == "eigendecomposition", seen
+        assert [order.index(step) for step in steps] == sorted(order.index(step) for step in steps), seen

@@ -20,6 +20,7 @@ forward/backward; otherwise it recomputes them. Either way the result is the sam
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -268,6 +269,42 @@ def eigendecompose(
     return reduce(partials).eigendecompose(progress, dtype=dtype)
 
 
+def fit_one_shard(
+    fit: FitModel,
+    sequences: Sequence[TokenizedSequence],
+    budget: MemoryBudget,
+    progress: Progress | None = None,
+    provenance: dict | None = None,
+) -> FactorSet:
+    """The steps above on one shard, chained in memory (the capture cache replays the covariance
+    pass for the correction when it fits the budget). The time of each step goes into the factor
+    set's provenance ("timings", seconds)."""
+    progress = progress or Progress()
+    timings: dict[str, float] = {}
+
+    def timed(step: str, work):
+        started = time.perf_counter()
+        result = work()
+        timings[step] = round(time.perf_counter() - started, 3)
+        return result
+
+    cache = fit.capture_cache(budget, sequences)
+    try:
+        eigen = None
+        if fit.strategy.covariance:
+            partial = timed("covariance", lambda: fit.covariance(sequences, progress, cache))
+            eigen = timed("eigendecomposition", lambda: eigendecompose([partial], fit.storage_dtype(), progress))
+            del partial
+        corrections = []
+        if fit.strategy.correction:
+            corrections = [timed("correction", lambda: fit.correction(sequences, eigen, progress, cache))]
+    finally:
+        if cache is not None:
+            cache.release()
+    provenance = {**(provenance or {}), "timings": timings, "correction_replayed_captures": cache is not None}
+    return fit.finalize(eigen, corrections, len(sequences), provenance)
+
+
 def fit_factors(
     model: nn.Module,
     tokenizer,
@@ -279,15 +316,6 @@ def fit_factors(
     """Fit the configured strategy's factors on `examples`: the steps above, the data as one shard."""
     fit = FitModel(model, tokenizer, config or FitConfig())
     progress = progress or Progress()
-    sequences = fit.tokenize(examples)
-    cache = fit.capture_cache(budget or MemoryBudget(default_cache_bytes()), sequences)
-    try:
-        eigen = None
-        if fit.strategy.covariance:
-            eigen = eigendecompose([fit.covariance(sequences, progress, cache)], fit.storage_dtype(), progress)
-        corrections = [fit.correction(sequences, eigen, progress, cache)] if fit.strategy.correction else []
-    finally:
-        if cache is not None:
-            cache.release()
+    factor_set = fit_one_shard(fit, fit.tokenize(examples), budget or MemoryBudget(default_cache_bytes()), progress)
     progress.close()
-    return fit.finalize(eigen, corrections, n_sequences=len(sequences))
+    return factor_set

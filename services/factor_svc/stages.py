@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..engine.factors import CorrectionAccumulator, CovarianceAccumulator, Eigenbases
-from ..engine.fit import FitModel, eigendecompose
+from ..engine.fit import FitModel, eigendecompose, fit_one_shard
 from ..gradient_svc.datasets import dataset_metadata, shard_sequences
 from ..rpc.resources import factor_set_message, packed
 from ..storage import get_tensors, put_tensors
@@ -102,39 +102,34 @@ def run_finalize(call: StageCall) -> dict:
 
 
 def run_fit_one_shard(call: StageCall) -> dict:
-    """A one-shard fit in one task: the same steps, their outputs passed in memory. With one
-    shard there is nothing to fan out, so storing the partial sums and eigenbases between
+    """A one-shard fit in one task: the engine's one-shard chain, its outputs passed in memory.
+    With one shard there is nothing to fan out, so storing the partial sums and eigenbases between
     tasks would only buy a finer-grained retry; a retried task recomputes it all."""
-    fit, progress = _fit(call), call.context.progress
-    sequences = _sequences(call, 0)
-    cache = fit.capture_cache(call.context.captures.budget, sequences)
-    try:
-        eigen = None
-        if fit.strategy.covariance:
-            eigen = eigendecompose([fit.covariance(sequences, progress, cache)], fit.storage_dtype(), progress)
-        corrections = [fit.correction(sequences, eigen, progress, cache)] if fit.strategy.correction else []
-    finally:
-        if cache is not None:
-            cache.release()
-    return _publish(call, fit, eigen, corrections)
+    fit = _fit(call)
+    factor_set = fit_one_shard(
+        fit, _sequences(call, 0), call.context.captures.budget, call.context.progress, _provenance(call)
+    )
+    return _publish_factor_set(call, factor_set)
+
+
+def _provenance(call: StageCall) -> dict:
+    job: FitJob = call.job
+    return {"dataset": f"datasets/{job.dataset_id}", "model_path": job.model.path, "create_time": job.create_time}
+
+
+def _n_sequences(call: StageCall) -> int:
+    job: FitJob = call.job
+    dataset = dataset_metadata(call.context.store, job.dataset_id)
+    return min(dataset["num_examples"], job.config.max_examples or dataset["num_examples"])
 
 
 def _publish(call: StageCall, fit: FitModel, eigen: Eigenbases | None, corrections) -> dict:
+    return _publish_factor_set(call, fit.finalize(eigen, corrections, _n_sequences(call), _provenance(call)))
+
+
+def _publish_factor_set(call: StageCall, factor_set) -> dict:
     job: FitJob = call.job
-    dataset = dataset_metadata(call.context.store, job.dataset_id)
-    n_sequences = min(dataset["num_examples"], job.config.max_examples or dataset["num_examples"])
-    factor_set = fit.finalize(
-        eigen,
-        corrections,
-        n_sequences=n_sequences,
-        provenance={
-            "dataset": f"datasets/{job.dataset_id}",
-            "model_path": job.model.path,
-            "create_time": job.create_time,
-        },
-    )
-    prefix = layout.factors_prefix(job.factor_set_id)
-    metadata, stored = publish_factor_set(call.context.store, prefix, factor_set)
+    metadata, stored = publish_factor_set(call.context.store, layout.factors_prefix(job.factor_set_id), factor_set)
     call.context.artifacts.put(("factors", job.factor_set_id), stored)  # a score job on this worker reads none back
     return metadata
 

@@ -243,6 +243,7 @@ class Worker:
             operations.fail(payload.operation, code_pb2.ABORTED, message)
             return
         progress = OperationProgress(operations, payload.operation)
+        progress.stage("starting", 1, "task")  # until the stage's first step: loading its model and inputs
         self.context.progress = progress
         try:
             job = decode_job(self.system.store.get_bytes(layout.job_spec(payload.job)))
