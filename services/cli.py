@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="score training sequences against queries")
     _add_model_options(score)
     score.add_argument("--factors", required=True, help="directory written by `influence fit`")
-    score.add_argument("--data", required=True, help="TRAIN.jsonl")
+    score.add_argument("--data", default=None, help="TRAIN.jsonl (not with --index: the index holds its data)")
     score.add_argument("--queries", required=True, help='QUERIES.jsonl: {"id", "prompt", "completion"} per line')
     score.add_argument("--out", required=True, help="output directory: scores.safetensors, results.json")
     score.add_argument("--top-k", type=int, default=10)
@@ -121,6 +121,34 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--query-rank", type=int, default=None, help="low-rank query batching with rank R")
     score.add_argument("--per-module", action="store_true", help="layer-wise breakdown of every score")
     score.add_argument("--per-token", action="store_true", help="token-wise attribution of the top-k sequences")
+    score.add_argument("--index", default=None, help="score against this index directory (influence index build)")
+    score.add_argument(
+        "--rescore", type=int, default=None, help="with --index: candidates per query rescored exactly (default 2%%)"
+    )
+    score.add_argument("--tfidf", type=int, default=0, help="score only each query's K nearest sequences by TF-IDF")
+
+    index = commands.add_parser("index", help="build or extend an index of compressed training gradients")
+    index_commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    build = index_commands.add_parser("build", help="index a dataset's training gradients")
+    _add_model_options(build)
+    build.add_argument("--factors", required=True, help="directory written by `influence fit`")
+    build.add_argument("--data", required=True, help="TRAIN.jsonl")
+    build.add_argument("--out", required=True, help="the index directory to write")
+    build.add_argument("--projection", default="svd", choices=["svd", "eigen", "random", "none"])
+    build.add_argument("--rank", type=int, default=8, help="svd: rank kept per sequence and module")
+    build.add_argument("--dim", type=int, default=32, help="eigen, random: dimensions kept per side")
+    build.add_argument("--seed", type=int, default=0, help="random: the projections' seed")
+    build.add_argument("--storage-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    _add_damping_options(build)
+    append = index_commands.add_parser("append", help="add training sequences to an index")
+    append.add_argument("--index", required=True, help="the index directory")
+    append.add_argument("--data", required=True, help="MORE.jsonl (ids must not repeat the index's)")
+    append.add_argument("--batch-size", type=int, default=8)
+    append.add_argument("--max-length", type=int, default=512)
+    append.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
+    append.add_argument("--quiet", action="store_true")
+    append.add_argument("--server", default="", metavar="HOST:PORT")
+    append.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
 
     self_cmd = commands.add_parser("self", help="self-influence of every training sequence")
     _add_model_options(self_cmd)
@@ -161,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
 
     previous_handler = _interrupt_on_sigterm()
     try:
+        if args.command == "index":
+            from .index_commands import run_index
+
+            return run_index(args)
         from . import commands
 
         return getattr(commands, f"run_{args.command}")(args)

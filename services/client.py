@@ -242,6 +242,53 @@ class InfluenceClient:
         chunks = self._stream(self.factors.StreamFactors, factor_service_pb2.StreamFactorsRequest(name=name))
         return _receive_files(chunks, Path(out_dir), last="manifest.json")
 
+    # -- the index ------------------------------------------------------------------------
+
+    def build_index(
+        self, model, factor_set: str, dataset: str, *, progress=None, **options
+    ) -> gradient_service_pb2.Index:
+        """Index `dataset`'s training gradients with `factor_set` (options: projection, rank, dim,
+        seed, storage_dtype, batch_size, damping_factor, damping)."""
+        request = gradient_service_pb2.BuildIndexRequest(
+            model=_model(model), factor_set=factor_set, dataset=dataset, request_id=_request_id(), **options
+        )
+        operation = self._call(self.gradients.BuildIndex, request)
+        return self.unpack(self.wait(operation, progress), gradient_service_pb2.Index)
+
+    def append_index(
+        self, index: str, dataset: str, *, progress=None, batch_size: int = 0
+    ) -> gradient_service_pb2.Index:
+        request = gradient_service_pb2.AppendIndexRequest(
+            index=index, dataset=dataset, batch_size=batch_size, request_id=_request_id()
+        )
+        operation = self._call(self.gradients.AppendIndex, request)
+        return self.unpack(self.wait(operation, progress), gradient_service_pb2.Index)
+
+    def get_index(self, name: str) -> gradient_service_pb2.Index:
+        return self._call(self.gradients.GetIndex, gradient_service_pb2.GetIndexRequest(name=name))
+
+    def register_index(self, directory: str | Path) -> gradient_service_pb2.Index:
+        """Register an index directory in place (and its datasets), as `register_factors` does."""
+        uri = Path(directory).resolve().as_uri()
+        return self._call(self.gradients.RegisterIndex, gradient_service_pb2.RegisterIndexRequest(uri=uri))
+
+    def download_index(self, name: str, out_dir: str | Path, *, index_files: bool = True) -> Path:
+        """The index's files (manifest.json last) into out_dir, and each of its datasets into
+        out_dir/datasets/{id} (one already there is not fetched again): a directory that
+        `influence score --index` and `influence index append` read. Without `index_files`, only
+        the datasets (an index registered in place is already up to date there)."""
+        out_dir = Path(out_dir)
+        index = self.get_index(name)
+        for dataset in index.datasets:
+            target = out_dir / "datasets" / dataset.removeprefix("datasets/")
+            if not (target / "manifest.json").is_file():
+                request = gradient_service_pb2.StreamArtifactFilesRequest(name=dataset)
+                _receive_files(self._stream(self.gradients.StreamDatasetFiles, request), target, last="manifest.json")
+        if not index_files:
+            return out_dir
+        request = gradient_service_pb2.StreamArtifactFilesRequest(name=name)
+        return _receive_files(self._stream(self.gradients.StreamIndexFiles, request), out_dir, last="manifest.json")
+
     # -- scores ---------------------------------------------------------------------------
 
     def compute_scores(
@@ -253,8 +300,12 @@ class InfluenceClient:
         *,
         progress=None,
         damping: float | None = None,
+        rescore: int | None = None,
         **options,
     ) -> query_service_pb2.ScoreResult:
+        """Score queries against a dataset (recompute; options tfidf=K to score only TF-IDF
+        candidates) or, with index="indexes/{id}" (dataset may be ""), against an index, the top
+        `rescore` candidates per query rescored exactly (default: the server's, 2% of the corpus)."""
         request = query_service_pb2.ComputeScoresRequest(
             model=_model(model),
             factor_set=factor_set,
@@ -264,6 +315,8 @@ class InfluenceClient:
         )
         if damping is not None:
             request.damping = damping
+        if rescore is not None:
+            request.rescore = rescore
         request.request_id = _request_id()
         operation = self._call(self.queries.ComputeScores, request)
         return self.unpack(self.wait(operation, progress), query_service_pb2.ScoreResult)
@@ -355,10 +408,13 @@ def _receive_files(chunks, out_dir: Path, last: str | None = None) -> Path:
             if name != current:
                 if handle is not None:
                     handle.close()
-                if "/" in name or name.startswith(".") or name in temporaries:
+                parts = name.split("/")
+                if any(not part or part.startswith(".") for part in parts) or name in temporaries:
                     raise InternalError(f"the server sent an invalid or repeated file {name!r}")
                 current = name
-                temporaries[name] = out_dir / f".{name}.part"
+                target = out_dir.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                temporaries[name] = target.with_name(f".{target.name}.part")
                 handle = temporaries[name].open("wb")
                 digests[name], sizes[name], expected[name] = hashlib.sha256(), 0, chunk.sha256
             if chunk.offset != sizes[name]:
@@ -373,7 +429,7 @@ def _receive_files(chunks, out_dir: Path, last: str | None = None) -> Path:
             if expected[name] and digest.hexdigest() != expected[name]:
                 raise InternalError(f"{name} arrived corrupted (sha256 mismatch)")
         for name in sorted(temporaries, key=lambda n: n == last):
-            temporaries[name].replace(out_dir / name)
+            temporaries[name].replace(out_dir.joinpath(*name.split("/")))
     finally:
         if handle is not None:
             handle.close()

@@ -20,7 +20,7 @@ from .engine.fit import FitConfig
 from .engine.model_io import load_tokenizer, parse_device, parse_dtype
 from .engine.records import read_queries_jsonl, read_training_jsonl
 from .engine.score import ScoreConfig
-from .errors import InputError, NotFoundError
+from .errors import InputError, NotFoundError, PreconditionError
 from .factor_svc.artifacts import load_factors
 from .gen.influence.v1 import common_pb2
 from .progress_bars import StageBars
@@ -170,10 +170,45 @@ def _score_config(args, **extra) -> ScoreConfig:
     return config
 
 
+SOURCE = "source.json"
+
+
+def _source(index_dir: Path) -> dict:
+    try:
+        return json.loads((index_dir / SOURCE).read_text())
+    except (OSError, ValueError):
+        raise NotFoundError(f"no index at {index_dir} (missing or unreadable {SOURCE})") from None
+
+
+def index_name(client, args, index_dir: Path) -> str:
+    """The system's name of the index in `index_dir`: registered in place (embedded), or the
+    server index the directory was downloaded from (with --server)."""
+    source = _source(index_dir)
+    if not args.server:
+        return client.register_index(index_dir).name
+    if source.get("server") != args.server or not source.get("index"):
+        raise PreconditionError(
+            f"{index_dir} was not built on {args.server}: build the index there (influence index build --server)"
+        )
+    return source["index"]
+
+
 def run_score(args) -> int:
-    config = _score_config(args, query_rank=args.query_rank, per_module=args.per_module, per_token=args.per_token)
+    config = _score_config(
+        args, query_rank=args.query_rank, per_module=args.per_module, per_token=args.per_token, tfidf=args.tfidf
+    )
     queries = read_queries_jsonl(args.queries)
-    read_training_jsonl(args.data)
+    if args.index:
+        if args.data or args.tfidf:
+            raise InputError("--index holds its own data: give neither --data nor --tfidf with it")
+        if not (Path(args.index) / "manifest.json").is_file():
+            raise NotFoundError(f"no index at {args.index} (missing manifest.json)")
+    elif not args.data:
+        raise InputError("give --data TRAIN.jsonl (or --index INDEX_DIR)")
+    else:
+        read_training_jsonl(args.data)
+    if args.rescore is not None and (args.rescore < 0 or not args.index):
+        raise InputError("--rescore takes a count >= 0, with --index")
     _check_factors(args)
     out = _out_dir(args.out)
     model = _model(args)
@@ -182,7 +217,13 @@ def run_score(args) -> int:
 
         def score(client):
             factor_set = _factor_set(client, args)
-            dataset = _register(client, args, model, bars)
+            options = {}
+            if args.index:
+                dataset = ""
+                options = {"index": index_name(client, args, Path(args.index)), "rescore": args.rescore}
+            else:
+                dataset = _register(client, args, model, bars)
+                options = {"tfidf": config.tfidf}
             result = client.compute_scores(
                 model,
                 factor_set,
@@ -196,6 +237,7 @@ def run_score(args) -> int:
                 per_module=config.per_module,
                 per_token=config.per_token,
                 batch_size=config.batch_size,
+                **options,
             )
             client.download_result(result.name, out)
             return result

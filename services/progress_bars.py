@@ -28,6 +28,10 @@ def phase_of(metadata: common_pb2.OperationMetadata) -> Phase:
     return Phase(metadata.step, metadata.step_done, metadata.step_total, metadata.step_unit or "batch")
 
 
+def plural(unit: str) -> str:
+    return unit + ("es" if unit.endswith(("ch", "sh", "s", "x")) else "s")
+
+
 class StageBars:
     """Progress bars from operation metadata, one per phase (see `phase_of`), with its units/s, ETA
     and tokens/s (the operation's token counter counts every phase's tokens, so a bar shows what it
@@ -87,7 +91,7 @@ class StageBars:
         else:
             elapsed = time.monotonic() - self._started
             tokens = f", {rate:,.0f} tok/s" if rate > 0 else ""
-            line = f"{phase.name:>18}: {phase.total}/{phase.total} {phase.unit}s in {elapsed:.1f}s{tokens}"
+            line = f"{phase.name:>18}: {phase.total}/{phase.total} {plural(phase.unit)} in {elapsed:.1f}s{tokens}"
             print(line, file=self.stream, flush=True)
 
     def close(self, clear: bool = False) -> None:

@@ -132,7 +132,7 @@ def test_gpu_pools_get_gpus_tolerations_and_affinity():
     assert container["args"] == [
         "worker",
         "--kinds",
-        "covariance,correction,score,self",
+        "covariance,correction,score,self,index_shard,index_prepare,index_merge",
         "--name",
         "$(POD_NAME)",
     ]

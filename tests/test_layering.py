@@ -35,10 +35,15 @@ LAYERS = {
     "embedded": 7,
     "demo": 8,
     "commands": 9,
-    "cli": 10,
+    "index_commands": 10,
+    "cli": 11,
 }
 # service -> the services it may read from (datasets are GradientService's; factor sets FactorService's)
-SIBLINGS = {"factor_svc": {"gradient_svc"}, "query_svc": {"gradient_svc", "factor_svc"}}
+SIBLINGS = {
+    "factor_svc": {"gradient_svc"},
+    "gradient_svc": {"factor_svc"},
+    "query_svc": {"gradient_svc", "factor_svc"},
+}
 # the client stays light: no torch, no server-side modules
 CLIENT_MAY_IMPORT = {"errors", "wire", "gen", "engine.records"}
 

@@ -38,6 +38,7 @@ from .precondition import Damping, low_rank, precondition, self_influence_terms
 from .progress import Progress
 from .records import Query, TrainingExample
 from .scoring import ModuleQueries, module_scores, module_token_scores, plan_module_queries
+from .tfidf import tfidf_candidates
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ScoreConfig:
     top_k: int = 10
     per_module: bool = False
     per_token: bool = False
+    tfidf: int = 0  # score only each query's tfidf nearest training sequences by TF-IDF (0: all)
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -60,6 +62,8 @@ class ScoreConfig:
             raise InputError(f"--query-rank must be >= 1, got {self.query_rank}")
         if self.max_length < 2:
             raise InputError(f"--max-length must be >= 2, got {self.max_length}")
+        if self.tfidf < 0:
+            raise InputError(f"--tfidf must be >= 0, got {self.tfidf}")
         _ = self.damping_policy  # validates the damping values
 
     @property
@@ -213,26 +217,34 @@ class Scorer:
     ) -> PreparedQueries:
         """Query gradients, preconditioned once, each module's kernel planned for training sequences
         of `mean_tokens` tokens on average (scoring.py)."""
-        gradients = self.query_gradients(queries, progress)
+        return self.prepare_gradients(self.query_gradients(queries, progress), mean_tokens)
+
+    def prepare_gradients(self, gradients: dict[str, torch.Tensor], mean_tokens: float) -> PreparedQueries:
+        """`prepare` from query gradients already computed ({name: [Q, d_out, d_in]}; not kept)."""
         damping, strategy = self.config.damping_policy, self.factors.strategy
         prepared = {}
         for name in self.names:
-            preconditioned = precondition(
-                gradients.pop(name), self.factors.factors[name], strategy, damping, self.dtype
-            )
+            module_factors = self.factors.factors[name]
+            preconditioned = precondition(gradients[name], module_factors, strategy, damping, self.dtype)
             require_finite(preconditioned, f"the preconditioned query gradients of module {name}", "damping too small?")
             factor_pair = low_rank(preconditioned, self.config.query_rank) if self.config.query_rank else None
             prepared[name] = plan_module_queries(preconditioned, factor_pair, mean_tokens, self.dtype)
         return PreparedQueries(prepared)
 
     def score(
-        self, prepared: PreparedQueries, sequences: Sequence[TokenizedSequence], progress: Progress | None = None
+        self,
+        prepared: PreparedQueries,
+        sequences: Sequence[TokenizedSequence],
+        progress: Progress | None = None,
+        only: set[int] | None = None,
     ) -> ShardScores:
         """Per-module scores of every prepared query against `sequences` (any shard of the data):
-        float64 [M, Q, len(sequences)], column j for sequences[j]."""
+        float64 [M, Q, len(sequences)], column j for sequences[j]. With `only` (sequence indices),
+        just those are computed (a TF-IDF candidate set); the other columns are 0."""
         column = {sequence.index: position for position, sequence in enumerate(sequences)}
         per_module = torch.zeros((len(self.names), prepared.n_queries, len(sequences)), dtype=torch.float64)
-        for batch, captures in self._passes(sequences, "scores", progress):
+        scored = sequences if only is None else [sequence for sequence in sequences if sequence.index in only]
+        for batch, captures in self._passes(scored, "scores", progress):
             columns = torch.tensor([column[int(index)] for index in batch.indices])
             for position, name in enumerate(self.names):
                 scores = module_scores(captures[name], prepared.modules[name])
@@ -240,24 +252,38 @@ class Scorer:
         _check_scores(per_module, sequences, self.names)
         return ShardScores(per_module, torch.tensor([sequence.index for sequence in sequences]))
 
+    def tfidf_mask(self, queries: Sequence[Query], sequences: Sequence[TokenizedSequence]) -> torch.Tensor:
+        """[Q, len(sequences)] bool: each query's `config.tfidf` nearest sequences by TF-IDF."""
+        query_sequences = tokenize_queries(self.tokenizer, queries, self.config.max_length)
+        mask = torch.zeros(len(queries), len(sequences), dtype=torch.bool)
+        for query, columns in enumerate(tfidf_candidates(query_sequences, sequences, self.config.tfidf)):
+            mask[query, columns] = True
+        return mask
+
     def merge(
         self,
         partials: Sequence[ShardScores],
         prepared: Callable[[], PreparedQueries],
         sequence_of: Callable[[int], TokenizedSequence],
         progress: Progress | None = None,
+        mask: torch.Tensor | None = None,
     ) -> ScoreResult:
         """The shards' scores as one result: totals, top-k per query, and token-wise attribution of
-        the top-k (their sequences are recomputed; `prepared()` is called only then)."""
+        the top-k (their sequences are recomputed; `prepared()` is called only then). With `mask`
+        [Q, N] (bool: which sequences each query scored, e.g. its TF-IDF candidates), the others
+        are 0 in the result and never in a top-k."""
         per_module = concatenate(partials)  # [M, Q, N]
+        if mask is not None:
+            per_module = per_module * mask
         scores = per_module.sum(0)
         result = ScoreResult(
             scores=scores.to(torch.float32),
             module_names=self.names,
             per_module=per_module.to(torch.float32) if self.config.per_module else None,
         )
+        ranked = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
         result.top = top_k_entries(
-            scores, per_module if self.config.per_module else None, self.names, self.config.top_k
+            ranked, per_module if self.config.per_module else None, self.names, self.config.top_k
         )
         if self.config.per_token and self.config.top_k:
             queries = prepared()
@@ -345,13 +371,16 @@ def _check_scores(per_module: torch.Tensor, sequences: Sequence[TokenizedSequenc
 def top_k_entries(
     scores: torch.Tensor, per_module: torch.Tensor | None, names: list[str], k: int
 ) -> list[list[TopEntry]]:
-    """The k highest-scoring training sequences per query. scores: [Q, N]; per_module: [M, Q, N]."""
+    """The k highest-scoring training sequences per query (entries scored -inf, i.e. not scored,
+    never rank). scores: [Q, N]; per_module: [M, Q, N]."""
     k = min(k, scores.shape[1])
     top = []
     for query in range(scores.shape[0]):
         values, indices = torch.topk(scores[query], k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
         entries = []
         for value, index in zip(values.tolist(), indices.tolist(), strict=True):
+            if value == float("-inf"):
+                break
             breakdown = None
             if per_module is not None:
                 breakdown = {name: float(per_module[m, query, index]) for m, name in enumerate(names)}
@@ -380,7 +409,10 @@ def compute_scores(
         raise InputError("no queries to score")
     train = scorer.tokenize_training(examples)
     prepared = scorer.prepare(queries, mean_length(train), progress)
-    result = scorer.merge([scorer.score(prepared, train, progress)], lambda: prepared, train.__getitem__, progress)
+    mask = scorer.tfidf_mask(queries, train) if scorer.config.tfidf else None
+    only = None if mask is None else set(mask.any(0).nonzero().flatten().tolist())
+    partial = scorer.score(prepared, train, progress, only)
+    result = scorer.merge([partial], lambda: prepared, train.__getitem__, progress, mask)
     result.kernels = {name: prepared.modules[name].kernel for name in scorer.names}
     progress.close()
     return result

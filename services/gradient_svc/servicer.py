@@ -11,20 +11,25 @@ import json
 
 from google.protobuf import empty_pb2
 
+from ..engine.index import IndexSpec
+from ..engine.model_io import ModelRef
 from ..engine.modules import check_selection
 from ..engine.records import parse_jsonl, read_training_jsonl, training_examples
-from ..errors import InputError, NotFoundError, ResourceExhaustedError, error_for_code
+from ..engine.score import ScoreConfig
+from ..errors import InputError, NotFoundError, PreconditionError, ResourceExhaustedError, error_for_code
+from ..factor_svc.artifacts import factors_artifact
 from ..gen.influence.v1 import gradient_service_pb2, gradient_service_pb2_grpc
 from ..jobs.operations import CANCELLED, FAILED
 from ..rpc import validation
-from ..rpc.common import Limits, list_artifacts, model_ref, new_id, operation_message
-from ..rpc.resources import dataset_message
+from ..rpc.common import Limits, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
+from ..rpc.resources import dataset_message, index_message
 from ..rpc.status import code_name, grpc_errors
 from ..storage import delete_artifact
 from ..system import layout
 from ..system.runner import JobSystem
-from ..system.specs import DEFAULT_SHARD_SIZE, BlocksJob, RegisterJob
-from .datasets import dataset_metadata
+from ..system.specs import DEFAULT_SHARD_SIZE, BlocksJob, IndexJob, RegisterJob
+from . import indexes
+from .datasets import dataset_artifact, dataset_metadata
 
 _POLL_SECONDS = 0.05  # how often StreamBlocks looks for the worker's next block
 
@@ -146,3 +151,128 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
                 await asyncio.to_thread(self.system.operations.cancel, job)
             else:
                 await asyncio.to_thread(self.system.store.delete_prefix, layout.job_prefix(job))
+
+    # -- the index ---------------------------------------------------------------------------
+
+    @grpc_errors
+    async def BuildIndex(self, request, context):
+        return await asyncio.to_thread(self._build_index, request)
+
+    def _index_config(self, request, dataset: dict) -> ScoreConfig:
+        if request.HasField("damping_factor") and request.damping_factor < 0:
+            raise InputError(f"damping_factor must be >= 0, got {request.damping_factor}")
+        config = ScoreConfig(
+            damping_factor=request.damping_factor if request.HasField("damping_factor") else 0.1,
+            damping=request.damping if request.HasField("damping") else None,
+            batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
+            max_length=dataset["max_length"],
+        )
+        config.validate()
+        return config
+
+    def _build_index(self, request):
+        model = model_ref(request.model)
+        factor_set_id = validation.resource_id(request.factor_set, "factorSets", "factor_set")
+        factors_artifact(self.system.store, factor_set_id)
+        dataset_id, dataset = self._metadata(request.dataset, "dataset")
+        spec = IndexSpec(
+            projection=request.projection or "svd",
+            rank=validation.positive(request.rank, "rank", 8, 4096),
+            dim=validation.positive(request.dim, "dim", 32, 4096),
+            seed=request.seed,
+            storage_dtype=request.storage_dtype or "bfloat16",
+        )
+        spec.validate()
+        job = IndexJob(
+            model,
+            dataset_id=dataset_id,
+            shards=dataset["num_shards"],
+            factor_set_id=factor_set_id,
+            index_id=new_id(),
+            spec=spec,
+            config=self._index_config(request, dataset),
+        )
+        record = self.system.submit("build_index", job, request_id=request.request_id, target=f"indexes/{job.index_id}")
+        return operation_message(record)
+
+    @grpc_errors
+    async def AppendIndex(self, request, context):
+        return await asyncio.to_thread(self._append_index, request)
+
+    def _append_index(self, request):
+        index_id = validation.resource_id(request.index, "indexes", "index")
+        index = indexes.index_artifact(self.system.store, index_id).metadata
+        dataset_id, dataset = self._metadata(request.dataset, "dataset")
+        if dataset["tokenizer_fingerprint"] != index["tokenizer_fingerprint"]:
+            raise PreconditionError(f"{request.dataset} was tokenised with another tokenizer than the index's model's")
+        if any(part["dataset"] == f"datasets/{dataset_id}" for part in index["parts"]):
+            raise PreconditionError(f"{request.dataset} is already in {request.index}")
+        repeated = indexes.existing_ids(self.system.store, {"parts": [{"dataset": f"datasets/{dataset_id}"}]})
+        repeated &= indexes.existing_ids(self.system.store, index)
+        if repeated:
+            raise PreconditionError(
+                f"{len(repeated)} ids of {request.dataset} are in the index already, e.g. {sorted(repeated)[0]!r}"
+            )
+        config = ScoreConfig(
+            damping_factor=index["damping"]["factor"],
+            damping=index["damping"]["absolute"],
+            batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
+            max_length=dataset["max_length"],
+        )
+        job = IndexJob(
+            ModelRef(index["model_path"]),
+            dataset_id=dataset_id,
+            shards=dataset["num_shards"],
+            factor_set_id=index["factor_set"].removeprefix("factorSets/"),
+            index_id=index_id,
+            spec=IndexSpec(**index["spec"]),
+            config=config,
+            part=len(index["parts"]),
+            start=index["num_examples"],
+            base=index,
+        )
+        record = self.system.submit("append_index", job, request_id=request.request_id, target=request.index)
+        return operation_message(record)
+
+    @grpc_errors
+    async def GetIndex(self, request, context):
+        index_id = validation.resource_id(request.name, "indexes", "name")
+        return index_message((await asyncio.to_thread(indexes.index_artifact, self.system.store, index_id)).metadata)
+
+    @grpc_errors
+    async def ListIndexes(self, request, context):
+        items, token = await asyncio.to_thread(
+            list_artifacts, self.system.store, "indexes/", request.page_size, request.page_token
+        )
+        return gradient_service_pb2.ListIndexesResponse(
+            indexes=[index_message(metadata) for _, metadata in items], next_page_token=token
+        )
+
+    @grpc_errors
+    async def DeleteIndex(self, request, context):
+        index_id = validation.resource_id(request.name, "indexes", "name")
+        await asyncio.to_thread(indexes.index_artifact, self.system.store, index_id)
+        await asyncio.to_thread(delete_artifact, self.system.store, layout.index_prefix(index_id))
+        return empty_pb2.Empty()
+
+    @grpc_errors
+    async def StreamIndexFiles(self, request, context):
+        index_id = validation.resource_id(request.name, "indexes", "name")
+        artifact = await asyncio.to_thread(indexes.index_artifact, self.system.store, index_id)
+        chunk = validation.positive(request.chunk_bytes, "chunk_bytes", self.limits.chunk_bytes, 64 * 2**20)
+        async for message in in_thread(file_chunks(artifact, artifact.names(), chunk, with_manifest=True)):
+            yield message
+
+    @grpc_errors
+    async def StreamDatasetFiles(self, request, context):
+        dataset_id = validation.resource_id(request.name, "datasets", "name")
+        artifact = await asyncio.to_thread(dataset_artifact, self.system.store, dataset_id)
+        chunk = validation.positive(request.chunk_bytes, "chunk_bytes", self.limits.chunk_bytes, 64 * 2**20)
+        async for message in in_thread(file_chunks(artifact, artifact.names(), chunk, with_manifest=True)):
+            yield message
+
+    @grpc_errors
+    async def RegisterIndex(self, request, context):
+        path = validation.file_uri(request.uri, "uri")
+        metadata = await asyncio.to_thread(indexes.link, self.system.store, path)
+        return index_message(metadata)

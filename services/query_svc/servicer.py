@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 
+from ..engine.index import default_rescore
 from ..engine.records import query_records
 from ..engine.score import ScoreConfig
-from ..errors import InputError, ResourceExhaustedError
+from ..errors import InputError, PreconditionError, ResourceExhaustedError
 from ..factor_svc.artifacts import factors_artifact
 from ..gen.influence.v1 import query_service_pb2, query_service_pb2_grpc
+from ..gradient_svc import indexes
 from ..gradient_svc.datasets import dataset_metadata
 from ..rpc import validation
 from ..rpc.common import Limits, file_chunks, in_thread, model_ref, new_id, operation_message
@@ -56,7 +58,32 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
 
     def _scores(self, request):
         model = model_ref(request.model)
+        if request.index:
+            return self._index_scores(request, model)
         factor_set_id, dataset_id, dataset = self._inputs(request)
+        config = self._config(
+            request,
+            dataset,
+            query_rank=request.query_rank or None,
+            per_module=request.per_module,
+            per_token=request.per_token,
+            tfidf=validation.positive(request.tfidf, "tfidf", 0, 10**9),
+        )
+        job = ScoreJob(
+            model,
+            dataset_id=dataset_id,
+            shards=dataset["num_shards"],
+            factor_set_id=factor_set_id,
+            result_id=new_id(),
+            config=config,
+            queries=self._queries(request),
+        )
+        record = self.system.submit(
+            "compute_scores", job, request_id=request.request_id, target=f"results/{job.result_id}"
+        )
+        return operation_message(record)
+
+    def _queries(self, request) -> list:
         if not request.queries:
             raise InputError("queries is empty: send at least one {id, prompt, completion}")
         if len(request.queries) > self.limits.max_queries:
@@ -71,21 +98,52 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             if query.id:
                 record["id"] = query.id
             records.append(record)
+        return query_records(records, "queries")
+
+    def _index_scores(self, request, model):
+        """Scoring against an index: its factor set and damping are the ones it was built with."""
+        index_id = validation.resource_id(request.index, "indexes", "index")
+        index = indexes.index_artifact(self.system.store, index_id).metadata
+        factor_set_id = validation.resource_id(request.factor_set, "factorSets", "factor_set")
+        if f"factorSets/{factor_set_id}" != index["factor_set"]:
+            raise PreconditionError(f"{request.index} was built with {index['factor_set']}, not {request.factor_set}")
+        if request.dataset and request.dataset not in [part["dataset"] for part in index["parts"]]:
+            raise PreconditionError(f"{request.dataset} is not in {request.index}")
+        if request.tfidf:
+            raise InputError("tfidf filters recompute scoring; an index query has its own first stage")
+        first = indexes.dataset_of(self.system.store, index)
         config = self._config(
             request,
-            dataset,
+            first,
             query_rank=request.query_rank or None,
             per_module=request.per_module,
             per_token=request.per_token,
         )
+        damping = index["damping"]
+        whitened = index["spec"]["projection"] != "random"
+        if not request.HasField("damping") and not request.HasField("damping_factor"):
+            config.damping_factor, config.damping = damping["factor"], damping["absolute"]
+        elif whitened and (config.damping_factor, config.damping) != (damping["factor"], damping["absolute"]):
+            raise PreconditionError(
+                f"{request.index} is whitened with damping {damping['policy']}; query it with the same damping "
+                "(or leave damping unset)"
+            )
+        shards = len(indexes.shard_list(index))
+        rescore = (
+            request.rescore if request.HasField("rescore") else default_rescore(index["num_examples"], config.top_k)
+        )
+        if rescore < 0:
+            raise InputError(f"rescore must be >= 0, got {rescore}")
         job = ScoreJob(
             model,
-            dataset_id=dataset_id,
-            shards=dataset["num_shards"],
+            dataset_id="",
+            shards=shards,
             factor_set_id=factor_set_id,
             result_id=new_id(),
             config=config,
-            queries=query_records(records, "queries"),
+            queries=self._queries(request),
+            index_id=index_id,
+            rescore=rescore,
         )
         record = self.system.submit(
             "compute_scores", job, request_id=request.request_id, target=f"results/{job.result_id}"

@@ -17,11 +17,15 @@ import json
 
 import torch
 
+from ..engine.finite import require_finite
+from ..engine.index import Indexer, IndexSpec, queries_from_tensors, queries_to_tensors, score_block, two_stage
 from ..engine.score import PreparedQueries, Scorer, ShardScores, concatenate
+from ..errors import PreconditionError
 from ..factor_svc.artifacts import factors_artifact, load_factor_set
+from ..gradient_svc import indexes
 from ..gradient_svc.datasets import DatasetView, dataset_metadata, shard_sequences
 from ..rpc.resources import packed, result_message
-from ..storage import ArtifactWriter, get_tensors, put_tensors
+from ..storage import ArtifactReader, ArtifactWriter, get_tensors, put_tensors
 from ..system import layout
 from ..system.plans import JobPlan, Stage, StageCall
 from ..system.specs import ScoreJob, SelfJob
@@ -46,10 +50,26 @@ def _prepare(call: StageCall, scorer: Scorer) -> PreparedQueries:
     return scorer.prepare(job.queries, mean_tokens, call.context.progress)
 
 
-def _prepared(call: StageCall, scorer: Scorer) -> PreparedQueries:
+def _tfidf_mask(call: StageCall, scorer: Scorer) -> torch.Tensor | None:
+    """[Q, N] TF-IDF candidates over the whole dataset (its idf needs every shard), or None."""
+    job: ScoreJob = call.job
+    if not job.config.tfidf:
+        return None
+    sequences = [s for shard in range(job.num_shards) for s in shard_sequences(call.context, job.dataset_id, shard)]
+    return scorer.tfidf_mask(job.queries, sequences)
+
+
+def _prepared(call: StageCall, scorer: Scorer) -> tuple[PreparedQueries, torch.Tensor | None]:
     key = layout.job_output(call.job_id, "prepared")
     tensors = call.context.artifacts.get(key, lambda: get_tensors(call.context.store, key))
-    return PreparedQueries.from_tensors(tensors, scorer.names)
+    return PreparedQueries.from_tensors(tensors, scorer.names), tensors.get("tfidf_mask")
+
+
+def _only(mask: torch.Tensor | None, sequences) -> set[int] | None:
+    """The sequences (global indices) some query's TF-IDF candidates include."""
+    if mask is None:
+        return None
+    return {sequence.index for sequence in sequences if bool(mask[:, sequence.index].any())}
 
 
 def _partials(call: StageCall, stage: str) -> list[ShardScores]:
@@ -60,7 +80,11 @@ def _partials(call: StageCall, stage: str) -> list[ShardScores]:
 
 
 def run_prepare(call: StageCall) -> None:
-    tensors = _prepare(call, _scorer(call)).to_tensors()
+    scorer = _scorer(call)
+    tensors = _prepare(call, scorer).to_tensors()
+    mask = _tfidf_mask(call, scorer)
+    if mask is not None:
+        tensors["tfidf_mask"] = mask
     key = layout.job_output(call.job_id, "prepared")
     put_tensors(call.context.store, key, tensors)
     call.context.artifacts.put(key, tensors)
@@ -69,13 +93,15 @@ def run_prepare(call: StageCall) -> None:
 def run_score(call: StageCall) -> None:
     scorer = _scorer(call)
     sequences = shard_sequences(call.context, call.job.dataset_id, call.shard)
-    partial = scorer.score(_prepared(call, scorer), sequences, call.context.progress)
+    prepared, mask = _prepared(call, scorer)
+    partial = scorer.score(prepared, sequences, call.context.progress, _only(mask, sequences))
     put_tensors(call.context.store, layout.job_partial(call.job_id, "score", call.shard), partial.to_tensors())
 
 
 def run_merge(call: StageCall) -> dict:
     scorer = _scorer(call)
-    return _merge(call, scorer, _partials(call, "score"), lambda: _prepared(call, scorer))
+    _, mask = _prepared(call, scorer)
+    return _merge(call, scorer, _partials(call, "score"), lambda: _prepared(call, scorer)[0], mask)
 
 
 def run_score_one_shard(call: StageCall) -> dict:
@@ -83,17 +109,21 @@ def run_score_one_shard(call: StageCall) -> dict:
     largest intermediate of a score job, never leave memory."""
     scorer = _scorer(call)
     prepared = _prepare(call, scorer)
-    partial = scorer.score(prepared, shard_sequences(call.context, call.job.dataset_id, 0), call.context.progress)
-    return _merge(call, scorer, [partial], lambda: prepared)
+    mask = _tfidf_mask(call, scorer)
+    sequences = shard_sequences(call.context, call.job.dataset_id, 0)
+    partial = scorer.score(prepared, sequences, call.context.progress, _only(mask, sequences))
+    return _merge(call, scorer, [partial], lambda: prepared, mask)
 
 
-def _merge(call: StageCall, scorer: Scorer, partials: list[ShardScores], prepared) -> dict:
+def _merge(call: StageCall, scorer: Scorer, partials: list[ShardScores], prepared, mask) -> dict:
     job: ScoreJob = call.job
     view = DatasetView(call.context, job.dataset_id)
-    result = scorer.merge(partials, prepared, view.sequence, call.context.progress)
+    result = scorer.merge(partials, prepared, view.sequence, call.context.progress, mask)
     tensors = {"scores": result.scores.contiguous()}
     if result.per_module is not None:
         tensors["per_module"] = result.per_module.contiguous()
+    if mask is not None:
+        tensors["scored"] = mask.contiguous()
     report = pairwise_report(
         job.queries,
         result.top,
@@ -103,7 +133,102 @@ def _merge(call: StageCall, scorer: Scorer, partials: list[ShardScores], prepare
         query_rank=job.config.query_rank,
         modules=scorer.names,
     )
+    if mask is not None:
+        report["tfidf"] = {"k": job.config.tfidf, "scored_sequences": int(mask.any(0).sum())}
     return _publish_result(call, tensors, report, num_queries=len(job.queries))
+
+
+# -- scoring against an index ----------------------------------------------------------------
+
+
+def _index(call: StageCall):
+    """The index's manifest, read once per job on this worker. An append during the job only adds
+    shards after the job's `shards` (the ones it was submitted with), which it ignores."""
+    job: ScoreJob = call.job
+    return call.context.artifacts.get(
+        ("index", job.index_id, call.job_id), lambda: indexes.index_artifact(call.context.store, job.index_id).manifest
+    )
+
+
+def run_index_prepare(call: StageCall) -> None:
+    """Query gradients once: the exact preconditioned queries (for rescoring) and their
+    index-space form (for the index score tasks)."""
+    job: ScoreJob = call.job
+    index = _index(call).metadata
+    model, tokenizer = call.context.models.get(job.model)
+    factors = call.context.artifacts.get(
+        ("factors", job.factor_set_id), lambda: load_factor_set(call.context.store, job.factor_set_id)
+    )
+    indexer = Indexer(model, tokenizer, factors, IndexSpec(**index["spec"]), job.config)
+    gradients = indexer.scorer.query_gradients(job.queries, call.context.progress)
+    tokens = sum(_dataset_tokens(call, part) for part in index["parts"])
+    prepared = indexer.scorer.prepare_gradients(gradients, tokens / max(index["num_examples"], 1))
+    tensors = prepared.to_tensors()
+    tensors.update(
+        {f"index/{key}": value for key, value in queries_to_tensors(indexer.queries_from(gradients)).items()}
+    )
+    key = layout.job_output(call.job_id, "prepared")
+    put_tensors(call.context.store, key, tensors)
+    call.context.artifacts.put(key, tensors)
+
+
+def _dataset_tokens(call: StageCall, part: dict) -> int:
+    return dataset_metadata(call.context.store, part["dataset"].removeprefix("datasets/"))["num_tokens"]
+
+
+def run_index_score(call: StageCall) -> None:
+    """One index shard's scores, block by block from the store (or the worker's block cache):
+    no model, a block or two in memory."""
+    job: ScoreJob = call.job
+    manifest = _index(call)
+    _, _, shard = indexes.shard_list(manifest.metadata)[call.shard]
+    key = layout.job_output(call.job_id, "prepared")
+    prepared = call.context.artifacts.get(key, lambda: get_tensors(call.context.store, key))
+    queries = queries_from_tensors(
+        {name.removeprefix("index/"): value for name, value in prepared.items() if name.startswith("index/")},
+        manifest.metadata["modules"],
+    )
+    reader = ArtifactReader(call.context.store, layout.index_prefix(job.index_id), manifest)
+    progress = call.context.progress
+    progress.stage("index scores", len(shard["blocks"]), "block")
+    scores, indices = [], []
+    for name in shard["blocks"]:
+        progress.check_cancelled()
+        block = call.context.blocks.get((job.index_id, name), lambda name=name: reader.read_tensors(name))
+        scores.append(score_block(queries, block))
+        indices.append(block["index"])
+        progress.advance(1, 0)
+    partial = ShardScores(torch.cat(scores, dim=-1).to(torch.float64), torch.cat(indices))
+    require_finite(partial.scores, f"the index scores of shard {call.shard}")
+    put_tensors(call.context.store, layout.job_partial(call.job_id, "index_score", call.shard), partial.to_tensors())
+
+
+def run_index_merge(call: StageCall) -> dict:
+    """Index scores of every shard, each query's best `rescore` candidates rescored exactly, the
+    final top-k (with the breakdowns asked for) from exact scores."""
+    job: ScoreJob = call.job
+    index = _index(call).metadata
+    scorer = _scorer(call)
+    partials = _partials(call, "index_score")
+    order = torch.argsort(torch.cat([partial.index for partial in partials]))
+    index_scores = torch.cat([partial.scores for partial in partials], dim=-1)[:, order]
+    expected = sum(shard["count"] for _, _, shard in indexes.shard_list(index)[: job.num_shards])
+    if index_scores.shape[1] != expected:
+        raise PreconditionError(f"index scores cover {index_scores.shape[1]} of {expected} sequences")
+    prepared, _ = _prepared(call, scorer)
+    view = indexes.IndexView(call.context, index)
+    result, rescored = two_stage(scorer, prepared, index_scores, view.sequence, job.rescore, call.context.progress)
+    report = pairwise_report(
+        job.queries,
+        result.top,
+        view.record,
+        strategy=scorer.factors.strategy,
+        damping=job.config.damping_policy.describe(),
+        query_rank=job.config.query_rank,
+        modules=scorer.names,
+    )
+    report["index"] = {"name": index["name"], **index["spec"], "rescore": job.rescore, "rescored_sequences": rescored}
+    return _publish_result(call, {"scores": result.scores.contiguous()}, report, num_queries=len(job.queries))
 
 
 def run_self(call: StageCall) -> None:
@@ -131,7 +256,8 @@ def _publish_result(call: StageCall, tensors: dict, report: dict, num_queries: i
         "name": f"results/{job.result_id}",
         "result_kind": report["kind"],
         "factor_set": f"factorSets/{job.factor_set_id}",
-        "dataset": f"datasets/{job.dataset_id}",
+        "dataset": f"datasets/{job.dataset_id}" if job.dataset_id else "",
+        "index": f"indexes/{job.index_id}" if getattr(job, "index_id", "") else "",
         "num_queries": num_queries,
         "num_train": int(tensors["scores"].shape[-1]),
         "modules": report.get("modules", []),
@@ -148,7 +274,16 @@ def _respond(job, metadata: dict) -> bytes:
     return packed(result_message(metadata))
 
 
+def _first_score_stage(job: ScoreJob) -> str:
+    if job.index_id:
+        return "index_prepare"
+    return "score_one_shard" if job.num_shards == 1 else "prepare"
+
+
 STAGES = [
+    Stage("index_prepare", run_index_prepare),
+    Stage("index_score", run_index_score, per_shard=True),
+    Stage("index_merge", run_index_merge),
     Stage("prepare", run_prepare),
     Stage("score", run_score, per_shard=True),
     Stage("merge", run_merge),
@@ -159,8 +294,13 @@ STAGES = [
 PLANS = [
     JobPlan(
         "score",
-        first=lambda job: "score_one_shard" if job.num_shards == 1 else "prepare",
-        after=lambda job, stage: {"prepare": "score", "score": "merge"}.get(stage),
+        first=_first_score_stage,
+        after=lambda job, stage: {
+            "prepare": "score",
+            "score": "merge",
+            "index_prepare": "index_score",
+            "index_score": "index_merge",
+        }.get(stage),
         respond=_respond,
     ),
     JobPlan(

@@ -28,6 +28,25 @@ def dataset_message(metadata: dict) -> gradient_service_pb2.Dataset:
     )
 
 
+def index_message(metadata: dict) -> gradient_service_pb2.Index:
+    spec = metadata["spec"]
+    return gradient_service_pb2.Index(
+        name=metadata["name"],
+        datasets=[part["dataset"] for part in metadata["parts"]],
+        factor_set=metadata["factor_set"],
+        model=common_pb2.ModelSpec(path=metadata.get("model_path", "")),
+        projection=spec["projection"],
+        rank=spec["rank"],
+        dim=spec["dim"],
+        seed=spec["seed"],
+        storage_dtype=spec["storage_dtype"],
+        num_examples=metadata["num_examples"],
+        bytes_per_sequence=metadata["bytes_per_sequence"],
+        model_fingerprint=metadata["model_fingerprint"],
+        create_time=_timestamp(metadata.get("create_time")),
+    )
+
+
 def factor_set_message(factor_set_id: str, metadata: dict) -> factor_service_pb2.FactorSet:
     """metadata: engine.factor_io's factor metadata."""
     provenance = metadata.get("provenance", {})

@@ -8,7 +8,7 @@ from urllib.parse import unquote, urlparse
 
 from ..errors import InputError, NotFoundError
 
-_RESOURCE = re.compile(r"^(datasets|factorSets|results|operations)/([A-Za-z0-9_-]{1,64})$")
+_RESOURCE = re.compile(r"^(datasets|factorSets|indexes|results|operations)/([A-Za-z0-9_-]{1,64})$")
 
 
 def resource_id(name: str, collection: str, field: str) -> str:

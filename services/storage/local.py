@@ -27,7 +27,8 @@ class LocalStore(ArtifactStore):
     """Objects as files: key "a/b/c" is the file root/a/b/c.
 
     A prefix can also be a link to a directory outside the store (`link_directory`): its files
-    read as objects, and deleting the prefix removes only the link, never the files behind it."""
+    read as objects, deleting the prefix removes only the link, never the files behind it, and
+    writes go through only if the link was made writable (an index a user appends to in place)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root).absolute()
@@ -40,6 +41,9 @@ class LocalStore(ArtifactStore):
 
     def _write_atomically(self, key: str, write: Callable[[BinaryIO], None]) -> None:
         path = self._path(key)
+        link = self._read_only_link(path)
+        if link is not None:
+            raise InputError(f"cannot store {key!r}: {link.relative_to(self.root)} is a read-only linked directory")
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         for attempt in range(3):
             try:
@@ -73,9 +77,10 @@ class LocalStore(ArtifactStore):
         with open(source, "rb") as reader:
             self._write_atomically(key, lambda handle: shutil.copyfileobj(reader, handle, _COPY_CHUNK))
 
-    def link_directory(self, prefix: str, directory: str | Path) -> None:
+    def link_directory(self, prefix: str, directory: str | Path, writable: bool = False) -> None:
         """Make the files of `directory` readable as the objects under `prefix` (ending in "/"),
-        without copying them. The directory is never written or deleted through the store."""
+        without copying them. Nothing there is ever deleted through the store, and nothing written
+        unless `writable`."""
         if not prefix.endswith("/") or not check_prefix(prefix):
             raise InputError(f"a linked directory needs a prefix ending in '/', got {prefix!r}")
         source = Path(directory).absolute()
@@ -90,6 +95,17 @@ class LocalStore(ArtifactStore):
         temporary = link.with_name(f".{link.name}.{uuid.uuid4().hex}.link")
         os.symlink(source, temporary, target_is_directory=True)
         os.replace(temporary, link)
+        if writable:
+            (link.parent / f".{link.name}.writable").touch()
+
+    def _read_only_link(self, path: Path) -> Path | None:
+        """The read-only link `path` lies under, if any."""
+        current = path.parent
+        while current != self.root and self.root in current.parents:
+            if current.is_symlink():
+                return None if (current.parent / f".{current.name}.writable").exists() else current
+            current = current.parent
+        return None
 
     def _linked(self, path: Path) -> bool:
         """True when `path` lies inside a linked directory (below root, through a symlink)."""
@@ -169,6 +185,7 @@ class LocalStore(ArtifactStore):
         if directory.is_symlink():  # a linked directory: remove the link, keep its files
             count = sum(len(files) for _, _, files in os.walk(directory, followlinks=True))
             directory.unlink()
+            (directory.parent / f".{directory.name}.writable").unlink(missing_ok=True)
             self._remove_empty_parents(directory.parent)
             return count
         if self._linked(directory / "x"):

@@ -18,6 +18,8 @@ class WorkerContext:
     artifacts: ArtifactCache = field(default_factory=ArtifactCache)
     # bytes every capture cache of this worker may hold together (default: ¼ of the memory limit)
     cache_bytes: int | None = None
+    # index blocks this worker keeps (hot blocks of the indexes it scores against), within 1 GiB
+    blocks: ArtifactCache = field(default_factory=lambda: ArtifactCache(capacity=100_000, max_bytes=1 << 30))
     progress: Progress = field(default_factory=Progress)
 
     def __post_init__(self):

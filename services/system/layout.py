@@ -60,3 +60,17 @@ def job_block(job_id: str, block: int) -> str:
 def job_block_count(job_id: str) -> str:
     """StreamBlocks: written after a blocks job's last block, {"blocks": n}."""
     return f"jobs/{job_id}/blocks/count.json"
+
+
+def index_prefix(index_id: str) -> str:
+    return f"indexes/{index_id}/"
+
+
+def index_block(part: int, shard: int, block: int) -> str:
+    """In an index artifact: one block of compressed gradients (safetensors; engine/index.py)."""
+    return f"p{part:03d}-s{shard:05d}-b{block:04d}.safetensors"
+
+
+def job_entries(job_id: str, stage: str, shard: int) -> str:
+    """A shard task's list of the artifact files it wrote ({name: {sha256, size}}, JSON)."""
+    return f"jobs/{job_id}/{stage}/{shard:05d}.json"

@@ -8,6 +8,8 @@ task recomputes exactly the same output. Resource names are "datasets/{id}", "fa
     ScoreJob     score queries against a dataset with a factor set         -> results/{id}
     SelfJob      self-influence of a dataset's sequences                   -> results/{id}
     BlocksJob    one shard's per-sequence gradients, for StreamBlocks      -> relayed blocks
+    IndexJob     a dataset's compressed gradients, as a new index or a part  -> indexes/{id}
+                 appended to one
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 from ..engine.fit import FitConfig
+from ..engine.index import IndexSpec
 from ..engine.model_io import ModelRef
 from ..engine.records import Query
 from ..engine.score import ScoreConfig
@@ -63,6 +66,10 @@ class FitJob(Job):
 
 @dataclass
 class ScoreJob(Job):
+    """Recompute scoring of a dataset (optionally of each query's `tfidf` nearest sequences only),
+    or, with `index_id`, index scoring over the index's shards and exact rescoring of each query's
+    `rescore` best candidates."""
+
     kind: ClassVar[str] = "score"
     dataset_id: str
     shards: int
@@ -70,6 +77,9 @@ class ScoreJob(Job):
     result_id: str
     config: ScoreConfig
     queries: list[Query]
+    index_id: str = ""
+    rescore: int = 0
+    tfidf: int = 0
 
     @property
     def num_shards(self) -> int:
@@ -99,7 +109,30 @@ class BlocksJob(Job):
     block_size: int
 
 
-JOB_TYPES: dict[str, type[Job]] = {job.kind: job for job in (RegisterJob, FitJob, ScoreJob, SelfJob, BlocksJob)}
+@dataclass
+class IndexJob(Job):
+    """Index one dataset (`dataset_id`, all its shards) as part `part` of index `index_id`, its
+    sequences numbered from `start`; `base` is the index's metadata before (None: a new index)."""
+
+    kind: ClassVar[str] = "index"
+    dataset_id: str
+    shards: int
+    factor_set_id: str
+    index_id: str
+    spec: IndexSpec
+    config: ScoreConfig
+    part: int = 0
+    start: int = 0
+    base: dict | None = None
+
+    @property
+    def num_shards(self) -> int:
+        return self.shards
+
+
+JOB_TYPES: dict[str, type[Job]] = {
+    job.kind: job for job in (RegisterJob, FitJob, ScoreJob, SelfJob, BlocksJob, IndexJob)
+}
 
 
 def encode_job(job: Job) -> bytes:
@@ -120,6 +153,8 @@ def decode_job(data: bytes) -> Job:
                 value = ModelRef(**value)
             elif item.name == "config":
                 value = (FitConfig if job_type is FitJob else ScoreConfig)(**value)
+            elif item.name == "spec":
+                value = IndexSpec(**value)
             elif item.name == "queries":
                 value = [Query(**query) for query in value]
             values[item.name] = value

@@ -123,7 +123,7 @@ types and unknown keys first; this checks what a schema cannot say well.
 {{- end }}
 {{- end }}
 {{- $untaken := list }}
-{{- range $kind := list "register" "covariance" "eigen" "correction" "finalize" "prepare" "score" "merge" "self" "self_merge" "blocks" "fit_one_shard" "score_one_shard" }}
+{{- range $kind := list "register" "covariance" "eigen" "correction" "finalize" "prepare" "score" "merge" "self" "self_merge" "blocks" "fit_one_shard" "score_one_shard" "index_shard" "index_publish" "index_prepare" "index_score" "index_merge" }}
 {{- if not (has $kind $taken) }}
 {{- $untaken = append $untaken $kind }}
 {{- end }}

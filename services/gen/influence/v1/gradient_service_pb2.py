@@ -28,29 +28,47 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from services.gen.influence.v1 import common_pb2 as influence_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#influence/v1/gradient_service.proto\x12\x0cinfluence.v1\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19influence/v1/common.proto\"\xe3\x01\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x12\n\nnum_shards\x18\x04 \x01(\x05\x12\x12\n\nshard_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x12\n\nnum_tokens\x18\x07 \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xae\x01\n\x16RegisterDatasetRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\r\n\x05jsonl\x18\x04 \x01(\x0c\x12\x12\n\nshard_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x0b\n\x03uri\x18\x07 \x01(\t\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.influence.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x82\x01\n\x13StreamBlocksRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x0f\n\x07modules\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\"H\n\rGradientBlock\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x13\n\x0b\x65xample_ids\x18\x02 \x03(\t\x12\x13\n\x0bsafetensors\x18\x03 \x01(\x0c\x32\xa5\x03\n\x0fGradientService\x12V\n\x0fRegisterDataset\x12$.influence.v1.RegisterDatasetRequest\x1a\x1d.google.longrunning.Operation\x12\x44\n\nGetDataset\x12\x1f.influence.v1.GetDatasetRequest\x1a\x15.influence.v1.Dataset\x12U\n\x0cListDatasets\x12!.influence.v1.ListDatasetsRequest\x1a\".influence.v1.ListDatasetsResponse\x12K\n\rDeleteDataset\x12\".influence.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\x12P\n\x0cStreamBlocks\x12!.influence.v1.StreamBlocksRequest\x1a\x1b.influence.v1.GradientBlock0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#influence/v1/gradient_service.proto\x12\x0cinfluence.v1\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19influence/v1/common.proto\"\xb5\x02\n\x05Index\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x02 \x03(\t\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12&\n\x05model\x18\x04 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x12\n\nprojection\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\x0b\n\x03\x64im\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x15\n\rstorage_dtype\x18\t \x01(\t\x12\x14\n\x0cnum_examples\x18\n \x01(\x03\x12\x1a\n\x12\x62ytes_per_sequence\x18\x0b \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x0c \x01(\t\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xae\x02\n\x11\x42uildIndexRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x12\n\nprojection\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\x0b\n\x03\x64im\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x15\n\rstorage_dtype\x18\t \x01(\t\x12\x12\n\nbatch_size\x18\n \x01(\x05\x12\x1b\n\x0e\x64\x61mping_factor\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x0c \x01(\x01H\x01\x88\x01\x01\x42\x11\n\x0f_damping_factorB\n\n\x08_damping\"\\\n\x12\x41ppendIndexRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\"\x1f\n\x0fGetIndexRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x12\x44\x65leteIndexRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x12ListIndexesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x13ListIndexesResponse\x12$\n\x07indexes\x18\x01 \x03(\x0b\x32\x13.influence.v1.Index\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x1aStreamArtifactFilesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\"#\n\x14RegisterIndexRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\"\xe3\x01\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x12\n\nnum_shards\x18\x04 \x01(\x05\x12\x12\n\nshard_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x12\n\nnum_tokens\x18\x07 \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xae\x01\n\x16RegisterDatasetRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\r\n\x05jsonl\x18\x04 \x01(\x0c\x12\x12\n\nshard_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x0b\n\x03uri\x18\x07 \x01(\t\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.influence.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x82\x01\n\x13StreamBlocksRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x0f\n\x07modules\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\"H\n\rGradientBlock\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x13\n\x0b\x65xample_ids\x18\x02 \x03(\t\x12\x13\n\x0bsafetensors\x18\x03 \x01(\x0c\x32\x9e\x08\n\x0fGradientService\x12V\n\x0fRegisterDataset\x12$.influence.v1.RegisterDatasetRequest\x1a\x1d.google.longrunning.Operation\x12\x44\n\nGetDataset\x12\x1f.influence.v1.GetDatasetRequest\x1a\x15.influence.v1.Dataset\x12U\n\x0cListDatasets\x12!.influence.v1.ListDatasetsRequest\x1a\".influence.v1.ListDatasetsResponse\x12K\n\rDeleteDataset\x12\".influence.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\x12P\n\x0cStreamBlocks\x12!.influence.v1.StreamBlocksRequest\x1a\x1b.influence.v1.GradientBlock0\x01\x12L\n\nBuildIndex\x12\x1f.influence.v1.BuildIndexRequest\x1a\x1d.google.longrunning.Operation\x12N\n\x0b\x41ppendIndex\x12 .influence.v1.AppendIndexRequest\x1a\x1d.google.longrunning.Operation\x12>\n\x08GetIndex\x12\x1d.influence.v1.GetIndexRequest\x1a\x13.influence.v1.Index\x12R\n\x0bListIndexes\x12 .influence.v1.ListIndexesRequest\x1a!.influence.v1.ListIndexesResponse\x12G\n\x0b\x44\x65leteIndex\x12 .influence.v1.DeleteIndexRequest\x1a\x16.google.protobuf.Empty\x12W\n\x10StreamIndexFiles\x12(.influence.v1.StreamArtifactFilesRequest\x1a\x17.influence.v1.FileChunk0\x01\x12Y\n\x12StreamDatasetFiles\x12(.influence.v1.StreamArtifactFilesRequest\x1a\x17.influence.v1.FileChunk0\x01\x12H\n\rRegisterIndex\x12\".influence.v1.RegisterIndexRequest\x1a\x13.influence.v1.Indexb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'influence.v1.gradient_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATASET']._serialized_start=180
-  _globals['_DATASET']._serialized_end=407
-  _globals['_REGISTERDATASETREQUEST']._serialized_start=410
-  _globals['_REGISTERDATASETREQUEST']._serialized_end=584
-  _globals['_GETDATASETREQUEST']._serialized_start=586
-  _globals['_GETDATASETREQUEST']._serialized_end=619
-  _globals['_DELETEDATASETREQUEST']._serialized_start=621
-  _globals['_DELETEDATASETREQUEST']._serialized_end=657
-  _globals['_LISTDATASETSREQUEST']._serialized_start=659
-  _globals['_LISTDATASETSREQUEST']._serialized_end=719
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=721
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=809
-  _globals['_STREAMBLOCKSREQUEST']._serialized_start=812
-  _globals['_STREAMBLOCKSREQUEST']._serialized_end=942
-  _globals['_GRADIENTBLOCK']._serialized_start=944
-  _globals['_GRADIENTBLOCK']._serialized_end=1016
-  _globals['_GRADIENTSERVICE']._serialized_start=1019
-  _globals['_GRADIENTSERVICE']._serialized_end=1440
+  _globals['_INDEX']._serialized_start=180
+  _globals['_INDEX']._serialized_end=489
+  _globals['_BUILDINDEXREQUEST']._serialized_start=492
+  _globals['_BUILDINDEXREQUEST']._serialized_end=794
+  _globals['_APPENDINDEXREQUEST']._serialized_start=796
+  _globals['_APPENDINDEXREQUEST']._serialized_end=888
+  _globals['_GETINDEXREQUEST']._serialized_start=890
+  _globals['_GETINDEXREQUEST']._serialized_end=921
+  _globals['_DELETEINDEXREQUEST']._serialized_start=923
+  _globals['_DELETEINDEXREQUEST']._serialized_end=957
+  _globals['_LISTINDEXESREQUEST']._serialized_start=959
+  _globals['_LISTINDEXESREQUEST']._serialized_end=1018
+  _globals['_LISTINDEXESRESPONSE']._serialized_start=1020
+  _globals['_LISTINDEXESRESPONSE']._serialized_end=1104
+  _globals['_STREAMARTIFACTFILESREQUEST']._serialized_start=1106
+  _globals['_STREAMARTIFACTFILESREQUEST']._serialized_end=1169
+  _globals['_REGISTERINDEXREQUEST']._serialized_start=1171
+  _globals['_REGISTERINDEXREQUEST']._serialized_end=1206
+  _globals['_DATASET']._serialized_start=1209
+  _globals['_DATASET']._serialized_end=1436
+  _globals['_REGISTERDATASETREQUEST']._serialized_start=1439
+  _globals['_REGISTERDATASETREQUEST']._serialized_end=1613
+  _globals['_GETDATASETREQUEST']._serialized_start=1615
+  _globals['_GETDATASETREQUEST']._serialized_end=1648
+  _globals['_DELETEDATASETREQUEST']._serialized_start=1650
+  _globals['_DELETEDATASETREQUEST']._serialized_end=1686
+  _globals['_LISTDATASETSREQUEST']._serialized_start=1688
+  _globals['_LISTDATASETSREQUEST']._serialized_end=1748
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=1750
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=1838
+  _globals['_STREAMBLOCKSREQUEST']._serialized_start=1841
+  _globals['_STREAMBLOCKSREQUEST']._serialized_end=1971
+  _globals['_GRADIENTBLOCK']._serialized_start=1973
+  _globals['_GRADIENTBLOCK']._serialized_end=2045
+  _globals['_GRADIENTSERVICE']._serialized_start=2048
+  _globals['_GRADIENTSERVICE']._serialized_end=3102
 # @@protoc_insertion_point(module_scope)

@@ -12,6 +12,118 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Index(_message.Message):
+    __slots__ = ("name", "datasets", "factor_set", "model", "projection", "rank", "dim", "seed", "storage_dtype", "num_examples", "bytes_per_sequence", "model_fingerprint", "create_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATASETS_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_SET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    datasets: _containers.RepeatedScalarFieldContainer[str]
+    factor_set: str
+    model: _common_pb2.ModelSpec
+    projection: str
+    rank: int
+    dim: int
+    seed: int
+    storage_dtype: str
+    num_examples: int
+    bytes_per_sequence: int
+    model_fingerprint: str
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., datasets: _Optional[_Iterable[str]] = ..., factor_set: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., projection: _Optional[str] = ..., rank: _Optional[int] = ..., dim: _Optional[int] = ..., seed: _Optional[int] = ..., storage_dtype: _Optional[str] = ..., num_examples: _Optional[int] = ..., bytes_per_sequence: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class BuildIndexRequest(_message.Message):
+    __slots__ = ("request_id", "model", "factor_set", "dataset", "projection", "rank", "dim", "seed", "storage_dtype", "batch_size", "damping_factor", "damping")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_SET_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DAMPING_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    DAMPING_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: _common_pb2.ModelSpec
+    factor_set: str
+    dataset: str
+    projection: str
+    rank: int
+    dim: int
+    seed: int
+    storage_dtype: str
+    batch_size: int
+    damping_factor: float
+    damping: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., projection: _Optional[str] = ..., rank: _Optional[int] = ..., dim: _Optional[int] = ..., seed: _Optional[int] = ..., storage_dtype: _Optional[str] = ..., batch_size: _Optional[int] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ...) -> None: ...
+
+class AppendIndexRequest(_message.Message):
+    __slots__ = ("request_id", "index", "dataset", "batch_size")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    index: str
+    dataset: str
+    batch_size: int
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[str] = ..., dataset: _Optional[str] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class GetIndexRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteIndexRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListIndexesRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListIndexesResponse(_message.Message):
+    __slots__ = ("indexes", "next_page_token")
+    INDEXES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    indexes: _containers.RepeatedCompositeFieldContainer[Index]
+    next_page_token: str
+    def __init__(self, indexes: _Optional[_Iterable[_Union[Index, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class StreamArtifactFilesRequest(_message.Message):
+    __slots__ = ("name", "chunk_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    chunk_bytes: int
+    def __init__(self, name: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class RegisterIndexRequest(_message.Message):
+    __slots__ = ("uri",)
+    URI_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    def __init__(self, uri: _Optional[str] = ...) -> None: ...
+
 class Dataset(_message.Message):
     __slots__ = ("name", "display_name", "num_examples", "num_shards", "shard_size", "max_length", "num_tokens", "tokenizer_fingerprint", "create_time")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -5,6 +5,7 @@ import warnings
 
 from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from services.gen.influence.v1 import common_pb2 as influence_dot_v1_dot_common__pb2
 from services.gen.influence.v1 import gradient_service_pb2 as influence_dot_v1_dot_gradient__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -28,8 +29,9 @@ if _version_not_supported:
 
 
 class GradientServiceStub:
-    """Owns the training side: registered datasets (tokenised shards with stable example ids) and
-    training-gradient blocks computed from them on workers.
+    """Owns the training side: registered datasets (tokenised shards with stable example ids), the
+    index (each training sequence's compressed gradient, stored once, for fast first-stage scoring)
+    and training-gradient blocks computed from them on workers.
     """
 
     def __init__(self, channel):
@@ -63,11 +65,52 @@ class GradientServiceStub:
                 request_serializer=influence_dot_v1_dot_gradient__service__pb2.StreamBlocksRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_gradient__service__pb2.GradientBlock.FromString,
                 _registered_method=True)
+        self.BuildIndex = channel.unary_unary(
+                '/influence.v1.GradientService/BuildIndex',
+                request_serializer=influence_dot_v1_dot_gradient__service__pb2.BuildIndexRequest.SerializeToString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
+        self.AppendIndex = channel.unary_unary(
+                '/influence.v1.GradientService/AppendIndex',
+                request_serializer=influence_dot_v1_dot_gradient__service__pb2.AppendIndexRequest.SerializeToString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
+        self.GetIndex = channel.unary_unary(
+                '/influence.v1.GradientService/GetIndex',
+                request_serializer=influence_dot_v1_dot_gradient__service__pb2.GetIndexRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_gradient__service__pb2.Index.FromString,
+                _registered_method=True)
+        self.ListIndexes = channel.unary_unary(
+                '/influence.v1.GradientService/ListIndexes',
+                request_serializer=influence_dot_v1_dot_gradient__service__pb2.ListIndexesRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_gradient__service__pb2.ListIndexesResponse.FromString,
+                _registered_method=True)
+        self.DeleteIndex = channel.unary_unary(
+                '/influence.v1.GradientService/DeleteIndex',
+                request_serializer=influence_dot_v1_dot_gradient__service__pb2.DeleteIndexRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.StreamIndexFiles = channel.unary_stream(
+                '/influence.v1.GradientService/StreamIndexFiles',
+                request_serializer=influence_dot_v1_dot_gradient__service__pb2.StreamArtifactFilesRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_common__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.StreamDatasetFiles = channel.unary_stream(
+                '/influence.v1.GradientService/StreamDatasetFiles',
+                request_serializer=influence_dot_v1_dot_gradient__service__pb2.StreamArtifactFilesRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_common__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.RegisterIndex = channel.unary_unary(
+                '/influence.v1.GradientService/RegisterIndex',
+                request_serializer=influence_dot_v1_dot_gradient__service__pb2.RegisterIndexRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_gradient__service__pb2.Index.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
-    """Owns the training side: registered datasets (tokenised shards with stable example ids) and
-    training-gradient blocks computed from them on workers.
+    """Owns the training side: registered datasets (tokenised shards with stable example ids), the
+    index (each training sequence's compressed gradient, stored once, for fast first-stage scoring)
+    and training-gradient blocks computed from them on workers.
     """
 
     def RegisterDataset(self, request, context):
@@ -107,6 +150,61 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BuildIndex(self, request, context):
+        """Builds an index of a dataset's training gradients with a factor set: one task per shard writes
+        its blocks, the manifest is published last. Returns an Operation whose response is an Index.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendIndex(self, request, context):
+        """Adds a dataset's sequences to an index as a new part, without touching its existing blocks
+        (ids must stay unique). Returns an Operation whose response is the updated Index.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIndex(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListIndexes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteIndex(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamIndexFiles(self, request, context):
+        """The files of an index or a dataset (manifest.json last), e.g. to keep them in a local directory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamDatasetFiles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterIndex(self, request, context):
+        """Registers an index directory written by `influence index build` (the index and its datasets)
+        where it is: "file:///abs/dir", when the server's artifact store is a local directory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -135,6 +233,46 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     request_deserializer=influence_dot_v1_dot_gradient__service__pb2.StreamBlocksRequest.FromString,
                     response_serializer=influence_dot_v1_dot_gradient__service__pb2.GradientBlock.SerializeToString,
             ),
+            'BuildIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.BuildIndex,
+                    request_deserializer=influence_dot_v1_dot_gradient__service__pb2.BuildIndexRequest.FromString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'AppendIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendIndex,
+                    request_deserializer=influence_dot_v1_dot_gradient__service__pb2.AppendIndexRequest.FromString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'GetIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIndex,
+                    request_deserializer=influence_dot_v1_dot_gradient__service__pb2.GetIndexRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_gradient__service__pb2.Index.SerializeToString,
+            ),
+            'ListIndexes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIndexes,
+                    request_deserializer=influence_dot_v1_dot_gradient__service__pb2.ListIndexesRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_gradient__service__pb2.ListIndexesResponse.SerializeToString,
+            ),
+            'DeleteIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteIndex,
+                    request_deserializer=influence_dot_v1_dot_gradient__service__pb2.DeleteIndexRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'StreamIndexFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamIndexFiles,
+                    request_deserializer=influence_dot_v1_dot_gradient__service__pb2.StreamArtifactFilesRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_common__pb2.FileChunk.SerializeToString,
+            ),
+            'StreamDatasetFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamDatasetFiles,
+                    request_deserializer=influence_dot_v1_dot_gradient__service__pb2.StreamArtifactFilesRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_common__pb2.FileChunk.SerializeToString,
+            ),
+            'RegisterIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterIndex,
+                    request_deserializer=influence_dot_v1_dot_gradient__service__pb2.RegisterIndexRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_gradient__service__pb2.Index.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'influence.v1.GradientService', rpc_method_handlers)
@@ -144,8 +282,9 @@ def add_GradientServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GradientService:
-    """Owns the training side: registered datasets (tokenised shards with stable example ids) and
-    training-gradient blocks computed from them on workers.
+    """Owns the training side: registered datasets (tokenised shards with stable example ids), the
+    index (each training sequence's compressed gradient, stored once, for fast first-stage scoring)
+    and training-gradient blocks computed from them on workers.
     """
 
     @staticmethod
@@ -273,6 +412,222 @@ class GradientService:
             '/influence.v1.GradientService/StreamBlocks',
             influence_dot_v1_dot_gradient__service__pb2.StreamBlocksRequest.SerializeToString,
             influence_dot_v1_dot_gradient__service__pb2.GradientBlock.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BuildIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.GradientService/BuildIndex',
+            influence_dot_v1_dot_gradient__service__pb2.BuildIndexRequest.SerializeToString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.GradientService/AppendIndex',
+            influence_dot_v1_dot_gradient__service__pb2.AppendIndexRequest.SerializeToString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.GradientService/GetIndex',
+            influence_dot_v1_dot_gradient__service__pb2.GetIndexRequest.SerializeToString,
+            influence_dot_v1_dot_gradient__service__pb2.Index.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIndexes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.GradientService/ListIndexes',
+            influence_dot_v1_dot_gradient__service__pb2.ListIndexesRequest.SerializeToString,
+            influence_dot_v1_dot_gradient__service__pb2.ListIndexesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.GradientService/DeleteIndex',
+            influence_dot_v1_dot_gradient__service__pb2.DeleteIndexRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamIndexFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/influence.v1.GradientService/StreamIndexFiles',
+            influence_dot_v1_dot_gradient__service__pb2.StreamArtifactFilesRequest.SerializeToString,
+            influence_dot_v1_dot_common__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamDatasetFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/influence.v1.GradientService/StreamDatasetFiles',
+            influence_dot_v1_dot_gradient__service__pb2.StreamArtifactFilesRequest.SerializeToString,
+            influence_dot_v1_dot_common__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.GradientService/RegisterIndex',
+            influence_dot_v1_dot_gradient__service__pb2.RegisterIndexRequest.SerializeToString,
+            influence_dot_v1_dot_gradient__service__pb2.Index.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,7 @@ class Query(_message.Message):
     def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ...) -> None: ...
 
 class ComputeScoresRequest(_message.Message):
-    __slots__ = ("request_id", "model", "factor_set", "dataset", "queries", "top_k", "damping_factor", "damping", "query_rank", "per_module", "per_token", "batch_size")
+    __slots__ = ("request_id", "model", "factor_set", "dataset", "queries", "top_k", "damping_factor", "damping", "query_rank", "per_module", "per_token", "batch_size", "index", "rescore", "tfidf")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FACTOR_SET_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,9 @@ class ComputeScoresRequest(_message.Message):
     PER_MODULE_FIELD_NUMBER: _ClassVar[int]
     PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    RESCORE_FIELD_NUMBER: _ClassVar[int]
+    TFIDF_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: _common_pb2.ModelSpec
     factor_set: str
@@ -44,7 +47,10 @@ class ComputeScoresRequest(_message.Message):
     per_module: bool
     per_token: bool
     batch_size: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., top_k: _Optional[int] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ..., query_rank: _Optional[int] = ..., per_module: _Optional[bool] = ..., per_token: _Optional[bool] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    index: str
+    rescore: int
+    tfidf: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., top_k: _Optional[int] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ..., query_rank: _Optional[int] = ..., per_module: _Optional[bool] = ..., per_token: _Optional[bool] = ..., batch_size: _Optional[int] = ..., index: _Optional[str] = ..., rescore: _Optional[int] = ..., tfidf: _Optional[int] = ...) -> None: ...
 
 class ComputeSelfInfluenceRequest(_message.Message):
     __slots__ = ("request_id", "model", "factor_set", "dataset", "damping_factor", "damping", "top_k", "batch_size")

@@ -1,0 +1,92 @@
+"""`influence index build|append`, and how `influence score --index` names an index.
+
+An index directory (INDEX_DIR) is the index artifact's files (manifest.json, the block files) plus
+its datasets under INDEX_DIR/datasets/{id}, and source.json, which says where it was built:
+    {"model": MODEL_DIR, "factors": FACTORS_DIR}            embedded (the directory is the index)
+    {"server": HOST:PORT, "index": "indexes/{id}", ...}      built on a server (a local copy)
+Embedded, the directory is registered in place (an append adds its blocks there); with --server
+the server's index is used by name and the directory refreshed after an append.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .commands import SOURCE, _factor_set, _log, _model, _out_dir, _register, _source, index_name, through_system
+from .errors import InputError
+from .gen.influence.v1 import common_pb2
+from .progress_bars import StageBars
+
+
+def run_index(args) -> int:
+    return {"build": run_build, "append": run_append}[args.index_command](args)
+
+
+def run_build(args) -> int:
+    from .engine.index import IndexSpec
+
+    spec = IndexSpec(args.projection, args.rank, args.dim, args.seed, args.storage_dtype)
+    spec.validate()
+    out = _out_dir(args.out)
+    model = _model(args)
+    started = time.perf_counter()
+    with StageBars(not args.quiet) as bars:
+
+        def build(client):
+            factor_set = _factor_set(client, args)
+            dataset = _register(client, args, model, bars)
+            options = {"projection": spec.projection, "rank": spec.rank, "dim": spec.dim, "seed": spec.seed}
+            options.update(storage_dtype=spec.storage_dtype, batch_size=args.batch_size)
+            if args.damping is not None:
+                options["damping"] = args.damping
+            else:
+                options["damping_factor"] = args.damping_factor
+            index = client.build_index(model, factor_set, dataset, progress=bars, **options)
+            client.download_index(index.name, out)
+            return index
+
+        index = through_system(args, build)
+    source = {"model": str(Path(args.model).resolve()) if not args.server else args.model, "factors": args.factors}
+    if args.server:
+        source.update(server=args.server, index=index.name)
+    else:
+        source["factors"] = str(Path(args.factors).resolve())
+    (out / SOURCE).write_text(json.dumps(source, indent=2) + "\n")
+    _log(
+        args,
+        f"indexed {index.num_examples} sequences ({index.projection}, {index.bytes_per_sequence:,} bytes each) "
+        f"in {time.perf_counter() - started:.1f}s -> {out}",
+    )
+    return 0
+
+
+def run_append(args) -> int:
+    from .engine.records import read_training_jsonl
+
+    index_dir = Path(args.index)
+    source = _source(index_dir)
+    read_training_jsonl(args.data)
+    args.model, args.factors = source["model"], source["factors"]
+    model = common_pb2.ModelSpec(path=source["model"])
+    started = time.perf_counter()
+    with StageBars(not args.quiet) as bars:
+
+        def append(client):
+            if not args.server:
+                client.register_factors(source["factors"])
+            name = index_name(client, args, index_dir)
+            dataset = _register(client, args, model, bars)
+            index = client.append_index(name, dataset, progress=bars, batch_size=args.batch_size)
+            # embedded, the directory is the index (its blocks were written there): fetch the new dataset
+            client.download_index(index.name, index_dir, index_files=bool(args.server))
+            return index
+
+        if args.server and source.get("server") != args.server:
+            raise InputError(
+                f"{index_dir} was built on {source.get('server') or 'an embedded system'}, not {args.server}"
+            )
+        index = through_system(args, append)
+    _log(args, f"index now holds {index.num_examples} sequences ({time.perf_counter() - started:.1f}s) -> {index_dir}")
+    return 0
