@@ -137,7 +137,13 @@ def make_server(system: JobSystem, roles: tuple[str, ...] = ROLES, limits: Limit
             ),
         )
     )
-    return build_server(registrations), watcher.close
+    server, stop_probe = build_server(registrations, probe=system.unhealthy)
+
+    def close() -> None:
+        stop_probe()
+        watcher.close()
+
+    return server, close
 
 
 async def serve(system: JobSystem, host: str, port: int, roles: tuple[str, ...] = ROLES) -> None:

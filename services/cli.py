@@ -70,6 +70,17 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", default=os.environ.get("INFLUENCE_LOG_LEVEL", "info"))
     parser.add_argument(
+        "--log-format",
+        default=os.environ.get("INFLUENCE_LOG_FORMAT", "text"),
+        help="text or json: one JSON object per line (env INFLUENCE_LOG_FORMAT)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("INFLUENCE_METRICS_PORT", "0")),
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (env INFLUENCE_METRICS_PORT; 0: off)",
+    )
+    parser.add_argument(
         "--cache-gib",
         type=float,
         default=None,

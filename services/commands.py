@@ -9,6 +9,7 @@ bars, and the outputs are downloaded into --out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -299,20 +300,35 @@ def _worker_context(args, system):
     return WorkerContext(system.store, cache_bytes=gib_to_bytes(args.cache_gib))
 
 
+@contextlib.contextmanager
+def _metrics(args, system, shared_state: bool):
+    """Prometheus metrics on --metrics-port while the block runs (nothing when it is 0)."""
+    if not args.metrics_port:
+        yield
+        return
+    from .system.metrics import MetricsServer
+
+    server = MetricsServer(args.metrics_port, system=system if shared_state else None)
+    try:
+        yield
+    finally:
+        server.close()
+
+
 def run_serve(args) -> int:
     import asyncio
-    import logging
     import threading
 
     from .assembly import ROLES, serve
+    from .logs import configure_logging
     from .system.runner import Worker, threads_per_worker
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     roles = tuple(role.strip() for role in args.role.split(",") if role.strip())
     unknown = set(roles) - set(ROLES)
     if unknown or not roles:
         raise InputError(f"--role takes factor, gradient and/or query, got {args.role!r}")
-    with _connect(args) as system:
+    with _connect(args) as system, _metrics(args, system, shared_state=True):
         cores_each = threads_per_worker(args.workers)
         workers = [
             Worker(system, consumer=f"serve-{n}", context=_worker_context(args, system), torch_threads=cores_each)
@@ -332,16 +348,16 @@ def run_serve(args) -> int:
 
 
 def run_worker(args) -> int:
-    import logging
     import signal
 
     from .assembly import STAGE_TABLE
+    from .logs import configure_logging
     from .system.runner import Worker
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()] if args.kinds else STAGE_TABLE.kinds
     STAGE_TABLE.check_kinds(kinds)
-    with _connect(args) as system:
+    with _connect(args) as system, _metrics(args, system, shared_state=False):
         worker = Worker(
             system,
             kinds=kinds,

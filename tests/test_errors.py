@@ -55,7 +55,7 @@ def raising_server():
             "google.longrunning.Operations",
             lambda server: operations_pb2_grpc.add_OperationsServicer_to_server(Raising(), server),
         )
-        return build_server([registration]), lambda: None
+        return build_server([registration])
 
     server = BackgroundServer(make).start()
     yield server.target

@@ -157,3 +157,20 @@ def test_embedded_redis_keeps_its_state_across_owners(tmp_path):
     finally:
         adopted.stop()
         first.stop()
+
+
+def test_queue_stats_count_waiting_running_lag_and_dead_letters(redis):
+    queue, _ = fresh(redis, lease_seconds=30)
+    assert queue.stats("score").waiting == 0
+    for number in range(3):
+        queue.enqueue("score", f"task {number}".encode())
+    task = queue.take(["score"], "consumer-1", block_ms=100)
+    stats = queue.stats("score")
+    assert (stats.waiting, stats.running, stats.dead_letters) == (2, 1, 0)
+    assert 0 <= stats.oldest_waiting_seconds < 60
+    queue.dead_letter(task, "a cause")
+    stats = queue.stats("score")
+    assert (stats.waiting, stats.running, stats.dead_letters) == (2, 0, 1)
+    for _ in range(2):
+        queue.ack(queue.take(["score"], "consumer-1", block_ms=100))
+    assert queue.stats("score") == type(stats)(waiting=0, running=0, oldest_waiting_seconds=0.0, dead_letters=1)

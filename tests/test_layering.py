@@ -20,6 +20,7 @@ LAYERS = {
     "errors": 0,
     "wire": 0,
     "gen": 0,
+    "logs": 1,
     "engine": 1,
     "storage": 2,
     "jobs": 2,

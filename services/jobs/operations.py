@@ -126,6 +126,19 @@ class OperationStore:
         return record
 
     @redis_unavailable
+    def count_states(self, newest: int = 10_000) -> dict[str, int]:
+        """{state: operations} over the `newest` operations (a bounded scan, for metrics)."""
+        ids = self.client.zrevrange(f"{self.prefix}:ops", 0, newest - 1)
+        pipe = self.client.pipeline()
+        for operation_id in ids:
+            pipe.hget(self._key(operation_id.decode()), "state")
+        counts = dict.fromkeys((PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED), 0)
+        for state in pipe.execute() if ids else []:
+            if state is not None:
+                counts[state.decode()] = counts.get(state.decode(), 0) + 1
+        return counts
+
+    @redis_unavailable
     def list(self, page_size: int = 50, page_token: str = "", kind: str = "") -> tuple[list[dict], str]:
         """Newest first; the page token is the offset into the index."""
         offset = int(page_token or 0)

@@ -36,6 +36,14 @@ class Task:
     deliveries: int
 
 
+@dataclass(frozen=True)
+class QueueStats:
+    waiting: int  # enqueued, not yet taken
+    running: int  # taken and not acknowledged (running, or lost with a lease still to expire)
+    oldest_waiting_seconds: float  # 0 when none waits
+    dead_letters: int
+
+
 class TaskQueue:
     def __init__(
         self, client: redis.Redis, *, prefix: str = "influence", lease_seconds: float = 30.0, max_deliveries: int = 3
@@ -125,6 +133,28 @@ class TaskQueue:
         """Tasks not yet acknowledged (waiting or running)."""
         self._ensure_group(kind)
         return int(self.client.xlen(self.stream(kind)))
+
+    def stats(self, kind: str) -> QueueStats:
+        """Waiting and running tasks of `kind`, the age of the oldest waiting one, dead letters."""
+        self._ensure_group(kind)
+        stream = self.stream(kind)
+        pipe = self.client.pipeline()
+        pipe.xlen(stream)
+        pipe.xpending(stream, GROUP)
+        pipe.xinfo_groups(stream)
+        pipe.xlen(self.dead_stream(kind))
+        length, pending, groups, dead = pipe.execute()
+        running = int(pending["pending"])
+        delivered = next((g["last-delivered-id"] for g in groups if g["name"] in (GROUP, GROUP.encode())), b"0-0")
+        delivered = delivered.decode() if isinstance(delivered, bytes) else delivered
+        oldest = self.client.xrange(stream, min=f"({delivered}", count=1)
+        age = 0.0
+        if oldest:
+            enqueued_ms = int(oldest[0][0].decode().split("-")[0])
+            age = max(0.0, time.time() - enqueued_ms / 1000)
+        return QueueStats(
+            waiting=max(0, int(length) - running), running=running, oldest_waiting_seconds=age, dead_letters=int(dead)
+        )
 
     def dead_letters(self, kind: str) -> list[dict]:
         return [

@@ -21,9 +21,13 @@ log = logging.getLogger("influence.server")
 Registration = tuple[str, Callable[[grpc.aio.Server], None]]
 
 
-def build_server(registrations: list[Registration]) -> grpc.aio.Server:
-    """An aio server with the registered services, health (overall and per service: SERVING)
-    and reflection."""
+def build_server(
+    registrations: list[Registration], probe: Callable[[], str | None] | None = None, probe_seconds: float = 5.0
+) -> tuple[grpc.aio.Server, Callable[[], None]]:
+    """(server, stop_probe): an aio server with the registered services, health (overall and per
+    service) and reflection. Health is SERVING, or, with a `probe` (None when healthy, else the
+    reason: Redis or the store unreachable), follows the probe, run on a thread every
+    `probe_seconds`; `stop_probe()` ends that loop (call it when the server stops)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -36,10 +40,29 @@ def build_server(registrations: list[Registration]) -> grpc.aio.Server:
         names.append(name)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ["", *names]:
-        asyncio.get_event_loop().create_task(health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
     reflection.enable_server_reflection(names, server)
-    return server
+    loop = asyncio.get_event_loop()
+    follower = loop.create_task(_keep_health(health_servicer, ["", *names], probe, probe_seconds))
+    return server, lambda: loop.call_soon_threadsafe(follower.cancel)
+
+
+async def _keep_health(health_servicer, names: list[str], probe: Callable[[], str | None] | None, seconds: float):
+    """SERVING for every name, then (with a probe) whatever the probe says, every `seconds`."""
+    for name in names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    serving = True
+    while probe is not None:
+        reason = await asyncio.to_thread(probe)
+        if (reason is None) != serving:
+            serving = reason is None
+            if serving:
+                log.info("dependencies reachable again: SERVING")
+            else:
+                log.warning("NOT_SERVING: %s", reason)
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in names:
+                await health_servicer.set(name, status)
+        await asyncio.sleep(seconds)
 
 
 class BackgroundServer:
@@ -68,6 +91,10 @@ class BackgroundServer:
             close()
 
         self._loop.run_until_complete(main())
+        leftovers = asyncio.all_tasks(self._loop)  # e.g. a health probe between two checks
+        for task in leftovers:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
         self._loop.close()
 
     def start(self) -> BackgroundServer:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import InputError, NotFoundError
+from . import traffic
 from .base import ArtifactStore, ObjectInfo
 from .keys import check_key, check_prefix
 
@@ -58,11 +59,13 @@ class LocalStore(ArtifactStore):
         try:
             with handle:
                 write(handle)
+                written = handle.tell()
             if path.is_dir():
                 raise InputError(f"cannot store {key!r}: other keys start with {key + '/'!r}")
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
+        traffic.count("local", "written", written)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write_atomically(key, lambda handle: handle.write(data))
@@ -120,9 +123,11 @@ class LocalStore(ArtifactStore):
 
     def get_bytes(self, key: str) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            data = self._path(key).read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFoundError(f"no object at {key!r} in {self.describe()}") from None
+        traffic.count("local", "read", len(data))
+        return data
 
     def get_file(self, key: str, path: str | Path) -> Path:
         target = Path(path)
@@ -135,6 +140,7 @@ class LocalStore(ArtifactStore):
                 raise NotFoundError(f"no object at {key!r} in {self.describe()}") from None
             with source, open(temporary, "xb") as handle:
                 shutil.copyfileobj(source, handle, _COPY_CHUNK)
+                traffic.count("local", "read", handle.tell())
             os.replace(temporary, target)
         finally:
             temporary.unlink(missing_ok=True)

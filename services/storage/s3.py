@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import DomainError, InputError, NotFoundError, PermissionDeniedError, StorageError
+from . import traffic
 from .base import ArtifactStore, ObjectInfo
 from .keys import check_key, check_prefix
 from .retry import RetryPolicy, Transient, call_with_retries
@@ -144,6 +145,7 @@ class S3Store(ArtifactStore):
                 bucket_name=self.bucket, object_name=key, data=io.BytesIO(data), length=len(data)
             ),
         )
+        traffic.count("s3", "written", len(data))
 
     def put_file(self, key: str, path: str | Path) -> None:
         check_key(key)
@@ -160,6 +162,7 @@ class S3Store(ArtifactStore):
                 )
 
             self._call("put_file", key, upload)
+        traffic.count("s3", "written", size)
 
     # -- reads --------------------------------------------------------------------------
 
@@ -174,7 +177,9 @@ class S3Store(ArtifactStore):
                 response.close()
                 response.release_conn()
 
-        return self._call("get", key, read)
+        data = self._call("get", key, read)
+        traffic.count("s3", "read", len(data))
+        return data
 
     def get_file(self, key: str, path: str | Path) -> Path:
         check_key(key)
@@ -194,6 +199,7 @@ class S3Store(ArtifactStore):
 
         try:
             self._call("get_file", key, download)
+            traffic.count("s3", "read", temporary.stat().st_size)
             os.replace(temporary, target)
         finally:
             temporary.unlink(missing_ok=True)

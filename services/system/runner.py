@@ -31,7 +31,7 @@ from ..gen.influence.v1 import tasks_pb2
 from ..jobs.operations import TERMINAL, OperationStore
 from ..jobs.queue import LeaseKeeper, Task, TaskQueue
 from ..storage import ArtifactStore
-from . import layout
+from . import layout, metrics
 from .context import WorkerContext
 from .plans import StageCall, StageTable
 from .specs import Job, decode_job, encode_job
@@ -47,6 +47,18 @@ class JobSystem:
     operations: OperationStore
     queue: TaskQueue
     table: StageTable
+
+    def unhealthy(self) -> str | None:
+        """Why the system cannot serve right now (Redis or the store unreachable), or None."""
+        try:
+            self.queue.client.ping()
+        except Exception as error:  # any failure to reach Redis is the answer, not an error here
+            return f"Redis unreachable: {error}"
+        try:
+            self.store.exists("health-probe")
+        except Exception as error:
+            return f"object store {self.store.describe()} unreachable: {error}"
+        return None
 
     def payload(self, operation: str, job: Job, stage: str, shard: int) -> bytes:
         return tasks_pb2.TaskPayload(
@@ -215,7 +227,9 @@ class Worker:
         the capture caches of jobs that have ended."""
         task = self.system.queue.take(self.kinds, self.consumer, block_ms)
         if task is not None:
-            self.handle(task)
+            started = time.perf_counter()
+            outcome = self.handle(task)
+            metrics.TASK_SECONDS.labels(task.kind, outcome).observe(time.perf_counter() - started)
         self.release_ended_caches()
         return task is not None
 
@@ -228,20 +242,22 @@ class Worker:
 
         self.context.captures.release_ended(ended)
 
-    def handle(self, task: Task) -> None:
+    def handle(self, task: Task) -> str:
+        """Run one task; its outcome: succeeded, failed (the operation failed), retry (left for
+        redelivery), cancelled, dead_lettered, or skipped (its operation had ended)."""
         queue, operations = self.system.queue, self.system.operations
         payload = tasks_pb2.TaskPayload.FromString(task.payload)
         record = operations.get(payload.operation)
         if record is None or record["state"] in TERMINAL:
             queue.ack(task)
-            return
+            return "skipped"
         where = f"{payload.stage} task (shard {payload.shard})"
         if task.deliveries > queue.max_deliveries:
             cause = record.get("last_error") or "the worker was lost"
             message = f"{where} failed {task.deliveries - 1} times; last error: {cause}"
             queue.dead_letter(task, message)
             operations.fail(payload.operation, code_pb2.ABORTED, message)
-            return
+            return "dead_lettered"
         progress = OperationProgress(operations, payload.operation)
         progress.stage("starting", 1, "task")  # until the stage's first step: loading its model and inputs
         self.context.progress = progress
@@ -252,19 +268,19 @@ class Worker:
                 published = self.system.table.stage(payload.stage).run(call)
         except CancelledError:
             queue.ack(task)
-            return
+            return "cancelled"
         except Exception as error:
             if isinstance(error, DomainError) and error.callers_fault:
                 operations.fail(payload.operation, code_pb2.Code.Value(code_of(error)), f"{where}: {error}")
                 queue.ack(task)
-                return
+                return "failed"
             # transient or the system's fault: left pending, redelivered after the lease
             if isinstance(error, DomainError):
                 log.warning("%s of %s failed: %s: %s", where, payload.operation, type(error).__name__, error)
             else:  # a bug: the traceback belongs in the log
                 log.exception("%s of %s failed", where, payload.operation)
             operations.note_error(payload.operation, f"{type(error).__name__}: {error}")
-            return
+            return "retry"
         progress.flush()
         plan = self.system.table.plan(job)
         following = plan.after(job, payload.stage)
@@ -281,6 +297,7 @@ class Worker:
         queue.ack(task)
         if completed and following is None and not plan.keeps_intermediates:
             self.discard_intermediates(payload.job)
+        return "succeeded"
 
     def discard_intermediates(self, job: str) -> None:
         """Delete a succeeded job's jobs/{id}/ objects (spec, upload, partial sums, eigenbases,

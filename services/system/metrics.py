@@ -1,0 +1,103 @@
+"""Prometheus metrics, served over HTTP at /metrics (`influence serve|worker --metrics-port`).
+
+What this process did:
+    influence_task_seconds{kind, outcome}        histogram: wall time of each task it ran
+                                                 (outcome: succeeded, failed, retry, cancelled,
+                                                 dead_lettered, skipped)
+    influence_store_bytes_total{backend, direction}  bytes read from / written to the artifact store
+The shared state, read from Redis when scraped (API servers export it; workers do not, so a sum
+over pods does not multiply it — take max() over the servers):
+    influence_queue_tasks{kind, state}           waiting / running tasks per stream
+    influence_queue_lag_seconds{kind}            age of the oldest waiting task (0 when none waits)
+    influence_dead_letters{kind}                 tasks dead-lettered so far
+    influence_operations{state}                  operations by state (the newest 10,000)
+    influence_up{dependency}                     1 if Redis / the store answered this scrape
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..storage import traffic
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+TASK_SECONDS = Histogram(
+    "influence_task_seconds",
+    "Wall time of the tasks this process ran, by kind and outcome.",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+)
+
+
+class StoreTraffic(Collector):
+    def collect(self):
+        family = CounterMetricFamily(
+            "influence_store_bytes", "Bytes this process read from or wrote to the artifact store.",
+            labels=["backend", "direction"],
+        )
+        for (backend, direction), size in sorted(traffic.snapshot().items()):
+            family.add_metric([backend, direction], size)
+        yield family
+
+
+REGISTRY.register(StoreTraffic())
+
+
+class SystemState(Collector):
+    """Queue depth and lag per task kind, dead letters, operations by state: read at scrape time."""
+
+    def __init__(self, system):
+        self.system = system
+
+    def collect(self):
+        up = GaugeMetricFamily("influence_up", "1 if the dependency answered this scrape.", labels=["dependency"])
+        tasks = GaugeMetricFamily("influence_queue_tasks", "Tasks per stream and state.", labels=["kind", "state"])
+        lag = GaugeMetricFamily(
+            "influence_queue_lag_seconds", "Age of the oldest waiting task (0 when none waits).", labels=["kind"]
+        )
+        dead = GaugeMetricFamily("influence_dead_letters", "Tasks dead-lettered so far.", labels=["kind"])
+        operations = GaugeMetricFamily(
+            "influence_operations", "Operations by state (the newest 10,000).", labels=["state"]
+        )
+        try:
+            for kind in self.system.table.kinds:
+                stats = self.system.queue.stats(kind)
+                tasks.add_metric([kind, "waiting"], stats.waiting)
+                tasks.add_metric([kind, "running"], stats.running)
+                lag.add_metric([kind], stats.oldest_waiting_seconds)
+                dead.add_metric([kind], stats.dead_letters)
+            for state, count in self.system.operations.count_states().items():
+                operations.add_metric([state], count)
+            up.add_metric(["redis"], 1)
+        except Exception:  # Redis away: report it down, keep the endpoint answering
+            up.add_metric(["redis"], 0)
+            yield up
+            return
+        try:
+            self.system.store.exists("health-probe")
+            up.add_metric(["store"], 1)
+        except Exception:
+            up.add_metric(["store"], 0)
+        yield from (up, tasks, lag, dead, operations)
+
+
+class MetricsServer:
+    """/metrics on `port` (0: a free one, see `.port`) until `close()`; with a system, its
+    shared state too."""
+
+    def __init__(self, port: int, host: str = "0.0.0.0", system=None):
+        self._state = SystemState(system) if system is not None else None
+        if self._state is not None:
+            REGISTRY.register(self._state)
+        self._server, self._thread = start_http_server(port, addr=host, registry=REGISTRY)
+        self.port = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+        if self._state is not None:
+            REGISTRY.unregister(self._state)
