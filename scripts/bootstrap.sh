@@ -17,7 +17,7 @@ if [ ! -f "$stamp" ]; then
   pip_install --upgrade pip
   # torch first and exactly pinned, so nothing later resolves a CUDA build.
   pip_install "torch==2.13.0"
-  pip_install -e "$root[test]"
+  pip_install -e "$root[system,test]"
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi

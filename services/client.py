@@ -23,7 +23,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import code_pb2
 
 from .engine.records import Query
-from .errors import DomainError, InternalError, NotFoundError, error_for_code
+from .errors import DomainError, InputError, InternalError, NotFoundError, error_for_code
 from .gen.influence.v1 import (
     common_pb2,
     factor_service_pb2,
@@ -42,29 +42,63 @@ def _domain_error(error: grpc.RpcError) -> DomainError:
 
 
 class InfluenceClient:
-    def __init__(self, target: str, *, timeout: float = 60.0, retries: int = 5):
-        self.target = target
+    """A client of the three services and the Operations service.
+
+    `target` reaches all of them (one `influence serve`, or a deployment's single entry point);
+    `factor_target`, `gradient_target` and `query_target` send one service's calls elsewhere
+    (per-service Services of a deployment). A target may name several replicas, e.g.
+    `dns:///influence-query-headless:50051`: calls are spread over them round-robin, one
+    HTTP/2 connection each. Operations are read through whichever target is given first
+    (every server answers for every operation: they share Redis)."""
+
+    def __init__(
+        self,
+        target: str = "",
+        *,
+        factor_target: str = "",
+        gradient_target: str = "",
+        query_target: str = "",
+        timeout: float = 60.0,
+        retries: int = 5,
+    ):
+        targets = {
+            "factor": factor_target or target,
+            "gradient": gradient_target or target,
+            "query": query_target or target,
+        }
+        missing = [role for role, value in targets.items() if not value]
+        if missing:
+            raise InputError(f"no target for the {', '.join(missing)} service: give `target` or each service's target")
+        self.target = target or targets["query"]
         self.timeout = timeout
         self.retries = retries
-        self.channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
-        self.factors = factor_service_pb2_grpc.FactorServiceStub(self.channel)
-        self.gradients = gradient_service_pb2_grpc.GradientServiceStub(self.channel)
-        self.queries = query_service_pb2_grpc.QueryServiceStub(self.channel)
-        self.operations = operations_pb2_grpc.OperationsStub(self.channel)
+        self._channels: dict[str, grpc.Channel] = {}
+        self.factors = factor_service_pb2_grpc.FactorServiceStub(self._channel(targets["factor"]))
+        self.gradients = gradient_service_pb2_grpc.GradientServiceStub(self._channel(targets["gradient"]))
+        self.queries = query_service_pb2_grpc.QueryServiceStub(self._channel(targets["query"]))
+        self.operations = operations_pb2_grpc.OperationsStub(self._channel(self.target))
         self.waiting_on = ""  # the operation `wait` is (or was last) waiting on
+
+    def _channel(self, target: str) -> grpc.Channel:
+        if target not in self._channels:
+            self._channels[target] = grpc.insecure_channel(
+                target,
+                options=[
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.lb_policy_name", "round_robin"),  # over every address the name resolves to
+                    ("grpc.dns_min_time_between_resolutions_ms", 5000),  # replicas come and go
+                ],
+            )
+        return self._channels[target]
 
     def cancel(self, name: str) -> None:
         """Cancel an operation (its running tasks stop between batches)."""
         self._call(self.operations.CancelOperation, operations_pb2.CancelOperationRequest(name=name))
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self._channels.values():
+            channel.close()
 
     def __enter__(self) -> InfluenceClient:
         return self
