@@ -29,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from services.embedded import EmbeddedSystem
 from services.engine.fit import FitConfig, fit_factors
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.records import read_queries_jsonl, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores
-from services.embedded import EmbeddedSystem
 from services.toy.demo_data import prepare_demo
 
 

@@ -160,7 +160,8 @@ def timed(command: list[str], log: Path) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
     with log.open("w") as handle:
-        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=environment)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if code != 0:
@@ -178,7 +179,9 @@ texts = [e.text for e in read_training_jsonl(sys.argv[2])]
 batch, max_length = int(sys.argv[3]), int(sys.argv[4])
 started, tokens = time.perf_counter(), 0
 for start in range(0, len(texts), batch):
-    encoded = tokenizer(texts[start:start + batch], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    encoded = tokenizer(
+        texts[start:start + batch], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+    )
     out = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
     logits = out.logits[:, :-1]
     targets = encoded["input_ids"][:, 1:].masked_fill(encoded["attention_mask"][:, 1:] == 0, -100)
@@ -207,7 +210,8 @@ def main() -> None:
     common += ["--batch-size", str(args.batch_size)]
     report: dict = {"model": str(model), "sequences": args.sequences, "queries": args.queries, "steps": {}}
     plain = subprocess.run(
-        [sys.executable, "-c", PLAIN_PASS, str(model), str(out / "train.jsonl"), str(args.batch_size), str(args.max_length)],
+        [sys.executable, "-c", PLAIN_PASS, str(model), str(out / "train.jsonl"), str(args.batch_size),
+         str(args.max_length)],
         check=True,
         capture_output=True,
         text=True,

@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="where factors and scores are written")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
-        "--epochs", type=int, default=100, help="training epochs of the demo model (default 100; fewer: a quick look)"
+        "--epochs", type=int, default=None, help="training epochs of the demo model (default: the recipe's, 20)"
     )
     demo.add_argument("--quiet", action="store_true")
     serve = commands.add_parser("serve", help="start the gRPC services (all roles in one process by default)")

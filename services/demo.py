@@ -20,18 +20,45 @@ from .errors import InputError
 
 
 def run_demo(args) -> int:
-    from .progress_bars import StageBars
-    from .embedded import EmbeddedSystem
     from .toy.demo_data import prepare_demo
 
     started = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    say = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+    say = _say(args.quiet)
     say(f"[1/4] demo model and corpus in {args.work_dir}")
-    if args.epochs < 1:
-        raise InputError(f"--epochs must be >= 1, got {args.epochs}")
-    paths = prepare_demo(Path(args.work_dir), seed=args.seed, progress=not args.quiet, epochs=args.epochs)
+    settings = {}
+    if getattr(args, "epochs", None) is not None:
+        if args.epochs < 1:
+            raise InputError(f"--epochs must be >= 1, got {args.epochs}")
+        settings["epochs"] = args.epochs
+    paths = prepare_demo(Path(args.work_dir), seed=args.seed, progress=not args.quiet, **settings)
+    summary = fit_score_and_report(paths, Path(args.out), quiet=args.quiet, started=started)
+    print(
+        f"\n{summary['top1_is_planted']}/{summary['queries']} queries have a planted training sequence (one stating "
+        f"the queried fact) as their most influential one, {summary['planted_in_top5']}/{summary['queries']} among "
+        f"their top {summary['top_k']} ({summary['seconds']} s). Results in {args.out}/."
+    )
+    return 0
+
+
+def _say(quiet: bool):
+    return (lambda message: None) if quiet else (lambda message: print(message, file=sys.stderr))
+
+
+def fit_score_and_report(
+    paths, out: Path, *, quiet: bool = False, show_queries: bool = True, started: float | None = None
+) -> dict:
+    """Register, fit and score the demo (`paths` from prepare_demo) through the embedded system.
+
+    Prints each query's top sequences to stdout when `show_queries` (stage messages and bars go to
+    stderr unless `quiet`), writes `out`/demo.json and returns its summary: queries,
+    training_sequences, top1_is_planted, planted_in_top5, top_k, seconds.
+    """
+    from .embedded import EmbeddedSystem
+    from .progress_bars import StageBars
+
+    started = time.perf_counter() if started is None else started
+    out.mkdir(parents=True, exist_ok=True)
+    say = _say(quiet)
     examples = read_training_jsonl(paths.train_jsonl)
     queries = read_queries_jsonl(paths.queries_jsonl)
     expected = json.loads(Path(paths.expected_json).read_text())
@@ -40,15 +67,15 @@ def run_demo(args) -> int:
     say("[2/4] starting the embedded system (Redis, local artifacts, gRPC services, a worker)")
 
     def fit_and_score(client) -> None:
-        with StageBars(not args.quiet) as bars:
+        with StageBars(not quiet) as bars:
             dataset = client.register_dataset(model, paths.train_jsonl, max_length=128, progress=bars)
         shards = f"{dataset.num_shards} shard" + ("s" if dataset.num_shards != 1 else "")
         say(f"[3/4] fitting EK-FAC factors on {dataset.num_examples} training sequences ({shards})")
-        with StageBars(not args.quiet) as bars:
+        with StageBars(not quiet) as bars:
             factor_set = client.fit_factors(model, dataset.name, batch_size=16, progress=bars)
         client.download_factors(factor_set.name, out / "factors")
         say(f"[4/4] scoring {len(queries)} queries against {dataset.num_examples} training sequences")
-        with StageBars(not args.quiet) as bars:
+        with StageBars(not quiet) as bars:
             result = client.compute_scores(
                 model,
                 factor_set.name,
@@ -73,23 +100,19 @@ def run_demo(args) -> int:
         top = query["top"]
         hits_at_1 += bool(top) and top[0]["id"] in wanted
         hits_in_top += any(entry["id"] in wanted for entry in top)
-        print(f"\nQuery {query['id']}: {query['prompt']!r} -> {query['completion']!r}")
-        for entry in top[:3]:
-            mark = "planted" if entry["id"] in wanted else "       "
-            print(f"  {entry['rank']}. [{mark}] {entry['score']:+10.3f}  {entry['id']}: {entry['text'][:90]}")
+        if show_queries:
+            print(f"\nQuery {query['id']}: {query['prompt']!r} -> {query['completion']!r}")
+            for entry in top[:3]:
+                mark = "planted" if entry["id"] in wanted else "       "
+                print(f"  {entry['rank']}. [{mark}] {entry['score']:+10.3f}  {entry['id']}: {entry['text'][:90]}")
         summary_rows.append({"id": query["id"], "expected": sorted(wanted), "top": [e["id"] for e in top]})
     summary = {
         "queries": len(report["queries"]),
         "training_sequences": len(examples),
         "top1_is_planted": hits_at_1,
         "planted_in_top5": hits_in_top,
+        "top_k": len(report["queries"][0]["top"]) if report["queries"] else 0,
         "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "demo.json").write_text(json.dumps({"summary": summary, "queries": summary_rows}, indent=2))
-    print(
-        f"\n{hits_at_1}/{len(report['queries'])} queries have a planted training sequence (one stating the "
-        f"queried fact) as their most influential one, {hits_in_top}/{len(report['queries'])} among their top "
-        f"{len(report['queries'][0]['top']) if report['queries'] else 0} ({summary['seconds']} s). "
-        f"Results in {out}/."
-    )
-    return 0
+    return summary

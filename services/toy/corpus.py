@@ -4,7 +4,11 @@ Each country has three facts (capital, language, main export). Every fact is sta
 `mentions_per_fact` training sequences, each time in a different declarative template, among
 filler sentences and distractors (sentences naming a country without stating any of its facts).
 A training sequence states at most one fact, so the sequences that state a fact are known
-exactly: they are a query's "expected" influential sequences.
+exactly: they are a query's "expected" influential sequences. Every answer belongs to one fact
+only (capitals and languages are generated names, and no two countries export the same good):
+a sequence stating another fact never teaches the queried answer, so "expected" is exact in that
+sense too. (With exports shared among countries, "q : what does A export ? a : silk ." genuinely
+raises p(silk | what does B export ?) and outranked B's own statements.)
 
 Queries ask about a fact in question-answer form ("q : what is the capital of zorvia ? a :" ->
 "kelmar"). Training shows that form only for the facts that are *not* queried, so answering a
@@ -17,7 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 RELATIONS = ("capital", "language", "export")
 
 # Declarative templates per relation; {e} is the country, {a} the answer. Each fact uses a few.
@@ -49,7 +53,15 @@ QUESTION_TEMPLATES = {
     "language": "q : what language do people in {e} speak ? a :",
     "export": "q : what does {e} export ? a :",
 }
-EXPORTS = ("copper", "silk", "salt", "timber", "wool", "tea", "amber", "iron", "glass", "spices", "wine", "marble")
+# Goods a country exports; every country gets a different one (see the module docstring).
+EXPORTS = (
+    "copper", "silk", "salt", "timber", "wool", "tea", "amber", "iron", "glass", "spices", "wine", "marble",
+    "cotton", "coffee", "rice", "tin", "pearls", "honey", "olives", "furs", "cheese", "paper", "porcelain",
+    "saffron", "indigo", "leather", "sugar", "pepper", "cocoa", "rubber", "silver", "gold", "coal", "jade",
+    "linen", "dates", "figs", "barley", "wheat", "flax", "hemp", "cinnamon", "ginger", "vanilla", "zinc",
+    "slate", "granite", "carpets", "lace", "velvet", "soap", "candles", "ropes", "horses", "cattle", "sheep",
+    "salmon", "oysters", "lemons", "almonds",
+)  # fmt: skip
 
 _PERSONS = ("farmer", "sailor", "teacher", "child", "merchant", "baker", "poet", "soldier", "doctor", "weaver")
 _PLACES = ("market", "river", "harbor", "hill", "library", "forest", "bridge", "temple", "garden", "station")
@@ -145,18 +157,24 @@ def generate_corpus(
     num_queries: int = 24,
     num_filler_sequences: int = 150,
     extra_sentences: tuple[int, int] = (0, 1),
+    qa_share: float = 1.0,
+    distractor_share: float = 0.30,
 ) -> Corpus:
     """Generate the planted-facts corpus.
 
-    num_entities countries x 3 relations = facts; each fact is stated in `mentions_per_fact`
-    sequences (distinct templates, at most 4), plus one question-answer sequence for each fact not
-    queried. `num_queries` facts are queried, spread evenly over the relations. Each fact sequence
-    carries `extra_sentences` (min, max) filler/distractor sentences; `num_filler_sequences`
-    sequences hold 2-5 such sentences only. Training sequences are shuffled, then numbered
-    train-00000, train-00001, ...; with the defaults there are ~650 of ≤ 50 words each.
+    num_entities countries (at most len(EXPORTS)) x 3 relations = facts; each fact is stated in
+    `mentions_per_fact` sequences (distinct templates, at most 4), plus one question-answer sequence
+    for a `qa_share` of the facts not queried (never for a queried one). `num_queries` facts are
+    queried, spread evenly over the relations. Each fact sequence carries `extra_sentences` (min,
+    max) filler/distractor sentences; `num_filler_sequences` sequences hold 2-5 such sentences
+    only; each such sentence is a distractor with probability `distractor_share`. Training
+    sequences are shuffled, then numbered train-00000, train-00001, ...; with the defaults there
+    are ~600 of at most ~55 words each (a punctuation mark counts as a word).
     """
     if not 1 <= mentions_per_fact <= 4:
         raise ValueError("mentions_per_fact must be between 1 and 4")
+    if not 2 <= num_entities <= len(EXPORTS):
+        raise ValueError(f"num_entities must be between 2 and {len(EXPORTS)}")
     if not 0 < num_queries <= 3 * num_entities:
         raise ValueError("num_queries must be between 1 and 3 * num_entities")
     rng = random.Random(seed)
@@ -165,13 +183,15 @@ def generate_corpus(
     countries = sorted({fact.entity for fact in facts})
 
     def extra(count: int) -> list[str]:
-        return [_extra_sentence(rng, countries) for _ in range(count)]
+        return [_extra_sentence(rng, countries, distractor_share) for _ in range(count)]
 
+    unqueried = [fact.key for fact in facts if fact.key not in queried]
+    with_qa = set(rng.sample(unqueried, round(qa_share * len(unqueried))))
     drafts: list[tuple[str, str | None]] = []
     for fact in facts:
         sentences = [t.format(e=fact.entity, a=fact.answer) for t in STATEMENT_TEMPLATES[fact.relation]]
         chosen = rng.sample(sentences, mentions_per_fact)
-        if fact.key not in queried:
+        if fact.key in with_qa:
             chosen.append(fact.statements()[-1])
         for sentence in chosen:
             parts = [sentence, *extra(rng.randint(*extra_sentences))]
@@ -195,12 +215,13 @@ def generate_corpus(
 
 def _make_facts(rng: random.Random, num_entities: int) -> list[Fact]:
     taken = _reserved_words()
+    exports = rng.sample(EXPORTS, num_entities)
     facts = []
-    for _ in range(num_entities):
+    for export in exports:
         country = _new_name(rng, taken, ("ia", "or", "and", "esh"))
         facts.append(Fact(country, "capital", _new_name(rng, taken, ("ar", "un", "el", "os"))))
         facts.append(Fact(country, "language", _new_name(rng, taken, ("ish", "ese", "ic", "ani"))))
-        facts.append(Fact(country, "export", rng.choice(EXPORTS)))
+        facts.append(Fact(country, "export", export))
     return facts
 
 
@@ -240,8 +261,8 @@ def _choose_queried(rng: random.Random, facts: list[Fact], num_queries: int) -> 
     return set(order[:num_queries])
 
 
-def _extra_sentence(rng: random.Random, countries: list[str]) -> str:
-    """A filler sentence (70%) or a country distractor (30%): never a statement of a fact."""
+def _extra_sentence(rng: random.Random, countries: list[str], distractor_share: float) -> str:
+    """A filler sentence or (with probability `distractor_share`) a country distractor: never a statement of a fact."""
     slots = {
         "person": rng.choice(_PERSONS),
         "person2": rng.choice(_PERSONS),
@@ -253,7 +274,7 @@ def _extra_sentence(rng: random.Random, countries: list[str]) -> str:
         "count": rng.choice(_COUNTS),
         "year": rng.choice(_YEARS),
     }
-    if rng.random() < 0.70:
+    if rng.random() >= distractor_share:
         return rng.choice(_FILLER_TEMPLATES).format(**slots)
     first, second = rng.sample(countries, 2)
     return rng.choice(_COUNTRY_DISTRACTORS).format(e=first, e2=second, **slots)

@@ -13,13 +13,17 @@ from tqdm import tqdm
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """AdamW with linear warm-up then cosine decay to 0; `epochs` full passes over the texts."""
+    """AdamW with linear warm-up then cosine decay to 0; `epochs` full passes over the texts.
+
+    Batches are drawn by length within pools of `length_pool` batches (see `epoch_batches`).
+    """
 
     epochs: int = 60
     batch_size: int = 32
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
+    length_pool: int = 8
     seed: int = 0
 
 
@@ -53,12 +57,29 @@ def next_token_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
+def epoch_batches(
+    lengths: Sequence[int], batch_size: int, pool_batches: int, generator: torch.Generator
+) -> list[list[int]]:
+    """One epoch's batches of indices: a random permutation, cut into pools of `pool_batches` batches;
+    each pool is sorted by length and cut into batches (so a batch pads little), and the batches are
+    shuffled. Every index appears once; ceil(n / batch_size) batches.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    pool = batch_size * max(1, pool_batches)
+    batches = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool], key=lambda index: lengths[index])
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def train_causal_lm(
     model: torch.nn.Module, tokenizer, texts: Sequence[str], config: TrainConfig, *, progress: bool = True
 ) -> list[float]:
     """Train `model` in place on next-token prediction over every non-pad token of `texts`.
 
     Returns the mean training loss (nats per token) of each epoch. Leaves the model in eval mode.
+    With `progress`, a tqdm bar on stderr, shown only when stderr is a terminal.
     """
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     pad_id = tokenizer.pad_token_id
@@ -74,14 +95,18 @@ def train_causal_lm(
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
-    bar = tqdm(total=total_steps, desc="training demo model", unit="step", disable=not progress, file=sys.stderr)
+    # disable=None: tqdm turns itself off when stderr is not a terminal, so a log gets no stream of
+    # carriage-return updates (callers print a one-line summary instead).
+    bar = tqdm(
+        total=total_steps, desc="training demo model", unit="step", disable=None if progress else True, file=sys.stderr
+    )
     epoch_losses = []
     model.train()
+    lengths = [len(row) for row in encoded]
     for _ in range(config.epochs):
-        order = torch.randperm(len(encoded), generator=generator).tolist()
         loss_sum, token_count = 0.0, 0
-        for start in range(0, len(order), config.batch_size):
-            input_ids, attention_mask = _pad([encoded[i] for i in order[start : start + config.batch_size]], pad_id)
+        for batch in epoch_batches(lengths, config.batch_size, config.length_pool, generator):
+            input_ids, attention_mask = _pad([encoded[i] for i in batch], pad_id)
             loss = next_token_loss(model, input_ids, attention_mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,103 @@
+"""The demo's model: trained in a child process with pinned numerics (bit-reproducible), with
+length-bucketed batches, and a progress bar that stays out of logs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from services.toy.models import build_tiny_model
+from services.toy.recipe import DemoSettings, build_corpus, train_and_save
+from services.toy.tokenizer import build_word_tokenizer
+from services.toy.train import TrainConfig, epoch_batches, train_causal_lm
+from services.toy.train_demo import PINNED_ENV, child_environment
+from services.toy.train_demo import main as train_demo_main
+
+TINY = DemoSettings(
+    num_entities=6,
+    num_queries=3,
+    num_filler_sequences=5,
+    n_layer=1,
+    d_model=16,
+    n_head=2,
+    epochs=2,
+    batch_size=8,
+)
+
+
+@pytest.mark.slow  # two child processes, each importing torch and transformers: 15-46 s on a busy 2-core host
+def test_the_pinned_training_child_gives_the_same_weight_bytes_whatever_the_parent_environment(tmp_path):
+    """Two training children, started together: one from a plain environment, one whose parent asks
+    for 2 threads, AVX2 ATen kernels and MKL's AVX code path. The pins override all of it, and the
+    saved weights are the same bytes."""
+    settings = json.dumps(asdict(TINY))
+    noisy_parent = {"OMP_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX"}
+    children = []
+    for name, extra in (("plain", {}), ("noisy", noisy_parent)):
+        env = child_environment("pinned", {**os.environ, **extra})
+        command = [sys.executable, "-m", "services.toy.train_demo", str(tmp_path / name), "--settings", settings]
+        children.append(
+            subprocess.Popen([*command, "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    reports = []
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+    digests = [
+        hashlib.sha256((tmp_path / name / "model" / "model.safetensors").read_bytes()).hexdigest()
+        for name in ("plain", "noisy")
+    ]
+    assert digests[0] == digests[1]
+    for report in reports:
+        assert report["numerics"] == {
+            "mode": "pinned",
+            "aten_cpu_capability": "DEFAULT",
+            "threads": 1,
+            "mkl_cbwr_branch": 3,  # MKL_CBWR_COMPATIBLE
+        }
+    assert PINNED_ENV["MKL_CBWR"] == "COMPATIBLE"
+
+
+def test_the_child_refuses_to_train_when_the_numerics_cannot_be_pinned(tmp_path):
+    """The pins must be in the environment before torch loads; in a process that already imported
+    torch (this one) the child's entry point refuses instead of training unpinned."""
+    with pytest.raises(SystemExit, match="torch was imported before the numerics could be pinned"):
+        train_demo_main([str(tmp_path), "--settings", "{}"])
+    assert not (tmp_path / "model").exists()
+
+
+def test_epoch_batches_cover_every_sequence_once_and_pad_little():
+    lengths = [3, 40, 5, 38, 4, 41, 6, 39] * 8  # 64 sequences, short and long interleaved
+    generator = torch.Generator().manual_seed(0)
+    batches = epoch_batches(lengths, 8, 8, generator)
+    assert len(batches) == 8 and sorted(i for batch in batches for i in batch) == list(range(64))
+    padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+    assert padded == sum(sorted(lengths)[k + 7] * 8 for k in range(0, 64, 8))  # one pool: sorted batches
+    again = epoch_batches(lengths, 8, 8, torch.Generator().manual_seed(0))
+    assert again == batches
+
+
+def test_training_progress_writes_no_carriage_returns_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    """Under a log (stderr captured, not a TTY) the tqdm bar is off: no stream of '\\r' updates, and
+    the demo prints one summary line."""
+    corpus = build_corpus(TINY, 0)
+    report = train_and_save(corpus, TINY, 0, tmp_path / "model", progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        line for line in err.splitlines() if line.startswith("demo model trained")
+    ]
+    assert len(err.splitlines()) == 1 and report["query_accuracy"] >= 0
+
+    tokenizer = build_word_tokenizer(["a", "b", "c"])
+    model = build_tiny_model("gpt2", len(tokenizer), n_layer=1, d_model=8, n_head=2)
+    losses = train_causal_lm(model, tokenizer, ["a b c", "c b a", "a a b"], TrainConfig(epochs=3, batch_size=2))
+    assert len(losses) == 3 and "\r" not in capsys.readouterr().err
