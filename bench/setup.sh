@@ -32,9 +32,10 @@ if [ ! -f "$stamp" ]; then
   pip_install --upgrade pip
   # torch first and exactly pinned (a CPU wheel lies on disk), so nothing later resolves a CUDA build.
   pip_install "torch==2.13.0"
-  pip_install -e "$root"
+  pip_install -e "$root[system]"
   pip_install "${KRONFLUENCE_DEPS[@]}"
   pip_install --no-deps "kronfluence==1.0.1"
+  pip_install "gguf>=0.10"   # bench/real_model.py reads the SmolLM2 GGUF file through transformers
   if "$venv/bin/python" -m pip show torchvision >/dev/null 2>&1; then
     echo "setup.sh: torchvision got installed; removing it (it breaks transformers imports here)" >&2
     "$venv/bin/python" -m pip uninstall -y -q torchvision

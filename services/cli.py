@@ -18,7 +18,9 @@ from .wire import DEFAULT_SHARD_SIZE
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local Hugging Face causal-LM directory")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--device", default="", help="cpu or cuda (default: the worker's: cuda where it has a GPU, else cpu)"
+    )
     parser.add_argument(
         "--dtype", default="float32", help="model dtype: float32, bfloat16, float16 or float64 (default: float32)"
     )
@@ -106,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("fit", help="fit curvature factors (EK-FAC by default) on training data")
     _add_model_options(fit)
-    fit.add_argument("--data", required=True, help='TRAIN.jsonl: {"id": optional, "text": ...} per line')
+    fit.add_argument(
+        "--data",
+        required=True,
+        help='TRAIN.jsonl ({"id": optional, "text": ...} per line); with --server also s3://BUCKET/KEY',
+    )
     fit.add_argument("--out", required=True, help="output directory for the factors")
     fit.add_argument("--strategy", default="ekfac", choices=["identity", "diagonal", "kfac", "ekfac"])
     fit.add_argument("--fisher", default="sampled", choices=["sampled", "empirical"])

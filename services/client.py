@@ -20,9 +20,10 @@ from pathlib import Path
 
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.rpc import code_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from .engine.records import Query
+from .enums import enum_value
 from .errors import DomainError, InputError, InternalError, NotFoundError, error_for_code
 from .gen.influence.v1 import (
     common_pb2,
@@ -37,8 +38,18 @@ from .wire import DEFAULT_SHARD_SIZE, MAX_MESSAGE_BYTES
 
 
 def _domain_error(error: grpc.RpcError) -> DomainError:
-    """The domain error (services/errors.py) for a failed call's status."""
-    return error_for_code(error.code().name, error.details() or "")
+    """The domain error (services/errors.py) for a failed call's status, with the request field
+    at fault when the server's rich status names one."""
+    field = ""
+    for key, value in (error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    request = error_details_pb2.BadRequest()
+                    detail.Unpack(request)
+                    field = next((v.field for v in request.field_violations), "")
+    return error_for_code(error.code().name, error.details() or "", field=field)
 
 
 class InfluenceClient:
@@ -128,6 +139,27 @@ class InfluenceClient:
         except grpc.RpcError as error:
             raise _domain_error(error) from None
 
+    def _download(self, method, request, out_dir: str | Path, last: str | None = None) -> Path:
+        """Stream an artifact's files into out_dir. A stream broken by UNAVAILABLE (the server
+        restarted, a connection dropped) is resumed where it stopped (request.resume_file and
+        resume_offset), up to `retries` times with backoff; a file's checksum covers all its parts."""
+        receiver = _FileReceiver(Path(out_dir), last)
+        delay = 0.2
+        try:
+            for attempt in range(self.retries + 1):
+                request.resume_file, request.resume_offset = receiver.position
+                try:
+                    receiver.receive(method(request, timeout=None))
+                    return receiver.finish()
+                except grpc.RpcError as error:
+                    if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                        raise _domain_error(error) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            raise AssertionError("unreachable")
+        finally:
+            receiver.discard()
+
     def wait(
         self,
         operation: operations_pb2.Operation,
@@ -186,7 +218,8 @@ class InfluenceClient:
     ) -> gradient_service_pb2.Dataset:
         """Register TRAIN.jsonl: its bytes in the request (up to the server's upload limit), or with
         `by_path` its path, which the server reads itself (it must see the same file: the embedded
-        system, or a shared volume); no size limit then."""
+        system, or a shared volume), or an "s3://bucket/key" string, an object the workers read
+        from the system's object store; no size limit in the last two."""
         request = gradient_service_pb2.RegisterDatasetRequest(
             request_id=_request_id(),
             model=_model(model),
@@ -194,7 +227,9 @@ class InfluenceClient:
             shard_size=shard_size,
             max_length=max_length,
         )
-        if by_path:
+        if isinstance(jsonl, str) and jsonl.startswith("s3://"):
+            request.uri = jsonl
+        elif by_path:
             request.uri = Path(jsonl).resolve().as_uri()
         else:
             request.jsonl = jsonl if isinstance(jsonl, bytes) else Path(jsonl).read_bytes()
@@ -218,7 +253,9 @@ class InfluenceClient:
     # -- factors --------------------------------------------------------------------------
 
     def fit_factors(self, model, dataset: str, *, progress=None, **options) -> factor_service_pb2.FactorSet:
-        request = factor_service_pb2.FitFactorsRequest(model=_model(model), dataset=dataset, **options)
+        request = factor_service_pb2.FitFactorsRequest(
+            model=_model(model), dataset=dataset, **_with_enums(factor_service_pb2.FitFactorsRequest, options)
+        )
         request.request_id = _request_id()
         operation = self._call(self.factors.FitFactors, request)
         return self.unpack(self.wait(operation, progress), factor_service_pb2.FactorSet)
@@ -273,8 +310,8 @@ class InfluenceClient:
     def download_factors(self, name: str, out_dir: str | Path) -> Path:
         """Write the factor set's files (manifest.json last) into out_dir: `influence score` reads it.
         Streamed to disk: memory does not grow with the set."""
-        chunks = self._stream(self.factors.StreamFactors, factor_service_pb2.StreamFactorsRequest(name=name))
-        return _receive_files(chunks, Path(out_dir), last="manifest.json")
+        request = factor_service_pb2.StreamFactorsRequest(name=name)
+        return self._download(self.factors.StreamFactors, request, out_dir, last="manifest.json")
 
     # -- the index ------------------------------------------------------------------------
 
@@ -284,7 +321,11 @@ class InfluenceClient:
         """Index `dataset`'s training gradients with `factor_set` (options: projection, rank, dim,
         seed, storage_dtype, batch_size, damping_factor, damping)."""
         request = gradient_service_pb2.BuildIndexRequest(
-            model=_model(model), factor_set=factor_set, dataset=dataset, request_id=_request_id(), **options
+            model=_model(model),
+            factor_set=factor_set,
+            dataset=dataset,
+            request_id=_request_id(),
+            **_with_enums(gradient_service_pb2.BuildIndexRequest, options),
         )
         operation = self._call(self.gradients.BuildIndex, request)
         return self.unpack(self.wait(operation, progress), gradient_service_pb2.Index)
@@ -316,12 +357,12 @@ class InfluenceClient:
         for dataset in index.datasets:
             target = out_dir / "datasets" / dataset.removeprefix("datasets/")
             if not (target / "manifest.json").is_file():
-                request = gradient_service_pb2.StreamArtifactFilesRequest(name=dataset)
-                _receive_files(self._stream(self.gradients.StreamDatasetFiles, request), target, last="manifest.json")
+                request = common_pb2.StreamArtifactFilesRequest(name=dataset)
+                self._download(self.gradients.StreamDatasetFiles, request, target, last="manifest.json")
         if not index_files:
             return out_dir
-        request = gradient_service_pb2.StreamArtifactFilesRequest(name=name)
-        return _receive_files(self._stream(self.gradients.StreamIndexFiles, request), out_dir, last="manifest.json")
+        request = common_pb2.StreamArtifactFilesRequest(name=name)
+        return self._download(self.gradients.StreamIndexFiles, request, out_dir, last="manifest.json")
 
     # -- scores ---------------------------------------------------------------------------
 
@@ -370,19 +411,53 @@ class InfluenceClient:
     def get_result(self, name: str) -> query_service_pb2.ScoreResult:
         return self._call(self.queries.GetScoreResult, query_service_pb2.GetScoreResultRequest(name=name))
 
+    def list_results(self) -> list[query_service_pb2.ScoreResult]:
+        return _paged(
+            lambda token: self._call(
+                self.queries.ListScoreResults,
+                query_service_pb2.ListScoreResultsRequest(page_size=100, page_token=token),
+            ),
+            "score_results",
+        )
+
+    def delete_result(self, name: str) -> None:
+        self._call(self.queries.DeleteScoreResult, query_service_pb2.DeleteScoreResultRequest(name=name))
+
     def score_rows(self, name: str) -> Iterable[query_service_pb2.ScoreRow]:
         return self._stream(self.queries.StreamScoreRows, query_service_pb2.StreamScoreRowsRequest(name=name))
 
     def download_result(self, name: str, out_dir: str | Path) -> Path:
         """Write scores.safetensors and results.json (the CLI's output format) into out_dir."""
-        chunks = self._stream(self.queries.StreamResultFiles, query_service_pb2.StreamResultFilesRequest(name=name))
-        return _receive_files(chunks, Path(out_dir))
+        request = common_pb2.StreamArtifactFilesRequest(name=name)
+        return self._download(self.queries.StreamResultFiles, request, out_dir)
+
+
+def model_spec(path: str | Path, device: str = "", dtype: str = "") -> common_pb2.ModelSpec:
+    """A ModelSpec from words: device "cpu" | "cuda" ("": the worker pool's), dtype "float32" (default)
+    | "bfloat16" | "float16" | "float64"."""
+    return common_pb2.ModelSpec(
+        path=str(path),
+        device=enum_value(common_pb2.Device, device, "device"),
+        dtype=enum_value(common_pb2.Dtype, dtype, "dtype"),
+    )
 
 
 def _model(model) -> common_pb2.ModelSpec:
     if isinstance(model, common_pb2.ModelSpec):
         return model
-    return common_pb2.ModelSpec(path=str(Path(model).resolve()))
+    return model_spec(Path(model).resolve())
+
+
+def _with_enums(message_type, options: dict) -> dict:
+    """`options` with words ("kfac", "bfloat16") for the message's enum fields turned into numbers."""
+    fields = message_type.DESCRIPTOR.fields_by_name
+    converted = {}
+    for key, value in options.items():
+        field = fields.get(key)
+        if field is not None and field.enum_type is not None and isinstance(value, str):
+            value = enum_value(field.enum_type, value, key)
+        converted[key] = value
+    return converted
 
 
 def _request_id() -> str:
@@ -424,49 +499,66 @@ def _upload_chunks(directory: Path, manifest: bytes, files, progress=None):
                     break
 
 
-def _receive_files(chunks, out_dir: Path, last: str | None = None) -> Path:
-    """Write streamed files into out_dir as they arrive (each to a temporary file, checked against
-    the sha256 its first chunk carries, then renamed into place); `last` (a manifest) is removed
-    first and put in place after every other file. Memory holds one chunk at a time."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if last:
-        (out_dir / last).unlink(missing_ok=True)
-    temporaries: dict[str, Path] = {}
-    expected: dict[str, str] = {}
-    digests: dict[str, hashlib._Hash] = {}
-    sizes: dict[str, int] = {}
-    handle, current = None, None
-    try:
+class _FileReceiver:
+    """Writes streamed files into a directory as they arrive (each to a temporary file, checked
+    against the sha256 its first chunk carries, then renamed into place), across as many streams
+    as a download takes: `position` is where a resumed stream must start. `last` (a manifest) is
+    removed first and put in place after every other file. Memory holds one chunk at a time."""
+
+    def __init__(self, out_dir: Path, last: str | None):
+        self.out_dir, self.last = out_dir, last
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if last:
+            (out_dir / last).unlink(missing_ok=True)
+        self.temporaries: dict[str, Path] = {}
+        self.expected: dict[str, str] = {}
+        self.digests: dict[str, hashlib._Hash] = {}
+        self.sizes: dict[str, int] = {}
+        self.current: str | None = None
+        self.handle = None
+
+    @property
+    def position(self) -> tuple[str, int]:
+        """(file, offset) of the first byte not yet received ("" before any)."""
+        return (self.current, self.sizes[self.current]) if self.current else ("", 0)
+
+    def receive(self, chunks) -> None:
         for chunk in chunks:
             name = chunk.file
-            if name != current:
-                if handle is not None:
-                    handle.close()
-                parts = name.split("/")
-                if any(not part or part.startswith(".") for part in parts) or name in temporaries:
-                    raise InternalError(f"the server sent an invalid or repeated file {name!r}")
-                current = name
-                target = out_dir.joinpath(*parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                temporaries[name] = target.with_name(f".{target.name}.part")
-                handle = temporaries[name].open("wb")
-                digests[name], sizes[name], expected[name] = hashlib.sha256(), 0, chunk.sha256
-            if chunk.offset != sizes[name]:
+            if name != self.current:
+                self._open(name, chunk.sha256)
+            if chunk.offset != self.sizes[name]:
                 raise InternalError(f"stream of {name} skipped bytes at offset {chunk.offset}")
-            handle.write(chunk.data)
-            digests[name].update(chunk.data)
-            sizes[name] += len(chunk.data)
-        if handle is not None:
-            handle.close()
-            handle = None
-        for name, digest in digests.items():
-            if expected[name] and digest.hexdigest() != expected[name]:
+            self.handle.write(chunk.data)
+            self.digests[name].update(chunk.data)
+            self.sizes[name] += len(chunk.data)
+
+    def _open(self, name: str, sha256: str) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        parts = name.split("/")
+        if any(not part or part.startswith(".") for part in parts) or name in self.temporaries:
+            raise InternalError(f"the server sent an invalid or repeated file {name!r}")
+        self.current = name
+        target = self.out_dir.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.temporaries[name] = target.with_name(f".{target.name}.part")
+        self.handle = self.temporaries[name].open("wb")
+        self.digests[name], self.sizes[name], self.expected[name] = hashlib.sha256(), 0, sha256
+
+    def finish(self) -> Path:
+        self.handle.close() if self.handle is not None else None
+        self.handle = None
+        for name, digest in self.digests.items():
+            if self.expected[name] and digest.hexdigest() != self.expected[name]:
                 raise InternalError(f"{name} arrived corrupted (sha256 mismatch)")
-        for name in sorted(temporaries, key=lambda n: n == last):
-            temporaries[name].replace(out_dir.joinpath(*name.split("/")))
-    finally:
-        if handle is not None:
-            handle.close()
-        for temporary in temporaries.values():
+        for name in sorted(self.temporaries, key=lambda n: n == self.last):
+            self.temporaries[name].replace(self.out_dir.joinpath(*name.split("/")))
+        self.temporaries.clear()
+        return self.out_dir
+
+    def discard(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        for temporary in self.temporaries.values():
             temporary.unlink(missing_ok=True)
-    return out_dir

@@ -21,9 +21,10 @@ from .engine.fit import FitConfig
 from .engine.model_io import load_tokenizer, parse_device, parse_dtype
 from .engine.records import read_queries_jsonl, read_training_jsonl
 from .engine.score import ScoreConfig
+from .enums import enum_value, enum_word
 from .errors import InputError, NotFoundError, PreconditionError
 from .factor_svc.artifacts import load_factors
-from .gen.influence.v1 import common_pb2
+from .gen.influence.v1 import common_pb2, factor_service_pb2
 from .progress_bars import StageBars
 
 T = TypeVar("T")
@@ -69,18 +70,31 @@ def _model(args) -> common_pb2.ModelSpec:
     parse_dtype(args.dtype)
     path = Path(args.model)
     if not args.server:
-        parse_device(args.device)
+        if args.device:
+            parse_device(args.device)
         if not path.is_dir():
             raise NotFoundError(f"model directory not found: {path}")
         load_tokenizer(path)  # fail fast, before uploading anything, if the directory holds no model
         path = path.resolve()
-    return common_pb2.ModelSpec(path=str(path), device=args.device, dtype=args.dtype)
+    return common_pb2.ModelSpec(
+        path=str(path),
+        device=enum_value(common_pb2.Device, args.device, "--device"),
+        dtype=enum_value(common_pb2.Dtype, args.dtype, "--dtype"),
+    )
+
+
+def _check_data(data: str) -> None:
+    """Validate a local TRAIN.jsonl before starting anything (errors name the file and line); an
+    s3:// object is validated by the worker that reads it."""
+    if not data.startswith("s3://"):
+        read_training_jsonl(data)
 
 
 def _register(client, args, model, bars) -> str:
-    data = Path(args.data)
-    read_training_jsonl(data)  # validate locally: errors name the file and line
-    # the embedded system reads the file where it is; a server is sent its bytes
+    _check_data(args.data)
+    # the embedded system reads a local file where it is; a server is sent its bytes; an s3:// URI
+    # is read by the workers from the system's object store
+    data = args.data if args.data.startswith("s3://") else Path(args.data)
     dataset = client.register_dataset(
         model, data, max_length=args.max_length, shard_size=args.shard_size, progress=bars, by_path=not args.server
     )
@@ -99,7 +113,7 @@ def run_fit(args) -> int:
         cache_gib=args.cache_gib,
     )
     config.validate()
-    read_training_jsonl(args.data)  # validate locally, before starting anything: errors name the file and line
+    _check_data(args.data)
     out = _out_dir(args.out)
     model = _model(args)
     started = time.perf_counter()
@@ -125,9 +139,10 @@ def run_fit(args) -> int:
         factor_set = through_system(args, fit)
     timings = json.loads((out / "manifest.json").read_text())["metadata"].get("provenance", {}).get("timings") or {}
     steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in timings.items())
+    strategy = enum_word(factor_service_pb2.Strategy, factor_set.strategy)
     _log(
         args,
-        f"fitted {factor_set.strategy} factors for {len(factor_set.modules)} modules on {factor_set.num_sequences} "
+        f"fitted {strategy} factors for {len(factor_set.modules)} modules on {factor_set.num_sequences} "
         f"sequences ({factor_set.num_tokens} tokens) in {time.perf_counter() - started:.1f}s"
         + (f" ({steps})" if steps else "")
         + f" -> {out}",
@@ -207,7 +222,7 @@ def run_score(args) -> int:
     elif not args.data:
         raise InputError("give --data TRAIN.jsonl (or --index INDEX_DIR)")
     else:
-        read_training_jsonl(args.data)
+        _check_data(args.data)
     if args.rescore is not None and (args.rescore < 0 or not args.index):
         raise InputError("--rescore takes a count >= 0, with --index")
     _check_factors(args)
@@ -254,7 +269,7 @@ def run_score(args) -> int:
 
 def run_self(args) -> int:
     config = _score_config(args)
-    read_training_jsonl(args.data)
+    _check_data(args.data)
     _check_factors(args)
     out = _out_dir(args.out)
     model = _model(args)

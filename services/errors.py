@@ -24,12 +24,24 @@ from __future__ import annotations
 
 
 class DomainError(Exception):
-    """Base of every error the system raises on purpose. Subclasses set `code`."""
+    """Base of every error the system raises on purpose. Subclasses set `code`. `field` names the
+    request field at fault, when one is (a client sees it as a BadRequest field violation)."""
 
     code = "INTERNAL"  # a google.rpc.Code name (the same names as grpc.StatusCode)
     retryable = False  # a client may retry the call
     callers_fault = False  # retrying cannot help: a job task failing with it fails the job at once
     exit_code = 1
+
+    def __init__(self, *args, field: str = ""):
+        super().__init__(*args)
+        self.field = field
+
+    @property
+    def reason(self) -> str:
+        """A stable machine-readable name: the class name in UPPER_SNAKE without "Error"
+        (InputError -> INPUT, NonFiniteError -> NON_FINITE)."""
+        name = type(self).__name__.removesuffix("Error") or "DOMAIN"
+        return "".join(f"_{c}" if c.isupper() and i else c for i, c in enumerate(name)).upper()
 
 
 class InputError(DomainError, ValueError):
@@ -83,6 +95,10 @@ class UnavailableError(DomainError):
     code, retryable = "UNAVAILABLE", True
 
 
+class WrongWorkerError(UnavailableError):
+    """This worker cannot run the task (e.g. it asks for CUDA on a CPU worker): left for another."""
+
+
 class AbortedError(DomainError):
     """A task failed on every delivery and was dead-lettered."""
 
@@ -117,9 +133,9 @@ def code_of(error: BaseException) -> str:
     return error.code if isinstance(error, DomainError) else "INTERNAL"
 
 
-def error_for_code(code: str, message: str) -> DomainError:
+def error_for_code(code: str, message: str, field: str = "") -> DomainError:
     """The domain error a client raises for a status `code` name (INTERNAL for any other code)."""
-    return _BY_CODE.get(code, InternalError)(message if code in _BY_CODE else f"{code}: {message}")
+    return _BY_CODE.get(code, InternalError)(message if code in _BY_CODE else f"{code}: {message}", field=field)
 
 
 def exit_code_of(error: BaseException) -> int:

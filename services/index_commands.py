@@ -56,7 +56,7 @@ def run_build(args) -> int:
     (out / SOURCE).write_text(json.dumps(source, indent=2) + "\n")
     _log(
         args,
-        f"indexed {index.num_examples} sequences ({index.projection}, {index.bytes_per_sequence:,} bytes each) "
+        f"indexed {index.num_examples} sequences ({spec.projection}, {index.bytes_per_sequence:,} bytes each) "
         f"in {time.perf_counter() - started:.1f}s -> {out}",
     )
     return 0

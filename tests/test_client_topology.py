@@ -82,7 +82,9 @@ def test_a_name_with_several_replicas_spreads_calls_round_robin(redis_server, tm
             grpc.channel_ready_future(client._channels[target]).result(timeout=10)
             for _ in range(20):
                 try:
-                    client.operations.GetOperation(operations_pb2.GetOperationRequest(name=f"operations/{operation['id']}"))
+                    client.operations.GetOperation(
+                        operations_pb2.GetOperationRequest(name=f"operations/{operation['id']}")
+                    )
                     answers.append("found")
                 except grpc.RpcError as error:
                     assert error.code() == grpc.StatusCode.NOT_FOUND
@@ -144,9 +146,19 @@ def test_the_client_runs_without_torch_or_any_server_side_package(one_server_per
     )
     out = workspace / f"client-out-{uuid.uuid4().hex[:6]}"
     completed = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(one_server_per_service), str(workspace / "model"),
-         str(workspace / "train.jsonl"), str(out), json.dumps(sorted(system_only_modules()))],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            script,
+            json.dumps(one_server_per_service),
+            str(workspace / "model"),
+            str(workspace / "train.jsonl"),
+            str(out),
+            json.dumps(sorted(system_only_modules())),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "[]"

@@ -19,6 +19,7 @@ LAYERS = {
     "services": 0,  # the package's __init__
     "errors": 0,
     "wire": 0,
+    "enums": 1,
     "gen": 0,
     "logs": 1,
     "engine": 1,
@@ -46,7 +47,7 @@ SIBLINGS = {
     "query_svc": {"gradient_svc", "factor_svc"},
 }
 # the client stays light: no torch, no server-side modules
-CLIENT_MAY_IMPORT = {"errors", "wire", "gen", "engine.records"}
+CLIENT_MAY_IMPORT = {"errors", "wire", "enums", "gen", "engine.records"}
 
 
 def module_name(path: Path) -> str:

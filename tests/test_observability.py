@@ -102,7 +102,8 @@ def test_metrics_health_and_logs_follow_the_work_and_the_dependencies(observed_s
     after = scrape(server["metrics_port"])
     assert sample(after, "influence_operations", state="SUCCEEDED") >= 2  # the dataset's registration and the fit
     ran = [
-        line for line in after.splitlines()
+        line
+        for line in after.splitlines()
         if line.startswith("influence_task_seconds_count") and 'outcome="succeeded"' in line
     ]
     assert ran and sum(float(line.split()[-1]) for line in ran) >= 2, after

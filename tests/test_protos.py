@@ -17,11 +17,12 @@ def test_generated_code_is_current(tmp_path):
         capture_output=True,
         env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
     )
-    fresh, committed = tmp_path / "influence" / "v1", ROOT / "services" / "gen" / "influence" / "v1"
-    names = sorted(p.name for p in fresh.iterdir() if p.suffix in (".py", ".pyi"))
-    assert names == sorted(p.name for p in committed.iterdir() if p.suffix in (".py", ".pyi"))
-    _, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
-    assert not mismatch and not errors, f"stale generated code: {mismatch or errors}; run scripts/gen_protos.sh"
+    for package in ("v1", "internal/v1"):
+        fresh, committed = tmp_path / "influence" / package, ROOT / "services" / "gen" / "influence" / package
+        names = sorted(p.name for p in fresh.iterdir() if p.suffix in (".py", ".pyi"))
+        assert names == sorted(p.name for p in committed.iterdir() if p.suffix in (".py", ".pyi"))
+        _, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
+        assert not mismatch and not errors, f"stale generated code: {mismatch or errors}; run scripts/gen_protos.sh"
 
 
 def test_every_service_method_is_implemented():
@@ -37,3 +38,15 @@ def test_every_service_method_is_implemented():
     ):
         for method in module.DESCRIPTOR.services_by_name[service].methods:
             assert method.name in implementation.__dict__, f"{service}.{method.name} is not implemented"
+
+
+def test_api_passes_buf_lint_and_has_no_breaking_change_since_the_release(tmp_path):
+    """scripts/check_api.sh: `buf lint` (buf.yaml) and `buf breaking` against the released API image
+    protos/released/influence-v1.binpb (installed by scripts/install/buf.sh)."""
+    checked = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "check_api.sh")],
+        capture_output=True,
+        text=True,
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -329,10 +329,10 @@ def test_bad_requests_get_the_right_status_and_a_clear_message(cluster, workspac
         ),
         "unknown strategy": (
             lambda: factors.FitFactors(
-                factor_service_pb2.FitFactorsRequest(model=model, dataset=dataset.name, strategy="magic")
+                factor_service_pb2.FitFactorsRequest(model=model, dataset=dataset.name, strategy=99)
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "unknown strategy 'magic'",
+            "strategy has no value 99",
         ),
         "tokenizer mismatch": (
             lambda: factors.FitFactors(

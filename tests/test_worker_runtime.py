@@ -234,7 +234,9 @@ def test_a_one_task_fit_reports_each_step_with_its_units(workspace):  # noqa: F8
             return real_stage(operation_id, step=step, tokens=tokens)
 
         worker.system.operations.report = recording
-        request = factor_service_pb2.FitFactorsRequest(model=model, dataset=dataset.name, strategy="kfac")
+        request = factor_service_pb2.FitFactorsRequest(
+            model=model, dataset=dataset.name, strategy=factor_service_pb2.STRATEGY_KFAC
+        )
         operation = client.factors.FitFactors(request)
         step(worker, "fit_one_shard")
         operation = client.operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name))

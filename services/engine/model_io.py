@@ -26,7 +26,8 @@ DTYPES = {
 
 @dataclass(frozen=True)
 class ModelRef:
-    """How to load and run a model: a local Hugging Face directory, a device and a dtype."""
+    """How to load and run a model: a local Hugging Face directory, a device ("" in a job: the
+    device of the worker that runs the task) and a dtype."""
 
     path: str
     device: str = "cpu"

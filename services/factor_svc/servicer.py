@@ -12,6 +12,7 @@ from google.protobuf import empty_pb2
 
 from ..engine.fit import FitConfig
 from ..engine.model_io import load_tokenizer, tokenizer_fingerprint
+from ..enums import enum_word
 from ..errors import InputError, NotFoundError, PreconditionError
 from ..gen.influence.v1 import factor_service_pb2, factor_service_pb2_grpc
 from ..gradient_svc.datasets import dataset_metadata
@@ -43,8 +44,8 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
         if tokenizer_fingerprint(load_tokenizer(model.path)) != dataset["tokenizer_fingerprint"]:
             raise PreconditionError(f"{request.dataset} was tokenised with another tokenizer than {model.path}'s")
         config = FitConfig(
-            strategy=request.strategy or "ekfac",
-            fisher=request.fisher or "sampled",
+            strategy=enum_word(factor_service_pb2.Strategy, request.strategy, "strategy") or "ekfac",
+            fisher=enum_word(factor_service_pb2.Fisher, request.fisher, "fisher") or "sampled",
             modules=request.modules or "mlp",
             batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
             max_length=dataset["max_length"],
@@ -100,9 +101,8 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
         if unknown:
             raise NotFoundError(f"factor set has no module {unknown[0]!r}")
         chosen = list(request.modules) or list(modules)
-        chunk = validation.positive(request.chunk_bytes, "chunk_bytes", self.limits.chunk_bytes, 64 * 2**20)
         files = [modules[name]["file"] for name in chosen]
-        async for message in in_thread(file_chunks(artifact, files, chunk, with_manifest=True)):
+        async for message in in_thread(file_chunks(artifact, files, request, self.limits, with_manifest=True)):
             yield message
 
     @grpc_errors

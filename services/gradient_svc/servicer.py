@@ -16,15 +16,16 @@ from ..engine.model_io import ModelRef
 from ..engine.modules import check_selection
 from ..engine.records import parse_jsonl, read_training_jsonl, training_examples
 from ..engine.score import ScoreConfig
+from ..enums import enum_word
 from ..errors import InputError, NotFoundError, PreconditionError, ResourceExhaustedError, error_for_code
 from ..factor_svc.artifacts import factors_artifact
-from ..gen.influence.v1 import gradient_service_pb2, gradient_service_pb2_grpc
+from ..gen.influence.v1 import common_pb2, gradient_service_pb2, gradient_service_pb2_grpc
 from ..jobs.operations import CANCELLED, FAILED
 from ..rpc import validation
 from ..rpc.common import Limits, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
 from ..rpc.resources import dataset_message, index_message
 from ..rpc.status import code_name, grpc_errors
-from ..storage import delete_artifact
+from ..storage import delete_artifact, split_s3_uri
 from ..system import layout
 from ..system.runner import JobSystem
 from ..system.specs import DEFAULT_SHARD_SIZE, BlocksJob, IndexJob, RegisterJob
@@ -44,9 +45,17 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
 
     def _register(self, request):
         model = model_ref(request.model)
-        if request.uri:
+        source_uri, upload = "", None
+        if request.uri.startswith("s3://"):
             if request.jsonl:
-                raise InputError("send the dataset as jsonl or as uri, not both")
+                raise InputError("send the dataset as jsonl or as uri, not both", field="uri")
+            bucket, key = split_s3_uri(request.uri, "uri")
+            if not self.system.store.in_bucket(bucket).exists(key):
+                raise NotFoundError(f"training data not found: {request.uri}")
+            source_uri = request.uri  # read (and validated, naming its lines) by the worker, not here
+        elif request.uri:
+            if request.jsonl:
+                raise InputError("send the dataset as jsonl or as uri, not both", field="uri")
             upload = validation.file_uri(request.uri, "uri")
             if not upload.is_file():
                 raise NotFoundError(f"training data file not found: {upload}")
@@ -70,6 +79,7 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
             display_name=request.display_name,
             shard_size=validation.positive(request.shard_size, "shard_size", DEFAULT_SHARD_SIZE, 1_000_000),
             max_length=validation.positive(request.max_length, "max_length", 512, 1_000_000),
+            source_uri=source_uri,
         )
         record = self.system.submit(
             "register_dataset",
@@ -176,11 +186,11 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
         factors_artifact(self.system.store, factor_set_id)
         dataset_id, dataset = self._metadata(request.dataset, "dataset")
         spec = IndexSpec(
-            projection=request.projection or "svd",
+            projection=enum_word(gradient_service_pb2.Projection, request.projection, "projection") or "svd",
             rank=validation.positive(request.rank, "rank", 8, 4096),
             dim=validation.positive(request.dim, "dim", 32, 4096),
             seed=request.seed,
-            storage_dtype=request.storage_dtype or "bfloat16",
+            storage_dtype=enum_word(common_pb2.Dtype, request.storage_dtype, "storage_dtype") or "bfloat16",
         )
         spec.validate()
         job = IndexJob(
@@ -259,16 +269,16 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
     async def StreamIndexFiles(self, request, context):
         index_id = validation.resource_id(request.name, "indexes", "name")
         artifact = await asyncio.to_thread(indexes.index_artifact, self.system.store, index_id)
-        chunk = validation.positive(request.chunk_bytes, "chunk_bytes", self.limits.chunk_bytes, 64 * 2**20)
-        async for message in in_thread(file_chunks(artifact, artifact.names(), chunk, with_manifest=True)):
+        chunks = file_chunks(artifact, artifact.names(), request, self.limits, with_manifest=True)
+        async for message in in_thread(chunks):
             yield message
 
     @grpc_errors
     async def StreamDatasetFiles(self, request, context):
         dataset_id = validation.resource_id(request.name, "datasets", "name")
         artifact = await asyncio.to_thread(dataset_artifact, self.system.store, dataset_id)
-        chunk = validation.positive(request.chunk_bytes, "chunk_bytes", self.limits.chunk_bytes, 64 * 2**20)
-        async for message in in_thread(file_chunks(artifact, artifact.names(), chunk, with_manifest=True)):
+        chunks = file_chunks(artifact, artifact.names(), request, self.limits, with_manifest=True)
+        async for message in in_thread(chunks):
             yield message
 
     @grpc_errors

@@ -15,9 +15,10 @@ from ..engine.index import Indexer
 from ..engine.model_io import tokenizer_fingerprint
 from ..engine.modules import TrackedModule
 from ..engine.records import parse_jsonl, training_examples
+from ..errors import InputError
 from ..factor_svc.artifacts import factors_artifact, load_factor_set
 from ..rpc.resources import dataset_message, empty_response, index_message, packed
-from ..storage import ArtifactWriter, FileEntry
+from ..storage import ArtifactWriter, FileEntry, split_s3_uri
 from ..storage.manifest import sha256_buffers
 from ..storage.tensors import encode_tensors
 from ..system import layout
@@ -29,13 +30,21 @@ from .datasets import dataset_artifact, dataset_metadata, load_records, shard_se
 
 
 def run_register(call: StageCall) -> dict:
-    """Tokenise the uploaded JSONL into shards and publish the dataset."""
+    """Tokenise the uploaded JSONL (or the object at the job's s3:// URI) into shards and publish
+    the dataset."""
     job: RegisterJob = call.job
     context = call.context
-    text = context.store.get_bytes(layout.job_upload(call.job_id)).decode("utf-8")
-    examples = training_examples(
-        parse_jsonl(io.StringIO(text), "uploaded dataset", "training data"), "uploaded dataset"
-    )
+    if job.source_uri:
+        bucket, key = split_s3_uri(job.source_uri, "uri")
+        raw, what = context.store.in_bucket(bucket).get_bytes(key), job.source_uri
+    else:
+        raw, what = context.store.get_bytes(layout.job_upload(call.job_id)), "uploaded dataset"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise InputError(f"{what}: line {line} is not UTF-8 text") from None
+    examples = training_examples(parse_jsonl(io.StringIO(text), what, "training data"), what)
     tokenizer = context.models.tokenizer(job.model.path)
     num_shards = math.ceil(len(examples) / job.shard_size)
     num_tokens, shards = 0, []

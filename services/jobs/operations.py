@@ -22,6 +22,16 @@ from .connection import redis_unavailable
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = {SUCCEEDED, FAILED, CANCELLED}
+# what an operation does (its record's kind, OperationMetadata.kind)
+OPERATION_KINDS = (
+    "register_dataset",
+    "fit_factors",
+    "compute_scores",
+    "compute_self_influence",
+    "build_index",
+    "append_index",
+    "stream_blocks",
+)
 
 # KEYS: shards set, done flag, operation hash. ARGV: shard, total, stage-after, shards-after,
 # response ('' = not final), ended channel, operation id, number of counters, the (counter,
@@ -139,16 +149,21 @@ class OperationStore:
         return counts
 
     @redis_unavailable
-    def list(self, page_size: int = 50, page_token: str = "", kind: str = "") -> tuple[list[dict], str]:
-        """Newest first; the page token is the offset into the index."""
-        offset = int(page_token or 0)
-        page_size = max(1, min(page_size or 50, 500))
-        ids = self.client.zrevrange(f"{self.prefix}:ops", offset, offset + page_size - 1)
-        records = [
-            record for record in (self.get(i.decode()) for i in ids) if record and (not kind or record["kind"] == kind)
-        ]
-        more = len(ids) == page_size
-        return records, str(offset + page_size) if more else ""
+    def list(self, page_size: int, offset: int = 0, **equal: str) -> tuple[list[dict], int | None]:
+        """Up to `page_size` records, newest first from position `offset` of the index, whose
+        fields equal `equal` (e.g. kind="fit_factors", state="RUNNING"); and the position the next
+        page starts at, or None when no further record matches (so a last page is never empty)."""
+        found, position, batch = [], offset, max(2 * page_size, 100)
+        while ids := self.client.zrevrange(f"{self.prefix}:ops", position, position + batch - 1):
+            for step, operation_id in enumerate(ids):
+                record = self.get(operation_id.decode())
+                if record is None or any(record.get(key) != value for key, value in equal.items()):
+                    continue
+                if len(found) == page_size:
+                    return found, position + step
+                found.append(record)
+            position += len(ids)
+        return found, None
 
     @redis_unavailable
     def _apply(self, operation_id: str, **fields) -> bool:

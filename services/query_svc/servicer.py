@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from google.protobuf import empty_pb2
+
 from ..engine.index import default_rescore
 from ..engine.records import query_records
 from ..engine.score import ScoreConfig
@@ -18,10 +20,10 @@ from ..gen.influence.v1 import query_service_pb2, query_service_pb2_grpc
 from ..gradient_svc import indexes
 from ..gradient_svc.datasets import dataset_metadata
 from ..rpc import validation
-from ..rpc.common import Limits, file_chunks, in_thread, model_ref, new_id, operation_message
+from ..rpc.common import Limits, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
 from ..rpc.resources import result_message
 from ..rpc.status import grpc_errors
-from ..storage import ArtifactReader, open_artifact
+from ..storage import ArtifactReader, delete_artifact, open_artifact
 from ..system import layout
 from ..system.runner import JobSystem
 from ..system.specs import ScoreJob, SelfJob
@@ -178,6 +180,25 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     async def GetScoreResult(self, request, context):
         return result_message((await asyncio.to_thread(self._result, request.name)).metadata)
 
+    @grpc_errors
+    async def ListScoreResults(self, request, context):
+        items, token = await asyncio.to_thread(
+            list_artifacts, self.system.store, "results/", request.page_size, request.page_token
+        )
+        return query_service_pb2.ListScoreResultsResponse(
+            score_results=[result_message(metadata) for _, metadata in items], next_page_token=token
+        )
+
+    @grpc_errors
+    async def DeleteScoreResult(self, request, context):
+        def delete():
+            self._result(request.name)  # NOT_FOUND for a result that does not exist
+            result_id = validation.resource_id(request.name, "results", "name")
+            delete_artifact(self.system.store, layout.result_prefix(result_id))
+
+        await asyncio.to_thread(delete)
+        return empty_pb2.Empty()
+
     def _rows(self, name: str):
         report = json.loads(self._result(name).read_bytes("results.json"))
         groups = report["queries"] if report["kind"] == "pairwise" else [{"id": "", "top": report["top"]}]
@@ -204,6 +225,5 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
     @grpc_errors
     async def StreamResultFiles(self, request, context):
         artifact = await asyncio.to_thread(self._result, request.name)
-        chunk = validation.positive(request.chunk_bytes, "chunk_bytes", self.limits.chunk_bytes, 64 * 2**20)
-        async for message in in_thread(file_chunks(artifact, artifact.names(), chunk)):
+        async for message in in_thread(file_chunks(artifact, artifact.names(), request, self.limits)):
             yield message

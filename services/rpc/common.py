@@ -18,12 +18,12 @@ from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import status_pb2
 
 from ..engine.model_io import ModelRef
-from ..gen.influence.v1 import (
-    common_pb2,
-)
+from ..enums import enum_word
+from ..errors import InputError
+from ..gen.influence.v1 import common_pb2
 from ..jobs.operations import CANCELLED, FAILED, SUCCEEDED, TERMINAL
 from ..storage import MANIFEST, ArtifactReader, open_artifact
-from . import validation
+from . import paging, validation
 
 
 @dataclass
@@ -35,7 +35,12 @@ class Limits:
 
 
 def model_ref(spec: common_pb2.ModelSpec) -> ModelRef:
-    return ModelRef(validation.model_path(spec), spec.device or "cpu", spec.dtype or "float32")
+    """The job's model: device "" (unspecified) is the device of the worker that runs each task."""
+    return ModelRef(
+        validation.model_path(spec),
+        enum_word(common_pb2.Device, spec.device, "model.device"),
+        enum_word(common_pb2.Dtype, spec.dtype, "model.dtype") or "float32",
+    )
 
 
 def new_id() -> str:
@@ -82,27 +87,51 @@ def operation_message(record: dict) -> operations_pb2.Operation:
 
 
 def list_artifacts(store, prefix: str, page_size: int, page_token: str) -> tuple[list[tuple[str, dict]], str]:
-    """(id, metadata) of the artifacts published under prefix, sorted by id, paginated."""
-    size, offset = validation.page(page_size, page_token)
+    """(id, metadata) of the artifacts published under prefix, sorted by id, a page at a time;
+    the next page starts after the last id returned (artifacts created or deleted meanwhile
+    neither repeat nor shift an item); the token is empty on the last page, never a page early."""
+    size = paging.page_size(page_size)
+    after = paging.read_token(page_token, prefix) or ""
     ids = sorted({key[len(prefix) :].split("/", 1)[0] for key in store.list(prefix) if key.endswith("/" + MANIFEST)})
-    chosen = ids[offset : offset + size]
+    following = [artifact_id for artifact_id in ids if artifact_id > after]
+    chosen = following[:size]
     items = [(artifact_id, open_artifact(store, prefix + artifact_id).metadata) for artifact_id in chosen]
-    return items, str(offset + size) if offset + size < len(ids) else ""
+    return items, paging.make_token(prefix, chosen[-1]) if len(following) > size else ""
 
 
-def file_chunks(artifact: ArtifactReader, names: list[str], chunk_bytes: int, with_manifest: bool = False):
+def file_chunks(
+    artifact: ArtifactReader,
+    names: list[str],
+    request,
+    limits: Limits,
+    with_manifest: bool = False,
+):
     """FileChunk messages of an artifact's files (each checked against the manifest as read), and
-    then of manifest.json itself if asked, so the receiver can rebuild the artifact as it is."""
-    for name in names:
-        yield from _chunks(name, artifact.read_bytes(name), chunk_bytes)
-    if with_manifest:
-        yield from _chunks(MANIFEST, artifact.manifest.to_bytes(), chunk_bytes)
+    then of manifest.json itself if asked, so the receiver can rebuild the artifact as it is.
+    `request` (a StreamArtifactFilesRequest or StreamFactorsRequest) gives chunk_bytes and where a
+    resumed download starts: resume_file at resume_offset (earlier files are skipped)."""
+    chunk_bytes = validation.positive(request.chunk_bytes, "chunk_bytes", limits.chunk_bytes, 64 * 2**20)
+    order = [*names, MANIFEST] if with_manifest else list(names)
+    start, offset = 0, 0
+    if request.resume_file:
+        if request.resume_file not in order:
+            message = f"resume_file {request.resume_file!r} is not a file of {artifact.prefix}"
+            raise InputError(message, field="resume_file")
+        start, offset = order.index(request.resume_file), request.resume_offset
+    for number, name in enumerate(order[start:]):
+        data = artifact.manifest.to_bytes() if name == MANIFEST else artifact.read_bytes(name)
+        first_offset = offset if number == 0 else 0
+        if not 0 <= first_offset <= len(data):
+            message = f"resume_offset {first_offset} is outside {name} ({len(data)} bytes)"
+            raise InputError(message, field="resume_offset")
+        yield from _chunks(name, data, chunk_bytes, first_offset)
 
 
-def _chunks(name: str, data: bytes, chunk_bytes: int):
+def _chunks(name: str, data: bytes, chunk_bytes: int, start: int = 0):
+    """The file from byte `start`; its first chunk sent carries the whole file's size and sha256."""
     digest = hashlib.sha256(data).hexdigest()
-    for offset in range(0, max(len(data), 1), chunk_bytes):
-        first = offset == 0
+    for offset in range(start, max(len(data), start + 1), chunk_bytes):
+        first = offset == start
         yield common_pb2.FileChunk(
             file=name,
             offset=offset,

@@ -4,17 +4,50 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import empty_pb2
 
-from ..errors import NotFoundError, PreconditionError
+from ..errors import InputError, NotFoundError, PreconditionError
 from ..jobs.ended import EndedWatcher
-from ..jobs.operations import TERMINAL, OperationStore
-from . import validation
+from ..jobs.operations import (
+    CANCELLED,
+    FAILED,
+    OPERATION_KINDS,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    OperationStore,
+)
+from . import paging, validation
 from .common import operation_message
 from .status import grpc_errors
+
+FILTER_FIELDS = {"kind": set(OPERATION_KINDS), "state": {PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED}}
+
+
+def parse_filter(text: str) -> dict[str, str]:
+    """{field: value} of a ListOperations filter (AIP-160 subset): `field = value` terms joined
+    by AND, values optionally quoted; fields kind and state. Anything else: InputError."""
+    equal: dict[str, str] = {}
+    for term in re.split(r"\s+AND\s+", text.strip()) if text.strip() else []:
+        match = re.fullmatch(r'\s*(\w+)\s*=\s*"?([\w.-]+)"?\s*', term)
+        if not match or match.group(1) not in FILTER_FIELDS:
+            raise InputError(
+                f"filter term {term!r} is not understood: use kind = KIND and/or state = STATE, joined by AND",
+                field="filter",
+            )
+        field, value = match.groups()
+        if value not in FILTER_FIELDS[field]:
+            raise InputError(
+                f"filter: {field} must be one of {', '.join(sorted(FILTER_FIELDS[field]))}, got {value!r}",
+                field="filter",
+            )
+        equal[field] = value
+    return equal
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
@@ -42,11 +75,15 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     @grpc_errors
     async def ListOperations(self, request, context):
-        size, offset = validation.page(request.page_size, request.page_token)
-        kind = request.filter.removeprefix("kind=") if request.filter else ""
-        records, token = await asyncio.to_thread(self.operations.list, size, str(offset), kind)
+        """Newest first; `filter`: terms `kind = fit_factors` and/or `state = RUNNING` joined by AND."""
+        equal = parse_filter(request.filter)
+        size = paging.page_size(request.page_size)
+        scope = "operations?" + "&".join(f"{key}={value}" for key, value in sorted(equal.items()))
+        offset = int(paging.read_token(request.page_token, scope) or 0)
+        records, following = await asyncio.to_thread(self.operations.list, size, offset, **equal)
         return operations_pb2.ListOperationsResponse(
-            operations=[operation_message(r) for r in records], next_page_token=token
+            operations=[operation_message(r) for r in records],
+            next_page_token=paging.make_token(scope, str(following)) if following is not None else "",
         )
 
     @grpc_errors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from google.protobuf import any_pb2, timestamp_pb2
 
+from ..enums import enum_value
 from ..gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 
 
@@ -35,11 +36,11 @@ def index_message(metadata: dict) -> gradient_service_pb2.Index:
         datasets=[part["dataset"] for part in metadata["parts"]],
         factor_set=metadata["factor_set"],
         model=common_pb2.ModelSpec(path=metadata.get("model_path", "")),
-        projection=spec["projection"],
+        projection=enum_value(gradient_service_pb2.Projection, spec["projection"], "projection"),
         rank=spec["rank"],
         dim=spec["dim"],
         seed=spec["seed"],
-        storage_dtype=spec["storage_dtype"],
+        storage_dtype=enum_value(common_pb2.Dtype, spec["storage_dtype"], "storage_dtype"),
         num_examples=metadata["num_examples"],
         bytes_per_sequence=metadata["bytes_per_sequence"],
         model_fingerprint=metadata["model_fingerprint"],
@@ -53,9 +54,12 @@ def factor_set_message(factor_set_id: str, metadata: dict) -> factor_service_pb2
     return factor_service_pb2.FactorSet(
         name=f"factorSets/{factor_set_id}",
         dataset=provenance.get("dataset", ""),
-        model=common_pb2.ModelSpec(path=provenance.get("model_path", ""), dtype=provenance.get("model_dtype", "")),
-        strategy=metadata["strategy"],
-        fisher=metadata["fisher"],
+        model=common_pb2.ModelSpec(
+            path=provenance.get("model_path", ""),
+            dtype=enum_value(common_pb2.Dtype, provenance.get("model_dtype", ""), "model_dtype"),
+        ),
+        strategy=enum_value(factor_service_pb2.Strategy, metadata["strategy"], "strategy"),
+        fisher=enum_value(factor_service_pb2.Fisher, metadata["fisher"], "fisher"),
         modules=list(metadata["modules"]),
         num_sequences=metadata["n_sequences"],
         num_tokens=metadata["n_tokens"],
@@ -67,12 +71,13 @@ def factor_set_message(factor_set_id: str, metadata: dict) -> factor_service_pb2
 def result_message(metadata: dict) -> query_service_pb2.ScoreResult:
     return query_service_pb2.ScoreResult(
         name=metadata["name"],
-        kind=metadata["result_kind"],
+        kind=enum_value(query_service_pb2.ResultKind, metadata["result_kind"], "result_kind"),
         factor_set=metadata["factor_set"],
         dataset=metadata["dataset"],
         num_queries=metadata["num_queries"],
         num_train=metadata["num_train"],
         modules=metadata.get("modules", []),
+        create_time=_timestamp(metadata.get("create_time")),
     )
 
 

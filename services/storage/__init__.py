@@ -12,7 +12,7 @@ from .base import ArtifactStore, ObjectInfo
 from .local import LocalStore
 from .manifest import FORMAT_VERSION, MANIFEST, FileEntry, Manifest
 from .retry import RetryPolicy
-from .s3 import S3Store
+from .s3 import S3Store, split_s3_uri
 from .tensors import get_tensors, put_tensors
 from .url import open_store
 
@@ -34,4 +34,5 @@ __all__ = [
     "open_artifact",
     "open_store",
     "put_tensors",
+    "split_s3_uri",
 ]

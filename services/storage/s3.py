@@ -7,6 +7,7 @@ Errors become the domain errors of errors.py; the S3 error code stays in the mes
 
 from __future__ import annotations
 
+import copy
 import http.client
 import io
 import os
@@ -14,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import unquote, urlparse
 
 from ..errors import DomainError, InputError, NotFoundError, PermissionDeniedError, StorageError
 from . import traffic
@@ -71,6 +73,15 @@ class S3Store(ArtifactStore):
 
     def close(self) -> None:
         self._pool.clear()
+
+    def in_bucket(self, bucket: str) -> S3Store:
+        """A view of `bucket` on the same endpoint, client and credentials (not created if missing;
+        closing the view closes this store's connections too)."""
+        if bucket == self.bucket:
+            return self
+        view = copy.copy(self)
+        view.bucket = bucket
+        return view
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -260,3 +271,12 @@ class S3Store(ArtifactStore):
         secure = "&secure=1" if self.secure else ""
         region = f"&region={self.region}" if self.region != "us-east-1" else ""
         return f"s3://{self.bucket}?endpoint={self.endpoint}{secure}{region}"
+
+
+def split_s3_uri(uri: str, field: str) -> tuple[str, str]:
+    """(bucket, key) of "s3://bucket/key" (InputError naming the field otherwise)."""
+    parsed = urlparse(uri or "")
+    key = unquote(parsed.path.lstrip("/"))
+    if parsed.scheme != "s3" or not parsed.netloc or not key or key.endswith("/") or parsed.query:
+        raise InputError(f"{field} must look like s3://BUCKET/KEY, got {uri!r}", field=field)
+    return parsed.netloc, key

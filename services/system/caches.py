@@ -13,18 +13,32 @@ import torch
 from ..engine.fit import CaptureCache
 from ..engine.model_io import ModelRef, load_model_and_tokenizer, load_tokenizer
 from ..engine.resources import MemoryBudget
+from ..errors import WrongWorkerError
 
 # transformers' from_pretrained is not thread-safe (it swaps global init contexts): one load at a time.
 _LOADING = threading.Lock()
 
 
+def default_device() -> str:
+    """A worker's device: cuda where there is a GPU, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class ModelCache:
     """Least-recently-used cache of (model, tokenizer) by (path, device, dtype), one per worker:
-    a worker's hooks must not run on a model another thread is using."""
+    a worker's hooks must not run on a model another thread is using. A model asked for on
+    device "" runs on the worker's `device` (its pool's)."""
 
-    def __init__(self, capacity: int = 2, loader: Callable | None = None, tokenizer_loader: Callable | None = None):
+    def __init__(
+        self,
+        capacity: int = 2,
+        loader: Callable | None = None,
+        tokenizer_loader: Callable | None = None,
+        device: str = "",
+    ):
         """`loader(path, device, dtype, tokenizer=...)` -> (model, tokenizer) and
         `tokenizer_loader(path)` default to loading local Hugging Face directories."""
+        self.device = device or default_device()
         self.capacity = capacity
         self.loader = loader or load_model_and_tokenizer
         self.tokenizer_loader = tokenizer_loader or load_tokenizer
@@ -33,14 +47,17 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def get(self, ref: ModelRef):
-        key = (ref.path, ref.device, ref.dtype)
+        device = ref.device or self.device
+        if device == "cuda" and not torch.cuda.is_available():
+            raise WrongWorkerError("the task asks for device cuda and this worker has no GPU: left for a GPU worker")
+        key = (ref.path, device, ref.dtype)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
             tokenizer = self._tokenizers.get(ref.path)
         with _LOADING:
-            loaded = self.loader(ref.path, ref.device, ref.dtype, tokenizer=tokenizer)
+            loaded = self.loader(ref.path, device, ref.dtype, tokenizer=tokenizer)
         with self._lock:
             self._entries[key] = loaded
             while len(self._entries) > self.capacity:

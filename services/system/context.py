@@ -14,7 +14,9 @@ from .caches import ArtifactCache, CapturePool, ModelCache
 @dataclass
 class WorkerContext:
     store: ArtifactStore
-    models: ModelCache = field(default_factory=ModelCache)
+    # the device of tasks that leave it unspecified ("": cuda where there is a GPU, else cpu)
+    device: str = ""
+    models: ModelCache | None = None
     artifacts: ArtifactCache = field(default_factory=ArtifactCache)
     # bytes every capture cache of this worker may hold together (default: ¼ of the memory limit)
     cache_bytes: int | None = None
@@ -23,6 +25,8 @@ class WorkerContext:
     progress: Progress = field(default_factory=Progress)
 
     def __post_init__(self):
+        self.models = self.models or ModelCache(device=self.device)
+        self.device = self.models.device
         self.captures = CapturePool(
             MemoryBudget(default_cache_bytes() if self.cache_bytes is None else self.cache_bytes)
         )

@@ -35,7 +35,8 @@ TASK_SECONDS = Histogram(
 class StoreTraffic(Collector):
     def collect(self):
         family = CounterMetricFamily(
-            "influence_store_bytes", "Bytes this process read from or wrote to the artifact store.",
+            "influence_store_bytes",
+            "Bytes this process read from or wrote to the artifact store.",
             labels=["backend", "direction"],
         )
         for (backend, direction), size in sorted(traffic.snapshot().items()):

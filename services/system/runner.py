@@ -27,8 +27,8 @@ from google.rpc import code_pb2
 from ..engine.progress import Progress
 from ..engine.resources import available_cores
 from ..errors import CancelledError, DomainError, code_of
-from ..gen.influence.v1 import tasks_pb2
-from ..jobs.operations import TERMINAL, OperationStore
+from ..gen.influence.internal.v1 import tasks_pb2
+from ..jobs.operations import OPERATION_KINDS, TERMINAL, OperationStore
 from ..jobs.queue import LeaseKeeper, Task, TaskQueue
 from ..storage import ArtifactStore
 from . import layout, metrics
@@ -75,6 +75,7 @@ class JobSystem:
         self, kind: str, job: Job, *, request_id: str = "", target: str = "", upload: bytes | None = None
     ) -> dict:
         """Create the operation and enqueue the job (once per request_id)."""
+        assert kind in OPERATION_KINDS, kind
         record, created = self.operations.create(kind, {"kind": kind, "target": target}, request_id)
         if not created:
             return record

@@ -49,6 +49,8 @@ class RegisterJob(Job):
     display_name: str = ""
     shard_size: int = DEFAULT_SHARD_SIZE
     max_length: int = 512
+    # "s3://bucket/key": the JSONL the worker reads itself; "": the job's upload (jobs/{id}/upload).
+    source_uri: str = ""
 
 
 @dataclass

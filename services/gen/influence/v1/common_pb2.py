@@ -22,20 +22,59 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19influence/v1/common.proto\x12\x0cinfluence.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xda\x02\n\x11OperationMetadata\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x13\n\x0bshards_done\x18\x03 \x01(\x03\x12\x14\n\x0cshards_total\x18\x04 \x01(\x03\x12\x18\n\x10tokens_processed\x18\x05 \x01(\x03\x12\x15\n\rbytes_written\x18\x06 \x01(\x03\x12\x12\n\nbytes_read\x18\x07 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06target\x18\n \x01(\t\x12\x0c\n\x04step\x18\x0b \x01(\t\x12\x11\n\tstep_done\x18\x0c \x01(\x03\x12\x12\n\nstep_total\x18\r \x01(\x03\x12\x11\n\tstep_unit\x18\x0e \x01(\t\"U\n\tFileChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"8\n\tModelSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19influence/v1/common.proto\x12\x0cinfluence.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x03\n\x11OperationMetadata\x12\x12\n\x04kind\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05stage\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x19\n\x0bshards_done\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0cshards_total\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1e\n\x10tokens_processed\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1b\n\rbytes_written\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nbytes_read\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x14\n\x06target\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x12\x12\n\x04step\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x17\n\tstep_done\x18\x0c \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nstep_total\x18\r \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x17\n\tstep_unit\x18\x0e \x01(\tB\x04\xe2\x41\x01\x03\"U\n\tFileChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"q\n\x1aStreamArtifactFilesRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\x12\x13\n\x0bresume_file\x18\x03 \x01(\t\x12\x15\n\rresume_offset\x18\x04 \x01(\x03\"u\n\tModelSpec\x12\x12\n\x04path\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12$\n\x06\x64\x65vice\x18\x04 \x01(\x0e\x32\x14.influence.v1.Device\x12\"\n\x05\x64type\x18\x05 \x01(\x0e\x32\x13.influence.v1.DtypeJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04*A\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\x0e\n\nDEVICE_CPU\x10\x01\x12\x0f\n\x0b\x44\x45VICE_CUDA\x10\x02*k\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'influence.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPERATIONMETADATA']._serialized_start=77
-  _globals['_OPERATIONMETADATA']._serialized_end=423
-  _globals['_FILECHUNK']._serialized_start=425
-  _globals['_FILECHUNK']._serialized_end=510
-  _globals['_MODELSPEC']._serialized_start=512
-  _globals['_MODELSPEC']._serialized_end=568
+  _globals['_OPERATIONMETADATA'].fields_by_name['kind']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['kind']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['stage']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['stage']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['shards_done']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['shards_done']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['shards_total']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['shards_total']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['tokens_processed']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['tokens_processed']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['bytes_written']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['bytes_written']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['bytes_read']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['bytes_read']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['create_time']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['update_time']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['target']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['target']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['step']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['step']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['step_done']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['step_done']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['step_total']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['step_total']._serialized_options = b'\342A\001\003'
+  _globals['_OPERATIONMETADATA'].fields_by_name['step_unit']._loaded_options = None
+  _globals['_OPERATIONMETADATA'].fields_by_name['step_unit']._serialized_options = b'\342A\001\003'
+  _globals['_STREAMARTIFACTFILESREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_STREAMARTIFACTFILESREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_MODELSPEC'].fields_by_name['path']._loaded_options = None
+  _globals['_MODELSPEC'].fields_by_name['path']._serialized_options = b'\342A\001\002'
+  _globals['_DEVICE']._serialized_start=863
+  _globals['_DEVICE']._serialized_end=928
+  _globals['_DTYPE']._serialized_start=930
+  _globals['_DTYPE']._serialized_end=1037
+  _globals['_OPERATIONMETADATA']._serialized_start=110
+  _globals['_OPERATIONMETADATA']._serialized_end=540
+  _globals['_FILECHUNK']._serialized_start=542
+  _globals['_FILECHUNK']._serialized_end=627
+  _globals['_STREAMARTIFACTFILESREQUEST']._serialized_start=629
+  _globals['_STREAMARTIFACTFILESREQUEST']._serialized_end=742
+  _globals['_MODELSPEC']._serialized_start=744
+  _globals['_MODELSPEC']._serialized_end=861
 # @@protoc_insertion_point(module_scope)

@@ -1,12 +1,36 @@
 import datetime
 
+from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Device(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEVICE_UNSPECIFIED: _ClassVar[Device]
+    DEVICE_CPU: _ClassVar[Device]
+    DEVICE_CUDA: _ClassVar[Device]
+
+class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[Dtype]
+    DTYPE_FLOAT32: _ClassVar[Dtype]
+    DTYPE_BFLOAT16: _ClassVar[Dtype]
+    DTYPE_FLOAT16: _ClassVar[Dtype]
+    DTYPE_FLOAT64: _ClassVar[Dtype]
+DEVICE_UNSPECIFIED: Device
+DEVICE_CPU: Device
+DEVICE_CUDA: Device
+DTYPE_UNSPECIFIED: Dtype
+DTYPE_FLOAT32: Dtype
+DTYPE_BFLOAT16: Dtype
+DTYPE_FLOAT16: Dtype
+DTYPE_FLOAT64: Dtype
 
 class OperationMetadata(_message.Message):
     __slots__ = ("kind", "stage", "shards_done", "shards_total", "tokens_processed", "bytes_written", "bytes_read", "create_time", "update_time", "target", "step", "step_done", "step_total", "step_unit")
@@ -54,12 +78,24 @@ class FileChunk(_message.Message):
     sha256: str
     def __init__(self, file: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
+class StreamArtifactFilesRequest(_message.Message):
+    __slots__ = ("name", "chunk_bytes", "resume_file", "resume_offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FILE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    chunk_bytes: int
+    resume_file: str
+    resume_offset: int
+    def __init__(self, name: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., resume_file: _Optional[str] = ..., resume_offset: _Optional[int] = ...) -> None: ...
+
 class ModelSpec(_message.Message):
     __slots__ = ("path", "device", "dtype")
     PATH_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     path: str
-    device: str
-    dtype: str
-    def __init__(self, path: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    device: Device
+    dtype: Dtype
+    def __init__(self, path: _Optional[str] = ..., device: _Optional[_Union[Device, str]] = ..., dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...

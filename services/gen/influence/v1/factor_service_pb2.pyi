@@ -1,16 +1,41 @@
 import datetime
 
+from google.api import field_behavior_pb2 as _field_behavior_pb2
+from google.api import resource_pb2 as _resource_pb2
 from google.longrunning import operations_pb2 as _operations_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from services.gen.influence.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STRATEGY_UNSPECIFIED: _ClassVar[Strategy]
+    STRATEGY_IDENTITY: _ClassVar[Strategy]
+    STRATEGY_DIAGONAL: _ClassVar[Strategy]
+    STRATEGY_KFAC: _ClassVar[Strategy]
+    STRATEGY_EKFAC: _ClassVar[Strategy]
+
+class Fisher(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FISHER_UNSPECIFIED: _ClassVar[Fisher]
+    FISHER_SAMPLED: _ClassVar[Fisher]
+    FISHER_EMPIRICAL: _ClassVar[Fisher]
+STRATEGY_UNSPECIFIED: Strategy
+STRATEGY_IDENTITY: Strategy
+STRATEGY_DIAGONAL: Strategy
+STRATEGY_KFAC: Strategy
+STRATEGY_EKFAC: Strategy
+FISHER_UNSPECIFIED: Fisher
+FISHER_SAMPLED: Fisher
+FISHER_EMPIRICAL: Fisher
 
 class FactorSet(_message.Message):
     __slots__ = ("name", "dataset", "model", "strategy", "fisher", "modules", "num_sequences", "num_tokens", "model_fingerprint", "create_time")
@@ -27,14 +52,14 @@ class FactorSet(_message.Message):
     name: str
     dataset: str
     model: _common_pb2.ModelSpec
-    strategy: str
-    fisher: str
+    strategy: Strategy
+    fisher: Fisher
     modules: _containers.RepeatedScalarFieldContainer[str]
     num_sequences: int
     num_tokens: int
     model_fingerprint: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., strategy: _Optional[str] = ..., fisher: _Optional[str] = ..., modules: _Optional[_Iterable[str]] = ..., num_sequences: _Optional[int] = ..., num_tokens: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., fisher: _Optional[_Union[Fisher, str]] = ..., modules: _Optional[_Iterable[str]] = ..., num_sequences: _Optional[int] = ..., num_tokens: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class FitFactorsRequest(_message.Message):
     __slots__ = ("request_id", "model", "dataset", "strategy", "fisher", "modules", "batch_size", "max_examples", "seed", "cache_gib")
@@ -51,14 +76,14 @@ class FitFactorsRequest(_message.Message):
     request_id: str
     model: _common_pb2.ModelSpec
     dataset: str
-    strategy: str
-    fisher: str
+    strategy: Strategy
+    fisher: Fisher
     modules: str
     batch_size: int
     max_examples: int
     seed: int
     cache_gib: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., dataset: _Optional[str] = ..., strategy: _Optional[str] = ..., fisher: _Optional[str] = ..., modules: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_examples: _Optional[int] = ..., seed: _Optional[int] = ..., cache_gib: _Optional[float] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., dataset: _Optional[str] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., fisher: _Optional[_Union[Fisher, str]] = ..., modules: _Optional[str] = ..., batch_size: _Optional[int] = ..., max_examples: _Optional[int] = ..., seed: _Optional[int] = ..., cache_gib: _Optional[float] = ...) -> None: ...
 
 class GetFactorSetRequest(_message.Message):
     __slots__ = ("name",)
@@ -111,11 +136,15 @@ class RegisterFactorsRequest(_message.Message):
     def __init__(self, uri: _Optional[str] = ...) -> None: ...
 
 class StreamFactorsRequest(_message.Message):
-    __slots__ = ("name", "modules", "chunk_bytes")
+    __slots__ = ("name", "modules", "chunk_bytes", "resume_file", "resume_offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FILE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
     modules: _containers.RepeatedScalarFieldContainer[str]
     chunk_bytes: int
-    def __init__(self, name: _Optional[str] = ..., modules: _Optional[_Iterable[str]] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    resume_file: str
+    resume_offset: int
+    def __init__(self, name: _Optional[str] = ..., modules: _Optional[_Iterable[str]] = ..., chunk_bytes: _Optional[int] = ..., resume_file: _Optional[str] = ..., resume_offset: _Optional[int] = ...) -> None: ...

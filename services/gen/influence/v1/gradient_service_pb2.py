@@ -22,53 +22,133 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from services.gen.influence.v1 import common_pb2 as influence_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#influence/v1/gradient_service.proto\x12\x0cinfluence.v1\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19influence/v1/common.proto\"\xb5\x02\n\x05Index\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x02 \x03(\t\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12&\n\x05model\x18\x04 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x12\n\nprojection\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\x0b\n\x03\x64im\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x15\n\rstorage_dtype\x18\t \x01(\t\x12\x14\n\x0cnum_examples\x18\n \x01(\x03\x12\x1a\n\x12\x62ytes_per_sequence\x18\x0b \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x0c \x01(\t\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xae\x02\n\x11\x42uildIndexRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x12\n\nprojection\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\x0b\n\x03\x64im\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x15\n\rstorage_dtype\x18\t \x01(\t\x12\x12\n\nbatch_size\x18\n \x01(\x05\x12\x1b\n\x0e\x64\x61mping_factor\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x0c \x01(\x01H\x01\x88\x01\x01\x42\x11\n\x0f_damping_factorB\n\n\x08_damping\"\\\n\x12\x41ppendIndexRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x03 \x01(\t\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\"\x1f\n\x0fGetIndexRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x12\x44\x65leteIndexRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x12ListIndexesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x13ListIndexesResponse\x12$\n\x07indexes\x18\x01 \x03(\x0b\x32\x13.influence.v1.Index\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x1aStreamArtifactFilesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\"#\n\x14RegisterIndexRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\"\xe3\x01\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x12\n\nnum_shards\x18\x04 \x01(\x05\x12\x12\n\nshard_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x12\n\nnum_tokens\x18\x07 \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xae\x01\n\x16RegisterDatasetRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\r\n\x05jsonl\x18\x04 \x01(\x0c\x12\x12\n\nshard_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x0b\n\x03uri\x18\x07 \x01(\t\"!\n\x11GetDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.influence.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x82\x01\n\x13StreamBlocksRequest\x12\x0f\n\x07\x64\x61taset\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\x05\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x0f\n\x07modules\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\"H\n\rGradientBlock\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x13\n\x0b\x65xample_ids\x18\x02 \x03(\t\x12\x13\n\x0bsafetensors\x18\x03 \x01(\x0c\x32\x9e\x08\n\x0fGradientService\x12V\n\x0fRegisterDataset\x12$.influence.v1.RegisterDatasetRequest\x1a\x1d.google.longrunning.Operation\x12\x44\n\nGetDataset\x12\x1f.influence.v1.GetDatasetRequest\x1a\x15.influence.v1.Dataset\x12U\n\x0cListDatasets\x12!.influence.v1.ListDatasetsRequest\x1a\".influence.v1.ListDatasetsResponse\x12K\n\rDeleteDataset\x12\".influence.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\x12P\n\x0cStreamBlocks\x12!.influence.v1.StreamBlocksRequest\x1a\x1b.influence.v1.GradientBlock0\x01\x12L\n\nBuildIndex\x12\x1f.influence.v1.BuildIndexRequest\x1a\x1d.google.longrunning.Operation\x12N\n\x0b\x41ppendIndex\x12 .influence.v1.AppendIndexRequest\x1a\x1d.google.longrunning.Operation\x12>\n\x08GetIndex\x12\x1d.influence.v1.GetIndexRequest\x1a\x13.influence.v1.Index\x12R\n\x0bListIndexes\x12 .influence.v1.ListIndexesRequest\x1a!.influence.v1.ListIndexesResponse\x12G\n\x0b\x44\x65leteIndex\x12 .influence.v1.DeleteIndexRequest\x1a\x16.google.protobuf.Empty\x12W\n\x10StreamIndexFiles\x12(.influence.v1.StreamArtifactFilesRequest\x1a\x17.influence.v1.FileChunk0\x01\x12Y\n\x12StreamDatasetFiles\x12(.influence.v1.StreamArtifactFilesRequest\x1a\x17.influence.v1.FileChunk0\x01\x12H\n\rRegisterIndex\x12\".influence.v1.RegisterIndexRequest\x1a\x13.influence.v1.Indexb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#influence/v1/gradient_service.proto\x12\x0cinfluence.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19influence/v1/common.proto\"\x85\x04\n\x05Index\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x16\n\x08\x64\x61tasets\x18\x02 \x03(\tB\x04\xe2\x41\x01\x03\x12\x34\n\nfactor_set\x18\x03 \x01(\tB \xe2\x41\x01\x03\xfa\x41\x19\n\x17influence.dev/FactorSet\x12,\n\x05model\x18\x04 \x01(\x0b\x32\x17.influence.v1.ModelSpecB\x04\xe2\x41\x01\x03\x12\x32\n\nprojection\x18\x0e \x01(\x0e\x32\x18.influence.v1.ProjectionB\x04\xe2\x41\x01\x03\x12\x12\n\x04rank\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x11\n\x03\x64im\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x12\n\x04seed\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x30\n\rstorage_dtype\x18\x0f \x01(\x0e\x32\x13.influence.v1.DtypeB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cnum_examples\x18\n \x01(\x03\x42\x04\xe2\x41\x01\x03\x12 \n\x12\x62ytes_per_sequence\x18\x0b \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1f\n\x11model_fingerprint\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:)\xea\x41&\n\x13influence.dev/Index\x12\x0findexes/{index}J\x04\x08\x05\x10\x06J\x04\x08\t\x10\n\"\xb1\x03\n\x11\x42uildIndexRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpecB\x04\xe2\x41\x01\x02\x12\x34\n\nfactor_set\x18\x03 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17influence.dev/FactorSet\x12/\n\x07\x64\x61taset\x18\x04 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15influence.dev/Dataset\x12,\n\nprojection\x18\r \x01(\x0e\x32\x18.influence.v1.Projection\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\x0b\n\x03\x64im\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12*\n\rstorage_dtype\x18\x0e \x01(\x0e\x32\x13.influence.v1.Dtype\x12\x12\n\nbatch_size\x18\n \x01(\x05\x12\x1b\n\x0e\x64\x61mping_factor\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x0c \x01(\x01H\x01\x88\x01\x01\x42\x11\n\x0f_damping_factorB\n\n\x08_dampingJ\x04\x08\x05\x10\x06J\x04\x08\t\x10\n\"\x9a\x01\n\x12\x41ppendIndexRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x05index\x18\x02 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13influence.dev/Index\x12/\n\x07\x64\x61taset\x18\x03 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15influence.dev/Dataset\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\"=\n\x0fGetIndexRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13influence.dev/Index\"@\n\x12\x44\x65leteIndexRequest\x12*\n\x04name\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13influence.dev/Index\";\n\x12ListIndexesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x13ListIndexesResponse\x12$\n\x07indexes\x18\x01 \x03(\x0b\x32\x13.influence.v1.Index\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x14RegisterIndexRequest\x12\x11\n\x03uri\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"\xc3\x02\n\x07\x44\x61taset\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1a\n\x0cnum_examples\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nnum_shards\x18\x04 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nshard_size\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nmax_length\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x18\n\nnum_tokens\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12#\n\x15tokenizer_fingerprint\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:.\xea\x41+\n\x15influence.dev/Dataset\x12\x12\x64\x61tasets/{dataset}\"\xb4\x01\n\x16RegisterDatasetRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpecB\x04\xe2\x41\x01\x02\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\r\n\x05jsonl\x18\x04 \x01(\x0c\x12\x12\n\nshard_size\x18\x05 \x01(\x05\x12\x12\n\nmax_length\x18\x06 \x01(\x05\x12\x0b\n\x03uri\x18\x07 \x01(\t\"A\n\x11GetDatasetRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15influence.dev/Dataset\"D\n\x14\x44\x65leteDatasetRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15influence.dev/Dataset\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"X\n\x14ListDatasetsResponse\x12\'\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x15.influence.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa8\x01\n\x13StreamBlocksRequest\x12/\n\x07\x64\x61taset\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15influence.dev/Dataset\x12\r\n\x05shard\x18\x02 \x01(\x05\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x17.influence.v1.ModelSpecB\x04\xe2\x41\x01\x02\x12\x0f\n\x07modules\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\"H\n\rGradientBlock\x12\r\n\x05shard\x18\x01 \x01(\x05\x12\x13\n\x0b\x65xample_ids\x18\x02 \x03(\t\x12\x13\n\x0bsafetensors\x18\x03 \x01(\x0c*~\n\nProjection\x12\x1a\n\x16PROJECTION_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROJECTION_NONE\x10\x01\x12\x12\n\x0ePROJECTION_SVD\x10\x02\x12\x14\n\x10PROJECTION_EIGEN\x10\x03\x12\x15\n\x11PROJECTION_RANDOM\x10\x04\x32\xfd\x08\n\x0fGradientService\x12w\n\x0fRegisterDataset\x12$.influence.v1.RegisterDatasetRequest\x1a\x1d.google.longrunning.Operation\"\x1f\xca\x41\x1c\n\x07\x44\x61taset\x12\x11OperationMetadata\x12\x44\n\nGetDataset\x12\x1f.influence.v1.GetDatasetRequest\x1a\x15.influence.v1.Dataset\x12U\n\x0cListDatasets\x12!.influence.v1.ListDatasetsRequest\x1a\".influence.v1.ListDatasetsResponse\x12K\n\rDeleteDataset\x12\".influence.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\x12P\n\x0cStreamBlocks\x12!.influence.v1.StreamBlocksRequest\x1a\x1b.influence.v1.GradientBlock0\x01\x12k\n\nBuildIndex\x12\x1f.influence.v1.BuildIndexRequest\x1a\x1d.google.longrunning.Operation\"\x1d\xca\x41\x1a\n\x05Index\x12\x11OperationMetadata\x12m\n\x0b\x41ppendIndex\x12 .influence.v1.AppendIndexRequest\x1a\x1d.google.longrunning.Operation\"\x1d\xca\x41\x1a\n\x05Index\x12\x11OperationMetadata\x12>\n\x08GetIndex\x12\x1d.influence.v1.GetIndexRequest\x1a\x13.influence.v1.Index\x12R\n\x0bListIndexes\x12 .influence.v1.ListIndexesRequest\x1a!.influence.v1.ListIndexesResponse\x12G\n\x0b\x44\x65leteIndex\x12 .influence.v1.DeleteIndexRequest\x1a\x16.google.protobuf.Empty\x12W\n\x10StreamIndexFiles\x12(.influence.v1.StreamArtifactFilesRequest\x1a\x17.influence.v1.FileChunk0\x01\x12Y\n\x12StreamDatasetFiles\x12(.influence.v1.StreamArtifactFilesRequest\x1a\x17.influence.v1.FileChunk0\x01\x12H\n\rRegisterIndex\x12\".influence.v1.RegisterIndexRequest\x1a\x13.influence.v1.Indexb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'influence.v1.gradient_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INDEX']._serialized_start=180
-  _globals['_INDEX']._serialized_end=489
-  _globals['_BUILDINDEXREQUEST']._serialized_start=492
-  _globals['_BUILDINDEXREQUEST']._serialized_end=794
-  _globals['_APPENDINDEXREQUEST']._serialized_start=796
-  _globals['_APPENDINDEXREQUEST']._serialized_end=888
-  _globals['_GETINDEXREQUEST']._serialized_start=890
-  _globals['_GETINDEXREQUEST']._serialized_end=921
-  _globals['_DELETEINDEXREQUEST']._serialized_start=923
-  _globals['_DELETEINDEXREQUEST']._serialized_end=957
-  _globals['_LISTINDEXESREQUEST']._serialized_start=959
-  _globals['_LISTINDEXESREQUEST']._serialized_end=1018
-  _globals['_LISTINDEXESRESPONSE']._serialized_start=1020
-  _globals['_LISTINDEXESRESPONSE']._serialized_end=1104
-  _globals['_STREAMARTIFACTFILESREQUEST']._serialized_start=1106
-  _globals['_STREAMARTIFACTFILESREQUEST']._serialized_end=1169
-  _globals['_REGISTERINDEXREQUEST']._serialized_start=1171
-  _globals['_REGISTERINDEXREQUEST']._serialized_end=1206
-  _globals['_DATASET']._serialized_start=1209
-  _globals['_DATASET']._serialized_end=1436
-  _globals['_REGISTERDATASETREQUEST']._serialized_start=1439
-  _globals['_REGISTERDATASETREQUEST']._serialized_end=1613
-  _globals['_GETDATASETREQUEST']._serialized_start=1615
-  _globals['_GETDATASETREQUEST']._serialized_end=1648
-  _globals['_DELETEDATASETREQUEST']._serialized_start=1650
-  _globals['_DELETEDATASETREQUEST']._serialized_end=1686
-  _globals['_LISTDATASETSREQUEST']._serialized_start=1688
-  _globals['_LISTDATASETSREQUEST']._serialized_end=1748
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=1750
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=1838
-  _globals['_STREAMBLOCKSREQUEST']._serialized_start=1841
-  _globals['_STREAMBLOCKSREQUEST']._serialized_end=1971
-  _globals['_GRADIENTBLOCK']._serialized_start=1973
-  _globals['_GRADIENTBLOCK']._serialized_end=2045
-  _globals['_GRADIENTSERVICE']._serialized_start=2048
-  _globals['_GRADIENTSERVICE']._serialized_end=3102
+  _globals['_INDEX'].fields_by_name['name']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_INDEX'].fields_by_name['datasets']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['datasets']._serialized_options = b'\342A\001\003'
+  _globals['_INDEX'].fields_by_name['factor_set']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['factor_set']._serialized_options = b'\342A\001\003\372A\031\n\027influence.dev/FactorSet'
+  _globals['_INDEX'].fields_by_name['model']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['model']._serialized_options = b'\342A\001\003'
+  _globals['_INDEX'].fields_by_name['projection']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['projection']._serialized_options = b'\342A\001\003'
+  _globals['_INDEX'].fields_by_name['rank']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['rank']._serialized_options = b'\342A\001\003'
+  _globals['_INDEX'].fields_by_name['dim']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['dim']._serialized_options = b'\342A\001\003'
+  _globals['_INDEX'].fields_by_name['seed']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['seed']._serialized_options = b'\342A\001\003'
+  _globals['_INDEX'].fields_by_name['storage_dtype']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['storage_dtype']._serialized_options = b'\342A\001\003'
+  _globals['_INDEX'].fields_by_name['num_examples']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['num_examples']._serialized_options = b'\342A\001\003'
+  _globals['_INDEX'].fields_by_name['bytes_per_sequence']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['bytes_per_sequence']._serialized_options = b'\342A\001\003'
+  _globals['_INDEX'].fields_by_name['model_fingerprint']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['model_fingerprint']._serialized_options = b'\342A\001\003'
+  _globals['_INDEX'].fields_by_name['create_time']._loaded_options = None
+  _globals['_INDEX'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_INDEX']._loaded_options = None
+  _globals['_INDEX']._serialized_options = b'\352A&\n\023influence.dev/Index\022\017indexes/{index}'
+  _globals['_BUILDINDEXREQUEST'].fields_by_name['model']._loaded_options = None
+  _globals['_BUILDINDEXREQUEST'].fields_by_name['model']._serialized_options = b'\342A\001\002'
+  _globals['_BUILDINDEXREQUEST'].fields_by_name['factor_set']._loaded_options = None
+  _globals['_BUILDINDEXREQUEST'].fields_by_name['factor_set']._serialized_options = b'\342A\001\002\372A\031\n\027influence.dev/FactorSet'
+  _globals['_BUILDINDEXREQUEST'].fields_by_name['dataset']._loaded_options = None
+  _globals['_BUILDINDEXREQUEST'].fields_by_name['dataset']._serialized_options = b'\342A\001\002\372A\027\n\025influence.dev/Dataset'
+  _globals['_APPENDINDEXREQUEST'].fields_by_name['index']._loaded_options = None
+  _globals['_APPENDINDEXREQUEST'].fields_by_name['index']._serialized_options = b'\342A\001\002\372A\025\n\023influence.dev/Index'
+  _globals['_APPENDINDEXREQUEST'].fields_by_name['dataset']._loaded_options = None
+  _globals['_APPENDINDEXREQUEST'].fields_by_name['dataset']._serialized_options = b'\342A\001\002\372A\027\n\025influence.dev/Dataset'
+  _globals['_GETINDEXREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETINDEXREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\025\n\023influence.dev/Index'
+  _globals['_DELETEINDEXREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETEINDEXREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\025\n\023influence.dev/Index'
+  _globals['_REGISTERINDEXREQUEST'].fields_by_name['uri']._loaded_options = None
+  _globals['_REGISTERINDEXREQUEST'].fields_by_name['uri']._serialized_options = b'\342A\001\002'
+  _globals['_DATASET'].fields_by_name['name']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_DATASET'].fields_by_name['num_examples']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['num_examples']._serialized_options = b'\342A\001\003'
+  _globals['_DATASET'].fields_by_name['num_shards']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['num_shards']._serialized_options = b'\342A\001\003'
+  _globals['_DATASET'].fields_by_name['shard_size']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['shard_size']._serialized_options = b'\342A\001\003'
+  _globals['_DATASET'].fields_by_name['max_length']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['max_length']._serialized_options = b'\342A\001\003'
+  _globals['_DATASET'].fields_by_name['num_tokens']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['num_tokens']._serialized_options = b'\342A\001\003'
+  _globals['_DATASET'].fields_by_name['tokenizer_fingerprint']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['tokenizer_fingerprint']._serialized_options = b'\342A\001\003'
+  _globals['_DATASET'].fields_by_name['create_time']._loaded_options = None
+  _globals['_DATASET'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_DATASET']._loaded_options = None
+  _globals['_DATASET']._serialized_options = b'\352A+\n\025influence.dev/Dataset\022\022datasets/{dataset}'
+  _globals['_REGISTERDATASETREQUEST'].fields_by_name['model']._loaded_options = None
+  _globals['_REGISTERDATASETREQUEST'].fields_by_name['model']._serialized_options = b'\342A\001\002'
+  _globals['_GETDATASETREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETDATASETREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\027\n\025influence.dev/Dataset'
+  _globals['_DELETEDATASETREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETEDATASETREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\027\n\025influence.dev/Dataset'
+  _globals['_STREAMBLOCKSREQUEST'].fields_by_name['dataset']._loaded_options = None
+  _globals['_STREAMBLOCKSREQUEST'].fields_by_name['dataset']._serialized_options = b'\342A\001\002\372A\027\n\025influence.dev/Dataset'
+  _globals['_STREAMBLOCKSREQUEST'].fields_by_name['model']._loaded_options = None
+  _globals['_STREAMBLOCKSREQUEST'].fields_by_name['model']._serialized_options = b'\342A\001\002'
+  _globals['_GRADIENTSERVICE'].methods_by_name['RegisterDataset']._loaded_options = None
+  _globals['_GRADIENTSERVICE'].methods_by_name['RegisterDataset']._serialized_options = b'\312A\034\n\007Dataset\022\021OperationMetadata'
+  _globals['_GRADIENTSERVICE'].methods_by_name['BuildIndex']._loaded_options = None
+  _globals['_GRADIENTSERVICE'].methods_by_name['BuildIndex']._serialized_options = b'\312A\032\n\005Index\022\021OperationMetadata'
+  _globals['_GRADIENTSERVICE'].methods_by_name['AppendIndex']._loaded_options = None
+  _globals['_GRADIENTSERVICE'].methods_by_name['AppendIndex']._serialized_options = b'\312A\032\n\005Index\022\021OperationMetadata'
+  _globals['_PROJECTION']._serialized_start=2714
+  _globals['_PROJECTION']._serialized_end=2840
+  _globals['_INDEX']._serialized_start=240
+  _globals['_INDEX']._serialized_end=757
+  _globals['_BUILDINDEXREQUEST']._serialized_start=760
+  _globals['_BUILDINDEXREQUEST']._serialized_end=1193
+  _globals['_APPENDINDEXREQUEST']._serialized_start=1196
+  _globals['_APPENDINDEXREQUEST']._serialized_end=1350
+  _globals['_GETINDEXREQUEST']._serialized_start=1352
+  _globals['_GETINDEXREQUEST']._serialized_end=1413
+  _globals['_DELETEINDEXREQUEST']._serialized_start=1415
+  _globals['_DELETEINDEXREQUEST']._serialized_end=1479
+  _globals['_LISTINDEXESREQUEST']._serialized_start=1481
+  _globals['_LISTINDEXESREQUEST']._serialized_end=1540
+  _globals['_LISTINDEXESRESPONSE']._serialized_start=1542
+  _globals['_LISTINDEXESRESPONSE']._serialized_end=1626
+  _globals['_REGISTERINDEXREQUEST']._serialized_start=1628
+  _globals['_REGISTERINDEXREQUEST']._serialized_end=1669
+  _globals['_DATASET']._serialized_start=1672
+  _globals['_DATASET']._serialized_end=1995
+  _globals['_REGISTERDATASETREQUEST']._serialized_start=1998
+  _globals['_REGISTERDATASETREQUEST']._serialized_end=2178
+  _globals['_GETDATASETREQUEST']._serialized_start=2180
+  _globals['_GETDATASETREQUEST']._serialized_end=2245
+  _globals['_DELETEDATASETREQUEST']._serialized_start=2247
+  _globals['_DELETEDATASETREQUEST']._serialized_end=2315
+  _globals['_LISTDATASETSREQUEST']._serialized_start=2317
+  _globals['_LISTDATASETSREQUEST']._serialized_end=2377
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=2379
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=2467
+  _globals['_STREAMBLOCKSREQUEST']._serialized_start=2470
+  _globals['_STREAMBLOCKSREQUEST']._serialized_end=2638
+  _globals['_GRADIENTBLOCK']._serialized_start=2640
+  _globals['_GRADIENTBLOCK']._serialized_end=2712
+  _globals['_GRADIENTSERVICE']._serialized_start=2843
+  _globals['_GRADIENTSERVICE']._serialized_end=3992
 # @@protoc_insertion_point(module_scope)

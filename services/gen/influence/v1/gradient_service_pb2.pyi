@@ -1,16 +1,32 @@
 import datetime
 
+from google.api import field_behavior_pb2 as _field_behavior_pb2
+from google.api import resource_pb2 as _resource_pb2
 from google.longrunning import operations_pb2 as _operations_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from services.gen.influence.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Projection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROJECTION_UNSPECIFIED: _ClassVar[Projection]
+    PROJECTION_NONE: _ClassVar[Projection]
+    PROJECTION_SVD: _ClassVar[Projection]
+    PROJECTION_EIGEN: _ClassVar[Projection]
+    PROJECTION_RANDOM: _ClassVar[Projection]
+PROJECTION_UNSPECIFIED: Projection
+PROJECTION_NONE: Projection
+PROJECTION_SVD: Projection
+PROJECTION_EIGEN: Projection
+PROJECTION_RANDOM: Projection
 
 class Index(_message.Message):
     __slots__ = ("name", "datasets", "factor_set", "model", "projection", "rank", "dim", "seed", "storage_dtype", "num_examples", "bytes_per_sequence", "model_fingerprint", "create_time")
@@ -31,16 +47,16 @@ class Index(_message.Message):
     datasets: _containers.RepeatedScalarFieldContainer[str]
     factor_set: str
     model: _common_pb2.ModelSpec
-    projection: str
+    projection: Projection
     rank: int
     dim: int
     seed: int
-    storage_dtype: str
+    storage_dtype: _common_pb2.Dtype
     num_examples: int
     bytes_per_sequence: int
     model_fingerprint: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., datasets: _Optional[_Iterable[str]] = ..., factor_set: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., projection: _Optional[str] = ..., rank: _Optional[int] = ..., dim: _Optional[int] = ..., seed: _Optional[int] = ..., storage_dtype: _Optional[str] = ..., num_examples: _Optional[int] = ..., bytes_per_sequence: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., datasets: _Optional[_Iterable[str]] = ..., factor_set: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., projection: _Optional[_Union[Projection, str]] = ..., rank: _Optional[int] = ..., dim: _Optional[int] = ..., seed: _Optional[int] = ..., storage_dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., num_examples: _Optional[int] = ..., bytes_per_sequence: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class BuildIndexRequest(_message.Message):
     __slots__ = ("request_id", "model", "factor_set", "dataset", "projection", "rank", "dim", "seed", "storage_dtype", "batch_size", "damping_factor", "damping")
@@ -60,15 +76,15 @@ class BuildIndexRequest(_message.Message):
     model: _common_pb2.ModelSpec
     factor_set: str
     dataset: str
-    projection: str
+    projection: Projection
     rank: int
     dim: int
     seed: int
-    storage_dtype: str
+    storage_dtype: _common_pb2.Dtype
     batch_size: int
     damping_factor: float
     damping: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., projection: _Optional[str] = ..., rank: _Optional[int] = ..., dim: _Optional[int] = ..., seed: _Optional[int] = ..., storage_dtype: _Optional[str] = ..., batch_size: _Optional[int] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., projection: _Optional[_Union[Projection, str]] = ..., rank: _Optional[int] = ..., dim: _Optional[int] = ..., seed: _Optional[int] = ..., storage_dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., batch_size: _Optional[int] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ...) -> None: ...
 
 class AppendIndexRequest(_message.Message):
     __slots__ = ("request_id", "index", "dataset", "batch_size")
@@ -109,14 +125,6 @@ class ListIndexesResponse(_message.Message):
     indexes: _containers.RepeatedCompositeFieldContainer[Index]
     next_page_token: str
     def __init__(self, indexes: _Optional[_Iterable[_Union[Index, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
-
-class StreamArtifactFilesRequest(_message.Message):
-    __slots__ = ("name", "chunk_bytes")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    chunk_bytes: int
-    def __init__(self, name: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class RegisterIndexRequest(_message.Message):
     __slots__ = ("uri",)

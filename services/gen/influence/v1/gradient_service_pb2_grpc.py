@@ -92,12 +92,12 @@ class GradientServiceStub:
                 _registered_method=True)
         self.StreamIndexFiles = channel.unary_stream(
                 '/influence.v1.GradientService/StreamIndexFiles',
-                request_serializer=influence_dot_v1_dot_gradient__service__pb2.StreamArtifactFilesRequest.SerializeToString,
+                request_serializer=influence_dot_v1_dot_common__pb2.StreamArtifactFilesRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_common__pb2.FileChunk.FromString,
                 _registered_method=True)
         self.StreamDatasetFiles = channel.unary_stream(
                 '/influence.v1.GradientService/StreamDatasetFiles',
-                request_serializer=influence_dot_v1_dot_gradient__service__pb2.StreamArtifactFilesRequest.SerializeToString,
+                request_serializer=influence_dot_v1_dot_common__pb2.StreamArtifactFilesRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_common__pb2.FileChunk.FromString,
                 _registered_method=True)
         self.RegisterIndex = channel.unary_unary(
@@ -114,8 +114,8 @@ class GradientServiceServicer:
     """
 
     def RegisterDataset(self, request, context):
-        """Uploads JSONL ({"id": optional, "text": ...} per line), tokenises it with the model's
-        tokenizer and writes shards. Returns an Operation whose response is a Dataset.
+        """Tokenises JSONL ({"id": optional, "text": ...} per line), sent in the request or read by the
+        workers from a URI (file:// or s3://), with the model's tokenizer and writes shards.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -260,12 +260,12 @@ def add_GradientServiceServicer_to_server(servicer, server):
             ),
             'StreamIndexFiles': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamIndexFiles,
-                    request_deserializer=influence_dot_v1_dot_gradient__service__pb2.StreamArtifactFilesRequest.FromString,
+                    request_deserializer=influence_dot_v1_dot_common__pb2.StreamArtifactFilesRequest.FromString,
                     response_serializer=influence_dot_v1_dot_common__pb2.FileChunk.SerializeToString,
             ),
             'StreamDatasetFiles': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamDatasetFiles,
-                    request_deserializer=influence_dot_v1_dot_gradient__service__pb2.StreamArtifactFilesRequest.FromString,
+                    request_deserializer=influence_dot_v1_dot_common__pb2.StreamArtifactFilesRequest.FromString,
                     response_serializer=influence_dot_v1_dot_common__pb2.FileChunk.SerializeToString,
             ),
             'RegisterIndex': grpc.unary_unary_rpc_method_handler(
@@ -572,7 +572,7 @@ class GradientService:
             request,
             target,
             '/influence.v1.GradientService/StreamIndexFiles',
-            influence_dot_v1_dot_gradient__service__pb2.StreamArtifactFilesRequest.SerializeToString,
+            influence_dot_v1_dot_common__pb2.StreamArtifactFilesRequest.SerializeToString,
             influence_dot_v1_dot_common__pb2.FileChunk.FromString,
             options,
             channel_credentials,
@@ -599,7 +599,7 @@ class GradientService:
             request,
             target,
             '/influence.v1.GradientService/StreamDatasetFiles',
-            influence_dot_v1_dot_gradient__service__pb2.StreamArtifactFilesRequest.SerializeToString,
+            influence_dot_v1_dot_common__pb2.StreamArtifactFilesRequest.SerializeToString,
             influence_dot_v1_dot_common__pb2.FileChunk.FromString,
             options,
             channel_credentials,

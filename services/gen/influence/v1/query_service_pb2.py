@@ -22,39 +22,93 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from services.gen.influence.v1 import common_pb2 as influence_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n influence/v1/query_service.proto\x12\x0cinfluence.v1\x1a#google/longrunning/operations.proto\x1a\x19influence/v1/common.proto\"7\n\x05Query\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\ncompletion\x18\x03 \x01(\t\"\x8d\x03\n\x14\x43omputeScoresRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12$\n\x07queries\x18\x05 \x03(\x0b\x32\x13.influence.v1.Query\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x1b\n\x0e\x64\x61mping_factor\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nquery_rank\x18\t \x01(\x05\x12\x12\n\nper_module\x18\n \x01(\x08\x12\x11\n\tper_token\x18\x0b \x01(\x08\x12\x12\n\nbatch_size\x18\x0c \x01(\x05\x12\r\n\x05index\x18\x14 \x01(\t\x12\x14\n\x07rescore\x18\x15 \x01(\x05H\x02\x88\x01\x01\x12\r\n\x05tfidf\x18\x16 \x01(\x05\x42\x11\n\x0f_damping_factorB\n\n\x08_dampingB\n\n\x08_rescore\"\xf3\x01\n\x1b\x43omputeSelfInfluenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x1b\n\x0e\x64\x61mping_factor\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x42\x11\n\x0f_damping_factorB\n\n\x08_damping\"\x87\x01\n\x0bScoreResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x13\n\x0bnum_queries\x18\x05 \x01(\x05\x12\x11\n\tnum_train\x18\x06 \x01(\x03\x12\x0f\n\x07modules\x18\x07 \x03(\t\"%\n\x15GetScoreResultRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16StreamScoreRowsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x18StreamResultFilesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\"*\n\nTokenScore\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\xf0\x01\n\x08ScoreRow\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x10\n\x08train_id\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x39\n\nper_module\x18\x06 \x03(\x0b\x32%.influence.v1.ScoreRow.PerModuleEntry\x12(\n\x06tokens\x18\x07 \x03(\x0b\x32\x18.influence.v1.TokenScore\x1a\x30\n\x0ePerModuleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xc1\x03\n\x0cQueryService\x12R\n\rComputeScores\x12\".influence.v1.ComputeScoresRequest\x1a\x1d.google.longrunning.Operation\x12`\n\x14\x43omputeSelfInfluence\x12).influence.v1.ComputeSelfInfluenceRequest\x1a\x1d.google.longrunning.Operation\x12P\n\x0eGetScoreResult\x12#.influence.v1.GetScoreResultRequest\x1a\x19.influence.v1.ScoreResult\x12Q\n\x0fStreamScoreRows\x12$.influence.v1.StreamScoreRowsRequest\x1a\x16.influence.v1.ScoreRow0\x01\x12V\n\x11StreamResultFiles\x12&.influence.v1.StreamResultFilesRequest\x1a\x17.influence.v1.FileChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n influence/v1/query_service.proto\x12\x0cinfluence.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19influence/v1/common.proto\"7\n\x05Query\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\ncompletion\x18\x03 \x01(\t\"\xf1\x03\n\x14\x43omputeScoresRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpecB\x04\xe2\x41\x01\x02\x12\x34\n\nfactor_set\x18\x03 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17influence.dev/FactorSet\x12+\n\x07\x64\x61taset\x18\x04 \x01(\tB\x1a\xfa\x41\x17\n\x15influence.dev/Dataset\x12*\n\x07queries\x18\x05 \x03(\x0b\x32\x13.influence.v1.QueryB\x04\xe2\x41\x01\x02\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x1b\n\x0e\x64\x61mping_factor\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nquery_rank\x18\t \x01(\x05\x12\x12\n\nper_module\x18\n \x01(\x08\x12\x11\n\tper_token\x18\x0b \x01(\x08\x12\x12\n\nbatch_size\x18\x0c \x01(\x05\x12\'\n\x05index\x18\x14 \x01(\tB\x18\xfa\x41\x15\n\x13influence.dev/Index\x12\x14\n\x07rescore\x18\x15 \x01(\x05H\x02\x88\x01\x01\x12\r\n\x05tfidf\x18\x16 \x01(\x05\x42\x11\n\x0f_damping_factorB\n\n\x08_dampingB\n\n\x08_rescore\"\xbb\x02\n\x1b\x43omputeSelfInfluenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpecB\x04\xe2\x41\x01\x02\x12\x34\n\nfactor_set\x18\x03 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17influence.dev/FactorSet\x12/\n\x07\x64\x61taset\x18\x04 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15influence.dev/Dataset\x12\x1b\n\x0e\x64\x61mping_factor\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x42\x11\n\x0f_damping_factorB\n\n\x08_damping\"\xf0\x02\n\x0bScoreResult\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12,\n\x04kind\x18\x08 \x01(\x0e\x32\x18.influence.v1.ResultKindB\x04\xe2\x41\x01\x03\x12\x34\n\nfactor_set\x18\x03 \x01(\tB \xe2\x41\x01\x03\xfa\x41\x19\n\x17influence.dev/FactorSet\x12/\n\x07\x64\x61taset\x18\x04 \x01(\tB\x1e\xe2\x41\x01\x03\xfa\x41\x17\n\x15influence.dev/Dataset\x12\x19\n\x0bnum_queries\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x17\n\tnum_train\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x15\n\x07modules\x18\x07 \x03(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:0\xea\x41-\n\x19influence.dev/ScoreResult\x12\x10results/{result}J\x04\x08\x02\x10\x03\"I\n\x15GetScoreResultRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19influence.dev/ScoreResult\"L\n\x18\x44\x65leteScoreResultRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19influence.dev/ScoreResult\"@\n\x17ListScoreResultsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"e\n\x18ListScoreResultsResponse\x12\x30\n\rscore_results\x18\x01 \x03(\x0b\x32\x19.influence.v1.ScoreResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"J\n\x16StreamScoreRowsRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19influence.dev/ScoreResult\"*\n\nTokenScore\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\xf0\x01\n\x08ScoreRow\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x10\n\x08train_id\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x39\n\nper_module\x18\x06 \x03(\x0b\x32%.influence.v1.ScoreRow.PerModuleEntry\x12(\n\x06tokens\x18\x07 \x03(\x0b\x32\x18.influence.v1.TokenScore\x1a\x30\n\x0ePerModuleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*Y\n\nResultKind\x12\x1b\n\x17RESULT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14RESULT_KIND_PAIRWISE\x10\x01\x12\x14\n\x10RESULT_KIND_SELF\x10\x02\x32\xc6\x05\n\x0cQueryService\x12w\n\rComputeScores\x12\".influence.v1.ComputeScoresRequest\x1a\x1d.google.longrunning.Operation\"#\xca\x41 \n\x0bScoreResult\x12\x11OperationMetadata\x12\x85\x01\n\x14\x43omputeSelfInfluence\x12).influence.v1.ComputeSelfInfluenceRequest\x1a\x1d.google.longrunning.Operation\"#\xca\x41 \n\x0bScoreResult\x12\x11OperationMetadata\x12P\n\x0eGetScoreResult\x12#.influence.v1.GetScoreResultRequest\x1a\x19.influence.v1.ScoreResult\x12\x61\n\x10ListScoreResults\x12%.influence.v1.ListScoreResultsRequest\x1a&.influence.v1.ListScoreResultsResponse\x12S\n\x11\x44\x65leteScoreResult\x12&.influence.v1.DeleteScoreResultRequest\x1a\x16.google.protobuf.Empty\x12Q\n\x0fStreamScoreRows\x12$.influence.v1.StreamScoreRowsRequest\x1a\x16.influence.v1.ScoreRow0\x01\x12X\n\x11StreamResultFiles\x12(.influence.v1.StreamArtifactFilesRequest\x1a\x17.influence.v1.FileChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'influence.v1.query_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_COMPUTESCORESREQUEST'].fields_by_name['model']._loaded_options = None
+  _globals['_COMPUTESCORESREQUEST'].fields_by_name['model']._serialized_options = b'\342A\001\002'
+  _globals['_COMPUTESCORESREQUEST'].fields_by_name['factor_set']._loaded_options = None
+  _globals['_COMPUTESCORESREQUEST'].fields_by_name['factor_set']._serialized_options = b'\342A\001\002\372A\031\n\027influence.dev/FactorSet'
+  _globals['_COMPUTESCORESREQUEST'].fields_by_name['dataset']._loaded_options = None
+  _globals['_COMPUTESCORESREQUEST'].fields_by_name['dataset']._serialized_options = b'\372A\027\n\025influence.dev/Dataset'
+  _globals['_COMPUTESCORESREQUEST'].fields_by_name['queries']._loaded_options = None
+  _globals['_COMPUTESCORESREQUEST'].fields_by_name['queries']._serialized_options = b'\342A\001\002'
+  _globals['_COMPUTESCORESREQUEST'].fields_by_name['index']._loaded_options = None
+  _globals['_COMPUTESCORESREQUEST'].fields_by_name['index']._serialized_options = b'\372A\025\n\023influence.dev/Index'
+  _globals['_COMPUTESELFINFLUENCEREQUEST'].fields_by_name['model']._loaded_options = None
+  _globals['_COMPUTESELFINFLUENCEREQUEST'].fields_by_name['model']._serialized_options = b'\342A\001\002'
+  _globals['_COMPUTESELFINFLUENCEREQUEST'].fields_by_name['factor_set']._loaded_options = None
+  _globals['_COMPUTESELFINFLUENCEREQUEST'].fields_by_name['factor_set']._serialized_options = b'\342A\001\002\372A\031\n\027influence.dev/FactorSet'
+  _globals['_COMPUTESELFINFLUENCEREQUEST'].fields_by_name['dataset']._loaded_options = None
+  _globals['_COMPUTESELFINFLUENCEREQUEST'].fields_by_name['dataset']._serialized_options = b'\342A\001\002\372A\027\n\025influence.dev/Dataset'
+  _globals['_SCORERESULT'].fields_by_name['name']._loaded_options = None
+  _globals['_SCORERESULT'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_SCORERESULT'].fields_by_name['kind']._loaded_options = None
+  _globals['_SCORERESULT'].fields_by_name['kind']._serialized_options = b'\342A\001\003'
+  _globals['_SCORERESULT'].fields_by_name['factor_set']._loaded_options = None
+  _globals['_SCORERESULT'].fields_by_name['factor_set']._serialized_options = b'\342A\001\003\372A\031\n\027influence.dev/FactorSet'
+  _globals['_SCORERESULT'].fields_by_name['dataset']._loaded_options = None
+  _globals['_SCORERESULT'].fields_by_name['dataset']._serialized_options = b'\342A\001\003\372A\027\n\025influence.dev/Dataset'
+  _globals['_SCORERESULT'].fields_by_name['num_queries']._loaded_options = None
+  _globals['_SCORERESULT'].fields_by_name['num_queries']._serialized_options = b'\342A\001\003'
+  _globals['_SCORERESULT'].fields_by_name['num_train']._loaded_options = None
+  _globals['_SCORERESULT'].fields_by_name['num_train']._serialized_options = b'\342A\001\003'
+  _globals['_SCORERESULT'].fields_by_name['modules']._loaded_options = None
+  _globals['_SCORERESULT'].fields_by_name['modules']._serialized_options = b'\342A\001\003'
+  _globals['_SCORERESULT'].fields_by_name['create_time']._loaded_options = None
+  _globals['_SCORERESULT'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_SCORERESULT']._loaded_options = None
+  _globals['_SCORERESULT']._serialized_options = b'\352A-\n\031influence.dev/ScoreResult\022\020results/{result}'
+  _globals['_GETSCORERESULTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETSCORERESULTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031influence.dev/ScoreResult'
+  _globals['_DELETESCORERESULTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETESCORERESULTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031influence.dev/ScoreResult'
+  _globals['_STREAMSCOREROWSREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_STREAMSCOREROWSREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031influence.dev/ScoreResult'
   _globals['_SCOREROW_PERMODULEENTRY']._loaded_options = None
   _globals['_SCOREROW_PERMODULEENTRY']._serialized_options = b'8\001'
-  _globals['_QUERY']._serialized_start=114
-  _globals['_QUERY']._serialized_end=169
-  _globals['_COMPUTESCORESREQUEST']._serialized_start=172
-  _globals['_COMPUTESCORESREQUEST']._serialized_end=569
-  _globals['_COMPUTESELFINFLUENCEREQUEST']._serialized_start=572
-  _globals['_COMPUTESELFINFLUENCEREQUEST']._serialized_end=815
-  _globals['_SCORERESULT']._serialized_start=818
-  _globals['_SCORERESULT']._serialized_end=953
-  _globals['_GETSCORERESULTREQUEST']._serialized_start=955
-  _globals['_GETSCORERESULTREQUEST']._serialized_end=992
-  _globals['_STREAMSCOREROWSREQUEST']._serialized_start=994
-  _globals['_STREAMSCOREROWSREQUEST']._serialized_end=1032
-  _globals['_STREAMRESULTFILESREQUEST']._serialized_start=1034
-  _globals['_STREAMRESULTFILESREQUEST']._serialized_end=1095
-  _globals['_TOKENSCORE']._serialized_start=1097
-  _globals['_TOKENSCORE']._serialized_end=1139
-  _globals['_SCOREROW']._serialized_start=1142
-  _globals['_SCOREROW']._serialized_end=1382
-  _globals['_SCOREROW_PERMODULEENTRY']._serialized_start=1334
-  _globals['_SCOREROW_PERMODULEENTRY']._serialized_end=1382
-  _globals['_QUERYSERVICE']._serialized_start=1385
-  _globals['_QUERYSERVICE']._serialized_end=1834
+  _globals['_QUERYSERVICE'].methods_by_name['ComputeScores']._loaded_options = None
+  _globals['_QUERYSERVICE'].methods_by_name['ComputeScores']._serialized_options = b'\312A \n\013ScoreResult\022\021OperationMetadata'
+  _globals['_QUERYSERVICE'].methods_by_name['ComputeSelfInfluence']._loaded_options = None
+  _globals['_QUERYSERVICE'].methods_by_name['ComputeSelfInfluence']._serialized_options = b'\312A \n\013ScoreResult\022\021OperationMetadata'
+  _globals['_RESULTKIND']._serialized_start=2167
+  _globals['_RESULTKIND']._serialized_end=2256
+  _globals['_QUERY']._serialized_start=236
+  _globals['_QUERY']._serialized_end=291
+  _globals['_COMPUTESCORESREQUEST']._serialized_start=294
+  _globals['_COMPUTESCORESREQUEST']._serialized_end=791
+  _globals['_COMPUTESELFINFLUENCEREQUEST']._serialized_start=794
+  _globals['_COMPUTESELFINFLUENCEREQUEST']._serialized_end=1109
+  _globals['_SCORERESULT']._serialized_start=1112
+  _globals['_SCORERESULT']._serialized_end=1480
+  _globals['_GETSCORERESULTREQUEST']._serialized_start=1482
+  _globals['_GETSCORERESULTREQUEST']._serialized_end=1555
+  _globals['_DELETESCORERESULTREQUEST']._serialized_start=1557
+  _globals['_DELETESCORERESULTREQUEST']._serialized_end=1633
+  _globals['_LISTSCORERESULTSREQUEST']._serialized_start=1635
+  _globals['_LISTSCORERESULTSREQUEST']._serialized_end=1699
+  _globals['_LISTSCORERESULTSRESPONSE']._serialized_start=1701
+  _globals['_LISTSCORERESULTSRESPONSE']._serialized_end=1802
+  _globals['_STREAMSCOREROWSREQUEST']._serialized_start=1804
+  _globals['_STREAMSCOREROWSREQUEST']._serialized_end=1878
+  _globals['_TOKENSCORE']._serialized_start=1880
+  _globals['_TOKENSCORE']._serialized_end=1922
+  _globals['_SCOREROW']._serialized_start=1925
+  _globals['_SCOREROW']._serialized_end=2165
+  _globals['_SCOREROW_PERMODULEENTRY']._serialized_start=2117
+  _globals['_SCOREROW_PERMODULEENTRY']._serialized_end=2165
+  _globals['_QUERYSERVICE']._serialized_start=2259
+  _globals['_QUERYSERVICE']._serialized_end=2969
 # @@protoc_insertion_point(module_scope)

@@ -1,12 +1,28 @@
+import datetime
+
+from google.api import field_behavior_pb2 as _field_behavior_pb2
+from google.api import resource_pb2 as _resource_pb2
 from google.longrunning import operations_pb2 as _operations_pb2
+from google.protobuf import empty_pb2 as _empty_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from services.gen.influence.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ResultKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESULT_KIND_UNSPECIFIED: _ClassVar[ResultKind]
+    RESULT_KIND_PAIRWISE: _ClassVar[ResultKind]
+    RESULT_KIND_SELF: _ClassVar[ResultKind]
+RESULT_KIND_UNSPECIFIED: ResultKind
+RESULT_KIND_PAIRWISE: ResultKind
+RESULT_KIND_SELF: ResultKind
 
 class Query(_message.Message):
     __slots__ = ("id", "prompt", "completion")
@@ -73,7 +89,7 @@ class ComputeSelfInfluenceRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ..., top_k: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ScoreResult(_message.Message):
-    __slots__ = ("name", "kind", "factor_set", "dataset", "num_queries", "num_train", "modules")
+    __slots__ = ("name", "kind", "factor_set", "dataset", "num_queries", "num_train", "modules", "create_time")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     FACTOR_SET_FIELD_NUMBER: _ClassVar[int]
@@ -81,14 +97,16 @@ class ScoreResult(_message.Message):
     NUM_QUERIES_FIELD_NUMBER: _ClassVar[int]
     NUM_TRAIN_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     name: str
-    kind: str
+    kind: ResultKind
     factor_set: str
     dataset: str
     num_queries: int
     num_train: int
     modules: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., num_queries: _Optional[int] = ..., num_train: _Optional[int] = ..., modules: _Optional[_Iterable[str]] = ...) -> None: ...
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ResultKind, str]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., num_queries: _Optional[int] = ..., num_train: _Optional[int] = ..., modules: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetScoreResultRequest(_message.Message):
     __slots__ = ("name",)
@@ -96,19 +114,33 @@ class GetScoreResultRequest(_message.Message):
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
-class StreamScoreRowsRequest(_message.Message):
+class DeleteScoreResultRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
-class StreamResultFilesRequest(_message.Message):
-    __slots__ = ("name", "chunk_bytes")
+class ListScoreResultsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListScoreResultsResponse(_message.Message):
+    __slots__ = ("score_results", "next_page_token")
+    SCORE_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    score_results: _containers.RepeatedCompositeFieldContainer[ScoreResult]
+    next_page_token: str
+    def __init__(self, score_results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class StreamScoreRowsRequest(_message.Message):
+    __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
-    chunk_bytes: int
-    def __init__(self, name: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class TokenScore(_message.Message):
     __slots__ = ("token", "score")

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from google.longrunning import operations_pb2 as google_dot_longrunning_dot_operations__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from services.gen.influence.v1 import common_pb2 as influence_dot_v1_dot_common__pb2
 from services.gen.influence.v1 import query_service_pb2 as influence_dot_v1_dot_query__service__pb2
 
@@ -52,6 +53,16 @@ class QueryServiceStub:
                 request_serializer=influence_dot_v1_dot_query__service__pb2.GetScoreResultRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_query__service__pb2.ScoreResult.FromString,
                 _registered_method=True)
+        self.ListScoreResults = channel.unary_unary(
+                '/influence.v1.QueryService/ListScoreResults',
+                request_serializer=influence_dot_v1_dot_query__service__pb2.ListScoreResultsRequest.SerializeToString,
+                response_deserializer=influence_dot_v1_dot_query__service__pb2.ListScoreResultsResponse.FromString,
+                _registered_method=True)
+        self.DeleteScoreResult = channel.unary_unary(
+                '/influence.v1.QueryService/DeleteScoreResult',
+                request_serializer=influence_dot_v1_dot_query__service__pb2.DeleteScoreResultRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
         self.StreamScoreRows = channel.unary_stream(
                 '/influence.v1.QueryService/StreamScoreRows',
                 request_serializer=influence_dot_v1_dot_query__service__pb2.StreamScoreRowsRequest.SerializeToString,
@@ -59,7 +70,7 @@ class QueryServiceStub:
                 _registered_method=True)
         self.StreamResultFiles = channel.unary_stream(
                 '/influence.v1.QueryService/StreamResultFiles',
-                request_serializer=influence_dot_v1_dot_query__service__pb2.StreamResultFilesRequest.SerializeToString,
+                request_serializer=influence_dot_v1_dot_common__pb2.StreamArtifactFilesRequest.SerializeToString,
                 response_deserializer=influence_dot_v1_dot_common__pb2.FileChunk.FromString,
                 _registered_method=True)
 
@@ -83,6 +94,18 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetScoreResult(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListScoreResults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteScoreResult(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +143,16 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     request_deserializer=influence_dot_v1_dot_query__service__pb2.GetScoreResultRequest.FromString,
                     response_serializer=influence_dot_v1_dot_query__service__pb2.ScoreResult.SerializeToString,
             ),
+            'ListScoreResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListScoreResults,
+                    request_deserializer=influence_dot_v1_dot_query__service__pb2.ListScoreResultsRequest.FromString,
+                    response_serializer=influence_dot_v1_dot_query__service__pb2.ListScoreResultsResponse.SerializeToString,
+            ),
+            'DeleteScoreResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteScoreResult,
+                    request_deserializer=influence_dot_v1_dot_query__service__pb2.DeleteScoreResultRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
             'StreamScoreRows': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamScoreRows,
                     request_deserializer=influence_dot_v1_dot_query__service__pb2.StreamScoreRowsRequest.FromString,
@@ -127,7 +160,7 @@ def add_QueryServiceServicer_to_server(servicer, server):
             ),
             'StreamResultFiles': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamResultFiles,
-                    request_deserializer=influence_dot_v1_dot_query__service__pb2.StreamResultFilesRequest.FromString,
+                    request_deserializer=influence_dot_v1_dot_common__pb2.StreamArtifactFilesRequest.FromString,
                     response_serializer=influence_dot_v1_dot_common__pb2.FileChunk.SerializeToString,
             ),
     }
@@ -224,6 +257,60 @@ class QueryService:
             _registered_method=True)
 
     @staticmethod
+    def ListScoreResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.QueryService/ListScoreResults',
+            influence_dot_v1_dot_query__service__pb2.ListScoreResultsRequest.SerializeToString,
+            influence_dot_v1_dot_query__service__pb2.ListScoreResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteScoreResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/influence.v1.QueryService/DeleteScoreResult',
+            influence_dot_v1_dot_query__service__pb2.DeleteScoreResultRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def StreamScoreRows(request,
             target,
             options=(),
@@ -265,7 +352,7 @@ class QueryService:
             request,
             target,
             '/influence.v1.QueryService/StreamResultFiles',
-            influence_dot_v1_dot_query__service__pb2.StreamResultFilesRequest.SerializeToString,
+            influence_dot_v1_dot_common__pb2.StreamArtifactFilesRequest.SerializeToString,
             influence_dot_v1_dot_common__pb2.FileChunk.FromString,
             options,
             channel_credentials,
