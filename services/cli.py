@@ -1,4 +1,4 @@
-"""The `influence` command line: fit, score, self, demo.
+"""The `influence` command line: fit, score, self, report, demo, serve, worker.
 
 A public contract other tools drive: flags, output files and exit codes are stable.
 Exit codes: 0 ok, 2 bad input (one-line message on stderr, no traceback), 1 internal error,
@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rescore", type=int, default=None, help="with --index: candidates per query rescored exactly (default 2%%)"
     )
     score.add_argument("--tfidf", type=int, default=0, help="score only each query's K nearest sequences by TF-IDF")
+    score.add_argument("--report", default=None, metavar="REPORT.html", help="also write the HTML report here")
+
+    report = commands.add_parser("report", help="an HTML report (the paper's views) of a scoring run's results")
+    report.add_argument("--results", required=True, help="a result directory (written by `influence score`)")
+    report.add_argument("--out", required=True, help="the HTML file to write (self-contained)")
+    report.add_argument("--quiet", action="store_true")
 
     index = commands.add_parser("index", help="build or extend an index of compressed training gradients")
     index_commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")

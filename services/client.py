@@ -344,7 +344,12 @@ class InfluenceClient:
             model=_model(model),
             factor_set=factor_set,
             dataset=dataset,
-            queries=[query_service_pb2.Query(id=q.id, prompt=q.prompt, completion=q.completion) for q in queries],
+            queries=[
+                query_service_pb2.Query(
+                    id=q.id, prompt=q.prompt, completion=q.completion, group=getattr(q, "group", "")
+                )
+                for q in queries
+            ],
             **options,
         )
         if damping is not None:

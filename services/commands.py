@@ -210,6 +210,8 @@ def run_score(args) -> int:
         read_training_jsonl(args.data)
     if args.rescore is not None and (args.rescore < 0 or not args.index):
         raise InputError("--rescore takes a count >= 0, with --index")
+    if args.report and Path(args.report).is_dir():
+        raise InputError(f"--report {args.report} is a directory; give a file name such as report.html")
     _check_factors(args)
     out = _out_dir(args.out)
     model = _model(args)
@@ -249,6 +251,26 @@ def run_score(args) -> int:
         f"scored {result.num_queries} queries x {result.num_train} sequences "
         f"in {time.perf_counter() - started:.1f}s -> {out}",
     )
+    if args.report:
+        _write_report(args, out, Path(args.report))
+    return 0
+
+
+def _write_report(args, results: Path, path: Path) -> Path:
+    from .query_svc.report_html import build_report
+
+    if path.is_dir():
+        raise InputError(f"--report {path} is a directory; give a file name such as report.html")
+    page = build_report(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    _log(args, f"report -> {path}")
+    return path
+
+
+def run_report(args) -> int:
+    """`influence report`: the HTML report of a result directory (results.json + scores.safetensors)."""
+    _write_report(args, Path(args.results), Path(args.out))
     return 0
 
 

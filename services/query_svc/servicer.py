@@ -97,6 +97,8 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             record = {"prompt": query.prompt, "completion": query.completion}
             if query.id:
                 record["id"] = query.id
+            if query.group:
+                record["group"] = query.group
             records.append(record)
         return query_records(records, "queries")
 

@@ -29,7 +29,7 @@ from ..storage import ArtifactReader, ArtifactWriter, get_tensors, put_tensors
 from ..system import layout
 from ..system.plans import JobPlan, Stage, StageCall
 from ..system.specs import ScoreJob, SelfJob
-from .reports import pairwise_report, self_report
+from .reports import pairwise_report, self_report, settings_of, top_tensors
 
 
 def _scorer(call: StageCall) -> Scorer:
@@ -124,6 +124,8 @@ def _merge(call: StageCall, scorer: Scorer, partials: list[ShardScores], prepare
         tensors["per_module"] = result.per_module.contiguous()
     if mask is not None:
         tensors["scored"] = mask.contiguous()
+    per_module = result.per_module if result.per_module is not None else concatenate(partials)
+    tensors.update(top_tensors(result.top, per_module if mask is None else per_module * mask))
     report = pairwise_report(
         job.queries,
         result.top,
@@ -132,6 +134,7 @@ def _merge(call: StageCall, scorer: Scorer, partials: list[ShardScores], prepare
         damping=job.config.damping_policy.describe(),
         query_rank=job.config.query_rank,
         modules=scorer.names,
+        settings=settings_of(job),
     )
     if mask is not None:
         report["tfidf"] = {"k": job.config.tfidf, "scored_sequences": int(mask.any(0).sum())}
@@ -226,9 +229,11 @@ def run_index_merge(call: StageCall) -> dict:
         damping=job.config.damping_policy.describe(),
         query_rank=job.config.query_rank,
         modules=scorer.names,
+        settings=settings_of(job),
     )
     report["index"] = {"name": index["name"], **index["spec"], "rescore": job.rescore, "rescored_sequences": rescored}
-    return _publish_result(call, {"scores": result.scores.contiguous()}, report, num_queries=len(job.queries))
+    tensors = {"scores": result.scores.contiguous(), **top_tensors(result.top)}
+    return _publish_result(call, tensors, report, num_queries=len(job.queries))
 
 
 def run_self(call: StageCall) -> None:

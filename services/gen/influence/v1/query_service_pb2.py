@@ -26,7 +26,7 @@ from google.longrunning import operations_pb2 as google_dot_longrunning_dot_oper
 from services.gen.influence.v1 import common_pb2 as influence_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n influence/v1/query_service.proto\x12\x0cinfluence.v1\x1a#google/longrunning/operations.proto\x1a\x19influence/v1/common.proto\"7\n\x05Query\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\ncompletion\x18\x03 \x01(\t\"\x8d\x03\n\x14\x43omputeScoresRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12$\n\x07queries\x18\x05 \x03(\x0b\x32\x13.influence.v1.Query\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x1b\n\x0e\x64\x61mping_factor\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nquery_rank\x18\t \x01(\x05\x12\x12\n\nper_module\x18\n \x01(\x08\x12\x11\n\tper_token\x18\x0b \x01(\x08\x12\x12\n\nbatch_size\x18\x0c \x01(\x05\x12\r\n\x05index\x18\x14 \x01(\t\x12\x14\n\x07rescore\x18\x15 \x01(\x05H\x02\x88\x01\x01\x12\r\n\x05tfidf\x18\x16 \x01(\x05\x42\x11\n\x0f_damping_factorB\n\n\x08_dampingB\n\n\x08_rescore\"\xf3\x01\n\x1b\x43omputeSelfInfluenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x1b\n\x0e\x64\x61mping_factor\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x42\x11\n\x0f_damping_factorB\n\n\x08_damping\"\x87\x01\n\x0bScoreResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x13\n\x0bnum_queries\x18\x05 \x01(\x05\x12\x11\n\tnum_train\x18\x06 \x01(\x03\x12\x0f\n\x07modules\x18\x07 \x03(\t\"%\n\x15GetScoreResultRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16StreamScoreRowsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x18StreamResultFilesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\"*\n\nTokenScore\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\xf0\x01\n\x08ScoreRow\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x10\n\x08train_id\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x39\n\nper_module\x18\x06 \x03(\x0b\x32%.influence.v1.ScoreRow.PerModuleEntry\x12(\n\x06tokens\x18\x07 \x03(\x0b\x32\x18.influence.v1.TokenScore\x1a\x30\n\x0ePerModuleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xc1\x03\n\x0cQueryService\x12R\n\rComputeScores\x12\".influence.v1.ComputeScoresRequest\x1a\x1d.google.longrunning.Operation\x12`\n\x14\x43omputeSelfInfluence\x12).influence.v1.ComputeSelfInfluenceRequest\x1a\x1d.google.longrunning.Operation\x12P\n\x0eGetScoreResult\x12#.influence.v1.GetScoreResultRequest\x1a\x19.influence.v1.ScoreResult\x12Q\n\x0fStreamScoreRows\x12$.influence.v1.StreamScoreRowsRequest\x1a\x16.influence.v1.ScoreRow0\x01\x12V\n\x11StreamResultFiles\x12&.influence.v1.StreamResultFilesRequest\x1a\x17.influence.v1.FileChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n influence/v1/query_service.proto\x12\x0cinfluence.v1\x1a#google/longrunning/operations.proto\x1a\x19influence/v1/common.proto\"F\n\x05Query\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\ncompletion\x18\x03 \x01(\t\x12\r\n\x05group\x18\x04 \x01(\t\"\x9d\x03\n\x14\x43omputeScoresRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12$\n\x07queries\x18\x05 \x03(\x0b\x32\x13.influence.v1.Query\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\x1b\n\x0e\x64\x61mping_factor\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nquery_rank\x18\t \x01(\x05\x12\x12\n\nper_module\x18\n \x01(\x08\x12\x11\n\tper_token\x18\x0b \x01(\x08\x12\x12\n\nbatch_size\x18\x0c \x01(\x05\x12\r\n\x05index\x18\x14 \x01(\t\x12\x14\n\x07rescore\x18\x15 \x01(\x05H\x02\x88\x01\x01\x12\r\n\x05tfidf\x18\x16 \x01(\x05\x12\x0e\n\x06report\x18\x17 \x01(\x08\x42\x11\n\x0f_damping_factorB\n\n\x08_dampingB\n\n\x08_rescore\"\xf3\x01\n\x1b\x43omputeSelfInfluenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpec\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x1b\n\x0e\x64\x61mping_factor\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07\x64\x61mping\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\x42\x11\n\x0f_damping_factorB\n\n\x08_damping\"\x87\x01\n\x0bScoreResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x12\n\nfactor_set\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\x12\x13\n\x0bnum_queries\x18\x05 \x01(\x05\x12\x11\n\tnum_train\x18\x06 \x01(\x03\x12\x0f\n\x07modules\x18\x07 \x03(\t\"%\n\x15GetScoreResultRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16StreamScoreRowsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x18StreamResultFilesRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x05\"*\n\nTokenScore\x12\r\n\x05token\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\"\xf0\x01\n\x08ScoreRow\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\x05\x12\x10\n\x08train_id\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x39\n\nper_module\x18\x06 \x03(\x0b\x32%.influence.v1.ScoreRow.PerModuleEntry\x12(\n\x06tokens\x18\x07 \x03(\x0b\x32\x18.influence.v1.TokenScore\x1a\x30\n\x0ePerModuleEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xc1\x03\n\x0cQueryService\x12R\n\rComputeScores\x12\".influence.v1.ComputeScoresRequest\x1a\x1d.google.longrunning.Operation\x12`\n\x14\x43omputeSelfInfluence\x12).influence.v1.ComputeSelfInfluenceRequest\x1a\x1d.google.longrunning.Operation\x12P\n\x0eGetScoreResult\x12#.influence.v1.GetScoreResultRequest\x1a\x19.influence.v1.ScoreResult\x12Q\n\x0fStreamScoreRows\x12$.influence.v1.StreamScoreRowsRequest\x1a\x16.influence.v1.ScoreRow0\x01\x12V\n\x11StreamResultFiles\x12&.influence.v1.StreamResultFilesRequest\x1a\x17.influence.v1.FileChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREROW_PERMODULEENTRY']._loaded_options = None
   _globals['_SCOREROW_PERMODULEENTRY']._serialized_options = b'8\001'
   _globals['_QUERY']._serialized_start=114
-  _globals['_QUERY']._serialized_end=169
-  _globals['_COMPUTESCORESREQUEST']._serialized_start=172
-  _globals['_COMPUTESCORESREQUEST']._serialized_end=569
-  _globals['_COMPUTESELFINFLUENCEREQUEST']._serialized_start=572
-  _globals['_COMPUTESELFINFLUENCEREQUEST']._serialized_end=815
-  _globals['_SCORERESULT']._serialized_start=818
-  _globals['_SCORERESULT']._serialized_end=953
-  _globals['_GETSCORERESULTREQUEST']._serialized_start=955
-  _globals['_GETSCORERESULTREQUEST']._serialized_end=992
-  _globals['_STREAMSCOREROWSREQUEST']._serialized_start=994
-  _globals['_STREAMSCOREROWSREQUEST']._serialized_end=1032
-  _globals['_STREAMRESULTFILESREQUEST']._serialized_start=1034
-  _globals['_STREAMRESULTFILESREQUEST']._serialized_end=1095
-  _globals['_TOKENSCORE']._serialized_start=1097
-  _globals['_TOKENSCORE']._serialized_end=1139
-  _globals['_SCOREROW']._serialized_start=1142
-  _globals['_SCOREROW']._serialized_end=1382
-  _globals['_SCOREROW_PERMODULEENTRY']._serialized_start=1334
-  _globals['_SCOREROW_PERMODULEENTRY']._serialized_end=1382
-  _globals['_QUERYSERVICE']._serialized_start=1385
-  _globals['_QUERYSERVICE']._serialized_end=1834
+  _globals['_QUERY']._serialized_end=184
+  _globals['_COMPUTESCORESREQUEST']._serialized_start=187
+  _globals['_COMPUTESCORESREQUEST']._serialized_end=600
+  _globals['_COMPUTESELFINFLUENCEREQUEST']._serialized_start=603
+  _globals['_COMPUTESELFINFLUENCEREQUEST']._serialized_end=846
+  _globals['_SCORERESULT']._serialized_start=849
+  _globals['_SCORERESULT']._serialized_end=984
+  _globals['_GETSCORERESULTREQUEST']._serialized_start=986
+  _globals['_GETSCORERESULTREQUEST']._serialized_end=1023
+  _globals['_STREAMSCOREROWSREQUEST']._serialized_start=1025
+  _globals['_STREAMSCOREROWSREQUEST']._serialized_end=1063
+  _globals['_STREAMRESULTFILESREQUEST']._serialized_start=1065
+  _globals['_STREAMRESULTFILESREQUEST']._serialized_end=1126
+  _globals['_TOKENSCORE']._serialized_start=1128
+  _globals['_TOKENSCORE']._serialized_end=1170
+  _globals['_SCOREROW']._serialized_start=1173
+  _globals['_SCOREROW']._serialized_end=1413
+  _globals['_SCOREROW_PERMODULEENTRY']._serialized_start=1365
+  _globals['_SCOREROW_PERMODULEENTRY']._serialized_end=1413
+  _globals['_QUERYSERVICE']._serialized_start=1416
+  _globals['_QUERYSERVICE']._serialized_end=1865
 # @@protoc_insertion_point(module_scope)
