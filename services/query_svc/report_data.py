@@ -92,11 +92,16 @@ def load_result(directory: str | Path) -> ReportData:
         report = json.loads(results.read_text())
     except (OSError, ValueError) as error:
         raise InputError(f"{results}: not a results.json ({error})") from None
-    tensors = _read_tensors(scores_path)
+    return from_artifact(report, _read_tensors(scores_path))
+
+
+def from_artifact(report: dict, tensors: dict[str, np.ndarray]) -> ReportData:
+    """The report's data from a result's two files as read: results.json's dict and
+    scores.safetensors' arrays."""
     if report.get("kind") == "self":
         return _self_data(report, tensors)
     if report.get("kind") != "pairwise":
-        raise InputError(f"{results}: unknown result kind {report.get('kind')!r}")
+        raise InputError(f"{RESULTS}: unknown result kind {report.get('kind')!r}")
     return _pairwise_data(report, tensors)
 
 

@@ -293,7 +293,7 @@ def _cross(data: ReportData) -> str:
         header = "".join(f"<th>on {_e(q)}</th>" for q in cross.query_ids)
         body = "".join(
             f"<tr><th>top of {_e(source)}</th>"
-            + "".join(f'<td class="num" style="{_shade(value, scale)}">{value:+.3g}</td>' for value in cross.table[row])
+            + "".join(f'<td class="num" style="{_shade(value, scale)}">{value:+.4g}</td>' for value in cross.table[row])
             + "</tr>"
             for row, source in enumerate(cross.query_ids)
         )

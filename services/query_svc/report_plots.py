@@ -11,26 +11,26 @@ from dataclasses import dataclass
 import numpy as np
 
 LAYER_BINS = 9  # the paper's layer-wise bar chart: layers in 9 consecutive bins, bottom to top
-_figure_ids = itertools.count()
 
 
-def _pyplot():
+def _figure(width: float, height: float):
+    """A new figure and its axes. matplotlib's object API, not pyplot: no global figure state, so
+    workers may draw on several threads at once."""
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    matplotlib.rcParams["svg.fonttype"] = "none"  # text stays text: smaller, selectable, no glyph defs
+    # ids from a fixed salt and the content (not a random one): the same result gives the same bytes
+    matplotlib.rcParams["svg.hashsalt"] = "influence-report"
+    figure = Figure(figsize=(width, height))
+    return figure, figure.subplots()
 
 
 def to_svg(figure) -> str:
     """The figure as an <svg> element at its natural size, shrunk to its container when narrower
     (class "figure"; text kept as text, ids unique per figure so figures can share one page)."""
-    plt = _pyplot()
     buffer = io.StringIO()
-    with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"figure-{next(_figure_ids)}"}):
-        figure.savefig(buffer, format="svg", bbox_inches="tight")
-    plt.close(figure)
+    figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None})  # reproducible bytes
     svg = buffer.getvalue()
     svg = svg[svg.index("<svg") :]
     return re.sub(r"<svg\b", '<svg class="figure"', svg, count=1)
@@ -58,9 +58,8 @@ def layer_bin_shares(layer_scores: list[np.ndarray], bins: int = LAYER_BINS) -> 
 
 def layer_heatmap(labels: list[str], scores: np.ndarray, columns: list[str]) -> str:
     """Influence per layer (rows, bottom to top) x top sequence (columns), red + / blue -."""
-    plt = _pyplot()
     rows, width = scores.shape
-    figure, axes = plt.subplots(figsize=(min(1.6 + 0.55 * width, 9.0), min(1.2 + 0.32 * rows, 6.0)))
+    figure, axes = _figure(min(1.6 + 0.55 * width, 9.0), min(1.2 + 0.32 * rows, 6.0))
     limit = float(np.abs(scores).max()) or 1.0
     image = axes.imshow(scores, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", origin="lower")
     axes.set_yticks(range(rows), labels, fontsize=7)
@@ -72,8 +71,7 @@ def layer_heatmap(labels: list[str], scores: np.ndarray, columns: list[str]) -> 
 
 
 def layer_bin_chart(shares: np.ndarray, n_layers: int) -> str:
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(6.0, 2.8))
+    figure, axes = _figure(6.0, 2.8)
     bins = len(shares)
     edges = [(b * n_layers + bins - 1) // bins for b in range(bins + 1)]
     labels = [f"{edges[b]}–{edges[b + 1] - 1}" if edges[b + 1] - 1 > edges[b] else f"{edges[b]}" for b in range(bins)]
@@ -124,9 +122,10 @@ def ccdf_points(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def ccdf_chart(curves: list[tuple[str, np.ndarray]], fits: list[PowerLawTail | None]) -> str:
     """1 - CDF of each curve's positive values on log-log axes, its fitted tail dashed."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(6.4, 3.6))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    import matplotlib
+
+    figure, axes = _figure(6.4, 3.6)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for (label, values), fit, color in zip(curves, fits, itertools.cycle(colors), strict=False):
         x, y = ccdf_points(values)
         if not len(x):

@@ -77,6 +77,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             result_id=new_id(),
             config=config,
             queries=self._queries(request),
+            report=request.report,
         )
         record = self.system.submit(
             "compute_scores", job, request_id=request.request_id, target=f"results/{job.result_id}"
@@ -144,6 +145,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             result_id=new_id(),
             config=config,
             queries=self._queries(request),
+            report=request.report,
             index_id=index_id,
             rescore=rescore,
         )

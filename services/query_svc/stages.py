@@ -29,6 +29,8 @@ from ..storage import ArtifactReader, ArtifactWriter, get_tensors, put_tensors
 from ..system import layout
 from ..system.plans import JobPlan, Stage, StageCall
 from ..system.specs import ScoreJob, SelfJob
+from .report_data import from_artifact
+from .report_html import render
 from .reports import pairwise_report, self_report, settings_of, top_tensors
 
 
@@ -271,6 +273,9 @@ def _publish_result(call: StageCall, tensors: dict, report: dict, num_queries: i
     writer = ArtifactWriter(call.context.store, layout.result_prefix(job.result_id))
     writer.add_bytes("results.json", json.dumps(report, indent=2, allow_nan=False).encode())
     writer.add_tensors("scores.safetensors", tensors)
+    if getattr(job, "report", False):
+        arrays = {name: tensor.numpy() for name, tensor in tensors.items()}
+        writer.add_bytes("report.html", render(from_artifact(report, arrays)).encode())
     writer.publish(metadata)
     return metadata
 
