@@ -96,6 +96,22 @@ class InfluenceClient:
         """Cancel an operation (its running tasks stop between batches)."""
         self._call(self.operations.CancelOperation, operations_pb2.CancelOperationRequest(name=name))
 
+    def get_operation(self, name: str) -> operations_pb2.Operation:
+        return self._call(self.operations.GetOperation, operations_pb2.GetOperationRequest(name=name))
+
+    def list_operations(self, kind: str = "") -> list[operations_pb2.Operation]:
+        """Every operation the server keeps (newest first), or those of one kind
+        ("fit_factors", "compute_scores", ...), filtered by the server (AIP-160: `kind = X`) and,
+        for servers that read another filter form, here too."""
+        request = operations_pb2.ListOperationsRequest(name="operations", filter=f"kind = {kind}" if kind else "")
+
+        def fetch(token):
+            request.page_token = token
+            return self._call(self.operations.ListOperations, request)
+
+        operations = _paged(fetch, "operations")
+        return [operation for operation in operations if not kind or operation_metadata(operation).kind == kind]
+
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
@@ -388,6 +404,12 @@ def _model(model) -> common_pb2.ModelSpec:
     if isinstance(model, common_pb2.ModelSpec):
         return model
     return common_pb2.ModelSpec(path=str(Path(model).resolve()))
+
+
+def operation_metadata(operation: operations_pb2.Operation) -> common_pb2.OperationMetadata:
+    metadata = common_pb2.OperationMetadata()
+    operation.metadata.Unpack(metadata)
+    return metadata
 
 
 def _request_id() -> str:

@@ -260,3 +260,53 @@ def test_the_report_in_headless_chromium(scored, tmp_path):
     # the token shading is on screen: strongly red pixels in the first screen of queries
     red = (full[..., 0] > 0.8) & (full[..., 1] < 0.5) & (full[..., 2] < 0.5)
     assert red.sum() > 200
+
+
+# -- --json and `influence operations` ------------------------------------------------------------
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_json_output_and_operations_through_a_server(scored, served, tmp_path, capsys):
+    """`--json` makes stdout JSON lines only (progress, then the outcome); `influence operations`
+    lists the server's jobs and follows one to its end."""
+    target, _ = served
+    args = ["score", "--server", target, "--model", str(scored / "model"), "--data", str(scored / "train.jsonl")]
+    args += ["--factors", str(scored / "factors"), "--queries", str(scored / "queries.jsonl"), "--top-k", "2"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--json", "--report", str(tmp_path / "r.html")]) == 0
+    captured = capsys.readouterr()
+    events = _json_lines(captured.out)  # every line parses
+    assert captured.err == ""
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and {"register_dataset", "compute_scores"} <= {e["kind"] for e in progress}
+    assert all(0 <= e["done"] <= max(e["total"], e["done"]) and e["phase"] for e in progress)
+    done = events[-1]
+    assert done["event"] == "done" and done["command"] == "score" and done["queries"] == 5
+    assert done["sequences"] == 24 and done["report"] == str(tmp_path / "r.html") and Path(done["report"]).is_file()
+    result = done["result"]
+
+    assert main(["operations", "--server", target, "--json"]) == 0
+    listed = _json_lines(capsys.readouterr().out)
+    assert all(e["event"] == "operation" for e in listed)
+    scoring = [e for e in listed if e["target"] == result]
+    assert len(scoring) == 1 and scoring[0]["kind"] == "compute_scores" and scoring[0]["state"] == "succeeded"
+    assert main(["operations", "--server", target, "--kind", "register_dataset", "--json"]) == 0
+    kinds = {e["kind"] for e in _json_lines(capsys.readouterr().out)}
+    assert kinds == {"register_dataset"}
+
+    assert main(["operations", "--server", target]) == 0
+    table = capsys.readouterr().out
+    assert scoring[0]["name"] in table and "succeeded" in table and result in table
+
+    assert main(["operations", "--server", target, "--follow", scoring[0]["name"], "--json"]) == 0
+    followed = _json_lines(capsys.readouterr().out)[-1]
+    assert followed["event"] == "done" and followed["state"] == "succeeded" and followed["target"] == result
+
+    assert main(["operations", "--server", target, "--follow", "operations/nosuchjob", "--json"]) == 2
+    captured = capsys.readouterr()
+    error = _json_lines(captured.out)[-1]
+    assert error["event"] == "error" and error["exit_code"] == 2 and "not found" in error["message"]
+    assert main(["operations"]) == 2
+    assert "give --server HOST:PORT" in capsys.readouterr().err
