@@ -1,4 +1,4 @@
-"""The `influence` command line: fit, score, self, demo.
+"""The `influence` command line: fit, score, self, report, index, operations, demo, serve, worker.
 
 A public contract other tools drive: flags, output files and exit codes are stable.
 Exit codes: 0 ok, 2 bad input (one-line message on stderr, no traceback), 1 internal error,
@@ -8,6 +8,7 @@ Exit codes: 0 ok, 2 bad input (one-line message on stderr, no traceback), 1 inte
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: 8)")
     parser.add_argument("--max-length", type=int, default=512, help="truncate sequences to this many tokens")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_json_option(parser)
     parser.add_argument(
         "--server",
         default="",
@@ -43,6 +45,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_SHARD_SIZE,
         help=f"training sequences per data shard (default {DEFAULT_SHARD_SIZE})",
+    )
+
+
+def _add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="machine-readable stdout: one JSON object per line (progress events, then the outcome or the error)",
     )
 
 
@@ -143,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--rescore", type=int, default=None, help="with --index: candidates per query rescored exactly (default 2%%)"
     )
     score.add_argument("--tfidf", type=int, default=0, help="score only each query's K nearest sequences by TF-IDF")
+    score.add_argument("--report", default=None, metavar="REPORT.html", help="also write the HTML report here")
+
+    report = commands.add_parser("report", help="an HTML report (the paper's views) of a scoring run's results")
+    report.add_argument("--results", required=True, help="a result directory (written by `influence score`)")
+    report.add_argument("--out", required=True, help="the HTML file to write (self-contained)")
+    report.add_argument("--quiet", action="store_true")
+    _add_json_option(report)
+
+    operations = commands.add_parser("operations", help="list a server's jobs, or follow one to its end")
+    operations.add_argument("--server", default="", metavar="HOST:PORT", help="the deployed system")
+    operations.add_argument("--kind", default="", help="only jobs of this kind, e.g. compute_scores, fit_factors")
+    operations.add_argument("--follow", default="", metavar="NAME", help="follow operations/ID to its end")
+    operations.add_argument("--quiet", action="store_true", help="no progress bars while following")
+    _add_json_option(operations)
 
     index = commands.add_parser("index", help="build or extend an index of compressed training gradients")
     index_commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
@@ -164,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     append.add_argument("--max-length", type=int, default=512)
     append.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     append.add_argument("--quiet", action="store_true")
+    _add_json_option(append)
     append.add_argument("--server", default="", metavar="HOST:PORT")
     append.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
 
@@ -210,11 +235,17 @@ def main(argv: list[str] | None = None) -> int:
             from .index_commands import run_index
 
             return run_index(args)
+        if args.command == "operations":
+            from .operation_commands import run_operations
+
+            return run_operations(args)
         from . import commands
 
         return getattr(commands, f"run_{args.command}")(args)
     except DomainError as error:
         print(f"influence {args.command}: error: {message_of(error)}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"event": "error", "message": message_of(error), "exit_code": exit_code_of(error)}))
         return exit_code_of(error)
     except KeyboardInterrupt:
         print("influence: interrupted", file=sys.stderr)

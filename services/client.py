@@ -107,6 +107,22 @@ class InfluenceClient:
         """Cancel an operation (its running tasks stop between batches)."""
         self._call(self.operations.CancelOperation, operations_pb2.CancelOperationRequest(name=name))
 
+    def get_operation(self, name: str) -> operations_pb2.Operation:
+        return self._call(self.operations.GetOperation, operations_pb2.GetOperationRequest(name=name))
+
+    def list_operations(self, kind: str = "") -> list[operations_pb2.Operation]:
+        """Every operation the server keeps (newest first), or those of one kind
+        ("fit_factors", "compute_scores", ...), filtered by the server (AIP-160: `kind = X`) and,
+        for servers that read another filter form, here too."""
+        request = operations_pb2.ListOperationsRequest(name="operations", filter=f"kind = {kind}" if kind else "")
+
+        def fetch(token):
+            request.page_token = token
+            return self._call(self.operations.ListOperations, request)
+
+        operations = _paged(fetch, "operations")
+        return [operation for operation in operations if not kind or operation_metadata(operation).kind == kind]
+
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
@@ -385,7 +401,12 @@ class InfluenceClient:
             model=_model(model),
             factor_set=factor_set,
             dataset=dataset,
-            queries=[query_service_pb2.Query(id=q.id, prompt=q.prompt, completion=q.completion) for q in queries],
+            queries=[
+                query_service_pb2.Query(
+                    id=q.id, prompt=q.prompt, completion=q.completion, group=getattr(q, "group", "")
+                )
+                for q in queries
+            ],
             **options,
         )
         if damping is not None:
@@ -458,6 +479,12 @@ def _with_enums(message_type, options: dict) -> dict:
             value = enum_value(field.enum_type, value, key)
         converted[key] = value
     return converted
+
+
+def operation_metadata(operation: operations_pb2.Operation) -> common_pb2.OperationMetadata:
+    metadata = common_pb2.OperationMetadata()
+    operation.metadata.Unpack(metadata)
+    return metadata
 
 
 def _request_id() -> str:

@@ -25,14 +25,31 @@ from .enums import enum_value, enum_word
 from .errors import InputError, NotFoundError, PreconditionError
 from .factor_svc.artifacts import load_factors
 from .gen.influence.v1 import common_pb2, factor_service_pb2
-from .progress_bars import StageBars
+from .progress_bars import JsonProgress, StageBars
 
 T = TypeVar("T")
 
 
 def _log(args, message: str) -> None:
-    if not getattr(args, "quiet", False):
+    if not getattr(args, "quiet", False) and not getattr(args, "json", False):
         print(message, file=sys.stderr)
+
+
+def progress_for(args):
+    """Progress of the command's operations: bars on stderr, or with --json JSON lines on stdout
+    (none with --quiet)."""
+    if getattr(args, "json", False):
+        return JsonProgress(not args.quiet)
+    return StageBars(not args.quiet)
+
+
+def _done(args, message: str, **fields) -> None:
+    """The command's outcome: `message` on stderr, or with --json one JSON line on stdout,
+    {"event": "done", "command": ..., **fields} (printed even with --quiet)."""
+    if getattr(args, "json", False):
+        print(json.dumps({"event": "done", "command": args.command, **fields}), flush=True)
+    else:
+        _log(args, message)
 
 
 def _out_dir(path: str) -> Path:
@@ -117,7 +134,7 @@ def run_fit(args) -> int:
     out = _out_dir(args.out)
     model = _model(args)
     started = time.perf_counter()
-    with StageBars(not args.quiet) as bars:
+    with progress_for(args) as bars:
 
         def fit(client):
             dataset = _register(client, args, model, bars)
@@ -140,12 +157,20 @@ def run_fit(args) -> int:
     timings = json.loads((out / "manifest.json").read_text())["metadata"].get("provenance", {}).get("timings") or {}
     steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in timings.items())
     strategy = enum_word(factor_service_pb2.Strategy, factor_set.strategy)
-    _log(
+    seconds = time.perf_counter() - started
+    _done(
         args,
         f"fitted {strategy} factors for {len(factor_set.modules)} modules on {factor_set.num_sequences} "
-        f"sequences ({factor_set.num_tokens} tokens) in {time.perf_counter() - started:.1f}s"
+        f"sequences ({factor_set.num_tokens} tokens) in {seconds:.1f}s"
         + (f" ({steps})" if steps else "")
         + f" -> {out}",
+        factor_set=factor_set.name,
+        strategy=strategy,
+        modules=len(factor_set.modules),
+        sequences=factor_set.num_sequences,
+        tokens=factor_set.num_tokens,
+        seconds=round(seconds, 3),
+        out=str(out),
     )
     return 0
 
@@ -225,11 +250,13 @@ def run_score(args) -> int:
         _check_data(args.data)
     if args.rescore is not None and (args.rescore < 0 or not args.index):
         raise InputError("--rescore takes a count >= 0, with --index")
+    if args.report and Path(args.report).is_dir():
+        raise InputError(f"--report {args.report} is a directory; give a file name such as report.html")
     _check_factors(args)
     out = _out_dir(args.out)
     model = _model(args)
     started = time.perf_counter()
-    with StageBars(not args.quiet) as bars:
+    with progress_for(args) as bars:
 
         def score(client):
             factor_set = _factor_set(client, args)
@@ -259,11 +286,37 @@ def run_score(args) -> int:
             return result
 
         result = through_system(args, score)
-    _log(
+    seconds = time.perf_counter() - started
+    report = _write_report(args, out, Path(args.report)) if args.report else None
+    _done(
         args,
-        f"scored {result.num_queries} queries x {result.num_train} sequences "
-        f"in {time.perf_counter() - started:.1f}s -> {out}",
+        f"scored {result.num_queries} queries x {result.num_train} sequences in {seconds:.1f}s -> {out}"
+        + (f"; report -> {report}" if report else ""),
+        result=result.name,
+        queries=result.num_queries,
+        sequences=result.num_train,
+        seconds=round(seconds, 3),
+        out=str(out),
+        report=str(report) if report else None,
     )
+    return 0
+
+
+def _write_report(args, results: Path, path: Path) -> Path:
+    from .query_svc.report_html import build_report
+
+    if path.is_dir():
+        raise InputError(f"--report {path} is a directory; give a file name such as report.html")
+    page = build_report(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def run_report(args) -> int:
+    """`influence report`: the HTML report of a result directory (results.json + scores.safetensors)."""
+    path = _write_report(args, Path(args.results), Path(args.out))
+    _done(args, f"report -> {path}", report=str(path), bytes=path.stat().st_size)
     return 0
 
 
@@ -273,7 +326,7 @@ def run_self(args) -> int:
     _check_factors(args)
     out = _out_dir(args.out)
     model = _model(args)
-    with StageBars(not args.quiet) as bars:
+    with progress_for(args) as bars:
 
         def self_influence(client):
             factor_set = _factor_set(client, args)
@@ -292,7 +345,13 @@ def run_self(args) -> int:
             return result
 
         result = through_system(args, self_influence)
-    _log(args, f"self-influence of {result.num_train} sequences -> {out}")
+    _done(
+        args,
+        f"self-influence of {result.num_train} sequences -> {out}",
+        result=result.name,
+        sequences=result.num_train,
+        out=str(out),
+    )
     return 0
 
 

@@ -5,7 +5,8 @@ then runs everything through the embedded service system (embedded Redis, local 
 gRPC services and a worker in this process): registers the corpus, fits EK-FAC factors, scores
 the demo queries, and prints each query's most influential training sequences, marking those
 that state the queried fact. The share of queries whose top sequence is planted is the demo's
-check that the answers are right.
+check that the answers are right. It ends by writing the HTML report of the scores
+(`influence report`) and printing its path.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def run_demo(args) -> int:
         f"the queried fact) as their most influential one, {summary['planted_in_top5']}/{summary['queries']} among "
         f"their top {summary['top_k']} ({summary['seconds']} s). Results in {args.out}/."
     )
+    print(f"Report: {summary['report']}")
     return 0
 
 
@@ -50,11 +52,13 @@ def fit_score_and_report(
     """Register, fit and score the demo (`paths` from prepare_demo) through the embedded system.
 
     Prints each query's top sequences to stdout when `show_queries` (stage messages and bars go to
-    stderr unless `quiet`), writes `out`/demo.json and returns its summary: queries,
-    training_sequences, top1_is_planted, planted_in_top5, top_k, seconds.
+    stderr unless `quiet`), writes `out`/demo.json and `out`/report.html and returns its summary:
+    queries, training_sequences, top1_is_planted, planted_in_top5, top_k, seconds, report (the
+    HTML report's absolute path).
     """
     from .embedded import EmbeddedSystem
     from .progress_bars import StageBars
+    from .query_svc.report_html import build_report
 
     started = time.perf_counter() if started is None else started
     out.mkdir(parents=True, exist_ok=True)
@@ -114,5 +118,8 @@ def fit_score_and_report(
         "top_k": len(report["queries"][0]["top"]) if report["queries"] else 0,
         "seconds": round(time.perf_counter() - started, 1),
     }
+    page = out / "report.html"
+    page.write_text(build_report(out / "scores"), encoding="utf-8")
+    summary["report"] = str(page.resolve())
     (out / "demo.json").write_text(json.dumps({"summary": summary, "queries": summary_rows}, indent=2))
     return summary

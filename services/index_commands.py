@@ -14,10 +14,20 @@ import json
 import time
 from pathlib import Path
 
-from .commands import SOURCE, _factor_set, _log, _model, _out_dir, _register, _source, index_name, through_system
+from .commands import (
+    SOURCE,
+    _done,
+    _factor_set,
+    _model,
+    _out_dir,
+    _register,
+    _source,
+    index_name,
+    progress_for,
+    through_system,
+)
 from .errors import InputError
 from .gen.influence.v1 import common_pb2
-from .progress_bars import StageBars
 
 
 def run_index(args) -> int:
@@ -32,7 +42,7 @@ def run_build(args) -> int:
     out = _out_dir(args.out)
     model = _model(args)
     started = time.perf_counter()
-    with StageBars(not args.quiet) as bars:
+    with progress_for(args) as bars:
 
         def build(client):
             factor_set = _factor_set(client, args)
@@ -54,10 +64,13 @@ def run_build(args) -> int:
     else:
         source["factors"] = str(Path(args.factors).resolve())
     (out / SOURCE).write_text(json.dumps(source, indent=2) + "\n")
-    _log(
+    _done(
         args,
         f"indexed {index.num_examples} sequences ({spec.projection}, {index.bytes_per_sequence:,} bytes each) "
         f"in {time.perf_counter() - started:.1f}s -> {out}",
+        index=index.name,
+        sequences=index.num_examples,
+        out=str(out),
     )
     return 0
 
@@ -71,7 +84,7 @@ def run_append(args) -> int:
     args.model, args.factors = source["model"], source["factors"]
     model = common_pb2.ModelSpec(path=source["model"])
     started = time.perf_counter()
-    with StageBars(not args.quiet) as bars:
+    with progress_for(args) as bars:
 
         def append(client):
             if not args.server:
@@ -88,5 +101,11 @@ def run_append(args) -> int:
                 f"{index_dir} was built on {source.get('server') or 'an embedded system'}, not {args.server}"
             )
         index = through_system(args, append)
-    _log(args, f"index now holds {index.num_examples} sequences ({time.perf_counter() - started:.1f}s) -> {index_dir}")
+    _done(
+        args,
+        f"index now holds {index.num_examples} sequences ({time.perf_counter() - started:.1f}s) -> {index_dir}",
+        index=index.name,
+        sequences=index.num_examples,
+        out=str(index_dir),
+    )
     return 0

@@ -1,7 +1,9 @@
-"""Progress of the system's operations in a terminal or a log: the CLI's and the demo's bars."""
+"""Progress of the system's operations in a terminal or a log (the CLI's and the demo's bars), or as
+JSON lines for programs (`--json`)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -106,3 +108,40 @@ class StageBars:
 
     def __exit__(self, error_type, *exc) -> None:
         self.close(clear=error_type is not None)  # an error message stays a single line
+
+
+class JsonProgress:
+    """`--json`'s progress: one JSON object per line on stdout (flushed) whenever an operation's
+    phase or counts change: {"event": "progress", "kind", "phase", "done", "total", "unit",
+    "tokens"}. Same interface as StageBars."""
+
+    def __init__(self, enabled: bool, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self._last: dict | None = None
+
+    def __call__(self, metadata: common_pb2.OperationMetadata) -> None:
+        if not self.enabled:
+            return
+        phase = phase_of(metadata)
+        event = {
+            "event": "progress",
+            "kind": metadata.kind,
+            "phase": phase.name,
+            "done": phase.done,
+            "total": phase.total,
+            "unit": phase.unit,
+            "tokens": metadata.tokens_processed,
+        }
+        if event != self._last:
+            print(json.dumps(event), file=self.stream, flush=True)
+            self._last = event
+
+    def close(self, clear: bool = False) -> None:
+        pass
+
+    def __enter__(self) -> JsonProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass

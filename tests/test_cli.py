@@ -21,6 +21,7 @@ from services.engine.records import read_queries_jsonl, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores
 from services.factor_svc.artifacts import load_factors
 from services.gen.influence.v1 import common_pb2
+from services.query_svc.report_html import SECTIONS
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 
@@ -401,4 +402,8 @@ def test_the_demo_runs_end_to_end(tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "scores" / "results.json").read_text())
     assert all(len(query["top"]) == 5 and query["top"][0]["tokens"] for query in report["queries"])
     assert load_factors(tmp_path / "out" / "factors").strategy == "ekfac"
-    assert "queries have a planted training sequence" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "queries have a planted training sequence" in printed
+    page = tmp_path / "out" / "report.html"
+    assert printed.strip().splitlines()[-1] == f"Report: {page.resolve()}"
+    assert all(f'id="{section}"' in page.read_text() for section in SECTIONS)

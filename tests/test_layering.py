@@ -38,6 +38,7 @@ LAYERS = {
     "demo": 8,
     "commands": 9,
     "index_commands": 10,
+    "operation_commands": 10,
     "cli": 11,
 }
 # service -> the services it may read from (datasets are GradientService's; factor sets FactorService's)

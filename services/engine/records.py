@@ -2,7 +2,8 @@
 name the file and line. No torch here: the client and the CLI's checks import this alone.
 
     TRAIN.jsonl     {"id": optional string, "text": string} per line
-    QUERIES.jsonl   {"id": optional string, "prompt": string, "completion": string} per line
+    QUERIES.jsonl   {"id": optional string, "prompt": string, "completion": string,
+                     "group": optional string (related queries, e.g. translations)} per line
 Ids default to the record's position (from 0); duplicates are an error.
 """
 
@@ -27,6 +28,7 @@ class Query:
     id: str
     prompt: str
     completion: str
+    group: str = ""  # related queries share a group (the report's cross-query table)
 
 
 def _read_jsonl(path: str | Path, kind: str) -> list[dict]:
@@ -107,7 +109,7 @@ def training_examples(records: Sequence[dict], source: str) -> list[TrainingExam
 
 
 def read_queries_jsonl(path: str | Path) -> list[Query]:
-    """Read QUERIES.jsonl: one {"id": optional, "prompt": string, "completion": string} per line."""
+    """Read QUERIES.jsonl: one {"id": optional, "prompt", "completion", "group": optional} per line."""
     return query_records(_read_jsonl(path, "queries"), str(path))
 
 
@@ -124,6 +126,7 @@ def query_records(records: Sequence[dict], source: str) -> list[Query]:
                 id=_record_id(record, str(number), where, seen),
                 prompt=_string_field(record, "prompt", where, allow_empty=True),
                 completion=_string_field(record, "completion", where),
+                group=_string_field(record, "group", where) if record.get("group") is not None else "",
             )
         )
     return queries

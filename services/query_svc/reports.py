@@ -19,25 +19,49 @@ def pairwise_report(
     damping: str,
     query_rank: int | None,
     modules: list[str],
+    settings: dict | None = None,
 ) -> dict:
-    """results.json of a pairwise run; `record_of(index)` gives a training sequence's (id, text)."""
-    return {
+    """results.json of a pairwise run; `record_of(index)` gives a training sequence's (id, text).
+    `settings` (model, factor set, dataset, top_k, ...) are recorded as given, for the report."""
+    report = {
         "kind": "pairwise",
         "sign": SIGN,
         "strategy": strategy,
         "damping": damping,
         "query_rank": query_rank,
         "modules": modules,
-        "queries": [
-            {
-                "id": query.id,
-                "prompt": query.prompt,
-                "completion": query.completion,
-                "top": [_top_entry(rank, entry, record_of) for rank, entry in enumerate(top[position], start=1)],
-            }
-            for position, query in enumerate(queries)
-        ],
+        "queries": [_query(query, top[position], record_of) for position, query in enumerate(queries)],
     }
+    if settings:
+        report["settings"] = settings
+    return report
+
+
+def _query(query: Query, top: list[TopEntry], record_of) -> dict:
+    record = {"id": query.id, "prompt": query.prompt, "completion": query.completion}
+    if query.group:
+        record["group"] = query.group
+    record["top"] = [_top_entry(rank, entry, record_of) for rank, entry in enumerate(top, start=1)]
+    return record
+
+
+def top_tensors(top: list[list[TopEntry]], per_module=None) -> dict:
+    """scores.safetensors' view of the top-k, for the report: "top_index" int64 [Q, k] (each query's
+    top-k as global training indices, -1 where a query has fewer) and, given per_module [M, Q, N]
+    (float, the merge's per-module scores, whether or not the full breakdown is kept),
+    "top_per_module" float32 [M, Q, k] (0 where top_index is -1): the layer-wise view of the
+    top-k at the cost of M x Q x k numbers."""
+    import torch
+
+    k = max((len(entries) for entries in top), default=0)
+    index = torch.full((len(top), k), -1, dtype=torch.int64)
+    for query, entries in enumerate(top):
+        index[query, : len(entries)] = torch.tensor([entry.index for entry in entries], dtype=torch.int64)
+    tensors = {"top_index": index}
+    if per_module is not None:
+        gathered = per_module.gather(2, index.clamp(min=0).unsqueeze(0).expand(per_module.shape[0], -1, -1))
+        tensors["top_per_module"] = gathered.masked_fill(index.unsqueeze(0) < 0, 0).to(torch.float32).contiguous()
+    return tensors
 
 
 def self_report(scores, record_of, *, strategy: str, damping: str, top_k: int) -> dict:
@@ -62,3 +86,18 @@ def _top_entry(rank: int, entry: TopEntry, record_of) -> dict:
     if entry.token_scores is not None:
         record["tokens"] = [{"token": t, "score": s} for t, s in zip(entry.tokens, entry.token_scores, strict=True)]
     return record
+
+
+def settings_of(job) -> dict:
+    """The run's settings as the report shows them (a ScoreJob: model, factor set, data, options)."""
+    config = job.config
+    return {
+        "model": job.model.path,
+        "dtype": job.model.dtype,
+        "factor_set": f"factorSets/{job.factor_set_id}",
+        "dataset": f"datasets/{job.dataset_id}" if job.dataset_id else "",
+        "top_k": config.top_k,
+        "per_module": config.per_module,
+        "per_token": config.per_token,
+        "max_length": config.max_length,
+    }

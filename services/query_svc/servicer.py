@@ -79,6 +79,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             result_id=new_id(),
             config=config,
             queries=self._queries(request),
+            report=request.report,
         )
         record = self.system.submit(
             "compute_scores", job, request_id=request.request_id, target=f"results/{job.result_id}"
@@ -99,6 +100,8 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             record = {"prompt": query.prompt, "completion": query.completion}
             if query.id:
                 record["id"] = query.id
+            if query.group:
+                record["group"] = query.group
             records.append(record)
         return query_records(records, "queries")
 
@@ -144,6 +147,7 @@ class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
             result_id=new_id(),
             config=config,
             queries=self._queries(request),
+            report=request.report,
             index_id=index_id,
             rescore=rescore,
         )

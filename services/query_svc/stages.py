@@ -29,7 +29,9 @@ from ..storage import ArtifactReader, ArtifactWriter, get_tensors, put_tensors
 from ..system import layout
 from ..system.plans import JobPlan, Stage, StageCall
 from ..system.specs import ScoreJob, SelfJob
-from .reports import pairwise_report, self_report
+from .report_data import from_artifact
+from .report_html import render
+from .reports import pairwise_report, self_report, settings_of, top_tensors
 
 
 def _scorer(call: StageCall) -> Scorer:
@@ -124,6 +126,8 @@ def _merge(call: StageCall, scorer: Scorer, partials: list[ShardScores], prepare
         tensors["per_module"] = result.per_module.contiguous()
     if mask is not None:
         tensors["scored"] = mask.contiguous()
+    per_module = result.per_module if result.per_module is not None else concatenate(partials)
+    tensors.update(top_tensors(result.top, per_module if mask is None else per_module * mask))
     report = pairwise_report(
         job.queries,
         result.top,
@@ -132,6 +136,7 @@ def _merge(call: StageCall, scorer: Scorer, partials: list[ShardScores], prepare
         damping=job.config.damping_policy.describe(),
         query_rank=job.config.query_rank,
         modules=scorer.names,
+        settings=settings_of(job),
     )
     if mask is not None:
         report["tfidf"] = {"k": job.config.tfidf, "scored_sequences": int(mask.any(0).sum())}
@@ -226,9 +231,11 @@ def run_index_merge(call: StageCall) -> dict:
         damping=job.config.damping_policy.describe(),
         query_rank=job.config.query_rank,
         modules=scorer.names,
+        settings=settings_of(job),
     )
     report["index"] = {"name": index["name"], **index["spec"], "rescore": job.rescore, "rescored_sequences": rescored}
-    return _publish_result(call, {"scores": result.scores.contiguous()}, report, num_queries=len(job.queries))
+    tensors = {"scores": result.scores.contiguous(), **top_tensors(result.top)}
+    return _publish_result(call, tensors, report, num_queries=len(job.queries))
 
 
 def run_self(call: StageCall) -> None:
@@ -266,6 +273,9 @@ def _publish_result(call: StageCall, tensors: dict, report: dict, num_queries: i
     writer = ArtifactWriter(call.context.store, layout.result_prefix(job.result_id))
     writer.add_bytes("results.json", json.dumps(report, indent=2, allow_nan=False).encode())
     writer.add_tensors("scores.safetensors", tensors)
+    if getattr(job, "report", False):
+        arrays = {name: tensor.numpy() for name, tensor in tensors.items()}
+        writer.add_bytes("report.html", render(from_artifact(report, arrays)).encode())
     writer.publish(metadata)
     return metadata
 

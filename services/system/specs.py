@@ -82,6 +82,7 @@ class ScoreJob(Job):
     index_id: str = ""
     rescore: int = 0
     tfidf: int = 0
+    report: bool = False  # also publish report.html (query_svc/report_html.py) with the result
 
     @property
     def num_shards(self) -> int:

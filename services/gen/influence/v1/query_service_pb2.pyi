@@ -25,17 +25,19 @@ RESULT_KIND_PAIRWISE: ResultKind
 RESULT_KIND_SELF: ResultKind
 
 class Query(_message.Message):
-    __slots__ = ("id", "prompt", "completion")
+    __slots__ = ("id", "prompt", "completion", "group")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     id: str
     prompt: str
     completion: str
-    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ...) -> None: ...
+    group: str
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
 
 class ComputeScoresRequest(_message.Message):
-    __slots__ = ("request_id", "model", "factor_set", "dataset", "queries", "top_k", "damping_factor", "damping", "query_rank", "per_module", "per_token", "batch_size", "index", "rescore", "tfidf")
+    __slots__ = ("request_id", "model", "factor_set", "dataset", "queries", "top_k", "damping_factor", "damping", "query_rank", "per_module", "per_token", "batch_size", "index", "rescore", "tfidf", "report")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FACTOR_SET_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +53,7 @@ class ComputeScoresRequest(_message.Message):
     INDEX_FIELD_NUMBER: _ClassVar[int]
     RESCORE_FIELD_NUMBER: _ClassVar[int]
     TFIDF_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: _common_pb2.ModelSpec
     factor_set: str
@@ -66,7 +69,8 @@ class ComputeScoresRequest(_message.Message):
     index: str
     rescore: int
     tfidf: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., top_k: _Optional[int] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ..., query_rank: _Optional[int] = ..., per_module: _Optional[bool] = ..., per_token: _Optional[bool] = ..., batch_size: _Optional[int] = ..., index: _Optional[str] = ..., rescore: _Optional[int] = ..., tfidf: _Optional[int] = ...) -> None: ...
+    report: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., top_k: _Optional[int] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ..., query_rank: _Optional[int] = ..., per_module: _Optional[bool] = ..., per_token: _Optional[bool] = ..., batch_size: _Optional[int] = ..., index: _Optional[str] = ..., rescore: _Optional[int] = ..., tfidf: _Optional[int] = ..., report: _Optional[bool] = ...) -> None: ...
 
 class ComputeSelfInfluenceRequest(_message.Message):
     __slots__ = ("request_id", "model", "factor_set", "dataset", "damping_factor", "damping", "top_k", "batch_size")
