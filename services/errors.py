@@ -158,3 +158,8 @@ class StorageUnavailable(UnavailableError):
 
 class QueueUnavailable(UnavailableError):
     """Redis did not answer."""
+
+
+class WrongWorkerError(UnavailableError):
+    """This worker cannot run the task though another could (a cuda task on a CPU worker): the
+    task is left pending and redelivered, never failed as the caller's fault."""

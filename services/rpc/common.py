@@ -35,7 +35,8 @@ class Limits:
 
 
 def model_ref(spec: common_pb2.ModelSpec) -> ModelRef:
-    return ModelRef(validation.model_path(spec), spec.device or "cpu", spec.dtype or "float32")
+    # no device: the worker that runs the task decides (its pool's device, system/caches.py)
+    return ModelRef(validation.model_path(spec), spec.device, spec.dtype or "float32")
 
 
 def new_id() -> str:

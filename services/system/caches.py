@@ -13,6 +13,7 @@ import torch
 from ..engine.fit import CaptureCache
 from ..engine.model_io import ModelRef, load_model_and_tokenizer, load_tokenizer
 from ..engine.resources import MemoryBudget
+from ..errors import InputError, WrongWorkerError
 
 # transformers' from_pretrained is not thread-safe (it swaps global init contexts): one load at a time.
 _LOADING = threading.Lock()
@@ -31,8 +32,26 @@ class ModelCache:
         self._entries: OrderedDict = OrderedDict()
         self._tokenizers: OrderedDict = OrderedDict()  # path -> tokenizer, for tokenising alone
         self._lock = threading.Lock()
+        self.device = "cpu"  # this worker's device (place_on)
+
+    def place_on(self, device: str) -> str:
+        """Run models on `device` (cpu, cuda, or "": cuda if available, else cpu); returns it resolved."""
+        if device not in ("", "cpu", "cuda"):
+            raise InputError(f"worker device must be cpu or cuda, got {device!r}")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return self.device
+
+    def placed(self, ref: ModelRef) -> ModelRef:
+        """`ref` on this worker's device: a ref without a device takes the worker's; a cuda ref on a
+        CPU worker raises WrongWorkerError, so the task goes back to the queue for a GPU worker."""
+        if not ref.device:
+            return dataclasses.replace(ref, device=self.device)
+        if ref.device.startswith("cuda") and self.device == "cpu":
+            raise WrongWorkerError("this worker runs on cpu and the task's model asks for cuda; left for a GPU worker")
+        return ref
 
     def get(self, ref: ModelRef):
+        ref = self.placed(ref)
         key = (ref.path, ref.device, ref.dtype)
         with self._lock:
             if key in self._entries:
