@@ -20,7 +20,7 @@ from .wire import DEFAULT_SHARD_SIZE
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local Hugging Face causal-LM directory")
     parser.add_argument(
-        "--device", default="", help="cpu or cuda (default: the worker's: cuda where it has a GPU, else cpu)"
+        "--device", default="", help="cpu or cuda (default: the worker's: its pool's device, else cuda if available)"
     )
     parser.add_argument(
         "--dtype", default="float32", help="model dtype: float32, bfloat16, float16 or float64 (default: float32)"
@@ -220,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run tasks from the Redis queues")
     worker.add_argument("--kinds", default="", help="comma-separated task kinds (default: all)")
     worker.add_argument("--name", default="", help="consumer name (default: worker-PID)")
+    worker.add_argument(
+        "--device",
+        default=os.environ.get("INFLUENCE_DEVICE", ""),
+        choices=["", "cpu", "cuda"],
+        metavar="cpu|cuda",
+        help="run models on cpu or cuda; a cpu worker leaves cuda tasks to others "
+        "(env INFLUENCE_DEVICE; default: cuda if available, else cpu)",
+    )
     _add_connection_options(worker)
     return parser
 

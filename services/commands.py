@@ -87,7 +87,7 @@ def _model(args) -> common_pb2.ModelSpec:
     parse_dtype(args.dtype)
     path = Path(args.model)
     if not args.server:
-        if args.device:
+        if args.device:  # none: the worker's device (cuda if this machine has one, else cpu)
             parse_device(args.device)
         if not path.is_dir():
             raise NotFoundError(f"model directory not found: {path}")
@@ -371,7 +371,7 @@ def _worker_context(args, system):
     from .engine.resources import gib_to_bytes
     from .system.context import WorkerContext
 
-    return WorkerContext(system.store, cache_bytes=gib_to_bytes(args.cache_gib))
+    return WorkerContext(system.store, cache_bytes=gib_to_bytes(args.cache_gib), device=getattr(args, "device", ""))
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import time
@@ -46,8 +47,13 @@ def connect(url: str) -> redis.Redis:
     try:
         client.ping()
     except redis.RedisError as error:
-        raise QueueUnavailable(f"cannot reach Redis at {url}: {error}") from None
+        raise QueueUnavailable(f"cannot reach Redis at {without_password(url)}: {error}") from None
     return client
+
+
+def without_password(url: str) -> str:
+    """`url` with its password (redis://:SECRET@host or redis://user:SECRET@host) masked, for messages."""
+    return re.sub(r"^(\w+://[^:/@]*:).*@", r"\1***@", url)
 
 
 def redis_server_binary() -> str:

@@ -33,7 +33,9 @@ _TRANSIENT = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout
 
 
 class S3Store(ArtifactStore):
-    """Objects in `bucket` at `endpoint` ("host:port"); the bucket is created if missing."""
+    """Objects in `bucket` at `endpoint` ("host:port"); the bucket is created if missing.
+    Credentials: static keys, or a minio credentials `Provider` (e.g. `credential_chain()`), or
+    neither (anonymous requests)."""
 
     def __init__(
         self,
@@ -44,6 +46,7 @@ class S3Store(ArtifactStore):
         secure: bool = False,
         region: str = "us-east-1",
         *,
+        credentials=None,
         retry: RetryPolicy | None = None,
         connect_timeout: float = 5.0,
         read_timeout: float = 120.0,
@@ -63,6 +66,7 @@ class S3Store(ArtifactStore):
                 endpoint,
                 access_key=access_key or None,
                 secret_key=secret_key or None,
+                credentials=None if access_key else credentials,
                 secure=secure,
                 region=region,
                 http_client=pool,
@@ -83,6 +87,29 @@ class S3Store(ArtifactStore):
         view.bucket = bucket
         return view
 
+    @staticmethod
+    def credential_chain(connect_timeout: float = 5.0):
+        """The minio SDK's credential chain, first that answers: AWS_ACCESS_KEY_ID/SECRET (+ session
+        token), MINIO_ACCESS_KEY/SECRET, ~/.aws/credentials, then IAM: a web identity token
+        (AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN: EKS IRSA, and any OIDC workload identity),
+        the ECS container endpoint, or the instance's role. Credentials are refreshed before
+        they expire."""
+        import urllib3
+        from minio.credentials import providers
+
+        metadata = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=connect_timeout, read=connect_timeout),
+            retries=urllib3.Retry(total=1, backoff_factor=0.2),
+        )
+        return providers.ChainedProvider(
+            [
+                providers.EnvAWSProvider(),
+                providers.EnvMinioProvider(),
+                providers.AWSConfigProvider(),
+                providers.IamAwsProvider(http_client=metadata),
+            ]
+        )
+
     # -- plumbing -----------------------------------------------------------------------
 
     def _ensure_bucket(self) -> None:
@@ -96,6 +123,8 @@ class S3Store(ArtifactStore):
             if error.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):  # created concurrently
                 raise
         except ValueError as error:  # the SDK validates bucket names
+            if "fetch credentials" in str(error):  # the credential chain found none (_translate)
+                raise
             raise InputError(f"invalid bucket name {self.bucket!r}: {error}") from None
 
     def _call(self, what: str, key: str | None, operation: Callable[[], T]) -> T:
@@ -119,6 +148,11 @@ class S3Store(ArtifactStore):
         import urllib3
         from minio.error import InvalidResponseError, S3Error, ServerError
 
+        if isinstance(error, ValueError) and "fetch credentials" in str(error):  # the chain found none
+            return PermissionDeniedError(
+                f"{what} on {self.describe()}: no S3 credentials found by the chain (AWS_* or MINIO_* env, "
+                "~/.aws, a web identity token, the ECS or instance role)"
+            )
         status = None
         code = None
         if isinstance(error, S3Error):

@@ -3,7 +3,9 @@
     /some/dir, ./dir, file:///some/dir              -> LocalStore
     s3://bucket?endpoint=host:port[&secure=1][&region=r] -> S3Store
 S3 credentials come from the environment: INFLUENCE_S3_ACCESS_KEY / INFLUENCE_S3_SECRET_KEY,
-else AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (none: anonymous requests).
+else with INFLUENCE_S3_CREDENTIALS=chain the minio SDK's chain (AWS_* env, ~/.aws, web identity
+as with EKS IRSA, the ECS or EC2 role: S3Store.credential_chain), else AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY, else none (anonymous requests).
 """
 
 from __future__ import annotations
@@ -50,11 +52,21 @@ def _s3_store(url: str, parsed: urllib.parse.SplitResult, retry: RetryPolicy | N
     secure = options.get("secure", "0").lower()
     if secure not in _TRUE | _FALSE:
         raise InputError(f"store URL {url!r}: secure must be 0 or 1, got {secure!r}")
+    mode = os.environ.get("INFLUENCE_S3_CREDENTIALS", "")
+    if mode not in ("", "chain"):
+        raise InputError(f"INFLUENCE_S3_CREDENTIALS must be chain or empty, got {mode!r}")
+    access_key, secret_key = os.environ.get("INFLUENCE_S3_ACCESS_KEY"), os.environ.get("INFLUENCE_S3_SECRET_KEY")
+    chain = None
+    if not access_key and mode == "chain":
+        chain = S3Store.credential_chain(connect_timeout)
+    elif not access_key:
+        access_key, secret_key = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     return S3Store(
         options["endpoint"],
         parsed.netloc,
-        os.environ.get("INFLUENCE_S3_ACCESS_KEY") or os.environ.get("AWS_ACCESS_KEY_ID"),
-        os.environ.get("INFLUENCE_S3_SECRET_KEY") or os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        access_key,
+        secret_key,
+        credentials=chain,
         secure=secure in _TRUE,
         region=options.get("region") or "us-east-1",
         retry=retry,

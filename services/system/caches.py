@@ -13,15 +13,10 @@ import torch
 from ..engine.fit import CaptureCache
 from ..engine.model_io import ModelRef, load_model_and_tokenizer, load_tokenizer
 from ..engine.resources import MemoryBudget
-from ..errors import WrongWorkerError
+from ..errors import InputError, WrongWorkerError
 
 # transformers' from_pretrained is not thread-safe (it swaps global init contexts): one load at a time.
 _LOADING = threading.Lock()
-
-
-def default_device() -> str:
-    """A worker's device: cuda where there is a GPU, else cpu."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class ModelCache:
@@ -38,26 +33,40 @@ class ModelCache:
     ):
         """`loader(path, device, dtype, tokenizer=...)` -> (model, tokenizer) and
         `tokenizer_loader(path)` default to loading local Hugging Face directories."""
-        self.device = device or default_device()
         self.capacity = capacity
         self.loader = loader or load_model_and_tokenizer
         self.tokenizer_loader = tokenizer_loader or load_tokenizer
         self._entries: OrderedDict = OrderedDict()
         self._tokenizers: OrderedDict = OrderedDict()  # path -> tokenizer, for tokenising alone
         self._lock = threading.Lock()
+        self.place_on(device)  # this worker's device
+
+    def place_on(self, device: str) -> str:
+        """Run models on `device` (cpu, cuda, or "": cuda if available, else cpu); returns it resolved."""
+        if device not in ("", "cpu", "cuda"):
+            raise InputError(f"worker device must be cpu or cuda, got {device!r}")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return self.device
+
+    def placed(self, ref: ModelRef) -> ModelRef:
+        """`ref` on this worker's device: a ref without a device takes the worker's; a cuda ref on a
+        CPU worker raises WrongWorkerError, so the task goes back to the queue for a GPU worker."""
+        if not ref.device:
+            return dataclasses.replace(ref, device=self.device)
+        if ref.device.startswith("cuda") and self.device == "cpu":
+            raise WrongWorkerError("this worker runs on cpu and the task's model asks for cuda; left for a GPU worker")
+        return ref
 
     def get(self, ref: ModelRef):
-        device = ref.device or self.device
-        if device == "cuda" and not torch.cuda.is_available():
-            raise WrongWorkerError("the task asks for device cuda and this worker has no GPU: left for a GPU worker")
-        key = (ref.path, device, ref.dtype)
+        ref = self.placed(ref)
+        key = (ref.path, ref.device, ref.dtype)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
             tokenizer = self._tokenizers.get(ref.path)
         with _LOADING:
-            loaded = self.loader(ref.path, device, ref.dtype, tokenizer=tokenizer)
+            loaded = self.loader(ref.path, ref.device, ref.dtype, tokenizer=tokenizer)
         with self._lock:
             self._entries[key] = loaded
             while len(self._entries) > self.capacity:

@@ -1,5 +1,5 @@
 """What a stage may use on its worker: the store, the caches kept between tasks, the memory budget
-of the capture caches, and the current task's progress reporter."""
+of the capture caches, the worker's device, and the current task's progress reporter."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from .caches import ArtifactCache, CapturePool, ModelCache
 @dataclass
 class WorkerContext:
     store: ArtifactStore
-    # the device of tasks that leave it unspecified ("": cuda where there is a GPU, else cpu)
-    device: str = ""
     models: ModelCache | None = None
     artifacts: ArtifactCache = field(default_factory=ArtifactCache)
     # bytes every capture cache of this worker may hold together (default: ¼ of the memory limit)
@@ -23,10 +21,13 @@ class WorkerContext:
     # index blocks this worker keeps (hot blocks of the indexes it scores against), within 1 GiB
     blocks: ArtifactCache = field(default_factory=lambda: ArtifactCache(capacity=100_000, max_bytes=1 << 30))
     progress: Progress = field(default_factory=Progress)
+    # the device this worker runs models on: cpu, cuda, or "" (cuda if available, else cpu); a
+    # task whose model asks for no device runs on it, one asking for cuda on a cpu worker is refused
+    device: str = ""
 
     def __post_init__(self):
-        self.models = self.models or ModelCache(device=self.device)
-        self.device = self.models.device
+        self.models = self.models or ModelCache()
+        self.device = self.models.place_on(self.device)
         self.captures = CapturePool(
             MemoryBudget(default_cache_bytes() if self.cache_bytes is None else self.cache_bytes)
         )

@@ -48,16 +48,27 @@ app.kubernetes.io/part-of: influence
 {{- end }}
 {{- end }}
 
+{{/* The image of a pod: the CPU image, or with `cuda: true` the CUDA one (tag + image.cudaTagSuffix). */}}
 {{- define "influence.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- $tag := .root.Values.image.tag | default .root.Chart.AppVersion }}
+{{- .root.Values.image.repository }}:{{ $tag }}{{ if .cuda }}{{ .root.Values.image.cudaTagSuffix }}{{ end }}
 {{- end }}
 
-{{- define "influence.redisUrl" -}}
-{{- if .Values.redis.enabled -}}
-redis://{{ include "influence.componentName" (dict "root" . "component" "redis") }}:6379/0
-{{- else -}}
-{{ .Values.redis.url }}
+{{- define "influence.queuePrefix" -}}
+{{- .Values.queue.prefix | default (include "influence.fullname" .) }}
 {{- end }}
+
+{{- define "influence.redisHost" -}}
+{{- include "influence.componentName" (dict "root" . "component" "redis") }}
+{{- end }}
+
+{{/* The Secret with the Redis password (in-chart Redis) or URL (external): given or made by the chart. */}}
+{{- define "influence.redisSecretName" -}}
+{{- .Values.redis.existingSecret | default (include "influence.componentName" (dict "root" . "component" "redis-auth")) }}
+{{- end }}
+
+{{- define "influence.redisAuth" -}}
+{{- if and .Values.redis.enabled .Values.redis.auth.enabled }}true{{ end }}
 {{- end }}
 
 {{- define "influence.storeUrl" -}}
@@ -66,13 +77,47 @@ redis://{{ include "influence.componentName" (dict "root" . "component" "redis")
 {{- end }}
 {{- end }}
 
+{{/* "true" when S3 uses static keys from a Secret; else the credential chain. */}}
+{{- define "influence.staticS3Keys" -}}
+{{- if or .Values.objectStore.existingSecret .Values.objectStore.accessKey }}true{{ end }}
+{{- end }}
+
 {{- define "influence.secretName" -}}
 {{- default (include "influence.componentName" (dict "root" . "component" "object-store")) .Values.objectStore.existingSecret }}
 {{- end }}
 
-{{/* True ("true") when a pool is enabled; a pool without the key is enabled. */}}
-{{- define "influence.poolEnabled" -}}
-{{- if or (not (hasKey . "enabled")) .enabled }}true{{ end }}
+{{/*
+`base` overlaid with `over`, as YAML: maps merge key by key (recursively), anything else in `over`
+wins, false, 0 and [] included (sprig's merge would keep the base's for those).
+*/}}
+{{- define "influence.overlay" -}}
+{{- $base := deepCopy .base }}
+{{- range $key, $value := .over }}
+{{- if and (kindIs "map" $value) (kindIs "map" (index $base $key)) }}
+{{- $_ := set $base $key (include "influence.overlay" (dict "base" (index $base $key) "over" $value) | fromYaml) }}
+{{- else }}
+{{- $_ := set $base $key $value }}
+{{- end }}
+{{- end }}
+{{- toYaml $base }}
+{{- end }}
+
+{{/* Every enabled worker pool, each overlaid on workers.defaults, as YAML {name: pool}. */}}
+{{- define "influence.pools" -}}
+{{- $pools := dict }}
+{{- range $name, $pool := .Values.workers.pools }}
+{{- $merged := include "influence.overlay" (dict "base" $.Values.workers.defaults "over" (default dict $pool)) | fromYaml }}
+{{- if $merged.enabled }}
+{{- $_ := set $pools $name $merged }}
+{{- end }}
+{{- end }}
+{{- toYaml $pools }}
+{{- end }}
+
+{{/* The replicas a PDB protects: the autoscaler's minimum when one scales the workload. */}}
+{{- define "influence.minReplicas" -}}
+{{- $auto := default dict .autoscaling }}
+{{- if $auto.enabled }}{{ int (hasKey $auto "minReplicas" | ternary $auto.minReplicas $auto.minReplicaCount) }}{{ else }}{{ int .replicaCount }}{{ end }}
 {{- end }}
 
 {{/*
@@ -81,11 +126,18 @@ types and unknown keys first; this checks what a schema cannot say well.
 */}}
 {{- define "influence.validateValues" -}}
 {{- $problems := list }}
-{{- if and (not .Values.redis.enabled) (not .Values.redis.url) }}
-{{- $problems = append $problems "redis.url: required when redis.enabled is false (an external Redis, redis://host:port/db)" }}
+{{- $redis := .Values.redis }}
+{{- if and (not $redis.enabled) (not $redis.url) (not $redis.existingSecret) }}
+{{- $problems = append $problems "redis: an external Redis (enabled: false) needs url or existingSecret (a Secret whose key `url` holds redis://host:port/db)" }}
 {{- end }}
-{{- if and .Values.redis.url (not (regexMatch "^rediss?://" .Values.redis.url)) }}
-{{- $problems = append $problems (printf "redis.url: %q must start with redis:// or rediss://" .Values.redis.url) }}
+{{- if and $redis.url (not (regexMatch "^rediss?://" $redis.url)) }}
+{{- $problems = append $problems "redis.url: must start with redis:// or rediss://" }}
+{{- end }}
+{{- if and $redis.enabled $redis.url }}
+{{- $problems = append $problems "redis.url: only for an external Redis; set redis.enabled=false to use it" }}
+{{- end }}
+{{- if and $redis.auth.password (not (regexMatch "^[A-Za-z0-9_-]+$" $redis.auth.password)) }}
+{{- $problems = append $problems "redis.auth.password: letters, digits, - and _ only (it is part of a redis:// URL)" }}
 {{- end }}
 {{- if not .Values.objectStore.endpoint }}
 {{- $problems = append $problems "objectStore.endpoint: empty; set the S3 endpoint as host:port" }}
@@ -95,11 +147,32 @@ types and unknown keys first; this checks what a schema cannot say well.
 {{- if not .Values.objectStore.bucket }}
 {{- $problems = append $problems "objectStore.bucket: empty" }}
 {{- end }}
-{{- if and (not .Values.objectStore.existingSecret) (or (not .Values.objectStore.accessKey) (not .Values.objectStore.secretKey)) }}
-{{- $problems = append $problems "objectStore: set existingSecret, or both accessKey and secretKey" }}
+{{- if and (not .Values.objectStore.existingSecret) (ne (empty .Values.objectStore.accessKey) (empty .Values.objectStore.secretKey)) }}
+{{- $problems = append $problems "objectStore: accessKey and secretKey go together (or use existingSecret, or neither for the credential chain)" }}
 {{- end }}
-{{- range $name, $pool := .Values.workers.pools }}
-{{- if include "influence.poolEnabled" $pool }}
+{{- $roles := list "factor" "gradient" "query" }}
+{{- range $role := $roles }}
+{{- if not (or $.Values.services.api.enabled (index $.Values.services $role).enabled) }}
+{{- $problems = append $problems (printf "services: nothing serves the %s API; enable services.api or services.%s" $role $role) }}
+{{- end }}
+{{- end }}
+{{- range $role := prepend $roles "api" }}
+{{- $service := index $.Values.services $role }}
+{{- if and $service.enabled $service.pdb.enabled (not (contains "%" (toString $service.pdb.minAvailable))) }}
+{{- $min := int (include "influence.minReplicas" $service) }}
+{{- if ge (int $service.pdb.minAvailable) $min }}
+{{- $problems = append $problems (printf "services.%s.pdb.minAvailable: %d must be below the replicas it protects (%d), or no node with one of them can be drained" $role (int $service.pdb.minAvailable) $min) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $pools := include "influence.pools" . | fromYaml }}
+{{- $gpuKinds := dict }}
+{{- range $name, $pool := $pools }}
+{{- if $pool.gpu }}
+{{- range $kind := $pool.kinds }}{{ $_ := set $gpuKinds $kind $name }}{{ end }}
+{{- end }}
+{{- end }}
+{{- range $name, $pool := $pools }}
 {{- $limits := default dict (default dict $pool.resources).limits }}
 {{- $requests := default dict (default dict $pool.resources).requests }}
 {{- if $pool.gpu }}
@@ -108,19 +181,35 @@ types and unknown keys first; this checks what a schema cannot say well.
 {{- else if and (hasKey $requests "nvidia.com/gpu") (ne (int (index $requests "nvidia.com/gpu")) (int (index $limits "nvidia.com/gpu"))) }}
 {{- $problems = append $problems (printf "workers.pools.%s: resources.requests.nvidia.com/gpu must equal limits (or be left out)" $name) }}
 {{- end }}
-{{- else if or (hasKey $limits "nvidia.com/gpu") (hasKey $requests "nvidia.com/gpu") }}
+{{- else }}
+{{- if or (hasKey $limits "nvidia.com/gpu") (hasKey $requests "nvidia.com/gpu") }}
 {{- $problems = append $problems (printf "workers.pools.%s: nvidia.com/gpu resources on a pool with gpu: false; set gpu: true (or remove them with nvidia\\.com/gpu=null)" $name) }}
+{{- end }}
+{{- $shared := list }}
+{{- range $kind := $pool.kinds }}{{ if hasKey $gpuKinds $kind }}{{ $shared = append $shared (printf "%s (GPU pool %s)" $kind (index $gpuKinds $kind)) }}{{ end }}{{ end }}
+{{- if $shared }}
+{{- $problems = append $problems (printf "workers.pools.%s: a CPU pool takes kinds a GPU pool takes: %s; their cuda tasks could land here. Give each kind to GPU pools or to CPU pools, not both" $name (join ", " $shared)) }}
+{{- end }}
 {{- end }}
 {{- if not $pool.kinds }}
 {{- $problems = append $problems (printf "workers.pools.%s: kinds is empty" $name) }}
 {{- end }}
+{{- if and $pool.pdb.enabled (not (contains "%" (toString $pool.pdb.minAvailable))) }}
+{{- $min := int (include "influence.minReplicas" $pool) }}
+{{- if ge (int $pool.pdb.minAvailable) $min }}
+{{- $problems = append $problems (printf "workers.pools.%s.pdb.minAvailable: %d must be below the replicas it protects (%d), or no node with one of them can be drained" $name (int $pool.pdb.minAvailable) $min) }}
+{{- end }}
+{{- end }}
+{{- if and $pool.autoscaling.enabled (gt (int $pool.autoscaling.minReplicaCount) (int $pool.autoscaling.maxReplicaCount)) }}
+{{- $problems = append $problems (printf "workers.pools.%s.autoscaling: minReplicaCount above maxReplicaCount" $name) }}
+{{- end }}
+{{- if and $pool.autoscaling.enabled (not $redis.enabled) (not $.Values.workers.keda.address) }}
+{{- $problems = append $problems (printf "workers.keda.address: pool %s autoscales with KEDA on an external Redis: set its host:port (and passwordSecret if it has one)" $name) }}
 {{- end }}
 {{- end }}
 {{- $taken := list }}
-{{- range $name, $pool := .Values.workers.pools }}
-{{- if include "influence.poolEnabled" $pool }}
+{{- range $name, $pool := $pools }}
 {{- $taken = concat $taken (default list $pool.kinds) }}
-{{- end }}
 {{- end }}
 {{- $untaken := list }}
 {{- range $kind := list "register" "covariance" "eigen" "correction" "finalize" "prepare" "score" "merge" "self" "self_merge" "blocks" "fit_one_shard" "score_one_shard" "index_shard" "index_publish" "index_prepare" "index_score" "index_merge" }}
@@ -136,12 +225,35 @@ types and unknown keys first; this checks what a schema cannot say well.
 {{- end }}
 {{- end }}
 
-{{/* Environment of every influence pod; INFLUENCE_LOG_LEVEL and the queue settings come from the ConfigMap. */}}
+{{/*
+Environment of every influence pod; INFLUENCE_LOG_LEVEL, the queue settings and the caches' places
+come from the ConfigMap. Secrets are referenced, never inlined: the Redis URL (external) or
+password (in-chart, expanded into the URL by the kubelet), and the S3 keys when static.
+*/}}
 {{- define "influence.env" -}}
+{{- if .Values.redis.enabled }}
+{{- if include "influence.redisAuth" . }}
+- name: INFLUENCE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "influence.redisSecretName" . }}
+      key: password
 - name: INFLUENCE_REDIS_URL
-  value: {{ include "influence.redisUrl" . | quote }}
+  value: "redis://:$(INFLUENCE_REDIS_PASSWORD)@{{ include "influence.redisHost" . }}:6379/0"
+{{- else }}
+- name: INFLUENCE_REDIS_URL
+  value: "redis://{{ include "influence.redisHost" . }}:6379/0"
+{{- end }}
+{{- else }}
+- name: INFLUENCE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "influence.redisSecretName" . }}
+      key: url
+{{- end }}
 - name: INFLUENCE_STORE_URL
   value: {{ include "influence.storeUrl" . | quote }}
+{{- if include "influence.staticS3Keys" . }}
 - name: INFLUENCE_S3_ACCESS_KEY
   valueFrom:
     secretKeyRef:
@@ -152,10 +264,17 @@ types and unknown keys first; this checks what a schema cannot say well.
     secretKeyRef:
       name: {{ include "influence.secretName" . }}
       key: secretKey
+{{- else }}
+- name: INFLUENCE_S3_CREDENTIALS
+  value: chain
+{{- end }}
 - name: POD_NAME
   valueFrom:
     fieldRef:
       fieldPath: metadata.name
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{- define "influence.envFrom" -}}
@@ -165,22 +284,117 @@ types and unknown keys first; this checks what a schema cannot say well.
 
 {{/* Pod annotations that roll the pods when the chart's config or credentials change. */}}
 {{- define "influence.checksums" -}}
-checksum/config: {{ include (print .Template.BasePath "/config.yaml") . | sha256sum }}
+checksum/config: {{ printf "%s\n%s\n%s" (include (print .Template.BasePath "/config.yaml") .) .Values.redis.url .Values.redis.auth.password | sha256sum }}
 {{- end }}
 
-{{- define "influence.modelVolumes" -}}
-{{- if .Values.models.volume -}}
+{{/* Volumes of every influence pod: scratch (the writable place), models, extraVolumes. */}}
+{{- define "influence.volumes" -}}
 volumes:
+- name: scratch
+  emptyDir:
+    {{- with .Values.scratch.medium }}
+    medium: {{ . }}
+    {{- end }}
+    sizeLimit: {{ .Values.scratch.sizeLimit }}
+{{- if .Values.models.volume }}
 - name: models
   {{- toYaml .Values.models.volume | nindent 2 }}
 {{- end }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
-{{- define "influence.modelMounts" -}}
-{{- if .Values.models.volume -}}
+{{- define "influence.volumeMounts" -}}
 volumeMounts:
+- name: scratch
+  mountPath: /scratch
+{{- if .Values.models.volume }}
 - name: models
   mountPath: {{ .Values.models.mountPath }}
   readOnly: true
 {{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Pod metadata labels: the chart's, the component, then the chart-wide and the component's podLabels. */}}
+{{- define "influence.podLabels" -}}
+{{ include "influence.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- with .root.Values.podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- with .spec.podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "influence.podAnnotations" -}}
+{{ include "influence.checksums" .root }}
+{{- with .root.Values.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- with .spec.podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Scheduling of a component's pods (`spec`: its values; `component`: its label). */}}
+{{- define "influence.scheduling" -}}
+{{- $priority := .spec.priorityClassName | default .root.Values.priorityClassName }}
+{{- with $priority }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .spec.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with .spec.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .spec.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .spec.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .spec.topologySpreadConstraints }}
+topologySpreadConstraints:
+{{- range $constraint := . }}
+{{- if not (hasKey $constraint "labelSelector") }}
+{{- $constraint = merge (dict "labelSelector" (dict "matchLabels" (merge (include "influence.selectorLabels" $.root | fromYaml) (dict "app.kubernetes.io/component" $.component)))) $constraint }}
+{{- end }}
+- {{- toYaml $constraint | nindent 2 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* KEDA's view of Redis: in-chart (found by itself) or workers.keda for an external one. */}}
+{{- define "influence.kedaAddress" -}}
+{{- if .Values.redis.enabled }}{{ include "influence.redisHost" . }}.{{ .Release.Namespace }}.svc:6379{{ else }}{{ .Values.workers.keda.address }}{{ end }}
+{{- end }}
+
+{{- define "influence.kedaDatabase" -}}
+{{- if .Values.redis.enabled }}0{{ else }}{{ int .Values.workers.keda.databaseIndex }}{{ end }}
+{{- end }}
+
+{{- define "influence.kedaPasswordRef" -}}
+{{- if .Values.redis.enabled }}
+name: {{ include "influence.redisSecretName" . }}
+key: password
+{{- else }}
+{{- toYaml .Values.workers.keda.passwordSecret }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when some pool autoscales and KEDA needs a password for Redis. */}}
+{{- define "influence.kedaAuth" -}}
+{{- $pools := include "influence.pools" . | fromYaml }}
+{{- $scaled := false }}
+{{- range $name, $pool := $pools }}{{ if $pool.autoscaling.enabled }}{{ $scaled = true }}{{ end }}{{ end }}
+{{- if and $scaled (or (include "influence.redisAuth" .) (and (not .Values.redis.enabled) .Values.workers.keda.passwordSecret.name)) }}true{{ end }}
 {{- end }}
