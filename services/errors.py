@@ -12,12 +12,14 @@ so the engine, the stores, the client and the CLI all share it.
     AlreadyExistsError       ALREADY_EXISTS       no        2
     ResourceExhaustedError   RESOURCE_EXHAUSTED   no        2   over a configured limit
     PermissionDeniedError    PERMISSION_DENIED    no        1   the system's own credentials
-    CancelledError           CANCELLED            no        130 stopped on request
+    CancelledError           CANCELLED            no        3   the job was cancelled (CancelOperation)
     UnavailableError         UNAVAILABLE          yes       1   Redis or the object store away
     AbortedError             ABORTED              no        1   a task failed every delivery
     InternalError            INTERNAL             no        1   a bug, or an unknown remote failure
 Exit code 2 means "fix your input" (the classes with `callers_fault`: a job task that raises one
-fails its job at once instead of being retried); 1 means the system failed; 130 is an interruption.
+fails its job at once instead of being retried); 1 means the system failed; 3 that the job the
+command waited on was cancelled (by another caller); 130 that the command itself was interrupted
+(Ctrl-C, SIGTERM: see the CLI).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class PermissionDeniedError(DomainError):
 class CancelledError(DomainError):
     """The caller asked to stop (checked between batches)."""
 
-    code, exit_code = "CANCELLED", 130
+    code, exit_code = "CANCELLED", 3
 
 
 class UnavailableError(DomainError):
@@ -150,6 +152,11 @@ class UnsupportedFormat(PreconditionError):
 
 class StorageError(InternalError):
     """The object store failed in a way that is neither transient nor the caller's fault."""
+
+
+class StorageFull(ResourceExhaustedError):
+    """The disk under a local store or an output directory is full (ENOSPC, EDQUOT): retrying
+    cannot help until someone frees space, so a task failing with it fails its job at once."""
 
 
 class StorageUnavailable(UnavailableError):

@@ -25,7 +25,7 @@ TABLE = [
     (errors.AlreadyExistsError, "ALREADY_EXISTS", 2, False),
     (errors.ResourceExhaustedError, "RESOURCE_EXHAUSTED", 2, False),
     (errors.PermissionDeniedError, "PERMISSION_DENIED", 1, False),
-    (errors.CancelledError, "CANCELLED", 130, False),
+    (errors.CancelledError, "CANCELLED", 3, False),
     (errors.UnavailableError, "UNAVAILABLE", 1, True),
     (errors.AbortedError, "ABORTED", 1, False),
     (errors.InternalError, "INTERNAL", 1, False),

@@ -6,7 +6,6 @@ blocks:    blocks (one task)         -> jobs/{id}/blocks/, relayed by the servic
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
@@ -14,7 +13,7 @@ from ..engine.data import TokenizedSequence, pack_sequences, tokenize_training
 from ..engine.index import Indexer
 from ..engine.model_io import tokenizer_fingerprint
 from ..engine.modules import TrackedModule
-from ..engine.records import parse_jsonl, training_examples
+from ..engine.records import parse_jsonl_bytes, training_examples
 from ..factor_svc.artifacts import factors_artifact, load_factor_set
 from ..rpc.resources import dataset_message, empty_response, index_message, packed
 from ..storage import ArtifactWriter, FileEntry
@@ -32,10 +31,8 @@ def run_register(call: StageCall) -> dict:
     """Tokenise the uploaded JSONL into shards and publish the dataset."""
     job: RegisterJob = call.job
     context = call.context
-    text = context.store.get_bytes(layout.job_upload(call.job_id)).decode("utf-8")
-    examples = training_examples(
-        parse_jsonl(io.StringIO(text), "uploaded dataset", "training data"), "uploaded dataset"
-    )
+    upload = context.store.get_bytes(layout.job_upload(call.job_id))
+    examples = training_examples(parse_jsonl_bytes(upload, "uploaded dataset", "training data"), "uploaded dataset")
     tokenizer = context.models.tokenizer(job.model.path)
     num_shards = math.ceil(len(examples) / job.shard_size)
     num_tokens, shards = 0, []

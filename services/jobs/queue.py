@@ -7,6 +7,8 @@ Delivery is at-least-once:
   resets the idle time without counting a delivery;
 - the task is acknowledged (XACK, then XDEL) only after its handler returned, so a worker that
   dies mid-task leaves it pending, and another worker reclaims it after the lease;
+- a task whose handler failed is released (`release`: XCLAIM ... IDLE, which backdates its idle
+  time) so that it becomes reclaimable after a short backoff instead of a whole lease;
 - after `max_deliveries` the task is moved to the kind's dead-letter stream with its cause.
 Payloads are bytes (serialised protobuf TaskPayload messages); never pickle.
 """
@@ -114,6 +116,17 @@ class TaskQueue:
     def renew(self, task: Task, consumer: str) -> None:
         """Reset the task's idle time (its lease) without counting a delivery."""
         self.client.xclaim(self.stream(task.kind), GROUP, consumer, 0, [task.message_id], justid=True)
+
+    def release(self, task: Task, consumer: str, after_seconds: float) -> None:
+        """Make a task this consumer holds reclaimable `after_seconds` from now (at most a lease),
+        without counting a delivery: its idle time is set to lease - after_seconds."""
+        idle = max(0, self.lease_ms - int(after_seconds * 1000))
+        self.client.xclaim(self.stream(task.kind), GROUP, consumer, 0, [task.message_id], idle=idle, justid=True)
+
+    def retry_backoff(self, deliveries: int) -> float:
+        """Seconds before a failed task is offered again: 1 s after its first delivery, doubling
+        with each further one, never more than a lease."""
+        return min(self.lease_ms / 1000, 2.0 ** max(0, deliveries - 1))
 
     def ack(self, task: Task) -> None:
         pipe = self.client.pipeline()
