@@ -34,7 +34,7 @@ from .gradient_svc.servicer import GradientServicer
 from .jobs.connection import EmbeddedRedis
 from .jobs.connection import connect as connect_redis
 from .jobs.ended import EndedWatcher
-from .jobs.operations import OperationStore
+from .jobs.operations import DEFAULT_TTL_SECONDS, OperationStore
 from .jobs.queue import TaskQueue
 from .query_svc import stages as query_stages
 from .query_svc.servicer import QueryServicer
@@ -54,10 +54,12 @@ DEFAULT_STATE_DIR = ".cache/influence-server"
 
 
 def job_system(store, client, *, prefix: str = "influence", lease_seconds: float = 60.0, max_deliveries: int = 3):
-    """A JobSystem over a store and a Redis client, with every service's stages."""
+    """A JobSystem over a store and a Redis client, with every service's stages. Operation records
+    expire INFLUENCE_OPERATION_TTL_SECONDS (default 7 days) after their operation ended."""
+    ttl = int(os.environ.get("INFLUENCE_OPERATION_TTL_SECONDS", DEFAULT_TTL_SECONDS))
     return JobSystem(
         store,
-        OperationStore(client, prefix=prefix),
+        OperationStore(client, prefix=prefix, ttl_seconds=ttl),
         TaskQueue(client, prefix=prefix, lease_seconds=lease_seconds, max_deliveries=max_deliveries),
         STAGE_TABLE,
     )
