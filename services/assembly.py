@@ -51,17 +51,21 @@ STAGE_TABLE = StageTable(
 )
 ROLES = ("factor", "gradient", "query")
 DEFAULT_STATE_DIR = ".cache/influence-server"
+DEFAULT_MAX_QUEUED_TASKS = 10_000
 
 
 def job_system(store, client, *, prefix: str = "influence", lease_seconds: float = 60.0, max_deliveries: int = 3):
     """A JobSystem over a store and a Redis client, with every service's stages. Operation records
-    expire INFLUENCE_OPERATION_TTL_SECONDS (default 7 days) after their operation ended."""
+    expire INFLUENCE_OPERATION_TTL_SECONDS (default 7 days) after their operation ended; a job is
+    refused (RESOURCE_EXHAUSTED) while its first stage's queue holds INFLUENCE_MAX_QUEUED_TASKS
+    tasks (default 10,000; 0: no bound)."""
     ttl = int(os.environ.get("INFLUENCE_OPERATION_TTL_SECONDS", DEFAULT_TTL_SECONDS))
     return JobSystem(
         store,
         OperationStore(client, prefix=prefix, ttl_seconds=ttl),
         TaskQueue(client, prefix=prefix, lease_seconds=lease_seconds, max_deliveries=max_deliveries),
         STAGE_TABLE,
+        max_queued_tasks=int(os.environ.get("INFLUENCE_MAX_QUEUED_TASKS", DEFAULT_MAX_QUEUED_TASKS)),
     )
 
 

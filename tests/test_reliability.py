@@ -304,3 +304,19 @@ def test_top_k_zero_is_an_error_and_a_cancelled_job_has_its_own_exit_code(manual
     manual.client.operations.CancelOperation(operations_pb2.CancelOperationRequest(name=operation.name))
     assert main(["wait", operation.name, "--server", manual.server.target, "--quiet"]) == 3
     assert "cancelled" in capsys.readouterr().err
+
+
+def test_a_full_queue_refuses_new_jobs_with_resource_exhausted(manual, workspace):  # noqa: F811
+    manual.system.max_queued_tasks = 1
+    model = common_pb2.ModelSpec(path=str(workspace / "model"))
+
+    def register(text: str):
+        request = gradient_service_pb2.RegisterDatasetRequest(model=model, jsonl=json.dumps({"text": text}).encode())
+        return manual.client.gradients.RegisterDataset(request)
+
+    accepted = register("w1 w2")  # no worker runs: its task waits
+    with pytest.raises(grpc.RpcError) as refused:
+        register("w3 w4")
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the limit is 1 (INFLUENCE_MAX_QUEUED_TASKS)" in refused.value.details()
+    assert not accepted.done

@@ -29,7 +29,7 @@ from google.rpc import code_pb2
 
 from ..engine.progress import Progress
 from ..engine.resources import available_cores
-from ..errors import CancelledError, DomainError, UnavailableError, code_of, message_of
+from ..errors import CancelledError, DomainError, ResourceExhaustedError, UnavailableError, code_of, message_of
 from ..gen.influence.v1 import tasks_pb2
 from ..jobs.operations import SUCCEEDED, TERMINAL, OperationStore
 from ..jobs.queue import LeaseKeeper, Task, TaskQueue
@@ -50,6 +50,10 @@ class JobSystem:
     operations: OperationStore
     queue: TaskQueue
     table: StageTable
+    # Tasks a stream may hold (waiting or running) before a new job whose first stage is that
+    # stream is refused with RESOURCE_EXHAUSTED (0: no bound). Refusing beats queueing work
+    # nobody will see finish: callers back off or go elsewhere.
+    max_queued_tasks: int = 0
 
     def unhealthy(self) -> str | None:
         """Why the system cannot serve right now (Redis or the store unreachable), or None."""
@@ -77,7 +81,16 @@ class JobSystem:
     def submit(
         self, kind: str, job: Job, *, request_id: str = "", target: str = "", upload: bytes | None = None
     ) -> dict:
-        """Create the operation and enqueue the job (once per request_id)."""
+        """Create the operation and enqueue the job (once per request_id). ResourceExhaustedError
+        when the first stage's stream is full (`max_queued_tasks`)."""
+        stage = self.table.plan(job).first(job)
+        if self.max_queued_tasks:
+            queued, adding = self.queue.depth(stage), self.table.tasks(job, stage)
+            if queued + adding > self.max_queued_tasks:
+                raise ResourceExhaustedError(
+                    f"the {stage} queue holds {queued} tasks; the limit is {self.max_queued_tasks} "
+                    "(INFLUENCE_MAX_QUEUED_TASKS): try again later"
+                )
         record, created = self.operations.create(kind, {"kind": kind, "target": target}, request_id)
         if not created:
             return record
@@ -87,7 +100,6 @@ class JobSystem:
         elif upload is not None:
             self.store.put_bytes(layout.job_upload(job_id), upload)
         self.store.put_bytes(layout.job_spec(job_id), encode_job(job))
-        stage = self.table.plan(job).first(job)
         self.operations.start(job_id, stage, self.table.tasks(job, stage))
         for _, payload in self.stage_tasks(job_id, job, stage):
             self.queue.enqueue(stage, payload)
