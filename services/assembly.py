@@ -58,12 +58,19 @@ def job_system(store, client, *, prefix: str = "influence", lease_seconds: float
     """A JobSystem over a store and a Redis client, with every service's stages. Operation records
     expire INFLUENCE_OPERATION_TTL_SECONDS (default 7 days) after their operation ended; a job is
     refused (RESOURCE_EXHAUSTED) while its first stage's queue holds INFLUENCE_MAX_QUEUED_TASKS
-    tasks (default 10,000; 0: no bound)."""
+    tasks (default 10,000; 0: no bound); a task running over INFLUENCE_MAX_TASK_SECONDS (default 0:
+    no limit) is taken to hang and reclaimed by another worker a lease later."""
     ttl = int(os.environ.get("INFLUENCE_OPERATION_TTL_SECONDS", DEFAULT_TTL_SECONDS))
     return JobSystem(
         store,
         OperationStore(client, prefix=prefix, ttl_seconds=ttl),
-        TaskQueue(client, prefix=prefix, lease_seconds=lease_seconds, max_deliveries=max_deliveries),
+        TaskQueue(
+            client,
+            prefix=prefix,
+            lease_seconds=lease_seconds,
+            max_deliveries=max_deliveries,
+            max_task_seconds=float(os.environ.get("INFLUENCE_MAX_TASK_SECONDS", "0")),
+        ),
         STAGE_TABLE,
         max_queued_tasks=int(os.environ.get("INFLUENCE_MAX_QUEUED_TASKS", DEFAULT_MAX_QUEUED_TASKS)),
     )

@@ -15,6 +15,7 @@ so the engine, the stores, the client and the CLI all share it.
     CancelledError           CANCELLED            no        3   the job was cancelled (CancelOperation)
     UnavailableError         UNAVAILABLE          yes       1   Redis or the object store away
     AbortedError             ABORTED              no        1   a task failed every delivery
+    DataLossError            DATA_LOSS            no        2   stored bytes differ from their manifest
     InternalError            INTERNAL             no        1   a bug, or an unknown remote failure
 Exit code 2 means "fix your input" (the classes with `callers_fault`: a job task that raises one
 fails its job at once instead of being retried); 1 means the system failed; 3 that the job the
@@ -91,6 +92,15 @@ class AbortedError(DomainError):
     code = "ABORTED"
 
 
+class DataLossError(DomainError):
+    """Stored bytes are damaged (a checksum or size differs from the manifest): never used, and a
+    job task failing with it fails at once (a retry would read the same bytes). Exit code 2: the
+    data named (a factor directory, an artifact) must be replaced."""
+
+    code, exit_code = "DATA_LOSS", 2
+    callers_fault = True
+
+
 class InternalError(DomainError):
     """An unexpected failure (the server's log has the traceback)."""
 
@@ -109,6 +119,7 @@ _BY_CODE: dict[str, type[DomainError]] = {
         CancelledError,
         UnavailableError,
         AbortedError,
+        DataLossError,
         InternalError,
     )
 }
@@ -141,7 +152,7 @@ class NonFiniteError(PreconditionError):
     """A tensor that must be finite holds NaN or Inf (the model, the data or a factor file)."""
 
 
-class IntegrityError(PreconditionError):
+class IntegrityError(DataLossError):
     """Stored bytes differ from what their manifest promises (sha256 or size), a file it lists is
     missing, or the manifest itself is unreadable."""
 

@@ -28,10 +28,11 @@ TABLE = [
     (errors.CancelledError, "CANCELLED", 3, False),
     (errors.UnavailableError, "UNAVAILABLE", 1, True),
     (errors.AbortedError, "ABORTED", 1, False),
+    (errors.DataLossError, "DATA_LOSS", 2, False),
     (errors.InternalError, "INTERNAL", 1, False),
     # more specific names map through their base
     (errors.NonFiniteError, "FAILED_PRECONDITION", 2, False),
-    (errors.IntegrityError, "FAILED_PRECONDITION", 2, False),
+    (errors.IntegrityError, "DATA_LOSS", 2, False),
     (errors.StorageUnavailable, "UNAVAILABLE", 1, True),
     (errors.QueueUnavailable, "UNAVAILABLE", 1, True),
 ]

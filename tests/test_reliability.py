@@ -320,3 +320,46 @@ def test_a_full_queue_refuses_new_jobs_with_resource_exhausted(manual, workspace
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "the limit is 1 (INFLUENCE_MAX_QUEUED_TASKS)" in refused.value.details()
     assert not accepted.done
+
+
+def test_a_hanging_task_is_reclaimed_after_its_lease(redis_server, s3_server, workspace, monkeypatch):  # noqa: F811
+    """A task running past max_task_seconds stops being renewed; another worker reclaims it a
+    lease later and finishes the job; the hung one, when it wakes, changes nothing."""
+    import threading
+
+    stepped = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"), workers=0, lease_seconds=0.5)
+    try:
+        stepped.system.queue.max_task_seconds = 1.0
+        hung, wake = threading.Event(), threading.Event()
+
+        def hang(call):
+            if not hung.is_set():
+                hung.set()
+                wake.wait(60)
+            return None
+
+        failing(stepped.system.table, "register", monkeypatch, hang)
+        model = common_pb2.ModelSpec(path=str(workspace / "model"))
+        operation = stepped.client.gradients.RegisterDataset(
+            gradient_service_pb2.RegisterDatasetRequest(model=model, jsonl=(workspace / "train.jsonl").read_bytes())
+        )
+        stuck, rescuer = Worker(stepped.system, consumer="stuck"), Worker(stepped.system, consumer="rescuer")
+        first = take(stuck, 10)
+        outcome = {}
+        thread = threading.Thread(target=lambda: outcome.setdefault("stuck", stuck.handle(first)))
+        thread.start()
+        assert hung.wait(30)
+        started = time.monotonic()
+        again = take(rescuer, 15)
+        assert again is not None and again.message_id == first.message_id
+        assert time.monotonic() - started < 5, "reclaimed about max_task_seconds + a lease after it hung"
+        assert rescuer.handle(again) == "succeeded"
+        wake.set()
+        thread.join(60)
+        assert outcome["stuck"] == "succeeded"  # its duplicate completion records nothing twice
+        dataset = stepped.client.unpack(stepped.client.wait(operation, timeout=10), gradient_service_pb2.Dataset)
+        assert dataset.num_examples == 23
+        stuck.lease.close()
+        rescuer.lease.close()
+    finally:
+        stepped.close()
