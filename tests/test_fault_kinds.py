@@ -189,7 +189,11 @@ def _results(store) -> list[dict[str, str]]:
 
 @pytest.mark.parametrize("seed", [0])
 def test_a_worker_dying_in_any_kind_of_task_changes_no_published_byte(
-    redis_server, s3_server, workspace, monkeypatch, seed  # noqa: F811
+    redis_server,
+    s3_server,
+    workspace,  # noqa: F811
+    monkeypatch,
+    seed,
 ):
     def cluster() -> Cluster:
         return Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"), workers=0, lease_seconds=LEASE)

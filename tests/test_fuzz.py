@@ -90,8 +90,19 @@ ids = st.one_of(st.integers(), st.none(), st.lists(st.integers(), max_size=2), s
     duplicate=st.booleans(),
 )
 def test_compute_scores_answers_every_request_clearly(
-    target, real_names, factor_set, dataset, top_k, damping, damping_factor, query_rank, batch_size, tfidf, rescore,
-    queries, duplicate,
+    target,
+    real_names,
+    factor_set,
+    dataset,
+    top_k,
+    damping,
+    damping_factor,
+    query_rank,
+    batch_size,
+    tfidf,
+    rescore,
+    queries,
+    duplicate,
 ):
     cluster, model, real_dataset, real_factors = target
     request = query_service_pb2.ComputeScoresRequest(

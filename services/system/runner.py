@@ -105,7 +105,6 @@ class JobSystem:
             self.queue.enqueue(stage, payload)
         return self.operations.get(job_id)
 
-
     def record_done(self, kind: str, response: bytes, *, request_id: str = "", target: str = "") -> dict:
         """An operation that is done at once with `response` (e.g. a dataset registered before):
         callers see the usual operation, without a job."""
@@ -183,8 +182,12 @@ def threads_per_worker(workers: int) -> int:
     return max(1, available_cores() // max(1, workers))
 
 
-_TARGET_PREFIXES = {"factorSets": layout.factors_prefix, "datasets": layout.dataset_prefix,
-                    "results": layout.result_prefix, "indexes": layout.index_prefix}
+_TARGET_PREFIXES = {
+    "factorSets": layout.factors_prefix,
+    "datasets": layout.dataset_prefix,
+    "results": layout.result_prefix,
+    "indexes": layout.index_prefix,
+}
 
 
 def _target(record: dict | None) -> str:
