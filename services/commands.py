@@ -55,7 +55,11 @@ def through_system(args, body: Callable[..., T]) -> T:
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the job goes with the command, unless detached
                 if client.waiting_on:
                     if args.detach:
-                        print(f"influence: {client.waiting_on} goes on on the server (--detach)", file=sys.stderr)
+                        print(
+                            f"influence: {client.waiting_on} goes on on the server (--detach); "
+                            + _reattach_hint(args, client.waiting_on).split("; ", 1)[1],
+                            file=sys.stderr,
+                        )
                     else:
                         client.cancel(client.waiting_on)
                         print(f"influence: cancelled {client.waiting_on}", file=sys.stderr)
