@@ -93,7 +93,7 @@ class Driver:
         self.pending_kinds = set(KINDS) if reaper else set()
         self.deaths: dict[str, int] = {}
 
-    def until_done(self, operation, seconds: float = 120):
+    def until_done(self, operation, seconds: float = 600):
         operation_id = operation.name.split("/")[1]
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
