@@ -34,7 +34,7 @@ from .gradient_svc.servicer import GradientServicer
 from .jobs.connection import EmbeddedRedis
 from .jobs.connection import connect as connect_redis
 from .jobs.ended import EndedWatcher
-from .jobs.operations import OperationStore
+from .jobs.operations import DEFAULT_TTL_SECONDS, OperationStore
 from .jobs.queue import TaskQueue
 from .query_svc import stages as query_stages
 from .query_svc.servicer import QueryServicer
@@ -51,15 +51,28 @@ STAGE_TABLE = StageTable(
 )
 ROLES = ("factor", "gradient", "query")
 DEFAULT_STATE_DIR = ".cache/influence-server"
+DEFAULT_MAX_QUEUED_TASKS = 10_000
 
 
 def job_system(store, client, *, prefix: str = "influence", lease_seconds: float = 60.0, max_deliveries: int = 3):
-    """A JobSystem over a store and a Redis client, with every service's stages."""
+    """A JobSystem over a store and a Redis client, with every service's stages. Operation records
+    expire INFLUENCE_OPERATION_TTL_SECONDS (default 7 days) after their operation ended; a job is
+    refused (RESOURCE_EXHAUSTED) while its first stage's queue holds INFLUENCE_MAX_QUEUED_TASKS
+    tasks (default 10,000; 0: no bound); a task running over INFLUENCE_MAX_TASK_SECONDS (default 0:
+    no limit) is taken to hang and reclaimed by another worker a lease later."""
+    ttl = int(os.environ.get("INFLUENCE_OPERATION_TTL_SECONDS", DEFAULT_TTL_SECONDS))
     return JobSystem(
         store,
-        OperationStore(client, prefix=prefix),
-        TaskQueue(client, prefix=prefix, lease_seconds=lease_seconds, max_deliveries=max_deliveries),
+        OperationStore(client, prefix=prefix, ttl_seconds=ttl),
+        TaskQueue(
+            client,
+            prefix=prefix,
+            lease_seconds=lease_seconds,
+            max_deliveries=max_deliveries,
+            max_task_seconds=float(os.environ.get("INFLUENCE_MAX_TASK_SECONDS", "0")),
+        ),
         STAGE_TABLE,
+        max_queued_tasks=int(os.environ.get("INFLUENCE_MAX_QUEUED_TASKS", DEFAULT_MAX_QUEUED_TASKS)),
     )
 
 

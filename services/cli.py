@@ -1,8 +1,9 @@
-"""The `influence` command line: fit, score, self, report, index, operations, demo, serve, worker.
+"""The `influence` command line: fit, score, self, report, index, operations, wait, demo, serve, worker.
 
 A public contract other tools drive: flags, output files and exit codes are stable.
-Exit codes: 0 ok, 2 bad input (one-line message on stderr, no traceback), 1 internal error,
-130 interrupted. Heavy imports (torch, transformers) happen inside the commands.
+Exit codes: 0 ok, 1 the system failed (internal error, or unreachable after retries), 2 bad
+input (one-line message on stderr, no traceback), 3 the job was cancelled (by another caller),
+130 interrupted (Ctrl-C or SIGTERM). Heavy imports (torch, transformers) happen inside the commands.
 """
 
 from __future__ import annotations
@@ -199,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     self_cmd.add_argument("--out", required=True, help="output directory: scores.safetensors, results.json")
     self_cmd.add_argument("--top-k", type=int, default=10)
     _add_damping_options(self_cmd)
+
+    wait = commands.add_parser(
+        "wait", help="reattach to a server job: wait for its operation, download its output into --out"
+    )
+    wait.add_argument("operation", help="operations/ID (printed when a command with --server starts a job)")
+    wait.add_argument("--server", required=True, metavar="HOST:PORT")
+    wait.add_argument("--out", default="", help="download the factor set, result or index into this directory")
+    wait.add_argument("--cancel", action="store_true", help="cancel the operation instead of waiting")
+    wait.add_argument("--quiet", action="store_true", help="no progress bars")
 
     demo = commands.add_parser("demo", help="train a tiny model on planted facts, fit, score, print the answers")
     demo.add_argument("--work-dir", default=".cache/demo", help="where the demo's model and data are cached")

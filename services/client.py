@@ -7,12 +7,15 @@
     client.download_result(result.name, "out_dir")   # scores.safetensors + results.json
 
 Every create call sends a request_id, so retrying it after UNAVAILABLE is safe; only
-UNAVAILABLE is retried. `wait` polls the Operations service and reports progress.
+UNAVAILABLE is retried, long enough to outlast a server restart. `wait` waits on the Operations
+service and reports progress; `wait_for(name)` reattaches to an operation started earlier.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -24,7 +27,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from .engine.records import Query
 from .enums import enum_value
-from .errors import DomainError, InputError, InternalError, NotFoundError, error_for_code
+from .errors import DomainError, InputError, InternalError, NotFoundError, StorageFull, error_for_code
 from .gen.influence.v1 import (
     common_pb2,
     factor_service_pb2,
@@ -34,7 +37,7 @@ from .gen.influence.v1 import (
     query_service_pb2,
     query_service_pb2_grpc,
 )
-from .wire import DEFAULT_SHARD_SIZE, MAX_MESSAGE_BYTES
+from .wire import DEFAULT_SHARD_SIZE, MAX_MESSAGE_BYTES, dataset_id
 
 
 def _domain_error(error: grpc.RpcError) -> DomainError:
@@ -70,7 +73,9 @@ class InfluenceClient:
         gradient_target: str = "",
         query_target: str = "",
         timeout: float = 60.0,
-        retries: int = 5,
+        retries: int | None = None,
+        retry_seconds: float | None = None,
+        connect_seconds: float = 10.0,
     ):
         targets = {
             "factor": factor_target or target,
@@ -83,6 +88,11 @@ class InfluenceClient:
         self.target = target or targets["query"]
         self.timeout = timeout
         self.retries = retries
+        if retry_seconds is None:
+            retry_seconds = float(os.environ.get("INFLUENCE_RETRY_SECONDS", "120"))
+        self.retry_seconds, self.connect_seconds = retry_seconds, connect_seconds
+        self._reached = False  # a call has been answered: an UNAVAILABLE now is an outage, not a typo
+        self.on_operation: Callable[[str], None] | None = None  # told each operation `wait` starts on
         self._channels: dict[str, grpc.Channel] = {}
         self.factors = factor_service_pb2_grpc.FactorServiceStub(self._channel(targets["factor"]))
         self.gradients = gradient_service_pb2_grpc.GradientServiceStub(self._channel(targets["gradient"]))
@@ -95,6 +105,10 @@ class InfluenceClient:
             self._channels[target] = grpc.insecure_channel(
                 target,
                 options=[
+                    # a restarted server is found again within ~2 s (gRPC's default backs off to 120 s)
+                    ("grpc.initial_reconnect_backoff_ms", 200),
+                    ("grpc.min_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 2000),
                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.lb_policy_name", "round_robin"),  # over every address the name resolves to
@@ -136,18 +150,26 @@ class InfluenceClient:
     # -- plumbing -------------------------------------------------------------------------
 
     def _call(self, method, request, *, timeout: float | None = None):
-        """Unary call; retries UNAVAILABLE with backoff (create calls carry a request_id)."""
-        delay = 0.2
-        for attempt in range(self.retries + 1):
+        """Unary call; retries UNAVAILABLE with backoff (0.2 s doubling to 2 s; create calls carry a
+        request_id, so a retried create runs once). Bounded by `retries` attempts when given, else
+        by time: `connect_seconds` until the server has answered once (a wrong address fails
+        fast), `retry_seconds` after (env INFLUENCE_RETRY_SECONDS, default 120: a server restarting
+        mid-job is waited for)."""
+        delay, started, attempt = 0.2, time.monotonic(), 0
+        while True:
             try:
-                return method(request, timeout=timeout or self.timeout)
+                response = method(request, timeout=timeout or self.timeout)
+                self._reached = True
+                return response
             except grpc.RpcError as error:
-                if error.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                budget = self.retry_seconds if self._reached else self.connect_seconds
+                more = attempt < self.retries if self.retries is not None else time.monotonic() - started < budget
+                if error.code() == grpc.StatusCode.UNAVAILABLE and more:
                     time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    delay = min(delay * 2, 2.0)
+                    attempt += 1
                     continue
                 raise _domain_error(error) from None
-        raise AssertionError("unreachable")
 
     def _stream(self, method, request):
         try:
@@ -173,6 +195,10 @@ class InfluenceClient:
                     time.sleep(delay)
                     delay = min(delay * 2, 5.0)
             raise AssertionError("unreachable")
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):  # nothing half-written stays: see finally
+                raise StorageFull(f"disk full: writing {out_dir} failed ({os.strerror(error.errno)})") from None
+            raise
         finally:
             receiver.discard()
 
@@ -194,6 +220,8 @@ class InfluenceClient:
 
         deadline = None if timeout is None else time.monotonic() + timeout
         last = None
+        if self.on_operation is not None and self.waiting_on != operation.name:
+            self.on_operation(operation.name)
         self.waiting_on = operation.name
         while True:
             metadata = common_pb2.OperationMetadata()
@@ -212,6 +240,10 @@ class InfluenceClient:
             name = code_pb2.Code.Name(operation.error.code) if operation.error.code in code_pb2.Code.values() else ""
             raise error_for_code(name, operation.error.message)
         return operation
+
+    def wait_for(self, name: str, progress=None, *, timeout: float | None = None) -> operations_pb2.Operation:
+        """Reattach to an operation by name ("operations/ID") and wait for it (see `wait`)."""
+        return self.wait(self.get_operation(name), progress, timeout=timeout)
 
     @staticmethod
     def unpack(operation, message_type):
@@ -247,8 +279,16 @@ class InfluenceClient:
             request.uri = jsonl
         elif by_path:
             request.uri = Path(jsonl).resolve().as_uri()
+            digest = _sha256_file(Path(jsonl))
         else:
             request.jsonl = jsonl if isinstance(jsonl, bytes) else Path(jsonl).read_bytes()
+            digest = hashlib.sha256(request.jsonl).hexdigest()
+        # Datasets are content-addressed: one the server has is reused, not uploaded again.
+        name = "datasets/" + dataset_id(digest, request.model.path, max_length, shard_size)
+        try:
+            return self.get_dataset(name)
+        except NotFoundError:
+            pass
         operation = self._call(self.gradients.RegisterDataset, request)
         return self.unpack(self.wait(operation, progress), gradient_service_pb2.Dataset)
 
@@ -491,6 +531,14 @@ def _request_id() -> str:
     """A fresh id per logical call: `_call` resends the same request (same id) after UNAVAILABLE,
     so the server runs it once; a new call, even with identical content, is a new job."""
     return uuid.uuid4().hex
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _paged(fetch, field: str) -> list:

@@ -67,12 +67,17 @@ def through_system(args, body: Callable[..., T]) -> T:
 
     if args.server:
         with InfluenceClient(args.server) as client:
+            client.on_operation = lambda name: print(_reattach_hint(args, name), file=sys.stderr, flush=True)
             try:
                 return body(client)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the job goes with the command, unless detached
                 if client.waiting_on:
                     if args.detach:
-                        print(f"influence: {client.waiting_on} goes on on the server (--detach)", file=sys.stderr)
+                        print(
+                            f"influence: {client.waiting_on} goes on on the server (--detach); "
+                            + _reattach_hint(args, client.waiting_on).split("; ", 1)[1],
+                            file=sys.stderr,
+                        )
                     else:
                         client.cancel(client.waiting_on)
                         print(f"influence: cancelled {client.waiting_on}", file=sys.stderr)
@@ -81,6 +86,52 @@ def through_system(args, body: Callable[..., T]) -> T:
 
     with EmbeddedSystem(foreground=True) as system:
         return system.run(body)
+
+
+def _reattach_hint(args, name: str) -> str:
+    """The line naming a server job as it starts, so that a user whose command died can reattach."""
+    out = f" --out {args.out}" if getattr(args, "out", None) else ""
+    return f"influence: {name} started; reattach with: influence wait {name} --server {args.server}{out}"
+
+
+def run_wait(args) -> int:
+    """Reattach to a server operation: wait for it with progress bars, then download what it made
+    into --out (a factor set, a result or an index); print the resource's name. Interrupting only
+    stops watching: the operation goes on (cancel it with --cancel)."""
+    from .client import InfluenceClient
+    from .gen.influence.v1 import factor_service_pb2, gradient_service_pb2, query_service_pb2
+
+    if not args.operation.startswith("operations/"):
+        raise InputError(f"expected an operation name 'operations/ID', got {args.operation!r}")
+    out = _out_dir(args.out) if args.out else None
+    with InfluenceClient(args.server) as client:
+        if args.cancel:
+            client.cancel(args.operation)
+            _log(args, f"influence: cancelled {args.operation}")
+            return 0
+        try:
+            with StageBars(not args.quiet) as bars:
+                operation = client.wait_for(args.operation, bars)
+        except KeyboardInterrupt:
+            print(f"influence: {args.operation} goes on on the server", file=sys.stderr)
+            raise
+        downloads = {
+            "FactorSet": (factor_service_pb2.FactorSet, client.download_factors),
+            "ScoreResult": (query_service_pb2.ScoreResult, client.download_result),
+            "Index": (gradient_service_pb2.Index, client.download_index),
+            "Dataset": (gradient_service_pb2.Dataset, None),
+        }
+        kind = operation.response.type_url.rpartition(".")[2]
+        if kind not in downloads:
+            print(args.operation)
+            return 0
+        message_type, download = downloads[kind]
+        resource = client.unpack(operation, message_type)
+        if out is not None and download is not None:
+            download(resource.name, out)
+        print(resource.name)
+        _log(args, f"{args.operation} done: {resource.name}" + (f" -> {out}" if out is not None and download else ""))
+    return 0
 
 
 def _model(args) -> common_pb2.ModelSpec:

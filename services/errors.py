@@ -12,12 +12,15 @@ so the engine, the stores, the client and the CLI all share it.
     AlreadyExistsError       ALREADY_EXISTS       no        2
     ResourceExhaustedError   RESOURCE_EXHAUSTED   no        2   over a configured limit
     PermissionDeniedError    PERMISSION_DENIED    no        1   the system's own credentials
-    CancelledError           CANCELLED            no        130 stopped on request
+    CancelledError           CANCELLED            no        3   the job was cancelled (CancelOperation)
     UnavailableError         UNAVAILABLE          yes       1   Redis or the object store away
     AbortedError             ABORTED              no        1   a task failed every delivery
+    DataLossError            DATA_LOSS            no        2   stored bytes differ from their manifest
     InternalError            INTERNAL             no        1   a bug, or an unknown remote failure
 Exit code 2 means "fix your input" (the classes with `callers_fault`: a job task that raises one
-fails its job at once instead of being retried); 1 means the system failed; 130 is an interruption.
+fails its job at once instead of being retried); 1 means the system failed; 3 that the job the
+command waited on was cancelled (by another caller); 130 that the command itself was interrupted
+(Ctrl-C, SIGTERM: see the CLI).
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class PermissionDeniedError(DomainError):
 class CancelledError(DomainError):
     """The caller asked to stop (checked between batches)."""
 
-    code, exit_code = "CANCELLED", 130
+    code, exit_code = "CANCELLED", 3
 
 
 class UnavailableError(DomainError):
@@ -103,6 +106,15 @@ class AbortedError(DomainError):
     """A task failed on every delivery and was dead-lettered."""
 
     code = "ABORTED"
+
+
+class DataLossError(DomainError):
+    """Stored bytes are damaged (a checksum or size differs from the manifest): never used, and a
+    job task failing with it fails at once (a retry would read the same bytes). Exit code 2: the
+    data named (a factor directory, an artifact) must be replaced."""
+
+    code, exit_code = "DATA_LOSS", 2
+    callers_fault = True
 
 
 class InternalError(DomainError):
@@ -123,6 +135,7 @@ _BY_CODE: dict[str, type[DomainError]] = {
         CancelledError,
         UnavailableError,
         AbortedError,
+        DataLossError,
         InternalError,
     )
 }
@@ -155,7 +168,7 @@ class NonFiniteError(PreconditionError):
     """A tensor that must be finite holds NaN or Inf (the model, the data or a factor file)."""
 
 
-class IntegrityError(PreconditionError):
+class IntegrityError(DataLossError):
     """Stored bytes differ from what their manifest promises (sha256 or size), a file it lists is
     missing, or the manifest itself is unreadable."""
 
@@ -166,6 +179,11 @@ class UnsupportedFormat(PreconditionError):
 
 class StorageError(InternalError):
     """The object store failed in a way that is neither transient nor the caller's fault."""
+
+
+class StorageFull(ResourceExhaustedError):
+    """The disk under a local store or an output directory is full (ENOSPC, EDQUOT): retrying
+    cannot help until someone frees space, so a task failing with it fails its job at once."""
 
 
 class StorageUnavailable(UnavailableError):

@@ -1,5 +1,7 @@
 """What the client and the servers agree on about messages (no torch, no grpc imports here)."""
 
+import hashlib
+
 # Largest gRPC message either side sends or accepts. Artifacts larger than one message travel as
 # chunked streams (FileChunk), never whole.
 MAX_MESSAGE_BYTES = 512 * 2**20
@@ -12,3 +14,11 @@ CHUNK_BYTES = 1 * 2**20
 # one partial sum per tracked module through the store (for an LLM's MLP, ~0.5 GB per module and
 # shard), so shards should hold minutes of work, not seconds.
 DEFAULT_SHARD_SIZE = 1024
+
+
+def dataset_id(content_sha256: str, model_path: str, max_length: int, shard_size: int) -> str:
+    """The id of the dataset registered from JSONL bytes with this sha256, for this model directory
+    and these settings. Content-addressed: registering the same data again reuses the dataset
+    (the client asks for it before uploading; the server returns it without a new job)."""
+    key = f"{content_sha256}\n{model_path}\n{max_length}\n{shard_size}"
+    return "c" + hashlib.sha256(key.encode()).hexdigest()[:23]

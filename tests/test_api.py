@@ -182,7 +182,7 @@ def test_a_dataset_registers_from_an_s3_uri_without_passing_through_the_api(scor
         assert registered.num_examples == dataset.num_examples and registered.num_tokens == dataset.num_tokens
         with pytest.raises(NotFoundError, match="training data not found"):
             client.register_dataset(model, f"s3://{bucket}/corpora/missing.jsonl")
-        with pytest.raises(InputError, match="line 2 is not UTF-8"):
+        with pytest.raises(InputError, match="2: not UTF-8 text"):
             client.register_dataset(model, f"s3://{bucket}/corpora/broken.jsonl")
         with pytest.raises(InputError, match="s3://BUCKET/KEY"):
             client.register_dataset(model, f"s3://{bucket}")

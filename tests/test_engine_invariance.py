@@ -18,7 +18,7 @@ from services.engine.modules import select_modules
 from services.engine.precondition import Damping, low_rank, precondition
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
 from services.engine.scoring import module_scores, plan_module_queries
-from services.errors import InputError, PreconditionError
+from services.errors import DataLossError, InputError, PreconditionError
 from services.factor_svc.artifacts import load_factors, save_factors
 from services.toy.models import build_tiny_model
 from tests.numerics import FLOAT32, FLOAT64, assert_close, assert_columns_equal_up_to_sign, model_tolerance
@@ -303,7 +303,7 @@ def test_factor_files_round_trip_and_are_verified(tmp_path):
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
-    with pytest.raises(PreconditionError, match="corrupted"):
+    with pytest.raises(DataLossError, match="corrupted"):
         load_factors(tmp_path / "f")
 
 

@@ -25,13 +25,14 @@ TABLE = [
     (errors.AlreadyExistsError, "ALREADY_EXISTS", 2, False),
     (errors.ResourceExhaustedError, "RESOURCE_EXHAUSTED", 2, False),
     (errors.PermissionDeniedError, "PERMISSION_DENIED", 1, False),
-    (errors.CancelledError, "CANCELLED", 130, False),
+    (errors.CancelledError, "CANCELLED", 3, False),
     (errors.UnavailableError, "UNAVAILABLE", 1, True),
     (errors.AbortedError, "ABORTED", 1, False),
+    (errors.DataLossError, "DATA_LOSS", 2, False),
     (errors.InternalError, "INTERNAL", 1, False),
     # more specific names map through their base
     (errors.NonFiniteError, "FAILED_PRECONDITION", 2, False),
-    (errors.IntegrityError, "FAILED_PRECONDITION", 2, False),
+    (errors.IntegrityError, "DATA_LOSS", 2, False),
     (errors.StorageUnavailable, "UNAVAILABLE", 1, True),
     (errors.QueueUnavailable, "UNAVAILABLE", 1, True),
 ]

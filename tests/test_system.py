@@ -32,7 +32,7 @@ from services.engine.fit import FitConfig, fit_factors
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.records import Query, TrainingExample, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
-from services.errors import InputError, NotFoundError, PreconditionError
+from services.errors import DataLossError, InputError, NotFoundError, PreconditionError
 from services.factor_svc.artifacts import load_factors
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.jobs.connection import connect
@@ -476,7 +476,7 @@ def test_a_task_that_keeps_failing_is_dead_lettered_and_fails_its_operation(redi
         # A shard whose bytes differ from its manifest: an integrity error fails the job at once.
         good = cluster.store.get_bytes(prefix + "shards/00001.safetensors")
         cluster.store.put_bytes(prefix + "shards/00001.safetensors", b"not a safetensors file")
-        with pytest.raises(PreconditionError, match="corrupted"):
+        with pytest.raises(DataLossError, match="corrupted"):
             client.fit_factors(model, dataset.name)
 
         def replace_shard(data: bytes) -> None:
@@ -491,7 +491,7 @@ def test_a_task_that_keeps_failing_is_dead_lettered_and_fails_its_operation(redi
 
         # Bytes the manifest vouches for but that are no safetensors file: fails at once too.
         replace_shard(b"not a safetensors file")
-        with pytest.raises(PreconditionError, match="not a valid safetensors file"):
+        with pytest.raises(DataLossError, match="not a valid safetensors file"):
             client.fit_factors(model, dataset.name)
 
         # A valid file without the tensors a shard holds: an unexpected error, so the task is

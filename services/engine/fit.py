@@ -20,6 +20,7 @@ forward/backward; otherwise it recomputes them. Either way the result is the sam
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -72,8 +73,8 @@ class FitConfig:
             raise InputError(f"--max-length must be >= 2, got {self.max_length}")
         if self.max_examples is not None and self.max_examples < 1:
             raise InputError(f"--max-examples must be >= 1, got {self.max_examples}")
-        if self.cache_gib is not None and self.cache_gib < 0:
-            raise InputError(f"--cache-gib must be >= 0, got {self.cache_gib}")
+        if self.cache_gib is not None and not (math.isfinite(self.cache_gib) and self.cache_gib >= 0):
+            raise InputError(f"--cache-gib must be a finite number >= 0, got {self.cache_gib}")
         check_selection(self.modules)
 
     @property

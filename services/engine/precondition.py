@@ -9,6 +9,7 @@ Damping λ is absolute, or relative: λ = damping_factor × mean(Λ) per module 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,10 @@ class Damping:
     absolute: float | None = None
 
     def __post_init__(self):
-        if self.absolute is not None and self.absolute < 0:
-            raise InputError(f"--damping must be >= 0, got {self.absolute}")
-        if self.absolute is None and self.factor < 0:
-            raise InputError(f"--damping-factor must be >= 0, got {self.factor}")
+        if self.absolute is not None and not (math.isfinite(self.absolute) and self.absolute >= 0):
+            raise InputError(f"--damping must be a finite number >= 0, got {self.absolute}")
+        if self.absolute is None and not (math.isfinite(self.factor) and self.factor >= 0):
+            raise InputError(f"--damping-factor must be a finite number >= 0, got {self.factor}")
 
     def value(self, eigenvalues: torch.Tensor) -> float:
         if self.absolute is not None:

@@ -10,6 +10,7 @@ Ids default to the record's position (from 0); duplicates are an error.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,21 +32,42 @@ class Query:
     group: str = ""  # related queries share a group (the report's cross-query table)
 
 
+def max_line_bytes() -> int:
+    """The longest JSONL line accepted (env INFLUENCE_MAX_LINE_BYTES, default 4 MiB): one huge
+    line would otherwise be tokenised whole, in a worker's memory, before truncation."""
+    return int(os.environ.get("INFLUENCE_MAX_LINE_BYTES", DEFAULT_MAX_LINE_BYTES))
+
+
+DEFAULT_MAX_LINE_BYTES = 4 * 2**20
+
+
 def _read_jsonl(path: str | Path, kind: str) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"{kind} file not found: {path}")
     with path.open("rb") as handle:
-        return parse_jsonl(_decoded_lines(handle, str(path)), str(path), kind)
+        return parse_jsonl(decoded_lines(handle, str(path)), str(path), kind)
 
 
-def _decoded_lines(handle, source: str) -> Iterable[str]:
-    """The file's lines as text; invalid UTF-8 is an InputError naming the line."""
-    for line_number, raw in enumerate(handle, start=1):
+def decoded_lines(raw_lines: Iterable[bytes], source: str) -> Iterable[str]:
+    """Lines (bytes, e.g. a binary file or `data.splitlines()`) as text; invalid UTF-8 or a line
+    over `max_line_bytes` is an InputError naming `source` and the line."""
+    limit = max_line_bytes()
+    for line_number, raw in enumerate(raw_lines, start=1):
+        if len(raw) > limit:
+            raise InputError(
+                f"{source}:{line_number}: line of {len(raw)} bytes is over the limit of {limit} "
+                "(INFLUENCE_MAX_LINE_BYTES)"
+            )
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as error:
             raise InputError(f"{source}:{line_number}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def parse_jsonl_bytes(data: bytes, source: str, kind: str) -> list[dict]:
+    """`parse_jsonl` of uploaded bytes, checked line by line as a file is (`decoded_lines`)."""
+    return parse_jsonl(decoded_lines(data.split(b"\n"), source), source, kind)
 
 
 def parse_jsonl(lines: Iterable[str], source: str, kind: str) -> list[dict]:

@@ -56,8 +56,8 @@ class ScoreConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.top_k < 0:
-            raise InputError(f"--top-k must be >= 0, got {self.top_k}")
+        if self.top_k < 1:
+            raise InputError(f"--top-k must be >= 1, got {self.top_k}")
         if self.query_rank is not None and self.query_rank < 1:
             raise InputError(f"--query-rank must be >= 1, got {self.query_rank}")
         if self.max_length < 2:

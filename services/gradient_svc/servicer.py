@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 from google.protobuf import empty_pb2
 
 from ..engine.index import IndexSpec
 from ..engine.model_io import ModelRef
 from ..engine.modules import check_selection
-from ..engine.records import parse_jsonl, read_training_jsonl, training_examples
+from ..engine.records import parse_jsonl_bytes, read_training_jsonl, training_examples
 from ..engine.score import ScoreConfig
 from ..enums import enum_word
 from ..errors import InputError, NotFoundError, PreconditionError, ResourceExhaustedError, error_for_code
@@ -23,12 +24,14 @@ from ..gen.influence.v1 import common_pb2, gradient_service_pb2, gradient_servic
 from ..jobs.operations import CANCELLED, FAILED
 from ..rpc import validation
 from ..rpc.common import Limits, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
-from ..rpc.resources import dataset_message, index_message
+from ..rpc.resources import dataset_message, index_message, packed
 from ..rpc.status import code_name, grpc_errors
-from ..storage import delete_artifact, split_s3_uri
+from ..storage import MANIFEST, delete_artifact, split_s3_uri
+from ..storage.manifest import sha256_bytes, sha256_file
 from ..system import layout
 from ..system.runner import JobSystem
 from ..system.specs import DEFAULT_SHARD_SIZE, BlocksJob, IndexJob, RegisterJob
+from ..wire import dataset_id
 from . import indexes
 from .datasets import dataset_artifact, dataset_metadata
 
@@ -53,6 +56,7 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
             if not self.system.store.in_bucket(bucket).exists(key):
                 raise NotFoundError(f"training data not found: {request.uri}")
             source_uri = request.uri  # read (and validated, naming its lines) by the worker, not here
+            digest = sha256_bytes(f"{request.uri} {uuid.uuid4()}".encode())  # an object can change: never reused
         elif request.uri:
             if request.jsonl:
                 raise InputError("send the dataset as jsonl or as uri, not both", field="uri")
@@ -60,6 +64,7 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
             if not upload.is_file():
                 raise NotFoundError(f"training data file not found: {upload}")
             read_training_jsonl(upload)  # validated where it lies: errors name its lines
+            digest = sha256_file(upload)[0]
         else:
             if not request.jsonl:
                 raise InputError('jsonl is empty: upload at least one {"text": ...} line (or give a uri)')
@@ -67,25 +72,31 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
                 raise ResourceExhaustedError(
                     f"jsonl is {len(request.jsonl)} bytes; the limit is {self.limits.max_upload_bytes} (send a uri)"
                 )
-            try:
-                text = request.jsonl.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InputError("jsonl is not UTF-8 text") from None
-            training_examples(parse_jsonl(text.splitlines(), "jsonl", "training data"), "jsonl")
+            training_examples(parse_jsonl_bytes(request.jsonl, "jsonl", "training data"), "jsonl")
             upload = request.jsonl
+            digest = sha256_bytes(upload)
+        shard_size = validation.positive(request.shard_size, "shard_size", DEFAULT_SHARD_SIZE, 1_000_000)
+        max_length = validation.positive(request.max_length, "max_length", 512, 1_000_000)
         job = RegisterJob(
             model,
-            dataset_id=new_id(),
+            dataset_id=dataset_id(digest, model.path, max_length, shard_size),
             display_name=request.display_name,
-            shard_size=validation.positive(request.shard_size, "shard_size", DEFAULT_SHARD_SIZE, 1_000_000),
-            max_length=validation.positive(request.max_length, "max_length", 512, 1_000_000),
+            shard_size=shard_size,
+            max_length=max_length,
             source_uri=source_uri,
         )
+        target = f"datasets/{job.dataset_id}"
+        if self.system.store.exists(layout.dataset_prefix(job.dataset_id) + MANIFEST):  # registered before
+            metadata = dataset_metadata(self.system.store, job.dataset_id)
+            record = self.system.record_done(
+                "register_dataset", packed(dataset_message(metadata)), request_id=request.request_id, target=target
+            )
+            return operation_message(record)
         record = self.system.submit(
             "register_dataset",
             job,
             request_id=request.request_id,
-            target=f"datasets/{job.dataset_id}",
+            target=target,
             upload=upload,
         )
         return operation_message(record)

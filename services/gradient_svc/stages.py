@@ -6,7 +6,6 @@ blocks:    blocks (one task)         -> jobs/{id}/blocks/, relayed by the servic
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
@@ -14,8 +13,7 @@ from ..engine.data import TokenizedSequence, pack_sequences, tokenize_training
 from ..engine.index import Indexer
 from ..engine.model_io import tokenizer_fingerprint
 from ..engine.modules import TrackedModule
-from ..engine.records import parse_jsonl, training_examples
-from ..errors import InputError
+from ..engine.records import parse_jsonl_bytes, training_examples
 from ..factor_svc.artifacts import factors_artifact, load_factor_set
 from ..rpc.resources import dataset_message, empty_response, index_message, packed
 from ..storage import ArtifactWriter, FileEntry, split_s3_uri
@@ -39,12 +37,7 @@ def run_register(call: StageCall) -> dict:
         raw, what = context.store.in_bucket(bucket).get_bytes(key), job.source_uri
     else:
         raw, what = context.store.get_bytes(layout.job_upload(call.job_id)), "uploaded dataset"
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise InputError(f"{what}: line {line} is not UTF-8 text") from None
-    examples = training_examples(parse_jsonl(io.StringIO(text), what, "training data"), what)
+    examples = training_examples(parse_jsonl_bytes(raw, what, "training data"), what)
     tokenizer = context.models.tokenizer(job.model.path)
     num_shards = math.ceil(len(examples) / job.shard_size)
     num_tokens, shards = 0, []

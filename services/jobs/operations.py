@@ -35,11 +35,14 @@ OPERATION_KINDS = (
 
 # KEYS: shards set, done flag, operation hash. ARGV: shard, total, stage-after, shards-after,
 # response ('' = not final), ended channel, operation id, number of counters, the (counter,
-# increment) pairs, then (stream, payload) pairs to enqueue when the stage completes.
+# increment) pairs, the TTL (seconds) of a record once ended, then (stream, payload) pairs to
+# enqueue when the stage completes. A task of an operation that ended (or expired) records nothing.
 # Completion, enqueueing the next stage and finishing the operation are one atomic step, so a
 # worker dying at any point can neither lose the advance nor make it happen twice.
 _FINISH_SHARD = """
-local counters_end = 8 + 2 * tonumber(ARGV[8])
+local counters_end = 8 + 2 * tonumber(ARGV[8])  -- ARGV[counters_end + 1]: the ended record's TTL
+local current = redis.call('HGET', KEYS[3], 'state')
+if not current or current == 'SUCCEEDED' or current == 'FAILED' or current == 'CANCELLED' then return 2 end
 if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then  -- a duplicate delivery counts nothing twice
   for i = 9, counters_end, 2 do redis.call('HINCRBY', KEYS[3], 'counter:' .. ARGV[i], ARGV[i + 1]) end
 end
@@ -51,34 +54,57 @@ local now = redis.call('TIME')
 redis.call('HSET', KEYS[3], 'update_time', now[1] + now[2] / 1e6)
 if ARGV[5] ~= '' then
   redis.call('HSET', KEYS[3], 'state', 'SUCCEEDED', 'response', ARGV[5], 'stage', 'done')
+  redis.call('EXPIRE', KEYS[3], ARGV[9 + 2 * tonumber(ARGV[8])])
   redis.call('PUBLISH', ARGV[6], ARGV[7])
   return 1
 end
 redis.call('HSET', KEYS[3], 'stage', ARGV[3], 'shards_total', ARGV[4], 'counter:shards_done', 0)
-for i = counters_end + 1, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1]) end
+for i = counters_end + 2, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1]) end
 return 1
 """
 
-# KEYS: operation hash. ARGV: ended channel, operation id, then (field, value) pairs. Publishes
-# the id when the fields end the operation (see jobs/ended.py).
+# KEYS: operation hash. ARGV: ended channel, operation id, TTL of an ended record, then (field,
+# value) pairs. Publishes the id when the fields end the operation (see jobs/ended.py).
 _TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
 if state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then return 0 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 state = redis.call('HGET', KEYS[1], 'state')
-if state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+if state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('PUBLISH', ARGV[1], ARGV[2])
+end
 return 1
 """
 
+# KEYS: operation hash. ARGV: tokens to add, then (field, value) pairs. Only while the record
+# exists: a task still reporting after its record expired must not recreate half a record.
+_REPORT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if tonumber(ARGV[1]) ~= 0 then redis.call('HINCRBY', KEYS[1], 'counter:tokens_processed', ARGV[1]) end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+DEFAULT_TTL_SECONDS = 7 * 86400
+
 
 class OperationStore:
-    def __init__(self, client: redis.Redis, prefix: str = "influence"):
+    """Operation records. A record that ended expires `ttl_seconds` later (its fan-in sets are
+    deleted when the worker that ends it cleans up, see `forget_fan_in`); listing drops ids whose
+    record expired."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "influence", ttl_seconds: int = DEFAULT_TTL_SECONDS):
+        if ttl_seconds < 1:
+            raise ValueError(f"the operation TTL must be >= 1 s, got {ttl_seconds}")
         self.client = client
         self.prefix = prefix
+        self.ttl_seconds = int(ttl_seconds)
         self.ended_channel = f"{prefix}:ended"  # an operation's id, published as it ends
         self._finish_shard = client.register_script(_FINISH_SHARD)
         self._transition = client.register_script(_TRANSITION)
+        self._report = client.register_script(_REPORT)
 
     def _key(self, operation_id: str) -> str:
         return f"{self.prefix}:op:{operation_id}"
@@ -120,7 +146,7 @@ class OperationStore:
         if not raw:
             return None
         record = {key.decode(): value for key, value in raw.items()}
-        for key in ("id", "kind", "state", "request_id", "error_message", "stage", "last_error", "step", "step_unit"):
+        for key in ("id", "kind", "state", "request_id", "error_message", "stage", "step", "step_unit"):
             if key in record:
                 record[key] = record[key].decode()
         for key in ("step_done", "step_total"):
@@ -143,33 +169,51 @@ class OperationStore:
         for operation_id in ids:
             pipe.hget(self._key(operation_id.decode()), "state")
         counts = dict.fromkeys((PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED), 0)
-        for state in pipe.execute() if ids else []:
-            if state is not None:
+        expired = []
+        for operation_id, state in zip(ids, pipe.execute() if ids else [], strict=True):
+            if state is None:
+                expired.append(operation_id)
+            else:
                 counts[state.decode()] = counts.get(state.decode(), 0) + 1
+        self._drop_expired(expired)
         return counts
+
+    def _drop_expired(self, ids: list) -> None:
+        """Remove from the listing index the ids whose record expired (their TTL after ending)."""
+        if ids:
+            self.client.zrem(f"{self.prefix}:ops", *ids)
 
     @redis_unavailable
     def list(self, page_size: int, offset: int = 0, **equal: str) -> tuple[list[dict], int | None]:
         """Up to `page_size` records, newest first from position `offset` of the index, whose
         fields equal `equal` (e.g. kind="fit_factors", state="RUNNING"); and the position the next
-        page starts at, or None when no further record matches (so a last page is never empty)."""
-        found, position, batch = [], offset, max(2 * page_size, 100)
-        while ids := self.client.zrevrange(f"{self.prefix}:ops", position, position + batch - 1):
+        page starts at, or None when no further record matches (so a last page is never empty).
+        Ids whose record expired are dropped from the index on the way (the next position counts
+        that: they all lie before it)."""
+        found, expired, position, batch = [], [], offset, max(2 * page_size, 100)
+        following = None
+        index = f"{self.prefix}:ops"
+        while following is None and (ids := self.client.zrevrange(index, position, position + batch - 1)):
             for step, operation_id in enumerate(ids):
                 record = self.get(operation_id.decode())
-                if record is None or any(record.get(key) != value for key, value in equal.items()):
+                if record is None:
+                    expired.append(operation_id)
+                    continue
+                if any(record.get(key) != value for key, value in equal.items()):
                     continue
                 if len(found) == page_size:
-                    return found, position + step
+                    following = position + step
+                    break
                 found.append(record)
             position += len(ids)
-        return found, None
+        self._drop_expired(expired)
+        return found, None if following is None else following - len(expired)
 
     @redis_unavailable
     def _apply(self, operation_id: str, **fields) -> bool:
         """Set fields unless the operation already ended. True when applied."""
         fields["update_time"] = time.time()
-        arguments = [self.ended_channel, operation_id]
+        arguments = [self.ended_channel, operation_id, self.ttl_seconds]
         for key, value in fields.items():
             arguments += [key, value]
         return self._transition(keys=[self._key(operation_id)], args=arguments) == 1
@@ -187,12 +231,10 @@ class OperationStore:
     def report(self, operation_id: str, *, step: dict | None = None, tokens: int = 0) -> None:
         """A task's progress in one round trip: its current step's fields (step, step_done,
         step_total, step_unit) and tokens processed since the last report."""
-        pipe = self.client.pipeline()
-        if step:
-            pipe.hset(self._key(operation_id), mapping={key: value for key, value in step.items()})
-        if tokens:
-            pipe.hincrby(self._key(operation_id), "counter:tokens_processed", int(tokens))
-        pipe.execute()
+        arguments: list = [int(tokens)]
+        for key, value in (step or {}).items():
+            arguments += [key, value]
+        self._report(keys=[self._key(operation_id)], args=arguments)
 
     @redis_unavailable
     def delete(self, operation_id: str) -> None:
@@ -231,15 +273,28 @@ class OperationStore:
         arguments.append(len(counters))
         for name, increment in counters.items():
             arguments += [name, int(increment)]
+        arguments.append(self.ttl_seconds)
         for stream, payload in next_tasks:
             arguments += [stream, payload]
         keys = [f"{base}:shards", f"{base}:done", self._key(operation_id)]
         return self._finish_shard(keys=keys, args=arguments) == 1
 
     @redis_unavailable
-    def note_error(self, operation_id: str, text: str) -> None:
-        """Keep a task's last failure, reported as the cause if the task is dead-lettered."""
-        self.client.hset(self._key(operation_id), "last_error", text[:500])
+    def note_error(self, operation_id: str, task: str, text: str) -> None:
+        """Keep the last failure of one task (`task`: "stage/shard"), reported as the cause if that
+        task is dead-lettered. Each task has its own field, so the cause quoted is its own."""
+        self._report(keys=[self._key(operation_id)], args=[0, f"last_error:{task}", text[:500]])
+
+    @redis_unavailable
+    def last_error(self, operation_id: str, task: str) -> str:
+        raw = self.client.hget(self._key(operation_id), f"last_error:{task}")
+        return raw.decode() if raw else ""
+
+    @redis_unavailable
+    def forget_fan_in(self, operation_id: str, stages: list[str]) -> None:
+        """Delete an ended operation's fan-in sets (a late duplicate task records nothing more)."""
+        base = f"{self.prefix}:fanin:{operation_id}"
+        self.client.delete(*(f"{base}:{stage}:{part}" for stage in stages for part in ("shards", "done")))
 
     def start(self, operation_id: str, stage: str, shards_total: int) -> bool:
         return self._apply(operation_id, state=RUNNING, stage=stage, shards_total=shards_total)

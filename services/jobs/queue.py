@@ -7,6 +7,8 @@ Delivery is at-least-once:
   resets the idle time without counting a delivery;
 - the task is acknowledged (XACK, then XDEL) only after its handler returned, so a worker that
   dies mid-task leaves it pending, and another worker reclaims it after the lease;
+- a task whose handler failed is released (`release`: XCLAIM ... IDLE, which backdates its idle
+  time) so that it becomes reclaimable after a short backoff instead of a whole lease;
 - after `max_deliveries` the task is moved to the kind's dead-letter stream with its cause.
 Payloads are bytes (serialised protobuf TaskPayload messages); never pickle.
 """
@@ -46,12 +48,21 @@ class QueueStats:
 
 class TaskQueue:
     def __init__(
-        self, client: redis.Redis, *, prefix: str = "influence", lease_seconds: float = 30.0, max_deliveries: int = 3
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "influence",
+        lease_seconds: float = 30.0,
+        max_deliveries: int = 3,
+        max_task_seconds: float = 0.0,
     ):
         self.client = client
         self.prefix = prefix
         self.lease_ms = int(lease_seconds * 1000)
         self.max_deliveries = max_deliveries
+        # A task running longer than this is taken to hang: its lease is no longer renewed, so
+        # another worker reclaims it a lease later (0: no limit; a live worker renews forever).
+        self.max_task_seconds = max_task_seconds
         self._groups: set[str] = set()
         self._next_reclaim_scan: dict[tuple[str, ...], float] = {}  # by the kinds a consumer takes
 
@@ -115,6 +126,17 @@ class TaskQueue:
         """Reset the task's idle time (its lease) without counting a delivery."""
         self.client.xclaim(self.stream(task.kind), GROUP, consumer, 0, [task.message_id], justid=True)
 
+    def release(self, task: Task, consumer: str, after_seconds: float) -> None:
+        """Make a task this consumer holds reclaimable `after_seconds` from now (at most a lease),
+        without counting a delivery: its idle time is set to lease - after_seconds."""
+        idle = max(0, self.lease_ms - int(after_seconds * 1000))
+        self.client.xclaim(self.stream(task.kind), GROUP, consumer, 0, [task.message_id], idle=idle, justid=True)
+
+    def retry_backoff(self, deliveries: int) -> float:
+        """Seconds before a failed task is offered again: 1 s after its first delivery, doubling
+        with each further one, never more than a lease."""
+        return min(self.lease_ms / 1000, 2.0 ** max(0, deliveries - 1))
+
     def ack(self, task: Task) -> None:
         pipe = self.client.pipeline()
         pipe.xack(self.stream(task.kind), GROUP, task.message_id)
@@ -165,12 +187,14 @@ class TaskQueue:
 
 class LeaseKeeper:
     """Renews the lease of the task a worker is running (`with keeper.holding(task):`) every
-    lease/3 seconds, from one thread per worker that lives across tasks (a thread per task cost
-    ~1 ms of start and join per task). `close` stops it."""
+    lease/3 seconds, for at most the queue's `max_task_seconds` (a hung task is then reclaimed),
+    from one thread per worker that lives across tasks (a thread per task cost ~1 ms of start and
+    join per task). `close` stops it."""
 
     def __init__(self, queue: TaskQueue, consumer: str):
         self.queue, self.consumer = queue, consumer
         self._task: Task | None = None
+        self._since = 0.0  # when the held task started
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -178,7 +202,7 @@ class LeaseKeeper:
     @contextmanager
     def holding(self, task: Task) -> Iterator[None]:
         with self._lock:
-            self._task = task
+            self._task, self._since = task, time.monotonic()
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name=f"lease-{self.consumer}", daemon=True)
@@ -193,8 +217,15 @@ class LeaseKeeper:
         interval = max(self.queue.lease_ms / 3000, 0.05)
         while not self._stop.wait(interval):
             with self._lock:
-                task = self._task
+                task, since = self._task, self._since
             if task is None:
+                continue
+            limit = self.queue.max_task_seconds
+            if limit and time.monotonic() - since > limit:  # hung: let the lease lapse (once per task)
+                log.warning("%s task %s ran over %g s: its lease is left to expire", task.kind, task.message_id, limit)
+                with self._lock:
+                    if self._task is task:
+                        self._task = None
                 continue
             try:  # renewing a task acknowledged meanwhile is a no-op (it left the pending list)
                 self.queue.renew(task, self.consumer)

@@ -3,25 +3,43 @@
 Writes go to a hidden temporary file beside the target, then os.replace: a reader sees the
 old or the new file, never a partial one. Temporary names start with '.', which no key
 segment may (keys.py), so they never collide with a key nor appear in a listing; a crash
-can leave one behind, harmlessly. No fsync: atomic for readers, not durable across a power
+can leave one behind, harmlessly. A full disk is StorageFull (permanent, RESOURCE_EXHAUSTED), its
+temporary file removed. No fsync: atomic for readers, not durable across a power
 cut (the object store is the durable backend).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import InputError, NotFoundError
+from ..errors import InputError, NotFoundError, StorageFull
 from . import traffic
 from .base import ArtifactStore, ObjectInfo
 from .keys import check_key, check_prefix
 
 _COPY_CHUNK = 1 << 20
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+@contextlib.contextmanager
+def disk_full_is_permanent(what: str) -> Iterator[None]:
+    """A full disk (ENOSPC, EDQUOT) raised inside the block becomes StorageFull: a clean, permanent
+    error (RESOURCE_EXHAUSTED) instead of an OSError retried as if it were transient."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in _DISK_FULL:
+            raise StorageFull(f"disk full: {what} failed ({os.strerror(error.errno)})") from None
+        raise
 
 
 class LocalStore(ArtifactStore):
@@ -46,25 +64,26 @@ class LocalStore(ArtifactStore):
         if link is not None:
             raise InputError(f"cannot store {key!r}: {link.relative_to(self.root)} is a read-only linked directory")
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        for attempt in range(3):
+        with disk_full_is_permanent(f"storing {key!r} in {self.describe()}"):
+            for attempt in range(3):
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    handle = open(temporary, "xb")  # noqa: SIM115 (closed below)
+                    break
+                except FileNotFoundError:  # a concurrent delete just removed the emptied parent
+                    if attempt == 2:
+                        raise
+                except (FileExistsError, NotADirectoryError):
+                    raise InputError(f"cannot store {key!r}: a prefix of it is an object") from None
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                handle = open(temporary, "xb")  # noqa: SIM115 (closed below)
-                break
-            except FileNotFoundError:  # a concurrent delete just removed the emptied parent
-                if attempt == 2:
-                    raise
-            except (FileExistsError, NotADirectoryError):
-                raise InputError(f"cannot store {key!r}: a prefix of it is an object") from None
-        try:
-            with handle:
-                write(handle)
-                written = handle.tell()
-            if path.is_dir():
-                raise InputError(f"cannot store {key!r}: other keys start with {key + '/'!r}")
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+                with handle:
+                    write(handle)
+                    written = handle.tell()
+                if path.is_dir():
+                    raise InputError(f"cannot store {key!r}: other keys start with {key + '/'!r}")
+                os.replace(temporary, path)
+            finally:
+                temporary.unlink(missing_ok=True)
         traffic.count("local", "written", written)
 
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -138,7 +157,7 @@ class LocalStore(ArtifactStore):
                 source = open(self._path(key), "rb")  # noqa: SIM115 (closed right below)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 raise NotFoundError(f"no object at {key!r} in {self.describe()}") from None
-            with source, open(temporary, "xb") as handle:
+            with disk_full_is_permanent(f"copying {key!r} to {target}"), source, open(temporary, "xb") as handle:
                 shutil.copyfileobj(source, handle, _COPY_CHUNK)
                 traffic.count("local", "read", handle.tell())
             os.replace(temporary, target)

@@ -7,12 +7,15 @@ the store, then enqueue the first stage's tasks. Run: take a task, skip it if it
 ended, parse its job once, run the stage under a renewed lease, then record completion; the last
 task of a stage atomically enqueues the next stage (or finishes the operation with its response).
 Failures: an error that is the caller's fault (errors.py `callers_fault`) fails the operation at
-once; anything else leaves the task pending so it is redelivered after its lease; past the
-delivery limit it is dead-lettered and the operation fails with the cause.
+once; anything else releases the task for a redelivery after a short backoff (a worker that dies
+leaves it to be reclaimed after its lease); past the delivery limit it is dead-lettered and the
+operation fails with that task's own last error. A job that ends without success leaves no
+jobs/{id}/ objects behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -26,11 +29,11 @@ from google.rpc import code_pb2
 
 from ..engine.progress import Progress
 from ..engine.resources import available_cores
-from ..errors import CancelledError, DomainError, code_of
+from ..errors import CancelledError, DomainError, ResourceExhaustedError, UnavailableError, code_of, message_of
 from ..gen.influence.internal.v1 import tasks_pb2
-from ..jobs.operations import OPERATION_KINDS, TERMINAL, OperationStore
+from ..jobs.operations import OPERATION_KINDS, SUCCEEDED, TERMINAL, OperationStore
 from ..jobs.queue import LeaseKeeper, Task, TaskQueue
-from ..storage import ArtifactStore
+from ..storage import MANIFEST, ArtifactStore
 from . import layout, metrics
 from .context import WorkerContext
 from .plans import StageCall, StageTable
@@ -47,6 +50,10 @@ class JobSystem:
     operations: OperationStore
     queue: TaskQueue
     table: StageTable
+    # Tasks a stream may hold (waiting or running) before a new job whose first stage is that
+    # stream is refused with RESOURCE_EXHAUSTED (0: no bound). Refusing beats queueing work
+    # nobody will see finish: callers back off or go elsewhere.
+    max_queued_tasks: int = 0
 
     def unhealthy(self) -> str | None:
         """Why the system cannot serve right now (Redis or the store unreachable), or None."""
@@ -74,8 +81,17 @@ class JobSystem:
     def submit(
         self, kind: str, job: Job, *, request_id: str = "", target: str = "", upload: bytes | None = None
     ) -> dict:
-        """Create the operation and enqueue the job (once per request_id)."""
+        """Create the operation and enqueue the job (once per request_id). ResourceExhaustedError
+        when the first stage's stream is full (`max_queued_tasks`)."""
         assert kind in OPERATION_KINDS, kind
+        stage = self.table.plan(job).first(job)
+        if self.max_queued_tasks:
+            queued, adding = self.queue.depth(stage), self.table.tasks(job, stage)
+            if queued + adding > self.max_queued_tasks:
+                raise ResourceExhaustedError(
+                    f"the {stage} queue holds {queued} tasks; the limit is {self.max_queued_tasks} "
+                    "(INFLUENCE_MAX_QUEUED_TASKS): try again later"
+                )
         record, created = self.operations.create(kind, {"kind": kind, "target": target}, request_id)
         if not created:
             return record
@@ -85,11 +101,18 @@ class JobSystem:
         elif upload is not None:
             self.store.put_bytes(layout.job_upload(job_id), upload)
         self.store.put_bytes(layout.job_spec(job_id), encode_job(job))
-        stage = self.table.plan(job).first(job)
         self.operations.start(job_id, stage, self.table.tasks(job, stage))
         for _, payload in self.stage_tasks(job_id, job, stage):
             self.queue.enqueue(stage, payload)
         return self.operations.get(job_id)
+
+    def record_done(self, kind: str, response: bytes, *, request_id: str = "", target: str = "") -> dict:
+        """An operation that is done at once with `response` (e.g. a dataset registered before):
+        callers see the usual operation, without a job."""
+        record, created = self.operations.create(kind, {"kind": kind, "target": target}, request_id)
+        if created:
+            self.operations.succeed(record["id"], response)
+        return self.operations.get(record["id"])
 
 
 class OperationProgress(Progress):
@@ -122,20 +145,27 @@ class OperationProgress(Progress):
     def _report(self, after_seconds: float) -> None:
         if time.monotonic() - self._reported <= after_seconds or not (self._tokens or self._step_dirty):
             return
-        self.operations.report(self.operation, step=self._step if self._step_dirty else None, tokens=self._tokens)
+        try:
+            self.operations.report(self.operation, step=self._step if self._step_dirty else None, tokens=self._tokens)
+        except UnavailableError as error:  # Redis away: the work goes on; progress is written once it is back
+            self._reported = time.monotonic()
+            log.warning("progress of %s not written: %s", self.operation, error)
+            return
         self._tokens, self._step_dirty, self._reported = 0, False, time.monotonic()
 
     def flush(self) -> None:
         """Write the step's final state now (at the end of a task), tokens excepted (those travel
         with the task's completion, `unreported`)."""
         if self._step_dirty:
-            self.operations.report(self.operation, step=self._step)
+            with contextlib.suppress(UnavailableError):  # progress only: the completion follows
+                self.operations.report(self.operation, step=self._step)
             self._step_dirty = False
 
     def cancelled(self) -> bool:
         if time.monotonic() - self._checked > 1.0:
             self._checked = time.monotonic()
-            self._cancelled = self.operations.is_cancelled(self.operation)
+            with contextlib.suppress(UnavailableError):  # Redis away: keep working; asked again in a second
+                self._cancelled = self.operations.is_cancelled(self.operation)
         return self._cancelled
 
     def unreported(self) -> dict[str, int]:
@@ -151,6 +181,22 @@ def threads_per_worker(workers: int) -> int:
     cores, every parallel region waits on the others (measured 2-5x slower small ops on 2 cores),
     so the cores are split between the workers."""
     return max(1, available_cores() // max(1, workers))
+
+
+_TARGET_PREFIXES = {
+    "factorSets": layout.factors_prefix,
+    "datasets": layout.dataset_prefix,
+    "results": layout.result_prefix,
+    "indexes": layout.index_prefix,
+}
+
+
+def _target(record: dict | None) -> str:
+    """The store prefix of the artifact an operation creates ("factorSets/ID" -> "factors/ID/"), or ""."""
+    collection, _, name = ((record or {}).get("metadata", {}).get("target") or "").partition("/")
+    if collection not in _TARGET_PREFIXES or not name or "/" in name:
+        return ""
+    return _TARGET_PREFIXES[collection](name)
 
 
 class PrefixDeleter:
@@ -244,68 +290,114 @@ class Worker:
         self.context.captures.release_ended(ended)
 
     def handle(self, task: Task) -> str:
-        """Run one task; its outcome: succeeded, failed (the operation failed), retry (left for
-        redelivery), cancelled, dead_lettered, or skipped (its operation had ended)."""
+        """Run one task; its outcome: succeeded, failed (the operation failed), retry (released for
+        redelivery after a backoff), cancelled, dead_lettered, or skipped (its operation had ended)."""
         queue, operations = self.system.queue, self.system.operations
         payload = tasks_pb2.TaskPayload.FromString(task.payload)
         record = operations.get(payload.operation)
         if record is None or record["state"] in TERMINAL:
             queue.ack(task)
+            if record is None or record["state"] != SUCCEEDED:  # failed or cancelled: nothing to keep
+                self.discard_intermediates(payload.job, ended=True, target=_target(record))
             return "skipped"
         where = f"{payload.stage} task (shard {payload.shard})"
+        task_name = f"{payload.stage}/{payload.shard}"
         if task.deliveries > queue.max_deliveries:
-            cause = record.get("last_error") or "the worker was lost"
+            cause = operations.last_error(payload.operation, task_name) or "the worker running it was lost"
             message = f"{where} failed {task.deliveries - 1} times; last error: {cause}"
             queue.dead_letter(task, message)
             operations.fail(payload.operation, code_pb2.ABORTED, message)
+            self.discard_intermediates(payload.job, ended=True, target=_target(record))
             return "dead_lettered"
         progress = OperationProgress(operations, payload.operation)
-        progress.stage("starting", 1, "task")  # until the stage's first step: loading its model and inputs
         self.context.progress = progress
-        try:
+        try:  # everything the task reads, the job spec included, fails inside the error handling
+            progress.stage("starting", 1, "task")  # until the stage's first step: loading its model and inputs
             job = decode_job(self.system.store.get_bytes(layout.job_spec(payload.job)))
             call = StageCall(self.context, job, payload.job, payload.stage, payload.shard)
             with self.lease.holding(task):
                 published = self.system.table.stage(payload.stage).run(call)
         except CancelledError:
             queue.ack(task)
+            self.discard_intermediates(payload.job, ended=True, target=_target(record))
             return "cancelled"
         except Exception as error:
-            if isinstance(error, DomainError) and error.callers_fault:
-                operations.fail(payload.operation, code_pb2.Code.Value(code_of(error)), f"{where}: {error}")
-                queue.ack(task)
-                return "failed"
-            # transient or the system's fault: left pending, redelivered after the lease
-            if isinstance(error, DomainError):
-                log.warning("%s of %s failed: %s: %s", where, payload.operation, type(error).__name__, error)
-            else:  # a bug: the traceback belongs in the log
-                log.exception("%s of %s failed", where, payload.operation)
-            operations.note_error(payload.operation, f"{type(error).__name__}: {error}")
-            return "retry"
+            return self._failed(task, payload, where, task_name, error, _target(record))
         progress.flush()
         plan = self.system.table.plan(job)
         following = plan.after(job, payload.stage)
-        completed = operations.finish_shard(
-            payload.operation,
-            payload.stage,
-            payload.shard,
-            self.system.table.tasks(job, payload.stage),
-            next_stage=following or "",
-            next_tasks=self.system.stage_tasks(payload.operation, job, following) if following else [],
-            response=plan.respond(job, published) if following is None else b"",
-            counters={"shards_done": 1, **progress.unreported()},
+        completed = self._with_redis_retries(
+            lambda: operations.finish_shard(
+                payload.operation,
+                payload.stage,
+                payload.shard,
+                self.system.table.tasks(job, payload.stage),
+                next_stage=following or "",
+                next_tasks=self.system.stage_tasks(payload.operation, job, following) if following else [],
+                response=plan.respond(job, published) if following is None else b"",
+                counters={"shards_done": 1, **progress.unreported()},
+            ),
+            f"recording {where} of {payload.operation}",
         )
-        queue.ack(task)
+        self._with_redis_retries(lambda: queue.ack(task), f"acknowledging {where} of {payload.operation}")
         if completed and following is None and not plan.keeps_intermediates:
             self.discard_intermediates(payload.job)
         return "succeeded"
 
-    def discard_intermediates(self, job: str) -> None:
-        """Delete a succeeded job's jobs/{id}/ objects (spec, upload, partial sums, eigenbases,
-        prepared queries, per-shard scores): its outputs are published artifacts by then, and a
-        late duplicate of one of its tasks finds the operation ended and does nothing. Without
-        this a long-running system keeps every fit's partial sums forever."""
+    def _failed(self, task: Task, payload, where: str, task_name: str, error: Exception, target: str) -> str:
+        """A task raised: the caller's fault fails the operation at once (and its intermediates go);
+        anything else is noted as this task's last error and the task released for a retry after a
+        backoff (1 s, doubling per delivery, at most a lease) instead of waiting out its lease."""
+        queue, operations = self.system.queue, self.system.operations
+        if isinstance(error, DomainError) and error.callers_fault:
+            operations.fail(payload.operation, code_pb2.Code.Value(code_of(error)), f"{where}: {error}")
+            queue.ack(task)
+            self.discard_intermediates(payload.job, ended=True, target=target)
+            return "failed"
+        if isinstance(error, DomainError):  # transient or the system's fault
+            log.warning("%s of %s failed: %s: %s", where, payload.operation, type(error).__name__, error)
+        else:  # a bug: the traceback belongs in the log
+            log.exception("%s of %s failed", where, payload.operation)
+        try:
+            operations.note_error(payload.operation, task_name, f"{type(error).__name__}: {message_of(error)}")
+            queue.release(task, self.consumer, queue.retry_backoff(task.deliveries))
+        except Exception as unreachable:  # Redis away too: the task stays pending, reclaimed after its lease
+            log.warning("could not release %s of %s: %s", where, payload.operation, unreachable)
+        return "retry"
+
+    def _with_redis_retries(self, step, what: str, seconds: float = 30.0):
+        """`step()` retried while Redis is unreachable, for up to `seconds` (the task's work is done
+        and stored: losing it to a Redis restart would cost a redelivery after the lease)."""
+        deadline, delay = time.monotonic() + seconds, 0.1
+        while True:
+            try:
+                return step()
+            except UnavailableError as error:
+                if time.monotonic() + delay > deadline or self.stop.is_set():
+                    raise
+                log.warning("%s: %s; retrying in %.1f s", what, error, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def discard_intermediates(self, job: str, *, ended: bool = False, target: str = "") -> None:
+        """Delete an ended job's jobs/{id}/ objects (spec, upload, partial sums, eigenbases,
+        prepared queries, per-shard scores) and its fan-in sets in Redis: a succeeded job's outputs
+        are published artifacts by then, a failed or cancelled (`ended`) one has none, and a late
+        duplicate of one of its tasks finds the operation ended and does nothing. Without this a
+        long-running system keeps every job's partial sums forever. Idempotent. `target`: the
+        store prefix of the artifact an ended job was writing, deleted too unless it was published
+        (its manifest exists: an index being appended to keeps its earlier parts)."""
         prefix = layout.job_prefix(job)
         self.context.artifacts.forget_prefix(prefix)
         self.context.captures.release_job(job)
         self._deleter.submit(prefix)
+        if ended and target:
+            try:
+                if not self.system.store.exists(target + MANIFEST):
+                    self._deleter.submit(target)
+            except Exception as error:  # the store away: garbage without a manifest is never read
+                log.warning("could not check %s: %s", target, error)
+        try:
+            self.system.operations.forget_fan_in(job, self.system.table.kinds)
+        except UnavailableError as error:  # garbage, not state: a later task of the job retries
+            log.warning("could not delete the fan-in sets of %s: %s", job, error)
