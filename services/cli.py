@@ -36,11 +36,49 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --server: an interrupted command leaves its job running (default: the job is cancelled)",
     )
+    _add_client_security_options(parser)
     parser.add_argument(
         "--shard-size",
         type=int,
         default=DEFAULT_SHARD_SIZE,
         help=f"training sequences per data shard (default {DEFAULT_SHARD_SIZE})",
+    )
+
+
+def _add_client_security_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="with --server: the bearer token (default: env INFLUENCE_TOKEN, which `ps` does not show)",
+    )
+    parser.add_argument("--tls-ca", default=None, help="with --server: TLS, trusting this CA (env INFLUENCE_TLS_CA)")
+    parser.add_argument(
+        "--tls-cert", default=None, help="with --server: mutual TLS, this client certificate (env INFLUENCE_TLS_CERT)"
+    )
+    parser.add_argument("--tls-key", default=None, help="with --server: its private key (env INFLUENCE_TLS_KEY)")
+
+
+def _add_server_security_options(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--auth-tokens",
+        default=env("INFLUENCE_AUTH_TOKENS", ""),
+        metavar="FILE",
+        help="require a token on every call: 'TOKEN TENANT' per line, re-read when it changes "
+        "(env INFLUENCE_AUTH_TOKENS; default: no authentication, one tenant)",
+    )
+    parser.add_argument("--tls-cert", default=env("INFLUENCE_TLS_CERT", ""), help="serve TLS with this PEM certificate")
+    parser.add_argument("--tls-key", default=env("INFLUENCE_TLS_KEY", ""), help="and this PEM private key")
+    parser.add_argument(
+        "--tls-client-ca",
+        default=env("INFLUENCE_TLS_CLIENT_CA", ""),
+        help="mutual TLS: clients must present a certificate signed by this CA",
+    )
+    parser.add_argument(
+        "--max-queued-operations",
+        type=int,
+        default=int(env("INFLUENCE_MAX_QUEUED_OPERATIONS", "0")),
+        help="per tenant: at most this many queued or running operations (0: no quota)",
     )
 
 
@@ -160,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     append.add_argument("--quiet", action="store_true")
     append.add_argument("--server", default="", metavar="HOST:PORT")
     append.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
+    _add_client_security_options(append)
 
     self_cmd = commands.add_parser("self", help="self-influence of every training sequence")
     _add_model_options(self_cmd)
@@ -185,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="in-process workers (0: only separate `influence worker`s)"
     )
     _add_connection_options(serve)
+    _add_server_security_options(serve)
 
     worker = commands.add_parser("worker", help="run tasks from the Redis queues")
     worker.add_argument("--kinds", default="", help="comma-separated task kinds (default: all)")

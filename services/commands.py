@@ -48,7 +48,8 @@ def through_system(args, body: Callable[..., T]) -> T:
     from .client import InfluenceClient
 
     if args.server:
-        with InfluenceClient(args.server) as client:
+        security = {name: getattr(args, name, None) for name in ("token", "tls_ca", "tls_cert", "tls_key")}
+        with InfluenceClient(args.server, **security) as client:
             try:
                 return body(client)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the job goes with the command, unless detached
@@ -321,14 +322,21 @@ def run_serve(args) -> int:
 
     from .assembly import ROLES, serve
     from .logs import configure_logging
+    from .rpc.auth import token_file_from_env
+    from .rpc.server import server_credentials
     from .system.runner import Worker, threads_per_worker
 
     configure_logging(args.log_level, args.log_format)
+    tokens = token_file_from_env(args.auth_tokens)  # a bad file fails here, before anything starts
+    credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if args.max_queued_operations < 0:
+        raise InputError(f"--max-queued-operations must be >= 0, got {args.max_queued_operations}")
     roles = tuple(role.strip() for role in args.role.split(",") if role.strip())
     unknown = set(roles) - set(ROLES)
     if unknown or not roles:
         raise InputError(f"--role takes factor, gradient and/or query, got {args.role!r}")
     with _connect(args) as system, _metrics(args, system, shared_state=True):
+        system.max_queued_operations = args.max_queued_operations
         cores_each = threads_per_worker(args.workers)
         workers = [
             Worker(system, consumer=f"serve-{n}", context=_worker_context(args, system), torch_threads=cores_each)
@@ -338,7 +346,7 @@ def run_serve(args) -> int:
         for thread in threads:
             thread.start()
         try:
-            asyncio.run(serve(system, args.host, args.port, roles))
+            asyncio.run(serve(system, args.host, args.port, roles, tokens=tokens, credentials=credentials))
         finally:
             for worker in workers:
                 worker.stop.set()

@@ -12,3 +12,7 @@ CHUNK_BYTES = 1 * 2**20
 # one partial sum per tracked module through the store (for an LLM's MLP, ~0.5 GB per module and
 # shard), so shards should hold minutes of work, not seconds.
 DEFAULT_SHARD_SIZE = 1024
+
+# The tenant of every call on a server without --auth-tokens (and of records from before tenants):
+# its artifacts and Redis keys keep the layout that predates tenants.
+DEFAULT_TENANT = "default"

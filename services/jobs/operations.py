@@ -4,6 +4,9 @@ One hash per operation (`{prefix}:op:{id}`) with: kind, state, metadata (JSON), 
 (serialised google.protobuf.Any), error code and message, request id, times. A sorted set
 indexes operations by creation time for listing; `{prefix}:request:{request_id}` maps a
 create call's request id to its operation, so retried creates return the same operation.
+Tenants: each record names its tenant; a tenant other than the default one has its own listing
+index, request ids and active set under `{prefix}:tenant:{tenant}:` (the default tenant keeps the
+names above), and callers check the record's tenant before showing or changing it.
 Fan-in: each (operation, stage) has a set of finished shards; `finish_shard` adds to it and
 says True exactly once, when the set first becomes complete, even under duplicate deliveries
 and concurrent workers (a Lua script makes the check-and-mark atomic).
@@ -17,7 +20,8 @@ import uuid
 
 import redis
 
-from ..errors import QueueUnavailable
+from ..errors import QueueUnavailable, ResourceExhaustedError
+from ..wire import DEFAULT_TENANT
 from .connection import redis_unavailable
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
@@ -49,6 +53,22 @@ for i = counters_end + 1, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload'
 return 1
 """
 
+# KEYS: the tenant's active set. ARGV: quota, operation id, operation-hash key prefix. Drops the
+# operations that ended (or vanished) from the set, then admits the new one if the set holds
+# fewer than the quota: the check and the admission are one atomic step, so concurrent submits
+# cannot overshoot the quota.
+_ADMIT = """
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local state = redis.call('HGET', ARGV[3] .. member, 'state')
+  if not state or state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then
+    redis.call('SREM', KEYS[1], member)
+  end
+end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return redis.call('SCARD', KEYS[1]) end
+redis.call('SADD', KEYS[1], ARGV[2])
+return -1
+"""
+
 # KEYS: operation hash. ARGV: ended channel, operation id, then (field, value) pairs. Publishes
 # the id when the fields end the operation (see jobs/ended.py).
 _TRANSITION = """
@@ -69,23 +89,44 @@ class OperationStore:
         self.ended_channel = f"{prefix}:ended"  # an operation's id, published as it ends
         self._finish_shard = client.register_script(_FINISH_SHARD)
         self._transition = client.register_script(_TRANSITION)
+        self._admit = client.register_script(_ADMIT)
 
     def _key(self, operation_id: str) -> str:
         return f"{self.prefix}:op:{operation_id}"
 
-    def create(self, kind: str, metadata: dict, request_id: str = "") -> tuple[dict, bool]:
-        """(operation, created). With a request_id seen before, the earlier operation and False."""
+    def _tenant_key(self, tenant: str, name: str) -> str:
+        """A per-tenant key; the default tenant keeps the names that predate tenants."""
+        return f"{self.prefix}:{name}" if tenant == DEFAULT_TENANT else f"{self.prefix}:tenant:{tenant}:{name}"
+
+    def create(
+        self, kind: str, metadata: dict, request_id: str = "", *, tenant: str = DEFAULT_TENANT, quota: int = 0
+    ) -> tuple[dict, bool]:
+        """(operation, created). With a request_id the tenant used before, the earlier operation
+        and False. With a `quota`, ResourceExhaustedError when the tenant already has that many
+        operations queued or running."""
         operation_id = uuid.uuid4().hex[:20]
         try:
             if request_id:
-                claimed = self.client.set(f"{self.prefix}:request:{request_id}", operation_id, nx=True, ex=7 * 86400)
+                request_key = f"{self._tenant_key(tenant, 'request')}:{request_id}"
+                claimed = self.client.set(request_key, operation_id, nx=True, ex=7 * 86400)
                 if not claimed:
-                    existing = self.client.get(f"{self.prefix}:request:{request_id}").decode()
+                    existing = self.client.get(request_key).decode()
                     for _ in range(50):  # the creator may still be writing its record
                         record = self.get(existing)
                         if record is not None:
                             return record, False
                         time.sleep(0.02)
+            if quota:
+                active = self._admit(
+                    keys=[self._tenant_key(tenant, "active")], args=[quota, operation_id, f"{self.prefix}:op:"]
+                )
+                if active != -1:
+                    if request_id:  # not created: a retry after the quota frees up must be able to
+                        self.client.delete(request_key)
+                    raise ResourceExhaustedError(
+                        f"tenant {tenant!r} has {active} operations queued or running; its quota "
+                        f"(--max-queued-operations) is {quota}: wait for one to finish or cancel one"
+                    )
             now = time.time()
             fields = {
                 "id": operation_id,
@@ -93,12 +134,15 @@ class OperationStore:
                 "state": PENDING,
                 "metadata": json.dumps(metadata),
                 "request_id": request_id,
+                "tenant": tenant,
                 "create_time": now,
                 "update_time": now,
             }
             pipe = self.client.pipeline()
             pipe.hset(self._key(operation_id), mapping=fields)
-            pipe.zadd(f"{self.prefix}:ops", {operation_id: now})
+            pipe.zadd(f"{self.prefix}:ops", {operation_id: now})  # every tenant's (metrics, the default's list)
+            if tenant != DEFAULT_TENANT:
+                pipe.zadd(self._tenant_key(tenant, "ops"), {operation_id: now})
             pipe.execute()
         except redis.RedisError as error:
             raise QueueUnavailable(f"cannot create an operation: {error}") from None
@@ -110,9 +154,12 @@ class OperationStore:
         if not raw:
             return None
         record = {key.decode(): value for key, value in raw.items()}
-        for key in ("id", "kind", "state", "request_id", "error_message", "stage", "last_error", "step", "step_unit"):
+        for key in (
+            "id", "kind", "state", "request_id", "error_message", "stage", "last_error", "step", "step_unit", "tenant"
+        ):
             if key in record:
                 record[key] = record[key].decode()
+        record.setdefault("tenant", DEFAULT_TENANT)  # a record from before tenants
         for key in ("step_done", "step_total"):
             record[key] = int(record.get(key, 0))
         record["metadata"] = json.loads(record["metadata"])
@@ -139,13 +186,17 @@ class OperationStore:
         return counts
 
     @redis_unavailable
-    def list(self, page_size: int = 50, page_token: str = "", kind: str = "") -> tuple[list[dict], str]:
-        """Newest first; the page token is the offset into the index."""
+    def list(
+        self, page_size: int = 50, page_token: str = "", kind: str = "", tenant: str = DEFAULT_TENANT
+    ) -> tuple[list[dict], str]:
+        """The tenant's operations, newest first; the page token is the offset into the index."""
         offset = int(page_token or 0)
         page_size = max(1, min(page_size or 50, 500))
-        ids = self.client.zrevrange(f"{self.prefix}:ops", offset, offset + page_size - 1)
+        ids = self.client.zrevrange(self._tenant_key(tenant, "ops"), offset, offset + page_size - 1)
         records = [
-            record for record in (self.get(i.decode()) for i in ids) if record and (not kind or record["kind"] == kind)
+            record
+            for record in (self.get(i.decode()) for i in ids)
+            if record and record["tenant"] == tenant and (not kind or record["kind"] == kind)
         ]
         more = len(ids) == page_size
         return records, str(offset + page_size) if more else ""
@@ -181,8 +232,11 @@ class OperationStore:
 
     @redis_unavailable
     def delete(self, operation_id: str) -> None:
+        tenant = self.client.hget(self._key(operation_id), "tenant")
         self.client.delete(self._key(operation_id))
         self.client.zrem(f"{self.prefix}:ops", operation_id)
+        if tenant is not None and tenant.decode() != DEFAULT_TENANT:
+            self.client.zrem(self._tenant_key(tenant.decode(), "ops"), operation_id)
 
     @redis_unavailable
     def is_cancelled(self, operation_id: str) -> bool:

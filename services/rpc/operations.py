@@ -13,6 +13,7 @@ from ..errors import NotFoundError, PreconditionError
 from ..jobs.ended import EndedWatcher
 from ..jobs.operations import TERMINAL, OperationStore
 from . import validation
+from .auth import current_tenant
 from .common import operation_message
 from .status import grpc_errors
 
@@ -31,8 +32,9 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         self.watcher = watcher
 
     def _record(self, name: str) -> dict:
+        """The caller's operation `name`: another tenant's is not found, exactly as a missing one."""
         record = self.operations.get(validation.resource_id(name, "operations", "name"))
-        if record is None:
+        if record is None or record["tenant"] != current_tenant():
             raise NotFoundError(f"operation {name!r} not found")
         return record
 
@@ -44,7 +46,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     async def ListOperations(self, request, context):
         size, offset = validation.page(request.page_size, request.page_token)
         kind = request.filter.removeprefix("kind=") if request.filter else ""
-        records, token = await asyncio.to_thread(self.operations.list, size, str(offset), kind)
+        records, token = await asyncio.to_thread(self.operations.list, size, str(offset), kind, current_tenant())
         return operations_pb2.ListOperationsResponse(
             operations=[operation_message(r) for r in records], next_page_token=token
         )

@@ -13,6 +13,7 @@ delivery limit it is dead-lettered and the operation fails with the cause.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -30,7 +31,7 @@ from ..errors import CancelledError, DomainError, code_of
 from ..gen.influence.v1 import tasks_pb2
 from ..jobs.operations import TERMINAL, OperationStore
 from ..jobs.queue import LeaseKeeper, Task, TaskQueue
-from ..storage import ArtifactStore
+from ..storage import ArtifactStore, PrefixedStore
 from . import layout, metrics
 from .context import WorkerContext
 from .plans import StageCall, StageTable
@@ -47,6 +48,16 @@ class JobSystem:
     operations: OperationStore
     queue: TaskQueue
     table: StageTable
+    tenant: str = layout.DEFAULT_TENANT
+    # per tenant: at most this many queued or running operations (0: no quota)
+    max_queued_operations: int = 0
+
+    def for_tenant(self, tenant: str) -> JobSystem:
+        """The system as `tenant` sees it: its own part of the store (layout.tenant_prefix), its
+        operations. Servicers use only this view, so no request can name another tenant's data."""
+        if tenant == self.tenant:
+            return self
+        return dataclasses.replace(self, store=tenant_store(self.store, tenant), tenant=tenant)
 
     def unhealthy(self) -> str | None:
         """Why the system cannot serve right now (Redis or the store unreachable), or None."""
@@ -75,7 +86,9 @@ class JobSystem:
         self, kind: str, job: Job, *, request_id: str = "", target: str = "", upload: bytes | None = None
     ) -> dict:
         """Create the operation and enqueue the job (once per request_id)."""
-        record, created = self.operations.create(kind, {"kind": kind, "target": target}, request_id)
+        record, created = self.operations.create(
+            kind, {"kind": kind, "target": target}, request_id, tenant=self.tenant, quota=self.max_queued_operations
+        )
         if not created:
             return record
         job_id = record["id"]
@@ -89,6 +102,12 @@ class JobSystem:
         for _, payload in self.stage_tasks(job_id, job, stage):
             self.queue.enqueue(stage, payload)
         return self.operations.get(job_id)
+
+
+def tenant_store(store: ArtifactStore, tenant: str) -> ArtifactStore:
+    """`store` as `tenant` sees it (the store itself for the default tenant)."""
+    prefix = layout.tenant_prefix(tenant)
+    return PrefixedStore(store, prefix) if prefix else store
 
 
 class OperationProgress(Progress):
@@ -258,11 +277,14 @@ class Worker:
             queue.dead_letter(task, message)
             operations.fail(payload.operation, code_pb2.ABORTED, message)
             return "dead_lettered"
+        tenant = record.get("tenant", layout.DEFAULT_TENANT)
+        # the task reads and writes its operation's tenant's part of the store, nothing else
+        self.context.store = tenant_store(self.system.store, tenant)
         progress = OperationProgress(operations, payload.operation)
         progress.stage("starting", 1, "task")  # until the stage's first step: loading its model and inputs
         self.context.progress = progress
         try:
-            job = decode_job(self.system.store.get_bytes(layout.job_spec(payload.job)))
+            job = decode_job(self.context.store.get_bytes(layout.job_spec(payload.job)))
             call = StageCall(self.context, job, payload.job, payload.stage, payload.shard)
             with self.lease.holding(task):
                 published = self.system.table.stage(payload.stage).run(call)
@@ -296,10 +318,10 @@ class Worker:
         )
         queue.ack(task)
         if completed and following is None and not plan.keeps_intermediates:
-            self.discard_intermediates(payload.job)
+            self.discard_intermediates(payload.job, tenant)
         return "succeeded"
 
-    def discard_intermediates(self, job: str) -> None:
+    def discard_intermediates(self, job: str, tenant: str = layout.DEFAULT_TENANT) -> None:
         """Delete a succeeded job's jobs/{id}/ objects (spec, upload, partial sums, eigenbases,
         prepared queries, per-shard scores): its outputs are published artifacts by then, and a
         late duplicate of one of its tasks finds the operation ended and does nothing. Without
@@ -307,4 +329,4 @@ class Worker:
         prefix = layout.job_prefix(job)
         self.context.artifacts.forget_prefix(prefix)
         self.context.captures.release_job(job)
-        self._deleter.submit(prefix)
+        self._deleter.submit(layout.tenant_prefix(tenant) + prefix)
