@@ -119,6 +119,19 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (env INFLUENCE_METRICS_PORT; 0: off)",
     )
     parser.add_argument(
+        "--model-roots",
+        default=os.environ.get("INFLUENCE_MODEL_ROOTS", ""),
+        metavar="DIR[:DIR]",
+        help="load models only from under these directories (env INFLUENCE_MODEL_ROOTS; "
+        "default: any directory the process can read)",
+    )
+    parser.add_argument(
+        "--allow-remote-code",
+        action="store_true",
+        default=os.environ.get("INFLUENCE_ALLOW_REMOTE_CODE", "") == "1",
+        help="let model directories run their own Python code (trust_remote_code; default: never)",
+    )
+    parser.add_argument(
         "--cache-gib",
         type=float,
         default=None,

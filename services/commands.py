@@ -290,6 +290,10 @@ def run_demo(args) -> int:
 
 def _connect(args):
     from .assembly import connect
+    from .engine.model_io import ModelAccess, set_model_access
+
+    # the operator's model policy holds for this whole process: servicers and workers alike
+    set_model_access(ModelAccess.parse(args.model_roots, args.allow_remote_code))
 
     return connect(args.redis_url, args.store_url, args.state_dir, args.lease_seconds, args.max_deliveries)
 

@@ -6,6 +6,7 @@ in the server's debug log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -120,6 +121,8 @@ def secured(redis_server, s3_server, tmp_path_factory, workspace):  # noqa: F811
         str(tokens_file),
         "--log-level",
         "debug",
+        "--model-roots",
+        str(workspace),
     )
     server.tokens_file = tokens_file
     yield server
@@ -328,6 +331,93 @@ def test_serve_refuses_a_bad_tokens_file(tmp_path):
     assert result.returncode == 2
     assert "line 1" in result.stderr and "shorter than" in result.stderr
     assert "short" not in result.stderr.replace("shorter", "")  # the token itself is never quoted
+
+
+def pickled_model(directory: Path, source: Path, marker: Path) -> Path:
+    """A model directory with `source`'s tokenizer and config whose only weights are a pickle
+    that, if ever unpickled, creates `marker`."""
+    import pickle
+    import shutil
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, directory / path.name)
+    (directory / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    return directory
+
+
+def test_models_load_only_from_the_roots_without_probing_and_never_from_pickles(secured, workspace, tmp_path):  # noqa: F811
+    model = str(workspace / "model")
+    outside = tmp_path / "outside-model"
+    outside.mkdir()
+    (workspace / "escape").symlink_to(outside, target_is_directory=True)
+    train = (workspace / "train.jsonl").read_bytes()
+    with client_of(secured, "alice") as alice:
+        messages = []
+        for path in (
+            "/etc",
+            "/no/such/directory",
+            str(outside),
+            f"{workspace}/../{outside.name}",
+            str(workspace / "escape"),
+            "relative/model",
+        ):
+            request = gradient_service_pb2.RegisterDatasetRequest(
+                model=common_pb2.ModelSpec(path=path), jsonl=train, request_id=uuid.uuid4().hex
+            )
+            with pytest.raises(InputError) as caught:  # the path exactly as given (the client resolves)
+                alice._call(alice.gradients.RegisterDataset, request)
+            messages.append(str(caught.value).replace(repr(path), "PATH"))
+        assert len(set(messages)) == 1 and "--model-roots" in messages[0], messages
+        # inside the roots: a pickle-only model directory is refused by the worker, never unpickled
+        marker = tmp_path / "unpickled"
+        pickled = pickled_model(workspace / "pickled-model", workspace / "model", marker)
+        dataset = alice.register_dataset(model, train, shard_size=8)
+        with pytest.raises(InputError, match=r"pytorch_model\.bin: pickle files"):
+            alice.fit_factors(str(pickled), dataset.name)
+        assert not marker.exists()
+
+
+def test_a_model_s_own_code_never_runs_unless_allowed(tmp_path, workspace):  # noqa: F811
+    import shutil
+
+    from services.engine.model_io import ModelAccess, load_model_and_tokenizer, set_model_access
+
+    custom = tmp_path / "custom"
+    shutil.copytree(workspace / "model", custom)
+    marker = tmp_path / "ran"
+    config = json.loads((custom / "config.json").read_text())
+    config["model_type"] = "own-model"  # a type transformers does not know: only the directory's code can build it
+    config["auto_map"] = {"AutoConfig": "own.OwnConfig", "AutoModelForCausalLM": "own.OwnModel"}
+    (custom / "config.json").write_text(json.dumps(config))
+    (custom / "own.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nfrom transformers import GPT2Config as OwnConfig\n"
+        "from transformers import GPT2LMHeadModel as OwnModel\n"
+    )
+    set_model_access(ModelAccess(roots=(tmp_path.resolve(),)))
+    try:
+        with pytest.raises(InputError):
+            load_model_and_tokenizer(custom)
+        assert not marker.exists()
+        with pytest.raises(InputError, match="--model-roots"):
+            load_model_and_tokenizer(workspace / "model")
+        # the same directory with the operator's permission does run its code (so the above could fail)
+        set_model_access(ModelAccess(roots=(tmp_path.resolve(),), allow_remote_code=True))
+        with contextlib.suppress(InputError):
+            load_model_and_tokenizer(custom)
+        assert marker.exists()
+        marker.unlink()
+    finally:
+        set_model_access(ModelAccess())
+    pickled = pickled_model(tmp_path / "pickled", workspace / "model", marker)
+    with pytest.raises(InputError, match="holds no safetensors weights"):
+        load_model_and_tokenizer(pickled)
+    assert not marker.exists()
 
 
 def test_no_token_reaches_the_log_even_at_debug_level(secured):
