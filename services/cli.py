@@ -67,12 +67,18 @@ def _add_server_security_options(parser: argparse.ArgumentParser) -> None:
         help="require a token on every call: 'TOKEN TENANT' per line, re-read when it changes "
         "(env INFLUENCE_AUTH_TOKENS; default: no authentication, one tenant)",
     )
-    parser.add_argument("--tls-cert", default=env("INFLUENCE_TLS_CERT", ""), help="serve TLS with this PEM certificate")
-    parser.add_argument("--tls-key", default=env("INFLUENCE_TLS_KEY", ""), help="and this PEM private key")
+    parser.add_argument(
+        "--tls-cert",
+        default=env("INFLUENCE_SERVE_TLS_CERT", ""),
+        help="serve TLS with this PEM certificate (env INFLUENCE_SERVE_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key", default=env("INFLUENCE_SERVE_TLS_KEY", ""), help="and this PEM key (env INFLUENCE_SERVE_TLS_KEY)"
+    )
     parser.add_argument(
         "--tls-client-ca",
-        default=env("INFLUENCE_TLS_CLIENT_CA", ""),
-        help="mutual TLS: clients must present a certificate signed by this CA",
+        default=env("INFLUENCE_SERVE_TLS_CLIENT_CA", ""),
+        help="mutual TLS: clients must present a certificate this CA signed (env INFLUENCE_SERVE_TLS_CLIENT_CA)",
     )
     parser.add_argument(
         "--max-queued-operations",
