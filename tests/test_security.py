@@ -510,3 +510,23 @@ def test_queued_work_is_limited_per_tenant(mutual_tls, certificates, workspace):
         assert not submit(bob).done  # the quota is per tenant
         alice.cancel(first.name)
         assert not submit(alice).done  # a cancelled operation frees its place
+
+
+def test_request_ids_and_listings_are_per_tenant(redis_server):
+    """A request id another tenant already used must not hand over that tenant's operation."""
+    from services.jobs.connection import connect
+    from services.jobs.operations import OperationStore
+
+    operations = OperationStore(connect(redis_server.url), prefix=f"sec{uuid.uuid4().hex[:6]}")
+    theirs, created = operations.create("fit_factors", {}, "same-request-id", tenant="alice")
+    assert created
+    mine, created = operations.create("fit_factors", {}, "same-request-id", tenant="bob")
+    assert created and mine["id"] != theirs["id"] and mine["tenant"] == "bob"
+    again, created = operations.create("fit_factors", {}, "same-request-id", tenant="bob")
+    assert not created and again["id"] == mine["id"]  # a retry within one tenant still finds its own
+    legacy, _ = operations.create("fit_factors", {}, "same-request-id")
+    assert legacy["tenant"] == "default" and legacy["id"] not in (mine["id"], theirs["id"])
+    for tenant, expected in (("alice", theirs), ("bob", mine), ("default", legacy)):
+        assert [record["id"] for record in operations.list(tenant=tenant)[0]] == [expected["id"]]
+    operations.delete(mine["id"])
+    assert operations.list(tenant="bob")[0] == []
