@@ -13,6 +13,7 @@ query_svc) -> system, rpc -> jobs, storage -> engine -> errors. Nothing below im
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,7 @@ from .jobs.operations import DEFAULT_TTL_SECONDS, OperationStore
 from .jobs.queue import TaskQueue
 from .query_svc import stages as query_stages
 from .query_svc.servicer import QueryServicer
+from .rpc.auth import AuthInterceptor, TokenFile
 from .rpc.common import Limits
 from .rpc.operations import OperationsServicer
 from .rpc.server import build_server, serve_until_signalled
@@ -109,10 +111,15 @@ def connect(
             embedded.stop()
 
 
-def make_server(system: JobSystem, roles: tuple[str, ...] = ROLES, limits: Limits | None = None):
+def make_server(
+    system: JobSystem, roles: tuple[str, ...] = ROLES, limits: Limits | None = None, tokens: TokenFile | None = None
+):
     """(server, close): an aio server with the roles' services and Operations; `close()` after
-    it stopped releases the operation watcher. Call on the event loop that will serve."""
+    it stopped releases the operation watcher. Call on the event loop that will serve. With
+    `tokens`, every call but health and reflection needs a token, and runs as its tenant."""
     limits = limits or Limits()
+    if tokens is not None:  # tenants: none may name the server's own files
+        limits = dataclasses.replace(limits, server_paths=False)
     watcher = EndedWatcher(system.operations)
     registrations = []
     if "factor" in roles:
@@ -150,7 +157,8 @@ def make_server(system: JobSystem, roles: tuple[str, ...] = ROLES, limits: Limit
             ),
         )
     )
-    server, stop_probe = build_server(registrations, probe=system.unhealthy)
+    interceptors = (AuthInterceptor(tokens),) if tokens is not None else ()
+    server, stop_probe = build_server(registrations, probe=system.unhealthy, interceptors=interceptors)
 
     def close() -> None:
         stop_probe()
@@ -159,6 +167,17 @@ def make_server(system: JobSystem, roles: tuple[str, ...] = ROLES, limits: Limit
     return server, close
 
 
-async def serve(system: JobSystem, host: str, port: int, roles: tuple[str, ...] = ROLES) -> None:
-    """`influence serve`: the roles' services until SIGTERM/SIGINT."""
-    await serve_until_signalled(lambda: make_server(system, roles), host, port, ",".join(roles))
+async def serve(
+    system: JobSystem,
+    host: str,
+    port: int,
+    roles: tuple[str, ...] = ROLES,
+    *,
+    limits: Limits | None = None,
+    tokens: TokenFile | None = None,
+    credentials=None,
+) -> None:
+    """`influence serve`: the roles' services until SIGTERM/SIGINT (TLS with `credentials`)."""
+    await serve_until_signalled(
+        lambda: make_server(system, roles, limits, tokens), host, port, ",".join(roles), credentials=credentials
+    )

@@ -41,6 +41,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --server: an interrupted command leaves its job running (default: the job is cancelled)",
     )
+    _add_client_security_options(parser)
     parser.add_argument(
         "--shard-size",
         type=int,
@@ -54,6 +55,49 @@ def _add_json_option(parser: argparse.ArgumentParser) -> None:
         "--json",
         action="store_true",
         help="machine-readable stdout: one JSON object per line (progress events, then the outcome or the error)",
+    )
+
+
+def _add_client_security_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="with --server: the bearer token (default: env INFLUENCE_TOKEN, which `ps` does not show)",
+    )
+    parser.add_argument("--tls-ca", default=None, help="with --server: TLS, trusting this CA (env INFLUENCE_TLS_CA)")
+    parser.add_argument(
+        "--tls-cert", default=None, help="with --server: mutual TLS, this client certificate (env INFLUENCE_TLS_CERT)"
+    )
+    parser.add_argument("--tls-key", default=None, help="with --server: its private key (env INFLUENCE_TLS_KEY)")
+
+
+def _add_server_security_options(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--auth-tokens",
+        default=env("INFLUENCE_AUTH_TOKENS", ""),
+        metavar="FILE",
+        help="require a token on every call: 'TOKEN TENANT' per line, re-read when it changes "
+        "(env INFLUENCE_AUTH_TOKENS; default: no authentication, one tenant)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=env("INFLUENCE_SERVE_TLS_CERT", ""),
+        help="serve TLS with this PEM certificate (env INFLUENCE_SERVE_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key", default=env("INFLUENCE_SERVE_TLS_KEY", ""), help="and this PEM key (env INFLUENCE_SERVE_TLS_KEY)"
+    )
+    parser.add_argument(
+        "--tls-client-ca",
+        default=env("INFLUENCE_SERVE_TLS_CLIENT_CA", ""),
+        help="mutual TLS: clients must present a certificate this CA signed (env INFLUENCE_SERVE_TLS_CLIENT_CA)",
+    )
+    parser.add_argument(
+        "--max-queued-operations",
+        type=int,
+        default=int(env("INFLUENCE_MAX_QUEUED_OPERATIONS", "0")),
+        help="per tenant: at most this many queued or running operations (0: no quota)",
     )
 
 
@@ -92,6 +136,19 @@ def _add_connection_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=int(os.environ.get("INFLUENCE_METRICS_PORT", "0")),
         help="serve Prometheus metrics at http://HOST:PORT/metrics (env INFLUENCE_METRICS_PORT; 0: off)",
+    )
+    parser.add_argument(
+        "--model-roots",
+        default=os.environ.get("INFLUENCE_MODEL_ROOTS", ""),
+        metavar="DIR[:DIR]",
+        help="load models only from under these directories (env INFLUENCE_MODEL_ROOTS; "
+        "default: any directory the process can read)",
+    )
+    parser.add_argument(
+        "--allow-remote-code",
+        action="store_true",
+        default=os.environ.get("INFLUENCE_ALLOW_REMOTE_CODE", "") == "1",
+        help="let model directories run their own Python code (trust_remote_code; default: never)",
     )
     parser.add_argument(
         "--cache-gib",
@@ -168,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     operations.add_argument("--follow", default="", metavar="NAME", help="follow operations/ID to its end")
     operations.add_argument("--quiet", action="store_true", help="no progress bars while following")
     _add_json_option(operations)
+    _add_client_security_options(operations)
 
     index = commands.add_parser("index", help="build or extend an index of compressed training gradients")
     index_commands = index.add_subparsers(dest="index_command", required=True, metavar="ACTION")
@@ -192,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json_option(append)
     append.add_argument("--server", default="", metavar="HOST:PORT")
     append.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
+    _add_client_security_options(append)
 
     self_cmd = commands.add_parser("self", help="self-influence of every training sequence")
     _add_model_options(self_cmd)
@@ -209,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     wait.add_argument("--out", default="", help="download the factor set, result or index into this directory")
     wait.add_argument("--cancel", action="store_true", help="cancel the operation instead of waiting")
     wait.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_client_security_options(wait)
 
     demo = commands.add_parser("demo", help="train a tiny model on planted facts, fit, score, print the answers")
     demo.add_argument("--work-dir", default=".cache/demo", help="where the demo's model and data are cached")
@@ -226,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="in-process workers (0: only separate `influence worker`s)"
     )
     _add_connection_options(serve)
+    _add_server_security_options(serve)
 
     worker = commands.add_parser("worker", help="run tasks from the Redis queues")
     worker.add_argument("--kinds", default="", help="comma-separated task kinds (default: all)")

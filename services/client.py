@@ -9,6 +9,11 @@
 Every create call sends a request_id, so retrying it after UNAVAILABLE is safe; only
 UNAVAILABLE is retried, long enough to outlast a server restart. `wait` waits on the Operations
 service and reports progress; `wait_for(name)` reattaches to an operation started earlier.
+
+Against a server started with --auth-tokens, give `token=` (default: INFLUENCE_TOKEN): it goes
+with every call as `authorization: Bearer TOKEN`. TLS: `tls_ca=` the CA that signed the server's
+certificate (INFLUENCE_TLS_CA), and for mutual TLS `tls_cert=`/`tls_key=` the client's own
+(INFLUENCE_TLS_CERT, INFLUENCE_TLS_KEY): PEM file paths.
 """
 
 from __future__ import annotations
@@ -38,6 +43,56 @@ from .gen.influence.v1 import (
     query_service_pb2_grpc,
 )
 from .wire import DEFAULT_SHARD_SIZE, MAX_MESSAGE_BYTES, dataset_id
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer TOKEN` to every call's metadata."""
+
+    def __init__(self, token: str):
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def __repr__(self) -> str:  # never show the token
+        return "_BearerToken(***)"
+
+    def _details(self, details):
+        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+def _channel_credentials(ca: str, cert: str, key: str) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM file paths (None when none is given: plaintext)."""
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise InputError("give both a client certificate and its key (--tls-cert and --tls-key), or neither")
+
+    def read(path: str, what: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise InputError(f"cannot read the {what} {path}: {error.strerror}") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca, "TLS CA") if ca else None,
+        private_key=read(key, "TLS client key") if key else None,
+        certificate_chain=read(cert, "TLS client certificate") if cert else None,
+    )
 
 
 def _domain_error(error: grpc.RpcError) -> DomainError:
@@ -76,6 +131,10 @@ class InfluenceClient:
         retries: int | None = None,
         retry_seconds: float | None = None,
         connect_seconds: float = 10.0,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ):
         targets = {
             "factor": factor_target or target,
@@ -93,6 +152,12 @@ class InfluenceClient:
         self.retry_seconds, self.connect_seconds = retry_seconds, connect_seconds
         self._reached = False  # a call has been answered: an UNAVAILABLE now is an outage, not a typo
         self.on_operation: Callable[[str], None] | None = None  # told each operation `wait` starts on
+        self._token = os.environ.get("INFLUENCE_TOKEN", "") if token is None else token
+        self._credentials = _channel_credentials(
+            os.environ.get("INFLUENCE_TLS_CA", "") if tls_ca is None else tls_ca,
+            os.environ.get("INFLUENCE_TLS_CERT", "") if tls_cert is None else tls_cert,
+            os.environ.get("INFLUENCE_TLS_KEY", "") if tls_key is None else tls_key,
+        )
         self._channels: dict[str, grpc.Channel] = {}
         self.factors = factor_service_pb2_grpc.FactorServiceStub(self._channel(targets["factor"]))
         self.gradients = gradient_service_pb2_grpc.GradientServiceStub(self._channel(targets["gradient"]))
@@ -102,19 +167,23 @@ class InfluenceClient:
 
     def _channel(self, target: str) -> grpc.Channel:
         if target not in self._channels:
-            self._channels[target] = grpc.insecure_channel(
-                target,
-                options=[
-                    # a restarted server is found again within ~2 s (gRPC's default backs off to 120 s)
-                    ("grpc.initial_reconnect_backoff_ms", 200),
-                    ("grpc.min_reconnect_backoff_ms", 200),
-                    ("grpc.max_reconnect_backoff_ms", 2000),
-                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                    ("grpc.lb_policy_name", "round_robin"),  # over every address the name resolves to
-                    ("grpc.dns_min_time_between_resolutions_ms", 5000),  # replicas come and go
-                ],
-            )
+            options = [
+                # a restarted server is found again within ~2 s (gRPC's default backs off to 120 s)
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 2000),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.lb_policy_name", "round_robin"),  # over every address the name resolves to
+                ("grpc.dns_min_time_between_resolutions_ms", 5000),  # replicas come and go
+            ]
+            if self._credentials is None:
+                channel = grpc.insecure_channel(target, options=options)
+            else:
+                channel = grpc.secure_channel(target, self._credentials, options=options)
+            if self._token:
+                channel = grpc.intercept_channel(channel, _BearerToken(self._token))
+            self._channels[target] = channel
         return self._channels[target]
 
     def cancel(self, name: str) -> None:

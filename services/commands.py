@@ -60,13 +60,18 @@ def _out_dir(path: str) -> Path:
     return out
 
 
+
+def client_security(args) -> dict:
+    """InfluenceClient's token and TLS options from the command's flags (None: the environment's)."""
+    return {name: getattr(args, name, None) for name in ("token", "tls_ca", "tls_cert", "tls_key")}
+
 def through_system(args, body: Callable[..., T]) -> T:
     """body(client) against --server, or against an embedded system started for this command
     (whose worker runs on this thread while body waits on a helper thread: see embedded.py)."""
     from .client import InfluenceClient
 
     if args.server:
-        with InfluenceClient(args.server) as client:
+        with InfluenceClient(args.server, **client_security(args)) as client:
             client.on_operation = lambda name: print(_reattach_hint(args, name), file=sys.stderr, flush=True)
             try:
                 return body(client)
@@ -104,7 +109,7 @@ def run_wait(args) -> int:
     if not args.operation.startswith("operations/"):
         raise InputError(f"expected an operation name 'operations/ID', got {args.operation!r}")
     out = _out_dir(args.out) if args.out else None
-    with InfluenceClient(args.server) as client:
+    with InfluenceClient(args.server, **client_security(args)) as client:
         if args.cancel:
             client.cancel(args.operation)
             _log(args, f"influence: cancelled {args.operation}")
@@ -414,6 +419,10 @@ def run_demo(args) -> int:
 
 def _connect(args):
     from .assembly import connect
+    from .engine.model_io import ModelAccess, set_model_access
+
+    # the operator's model policy holds for this whole process: servicers and workers alike
+    set_model_access(ModelAccess.parse(args.model_roots, args.allow_remote_code))
 
     return connect(args.redis_url, args.store_url, args.state_dir, args.lease_seconds, args.max_deliveries)
 
@@ -446,14 +455,21 @@ def run_serve(args) -> int:
 
     from .assembly import ROLES, serve
     from .logs import configure_logging
+    from .rpc.auth import token_file_from_env
+    from .rpc.server import server_credentials
     from .system.runner import Worker, threads_per_worker
 
     configure_logging(args.log_level, args.log_format)
+    tokens = token_file_from_env(args.auth_tokens)  # a bad file fails here, before anything starts
+    credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+    if args.max_queued_operations < 0:
+        raise InputError(f"--max-queued-operations must be >= 0, got {args.max_queued_operations}")
     roles = tuple(role.strip() for role in args.role.split(",") if role.strip())
     unknown = set(roles) - set(ROLES)
     if unknown or not roles:
         raise InputError(f"--role takes factor, gradient and/or query, got {args.role!r}")
     with _connect(args) as system, _metrics(args, system, shared_state=True):
+        system.max_queued_operations = args.max_queued_operations
         cores_each = threads_per_worker(args.workers)
         workers = [
             Worker(system, consumer=f"serve-{n}", context=_worker_context(args, system), torch_threads=cores_each)
@@ -463,7 +479,7 @@ def run_serve(args) -> int:
         for thread in threads:
             thread.start()
         try:
-            asyncio.run(serve(system, args.host, args.port, roles))
+            asyncio.run(serve(system, args.host, args.port, roles, tokens=tokens, credentials=credentials))
         finally:
             for worker in workers:
                 worker.stop.set()

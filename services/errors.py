@@ -12,6 +12,7 @@ so the engine, the stores, the client and the CLI all share it.
     AlreadyExistsError       ALREADY_EXISTS       no        2
     ResourceExhaustedError   RESOURCE_EXHAUSTED   no        2   over a configured limit
     PermissionDeniedError    PERMISSION_DENIED    no        1   the system's own credentials
+    UnauthenticatedError     UNAUTHENTICATED      no        2   no valid token (serve --auth-tokens)
     CancelledError           CANCELLED            no        3   the job was cancelled (CancelOperation)
     UnavailableError         UNAVAILABLE          yes       1   Redis or the object store away
     AbortedError             ABORTED              no        1   a task failed every delivery
@@ -86,6 +87,12 @@ class PermissionDeniedError(DomainError):
     code = "PERMISSION_DENIED"
 
 
+class UnauthenticatedError(DomainError):
+    """A call without a valid token (`influence serve --auth-tokens`)."""
+
+    code, exit_code = "UNAUTHENTICATED", 2
+
+
 class CancelledError(DomainError):
     """The caller asked to stop (checked between batches)."""
 
@@ -132,6 +139,7 @@ _BY_CODE: dict[str, type[DomainError]] = {
         AlreadyExistsError,
         ResourceExhaustedError,
         PermissionDeniedError,
+        UnauthenticatedError,
         CancelledError,
         UnavailableError,
         AbortedError,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 
-from .commands import _done, progress_for
+from .commands import _done, client_security, progress_for
 from .errors import InputError
 from .progress_bars import phase_of
 
@@ -64,7 +64,7 @@ def run_operations(args) -> int:
 
     if not args.server:
         raise InputError("influence operations lists a deployed system's jobs: give --server HOST:PORT")
-    with InfluenceClient(args.server) as client:
+    with InfluenceClient(args.server, **client_security(args)) as client:
         if args.follow:
             name = args.follow if args.follow.startswith("operations/") else f"operations/{args.follow}"
             with progress_for(args) as bars:

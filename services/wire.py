@@ -22,3 +22,7 @@ def dataset_id(content_sha256: str, model_path: str, max_length: int, shard_size
     (the client asks for it before uploading; the server returns it without a new job)."""
     key = f"{content_sha256}\n{model_path}\n{max_length}\n{shard_size}"
     return "c" + hashlib.sha256(key.encode()).hexdigest()[:23]
+
+# The tenant of every call on a server without --auth-tokens (and of records from before tenants):
+# its artifacts and Redis keys keep the layout that predates tenants.
+DEFAULT_TENANT = "default"

@@ -32,6 +32,7 @@ from services.storage import (
     MANIFEST,
     ArtifactWriter,
     LocalStore,
+    PrefixedStore,
     RetryPolicy,
     S3Store,
     delete_artifact,
@@ -51,10 +52,15 @@ def new_bucket() -> str:
     return f"test-{uuid.uuid4().hex[:16]}"
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "prefixed"])
 def store(request, tmp_path):
     if request.param == "local":
         return LocalStore(tmp_path / "store")
+    if request.param == "prefixed":  # a tenant's part of a store, beside another tenant's object
+        base = LocalStore(tmp_path / "store")
+        base.put_bytes("tenants/other/datasets/d/x", b"not yours")
+        base.put_bytes("tenants/t1x", b"a sibling that only looks like the prefix")
+        return PrefixedStore(base, "tenants/t1")
     server = request.getfixturevalue("s3_server")
     return S3Store(server.endpoint, new_bucket(), server.access_key, server.secret_key, retry=FAST_RETRY)
 

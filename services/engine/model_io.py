@@ -1,7 +1,15 @@
 """Loading a local Hugging Face causal LM and fingerprinting it.
 
 Models and tokenizers come only from local directories (no hub downloads): `local_files_only`
-is always set, so a hub id fails at once with a clear error.
+is always set, so a hub id fails at once with a clear error. Weights load from safetensors only
+(a directory holding only pickle-based `pytorch_model.bin` is refused: unpickling runs code), and
+never with a model's own Python code unless the operator allowed it.
+
+`set_model_access(ModelAccess(roots, allow_remote_code))` is the process's policy (`influence
+serve/worker --model-roots --allow-remote-code`); every load goes through `ModelAccess.check`.
+With roots, a path outside them is refused with one message whether or not it exists, so a
+caller cannot probe the server's filesystem. Without roots (the embedded mode, and a server whose
+operator gave none) any local directory loads.
 """
 
 from __future__ import annotations
@@ -51,6 +59,53 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
+@dataclass(frozen=True)
+class ModelAccess:
+    """Where models may load from (`roots`: absolute directories; empty: anywhere) and whether a
+    model's own code (`trust_remote_code`) may run."""
+
+    roots: tuple[Path, ...] = ()
+    allow_remote_code: bool = False
+
+    @classmethod
+    def parse(cls, roots: str, allow_remote_code: bool = False) -> ModelAccess:
+        """From `DIR[:DIR...]` (--model-roots / INFLUENCE_MODEL_ROOTS); each must be an existing directory."""
+        parsed = []
+        for root in (part for part in roots.split(os.pathsep) if part):
+            path = Path(root).resolve()
+            if not path.is_dir():
+                raise InputError(f"--model-roots: {root} is not a directory")
+            parsed.append(path)
+        return cls(tuple(parsed), allow_remote_code)
+
+    def check(self, model_dir: str | Path) -> Path:
+        """The directory to load; InputError, the same whether or not it exists, when it lies
+        outside every root (symbolic links resolved, so none leads out)."""
+        path = Path(model_dir)
+        if not self.roots:
+            return path
+        resolved = Path(os.path.realpath(path)) if path.is_absolute() else None
+        if resolved is None or not any(resolved == root or root in resolved.parents for root in self.roots):
+            raise InputError(
+                f"model path {str(model_dir)!r} is not allowed: this server loads models only from the "
+                "directories its operator configured (--model-roots), given as absolute paths"
+            )
+        return resolved
+
+
+_access = ModelAccess()
+
+
+def set_model_access(access: ModelAccess) -> None:
+    """The policy of this process (a server or worker sets it once, at start)."""
+    global _access
+    _access = access
+
+
+def model_access() -> ModelAccess:
+    return _access
+
+
 def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", tokenizer=None):
     """Load `AutoModelForCausalLM` and `AutoTokenizer` from a local directory, in eval mode.
 
@@ -63,15 +118,28 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: 
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # our own bars report progress; theirs would garble one-line errors
-    model_dir = Path(model_dir)
+    access = model_access()
+    model_dir = access.check(model_dir)
     if not model_dir.is_dir():
         raise NotFoundError(f"model directory not found: {model_dir}")
     torch_dtype = parse_dtype(dtype)
     torch_device = parse_device(device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
+    if not any(model_dir.glob("*.safetensors")):
+        pickled = sorted(path.name for path in model_dir.iterdir() if path.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise InputError(
+            f"{model_dir} holds no safetensors weights"
+            + (f" (only {', '.join(pickled)}: pickle files, which this system never loads)" if pickled else "")
+            + "; save the model with save_pretrained(..., safe_serialization=True)"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, local_files_only=True, dtype=torch_dtype, attn_implementation="eager"
+            model_dir,
+            local_files_only=True,
+            dtype=torch_dtype,
+            attn_implementation="eager",
+            use_safetensors=True,  # never unpickle weights
+            trust_remote_code=access.allow_remote_code,
         )
     except Exception as error:
         raise InputError(f"cannot load a causal language model from {model_dir}: {_first_line(error)}") from None
@@ -85,11 +153,14 @@ def load_tokenizer(model_dir: str | Path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
+    access = model_access()
+    model_dir = access.check(model_dir)
     if not model_dir.is_dir():
         raise NotFoundError(f"model directory not found: {model_dir}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_dir, local_files_only=True, trust_remote_code=access.allow_remote_code
+        )
     except Exception as error:
         raise InputError(f"cannot load a tokenizer from {model_dir}: {_first_line(error)}") from None
     if tokenizer.pad_token_id is None:

@@ -17,21 +17,18 @@ from ..errors import InputError, NotFoundError, PreconditionError
 from ..gen.influence.v1 import factor_service_pb2, factor_service_pb2_grpc
 from ..gradient_svc.datasets import dataset_metadata
 from ..rpc import validation
-from ..rpc.common import Limits, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
+from ..rpc.common import TenantScoped, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
 from ..rpc.resources import factor_set_message
 from ..rpc.status import grpc_errors
 from ..storage import MANIFEST, ArtifactReader, delete_artifact
 from ..system import layout
-from ..system.runner import JobSystem
 from ..system.specs import FitJob
 from . import imports
 from .artifacts import factors_artifact
 from .imports import read_manifest
 
 
-class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
-    def __init__(self, system: JobSystem, limits: Limits):
-        self.system, self.limits = system, limits
+class FactorServicer(TenantScoped, factor_service_pb2_grpc.FactorServiceServicer):
 
     @grpc_errors
     async def FitFactors(self, request, context):
@@ -145,6 +142,6 @@ class FactorServicer(factor_service_pb2_grpc.FactorServiceServicer):
 
     @grpc_errors
     async def RegisterFactors(self, request, context):
-        path = validation.file_uri(request.uri, "uri")
+        path = self.server_file(request.uri, "uri")
         identifier, metadata = await asyncio.to_thread(imports.link, self.system.store, path)
         return factor_set_message(identifier, metadata)

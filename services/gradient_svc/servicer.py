@@ -23,13 +23,12 @@ from ..factor_svc.artifacts import factors_artifact
 from ..gen.influence.v1 import common_pb2, gradient_service_pb2, gradient_service_pb2_grpc
 from ..jobs.operations import CANCELLED, FAILED
 from ..rpc import validation
-from ..rpc.common import Limits, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
+from ..rpc.common import TenantScoped, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
 from ..rpc.resources import dataset_message, index_message, packed
 from ..rpc.status import code_name, grpc_errors
 from ..storage import MANIFEST, delete_artifact, split_s3_uri
 from ..storage.manifest import sha256_bytes, sha256_file
 from ..system import layout
-from ..system.runner import JobSystem
 from ..system.specs import DEFAULT_SHARD_SIZE, BlocksJob, IndexJob, RegisterJob
 from ..wire import dataset_id
 from . import indexes
@@ -38,9 +37,7 @@ from .datasets import dataset_artifact, dataset_metadata
 _POLL_SECONDS = 0.05  # how often StreamBlocks looks for the worker's next block
 
 
-class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
-    def __init__(self, system: JobSystem, limits: Limits):
-        self.system, self.limits = system, limits
+class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceServicer):
 
     @grpc_errors
     async def RegisterDataset(self, request, context):
@@ -52,6 +49,12 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
         if request.uri.startswith("s3://"):
             if request.jsonl:
                 raise InputError("send the dataset as jsonl or as uri, not both", field="uri")
+            if not self.limits.server_paths:  # the system's bucket holds every tenant's data
+                raise InputError(
+                    "uri: this server does not read locations for callers (it authenticates tenants); "
+                    "upload the content instead",
+                    field="uri",
+                )
             bucket, key = split_s3_uri(request.uri, "uri")
             if not self.system.store.in_bucket(bucket).exists(key):
                 raise NotFoundError(f"training data not found: {request.uri}")
@@ -60,7 +63,7 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
         elif request.uri:
             if request.jsonl:
                 raise InputError("send the dataset as jsonl or as uri, not both", field="uri")
-            upload = validation.file_uri(request.uri, "uri")
+            upload = self.server_file(request.uri, "uri")
             if not upload.is_file():
                 raise NotFoundError(f"training data file not found: {upload}")
             read_training_jsonl(upload)  # validated where it lies: errors name its lines
@@ -294,6 +297,6 @@ class GradientServicer(gradient_service_pb2_grpc.GradientServiceServicer):
 
     @grpc_errors
     async def RegisterIndex(self, request, context):
-        path = validation.file_uri(request.uri, "uri")
+        path = self.server_file(request.uri, "uri")
         metadata = await asyncio.to_thread(indexes.link, self.system.store, path)
         return index_message(metadata)

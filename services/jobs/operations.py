@@ -4,6 +4,9 @@ One hash per operation (`{prefix}:op:{id}`) with: kind, state, metadata (JSON), 
 (serialised google.protobuf.Any), error code and message, request id, times. A sorted set
 indexes operations by creation time for listing; `{prefix}:request:{request_id}` maps a
 create call's request id to its operation, so retried creates return the same operation.
+Tenants: each record names its tenant; a tenant other than the default one has its own listing
+index, request ids and active set under `{prefix}:tenant:{tenant}:` (the default tenant keeps the
+names above), and callers check the record's tenant before showing or changing it.
 Fan-in: each (operation, stage) has a set of finished shards; `finish_shard` adds to it and
 says True exactly once, when the set first becomes complete, even under duplicate deliveries
 and concurrent workers (a Lua script makes the check-and-mark atomic).
@@ -17,7 +20,8 @@ import uuid
 
 import redis
 
-from ..errors import QueueUnavailable
+from ..errors import QueueUnavailable, ResourceExhaustedError
+from ..wire import DEFAULT_TENANT
 from .connection import redis_unavailable
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
@@ -63,6 +67,22 @@ for i = counters_end + 2, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload'
 return 1
 """
 
+# KEYS: the tenant's active set. ARGV: quota, operation id, operation-hash key prefix. Drops the
+# operations that ended (or vanished) from the set, then admits the new one if the set holds
+# fewer than the quota: the check and the admission are one atomic step, so concurrent submits
+# cannot overshoot the quota.
+_ADMIT = """
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local state = redis.call('HGET', ARGV[3] .. member, 'state')
+  if not state or state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then
+    redis.call('SREM', KEYS[1], member)
+  end
+end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return redis.call('SCARD', KEYS[1]) end
+redis.call('SADD', KEYS[1], ARGV[2])
+return -1
+"""
+
 # KEYS: operation hash. ARGV: ended channel, operation id, TTL of an ended record, then (field,
 # value) pairs. Publishes the id when the fields end the operation (see jobs/ended.py).
 _TRANSITION = """
@@ -105,23 +125,44 @@ class OperationStore:
         self._finish_shard = client.register_script(_FINISH_SHARD)
         self._transition = client.register_script(_TRANSITION)
         self._report = client.register_script(_REPORT)
+        self._admit = client.register_script(_ADMIT)
 
     def _key(self, operation_id: str) -> str:
         return f"{self.prefix}:op:{operation_id}"
 
-    def create(self, kind: str, metadata: dict, request_id: str = "") -> tuple[dict, bool]:
-        """(operation, created). With a request_id seen before, the earlier operation and False."""
+    def _tenant_key(self, tenant: str, name: str) -> str:
+        """A per-tenant key; the default tenant keeps the names that predate tenants."""
+        return f"{self.prefix}:{name}" if tenant == DEFAULT_TENANT else f"{self.prefix}:tenant:{tenant}:{name}"
+
+    def create(
+        self, kind: str, metadata: dict, request_id: str = "", *, tenant: str = DEFAULT_TENANT, quota: int = 0
+    ) -> tuple[dict, bool]:
+        """(operation, created). With a request_id the tenant used before, the earlier operation
+        and False. With a `quota`, ResourceExhaustedError when the tenant already has that many
+        operations queued or running."""
         operation_id = uuid.uuid4().hex[:20]
         try:
             if request_id:
-                claimed = self.client.set(f"{self.prefix}:request:{request_id}", operation_id, nx=True, ex=7 * 86400)
+                request_key = f"{self._tenant_key(tenant, 'request')}:{request_id}"
+                claimed = self.client.set(request_key, operation_id, nx=True, ex=7 * 86400)
                 if not claimed:
-                    existing = self.client.get(f"{self.prefix}:request:{request_id}").decode()
+                    existing = self.client.get(request_key).decode()
                     for _ in range(50):  # the creator may still be writing its record
                         record = self.get(existing)
                         if record is not None:
                             return record, False
                         time.sleep(0.02)
+            if quota:
+                active = self._admit(
+                    keys=[self._tenant_key(tenant, "active")], args=[quota, operation_id, f"{self.prefix}:op:"]
+                )
+                if active != -1:
+                    if request_id:  # not created: a retry after the quota frees up must be able to
+                        self.client.delete(request_key)
+                    raise ResourceExhaustedError(
+                        f"tenant {tenant!r} has {active} operations queued or running; its quota "
+                        f"(--max-queued-operations) is {quota}: wait for one to finish or cancel one"
+                    )
             now = time.time()
             fields = {
                 "id": operation_id,
@@ -129,12 +170,15 @@ class OperationStore:
                 "state": PENDING,
                 "metadata": json.dumps(metadata),
                 "request_id": request_id,
+                "tenant": tenant,
                 "create_time": now,
                 "update_time": now,
             }
             pipe = self.client.pipeline()
             pipe.hset(self._key(operation_id), mapping=fields)
-            pipe.zadd(f"{self.prefix}:ops", {operation_id: now})
+            pipe.zadd(f"{self.prefix}:ops", {operation_id: now})  # every tenant's (metrics, the default's list)
+            if tenant != DEFAULT_TENANT:
+                pipe.zadd(self._tenant_key(tenant, "ops"), {operation_id: now})
             pipe.execute()
         except redis.RedisError as error:
             raise QueueUnavailable(f"cannot create an operation: {error}") from None
@@ -146,9 +190,12 @@ class OperationStore:
         if not raw:
             return None
         record = {key.decode(): value for key, value in raw.items()}
-        for key in ("id", "kind", "state", "request_id", "error_message", "stage", "step", "step_unit"):
+        for key in (
+            "id", "kind", "state", "request_id", "error_message", "stage", "last_error", "step", "step_unit", "tenant"
+        ):
             if key in record:
                 record[key] = record[key].decode()
+        record.setdefault("tenant", DEFAULT_TENANT)  # a record from before tenants
         for key in ("step_done", "step_total"):
             record[key] = int(record.get(key, 0))
         record["metadata"] = json.loads(record["metadata"])
@@ -184,20 +231,24 @@ class OperationStore:
             self.client.zrem(f"{self.prefix}:ops", *ids)
 
     @redis_unavailable
-    def list(self, page_size: int, offset: int = 0, **equal: str) -> tuple[list[dict], int | None]:
-        """Up to `page_size` records, newest first from position `offset` of the index, whose
-        fields equal `equal` (e.g. kind="fit_factors", state="RUNNING"); and the position the next
-        page starts at, or None when no further record matches (so a last page is never empty).
-        Ids whose record expired are dropped from the index on the way (the next position counts
-        that: they all lie before it)."""
+    def list(
+        self, page_size: int = 50, offset: int = 0, *, tenant: str = DEFAULT_TENANT, **equal: str
+    ) -> tuple[list[dict], int | None]:
+        """Up to `page_size` of the tenant's records, newest first from position `offset` of its
+        index, whose fields equal `equal` (e.g. kind="fit_factors", state="RUNNING"); and the
+        position the next page starts at, or None when no further record matches (so a last page is
+        never empty). Ids whose record expired are dropped from the index on the way (the next
+        position counts that: they all lie before it)."""
         found, expired, position, batch = [], [], offset, max(2 * page_size, 100)
         following = None
-        index = f"{self.prefix}:ops"
+        index = self._tenant_key(tenant, "ops")
         while following is None and (ids := self.client.zrevrange(index, position, position + batch - 1)):
             for step, operation_id in enumerate(ids):
                 record = self.get(operation_id.decode())
                 if record is None:
                     expired.append(operation_id)
+                    continue
+                if record.get("tenant", DEFAULT_TENANT) != tenant:
                     continue
                 if any(record.get(key) != value for key, value in equal.items()):
                     continue
@@ -206,7 +257,8 @@ class OperationStore:
                     break
                 found.append(record)
             position += len(ids)
-        self._drop_expired(expired)
+        if expired:
+            self.client.zrem(index, *expired)
         return found, None if following is None else following - len(expired)
 
     @redis_unavailable
@@ -238,8 +290,11 @@ class OperationStore:
 
     @redis_unavailable
     def delete(self, operation_id: str) -> None:
+        tenant = self.client.hget(self._key(operation_id), "tenant")
         self.client.delete(self._key(operation_id))
         self.client.zrem(f"{self.prefix}:ops", operation_id)
+        if tenant is not None and tenant.decode() != DEFAULT_TENANT:
+            self.client.zrem(self._tenant_key(tenant.decode(), "ops"), operation_id)
 
     @redis_unavailable
     def is_cancelled(self, operation_id: str) -> bool:

@@ -20,18 +20,15 @@ from ..gen.influence.v1 import query_service_pb2, query_service_pb2_grpc
 from ..gradient_svc import indexes
 from ..gradient_svc.datasets import dataset_metadata
 from ..rpc import validation
-from ..rpc.common import Limits, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
+from ..rpc.common import TenantScoped, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
 from ..rpc.resources import result_message
 from ..rpc.status import grpc_errors
 from ..storage import ArtifactReader, delete_artifact, open_artifact
 from ..system import layout
-from ..system.runner import JobSystem
 from ..system.specs import ScoreJob, SelfJob
 
 
-class QueryServicer(query_service_pb2_grpc.QueryServiceServicer):
-    def __init__(self, system: JobSystem, limits: Limits):
-        self.system, self.limits = system, limits
+class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
 
     def _inputs(self, request) -> tuple[str, str, dict]:
         """The factor set's and dataset's ids, checked to exist, and the dataset's metadata."""

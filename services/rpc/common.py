@@ -12,6 +12,7 @@ import hashlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from google.longrunning import operations_pb2
 from google.protobuf import any_pb2, timestamp_pb2
@@ -24,6 +25,7 @@ from ..gen.influence.v1 import common_pb2
 from ..jobs.operations import CANCELLED, FAILED, SUCCEEDED, TERMINAL
 from ..storage import MANIFEST, ArtifactReader, open_artifact
 from . import paging, validation
+from .auth import current_tenant
 
 
 @dataclass
@@ -32,6 +34,31 @@ class Limits:
     max_queries: int = 4096
     max_query_chars: int = 100_000
     chunk_bytes: int = 1 * 2**20
+    # whether callers may name files on the server (file:// uris: register in place, by path).
+    # Off on a server with tokens: a tenant must not read the server's filesystem.
+    server_paths: bool = True
+
+
+class TenantScoped:
+    """Base of the servicers: `self.system` is the calling tenant's view of the job system
+    (JobSystem.for_tenant: its part of the store, its operations), so every request is served
+    from the caller's own namespace and another tenant's resources simply do not exist there."""
+
+    def __init__(self, system, limits: Limits):
+        self.shared_system, self.limits = system, limits
+
+    @property
+    def system(self):
+        return self.shared_system.for_tenant(current_tenant())
+
+    def server_file(self, uri: str, field: str) -> Path:
+        """The server path a file:// `uri` names, if this server lets callers name its files."""
+        if not self.limits.server_paths:
+            raise InputError(
+                f"{field}: this server does not read its own files for callers (it authenticates tenants); "
+                "upload the content instead"
+            )
+        return validation.file_uri(uri, field)
 
 
 def model_ref(spec: common_pb2.ModelSpec) -> ModelRef:

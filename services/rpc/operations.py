@@ -23,6 +23,7 @@ from ..jobs.operations import (
     OperationStore,
 )
 from . import paging, validation
+from .auth import current_tenant
 from .common import operation_message
 from .status import grpc_errors
 
@@ -64,8 +65,9 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         self.watcher = watcher
 
     def _record(self, name: str) -> dict:
+        """The caller's operation `name`: another tenant's is not found, exactly as a missing one."""
         record = self.operations.get(validation.resource_id(name, "operations", "name"))
-        if record is None:
+        if record is None or record["tenant"] != current_tenant():
             raise NotFoundError(f"operation {name!r} not found")
         return record
 
@@ -75,12 +77,15 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     @grpc_errors
     async def ListOperations(self, request, context):
-        """Newest first; `filter`: terms `kind = fit_factors` and/or `state = RUNNING` joined by AND."""
+        """Newest first; `filter`: terms `kind = fit_factors` and/or `state = RUNNING` joined by AND.
+        Only the caller's tenant's operations."""
         equal = parse_filter(request.filter)
         size = paging.page_size(request.page_size)
         scope = "operations?" + "&".join(f"{key}={value}" for key, value in sorted(equal.items()))
         offset = int(paging.read_token(request.page_token, scope) or 0)
-        records, following = await asyncio.to_thread(self.operations.list, size, offset, **equal)
+        records, following = await asyncio.to_thread(
+            self.operations.list, size, offset, tenant=current_tenant(), **equal
+        )
         return operations_pb2.ListOperationsResponse(
             operations=[operation_message(r) for r in records],
             next_page_token=paging.make_token(scope, str(following)) if following is not None else "",

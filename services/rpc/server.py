@@ -22,13 +22,18 @@ Registration = tuple[str, Callable[[grpc.aio.Server], None]]
 
 
 def build_server(
-    registrations: list[Registration], probe: Callable[[], str | None] | None = None, probe_seconds: float = 5.0
+    registrations: list[Registration],
+    probe: Callable[[], str | None] | None = None,
+    probe_seconds: float = 5.0,
+    interceptors: tuple = (),
 ) -> tuple[grpc.aio.Server, Callable[[], None]]:
     """(server, stop_probe): an aio server with the registered services, health (overall and per
     service) and reflection. Health is SERVING, or, with a `probe` (None when healthy, else the
     reason: Redis or the store unreachable), follows the probe, run on a thread every
-    `probe_seconds`; `stop_probe()` ends that loop (call it when the server stops)."""
+    `probe_seconds`; `stop_probe()` ends that loop (call it when the server stops).
+    `interceptors`: e.g. rpc/auth.py's AuthInterceptor."""
     server = grpc.aio.server(
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -113,15 +118,55 @@ class BackgroundServer:
         self._thread.join(self.grace + 10)
 
 
-async def serve_until_signalled(make: Callable, host: str, port: int, label: str, grace: float = 10.0) -> None:
+def server_credentials(tls_cert: str, tls_key: str, tls_client_ca: str = "") -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files (None without a certificate: plaintext). With a client CA,
+    mutual TLS: a client must present a certificate that CA signed."""
+    from ..errors import InputError
+
+    if not tls_cert and not tls_key:
+        if tls_client_ca:
+            raise InputError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    if not (tls_cert and tls_key):
+        raise InputError("give both --tls-cert and --tls-key")
+
+    def read(path: str, flag: str) -> bytes:
+        try:
+            return open(path, "rb").read()
+        except OSError as error:
+            raise InputError(f"cannot read {flag} {path}: {error.strerror}") from None
+
+    return grpc.ssl_server_credentials(
+        [(read(tls_key, "--tls-key"), read(tls_cert, "--tls-cert"))],
+        root_certificates=read(tls_client_ca, "--tls-client-ca") if tls_client_ca else None,
+        require_client_auth=bool(tls_client_ca),
+    )
+
+
+def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Listen on `address` (host:port, or unix:PATH), with TLS when given credentials; the port."""
+    if credentials is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, credentials)
+
+
+async def serve_until_signalled(
+    make: Callable,
+    host: str,
+    port: int,
+    label: str,
+    grace: float = 10.0,
+    credentials: grpc.ServerCredentials | None = None,
+) -> None:
     """Serve until SIGTERM/SIGINT, then stop gracefully (in-flight RPCs get `grace` seconds)."""
     import signal
 
     server, close = make()
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = bind(server, f"{host}:{port}", credentials)
     await server.start()
-    log.info("serving %s on %s:%d", label, host, bound)
-    print(f"influence: serving {label} on {host}:{bound}", flush=True)
+    scheme = "TLS" if credentials is not None else "plaintext"
+    log.info("serving %s on %s:%d (%s)", label, host, bound, scheme)
+    print(f"influence: serving {label} on {host}:{bound} ({scheme})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

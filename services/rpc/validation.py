@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from ..engine.model_io import model_access
 from ..errors import InputError, NotFoundError
 
 _RESOURCE = re.compile(r"^(datasets|factorSets|indexes|results|operations)/([A-Za-z0-9_-]{1,64})$")
@@ -22,6 +23,7 @@ def resource_id(name: str, collection: str, field: str) -> str:
 def model_path(spec, field: str = "model.path") -> str:
     if not spec.path:
         raise InputError(f"{field} is required (a model directory readable by the workers)", field=field)
+    model_access().check(spec.path)  # before looking at the filesystem: no probing outside the roots
     if not Path(spec.path).is_dir():
         raise NotFoundError(f"model directory not found: {spec.path}")
     return spec.path

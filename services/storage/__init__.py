@@ -13,6 +13,7 @@ from .local import LocalStore
 from .manifest import FORMAT_VERSION, MANIFEST, FileEntry, Manifest
 from .retry import RetryPolicy
 from .s3 import S3Store, split_s3_uri
+from .scoped import PrefixedStore
 from .tensors import get_tensors, put_tensors
 from .url import open_store
 
@@ -26,6 +27,7 @@ __all__ = [
     "LocalStore",
     "Manifest",
     "ObjectInfo",
+    "PrefixedStore",
     "RetryPolicy",
     "S3Store",
     "delete_artifact",

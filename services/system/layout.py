@@ -7,6 +7,16 @@ intermediates (plain objects, rewritten identically by a retried task).
 
 from __future__ import annotations
 
+from ..wire import DEFAULT_TENANT
+
+
+def tenant_prefix(tenant: str) -> str:
+    """Where a tenant's keys live: the default tenant (no authentication) keeps the layout that
+    predates tenants, at the root; every other tenant is under tenants/{tenant}/. The default
+    tenant's resource names cannot reach there: every key below starts with a fixed collection
+    ("datasets/", "jobs/", ...) and resource ids hold no '/'."""
+    return "" if tenant == DEFAULT_TENANT else f"tenants/{tenant}/"
+
 
 def dataset_prefix(dataset_id: str) -> str:
     return f"datasets/{dataset_id}/"

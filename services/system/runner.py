@@ -16,6 +16,7 @@ jobs/{id}/ objects behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -33,7 +34,7 @@ from ..errors import CancelledError, DomainError, ResourceExhaustedError, Unavai
 from ..gen.influence.internal.v1 import tasks_pb2
 from ..jobs.operations import OPERATION_KINDS, SUCCEEDED, TERMINAL, OperationStore
 from ..jobs.queue import LeaseKeeper, Task, TaskQueue
-from ..storage import MANIFEST, ArtifactStore
+from ..storage import MANIFEST, ArtifactStore, PrefixedStore
 from . import layout, metrics
 from .context import WorkerContext
 from .plans import StageCall, StageTable
@@ -54,6 +55,16 @@ class JobSystem:
     # stream is refused with RESOURCE_EXHAUSTED (0: no bound). Refusing beats queueing work
     # nobody will see finish: callers back off or go elsewhere.
     max_queued_tasks: int = 0
+    tenant: str = layout.DEFAULT_TENANT
+    # per tenant: at most this many queued or running operations (0: no quota)
+    max_queued_operations: int = 0
+
+    def for_tenant(self, tenant: str) -> JobSystem:
+        """The system as `tenant` sees it: its own part of the store (layout.tenant_prefix), its
+        operations. Servicers use only this view, so no request can name another tenant's data."""
+        if tenant == self.tenant:
+            return self
+        return dataclasses.replace(self, store=tenant_store(self.store, tenant), tenant=tenant)
 
     def unhealthy(self) -> str | None:
         """Why the system cannot serve right now (Redis or the store unreachable), or None."""
@@ -92,7 +103,9 @@ class JobSystem:
                     f"the {stage} queue holds {queued} tasks; the limit is {self.max_queued_tasks} "
                     "(INFLUENCE_MAX_QUEUED_TASKS): try again later"
                 )
-        record, created = self.operations.create(kind, {"kind": kind, "target": target}, request_id)
+        record, created = self.operations.create(
+            kind, {"kind": kind, "target": target}, request_id, tenant=self.tenant, quota=self.max_queued_operations
+        )
         if not created:
             return record
         job_id = record["id"]
@@ -113,6 +126,12 @@ class JobSystem:
         if created:
             self.operations.succeed(record["id"], response)
         return self.operations.get(record["id"])
+
+
+def tenant_store(store: ArtifactStore, tenant: str) -> ArtifactStore:
+    """`store` as `tenant` sees it (the store itself for the default tenant)."""
+    prefix = layout.tenant_prefix(tenant)
+    return PrefixedStore(store, prefix) if prefix else store
 
 
 class OperationProgress(Progress):
@@ -295,10 +314,11 @@ class Worker:
         queue, operations = self.system.queue, self.system.operations
         payload = tasks_pb2.TaskPayload.FromString(task.payload)
         record = operations.get(payload.operation)
+        tenant = (record or {}).get("tenant", layout.DEFAULT_TENANT)
         if record is None or record["state"] in TERMINAL:
             queue.ack(task)
             if record is None or record["state"] != SUCCEEDED:  # failed or cancelled: nothing to keep
-                self.discard_intermediates(payload.job, ended=True, target=_target(record))
+                self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=_target(record))
             return "skipped"
         where = f"{payload.stage} task (shard {payload.shard})"
         task_name = f"{payload.stage}/{payload.shard}"
@@ -307,22 +327,24 @@ class Worker:
             message = f"{where} failed {task.deliveries - 1} times; last error: {cause}"
             queue.dead_letter(task, message)
             operations.fail(payload.operation, code_pb2.ABORTED, message)
-            self.discard_intermediates(payload.job, ended=True, target=_target(record))
+            self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=_target(record))
             return "dead_lettered"
+        # the task reads and writes its operation's tenant's part of the store, nothing else
+        self.context.store = tenant_store(self.system.store, tenant)
         progress = OperationProgress(operations, payload.operation)
         self.context.progress = progress
         try:  # everything the task reads, the job spec included, fails inside the error handling
             progress.stage("starting", 1, "task")  # until the stage's first step: loading its model and inputs
-            job = decode_job(self.system.store.get_bytes(layout.job_spec(payload.job)))
+            job = decode_job(self.context.store.get_bytes(layout.job_spec(payload.job)))
             call = StageCall(self.context, job, payload.job, payload.stage, payload.shard)
             with self.lease.holding(task):
                 published = self.system.table.stage(payload.stage).run(call)
         except CancelledError:
             queue.ack(task)
-            self.discard_intermediates(payload.job, ended=True, target=_target(record))
+            self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=_target(record))
             return "cancelled"
         except Exception as error:
-            return self._failed(task, payload, where, task_name, error, _target(record))
+            return self._failed(task, payload, where, task_name, error, _target(record), tenant)
         progress.flush()
         plan = self.system.table.plan(job)
         following = plan.after(job, payload.stage)
@@ -341,10 +363,12 @@ class Worker:
         )
         self._with_redis_retries(lambda: queue.ack(task), f"acknowledging {where} of {payload.operation}")
         if completed and following is None and not plan.keeps_intermediates:
-            self.discard_intermediates(payload.job)
+            self.discard_intermediates(payload.job, tenant=tenant)
         return "succeeded"
 
-    def _failed(self, task: Task, payload, where: str, task_name: str, error: Exception, target: str) -> str:
+    def _failed(
+        self, task: Task, payload, where: str, task_name: str, error: Exception, target: str, tenant: str
+    ) -> str:
         """A task raised: the caller's fault fails the operation at once (and its intermediates go);
         anything else is noted as this task's last error and the task released for a retry after a
         backoff (1 s, doubling per delivery, at most a lease) instead of waiting out its lease."""
@@ -352,7 +376,7 @@ class Worker:
         if isinstance(error, DomainError) and error.callers_fault:
             operations.fail(payload.operation, code_pb2.Code.Value(code_of(error)), f"{where}: {error}")
             queue.ack(task)
-            self.discard_intermediates(payload.job, ended=True, target=target)
+            self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=target)
             return "failed"
         if isinstance(error, DomainError):  # transient or the system's fault
             log.warning("%s of %s failed: %s: %s", where, payload.operation, type(error).__name__, error)
@@ -379,22 +403,25 @@ class Worker:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    def discard_intermediates(self, job: str, *, ended: bool = False, target: str = "") -> None:
+    def discard_intermediates(
+        self, job: str, *, tenant: str = layout.DEFAULT_TENANT, ended: bool = False, target: str = ""
+    ) -> None:
         """Delete an ended job's jobs/{id}/ objects (spec, upload, partial sums, eigenbases,
         prepared queries, per-shard scores) and its fan-in sets in Redis: a succeeded job's outputs
         are published artifacts by then, a failed or cancelled (`ended`) one has none, and a late
         duplicate of one of its tasks finds the operation ended and does nothing. Without this a
         long-running system keeps every job's partial sums forever. Idempotent. `target`: the
         store prefix of the artifact an ended job was writing, deleted too unless it was published
-        (its manifest exists: an index being appended to keeps its earlier parts)."""
-        prefix = layout.job_prefix(job)
+        (its manifest exists: an index being appended to keeps its earlier parts). Keys are the
+        `tenant`'s (layout.tenant_prefix)."""
+        prefix, root = layout.job_prefix(job), layout.tenant_prefix(tenant)
         self.context.artifacts.forget_prefix(prefix)
         self.context.captures.release_job(job)
-        self._deleter.submit(prefix)
+        self._deleter.submit(root + prefix)
         if ended and target:
             try:
-                if not self.system.store.exists(target + MANIFEST):
-                    self._deleter.submit(target)
+                if not self.system.store.exists(root + target + MANIFEST):
+                    self._deleter.submit(root + target)
             except Exception as error:  # the store away: garbage without a manifest is never read
                 log.warning("could not check %s: %s", target, error)
         try:
