@@ -218,6 +218,13 @@ class InfluenceClient:
 
     # -- plumbing -------------------------------------------------------------------------
 
+    def _may_retry(self, attempt: int, started: float) -> bool:
+        """Whether an UNAVAILABLE after `attempt` retries since `started` is tried again: at most
+        `retries` times when given, else within the time budget (see `_call`)."""
+        if self.retries is not None:
+            return attempt < self.retries
+        return time.monotonic() - started < (self.retry_seconds if self._reached else self.connect_seconds)
+
     def _call(self, method, request, *, timeout: float | None = None):
         """Unary call; retries UNAVAILABLE with backoff (0.2 s doubling to 2 s; create calls carry a
         request_id, so a retried create runs once). Bounded by `retries` attempts when given, else
@@ -231,9 +238,7 @@ class InfluenceClient:
                 self._reached = True
                 return response
             except grpc.RpcError as error:
-                budget = self.retry_seconds if self._reached else self.connect_seconds
-                more = attempt < self.retries if self.retries is not None else time.monotonic() - started < budget
-                if error.code() == grpc.StatusCode.UNAVAILABLE and more:
+                if error.code() == grpc.StatusCode.UNAVAILABLE and self._may_retry(attempt, started):
                     time.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     attempt += 1
@@ -249,21 +254,21 @@ class InfluenceClient:
     def _download(self, method, request, out_dir: str | Path, last: str | None = None) -> Path:
         """Stream an artifact's files into out_dir. A stream broken by UNAVAILABLE (the server
         restarted, a connection dropped) is resumed where it stopped (request.resume_file and
-        resume_offset), up to `retries` times with backoff; a file's checksum covers all its parts."""
+        resume_offset), retried as `_call` retries; a file's checksum covers all its parts."""
         receiver = _FileReceiver(Path(out_dir), last)
-        delay = 0.2
+        delay, started, attempt = 0.2, time.monotonic(), 0
         try:
-            for attempt in range(self.retries + 1):
+            while True:
                 request.resume_file, request.resume_offset = receiver.position
                 try:
                     receiver.receive(method(request, timeout=None))
+                    self._reached = True
                     return receiver.finish()
                 except grpc.RpcError as error:
-                    if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    if error.code() != grpc.StatusCode.UNAVAILABLE or not self._may_retry(attempt, started):
                         raise _domain_error(error) from None
                     time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-            raise AssertionError("unreachable")
+                    delay, attempt = min(delay * 2, 2.0), attempt + 1
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):  # nothing half-written stays: see finally
                 raise StorageFull(f"disk full: writing {out_dir} failed ({os.strerror(error.errno)})") from None
@@ -352,12 +357,13 @@ class InfluenceClient:
         else:
             request.jsonl = jsonl if isinstance(jsonl, bytes) else Path(jsonl).read_bytes()
             digest = hashlib.sha256(request.jsonl).hexdigest()
-        # Datasets are content-addressed: one the server has is reused, not uploaded again.
-        name = "datasets/" + dataset_id(digest, request.model.path, max_length, shard_size)
-        try:
-            return self.get_dataset(name)
-        except NotFoundError:
-            pass
+        if not request.uri.startswith("s3://"):
+            # Datasets are content-addressed: one the server has is reused, not uploaded again.
+            name = "datasets/" + dataset_id(digest, request.model.path, max_length, shard_size)
+            try:
+                return self.get_dataset(name)
+            except NotFoundError:
+                pass
         operation = self._call(self.gradients.RegisterDataset, request)
         return self.unpack(self.wait(operation, progress), gradient_service_pb2.Dataset)
 

@@ -359,7 +359,9 @@ def test_a_hanging_task_is_reclaimed_after_its_lease(redis_server, s3_server, wo
         assert rescuer.handle(again) == "succeeded"
         wake.set()
         thread.join(60)
-        assert outcome["stuck"] == "succeeded"  # its duplicate completion records nothing twice
+        # its duplicate completion records nothing twice; woken after the job's inputs were
+        # cleaned up, it finds the operation ended and stops
+        assert outcome["stuck"] in ("succeeded", "skipped")
         dataset = stepped.client.unpack(stepped.client.wait(operation, timeout=10), gradient_service_pb2.Dataset)
         assert dataset.num_examples == 23
         stuck.lease.close()

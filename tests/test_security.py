@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.cli import main
 from services.client import InfluenceClient
 from services.errors import InputError, NotFoundError, ResourceExhaustedError, UnauthenticatedError, UnavailableError
-from services.gen.influence.v1 import common_pb2, gradient_service_pb2, query_service_pb2
+from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.storage import open_store
 from tests.servers.certs import make_certificates
 from tests.servers.ports import free_ports, wait_until
@@ -184,8 +184,10 @@ def test_tenants_cannot_list_read_use_cancel_or_delete_each_others_work(secured,
         assert bob.list_datasets() == []
         assert bob.list_factor_sets() == []
         assert list(bob._call(bob.operations.ListOperations, operations_pb2.ListOperationsRequest()).operations) == []
-        own = bob.register_dataset(model, train, shard_size=8)
-        assert [d.name for d in bob.list_datasets()] == [own.name]
+        # (dataset names are derived from content and settings within a tenant's namespace: bob's
+        # own copy of the same data would have the same name as alice's, his own; he uses other settings)
+        own = bob.register_dataset(model, train, shard_size=7)
+        assert [d.name for d in bob.list_datasets()] == [own.name] and own.name != dataset.name
 
         # and every way of naming alice's resources answers exactly as for names that never existed
         def refusals(dataset_name: str, factors_name: str, operation_name: str) -> list[str]:
@@ -230,7 +232,7 @@ def test_tenants_cannot_list_read_use_cancel_or_delete_each_others_work(secured,
 
         # alice's work is intact and hers
         assert alice.get_dataset(dataset.name).num_examples == dataset.num_examples
-        assert alice.get_factor_set(factors.name).strategy == "kfac"
+        assert alice.get_factor_set(factors.name).strategy == factor_service_pb2.STRATEGY_KFAC
         assert [d.name for d in alice.list_datasets()] == [dataset.name]
     # in the store, each tenant's artifacts live under its own prefix
     keys = open_store(secured.store_url).list("")

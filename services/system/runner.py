@@ -373,6 +373,10 @@ class Worker:
         anything else is noted as this task's last error and the task released for a retry after a
         backoff (1 s, doubling per delivery, at most a lease) instead of waiting out its lease."""
         queue, operations = self.system.queue, self.system.operations
+        record = operations.get(payload.operation)
+        if record is None or record["state"] in TERMINAL:  # a late duplicate whose inputs are gone
+            queue.ack(task)
+            return "skipped"
         if isinstance(error, DomainError) and error.callers_fault:
             operations.fail(payload.operation, code_pb2.Code.Value(code_of(error)), f"{where}: {error}")
             queue.ack(task)
