@@ -299,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run models on cpu or cuda; a cpu worker leaves cuda tasks to others "
         "(env INFLUENCE_DEVICE; default: cuda if available, else cpu)",
     )
+    worker.add_argument(
+        "--until-done",
+        default="",
+        metavar="OPERATION",
+        help="exit (0) once this operation has ended: a worker of a launched Job (default: run until stopped)",
+    )
     _add_connection_options(worker)
     return parser
 

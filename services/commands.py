@@ -506,6 +506,26 @@ def run_worker(args) -> int:
             context=_worker_context(args, system),
         )
         signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
+        if args.until_done:
+            _stop_when_ended(system, args.until_done.removeprefix("operations/"), worker.stop)
         print(f"influence: worker {worker.consumer} taking {','.join(kinds)}", flush=True)
         worker.run_forever()
     return 0
+
+
+def _stop_when_ended(system, operation: str, stop, every: float = 2.0) -> None:
+    """Set `stop` once `operation` has ended (or does not exist): a launched worker's exit."""
+    import threading
+
+    from .jobs.operations import TERMINAL
+
+    def watch() -> None:
+        while not stop.wait(every):
+            try:
+                record = system.operations.get(operation)
+            except Exception:  # Redis away for a moment: ask again
+                continue
+            if record is None or record["state"] in TERMINAL:
+                stop.set()
+
+    threading.Thread(target=watch, name="until-done", daemon=True).start()

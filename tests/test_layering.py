@@ -35,6 +35,7 @@ LAYERS = {
     "progress_bars": 6,
     "toy": 6,
     "embedded": 7,
+    "launcher": 7,  # Kubernetes Jobs of workers for one operation (reads it through the client)
     "demo": 8,
     "commands": 9,
     "index_commands": 10,

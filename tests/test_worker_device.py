@@ -15,6 +15,7 @@ from google.longrunning import operations_pb2
 from services.client import InfluenceClient
 from services.embedded import EmbeddedSystem
 from services.errors import InputError
+from services.gen.influence.internal.v1 import tasks_pb2
 from services.gen.influence.v1 import common_pb2, factor_service_pb2
 from services.storage import LocalStore
 from services.system.context import WorkerContext
@@ -49,7 +50,9 @@ def test_a_cpu_worker_leaves_cuda_tasks_and_runs_deviceless_ones_on_cpu(workspac
         assert cpu.handle(first) == "retry"
         record = system.system.operations.get(operation.name.removeprefix("operations/"))
         assert record["state"] not in ("FAILED", "SUCCEEDED"), record
-        assert "WrongWorkerError" in record.get("last_error", "")
+        shard = tasks_pb2.TaskPayload.FromString(first.payload).shard
+        last_error = system.system.operations.last_error(record["id"], f"covariance/{shard}")
+        assert "WrongWorkerError" in last_error
         # still queued: after the lease it is delivered again (to whichever worker takes it)
         again = take(cpu, "covariance")
         while again.message_id != first.message_id:  # the fit's other shards, refused the same way

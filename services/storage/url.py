@@ -57,10 +57,11 @@ def _s3_store(url: str, parsed: urllib.parse.SplitResult, retry: RetryPolicy | N
         raise InputError(f"INFLUENCE_S3_CREDENTIALS must be chain or empty, got {mode!r}")
     access_key, secret_key = os.environ.get("INFLUENCE_S3_ACCESS_KEY"), os.environ.get("INFLUENCE_S3_SECRET_KEY")
     chain = None
-    if not access_key and mode == "chain":
+    if mode == "chain" and not (access_key or secret_key):
         chain = S3Store.credential_chain(connect_timeout)
-    elif not access_key:
-        access_key, secret_key = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    else:  # each INFLUENCE_S3_* variable wins over its AWS_* one
+        access_key = access_key or os.environ.get("AWS_ACCESS_KEY_ID")
+        secret_key = secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
     return S3Store(
         options["endpoint"],
         parsed.netloc,

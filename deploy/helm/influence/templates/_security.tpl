@@ -49,4 +49,3 @@ server re-reads it: tokens rotate without a restart. */}}
     defaultMode: 0444  # the pods run as a non-root user without fsGroup
 {{- end }}
 {{- end }}
-{{- end }}
