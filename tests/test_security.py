@@ -93,6 +93,9 @@ class Serve:
 
         try:
             wait_until(serving, 300, "influence serve", self.log)  # torch imports crawl on a loaded machine
+        except BaseException:
+            self.stop()  # a server that never became ready must not outlive the test
+            raise
         finally:
             channel.close()
 
