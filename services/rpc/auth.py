@@ -63,7 +63,8 @@ def parse_tokens(text: str, source: str) -> dict[str, str]:
         if len(token) < MIN_TOKEN_CHARS:
             raise InputError(f"{source} line {number}: the token is shorter than {MIN_TOKEN_CHARS} characters")
         if not TENANT_PATTERN.match(tenant):
-            raise InputError(f"{source} line {number}: a tenant is 1-64 of A-Z a-z 0-9 _ -, got {tenant!r}")
+            # not quoted: with the columns swapped it would be the token
+            raise InputError(f"{source} line {number}: the tenant (second field) must be 1-64 of A-Z a-z 0-9 _ -")
         digest = _digest(token)
         if digest in tokens and tokens[digest] != tenant:
             raise InputError(f"{source} line {number}: the same token is given to two tenants")
@@ -103,8 +104,8 @@ class TokenFile:
                 signature = (stat.st_mtime_ns, stat.st_size)
                 if signature == self._signature:
                     return
+                self._signature = signature  # a bad version is reported once, not every second
                 self._tokens = parse_tokens(self.path.read_text(encoding="utf-8"), str(self.path))
-                self._signature = signature
                 log.info("reloaded %s: %d tokens", self.path, len(self._tokens))
             except (OSError, UnicodeDecodeError, InputError) as error:
                 # keep serving the previous tokens: a half-written file must not lock everyone out
