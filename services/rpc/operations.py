@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 
 from google.longrunning import operations_pb2, operations_pb2_grpc
@@ -43,7 +44,8 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     @grpc_errors
     async def ListOperations(self, request, context):
         size, offset = validation.page(request.page_size, request.page_token)
-        kind = request.filter.removeprefix("kind=") if request.filter else ""
+        # `kind = X` (AIP-160, as the client sends it) or the older `kind=X`
+        kind = re.sub(r"^kind\s*=\s*", "", request.filter.strip()) if request.filter else ""
         records, token = await asyncio.to_thread(self.operations.list, size, str(offset), kind)
         return operations_pb2.ListOperationsResponse(
             operations=[operation_message(r) for r in records], next_page_token=token
