@@ -51,9 +51,23 @@ def served(redis_server, s3_server, tmp_path_factory):
         except grpc.RpcError:
             return False
 
-    wait_until(serving, 60, "influence serve")
+    try:
+        # a loaded 2-core machine can take minutes to import torch and start: wait, but never leak
+        wait_until(serving, 240, "influence serve")
+    except BaseException:
+        _stop(process)
+        channel.close()
+        raise
     yield target, process
     channel.close()
+    _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-        process.wait(30)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
