@@ -177,7 +177,7 @@ def test_the_cli_rides_out_an_api_server_restart_and_wait_reattaches(deployment,
     fit = start_fit(deployment, fit_inputs, tmp_path / "out")
     try:
         name = fit_operation(deployment.target)
-        wait_until(lambda: tokens_processed(deployment.target, name) > 0, 120, "the fit's first batches")
+        wait_until(lambda: tokens_processed(deployment.target, name) > 0, 600, "the fit's first batches")
         deployment.kill_server()  # mid-job: the worker goes on, the CLI's calls fail UNAVAILABLE
         time.sleep(3)
         deployment.start_server()
@@ -209,7 +209,7 @@ def test_a_job_survives_redis_killed_and_restarted_from_its_append_only_file(dep
     fit = start_fit(deployment, fit_inputs, tmp_path / "out")
     try:
         name = fit_operation(deployment.target)
-        wait_until(lambda: tokens_processed(deployment.target, name) > 0, 120, "the fit's first batches")
+        wait_until(lambda: tokens_processed(deployment.target, name) > 0, 600, "the fit's first batches")
         deployment.redis.process.send_signal(signal.SIGKILL)  # no graceful flush: fsync-always AOF only
         deployment.redis.process.wait(10)
         deployment.redis.process = None
