@@ -128,7 +128,10 @@ def start_fit(deployment: Deployment, inputs, out) -> subprocess.Popen:
     command = [sys.executable, "-m", "services.cli", "fit", "--server", deployment.target, "--quiet"]
     command += ["--model", str(inputs / "model"), "--data", str(inputs / "train.jsonl"), "--out", str(out)]
     command += ["--shard-size", "40", "--batch-size", "2", "--max-length", "32"]
-    return subprocess.Popen(command, env=deployment.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    # The default retry budget (120 s) outlasts a restart of a few seconds; on a loaded CI machine
+    # the restarted server's imports alone can take longer, so the test gives the CLI more.
+    env = {**deployment.env, "INFLUENCE_RETRY_SECONDS": "900"}
+    return subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
 def fit_operation(target: str, timeout: float = 600) -> str:
