@@ -184,7 +184,7 @@ def test_the_cli_rides_out_an_api_server_restart_and_wait_reattaches(deployment,
         deployment.kill_server()  # mid-job: the worker goes on, the CLI's calls fail UNAVAILABLE
         time.sleep(3)
         deployment.start_server()
-        _, err = fit.communicate(timeout=300)
+        _, err = fit.communicate(timeout=900)
     finally:
         if fit.poll() is None:
             fit.kill()
@@ -218,7 +218,7 @@ def test_a_job_survives_redis_killed_and_restarted_from_its_append_only_file(dep
         deployment.redis.process = None
         time.sleep(2)
         deployment.redis.start()
-        _, err = fit.communicate(timeout=300)
+        _, err = fit.communicate(timeout=900)
     finally:
         if fit.poll() is None:
             fit.kill()
