@@ -91,7 +91,7 @@ def test_an_interrupted_server_command_cancels_its_job_unless_detached(slow_fit,
     target, _ = served
     extra = ["--server", target, *(["--detach"] if detach else [])]
     process = start_fit(slow_fit, tmp_path / "out", extra)
-    read_until(process, "register: 1/1")
+    read_until(process, "started; reattach with: influence wait")  # a job (register, or the fit: data is reused)
     with InfluenceClient(target) as client:
         wait_until(lambda: running_fit(client) is not None, 30, "the fit operation")
         process.send_signal(signal.SIGINT)
