@@ -60,7 +60,6 @@ def _out_dir(path: str) -> Path:
     return out
 
 
-
 def client_security(args) -> dict:
     """InfluenceClient's token and TLS options from the command's flags (None: the environment's)."""
     return {name: getattr(args, name, None) for name in ("token", "tls_ca", "tls_cert", "tls_key")}
@@ -72,7 +71,7 @@ def through_system(args, body: Callable[..., T]) -> T:
 
     if args.server:
         with InfluenceClient(args.server, **client_security(args)) as client:
-            client.on_operation = lambda name: print(_reattach_hint(args, name), file=sys.stderr, flush=True)
+            client.on_operation = lambda name: _started(args, name)
             try:
                 return body(client)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the job goes with the command, unless detached
@@ -91,6 +90,16 @@ def through_system(args, body: Callable[..., T]) -> T:
 
     with EmbeddedSystem(foreground=True) as system:
         return system.run(body)
+
+
+def _started(args, name: str) -> None:
+    """Name a server job as it starts: a line on stderr, or with --json a JSON line on stdout,
+    {"event": "started", "operation": ..., "reattach": ...}."""
+    if getattr(args, "json", False):
+        event = {"event": "started", "operation": name, "reattach": _reattach_hint(args, name).split(": ", 2)[-1]}
+        print(json.dumps(event), flush=True)
+    else:
+        print(_reattach_hint(args, name), file=sys.stderr, flush=True)
 
 
 def _reattach_hint(args, name: str) -> str:

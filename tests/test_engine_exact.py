@@ -224,11 +224,10 @@ def test_the_service_system_reproduces_the_exact_damped_ggn(strategy, tmp_path):
     g_qᵀ (GGN + λI)⁻¹ g_m with dense matrices (stored as float32: 1e-6)."""
     from safetensors.torch import load_file
 
-    from services.client import InfluenceClient
+    from services.client import InfluenceClient, model_spec
     from services.embedded import EmbeddedSystem
     from services.engine.model_io import load_model_and_tokenizer
     from services.factor_svc.artifacts import load_factors
-    from services.gen.influence.v1 import common_pb2
     from tests.reference import save_bigram_checkpoint
 
     vocab = 5
@@ -237,7 +236,7 @@ def test_the_service_system_reproduces_the_exact_damped_ggn(strategy, tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(f'{{"text": "{text}"}}\n' for text in pairs))
     queries = [Query("q0", "1", "3"), Query("q1", "4", "0")]
-    spec = common_pb2.ModelSpec(path=str(model_dir), dtype="float64")
+    spec = model_spec(model_dir, dtype="float64")
     with EmbeddedSystem() as system, InfluenceClient(system.target) as client:
         dataset = client.register_dataset(spec, data, shard_size=7)
         assert dataset.num_shards == 4

@@ -160,7 +160,11 @@ def run_every_job(cluster: Cluster, driver: Driver, workspace) -> dict[str, dict
     driver.until_done(selfing)
     indexing = client.gradients.BuildIndex(
         gradient_service_pb2.BuildIndexRequest(
-            model=model, factor_set=factors.name, dataset=dataset.name, projection="none", storage_dtype="float32"
+            model=model,
+            factor_set=factors.name,
+            dataset=dataset.name,
+            projection=gradient_service_pb2.PROJECTION_NONE,
+            storage_dtype=common_pb2.DTYPE_FLOAT32,
         )
     )
     index = client.unpack(driver.until_done(indexing), gradient_service_pb2.Index)
@@ -180,10 +184,16 @@ def run_every_job(cluster: Cluster, driver: Driver, workspace) -> dict[str, dict
 def _results(store) -> list[dict[str, str]]:
     """Each result's files, ordered by their content (result ids are random)."""
     manifests = sorted(key for key in store.list("results/") if key.endswith("/manifest.json"))
-    found = [
-        {name: entry["sha256"] for name, entry in json.loads(store.get_bytes(key))["files"].items()}
-        for key in manifests
-    ]
+    found = []
+    for key in manifests:
+        files = {name: entry["sha256"] for name, entry in json.loads(store.get_bytes(key))["files"].items()}
+        # results.json names its run's factor set and index (random ids): compared without them
+        report = json.loads(store.get_bytes(key.removesuffix("manifest.json") + "results.json"))
+        report.pop("settings", None)
+        if isinstance(report.get("index"), dict):
+            report["index"].pop("name", None)  # the index's random id
+        files["results.json"] = json.dumps(report, sort_keys=True)
+        found.append(files)
     return sorted(found, key=lambda files: json.dumps(files, sort_keys=True))
 
 

@@ -8,6 +8,7 @@ store and the cause, within a bounded time; it is not retried forever.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -47,8 +48,12 @@ def fit_request(cluster: Cluster, workspace):  # noqa: F811
 
 
 def factor_bytes(cluster: Cluster, name: str, directory) -> dict:
+    """Every factor file's bytes, and the manifest's file list (its provenance holds the run's
+    own step timings and creation time)."""
     cluster.client.download_factors(name, directory)
-    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+    found = {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.name != "manifest.json"}
+    found["manifest.json/files"] = json.loads((directory / "manifest.json").read_text())["files"]
+    return found
 
 
 def test_a_short_store_outage_is_ridden_out_and_a_long_one_fails_clearly(

@@ -131,7 +131,10 @@ def run(workspace, out, injector: Injector | None) -> dict[str, str]:  # noqa: F
     files = json.loads((out / "factors" / "manifest.json").read_text())["files"]
     published = {f"factors/{name}": entry["sha256"] for name, entry in files.items()}
     store = LocalStore(out / "scores")
-    published.update({f"scores/{name}": store.get_bytes(name) for name in ("scores.safetensors", "results.json")})
+    published["scores/scores.safetensors"] = store.get_bytes("scores.safetensors")
+    report = json.loads(store.get_bytes("results.json"))
+    report.pop("settings")  # names its run's factor set, a random id; everything else must be identical
+    published["scores/results.json"] = json.dumps(report, sort_keys=True)
     return published
 
 

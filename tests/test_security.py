@@ -400,9 +400,13 @@ def test_a_model_s_own_code_never_runs_unless_allowed(tmp_path, workspace):  # n
     config["model_type"] = "own-model"  # a type transformers does not know: only the directory's code can build it
     config["auto_map"] = {"AutoConfig": "own.OwnConfig", "AutoModelForCausalLM": "own.OwnModel"}
     (custom / "config.json").write_text(json.dumps(config))
+    # subclasses, so that transformers' registration of the loaded classes (their _auto_class)
+    # does not leak into GPT-2's own classes for the rest of the test session
     (custom / "own.py").write_text(
-        f"open({str(marker)!r}, 'w').close()\nfrom transformers import GPT2Config as OwnConfig\n"
-        "from transformers import GPT2LMHeadModel as OwnModel\n"
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import GPT2Config, GPT2LMHeadModel\n"
+        "class OwnConfig(GPT2Config):\n    model_type = 'own-model'\n"
+        "class OwnModel(GPT2LMHeadModel):\n    config_class = OwnConfig\n"
     )
     set_model_access(ModelAccess(roots=(tmp_path.resolve(),)))
     try:
