@@ -414,7 +414,7 @@ def test_bad_requests_get_the_right_status_and_a_clear_message(cluster, workspac
         "bad page token": (
             lambda: gradients.ListDatasets(gradient_service_pb2.ListDatasetsRequest(page_token="x")),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "invalid page_token",
+            "page_token is not one this server issued",
         ),
     }
     for label, (call, code, message) in cases.items():
