@@ -41,6 +41,21 @@ def test_a_renewed_lease_keeps_a_task_and_an_expired_one_is_reclaimed(redis):
     assert queue.depth("score") == 0
 
 
+def test_a_read_over_several_streams_loses_no_task_to_its_lease(redis):
+    """XREADGROUP over several streams delivers one entry per stream: every one is run at once,
+    none waits out a lease (the load bench's 60 s tail at 8+ clients was this)."""
+    queue, _ = fresh(redis, lease_seconds=60.0)
+    for kind in ("score", "merge", "prepare"):
+        queue.enqueue(kind, kind.encode())
+    started = time.monotonic()
+    taken = [queue.take(["score", "merge", "prepare"], "alice", block_ms=100) for _ in range(3)]
+    assert sorted(task.payload for task in taken) == [b"merge", b"prepare", b"score"]
+    assert all(task.deliveries == 1 for task in taken) and time.monotonic() - started < 5
+    assert queue.take(["score", "merge", "prepare"], "alice", block_ms=50) is None
+    for task in taken:
+        queue.ack(task)
+
+
 def test_request_ids_make_creates_idempotent_under_concurrency(redis):
     _, operations = fresh(redis)
     results = []

@@ -65,6 +65,11 @@ class TaskQueue:
         self.max_task_seconds = max_task_seconds
         self._groups: set[str] = set()
         self._next_reclaim_scan: dict[tuple[str, ...], float] = {}  # by the kinds a consumer takes
+        # XREADGROUP over several streams delivers up to one entry per stream: the entries beyond
+        # the one returned are this consumer's already, kept here and returned by its next takes
+        # (else they would sit delivered and unrun until their lease expired)
+        self._surplus: dict[str, list[tuple[str, bytes, dict]]] = {}
+        self._surplus_lock = threading.Lock()
 
     def stream(self, kind: str) -> str:
         return f"{self.prefix}:tasks:{kind}"
@@ -105,16 +110,41 @@ class TaskQueue:
                 if claimed:
                     return self._task(kind, *claimed[0])
             self._next_reclaim_scan[tuple(kinds)] = time.monotonic() + min(1.0, self.lease_ms / 4000)
+        surplus = self._next_surplus(kinds, consumer)
+        if surplus is not None:
+            return surplus
         for kind in kinds:
             self._ensure_group(kind)
         response = self.client.xreadgroup(
             GROUP, consumer, {self.stream(kind): ">" for kind in kinds}, count=1, block=block_ms
         )
-        for stream, entries in response or []:
-            kind = stream.decode().removeprefix(f"{self.prefix}:tasks:")
-            for message_id, fields in entries:
-                return self._task(kind, message_id, fields)
-        return None
+        delivered = [
+            (stream.decode().removeprefix(f"{self.prefix}:tasks:"), message_id, fields)
+            for stream, entries in response or []
+            for message_id, fields in entries
+        ]
+        if not delivered:
+            return None
+        with self._surplus_lock:
+            self._surplus.setdefault(consumer, []).extend(delivered[1:])
+        return self._task(*delivered[0])
+
+    def _next_surplus(self, kinds: list[str], consumer: str) -> Task | None:
+        """A task delivered to `consumer` by an earlier read and not yet returned, if it still holds
+        it (another worker may have reclaimed it after its lease); its lease is renewed."""
+        while True:
+            with self._surplus_lock:
+                held = self._surplus.get(consumer, [])
+                index = next((i for i, entry in enumerate(held) if entry[0] in kinds), None)
+                if index is None:
+                    return None
+                kind, message_id, fields = held.pop(index)
+            pending = self.client.xpending_range(self.stream(kind), GROUP, message_id, message_id, 1)
+            owner = pending[0]["consumer"] if pending else b""
+            if (owner.decode() if isinstance(owner, bytes) else owner) == consumer:
+                task = self._task(kind, message_id, fields)
+                self.renew(task, consumer)
+                return task
 
     def _task(self, kind: str, message_id, fields) -> Task:
         message_id = message_id.decode() if isinstance(message_id, bytes) else message_id
