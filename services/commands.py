@@ -79,7 +79,7 @@ def through_system(args, body: Callable[..., T]) -> T:
                     if args.detach:
                         print(
                             f"influence: {client.waiting_on} goes on on the server (--detach); "
-                            + _reattach_hint(args, client.waiting_on).split("; ", 1)[1],
+                            + f"reattach with: {_reattach_command(args, client.waiting_on)}",
                             file=sys.stderr,
                         )
                     else:
@@ -96,16 +96,16 @@ def _started(args, name: str) -> None:
     """Name a server job as it starts: a line on stderr, or with --json a JSON line on stdout,
     {"event": "started", "operation": ..., "reattach": ...}."""
     if getattr(args, "json", False):
-        event = {"event": "started", "operation": name, "reattach": _reattach_hint(args, name).split(": ", 2)[-1]}
+        event = {"event": "started", "operation": name, "reattach": _reattach_command(args, name)}
         print(json.dumps(event), flush=True)
     else:
-        print(_reattach_hint(args, name), file=sys.stderr, flush=True)
+        print(f"influence: {name} started; reattach with: {_reattach_command(args, name)}", file=sys.stderr, flush=True)
 
 
-def _reattach_hint(args, name: str) -> str:
-    """The line naming a server job as it starts, so that a user whose command died can reattach."""
+def _reattach_command(args, name: str) -> str:
+    """The command that reattaches to a server job, for a user whose command died."""
     out = f" --out {args.out}" if getattr(args, "out", None) else ""
-    return f"influence: {name} started; reattach with: influence wait {name} --server {args.server}{out}"
+    return f"influence wait {name} --server {args.server}{out}"
 
 
 def run_wait(args) -> int:

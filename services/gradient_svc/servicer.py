@@ -46,23 +46,16 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
     def _register(self, request):
         model = model_ref(request.model)
         source_uri, upload = "", None
+        if request.uri and request.jsonl:
+            raise InputError("send the dataset as jsonl or as uri, not both", field="uri")
         if request.uri.startswith("s3://"):
-            if request.jsonl:
-                raise InputError("send the dataset as jsonl or as uri, not both", field="uri")
-            if not self.limits.server_paths:  # the system's bucket holds every tenant's data
-                raise InputError(
-                    "uri: this server does not read locations for callers (it authenticates tenants); "
-                    "upload the content instead",
-                    field="uri",
-                )
+            self.check_caller_locations("uri")  # the system's bucket holds every tenant's data
             bucket, key = split_s3_uri(request.uri, "uri")
             if not self.system.store.in_bucket(bucket).exists(key):
                 raise NotFoundError(f"training data not found: {request.uri}")
             source_uri = request.uri  # read (and validated, naming its lines) by the worker, not here
             digest = sha256_bytes(f"{request.uri} {uuid.uuid4()}".encode())  # an object can change: never reused
         elif request.uri:
-            if request.jsonl:
-                raise InputError("send the dataset as jsonl or as uri, not both", field="uri")
             upload = self.server_file(request.uri, "uri")
             if not upload.is_file():
                 raise NotFoundError(f"training data file not found: {upload}")

@@ -192,12 +192,8 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
 
     @grpc_errors
     async def DeleteScoreResult(self, request, context):
-        def delete():
-            self._result(request.name)  # NOT_FOUND for a result that does not exist
-            result_id = validation.resource_id(request.name, "results", "name")
-            delete_artifact(self.system.store, layout.result_prefix(result_id))
-
-        await asyncio.to_thread(delete)
+        result = await asyncio.to_thread(self._result, request.name)  # NOT_FOUND for one that does not exist
+        await asyncio.to_thread(delete_artifact, self.system.store, result.prefix)
         return empty_pb2.Empty()
 
     def _rows(self, name: str):

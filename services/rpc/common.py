@@ -51,13 +51,19 @@ class TenantScoped:
     def system(self):
         return self.shared_system.for_tenant(current_tenant())
 
-    def server_file(self, uri: str, field: str) -> Path:
-        """The server path a file:// `uri` names, if this server lets callers name its files."""
+    def check_caller_locations(self, field: str) -> None:
+        """InputError unless this server lets callers name what it reads (its files, the buckets
+        its credentials reach): off when tenants share it."""
         if not self.limits.server_paths:
             raise InputError(
-                f"{field}: this server does not read its own files for callers (it authenticates tenants); "
-                "upload the content instead"
+                f"{field}: this server does not read its own files or buckets for callers (it authenticates "
+                "tenants); upload the content instead",
+                field=field,
             )
+
+    def server_file(self, uri: str, field: str) -> Path:
+        """The server path a file:// `uri` names, if this server lets callers name its files."""
+        self.check_caller_locations(field)
         return validation.file_uri(uri, field)
 
 
