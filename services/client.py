@@ -18,9 +18,12 @@ certificate (INFLUENCE_TLS_CA), and for mutual TLS `tls_cert=`/`tls_key=` the cl
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -245,6 +248,22 @@ class InfluenceClient:
                     continue
                 raise _domain_error(error) from None
 
+    def _create(self, method, request) -> operations_pb2.Operation:
+        """Start a job: `_call` of a create method, whose operation is this client's `waiting_on`
+        (and is announced to `on_operation`) as soon as its name is known. A Ctrl-C or SIGTERM
+        arriving while the call is in flight is held until then (a second one is not), so the
+        caller's interrupt handling always knows the job it started: there is no moment at which
+        a job exists on the server that an interrupted command cannot name or cancel."""
+        with _interrupts_held():
+            operation = self._call(method, request)
+            self._waiting(operation.name)
+        return operation
+
+    def _waiting(self, name: str) -> None:
+        if self.on_operation is not None and self.waiting_on != name:
+            self.on_operation(name)
+        self.waiting_on = name
+
     def _stream(self, method, request):
         try:
             yield from method(request, timeout=None)
@@ -294,9 +313,7 @@ class InfluenceClient:
 
         deadline = None if timeout is None else time.monotonic() + timeout
         last = None
-        if self.on_operation is not None and self.waiting_on != operation.name:
-            self.on_operation(operation.name)
-        self.waiting_on = operation.name
+        self._waiting(operation.name)
         while True:
             metadata = common_pb2.OperationMetadata()
             if operation.metadata.Unpack(metadata) and progress and metadata != last:
@@ -364,7 +381,7 @@ class InfluenceClient:
                 return self.get_dataset(name)
             except NotFoundError:
                 pass
-        operation = self._call(self.gradients.RegisterDataset, request)
+        operation = self._create(self.gradients.RegisterDataset, request)
         return self.unpack(self.wait(operation, progress), gradient_service_pb2.Dataset)
 
     def get_dataset(self, name: str) -> gradient_service_pb2.Dataset:
@@ -388,7 +405,7 @@ class InfluenceClient:
             model=_model(model), dataset=dataset, **_with_enums(factor_service_pb2.FitFactorsRequest, options)
         )
         request.request_id = _request_id()
-        operation = self._call(self.factors.FitFactors, request)
+        operation = self._create(self.factors.FitFactors, request)
         return self.unpack(self.wait(operation, progress), factor_service_pb2.FactorSet)
 
     def get_factor_set(self, name: str) -> factor_service_pb2.FactorSet:
@@ -458,7 +475,7 @@ class InfluenceClient:
             request_id=_request_id(),
             **_with_enums(gradient_service_pb2.BuildIndexRequest, options),
         )
-        operation = self._call(self.gradients.BuildIndex, request)
+        operation = self._create(self.gradients.BuildIndex, request)
         return self.unpack(self.wait(operation, progress), gradient_service_pb2.Index)
 
     def append_index(
@@ -467,7 +484,7 @@ class InfluenceClient:
         request = gradient_service_pb2.AppendIndexRequest(
             index=index, dataset=dataset, batch_size=batch_size, request_id=_request_id()
         )
-        operation = self._call(self.gradients.AppendIndex, request)
+        operation = self._create(self.gradients.AppendIndex, request)
         return self.unpack(self.wait(operation, progress), gradient_service_pb2.Index)
 
     def get_index(self, name: str) -> gradient_service_pb2.Index:
@@ -529,7 +546,7 @@ class InfluenceClient:
         if rescore is not None:
             request.rescore = rescore
         request.request_id = _request_id()
-        operation = self._call(self.queries.ComputeScores, request)
+        operation = self._create(self.queries.ComputeScores, request)
         return self.unpack(self.wait(operation, progress), query_service_pb2.ScoreResult)
 
     def compute_self_influence(
@@ -541,7 +558,7 @@ class InfluenceClient:
         if damping is not None:
             request.damping = damping
         request.request_id = _request_id()
-        operation = self._call(self.queries.ComputeSelfInfluence, request)
+        operation = self._create(self.queries.ComputeSelfInfluence, request)
         return self.unpack(self.wait(operation, progress), query_service_pb2.ScoreResult)
 
     def get_result(self, name: str) -> query_service_pb2.ScoreResult:
@@ -600,6 +617,40 @@ def operation_metadata(operation: operations_pb2.Operation) -> common_pb2.Operat
     metadata = common_pb2.OperationMetadata()
     operation.metadata.Unpack(metadata)
     return metadata
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """SIGINT and SIGTERM received inside the block are delivered when it ends, under the handlers
+    in place before it (a second one, an insisting user, at once). Only on the main thread, where
+    Python runs signal handlers; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def hold(number, frame):
+        if held:  # the second: deliver it now, instead of the first
+            held.clear()
+            _restore(previous)
+            signal.raise_signal(number)
+        else:
+            held.append(number)
+
+    for number in previous:
+        signal.signal(number, hold)
+    try:
+        yield
+    finally:
+        _restore(previous)
+        if held:
+            signal.raise_signal(held[0])
+
+
+def _restore(handlers: dict) -> None:
+    for number, handler in handlers.items():
+        signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 def _request_id() -> str:

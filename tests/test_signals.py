@@ -104,3 +104,37 @@ def test_an_interrupted_server_command_cancels_its_job_unless_detached(slow_fit,
             client.cancel(name)  # the test's own cleanup
         else:
             assert "cancelled" in err and operation.done and operation.error.code == 1, err  # CANCELLED
+
+
+def test_an_interrupt_while_a_job_is_being_created_is_held_until_the_job_is_named(redis_server, s3_server, tmp_path):
+    """Ctrl-C landing between the server creating a job and the client reading its name would
+    leave a job that the interrupted command can neither name nor cancel: the client holds the
+    interrupt until it knows the name, then raises it."""
+    import uuid
+
+    from tests.test_system import Cluster, make_examples, write_jsonl
+
+    tokenizer = build_word_tokenizer(WORDS)
+    save_model_dir(build_tiny_model("gpt2", len(tokenizer), d_model=16, seed=0), tokenizer, tmp_path / "model")
+    examples = make_examples(8, seed=0)
+    write_jsonl(tmp_path / "train.jsonl", [{"id": e.id, "text": e.text} for e in examples])
+    cluster = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"), workers=0)
+    try:
+        client = cluster.client
+        dataset_operation = client.gradients.RegisterDataset
+        started = []
+
+        def interrupted_in_flight(request, **kwargs):
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: inside the call
+            started.append(dataset_operation(request, **kwargs))
+            return started[-1]
+
+        client.gradients.RegisterDataset = interrupted_in_flight
+        with pytest.raises(KeyboardInterrupt):
+            client.register_dataset(str(tmp_path / "model"), tmp_path / "train.jsonl")
+        assert len(started) == 1, "the interrupt cut the create call short"
+        assert client.waiting_on == started[0].name
+        assert cluster.system.operations.get(started[0].name.split("/")[1])["kind"] == "register_dataset"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+    finally:
+        cluster.close()
