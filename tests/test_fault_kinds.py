@@ -1,14 +1,15 @@
-"""A worker dies in the middle of every kind of task, and no published byte changes.
+"""A worker process is SIGKILLed in the middle of every kind of task, and no published byte changes.
 
 On the real redis-server and S3 server, one job of each kind runs twice: undisturbed, and with
-a worker dying once inside every task kind (register, covariance, eigen, correction, finalize,
-prepare, score, merge, self, self_merge, index_shard, index_publish, index_prepare, index_score,
-index_merge) at a random point: its k-th touch of the store or of its progress, k drawn per
-kind. A death is a BaseException the runtime does not catch, so, as after SIGKILL, nothing
-after it runs: no acknowledgement, no release, no recorded error; the task stays pending
-under the dead consumer until its lease expires and a surviving worker reclaims it. The dead
-worker's memory (caches) is dropped with it. (tests/test_system.py SIGKILLs a real worker
-process; tests/test_fault_restarts.py kills the API server and Redis.)
+a worker process killed once inside every task kind (register, covariance, eigen, correction,
+finalize, prepare, score, merge, self, self_merge, index_shard, index_publish, index_prepare,
+index_score, index_merge) at a random point: its k-th touch of the store or of its progress, k
+drawn per kind. The doomed worker is a separate process (tests/doomed_worker.py) that sends
+itself SIGKILL there: nothing after it runs (no acknowledgement, no release, no recorded error,
+no finally block), its heartbeat stops, the task stays pending under the dead consumer until
+its lease expires and the surviving worker reclaims it, and the dead worker's caches go with
+it. (tests/test_system.py SIGKILLs a whole worker process from outside during a fit;
+tests/test_fault_restarts.py kills the API server and Redis.)
 
 Every artifact's files (sha256 by name) must equal the undisturbed run's.
 """
@@ -17,17 +18,23 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+import torch
 
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
-from services.storage.s3 import S3Store
-from services.system.runner import OperationProgress, Worker
+from services.system.runner import Worker
 from tests.test_system import QUERIES, Cluster, workspace  # noqa: F401
 
 LEASE = 0.5
+MAX_DELIVERIES = 3
+ROOT = Path(__file__).resolve().parents[1]
 KINDS = [
     "register",
     "covariance",
@@ -47,50 +54,15 @@ KINDS = [
 ]
 
 
-class WorkerDied(BaseException):
-    """Raised at the chosen point: like SIGKILL, nothing in the runtime handles it."""
-
-
-class Reaper:
-    """Counts the dying worker's touches of the store and of its progress; raises WorkerDied at
-    the armed one."""
-
-    def __init__(self):
-        self.countdown = 0  # 0: not armed
-
-    def touch(self) -> None:
-        if self.countdown:
-            self.countdown -= 1
-            if self.countdown == 0:
-                raise WorkerDied
-
-    def install(self, monkeypatch) -> None:
-        reaper = self
-        for name in ("get_bytes", "put_bytes", "put_buffers", "put_file", "get_file"):
-            original = getattr(S3Store, name)
-
-            def touched(store, *args, _original=original, **kwargs):
-                reaper.touch()
-                return _original(store, *args, **kwargs)
-
-            monkeypatch.setattr(S3Store, name, touched)
-        advance = OperationProgress.advance
-
-        def advanced(progress, *args, **kwargs):
-            reaper.touch()
-            return advance(progress, *args, **kwargs)
-
-        monkeypatch.setattr(OperationProgress, "advance", advanced)
-
-
 class Driver:
-    """Runs every task of a cluster by hand: each kind still to be disturbed on a worker that dies
-    at its k-th touch, everything else (and every retry) on the survivor."""
+    """Runs every task of a cluster by hand: the first delivery of each kind still to be disturbed
+    on a worker process killed at its k-th touch, everything else (and every retry) on the
+    in-process survivor."""
 
-    def __init__(self, cluster: Cluster, reaper: Reaper | None, rng: random.Random):
-        self.cluster, self.reaper, self.rng = cluster, reaper, rng
+    def __init__(self, cluster: Cluster, redis_url: str, store_url: str, kill: bool, rng: random.Random):
+        self.cluster, self.redis_url, self.store_url, self.rng = cluster, redis_url, store_url, rng
         self.survivor = Worker(cluster.system, consumer="survivor")
-        self.pending_kinds = set(KINDS) if reaper else set()
+        self.pending_kinds = set(KINDS) if kill else set()
         self.deaths: dict[str, int] = {}
 
     def until_done(self, operation, seconds: float = 600):
@@ -109,22 +81,40 @@ class Driver:
         raise AssertionError(f"{operation.name} did not finish in {seconds} s")
 
     def die_during(self, task) -> None:
-        """Hand the task to a fresh worker that dies at a random touch (its first to third)."""
-        doomed = Worker(self.cluster.system, consumer=f"doomed-{uuid.uuid4().hex[:6]}")
-        # the task was taken as "survivor": give it to the doomed consumer, as if it had taken it
-        self.cluster.system.queue.client.xclaim(
-            self.cluster.system.queue.stream(task.kind), "workers", doomed.consumer, 0, [task.message_id], justid=True
-        )
+        """Hand the task to a new worker process that SIGKILLs itself at a random touch (its
+        first to third)."""
+        consumer = f"doomed-{uuid.uuid4().hex[:6]}"
+        # the task was taken as "survivor": move it to the doomed consumer, as if it had taken it
+        queue = self.cluster.system.queue
+        queue.client.xclaim(queue.stream(task.kind), "workers", consumer, 0, [task.message_id], justid=True)
         point = self.rng.randint(1, 3)
-        self.reaper.countdown = point
-        try:
-            doomed.handle(task)
-        except WorkerDied:
+        spec = {
+            "redis_url": self.redis_url,
+            "store_url": self.store_url,
+            "prefix": self.cluster.prefix,
+            "lease_seconds": LEASE,
+            "max_deliveries": MAX_DELIVERIES,
+            "consumer": consumer,
+            "kind": task.kind,
+            "message_id": task.message_id,
+            "deliveries": task.deliveries,
+            "die_at": point,
+            "torch_threads": torch.get_num_threads(),
+        }
+        process = subprocess.run(
+            [sys.executable, "-m", "tests.doomed_worker", json.dumps(spec)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if process.returncode == -signal.SIGKILL:
             self.deaths[task.kind] = point
             self.pending_kinds.discard(task.kind)
-        finally:
-            self.reaper.countdown = 0
-            doomed.lease.close()
+        else:  # the task ended before its k-th touch: it ran whole, the kind waits for its next task
+            assert process.returncode == 0, (
+                f"doomed worker for {task.kind}: exit {process.returncode}\n{process.stderr}"
+            )
 
 
 def artifact_files(store, prefix: str) -> dict[str, str]:
@@ -197,28 +187,26 @@ def _results(store) -> list[dict[str, str]]:
     return sorted(found, key=lambda files: json.dumps(files, sort_keys=True))
 
 
-@pytest.mark.parametrize("seed", [0])
-def test_a_worker_dying_in_any_kind_of_task_changes_no_published_byte(
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_worker_killed_in_any_kind_of_task_changes_no_published_byte(
     redis_server,
     s3_server,
     workspace,  # noqa: F811
-    monkeypatch,
     seed,
 ):
-    def cluster() -> Cluster:
-        return Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"), workers=0, lease_seconds=LEASE)
+    def cluster(store_url: str) -> Cluster:
+        return Cluster(redis_server.url, store_url, workers=0, lease_seconds=LEASE, max_deliveries=MAX_DELIVERIES)
 
-    undisturbed_cluster = cluster()
+    undisturbed_cluster = cluster(s3_server.url(f"b{uuid.uuid4().hex[:10]}"))
     try:
-        driver = Driver(undisturbed_cluster, None, random.Random(seed))
+        driver = Driver(undisturbed_cluster, redis_server.url, "", kill=False, rng=random.Random(seed))
         undisturbed = run_every_job(undisturbed_cluster, driver, workspace)
     finally:
         undisturbed_cluster.close()
-    reaper = Reaper()
-    reaper.install(monkeypatch)
-    disturbed_cluster = cluster()
+    store_url = s3_server.url(f"b{uuid.uuid4().hex[:10]}")
+    disturbed_cluster = cluster(store_url)
     try:
-        driver = Driver(disturbed_cluster, reaper, random.Random(seed))
+        driver = Driver(disturbed_cluster, redis_server.url, store_url, kill=True, rng=random.Random(seed))
         disturbed = run_every_job(disturbed_cluster, driver, workspace)
     finally:
         disturbed_cluster.close()
