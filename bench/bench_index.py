@@ -216,16 +216,17 @@ print(json.dumps({"seconds": time.perf_counter() - started, "tokens": tokens}))
 """
 
 STREAM = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from pathlib import Path
 from safetensors.torch import load_file
+sys.path.insert(0, "bench")
+from common import peak_rss_mib
 from services.engine.index import score_block
 queries = torch.load(sys.argv[1])
 started = time.perf_counter()
 for path in sorted(Path(sys.argv[2]).glob("block-*.safetensors")):
     score_block(queries, load_file(str(path)))
-print(json.dumps({"seconds": time.perf_counter() - started,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib()}))
 """
 
 
