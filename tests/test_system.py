@@ -404,7 +404,7 @@ def test_bad_requests_get_the_right_status_and_a_clear_message(cluster, workspac
                 gradient_service_pb2.RegisterDatasetRequest(model=model, jsonl=b'{"text": "w1 w2"}\n' * 70_000)
             ),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "the limit is",
+            "this server's limit is 1048576 (--max-upload-bytes)",
         ),
         "unknown operation": (
             lambda: operations.GetOperation(operations_pb2.GetOperationRequest(name="operations/nope")),

@@ -18,7 +18,7 @@ from ..engine.modules import check_selection
 from ..engine.records import parse_jsonl_bytes, read_training_jsonl, training_examples
 from ..engine.score import ScoreConfig
 from ..enums import enum_word
-from ..errors import InputError, NotFoundError, PreconditionError, ResourceExhaustedError, error_for_code
+from ..errors import InputError, NotFoundError, PreconditionError, error_for_code
 from ..factor_svc.artifacts import factors_artifact
 from ..gen.influence.v1 import common_pb2, gradient_service_pb2, gradient_service_pb2_grpc
 from ..jobs.operations import CANCELLED, FAILED
@@ -64,10 +64,9 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
         else:
             if not request.jsonl:
                 raise InputError('jsonl is empty: upload at least one {"text": ...} line (or give a uri)')
-            if len(request.jsonl) > self.limits.max_upload_bytes:
-                raise ResourceExhaustedError(
-                    f"jsonl is {len(request.jsonl)} bytes; the limit is {self.limits.max_upload_bytes} (send a uri)"
-                )
+            size = len(request.jsonl)
+            what, advice = f"jsonl is {size} bytes", "register a larger dataset by uri (file:// or s3://)"
+            validation.within_limit(size, self.limits.max_upload_bytes, "max_upload_bytes", what, "jsonl", advice)
             training_examples(parse_jsonl_bytes(request.jsonl, "jsonl", "training data"), "jsonl")
             upload = request.jsonl
             digest = sha256_bytes(upload)
