@@ -35,6 +35,14 @@ REQUEST_LIMITS = {
     "max_top_k": RequestLimit(
         10_000, "--max-top-k", "INFLUENCE_MAX_TOP_K", "top_k of one ComputeScores or ComputeSelfInfluence request"
     ),
+    # Sized for a large fine-tuning corpus (billions of tokens); the register task reads a dataset
+    # whole, so long sequences call for a lower limit or more worker memory (docs/reliability.md).
+    "max_dataset_sequences": RequestLimit(
+        10_000_000,
+        "--max-dataset-sequences",
+        "INFLUENCE_MAX_DATASET_SEQUENCES",
+        "training sequences in one registered dataset (uploaded, file:// or s3://)",
+    ),
 }
 
 

@@ -38,6 +38,7 @@ class Limits:
     max_queries: int = REQUEST_LIMITS["max_queries"].default
     max_query_chars: int = REQUEST_LIMITS["max_query_chars"].default
     max_top_k: int = REQUEST_LIMITS["max_top_k"].default
+    max_dataset_sequences: int = REQUEST_LIMITS["max_dataset_sequences"].default
     chunk_bytes: int = 1 * 2**20
     # whether callers may name files on the server (file:// uris: register in place, by path).
     # Off on a server with tokens: a tenant must not read the server's filesystem.
