@@ -19,8 +19,9 @@ class RequestLimit(NamedTuple):
 
 
 # What one request may ask of a server, each a field of rpc.common.Limits that the operator sets with
-# its `influence serve` flag or env variable; 0: no limit. A request over one is refused with
-# RESOURCE_EXHAUSTED naming the limit and its flag (rpc/validation.within_limit).
+# its `influence serve` flag or env variable (the chart's `limits` block); 0: no limit. A request
+# over one is refused with RESOURCE_EXHAUSTED naming the limit and its flag
+# (rpc/validation.within_limit).
 REQUEST_LIMITS = {
     "max_upload_bytes": RequestLimit(
         256 * 2**20,
