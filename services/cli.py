@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 
-from .wire import DEFAULT_SHARD_SIZE
+from .wire import DEFAULT_SHARD_SIZE, REQUEST_LIMITS
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +99,22 @@ def _add_server_security_options(parser: argparse.ArgumentParser) -> None:
         default=int(env("INFLUENCE_MAX_QUEUED_OPERATIONS", "0")),
         help="per tenant: at most this many queued or running operations (0: no quota)",
     )
+
+
+def _add_request_limits(parser: argparse.ArgumentParser) -> None:
+    """--max-upload-bytes, --max-queries, ... (wire.REQUEST_LIMITS), each also from its env var. A
+    string default is parsed by `type` only when `serve` runs, so a bad env value stops `serve`
+    with exit 2 and never breaks the other commands."""
+    for name, limit in REQUEST_LIMITS.items():
+        parser.add_argument(
+            limit.flag,
+            dest=name,
+            type=int,
+            default=os.environ.get(limit.env, str(limit.default)),
+            metavar="N",
+            help=f"refuse a request over N {limit.counts} with RESOURCE_EXHAUSTED "
+            f"(env {limit.env}; default {limit.default}; 0: no limit)",
+        )
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -287,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_connection_options(serve)
     _add_server_security_options(serve)
+    _add_request_limits(serve)
 
     worker = commands.add_parser("worker", help="run tasks from the Redis queues")
     worker.add_argument("--kinds", default="", help="comma-separated task kinds (default: all)")

@@ -358,7 +358,8 @@ class InfluenceClient:
         """Register TRAIN.jsonl: its bytes in the request (up to the server's upload limit), or with
         `by_path` its path, which the server reads itself (it must see the same file: the embedded
         system, or a shared volume), or an "s3://bucket/key" string, an object the workers read
-        from the system's object store; no size limit in the last two."""
+        from the system's object store; no byte limit in the last two (the server's limit on training
+        sequences per dataset applies to all three)."""
         request = gradient_service_pb2.RegisterDatasetRequest(
             request_id=_request_id(),
             model=_model(model),

@@ -26,6 +26,7 @@ from .errors import InputError, NotFoundError, PreconditionError
 from .factor_svc.artifacts import load_factors
 from .gen.influence.v1 import common_pb2, factor_service_pb2
 from .progress_bars import JsonProgress, StageBars
+from .wire import REQUEST_LIMITS
 
 T = TypeVar("T")
 
@@ -465,6 +466,7 @@ def run_serve(args) -> int:
     from .assembly import ROLES, serve
     from .logs import configure_logging
     from .rpc.auth import token_file_from_env
+    from .rpc.common import Limits
     from .rpc.server import server_credentials
     from .system.runner import Worker, threads_per_worker
 
@@ -473,6 +475,7 @@ def run_serve(args) -> int:
     credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
     if args.max_queued_operations < 0:
         raise InputError(f"--max-queued-operations must be >= 0, got {args.max_queued_operations}")
+    limits = Limits(**{name: getattr(args, name) for name in REQUEST_LIMITS})
     roles = tuple(role.strip() for role in args.role.split(",") if role.strip())
     unknown = set(roles) - set(ROLES)
     if unknown or not roles:
@@ -488,7 +491,9 @@ def run_serve(args) -> int:
         for thread in threads:
             thread.start()
         try:
-            asyncio.run(serve(system, args.host, args.port, roles, tokens=tokens, credentials=credentials))
+            asyncio.run(
+                serve(system, args.host, args.port, roles, limits=limits, tokens=tokens, credentials=credentials)
+            )
         finally:
             for worker in workers:
                 worker.stop.set()

@@ -1,6 +1,7 @@
 """What the client and the servers agree on about messages (no torch, no grpc imports here)."""
 
 import hashlib
+from typing import NamedTuple
 
 # Largest gRPC message either side sends or accepts. Artifacts larger than one message travel as
 # chunked streams (FileChunk), never whole.
@@ -8,6 +9,43 @@ MAX_MESSAGE_BYTES = 512 * 2**20
 
 # Default size of one FileChunk's data.
 CHUNK_BYTES = 1 * 2**20
+
+
+class RequestLimit(NamedTuple):
+    default: int
+    flag: str  # of `influence serve`
+    env: str  # the flag's default, if set
+    counts: str  # what the limit counts, for --help
+
+
+# What one request may ask of a server, each a field of rpc.common.Limits that the operator sets with
+# its `influence serve` flag or env variable (the chart's `limits` block); 0: no limit. A request
+# over one is refused with RESOURCE_EXHAUSTED naming the limit and its flag
+# (rpc/validation.within_limit).
+REQUEST_LIMITS = {
+    "max_upload_bytes": RequestLimit(
+        256 * 2**20,
+        "--max-upload-bytes",
+        "INFLUENCE_MAX_UPLOAD_BYTES",
+        "bytes of JSONL uploaded in one RegisterDataset (more: by uri)",
+    ),
+    "max_queries": RequestLimit(4096, "--max-queries", "INFLUENCE_MAX_QUERIES", "queries in one ComputeScores request"),
+    "max_query_chars": RequestLimit(
+        100_000, "--max-query-chars", "INFLUENCE_MAX_QUERY_CHARS", "characters of one query (prompt plus completion)"
+    ),
+    "max_top_k": RequestLimit(
+        10_000, "--max-top-k", "INFLUENCE_MAX_TOP_K", "top_k of one ComputeScores or ComputeSelfInfluence request"
+    ),
+    # Sized for a large fine-tuning corpus (billions of tokens); the register task reads a dataset
+    # whole, so long sequences call for a lower limit or more worker memory (docs/reliability.md).
+    "max_dataset_sequences": RequestLimit(
+        10_000_000,
+        "--max-dataset-sequences",
+        "INFLUENCE_MAX_DATASET_SEQUENCES",
+        "training sequences in one registered dataset (uploaded, file:// or s3://)",
+    ),
+}
+
 
 # Training sequences per data shard unless a request says otherwise. A shard is the unit of
 # fan-out and retry, and each costs a few tasks (≈ 35 ms on the embedded system) plus, in a fit,
@@ -22,6 +60,7 @@ def dataset_id(content_sha256: str, model_path: str, max_length: int, shard_size
     (the client asks for it before uploading; the server returns it without a new job)."""
     key = f"{content_sha256}\n{model_path}\n{max_length}\n{shard_size}"
     return "c" + hashlib.sha256(key.encode()).hexdigest()[:23]
+
 
 # The tenant of every call on a server without --auth-tokens (and of records from before tenants):
 # its artifacts and Redis keys keep the layout that predates tenants.

@@ -19,6 +19,7 @@ import yaml
 
 from services.assembly import ROLES, STAGE_TABLE
 from services.jobs.queue import GROUP, TaskQueue
+from services.wire import REQUEST_LIMITS
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "influence"
@@ -563,6 +564,30 @@ def test_service_monitor_network_policy_and_launcher_rbac():
     binding = get(docs, "RoleBinding", "rel-influence-launcher")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rel-influence-launcher", "namespace": "default"}]
     assert get(docs, "ServiceAccount", "rel-influence-launcher")
+
+
+def test_request_limits_reach_the_env_of_every_serving_pod_and_no_worker():
+    """`limits` become INFLUENCE_MAX_* of the pods that run `influence serve` (not the ConfigMap: a
+    change rolls those pods only); the chart's defaults are the server's own, so an install without
+    `limits` refuses exactly what a plain `influence serve` refuses."""
+    names = {name: limit.env for name, limit in REQUEST_LIMITS.items()}
+    docs = render("default.yaml")
+    variables = env(pod(docs, "api"))
+    assert {name: variables[variable]["value"] for name, variable in names.items()} == {
+        name: str(limit.default) for name, limit in REQUEST_LIMITS.items()
+    }
+    for worker in ("worker-gpu", "worker-cpu"):
+        assert not set(names.values()) & set(env(pod(docs, worker)))
+    assert not set(names.values()) & set(get(docs, "ConfigMap", "rel-influence")["data"])
+    secure = env(pod(render("secure.yaml"), "api"))
+    assert secure["INFLUENCE_MAX_TOP_K"]["value"] == "1000"
+    assert secure["INFLUENCE_MAX_UPLOAD_BYTES"]["value"] == "67108864"  # an integer, never 6.7108864e+07
+    assert secure["INFLUENCE_MAX_QUERIES"]["value"] == str(REQUEST_LIMITS["max_queries"].default)
+    split = render("split.yaml", sets=("limits.maxDatasetSequences=123456789",))
+    for role in ROLES:
+        assert env(pod(split, role))["INFLUENCE_MAX_DATASET_SEQUENCES"]["value"] == "123456789"
+    assert "maxTopK" in render_fails("limits.maxTopK=-1")
+    assert "maxTopk" in render_fails("limits.maxTopk=5")
 
 
 def test_global_is_accepted_and_kube_version_is_enforced():

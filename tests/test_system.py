@@ -89,7 +89,13 @@ class Cluster:
     """JobSystem on the real servers + a gRPC server + worker threads; fresh Redis prefix and bucket."""
 
     def __init__(
-        self, redis_url: str, store_url: str, workers: int = 1, lease_seconds: float = 30.0, max_deliveries: int = 3
+        self,
+        redis_url: str,
+        store_url: str,
+        workers: int = 1,
+        lease_seconds: float = 30.0,
+        max_deliveries: int = 3,
+        limits: Limits | None = None,
     ):
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         client = connect(redis_url)
@@ -97,7 +103,7 @@ class Cluster:
         self.system = job_system(
             self.store, client, prefix=self.prefix, lease_seconds=lease_seconds, max_deliveries=max_deliveries
         )
-        limits = Limits(max_upload_bytes=1 * 2**20)
+        limits = limits or Limits(max_upload_bytes=1 * 2**20)
         self.server = BackgroundServer(lambda: make_server(self.system, limits=limits)).start()
         self.workers = [Worker(self.system, consumer=f"w{n}") for n in range(workers)]
         self.threads = [
@@ -404,7 +410,7 @@ def test_bad_requests_get_the_right_status_and_a_clear_message(cluster, workspac
                 gradient_service_pb2.RegisterDatasetRequest(model=model, jsonl=b'{"text": "w1 w2"}\n' * 70_000)
             ),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "the limit is",
+            "this server's limit is 1048576 (--max-upload-bytes)",
         ),
         "unknown operation": (
             lambda: operations.GetOperation(operations_pb2.GetOperationRequest(name="operations/nope")),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from ..engine.data import TokenizedSequence, unpack_sequences
+from ..rpc import validation
 from ..storage import ArtifactReader, ArtifactStore, open_artifact
 from ..system import layout
 from ..system.context import WorkerContext
@@ -20,6 +21,15 @@ def dataset_artifact(store: ArtifactStore, dataset_id: str) -> ArtifactReader:
 def dataset_metadata(store: ArtifactStore, dataset_id: str) -> dict:
     """The published dataset's metadata (NotFoundError if absent)."""
     return dataset_artifact(store, dataset_id).metadata
+
+
+def check_dataset_size(sequences: int, limit: int, source: str, field: str = "") -> None:
+    """ResourceExhaustedError if a dataset of this many training sequences is over the server's
+    --max-dataset-sequences (`limit`; 0: none). RegisterDataset checks what it reads (an upload, a
+    file:// path) before submitting; the register task checks again whatever it reads, the only
+    check an s3:// source gets, and fails its job at once (the error is the caller's fault)."""
+    what = f"{source}: the dataset has {sequences} sequences"
+    validation.within_limit(sequences, limit, "max_dataset_sequences", what, field)
 
 
 def load_shard(dataset: ArtifactReader, shard: int) -> list[TokenizedSequence]:

@@ -18,7 +18,7 @@ from ..engine.modules import check_selection
 from ..engine.records import parse_jsonl_bytes, read_training_jsonl, training_examples
 from ..engine.score import ScoreConfig
 from ..enums import enum_word
-from ..errors import InputError, NotFoundError, PreconditionError, ResourceExhaustedError, error_for_code
+from ..errors import InputError, NotFoundError, PreconditionError, error_for_code
 from ..factor_svc.artifacts import factors_artifact
 from ..gen.influence.v1 import common_pb2, gradient_service_pb2, gradient_service_pb2_grpc
 from ..jobs.operations import CANCELLED, FAILED
@@ -32,7 +32,7 @@ from ..system import layout
 from ..system.specs import DEFAULT_SHARD_SIZE, BlocksJob, IndexJob, RegisterJob
 from ..wire import dataset_id
 from . import indexes
-from .datasets import dataset_artifact, dataset_metadata
+from .datasets import check_dataset_size, dataset_artifact, dataset_metadata
 
 _POLL_SECONDS = 0.05  # how often StreamBlocks looks for the worker's next block
 
@@ -59,16 +59,17 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
             upload = self.server_file(request.uri, "uri")
             if not upload.is_file():
                 raise NotFoundError(f"training data file not found: {upload}")
-            read_training_jsonl(upload)  # validated where it lies: errors name its lines
+            examples = read_training_jsonl(upload)  # validated where it lies: errors name its lines
+            check_dataset_size(len(examples), self.limits.max_dataset_sequences, request.uri, "uri")
             digest = sha256_file(upload)[0]
         else:
             if not request.jsonl:
                 raise InputError('jsonl is empty: upload at least one {"text": ...} line (or give a uri)')
-            if len(request.jsonl) > self.limits.max_upload_bytes:
-                raise ResourceExhaustedError(
-                    f"jsonl is {len(request.jsonl)} bytes; the limit is {self.limits.max_upload_bytes} (send a uri)"
-                )
-            training_examples(parse_jsonl_bytes(request.jsonl, "jsonl", "training data"), "jsonl")
+            size = len(request.jsonl)
+            what, advice = f"jsonl is {size} bytes", "register a larger dataset by uri (file:// or s3://)"
+            validation.within_limit(size, self.limits.max_upload_bytes, "max_upload_bytes", what, "jsonl", advice)
+            examples = training_examples(parse_jsonl_bytes(request.jsonl, "jsonl", "training data"), "jsonl")
+            check_dataset_size(len(examples), self.limits.max_dataset_sequences, "jsonl", "jsonl")
             upload = request.jsonl
             digest = sha256_bytes(upload)
         shard_size = validation.positive(request.shard_size, "shard_size", DEFAULT_SHARD_SIZE, 1_000_000)
@@ -80,6 +81,7 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
             shard_size=shard_size,
             max_length=max_length,
             source_uri=source_uri,
+            max_dataset_sequences=self.limits.max_dataset_sequences,  # the worker checks an s3:// source
         )
         target = f"datasets/{job.dataset_id}"
         if self.system.store.exists(layout.dataset_prefix(job.dataset_id) + MANIFEST):  # registered before

@@ -24,7 +24,7 @@ from ..system.plans import JobPlan, Stage, StageCall
 from ..system.specs import BlocksJob, IndexJob, RegisterJob
 from . import indexes
 from .blocks import gradient_blocks, write_blocks
-from .datasets import dataset_artifact, dataset_metadata, load_records, shard_sequences
+from .datasets import check_dataset_size, dataset_artifact, dataset_metadata, load_records, shard_sequences
 
 
 def run_register(call: StageCall) -> dict:
@@ -38,6 +38,7 @@ def run_register(call: StageCall) -> dict:
     else:
         raw, what = context.store.get_bytes(layout.job_upload(call.job_id)), "uploaded dataset"
     examples = training_examples(parse_jsonl_bytes(raw, what, "training data"), what)
+    check_dataset_size(len(examples), job.max_dataset_sequences, what)  # permanent: fails the job at once
     tokenizer = context.models.tokenizer(job.model.path)
     num_shards = math.ceil(len(examples) / job.shard_size)
     num_tokens, shards = 0, []

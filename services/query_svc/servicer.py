@@ -14,7 +14,7 @@ from google.protobuf import empty_pb2
 from ..engine.index import default_rescore
 from ..engine.records import query_records
 from ..engine.score import ScoreConfig
-from ..errors import InputError, PreconditionError, ResourceExhaustedError
+from ..errors import InputError, PreconditionError
 from ..factor_svc.artifacts import factors_artifact
 from ..gen.influence.v1 import query_service_pb2, query_service_pb2_grpc
 from ..gradient_svc import indexes
@@ -45,11 +45,17 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
             damping=request.damping if request.HasField("damping") else None,
             batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
             max_length=dataset["max_length"],
-            top_k=validation.positive(request.top_k, "top_k", 10, 10_000),
+            top_k=self._top_k(request),
             **extra,
         )
         config.validate()
         return config
+
+    def _top_k(self, request) -> int:
+        """top_k, by default 10 (or this server's max_top_k if lower: an unset field is never refused)."""
+        limit = self.limits.max_top_k
+        top_k = validation.positive(request.top_k, "top_k", min(10, limit) if limit else 10)
+        return validation.within_limit(top_k, limit, "max_top_k", f"top_k is {top_k}", "top_k")
 
     @grpc_errors
     async def ComputeScores(self, request, context):
@@ -86,14 +92,15 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
     def _queries(self, request) -> list:
         if not request.queries:
             raise InputError("queries is empty: send at least one {id, prompt, completion}")
-        if len(request.queries) > self.limits.max_queries:
-            raise ResourceExhaustedError(
-                f"{len(request.queries)} queries; the limit is {self.limits.max_queries} per request"
-            )
+        count = len(request.queries)
+        validation.within_limit(
+            count, self.limits.max_queries, "max_queries", f"the request has {count} queries", "queries"
+        )
         records = []
         for position, query in enumerate(request.queries):
-            if len(query.prompt) + len(query.completion) > self.limits.max_query_chars:
-                raise InputError(f"query {position + 1} is longer than {self.limits.max_query_chars} characters")
+            chars = len(query.prompt) + len(query.completion)
+            what = f"query {position + 1} has {chars} characters (prompt and completion)"
+            validation.within_limit(chars, self.limits.max_query_chars, "max_query_chars", what, "queries")
             record = {"prompt": query.prompt, "completion": query.completion}
             if query.id:
                 record["id"] = query.id

@@ -24,19 +24,30 @@ from ..errors import InputError
 from ..gen.influence.v1 import common_pb2
 from ..jobs.operations import CANCELLED, FAILED, SUCCEEDED, TERMINAL
 from ..storage import MANIFEST, ArtifactReader, open_artifact
+from ..wire import REQUEST_LIMITS
 from . import paging, validation
 from .auth import current_tenant
 
 
 @dataclass
 class Limits:
-    max_upload_bytes: int = 256 * 2**20
-    max_queries: int = 4096
-    max_query_chars: int = 100_000
+    """What one request may ask of this server. The max_* fields are wire.REQUEST_LIMITS (set by
+    `influence serve --max-...`; 0: no limit), each checked with validation.within_limit."""
+
+    max_upload_bytes: int = REQUEST_LIMITS["max_upload_bytes"].default
+    max_queries: int = REQUEST_LIMITS["max_queries"].default
+    max_query_chars: int = REQUEST_LIMITS["max_query_chars"].default
+    max_top_k: int = REQUEST_LIMITS["max_top_k"].default
+    max_dataset_sequences: int = REQUEST_LIMITS["max_dataset_sequences"].default
     chunk_bytes: int = 1 * 2**20
     # whether callers may name files on the server (file:// uris: register in place, by path).
     # Off on a server with tokens: a tenant must not read the server's filesystem.
     server_paths: bool = True
+
+    def __post_init__(self):
+        for name, limit in REQUEST_LIMITS.items():
+            if getattr(self, name) < 0:
+                raise InputError(f"{limit.flag} must be >= 0 (0: no limit), got {getattr(self, name)}")
 
 
 class TenantScoped:

@@ -1,4 +1,5 @@
-"""Checks of request fields shared by the servicers; each failure is an InputError naming the field."""
+"""Checks of request fields shared by the servicers (and the register task); each failure names the
+field: an InputError, or a ResourceExhaustedError for a value over a limit this server's operator set."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ..engine.model_io import model_access
-from ..errors import InputError, NotFoundError
+from ..errors import InputError, NotFoundError, ResourceExhaustedError
+from ..wire import REQUEST_LIMITS
 
 _RESOURCE = re.compile(r"^(datasets|factorSets|indexes|results|operations)/([A-Za-z0-9_-]{1,64})$")
 
@@ -35,6 +37,16 @@ def positive(value: int, field: str, default: int, maximum: int | None = None) -
     value = value or default
     if maximum is not None and value > maximum:
         raise InputError(f"{field} must be <= {maximum}, got {value}", field=field)
+    return value
+
+
+def within_limit(value: int, limit: int, name: str, what: str, field: str = "", advice: str = "") -> int:
+    """`value` unless it is over `limit`, this server's wire.REQUEST_LIMITS entry `name` (0: no limit):
+    then a ResourceExhaustedError that says what the request has (`what`, e.g. "the dataset has 12
+    sequences"), the limit and the flag that sets it, and then `advice` if any."""
+    if limit and value > limit:
+        message = f"{what}; this server's limit is {limit} ({REQUEST_LIMITS[name].flag})"
+        raise ResourceExhaustedError(message + (f": {advice}" if advice else ""), field=field)
     return value
 
 

@@ -51,6 +51,9 @@ class RegisterJob(Job):
     max_length: int = 512
     # "s3://bucket/key": the JSONL the worker reads itself; "": the job's upload (jobs/{id}/upload).
     source_uri: str = ""
+    # the submitting server's --max-dataset-sequences, which the worker applies to what it reads
+    # (0: no limit, as in specs written before the limit existed)
+    max_dataset_sequences: int = 0
 
 
 @dataclass

@@ -3,11 +3,13 @@ environment against the real Redis and S3 servers, for tests that drive it like 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,11 +18,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.servers.ports import free_ports, wait_until
 
 
-@pytest.fixture(scope="module")
-def served(redis_server, s3_server, tmp_path_factory):
+@contextlib.contextmanager
+def serving(redis_server, s3_server, state: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+    """(target, process) of `influence serve` (all roles, one in-process worker) on a free port,
+    configured by environment like a deployment, with extra `args` and `env`; stopped on exit."""
     port = free_ports(1)[0]
-    state = tmp_path_factory.mktemp("serve")
-    env = {
+    environment = {
         **os.environ,
         **s3_server.env(),
         "INFLUENCE_REDIS_URL": redis_server.url,
@@ -28,10 +31,11 @@ def served(redis_server, s3_server, tmp_path_factory):
         "INFLUENCE_QUEUE_PREFIX": f"serve{uuid.uuid4().hex[:6]}",
         "INFLUENCE_PORT": str(port),
         "INFLUENCE_LOG_LEVEL": "warning",
+        **(env or {}),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1", "--state-dir", str(state)],
-        env=env,
+        [sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1", "--state-dir", str(state), *args],
+        env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -40,7 +44,7 @@ def served(redis_server, s3_server, tmp_path_factory):
     channel = grpc.insecure_channel(target)
     health = health_pb2_grpc.HealthStub(channel)
 
-    def serving() -> bool:
+    def ready() -> bool:
         if process.poll() is not None:
             raise RuntimeError(process.stdout.read().decode())
         try:
@@ -53,14 +57,17 @@ def served(redis_server, s3_server, tmp_path_factory):
 
     try:
         # a loaded 2-core machine can take minutes to import torch and start: wait, but never leak
-        wait_until(serving, 240, "influence serve")
-    except BaseException:
-        _stop(process)
+        wait_until(ready, 240, "influence serve")
+        yield target, process
+    finally:
         channel.close()
-        raise
-    yield target, process
-    channel.close()
-    _stop(process)
+        _stop(process)
+
+
+@pytest.fixture(scope="module")
+def served(redis_server, s3_server, tmp_path_factory):
+    with serving(redis_server, s3_server, tmp_path_factory.mktemp("serve")) as started:
+        yield started
 
 
 def _stop(process: subprocess.Popen) -> None:
