@@ -470,7 +470,6 @@ def run_serve(args) -> int:
     from .rpc.server import server_credentials
     from .system.runner import Worker, threads_per_worker
 
-    configure_logging(args.log_level, args.log_format)
     tokens = token_file_from_env(args.auth_tokens)  # a bad file fails here, before anything starts
     credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
     if args.max_queued_operations < 0:
@@ -480,6 +479,7 @@ def run_serve(args) -> int:
     unknown = set(roles) - set(ROLES)
     if unknown or not roles:
         raise InputError(f"--role takes factor, gradient and/or query, got {args.role!r}")
+    configure_logging(args.log_level, args.log_format)  # after every check: a refused serve changes nothing
     with _connect(args) as system, _metrics(args, system, shared_state=True):
         system.max_queued_operations = args.max_queued_operations
         cores_each = threads_per_worker(args.workers)
