@@ -3,24 +3,27 @@
 On the real redis-server and S3 server, one job of each kind runs twice: undisturbed, and with
 a worker process killed once inside every task kind (register, covariance, eigen, correction,
 finalize, prepare, score, merge, self, self_merge, index_shard, index_publish, index_prepare,
-index_score, index_merge) at a random point: its k-th touch of the store or of its progress, k
-drawn per kind. The doomed worker is a separate process (tests/doomed_worker.py) that sends
+index_score, index_merge; fit_one_shard and score_one_shard on a one-shard dataset; blocks behind
+a StreamBlocks call) at a random point: its k-th touch of the store or of its progress, k drawn
+per kind. The doomed worker is a separate process (tests/doomed_worker.py) that sends
 itself SIGKILL there: nothing after it runs (no acknowledgement, no release, no recorded error,
 no finally block), its heartbeat stops, the task stays pending under the dead consumer until
 its lease expires and the surviving worker reclaims it, and the dead worker's caches go with
 it. (tests/test_system.py SIGKILLs a whole worker process from outside during a fit;
 tests/test_fault_restarts.py kills the API server and Redis.)
 
-Every artifact's files (sha256 by name) must equal the undisturbed run's.
+Every artifact's files (sha256 by name), and every streamed block, must equal the undisturbed run's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -51,6 +54,9 @@ KINDS = [
     "index_prepare",
     "index_score",
     "index_merge",
+    "fit_one_shard",
+    "score_one_shard",
+    "blocks",
 ]
 
 
@@ -67,10 +73,16 @@ class Driver:
 
     def until_done(self, operation, seconds: float = 600):
         operation_id = operation.name.split("/")[1]
+        ended = ("SUCCEEDED", "FAILED", "CANCELLED")
+        self.until(lambda: self.cluster.system.operations.get(operation_id)["state"] in ended, operation.name, seconds)
+        return self.cluster.client.wait(operation, timeout=10)
+
+    def until(self, done, what: str, seconds: float = 600) -> None:
+        """Run tasks until `done()`."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if self.cluster.system.operations.get(operation_id)["state"] in ("SUCCEEDED", "FAILED", "CANCELLED"):
-                return self.cluster.client.wait(operation, timeout=10)
+            if done():
+                return
             task = self.cluster.system.queue.take(self.survivor.kinds, "survivor", block_ms=50)
             if task is None:
                 continue
@@ -78,7 +90,7 @@ class Driver:
                 self.die_during(task)
             else:
                 self.survivor.handle(task)
-        raise AssertionError(f"{operation.name} did not finish in {seconds} s")
+        raise AssertionError(f"{what} did not finish in {seconds} s")
 
     def die_during(self, task) -> None:
         """Hand the task to a new worker process that SIGKILLs itself at a random touch (its
@@ -117,11 +129,15 @@ class Driver:
             )
 
 
-def artifact_files(store, prefix: str) -> dict[str, str]:
-    """{file: sha256} of the one artifact under `prefix` (its manifest's list)."""
-    manifests = [key for key in store.list(prefix) if key.endswith("/manifest.json")]
-    assert len(manifests) == 1, manifests
-    return {name: entry["sha256"] for name, entry in json.loads(store.get_bytes(manifests[0]))["files"].items()}
+def artifacts(store, prefix: str) -> list[dict[str, str]]:
+    """{file: sha256} of each artifact under `prefix` (its manifest's list), ordered by content
+    (factor set ids are random)."""
+    found = [
+        {name: entry["sha256"] for name, entry in json.loads(store.get_bytes(key))["files"].items()}
+        for key in store.list(prefix)
+        if key.endswith("/manifest.json")
+    ]
+    return sorted(found, key=lambda files: json.dumps(files, sort_keys=True))
 
 
 def run_every_job(cluster: Cluster, driver: Driver, workspace) -> dict[str, dict[str, str]]:  # noqa: F811
@@ -162,12 +178,41 @@ def run_every_job(cluster: Cluster, driver: Driver, workspace) -> dict[str, dict
         query_service_pb2.ComputeScoresRequest(model=model, factor_set=factors.name, index=index.name, queries=queries)
     )
     driver.until_done(index_scoring)
+    streamed: list = []
+    streaming = threading.Thread(
+        target=lambda: streamed.extend(
+            client.gradients.StreamBlocks(
+                gradient_service_pb2.StreamBlocksRequest(dataset=dataset.name, shard=1, model=model, block_size=4)
+            )
+        )
+    )
+    streaming.start()
+    driver.until(lambda: not streaming.is_alive(), "StreamBlocks")
+    # one shard: the fit and the scoring run as one task each (fit_one_shard, score_one_shard)
+    registering = client.gradients.RegisterDataset(
+        gradient_service_pb2.RegisterDatasetRequest(
+            model=model, jsonl=(workspace / "train.jsonl").read_bytes(), shard_size=100
+        )
+    )
+    whole = client.unpack(driver.until_done(registering), gradient_service_pb2.Dataset)
+    fitting = client.factors.FitFactors(
+        factor_service_pb2.FitFactorsRequest(model=model, dataset=whole.name, batch_size=4)
+    )
+    whole_factors = client.unpack(driver.until_done(fitting), factor_service_pb2.FactorSet)
+    scoring = client.queries.ComputeScores(
+        query_service_pb2.ComputeScoresRequest(
+            model=model, factor_set=whole_factors.name, dataset=whole.name, queries=queries, top_k=3
+        )
+    )
+    driver.until_done(scoring)
     store = cluster.store
+    assert len(streamed) == 3, f"StreamBlocks sent {len(streamed)} blocks of shard 1's 12 sequences"
     return {
-        "dataset": artifact_files(store, "datasets/"),
-        "factors": artifact_files(store, "factors/"),
-        "indexes": artifact_files(store, "indexes/"),
-        **{f"results/{n}": files for n, files in enumerate(_results(store))},
+        "datasets": artifacts(store, "datasets/"),
+        "factors": artifacts(store, "factors/"),
+        "indexes": artifacts(store, "indexes/"),
+        "results": _results(store),
+        "blocks": [hashlib.sha256(block.SerializeToString()).hexdigest() for block in streamed],
     }
 
 
