@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.assembly import STAGE_TABLE
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.system.runner import Worker
 from tests.test_system import QUERIES, Cluster, workspace  # noqa: F401
@@ -255,6 +256,7 @@ def test_a_worker_killed_in_any_kind_of_task_changes_no_published_byte(
         disturbed = run_every_job(disturbed_cluster, driver, workspace)
     finally:
         disturbed_cluster.close()
+    assert sorted(KINDS) == sorted(STAGE_TABLE.kinds), "a task kind this test does not disturb"
     assert sorted(driver.deaths) == sorted(KINDS), f"not every kind saw a death: {driver.deaths}"
     assert disturbed.keys() == undisturbed.keys()
     for artifact, files in undisturbed.items():
