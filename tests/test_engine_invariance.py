@@ -374,3 +374,21 @@ def test_the_capture_cache_is_sized_up_front():
     budget = MemoryBudget(10 * needed)
     budget.reserve(9 * needed + 1)  # another job's caches hold most of the budget
     assert fit.capture_cache(budget, sequences) is None
+
+
+def test_every_association_of_the_rotated_gradient_is_the_same_and_the_cheapest_is_chosen():
+    """Q_Sᵀ sᵀ a Q_A in any of its four orders equals the plain einsum in float64; short sequences
+    rotate their tokens, long ones the gradient (2,048 tokens through a 576 x 1536 MLP)."""
+    from services.engine.factors import ROTATION_ORDERS, rotate_in_order, rotation_order
+
+    generator = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 9, 12, generator=generator, dtype=torch.float64)
+    a = torch.randn(3, 9, 5, generator=generator, dtype=torch.float64)
+    q_s = torch.linalg.qr(torch.randn(12, 12, generator=generator, dtype=torch.float64))[0]
+    q_a = torch.linalg.qr(torch.randn(5, 5, generator=generator, dtype=torch.float64))[0]
+    expected = torch.einsum("io,bni,bnj,jk->bok", q_s, s, a, q_a)
+    for order in ROTATION_ORDERS:
+        assert_close(rotate_in_order(s, a, q_s, q_a, order), expected, TOL, order)
+    assert rotation_order(36, 1536, 576) == rotation_order(36, 576, 1536) == "tokens"
+    assert rotation_order(2048, 1536, 576) == rotation_order(2048, 576, 1536) == "gradient"
+    assert rotation_order(700, 1536, 576) == "inputs" and rotation_order(700, 576, 1536) == "outputs"

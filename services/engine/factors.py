@@ -287,17 +287,47 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def rotated_per_sequence_gradients(
     capture: ModuleCapture, gradient_basis: torch.Tensor | None, activation_basis: torch.Tensor | None
 ) -> torch.Tensor:
-    """G̃ = Q_Sᵀ DW Q_A per sequence: [B, d_out, d_in].
+    """G̃ = Q_Sᵀ DW Q_A per sequence: [B, d_out, d_in], DW = sᵀ a (s [B, N, d_out], a [B, N, d_in]).
 
-    Rotates the tokens first ((s Q_S)ᵀ (a Q_A)), which costs N·(d_out² + d_in²) per sequence
-    instead of d_out·d_in·(d_out + d_in) for rotating the materialised gradient. With no basis
-    (diagonal strategy) it is DW itself.
+    The four products are associated in the order that costs the fewest multiply-adds for this
+    batch's padded length N (`rotation_order`): short sequences rotate their tokens, N·(d_out² +
+    d_in²) per sequence; long ones rotate the materialised gradient, d_out·d_in·(d_out + d_in),
+    independent of N (3x fewer for a 2,048-token sequence through a 576 x 1536 MLP). With no
+    basis (diagonal strategy) it is DW itself.
     """
     s, a = capture.s, capture.a
-    if gradient_basis is not None:
-        s = s @ gradient_basis.to(s)
-        a = a @ activation_basis.to(a)
-    return torch.bmm(s.transpose(1, 2), a)
+    if gradient_basis is None:
+        return torch.bmm(s.transpose(1, 2), a)
+    q_s, q_a = gradient_basis.to(s), activation_basis.to(a)
+    return rotate_in_order(s, a, q_s, q_a, rotation_order(s.shape[1], s.shape[2], a.shape[2]))
+
+
+ROTATION_ORDERS = ("tokens", "outputs", "inputs", "gradient")
+
+
+def rotation_order(tokens: int, d_out: int, d_in: int) -> str:
+    """The cheapest association of Q_Sᵀ sᵀ a Q_A, by multiply-adds per sequence beyond the
+    N·d_out·d_in of the product itself: rotate both token sides ("tokens"), rotate the output side
+    and then the product's inputs ("outputs"), the reverse ("inputs"), or neither token side
+    ("gradient": rotate sᵀ a)."""
+    costs = {
+        "tokens": tokens * (d_out * d_out + d_in * d_in),
+        "outputs": tokens * d_out * d_out + d_out * d_in * d_in,
+        "inputs": tokens * d_in * d_in + d_out * d_out * d_in,
+        "gradient": d_out * d_in * (d_out + d_in),
+    }
+    return min(ROTATION_ORDERS, key=costs.__getitem__)
+
+
+def rotate_in_order(s: torch.Tensor, a: torch.Tensor, q_s: torch.Tensor, q_a: torch.Tensor, order: str) -> torch.Tensor:
+    """Q_Sᵀ sᵀ a Q_A [B, d_out, d_in] associated as `order` (see `rotation_order`)."""
+    if order == "tokens":
+        return torch.bmm((s @ q_s).transpose(1, 2), a @ q_a)
+    if order == "outputs":
+        return torch.bmm((s @ q_s).transpose(1, 2), a) @ q_a
+    if order == "inputs":
+        return q_s.T @ torch.bmm(s.transpose(1, 2), a @ q_a)
+    return q_s.T @ torch.bmm(s.transpose(1, 2), a) @ q_a
 
 
 class CorrectionAccumulator:
