@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 
-from .wire import DEFAULT_SHARD_SIZE, REQUEST_LIMITS
+from .wire import DEFAULT_INDEX_RANK, DEFAULT_SHARD_SIZE, REQUEST_LIMITS
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--data", required=True, help="TRAIN.jsonl")
     build.add_argument("--out", required=True, help="the index directory to write")
     build.add_argument("--projection", default="svd", choices=["svd", "eigen", "random", "none"])
-    build.add_argument("--rank", type=int, default=8, help="svd: rank kept per sequence and module")
+    build.add_argument("--rank", type=int, default=DEFAULT_INDEX_RANK, help="svd: rank kept per sequence and module")
     build.add_argument("--dim", type=int, default=32, help="eigen, random: dimensions kept per side")
     build.add_argument("--seed", type=int, default=0, help="random: the projections' seed")
     build.add_argument("--storage-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import InputError
+from ..wire import DEFAULT_INDEX_RANK
 from .capture import ModuleCapture
 from .factors import ModuleFactors, rotated_per_sequence_gradients
 from .model_io import parse_dtype
@@ -57,7 +58,7 @@ class IndexSpec:
     """How an index compresses each sequence's gradient (see the module docstring)."""
 
     projection: str = "svd"
-    rank: int = 8  # svd: R per sequence
+    rank: int = DEFAULT_INDEX_RANK  # svd: R per sequence
     dim: int = 32  # eigen, random: K (or k) per side
     seed: int = 0  # random projections and the randomized SVD's test matrices
     storage_dtype: str = "bfloat16"

@@ -30,7 +30,7 @@ from ..storage import MANIFEST, delete_artifact, split_s3_uri
 from ..storage.manifest import sha256_bytes, sha256_file
 from ..system import layout
 from ..system.specs import DEFAULT_SHARD_SIZE, BlocksJob, IndexJob, RegisterJob
-from ..wire import dataset_id
+from ..wire import DEFAULT_INDEX_RANK, dataset_id
 from . import indexes
 from .datasets import check_dataset_size, dataset_artifact, dataset_metadata
 
@@ -196,7 +196,7 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
         dataset_id, dataset = self._metadata(request.dataset, "dataset")
         spec = IndexSpec(
             projection=enum_word(gradient_service_pb2.Projection, request.projection, "projection") or "svd",
-            rank=validation.positive(request.rank, "rank", 8, 4096),
+            rank=validation.positive(request.rank, "rank", DEFAULT_INDEX_RANK, 4096),
             dim=validation.positive(request.dim, "dim", 32, 4096),
             seed=request.seed,
             storage_dtype=enum_word(common_pb2.Dtype, request.storage_dtype, "storage_dtype") or "bfloat16",
