@@ -230,6 +230,37 @@ print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mib": peak
 """
 
 
+def timed_batch(indexer: Indexer, sequences, queries, block_sequences=None) -> dict:
+    """One 16-query batch against an index built here, timed in its parts (seconds): the query side
+    (query gradients, index-space queries, preconditioned queries for rescoring), the build, index
+    scoring alone over the warm blocks, and the exact rescoring of the default K candidates."""
+    from services.engine.index import two_stage
+
+    started = time.perf_counter()
+    gradients = indexer.scorer.query_gradients(queries)
+    index_queries = indexer.queries_from(gradients)
+    prepared = indexer.scorer.prepare_gradients(gradients, sum(s.length for s in sequences) / len(sequences))
+    query_side = time.perf_counter() - started
+    scores, blocks, build = index_scores(indexer, sequences, index_queries, block_sequences=block_sequences)
+    started = time.perf_counter()
+    for block in blocks:
+        score_block(index_queries, block)
+    index_alone = time.perf_counter() - started
+    k = default_rescore(len(sequences), indexer.scorer.config.top_k)
+    started = time.perf_counter()
+    two_stage(indexer.scorer, prepared, scores, sequences.__getitem__, k)
+    return {
+        "query_side": query_side,
+        "scores": scores,
+        "blocks": blocks,
+        "build": build,
+        "index_queries": index_queries,
+        "index_alone": index_alone,
+        "k": k,
+        "rescoring": time.perf_counter() - started,
+    }
+
+
 def speed(workload: dict, model_dir: Path, out: Path, spec: IndexSpec, copies_list=(1, 8)) -> dict:
     """Latency of a 16-query batch at N ≈ 1,150 x copies; build throughput; streamed peak RSS."""
     from safetensors.torch import save_file
@@ -246,22 +277,9 @@ def speed(workload: dict, model_dir: Path, out: Path, spec: IndexSpec, copies_li
         recompute = time.perf_counter() - started
         indexer = Indexer(model, tokenizer, factors, spec, config)
         sequences = indexer.scorer.tokenize_training(examples)
-        started = time.perf_counter()
-        gradients = indexer.scorer.query_gradients(queries)
-        index_queries = indexer.queries_from(gradients)
-        prepared = indexer.scorer.prepare_gradients(gradients, sum(s.length for s in sequences) / len(sequences))
-        query_side = time.perf_counter() - started
-        scores, blocks, build = index_scores(indexer, sequences, index_queries, block_sequences=256)
-        started = time.perf_counter()
-        for block in blocks:
-            score_block(index_queries, block)
-        index_alone = time.perf_counter() - started
-        from services.engine.index import two_stage
-
-        k = default_rescore(len(examples), config.top_k)
-        started = time.perf_counter()
-        two_stage(indexer.scorer, prepared, scores, sequences.__getitem__, k)
-        rescoring = time.perf_counter() - started
+        timed = timed_batch(indexer, sequences, queries, block_sequences=256)
+        query_side, index_alone, rescoring, k = (timed[key] for key in ("query_side", "index_alone", "rescoring", "k"))
+        blocks, build, index_queries = timed["blocks"], timed["build"], timed["index_queries"]
         plain = json.loads(
             subprocess.run(
                 [

@@ -31,11 +31,11 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from bench_index import agreement, index_scores  # noqa: E402
+from bench_index import agreement, timed_batch  # noqa: E402
 from real_model import PLAIN_PASS, build_model, write_corpus  # noqa: E402
 
 from services.engine.fit import FitConfig, fit_factors  # noqa: E402
-from services.engine.index import Indexer, IndexSpec, default_rescore, score_block, two_stage  # noqa: E402
+from services.engine.index import Indexer, IndexSpec  # noqa: E402
 from services.engine.model_io import load_model_and_tokenizer  # noqa: E402
 from services.engine.records import TrainingExample, read_queries_jsonl, read_training_jsonl  # noqa: E402
 from services.engine.score import ScoreConfig, compute_scores  # noqa: E402
@@ -106,20 +106,9 @@ def main() -> None:
         spec = IndexSpec("svd", rank=rank)
         indexer = Indexer(model, tokenizer, factors, spec, config)
         sequences = indexer.scorer.tokenize_training(examples)
-        started = time.perf_counter()
-        gradients = indexer.scorer.query_gradients(queries)
-        index_queries = indexer.queries_from(gradients)
-        prepared = indexer.scorer.prepare_gradients(gradients, sum(s.length for s in sequences) / len(sequences))
-        query_side = time.perf_counter() - started
-        scores, blocks, build = index_scores(indexer, sequences, index_queries)
-        started = time.perf_counter()
-        for block in blocks:
-            score_block(index_queries, block)
-        index_alone = time.perf_counter() - started
-        k = default_rescore(len(examples), config.top_k)
-        started = time.perf_counter()
-        two_stage(indexer.scorer, prepared, scores, sequences.__getitem__, k)
-        rescoring = time.perf_counter() - started
+        timed = timed_batch(indexer, sequences, queries)
+        query_side, index_alone, rescoring, k = (timed[key] for key in ("query_side", "index_alone", "rescoring", "k"))
+        scores, build = timed["scores"], timed["build"]
         tokens = sum(s.length for s in sequences)
         row = {
             "setting": f"svd R={rank} {spec.storage_dtype}, query rank {spec.query_rank}",

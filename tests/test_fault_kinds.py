@@ -141,19 +141,24 @@ def artifacts(store, prefix: str) -> list[dict[str, str]]:
     return sorted(found, key=lambda files: json.dumps(files, sort_keys=True))
 
 
-def run_every_job(cluster: Cluster, driver: Driver, workspace) -> dict[str, dict[str, str]]:  # noqa: F811
-    client = cluster.client
-    model = common_pb2.ModelSpec(path=str(workspace / "model"))
+def register_and_fit(client, driver: Driver, model, workspace, shard_size: int):  # noqa: F811
+    """(dataset, factor set) of the workspace's training data in shards of `shard_size`."""
     registering = client.gradients.RegisterDataset(
         gradient_service_pb2.RegisterDatasetRequest(
-            model=model, jsonl=(workspace / "train.jsonl").read_bytes(), shard_size=12
+            model=model, jsonl=(workspace / "train.jsonl").read_bytes(), shard_size=shard_size
         )
     )
     dataset = client.unpack(driver.until_done(registering), gradient_service_pb2.Dataset)
     fitting = client.factors.FitFactors(
         factor_service_pb2.FitFactorsRequest(model=model, dataset=dataset.name, batch_size=4)
     )
-    factors = client.unpack(driver.until_done(fitting), factor_service_pb2.FactorSet)
+    return dataset, client.unpack(driver.until_done(fitting), factor_service_pb2.FactorSet)
+
+
+def run_every_job(cluster: Cluster, driver: Driver, workspace) -> dict[str, dict[str, str]]:  # noqa: F811
+    client = cluster.client
+    model = common_pb2.ModelSpec(path=str(workspace / "model"))
+    dataset, factors = register_and_fit(client, driver, model, workspace, shard_size=12)
     queries = [query_service_pb2.Query(id=q.id, prompt=q.prompt, completion=q.completion) for q in QUERIES]
     scoring = client.queries.ComputeScores(
         query_service_pb2.ComputeScoresRequest(
@@ -190,16 +195,7 @@ def run_every_job(cluster: Cluster, driver: Driver, workspace) -> dict[str, dict
     streaming.start()
     driver.until(lambda: not streaming.is_alive(), "StreamBlocks")
     # one shard: the fit and the scoring run as one task each (fit_one_shard, score_one_shard)
-    registering = client.gradients.RegisterDataset(
-        gradient_service_pb2.RegisterDatasetRequest(
-            model=model, jsonl=(workspace / "train.jsonl").read_bytes(), shard_size=100
-        )
-    )
-    whole = client.unpack(driver.until_done(registering), gradient_service_pb2.Dataset)
-    fitting = client.factors.FitFactors(
-        factor_service_pb2.FitFactorsRequest(model=model, dataset=whole.name, batch_size=4)
-    )
-    whole_factors = client.unpack(driver.until_done(fitting), factor_service_pb2.FactorSet)
+    whole, whole_factors = register_and_fit(client, driver, model, workspace, shard_size=100)
     scoring = client.queries.ComputeScores(
         query_service_pb2.ComputeScoresRequest(
             model=model, factor_set=whole_factors.name, dataset=whole.name, queries=queries, top_k=3
