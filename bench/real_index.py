@@ -113,7 +113,9 @@ def main() -> None:
         row = {
             "setting": f"svd R={rank} {spec.storage_dtype}, query rank {spec.query_rank}",
             "bytes_per_sequence": spec.bytes_per_sequence(factors.modules),
-            "full_gradient_bytes_per_sequence": sum(4 * m.d_out * m.d_in_full for m in factors.modules.values()),
+            "full_gradient_bytes_per_sequence": IndexSpec("none", storage_dtype="float32").bytes_per_sequence(
+                factors.modules
+            ),
             **{key: round(value, 3) for key, value in agreement(scores, exact).items()},
             "build_seconds": round(build, 1),
             "build_throughput_vs_plain": round(tokens / build / report["plain_forward_backward_tokens_per_s"], 2),

@@ -302,6 +302,17 @@ def rotated_per_sequence_gradients(
     return rotate_in_order(s, a, q_s, q_a, rotation_order(s.shape[1], s.shape[2], a.shape[2]))
 
 
+def rotate(gradient: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """leftᵀ G right for a stack of matrices, as two 2-D matmuls (no broadcast copies).
+
+    gradient: [Q, d_out, d_in]; left: [d_out, d_out]; right: [d_in, d_in] -> [Q, d_out, d_in].
+    """
+    n, d_out, d_in = gradient.shape
+    rotated = (gradient.reshape(n * d_out, d_in) @ right).reshape(n, d_out, d_in)
+    rotated = (left.T @ rotated.transpose(0, 1).reshape(d_out, n * d_in)).reshape(d_out, n, d_in)
+    return rotated.transpose(0, 1)
+
+
 ROTATION_ORDERS = ("tokens", "outputs", "inputs", "gradient")
 
 
@@ -327,7 +338,7 @@ def rotate_in_order(s: torch.Tensor, a: torch.Tensor, q_s: torch.Tensor, q_a: to
         return torch.bmm((s @ q_s).transpose(1, 2), a) @ q_a
     if order == "inputs":
         return q_s.T @ torch.bmm(s.transpose(1, 2), a @ q_a)
-    return q_s.T @ torch.bmm(s.transpose(1, 2), a) @ q_a
+    return rotate(torch.bmm(s.transpose(1, 2), a), q_s, q_a)
 
 
 class CorrectionAccumulator:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from .factors import ModuleFactors
+from .factors import ModuleFactors, rotate
 from .strategies import Strategy, get_strategy
 
 
@@ -39,17 +39,6 @@ class Damping:
 
     def describe(self) -> str:
         return f"absolute {self.absolute}" if self.absolute is not None else f"{self.factor} x mean eigenvalue"
-
-
-def rotate(gradient: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """leftᵀ G right for a stack of matrices, as two 2-D matmuls (no broadcast copies).
-
-    gradient: [Q, d_out, d_in]; left: [d_out, d_out]; right: [d_in, d_in] -> [Q, d_out, d_in].
-    """
-    n, d_out, d_in = gradient.shape
-    rotated = (gradient.reshape(n * d_out, d_in) @ right).reshape(n, d_out, d_in)
-    rotated = (left.T @ rotated.transpose(0, 1).reshape(d_out, n * d_in)).reshape(d_out, n, d_in)
-    return rotated.transpose(0, 1)
 
 
 def precondition(
