@@ -153,7 +153,7 @@ def make_server(
         (
             "google.longrunning.Operations",
             lambda server: operations_pb2_grpc.add_OperationsServicer_to_server(
-                OperationsServicer(system.operations, watcher), server
+                OperationsServicer(system.operations, watcher, system.table.operation_kinds), server
             ),
         )
     )

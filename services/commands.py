@@ -17,13 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from .catalog.factor_sets import load_factors
 from .engine.fit import FitConfig
 from .engine.model_io import load_tokenizer, parse_device, parse_dtype
 from .engine.records import read_queries_jsonl, read_training_jsonl
 from .engine.score import ScoreConfig
 from .enums import enum_value, enum_word
 from .errors import InputError, NotFoundError, PreconditionError
-from .factor_svc.artifacts import load_factors
 from .gen.influence.v1 import common_pb2, factor_service_pb2
 from .progress_bars import JsonProgress, StageBars
 from .wire import REQUEST_LIMITS

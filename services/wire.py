@@ -68,6 +68,10 @@ def dataset_id(content_sha256: str, model_path: str, max_length: int, shard_size
     return "c" + hashlib.sha256(key.encode()).hexdigest()[:23]
 
 
+# The id in a resource name ("datasets/{id}", "operations/{id}", ...): what every collection's
+# parse function accepts (services/catalog, rpc/validation.operation_id).
+RESOURCE_ID = r"[A-Za-z0-9_-]{1,64}"
+
 # The tenant of every call on a server without --auth-tokens (and of records from before tenants):
 # its artifacts and Redis keys keep the layout that predates tenants.
 DEFAULT_TENANT = "default"

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from services.catalog.factor_sets import load_factors
 from services.cli import main
 from services.engine.data import tokenize_training
 from services.engine.fit import FitConfig, fit_factors
@@ -25,7 +26,6 @@ from services.engine.model_io import load_model_and_tokenizer, model_fingerprint
 from services.engine.modules import select_modules
 from services.engine.records import Query, TrainingExample, read_queries_jsonl, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
-from services.factor_svc.artifacts import load_factors
 from tests.families import FAMILIES, MLP_NAMES, build_family_model, sentences
 from tests.numerics import FLOAT32, assert_close
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from services.catalog.factor_sets import load_factors
 from services.cli import main
 from services.commands import StageBars
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.records import read_queries_jsonl, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores
-from services.factor_svc.artifacts import load_factors
 from services.gen.influence.v1 import common_pb2
 from services.query_svc.report_html import SECTIONS
 from services.toy.models import build_tiny_model, save_model_dir

@@ -224,10 +224,10 @@ def test_the_service_system_reproduces_the_exact_damped_ggn(strategy, tmp_path):
     g_qᵀ (GGN + λI)⁻¹ g_m with dense matrices (stored as float32: 1e-6)."""
     from safetensors.torch import load_file
 
+    from services.catalog.factor_sets import load_factors
     from services.client import InfluenceClient, model_spec
     from services.embedded import EmbeddedSystem
     from services.engine.model_io import load_model_and_tokenizer
-    from services.factor_svc.artifacts import load_factors
     from tests.reference import save_bigram_checkpoint
 
     vocab = 5

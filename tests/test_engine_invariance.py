@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from services.catalog.factor_sets import load_factors, save_factors
 from services.engine.capture import capture, describe_all
 from services.engine.data import collate, length_bucketed_batches, tokenize_queries, tokenize_training
 from services.engine.fit import CaptureCache, FitConfig, FitModel, eigendecompose, fit_factors, prepare_model
@@ -19,7 +20,6 @@ from services.engine.precondition import Damping, low_rank, precondition
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
 from services.engine.scoring import module_scores, plan_module_queries
 from services.errors import DataLossError, InputError, PreconditionError
-from services.factor_svc.artifacts import load_factors, save_factors
 from services.toy.models import build_tiny_model
 from tests.numerics import FLOAT32, FLOAT64, assert_close, assert_columns_equal_up_to_sign, model_tolerance
 from tests.reference import IntTokenizer, SharedLayerLM, loop_gradients

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from services.catalog.factor_sets import load_factors, save_factors
 from services.cli import main
 from services.client import InfluenceClient, _upload_chunks
 from services.embedded import EmbeddedSystem
@@ -19,7 +20,6 @@ from services.engine.fit import prepare_model
 from services.engine.model_io import load_model_and_tokenizer, model_fingerprint
 from services.engine.records import read_queries_jsonl, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores
-from services.factor_svc.artifacts import load_factors, save_factors
 from services.gen.influence.v1 import factor_service_pb2
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer

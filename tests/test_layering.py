@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "services"
 
 # Layer of each top-level part of the package (higher may import lower, never the reverse).
-# Modules at the same layer may import each other only where listed in SIBLINGS.
+# Parts at the same layer never import each other: the three services share datasets, factor sets,
+# indexes and results through the catalog (layer 3), never through a sibling.
 LAYERS = {
     "services": 0,  # the package's __init__
     "errors": 0,
@@ -25,6 +26,7 @@ LAYERS = {
     "engine": 1,
     "storage": 2,
     "jobs": 2,
+    "catalog": 3,  # the resources the services share: names, infos, publish/read/list/delete
     "system": 3,
     "rpc": 3,
     "gradient_svc": 4,
@@ -42,12 +44,7 @@ LAYERS = {
     "operation_commands": 10,
     "cli": 11,
 }
-# service -> the services it may read from (datasets are GradientService's; factor sets FactorService's)
-SIBLINGS = {
-    "factor_svc": {"gradient_svc"},
-    "gradient_svc": {"factor_svc"},
-    "query_svc": {"gradient_svc", "factor_svc"},
-}
+SERVICES = ("factor_svc", "gradient_svc", "query_svc")
 # the client stays light: no torch, no server-side modules
 CLIENT_MAY_IMPORT = {"errors", "wire", "enums", "gen", "engine.records"}
 
@@ -98,9 +95,17 @@ def test_imports_point_downward(module):
     assert here in LAYERS, f"{module}: add its part to LAYERS (and to docs/architecture.md)"
     for target in GRAPH[module]:
         there = part_of(target)
-        if there == here or there in SIBLINGS.get(here, set()):
+        if there == here:
             continue
         assert LAYERS[there] < LAYERS[here], f"{module} imports {target}: {here} (layer {LAYERS[here]}) -> {there}"
+
+
+def test_services_import_the_catalog_never_each_other():
+    for module, targets in GRAPH.items():
+        here = part_of(module)
+        if here in SERVICES:
+            siblings = sorted(t for t in targets if part_of(t) in SERVICES and part_of(t) != here)
+            assert not siblings, f"{module} imports {siblings}: share it through services/catalog instead"
 
 
 def test_there_are_no_import_cycles():

@@ -27,13 +27,13 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
 from services.assembly import job_system, make_server
+from services.catalog.factor_sets import load_factors
 from services.client import InfluenceClient
 from services.engine.fit import FitConfig, fit_factors
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.records import Query, TrainingExample, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
 from services.errors import DataLossError, InputError, NotFoundError, PreconditionError
-from services.factor_svc.artifacts import load_factors
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.jobs.connection import connect
 from services.rpc.common import Limits

@@ -11,7 +11,7 @@ Tensors are stored in float64 when the factors are float64 (exact tests) and flo
 Persisting is not the engine's job: services/storage encodes each file (safetensors) and
 publishes (metadata, files) as an artifact,
 a manifest.json with every file's sha256 written last, in a directory or an object store alike
-(services/factor_svc/artifacts.py).
+(services/catalog/factor_sets.py).
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ size and without holding it in memory.
                                   stored as it completes; `finish` checks every module file and
                                   publishes the manifest last. An interrupted upload leaves only
                                   complete, verified files behind, so a new plan resumes from there.
-    link(store, directory)        a local directory registered in place (the embedded system's local
-                                  store links it; nothing is copied, nothing there is ever modified)
+(A directory on the server is registered in place instead: catalog.factor_sets.link.)
 """
 
 from __future__ import annotations
@@ -18,19 +17,15 @@ import hashlib
 import tempfile
 from pathlib import Path
 
-from ..engine.factor_io import check_files, check_metadata
+from ..catalog.factor_sets import FACTOR_SETS, FactorSetInfo, factor_set_id
+from ..engine.factor_io import check_files
 from ..errors import InputError, IntegrityError, NotFoundError
-from ..storage import MANIFEST, ArtifactReader, ArtifactStore, FileEntry, LocalStore, Manifest, is_published
-from ..system import layout
-
-
-def factor_set_id(manifest: Manifest) -> str:
-    """A factor set's id: a digest of its manifest (its files' digests and its metadata), so the
-    same set always gets the same id and an upload of it is idempotent."""
-    return hashlib.sha256(manifest.to_bytes()).hexdigest()[:20]
+from ..storage import MANIFEST, ArtifactReader, ArtifactStore, FileEntry, Manifest
 
 
 def read_manifest(data: bytes, where: str) -> Manifest:
+    """An uploaded manifest, whose files must all lie directly in the factor set (no '/', no
+    hidden names: each is spooled under its name)."""
     manifest = Manifest.from_bytes(data, where)
     for name in manifest.files:
         if "/" in name or name.startswith(".") or name == MANIFEST:
@@ -49,9 +44,9 @@ def _stored(store: ArtifactStore, key: str, entry: FileEntry) -> bool:
 def plan(store: ArtifactStore, manifest: Manifest) -> tuple[str, bool, list[str]]:
     """(id, published, files still missing) for a factor set described by `manifest`."""
     identifier = factor_set_id(manifest)
-    prefix = layout.factors_prefix(identifier)
-    if is_published(store, prefix):
+    if FACTOR_SETS.exists(store, identifier):
         return identifier, True, []
+    prefix = FACTOR_SETS.prefix(identifier)
     missing = [name for name, entry in sorted(manifest.files.items()) if not _stored(store, prefix + name, entry)]
     return identifier, False, missing
 
@@ -62,7 +57,7 @@ class FactorUpload:
     def __init__(self, store: ArtifactStore, manifest: Manifest):
         self.store, self.manifest = store, manifest
         self.id = factor_set_id(manifest)
-        self.prefix = layout.factors_prefix(self.id)
+        self.prefix = FACTOR_SETS.prefix(self.id)
         self._spool = tempfile.TemporaryDirectory(prefix="factor-upload-")
         self._file: str | None = None
         self._handle = None
@@ -104,43 +99,22 @@ class FactorUpload:
         spooled.unlink()
         self._file, self._handle = None, None
 
-    def finish(self) -> dict:
+    def finish(self) -> FactorSetInfo:
         """Check that every file is stored and every module file reads as its metadata says, then
-        publish the manifest. Returns the factor metadata."""
+        publish the manifest."""
         if self._file is not None:
             raise InputError(f"upload ended in the middle of {self._file!r}")
         _, published, missing = plan(self.store, self.manifest)
-        if published:
-            return self.manifest.metadata
-        if missing:
-            raise InputError(f"upload is incomplete: {len(missing)} files missing, e.g. {missing[0]!r}")
-        reader = ArtifactReader(self.store, self.prefix, self.manifest)
-        check_files(self.manifest.metadata, reader.read_tensors, "uploaded factors")
-        self.store.put_bytes(self.prefix + MANIFEST, self.manifest.to_bytes())
-        return self.manifest.metadata
+        if not published:
+            if missing:
+                raise InputError(f"upload is incomplete: {len(missing)} files missing, e.g. {missing[0]!r}")
+            reader = ArtifactReader(self.store, self.prefix, self.manifest)
+            check_files(self.manifest.metadata, reader.read_tensors, "uploaded factors")
+            self.store.put_bytes(self.prefix + MANIFEST, self.manifest.to_bytes())
+        return FactorSetInfo.from_metadata(self.manifest.metadata, self.id, "uploaded factors")
 
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
         self._spool.cleanup()
 
-
-def link(store: ArtifactStore, directory: Path) -> tuple[str, dict]:
-    """Register a local factor directory in place: (id, metadata). The store must be local."""
-    if not isinstance(store, LocalStore):
-        raise InputError(
-            "a factor set can be registered by path only when the server's artifact store is a local "
-            "directory; send it with ImportFactors (influence score --server uploads it) instead"
-        )
-    directory = Path(directory)
-    if not (directory / MANIFEST).is_file():
-        raise NotFoundError(f"no factors at {directory} (missing {MANIFEST})")
-    manifest = read_manifest((directory / MANIFEST).read_bytes(), f"{directory / MANIFEST}")
-    for name, entry in manifest.files.items():
-        path = directory / name
-        if not path.is_file() or path.stat().st_size != entry.size:
-            raise IntegrityError(f"factors at {directory}: {name} is missing or its size differs from the manifest")
-    check_metadata(manifest.metadata, f"factors at {directory}")
-    identifier = factor_set_id(manifest)
-    store.link_directory(layout.factors_prefix(identifier), directory)
-    return identifier, manifest.metadata

@@ -8,24 +8,22 @@ from __future__ import annotations
 
 import asyncio
 
-from google.protobuf import empty_pb2
-
+from ..catalog import factor_sets
+from ..catalog.datasets import DATASETS
+from ..catalog.factor_sets import FACTOR_SETS, factor_set_path
 from ..engine.fit import FitConfig
 from ..engine.model_io import load_tokenizer, tokenizer_fingerprint
 from ..enums import enum_word
-from ..errors import InputError, NotFoundError, PreconditionError
+from ..errors import InputError, PreconditionError
 from ..gen.influence.v1 import factor_service_pb2, factor_service_pb2_grpc
-from ..gradient_svc.datasets import dataset_metadata
 from ..rpc import validation
-from ..rpc.common import TenantScoped, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
-from ..rpc.resources import factor_set_message
+from ..rpc.common import TenantScoped, model_ref, new_id, operation_message
 from ..rpc.status import grpc_errors
-from ..storage import MANIFEST, ArtifactReader, delete_artifact
-from ..system import layout
-from ..system.specs import FitJob
+from ..storage import MANIFEST
 from . import imports
-from .artifacts import factors_artifact
 from .imports import read_manifest
+from .jobs import FitJob
+from .messages import factor_set_message
 
 
 class FactorServicer(TenantScoped, factor_service_pb2_grpc.FactorServiceServicer):
@@ -36,70 +34,55 @@ class FactorServicer(TenantScoped, factor_service_pb2_grpc.FactorServiceServicer
 
     def _fit(self, request):
         model = model_ref(request.model)
-        dataset_id = validation.resource_id(request.dataset, "datasets", "dataset")
-        dataset = dataset_metadata(self.system.store, dataset_id)
-        if tokenizer_fingerprint(load_tokenizer(model.path)) != dataset["tokenizer_fingerprint"]:
+        dataset = DATASETS.read(self.system.store, DATASETS.parse(request.dataset, "dataset"))
+        if tokenizer_fingerprint(load_tokenizer(model.path)) != dataset.tokenizer_fingerprint:
             raise PreconditionError(f"{request.dataset} was tokenised with another tokenizer than {model.path}'s")
         config = FitConfig(
             strategy=enum_word(factor_service_pb2.Strategy, request.strategy, "strategy") or "ekfac",
             fisher=enum_word(factor_service_pb2.Fisher, request.fisher, "fisher") or "sampled",
             modules=request.modules or "mlp",
             batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
-            max_length=dataset["max_length"],
+            max_length=dataset.max_length,
             max_examples=request.max_examples or None,
             seed=request.seed,
             cache_gib=request.cache_gib if request.HasField("cache_gib") else None,
         )
         config.validate()
-        examples = min(dataset["num_examples"], config.max_examples or dataset["num_examples"])
         job = FitJob(
             model,
-            dataset_id=dataset_id,
-            shards=-(-examples // dataset["shard_size"]),
+            dataset_id=dataset.id,
+            shards=-(-dataset.sequences_within(config.max_examples) // dataset.shard_size),
             factor_set_id=new_id(),
             config=config,
         )
         record = self.system.submit(
-            "fit_factors", job, request_id=request.request_id, target=f"factorSets/{job.factor_set_id}"
+            "fit_factors", job, request_id=request.request_id, target=factor_set_path(job.factor_set_id)
         )
         return operation_message(record)
 
-    def _artifact(self, name: str) -> tuple[str, ArtifactReader]:
-        factor_set_id = validation.resource_id(name, "factorSets", "name")
-        return factor_set_id, factors_artifact(self.system.store, factor_set_id)
-
     @grpc_errors
     async def GetFactorSet(self, request, context):
-        factor_set_id, artifact = await asyncio.to_thread(self._artifact, request.name)
-        return factor_set_message(factor_set_id, artifact.metadata)
+        return factor_set_message(await self.get_resource(FACTOR_SETS, request.name))
 
     @grpc_errors
     async def ListFactorSets(self, request, context):
-        items, token = await asyncio.to_thread(
-            list_artifacts, self.system.store, "factors/", request.page_size, request.page_token
-        )
+        infos, token = await self.list_resources(FACTOR_SETS, request)
         return factor_service_pb2.ListFactorSetsResponse(
-            factor_sets=[factor_set_message(i, m) for i, m in items], next_page_token=token
+            factor_sets=[factor_set_message(info) for info in infos], next_page_token=token
         )
 
     @grpc_errors
     async def DeleteFactorSet(self, request, context):
-        factor_set_id, _ = await asyncio.to_thread(self._artifact, request.name)
-        await asyncio.to_thread(delete_artifact, self.system.store, layout.factors_prefix(factor_set_id))
-        return empty_pb2.Empty()
+        return await self.delete_resource(FACTOR_SETS, request.name)
 
     @grpc_errors
     async def StreamFactors(self, request, context):
         """The chosen modules' files, then manifest.json (all modules: written in order, a directory
         `load_factors` reads)."""
-        _, artifact = await asyncio.to_thread(self._artifact, request.name)
-        modules = artifact.metadata["modules"]
-        unknown = [name for name in request.modules if name not in modules]
-        if unknown:
-            raise NotFoundError(f"factor set has no module {unknown[0]!r}")
-        chosen = list(request.modules) or list(modules)
-        files = [modules[name]["file"] for name in chosen]
-        async for message in in_thread(file_chunks(artifact, files, request, self.limits, with_manifest=True)):
+        chunks = self.stream_files(
+            FACTOR_SETS, request, with_manifest=True, files=lambda info: info.files(request.modules)
+        )
+        async for message in chunks:
             yield message
 
     @grpc_errors
@@ -108,7 +91,7 @@ class FactorServicer(TenantScoped, factor_service_pb2_grpc.FactorServiceServicer
             manifest = read_manifest(request.manifest, "the uploaded manifest.json")
             identifier, published, missing = imports.plan(self.system.store, manifest)
             return factor_service_pb2.FactorImportPlan(
-                factor_set=f"factorSets/{identifier}", published=published, missing_files=missing
+                factor_set=factor_set_path(identifier), published=published, missing_files=missing
             )
 
         return await asyncio.to_thread(plan_it)
@@ -134,8 +117,7 @@ class FactorServicer(TenantScoped, factor_service_pb2_grpc.FactorServiceServicer
                 await asyncio.to_thread(upload.add, chunk.file, chunk.offset, chunk.data)
             if upload is None:
                 raise InputError(f"factor upload has no {MANIFEST}")
-            metadata = await asyncio.to_thread(upload.finish)
-            return factor_set_message(upload.id, metadata)
+            return factor_set_message(await asyncio.to_thread(upload.finish))
         finally:
             if upload is not None:
                 await asyncio.to_thread(upload.close)
@@ -143,5 +125,4 @@ class FactorServicer(TenantScoped, factor_service_pb2_grpc.FactorServiceServicer
     @grpc_errors
     async def RegisterFactors(self, request, context):
         path = self.server_file(request.uri, "uri")
-        identifier, metadata = await asyncio.to_thread(imports.link, self.system.store, path)
-        return factor_set_message(identifier, metadata)
+        return factor_set_message(await asyncio.to_thread(factor_sets.link, self.system.store, path))

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import torch
 
+from ..catalog import factor_sets
+from ..catalog.datasets import DATASETS, dataset_path, shard_sequences
+from ..catalog.factor_sets import FACTOR_SETS, FactorSetInfo
 from ..engine.factors import CorrectionAccumulator, CovarianceAccumulator, Eigenbases
 from ..engine.fit import FitModel, eigendecompose, fit_one_shard
-from ..gradient_svc.datasets import dataset_metadata, shard_sequences
-from ..rpc.resources import factor_set_message, packed
+from ..rpc.messages import packed
 from ..storage import get_tensors, put_tensors
 from ..system import layout
 from ..system.plans import JobPlan, Stage, StageCall
-from ..system.specs import FitJob
-from .artifacts import publish_factor_set
+from .jobs import FitJob
+from .messages import factor_set_message
 
 
 def _fit(call: StageCall) -> FitModel:
@@ -35,7 +37,7 @@ def _fit(call: StageCall) -> FitModel:
 
 def _sequences(call: StageCall, shard: int):
     job: FitJob = call.job
-    return shard_sequences(call.context, job.dataset_id, shard, job.config.max_examples)
+    return shard_sequences(call.context.artifacts, call.context.store, job.dataset_id, shard, job.config.max_examples)
 
 
 def _put(call: StageCall, key: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -91,7 +93,7 @@ def run_correction(call: StageCall) -> None:
     _put(call, layout.job_partial(call.job_id, "correction", call.shard), partial.state())
 
 
-def run_finalize(call: StageCall) -> dict:
+def run_finalize(call: StageCall) -> FactorSetInfo:
     fit = _fit(call)
     corrections = []
     if fit.strategy.correction:
@@ -101,7 +103,7 @@ def run_finalize(call: StageCall) -> dict:
     return _publish(call, fit, _eigenbases(call, fit), corrections)
 
 
-def run_fit_one_shard(call: StageCall) -> dict:
+def run_fit_one_shard(call: StageCall) -> FactorSetInfo:
     """A one-shard fit in one task: the engine's one-shard chain, its outputs passed in memory.
     With one shard there is nothing to fan out, so storing the partial sums and eigenbases between
     tasks would only buy a finer-grained retry; a retried task recomputes it all."""
@@ -114,24 +116,22 @@ def run_fit_one_shard(call: StageCall) -> dict:
 
 def _provenance(call: StageCall) -> dict:
     job: FitJob = call.job
-    return {"dataset": f"datasets/{job.dataset_id}", "model_path": job.model.path, "create_time": job.create_time}
+    return {"dataset": dataset_path(job.dataset_id), "model_path": job.model.path, "create_time": job.create_time}
 
 
 def _n_sequences(call: StageCall) -> int:
     job: FitJob = call.job
-    dataset = dataset_metadata(call.context.store, job.dataset_id)
-    return min(dataset["num_examples"], job.config.max_examples or dataset["num_examples"])
+    return DATASETS.read(call.context.store, job.dataset_id).sequences_within(job.config.max_examples)
 
 
-def _publish(call: StageCall, fit: FitModel, eigen: Eigenbases | None, corrections) -> dict:
+def _publish(call: StageCall, fit: FitModel, eigen: Eigenbases | None, corrections) -> FactorSetInfo:
     return _publish_factor_set(call, fit.finalize(eigen, corrections, _n_sequences(call), _provenance(call)))
 
 
-def _publish_factor_set(call: StageCall, factor_set) -> dict:
+def _publish_factor_set(call: StageCall, factor_set) -> FactorSetInfo:
+    """Publish factorSets/{id}, kept in this worker's cache: a score job here reads none back."""
     job: FitJob = call.job
-    metadata, stored = publish_factor_set(call.context.store, layout.factors_prefix(job.factor_set_id), factor_set)
-    call.context.artifacts.put(("factors", job.factor_set_id), stored)  # a score job on this worker reads none back
-    return metadata
+    return factor_sets.publish(call.context.store, job.factor_set_id, factor_set, call.context.artifacts)
 
 
 def _first(job: FitJob) -> str:
@@ -161,9 +161,11 @@ STAGES = [
 ]
 PLANS = [
     JobPlan(
-        "fit",
+        FitJob,
+        operations=("fit_factors",),
         first=_first,
         after=_after,
-        respond=lambda job, metadata: packed(factor_set_message(job.factor_set_id, metadata)),
+        respond=lambda job, info: packed(factor_set_message(info)),
+        target_prefix=FACTOR_SETS.prefix_of,
     )
 ]

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..catalog.datasets import load_records, load_shard
 from ..engine.capture import capture
 from ..engine.data import collate
 from ..engine.finite import require_finite
@@ -23,7 +24,6 @@ from ..gen.influence.v1 import gradient_service_pb2
 from ..storage import ArtifactReader
 from ..storage.tensors import tensors_to_bytes
 from ..system import layout
-from .datasets import load_records, load_shard
 
 
 def gradient_blocks(

@@ -10,8 +10,10 @@ import asyncio
 import json
 import uuid
 
-from google.protobuf import empty_pb2
-
+from ..catalog import datasets, indexes
+from ..catalog.datasets import DATASETS, DatasetInfo, dataset_path
+from ..catalog.factor_sets import FACTOR_SETS
+from ..catalog.indexes import INDEXES, index_path
 from ..engine.index import IndexSpec
 from ..engine.model_io import ModelRef
 from ..engine.modules import check_selection
@@ -19,20 +21,18 @@ from ..engine.records import parse_jsonl_bytes, read_training_jsonl, training_ex
 from ..engine.score import ScoreConfig
 from ..enums import enum_word
 from ..errors import InputError, NotFoundError, PreconditionError, error_for_code
-from ..factor_svc.artifacts import factors_artifact
 from ..gen.influence.v1 import common_pb2, gradient_service_pb2, gradient_service_pb2_grpc
 from ..jobs.operations import CANCELLED, FAILED
 from ..rpc import validation
-from ..rpc.common import TenantScoped, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
-from ..rpc.resources import dataset_message, index_message, packed
+from ..rpc.common import TenantScoped, model_ref, new_id, operation_message
+from ..rpc.messages import packed
 from ..rpc.status import code_name, grpc_errors
-from ..storage import MANIFEST, delete_artifact, split_s3_uri
+from ..storage import split_s3_uri
 from ..storage.manifest import sha256_bytes, sha256_file
 from ..system import layout
-from ..system.specs import DEFAULT_SHARD_SIZE, BlocksJob, IndexJob, RegisterJob
-from ..wire import DEFAULT_INDEX_RANK, dataset_id
-from . import indexes
-from .datasets import check_dataset_size, dataset_artifact, dataset_metadata
+from ..wire import DEFAULT_INDEX_RANK, DEFAULT_SHARD_SIZE, dataset_id
+from .jobs import BlocksJob, IndexJob, RegisterJob, check_dataset_size
+from .messages import dataset_message, index_message
 
 _POLL_SECONDS = 0.05  # how often StreamBlocks looks for the worker's next block
 
@@ -83,11 +83,11 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
             source_uri=source_uri,
             max_dataset_sequences=self.limits.max_dataset_sequences,  # the worker checks an s3:// source
         )
-        target = f"datasets/{job.dataset_id}"
-        if self.system.store.exists(layout.dataset_prefix(job.dataset_id) + MANIFEST):  # registered before
-            metadata = dataset_metadata(self.system.store, job.dataset_id)
+        target = dataset_path(job.dataset_id)
+        if DATASETS.exists(self.system.store, job.dataset_id):  # registered before
+            dataset = DATASETS.read(self.system.store, job.dataset_id)
             record = self.system.record_done(
-                "register_dataset", packed(dataset_message(metadata)), request_id=request.request_id, target=target
+                "register_dataset", packed(dataset_message(dataset)), request_id=request.request_id, target=target
             )
             return operation_message(record)
         record = self.system.submit(
@@ -99,38 +99,38 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
         )
         return operation_message(record)
 
-    def _metadata(self, name: str, field: str = "name") -> tuple[str, dict]:
-        dataset_id = validation.resource_id(name, "datasets", field)
-        return dataset_id, dataset_metadata(self.system.store, dataset_id)
+    def _dataset(self, name: str, field: str) -> DatasetInfo:
+        return DATASETS.read(self.system.store, DATASETS.parse(name, field))
 
     @grpc_errors
     async def GetDataset(self, request, context):
-        return dataset_message((await asyncio.to_thread(self._metadata, request.name))[1])
+        return dataset_message(await self.get_resource(DATASETS, request.name))
 
     @grpc_errors
     async def ListDatasets(self, request, context):
-        items, token = await asyncio.to_thread(
-            list_artifacts, self.system.store, "datasets/", request.page_size, request.page_token
-        )
+        infos, token = await self.list_resources(DATASETS, request)
         return gradient_service_pb2.ListDatasetsResponse(
-            datasets=[dataset_message(metadata) for _, metadata in items], next_page_token=token
+            datasets=[dataset_message(info) for info in infos], next_page_token=token
         )
 
     @grpc_errors
     async def DeleteDataset(self, request, context):
-        dataset_id, _ = await asyncio.to_thread(self._metadata, request.name)
-        await asyncio.to_thread(delete_artifact, self.system.store, layout.dataset_prefix(dataset_id))
-        return empty_pb2.Empty()
+        return await self.delete_resource(DATASETS, request.name)
+
+    @grpc_errors
+    async def StreamDatasetFiles(self, request, context):
+        async for message in self.stream_files(DATASETS, request, with_manifest=True):
+            yield message
 
     def _submit_blocks(self, request) -> str:
-        dataset_id, dataset = self._metadata(request.dataset, "dataset")
-        if not 0 <= request.shard < dataset["num_shards"]:
-            raise InputError(f"shard must be in [0, {dataset['num_shards']}), got {request.shard}")
+        dataset = self._dataset(request.dataset, "dataset")
+        if not 0 <= request.shard < dataset.num_shards:
+            raise InputError(f"shard must be in [0, {dataset.num_shards}), got {request.shard}")
         modules = request.modules or "mlp"
         check_selection(modules)
         job = BlocksJob(
             model_ref(request.model),
-            dataset_id=dataset_id,
+            dataset_id=dataset.id,
             shard=request.shard,
             modules=modules,
             block_size=validation.positive(request.block_size, "block_size", 8, 1024),
@@ -177,23 +177,23 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
     async def BuildIndex(self, request, context):
         return await asyncio.to_thread(self._build_index, request)
 
-    def _index_config(self, request, dataset: dict) -> ScoreConfig:
+    def _index_config(self, request, dataset: DatasetInfo) -> ScoreConfig:
         if request.HasField("damping_factor") and request.damping_factor < 0:
             raise InputError(f"damping_factor must be >= 0, got {request.damping_factor}")
         config = ScoreConfig(
             damping_factor=request.damping_factor if request.HasField("damping_factor") else 0.1,
             damping=request.damping if request.HasField("damping") else None,
             batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
-            max_length=dataset["max_length"],
+            max_length=dataset.max_length,
         )
         config.validate()
         return config
 
     def _build_index(self, request):
         model = model_ref(request.model)
-        factor_set_id = validation.resource_id(request.factor_set, "factorSets", "factor_set")
-        factors_artifact(self.system.store, factor_set_id)
-        dataset_id, dataset = self._metadata(request.dataset, "dataset")
+        factor_set_id = FACTOR_SETS.parse(request.factor_set, "factor_set")
+        FACTOR_SETS.open(self.system.store, factor_set_id)
+        dataset = self._dataset(request.dataset, "dataset")
         spec = IndexSpec(
             projection=enum_word(gradient_service_pb2.Projection, request.projection, "projection") or "svd",
             rank=validation.positive(request.rank, "rank", DEFAULT_INDEX_RANK, 4096),
@@ -204,14 +204,14 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
         spec.validate()
         job = IndexJob(
             model,
-            dataset_id=dataset_id,
-            shards=dataset["num_shards"],
+            dataset_id=dataset.id,
+            shards=dataset.num_shards,
             factor_set_id=factor_set_id,
             index_id=new_id(),
             spec=spec,
             config=self._index_config(request, dataset),
         )
-        record = self.system.submit("build_index", job, request_id=request.request_id, target=f"indexes/{job.index_id}")
+        record = self.system.submit("build_index", job, request_id=request.request_id, target=index_path(job.index_id))
         return operation_message(record)
 
     @grpc_errors
@@ -219,79 +219,59 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
         return await asyncio.to_thread(self._append_index, request)
 
     def _append_index(self, request):
-        index_id = validation.resource_id(request.index, "indexes", "index")
-        index = indexes.index_artifact(self.system.store, index_id).metadata
-        dataset_id, dataset = self._metadata(request.dataset, "dataset")
-        if dataset["tokenizer_fingerprint"] != index["tokenizer_fingerprint"]:
+        index = INDEXES.read(self.system.store, INDEXES.parse(request.index, "index"))
+        dataset = self._dataset(request.dataset, "dataset")
+        if dataset.tokenizer_fingerprint != index.tokenizer_fingerprint:
             raise PreconditionError(f"{request.dataset} was tokenised with another tokenizer than the index's model's")
-        if any(part["dataset"] == f"datasets/{dataset_id}" for part in index["parts"]):
+        if dataset.id in index.dataset_ids:
             raise PreconditionError(f"{request.dataset} is already in {request.index}")
-        repeated = indexes.existing_ids(self.system.store, {"parts": [{"dataset": f"datasets/{dataset_id}"}]})
-        repeated &= indexes.existing_ids(self.system.store, index)
+        repeated = datasets.example_ids(self.system.store, dataset.id) & indexes.example_ids(self.system.store, index)
         if repeated:
             raise PreconditionError(
                 f"{len(repeated)} ids of {request.dataset} are in the index already, e.g. {sorted(repeated)[0]!r}"
             )
         config = ScoreConfig(
-            damping_factor=index["damping"]["factor"],
-            damping=index["damping"]["absolute"],
+            damping_factor=index.damping.factor,
+            damping=index.damping.absolute,
             batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
-            max_length=dataset["max_length"],
+            max_length=dataset.max_length,
         )
         job = IndexJob(
-            ModelRef(index["model_path"]),
-            dataset_id=dataset_id,
-            shards=dataset["num_shards"],
-            factor_set_id=index["factor_set"].removeprefix("factorSets/"),
-            index_id=index_id,
-            spec=IndexSpec(**index["spec"]),
+            ModelRef(index.model_path),
+            dataset_id=dataset.id,
+            shards=dataset.num_shards,
+            factor_set_id=index.factor_set_id,
+            index_id=index.id,
+            spec=index.spec,
             config=config,
-            part=len(index["parts"]),
-            start=index["num_examples"],
-            base=index,
+            part=len(index.parts),
+            start=index.num_examples,
+            base=index.to_metadata(),
         )
         record = self.system.submit("append_index", job, request_id=request.request_id, target=request.index)
         return operation_message(record)
 
     @grpc_errors
     async def GetIndex(self, request, context):
-        index_id = validation.resource_id(request.name, "indexes", "name")
-        return index_message((await asyncio.to_thread(indexes.index_artifact, self.system.store, index_id)).metadata)
+        return index_message(await self.get_resource(INDEXES, request.name))
 
     @grpc_errors
     async def ListIndexes(self, request, context):
-        items, token = await asyncio.to_thread(
-            list_artifacts, self.system.store, "indexes/", request.page_size, request.page_token
-        )
+        infos, token = await self.list_resources(INDEXES, request)
         return gradient_service_pb2.ListIndexesResponse(
-            indexes=[index_message(metadata) for _, metadata in items], next_page_token=token
+            indexes=[index_message(info) for info in infos], next_page_token=token
         )
 
     @grpc_errors
     async def DeleteIndex(self, request, context):
-        index_id = validation.resource_id(request.name, "indexes", "name")
-        await asyncio.to_thread(indexes.index_artifact, self.system.store, index_id)
-        await asyncio.to_thread(delete_artifact, self.system.store, layout.index_prefix(index_id))
-        return empty_pb2.Empty()
+        return await self.delete_resource(INDEXES, request.name)
 
     @grpc_errors
     async def StreamIndexFiles(self, request, context):
-        index_id = validation.resource_id(request.name, "indexes", "name")
-        artifact = await asyncio.to_thread(indexes.index_artifact, self.system.store, index_id)
-        chunks = file_chunks(artifact, artifact.names(), request, self.limits, with_manifest=True)
-        async for message in in_thread(chunks):
-            yield message
-
-    @grpc_errors
-    async def StreamDatasetFiles(self, request, context):
-        dataset_id = validation.resource_id(request.name, "datasets", "name")
-        artifact = await asyncio.to_thread(dataset_artifact, self.system.store, dataset_id)
-        chunks = file_chunks(artifact, artifact.names(), request, self.limits, with_manifest=True)
-        async for message in in_thread(chunks):
+        async for message in self.stream_files(INDEXES, request, with_manifest=True):
             yield message
 
     @grpc_errors
     async def RegisterIndex(self, request, context):
         path = self.server_file(request.uri, "uri")
-        metadata = await asyncio.to_thread(indexes.link, self.system.store, path)
-        return index_message(metadata)
+        return index_message(await asyncio.to_thread(indexes.link, self.system.store, path))

@@ -26,16 +26,6 @@ from .connection import redis_unavailable
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = {SUCCEEDED, FAILED, CANCELLED}
-# what an operation does (its record's kind, OperationMetadata.kind)
-OPERATION_KINDS = (
-    "register_dataset",
-    "fit_factors",
-    "compute_scores",
-    "compute_self_influence",
-    "build_index",
-    "append_index",
-    "stream_blocks",
-)
 
 # KEYS: shards set, done flag, operation hash. ARGV: shard, total, stage-after, shards-after,
 # response ('' = not final), ended channel, operation id, number of counters, the (counter,

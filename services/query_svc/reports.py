@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..catalog.datasets import dataset_path
+from ..catalog.factor_sets import factor_set_path
 from ..engine.records import Query
 from ..engine.score import TopEntry
 
@@ -94,8 +96,8 @@ def settings_of(job) -> dict:
     return {
         "model": job.model.path,
         "dtype": job.model.dtype,
-        "factor_set": f"factorSets/{job.factor_set_id}",
-        "dataset": f"datasets/{job.dataset_id}" if job.dataset_id else "",
+        "factor_set": factor_set_path(job.factor_set_id),
+        "dataset": dataset_path(job.dataset_id) if job.dataset_id else "",
         "top_k": config.top_k,
         "per_module": config.per_module,
         "per_token": config.per_token,

@@ -7,44 +7,41 @@ event loop) and converts the result.
 from __future__ import annotations
 
 import asyncio
-import json
 
-from google.protobuf import empty_pb2
-
+from ..catalog import indexes, results
+from ..catalog.datasets import DATASETS, DatasetInfo
+from ..catalog.factor_sets import FACTOR_SETS
+from ..catalog.indexes import INDEXES
+from ..catalog.results import RESULTS, result_path
 from ..engine.index import default_rescore
 from ..engine.records import query_records
 from ..engine.score import ScoreConfig
 from ..errors import InputError, PreconditionError
-from ..factor_svc.artifacts import factors_artifact
 from ..gen.influence.v1 import query_service_pb2, query_service_pb2_grpc
-from ..gradient_svc import indexes
-from ..gradient_svc.datasets import dataset_metadata
 from ..rpc import validation
-from ..rpc.common import TenantScoped, file_chunks, in_thread, list_artifacts, model_ref, new_id, operation_message
-from ..rpc.resources import result_message
+from ..rpc.common import TenantScoped, in_thread, model_ref, new_id, operation_message
 from ..rpc.status import grpc_errors
-from ..storage import ArtifactReader, delete_artifact, open_artifact
-from ..system import layout
-from ..system.specs import ScoreJob, SelfJob
+from .jobs import ScoreJob, SelfJob
+from .messages import result_message
 
 
 class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
 
-    def _inputs(self, request) -> tuple[str, str, dict]:
-        """The factor set's and dataset's ids, checked to exist, and the dataset's metadata."""
-        factor_set_id = validation.resource_id(request.factor_set, "factorSets", "factor_set")
-        dataset_id = validation.resource_id(request.dataset, "datasets", "dataset")
-        factors_artifact(self.system.store, factor_set_id)
-        return factor_set_id, dataset_id, dataset_metadata(self.system.store, dataset_id)
+    def _inputs(self, request) -> tuple[str, DatasetInfo]:
+        """The factor set's id and the dataset, both checked to exist."""
+        factor_set_id = FACTOR_SETS.parse(request.factor_set, "factor_set")
+        dataset_id = DATASETS.parse(request.dataset, "dataset")
+        FACTOR_SETS.open(self.system.store, factor_set_id)
+        return factor_set_id, DATASETS.read(self.system.store, dataset_id)
 
-    def _config(self, request, dataset: dict, **extra) -> ScoreConfig:
+    def _config(self, request, dataset: DatasetInfo, **extra) -> ScoreConfig:
         if request.HasField("damping_factor") and request.damping_factor < 0:
             raise InputError(f"damping_factor must be >= 0, got {request.damping_factor}")
         config = ScoreConfig(
             damping_factor=request.damping_factor if request.HasField("damping_factor") else 0.1,
             damping=request.damping if request.HasField("damping") else None,
             batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
-            max_length=dataset["max_length"],
+            max_length=dataset.max_length,
             top_k=self._top_k(request),
             **extra,
         )
@@ -65,7 +62,7 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
         model = model_ref(request.model)
         if request.index:
             return self._index_scores(request, model)
-        factor_set_id, dataset_id, dataset = self._inputs(request)
+        factor_set_id, dataset = self._inputs(request)
         config = self._config(
             request,
             dataset,
@@ -76,8 +73,8 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
         )
         job = ScoreJob(
             model,
-            dataset_id=dataset_id,
-            shards=dataset["num_shards"],
+            dataset_id=dataset.id,
+            shards=dataset.num_shards,
             factor_set_id=factor_set_id,
             result_id=new_id(),
             config=config,
@@ -85,7 +82,7 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
             report=request.report,
         )
         record = self.system.submit(
-            "compute_scores", job, request_id=request.request_id, target=f"results/{job.result_id}"
+            "compute_scores", job, request_id=request.request_id, target=result_path(job.result_id)
         )
         return operation_message(record)
 
@@ -111,52 +108,46 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
 
     def _index_scores(self, request, model):
         """Scoring against an index: its factor set and damping are the ones it was built with."""
-        index_id = validation.resource_id(request.index, "indexes", "index")
-        index = indexes.index_artifact(self.system.store, index_id).metadata
-        factor_set_id = validation.resource_id(request.factor_set, "factorSets", "factor_set")
-        if f"factorSets/{factor_set_id}" != index["factor_set"]:
-            raise PreconditionError(f"{request.index} was built with {index['factor_set']}, not {request.factor_set}")
-        if request.dataset and request.dataset not in [part["dataset"] for part in index["parts"]]:
+        index = INDEXES.read(self.system.store, INDEXES.parse(request.index, "index"))
+        factor_set_id = FACTOR_SETS.parse(request.factor_set, "factor_set")
+        if factor_set_id != index.factor_set_id:
+            raise PreconditionError(f"{request.index} was built with {index.factor_set}, not {request.factor_set}")
+        if request.dataset and request.dataset not in [part.dataset for part in index.parts]:
             raise PreconditionError(f"{request.dataset} is not in {request.index}")
         if request.tfidf:
             raise InputError("tfidf filters recompute scoring; an index query has its own first stage")
-        first = indexes.dataset_of(self.system.store, index)
         config = self._config(
             request,
-            first,
+            indexes.first_dataset(self.system.store, index),
             query_rank=request.query_rank or None,
             per_module=request.per_module,
             per_token=request.per_token,
         )
-        damping = index["damping"]
-        whitened = index["spec"]["projection"] != "random"
+        damping = index.damping
         if not request.HasField("damping") and not request.HasField("damping_factor"):
-            config.damping_factor, config.damping = damping["factor"], damping["absolute"]
-        elif whitened and (config.damping_factor, config.damping) != (damping["factor"], damping["absolute"]):
+            config.damping_factor, config.damping = damping.factor, damping.absolute
+        elif index.whitened and (config.damping_factor, config.damping) != (damping.factor, damping.absolute):
             raise PreconditionError(
-                f"{request.index} is whitened with damping {damping['policy']}; query it with the same damping "
+                f"{request.index} is whitened with damping {damping.policy}; query it with the same damping "
                 "(or leave damping unset)"
             )
-        shards = len(indexes.shard_list(index))
-        rescore = (
-            request.rescore if request.HasField("rescore") else default_rescore(index["num_examples"], config.top_k)
-        )
+        rescore = request.rescore if request.HasField("rescore") else default_rescore(index.num_examples, config.top_k)
         if rescore < 0:
             raise InputError(f"rescore must be >= 0, got {rescore}")
         job = ScoreJob(
             model,
             dataset_id="",
-            shards=shards,
+            shards=len(index.shards()),
             factor_set_id=factor_set_id,
             result_id=new_id(),
             config=config,
             queries=self._queries(request),
             report=request.report,
-            index_id=index_id,
+            index_id=index.id,
             rescore=rescore,
         )
         record = self.system.submit(
-            "compute_scores", job, request_id=request.request_id, target=f"results/{job.result_id}"
+            "compute_scores", job, request_id=request.request_id, target=result_path(job.result_id)
         )
         return operation_message(record)
 
@@ -166,45 +157,37 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
 
     def _self(self, request):
         model = model_ref(request.model)
-        factor_set_id, dataset_id, dataset = self._inputs(request)
+        factor_set_id, dataset = self._inputs(request)
         job = SelfJob(
             model,
-            dataset_id=dataset_id,
-            shards=dataset["num_shards"],
+            dataset_id=dataset.id,
+            shards=dataset.num_shards,
             factor_set_id=factor_set_id,
             result_id=new_id(),
             config=self._config(request, dataset),
         )
         record = self.system.submit(
-            "compute_self_influence", job, request_id=request.request_id, target=f"results/{job.result_id}"
+            "compute_self_influence", job, request_id=request.request_id, target=result_path(job.result_id)
         )
         return operation_message(record)
 
-    def _result(self, name: str) -> ArtifactReader:
-        result_id = validation.resource_id(name, "results", "name")
-        return open_artifact(self.system.store, layout.result_prefix(result_id), f"result '{name}'")
-
     @grpc_errors
     async def GetScoreResult(self, request, context):
-        return result_message((await asyncio.to_thread(self._result, request.name)).metadata)
+        return result_message(await self.get_resource(RESULTS, request.name))
 
     @grpc_errors
     async def ListScoreResults(self, request, context):
-        items, token = await asyncio.to_thread(
-            list_artifacts, self.system.store, "results/", request.page_size, request.page_token
-        )
+        infos, token = await self.list_resources(RESULTS, request)
         return query_service_pb2.ListScoreResultsResponse(
-            score_results=[result_message(metadata) for _, metadata in items], next_page_token=token
+            score_results=[result_message(info) for info in infos], next_page_token=token
         )
 
     @grpc_errors
     async def DeleteScoreResult(self, request, context):
-        result = await asyncio.to_thread(self._result, request.name)  # NOT_FOUND for one that does not exist
-        await asyncio.to_thread(delete_artifact, self.system.store, result.prefix)
-        return empty_pb2.Empty()
+        return await self.delete_resource(RESULTS, request.name)
 
-    def _rows(self, name: str):
-        report = json.loads(self._result(name).read_bytes("results.json"))
+    def _rows(self, result):
+        report = results.read_report(result)
         groups = report["queries"] if report["kind"] == "pairwise" else [{"id": "", "top": report["top"]}]
         for group in groups:
             for entry in group["top"]:
@@ -223,11 +206,11 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
 
     @grpc_errors
     async def StreamScoreRows(self, request, context):
-        async for row in in_thread(self._rows(request.name)):
+        result = await self.open_resource(RESULTS, request.name)
+        async for row in in_thread(self._rows(result)):
             yield row
 
     @grpc_errors
     async def StreamResultFiles(self, request, context):
-        artifact = await asyncio.to_thread(self._result, request.name)
-        async for message in in_thread(file_chunks(artifact, artifact.names(), request, self.limits)):
+        async for message in self.stream_files(RESULTS, request):
             yield message

@@ -13,22 +13,23 @@ sequences for token-wise attribution, and publishes results.json and scores.safe
 
 from __future__ import annotations
 
-import json
-
 import torch
 
+from ..catalog import factor_sets, indexes, results
+from ..catalog.datasets import DATASETS, DatasetView, shard_sequences
+from ..catalog.factor_sets import FACTOR_SETS
+from ..catalog.indexes import IndexView
+from ..catalog.results import RESULTS, ResultInfo
 from ..engine.finite import require_finite
-from ..engine.index import Indexer, IndexSpec, queries_from_tensors, queries_to_tensors, score_block, two_stage
+from ..engine.index import Indexer, queries_from_tensors, queries_to_tensors, score_block, two_stage
 from ..engine.score import PreparedQueries, Scorer, ShardScores, concatenate
 from ..errors import PreconditionError
-from ..factor_svc.artifacts import factors_artifact, load_factor_set
-from ..gradient_svc import indexes
-from ..gradient_svc.datasets import DatasetView, dataset_metadata, shard_sequences
-from ..rpc.resources import packed, result_message
-from ..storage import ArtifactReader, ArtifactWriter, get_tensors, put_tensors
+from ..rpc.messages import packed
+from ..storage import get_tensors, put_tensors
 from ..system import layout
 from ..system.plans import JobPlan, Stage, StageCall
-from ..system.specs import ScoreJob, SelfJob
+from .jobs import ScoreJob, SelfJob
+from .messages import result_message
 from .report_data import from_artifact
 from .report_html import render
 from .reports import pairwise_report, self_report, settings_of, top_tensors
@@ -39,16 +40,13 @@ def _scorer(call: StageCall) -> Scorer:
     job: ScoreJob | SelfJob = call.job
     context = call.context
     model, tokenizer = context.models.get(job.model)
-    factors = context.artifacts.get(
-        ("factors", job.factor_set_id), lambda: load_factor_set(context.store, job.factor_set_id)
-    )
+    factors = factor_sets.load_cached(context.artifacts, context.store, job.factor_set_id)
     return Scorer(model, tokenizer, factors, job.config)
 
 
 def _prepare(call: StageCall, scorer: Scorer) -> PreparedQueries:
     job: ScoreJob = call.job
-    dataset = dataset_metadata(call.context.store, job.dataset_id)
-    mean_tokens = dataset["num_tokens"] / max(dataset["num_examples"], 1)
+    mean_tokens = DATASETS.read(call.context.store, job.dataset_id).mean_tokens
     return scorer.prepare(job.queries, mean_tokens, call.context.progress)
 
 
@@ -57,8 +55,13 @@ def _tfidf_mask(call: StageCall, scorer: Scorer) -> torch.Tensor | None:
     job: ScoreJob = call.job
     if not job.config.tfidf:
         return None
-    sequences = [s for shard in range(job.num_shards) for s in shard_sequences(call.context, job.dataset_id, shard)]
+    sequences = [s for shard in range(job.num_shards) for s in _shard(call, shard)]
     return scorer.tfidf_mask(job.queries, sequences)
+
+
+def _shard(call: StageCall, shard: int):
+    """The sequences of one shard of the job's dataset, through the worker's cache."""
+    return shard_sequences(call.context.artifacts, call.context.store, call.job.dataset_id, shard)
 
 
 def _prepared(call: StageCall, scorer: Scorer) -> tuple[PreparedQueries, torch.Tensor | None]:
@@ -94,32 +97,32 @@ def run_prepare(call: StageCall) -> None:
 
 def run_score(call: StageCall) -> None:
     scorer = _scorer(call)
-    sequences = shard_sequences(call.context, call.job.dataset_id, call.shard)
+    sequences = _shard(call, call.shard)
     prepared, mask = _prepared(call, scorer)
     partial = scorer.score(prepared, sequences, call.context.progress, _only(mask, sequences))
     put_tensors(call.context.store, layout.job_partial(call.job_id, "score", call.shard), partial.to_tensors())
 
 
-def run_merge(call: StageCall) -> dict:
+def run_merge(call: StageCall) -> ResultInfo:
     scorer = _scorer(call)
     _, mask = _prepared(call, scorer)
     return _merge(call, scorer, _partials(call, "score"), lambda: _prepared(call, scorer)[0], mask)
 
 
-def run_score_one_shard(call: StageCall) -> dict:
+def run_score_one_shard(call: StageCall) -> ResultInfo:
     """prepare, score and merge in one task (see fit_one_shard): the prepared queries, the
     largest intermediate of a score job, never leave memory."""
     scorer = _scorer(call)
     prepared = _prepare(call, scorer)
     mask = _tfidf_mask(call, scorer)
-    sequences = shard_sequences(call.context, call.job.dataset_id, 0)
+    sequences = _shard(call, 0)
     partial = scorer.score(prepared, sequences, call.context.progress, _only(mask, sequences))
     return _merge(call, scorer, [partial], lambda: prepared, mask)
 
 
-def _merge(call: StageCall, scorer: Scorer, partials: list[ShardScores], prepared, mask) -> dict:
+def _merge(call: StageCall, scorer: Scorer, partials: list[ShardScores], prepared, mask) -> ResultInfo:
     job: ScoreJob = call.job
-    view = DatasetView(call.context, job.dataset_id)
+    view = DatasetView(call.context.artifacts, call.context.store, job.dataset_id)
     result = scorer.merge(partials, prepared, view.sequence, call.context.progress, mask)
     tensors = {"scores": result.scores.contiguous()}
     if result.per_module is not None:
@@ -147,27 +150,22 @@ def _merge(call: StageCall, scorer: Scorer, partials: list[ShardScores], prepare
 
 
 def _index(call: StageCall):
-    """The index's manifest, read once per job on this worker. An append during the job only adds
-    shards after the job's `shards` (the ones it was submitted with), which it ignores."""
+    """The index, opened once per job on this worker (see indexes.open_for_job)."""
     job: ScoreJob = call.job
-    return call.context.artifacts.get(
-        ("index", job.index_id, call.job_id), lambda: indexes.index_artifact(call.context.store, job.index_id).manifest
-    )
+    return indexes.open_for_job(call.context.artifacts, call.context.store, job.index_id, call.job_id)
 
 
 def run_index_prepare(call: StageCall) -> None:
     """Query gradients once: the exact preconditioned queries (for rescoring) and their
     index-space form (for the index score tasks)."""
     job: ScoreJob = call.job
-    index = _index(call).metadata
+    index = _index(call).info
     model, tokenizer = call.context.models.get(job.model)
-    factors = call.context.artifacts.get(
-        ("factors", job.factor_set_id), lambda: load_factor_set(call.context.store, job.factor_set_id)
-    )
-    indexer = Indexer(model, tokenizer, factors, IndexSpec(**index["spec"]), job.config)
+    factors = factor_sets.load_cached(call.context.artifacts, call.context.store, job.factor_set_id)
+    indexer = Indexer(model, tokenizer, factors, index.spec, job.config)
     gradients = indexer.scorer.query_gradients(job.queries, call.context.progress)
-    tokens = sum(_dataset_tokens(call, part) for part in index["parts"])
-    prepared = indexer.scorer.prepare_gradients(gradients, tokens / max(index["num_examples"], 1))
+    tokens = sum(DATASETS.read(call.context.store, dataset_id).num_tokens for dataset_id in index.dataset_ids)
+    prepared = indexer.scorer.prepare_gradients(gradients, tokens / max(index.num_examples, 1))
     tensors = prepared.to_tensors()
     tensors.update(
         {f"index/{key}": value for key, value in queries_to_tensors(indexer.queries_from(gradients)).items()}
@@ -177,29 +175,23 @@ def run_index_prepare(call: StageCall) -> None:
     call.context.artifacts.put(key, tensors)
 
 
-def _dataset_tokens(call: StageCall, part: dict) -> int:
-    return dataset_metadata(call.context.store, part["dataset"].removeprefix("datasets/"))["num_tokens"]
-
-
 def run_index_score(call: StageCall) -> None:
     """One index shard's scores, block by block from the store (or the worker's block cache):
     no model, a block or two in memory."""
-    job: ScoreJob = call.job
-    manifest = _index(call)
-    _, _, shard = indexes.shard_list(manifest.metadata)[call.shard]
+    index = _index(call)
+    _, _, shard = index.info.shards()[call.shard]
     key = layout.job_output(call.job_id, "prepared")
     prepared = call.context.artifacts.get(key, lambda: get_tensors(call.context.store, key))
     queries = queries_from_tensors(
         {name.removeprefix("index/"): value for name, value in prepared.items() if name.startswith("index/")},
-        manifest.metadata["modules"],
+        list(index.info.modules),
     )
-    reader = ArtifactReader(call.context.store, layout.index_prefix(job.index_id), manifest)
     progress = call.context.progress
-    progress.stage("index scores", len(shard["blocks"]), "block")
+    progress.stage("index scores", len(shard.blocks), "block")
     scores, indices = [], []
-    for name in shard["blocks"]:
+    for name in shard.blocks:
         progress.check_cancelled()
-        block = call.context.blocks.get((job.index_id, name), lambda name=name: reader.read_tensors(name))
+        block = indexes.read_block(call.context.blocks, index, name)
         scores.append(score_block(queries, block))
         indices.append(block["index"])
         progress.advance(1, 0)
@@ -208,20 +200,20 @@ def run_index_score(call: StageCall) -> None:
     put_tensors(call.context.store, layout.job_partial(call.job_id, "index_score", call.shard), partial.to_tensors())
 
 
-def run_index_merge(call: StageCall) -> dict:
+def run_index_merge(call: StageCall) -> ResultInfo:
     """Index scores of every shard, each query's best `rescore` candidates rescored exactly, the
     final top-k (with the breakdowns asked for) from exact scores."""
     job: ScoreJob = call.job
-    index = _index(call).metadata
+    index = _index(call).info
     scorer = _scorer(call)
     partials = _partials(call, "index_score")
     order = torch.argsort(torch.cat([partial.index for partial in partials]))
     index_scores = torch.cat([partial.scores for partial in partials], dim=-1)[:, order]
-    expected = sum(shard["count"] for _, _, shard in indexes.shard_list(index)[: job.num_shards])
+    expected = sum(shard.count for _, _, shard in index.shards()[: job.num_shards])
     if index_scores.shape[1] != expected:
         raise PreconditionError(f"index scores cover {index_scores.shape[1]} of {expected} sequences")
     prepared, _ = _prepared(call, scorer)
-    view = indexes.IndexView(call.context, index)
+    view = IndexView(call.context.artifacts, call.context.store, index)
     result, rescored = two_stage(scorer, prepared, index_scores, view.sequence, job.rescore, call.context.progress)
     report = pairwise_report(
         job.queries,
@@ -233,55 +225,56 @@ def run_index_merge(call: StageCall) -> dict:
         modules=scorer.names,
         settings=settings_of(job),
     )
-    report["index"] = {"name": index["name"], **index["spec"], "rescore": job.rescore, "rescored_sequences": rescored}
+    report["index"] = {
+        "name": index.name,
+        **index.spec.to_dict(),
+        "rescore": job.rescore,
+        "rescored_sequences": rescored,
+    }
     tensors = {"scores": result.scores.contiguous(), **top_tensors(result.top)}
     return _publish_result(call, tensors, report, num_queries=len(job.queries))
 
 
 def run_self(call: StageCall) -> None:
     scorer = _scorer(call)
-    sequences = shard_sequences(call.context, call.job.dataset_id, call.shard)
+    sequences = _shard(call, call.shard)
     partial = scorer.self_influence(sequences, call.context.progress)
     put_tensors(call.context.store, layout.job_partial(call.job_id, "self", call.shard), partial.to_tensors())
 
 
-def run_self_merge(call: StageCall) -> dict:
+def run_self_merge(call: StageCall) -> ResultInfo:
     job: SelfJob = call.job
     scores = concatenate(_partials(call, "self")).to(torch.float32)
-    view = DatasetView(call.context, job.dataset_id)
-    strategy = factors_artifact(call.context.store, job.factor_set_id).metadata["strategy"]
+    view = DatasetView(call.context.artifacts, call.context.store, job.dataset_id)
+    strategy = FACTOR_SETS.read(call.context.store, job.factor_set_id).strategy
     report = self_report(
         scores, view.record, strategy=strategy, damping=job.config.damping_policy.describe(), top_k=job.config.top_k
     )
     return _publish_result(call, {"scores": scores.contiguous()}, report, num_queries=0)
 
 
-def _publish_result(call: StageCall, tensors: dict, report: dict, num_queries: int) -> dict:
+def _publish_result(call: StageCall, tensors: dict, report: dict, num_queries: int) -> ResultInfo:
     job: ScoreJob | SelfJob = call.job
-    metadata = {
-        "kind": "result",
-        "name": f"results/{job.result_id}",
-        "result_kind": report["kind"],
-        "factor_set": f"factorSets/{job.factor_set_id}",
-        "dataset": f"datasets/{job.dataset_id}" if job.dataset_id else "",
-        "index": f"indexes/{job.index_id}" if getattr(job, "index_id", "") else "",
-        "num_queries": num_queries,
-        "num_train": int(tensors["scores"].shape[-1]),
-        "modules": report.get("modules", []),
-        "create_time": job.create_time,
-    }
-    writer = ArtifactWriter(call.context.store, layout.result_prefix(job.result_id))
-    writer.add_bytes("results.json", json.dumps(report, indent=2, allow_nan=False).encode())
-    writer.add_tensors("scores.safetensors", tensors)
+    info = ResultInfo(
+        id=job.result_id,
+        result_kind=report["kind"],
+        factor_set_id=job.factor_set_id,
+        dataset_id=job.dataset_id,
+        index_id=getattr(job, "index_id", ""),
+        num_queries=num_queries,
+        num_train=int(tensors["scores"].shape[-1]),
+        modules=tuple(report.get("modules", [])),
+        create_time=job.create_time,
+    )
+    html = None
     if getattr(job, "report", False):
         arrays = {name: tensor.numpy() for name, tensor in tensors.items()}
-        writer.add_bytes("report.html", render(from_artifact(report, arrays)).encode())
-    writer.publish(metadata)
-    return metadata
+        html = render(from_artifact(report, arrays))
+    return results.publish(call.context.store, info, report, tensors, html)
 
 
-def _respond(job, metadata: dict) -> bytes:
-    return packed(result_message(metadata))
+def _respond(job, info: ResultInfo) -> bytes:
+    return packed(result_message(info))
 
 
 def _first_score_stage(job: ScoreJob) -> str:
@@ -303,7 +296,8 @@ STAGES = [
 ]
 PLANS = [
     JobPlan(
-        "score",
+        ScoreJob,
+        operations=("compute_scores",),
         first=_first_score_stage,
         after=lambda job, stage: {
             "prepare": "score",
@@ -312,11 +306,14 @@ PLANS = [
             "index_score": "index_merge",
         }.get(stage),
         respond=_respond,
+        target_prefix=RESULTS.prefix_of,
     ),
     JobPlan(
-        "self",
+        SelfJob,
+        operations=("compute_self_influence",),
         first=lambda job: "self",
         after=lambda job, stage: {"self": "self_merge"}.get(stage),
         respond=_respond,
+        target_prefix=RESULTS.prefix_of,
     ),
 ]

@@ -1,4 +1,5 @@
-"""What the three servicers share: request limits, operation messages, listing and chunked files.
+"""What the three servicers share: request limits, operation messages, the Get/List/Delete/Stream
+of a catalog collection's resources, and chunked files.
 
 The servicers themselves live in services/factor_svc, services/gradient_svc and
 services/query_svc; the Operations service in rpc/operations.py. They are thin: validate, call
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from google.longrunning import operations_pb2
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2, empty_pb2
 from google.rpc import status_pb2
 
 from ..engine.model_io import ModelRef
@@ -23,10 +24,11 @@ from ..enums import enum_word
 from ..errors import InputError
 from ..gen.influence.v1 import common_pb2
 from ..jobs.operations import CANCELLED, FAILED, SUCCEEDED, TERMINAL
-from ..storage import MANIFEST, ArtifactReader, open_artifact
+from ..storage import MANIFEST, ArtifactReader
 from ..wire import REQUEST_LIMITS
 from . import paging, validation
 from .auth import current_tenant
+from .messages import timestamp
 
 
 @dataclass
@@ -77,6 +79,39 @@ class TenantScoped:
         self.check_caller_locations(field)
         return validation.file_uri(uri, field)
 
+    # The resources of a catalog collection (services/catalog/collection.py: parse, open, list,
+    # delete), each call's store work on a thread.
+
+    async def open_resource(self, collection, name: str, field: str = "name"):
+        """The caller's published resource `name` (InputError naming `field` if it is not a name of
+        the collection; NotFoundError if absent): its id, info and file reader."""
+        return await asyncio.to_thread(collection.open, self.system.store, collection.parse(name, field))
+
+    async def get_resource(self, collection, name: str):
+        """The info of the caller's resource `name`."""
+        return (await self.open_resource(collection, name)).info
+
+    async def list_resources(self, collection, request) -> tuple[list, str]:
+        """A page of the caller's resources (request: page_size, page_token) and the next page's
+        token ("" on the last page, never a page early); tokens are scoped to the collection."""
+        size = paging.page_size(request.page_size)
+        after = paging.read_token(request.page_token, collection.root) or ""
+        infos, more = await asyncio.to_thread(collection.list, self.system.store, after, size)
+        return infos, paging.make_token(collection.root, infos[-1].id) if more else ""
+
+    async def delete_resource(self, collection, name: str) -> empty_pb2.Empty:
+        """Delete the caller's resource `name` (NotFoundError if absent)."""
+        await asyncio.to_thread(collection.delete, self.system.store, collection.parse(name, "name"))
+        return empty_pb2.Empty()
+
+    async def stream_files(self, collection, request, *, with_manifest: bool = False, files=None):
+        """FileChunks of the resource `request.name`: `files(info)` (default: all of them), then
+        manifest.json if asked (see file_chunks)."""
+        resource = await self.open_resource(collection, request.name)
+        names = files(resource.info) if files is not None else resource.reader.names()
+        async for chunk in in_thread(file_chunks(resource.reader, names, request, self.limits, with_manifest)):
+            yield chunk
+
 
 def model_ref(spec: common_pb2.ModelSpec) -> ModelRef:
     """The job's model: device "" (unspecified) is the device of the worker that runs each task."""
@@ -91,12 +126,6 @@ def new_id() -> str:
     return uuid.uuid4().hex[:20]
 
 
-def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
 def operation_message(record: dict) -> operations_pb2.Operation:
     """An operation record (jobs.operations) as a google.longrunning.Operation."""
     counters = record["counters"]
@@ -108,8 +137,8 @@ def operation_message(record: dict) -> operations_pb2.Operation:
         tokens_processed=counters.get("tokens_processed", 0),
         bytes_written=counters.get("bytes_written", 0),
         bytes_read=counters.get("bytes_read", 0),
-        create_time=_timestamp(record["create_time"]),
-        update_time=_timestamp(record["update_time"]),
+        create_time=timestamp(record["create_time"]),
+        update_time=timestamp(record["update_time"]),
         target=record["metadata"].get("target", ""),
         step=record.get("step", ""),
         step_done=record.get("step_done", 0),
@@ -128,19 +157,6 @@ def operation_message(record: dict) -> operations_pb2.Operation:
             status_pb2.Status(code=record["error_code"] or 2, message=record.get("error_message", ""))
         )
     return operation
-
-
-def list_artifacts(store, prefix: str, page_size: int, page_token: str) -> tuple[list[tuple[str, dict]], str]:
-    """(id, metadata) of the artifacts published under prefix, sorted by id, a page at a time;
-    the next page starts after the last id returned (artifacts created or deleted meanwhile
-    neither repeat nor shift an item); the token is empty on the last page, never a page early."""
-    size = paging.page_size(page_size)
-    after = paging.read_token(page_token, prefix) or ""
-    ids = sorted({key[len(prefix) :].split("/", 1)[0] for key in store.list(prefix) if key.endswith("/" + MANIFEST)})
-    following = [artifact_id for artifact_id in ids if artifact_id > after]
-    chosen = following[:size]
-    items = [(artifact_id, open_artifact(store, prefix + artifact_id).metadata) for artifact_id in chosen]
-    return items, paging.make_token(prefix, chosen[-1]) if len(following) > size else ""
 
 
 def file_chunks(

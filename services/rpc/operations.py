@@ -6,45 +6,39 @@ import asyncio
 import contextlib
 import re
 import time
+from collections.abc import Collection
 
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import empty_pb2
 
 from ..errors import InputError, NotFoundError, PreconditionError
 from ..jobs.ended import EndedWatcher
-from ..jobs.operations import (
-    CANCELLED,
-    FAILED,
-    OPERATION_KINDS,
-    PENDING,
-    RUNNING,
-    SUCCEEDED,
-    TERMINAL,
-    OperationStore,
-)
+from ..jobs.operations import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, TERMINAL, OperationStore
 from . import paging, validation
 from .auth import current_tenant
 from .common import operation_message
 from .status import grpc_errors
 
-FILTER_FIELDS = {"kind": set(OPERATION_KINDS), "state": {PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED}}
+STATES = {PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED}
 
 
-def parse_filter(text: str) -> dict[str, str]:
+def parse_filter(text: str, kinds: Collection[str]) -> dict[str, str]:
     """{field: value} of a ListOperations filter (AIP-160 subset): `field = value` terms joined
-    by AND, values optionally quoted; fields kind and state. Anything else: InputError."""
+    by AND, values optionally quoted; fields kind (one of `kinds`, the operation kinds the services
+    registered) and state. Anything else: InputError."""
+    allowed = {"kind": set(kinds), "state": STATES}
     equal: dict[str, str] = {}
     for term in re.split(r"\s+AND\s+", text.strip()) if text.strip() else []:
         match = re.fullmatch(r'\s*(\w+)\s*=\s*"?([\w.-]+)"?\s*', term)
-        if not match or match.group(1) not in FILTER_FIELDS:
+        if not match or match.group(1) not in allowed:
             raise InputError(
                 f"filter term {term!r} is not understood: use kind = KIND and/or state = STATE, joined by AND",
                 field="filter",
             )
         field, value = match.groups()
-        if value not in FILTER_FIELDS[field]:
+        if value not in allowed[field]:
             raise InputError(
-                f"filter: {field} must be one of {', '.join(sorted(FILTER_FIELDS[field]))}, got {value!r}",
+                f"filter: {field} must be one of {', '.join(sorted(allowed[field]))}, got {value!r}",
                 field="filter",
             )
         equal[field] = value
@@ -60,13 +54,15 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     RECHECK_SECONDS = 0.25
     UNWATCHED_SECONDS = 0.02
 
-    def __init__(self, operations: OperationStore, watcher: EndedWatcher):
+    def __init__(self, operations: OperationStore, watcher: EndedWatcher, kinds: Collection[str]):
+        """`kinds`: the operation kinds a ListOperations filter may name (the services' registered ones)."""
         self.operations = operations
         self.watcher = watcher
+        self.kinds = kinds
 
     def _record(self, name: str) -> dict:
         """The caller's operation `name`: another tenant's is not found, exactly as a missing one."""
-        record = self.operations.get(validation.resource_id(name, "operations", "name"))
+        record = self.operations.get(validation.operation_id(name))
         if record is None or record["tenant"] != current_tenant():
             raise NotFoundError(f"operation {name!r} not found")
         return record
@@ -79,7 +75,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     async def ListOperations(self, request, context):
         """Newest first; `filter`: terms `kind = fit_factors` and/or `state = RUNNING` joined by AND.
         Only the caller's tenant's operations."""
-        equal = parse_filter(request.filter)
+        equal = parse_filter(request.filter, self.kinds)
         size = paging.page_size(request.page_size)
         scope = "operations?" + "&".join(f"{key}={value}" for key, value in sorted(equal.items()))
         offset = int(paging.read_token(request.page_token, scope) or 0)
@@ -110,7 +106,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         deadline = time.monotonic() + (
             request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else 60.0
         )
-        operation_id = validation.resource_id(request.name, "operations", "name")
+        operation_id = validation.operation_id(request.name)
         loop, ended = asyncio.get_running_loop(), asyncio.Event()
         with self.watcher.watch(operation_id, lambda: loop.call_soon_threadsafe(ended.set)):
             record = await asyncio.to_thread(self._record, request.name)

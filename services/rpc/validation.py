@@ -9,17 +9,18 @@ from urllib.parse import unquote, urlparse
 
 from ..engine.model_io import model_access
 from ..errors import InputError, NotFoundError, ResourceExhaustedError
-from ..wire import REQUEST_LIMITS
+from ..wire import REQUEST_LIMITS, RESOURCE_ID
 
-_RESOURCE = re.compile(r"^(datasets|factorSets|indexes|results|operations)/([A-Za-z0-9_-]{1,64})$")
+_OPERATION = re.compile(f"operations/({RESOURCE_ID})")
 
 
-def resource_id(name: str, collection: str, field: str) -> str:
-    """The id in "{collection}/{id}", or a InputError naming the field."""
-    match = _RESOURCE.match(name or "")
-    if not match or match.group(1) != collection:
-        raise InputError(f"{field} must look like '{collection}/ID', got {name!r}", field=field)
-    return match.group(2)
+def operation_id(name: str, field: str = "name") -> str:
+    """The id in "operations/{id}", or an InputError naming the field. (The names of the resources
+    the services share are parsed by their catalog modules: catalog.datasets.parse_dataset_path, ...)"""
+    match = _OPERATION.fullmatch(name or "")
+    if not match:
+        raise InputError(f"{field} must look like 'operations/ID', got {name!r}", field=field)
+    return match.group(1)
 
 
 def model_path(spec, field: str = "model.path") -> str:

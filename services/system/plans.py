@@ -1,13 +1,13 @@
 """Job plans: which stages a job runs, in which order, and over how many tasks.
 
-The services define them next to their stage functions (services/factor_svc/stages.py, ...), and
-the top-level assembly (services/assembly.py) puts them in one `StageTable` that the runner is
-given: the job runtime in services/system knows no stage by name.
+The services define them next to their stage functions (services/factor_svc/stages.py, ...), each
+with the job's spec class, the operation kinds that submit it and where the artifact its target
+names lives; the top-level assembly (services/assembly.py) puts them in one `StageTable` that the
+runner is given: the job runtime in services/system knows no job, stage or operation by name.
 
 A stage runs as one task, or as one task per data shard (`per_shard`); a stage's tasks all
 finish before the next stage's are enqueued (fan-in, jobs/operations.py). A stage function takes
-a `StageCall` and returns the published artifact's metadata when it is its job's last stage,
-else None.
+a `StageCall` and returns the published artifact's info when it is its job's last stage, else None.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from .context import WorkerContext
-from .specs import Job
+from .specs import Job, decode_job
 
 
 @dataclass
@@ -34,32 +34,64 @@ class StageCall:
 @dataclass(frozen=True)
 class Stage:
     name: str  # also the task kind: the Redis stream its tasks go to, what a worker pool takes
-    run: Callable[[StageCall], dict | None]
+    run: Callable[[StageCall], object | None]
     per_shard: bool = False
 
 
 @dataclass(frozen=True)
 class JobPlan:
-    kind: str  # a Job.kind
+    job: type[Job]  # the job's spec class; its `kind` names the plan
+    operations: tuple[str, ...]  # the operation kinds that submit such a job (OperationMetadata.kind)
     first: Callable[[Job], str]  # the first stage of a job
     after: Callable[[Job, str], str | None]  # the stage after one (None: the job is done)
-    respond: Callable[[Job, dict], bytes]  # the operation's response (a packed Any) from the last stage's metadata
+    respond: Callable[[Job, object], bytes]  # the operation's response (a packed Any) from the last stage's info
+    # the store prefix of the artifact an operation's target names ("factorSets/ID" -> "factors/ID/"),
+    # "" when it names none: what a job that ends without success must not leave half-written
+    target_prefix: Callable[[str], str] = lambda target: ""
     # a succeeded job's jobs/{id}/ objects are its output (StreamBlocks' blocks): not deleted by the runner
     keeps_intermediates: bool = False
+
+    @property
+    def kind(self) -> str:
+        return self.job.kind
 
 
 class StageTable:
     def __init__(self, plans: list[JobPlan], stages: list[Stage]):
         self.plans = {plan.kind: plan for plan in plans}
         self.stages = {stage.name: stage for stage in stages}
+        self.job_types = {plan.kind: plan.job for plan in plans}
+        self.operations = {operation: plan for plan in plans for operation in plan.operations}
 
     @property
     def kinds(self) -> list[str]:
         """Every task kind (stage name), in table order."""
         return list(self.stages)
 
+    @property
+    def operation_kinds(self) -> list[str]:
+        """Every operation kind, in table order."""
+        return list(self.operations)
+
     def plan(self, job: Job) -> JobPlan:
         return self.plans[job.kind]
+
+    def decode(self, spec: bytes) -> Job:
+        """The typed job of a stored spec (InputError if it is not one of the table's)."""
+        return decode_job(spec, self.job_types)
+
+    def check_operation(self, kind: str, job: Job | None = None) -> str:
+        """`kind` if it is an operation kind of the table (of `job`'s plan, when given), else ValueError:
+        a servicer submitting what no service registered is a bug."""
+        plan = self.operations.get(kind)
+        if plan is None or (job is not None and plan.kind != job.kind):
+            raise ValueError(f"operation kind {kind!r} is not registered for {job.kind if job else 'any'} jobs")
+        return kind
+
+    def target_prefix(self, kind: str, target: str) -> str:
+        """The store prefix of the artifact the target of an operation of `kind` names, or ""."""
+        plan = self.operations.get(kind)
+        return plan.target_prefix(target) if plan is not None and target else ""
 
     def stage(self, name: str) -> Stage:
         if name not in self.stages:

@@ -32,13 +32,13 @@ from ..engine.progress import Progress
 from ..engine.resources import available_cores
 from ..errors import CancelledError, DomainError, ResourceExhaustedError, UnavailableError, code_of, message_of
 from ..gen.influence.internal.v1 import tasks_pb2
-from ..jobs.operations import OPERATION_KINDS, SUCCEEDED, TERMINAL, OperationStore
+from ..jobs.operations import SUCCEEDED, TERMINAL, OperationStore
 from ..jobs.queue import LeaseKeeper, Task, TaskQueue
 from ..storage import MANIFEST, ArtifactStore, PrefixedStore
 from . import layout, metrics
 from .context import WorkerContext
 from .plans import StageCall, StageTable
-from .specs import Job, decode_job, encode_job
+from .specs import Job, encode_job
 
 log = logging.getLogger("influence.worker")
 
@@ -94,7 +94,7 @@ class JobSystem:
     ) -> dict:
         """Create the operation and enqueue the job (once per request_id). ResourceExhaustedError
         when the first stage's stream is full (`max_queued_tasks`)."""
-        assert kind in OPERATION_KINDS, kind
+        self.table.check_operation(kind, job)
         stage = self.table.plan(job).first(job)
         if self.max_queued_tasks:
             queued, adding = self.queue.depth(stage), self.table.tasks(job, stage)
@@ -122,6 +122,7 @@ class JobSystem:
     def record_done(self, kind: str, response: bytes, *, request_id: str = "", target: str = "") -> dict:
         """An operation that is done at once with `response` (e.g. a dataset registered before):
         callers see the usual operation, without a job."""
+        self.table.check_operation(kind)
         record, created = self.operations.create(kind, {"kind": kind, "target": target}, request_id)
         if created:
             self.operations.succeed(record["id"], response)
@@ -200,22 +201,6 @@ def threads_per_worker(workers: int) -> int:
     cores, every parallel region waits on the others (measured 2-5x slower small ops on 2 cores),
     so the cores are split between the workers."""
     return max(1, available_cores() // max(1, workers))
-
-
-_TARGET_PREFIXES = {
-    "factorSets": layout.factors_prefix,
-    "datasets": layout.dataset_prefix,
-    "results": layout.result_prefix,
-    "indexes": layout.index_prefix,
-}
-
-
-def _target(record: dict | None) -> str:
-    """The store prefix of the artifact an operation creates ("factorSets/ID" -> "factors/ID/"), or ""."""
-    collection, _, name = ((record or {}).get("metadata", {}).get("target") or "").partition("/")
-    if collection not in _TARGET_PREFIXES or not name or "/" in name:
-        return ""
-    return _TARGET_PREFIXES[collection](name)
 
 
 class PrefixDeleter:
@@ -318,7 +303,7 @@ class Worker:
         if record is None or record["state"] in TERMINAL:
             queue.ack(task)
             if record is None or record["state"] != SUCCEEDED:  # failed or cancelled: nothing to keep
-                self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=_target(record))
+                self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=self._target(record))
             return "skipped"
         where = f"{payload.stage} task (shard {payload.shard})"
         task_name = f"{payload.stage}/{payload.shard}"
@@ -327,7 +312,7 @@ class Worker:
             message = f"{where} failed {task.deliveries - 1} times; last error: {cause}"
             queue.dead_letter(task, message)
             operations.fail(payload.operation, code_pb2.ABORTED, message)
-            self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=_target(record))
+            self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=self._target(record))
             return "dead_lettered"
         # the task reads and writes its operation's tenant's part of the store, nothing else
         self.context.store = tenant_store(self.system.store, tenant)
@@ -335,16 +320,16 @@ class Worker:
         self.context.progress = progress
         try:  # everything the task reads, the job spec included, fails inside the error handling
             progress.stage("starting", 1, "task")  # until the stage's first step: loading its model and inputs
-            job = decode_job(self.context.store.get_bytes(layout.job_spec(payload.job)))
+            job = self.system.table.decode(self.context.store.get_bytes(layout.job_spec(payload.job)))
             call = StageCall(self.context, job, payload.job, payload.stage, payload.shard)
             with self.lease.holding(task):
                 published = self.system.table.stage(payload.stage).run(call)
         except CancelledError:
             queue.ack(task)
-            self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=_target(record))
+            self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=self._target(record))
             return "cancelled"
         except Exception as error:
-            return self._failed(task, payload, where, task_name, error, _target(record), tenant)
+            return self._failed(task, payload, where, task_name, error, self._target(record), tenant)
         progress.flush()
         plan = self.system.table.plan(job)
         following = plan.after(job, payload.stage)
@@ -365,6 +350,12 @@ class Worker:
         if completed and following is None and not plan.keeps_intermediates:
             self.discard_intermediates(payload.job, tenant=tenant)
         return "succeeded"
+
+    def _target(self, record: dict | None) -> str:
+        """The store prefix of the artifact an operation creates ("factorSets/ID" -> "factors/ID/"), or ""."""
+        if record is None:
+            return ""
+        return self.system.table.target_prefix(record["kind"], record["metadata"].get("target", ""))
 
     def _failed(
         self, task: Task, payload, where: str, task_name: str, error: Exception, target: str, tenant: str

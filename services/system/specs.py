@@ -1,31 +1,27 @@
 """Job specifications: what a job computes, as typed objects, stored once as JSON before its first
 task runs (jobs/{id}/spec.json). Every task of a job parses the same spec once, so a redelivered
-task recomputes exactly the same output. Resource names are "datasets/{id}", "factorSets/{id}",
-"results/{id}".
+task recomputes exactly the same output.
 
-    RegisterJob  tokenise an uploaded JSONL into dataset shards            -> datasets/{id}
-    FitJob       fit curvature factors on a dataset                        -> factorSets/{id}
-    ScoreJob     score queries against a dataset with a factor set         -> results/{id}
-    SelfJob      self-influence of a dataset's sequences                   -> results/{id}
-    BlocksJob    one shard's per-sequence gradients, for StreamBlocks      -> relayed blocks
-    IndexJob     a dataset's compressed gradients, as a new index or a part  -> indexes/{id}
-                 appended to one
+Each service defines its jobs (a `Job` subclass per kind, beside its plan: factor_svc/jobs.py,
+...); the runtime knows only this base and the generic encoding: the spec is the dataclass's fields
+as JSON plus its "kind", and decoding follows the field types (nested dataclasses such as ModelRef
+or FitConfig, lists of them such as the queries, optional values), ignoring keys the class does not
+have, so a spec written before a field was removed still decodes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import ClassVar
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
-from ..engine.fit import FitConfig
-from ..engine.index import IndexSpec
 from ..engine.model_io import ModelRef
-from ..engine.records import Query
-from ..engine.score import ScoreConfig
 from ..errors import InputError
-from ..wire import DEFAULT_SHARD_SIZE
 
 
 @dataclass
@@ -33,7 +29,7 @@ class Job:
     """Common to every job. `create_time` (submission) is the create_time of what the job
     publishes, so a retried task's manifest is byte-identical to the first one's."""
 
-    kind: ClassVar[str] = ""
+    kind: ClassVar[str] = ""  # the spec's "kind", and the kind of the plan that runs it
     model: ModelRef
     create_time: float = field(default_factory=time.time, kw_only=True)
 
@@ -42,128 +38,39 @@ class Job:
         return 1
 
 
-@dataclass
-class RegisterJob(Job):
-    kind: ClassVar[str] = "register"
-    dataset_id: str
-    display_name: str = ""
-    shard_size: int = DEFAULT_SHARD_SIZE
-    max_length: int = 512
-    # "s3://bucket/key": the JSONL the worker reads itself; "": the job's upload (jobs/{id}/upload).
-    source_uri: str = ""
-    # the submitting server's --max-dataset-sequences, which the worker applies to what it reads
-    # (0: no limit, as in specs written before the limit existed)
-    max_dataset_sequences: int = 0
-
-
-@dataclass
-class FitJob(Job):
-    kind: ClassVar[str] = "fit"
-    dataset_id: str
-    shards: int
-    factor_set_id: str
-    config: FitConfig
-
-    @property
-    def num_shards(self) -> int:
-        return self.shards
-
-
-@dataclass
-class ScoreJob(Job):
-    """Recompute scoring of a dataset (optionally of each query's `tfidf` nearest sequences only),
-    or, with `index_id`, index scoring over the index's shards and exact rescoring of each query's
-    `rescore` best candidates."""
-
-    kind: ClassVar[str] = "score"
-    dataset_id: str
-    shards: int
-    factor_set_id: str
-    result_id: str
-    config: ScoreConfig
-    queries: list[Query]
-    index_id: str = ""
-    rescore: int = 0
-    tfidf: int = 0
-    report: bool = False  # also publish report.html (query_svc/report_html.py) with the result
-
-    @property
-    def num_shards(self) -> int:
-        return self.shards
-
-
-@dataclass
-class SelfJob(Job):
-    kind: ClassVar[str] = "self"
-    dataset_id: str
-    shards: int
-    factor_set_id: str
-    result_id: str
-    config: ScoreConfig
-
-    @property
-    def num_shards(self) -> int:
-        return self.shards
-
-
-@dataclass
-class BlocksJob(Job):
-    kind: ClassVar[str] = "blocks"
-    dataset_id: str
-    shard: int
-    modules: str
-    block_size: int
-
-
-@dataclass
-class IndexJob(Job):
-    """Index one dataset (`dataset_id`, all its shards) as part `part` of index `index_id`, its
-    sequences numbered from `start`; `base` is the index's metadata before (None: a new index)."""
-
-    kind: ClassVar[str] = "index"
-    dataset_id: str
-    shards: int
-    factor_set_id: str
-    index_id: str
-    spec: IndexSpec
-    config: ScoreConfig
-    part: int = 0
-    start: int = 0
-    base: dict | None = None
-
-    @property
-    def num_shards(self) -> int:
-        return self.shards
-
-
-JOB_TYPES: dict[str, type[Job]] = {
-    job.kind: job for job in (RegisterJob, FitJob, ScoreJob, SelfJob, BlocksJob, IndexJob)
-}
-
-
 def encode_job(job: Job) -> bytes:
     return json.dumps({"kind": job.kind, **asdict(job)}, sort_keys=True).encode()
 
 
-def decode_job(data: bytes) -> Job:
-    """The typed job of a spec written by `encode_job` (InputError if it is not one)."""
+def decode_job(data: bytes, job_types: Mapping[str, type[Job]]) -> Job:
+    """The typed job of a spec written by `encode_job`, its class chosen by its "kind" among
+    `job_types` (InputError if it is not one)."""
     try:
         raw = json.loads(data)
-        job_type = JOB_TYPES[raw.pop("kind")]
-        values = {}
-        for item in fields(job_type):
-            if item.name not in raw:
-                continue
-            value = raw[item.name]
-            if item.name == "model":
-                value = ModelRef(**value)
-            elif item.name == "config":
-                value = (FitConfig if job_type is FitJob else ScoreConfig)(**value)
-            elif item.name == "spec":
-                value = IndexSpec(**value)
-            elif item.name == "queries":
-                value = [Query(**query) for query in value]
-            values[item.name] = value
-        return job_type(**values)
-    except (ValueError, KeyError, TypeError) as error:
+        return _decode(job_types[raw.pop("kind")], raw)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"unreadable job spec ({type(error).__name__}: {error})") from None
+
+
+def _decode(kind: Any, value: Any) -> Any:
+    """`value` (parsed JSON) as the type `kind`: a dataclass from its fields (unknown keys
+    ignored), a list item by item, an optional as None or its type; anything else as it is."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        options = [option for option in typing.get_args(kind) if option is not type(None)]
+        return _decode(options[0], value) if len(options) == 1 else value
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        return [_decode(item, element) for element in value]
+    if dataclasses.is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        return kind(
+            **{
+                item.name: _decode(hints[item.name], value[item.name])
+                for item in dataclasses.fields(kind)
+                if item.init and item.name in value
+            }
+        )
+    return value

@@ -1,0 +1,193 @@
+"""Registered datasets: datasets/{id}/ holds each shard's packed token ids
+(shards/{shard:05d}.safetensors, engine.data.pack_sequences) and records (shards/{shard:05d}.json,
+a list of {"id", "text"}); its metadata (DatasetInfo) describes it. Every read is checked against
+the manifest.
+
+    DATASETS.open(store, id) / .read / .list / .delete      (catalog/collection.py)
+    DatasetWriter(store, id).add_shard(...) ... .publish(info)
+    shard_sequences(cache, store, id, shard)                a shard's sequences, through the worker's cache
+    DatasetView(cache, store, id)                           sequences and records by global index
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine.data import TokenizedSequence, pack_sequences, unpack_sequences
+from ..engine.records import TrainingExample
+from ..storage import ArtifactReader, ArtifactStore, ArtifactWriter
+from .collection import Cache, Collection, reading_metadata
+from .links import linkable_manifest
+
+KIND = "dataset"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A dataset's metadata: `num_examples` sequences in `num_shards` shards of `shard_size`, each
+    cut at `max_length` tokens (`num_tokens` in all) by the tokenizer with that fingerprint."""
+
+    id: str
+    num_examples: int
+    num_shards: int
+    shard_size: int
+    max_length: int
+    num_tokens: int
+    tokenizer_fingerprint: str = ""
+    display_name: str = ""
+    create_time: float | None = None
+
+    @property
+    def name(self) -> str:
+        return dataset_path(self.id)
+
+    @property
+    def mean_tokens(self) -> float:
+        """Tokens per sequence, on average."""
+        return self.num_tokens / max(self.num_examples, 1)
+
+    def sequences_within(self, limit: int | None) -> int:
+        """How many of its sequences a job limited to the first `limit` (None: all) uses."""
+        return min(self.num_examples, limit or self.num_examples)
+
+    def shard_of(self, index: int) -> tuple[int, int]:
+        """(shard, position in the shard) of the sequence with global index `index`."""
+        return divmod(index, self.shard_size)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict, where: str = "dataset") -> DatasetInfo:
+        with reading_metadata(where):
+            return cls(
+                id=parse_dataset_path(metadata["name"]),
+                num_examples=metadata["num_examples"],
+                num_shards=metadata["num_shards"],
+                shard_size=metadata["shard_size"],
+                max_length=metadata["max_length"],
+                num_tokens=metadata["num_tokens"],
+                tokenizer_fingerprint=metadata.get("tokenizer_fingerprint", ""),
+                display_name=metadata.get("display_name", ""),
+                create_time=metadata.get("create_time"),
+            )
+
+    def to_metadata(self) -> dict:
+        fields = dataclasses.asdict(self)
+        return {"kind": KIND, "name": self.name, **{key: value for key, value in fields.items() if key != "id"}}
+
+
+def _info(dataset_id: str, metadata: dict) -> DatasetInfo:
+    return DatasetInfo.from_metadata(metadata, DATASETS.describe(dataset_id))
+
+
+DATASETS: Collection[DatasetInfo] = Collection("datasets", "datasets/", "dataset", _info)
+
+
+def dataset_path(dataset_id: str) -> str:
+    """ "datasets/{id}" """
+    return DATASETS.path(dataset_id)
+
+
+def parse_dataset_path(name: str, field: str = "name") -> str:
+    """The id in "datasets/{id}" (InputError naming `field` otherwise)."""
+    return DATASETS.parse(name, field)
+
+
+def _tokens_file(shard: int) -> str:
+    return f"shards/{shard:05d}.safetensors"
+
+
+def _records_file(shard: int) -> str:
+    return f"shards/{shard:05d}.json"
+
+
+def _shard_key(dataset_id: str, shard: int) -> tuple:
+    """A shard's sequences in a worker's cache."""
+    return ("shard", dataset_id, shard)
+
+
+class DatasetWriter:
+    """Writes a dataset's shards, then publishes it (manifest last)."""
+
+    def __init__(self, store: ArtifactStore, dataset_id: str):
+        self.dataset_id = dataset_id
+        self._writer = ArtifactWriter(store, DATASETS.prefix(dataset_id))
+        self._shards: list[list[TokenizedSequence]] = []
+
+    def add_shard(self, sequences: list[TokenizedSequence], examples: Sequence[TrainingExample]) -> None:
+        """The next shard: its sequences and the records ({"id", "text"}) they were tokenised from."""
+        shard = len(self._shards)
+        self._writer.add_tensors(_tokens_file(shard), pack_sequences(sequences))
+        records = [{"id": example.id, "text": example.text} for example in examples]
+        self._writer.add_bytes(_records_file(shard), json.dumps(records).encode())
+        self._shards.append(sequences)
+
+    def publish(self, info: DatasetInfo, cache: Cache | None = None) -> DatasetInfo:
+        """Write the manifest: the dataset is visible from now on. With `cache` (the worker's), its
+        shards are kept there, so a job that follows on this worker reads none back."""
+        self._writer.publish(info.to_metadata())
+        if cache is not None:
+            for shard, sequences in enumerate(self._shards):
+                cache.put(_shard_key(self.dataset_id, shard), sequences)
+        return info
+
+
+def load_shard(dataset: ArtifactReader, shard: int) -> list[TokenizedSequence]:
+    """A shard's sequences, with their global indices."""
+    return unpack_sequences(dataset.read_tensors(_tokens_file(shard)))
+
+
+def load_records(dataset: ArtifactReader, shard: int) -> list[dict]:
+    """A shard's {"id", "text"} records, in shard order."""
+    return json.loads(dataset.read_bytes(_records_file(shard)))
+
+
+def shard_sequences(
+    cache: Cache, store: ArtifactStore, dataset_id: str, shard: int, limit: int | None = None
+) -> list[TokenizedSequence]:
+    """`load_shard` through the worker's cache (a published dataset never changes, and a fit's two
+    passes and a score pass all read the same shards), cut at global index `limit` if given."""
+    sequences = cache.get(
+        _shard_key(dataset_id, shard), lambda: load_shard(DATASETS.open(store, dataset_id).reader, shard)
+    )
+    return sequences if limit is None else [sequence for sequence in sequences if sequence.index < limit]
+
+
+def example_ids(store: ArtifactStore, dataset_id: str) -> set[str]:
+    """The ids of every record of the dataset."""
+    dataset = DATASETS.open(store, dataset_id)
+    return {record["id"] for shard in range(dataset.info.num_shards) for record in load_records(dataset.reader, shard)}
+
+
+class DatasetView:
+    """Lazy access to a dataset's sequences (through the worker's shard cache) and records, by
+    global index."""
+
+    def __init__(self, cache: Cache, store: ArtifactStore, dataset_id: str):
+        self.cache, self.store = cache, store
+        self.dataset = DATASETS.open(store, dataset_id)
+        self._records: dict[int, list[dict]] = {}
+
+    def sequence(self, index: int) -> TokenizedSequence:
+        shard, offset = self.dataset.info.shard_of(index)
+        return shard_sequences(self.cache, self.store, self.dataset.id, shard)[offset]
+
+    def record(self, index: int) -> tuple[str, str]:
+        shard, offset = self.dataset.info.shard_of(index)
+        if shard not in self._records:
+            self._records[shard] = load_records(self.dataset.reader, shard)
+        entry = self._records[shard][offset]
+        return entry["id"], entry["text"]
+
+
+def link(store: ArtifactStore, directory: Path) -> DatasetInfo:
+    """Register a dataset directory (one an index directory holds) in place, at the id its
+    metadata names."""
+    manifest = linkable_manifest(
+        store, directory, what="dataset", noun="a dataset", remedy="register it with RegisterDataset instead"
+    )
+    info = DatasetInfo.from_metadata(manifest.metadata, f"the dataset at {directory}")
+    store.link_directory(DATASETS.prefix(info.id), directory)
+    return info

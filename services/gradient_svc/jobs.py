@@ -1,0 +1,71 @@
+"""GradientService's jobs: what each computes, stored once as its spec (system/specs.py).
+
+    RegisterJob  tokenise an uploaded JSONL into dataset shards              -> datasets/{id}
+    BlocksJob    one shard's per-sequence gradients, for StreamBlocks        -> relayed blocks
+    IndexJob     a dataset's compressed gradients, as a new index or a part  -> indexes/{id}
+                 appended to one
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..engine.index import IndexSpec
+from ..engine.score import ScoreConfig
+from ..rpc import validation
+from ..system.specs import Job
+from ..wire import DEFAULT_SHARD_SIZE
+
+
+@dataclass
+class RegisterJob(Job):
+    kind: ClassVar[str] = "register"
+    dataset_id: str
+    display_name: str = ""
+    shard_size: int = DEFAULT_SHARD_SIZE
+    max_length: int = 512
+    # "s3://bucket/key": the JSONL the worker reads itself; "": the job's upload (jobs/{id}/upload).
+    source_uri: str = ""
+    # the submitting server's --max-dataset-sequences, which the worker applies to what it reads
+    # (0: no limit, as in specs written before the limit existed)
+    max_dataset_sequences: int = 0
+
+
+def check_dataset_size(sequences: int, limit: int, source: str, field: str = "") -> None:
+    """ResourceExhaustedError if a dataset of this many training sequences is over the server's
+    --max-dataset-sequences (`limit`; 0: none). RegisterDataset checks what it reads (an upload, a
+    file:// path) before submitting; the register task checks again whatever it reads, the only
+    check an s3:// source gets, and fails its job at once (the error is the caller's fault)."""
+    what = f"{source}: the dataset has {sequences} sequences"
+    validation.within_limit(sequences, limit, "max_dataset_sequences", what, field)
+
+
+@dataclass
+class BlocksJob(Job):
+    kind: ClassVar[str] = "blocks"
+    dataset_id: str
+    shard: int
+    modules: str
+    block_size: int
+
+
+@dataclass
+class IndexJob(Job):
+    """Index one dataset (`dataset_id`, all its shards) as part `part` of index `index_id`, its
+    sequences numbered from `start`; `base` is the index's metadata before (None: a new index)."""
+
+    kind: ClassVar[str] = "index"
+    dataset_id: str
+    shards: int
+    factor_set_id: str
+    index_id: str
+    spec: IndexSpec
+    config: ScoreConfig
+    part: int = 0
+    start: int = 0
+    base: dict | None = None
+
+    @property
+    def num_shards(self) -> int:
+        return self.shards

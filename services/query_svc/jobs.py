@@ -1,0 +1,51 @@
+"""QueryService's jobs: what each computes, stored once as its spec (system/specs.py).
+
+    ScoreJob   score queries against a dataset (or an index) with a factor set   -> results/{id}
+    SelfJob    self-influence of a dataset's sequences                           -> results/{id}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..engine.records import Query
+from ..engine.score import ScoreConfig
+from ..system.specs import Job
+
+
+@dataclass
+class ScoreJob(Job):
+    """Recompute scoring of a dataset (optionally of each query's `config.tfidf` nearest sequences
+    only), or, with `index_id`, index scoring over the index's shards and exact rescoring of each
+    query's `rescore` best candidates. (Specs written with a `tfidf` key, which nothing read,
+    still decode: unknown keys are ignored.)"""
+
+    kind: ClassVar[str] = "score"
+    dataset_id: str
+    shards: int
+    factor_set_id: str
+    result_id: str
+    config: ScoreConfig
+    queries: list[Query]
+    index_id: str = ""
+    rescore: int = 0
+    report: bool = False  # also publish report.html (query_svc/report_html.py) with the result
+
+    @property
+    def num_shards(self) -> int:
+        return self.shards
+
+
+@dataclass
+class SelfJob(Job):
+    kind: ClassVar[str] = "self"
+    dataset_id: str
+    shards: int
+    factor_set_id: str
+    result_id: str
+    config: ScoreConfig
+
+    @property
+    def num_shards(self) -> int:
+        return self.shards
