@@ -43,7 +43,7 @@ class FactorModule:
 @dataclass(frozen=True)
 class FactorSetInfo:
     """A factor set's metadata (engine/factor_io.py writes it): its strategy and Fisher, the model's
-    fingerprint, what it was fitted on (sequences, tokens), its modules in model order, and its
+    fingerprint, what it was fitted on (sequences, tokens), its modules and their files, and its
     provenance (free-form: the fit's dataset, model path and dtype, config, timings)."""
 
     id: str  # not in the metadata: the artifact's id
@@ -79,7 +79,7 @@ class FactorSetInfo:
         return self.provenance.get("create_time")
 
     def tracked(self) -> dict[str, TrackedModule]:
-        """Its modules as the engine tracks them, in model order."""
+        """Its modules as the engine tracks them."""
         return {name: module.tracked(name) for name, module in self.modules.items()}
 
     def files(self, modules: Sequence[str] = ()) -> list[str]:
