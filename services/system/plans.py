@@ -61,7 +61,7 @@ class StageTable:
         self.plans = {plan.kind: plan for plan in plans}
         self.stages = {stage.name: stage for stage in stages}
         self.job_types = {plan.kind: plan.job for plan in plans}
-        self.operations = {operation: plan for plan in plans for operation in plan.operations}
+        self.by_operation = {operation: plan for plan in plans for operation in plan.operations}
 
     @property
     def kinds(self) -> list[str]:
@@ -71,7 +71,7 @@ class StageTable:
     @property
     def operation_kinds(self) -> list[str]:
         """Every operation kind, in table order."""
-        return list(self.operations)
+        return list(self.by_operation)
 
     def plan(self, job: Job) -> JobPlan:
         return self.plans[job.kind]
@@ -83,14 +83,14 @@ class StageTable:
     def check_operation(self, kind: str, job: Job | None = None) -> str:
         """`kind` if it is an operation kind of the table (of `job`'s plan, when given), else ValueError:
         a servicer submitting what no service registered is a bug."""
-        plan = self.operations.get(kind)
+        plan = self.by_operation.get(kind)
         if plan is None or (job is not None and plan.kind != job.kind):
             raise ValueError(f"operation kind {kind!r} is not registered for {job.kind if job else 'any'} jobs")
         return kind
 
     def target_prefix(self, kind: str, target: str) -> str:
         """The store prefix of the artifact the target of an operation of `kind` names, or ""."""
-        plan = self.operations.get(kind)
+        plan = self.by_operation.get(kind)
         return plan.target_prefix(target) if plan is not None and target else ""
 
     def stage(self, name: str) -> Stage:
