@@ -343,7 +343,7 @@ def test_two_level_inverse_cdf_matches_the_flat_scan(vocab):
 def test_packed_symmetric_partial_sums_round_trip(d):
     """Partial covariance sums travel as upper triangles: unpacking gives the symmetrised matrix
     exactly, with d(d+1)/2 stored entries."""
-    from services.engine.factors import symmetric_from_upper, upper_triangle
+    from services.engine.covariance import symmetric_from_upper, upper_triangle
 
     x = torch.randn(d, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
     packed = upper_triangle(x)
@@ -379,7 +379,7 @@ def test_the_capture_cache_is_sized_up_front():
 def test_every_association_of_the_rotated_gradient_is_the_same_and_the_cheapest_is_chosen():
     """Q_Sᵀ sᵀ a Q_A in any of its four orders equals the plain einsum in float64; short sequences
     rotate their tokens, long ones the gradient (2,048 tokens through a 576 x 1536 MLP)."""
-    from services.engine.factors import ROTATION_ORDERS, rotate_in_order, rotation_order
+    from services.engine.rotation import ROTATION_ORDERS, rotate_in_order, rotation_order
 
     generator = torch.Generator().manual_seed(0)
     s = torch.randn(3, 9, 12, generator=generator, dtype=torch.float64)

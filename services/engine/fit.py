@@ -4,7 +4,7 @@
     partial  = fit.covariance(shard)                  # per data shard: Σ a aᵀ, Σ s sᵀ (mergeable)
     eigen    = eigendecompose([partial, ...])         # reduce over shards, eigendecompose (float64)
     partial  = fit.correction(shard, eigen)           # per data shard: Σ_m (Q_Sᵀ DW_m Q_A)² (mergeable)
-    factors  = fit.finalize(eigen, [partial, ...])    # reduce, combine per strategy -> FactorSet
+    factors  = fit.finalize(eigen, [partial, ...])    # reduce, keep what the strategy stores -> FactorSet
 
 `fit_factors` (the in-process API) runs exactly these on the whole data as one shard, and the
 service system's fit stages (services/factor_svc/stages.py) run them per shard with the partial
@@ -31,17 +31,11 @@ from torch import nn
 from ..errors import InputError
 from .arena import HostArena
 from .capture import ModuleCapture, accumulation_dtype, describe_all
+from .correction import CorrectionAccumulator, sequence_tokens
+from .covariance import CovarianceAccumulator, Eigenbases
 from .data import TokenizedSequence, tokenize_training
 from .factor_io import storage_dtype_for_model
-from .factors import (
-    CorrectionAccumulator,
-    CovarianceAccumulator,
-    Eigenbases,
-    FactorSet,
-    combine,
-    reduce,
-    sequence_tokens,
-)
+from .factors import FactorSet, ModuleFactors
 from .finite import check_module_weights
 from .model_io import model_fingerprint
 from .modules import TrackedModule, check_selection, device_of, freeze_except, select_modules
@@ -50,6 +44,7 @@ from .progress import Progress
 from .records import TrainingExample
 from .resources import MemoryBudget, default_cache_bytes, gib_to_bytes
 from .strategies import FISHERS, Strategy, get_strategy
+from .sums import reduce
 
 
 @dataclass
@@ -240,7 +235,8 @@ class FitModel:
         n_sequences: int,
         provenance: dict | None = None,
     ) -> FactorSet:
-        """Reduce the correction partial sums and assemble the factor set."""
+        """Reduce the correction partial sums and assemble the factor set: of each module's tensors
+        the passes produced, the ones the strategy stores (`combine`)."""
         correction = reduce(corrections) if self.strategy.correction else None
         n_tokens = eigen.n_tokens if eigen is not None else (correction.n_tokens if correction is not None else 0)
         return FactorSet(
@@ -260,6 +256,25 @@ class FitModel:
 
     def storage_dtype(self) -> torch.dtype:
         return storage_dtype_for_model(self.dtype)
+
+
+def combine(
+    strategy: Strategy,
+    eigen: Eigenbases | None,
+    correction: CorrectionAccumulator | None,
+    names: Iterable[str],
+) -> dict[str, ModuleFactors]:
+    """Each module's factors from what the passes produced: Q_A, Q_S, λ_A, λ_S from the covariance
+    pass (`eigen`), the corrected Λ [d_out, d_in] from the correction pass (the reduced
+    `correction`), kept as the strategy declares (`Strategy.stores`)."""
+    corrected = correction.eigenvalues() if correction is not None else {}
+    factors = {}
+    for name in names:
+        produced = eigen.factors[name].tensors() if eigen is not None else {}
+        if name in corrected:
+            produced["eigenvalues"] = corrected[name]
+        factors[name] = ModuleFactors.stored_by(strategy, produced)
+    return factors
 
 
 def eigendecompose(

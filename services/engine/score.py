@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import InputError, PreconditionError
 from .capture import accumulation_dtype, capture
 from .data import TokenizedSequence, collate, tokenize_queries, tokenize_training
-from .factors import FactorSet, rotated_per_sequence_gradients
+from .factors import FactorSet
 from .finite import first_non_finite, require_finite
 from .fit import prepare_model
 from .model_io import model_fingerprint
@@ -37,6 +37,7 @@ from .passes import QUERY, captured_batches
 from .precondition import Damping, low_rank, precondition, self_influence_terms
 from .progress import Progress
 from .records import Query, TrainingExample
+from .rotation import rotated_per_sequence_gradients
 from .scoring import ModuleQueries, module_scores, module_token_scores, plan_module_queries
 from .tfidf import tfidf_candidates
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.factors import CorrectionAccumulator, CovarianceAccumulator, Eigenbases
+from ..engine.correction import CorrectionAccumulator
+from ..engine.covariance import CovarianceAccumulator, Eigenbases
 from ..engine.fit import FitModel, eigendecompose, fit_one_shard
 from ..gradient_svc.datasets import dataset_metadata, shard_sequences
 from ..rpc.resources import factor_set_message, packed
