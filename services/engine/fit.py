@@ -6,9 +6,11 @@
     partial  = fit.correction(shard, eigen)           # per data shard: Σ_m (Q_Sᵀ DW_m Q_A)² (mergeable)
     factors  = fit.finalize(eigen, [partial, ...])    # reduce, keep what the strategy stores -> FactorSet
 
-`fit_factors` (the in-process API) runs exactly these on the whole data as one shard, and the
-service system's fit stages (services/factor_svc/stages.py) run them per shard with the partial
-sums and eigenbases stored between tasks: the reference tests check the code production runs.
+`fit_in_memory` chains them on one shard with every intermediate in memory: `fit_factors` (the
+in-process API) runs it on the whole data, and so does the service system's one-task fit of a
+one-shard dataset (the `fit_one_shard` stage); the multi-shard fit stages
+(services/factor_svc/stages.py) run the steps per shard with the partial sums and eigenbases
+stored between tasks. The reference tests check the code production runs.
 Which steps run is the strategy's business (strategies.py): identity none, diagonal the
 correction pass, kfac the covariance pass, ekfac both.
 
@@ -285,7 +287,7 @@ def eigendecompose(
     return reduce(partials).eigendecompose(progress, dtype=dtype)
 
 
-def fit_one_shard(
+def fit_in_memory(
     fit: FitModel,
     sequences: Sequence[TokenizedSequence],
     budget: MemoryBudget,
@@ -332,6 +334,6 @@ def fit_factors(
     """Fit the configured strategy's factors on `examples`: the steps above, the data as one shard."""
     fit = FitModel(model, tokenizer, config or FitConfig())
     progress = progress or Progress()
-    factor_set = fit_one_shard(fit, fit.tokenize(examples), budget or MemoryBudget(default_cache_bytes()), progress)
+    factor_set = fit_in_memory(fit, fit.tokenize(examples), budget or MemoryBudget(default_cache_bytes()), progress)
     progress.close()
     return factor_set

@@ -17,7 +17,7 @@ import torch
 
 from ..engine.correction import CorrectionAccumulator
 from ..engine.covariance import CovarianceAccumulator, Eigenbases
-from ..engine.fit import FitModel, eigendecompose, fit_one_shard
+from ..engine.fit import FitModel, eigendecompose, fit_in_memory
 from ..gradient_svc.datasets import dataset_metadata, shard_sequences
 from ..rpc.resources import factor_set_message, packed
 from ..storage import get_tensors, put_tensors
@@ -107,7 +107,7 @@ def run_fit_one_shard(call: StageCall) -> dict:
     With one shard there is nothing to fan out, so storing the partial sums and eigenbases between
     tasks would only buy a finer-grained retry; a retried task recomputes it all."""
     fit = _fit(call)
-    factor_set = fit_one_shard(
+    factor_set = fit_in_memory(
         fit, _sequences(call, 0), call.context.captures.budget, call.context.progress, _provenance(call)
     )
     return _publish_factor_set(call, factor_set)
