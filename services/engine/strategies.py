@@ -2,12 +2,12 @@
 
 Every strategy is written as "an eigenbasis (or none) + a diagonal Λ [d_out, d_in] in it":
 
-    name      covariance pass  correction pass  basis        Λ                                        stores
-    identity  -                -                -            none: plain gradient dot products        nothing
-    diagonal  -                yes              parameters   E_m[DW_m ⊙ DW_m]                         Λ
-    kfac      yes              -                (Q_S, Q_A)   λ_S λ_Aᵀ (formed when used)              Q_A, Q_S, λ_A, λ_S
-    ekfac     yes              yes              (Q_S, Q_A)   E_m[(Q_Sᵀ DW_m Q_A)^⊙2]  (eigenvalue         Q_A, Q_S, Λ
-                                                                                      correction)
+    name      covariance  correction  basis        Λ                               stores
+    identity  -           -           -            none: plain gradient products   nothing
+    diagonal  -           yes         parameters   E_m[DW_m ⊙ DW_m]                Λ
+    kfac      yes         -           (Q_S, Q_A)   λ_S λ_Aᵀ (formed when used)     Q_A, Q_S, λ_A, λ_S
+    ekfac     yes         yes         (Q_S, Q_A)   E_m[(Q_Sᵀ DW_m Q_A)^⊙2]         Q_A, Q_S, Λ
+                                                   (the eigenvalue correction)
 
 The covariance pass (with its eigendecomposition) gives the Kronecker eigenbasis; the correction
 pass measures Λ in whatever basis there is. `stores` names the ModuleFactors tensors (factors.py)
