@@ -412,7 +412,7 @@ class InMemoryScores:
     """What `score_in_memory` produced: the result and what was merged into it."""
 
     result: ScoreResult
-    partial: ShardScores  # float64 [M, Q, N]: every module's score of every pair (0 where not scored)
+    partial: ShardScores  # float64 [M, Q, N] per-module scores, before the mask (0 for sequences no query scores)
     mask: torch.Tensor | None  # [Q, N] bool: the sequences each query scored (its TF-IDF candidates); None: all
 
 
