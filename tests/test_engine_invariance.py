@@ -14,11 +14,23 @@ from torch import nn
 from services.catalog.factor_sets import load_factors, save_factors
 from services.engine.capture import capture, describe_all
 from services.engine.data import collate, length_bucketed_batches, tokenize_queries, tokenize_training
+from services.engine.factor_io import from_artifact, to_artifact
+from services.engine.factors import ModuleFactors
 from services.engine.fit import CaptureCache, FitConfig, FitModel, eigendecompose, fit_factors, prepare_model
 from services.engine.modules import select_modules
 from services.engine.precondition import Damping, low_rank, precondition
-from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
+from services.engine.score import (
+    ScoreConfig,
+    Scorer,
+    compute_scores,
+    compute_self_influence,
+    concatenate,
+    mean_length,
+    merge_self_influence,
+    score_in_memory,
+)
 from services.engine.scoring import module_scores, plan_module_queries
+from services.engine.strategies import STRATEGIES
 from services.errors import DataLossError, InputError, PreconditionError
 from services.toy.models import build_tiny_model
 from tests.numerics import FLOAT32, FLOAT64, assert_close, assert_columns_equal_up_to_sign, model_tolerance
@@ -154,6 +166,58 @@ def test_partitioned_fit_equals_unpartitioned():
             TOL,
             f"{name} IHVP",
         )
+
+
+def test_partitioned_scoring_equals_the_in_memory_chain():
+    """The score stages' path (queries prepared once, the TF-IDF mask over all the data, a score
+    per shard, one merge) gives the in-memory chain's result bit for bit when each batch is one
+    sequence (sharding then changes no arithmetic): scores, breakdowns, top-k and token scores;
+    self-influence likewise."""
+    model = tiny_model("gpt2")
+    tokenizer = IntTokenizer()
+    examples, queries = random_examples(13, seed=31), random_queries(3, seed=32)
+    factors = fit_factors(model, tokenizer, examples, FitConfig(batch_size=4))
+    config = ScoreConfig(batch_size=1, top_k=3, per_module=True, per_token=True, tfidf=5)
+    scorer = Scorer(model, tokenizer, factors, config)
+    sequences = scorer.tokenize_training(examples)
+    whole = score_in_memory(scorer, queries, sequences)
+
+    shards = [sequences[:5], sequences[5:6], sequences[6:]]
+    prepared = scorer.prepare(queries, mean_length(sequences))
+    mask = scorer.tfidf_mask(queries, sequences)
+    partials = [scorer.score(prepared, shard, mask=mask) for shard in shards]
+    merged = scorer.merge(partials, lambda: prepared, sequences.__getitem__, mask=mask)
+    assert mask is not None and torch.equal(mask, whole.mask) and not bool(mask.any(0).all())
+    assert torch.equal(concatenate(partials), whole.partial.scores)
+    assert torch.equal(merged.scores, whole.result.scores)
+    assert torch.equal(merged.per_module, whole.result.per_module)
+    assert merged.top == whole.result.top and all(entry.token_scores for top in merged.top for entry in top)
+    assert compute_scores(model, tokenizer, factors, examples, queries, config).top == whole.result.top
+
+    sharded_self = merge_self_influence([scorer.self_influence(shard) for shard in shards])
+    assert torch.equal(sharded_self, compute_self_influence(model, tokenizer, factors, examples, config))
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_each_strategy_stores_the_tensors_it_declares_and_its_files_must_hold_them(strategy):
+    declared = STRATEGIES[strategy]
+    assert set(declared.stores) <= set(ModuleFactors.TENSOR_FIELDS)
+    # a basis exactly when there is a covariance pass, a measured Λ exactly when there is a correction pass
+    assert ("gradient_eigenvectors" in declared.stores) == declared.covariance
+    assert ("eigenvalues" in declared.stores) == declared.correction
+    model = tiny_model("gpt2")
+    factors = fit_factors(model, IntTokenizer(), random_examples(5, seed=33), FitConfig(strategy=strategy))
+    for name, module_factors in factors.factors.items():
+        assert set(module_factors.tensors()) == set(declared.stores), name
+    metadata, files = to_artifact(factors)
+    loaded = from_artifact(metadata, files.__getitem__)
+    for name, module_factors in factors.factors.items():
+        for key, value in module_factors.tensors().items():
+            assert torch.equal(loaded.factors[name].tensors()[key], value), (name, key)
+    for missing in declared.stores:
+        damaged = {file: {k: v for k, v in tensors.items() if k != missing} for file, tensors in files.items()}
+        with pytest.raises(PreconditionError, match=f"no tensor {missing}, which {strategy} needs"):
+            from_artifact(metadata, damaged.__getitem__)
 
 
 def test_cached_and_recomputed_correction_pass_agree():
@@ -343,7 +407,7 @@ def test_two_level_inverse_cdf_matches_the_flat_scan(vocab):
 def test_packed_symmetric_partial_sums_round_trip(d):
     """Partial covariance sums travel as upper triangles: unpacking gives the symmetrised matrix
     exactly, with d(d+1)/2 stored entries."""
-    from services.engine.factors import symmetric_from_upper, upper_triangle
+    from services.engine.covariance import symmetric_from_upper, upper_triangle
 
     x = torch.randn(d, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
     packed = upper_triangle(x)
@@ -379,7 +443,7 @@ def test_the_capture_cache_is_sized_up_front():
 def test_every_association_of_the_rotated_gradient_is_the_same_and_the_cheapest_is_chosen():
     """Q_Sᵀ sᵀ a Q_A in any of its four orders equals the plain einsum in float64; short sequences
     rotate their tokens, long ones the gradient (2,048 tokens through a 576 x 1536 MLP)."""
-    from services.engine.factors import ROTATION_ORDERS, rotate_in_order, rotation_order
+    from services.engine.rotation import ROTATION_ORDERS, rotate_in_order, rotation_order
 
     generator = torch.Generator().manual_seed(0)
     s = torch.randn(3, 9, 12, generator=generator, dtype=torch.float64)

@@ -233,6 +233,52 @@ def test_a_one_shard_dataset_runs_each_job_as_one_task_with_the_same_results(clu
     assert sum(t["score"] for t in first["tokens"]) == pytest.approx(first["score"], rel=1e-4)
 
 
+def test_the_score_stages_equal_the_in_memory_chain_bit_for_bit(cluster, workspace, tmp_path):
+    """One scoring orchestration: a five-shard dataset (prepare -> score x5 -> merge), a one-shard
+    dataset (score_one_shard, the engine's score_in_memory) and the in-process engine give the same
+    scores, breakdowns, TF-IDF candidates, top-k and token scores bit for bit when each batch is one
+    sequence (sharding then changes no arithmetic)."""
+    client, model = cluster.client, str(workspace / "model")
+    sharded = client.register_dataset(model, workspace / "train.jsonl", shard_size=5, max_length=64)
+    whole = client.register_dataset(model, workspace / "train.jsonl", shard_size=100, max_length=64)
+    assert (sharded.num_shards, whole.num_shards) == (5, 1)
+    factor_set = client.fit_factors(model, whole.name, batch_size=3)
+    options = {"batch_size": 1, "top_k": 4, "per_module": True, "per_token": True, "tfidf": 4}
+    outputs, stages = [], []
+    for dataset, plan in ((sharded, {"prepare", "score", "merge"}), (whole, {"score_one_shard"})):
+        stages.clear()
+        result = client.compute_scores(
+            model, factor_set.name, dataset.name, QUERIES, progress=lambda m: stages.append(m.stage), **options
+        )
+        assert set(stages) <= plan | {"done"}, stages
+        out = tmp_path / f"scores-{dataset.num_shards}"
+        client.download_result(result.name, out)
+        outputs.append((load_file(str(out / "scores.safetensors")), json.loads((out / "results.json").read_text())))
+    (sharded_tensors, sharded_report), (whole_tensors, whole_report) = outputs
+    assert set(whole_tensors) == {"scores", "per_module", "scored", "top_index", "top_per_module"}
+    assert set(sharded_tensors) == set(whole_tensors)
+    for key, value in whole_tensors.items():
+        assert torch.equal(sharded_tensors[key], value), key
+    assert not bool(whole_tensors["scored"].any(0).all()), "some sequences are no query's TF-IDF candidate"
+    assert sharded_report["queries"] == whole_report["queries"]
+    assert sharded_report["tfidf"] == whole_report["tfidf"]
+    assert all(entry["tokens"] for query in whole_report["queries"] for entry in query["top"])
+
+    client.download_factors(factor_set.name, tmp_path / "factors")
+    engine_model, tokenizer = load_model_and_tokenizer(model)
+    expected = compute_scores(
+        engine_model,
+        tokenizer,
+        load_factors(tmp_path / "factors"),
+        read_training_jsonl(workspace / "train.jsonl"),
+        QUERIES,
+        ScoreConfig(max_length=64, **options),
+    )
+    assert torch.equal(whole_tensors["scores"], expected.scores)
+    assert torch.equal(whole_tensors["per_module"], expected.per_module)
+    assert torch.equal(whole_tensors["top_index"], torch.tensor([[e.index for e in top] for top in expected.top]))
+
+
 def test_health_and_reflection_answer_on_every_service(cluster):
     channel = grpc.insecure_channel(cluster.server.target)
     health = health_pb2_grpc.HealthStub(channel)

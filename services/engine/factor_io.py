@@ -87,24 +87,12 @@ def check_metadata(metadata: dict, where: str = "factor set") -> None:
 def module_factors(
     name: str, info: dict, tensors: dict[str, torch.Tensor], strategy: str, where: str
 ) -> tuple[TrackedModule, ModuleFactors]:
-    """One module's entry and file, checked: the tensors its strategy needs, of the shapes its
-    entry says, all finite (PreconditionError naming the module and tensor otherwise)."""
+    """One module's entry and file, checked: the tensors its strategy stores (`Strategy.stores`), of
+    the shapes its entry says, all finite (PreconditionError naming the module and tensor otherwise)."""
     tracked = TrackedModule(name, info["d_in"], info["d_out"], info["has_bias"], info["transposed"])
-    d_out, d_in = tracked.d_out, tracked.d_in_full
-    shapes = {
-        "eigenvalues": (d_out, d_in),
-        "activation_eigenvectors": (d_in, d_in),
-        "gradient_eigenvectors": (d_out, d_out),
-        "activation_eigenvalues": (d_in,),
-        "gradient_eigenvalues": (d_out,),
-    }
-    needed = {
-        "identity": (),
-        "diagonal": ("eigenvalues",),
-        "kfac": ("activation_eigenvectors", "gradient_eigenvectors", "activation_eigenvalues", "gradient_eigenvalues"),
-        "ekfac": ("eigenvalues", "activation_eigenvectors", "gradient_eigenvectors"),
-    }[get_strategy(strategy).name]
-    for key in needed:
+    shapes = ModuleFactors.shapes(tracked.d_out, tracked.d_in_full)
+    declared = get_strategy(strategy)
+    for key in declared.stores:
         if key not in tensors:
             raise PreconditionError(f"{where}: module {name} has no tensor {key}, which {strategy} needs")
     for key, value in tensors.items():
@@ -113,7 +101,7 @@ def module_factors(
                 f"{where}: tensor {key} of module {name} has shape {tuple(value.shape)}, expected {shapes[key]}"
             )
         require_finite(value, f"{where}: tensor {key} of module {name}", "the factor file is damaged")
-    return tracked, ModuleFactors(**{key: tensors[key] for key in needed})
+    return tracked, ModuleFactors.stored_by(declared, tensors)
 
 
 def from_artifact(

@@ -4,11 +4,13 @@
     partial  = fit.covariance(shard)                  # per data shard: Σ a aᵀ, Σ s sᵀ (mergeable)
     eigen    = eigendecompose([partial, ...])         # reduce over shards, eigendecompose (float64)
     partial  = fit.correction(shard, eigen)           # per data shard: Σ_m (Q_Sᵀ DW_m Q_A)² (mergeable)
-    factors  = fit.finalize(eigen, [partial, ...])    # reduce, combine per strategy -> FactorSet
+    factors  = fit.finalize(eigen, [partial, ...])    # reduce, keep what the strategy stores -> FactorSet
 
-`fit_factors` (the in-process API) runs exactly these on the whole data as one shard, and the
-service system's fit stages (services/factor_svc/stages.py) run them per shard with the partial
-sums and eigenbases stored between tasks: the reference tests check the code production runs.
+`fit_in_memory` chains them on one shard with every intermediate in memory: `fit_factors` (the
+in-process API) runs it on the whole data, and so does the service system's one-task fit of a
+one-shard dataset (the `fit_one_shard` stage); the multi-shard fit stages
+(services/factor_svc/stages.py) run the steps per shard with the partial sums and eigenbases
+stored between tasks. The reference tests check the code production runs.
 Which steps run is the strategy's business (strategies.py): identity none, diagonal the
 correction pass, kfac the covariance pass, ekfac both.
 
@@ -31,17 +33,11 @@ from torch import nn
 from ..errors import InputError
 from .arena import HostArena
 from .capture import ModuleCapture, accumulation_dtype, describe_all
+from .correction import CorrectionAccumulator, sequence_tokens
+from .covariance import CovarianceAccumulator, Eigenbases
 from .data import TokenizedSequence, tokenize_training
 from .factor_io import storage_dtype_for_model
-from .factors import (
-    CorrectionAccumulator,
-    CovarianceAccumulator,
-    Eigenbases,
-    FactorSet,
-    combine,
-    reduce,
-    sequence_tokens,
-)
+from .factors import FactorSet, ModuleFactors
 from .finite import check_module_weights
 from .model_io import model_fingerprint
 from .modules import TrackedModule, check_selection, device_of, freeze_except, select_modules
@@ -50,6 +46,7 @@ from .progress import Progress
 from .records import TrainingExample
 from .resources import MemoryBudget, default_cache_bytes, gib_to_bytes
 from .strategies import FISHERS, Strategy, get_strategy
+from .sums import reduce
 
 
 @dataclass
@@ -240,7 +237,8 @@ class FitModel:
         n_sequences: int,
         provenance: dict | None = None,
     ) -> FactorSet:
-        """Reduce the correction partial sums and assemble the factor set."""
+        """Reduce the correction partial sums and assemble the factor set: of each module's tensors
+        the passes produced, the ones the strategy stores (`combine`)."""
         correction = reduce(corrections) if self.strategy.correction else None
         n_tokens = eigen.n_tokens if eigen is not None else (correction.n_tokens if correction is not None else 0)
         return FactorSet(
@@ -262,6 +260,25 @@ class FitModel:
         return storage_dtype_for_model(self.dtype)
 
 
+def combine(
+    strategy: Strategy,
+    eigen: Eigenbases | None,
+    correction: CorrectionAccumulator | None,
+    names: Iterable[str],
+) -> dict[str, ModuleFactors]:
+    """Each module's factors from what the passes produced: Q_A, Q_S, λ_A, λ_S from the covariance
+    pass (`eigen`), the corrected Λ [d_out, d_in] from the correction pass (the reduced
+    `correction`), kept as the strategy declares (`Strategy.stores`)."""
+    corrected = correction.eigenvalues() if correction is not None else {}
+    factors = {}
+    for name in names:
+        produced = eigen.factors[name].tensors() if eigen is not None else {}
+        if name in corrected:
+            produced["eigenvalues"] = corrected[name]
+        factors[name] = ModuleFactors.stored_by(strategy, produced)
+    return factors
+
+
 def eigendecompose(
     partials: Iterable[CovarianceAccumulator], dtype: torch.dtype, progress: Progress | None = None
 ) -> Eigenbases:
@@ -270,7 +287,7 @@ def eigendecompose(
     return reduce(partials).eigendecompose(progress, dtype=dtype)
 
 
-def fit_one_shard(
+def fit_in_memory(
     fit: FitModel,
     sequences: Sequence[TokenizedSequence],
     budget: MemoryBudget,
@@ -317,6 +334,6 @@ def fit_factors(
     """Fit the configured strategy's factors on `examples`: the steps above, the data as one shard."""
     fit = FitModel(model, tokenizer, config or FitConfig())
     progress = progress or Progress()
-    factor_set = fit_one_shard(fit, fit.tokenize(examples), budget or MemoryBudget(default_cache_bytes()), progress)
+    factor_set = fit_in_memory(fit, fit.tokenize(examples), budget or MemoryBudget(default_cache_bytes()), progress)
     progress.close()
     return factor_set

@@ -40,11 +40,12 @@ import torch
 from ..errors import InputError
 from ..wire import DEFAULT_INDEX_RANK
 from .capture import ModuleCapture
-from .factors import ModuleFactors, rotated_per_sequence_gradients
+from .factors import ModuleFactors
 from .model_io import parse_dtype
 from .modules import TrackedModule
 from .passes import captured_batches
 from .precondition import Damping, low_rank, precondition
+from .rotation import rotated_per_sequence_gradients
 from .score import Scorer, ScoreResult, TopEntry, top_k_entries
 from .strategies import get_strategy
 

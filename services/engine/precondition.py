@@ -1,6 +1,6 @@
 """Inverse-Hessian-vector products: P = (G + λI)⁻¹ DQ per module, and low-rank query batching.
 
-With the factors' eigenbasis (Q_S, Q_A) and diagonal Λ (see factors.py):
+With the factors' eigenbasis (Q_S, Q_A) and diagonal Λ (factors.py, rotation.py):
     P = Q_S [ (Q_Sᵀ DQ Q_A) ⊘ (Λ + λ) ] Q_Aᵀ      (rotate, divide, rotate back)
 The diagonal strategy divides without rotating; identity returns DQ unchanged (no curvature).
 Damping λ is absolute, or relative: λ = damping_factor × mean(Λ) per module (default 0.1).
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from .factors import ModuleFactors, rotate
+from .factors import ModuleFactors
+from .rotation import rotate
 from .strategies import Strategy, get_strategy
 
 

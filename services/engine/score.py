@@ -9,11 +9,18 @@ nats of the completion's log-probability per unit of up-weighting z_m's summed l
 
     scorer   = Scorer(model, tokenizer, factors, config)   # modules matched, fingerprint checked, once
     prepared = scorer.prepare(queries, mean_tokens)         # query gradients, IHVPs, kernels: once per job
-    partial  = scorer.score(prepared, shard)                # per data shard: per-module scores [M, Q, n]
-    result   = scorer.merge(partials, prepared, sequence_of)   # scores, top-k, per-token for the top-k
+    mask     = scorer.tfidf_mask(queries, sequences)        # [Q, N] TF-IDF candidates (None: all), once
+    partial  = scorer.score(prepared, shard, mask=mask)     # per data shard: per-module scores [M, Q, n]
+    result   = scorer.merge(partials, prepared, sequence_of, mask=mask)   # scores, top-k, per-token for the top-k
     partial  = scorer.self_influence(shard)                 # per data shard: ⟨P_m, DW_m⟩ [n]
-`compute_scores` / `compute_self_influence` (the in-process API) chain exactly these with the data as
-one shard; the service system's score stages (services/query_svc/stages.py) run them per shard.
+    scores   = merge_self_influence(partials)               # [N]
+
+`score_in_memory` chains prepare, tfidf_mask, score and merge on one shard with every
+intermediate in memory: `compute_scores` (the in-process API) runs it on the whole data, and so
+does the service system's one-task scoring of a one-shard dataset (the `score_one_shard` stage).
+The multi-shard score stages (services/query_svc/stages.py) run the same steps per shard with the
+prepared queries and the mask stored between tasks; `compute_self_influence` and the self stages
+share `self_influence` and `merge_self_influence` alike.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from torch import nn
 from ..errors import InputError, PreconditionError
 from .capture import accumulation_dtype, capture
 from .data import TokenizedSequence, collate, tokenize_queries, tokenize_training
-from .factors import FactorSet, rotated_per_sequence_gradients
+from .factors import FactorSet
 from .finite import first_non_finite, require_finite
 from .fit import prepare_model
 from .model_io import model_fingerprint
@@ -37,6 +44,7 @@ from .passes import QUERY, captured_batches
 from .precondition import Damping, low_rank, precondition, self_influence_terms
 from .progress import Progress
 from .records import Query, TrainingExample
+from .rotation import rotated_per_sequence_gradients
 from .scoring import ModuleQueries, module_scores, module_token_scores, plan_module_queries
 from .tfidf import tfidf_candidates
 
@@ -236,14 +244,16 @@ class Scorer:
         prepared: PreparedQueries,
         sequences: Sequence[TokenizedSequence],
         progress: Progress | None = None,
-        only: set[int] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> ShardScores:
         """Per-module scores of every prepared query against `sequences` (any shard of the data):
-        float64 [M, Q, len(sequences)], column j for sequences[j]. With `only` (sequence indices),
-        just those are computed (a TF-IDF candidate set); the other columns are 0."""
+        float64 [M, Q, len(sequences)], column j for sequences[j]. With `mask` [Q, N] (bool over
+        global indices: the sequences each query scores, `tfidf_mask`), just the sequences some
+        query asks for are computed; the other columns are 0."""
         column = {sequence.index: position for position, sequence in enumerate(sequences)}
         per_module = torch.zeros((len(self.names), prepared.n_queries, len(sequences)), dtype=torch.float64)
-        scored = sequences if only is None else [sequence for sequence in sequences if sequence.index in only]
+        wanted = None if mask is None else mask.any(0)  # [N] bool: some query scores the sequence
+        scored = sequences if wanted is None else [sequence for sequence in sequences if bool(wanted[sequence.index])]
         for batch, captures in self._passes(scored, "scores", progress):
             columns = torch.tensor([column[int(index)] for index in batch.indices])
             for position, name in enumerate(self.names):
@@ -252,8 +262,12 @@ class Scorer:
         _check_scores(per_module, sequences, self.names)
         return ShardScores(per_module, torch.tensor([sequence.index for sequence in sequences]))
 
-    def tfidf_mask(self, queries: Sequence[Query], sequences: Sequence[TokenizedSequence]) -> torch.Tensor:
-        """[Q, len(sequences)] bool: each query's `config.tfidf` nearest sequences by TF-IDF."""
+    def tfidf_mask(self, queries: Sequence[Query], sequences: Sequence[TokenizedSequence]) -> torch.Tensor | None:
+        """[Q, len(sequences)] bool: each query's `config.tfidf` nearest of `sequences` (the whole
+        data, whose idf it needs, in global index order) by TF-IDF; None when `config.tfidf` is 0
+        (every sequence is scored)."""
+        if not self.config.tfidf:
+            return None
         query_sequences = tokenize_queries(self.tokenizer, queries, self.config.max_length)
         mask = torch.zeros(len(queries), len(sequences), dtype=torch.bool)
         for query, columns in enumerate(tfidf_candidates(query_sequences, sequences, self.config.tfidf)):
@@ -393,6 +407,37 @@ def mean_length(sequences: Sequence[TokenizedSequence]) -> float:
     return sum(sequence.length for sequence in sequences) / max(len(sequences), 1)
 
 
+@dataclass
+class InMemoryScores:
+    """What `score_in_memory` produced: the result and what was merged into it."""
+
+    result: ScoreResult
+    partial: ShardScores  # float64 [M, Q, N] per-module scores, before the mask (0 for sequences no query scores)
+    mask: torch.Tensor | None  # [Q, N] bool: the sequences each query scored (its TF-IDF candidates); None: all
+
+
+def score_in_memory(
+    scorer: Scorer,
+    queries: Sequence[Query],
+    sequences: Sequence[TokenizedSequence],
+    progress: Progress | None = None,
+) -> InMemoryScores:
+    """The steps above on one shard, chained in memory: `sequences` are the whole data (global
+    indices 0..N-1 in order); the queries are prepared for their mean length, and the prepared
+    queries, a score job's largest intermediate, never leave memory."""
+    prepared = scorer.prepare(queries, mean_length(sequences), progress)
+    mask = scorer.tfidf_mask(queries, sequences)
+    partial = scorer.score(prepared, sequences, progress, mask)
+    result = scorer.merge([partial], lambda: prepared, sequences.__getitem__, progress, mask)
+    result.kernels = {name: prepared.modules[name].kernel for name in scorer.names}
+    return InMemoryScores(result, partial, mask)
+
+
+def merge_self_influence(partials: Sequence[ShardScores]) -> torch.Tensor:
+    """The shards' self-influence as one vector: float32 [N], in global index order."""
+    return concatenate(partials).to(torch.float32)
+
+
 def compute_scores(
     model: nn.Module,
     tokenizer,
@@ -402,18 +447,12 @@ def compute_scores(
     config: ScoreConfig | None = None,
     progress: Progress | None = None,
 ) -> ScoreResult:
-    """Pairwise influence scores [n_queries, n_train] plus top-k: the steps above, the data as one shard."""
+    """Pairwise influence scores [n_queries, n_train] plus top-k: `score_in_memory` on the whole data."""
     progress = progress or Progress()
     scorer = Scorer(model, tokenizer, factors, config or ScoreConfig())
     if not queries:
         raise InputError("no queries to score")
-    train = scorer.tokenize_training(examples)
-    prepared = scorer.prepare(queries, mean_length(train), progress)
-    mask = scorer.tfidf_mask(queries, train) if scorer.config.tfidf else None
-    only = None if mask is None else set(mask.any(0).nonzero().flatten().tolist())
-    partial = scorer.score(prepared, train, progress, only)
-    result = scorer.merge([partial], lambda: prepared, train.__getitem__, progress, mask)
-    result.kernels = {name: prepared.modules[name].kernel for name in scorer.names}
+    result = score_in_memory(scorer, queries, scorer.tokenize_training(examples), progress).result
     progress.close()
     return result
 
@@ -426,9 +465,9 @@ def compute_self_influence(
     config: ScoreConfig | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """⟨P_m, DW_m⟩ for every training sequence: [n_train] float32."""
+    """⟨P_m, DW_m⟩ for every training sequence: [n_train] float32 (the steps above, the data as one shard)."""
     progress = progress or Progress()
     scorer = Scorer(model, tokenizer, factors, config or ScoreConfig())
-    scores = concatenate([scorer.self_influence(scorer.tokenize_training(examples), progress)])
+    scores = merge_self_influence([scorer.self_influence(scorer.tokenize_training(examples), progress)])
     progress.close()
-    return scores.to(torch.float32)
+    return scores

@@ -18,8 +18,9 @@ import torch
 from ..catalog import factor_sets
 from ..catalog.datasets import DATASETS, dataset_path, shard_sequences
 from ..catalog.factor_sets import FACTOR_SETS, FactorSetInfo
-from ..engine.factors import CorrectionAccumulator, CovarianceAccumulator, Eigenbases
-from ..engine.fit import FitModel, eigendecompose, fit_one_shard
+from ..engine.correction import CorrectionAccumulator
+from ..engine.covariance import CovarianceAccumulator, Eigenbases
+from ..engine.fit import FitModel, eigendecompose, fit_in_memory
 from ..rpc.messages import packed
 from ..storage import get_tensors, put_tensors
 from ..system import layout
@@ -108,7 +109,7 @@ def run_fit_one_shard(call: StageCall) -> FactorSetInfo:
     With one shard there is nothing to fan out, so storing the partial sums and eigenbases between
     tasks would only buy a finer-grained retry; a retried task recomputes it all."""
     fit = _fit(call)
-    factor_set = fit_one_shard(
+    factor_set = fit_in_memory(
         fit, _sequences(call, 0), call.context.captures.budget, call.context.progress, _provenance(call)
     )
     return _publish_factor_set(call, factor_set)

@@ -2,7 +2,8 @@
 (engine/score.py).
 
     score:  prepare -> score × shards -> merge                  -> results/{id}
-            one shard: score_one_shard (the prepared queries never leave memory)
+            one shard: score_one_shard, the engine's score_in_memory in one task (the prepared
+            queries never leave memory)
     self:   self × shards -> self_merge                         -> results/{id}
 
 Each task builds its Scorer once (model, factor set, modules matched, fingerprint checked);
@@ -22,7 +23,15 @@ from ..catalog.indexes import IndexView
 from ..catalog.results import RESULTS, ResultInfo
 from ..engine.finite import require_finite
 from ..engine.index import Indexer, queries_from_tensors, queries_to_tensors, score_block, two_stage
-from ..engine.score import PreparedQueries, Scorer, ShardScores, concatenate
+from ..engine.score import (
+    PreparedQueries,
+    Scorer,
+    ScoreResult,
+    ShardScores,
+    concatenate,
+    merge_self_influence,
+    score_in_memory,
+)
 from ..errors import PreconditionError
 from ..rpc.messages import packed
 from ..storage import get_tensors, put_tensors
@@ -53,7 +62,7 @@ def _prepare(call: StageCall, scorer: Scorer) -> PreparedQueries:
 def _tfidf_mask(call: StageCall, scorer: Scorer) -> torch.Tensor | None:
     """[Q, N] TF-IDF candidates over the whole dataset (its idf needs every shard), or None."""
     job: ScoreJob = call.job
-    if not job.config.tfidf:
+    if not job.config.tfidf:  # no candidates: no need to read every shard
         return None
     sequences = [s for shard in range(job.num_shards) for s in _shard(call, shard)]
     return scorer.tfidf_mask(job.queries, sequences)
@@ -68,13 +77,6 @@ def _prepared(call: StageCall, scorer: Scorer) -> tuple[PreparedQueries, torch.T
     key = layout.job_output(call.job_id, "prepared")
     tensors = call.context.artifacts.get(key, lambda: get_tensors(call.context.store, key))
     return PreparedQueries.from_tensors(tensors, scorer.names), tensors.get("tfidf_mask")
-
-
-def _only(mask: torch.Tensor | None, sequences) -> set[int] | None:
-    """The sequences (global indices) some query's TF-IDF candidates include."""
-    if mask is None:
-        return None
-    return {sequence.index for sequence in sequences if bool(mask[:, sequence.index].any())}
 
 
 def _partials(call: StageCall, stage: str) -> list[ShardScores]:
@@ -99,31 +101,39 @@ def run_score(call: StageCall) -> None:
     scorer = _scorer(call)
     sequences = _shard(call, call.shard)
     prepared, mask = _prepared(call, scorer)
-    partial = scorer.score(prepared, sequences, call.context.progress, _only(mask, sequences))
+    partial = scorer.score(prepared, sequences, call.context.progress, mask)
     put_tensors(call.context.store, layout.job_partial(call.job_id, "score", call.shard), partial.to_tensors())
 
 
 def run_merge(call: StageCall) -> ResultInfo:
     scorer = _scorer(call)
     _, mask = _prepared(call, scorer)
-    return _merge(call, scorer, _partials(call, "score"), lambda: _prepared(call, scorer)[0], mask)
+    partials = _partials(call, "score")
+    view = DatasetView(call.context.artifacts, call.context.store, call.job.dataset_id)
+    result = scorer.merge(partials, lambda: _prepared(call, scorer)[0], view.sequence, call.context.progress, mask)
+    return _publish_scores(call, scorer, view, result, partials, mask)
 
 
 def run_score_one_shard(call: StageCall) -> ResultInfo:
-    """prepare, score and merge in one task (see fit_one_shard): the prepared queries, the
-    largest intermediate of a score job, never leave memory."""
+    """A one-shard scoring in one task: the engine's in-memory chain (score_in_memory), the same
+    steps as prepare, score and merge; the prepared queries, the largest intermediate of a score
+    job, never leave memory. A retried task recomputes it all."""
     scorer = _scorer(call)
-    prepared = _prepare(call, scorer)
-    mask = _tfidf_mask(call, scorer)
-    sequences = _shard(call, 0)
-    partial = scorer.score(prepared, sequences, call.context.progress, _only(mask, sequences))
-    return _merge(call, scorer, [partial], lambda: prepared, mask)
+    scored = score_in_memory(scorer, call.job.queries, _shard(call, 0), call.context.progress)
+    view = DatasetView(call.context.artifacts, call.context.store, call.job.dataset_id)
+    return _publish_scores(call, scorer, view, scored.result, [scored.partial], scored.mask)
 
 
-def _merge(call: StageCall, scorer: Scorer, partials: list[ShardScores], prepared, mask) -> ResultInfo:
+def _publish_scores(
+    call: StageCall,
+    scorer: Scorer,
+    view: DatasetView,
+    result: ScoreResult,
+    partials: list[ShardScores],
+    mask: torch.Tensor | None,
+) -> ResultInfo:
+    """results/{id}: the merged result, its top-k's per-module view and the report."""
     job: ScoreJob = call.job
-    view = DatasetView(call.context.artifacts, call.context.store, job.dataset_id)
-    result = scorer.merge(partials, prepared, view.sequence, call.context.progress, mask)
     tensors = {"scores": result.scores.contiguous()}
     if result.per_module is not None:
         tensors["per_module"] = result.per_module.contiguous()
@@ -244,7 +254,7 @@ def run_self(call: StageCall) -> None:
 
 def run_self_merge(call: StageCall) -> ResultInfo:
     job: SelfJob = call.job
-    scores = concatenate(_partials(call, "self")).to(torch.float32)
+    scores = merge_self_influence(_partials(call, "self"))
     view = DatasetView(call.context.artifacts, call.context.store, job.dataset_id)
     strategy = FACTOR_SETS.read(call.context.store, job.factor_set_id).strategy
     report = self_report(

@@ -1,0 +1,90 @@
+"""The correction pass's sums: the diagonal Λ [d_out, d_in] measured in the factors' basis.
+
+For a tracked module with eigenbasis (Q_S, Q_A) from the covariance pass (covariance.py):
+    Λ = E_m[(Q_Sᵀ DW_m Q_A)^⊙2]      (EK-FAC's eigenvalue correction)   [d_out, d_in]
+and with no basis (the diagonal strategy) Λ = E_m[DW_m^⊙2], in the parameters' own basis.
+DW_m = s_mᵀ a_m is sequence m's gradient (s [N, d_out], a [N, d_in]; capture.py), rotated as
+rotation.py does.
+
+`CorrectionAccumulator` holds Σ_m of the squares in float64 with the counts of one shard
+(mergeable, sums.py); `eigenvalues` divides the reduced sum by the number of sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .capture import ModuleCapture
+from .finite import require_finite
+from .modules import TrackedModule
+from .rotation import rotated_per_sequence_gradients
+from .sums import accumulate
+
+
+class CorrectionAccumulator:
+    """Σ_m (Q_Sᵀ DW_m Q_A)^⊙2 per module (or Σ_m DW_m^⊙2 with no basis)."""
+
+    def __init__(self, modules: dict[str, TrackedModule], bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None):
+        self.modules = modules
+        self.bases = bases
+        self.squared_sums = {n: torch.zeros(m.d_out, m.d_in_full, dtype=torch.float64) for n, m in modules.items()}
+        self.n_sequences = 0
+        self.n_tokens = 0
+        self._device_bases: dict = {}
+
+    def _basis(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.bases is None:
+            return None, None
+        key = (name, like.device, like.dtype)
+        if key not in self._device_bases:
+            gradient_basis, activation_basis = self.bases[name]
+            self._device_bases[key] = (gradient_basis.to(like), activation_basis.to(like))
+        return self._device_bases[key]
+
+    def add(self, captures: dict[str, ModuleCapture], n_sequences: int) -> None:
+        for name, capture in captures.items():
+            rotated = rotated_per_sequence_gradients(capture, *self._basis(name, capture.a))
+            accumulate(self.squared_sums[name], rotated.square_().sum(0))
+        self.n_sequences += n_sequences
+        self.n_tokens += sequence_tokens(captures)
+
+    def check_finite(self) -> None:
+        for name, value in self.squared_sums.items():
+            require_finite(
+                value,
+                f"the eigenvalue-correction sums of module {name} (correction pass)",
+                "the model produces non-finite gradients on this data",
+            )
+
+    def merge(self, other: CorrectionAccumulator) -> None:
+        for name in self.modules:
+            self.squared_sums[name] += other.squared_sums[name]
+        self.n_sequences += other.n_sequences
+        self.n_tokens += other.n_tokens
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state = {
+            "n_sequences": torch.tensor([self.n_sequences], dtype=torch.int64),
+            "n_tokens": torch.tensor([self.n_tokens], dtype=torch.int64),
+        }
+        state.update({f"{name}/squared_sum": value for name, value in self.squared_sums.items()})
+        return state
+
+    @classmethod
+    def from_state(cls, modules, bases, state: dict[str, torch.Tensor]) -> CorrectionAccumulator:
+        accumulator = cls(modules, bases)
+        accumulator.n_sequences = int(state["n_sequences"][0])
+        accumulator.n_tokens = int(state["n_tokens"][0])
+        for name in modules:
+            accumulator.squared_sums[name] = state[f"{name}/squared_sum"].to(torch.float64)
+        return accumulator
+
+    def eigenvalues(self) -> dict[str, torch.Tensor]:
+        """Λ per module: [d_out, d_in] = mean over sequences."""
+        return {name: value / max(self.n_sequences, 1) for name, value in self.squared_sums.items()}
+
+
+def sequence_tokens(captures: dict[str, ModuleCapture]) -> int:
+    """Real tokens of a batch's sequences (one call of the first module's positions)."""
+    first = next(iter(captures.values()))
+    return int(first.token_mask[:, : first.token_mask.shape[1] // first.calls].sum())
