@@ -15,7 +15,8 @@ import signal
 import sys
 import threading
 
-from .wire import DEFAULT_INDEX_RANK, DEFAULT_SHARD_SIZE, REQUEST_LIMITS
+from .options import RANK, SHARD_SIZE
+from .wire import REQUEST_LIMITS
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +46,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard-size",
         type=int,
-        default=DEFAULT_SHARD_SIZE,
-        help=f"training sequences per data shard (default {DEFAULT_SHARD_SIZE})",
+        default=SHARD_SIZE.default,
+        help=f"training sequences per data shard (default {SHARD_SIZE.default})",
     )
 
 
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--data", required=True, help="TRAIN.jsonl")
     build.add_argument("--out", required=True, help="the index directory to write")
     build.add_argument("--projection", default="svd", choices=["svd", "eigen", "random", "none"])
-    build.add_argument("--rank", type=int, default=DEFAULT_INDEX_RANK, help="svd: rank kept per sequence and module")
+    build.add_argument("--rank", type=int, default=RANK.default, help="svd: rank kept per sequence and module")
     build.add_argument("--dim", type=int, default=32, help="eigen, random: dimensions kept per side")
     build.add_argument("--seed", type=int, default=0, help="random: the projections' seed")
     build.add_argument("--storage-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     append.add_argument("--data", required=True, help="MORE.jsonl (ids must not repeat the index's)")
     append.add_argument("--batch-size", type=int, default=8)
     append.add_argument("--max-length", type=int, default=512)
-    append.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
+    append.add_argument("--shard-size", type=int, default=SHARD_SIZE.default)
     append.add_argument("--quiet", action="store_true")
     _add_json_option(append)
     append.add_argument("--server", default="", metavar="HOST:PORT")

@@ -45,7 +45,8 @@ from .gen.influence.v1 import (
     query_service_pb2,
     query_service_pb2_grpc,
 )
-from .wire import DEFAULT_SHARD_SIZE, MAX_MESSAGE_BYTES, dataset_id
+from .options import SHARD_SIZE
+from .wire import MAX_MESSAGE_BYTES, dataset_id
 
 
 class _BearerToken(
@@ -349,7 +350,7 @@ class InfluenceClient:
         model: str | common_pb2.ModelSpec,
         jsonl: str | Path | bytes,
         *,
-        shard_size: int = DEFAULT_SHARD_SIZE,
+        shard_size: int = SHARD_SIZE.default,
         max_length: int = 512,
         display_name: str = "",
         progress=None,

@@ -19,28 +19,29 @@ LAYERS = {
     "services": 0,  # the package's __init__
     "errors": 0,
     "wire": 0,
-    "enums": 1,
     "gen": 0,
-    "logs": 1,
-    "engine": 1,
-    "storage": 2,
-    "jobs": 2,
-    "system": 3,
-    "rpc": 3,
-    "gradient_svc": 4,
-    "factor_svc": 4,
-    "query_svc": 4,
-    "assembly": 5,
-    "client": 6,
-    "progress_bars": 6,
-    "toy": 6,
-    "embedded": 7,
-    "launcher": 7,  # Kubernetes Jobs of workers for one operation (reads it through the client)
-    "demo": 8,
-    "commands": 9,
-    "index_commands": 10,
-    "operation_commands": 10,
-    "cli": 11,
+    "options": 1,  # every job setting once: default, range, help (CLI, engine configs, servicers)
+    "enums": 2,
+    "logs": 2,
+    "engine": 2,
+    "storage": 3,
+    "jobs": 3,
+    "system": 4,
+    "rpc": 4,
+    "gradient_svc": 5,
+    "factor_svc": 5,
+    "query_svc": 5,
+    "assembly": 6,
+    "client": 7,
+    "progress_bars": 7,
+    "toy": 7,
+    "embedded": 8,
+    "launcher": 8,  # Kubernetes Jobs of workers for one operation (reads it through the client)
+    "demo": 9,
+    "commands": 10,
+    "index_commands": 11,
+    "operation_commands": 11,
+    "cli": 12,
 }
 # service -> the services it may read from (datasets are GradientService's; factor sets FactorService's)
 SIBLINGS = {
@@ -49,7 +50,7 @@ SIBLINGS = {
     "query_svc": {"gradient_svc", "factor_svc"},
 }
 # the client stays light: no torch, no server-side modules
-CLIENT_MAY_IMPORT = {"errors", "wire", "enums", "gen", "engine.records"}
+CLIENT_MAY_IMPORT = {"errors", "wire", "options", "enums", "gen", "engine.records"}
 
 
 def module_name(path: Path) -> str:
