@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "services"
 
-# Layer of each top-level part of the package (higher may import lower, never the reverse).
-# Modules at the same layer may import each other only where listed in SIBLINGS.
+# Layer of each part of the package (higher may import lower, never the reverse): a top-level
+# module or package, or a module of a package listed by its dotted name ("cli.jobs"), which then
+# has a layer of its own. Parts at the same layer may import each other only where listed in SIBLINGS.
 LAYERS = {
     "services": 0,  # the package's __init__
     "errors": 0,
@@ -32,16 +33,21 @@ LAYERS = {
     "factor_svc": 5,
     "query_svc": 5,
     "assembly": 6,
-    "client": 7,
-    "progress_bars": 7,
+    "client": 7,  # a package: channel, transfers, connection, resources
     "toy": 7,
     "embedded": 8,
     "launcher": 8,  # Kubernetes Jobs of workers for one operation (reads it through the client)
-    "demo": 9,
-    "commands": 10,
-    "index_commands": 11,
-    "operation_commands": 11,
-    "cli": 12,
+    # the `influence` command (services/cli/): building blocks, then the command groups, then the table
+    "cli.flags": 7,
+    "cli.progress": 7,
+    "cli.running": 9,
+    "cli.inputs": 9,
+    "cli.demo": 9,
+    "cli.jobs": 10,
+    "cli.index": 10,
+    "cli.operations": 10,
+    "cli.servers": 10,
+    "cli": 11,  # the command table, build_parser and main (services/cli/__init__.py, __main__.py)
 }
 # service -> the services it may read from (datasets are GradientService's; factor sets FactorService's)
 SIBLINGS = {
@@ -85,8 +91,9 @@ def imports_of(path: Path) -> set[str]:
 
 
 def part_of(module: str) -> str:
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else parts[0]
+    """The LAYERS key of `module`: its dotted name within the package, if listed, else its top-level part."""
+    parts = module.split(".")[1:] or ["services"]
+    return ".".join(parts[:2]) if ".".join(parts[:2]) in LAYERS else parts[0]
 
 
 SOURCES = sorted(path for path in PACKAGE.rglob("*.py") if "gen" not in path.relative_to(PACKAGE).parts)
