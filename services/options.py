@@ -67,7 +67,7 @@ SEED = Option("seed", 0, "seed of the sampled labels (fit) or of the random proj
 
 TOP_K = Option("top_k", 10, "training sequences kept per query, best first", minimum=1)
 DAMPING_FACTOR = Option("damping_factor", 0.1, "damping = F x mean eigenvalue per module", float, minimum=0)
-DAMPING = Option("damping", None, "absolute damping (overrides --damping-factor)", type=float)
+DAMPING = Option("damping", None, "absolute damping (overrides --damping-factor)", float, minimum=0)
 QUERY_RANK = Option("query_rank", None, "low-rank query batching with rank R", minimum=1)
 TFIDF = Option(
     "tfidf", 0, "score only each query's K nearest sequences by TF-IDF; 0: every sequence", minimum=0, maximum=10**9
