@@ -83,7 +83,7 @@ def run_one(args) -> None:
     """In a variant's process: build (or reuse) the demo model, fit and score, print one JSON line."""
     import torch
 
-    from services.demo import fit_score_and_report
+    from services.cli.demo import fit_score_and_report
     from services.toy.demo_data import prepare_demo
 
     started = time.perf_counter()

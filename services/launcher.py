@@ -12,6 +12,10 @@ when all of them have. Indexes only name the pods: which shard a pod runs is the
 so a lost pod costs nothing but its lease. The chart's `launcher.rbac.create` makes the
 ServiceAccount this needs in a cluster (Jobs: create/get/list/watch/delete; the pools'
 Deployments: get); outside one it uses the kubeconfig.
+
+Exit codes: 0 the Job completed, 1 it failed or timed out; an error exits with the error table's
+code (services/errors.py), as the `influence` command does: 2 fix your input, 1 the system
+failed, 3 the operation was cancelled.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .errors import DomainError, InputError, NotFoundError, PreconditionError, UnavailableError
+from .errors import DomainError, InputError, NotFoundError, PreconditionError, UnavailableError, exit_code_of
 
 log = logging.getLogger("influence.launcher")
 
@@ -45,16 +49,12 @@ class LaunchResult:
 def shards_of(client, operation: str) -> int:
     """Shards of the stage `operation` runs now (`shards_total` of its metadata; at least 1).
     `client` is a services.client.InfluenceClient."""
-    from google.longrunning import operations_pb2
+    from .client import operation_metadata
 
-    from .gen.influence.v1 import common_pb2
-
-    reply = client._call(client.operations.GetOperation, operations_pb2.GetOperationRequest(name=operation))
+    reply = client.get_operation(operation)
     if reply.done:
         raise PreconditionError(f"{operation} has already ended: nothing to launch workers for")
-    metadata = common_pb2.OperationMetadata()
-    reply.metadata.Unpack(metadata)
-    return max(1, int(metadata.shards_total))
+    return max(1, int(operation_metadata(reply).shards_total))
 
 
 def pool_deployment_name(release_fullname: str, pool: str) -> str:
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         result = launcher.run(pool_deployment_name(args.release, args.pool), args.operation, workers, args.timeout)
     except DomainError as error:
         print(f"launcher: error: {error}", file=sys.stderr)
-        return 2 if error.callers_fault else 1
+        return exit_code_of(error)  # the error table's, as the `influence` command's
     print(
         f"{result.job}: {result.outcome} ({result.succeeded} of {result.workers} workers done, {result.failed} failed)"
     )

@@ -47,19 +47,6 @@ REQUEST_LIMITS = {
 }
 
 
-# Training sequences per data shard unless a request says otherwise. A shard is the unit of
-# fan-out and retry, and each costs a few tasks (≈ 35 ms on the embedded system) plus, in a fit,
-# one partial sum per tracked module through the store (for an LLM's MLP, ~0.5 GB per module and
-# shard), so shards should hold minutes of work, not seconds.
-DEFAULT_SHARD_SIZE = 1024
-
-# Rank per sequence and module of an `svd` index unless a request says otherwise. Measured
-# (BENCHMARKS.md, "The index"): rank 8 keeps Spearman >= 0.95 against exact EK-FAC on small
-# models but 0.86 on SmolLM2-135M; rank 16 keeps >= 0.93 on all three, 52x smaller than the
-# float32 gradient at SmolLM2's widths (373x at a 7B model's).
-DEFAULT_INDEX_RANK = 16
-
-
 def dataset_id(content_sha256: str, model_path: str, max_length: int, shard_size: int) -> str:
     """The id of the dataset registered from JSONL bytes with this sha256, for this model directory
     and these settings. Content-addressed: registering the same data again reuses the dataset

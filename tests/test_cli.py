@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from services.catalog.factor_sets import load_factors
 from services.cli import main
-from services.commands import StageBars
+from services.cli.progress import StageBars
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.records import read_queries_jsonl, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores

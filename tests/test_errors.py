@@ -25,6 +25,7 @@ TABLE = [
     (errors.AlreadyExistsError, "ALREADY_EXISTS", 2, False),
     (errors.ResourceExhaustedError, "RESOURCE_EXHAUSTED", 2, False),
     (errors.PermissionDeniedError, "PERMISSION_DENIED", 1, False),
+    (errors.UnauthenticatedError, "UNAUTHENTICATED", 2, False),
     (errors.CancelledError, "CANCELLED", 3, False),
     (errors.UnavailableError, "UNAVAILABLE", 1, True),
     (errors.AbortedError, "ABORTED", 1, False),
@@ -80,6 +81,19 @@ def test_every_domain_error_keeps_its_code_over_grpc(raising_server, error, code
     assert raised.value.code == code and f"raised {error.__name__}" in str(raised.value)
     assert type(raised.value) is errors.error_for_code(code, "").__class__
     assert Raising.calls == (3 if retryable else 1), "only UNAVAILABLE is retried, a bounded number of times"
+
+
+FINAL = [row for row in TABLE if not row[3]]
+
+
+@pytest.mark.parametrize(("error", "code", "exit_code", "retryable"), FINAL, ids=[row[0].__name__ for row in FINAL])
+def test_the_launcher_exits_with_the_tables_code(raising_server, error, code, exit_code, retryable, capsys):
+    """`python -m services.launcher` reads the operation through the client: the error its server
+    answers with gives the launcher's exit code, the one the `influence` command gives."""
+    from services.launcher import main
+
+    assert main(["--server", raising_server, "--operation", error.__name__, "--pool", "gpu"]) == exit_code
+    assert f"raised {error.__name__}" in capsys.readouterr().err
 
 
 def test_an_unexpected_exception_is_internal_with_one_line():

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from services.catalog.factor_sets import load_factors, save_factors
 from services.cli import main
-from services.client import InfluenceClient, _upload_chunks
+from services.client import InfluenceClient
+from services.client.transfers import upload_chunks
 from services.embedded import EmbeddedSystem
 from services.engine.factors import FactorSet, ModuleFactors
 from services.engine.fit import prepare_model
@@ -113,7 +114,7 @@ def test_an_interrupted_upload_resumes_with_the_missing_files(tmp_path):
     with EmbeddedSystem() as system, InfluenceClient(system.target) as client:
         # an upload that stops after three files (the stream ends: every chunk sent was received)
         with pytest.raises(grpc.RpcError) as stopped:
-            client.factors.ImportFactors(_upload_chunks(directory, manifest, files[:3], None))
+            client.factors.ImportFactors(upload_chunks(directory, manifest, files[:3], None))
         assert stopped.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "upload is incomplete: 3 files missing" in stopped.value.details()
         plan = client.factors.PlanFactorImport(factor_service_pb2.PlanFactorImportRequest(manifest=manifest))

@@ -20,8 +20,8 @@ import yaml
 from google.longrunning import operations_pb2
 from kubernetes import client as k8s
 
+from services.cli.servers import stop_when_ended
 from services.client import InfluenceClient
-from services.commands import _stop_when_ended
 from services.embedded import EmbeddedSystem
 from services.errors import NotFoundError, PreconditionError
 from services.gen.influence.v1 import common_pb2, factor_service_pb2
@@ -246,12 +246,12 @@ def test_a_launched_worker_stops_when_its_operation_ends(workspace):  # noqa: F8
                              (workspace / "train.jsonl").read_bytes(), shard_size=12)  # fmt: skip
         operation = client.factors.FitFactors(factor_service_pb2.FitFactorsRequest(model=model, dataset=dataset.name))
         stop = threading.Event()
-        _stop_when_ended(system.system, operation.name.removeprefix("operations/"), stop, every=0.05)
+        stop_when_ended(system.system, operation.name.removeprefix("operations/"), stop, every=0.05)
         assert not stop.wait(0.5)  # running: keep working
         client.operations.CancelOperation(operations_pb2.CancelOperationRequest(name=operation.name))
         assert stop.wait(5)
         gone = threading.Event()
-        _stop_when_ended(system.system, "no-such-operation", gone, every=0.05)
+        stop_when_ended(system.system, "no-such-operation", gone, every=0.05)
         assert gone.wait(5)
 
 

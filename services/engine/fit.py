@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..options import BATCH_SIZE, FISHER, MAX_EXAMPLES, MAX_LENGTH, MODULES, SEED, STRATEGY
 from .arena import HostArena
 from .capture import ModuleCapture, accumulation_dtype, describe_all
 from .correction import CorrectionAccumulator, sequence_tokens
@@ -51,25 +52,22 @@ from .sums import reduce
 
 @dataclass
 class FitConfig:
-    strategy: str = "ekfac"
-    fisher: str = "sampled"
-    modules: str = "mlp"
-    batch_size: int = 8
-    max_length: int = 512
-    max_examples: int | None = None
-    seed: int = 0
+    strategy: str = STRATEGY.default
+    fisher: str = FISHER.default
+    modules: str = MODULES.default
+    batch_size: int = BATCH_SIZE.default
+    max_length: int = MAX_LENGTH.default
+    max_examples: int | None = MAX_EXAMPLES.default
+    seed: int = SEED.default
     cache_gib: float | None = None  # capture-cache cap for this fit; None: the process's budget
 
     def validate(self) -> None:
         get_strategy(self.strategy)
         if self.fisher not in FISHERS:
             raise InputError(f"unknown fisher '{self.fisher}' (choose from {', '.join(FISHERS)})")
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.max_length < 2:
-            raise InputError(f"--max-length must be >= 2, got {self.max_length}")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise InputError(f"--max-examples must be >= 1, got {self.max_examples}")
+        BATCH_SIZE.check(self.batch_size)
+        MAX_LENGTH.check(self.max_length)
+        MAX_EXAMPLES.check(self.max_examples)
         if self.cache_gib is not None and not (math.isfinite(self.cache_gib) and self.cache_gib >= 0):
             raise InputError(f"--cache-gib must be a finite number >= 0, got {self.cache_gib}")
         check_selection(self.modules)

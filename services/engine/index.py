@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import InputError
-from ..wire import DEFAULT_INDEX_RANK
+from ..options import DIM, PROJECTION, RANK, SEED, STORAGE_DTYPE
 from .capture import ModuleCapture
 from .factors import ModuleFactors
 from .model_io import parse_dtype
@@ -58,11 +58,11 @@ _OVERSAMPLE = 8  # extra columns of the randomized SVD's test matrix
 class IndexSpec:
     """How an index compresses each sequence's gradient (see the module docstring)."""
 
-    projection: str = "svd"
-    rank: int = DEFAULT_INDEX_RANK  # svd: R per sequence
-    dim: int = 32  # eigen, random: K (or k) per side
-    seed: int = 0  # random projections and the randomized SVD's test matrices
-    storage_dtype: str = "bfloat16"
+    projection: str = PROJECTION.default
+    rank: int = RANK.default  # svd: R per sequence
+    dim: int = DIM.default  # eigen, random: K (or k) per side
+    seed: int = SEED.default  # random projections and the randomized SVD's test matrices
+    storage_dtype: str = STORAGE_DTYPE.default
     query_rank: int | None = 16  # svd: the query side's rank in index space (None: full)
 
     def validate(self) -> None:

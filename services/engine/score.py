@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, PreconditionError
+from ..options import BATCH_SIZE, DAMPING, DAMPING_FACTOR, MAX_LENGTH, QUERY_RANK, TFIDF, TOP_K
 from .capture import accumulation_dtype, capture
 from .data import TokenizedSequence, collate, tokenize_queries, tokenize_training
 from .factors import FactorSet
@@ -51,27 +52,22 @@ from .tfidf import tfidf_candidates
 
 @dataclass
 class ScoreConfig:
-    damping_factor: float = 0.1
-    damping: float | None = None  # absolute; overrides damping_factor
-    query_rank: int | None = None
-    batch_size: int = 8
-    max_length: int = 512
-    top_k: int = 10
+    damping_factor: float = DAMPING_FACTOR.default
+    damping: float | None = DAMPING.default  # absolute; overrides damping_factor
+    query_rank: int | None = QUERY_RANK.default
+    batch_size: int = BATCH_SIZE.default
+    max_length: int = MAX_LENGTH.default
+    top_k: int = TOP_K.default
     per_module: bool = False
     per_token: bool = False
-    tfidf: int = 0  # score only each query's tfidf nearest training sequences by TF-IDF (0: all)
+    tfidf: int = TFIDF.default  # score only each query's tfidf nearest training sequences by TF-IDF (0: all)
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.top_k < 1:
-            raise InputError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.query_rank is not None and self.query_rank < 1:
-            raise InputError(f"--query-rank must be >= 1, got {self.query_rank}")
-        if self.max_length < 2:
-            raise InputError(f"--max-length must be >= 2, got {self.max_length}")
-        if self.tfidf < 0:
-            raise InputError(f"--tfidf must be >= 0, got {self.tfidf}")
+        BATCH_SIZE.check(self.batch_size)
+        TOP_K.check(self.top_k)
+        QUERY_RANK.check(self.query_rank)
+        MAX_LENGTH.check(self.max_length)
+        TFIDF.check(self.tfidf)
         _ = self.damping_policy  # validates the damping values
 
     @property

@@ -16,6 +16,7 @@ from ..engine.model_io import load_tokenizer, tokenizer_fingerprint
 from ..enums import enum_word
 from ..errors import InputError, PreconditionError
 from ..gen.influence.v1 import factor_service_pb2, factor_service_pb2_grpc
+from ..options import BATCH_SIZE, FISHER, MODULES, STRATEGY
 from ..rpc import validation
 from ..rpc.common import TenantScoped, model_ref, new_id, operation_message
 from ..rpc.status import grpc_errors
@@ -38,10 +39,10 @@ class FactorServicer(TenantScoped, factor_service_pb2_grpc.FactorServiceServicer
         if tokenizer_fingerprint(load_tokenizer(model.path)) != dataset.tokenizer_fingerprint:
             raise PreconditionError(f"{request.dataset} was tokenised with another tokenizer than {model.path}'s")
         config = FitConfig(
-            strategy=enum_word(factor_service_pb2.Strategy, request.strategy, "strategy") or "ekfac",
-            fisher=enum_word(factor_service_pb2.Fisher, request.fisher, "fisher") or "sampled",
-            modules=request.modules or "mlp",
-            batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
+            strategy=enum_word(factor_service_pb2.Strategy, request.strategy, "strategy") or STRATEGY.default,
+            fisher=enum_word(factor_service_pb2.Fisher, request.fisher, "fisher") or FISHER.default,
+            modules=request.modules or MODULES.default,
+            batch_size=validation.positive(request.batch_size, "batch_size", BATCH_SIZE.default, BATCH_SIZE.maximum),
             max_length=dataset.max_length,
             max_examples=request.max_examples or None,
             seed=request.seed,

@@ -13,9 +13,9 @@ from typing import ClassVar
 
 from ..engine.index import IndexSpec
 from ..engine.score import ScoreConfig
+from ..options import MAX_LENGTH, SHARD_SIZE
 from ..rpc import validation
 from ..system.specs import Job
-from ..wire import DEFAULT_SHARD_SIZE
 
 
 @dataclass
@@ -23,8 +23,8 @@ class RegisterJob(Job):
     kind: ClassVar[str] = "register"
     dataset_id: str
     display_name: str = ""
-    shard_size: int = DEFAULT_SHARD_SIZE
-    max_length: int = 512
+    shard_size: int = SHARD_SIZE.default
+    max_length: int = MAX_LENGTH.default
     # "s3://bucket/key": the JSONL the worker reads itself; "": the job's upload (jobs/{id}/upload).
     source_uri: str = ""
     # the submitting server's --max-dataset-sequences, which the worker applies to what it reads

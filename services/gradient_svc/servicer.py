@@ -23,6 +23,18 @@ from ..enums import enum_word
 from ..errors import InputError, NotFoundError, PreconditionError, error_for_code
 from ..gen.influence.v1 import common_pb2, gradient_service_pb2, gradient_service_pb2_grpc
 from ..jobs.operations import CANCELLED, FAILED
+from ..options import (
+    BATCH_SIZE,
+    BLOCK_SIZE,
+    DAMPING_FACTOR,
+    DIM,
+    MAX_LENGTH,
+    MODULES,
+    PROJECTION,
+    RANK,
+    SHARD_SIZE,
+    STORAGE_DTYPE,
+)
 from ..rpc import validation
 from ..rpc.common import TenantScoped, model_ref, new_id, operation_message
 from ..rpc.messages import packed
@@ -30,7 +42,7 @@ from ..rpc.status import code_name, grpc_errors
 from ..storage import split_s3_uri
 from ..storage.manifest import sha256_bytes, sha256_file
 from ..system import layout
-from ..wire import DEFAULT_INDEX_RANK, DEFAULT_SHARD_SIZE, dataset_id
+from ..wire import dataset_id
 from .jobs import BlocksJob, IndexJob, RegisterJob, check_dataset_size
 from .messages import dataset_message, index_message
 
@@ -72,8 +84,8 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
             check_dataset_size(len(examples), self.limits.max_dataset_sequences, "jsonl", "jsonl")
             upload = request.jsonl
             digest = sha256_bytes(upload)
-        shard_size = validation.positive(request.shard_size, "shard_size", DEFAULT_SHARD_SIZE, 1_000_000)
-        max_length = validation.positive(request.max_length, "max_length", 512, 1_000_000)
+        shard_size = validation.positive(request.shard_size, "shard_size", SHARD_SIZE.default, SHARD_SIZE.maximum)
+        max_length = validation.positive(request.max_length, "max_length", MAX_LENGTH.default, MAX_LENGTH.maximum)
         job = RegisterJob(
             model,
             dataset_id=dataset_id(digest, model.path, max_length, shard_size),
@@ -126,14 +138,14 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
         dataset = self._dataset(request.dataset, "dataset")
         if not 0 <= request.shard < dataset.num_shards:
             raise InputError(f"shard must be in [0, {dataset.num_shards}), got {request.shard}")
-        modules = request.modules or "mlp"
+        modules = request.modules or MODULES.default
         check_selection(modules)
         job = BlocksJob(
             model_ref(request.model),
             dataset_id=dataset.id,
             shard=request.shard,
             modules=modules,
-            block_size=validation.positive(request.block_size, "block_size", 8, 1024),
+            block_size=validation.positive(request.block_size, "block_size", BLOCK_SIZE.default, BLOCK_SIZE.maximum),
         )
         return self.system.submit("stream_blocks", job, target=f"{request.dataset}/shards/{request.shard}")["id"]
 
@@ -181,9 +193,9 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
         if request.HasField("damping_factor") and request.damping_factor < 0:
             raise InputError(f"damping_factor must be >= 0, got {request.damping_factor}")
         config = ScoreConfig(
-            damping_factor=request.damping_factor if request.HasField("damping_factor") else 0.1,
+            damping_factor=request.damping_factor if request.HasField("damping_factor") else DAMPING_FACTOR.default,
             damping=request.damping if request.HasField("damping") else None,
-            batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
+            batch_size=validation.positive(request.batch_size, "batch_size", BATCH_SIZE.default, BATCH_SIZE.maximum),
             max_length=dataset.max_length,
         )
         config.validate()
@@ -195,11 +207,13 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
         FACTOR_SETS.open(self.system.store, factor_set_id)
         dataset = self._dataset(request.dataset, "dataset")
         spec = IndexSpec(
-            projection=enum_word(gradient_service_pb2.Projection, request.projection, "projection") or "svd",
-            rank=validation.positive(request.rank, "rank", DEFAULT_INDEX_RANK, 4096),
-            dim=validation.positive(request.dim, "dim", 32, 4096),
+            projection=(
+                enum_word(gradient_service_pb2.Projection, request.projection, "projection") or PROJECTION.default
+            ),
+            rank=validation.positive(request.rank, "rank", RANK.default, RANK.maximum),
+            dim=validation.positive(request.dim, "dim", DIM.default, DIM.maximum),
             seed=request.seed,
-            storage_dtype=enum_word(common_pb2.Dtype, request.storage_dtype, "storage_dtype") or "bfloat16",
+            storage_dtype=enum_word(common_pb2.Dtype, request.storage_dtype, "storage_dtype") or STORAGE_DTYPE.default,
         )
         spec.validate()
         job = IndexJob(
@@ -233,7 +247,7 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
         config = ScoreConfig(
             damping_factor=index.damping.factor,
             damping=index.damping.absolute,
-            batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
+            batch_size=validation.positive(request.batch_size, "batch_size", BATCH_SIZE.default, BATCH_SIZE.maximum),
             max_length=dataset.max_length,
         )
         job = IndexJob(

@@ -18,6 +18,7 @@ from ..engine.records import query_records
 from ..engine.score import ScoreConfig
 from ..errors import InputError, PreconditionError
 from ..gen.influence.v1 import query_service_pb2, query_service_pb2_grpc
+from ..options import BATCH_SIZE, DAMPING_FACTOR, TFIDF, TOP_K
 from ..rpc import validation
 from ..rpc.common import TenantScoped, in_thread, model_ref, new_id, operation_message
 from ..rpc.status import grpc_errors
@@ -38,9 +39,9 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
         if request.HasField("damping_factor") and request.damping_factor < 0:
             raise InputError(f"damping_factor must be >= 0, got {request.damping_factor}")
         config = ScoreConfig(
-            damping_factor=request.damping_factor if request.HasField("damping_factor") else 0.1,
+            damping_factor=request.damping_factor if request.HasField("damping_factor") else DAMPING_FACTOR.default,
             damping=request.damping if request.HasField("damping") else None,
-            batch_size=validation.positive(request.batch_size, "batch_size", 8, 65536),
+            batch_size=validation.positive(request.batch_size, "batch_size", BATCH_SIZE.default, BATCH_SIZE.maximum),
             max_length=dataset.max_length,
             top_k=self._top_k(request),
             **extra,
@@ -49,9 +50,9 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
         return config
 
     def _top_k(self, request) -> int:
-        """top_k, by default 10 (or this server's max_top_k if lower: an unset field is never refused)."""
+        """top_k, by default TOP_K.default (or this server's max_top_k if lower: an unset field is never refused)."""
         limit = self.limits.max_top_k
-        top_k = validation.positive(request.top_k, "top_k", min(10, limit) if limit else 10)
+        top_k = validation.positive(request.top_k, "top_k", min(TOP_K.default, limit) if limit else TOP_K.default)
         return validation.within_limit(top_k, limit, "max_top_k", f"top_k is {top_k}", "top_k")
 
     @grpc_errors
@@ -69,7 +70,7 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
             query_rank=request.query_rank or None,
             per_module=request.per_module,
             per_token=request.per_token,
-            tfidf=validation.positive(request.tfidf, "tfidf", 0, 10**9),
+            tfidf=validation.positive(request.tfidf, "tfidf", TFIDF.default, TFIDF.maximum),
         )
         job = ScoreJob(
             model,

@@ -16,12 +16,24 @@ import sys
 import time
 from pathlib import Path
 
-from .engine.records import read_queries_jsonl, read_training_jsonl
-from .errors import InputError
+from ..engine.records import read_queries_jsonl, read_training_jsonl
+from ..errors import InputError
+from .flags import QUIET, Flag, add
+
+
+def add_demo_flags(parser) -> None:
+    add(
+        parser,
+        Flag("--work-dir", default=".cache/demo", help="where the demo's model and data are cached"),
+        Flag("--out", default="demo-out", help="where factors and scores are written"),
+        Flag("--seed", type=int, default=0, help="seed of the demo's corpus and model (default: 0)"),
+        Flag("--epochs", type=int, default=None, help="training epochs of the demo model (default: the recipe's, 20)"),
+        QUIET,
+    )
 
 
 def run_demo(args) -> int:
-    from .toy.demo_data import prepare_demo
+    from ..toy.demo_data import prepare_demo
 
     started = time.perf_counter()
     say = _say(args.quiet)
@@ -56,9 +68,9 @@ def fit_score_and_report(
     queries, training_sequences, top1_is_planted, planted_in_top5, top_k, seconds, report (the
     HTML report's absolute path).
     """
-    from .embedded import EmbeddedSystem
-    from .progress_bars import StageBars
-    from .query_svc.report_html import build_report
+    from ..embedded import EmbeddedSystem
+    from ..query_svc.report_html import build_report
+    from .progress import StageBars
 
     started = time.perf_counter() if started is None else started
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .gen.influence.v1 import common_pb2
+from ..gen.influence.v1 import common_pb2
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,7 @@
+"""`python -m services.cli ...`: the `influence` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,119 @@
+"""The parser's building blocks: a command (its help, the flags it takes, what runs it), and every
+flag defined once. A job setting's flag comes from its `Option` (services/options.py: the same
+default, range and help as the engine's configs and the servicers); a flag of the command line
+alone is a `Flag` here, or in the module of the only command that takes it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..options import BATCH_SIZE, DAMPING, DAMPING_FACTOR, MAX_LENGTH, SHARD_SIZE, Option
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_flags: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def add_commands(parser: argparse.ArgumentParser, commands: dict[str, Command], dest: str, metavar: str) -> None:
+    """One subparser per entry of `commands`; the chosen name lands in `args.<dest>`."""
+    subparsers = parser.add_subparsers(dest=dest, required=True, metavar=metavar)
+    for name, command in commands.items():
+        command.add_flags(subparsers.add_parser(name, help=command.help))
+
+
+class Flag:
+    """A flag of the command line alone: argparse's arguments, given once. A callable `default`
+    is called when a parser is built (a default from the environment is read then)."""
+
+    def __init__(self, *names: str, **settings):
+        self.names, self.settings = names, settings
+
+    def replace(self, **settings) -> Flag:
+        """The same flag with some settings changed (e.g. required in one command)."""
+        return Flag(*self.names, **{**self.settings, **settings})
+
+    def add_to(self, parser) -> None:
+        settings = dict(self.settings)
+        if callable(settings.get("default")):
+            settings["default"] = settings["default"]()
+        parser.add_argument(*self.names, **settings)
+
+
+def from_env(name: str, default: str) -> Callable[[], str]:
+    """A default read from the environment when the parser is built. A string: argparse applies
+    the flag's `type` to it only when the command runs, so a bad value stops only that command
+    (exit 2, naming the flag)."""
+    return lambda: os.environ.get(name, default)
+
+
+def add(parser, *flags: Option | Flag) -> None:
+    for flag in flags:
+        if isinstance(flag, Flag):
+            flag.add_to(parser)
+            continue
+        shown = flag.default is not None and flag.default != ""
+        settings = {"type": flag.type, "default": flag.default}
+        settings["help"] = f"{flag.help} (default: {flag.default})" if shown else flag.help
+        if flag.choices:
+            settings["choices"] = flag.choices
+        parser.add_argument(flag.flag, **settings)
+
+
+# -- flags of several commands ---------------------------------------------------------------------
+
+MODEL = Flag("--model", required=True, help="local Hugging Face causal-LM directory")
+DEVICE = Flag(
+    "--device", default="", help="cpu or cuda (default: the worker's: its pool's device, else cuda if available)"
+)
+DTYPE = Flag("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 or float64 (default: float32)")
+DATA = Flag(
+    "--data", required=True, help='TRAIN.jsonl ({"id": optional, "text": ...} per line); with --server also s3://BUCKET/KEY'
+)
+FACTORS = Flag("--factors", required=True, help="directory written by `influence fit` (or a server's factorSets/ID)")
+QUIET = Flag("--quiet", action="store_true", help="no progress bars")
+JSON = Flag(
+    "--json",
+    action="store_true",
+    help="machine-readable stdout: one JSON object per line (progress events, then the outcome or the error)",
+)
+SERVER = Flag(
+    "--server",
+    default="",
+    metavar="HOST:PORT",
+    help="run through a deployed system (default: an embedded one started for this command)",
+)
+DEPLOYED = Flag("--server", default="", metavar="HOST:PORT", help="the deployed system")
+DETACH = Flag(
+    "--detach",
+    action="store_true",
+    help="with --server: an interrupted command leaves its job running (default: the job is cancelled)",
+)
+TOKEN = Flag(
+    "--token",
+    default=None,
+    help="with --server: the bearer token (default: env INFLUENCE_TOKEN, which `ps` does not show)",
+)
+TLS_CA = Flag("--tls-ca", default=None, help="with --server: TLS, trusting this CA (env INFLUENCE_TLS_CA)")
+TLS_CERT = Flag(
+    "--tls-cert", default=None, help="with --server: mutual TLS, this client certificate (env INFLUENCE_TLS_CERT)"
+)
+TLS_KEY = Flag("--tls-key", default=None, help="with --server: its private key (env INFLUENCE_TLS_KEY)")
+CLIENT_SECURITY = (TOKEN, TLS_CA, TLS_CERT, TLS_KEY)
+# a job through the system: where it runs, how its data is read, what it shows
+THROUGH_SYSTEM = (BATCH_SIZE, MAX_LENGTH, QUIET, JSON, SERVER, DETACH, *CLIENT_SECURITY, SHARD_SIZE)
+
+
+def add_model_job_flags(parser) -> None:
+    """The flags of a job that loads the model (fit, score, self, index build)."""
+    add(parser, MODEL, DEVICE, DTYPE, *THROUGH_SYSTEM)
+
+
+def add_damping_flags(parser) -> None:
+    """--damping-factor F or --damping X, not both."""
+    add(parser.add_mutually_exclusive_group(), DAMPING_FACTOR, DAMPING)

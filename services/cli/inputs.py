@@ -1,0 +1,114 @@
+"""A command's inputs, checked here before anything starts (so an error names the user's file
+and line) and named to the system: the model spec, the training data registered as a dataset, the
+factor set (a local directory, registered or uploaded, or a server's name), and the index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..engine.records import read_training_jsonl
+from ..enums import enum_value
+from ..errors import NotFoundError, PreconditionError
+from ..gen.influence.v1 import common_pb2
+
+
+def model_of(args) -> common_pb2.ModelSpec:
+    """The model of --model, --device and --dtype; embedded, checked to load (a server checks its own)."""
+    from ..engine.model_io import load_tokenizer, parse_device, parse_dtype
+
+    parse_dtype(args.dtype)
+    path = Path(args.model)
+    if not args.server:
+        if args.device:  # none: the worker's device (cuda if this machine has one, else cpu)
+            parse_device(args.device)
+        if not path.is_dir():
+            raise NotFoundError(f"model directory not found: {path}")
+        load_tokenizer(path)  # fail fast, before uploading anything, if the directory holds no model
+        path = path.resolve()
+    return common_pb2.ModelSpec(
+        path=str(path),
+        device=enum_value(common_pb2.Device, args.device, "--device"),
+        dtype=enum_value(common_pb2.Dtype, args.dtype, "--dtype"),
+    )
+
+
+def check_data(data: str) -> None:
+    """Validate a local TRAIN.jsonl before starting anything (errors name the file and line); an
+    s3:// object is validated by the worker that reads it."""
+    if not data.startswith("s3://"):
+        read_training_jsonl(data)
+
+
+def register(client, args, model, bars) -> str:
+    check_data(args.data)
+    # the embedded system reads a local file where it is; a server is sent its bytes; an s3:// URI
+    # is read by the workers from the system's object store
+    data = args.data if args.data.startswith("s3://") else Path(args.data)
+    dataset = client.register_dataset(
+        model, data, max_length=args.max_length, shard_size=args.shard_size, progress=bars, by_path=not args.server
+    )
+    return dataset.name
+
+
+def _names_server_factors(args) -> bool:
+    """--factors names a factor set on the server ("factorSets/{id}") rather than a local directory."""
+    return args.factors.startswith("factorSets/") and not Path(args.factors).exists()
+
+
+def check_factors(args) -> None:
+    """A local --factors directory is loaded (and verified) before anything is started or uploaded."""
+    if not _names_server_factors(args):
+        from ..catalog.factor_sets import load_factors
+
+        load_factors(args.factors)
+
+
+def factor_set_name(client, args) -> str:
+    """A server-side factor set name: given as one, or a local --factors directory, registered in
+    place by the embedded system (nothing is copied) or uploaded to a server in resumable chunks
+    (files the server already has are not sent again)."""
+    if _names_server_factors(args):
+        return args.factors
+    if not args.server:
+        return client.register_factors(args.factors).name
+    return client.import_factors(args.factors).name
+
+
+def score_config(args, **extra):
+    """The scoring settings of the flags, checked (an engine ScoreConfig)."""
+    from ..engine.score import ScoreConfig
+
+    config = ScoreConfig(
+        damping_factor=args.damping_factor,
+        damping=args.damping,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        top_k=args.top_k,
+        **extra,
+    )
+    config.validate()
+    return config
+
+
+SOURCE = "source.json"
+
+
+def index_source(index_dir: Path) -> dict:
+    try:
+        return json.loads((index_dir / SOURCE).read_text())
+    except (OSError, ValueError):
+        raise NotFoundError(f"no index at {index_dir} (missing or unreadable {SOURCE})") from None
+
+
+def index_name(client, args, index_dir: Path) -> str:
+    """The system's name of the index in `index_dir`: registered in place (embedded), or the
+    server index the directory was downloaded from (with --server)."""
+    source = index_source(index_dir)
+    if not args.server:
+        return client.register_index(index_dir).name
+    if source.get("server") != args.server or not source.get("index"):
+        raise PreconditionError(
+            f"{index_dir} was not built on {args.server}: build the index there (influence index build --server)"
+        )
+    return source["index"]

@@ -1,0 +1,95 @@
+"""How a command runs: through a deployed system (--server) or an embedded one started for it,
+with progress on stderr (or JSON lines on stdout with --json), its outcome as one line (or one
+JSON object), its outputs in --out. An interrupted job goes with its command unless --detach."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from ..errors import InputError
+from .progress import JsonProgress, StageBars
+
+T = TypeVar("T")
+
+
+def log(args, message: str) -> None:
+    if not getattr(args, "quiet", False) and not getattr(args, "json", False):
+        print(message, file=sys.stderr)
+
+
+def progress_for(args):
+    """Progress of the command's operations: bars on stderr, or with --json JSON lines on stdout
+    (none with --quiet)."""
+    if getattr(args, "json", False):
+        return JsonProgress(not args.quiet)
+    return StageBars(not args.quiet)
+
+
+def done(args, message: str, **fields) -> None:
+    """The command's outcome: `message` on stderr, or with --json one JSON line on stdout,
+    {"event": "done", "command": ..., **fields} (printed even with --quiet)."""
+    if getattr(args, "json", False):
+        print(json.dumps({"event": "done", "command": args.command, **fields}), flush=True)
+    else:
+        log(args, message)
+
+
+def out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def client_security(args) -> dict:
+    """InfluenceClient's token and TLS options from the command's flags (None: the environment's)."""
+    return {name: getattr(args, name, None) for name in ("token", "tls_ca", "tls_cert", "tls_key")}
+
+
+def through_system(args, body: Callable[..., T]) -> T:
+    """body(client) against --server, or against an embedded system started for this command
+    (whose worker runs on this thread while body waits on a helper thread: see services/embedded.py)."""
+    from ..client import InfluenceClient
+
+    if args.server:
+        with InfluenceClient(args.server, **client_security(args)) as client:
+            client.on_operation = lambda name: _started(args, name)
+            try:
+                return body(client)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the job goes with the command, unless detached
+                if client.waiting_on:
+                    if args.detach:
+                        print(
+                            f"influence: {client.waiting_on} goes on on the server (--detach); "
+                            + f"reattach with: {_reattach_command(args, client.waiting_on)}",
+                            file=sys.stderr,
+                        )
+                    else:
+                        client.cancel(client.waiting_on)
+                        print(f"influence: cancelled {client.waiting_on}", file=sys.stderr)
+                raise
+    from ..embedded import EmbeddedSystem
+
+    with EmbeddedSystem(foreground=True) as system:
+        return system.run(body)
+
+
+def _started(args, name: str) -> None:
+    """Name a server job as it starts: a line on stderr, or with --json a JSON line on stdout,
+    {"event": "started", "operation": ..., "reattach": ...}."""
+    if getattr(args, "json", False):
+        event = {"event": "started", "operation": name, "reattach": _reattach_command(args, name)}
+        print(json.dumps(event), flush=True)
+    else:
+        print(f"influence: {name} started; reattach with: {_reattach_command(args, name)}", file=sys.stderr, flush=True)
+
+
+def _reattach_command(args, name: str) -> str:
+    """The command that reattaches to a server job, for a user whose command died."""
+    out = f" --out {args.out}" if getattr(args, "out", None) else ""
+    return f"influence wait {name} --server {args.server}{out}"
