@@ -38,6 +38,18 @@ class Task:
     deliveries: int
 
 
+class Clock:
+    """The time the queue's own timing reads (`now`: monotonic seconds) and waits on (`wait`: as
+    Event.wait, True when the event was set): the system's. Tests pass one they advance instead of
+    sleeping. Lease expiry itself is Redis's (XAUTOCLAIM's min idle time), not this clock's."""
+
+    now = staticmethod(time.monotonic)
+
+    @staticmethod
+    def wait(event: threading.Event, seconds: float) -> bool:
+        return event.wait(seconds)
+
+
 @dataclass(frozen=True)
 class QueueStats:
     waiting: int  # enqueued, not yet taken
@@ -55,8 +67,10 @@ class TaskQueue:
         lease_seconds: float = 30.0,
         max_deliveries: int = 3,
         max_task_seconds: float = 0.0,
+        clock: Clock | None = None,
     ):
         self.client = client
+        self.clock = clock or Clock()
         self.prefix = prefix
         self.lease_ms = int(lease_seconds * 1000)
         self.max_deliveries = max_deliveries
@@ -100,7 +114,7 @@ class TaskQueue:
 
         Expired leases are looked for at most every lease/4 (≤ 1 s) while none is found: a lease
         takes `lease` to expire anyway, and the scan costs a round trip per kind."""
-        if time.monotonic() >= self._next_reclaim_scan.get(tuple(kinds), 0.0):
+        if self.clock.now() >= self._next_reclaim_scan.get(tuple(kinds), 0.0):
             for kind in kinds:
                 self._ensure_group(kind)
                 _, claimed, *_ = self.client.xautoclaim(
@@ -109,7 +123,7 @@ class TaskQueue:
                 claimed = [entry for entry in claimed if entry and entry[1]]
                 if claimed:
                     return self._task(kind, *claimed[0])
-            self._next_reclaim_scan[tuple(kinds)] = time.monotonic() + min(1.0, self.lease_ms / 4000)
+            self._next_reclaim_scan[tuple(kinds)] = self.clock.now() + min(1.0, self.lease_ms / 4000)
         surplus = self._next_surplus(kinds, consumer)
         if surplus is not None:
             return surplus
@@ -232,7 +246,7 @@ class LeaseKeeper:
     @contextmanager
     def holding(self, task: Task) -> Iterator[None]:
         with self._lock:
-            self._task, self._since = task, time.monotonic()
+            self._task, self._since = task, self.queue.clock.now()
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name=f"lease-{self.consumer}", daemon=True)
@@ -245,13 +259,13 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         interval = max(self.queue.lease_ms / 3000, 0.05)
-        while not self._stop.wait(interval):
+        while not self.queue.clock.wait(self._stop, interval):
             with self._lock:
                 task, since = self._task, self._since
             if task is None:
                 continue
             limit = self.queue.max_task_seconds
-            if limit and time.monotonic() - since > limit:  # hung: let the lease lapse (once per task)
+            if limit and self.queue.clock.now() - since > limit:  # hung: let the lease lapse (once per task)
                 log.warning("%s task %s ran over %g s: its lease is left to expire", task.kind, task.message_id, limit)
                 with self._lock:
                     if self._task is task:

@@ -22,6 +22,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -75,11 +76,13 @@ def parse_tokens(text: str, source: str) -> dict[str, str]:
 
 
 class TokenFile:
-    """The tokens of a file, re-read when its modification time or size changes."""
+    """The tokens of a file, re-read when its modification time or size changes. `clock` gives the
+    monotonic seconds the re-check interval is measured in (tests pass one they advance)."""
 
-    def __init__(self, path: str | Path, recheck_seconds: float = 1.0):
+    def __init__(self, path: str | Path, recheck_seconds: float = 1.0, clock: Callable[[], float] = time.monotonic):
         self.path = Path(path)
         self.recheck_seconds = recheck_seconds
+        self._clock = clock
         self._lock = threading.Lock()
         try:
             stat = self.path.stat()
@@ -87,7 +90,7 @@ class TokenFile:
         except (OSError, UnicodeDecodeError) as error:
             raise InputError(f"cannot read --auth-tokens {self.path}: {type(error).__name__}") from None
         self._signature = (stat.st_mtime_ns, stat.st_size)
-        self._checked = time.monotonic()
+        self._checked = clock()
 
     def tenant_of(self, token: str) -> str | None:
         """The tenant whose token this is, or None."""
@@ -95,10 +98,10 @@ class TokenFile:
         return self._tokens.get(_digest(token))
 
     def _maybe_reload(self) -> None:
-        if time.monotonic() - self._checked < self.recheck_seconds:
+        if self._clock() - self._checked < self.recheck_seconds:
             return
         with self._lock:
-            self._checked = time.monotonic()
+            self._checked = self._clock()
             try:
                 stat = self.path.stat()
                 signature = (stat.st_mtime_ns, stat.st_size)
