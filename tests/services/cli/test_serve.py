@@ -1,0 +1,140 @@
+"""`influence serve` as its own process, configured by environment against the real Redis and S3,
+driven by the CLI's --server mode and the client; StreamBlocks against the autograd loop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import grpc
+import pytest
+import torch
+from google.longrunning import operations_pb2
+from safetensors.torch import load as load_tensors
+from safetensors.torch import load_file
+
+from services.cli import main
+from services.client import InfluenceClient
+from services.engine.data import tokenize_training
+from services.engine.fit import prepare_model
+from services.engine.model_io import load_model_and_tokenizer
+from services.engine.records import training_examples
+from services.errors import NotFoundError
+from services.gen.influence.v1 import common_pb2, gradient_service_pb2
+from tests.services.system.test_system import workspace  # noqa: F401
+from tests.support.reference import loop_gradients
+
+
+def test_cli_commands_run_through_a_deployed_system(served, workspace, tmp_path, capsys):  # noqa: F811
+    target, _ = served
+    model, data = str(workspace / "model"), str(workspace / "train.jsonl")
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"id": "q", "prompt": "w1 w2", "completion": "w3"}) + "\n")
+    assert (
+        main(["fit", "--server", target, "--model", model, "--data", data, "--out", str(tmp_path / "f"), "--quiet"])
+        == 0
+    )
+    assert (tmp_path / "f" / "manifest.json").exists()
+    assert (
+        main(
+            [
+                "score",
+                "--server",
+                target,
+                "--model",
+                model,
+                "--data",
+                data,
+                "--queries",
+                str(queries),
+                "--factors",
+                str(tmp_path / "f"),
+                "--out",
+                str(tmp_path / "s"),
+                "--quiet",
+                "--per-token",
+                "--top-k",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert load_file(str(tmp_path / "s" / "scores.safetensors"))["scores"].shape == (1, 23)
+    report = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert len(report["queries"][0]["top"]) == 2 and report["queries"][0]["top"][0]["tokens"]
+    assert (
+        main(
+            [
+                "self",
+                "--server",
+                target,
+                "--model",
+                model,
+                "--data",
+                data,
+                "--factors",
+                str(tmp_path / "f"),
+                "--out",
+                str(tmp_path / "x"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert load_file(str(tmp_path / "x" / "scores.safetensors"))["scores"].shape == (23,)
+    with InfluenceClient(target) as client:
+        listed = client.operations.ListOperations(operations_pb2.ListOperationsRequest(page_size=100))
+        kinds = [op.name for op in listed.operations if op.done]
+        assert len(kinds) >= 4  # register (once: the same data is reused by fit, score and self), fit, score, self
+
+
+def test_stream_blocks_are_the_per_sequence_gradients(served, workspace):  # noqa: F811
+    target, _ = served
+    model_dir = str(workspace / "model")
+    with InfluenceClient(target) as client:
+        dataset = client.register_dataset(model_dir, workspace / "train.jsonl", shard_size=10)
+        blocks = list(
+            client.gradients.StreamBlocks(
+                gradient_service_pb2.StreamBlocksRequest(
+                    dataset=dataset.name,
+                    shard=1,
+                    model=common_pb2.ModelSpec(path=model_dir),
+                    block_size=4,
+                )
+            )
+        )
+        assert [len(block.example_ids) for block in blocks] == [4, 4, 2]
+        assert blocks[0].example_ids[0] == "t10"
+        with pytest.raises(grpc.RpcError) as raised:
+            list(
+                client.gradients.StreamBlocks(
+                    gradient_service_pb2.StreamBlocksRequest(
+                        dataset=dataset.name, shard=7, model=common_pb2.ModelSpec(path=model_dir)
+                    )
+                )
+            )
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        records = [json.loads(line) for line in (workspace / "train.jsonl").read_text().splitlines()]
+        model, tokenizer = load_model_and_tokenizer(model_dir)
+        sequences = tokenize_training(tokenizer, training_examples(records[10:20], "t"), 512, start_index=10)
+        modules, _ = prepare_model(model, "mlp")
+        expected = loop_gradients(model, modules, sequences)
+        for name in modules:
+            streamed = torch.cat([load_tensors(block.safetensors)[name] for block in blocks]).reshape(10, -1)
+            torch.testing.assert_close(streamed.double(), expected[name], rtol=1e-4, atol=1e-6)
+
+        client.delete_dataset(dataset.name)
+        with pytest.raises(NotFoundError):
+            client.get_dataset(dataset.name)
+        with pytest.raises(NotFoundError):
+            client.delete_dataset(dataset.name)
+
+
+def test_serve_stops_gracefully_on_sigterm(served):
+    _, process = served
+    process.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert process.wait(30) == 0
+    assert time.monotonic() - started < 20

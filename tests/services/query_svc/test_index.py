@@ -1,0 +1,180 @@
+"""The index through the CLI, embedded and against `influence serve`: an uncompressed index scores
+exactly like recompute scoring; a compressed one rescores its candidates exactly; an append equals
+indexing the concatenated data; mismatched factors or damping and repeated ids are refused;
+TF-IDF filtering scores only each query's candidates, exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from services.cli import main
+from services.toy.models import build_tiny_model, save_model_dir
+from services.toy.tokenizer import build_word_tokenizer
+from tests.support.numerics import FLOAT32, assert_close
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return str(path)
+
+
+def texts(count: int, first: int, seed: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "id": f"t{first + i}",
+            "text": " ".join(WORDS[int(j)] for j in torch.randint(0, 40, (3 + i % 9,), generator=generator)),
+        }
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("index")
+    tokenizer = build_word_tokenizer(WORDS)
+    save_model_dir(build_tiny_model("gpt2", len(tokenizer), d_model=16, seed=0), tokenizer, root / "model")
+    first, more = texts(30, 0, seed=1), texts(12, 100, seed=2)
+    paths = {
+        "train": write_jsonl(root / "train.jsonl", first),
+        "more": write_jsonl(root / "more.jsonl", more),
+        "all": write_jsonl(root / "all.jsonl", first + more),
+        "queries": write_jsonl(
+            root / "queries.jsonl",
+            [{"id": "a", "prompt": "w1 w2", "completion": "w3 w4"}, {"id": "b", "prompt": "w5", "completion": "w6"}],
+        ),
+        "model": str(root / "model"),
+        "factors": str(root / "factors"),
+    }
+    assert cli(["fit", "--model", paths["model"], "--data", paths["train"], "--out", paths["factors"]]) == 0
+    assert cli(["fit", "--model", paths["model"], "--data", paths["more"], "--out", str(root / "other-factors")]) == 0
+    return root, paths
+
+
+def cli(args: list[str]) -> int:
+    return main([*args, "--quiet"])
+
+
+def scores(out) -> torch.Tensor:
+    return load_file(str(out / "scores.safetensors"))["scores"]
+
+
+def recompute(paths, data: str, out, *extra) -> torch.Tensor:
+    args = ["score", "--model", paths["model"], "--factors", paths["factors"], "--data", paths[data]]
+    assert cli([*args, "--queries", paths["queries"], "--out", str(out), *extra]) == 0
+    return scores(out)
+
+
+def build(paths, out, *extra, server=None) -> None:
+    args = ["index", "build", "--model", paths["model"], "--factors", paths["factors"], "--data", paths["train"]]
+    assert cli([*args, "--out", str(out), *extra, *(["--server", server] if server else [])]) == 0
+
+
+def indexed(paths, index, out, *extra, server=None) -> int:
+    args = ["score", "--model", paths["model"], "--factors", paths["factors"], "--index", str(index)]
+    return cli(
+        [*args, "--queries", paths["queries"], "--out", str(out), *extra, *(["--server", server] if server else [])]
+    )
+
+
+def test_an_uncompressed_index_scores_like_recompute_and_an_append_like_the_concatenated_data(ws, tmp_path):
+    _, paths = ws
+    build(paths, tmp_path / "index", "--projection", "none", "--storage-dtype", "float32", "--shard-size", "7")
+    assert indexed(paths, tmp_path / "index", tmp_path / "s1", "--rescore", "0") == 0
+    assert_close(scores(tmp_path / "s1"), recompute(paths, "train", tmp_path / "r1"), FLOAT32, "none index")
+    assert cli(["index", "append", "--index", str(tmp_path / "index"), "--data", paths["more"]]) == 0
+    assert indexed(paths, tmp_path / "index", tmp_path / "s2", "--rescore", "0") == 0
+    assert_close(scores(tmp_path / "s2"), recompute(paths, "all", tmp_path / "r2"), FLOAT32, "appended index")
+    ids = [e["id"] for e in json.loads((tmp_path / "s2" / "results.json").read_text())["queries"][0]["top"]]
+    expected = [e["id"] for e in json.loads((tmp_path / "r2" / "results.json").read_text())["queries"][0]["top"]]
+    assert ids == expected
+    # the same ids again: refused, and the index is unchanged
+    manifest = (tmp_path / "index" / "manifest.json").read_bytes()
+    assert cli(["index", "append", "--index", str(tmp_path / "index"), "--data", paths["more"]]) == 2
+    assert (tmp_path / "index" / "manifest.json").read_bytes() == manifest
+
+
+def test_a_compressed_index_rescores_its_candidates_exactly(ws, tmp_path):
+    _, paths = ws
+    build(paths, tmp_path / "index", "--rank", "2")  # svd, bfloat16: the defaults, compressed hard
+    exact = recompute(paths, "train", tmp_path / "r", "--per-module", "--per-token")
+    assert indexed(paths, tmp_path / "index", tmp_path / "s", "--rescore", "8", "--per-module", "--per-token") == 0
+    report = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert report["index"]["projection"] == "svd" and report["index"]["rescore"] == 8
+    ids = [json.loads(line)["id"] for line in Path(paths["train"]).read_text().splitlines()]
+    for row, query in enumerate(report["queries"]):
+        assert len(query["top"]) == 8
+        for entry in query["top"]:
+            column = ids.index(entry["id"])
+            assert entry["score"] == pytest.approx(float(exact[row, column]), rel=1e-5, abs=1e-6)
+            assert sum(t["score"] for t in entry["tokens"]) == pytest.approx(entry["score"], rel=1e-4, abs=1e-5)
+            assert sum(entry["per_module"].values()) == pytest.approx(entry["score"], rel=1e-4, abs=1e-5)
+    # its final ranking is the exact ranking of its candidates
+    for query in report["queries"]:
+        assert [e["score"] for e in query["top"]] == sorted((e["score"] for e in query["top"]), reverse=True)
+
+
+def test_an_index_refuses_other_factors_and_other_damping(ws, tmp_path, capsys):
+    root, paths = ws
+    build(paths, tmp_path / "index")
+    capsys.readouterr()
+    args = [
+        "score",
+        "--model",
+        paths["model"],
+        "--factors",
+        str(root / "other-factors"),
+        "--index",
+        str(tmp_path / "index"),
+    ]
+    assert cli([*args, "--queries", paths["queries"], "--out", str(tmp_path / "x")]) == 2
+    assert "was built with factorSets/" in capsys.readouterr().err
+    assert indexed(paths, tmp_path / "index", tmp_path / "y", "--damping-factor", "0.5") == 2
+    assert "whitened with damping 0.1 x mean eigenvalue" in capsys.readouterr().err
+
+
+def test_tfidf_scores_only_each_querys_candidates_exactly(ws, tmp_path):
+    _, paths = ws
+    exact = recompute(paths, "train", tmp_path / "all")
+    filtered = recompute(paths, "train", tmp_path / "tfidf", "--tfidf", "5", "--top-k", "3")
+    scored = load_file(str(tmp_path / "tfidf" / "scores.safetensors"))["scored"]
+    assert scored.shape == exact.shape and (scored.sum(1) == 5).all()
+    assert torch.allclose(filtered[scored], exact[scored], rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
+    assert (filtered[~scored] == 0).all()
+    report = json.loads((tmp_path / "tfidf" / "results.json").read_text())
+    assert report["tfidf"]["k"] == 5
+    ids = [json.loads(line)["id"] for line in Path(paths["train"]).read_text().splitlines()]
+    for row, query in enumerate(report["queries"]):
+        assert all(bool(scored[row, ids.index(entry["id"])]) for entry in query["top"])
+
+
+def test_an_index_built_on_a_server_scores_there(ws, served, tmp_path):
+    _, paths = ws
+    target, _ = served
+    build(
+        paths,
+        tmp_path / "index",
+        "--projection",
+        "none",
+        "--storage-dtype",
+        "float32",
+        "--shard-size",
+        "9",
+        server=target,
+    )
+    source = json.loads((tmp_path / "index" / "source.json").read_text())
+    assert source["server"] == target and source["index"].startswith("indexes/")
+    assert indexed(paths, tmp_path / "index", tmp_path / "s", "--rescore", "0", server=target) == 0
+    assert_close(scores(tmp_path / "s"), recompute(paths, "train", tmp_path / "r"), FLOAT32, "server index")
+    assert (
+        cli(["index", "append", "--index", str(tmp_path / "index"), "--data", paths["more"], "--server", target]) == 0
+    )
+    assert indexed(paths, tmp_path / "index", tmp_path / "s2", "--rescore", "0", server=target) == 0
+    assert_close(scores(tmp_path / "s2"), recompute(paths, "all", tmp_path / "r2"), FLOAT32, "server append")

@@ -1,0 +1,122 @@
+"""What an operator watches: Prometheus metrics (/metrics), health that follows Redis and the
+store, JSON logs. Against `influence serve` as its own process on a Redis server of the test's
+own, which the test stops and starts again."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.cli import main
+from tests.services.system.test_system import workspace  # noqa: F401
+from tests.support.servers.ports import free_ports, wait_until
+from tests.support.servers.redis import RedisServer
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the series `name{labels}` in a Prometheus text exposition (None if absent)."""
+    for line in text.splitlines():
+        match = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? (\S+)", line)
+        if not match or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        if all(found.get(key) == value for key, value in labels.items()):
+            return float(match.group(3))
+    return None
+
+
+@pytest.fixture()
+def observed_server(tmp_path):
+    redis = RedisServer().start()
+    grpc_port, metrics_port = free_ports(2)
+    log_path = tmp_path / "serve.log"
+    env = {
+        **os.environ,
+        "INFLUENCE_REDIS_URL": redis.url,
+        "INFLUENCE_PORT": str(grpc_port),
+        "INFLUENCE_METRICS_PORT": str(metrics_port),
+        "INFLUENCE_LOG_FORMAT": "json",
+        "INFLUENCE_LOG_LEVEL": "info",
+    }
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1", "--state-dir", str(tmp_path / "s")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def status() -> int | None:
+        if process.poll() is not None:
+            raise RuntimeError(log_path.read_text())
+        try:
+            return health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        except grpc.RpcError:
+            return None
+
+    wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 60, "influence serve")
+    try:
+        yield {
+            "target": f"127.0.0.1:{grpc_port}",
+            "metrics_port": metrics_port,
+            "status": status,
+            "redis": redis,
+            "log": log_path,
+        }
+    finally:
+        channel.close()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
+        redis.cleanup()
+
+
+def test_metrics_health_and_logs_follow_the_work_and_the_dependencies(observed_server, workspace, tmp_path):  # noqa: F811
+    server = observed_server
+    before = scrape(server["metrics_port"])
+    assert sample(before, "influence_up", dependency="redis") == 1
+    assert sample(before, "influence_up", dependency="store") == 1
+    assert sample(before, "influence_queue_tasks", kind="covariance", state="waiting") == 0
+    assert sample(before, "influence_queue_lag_seconds", kind="covariance") == 0
+
+    arguments = ["--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl"), "--quiet"]
+    assert main(["fit", "--server", server["target"], *arguments, "--out", str(tmp_path / "f")]) == 0
+
+    after = scrape(server["metrics_port"])
+    assert sample(after, "influence_operations", state="SUCCEEDED") >= 2  # the dataset's registration and the fit
+    ran = [
+        line
+        for line in after.splitlines()
+        if line.startswith("influence_task_seconds_count") and 'outcome="succeeded"' in line
+    ]
+    assert ran and sum(float(line.split()[-1]) for line in ran) >= 2, after
+    assert sample(after, "influence_store_bytes_total", backend="local", direction="written") > 0
+    assert sample(after, "influence_store_bytes_total", backend="local", direction="read") > 0
+
+    server["redis"].stop()
+    wait_until(lambda: server["status"]() == health_pb2.HealthCheckResponse.NOT_SERVING, 30, "NOT_SERVING")
+    assert sample(scrape(server["metrics_port"]), "influence_up", dependency="redis") == 0
+    server["redis"].start()
+    wait_until(lambda: server["status"]() == health_pb2.HealthCheckResponse.SERVING, 30, "SERVING again")
+
+    entries = [json.loads(line) for line in server["log"].read_text().splitlines() if line.startswith("{")]
+    warnings = [entry for entry in entries if entry["level"] == "warning" and "NOT_SERVING" in entry["message"]]
+    assert warnings and "Redis unreachable" in warnings[0]["message"]
+    assert {"time", "logger", "process", "thread"} <= set(warnings[0])

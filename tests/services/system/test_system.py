@@ -1,0 +1,663 @@
+"""The service system end to end: real redis-server, real S3 server (SeaweedFS), real gRPC over
+loopback, workers as threads or as separate processes.
+
+Equality with the in-process engine: the distributed fit sums the same per-shard float64
+partials in a fixed order, so factors agree to float32 round-off of the stored tensors; scores
+are asserted to 1e-5 relative (float32 storage of factors and scores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
+
+from services.assembly import job_system, make_server
+from services.catalog.factor_sets import load_factors
+from services.client import InfluenceClient
+from services.engine.fit import FitConfig, fit_factors
+from services.engine.model_io import load_model_and_tokenizer
+from services.engine.records import Query, TrainingExample, read_training_jsonl
+from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
+from services.errors import DataLossError, InputError, NotFoundError, PreconditionError
+from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
+from services.jobs.connection import connect
+from services.rpc.common import Limits
+from services.rpc.server import BackgroundServer
+from services.storage import open_store
+from services.system.caches import ArtifactCache
+from services.system.runner import Worker
+from services.toy.models import build_tiny_model, save_model_dir
+from services.toy.tokenizer import build_word_tokenizer
+from tests.support.servers.ports import wait_until
+
+WORDS = [f"w{i}" for i in range(50)]
+QUERIES = [Query("a", "w1 w2 w3", "w4 w5"), Query("b", "w7 w8", "w9"), Query("c", "w10", "w11 w12 w13")]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def make_examples(count: int, seed: int, max_len: int = 12) -> list[TrainingExample]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        TrainingExample(
+            f"t{i}",
+            " ".join(
+                WORDS[int(j)]
+                for j in torch.randint(
+                    0, len(WORDS), (int(torch.randint(3, max_len, (1,), generator=generator)),), generator=generator
+                )
+            ),
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("system")
+    tokenizer = build_word_tokenizer(WORDS)
+    save_model_dir(build_tiny_model("gpt2", len(tokenizer), d_model=16, seed=0), tokenizer, root / "model")
+    save_model_dir(build_tiny_model("gpt2", len(tokenizer), d_model=16, seed=1), tokenizer, root / "other-model")
+    other_tokenizer = build_word_tokenizer(list(reversed(WORDS)))
+    save_model_dir(
+        build_tiny_model("gpt2", len(other_tokenizer), d_model=16, seed=0), other_tokenizer, root / "other-vocab"
+    )
+    examples = make_examples(23, seed=0)
+    write_jsonl(root / "train.jsonl", [{"id": e.id, "text": e.text} for e in examples])
+    return root
+
+
+class Cluster:
+    """JobSystem on the real servers + a gRPC server + worker threads; fresh Redis prefix and bucket."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        store_url: str,
+        workers: int = 1,
+        lease_seconds: float = 30.0,
+        max_deliveries: int = 3,
+        limits: Limits | None = None,
+    ):
+        self.prefix = f"t{uuid.uuid4().hex[:8]}"
+        client = connect(redis_url)
+        self.store = open_store(store_url)
+        self.system = job_system(
+            self.store, client, prefix=self.prefix, lease_seconds=lease_seconds, max_deliveries=max_deliveries
+        )
+        limits = limits or Limits(max_upload_bytes=1 * 2**20)
+        self.server = BackgroundServer(lambda: make_server(self.system, limits=limits)).start()
+        self.workers = [Worker(self.system, consumer=f"w{n}") for n in range(workers)]
+        self.threads = [
+            threading.Thread(target=w.run_forever, kwargs={"block_ms": 100}, daemon=True) for w in self.workers
+        ]
+        for thread in self.threads:
+            thread.start()
+        self.client = InfluenceClient(self.server.target)
+
+    def close(self):
+        self.client.close()
+        for worker in self.workers:
+            worker.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+        self.server.stop()
+
+
+@pytest.fixture
+def cluster(redis_server, s3_server):
+    created = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"))
+    yield created
+    created.close()
+
+
+def test_register_fit_score_self_over_grpc_equal_the_in_process_engine(cluster, workspace, tmp_path):
+    client, model = cluster.client, str(workspace / "model")
+    dataset = client.register_dataset(model, workspace / "train.jsonl", shard_size=5, max_length=64)
+    assert (dataset.num_examples, dataset.num_shards) == (23, 5)
+    seen_stages = []
+    factor_set = client.fit_factors(model, dataset.name, batch_size=3, progress=lambda m: seen_stages.append(m.stage))
+    # progress is sampled between waits, so any stage may be missed, but what is seen follows the
+    # multi-shard plan in order and ends with done
+    plan = ["covariance", "eigen", "correction", "finalize", "done"]
+    distinct = [stage for position, stage in enumerate(seen_stages) if stage and stage not in seen_stages[:position]]
+    assert distinct[-1] == "done" and all(stage in plan for stage in distinct), seen_stages
+    assert [plan.index(stage) for stage in distinct] == sorted(plan.index(stage) for stage in distinct), seen_stages
+    result = client.compute_scores(
+        model, factor_set.name, dataset.name, QUERIES, batch_size=3, top_k=4, per_module=True, per_token=True
+    )
+    self_result = client.compute_self_influence(model, factor_set.name, dataset.name, batch_size=3)
+    client.download_result(result.name, tmp_path / "scores")
+    client.download_result(self_result.name, tmp_path / "self")
+    client.download_factors(factor_set.name, tmp_path / "factors")
+
+    examples = read_training_jsonl(workspace / "train.jsonl")
+    engine_model, tokenizer = load_model_and_tokenizer(model)
+    local = fit_factors(engine_model, tokenizer, examples, FitConfig(batch_size=3, max_length=64))
+    remote = load_factors(tmp_path / "factors")
+    for name, factors in local.factors.items():
+        # float32 captures summed per shard: round-off ~1e-7 of the largest eigenvalue
+        scale = float(factors.diagonal().abs().max())
+        torch.testing.assert_close(remote.factors[name].diagonal(), factors.diagonal(), rtol=1e-4, atol=1e-6 * scale)
+    config = ScoreConfig(batch_size=3, max_length=64, top_k=4)
+    expected = compute_scores(engine_model, tokenizer, local, examples, QUERIES, config).scores
+    actual = load_file(str(tmp_path / "scores" / "scores.safetensors"))["scores"]
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    expected_self = compute_self_influence(engine_model, tokenizer, local, examples, config)
+    torch.testing.assert_close(
+        load_file(str(tmp_path / "self" / "scores.safetensors"))["scores"], expected_self, rtol=1e-5, atol=0
+    )
+
+    report = json.loads((tmp_path / "scores" / "results.json").read_text())
+    first = report["queries"][0]["top"][0]
+    assert sum(t["score"] for t in first["tokens"]) == pytest.approx(first["score"], rel=1e-4)
+    rows = list(client.score_rows(result.name))
+    assert len(rows) == 3 * 4 and rows[0].train_id == first["id"] and rows[0].tokens
+    assert [d.name for d in client.list_datasets()] == [dataset.name]
+    assert [f.name for f in client.list_factor_sets()] == [factor_set.name]
+
+    # A succeeded job leaves no intermediates behind (the worker deletes jobs/{id}/ right after
+    # recording success, so allow it a moment).
+    succeeded = [r["id"] for r in cluster.system.operations.list(100)[0] if r["state"] == "SUCCEEDED"]
+    assert len(succeeded) >= 4
+    deadline = time.monotonic() + 10
+    while any(cluster.store.list(f"jobs/{job}/") for job in succeeded) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [job for job in succeeded if cluster.store.list(f"jobs/{job}/")]
+
+
+def test_a_one_shard_dataset_runs_each_job_as_one_task_with_the_same_results(cluster, workspace, tmp_path):
+    """fit_one_shard / score_one_shard chain the stages in memory: the factors of every strategy
+    and the scores (with module and token breakdowns) still equal the in-process engine's."""
+    client, model = cluster.client, str(workspace / "model")
+    dataset = client.register_dataset(model, workspace / "train.jsonl", shard_size=100, max_length=64)
+    assert dataset.num_shards == 1
+    examples = read_training_jsonl(workspace / "train.jsonl")
+    engine_model, tokenizer = load_model_and_tokenizer(model)
+    stages: list[str] = []
+    for strategy in ("kfac", "diagonal", "ekfac"):  # ekfac last: the scores below use it
+        stages.clear()
+        factor_set = client.fit_factors(
+            model, dataset.name, batch_size=3, strategy=strategy, progress=lambda m: stages.append(m.stage)
+        )
+        assert set(stages) <= {"fit_one_shard", "done"}, stages
+        client.download_factors(factor_set.name, tmp_path / strategy)
+        remote = load_factors(tmp_path / strategy)
+        local = fit_factors(
+            engine_model, tokenizer, examples, FitConfig(strategy=strategy, batch_size=3, max_length=64)
+        )
+        for name, factors in local.factors.items():
+            for key, value in factors.tensors().items():
+                scale = float(value.abs().max())
+                torch.testing.assert_close(
+                    remote.factors[name].tensors()[key], value.float(), rtol=1e-4, atol=1e-6 * scale, msg=key
+                )
+    stages.clear()
+    result = client.compute_scores(
+        model,
+        factor_set.name,
+        dataset.name,
+        QUERIES,
+        batch_size=3,
+        top_k=4,
+        per_module=True,
+        per_token=True,
+        progress=lambda m: stages.append(m.stage),
+    )
+    assert set(stages) <= {"score_one_shard", "done"}, stages
+    client.download_result(result.name, tmp_path / "scores")
+    expected = compute_scores(
+        engine_model, tokenizer, local, examples, QUERIES, ScoreConfig(batch_size=3, max_length=64)
+    )
+    actual = load_file(str(tmp_path / "scores" / "scores.safetensors"))["scores"]
+    torch.testing.assert_close(actual, expected.scores, rtol=1e-5, atol=1e-5 * float(expected.scores.abs().max()))
+    first = json.loads((tmp_path / "scores" / "results.json").read_text())["queries"][0]["top"][0]
+    assert sum(t["score"] for t in first["tokens"]) == pytest.approx(first["score"], rel=1e-4)
+
+
+def test_the_score_stages_equal_the_in_memory_chain_bit_for_bit(cluster, workspace, tmp_path):
+    """One scoring orchestration: a five-shard dataset (prepare -> score x5 -> merge), a one-shard
+    dataset (score_one_shard, the engine's score_in_memory) and the in-process engine give the same
+    scores, breakdowns, TF-IDF candidates, top-k and token scores bit for bit when each batch is one
+    sequence (sharding then changes no arithmetic)."""
+    client, model = cluster.client, str(workspace / "model")
+    sharded = client.register_dataset(model, workspace / "train.jsonl", shard_size=5, max_length=64)
+    whole = client.register_dataset(model, workspace / "train.jsonl", shard_size=100, max_length=64)
+    assert (sharded.num_shards, whole.num_shards) == (5, 1)
+    factor_set = client.fit_factors(model, whole.name, batch_size=3)
+    options = {"batch_size": 1, "top_k": 4, "per_module": True, "per_token": True, "tfidf": 4}
+    outputs, stages = [], []
+    for dataset, plan in ((sharded, {"prepare", "score", "merge"}), (whole, {"score_one_shard"})):
+        stages.clear()
+        result = client.compute_scores(
+            model, factor_set.name, dataset.name, QUERIES, progress=lambda m: stages.append(m.stage), **options
+        )
+        assert set(stages) <= plan | {"done"}, stages
+        out = tmp_path / f"scores-{dataset.num_shards}"
+        client.download_result(result.name, out)
+        outputs.append((load_file(str(out / "scores.safetensors")), json.loads((out / "results.json").read_text())))
+    (sharded_tensors, sharded_report), (whole_tensors, whole_report) = outputs
+    assert set(whole_tensors) == {"scores", "per_module", "scored", "top_index", "top_per_module"}
+    assert set(sharded_tensors) == set(whole_tensors)
+    for key, value in whole_tensors.items():
+        assert torch.equal(sharded_tensors[key], value), key
+    assert not bool(whole_tensors["scored"].any(0).all()), "some sequences are no query's TF-IDF candidate"
+    assert sharded_report["queries"] == whole_report["queries"]
+    assert sharded_report["tfidf"] == whole_report["tfidf"]
+    assert all(entry["tokens"] for query in whole_report["queries"] for entry in query["top"])
+
+    client.download_factors(factor_set.name, tmp_path / "factors")
+    engine_model, tokenizer = load_model_and_tokenizer(model)
+    expected = compute_scores(
+        engine_model,
+        tokenizer,
+        load_factors(tmp_path / "factors"),
+        read_training_jsonl(workspace / "train.jsonl"),
+        QUERIES,
+        ScoreConfig(max_length=64, **options),
+    )
+    assert torch.equal(whole_tensors["scores"], expected.scores)
+    assert torch.equal(whole_tensors["per_module"], expected.per_module)
+    assert torch.equal(whole_tensors["top_index"], torch.tensor([[e.index for e in top] for top in expected.top]))
+
+
+def test_health_and_reflection_answer_on_every_service(cluster):
+    channel = grpc.insecure_channel(cluster.server.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "influence.v1.FactorService", "influence.v1.GradientService", "influence.v1.QueryService"):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING, service
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in next(responses).list_services_response.service}
+    assert {"influence.v1.FactorService", "google.longrunning.Operations"} <= names
+    channel.close()
+
+
+def test_create_calls_are_idempotent_by_request_id(cluster, workspace):
+    request = gradient_service_pb2.RegisterDatasetRequest(
+        request_id="same-id",
+        model=common_pb2.ModelSpec(path=str(workspace / "model")),
+        jsonl=(workspace / "train.jsonl").read_bytes(),
+        shard_size=10,
+    )
+    first = cluster.client.gradients.RegisterDataset(request)
+    second = cluster.client.gradients.RegisterDataset(request)
+    assert first.name == second.name
+    cluster.client.wait(first)
+    assert len(cluster.client.list_datasets()) == 1
+
+
+def test_wait_operation_returns_when_the_operation_ends_not_at_its_next_recheck(cluster, workspace, monkeypatch):
+    """The Redis notification, not the fallback re-read (set to a minute here), ends the wait."""
+    from google.longrunning import operations_pb2
+    from google.protobuf import duration_pb2
+
+    from services.rpc.operations import OperationsServicer
+
+    monkeypatch.setattr(OperationsServicer, "RECHECK_SECONDS", 60.0)
+    request = gradient_service_pb2.RegisterDatasetRequest(
+        request_id=uuid.uuid4().hex,
+        model=common_pb2.ModelSpec(path=str(workspace / "model")),
+        jsonl=(workspace / "train.jsonl").read_bytes(),
+        shard_size=10,
+    )
+    operation = cluster.client.gradients.RegisterDataset(request)
+    started = time.monotonic()
+    waited = cluster.client.operations.WaitOperation(
+        operations_pb2.WaitOperationRequest(name=operation.name, timeout=duration_pb2.Duration(seconds=60)),
+        timeout=90,
+    )
+    assert waited.done and not waited.HasField("error")
+    assert time.monotonic() - started < 30  # the task takes well under a second; the recheck is at 60 s
+
+
+def test_wait_operation_still_ends_when_the_notification_is_lost(cluster, workspace, monkeypatch):
+    """Pub/sub may drop a message: the waiter's periodic re-read of the record then ends the wait."""
+    from services.jobs.ended import EndedWatcher
+    from services.rpc.operations import OperationsServicer
+
+    monkeypatch.setattr(OperationsServicer, "RECHECK_SECONDS", 0.05)
+    monkeypatch.setattr(EndedWatcher, "_notify", lambda self, operation_id: None)
+    dataset = cluster.client.register_dataset(str(workspace / "model"), workspace / "train.jsonl", shard_size=10)
+    assert dataset.num_examples == 23
+
+
+def status_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    return raised.value.code(), raised.value.details()
+
+
+def test_bad_requests_get_the_right_status_and_a_clear_message(cluster, workspace):
+    client, model = cluster.client, common_pb2.ModelSpec(path=str(workspace / "model"))
+    gradients, factors, queries, operations = client.gradients, client.factors, client.queries, client.operations
+    dataset = client.register_dataset(str(workspace / "model"), workspace / "train.jsonl", shard_size=10)
+    factor_set = client.fit_factors(str(workspace / "model"), dataset.name, strategy="identity")
+    from google.longrunning import operations_pb2
+
+    cases = {
+        "unknown dataset": (
+            lambda: factors.FitFactors(factor_service_pb2.FitFactorsRequest(model=model, dataset="datasets/nope")),
+            grpc.StatusCode.NOT_FOUND,
+            "dataset 'datasets/nope' not found",
+        ),
+        "malformed name": (
+            lambda: gradients.GetDataset(gradient_service_pb2.GetDatasetRequest(name="nope")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "name must look like 'datasets/ID'",
+        ),
+        "missing model": (
+            lambda: factors.FitFactors(factor_service_pb2.FitFactorsRequest(dataset=dataset.name)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "model.path is required",
+        ),
+        "model directory not found": (
+            lambda: factors.FitFactors(
+                factor_service_pb2.FitFactorsRequest(model=common_pb2.ModelSpec(path="/no/such"), dataset=dataset.name)
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "model directory not found",
+        ),
+        "unknown strategy": (
+            lambda: factors.FitFactors(
+                factor_service_pb2.FitFactorsRequest(model=model, dataset=dataset.name, strategy=99)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "strategy has no value 99",
+        ),
+        "tokenizer mismatch": (
+            lambda: factors.FitFactors(
+                factor_service_pb2.FitFactorsRequest(
+                    model=common_pb2.ModelSpec(path=str(workspace / "other-vocab")), dataset=dataset.name
+                )
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "tokenised with another tokenizer",
+        ),
+        "empty queries": (
+            lambda: queries.ComputeScores(
+                query_service_pb2.ComputeScoresRequest(model=model, factor_set=factor_set.name, dataset=dataset.name)
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "queries is empty",
+        ),
+        "empty completion": (
+            lambda: queries.ComputeScores(
+                query_service_pb2.ComputeScoresRequest(
+                    model=model,
+                    factor_set=factor_set.name,
+                    dataset=dataset.name,
+                    queries=[query_service_pb2.Query(prompt="w1", completion=" ")],
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "'completion' is empty",
+        ),
+        "negative top_k": (
+            lambda: queries.ComputeScores(
+                query_service_pb2.ComputeScoresRequest(
+                    model=model,
+                    factor_set=factor_set.name,
+                    dataset=dataset.name,
+                    top_k=-1,
+                    queries=[query_service_pb2.Query(prompt="w1", completion="w2")],
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "top_k must be >= 0",
+        ),
+        "unknown factor set": (
+            lambda: queries.ComputeScores(
+                query_service_pb2.ComputeScoresRequest(
+                    model=model,
+                    factor_set="factorSets/nope",
+                    dataset=dataset.name,
+                    queries=[query_service_pb2.Query(prompt="w1", completion="w2")],
+                )
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "factor set 'factorSets/nope' not found",
+        ),
+        "malformed jsonl": (
+            lambda: gradients.RegisterDataset(
+                gradient_service_pb2.RegisterDatasetRequest(model=model, jsonl=b'{"text": "w1"}\n{oops\n')
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "jsonl:2: malformed JSON",
+        ),
+        "empty upload": (
+            lambda: gradients.RegisterDataset(gradient_service_pb2.RegisterDatasetRequest(model=model)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "jsonl is empty",
+        ),
+        "oversize upload": (
+            lambda: gradients.RegisterDataset(
+                gradient_service_pb2.RegisterDatasetRequest(model=model, jsonl=b'{"text": "w1 w2"}\n' * 70_000)
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "this server's limit is 1048576 (--max-upload-bytes)",
+        ),
+        "unknown operation": (
+            lambda: operations.GetOperation(operations_pb2.GetOperationRequest(name="operations/nope")),
+            grpc.StatusCode.NOT_FOUND,
+            "operation 'operations/nope' not found",
+        ),
+        "bad page token": (
+            lambda: gradients.ListDatasets(gradient_service_pb2.ListDatasetsRequest(page_token="x")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "page_token is not one this server issued",
+        ),
+    }
+    for label, (call, code, message) in cases.items():
+        actual_code, details = status_of(call)
+        assert (actual_code, message in details) == (code, True), (label, actual_code, details)
+
+
+def test_factors_of_another_model_fail_the_operation_with_failed_precondition(cluster, workspace):
+    client = cluster.client
+    dataset = client.register_dataset(str(workspace / "model"), workspace / "train.jsonl", shard_size=10)
+    factor_set = client.fit_factors(str(workspace / "model"), dataset.name, strategy="kfac")
+    with pytest.raises(PreconditionError, match="another model"):
+        client.compute_scores(str(workspace / "other-model"), factor_set.name, dataset.name, QUERIES)
+    with pytest.raises(NotFoundError):
+        client.get_result("results/nope")
+    with pytest.raises(InputError, match="must look like"):
+        client.get_factor_set("factors/x")
+
+
+def test_cancellation_reaches_running_tasks(cluster, workspace, tmp_path):
+    client, model = cluster.client, str(workspace / "model")
+    examples = make_examples(400, seed=3, max_len=40)
+    write_jsonl(tmp_path / "big.jsonl", [{"text": e.text} for e in examples])
+    dataset = client.register_dataset(model, tmp_path / "big.jsonl", shard_size=400)
+    request = factor_service_pb2.FitFactorsRequest(
+        model=common_pb2.ModelSpec(path=model), dataset=dataset.name, batch_size=1, request_id="cancel-me"
+    )
+    operation = client.factors.FitFactors(request)
+    from google.longrunning import operations_pb2
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        record = cluster.system.operations.get(operation.name.split("/")[1])
+        if record["counters"].get("tokens_processed", 0) > 0:
+            break
+        time.sleep(0.05)
+    client.operations.CancelOperation(operations_pb2.CancelOperationRequest(name=operation.name))
+    started = time.monotonic()
+    while cluster.system.queue.depth("covariance") and time.monotonic() - started < 20:
+        time.sleep(0.1)
+    assert cluster.system.queue.depth("covariance") == 0, "the running task should stop between batches"
+    assert time.monotonic() - started < 10
+    done = client.operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name))
+    assert done.done and done.error.code == 1  # CANCELLED
+    assert cluster.system.queue.depth("eigen") == 0
+
+
+def test_a_task_that_keeps_failing_is_dead_lettered_and_fails_its_operation(redis_server, s3_server, workspace):
+    cluster = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"), lease_seconds=0.5, max_deliveries=2)
+    try:
+        client, model = cluster.client, str(workspace / "model")
+        dataset = client.register_dataset(model, workspace / "train.jsonl", shard_size=10)
+        dataset_id = dataset.name.split("/")[1]
+        prefix = f"datasets/{dataset_id}/"
+        # The worker that registered the dataset keeps the shards it wrote and would never read
+        # the damaged copies below: start it afresh, as another worker would be.
+        cluster.workers[0].context.artifacts = ArtifactCache()
+
+        # A shard whose bytes differ from its manifest: an integrity error fails the job at once.
+        good = cluster.store.get_bytes(prefix + "shards/00001.safetensors")
+        cluster.store.put_bytes(prefix + "shards/00001.safetensors", b"not a safetensors file")
+        with pytest.raises(DataLossError, match="corrupted"):
+            client.fit_factors(model, dataset.name)
+
+        def replace_shard(data: bytes) -> None:
+            """Write `data` as shard 1 and make the manifest vouch for it (a bad writer)."""
+            cluster.store.put_bytes(prefix + "shards/00001.safetensors", data)
+            manifest = json.loads(cluster.store.get_bytes(prefix + "manifest.json"))
+            manifest["files"]["shards/00001.safetensors"] = {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+            }
+            cluster.store.put_bytes(prefix + "manifest.json", json.dumps(manifest).encode())
+
+        # Bytes the manifest vouches for but that are no safetensors file: fails at once too.
+        replace_shard(b"not a safetensors file")
+        with pytest.raises(DataLossError, match="not a valid safetensors file"):
+            client.fit_factors(model, dataset.name)
+
+        # A valid file without the tensors a shard holds: an unexpected error, so the task is
+        # retried; after the delivery limit it is dead-lettered and the operation fails with it.
+        replace_shard(save_tensors({"unrelated": torch.zeros(3)}))
+        with pytest.raises(Exception, match=r"failed 2 times; last error: KeyError"):
+            client.fit_factors(model, dataset.name)
+        letters = cluster.system.queue.dead_letters("covariance")
+        assert len(letters) == 1 and b"failed 2 times" in letters[0]["cause"]
+        assert good
+    finally:
+        cluster.close()
+
+
+def test_a_worker_killed_mid_task_does_not_change_the_result(redis_server, s3_server, workspace, tmp_path):
+    """SIGKILL a worker process during a covariance task; another worker reclaims the task after
+    its lease and the factors equal those of an undisturbed run bit for bit."""
+    store_url = s3_server.url(f"b{uuid.uuid4().hex[:10]}")
+    examples = make_examples(240, seed=4, max_len=60)
+    write_jsonl(tmp_path / "train.jsonl", [{"id": e.id, "text": e.text} for e in examples])
+    model = str(workspace / "model")
+
+    def run(kill: bool) -> dict:
+        cluster = Cluster(redis_server.url, store_url, workers=0, lease_seconds=1.0)
+        env = {
+            **os.environ,
+            "INFLUENCE_S3_ACCESS_KEY": s3_server.access_key,
+            "INFLUENCE_S3_SECRET_KEY": s3_server.secret_key,
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "worker",
+            "--redis-url",
+            redis_server.url,
+            "--store-url",
+            store_url,
+            "--lease-seconds",
+            "1",
+            "--log-level",
+            "warning",
+        ]
+        prefix_env = {**env, "INFLUENCE_QUEUE_PREFIX": cluster.prefix}
+        first = subprocess.Popen(command, env=prefix_env, start_new_session=True)
+        second = None
+        try:
+            dataset = cluster.client.register_dataset(model, tmp_path / "train.jsonl", shard_size=80, max_length=64)
+            operation = cluster.client.factors.FitFactors(
+                factor_service_pb2.FitFactorsRequest(
+                    model=common_pb2.ModelSpec(path=model), dataset=dataset.name, batch_size=2
+                )
+            )
+            operation_id = operation.name.split("/")[1]
+            if kill:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    record = cluster.system.operations.get(operation_id)
+                    if record["counters"].get("tokens_processed", 0) > 0:
+                        break
+                    time.sleep(0.02)
+                os.killpg(first.pid, signal.SIGKILL)
+                first.wait(10)
+            second = subprocess.Popen(command, env=prefix_env, start_new_session=True) if kill else None
+            factor_set = cluster.client.unpack(
+                cluster.client.wait(operation, timeout=240), factor_service_pb2.FactorSet
+            )
+            out = tmp_path / ("killed" if kill else "undisturbed")
+            cluster.client.download_factors(factor_set.name, out)
+            return {"factors": load_factors(out), "record": cluster.system.operations.get(operation_id)}
+        finally:
+            for process in (first, second):
+                if process is not None and process.poll() is None:
+                    os.killpg(process.pid, signal.SIGTERM)
+                    process.wait(30)
+            cluster.close()
+
+    undisturbed = run(kill=False)
+    killed = run(kill=True)
+    for name, factors in undisturbed["factors"].factors.items():
+        for field, value in factors.tensors().items():
+            assert torch.equal(getattr(killed["factors"].factors[name], field), value), (name, field)
+    assert killed["record"]["state"] == "SUCCEEDED"
+
+
+def test_stream_blocks_relays_a_workers_job_and_a_consumer_leaving_cancels_it(cluster, workspace):
+    client, model = cluster.client, str(workspace / "model")
+    dataset = client.register_dataset(model, workspace / "train.jsonl", shard_size=23)
+
+    def stream(**fields):
+        request = gradient_service_pb2.StreamBlocksRequest(
+            dataset=dataset.name, shard=0, model=common_pb2.ModelSpec(path=model), **fields
+        )
+        return client.gradients.StreamBlocks(request)
+
+    def blocks_jobs() -> list[dict]:
+        return [r for r in cluster.system.operations.list(100)[0] if r["kind"] == "stream_blocks"]
+
+    # A complete stream: every sequence once, in order, and the worker's blocks deleted after.
+    blocks = list(stream(block_size=5))
+    assert [len(b.example_ids) for b in blocks] == [5, 5, 5, 5, 3]
+    assert [i for b in blocks for i in b.example_ids] == [f"t{n}" for n in range(23)]
+    (finished,) = blocks_jobs()
+    assert finished["state"] == "SUCCEEDED"
+    assert not cluster.store.list(f"jobs/{finished['id']}/blocks/")
+
+    # A consumer that leaves after one block cancels the worker's job.
+    responses = stream(block_size=1)
+    next(responses)
+    responses.cancel()
+    wait_until(lambda: any(r["state"] == "CANCELLED" for r in blocks_jobs()), 20, "the blocks job cancelled")
+
+    # A job that fails on the worker ends the stream with the job's status code.
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stream(modules=r"^nothing\.matches$"))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "matches no linear module" in raised.value.details()
