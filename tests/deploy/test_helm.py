@@ -1,6 +1,6 @@
 """The Helm chart: lint --strict, render every ci/ value set, validate every manifest against the
 Kubernetes schemas in strict mode (unknown fields fail) and the custom resources (KEDA,
-ServiceMonitor) against tests/schemas/custom_resources.json, and check what matters: the one
+ServiceMonitor) against tests/support/schemas/custom_resources.json, and check what matters: the one
 entry point, GPU scheduling and the pool's device, gRPC probes, config checksums, stable
 selectors, PDBs, secrets, autoscaling, network policy, pool defaults, and clear failures on bad
 values. Needs tools/bin/helm (installed by scripts/install/helm.sh)."""
@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from functools import cache
 
-import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 
@@ -20,68 +17,20 @@ from services.assembly import ROLES, STAGE_TABLE
 from services.jobs.queue import GROUP, TaskQueue
 from services.wire import REQUEST_LIMITS
 from tests.support import ROOT
+from tests.support.helm import (
+    CHART,
+    VALUE_SETS,
+    env,
+    get,
+    helm,
+    pod,
+    render,
+    render_fails,
+    template_args,
+    validate,
+)
 
-CHART = ROOT / "deploy" / "helm" / "influence"
-HELM = ROOT / "tools" / "bin" / "helm"
-KUBERNETES = "1.30"
-VALUE_SETS = sorted(path.name for path in (CHART / "ci").glob("*.yaml"))
-CUSTOM = json.loads((ROOT / "tests" / "support" / "schemas" / "custom_resources.json").read_text())
 SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
-
-
-def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    if not HELM.exists():
-        pytest.fail(f"helm is missing at {HELM}: run `bash scripts/test.sh` (scripts/install/helm.sh installs it)")
-    result = subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=60)
-    if check and result.returncode != 0:
-        pytest.fail(f"helm {' '.join(args)} failed:\n{result.stderr}")
-    return result
-
-
-def template_args(value_files: tuple[str, ...], sets: tuple[str, ...]) -> list[str]:
-    args = ["template", "rel", str(CHART)]
-    for name in value_files:
-        args += ["-f", str(CHART / "ci" / name)]
-    for item in sets:
-        args += ["--set", item]
-    return args
-
-
-@cache
-def _render(value_files: tuple[str, ...], sets: tuple[str, ...]) -> tuple[dict, ...]:
-    return tuple(doc for doc in yaml.safe_load_all(helm(*template_args(value_files, sets)).stdout) if doc)
-
-
-def render(*value_files: str, sets: tuple[str, ...] = ()) -> list[dict]:
-    return list(_render(value_files, sets))
-
-
-def render_fails(*sets: str, value_files: tuple[str, ...] = ("default.yaml",)) -> str:
-    result = helm(*template_args(value_files, sets), check=False)
-    assert result.returncode != 0, f"expected helm to reject {sets}"
-    return result.stderr
-
-
-def get(docs: list[dict], kind: str, name: str) -> dict:
-    found = [doc for doc in docs if doc["kind"] == kind and doc["metadata"]["name"] == name]
-    assert found, f"no {kind} {name} in {[(d['kind'], d['metadata']['name']) for d in docs]}"
-    return found[0]
-
-
-def validate(doc: dict) -> None:
-    """Strict Kubernetes schema of `doc`'s kind, or ours for the custom resources the chart makes."""
-    if doc["kind"] in CUSTOM:
-        jsonschema.validate(doc, {"definitions": CUSTOM["definitions"], **CUSTOM[doc["kind"]]})
-    else:
-        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
-
-
-def pod(docs: list[dict], name: str) -> dict:
-    return get(docs, "Deployment", f"rel-influence-{name}")["spec"]["template"]
-
-
-def env(pod_template: dict) -> dict:
-    return {item["name"]: item for item in pod_template["spec"]["containers"][0]["env"]}
 
 
 @pytest.mark.parametrize("values", ["", *VALUE_SETS])
@@ -654,7 +603,6 @@ def test_schema_rejects_wrong_types_and_unknown_keys(setting, where):
 
 def test_the_values_reference_is_current():
     """deploy/helm/README.md is generated from values.yaml by scripts/helm-values-reference.py."""
-    import subprocess
     import sys
 
     script = ROOT / "scripts" / "helm-values-reference.py"

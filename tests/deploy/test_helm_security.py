@@ -4,7 +4,7 @@ the model roots and the quota in the ConfigMap."""
 
 from __future__ import annotations
 
-from tests.deploy.test_helm import env, get, pod, render, render_fails
+from tests.support.helm import env, get, pod, render, render_fails
 
 # the pods that serve the API: the one entry point (per-role Deployments are opt-in)
 API_PODS = ("api",)

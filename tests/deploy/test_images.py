@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from services.cli import build_parser
-from tests.deploy.test_helm import CHART, VALUE_SETS, render
 from tests.support import ROOT
+from tests.support.helm import CHART, VALUE_SETS, render
 
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 BUILD_SCRIPT = ROOT / "scripts" / "build-images.sh"

@@ -26,9 +26,8 @@ from services.embedded import EmbeddedSystem
 from services.errors import NotFoundError, PreconditionError
 from services.gen.influence.v1 import common_pb2, factor_service_pb2
 from services.launcher import Launcher, job_manifest, main, pool_deployment_name, shards_of
-from tests.deploy.test_helm import KUBERNETES, pod, render
-from tests.services.system.test_system import workspace  # noqa: F401
-from tests.services.system.test_worker_runtime import registered
+from tests.support.helm import KUBERNETES, pod, render
+from tests.support.stepping import registered
 
 NAMESPACE = "influence"
 
@@ -208,7 +207,7 @@ def test_missing_pool_and_missing_rights_are_clear_errors():
         job_manifest(chart_deployment("default.yaml", "api"), "operations/x", 1)
 
 
-def test_the_launcher_sizes_the_job_to_a_real_operations_shards(workspace, tmp_path):  # noqa: F811
+def test_the_launcher_sizes_the_job_to_a_real_operations_shards(workspace, tmp_path):
     """End to end through `python -m services.launcher`: shards from a real fit over gRPC, the Job
     through a kubeconfig pointing at the fake API."""
     model = common_pb2.ModelSpec(path=str(workspace / "model"))
@@ -237,7 +236,7 @@ def test_the_launcher_sizes_the_job_to_a_real_operations_shards(workspace, tmp_p
         assert pool_deployment_name("rel-influence", "gpu") == deployment["metadata"]["name"]
 
 
-def test_a_launched_worker_stops_when_its_operation_ends(workspace):  # noqa: F811
+def test_a_launched_worker_stops_when_its_operation_ends(workspace):
     model = common_pb2.ModelSpec(path=str(workspace / "model"))
     with EmbeddedSystem(workers=0) as system, InfluenceClient(system.target) as client:
         from services.system.runner import Worker

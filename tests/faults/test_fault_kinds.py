@@ -33,8 +33,8 @@ import torch
 from services.assembly import STAGE_TABLE
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.system.runner import Worker
-from tests.services.system.test_system import QUERIES, Cluster, workspace  # noqa: F401
 from tests.support import ROOT
+from tests.support.system import QUERIES, Cluster
 
 LEASE = 0.5
 MAX_DELIVERIES = 3
@@ -140,7 +140,7 @@ def artifacts(store, prefix: str) -> list[dict[str, str]]:
     return sorted(found, key=lambda files: json.dumps(files, sort_keys=True))
 
 
-def register_and_fit(client, driver: Driver, model, workspace, shard_size: int):  # noqa: F811
+def register_and_fit(client, driver: Driver, model, workspace, shard_size: int):
     """(dataset, factor set) of the workspace's training data in shards of `shard_size`."""
     registering = client.gradients.RegisterDataset(
         gradient_service_pb2.RegisterDatasetRequest(
@@ -154,7 +154,7 @@ def register_and_fit(client, driver: Driver, model, workspace, shard_size: int):
     return dataset, client.unpack(driver.until_done(fitting), factor_service_pb2.FactorSet)
 
 
-def run_every_job(cluster: Cluster, driver: Driver, workspace) -> dict[str, dict[str, str]]:  # noqa: F811
+def run_every_job(cluster: Cluster, driver: Driver, workspace) -> dict[str, dict[str, str]]:
     client = cluster.client
     model = common_pb2.ModelSpec(path=str(workspace / "model"))
     dataset, factors = register_and_fit(client, driver, model, workspace, shard_size=12)
@@ -232,7 +232,7 @@ def _results(store) -> list[dict[str, str]]:
 def test_a_worker_killed_in_any_kind_of_task_changes_no_published_byte(
     redis_server,
     s3_server,
-    workspace,  # noqa: F811
+    workspace,
     seed,
 ):
     def cluster(store_url: str) -> Cluster:

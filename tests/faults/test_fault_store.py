@@ -18,8 +18,8 @@ import pytest
 from services.errors import AbortedError
 from services.gen.influence.v1 import common_pb2, factor_service_pb2
 from services.storage.retry import RetryPolicy
-from tests.services.system.test_system import Cluster, workspace  # noqa: F401
 from tests.support.servers.s3 import S3Server
+from tests.support.system import Cluster
 
 FAST = RetryPolicy(attempts=3, initial_delay=0.1, max_delay=0.3)
 
@@ -39,7 +39,7 @@ def outage_cluster(redis_server, s3: S3Server, max_deliveries: int) -> Cluster:
     return cluster
 
 
-def fit_request(cluster: Cluster, workspace):  # noqa: F811
+def fit_request(cluster: Cluster, workspace):
     model = str(workspace / "model")
     dataset = cluster.client.register_dataset(model, workspace / "train.jsonl", shard_size=6)
     return factor_service_pb2.FitFactorsRequest(
@@ -59,7 +59,7 @@ def factor_bytes(cluster: Cluster, name: str, directory) -> dict:
 def test_a_short_store_outage_is_ridden_out_and_a_long_one_fails_clearly(
     redis_server,
     private_s3,
-    workspace,  # noqa: F811
+    workspace,
     tmp_path,
 ):
     cluster = outage_cluster(redis_server, private_s3, max_deliveries=10)

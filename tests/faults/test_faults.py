@@ -22,7 +22,8 @@ from services.engine.records import read_training_jsonl
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.storage import LocalStore
 from services.system.runner import OperationProgress, Worker
-from tests.services.system.test_system import QUERIES, workspace  # noqa: F401
+from tests.support.stepping import step
+from tests.support.system import QUERIES
 
 LEASE = 0.5
 
@@ -54,26 +55,13 @@ class Injector:
         monkeypatch.setattr(OperationProgress, "advance", advance)
 
 
-def step(worker: Worker, kind: str) -> None:
-    """Run exactly one task on `worker`, which must be of `kind` (waiting for a lease to expire if needed)."""
-    deadline = time.monotonic() + 10 * LEASE + 10
-    while time.monotonic() < deadline:
-        task = worker.system.queue.take(worker.kinds, worker.consumer, block_ms=50)
-        if task is None:
-            continue
-        assert task.kind == kind, f"{worker.consumer} took a {task.kind} task, expected {kind}"
-        worker.handle(task)
-        return
-    raise AssertionError(f"{worker.consumer} found no {kind} task")
-
-
 def wait_done(client: InfluenceClient, operation) -> operations_pb2.Operation:
     operation = client.operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name))
     assert operation.done and not operation.HasField("error"), operation.error
     return operation
 
 
-def run(workspace, out, injector: Injector | None) -> dict[str, str]:  # noqa: F811
+def run(workspace, out, injector: Injector | None) -> dict[str, str]:
     """Register, fit (2 shards) and score, stepping workers A and B by hand; injections (if any)
     on A with the retry on B. Returns the sha256 or bytes of every published file."""
     model = common_pb2.ModelSpec(path=str(workspace / "model"))
@@ -138,7 +126,7 @@ def run(workspace, out, injector: Injector | None) -> dict[str, str]:  # noqa: F
     return published
 
 
-def test_a_failure_mid_pass_changes_no_published_byte(workspace, tmp_path, monkeypatch):  # noqa: F811
+def test_a_failure_mid_pass_changes_no_published_byte(workspace, tmp_path, monkeypatch):
     assert len(read_training_jsonl(workspace / "train.jsonl")) == 23  # shards of 12 + 11: 3 batches of 4 each
     undisturbed = run(workspace, tmp_path / "undisturbed", None)
     injector = Injector()

@@ -27,7 +27,7 @@ from services.jobs.connection import connect
 from services.jobs.operations import OperationStore
 from services.storage import LocalStore
 from services.system.runner import Worker
-from tests.services.system.test_system import Cluster, cluster, make_examples, workspace, write_jsonl  # noqa: F401
+from tests.support.system import Cluster, make_examples, write_jsonl
 
 
 def take(worker: Worker, timeout: float):
@@ -83,7 +83,7 @@ def manual(redis_server, s3_server):
     created.close()
 
 
-def test_a_failed_task_is_offered_again_after_a_backoff_not_after_its_lease(manual, workspace, monkeypatch):  # noqa: F811
+def test_a_failed_task_is_offered_again_after_a_backoff_not_after_its_lease(manual, workspace, monkeypatch):
     worker = Worker(manual.system, consumer="solo")
     model = common_pb2.ModelSpec(path=str(workspace / "model"))
     registering = manual.client.gradients.RegisterDataset(
@@ -111,7 +111,7 @@ def test_a_failed_task_is_offered_again_after_a_backoff_not_after_its_lease(manu
     assert manual.client.wait(operation, timeout=30).done
 
 
-def test_a_dead_lettered_task_quotes_its_own_last_error(redis_server, s3_server, workspace, monkeypatch):  # noqa: F811
+def test_a_dead_lettered_task_quotes_its_own_last_error(redis_server, s3_server, workspace, monkeypatch):
     stepped = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"), workers=0, lease_seconds=0.5)
     try:
         worker = Worker(stepped.system, consumer="solo")
@@ -157,7 +157,7 @@ def wait_for_deletes(store, prefix: str, seconds: float = 10) -> None:
         time.sleep(0.05)
 
 
-def test_a_cancelled_job_leaves_no_intermediates(cluster, workspace, tmp_path):  # noqa: F811
+def test_a_cancelled_job_leaves_no_intermediates(cluster, workspace, tmp_path):
     client, model = cluster.client, str(workspace / "model")
     write_jsonl(tmp_path / "big.jsonl", [{"text": e.text} for e in make_examples(300, seed=5, max_len=40)])
     dataset = client.register_dataset(model, tmp_path / "big.jsonl", shard_size=100)
@@ -203,7 +203,7 @@ def test_operation_records_expire_after_their_ttl(redis_server):
     assert operations.get(ended["id"]) is None, "a report on an expired record recreates nothing"
 
 
-def test_the_same_data_registers_once(cluster, workspace):  # noqa: F811
+def test_the_same_data_registers_once(cluster, workspace):
     client, model = cluster.client, str(workspace / "model")
     first = client.register_dataset(model, workspace / "train.jsonl", shard_size=10)
     wait_for_deletes(cluster.store, "jobs/")  # the register job's upload and spec
@@ -223,7 +223,7 @@ def test_the_same_data_registers_once(cluster, workspace):  # noqa: F811
     assert other.name != first.name, "other settings are another dataset"
 
 
-def test_bad_jsonl_is_invalid_argument_naming_the_line(cluster, workspace, monkeypatch):  # noqa: F811
+def test_bad_jsonl_is_invalid_argument_naming_the_line(cluster, workspace, monkeypatch):
     model = common_pb2.ModelSpec(path=str(workspace / "model"))
 
     def status(jsonl: bytes):
@@ -261,7 +261,7 @@ def test_disk_full_is_a_permanent_clean_error_with_nothing_half_written(tmp_path
     assert leftovers == ["a.safetensors"], "no temporary file and no half-written object remain"
 
 
-def test_the_cli_fails_once_and_cleanly_on_a_full_disk(workspace, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_the_cli_fails_once_and_cleanly_on_a_full_disk(workspace, tmp_path, monkeypatch, capsys):
     """A fit whose factor set hits ENOSPC in the embedded store: exit 2 with one line, at the first
     attempt (not retried as transient), and no manifest in --out."""
     from services.cli import main
@@ -290,7 +290,7 @@ def test_the_cli_fails_once_and_cleanly_on_a_full_disk(workspace, tmp_path, monk
     assert not (out / "manifest.json").exists()
 
 
-def test_top_k_zero_is_an_error_and_a_cancelled_job_has_its_own_exit_code(manual, workspace, tmp_path, capsys):  # noqa: F811
+def test_top_k_zero_is_an_error_and_a_cancelled_job_has_its_own_exit_code(manual, workspace, tmp_path, capsys):
     from services.cli import main
 
     queries = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "w1", "completion": "w2"}])
@@ -309,7 +309,7 @@ def test_top_k_zero_is_an_error_and_a_cancelled_job_has_its_own_exit_code(manual
     assert "cancelled" in capsys.readouterr().err
 
 
-def test_a_full_queue_refuses_new_jobs_with_resource_exhausted(manual, workspace):  # noqa: F811
+def test_a_full_queue_refuses_new_jobs_with_resource_exhausted(manual, workspace):
     manual.system.max_queued_tasks = 1
     model = common_pb2.ModelSpec(path=str(workspace / "model"))
 
@@ -325,7 +325,7 @@ def test_a_full_queue_refuses_new_jobs_with_resource_exhausted(manual, workspace
     assert not accepted.done
 
 
-def test_a_hanging_task_is_reclaimed_after_its_lease(redis_server, s3_server, workspace, monkeypatch):  # noqa: F811
+def test_a_hanging_task_is_reclaimed_after_its_lease(redis_server, s3_server, workspace, monkeypatch):
     """A task running past max_task_seconds stops being renewed; another worker reclaims it a
     lease later and finishes the job; the hung one, when it wakes, changes nothing."""
     import threading

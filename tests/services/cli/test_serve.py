@@ -22,11 +22,10 @@ from services.engine.model_io import load_model_and_tokenizer
 from services.engine.records import training_examples
 from services.errors import NotFoundError
 from services.gen.influence.v1 import common_pb2, gradient_service_pb2
-from tests.services.system.test_system import workspace  # noqa: F401
 from tests.support.reference import loop_gradients
 
 
-def test_cli_commands_run_through_a_deployed_system(served, workspace, tmp_path, capsys):  # noqa: F811
+def test_cli_commands_run_through_a_deployed_system(served, workspace, tmp_path, capsys):
     target, _ = served
     model, data = str(workspace / "model"), str(workspace / "train.jsonl")
     queries = tmp_path / "queries.jsonl"
@@ -89,7 +88,7 @@ def test_cli_commands_run_through_a_deployed_system(served, workspace, tmp_path,
         assert len(kinds) >= 4  # register (once: the same data is reused by fit, score and self), fit, score, self
 
 
-def test_stream_blocks_are_the_per_sequence_gradients(served, workspace):  # noqa: F811
+def test_stream_blocks_are_the_per_sequence_gradients(served, workspace):
     target, _ = served
     model_dir = str(workspace / "model")
     with InfluenceClient(target) as client:

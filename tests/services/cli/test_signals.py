@@ -112,7 +112,7 @@ def test_an_interrupt_while_a_job_is_being_created_is_held_until_the_job_is_name
     interrupt until it knows the name, then raises it."""
     import uuid
 
-    from tests.services.system.test_system import Cluster, make_examples, write_jsonl
+    from tests.support.system import Cluster, make_examples, write_jsonl
 
     tokenizer = build_word_tokenizer(WORDS)
     save_model_dir(build_tiny_model("gpt2", len(tokenizer), d_model=16, seed=0), tokenizer, tmp_path / "model")

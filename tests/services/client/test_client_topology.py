@@ -25,7 +25,6 @@ from services.jobs.connection import connect
 from services.rpc.server import BackgroundServer
 from services.storage import LocalStore
 from services.system.runner import Worker
-from tests.services.system.test_system import workspace  # noqa: F401
 
 
 @pytest.fixture
@@ -45,7 +44,7 @@ def one_server_per_service(redis_server, tmp_path):
         server.stop()
 
 
-def test_per_service_targets_run_a_whole_job_each_call_on_its_own_service(one_server_per_service, workspace):  # noqa: F811
+def test_per_service_targets_run_a_whole_job_each_call_on_its_own_service(one_server_per_service, workspace):
     targets = one_server_per_service
     model = str(workspace / "model")
     with InfluenceClient(
@@ -115,7 +114,7 @@ def system_only_modules() -> set[str]:
     return modules
 
 
-def test_the_client_runs_without_torch_or_any_server_side_package(one_server_per_service, workspace):  # noqa: F811
+def test_the_client_runs_without_torch_or_any_server_side_package(one_server_per_service, workspace):
     """A client process that cannot import any package of the `system` extra (torch,
     transformers, redis, minio, safetensors, ...: an import raises) registers, fits, scores and
     downloads through the services."""

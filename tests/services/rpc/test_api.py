@@ -16,7 +16,6 @@ from services.client import InfluenceClient, model_spec
 from services.errors import InputError, NotFoundError
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.storage import S3Store
-from tests.services.system.test_system import workspace  # noqa: F401
 
 
 def _rich_status(error: grpc.RpcError) -> status_pb2.Status:
@@ -34,7 +33,7 @@ def _unpacked(status: status_pb2.Status, kind):
 
 
 @pytest.fixture(scope="module")
-def scored(served, workspace):  # noqa: F811
+def scored(served, workspace):
     """A dataset, a KFAC factor set and two score results on the served system."""
     target, _ = served
     queries = [query_service_pb2.Query(id="q", prompt="w1 w2", completion="w3")]
@@ -171,7 +170,7 @@ def test_resume_outside_the_artifact_is_refused(scored):
             assert [v.field for v in violations] == [field]
 
 
-def test_a_dataset_registers_from_an_s3_uri_without_passing_through_the_api(scored, s3_server, workspace):  # noqa: F811
+def test_a_dataset_registers_from_an_s3_uri_without_passing_through_the_api(scored, s3_server, workspace):
     target, model, dataset, _, _ = scored
     bucket = "uploads-api-test"
     store = S3Store(s3_server.endpoint, bucket, s3_server.access_key, s3_server.secret_key)

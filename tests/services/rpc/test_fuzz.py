@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from services.engine.records import read_queries_jsonl, read_training_jsonl
 from services.errors import DomainError
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
-from tests.services.system.test_system import Cluster, workspace  # noqa: F401
+from tests.support.system import Cluster
 
 CLEAR = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -35,7 +35,7 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def target(redis_server, s3_server, workspace):  # noqa: F811
+def target(redis_server, s3_server, workspace):
     """A server with a dataset and a factor set, and no worker once they exist."""
     cluster = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"))
     model = str(workspace / "model")

@@ -22,8 +22,8 @@ from services.gen.influence.v1 import gradient_service_pb2, query_service_pb2
 from services.rpc.common import Limits
 from services.storage import S3Store
 from services.wire import REQUEST_LIMITS
-from tests.services.system.test_system import Cluster, workspace  # noqa: F401
 from tests.support.servers.influence import serving
+from tests.support.system import Cluster
 
 LIMITS = Limits(max_upload_bytes=400, max_queries=2, max_query_chars=20, max_top_k=5, max_dataset_sequences=10)
 
@@ -57,7 +57,7 @@ def refused(call, request, field: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def limited(redis_server, s3_server, workspace):  # noqa: F811
+def limited(redis_server, s3_server, workspace):
     """A server with LIMITS, a dataset of exactly max_dataset_sequences and a KFAC factor set."""
     cluster = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"), limits=LIMITS)
     model = model_spec(workspace / "model")
@@ -162,7 +162,7 @@ def test_serve_takes_each_limit_from_its_flag_or_env(monkeypatch, capsys):
     assert build_parser().parse_args(["worker"]).command == "worker"  # other commands are unaffected
 
 
-def test_influence_serve_applies_its_limits(redis_server, s3_server, workspace, tmp_path):  # noqa: F811
+def test_influence_serve_applies_its_limits(redis_server, s3_server, workspace, tmp_path):
     """The real process: --max-upload-bytes from the command line, the dataset limit from env."""
     model = model_spec(workspace / "model")
     limits = ("--max-upload-bytes", "400")

@@ -17,7 +17,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli import main
-from tests.services.system.test_system import workspace  # noqa: F401
 from tests.support.servers.ports import free_ports, wait_until
 from tests.support.servers.redis import RedisServer
 
@@ -88,7 +87,7 @@ def observed_server(tmp_path):
         redis.cleanup()
 
 
-def test_metrics_health_and_logs_follow_the_work_and_the_dependencies(observed_server, workspace, tmp_path):  # noqa: F811
+def test_metrics_health_and_logs_follow_the_work_and_the_dependencies(observed_server, workspace, tmp_path):
     server = observed_server
     before = scrape(server["metrics_port"])
     assert sample(before, "influence_up", dependency="redis") == 1

@@ -28,7 +28,6 @@ from services.client import InfluenceClient
 from services.errors import InputError, NotFoundError, ResourceExhaustedError, UnauthenticatedError, UnavailableError
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.storage import open_store
-from tests.services.system.test_system import workspace  # noqa: F401
 from tests.support.servers.certs import make_certificates
 from tests.support.servers.ports import free_ports, wait_until
 
@@ -110,7 +109,7 @@ class Serve:
 
 
 @pytest.fixture(scope="module")
-def secured(redis_server, s3_server, tmp_path_factory, workspace):  # noqa: F811
+def secured(redis_server, s3_server, tmp_path_factory, workspace):
     """A server with tokens for alice and bob, one in-process worker, logging at debug level,
     loading models only from under the test workspace."""
     directory = tmp_path_factory.mktemp("secured")
@@ -170,7 +169,7 @@ def test_every_call_but_health_and_reflection_needs_a_valid_token(secured):
         assert isinstance(alice.list_datasets(), list)
 
 
-def test_tenants_cannot_list_read_use_cancel_or_delete_each_others_work(secured, workspace):  # noqa: F811
+def test_tenants_cannot_list_read_use_cancel_or_delete_each_others_work(secured, workspace):
     model = str(workspace / "model")
     train = (workspace / "train.jsonl").read_bytes()
     with client_of(secured, "alice") as alice, client_of(secured, "bob") as bob:
@@ -286,7 +285,7 @@ def test_tokens_rotate_without_a_restart(secured):
         time.sleep(1.5)
 
 
-def test_the_cli_sends_the_token_from_the_environment(secured, workspace, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_the_cli_sends_the_token_from_the_environment(secured, workspace, tmp_path, monkeypatch, capsys):
     arguments = [
         "fit",
         "--server",
@@ -356,7 +355,7 @@ def pickled_model(directory: Path, source: Path, marker: Path) -> Path:
     return directory
 
 
-def test_models_load_only_from_the_roots_without_probing_and_never_from_pickles(secured, workspace, tmp_path):  # noqa: F811
+def test_models_load_only_from_the_roots_without_probing_and_never_from_pickles(secured, workspace, tmp_path):
     model = str(workspace / "model")
     outside = tmp_path / "outside-model"
     outside.mkdir()
@@ -388,7 +387,7 @@ def test_models_load_only_from_the_roots_without_probing_and_never_from_pickles(
         assert not marker.exists()
 
 
-def test_a_model_s_own_code_never_runs_unless_allowed(tmp_path, workspace):  # noqa: F811
+def test_a_model_s_own_code_never_runs_unless_allowed(tmp_path, workspace):
     import shutil
 
     from services.engine.model_io import ModelAccess, load_model_and_tokenizer, set_model_access
@@ -497,7 +496,7 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_of_the_ca(mutual_tls,
         InfluenceClient(mutual_tls.target, tls_ca=str(certificates.ca), tls_cert=str(certificates.client_cert))
 
 
-def test_queued_work_is_limited_per_tenant(mutual_tls, certificates, workspace):  # noqa: F811
+def test_queued_work_is_limited_per_tenant(mutual_tls, certificates, workspace):
     tls = {
         "tls_ca": str(certificates.ca),
         "tls_cert": str(certificates.client_cert),

@@ -20,8 +20,7 @@ from services.gen.influence.v1 import common_pb2, factor_service_pb2
 from services.storage import LocalStore
 from services.system.context import WorkerContext
 from services.system.runner import Worker
-from tests.services.system.test_system import workspace  # noqa: F401
-from tests.services.system.test_worker_runtime import registered
+from tests.support.stepping import registered
 
 
 def take(worker: Worker, kind: str):
@@ -35,7 +34,7 @@ def take(worker: Worker, kind: str):
     raise AssertionError(f"no {kind} task within 20 s")
 
 
-def test_a_cpu_worker_leaves_cuda_tasks_and_runs_deviceless_ones_on_cpu(workspace):  # noqa: F811
+def test_a_cpu_worker_leaves_cuda_tasks_and_runs_deviceless_ones_on_cpu(workspace):
     with EmbeddedSystem(workers=0, lease_seconds=0.5) as system, InfluenceClient(system.target) as client:
         cpu = Worker(system.system, consumer="cpu-0", context=WorkerContext(system.system.store, device="cpu"))
         assert cpu.context.device == "cpu"

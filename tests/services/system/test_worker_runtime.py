@@ -32,21 +32,12 @@ from services.rpc.server import BackgroundServer
 from services.storage import LocalStore
 from services.system.context import WorkerContext
 from services.system.runner import Worker
-from tests.faults.test_faults import step
-from tests.services.system.test_system import QUERIES, workspace  # noqa: F401
-
-
-def registered(client, worker, model, data, shard_size):
-    operation = client.gradients.RegisterDataset(
-        gradient_service_pb2.RegisterDatasetRequest(model=model, jsonl=data, shard_size=shard_size)
-    )
-    step(worker, "register")
-    operation = client.operations.GetOperation(operations_pb2.GetOperationRequest(name=operation.name))
-    return client.unpack(operation, gradient_service_pb2.Dataset)
+from tests.support.stepping import registered, step
+from tests.support.system import QUERIES
 
 
 @pytest.mark.parametrize("cache_gib", [None, 0.0], ids=["worker budget", "cache_gib=0"])
-def test_a_cancelled_fit_releases_its_capture_cache_and_cache_gib_is_honoured(workspace, cache_gib):  # noqa: F811
+def test_a_cancelled_fit_releases_its_capture_cache_and_cache_gib_is_honoured(workspace, cache_gib):
     model = common_pb2.ModelSpec(path=str(workspace / "model"))
     with EmbeddedSystem(workers=0, lease_seconds=0.5) as system, InfluenceClient(system.target) as client:
         worker = Worker(system.system, consumer="A")
@@ -66,7 +57,7 @@ def test_a_cancelled_fit_releases_its_capture_cache_and_cache_gib_is_honoured(wo
         assert worker.context.captures.bytes == 0 and not worker.context.captures.jobs()
 
 
-def test_capture_caches_share_one_budget_per_worker(workspace, tmp_path):  # noqa: F811
+def test_capture_caches_share_one_budget_per_worker(workspace, tmp_path):
     """Two covariance shards on one worker whose budget holds one shard's captures, not two: the
     second cache gives up (its correction recomputes), the worker never holds more than its
     budget, and the published factors are the same bytes as with room for both."""
@@ -116,7 +107,7 @@ class StallingStore(LocalStore):
         return super().get_bytes(key)
 
 
-def test_a_stalled_store_read_delays_neither_health_checks_nor_other_callers_waits(workspace, tmp_path):  # noqa: F811
+def test_a_stalled_store_read_delays_neither_health_checks_nor_other_callers_waits(workspace, tmp_path):
     redis = EmbeddedRedis(tmp_path / "redis")
     store = StallingStore(tmp_path / "store")
     system = job_system(store, redis.client())
@@ -159,7 +150,7 @@ def test_a_stalled_store_read_delays_neither_health_checks_nor_other_callers_wai
         redis.stop()
 
 
-def test_damping_factor_zero_reaches_the_workers_and_self_influence_validates(workspace, tmp_path):  # noqa: F811
+def test_damping_factor_zero_reaches_the_workers_and_self_influence_validates(workspace, tmp_path):
     model_dir = str(workspace / "model")
     examples = read_training_jsonl(workspace / "train.jsonl")
     model, tokenizer = load_model_and_tokenizer(model_dir)
@@ -187,7 +178,7 @@ def test_damping_factor_zero_reaches_the_workers_and_self_influence_validates(wo
             client.compute_self_influence(model_dir, fitted.name, dataset.name, damping_factor=-0.5)
 
 
-def test_a_fit_on_max_examples_counts_only_their_tokens(workspace):  # noqa: F811
+def test_a_fit_on_max_examples_counts_only_their_tokens(workspace):
     model_dir = str(workspace / "model")
     examples = read_training_jsonl(workspace / "train.jsonl")
     model, tokenizer = load_model_and_tokenizer(model_dir)
@@ -200,7 +191,7 @@ def test_a_fit_on_max_examples_counts_only_their_tokens(workspace):  # noqa: F81
             assert local.n_tokens == sum(len(tokenizer(e.text)["input_ids"]) for e in examples[:6])
 
 
-def test_fingerprints_are_remembered_per_model_object_not_per_id(workspace):  # noqa: F811
+def test_fingerprints_are_remembered_per_model_object_not_per_id(workspace):
     model, _ = load_model_and_tokenizer(str(workspace / "model"))
     engine_score._fingerprint(model, ["transformer.h.0.mlp.c_fc"])
     assert model in engine_score._FINGERPRINTS
@@ -218,7 +209,7 @@ def test_the_container_memory_limit_bounds_the_default_budget(tmp_path):
     assert cgroup_limit_bytes([tmp_path / "absent"]) is None
 
 
-def test_a_one_task_fit_reports_each_step_with_its_units(workspace):  # noqa: F811
+def test_a_one_task_fit_reports_each_step_with_its_units(workspace):
     """Operation metadata carries the running task's step: a one-shard K-FAC fit ends on its
     eigendecomposition with every module done, reported in modules."""
     model = common_pb2.ModelSpec(path=str(workspace / "model"))
