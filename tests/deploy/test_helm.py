@@ -30,6 +30,8 @@ from tests.support.helm import (
     validate,
 )
 
+pytestmark = pytest.mark.needs_helm  # every test renders or lints the chart
+
 SELECTOR_KEYS = {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"}
 
 

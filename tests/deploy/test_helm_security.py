@@ -4,7 +4,11 @@ the model roots and the quota in the ConfigMap."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.helm import env, get, pod, render, render_fails
+
+pytestmark = pytest.mark.needs_helm  # every test renders the chart
 
 # the pods that serve the API: the one entry point (per-role Deployments are opt-in)
 API_PODS = ("api",)

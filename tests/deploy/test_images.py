@@ -125,6 +125,7 @@ def test_chart_defaults_match_the_images():
 
 
 @pytest.mark.parametrize("values", VALUE_SETS)
+@pytest.mark.needs_helm
 def test_rendered_args_and_images_fit_the_cli(values):
     """Each container of each rendered workload: the image is the CPU or CUDA one, its args parse
     with the real CLI parser, and the scratch emptyDir sits where the image writes."""
@@ -163,6 +164,7 @@ def test_cli_help_lists_the_flags_the_chart_uses():
             assert flag in result.stdout, (command, flag)
 
 
+@pytest.mark.needs_helm
 def test_every_environment_variable_the_chart_sets_is_read_by_the_code():
     docs = render("default.yaml")
     names = set()

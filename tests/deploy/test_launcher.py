@@ -147,6 +147,7 @@ COMPLETE = [
 ]
 
 
+@pytest.mark.needs_helm
 def test_launch_creates_an_indexed_job_of_the_pools_pods_watches_it_and_deletes_it():
     deployment = chart_deployment("full.yaml", "worker-gpu")
     name = deployment["metadata"]["name"]
@@ -173,6 +174,7 @@ def test_launch_creates_an_indexed_job_of_the_pools_pods_watches_it_and_deletes_
     assert [method for method, _ in fake.requests] == ["GET", "POST", "GET", "DELETE"]
 
 
+@pytest.mark.needs_helm
 def test_a_failed_job_is_reported_and_still_deleted():
     deployment = chart_deployment("default.yaml", "worker-cpu")
     failed = [{"active": 2}, {"failed": 4, "conditions": [{"type": "Failed", "status": "True"}]}]
@@ -183,6 +185,7 @@ def test_a_failed_job_is_reported_and_still_deleted():
     kubernetes_validate.validate(fake.created[0], KUBERNETES, strict=True)
 
 
+@pytest.mark.needs_helm
 def test_a_job_that_never_ends_times_out_and_is_deleted():
     deployment = chart_deployment("default.yaml", "worker-gpu")
     with FakeKubernetes({deployment["metadata"]["name"]: deployment}, [{"active": 1}]) as fake:
@@ -194,6 +197,7 @@ def test_a_job_that_never_ends_times_out_and_is_deleted():
     assert [name for name, _ in fake.deleted] == [result.job]
 
 
+@pytest.mark.needs_helm
 def test_missing_pool_and_missing_rights_are_clear_errors():
     with FakeKubernetes({}, COMPLETE) as fake:
         launcher = Launcher(fake.api_client(), NAMESPACE)
@@ -207,6 +211,8 @@ def test_missing_pool_and_missing_rights_are_clear_errors():
         job_manifest(chart_deployment("default.yaml", "api"), "operations/x", 1)
 
 
+@pytest.mark.needs_servers
+@pytest.mark.needs_helm
 def test_the_launcher_sizes_the_job_to_a_real_operations_shards(workspace, tmp_path):
     """End to end through `python -m services.launcher`: shards from a real fit over gRPC, the Job
     through a kubeconfig pointing at the fake API."""
@@ -236,6 +242,7 @@ def test_the_launcher_sizes_the_job_to_a_real_operations_shards(workspace, tmp_p
         assert pool_deployment_name("rel-influence", "gpu") == deployment["metadata"]["name"]
 
 
+@pytest.mark.needs_servers
 def test_a_launched_worker_stops_when_its_operation_ends(workspace):
     model = common_pb2.ModelSpec(path=str(workspace / "model"))
     with EmbeddedSystem(workers=0) as system, InfluenceClient(system.target) as client:
@@ -254,6 +261,7 @@ def test_a_launched_worker_stops_when_its_operation_ends(workspace):
         assert gone.wait(5)
 
 
+@pytest.mark.needs_helm
 def test_the_chart_renders_the_launchers_least_privilege():
     docs = render("everything.yaml")
     role = next(d for d in docs if d["kind"] == "Role")

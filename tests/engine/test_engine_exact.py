@@ -217,6 +217,7 @@ def test_sign_positive_score_means_upweighting_makes_completion_more_likely():
 
 
 @pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
+@pytest.mark.needs_servers
 def test_the_service_system_reproduces_the_exact_damped_ggn(strategy, tmp_path):
     """The factorising bigram case through the whole system: a float64 checkpoint loaded by the
     workers, the data in four shards (per-shard partial sums, eigendecomposition, correction,

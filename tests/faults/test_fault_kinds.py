@@ -229,6 +229,7 @@ def _results(store) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.slow
 def test_a_worker_killed_in_any_kind_of_task_changes_no_published_byte(
     redis_server,
     s3_server,

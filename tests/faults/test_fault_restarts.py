@@ -176,6 +176,7 @@ def manifest_files(directory) -> dict:
     return json.loads((directory / "manifest.json").read_text())["files"]
 
 
+@pytest.mark.slow
 def test_the_cli_rides_out_an_api_server_restart_and_wait_reattaches(deployment, fit_inputs, tmp_path):
     fit = start_fit(deployment, fit_inputs, tmp_path / "out")
     try:
@@ -208,6 +209,7 @@ def _kind(operation) -> str:
     return metadata.kind
 
 
+@pytest.mark.slow
 def test_a_job_survives_redis_killed_and_restarted_from_its_append_only_file(deployment, fit_inputs, tmp_path):
     fit = start_fit(deployment, fit_inputs, tmp_path / "out")
     try:

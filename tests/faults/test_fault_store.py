@@ -56,6 +56,7 @@ def factor_bytes(cluster: Cluster, name: str, directory) -> dict:
     return found
 
 
+@pytest.mark.slow
 def test_a_short_store_outage_is_ridden_out_and_a_long_one_fails_clearly(
     redis_server,
     private_s3,

@@ -101,6 +101,7 @@ def test_an_unexpected_exception_is_internal_with_one_line():
     assert errors.message_of(RuntimeError("first\nsecond")) == "first"
 
 
+@pytest.mark.needs_servers
 def test_redis_down_is_unavailable_and_a_retry_after_it_returns_succeeds(tmp_path):
     """A real redis-server stops under an embedded system: calls get UNAVAILABLE (not INTERNAL);
     the client's bounded retries carry a create call across a short outage."""
@@ -135,6 +136,7 @@ def test_redis_down_is_unavailable_and_a_retry_after_it_returns_succeeds(tmp_pat
         redis.cleanup()
 
 
+@pytest.mark.slow
 def test_the_cli_exit_codes_follow_the_table(tmp_path, capsys):
     """2 for the user's input, 1 when the system is unreachable (after the client's bounded retries)."""
     from services.cli import main

@@ -128,6 +128,8 @@ def check_against_the_engine(family: str, model_dir: Path, root: Path, out: Path
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.needs_servers
+@pytest.mark.slow
 def test_fit_score_self_embedded(zoo, family, tmp_path):
     root, models = zoo
     fit_score_self(family, models[family], root, tmp_path, server=None)

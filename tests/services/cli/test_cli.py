@@ -80,6 +80,7 @@ def run(args: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.mark.needs_servers
 def test_score_writes_the_documented_files_and_equals_the_engine(workspace, tmp_path, capsys):
     out = tmp_path / "scores"
     code, _ = run(
@@ -131,6 +132,7 @@ def test_score_writes_the_documented_files_and_equals_the_engine(workspace, tmp_
     assert torch.allclose(tensors["scores"], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.needs_servers
 def test_self_writes_one_score_per_training_sequence(workspace, tmp_path, capsys):
     code, _ = run(
         [
@@ -154,6 +156,7 @@ def test_self_writes_one_score_per_training_sequence(workspace, tmp_path, capsys
     assert top[0]["score"] == pytest.approx(float(scores.max()), rel=1e-6)
 
 
+@pytest.mark.needs_servers
 def test_fit_shows_progress_and_writes_a_manifest(workspace, tmp_path, capsys):
     code, err = run(
         [
@@ -318,6 +321,7 @@ def bad_cases(workspace: Path, tmp: Path):
         "cuda without cuda",
     ],
 )
+@pytest.mark.needs_servers
 def test_bad_input_gets_one_line_and_exit_code_2(workspace, tmp_path, capsys, case):
     args, expected = bad_cases(workspace, tmp_path)[case]
     code, err = run(args, capsys)
@@ -331,6 +335,7 @@ def test_bad_input_gets_one_line_and_exit_code_2(workspace, tmp_path, capsys, ca
     assert errors[0].startswith(f"influence {args[0]}: error: ") and expected in errors[0], errors[0]
 
 
+@pytest.mark.needs_servers
 def test_the_installed_entry_point_reports_errors_without_a_traceback(workspace, tmp_path):
     """The real console script, in a fresh process, offline."""
     executable = Path(sys.executable).with_name("influence")
@@ -360,6 +365,7 @@ def test_the_installed_entry_point_reports_errors_without_a_traceback(workspace,
     ]
 
 
+@pytest.mark.needs_servers
 def test_the_foreground_embedded_system_works_on_the_callers_thread(workspace, monkeypatch):
     """EmbeddedSystem.run: tasks run on the calling thread (the one that may own torch's OpenMP
     team), the body on a helper thread; the body's result and its errors come back to the caller."""
@@ -389,6 +395,8 @@ def test_the_foreground_embedded_system_works_on_the_callers_thread(workspace, m
     assert seen == [("register", True, runner.available_cores())]
 
 
+@pytest.mark.needs_servers
+@pytest.mark.slow
 def test_the_demo_runs_end_to_end(tmp_path, capsys):
     """The README's main job, with a briefly trained model: every query is answered with its
     top-5 training sequences, and the summary is written."""

@@ -24,6 +24,8 @@ from services.storage.manifest import MANIFEST, FileEntry, sha256_bytes
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 
+pytestmark = pytest.mark.needs_servers  # every test runs the CLI's embedded system
+
 WORDS = [f"w{i}" for i in range(30)]
 
 

@@ -25,6 +25,7 @@ from services.gen.influence.v1 import common_pb2, gradient_service_pb2
 from tests.support.reference import loop_gradients
 
 
+@pytest.mark.slow
 def test_cli_commands_run_through_a_deployed_system(served, workspace, tmp_path, capsys):
     target, _ = served
     model, data = str(workspace / "model"), str(workspace / "train.jsonl")

@@ -20,6 +20,8 @@ from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 from tests.support.servers.ports import wait_until
 
+pytestmark = pytest.mark.needs_servers  # every test interrupts a running fit: embedded, or on a server
+
 WORDS = [f"w{i}" for i in range(200)]
 
 

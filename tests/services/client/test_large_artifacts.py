@@ -26,6 +26,8 @@ from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 from tests.support.numerics import FLOAT32, assert_close
 
+pytestmark = pytest.mark.needs_servers  # every test scores or uploads through a system
+
 OLD_CAP = 256 * 2**20
 WORDS = [f"w{i}" for i in range(30)]
 
@@ -83,6 +85,7 @@ def expected_scores(big) -> torch.Tensor:
     return compute_scores(model, tokenizer, load_factors(big / "factors"), examples, queries, ScoreConfig()).scores
 
 
+@pytest.mark.slow
 def test_a_factor_set_over_the_old_cap_scores_in_embedded_mode_without_copies(big, tmp_path):
     manifest = big / "factors" / "manifest.json"
     before = manifest.stat().st_mtime_ns
@@ -90,6 +93,7 @@ def test_a_factor_set_over_the_old_cap_scores_in_embedded_mode_without_copies(bi
     assert manifest.stat().st_mtime_ns == before and (big / "factors").is_dir(), "the directory is used in place"
 
 
+@pytest.mark.slow
 def test_a_factor_set_over_the_old_cap_uploads_in_chunks_to_a_server(big, served, tmp_path):
     target, _ = served
     assert_close(score(big, tmp_path / "first", target), expected_scores(big), FLOAT32, "server scores")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from tests.support import ROOT
 from tests.support.families import build_family_model, sentences
 
@@ -16,6 +18,7 @@ def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", markdown, flags=re.S | re.M)
 
 
+@pytest.mark.slow
 def test_the_tutorial_runs_as_written(served, tmp_path, monkeypatch, capsys):
     target, _ = served
     build_family_model("gpt2", tmp_path / "model")

@@ -136,6 +136,7 @@ def test_a_redis_restart_loses_no_task_and_no_operation(redis_server):
     assert queue.take(["score"], "after", block_ms=100).payload == b"survives"
 
 
+@pytest.mark.needs_servers
 def test_embedded_redis_supports_the_same_primitives(tmp_path):
     server = EmbeddedRedis(tmp_path)
     try:
@@ -153,6 +154,7 @@ def test_embedded_redis_supports_the_same_primitives(tmp_path):
         assert time.monotonic() - started < 2
 
 
+@pytest.mark.needs_servers
 def test_embedded_redis_keeps_its_state_across_owners(tmp_path):
     """A second owner adopts the server a killed owner left running; after a graceful stop, a
     new server replays the append-only file. Either way the queued task is still there."""

@@ -58,6 +58,7 @@ def redis_with_password():
         shutil.rmtree(directory, ignore_errors=True)
 
 
+@pytest.mark.needs_servers
 def test_the_system_connects_with_the_password_and_never_shows_it(redis_with_password, tmp_path):
     port, password = redis_with_password
     with connect(f"redis://:{password}@127.0.0.1:{port}/0", str(tmp_path / "store")) as system:

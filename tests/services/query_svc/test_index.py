@@ -17,6 +17,8 @@ from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 from tests.support.numerics import FLOAT32, assert_close
 
+pytestmark = pytest.mark.needs_servers  # the module's fit and index builds run the embedded system
+
 WORDS = [f"w{i}" for i in range(40)]
 
 
@@ -155,6 +157,7 @@ def test_tfidf_scores_only_each_querys_candidates_exactly(ws, tmp_path):
         assert all(bool(scored[row, ids.index(entry["id"])]) for entry in query["top"])
 
 
+@pytest.mark.slow
 def test_an_index_built_on_a_server_scores_there(ws, served, tmp_path):
     _, paths = ws
     target, _ = served

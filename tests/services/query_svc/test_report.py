@@ -21,6 +21,8 @@ from services.engine.records import read_queries_jsonl
 from services.query_svc.report_html import SECTIONS
 from tests.support.families import build_family_model, sentences
 
+pytestmark = pytest.mark.needs_servers  # the module's fit and score run the embedded system
+
 TOP_K = 4
 CHROMIUM = "/usr/bin/chromium"
 
@@ -191,6 +193,7 @@ def test_bad_report_arguments_are_one_line_errors(scored, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_query_service_returns_the_report_as_a_result_file(scored, served, tmp_path):
     """ComputeScoresRequest.report: report.html among the result's files, the same page the CLI
     makes of the downloaded result."""
@@ -222,6 +225,8 @@ def _pixels(path: Path) -> np.ndarray:
     return matplotlib.image.imread(str(path))[..., :3]
 
 
+@pytest.mark.needs_browser
+@pytest.mark.slow
 def test_the_report_in_headless_chromium(scored, tmp_path):
     from playwright.sync_api import sync_playwright
 

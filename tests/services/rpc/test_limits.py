@@ -162,6 +162,7 @@ def test_serve_takes_each_limit_from_its_flag_or_env(monkeypatch, capsys):
     assert build_parser().parse_args(["worker"]).command == "worker"  # other commands are unaffected
 
 
+@pytest.mark.slow
 def test_influence_serve_applies_its_limits(redis_server, s3_server, workspace, tmp_path):
     """The real process: --max-upload-bytes from the command line, the dataset limit from env."""
     model = model_spec(workspace / "model")

@@ -20,6 +20,8 @@ from services.cli import main
 from tests.support.servers.ports import free_ports, wait_until
 from tests.support.servers.redis import RedisServer
 
+pytestmark = [pytest.mark.needs_servers, pytest.mark.slow]  # a server of its own, stopped and restarted under it
+
 
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:

@@ -312,6 +312,7 @@ def test_the_cli_sends_the_token_from_the_environment(secured, workspace, tmp_pa
     assert json.loads((tmp_path / "f" / "manifest.json").read_text())["metadata"]["strategy"] == "diagonal"
 
 
+@pytest.mark.needs_servers
 def test_serve_refuses_a_bad_tokens_file(tmp_path):
     bad = tmp_path / "tokens.txt"
     bad.write_text("short alice\n")

@@ -52,7 +52,7 @@ def new_bucket() -> str:
     return f"test-{uuid.uuid4().hex[:16]}"
 
 
-@pytest.fixture(params=["local", "s3", "prefixed"])
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.needs_servers), "prefixed"])
 def store(request, tmp_path):
     if request.param == "local":
         return LocalStore(tmp_path / "store")
@@ -384,6 +384,8 @@ def test_wrong_credentials_are_a_clear_error_at_once(s3_server):
         assert time.monotonic() - started < 2  # an auth failure is not retried
 
 
+@pytest.mark.needs_servers
+@pytest.mark.slow
 def test_a_stopped_server_raises_storage_unavailable_after_bounded_retries(tmp_path):
     with S3Server() as server:
         store = S3Store(server.endpoint, new_bucket(), server.access_key, server.secret_key, retry=FAST_RETRY)

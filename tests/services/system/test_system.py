@@ -465,6 +465,7 @@ def test_a_task_that_keeps_failing_is_dead_lettered_and_fails_its_operation(redi
         cluster.close()
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_task_does_not_change_the_result(redis_server, s3_server, workspace, tmp_path):
     """SIGKILL a worker process during a covariance task; another worker reclaims the task after
     its lease and the factors equal those of an undisturbed run bit for bit."""

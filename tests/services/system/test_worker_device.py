@@ -34,6 +34,7 @@ def take(worker: Worker, kind: str):
     raise AssertionError(f"no {kind} task within 20 s")
 
 
+@pytest.mark.needs_servers
 def test_a_cpu_worker_leaves_cuda_tasks_and_runs_deviceless_ones_on_cpu(workspace):
     with EmbeddedSystem(workers=0, lease_seconds=0.5) as system, InfluenceClient(system.target) as client:
         cpu = Worker(system.system, consumer="cpu-0", context=WorkerContext(system.system.store, device="cpu"))

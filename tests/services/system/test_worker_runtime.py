@@ -37,6 +37,7 @@ from tests.support.system import QUERIES
 
 
 @pytest.mark.parametrize("cache_gib", [None, 0.0], ids=["worker budget", "cache_gib=0"])
+@pytest.mark.needs_servers
 def test_a_cancelled_fit_releases_its_capture_cache_and_cache_gib_is_honoured(workspace, cache_gib):
     model = common_pb2.ModelSpec(path=str(workspace / "model"))
     with EmbeddedSystem(workers=0, lease_seconds=0.5) as system, InfluenceClient(system.target) as client:
@@ -57,6 +58,7 @@ def test_a_cancelled_fit_releases_its_capture_cache_and_cache_gib_is_honoured(wo
         assert worker.context.captures.bytes == 0 and not worker.context.captures.jobs()
 
 
+@pytest.mark.needs_servers
 def test_capture_caches_share_one_budget_per_worker(workspace, tmp_path):
     """Two covariance shards on one worker whose budget holds one shard's captures, not two: the
     second cache gives up (its correction recomputes), the worker never holds more than its
@@ -107,6 +109,7 @@ class StallingStore(LocalStore):
         return super().get_bytes(key)
 
 
+@pytest.mark.needs_servers
 def test_a_stalled_store_read_delays_neither_health_checks_nor_other_callers_waits(workspace, tmp_path):
     redis = EmbeddedRedis(tmp_path / "redis")
     store = StallingStore(tmp_path / "store")
@@ -150,6 +153,7 @@ def test_a_stalled_store_read_delays_neither_health_checks_nor_other_callers_wai
         redis.stop()
 
 
+@pytest.mark.needs_servers
 def test_damping_factor_zero_reaches_the_workers_and_self_influence_validates(workspace, tmp_path):
     model_dir = str(workspace / "model")
     examples = read_training_jsonl(workspace / "train.jsonl")
@@ -178,6 +182,7 @@ def test_damping_factor_zero_reaches_the_workers_and_self_influence_validates(wo
             client.compute_self_influence(model_dir, fitted.name, dataset.name, damping_factor=-0.5)
 
 
+@pytest.mark.needs_servers
 def test_a_fit_on_max_examples_counts_only_their_tokens(workspace):
     model_dir = str(workspace / "model")
     examples = read_training_jsonl(workspace / "train.jsonl")
@@ -209,6 +214,7 @@ def test_the_container_memory_limit_bounds_the_default_budget(tmp_path):
     assert cgroup_limit_bytes([tmp_path / "absent"]) is None
 
 
+@pytest.mark.needs_servers
 def test_a_one_task_fit_reports_each_step_with_its_units(workspace):
     """Operation metadata carries the running task's step: a one-shard K-FAC fit ends on its
     eigendecomposition with every module done, reported in modules."""
