@@ -36,8 +36,9 @@ def workspace(tmp_path_factory) -> Path:
     return build_workspace(tmp_path_factory.mktemp("system"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster(redis_server, s3_server):
+    """One per module: its tests must not depend on what other tests left in it."""
     created = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"))
     yield created
     created.close()
