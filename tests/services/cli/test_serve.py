@@ -10,12 +10,12 @@ import time
 import grpc
 import pytest
 import torch
-from google.longrunning import operations_pb2
 from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file
 
 from services.cli import main
 from services.client import InfluenceClient
+from services.client.connection import operation_metadata
 from services.engine.data import tokenize_training
 from services.engine.fit import prepare_model
 from services.engine.model_io import load_model_and_tokenizer
@@ -23,11 +23,15 @@ from services.engine.records import training_examples
 from services.errors import NotFoundError
 from services.gen.influence.v1 import common_pb2, gradient_service_pb2
 from tests.support.reference import loop_gradients
+from tests.support.servers.influence import serving
+from tests.support.system import unique_jsonl
 
 
 @pytest.mark.slow
 def test_cli_commands_run_through_a_deployed_system(served, workspace, tmp_path, capsys):
     target, _ = served
+    with InfluenceClient(target) as client:
+        earlier = {operation.name for operation in client.list_operations()}
     model, data = str(workspace / "model"), str(workspace / "train.jsonl")
     queries = tmp_path / "queries.jsonl"
     queries.write_text(json.dumps({"id": "q", "prompt": "w1 w2", "completion": "w3"}) + "\n")
@@ -84,16 +88,24 @@ def test_cli_commands_run_through_a_deployed_system(served, workspace, tmp_path,
     )
     assert load_file(str(tmp_path / "x" / "scores.safetensors"))["scores"].shape == (23,)
     with InfluenceClient(target) as client:
-        listed = client.operations.ListOperations(operations_pb2.ListOperationsRequest(page_size=100))
-        kinds = [op.name for op in listed.operations if op.done]
-        assert len(kinds) >= 4  # register (once: the same data is reused by fit, score and self), fit, score, self
+        ours = [operation for operation in client.list_operations() if operation.name not in earlier]
+    assert all(operation.done and not operation.HasField("error") for operation in ours)
+    # a register_dataset too, unless the server had the data already (fit, score and self reuse it)
+    kinds = sorted(operation_metadata(operation).kind for operation in ours)
+    assert [kind for kind in kinds if kind != "register_dataset"] == [
+        "compute_scores",
+        "compute_self_influence",
+        "fit_factors",
+    ]
+    assert kinds.count("register_dataset") <= 1
 
 
 def test_stream_blocks_are_the_per_sequence_gradients(served, workspace):
     target, _ = served
     model_dir = str(workspace / "model")
     with InfluenceClient(target) as client:
-        dataset = client.register_dataset(model_dir, workspace / "train.jsonl", shard_size=10)
+        # data of its own: the dataset is deleted below, on a server other tests share
+        dataset = client.register_dataset(model_dir, unique_jsonl(workspace), shard_size=10)
         blocks = list(
             client.gradients.StreamBlocks(
                 gradient_service_pb2.StreamBlocksRequest(
@@ -132,9 +144,9 @@ def test_stream_blocks_are_the_per_sequence_gradients(served, workspace):
             client.delete_dataset(dataset.name)
 
 
-def test_serve_stops_gracefully_on_sigterm(served):
-    _, process = served
-    process.send_signal(signal.SIGTERM)
-    started = time.monotonic()
-    assert process.wait(30) == 0
-    assert time.monotonic() - started < 20
+def test_serve_stops_gracefully_on_sigterm(redis_server, s3_server, tmp_path):
+    with serving(redis_server, s3_server, tmp_path / "state") as (_, process):
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert process.wait(30) == 0
+        assert time.monotonic() - started < 20

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import uuid
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from google.longrunning import operations_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from services.client import InfluenceClient, model_spec
+from services.client.connection import operation_metadata
 from services.errors import InputError, NotFoundError
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.storage import S3Store
@@ -32,17 +34,20 @@ def _unpacked(status: status_pb2.Status, kind):
     raise AssertionError(f"no {kind.DESCRIPTOR.name} in {status}")
 
 
+QUERIES = [query_service_pb2.Query(id="q", prompt="w1 w2", completion="w3")]
+
+
 @pytest.fixture(scope="module")
 def scored(served, workspace):
-    """A dataset, a KFAC factor set and two score results on the served system."""
+    """A dataset, a KFAC factor set and a score result on the served system, which the tests only
+    read (a test that deletes makes its own)."""
     target, _ = served
-    queries = [query_service_pb2.Query(id="q", prompt="w1 w2", completion="w3")]
     with InfluenceClient(target) as client:
         model = model_spec(workspace / "model")
         dataset = client.register_dataset(model, workspace / "train.jsonl")
         factor_set = client.fit_factors(model, dataset.name, strategy="kfac", fisher="empirical")
-        results = [client.compute_scores(model, factor_set.name, dataset.name, queries, top_k=3) for _ in range(2)]
-    return target, model, dataset, factor_set, results
+        result = client.compute_scores(model, factor_set.name, dataset.name, QUERIES, top_k=3)
+    return target, model, dataset, factor_set, result
 
 
 def test_enums_travel_as_enums_and_unknown_values_are_refused_with_rich_details(scored):
@@ -71,9 +76,9 @@ def test_a_word_the_enum_lacks_is_refused_before_anything_is_sent(scored):
 
 
 def test_results_are_listed_in_opaque_pages_and_can_be_deleted(scored):
-    target, _, _, _, results = scored
-    names = [result.name for result in results]  # the first is deleted here; later tests use the last
+    target, model, dataset, factor_set, _ = scored
     with InfluenceClient(target) as client:
+        names = [client.compute_scores(model, factor_set.name, dataset.name, QUERIES, top_k=3).name for _ in range(2)]
         first = client.queries.ListScoreResults(query_service_pb2.ListScoreResultsRequest(page_size=1))
         assert len(first.score_results) == 1 and first.next_page_token
         assert not first.next_page_token.isdigit()  # opaque, not an offset
@@ -92,6 +97,7 @@ def test_results_are_listed_in_opaque_pages_and_can_be_deleted(scored):
             client.delete_result(names[0])
         assert names[0] not in [result.name for result in client.list_results()]
         assert names[1] in [result.name for result in client.list_results()]
+        client.delete_result(names[1])
 
 
 def test_the_last_page_is_never_empty(scored):
@@ -105,14 +111,22 @@ def test_the_last_page_is_never_empty(scored):
 def test_operations_filter_is_aip160_and_unknown_terms_are_refused(scored):
     target, *_ = scored
     with InfluenceClient(target) as client:
-        listed = client.operations.ListOperations(
-            operations_pb2.ListOperationsRequest(filter='kind = "compute_scores" AND state = SUCCEEDED', page_size=50)
-        )
-        assert len(listed.operations) >= 2
-        for operation in listed.operations:
-            metadata = common_pb2.OperationMetadata()
-            operation.metadata.Unpack(metadata)
-            assert metadata.kind == "compute_scores"
+        request = operations_pb2.ListOperationsRequest(filter='kind = "compute_scores" AND state = SUCCEEDED')
+        filtered = []
+        while True:
+            page = client.operations.ListOperations(request)
+            filtered += [operation.name for operation in page.operations]
+            if not page.next_page_token:
+                break
+            request.page_token = page.next_page_token
+        expected = [
+            operation.name
+            for operation in client.list_operations()  # all of them, filtered here
+            if operation_metadata(operation).kind == "compute_scores"
+            and operation.done
+            and not operation.HasField("error")
+        ]
+        assert expected and sorted(filtered) == sorted(expected)  # the module's score, at least
         for bad in ("owner = me", "kind = nonsense", "kind ~ fit"):
             with pytest.raises(grpc.RpcError) as raised:
                 client.operations.ListOperations(operations_pb2.ListOperationsRequest(filter=bad))
@@ -120,8 +134,8 @@ def test_operations_filter_is_aip160_and_unknown_terms_are_refused(scored):
 
 
 def test_a_broken_file_stream_resumes_where_it_stopped(scored, tmp_path):
-    target, _, _, _, results = scored
-    name = results[-1].name
+    target, _, _, _, result = scored
+    name = result.name
     with InfluenceClient(target) as client:
         clean = client.download_result(name, tmp_path / "clean")
         real = client.queries.StreamResultFiles
@@ -152,13 +166,13 @@ def test_a_broken_file_stream_resumes_where_it_stopped(scored, tmp_path):
 
 
 def test_resume_outside_the_artifact_is_refused(scored):
-    target, _, _, _, results = scored
+    target, _, _, _, result = scored
     with InfluenceClient(target) as client:
         for request, field in (
-            (common_pb2.StreamArtifactFilesRequest(name=results[-1].name, resume_file="nope.bin"), "resume_file"),
+            (common_pb2.StreamArtifactFilesRequest(name=result.name, resume_file="nope.bin"), "resume_file"),
             (
                 common_pb2.StreamArtifactFilesRequest(
-                    name=results[-1].name, resume_file="results.json", resume_offset=10**9
+                    name=result.name, resume_file="results.json", resume_offset=10**9
                 ),
                 "resume_offset",
             ),
@@ -172,7 +186,7 @@ def test_resume_outside_the_artifact_is_refused(scored):
 
 def test_a_dataset_registers_from_an_s3_uri_without_passing_through_the_api(scored, s3_server, workspace):
     target, model, dataset, _, _ = scored
-    bucket = "uploads-api-test"
+    bucket = f"uploads-{uuid.uuid4().hex[:8]}"
     store = S3Store(s3_server.endpoint, bucket, s3_server.access_key, s3_server.secret_key)
     store.put_bytes("corpora/train.jsonl", (workspace / "train.jsonl").read_bytes())
     store.put_bytes("corpora/broken.jsonl", b'{"text": "w1 w2"}\n{"text": "w3 \xff"}\n')

@@ -64,8 +64,11 @@ def serving(redis_server, s3_server, state: Path, args: tuple[str, ...] = (), en
         _stop(process)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served(redis_server, s3_server, tmp_path_factory):
+    """One `influence serve` for the session: tests name what they make uniquely (or find it by
+    the names they were given), cancel what they leave running, and never stop it (a test that
+    stops a server starts its own with `serving`)."""
     with serving(redis_server, s3_server, tmp_path_factory.mktemp("serve")) as started:
         yield started
 
