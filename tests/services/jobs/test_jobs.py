@@ -13,9 +13,10 @@ from services.jobs.connection import EmbeddedRedis, connect, process_running
 from services.jobs.ended import EndedWatcher
 from services.jobs.operations import OperationStore
 from services.jobs.queue import LeaseKeeper, TaskQueue
+from tests.support.clock import ManualClock, age, idle_ms
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def redis(redis_server):
     return connect(redis_server.url)
 
@@ -25,20 +26,71 @@ def fresh(redis, **options):
     return TaskQueue(redis, prefix=prefix, **options), OperationStore(redis, prefix=prefix)
 
 
+LEASE = 30.0  # seconds: on the manual clock below, and in Redis only as far as `age` says
+
+
 def test_a_renewed_lease_keeps_a_task_and_an_expired_one_is_reclaimed(redis):
-    queue, _ = fresh(redis, lease_seconds=0.3)
+    """Three leases long, Redis's idle time on the task grows with the clock (`age`) and the
+    keeper renews it every lease/3: bob never gets it. After the keeper stops, a lease later, he
+    does, as a second delivery."""
+    clock = ManualClock()
+    queue, _ = fresh(redis, lease_seconds=LEASE, clock=clock)
     queue.enqueue("score", b"one")
     task = queue.take(["score"], "alice", block_ms=100)
     keeper = LeaseKeeper(queue, "alice")
     with keeper.holding(task):
-        time.sleep(0.9)  # three leases long
-        assert queue.take(["score"], "bob", block_ms=50) is None
+        clock.until_waiting(1)  # the keeper's thread
+        for _ in range(9):
+            age(queue, task, "alice", LEASE / 3)
+            clock.advance(LEASE / 3)  # returns once the keeper has renewed
+            assert idle_ms(queue, task) < LEASE * 1000 / 3, "renewed: idle from the renewal, not the delivery"
+            assert queue.take(["score"], "bob", block_ms=1) is None
     keeper.close()
-    time.sleep(0.4)  # now nobody renews it
-    reclaimed = queue.take(["score"], "bob", block_ms=50)
+    age(queue, task, "alice", LEASE)  # now nobody renews it
+    clock.advance(LEASE)
+    reclaimed = queue.take(["score"], "bob", block_ms=1)
     assert (reclaimed.payload, reclaimed.deliveries) == (b"one", 2)
     queue.ack(reclaimed)
     assert queue.depth("score") == 0
+
+
+def test_a_task_held_past_max_task_seconds_is_no_longer_renewed(redis):
+    """A hung task: the keeper renews it until it has run max_task_seconds, then lets its lease
+    lapse (another worker reclaims it a lease later)."""
+    clock = ManualClock()
+    queue, _ = fresh(redis, lease_seconds=LEASE, max_task_seconds=2 * LEASE, clock=clock)
+    queue.enqueue("score", b"hangs")
+    task = queue.take(["score"], "alice", block_ms=100)
+    keeper = LeaseKeeper(queue, "alice")
+    try:
+        with keeper.holding(task):
+            clock.until_waiting(1)
+            for _ in range(6):  # two leases: renewed at every tick
+                age(queue, task, "alice", LEASE / 3)
+                clock.advance(LEASE / 3)
+                assert idle_ms(queue, task) < LEASE * 1000 / 3
+            for tick in range(1, 4):  # past max_task_seconds: no renewal any more
+                age(queue, task, "alice", LEASE / 3)
+                clock.advance(LEASE / 3)
+                assert idle_ms(queue, task) >= tick * LEASE * 1000 / 3
+            reclaimed = queue.take(["score"], "bob", block_ms=1)
+            assert (reclaimed.message_id, reclaimed.deliveries) == (task.message_id, 2)
+    finally:
+        keeper.close()
+
+
+def test_expired_leases_are_looked_for_at_most_every_second(redis):
+    """take() scans for expired leases at most every min(1 s, lease/4) while it finds none: an
+    expired task is reclaimed at the next scan, not at once."""
+    clock = ManualClock()
+    queue, _ = fresh(redis, lease_seconds=LEASE, clock=clock)
+    queue.enqueue("merge", b"x")
+    task = queue.take(["merge"], "alice", block_ms=100)  # scanned (nothing expired), then read
+    age(queue, task, "alice", LEASE)
+    assert queue.take(["merge"], "bob", block_ms=1) is None, "no scan within the second"
+    clock.advance(1.0)
+    again = queue.take(["merge"], "bob", block_ms=1)
+    assert (again.message_id, again.deliveries) == (task.message_id, 2)
 
 
 def test_a_read_over_several_streams_loses_no_task_to_its_lease(redis):
@@ -140,10 +192,12 @@ def test_a_redis_restart_loses_no_task_and_no_operation(redis_server):
 def test_embedded_redis_supports_the_same_primitives(tmp_path):
     server = EmbeddedRedis(tmp_path)
     try:
-        queue = TaskQueue(server.client(), lease_seconds=0.2)
+        # The one real wait of these tests: that the embedded server's own idle time, which no
+        # clock of ours moves, expires a lease. 50 ms is a lease that elapses for sure in 60.
+        queue = TaskQueue(server.client(), lease_seconds=0.05)
         queue.enqueue("merge", b"x")
         first = queue.take(["merge"], "a", block_ms=50)
-        time.sleep(0.3)
+        time.sleep(0.06)
         again = queue.take(["merge"], "b", block_ms=50)
         assert (first.payload, again.deliveries) == (b"x", 2)
         queue.dead_letter(again, "gave up")

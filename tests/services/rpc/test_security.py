@@ -10,10 +10,10 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_s
 from services.storage import open_store
 from tests.support.servers.certs import make_certificates
 from tests.support.servers.ports import free_ports, wait_until
+from tests.support.system import unique_jsonl
 
 TOKENS = {"alice": secrets.token_hex(16), "bob": secrets.token_hex(16)}
 
@@ -165,21 +166,25 @@ def test_every_call_but_health_and_reflection_needs_a_valid_token(secured):
                     anonymous.queries.StreamScoreRows, query_service_pb2.StreamScoreRowsRequest(name="results/abc")
                 )
             )
-    with client_of(secured, "alice") as alice:
-        assert isinstance(alice.list_datasets(), list)
+    with client_of(secured, "alice") as alice:  # a valid token: alice's datasets, as the store holds them
+        published = {key.split("/")[3] for key in open_store(secured.store_url).list("tenants/alice/datasets/")}
+        assert sorted(dataset.name for dataset in alice.list_datasets()) == sorted(f"datasets/{i}" for i in published)
 
 
-def test_tenants_cannot_list_read_use_cancel_or_delete_each_others_work(secured, workspace):
+def test_tenants_cannot_list_read_use_cancel_or_delete_each_others_work(secured, workspace, tmp_path):
     model = str(workspace / "model")
-    train = (workspace / "train.jsonl").read_bytes()
+    train = unique_jsonl(workspace)  # data of this test's own: its jobs run, whatever ran before
+    (tmp_path / "train.jsonl").write_bytes(train)
     with client_of(secured, "alice") as alice, client_of(secured, "bob") as bob:
+        alice_before = {d.name for d in alice.list_datasets()}
+        operations_before = {op.name for op in alice.list_operations()}
         # a tenant may not make the server read its own files
         with pytest.raises(InputError, match="does not read its own files"):
-            alice.register_dataset(model, workspace / "train.jsonl", by_path=True, shard_size=8)
+            alice.register_dataset(model, tmp_path / "train.jsonl", by_path=True, shard_size=8)
         dataset = alice.register_dataset(model, train, shard_size=8)
         factors = alice.fit_factors(model, dataset.name, strategy="kfac")
-        operations = alice._call(alice.operations.ListOperations, operations_pb2.ListOperationsRequest()).operations
-        assert len(operations) == 2
+        operations = [op for op in alice.list_operations() if op.name not in operations_before]
+        assert sorted(_kind(op) for op in operations) == ["fit_factors", "register_dataset"]
         fit_operation = next(op.name for op in operations if _kind(op) == "fit_factors")
 
         # bob sees nothing of alice's
@@ -235,7 +240,7 @@ def test_tenants_cannot_list_read_use_cancel_or_delete_each_others_work(secured,
         # alice's work is intact and hers
         assert alice.get_dataset(dataset.name).num_examples == dataset.num_examples
         assert alice.get_factor_set(factors.name).strategy == factor_service_pb2.STRATEGY_KFAC
-        assert [d.name for d in alice.list_datasets()] == [dataset.name]
+        assert {d.name for d in alice.list_datasets()} - alice_before == {dataset.name}
     # in the store, each tenant's artifacts live under its own prefix
     keys = open_store(secured.store_url).list("")
     dataset_id, factors_id = dataset.name.split("/")[1], factors.name.split("/")[1]
@@ -257,32 +262,27 @@ def _query():
     return Query(id="q", prompt="w1 w2", completion="w3")
 
 
+def accepted(server: Serve, token: str) -> bool:
+    with InfluenceClient(server.target, token=token, retries=0) as client:
+        try:
+            client.list_datasets()
+        except UnauthenticatedError:
+            return False
+    return True
+
+
 def test_tokens_rotate_without_a_restart(secured):
+    """The served end of rotation (its timing and a broken file's are test_auth.py's, on a manual
+    clock): the server's TokenFile re-checks every second of real time, which these waits poll."""
     rotated = {**TOKENS, "bob": secrets.token_hex(16)}
     write_tokens(secured.tokens_file, rotated)
     try:
-
-        def old_token_refused() -> bool:
-            with client_of(secured, "bob") as bob:
-                try:
-                    bob.list_datasets()
-                except UnauthenticatedError:
-                    return True
-            return False
-
-        wait_until(old_token_refused, 10, "the rotated tokens file to be read")
-        with InfluenceClient(secured.target, token=rotated["bob"], retries=0) as bob:
-            bob.list_datasets()
-        with client_of(secured, "alice") as alice:  # untouched tokens keep working
-            alice.list_datasets()
-        # a broken file keeps the tokens in force (a half-written file must not lock everyone out)
-        secured.tokens_file.write_text("not a valid line at all\n")
-        time.sleep(1.5)
-        with InfluenceClient(secured.target, token=rotated["bob"], retries=0) as bob:
-            bob.list_datasets()
+        wait_until(lambda: not accepted(secured, TOKENS["bob"]), 10, "the rotated tokens file to be read")
+        assert accepted(secured, rotated["bob"])
+        assert accepted(secured, TOKENS["alice"])  # untouched tokens keep working
     finally:
         write_tokens(secured.tokens_file, TOKENS)
-        time.sleep(1.5)
+        wait_until(lambda: accepted(secured, TOKENS["bob"]), 10, "the tokens file to be read back")
 
 
 def test_the_cli_sends_the_token_from_the_environment(secured, workspace, tmp_path, monkeypatch, capsys):
@@ -356,11 +356,32 @@ def pickled_model(directory: Path, source: Path, marker: Path) -> Path:
     return directory
 
 
-def test_models_load_only_from_the_roots_without_probing_and_never_from_pickles(secured, workspace, tmp_path):
+@pytest.fixture
+def in_workspace(workspace):
+    """Paths under the session's workspace (the secured server's model root) with names of their
+    own, removed after the test."""
+    made: list[Path] = []
+
+    def path(name: str) -> Path:
+        made.append(workspace / f"{name}-{uuid.uuid4().hex[:8]}")
+        return made[-1]
+
+    yield path
+    for made_path in made:
+        if made_path.is_symlink():
+            made_path.unlink()
+        else:
+            shutil.rmtree(made_path, ignore_errors=True)
+
+
+def test_models_load_only_from_the_roots_without_probing_and_never_from_pickles(
+    secured, workspace, in_workspace, tmp_path
+):
     model = str(workspace / "model")
     outside = tmp_path / "outside-model"
     outside.mkdir()
-    (workspace / "escape").symlink_to(outside, target_is_directory=True)
+    escape = in_workspace("escape")
+    escape.symlink_to(outside, target_is_directory=True)
     train = (workspace / "train.jsonl").read_bytes()
     with client_of(secured, "alice") as alice:
         messages = []
@@ -369,7 +390,7 @@ def test_models_load_only_from_the_roots_without_probing_and_never_from_pickles(
             "/no/such/directory",
             str(outside),
             f"{workspace}/../{outside.name}",
-            str(workspace / "escape"),
+            str(escape),
             "relative/model",
         ):
             request = gradient_service_pb2.RegisterDatasetRequest(
@@ -381,7 +402,7 @@ def test_models_load_only_from_the_roots_without_probing_and_never_from_pickles(
         assert len(set(messages)) == 1 and "--model-roots" in messages[0], messages
         # inside the roots: a pickle-only model directory is refused by the worker, never unpickled
         marker = tmp_path / "unpickled"
-        pickled = pickled_model(workspace / "pickled-model", workspace / "model", marker)
+        pickled = pickled_model(in_workspace("pickled-model"), workspace / "model", marker)
         dataset = alice.register_dataset(model, train, shard_size=8)
         with pytest.raises(InputError, match=r"pytorch_model\.bin: pickle files"):
             alice.fit_factors(str(pickled), dataset.name)
@@ -430,10 +451,14 @@ def test_a_model_s_own_code_never_runs_unless_allowed(tmp_path, workspace):
 
 
 def test_no_token_reaches_the_log_even_at_debug_level(secured):
-    """Last in this module: by now the server has refused, accepted and rotated tokens."""
+    """The server at debug level, after refusing a token and accepting others (and whatever the
+    module's other tests did with tokens before)."""
+    wrong = secrets.token_hex(16)
+    assert not accepted(secured, wrong)
+    assert accepted(secured, TOKENS["alice"]) and accepted(secured, TOKENS["bob"])
     log = secured.log.read_text()
-    assert "refused" in log  # debug logging was on and saw the refusals
-    for token in TOKENS.values():
+    assert "refused" in log  # debug logging was on and saw the refusal
+    for token in (*TOKENS.values(), wrong):
         assert token not in log
         assert token[:12] not in log
 
