@@ -23,6 +23,7 @@ from services.engine.score import ScoreConfig, compute_scores
 from services.gen.influence.v1 import common_pb2
 from services.query_svc.report_html import SECTIONS
 from services.toy.models import build_tiny_model, save_model_dir
+from services.toy.recipe import DemoSettings, build_corpus
 from services.toy.tokenizer import build_word_tokenizer
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -405,13 +406,23 @@ def test_the_demo_runs_end_to_end(tmp_path, capsys):
     )
     assert code == 0
     summary = json.loads((tmp_path / "out" / "demo.json").read_text())["summary"]
-    assert summary["queries"] == 24 and summary["training_sequences"] > 500
-    assert 0 <= summary["top1_is_planted"] <= summary["planted_in_top5"] <= 24
     report = json.loads((tmp_path / "out" / "scores" / "results.json").read_text())
     assert all(len(query["top"]) == 5 and query["top"][0]["tokens"] for query in report["queries"])
+    # The counts, recounted from the scores and the planted sequences of the demo's corpus (made
+    # here from its recipe: 4 per queried fact). After 2 epochs the model knows little, so the
+    # counts themselves are not asserted (20 epochs give 24/24: README, "The demo").
+    corpus = build_corpus(DemoSettings(), seed=0)
+    planted = corpus.expected()
+    assert len(planted) == 24 and {len(ids) for ids in planted.values()} == {DemoSettings().mentions_per_fact}
+    top = {query["id"]: [entry["id"] for entry in query["top"]] for query in report["queries"]}
+    assert top.keys() == planted.keys()
+    at_1 = sum(top[query][0] in ids for query, ids in planted.items())
+    in_5 = sum(bool(set(top[query]) & set(ids)) for query, ids in planted.items())
+    assert (summary["queries"], summary["training_sequences"]) == (24, len(corpus.training))
+    assert (summary["top1_is_planted"], summary["planted_in_top5"]) == (at_1, in_5)
     assert load_factors(tmp_path / "out" / "factors").strategy == "ekfac"
     printed = capsys.readouterr().out
-    assert "queries have a planted training sequence" in printed
+    assert f"{at_1}/24 queries have a planted training sequence" in printed and f"{in_5}/24 among" in printed
     page = tmp_path / "out" / "report.html"
     assert printed.strip().splitlines()[-1] == f"Report: {page.resolve()}"
     assert all(f'id="{section}"' in page.read_text() for section in SECTIONS)

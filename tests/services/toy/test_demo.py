@@ -95,7 +95,15 @@ def test_training_progress_writes_no_carriage_returns_when_stderr_is_not_a_termi
     assert [line for line in err.splitlines() if line.strip()] == [
         line for line in err.splitlines() if line.startswith("demo model trained")
     ]
-    assert len(err.splitlines()) == 1 and report["query_accuracy"] >= 0
+    assert len(err.splitlines()) == 1
+    # the report and the line agree with the per-query outcomes, one for each of the corpus' queries
+    per_query = report["per_query"]
+    assert sorted(per_query) == sorted(query.id for query in corpus.queries)
+    correct = sum(outcome["correct"] for outcome in per_query.values())
+    assert report["query_accuracy"] == correct / TINY.num_queries
+    mean_logprob = sum(outcome["logprob"] for outcome in per_query.values()) / TINY.num_queries
+    assert report["query_mean_logprob"] == pytest.approx(mean_logprob, abs=1e-3) and mean_logprob < 0
+    assert f": {correct}/{TINY.num_queries} query completions predicted, mean log-prob " in err
 
     tokenizer = build_word_tokenizer(["a", "b", "c"])
     model = build_tiny_model("gpt2", len(tokenizer), n_layer=1, d_model=8, n_head=2)
