@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate services/gen/ from protos/ (run after editing a .proto; tests/test_protos.py checks
+# Regenerate services/gen/ from protos/ (run after editing a .proto; tests/services/rpc/test_protos.py checks
 # the committed code is current). protoc writes absolute `from influence.v1 import ...`
 # imports; they are rewritten to the package path `services.gen.influence.v1` (and .internal.v1).
 set -euo pipefail

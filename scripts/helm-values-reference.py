@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write deploy/helm/README.md: the chart's values reference, generated from values.yaml (every
 key, its default, and the `# ` comment on or above its line). `--check` exits 1 when the README
-is not what this would write (tests/test_helm.py runs it).
+is not what this would write (tests/deploy/test_helm.py runs it).
 
 Usage: scripts/helm-values-reference.py [--check]
 """
@@ -32,7 +32,7 @@ and the wiring to an S3-compatible store. How to go from an empty cluster to a f
 `values.schema.json` rejects unknown keys and wrong types; the chart then checks what a schema
 cannot (every task kind taken by a pool, no GPU kind on a CPU pool, PDBs that leave room to drain,
 credentials that go together) and lists every problem in one error. `ci/*.yaml` are value sets
-that together render everything the chart can make; `tests/test_helm.py` renders and validates them.
+that together render everything the chart can make; `tests/deploy/test_helm.py` renders and validates them.
 
 ## Values
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# buf for the API checks (tests/test_protos.py: `buf lint`, `buf breaking` against the released
+# buf for the API checks (tests/services/rpc/test_protos.py: `buf lint`, `buf breaking` against the released
 # protos), into tools/bin/buf (gitignored): the static binary the npm package @bufbuild/buf ships
 # for this platform. Quiet; instant when present.
 set -euo pipefail

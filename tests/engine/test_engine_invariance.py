@@ -1,6 +1,6 @@
 """Per-sequence gradients, breakdowns and invariances of the engine (float64 unless stated).
 
-Tolerances follow tests/numerics.py: FLOAT64 (1e-9) where two float64-end-to-end computations
+Tolerances follow tests/support/numerics.py: FLOAT64 (1e-9) where two float64-end-to-end computations
 differ only in summation order, FLOAT32 (1e-5) wherever float32 arithmetic is on the path (float32
 storage, float32 models, and the float32 softmax inside float64 Llama/GPT-NeoX/OPT models).
 """

@@ -5,7 +5,7 @@ a worker process killed once inside every task kind (register, covariance, eigen
 finalize, prepare, score, merge, self, self_merge, index_shard, index_publish, index_prepare,
 index_score, index_merge; fit_one_shard and score_one_shard on a one-shard dataset; blocks behind
 a StreamBlocks call) at a random point: its k-th touch of the store or of its progress, k drawn
-per kind. The doomed worker is a separate process (tests/doomed_worker.py) that sends
+per kind. The doomed worker is a separate process (tests/support/doomed_worker.py) that sends
 itself SIGKILL there: nothing after it runs (no acknowledgement, no release, no recorded error,
 no finally block), its heartbeat stops, the task stays pending under the dead consumer until
 its lease expires and the surviving worker reclaims it, and the dead worker's caches go with

@@ -11,7 +11,7 @@ kernels round differently) and the thread count. So every comparison is norm-rel
     FLOAT32  1e-5   float32 arithmetic anywhere on the path: ε₃₂ = 6e-8 per operation, ~100×
                     margin for growth through a few dozen operations.
 A float64 model is float64 end to end only for GPT-2 and the reference models of
-tests/reference.py: transformers' Llama, Mistral, Qwen2, GPT-NeoX and OPT compute the attention
+tests/support/reference.py: transformers' Llama, Mistral, Qwen2, GPT-NeoX and OPT compute the attention
 softmax (and Llama-style RMSNorm) in float32 whatever the model's dtype, so their results carry
 float32 round-off that depends on padding and the CPU's kernels (`model_tolerance`).
 """
@@ -32,7 +32,7 @@ def model_tolerance(model: torch.nn.Module) -> float:
     if next(model.parameters()).dtype != torch.float64:
         return FLOAT32
     config = getattr(model, "config", None)
-    if config is None:  # tests/reference.py models: plain float64 torch
+    if config is None:  # tests/support/reference.py models: plain float64 torch
         return FLOAT64
     return FLOAT64 if config.model_type in _FLOAT64_END_TO_END else FLOAT32
 

@@ -1,4 +1,4 @@
-"""The public contract on every architecture family the README names (tests/families.py):
+"""The public contract on every architecture family the README names (tests/support/families.py):
 `influence fit` -> `influence score --per-module --per-token` -> `influence self`, in embedded
 mode and with --server against `influence serve`, each checked against the in-process engine
 on the same model and factors.

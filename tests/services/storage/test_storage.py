@@ -1,5 +1,5 @@
 """The artifact store's contract, run against both backends: LocalStore in a temporary directory
-and S3Store against a real SeaweedFS (tests/servers/s3.py). Then S3-only failure modes: wrong
+and S3Store against a real SeaweedFS (tests/support/servers/s3.py). Then S3-only failure modes: wrong
 credentials, a server that stops, an endpoint that answers 5xx."""
 
 from __future__ import annotations
