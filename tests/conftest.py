@@ -45,8 +45,8 @@ def cluster(redis_server, s3_server):
 
 
 def pytest_collection_modifyitems(config, items):
-    tests = Path(__file__).parent
+    folders = {Path(__file__).parent / name for name in FOLDERS_NEEDING_SERVERS}
     for item in items:
         uses_a_server = bool(SERVER_FIXTURES & set(getattr(item, "fixturenames", ())))
-        if uses_a_server or item.path.relative_to(tests).parts[0] in FOLDERS_NEEDING_SERVERS:
+        if uses_a_server or folders & set(item.path.parents):
             item.add_marker(pytest.mark.needs_servers)
