@@ -122,6 +122,9 @@ class ArtifactCache:
         self._entries: OrderedDict = OrderedDict()  # key -> (value, bytes)
         self._bytes = 0
 
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
     def get(self, key, load):
         if key in self._entries:
             self._entries.move_to_end(key)

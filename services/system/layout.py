@@ -40,6 +40,12 @@ def job_output(job_id: str, name: str) -> str:
     return f"jobs/{job_id}/{name}.safetensors"
 
 
+def job_model(job_id: str) -> str:
+    """A fit's model as its pass tasks describe it for the stages that do not load it (JSON:
+    tracked modules, dtype, fingerprint, device; engine/fit.py FittedModel)."""
+    return f"jobs/{job_id}/model.json"
+
+
 def job_block(job_id: str, block: int) -> str:
     """StreamBlocks: block i of a blocks job (a serialised GradientBlock; gradient_svc/blocks.py)."""
     return f"jobs/{job_id}/blocks/{block:05d}.pb"
