@@ -47,9 +47,9 @@ from services.engine.capture import ModuleCapture, inverse_cdf, log_likelihood_g
 from services.engine.correction import correction_update
 from services.engine.covariance import Eigenbases, covariance_update, gram
 from services.engine.data import collate
-from services.engine.device import to_device
+from services.engine.device import exact_arithmetic, tf32_settings, to_device
 from services.engine.factor_io import from_artifact, to_artifact
-from services.engine.fit import FitConfig, fit_factors
+from services.engine.fit import FitConfig, FitModel, FittedModel, fit_factors
 from services.engine.index import (
     Indexer,
     IndexSpec,
@@ -640,3 +640,53 @@ def test_sampled_labels_are_drawn_on_the_host_whatever_the_device():
     assert torch.equal(uniforms[1], alone[0])
     reference = torch.rand(6, generator=torch.Generator(device="cpu").manual_seed(11 * 1_000_003 + 7 * 7919 + 17))
     assert torch.equal(uniforms[2], reference)
+
+
+def test_tf32_is_off_inside_every_step_and_the_settings_come_back_after():
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.get_float32_matmul_precision(),
+    )
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        with exact_arithmetic():
+            with exact_arithmetic():  # nested (a step inside a step), or another worker thread's step
+                pass
+            assert tf32_settings() == {
+                "matmul_tf32": False,
+                "cudnn_tf32": False,
+                "float32_matmul_precision": "highest",
+                "tf32_forced_by_environment": False,
+            }
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+        seen = {}
+        model, tokenizer = tiny_model("gpt2", d_model=8), IntTokenizer()
+
+        class Spy(torch.nn.Module):  # records the settings while the fit's pass runs the model
+            def forward(self, x):
+                seen.update(tf32_settings())
+                return x
+
+        model.transformer.h[0].mlp.register_module("spy", Spy())
+        model.transformer.h[0].mlp.register_forward_pre_hook(lambda module, args: module.spy(args[0]))
+        factors = fit_factors(model, tokenizer, random_examples(4, seed=1), FitConfig(batch_size=2))
+        assert seen["matmul_tf32"] is False and seen["float32_matmul_precision"] == "highest"
+        assert torch.backends.cuda.matmul.allow_tf32, "restored once the fit ended"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+    provenance = to_artifact(factors)[0]["provenance"]
+    assert provenance["device"] == "cpu" and provenance["tf32"] is False
+    assert provenance["torch_version"] == torch.__version__ and provenance["model_dtype"] == "float64"
+    assert "cuda_version" in provenance and "gpu" not in provenance
+
+
+def test_the_fitted_model_travels_as_json_for_the_model_free_stages():
+    model, tokenizer = tiny_model("gpt2", d_model=8), IntTokenizer()
+    fitted = FitModel(model, tokenizer, FitConfig()).fitted
+    again = FittedModel.from_json(fitted.to_json())
+    assert again == fitted and list(again.modules) == list(fitted.modules)  # model order kept
+    assert again.arithmetic["device"] == "cpu" and again.storage_dtype == torch.float64  # a float64 model

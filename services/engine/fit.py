@@ -30,7 +30,7 @@ import json
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -140,13 +140,14 @@ def prepare_model(model: nn.Module, selection: str) -> tuple[dict[str, nn.Module
 @dataclass(frozen=True)
 class FittedModel:
     """What a fit's model-free steps (eigendecompose, finalize) need of its model: the tracked
-    modules (model order), the model's dtype and fingerprint, and the device its passes ran on.
+    modules (model order), the model's dtype and fingerprint, and how its passes computed (device,
+    GPU, torch and CUDA versions, TF32: device.arithmetic_provenance, taken where the passes ran).
     The tasks that run passes store it as JSON (`to_json`) for the tasks that do not load the model."""
 
     modules: dict[str, TrackedModule]
     dtype: torch.dtype
     fingerprint: str
-    device: str = "cpu"
+    arithmetic: dict = field(default_factory=dict)
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -158,7 +159,7 @@ class FittedModel:
                 "modules": {name: asdict(module) for name, module in self.modules.items()},
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "fingerprint": self.fingerprint,
-                "device": self.device,
+                "arithmetic": self.arithmetic,
             }
         ).encode()
 
@@ -169,7 +170,7 @@ class FittedModel:
             modules={name: TrackedModule(**module) for name, module in described["modules"].items()},
             dtype=DTYPES[described["dtype"]],
             fingerprint=described["fingerprint"],
-            device=described["device"],
+            arithmetic=described["arithmetic"],
         )
 
 
@@ -188,9 +189,8 @@ class FitModel:
     @property
     def fitted(self) -> FittedModel:
         """What eigendecompose and finalize need of this model (its fingerprint computed once per model)."""
-        return FittedModel(
-            self.tracked, self.dtype, cached_fingerprint(self.model, list(self.tracked)), self.device.type
-        )
+        fingerprint = cached_fingerprint(self.model, list(self.tracked))
+        return FittedModel(self.tracked, self.dtype, fingerprint, arithmetic_provenance(self.device))
 
     def tokenize(self, examples: Sequence[TrainingExample]) -> list[TokenizedSequence]:
         """The fit's training sequences: the first `max_examples` examples, tokenised."""
@@ -311,7 +311,7 @@ def finalize(
         metadata={
             "fit_config": asdict(config),
             "model_dtype": str(fitted.dtype).removeprefix("torch."),
-            **arithmetic_provenance(fitted.device),
+            **fitted.arithmetic,
             **(provenance or {}),
         },
     )

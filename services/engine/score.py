@@ -170,7 +170,7 @@ class Scorer:
             raise PreconditionError(
                 "factors were fitted for another model (model fingerprint differs); refit them for this model"
             )
-        self.names = list(factors.modules)  # the factors' order (a fit's: model order): the rows of per-module scores
+        self.names = list(self.modules)  # model order: the row order of per-module scores
         self.dtype = accumulation_dtype(next(model.parameters()).dtype)
         self.device = device_of(model)
         self.pad_token_id = tokenizer.pad_token_id

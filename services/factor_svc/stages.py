@@ -13,8 +13,8 @@ are released when the job ends for any reason.
 
 Only the passes (covariance, correction, fit_one_shard) load the model, on the job's device;
 each pass task also stores what eigen and finalize need of the model (engine FittedModel: the
-tracked modules, dtype, fingerprint, device), so those two run on any worker, e.g. a CPU pool's,
-without the model. A fit that makes no pass (identity) is one fit_one_shard task.
+tracked modules, dtype, fingerprint, how the passes computed), so those two run on any worker,
+e.g. a CPU pool's, without the model. A fit that makes no pass (identity) is one fit_one_shard task.
 """
 
 from __future__ import annotations

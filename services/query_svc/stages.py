@@ -17,6 +17,8 @@ its model's device by the step itself).
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from ..catalog import factor_sets, indexes, results
@@ -108,6 +110,7 @@ def _put_prepared(call: StageCall, tensors: dict[str, torch.Tensor]) -> None:
 
 def run_prepare(call: StageCall) -> None:
     scorer = _scorer(call)
+    call.context.store.put_bytes(layout.job_modules(call.job_id), json.dumps(scorer.names).encode())
     tensors = _prepare(call, scorer).to_tensors()
     mask = _tfidf_mask(call, scorer)
     if mask is not None:
@@ -127,8 +130,8 @@ def run_merge(call: StageCall) -> ResultInfo:
     """The shards' scores merged without the model; only token-wise attribution of the top-k
     (--per-token) loads it, on the job's device, to recompute their sequences."""
     job: ScoreJob = call.job
-    factors = FACTOR_SETS.read(call.context.store, job.factor_set_id)  # its manifest: the modules' order
-    names = list(factors.modules)
+    names = json.loads(call.context.store.get_bytes(layout.job_modules(call.job_id)))  # prepare's (model) order
+    strategy = FACTOR_SETS.read(call.context.store, job.factor_set_id).strategy  # its manifest alone
     mask = _prepared_tensors(call).get("tfidf_mask")
     partials = _partials(call, "score")
     view = DatasetView(call.context.artifacts, call.context.store, job.dataset_id)
@@ -138,7 +141,7 @@ def run_merge(call: StageCall) -> ResultInfo:
         prepared, _ = _prepared(call, scorer)
         scorer.attach_token_scores(prepared, result.top, view.sequence, call.context.progress)
         result.kernels = {name: prepared.modules[name].kernel for name in names}
-    return _publish_scores(call, factors.strategy, names, view, result, partials, mask)
+    return _publish_scores(call, strategy, names, view, result, partials, mask)
 
 
 def run_score_one_shard(call: StageCall) -> ResultInfo:

@@ -42,8 +42,14 @@ def job_output(job_id: str, name: str) -> str:
 
 def job_model(job_id: str) -> str:
     """A fit's model as its pass tasks describe it for the stages that do not load it (JSON:
-    tracked modules, dtype, fingerprint, device; engine/fit.py FittedModel)."""
+    tracked modules, dtype, fingerprint, how the passes computed; engine/fit.py FittedModel)."""
     return f"jobs/{job_id}/model.json"
+
+
+def job_modules(job_id: str) -> str:
+    """A score job's module order (JSON list: the rows of its per-module scores, the model's order),
+    written by prepare for merge, which loads no model."""
+    return f"jobs/{job_id}/modules.json"
 
 
 def job_block(job_id: str, block: int) -> str:
