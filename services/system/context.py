@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from ..engine.device import cuda_problem
 from ..engine.progress import Progress
 from ..engine.resources import MemoryBudget, default_cache_bytes
-from ..errors import InputError
 from ..storage import ArtifactStore
 from .caches import ArtifactCache, CapturePool, ModelCache
 
@@ -36,12 +35,10 @@ class WorkerContext:
 
     def __post_init__(self):
         self.models = self.models or ModelCache()
-        if self.device not in ("", "cpu", "cuda"):
-            raise InputError(f"worker device must be cpu or cuda, got {self.device!r}")
         problem = self.gpu_check() if self.device in ("", "cuda") else None
         if self.device == "":  # the machine's: cuda when it works
             self.device, problem = ("cpu" if problem else "cuda"), None
-        self.device = self.models.place_on(self.device)
+        self.device = self.models.place_on(self.device)  # InputError unless cpu or cuda
         self.device_problem = f"asked for cuda, but {problem}" if problem else None
         self.captures = CapturePool(
             MemoryBudget(default_cache_bytes() if self.cache_bytes is None else self.cache_bytes)
