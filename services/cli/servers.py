@@ -167,14 +167,15 @@ def _worker_context(args, system):
 
 
 @contextlib.contextmanager
-def _metrics(args, system, shared_state: bool):
-    """Prometheus metrics on --metrics-port while the block runs (nothing when it is 0)."""
+def _metrics(args, system, shared_state: bool, health=None):
+    """Prometheus metrics on --metrics-port while the block runs (nothing when it is 0); with
+    `health`, /healthz too (system/metrics.py)."""
     if not args.metrics_port:
         yield
         return
     from ..system.metrics import MetricsServer
 
-    server = MetricsServer(args.metrics_port, system=system if shared_state else None)
+    server = MetricsServer(args.metrics_port, system=system if shared_state else None, health=health)
     try:
         yield
     finally:
@@ -229,18 +230,22 @@ def run_worker(args) -> int:
     configure_logging(args.log_level, args.log_format)
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()] if args.kinds else STAGE_TABLE.kinds
     STAGE_TABLE.check_kinds(kinds)
-    with _connect(args) as system, _metrics(args, system, shared_state=False):
+    with _connect(args) as system:
         worker = Worker(
             system,
             kinds=kinds,
             consumer=args.name or f"worker-{Path('/proc/self').resolve().name}",
             context=_worker_context(args, system),
         )
-        signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
-        if args.until_done:
-            stop_when_ended(system, args.until_done.removeprefix("operations/"), worker.stop)
-        print(f"influence: worker {worker.consumer} taking {','.join(kinds)}", flush=True)
-        worker.run_forever()
+        with _metrics(args, system, shared_state=False, health=lambda: worker.not_serving):
+            signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
+            if args.until_done:
+                stop_when_ended(system, args.until_done.removeprefix("operations/"), worker.stop)
+            if worker.not_serving:
+                print(f"influence: worker {worker.consumer} NOT_SERVING: {worker.not_serving}", flush=True)
+            else:
+                print(f"influence: worker {worker.consumer} taking {','.join(kinds)}", flush=True)
+            worker.run_forever()
     return 0
 
 

@@ -19,8 +19,8 @@ their gradient w.r.t. the logits is formed directly, see `log_likelihood_gradien
     "true":    labels are the sequence's own next tokens (training gradients, queries, empirical Fisher)
     "sampled": labels drawn from the model's own predictive distribution (the sampled Fisher, whose
                expectation is the Gauss-Newton matrix for softmax cross-entropy). Each sequence
-               draws from its own generator seeded by (seed, sequence index), so the draw does not
-               depend on batching or partitioning.
+               draws from its own CPU generator seeded by (seed, sequence index), so the draw does
+               not depend on batching, partitioning or the device.
 """
 
 from __future__ import annotations
@@ -42,11 +42,6 @@ class ModuleCapture:
     token_mask: torch.Tensor
     calls: int
 
-    def to(self, device: torch.device) -> ModuleCapture:
-        if self.a.device == device:
-            return self
-        return ModuleCapture(self.a.to(device), self.s.to(device), self.token_mask.to(device), self.calls)
-
     def per_sequence_gradients(self) -> torch.Tensor:
         """DW: [B, d_out, d_in_full] = sᵀ a per sequence."""
         return torch.bmm(self.s.transpose(1, 2), self.a)
@@ -57,11 +52,20 @@ def accumulation_dtype(model_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
-def sequence_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
-    """The generator for sequence `index`'s sampled labels: independent of batch composition."""
-    generator = torch.Generator(device=device)
+def sequence_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator for sequence `index`'s sampled labels: independent of batch composition
+    and of the device the model runs on (a GPU fit draws the labels the CPU reference draws)."""
+    generator = torch.Generator()
     generator.manual_seed((seed * 1_000_003 + index * 7919 + 17) % (2**63 - 1))
     return generator
+
+
+def sequence_uniforms(indices: torch.Tensor, positions: int, seed: int) -> torch.Tensor:
+    """The uniforms of each sequence's label draws, on the host: [B, positions] float32 in [0, 1),
+    row b from sequence indices[b]'s own generator (`sequence_generator`). indices: [B] (CPU)."""
+    return torch.stack(
+        [torch.rand(positions, generator=sequence_generator(seed, index)) for index in indices.tolist()]
+    )
 
 
 def sample_labels(logits: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
@@ -72,17 +76,12 @@ def sample_labels(logits: torch.Tensor, indices: torch.Tensor, seed: int) -> tor
 def sample_from(probabilities: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
     """Labels drawn from `probabilities` [B, T-1, V] per position, by inverse-CDF sampling.
 
-    Each sequence's uniforms come from its own generator (see `sequence_generator`), so a label
-    does not depend on which batch the sequence is in. indices: [B]. Returns [B, T-1] int64.
+    Each sequence's uniforms come from its own CPU generator (see `sequence_uniforms`), moved to
+    the probabilities' device: a label depends neither on which batch the sequence is in nor on
+    the device. indices: [B] (CPU). Returns [B, T-1] int64.
     """
     _, positions, _ = probabilities.shape
-    device = probabilities.device
-    uniforms = torch.stack(
-        [
-            torch.rand(positions, generator=sequence_generator(seed, int(index), device), device=device)
-            for index in indices
-        ]
-    )
+    uniforms = sequence_uniforms(indices, positions, seed).to(probabilities.device)
     return inverse_cdf(probabilities, uniforms)
 
 

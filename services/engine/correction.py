@@ -22,7 +22,10 @@ from .sums import accumulate
 
 
 class CorrectionAccumulator:
-    """Σ_m (Q_Sᵀ DW_m Q_A)^⊙2 per module (or Σ_m DW_m^⊙2 with no basis)."""
+    """Σ_m (Q_Sᵀ DW_m Q_A)^⊙2 per module (or Σ_m DW_m^⊙2 with no basis).
+
+    `bases`: (Q_S, Q_A) per module on the device and in the dtype of the captures it is given
+    (the caller places them once: FitModel.correction), or None."""
 
     def __init__(self, modules: dict[str, TrackedModule], bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None):
         self.modules = modules
@@ -30,21 +33,10 @@ class CorrectionAccumulator:
         self.squared_sums = {n: torch.zeros(m.d_out, m.d_in_full, dtype=torch.float64) for n, m in modules.items()}
         self.n_sequences = 0
         self.n_tokens = 0
-        self._device_bases: dict = {}
-
-    def _basis(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.bases is None:
-            return None, None
-        key = (name, like.device, like.dtype)
-        if key not in self._device_bases:
-            gradient_basis, activation_basis = self.bases[name]
-            self._device_bases[key] = (gradient_basis.to(like), activation_basis.to(like))
-        return self._device_bases[key]
 
     def add(self, captures: dict[str, ModuleCapture], n_sequences: int) -> None:
         for name, capture in captures.items():
-            rotated = rotated_per_sequence_gradients(capture, *self._basis(name, capture.a))
-            accumulate(self.squared_sums[name], rotated.square_().sum(0))
+            correction_update(self.squared_sums[name], capture, self.bases[name] if self.bases is not None else None)
         self.n_sequences += n_sequences
         self.n_tokens += sequence_tokens(captures)
 
@@ -82,6 +74,15 @@ class CorrectionAccumulator:
     def eigenvalues(self) -> dict[str, torch.Tensor]:
         """Λ per module: [d_out, d_in] = mean over sequences."""
         return {name: value / max(self.n_sequences, 1) for name, value in self.squared_sums.items()}
+
+
+def correction_update(
+    squared_sum: torch.Tensor, capture: ModuleCapture, bases: tuple[torch.Tensor, torch.Tensor] | None
+) -> None:
+    """squared_sum += Σ_b (Q_Sᵀ DW_b Q_A)^⊙2 over the batch's sequences (DW_b itself with no bases):
+    squared_sum float64 [d_out, d_in] on the host; capture and bases (Q_S, Q_A) on one device."""
+    rotated = rotated_per_sequence_gradients(capture, *(bases if bases is not None else (None, None)))
+    accumulate(squared_sum, rotated.square_().sum(0))
 
 
 def sequence_tokens(captures: dict[str, ModuleCapture]) -> int:

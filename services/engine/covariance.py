@@ -47,10 +47,7 @@ class CovarianceAccumulator:
     def add(self, captures: dict[str, ModuleCapture], n_sequences: int) -> None:
         """Add one batch. Padding rows of a and s are zero, so plain matmuls skip them."""
         for name, capture in captures.items():
-            a = capture.a.reshape(-1, capture.a.shape[-1])  # [B·N, d_in]
-            s = capture.s.reshape(-1, capture.s.shape[-1])  # [B·N, d_out]
-            accumulate(self.activation_sums[name], gram(a))
-            accumulate(self.gradient_sums[name], gram(s))
+            covariance_update(self.activation_sums[name], self.gradient_sums[name], capture)
             self.token_counts[name] += int(capture.token_mask.sum())
         self.n_sequences += n_sequences
 
@@ -169,6 +166,15 @@ class Eigenbases:
             for name in modules
         }
         return cls(factors, int(tensors["n_tokens"][0]))
+
+
+def covariance_update(activation_sum: torch.Tensor, gradient_sum: torch.Tensor, capture: ModuleCapture) -> None:
+    """activation_sum += Σ a aᵀ and gradient_sum += Σ s sᵀ over the batch's positions (padding rows
+    are zero): the sums float64 [d_in, d_in], [d_out, d_out] on the host, the capture on any device."""
+    a = capture.a.reshape(-1, capture.a.shape[-1])  # [B·N, d_in]
+    s = capture.s.reshape(-1, capture.s.shape[-1])  # [B·N, d_out]
+    accumulate(activation_sum, gram(a))
+    accumulate(gradient_sum, gram(s))
 
 
 def gram(x: torch.Tensor, block: int = 128) -> torch.Tensor:

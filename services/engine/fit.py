@@ -2,9 +2,13 @@
 
     fit = FitModel(model, tokenizer, config)          # modules selected, frozen, checked, once
     partial  = fit.covariance(shard)                  # per data shard: Σ a aᵀ, Σ s sᵀ (mergeable)
-    eigen    = eigendecompose([partial, ...])         # reduce over shards, eigendecompose (float64)
+    eigen    = eigendecompose([partial, ...], dtype)  # reduce over shards, eigendecompose (float64)
     partial  = fit.correction(shard, eigen)           # per data shard: Σ_m (Q_Sᵀ DW_m Q_A)² (mergeable)
-    factors  = fit.finalize(eigen, [partial, ...])    # reduce, keep what the strategy stores -> FactorSet
+    factors  = finalize(fit.fitted, config, eigen, [partial, ...], n)   # reduce, keep what the strategy stores
+
+Only the passes need the model: `eigendecompose` and `finalize` need of it just its `FittedModel`
+(tracked modules, dtype, fingerprint), which the passes' tasks store for them, so the multi-shard
+fit's eigen and finalize tasks run on any worker without loading the model.
 
 `fit_in_memory` chains them on one shard with every intermediate in memory: `fit_factors` (the
 in-process API) runs it on the whole data, and so does the service system's one-task fit of a
@@ -22,10 +26,11 @@ forward/backward; otherwise it recomputes them. Either way the result is the sam
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -37,10 +42,11 @@ from .capture import ModuleCapture, accumulation_dtype, describe_all
 from .correction import CorrectionAccumulator, sequence_tokens
 from .covariance import CovarianceAccumulator, Eigenbases
 from .data import TokenizedSequence, tokenize_training
+from .device import arithmetic_provenance, exact_arithmetic, to_device
 from .factor_io import storage_dtype_for_model
 from .factors import FactorSet, ModuleFactors
 from .finite import check_module_weights
-from .model_io import model_fingerprint
+from .model_io import DTYPES, cached_fingerprint
 from .modules import TrackedModule, check_selection, device_of, freeze_except, select_modules
 from .passes import captured_batches
 from .progress import Progress
@@ -131,9 +137,46 @@ def prepare_model(model: nn.Module, selection: str) -> tuple[dict[str, nn.Module
     return modules, describe_all(modules)
 
 
+@dataclass(frozen=True)
+class FittedModel:
+    """What a fit's model-free steps (eigendecompose, finalize) need of its model: the tracked
+    modules (model order), the model's dtype and fingerprint, and how its passes computed (device,
+    GPU, torch and CUDA versions, TF32: device.arithmetic_provenance, taken where the passes ran).
+    The tasks that run passes store it as JSON (`to_json`) for the tasks that do not load the model."""
+
+    modules: dict[str, TrackedModule]
+    dtype: torch.dtype
+    fingerprint: str
+    arithmetic: dict = field(default_factory=dict)
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return storage_dtype_for_model(self.dtype)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "modules": {name: asdict(module) for name, module in self.modules.items()},
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "fingerprint": self.fingerprint,
+                "arithmetic": self.arithmetic,
+            }
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> FittedModel:
+        described = json.loads(data)
+        return cls(
+            modules={name: TrackedModule(**module) for name, module in described["modules"].items()},
+            dtype=DTYPES[described["dtype"]],
+            fingerprint=described["fingerprint"],
+            arithmetic=described["arithmetic"],
+        )
+
+
 class FitModel:
     """A model ready for a fit's passes (see the module docstring): its tracked modules selected,
-    their weights checked, everything else frozen. Built once per task."""
+    their weights checked, everything else frozen, on the model's device. Built once per task."""
 
     def __init__(self, model: nn.Module, tokenizer, config: FitConfig):
         config.validate()
@@ -141,6 +184,13 @@ class FitModel:
         self.strategy = config.strategy_spec
         self.modules, self.tracked = prepare_model(model, config.modules)
         self.dtype = next(model.parameters()).dtype
+        self.device = device_of(model)
+
+    @property
+    def fitted(self) -> FittedModel:
+        """What eigendecompose and finalize need of this model (its fingerprint computed once per model)."""
+        fingerprint = cached_fingerprint(self.model, list(self.tracked))
+        return FittedModel(self.tracked, self.dtype, fingerprint, arithmetic_provenance(self.device))
 
     def tokenize(self, examples: Sequence[TrainingExample]) -> list[TokenizedSequence]:
         """The fit's training sequences: the first `max_examples` examples, tokenised."""
@@ -186,6 +236,7 @@ class FitModel:
             progress=progress,
         )
 
+    @exact_arithmetic()
     def covariance(
         self,
         sequences: Sequence[TokenizedSequence],
@@ -201,6 +252,7 @@ class FitModel:
         accumulator.check_finite()
         return accumulator
 
+    @exact_arithmetic()
     def correction(
         self,
         sequences: Sequence[TokenizedSequence],
@@ -209,16 +261,20 @@ class FitModel:
         cache: CaptureCache | None = None,
     ) -> CorrectionAccumulator:
         """Σ_m (Q_Sᵀ DW_m Q_A)² over `sequences` in `eigen`'s bases (or Σ_m DW_m² with none);
-        from `cache` when it holds the whole covariance pass of these sequences (then released)."""
-        accumulator = CorrectionAccumulator(self.tracked, eigen.bases() if eigen is not None else None)
+        from `cache` when it holds the whole covariance pass of these sequences (then released).
+        The bases (and replayed captures) are placed on the model's device here, once."""
+        bases = None
+        if eigen is not None:
+            work = accumulation_dtype(self.dtype)
+            bases = to_device({n: (q_s.to(work), q_a.to(work)) for n, (q_s, q_a) in eigen.bases().items()}, self.device)
+        accumulator = CorrectionAccumulator(self.tracked, bases)
         if cache is not None and cache.complete:
             progress = progress or Progress()
-            device = device_of(self.model)
             progress.stage("correction", len(cache.batches))
             try:
                 for captures, n_sequences in cache.batches:
                     progress.check_cancelled()
-                    accumulator.add({name: c.to(device) for name, c in captures.items()}, n_sequences)
+                    accumulator.add(to_device(captures, self.device), n_sequences)
                     progress.advance(1, sequence_tokens(captures))
             finally:
                 cache.release()  # single use: the memory goes back now, not when the caller drops it
@@ -228,34 +284,37 @@ class FitModel:
         accumulator.check_finite()
         return accumulator
 
-    def finalize(
-        self,
-        eigen: Eigenbases | None,
-        corrections: Iterable[CorrectionAccumulator],
-        n_sequences: int,
-        provenance: dict | None = None,
-    ) -> FactorSet:
-        """Reduce the correction partial sums and assemble the factor set: of each module's tensors
-        the passes produced, the ones the strategy stores (`combine`)."""
-        correction = reduce(corrections) if self.strategy.correction else None
-        n_tokens = eigen.n_tokens if eigen is not None else (correction.n_tokens if correction is not None else 0)
-        return FactorSet(
-            strategy=self.strategy.name,
-            fisher=self.config.fisher,
-            modules=self.tracked,
-            factors=combine(self.strategy, eigen, correction, self.tracked),
-            n_sequences=n_sequences,
-            n_tokens=n_tokens,
-            model_fingerprint=model_fingerprint(self.model, list(self.tracked)),
-            metadata={
-                "fit_config": asdict(self.config),
-                "model_dtype": str(self.dtype).removeprefix("torch."),
-                **(provenance or {}),
-            },
-        )
 
-    def storage_dtype(self) -> torch.dtype:
-        return storage_dtype_for_model(self.dtype)
+def finalize(
+    fitted: FittedModel,
+    config: FitConfig,
+    eigen: Eigenbases | None,
+    corrections: Iterable[CorrectionAccumulator],
+    n_sequences: int,
+    provenance: dict | None = None,
+) -> FactorSet:
+    """Reduce the correction partial sums and assemble the factor set: of each module's tensors
+    the passes produced, the ones the strategy stores (`combine`). Needs no model: `fitted`
+    describes it. The provenance records the fit's config, the model's dtype, and how the passes
+    computed (device, torch and CUDA versions, TF32: device.arithmetic_provenance)."""
+    strategy = config.strategy_spec
+    correction = reduce(corrections) if strategy.correction else None
+    n_tokens = eigen.n_tokens if eigen is not None else (correction.n_tokens if correction is not None else 0)
+    return FactorSet(
+        strategy=strategy.name,
+        fisher=config.fisher,
+        modules=fitted.modules,
+        factors=combine(strategy, eigen, correction, fitted.modules),
+        n_sequences=n_sequences,
+        n_tokens=n_tokens,
+        model_fingerprint=fitted.fingerprint,
+        metadata={
+            "fit_config": asdict(config),
+            "model_dtype": str(fitted.dtype).removeprefix("torch."),
+            **fitted.arithmetic,
+            **(provenance or {}),
+        },
+    )
 
 
 def combine(
@@ -291,10 +350,12 @@ def fit_in_memory(
     budget: MemoryBudget,
     progress: Progress | None = None,
     provenance: dict | None = None,
+    n_sequences: int | None = None,
 ) -> FactorSet:
     """The steps above on one shard, chained in memory (the capture cache replays the covariance
     pass for the correction when it fits the budget). The time of each step goes into the factor
-    set's provenance ("timings", seconds)."""
+    set's provenance ("timings", seconds). `n_sequences`: what the factor set says it was fitted
+    on (default: the sequences; an identity fit, which makes no pass, of a whole dataset)."""
     progress = progress or Progress()
     timings: dict[str, float] = {}
 
@@ -309,7 +370,7 @@ def fit_in_memory(
         eigen = None
         if fit.strategy.covariance:
             partial = timed("covariance", lambda: fit.covariance(sequences, progress, cache))
-            eigen = timed("eigendecomposition", lambda: eigendecompose([partial], fit.storage_dtype(), progress))
+            eigen = timed("eigendecomposition", lambda: eigendecompose([partial], fit.fitted.storage_dtype, progress))
             del partial
         corrections = []
         if fit.strategy.correction:
@@ -318,7 +379,7 @@ def fit_in_memory(
         if cache is not None:
             cache.release()
     provenance = {**(provenance or {}), "timings": timings, "correction_replayed_captures": cache is not None}
-    return fit.finalize(eigen, corrections, len(sequences), provenance)
+    return finalize(fit.fitted, fit.config, eigen, corrections, n_sequences or len(sequences), provenance)
 
 
 def fit_factors(

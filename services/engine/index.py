@@ -29,6 +29,12 @@ rescores an index's top candidates exactly.
 Layout of a block (one safetensors file; n sequences): per module "{module}/w" [n, a, b] (none,
 eigen, random) or "{module}/u" [n, d_out, R] and "{module}/v" [n, d_in, R] (svd), in the storage
 dtype, and "index" [n] (global sequence indices).
+
+Placement (device.py): a ModuleIndexer prepares its whitening, rows and columns, projections and
+test matrix on the host (from the factors as loaded, and CPU generators: the same on every
+device) and places them on the model's device once; `compress` and `queries` then read only
+tensors there. `score_block` takes index-space queries and a block on one device (the index_score
+stage: both as read from the store, on the host).
 """
 
 from __future__ import annotations
@@ -40,14 +46,14 @@ import torch
 from ..errors import InputError
 from ..options import DIM, PROJECTION, RANK, SEED, STORAGE_DTYPE
 from .capture import ModuleCapture
+from .device import exact_arithmetic, to_device
 from .factors import ModuleFactors
 from .model_io import parse_dtype
 from .modules import TrackedModule
 from .passes import captured_batches
-from .precondition import Damping, low_rank, precondition
+from .precondition import Preconditioner, low_rank, precondition
 from .rotation import rotated_per_sequence_gradients
 from .score import Scorer, ScoreResult, TopEntry, top_k_entries
-from .strategies import get_strategy
 
 PROJECTIONS = ("none", "svd", "eigen", "random")
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
@@ -101,36 +107,42 @@ def _generator(seed: int, name: str, salt: int) -> torch.Generator:
 class ModuleIndexer:
     """One module's compression and its query side, from the factors and the build's damping.
 
-    Tensors: s [B, N, d_out], a [B, N, d_in] (a capture); query gradients [Q, d_out, d_in]."""
+    Tensors: s [B, N, d_out], a [B, N, d_in] (a capture); query gradients [Q, d_out, d_in]; all on
+    `curvature`'s device (the model's), where everything this holds is placed once, when built."""
 
     def __init__(
-        self, tracked: TrackedModule, factors: ModuleFactors, strategy: str, damping: Damping, spec: IndexSpec
+        self,
+        tracked: TrackedModule,
+        factors: ModuleFactors,
+        curvature: Preconditioner,
+        spec: IndexSpec,
+        device: torch.device | str = "cpu",
     ):
+        """`factors`: the module's factors as loaded (on the host: the eigen rows and columns are
+        read from Λ there); `curvature`: its preconditioner, already on `device` (Scorer.preconditioners)."""
         name = tracked.name
-        self.name, self.spec, self.factors = name, spec, factors
-        self.strategy = get_strategy(strategy)
-        self.damping = damping
-        if self.strategy.curvature:
-            diagonal = factors.diagonal()
-            self.damping_value = damping.value(diagonal)
-            scale = (diagonal + self.damping_value).sqrt()  # [d_out, d_in] float64
-        else:
-            self.damping_value = 0.0
-            scale = None
-        self.has_basis = factors.has_basis
+        self.name, self.spec, self.curvature = name, spec, curvature
+        self.damping_value = curvature.damping
+        self.has_basis = curvature.gradient_basis is not None
         d_out, d_in = tracked.d_out, tracked.d_in_full
+        host: dict[str, torch.Tensor] = {}
         if spec.projection == "eigen":
-            marginal = factors.diagonal() if self.strategy.curvature else None
-            self.rows = self._top(marginal.sum(1) if marginal is not None else None, d_out, spec.dim)
-            self.columns = self._top(marginal.sum(0) if marginal is not None else None, d_in, spec.dim)
+            marginal = factors.diagonal() if curvature.denominator is not None else None
+            host["rows"] = self._top(marginal.sum(1) if marginal is not None else None, d_out, spec.dim)
+            host["columns"] = self._top(marginal.sum(0) if marginal is not None else None, d_in, spec.dim)
         if spec.projection == "random":
             k_out, k_in = min(spec.dim, d_out), min(spec.dim, d_in)
-            self.project_s = torch.randn(k_out, d_out, generator=_generator(spec.seed, name, 1)) / k_out**0.5
-            self.project_a = torch.randn(k_in, d_in, generator=_generator(spec.seed, name, 2)) / k_in**0.5
+            host["project_s"] = torch.randn(k_out, d_out, generator=_generator(spec.seed, name, 1)) / k_out**0.5
+            host["project_a"] = torch.randn(k_in, d_in, generator=_generator(spec.seed, name, 2)) / k_in**0.5
         if spec.projection == "svd":
             rank = min(spec.rank, d_out, d_in)
-            self.test_matrix = torch.randn(d_in, rank + _OVERSAMPLE, generator=_generator(spec.seed, name, 3))
-        self.scale = scale
+            host["test_matrix"] = torch.randn(d_in, rank + _OVERSAMPLE, generator=_generator(spec.seed, name, 3))
+        placed = to_device(host, device)
+        self.rows, self.columns = placed.get("rows"), placed.get("columns")
+        self.project_s, self.project_a = placed.get("project_s"), placed.get("project_a")
+        self.test_matrix = placed.get("test_matrix")
+        # √(Λ + λ) [d_out, d_in] float64, on the device (None: no curvature)
+        self.scale = None if curvature.denominator is None else curvature.denominator.sqrt()
 
     @staticmethod
     def _top(weights: torch.Tensor | None, size: int, k: int) -> torch.Tensor:
@@ -142,19 +154,20 @@ class ModuleIndexer:
     # -- the training side ----------------------------------------------------------------------
 
     def _whitened(self, rotated: torch.Tensor) -> torch.Tensor:
-        return rotated if self.scale is None else rotated / self.scale.to(rotated)
+        return rotated if self.scale is None else rotated / self.scale.to(rotated.dtype)
 
     def compress(self, capture: ModuleCapture) -> dict[str, torch.Tensor]:
-        """A batch's compressed gradients (float32; the caller stores them in the storage dtype)."""
-        like = capture.a
+        """A batch's compressed gradients (in the capture's dtype; the caller stores them in the
+        storage dtype)."""
+        dtype = capture.a.dtype
         projection = self.spec.projection
         if projection == "random":
-            s = capture.s @ self.project_s.to(like).T  # [B, N, k_out]
-            a = capture.a @ self.project_a.to(like).T  # [B, N, k_in]
+            s = capture.s @ self.project_s.to(dtype).T  # [B, N, k_out]
+            a = capture.a @ self.project_a.to(dtype).T  # [B, N, k_in]
             return {"w": torch.bmm(s.transpose(1, 2), a)}
         basis = (None, None)
         if self.has_basis:
-            basis = (self.factors.gradient_eigenvectors.to(like), self.factors.activation_eigenvectors.to(like))
+            basis = (self.curvature.gradient_basis.to(dtype), self.curvature.activation_basis.to(dtype))
         if projection == "eigen":
             if basis[0] is not None:
                 s = capture.s @ basis[0][:, self.rows]
@@ -163,7 +176,7 @@ class ModuleIndexer:
                 s, a = capture.s[..., self.rows], capture.a[..., self.columns]
             block = torch.bmm(s.transpose(1, 2), a)
             scale = None if self.scale is None else self.scale[self.rows][:, self.columns]
-            return {"w": block if scale is None else block / scale.to(block)}
+            return {"w": block if scale is None else block / scale.to(block.dtype)}
         whitened = self._whitened(rotated_per_sequence_gradients(capture, *basis))  # [B, d_out, d_in]
         if projection == "none":
             return {"w": whitened}
@@ -177,7 +190,7 @@ class ModuleIndexer:
         The symmetric eigensolver on (R+p)² matrices costs a fraction of an SVD of P on CPU, and
         nothing is divided by a singular value (a zero gradient gives zero factors)."""
         rank = min(self.spec.rank, *matrices.shape[1:])
-        omega = self.test_matrix[: matrices.shape[2]].to(matrices)  # [n, R+p]
+        omega = self.test_matrix[: matrices.shape[2]].to(matrices.dtype)  # [n, R+p]
         sketch = matrices @ omega  # [B, m, R+p]
         sketch = matrices @ (matrices.transpose(1, 2) @ sketch)  # one power iteration
         basis, _ = torch.linalg.qr(sketch)  # [B, m, R+p]
@@ -193,11 +206,11 @@ class ModuleIndexer:
         projection = self.spec.projection
         gradients = gradients.to(torch.float32)
         if projection == "random":
-            preconditioned = precondition(gradients, self.factors, self.strategy, self.damping, torch.float32)
+            preconditioned = precondition(gradients, self.curvature, torch.float32)
             return {"w": self.project_s @ preconditioned @ self.project_a.T}
         rotated = gradients
         if self.has_basis:
-            q_s, q_a = self.factors.gradient_eigenvectors.float(), self.factors.activation_eigenvectors.float()
+            q_s, q_a = self.curvature.gradient_basis.float(), self.curvature.activation_basis.float()
             rotated = q_s.T @ gradients @ q_a
         whitened = self._whitened(rotated)
         if projection == "eigen":
@@ -236,9 +249,9 @@ class Indexer:
         spec.validate()
         self.spec = spec
         self.scorer = Scorer(model, tokenizer, factors, config)
-        damping = config.damping_policy
+        curvature = self.scorer.preconditioners
         self.modules = {
-            name: ModuleIndexer(factors.modules[name], factors.factors[name], factors.strategy, damping, spec)
+            name: ModuleIndexer(factors.modules[name], factors.factors[name], curvature[name], spec, self.scorer.device)
             for name in self.scorer.names
         }
 
@@ -263,23 +276,24 @@ class Indexer:
         pending: dict[str, list[torch.Tensor]] = {}
         indices: list[torch.Tensor] = []
         count = 0
-        for batch, captures in captured_batches(
-            self.scorer.model,
-            self.scorer.modules,
-            sequences,
-            batch_size=self.scorer.config.batch_size,
-            pad_token_id=self.scorer.pad_token_id,
-            stage="index",
-            progress=progress,
-        ):
-            for name, module in self.modules.items():
-                for key, value in module.compress(captures[name]).items():
-                    pending.setdefault(f"{name}/{key}", []).append(value.to("cpu", self.storage_dtype))
-            indices.append(batch.indices.clone())
-            count += len(batch.indices)
-            if count >= limit:
-                yield _joined(pending, indices)
-                pending, indices, count = {}, [], 0
+        with exact_arithmetic():
+            for batch, captures in captured_batches(
+                self.scorer.model,
+                self.scorer.modules,
+                sequences,
+                batch_size=self.scorer.config.batch_size,
+                pad_token_id=self.scorer.pad_token_id,
+                stage="index",
+                progress=progress,
+            ):
+                for name, module in self.modules.items():
+                    for key, value in module.compress(captures[name]).items():
+                        pending.setdefault(f"{name}/{key}", []).append(value.to("cpu", self.storage_dtype))
+                indices.append(batch.indices.clone())
+                count += len(batch.indices)
+                if count >= limit:
+                    yield _joined(pending, indices)
+                    pending, indices, count = {}, [], 0
         if count:
             yield _joined(pending, indices)
 
@@ -287,6 +301,7 @@ class Indexer:
         """Index-space queries per module (from the query gradients, computed once)."""
         return self.queries_from(self.scorer.query_gradients(queries, progress))
 
+    @exact_arithmetic()
     def queries_from(self, gradients: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
         """Index-space queries from query gradients already computed ({name: [Q, d_out, d_in]})."""
         return {name: module.queries(gradients[name]) for name, module in self.modules.items()}

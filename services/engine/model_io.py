@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +210,21 @@ def model_fingerprint(model: torch.nn.Module, tracked_names: list[str] | None = 
         sample = values[::stride][:4096].to(device="cpu").to(torch.bfloat16)
         digest.update(name.encode() + b"\0" + sample.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
+
+
+# Fingerprints already computed per model object and module set: a worker that keeps a model
+# loaded checks factor sets against it (and describes it to a fit's model-free stages) without
+# re-hashing the weights for every task.
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached_fingerprint(model: torch.nn.Module, names: Sequence[str]) -> str:
+    """`model_fingerprint(model, names)`, computed once per model object and module set."""
+    known = _FINGERPRINTS.setdefault(model, {})
+    key = tuple(sorted(names))
+    if key not in known:
+        known[key] = model_fingerprint(model, list(key))
+    return known[key]
 
 
 # Config fields that say how a checkpoint was loaded or saved, not what the model is.

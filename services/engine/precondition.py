@@ -5,6 +5,10 @@ With the factors' eigenbasis (Q_S, Q_A) and diagonal Λ (factors.py, rotation.py
 The diagonal strategy divides without rotating; identity returns DQ unchanged (no curvature).
 Damping λ is absolute, or relative: λ = damping_factor × mean(Λ) per module (default 0.1).
 Λ + λ and the division are float64; the rotations run in the scoring dtype.
+
+`preconditioner` prepares a module's Λ + λ and bases once, on the host (it reads values: λ from
+mean Λ, the singular check); a step places the result on its device (device.py) and the kernels
+`precondition` and `self_influence_terms` read only tensors already there.
 """
 
 from __future__ import annotations
@@ -42,46 +46,75 @@ class Damping:
         return f"absolute {self.absolute}" if self.absolute is not None else f"{self.factor} x mean eigenvalue"
 
 
-def precondition(
-    gradient: torch.Tensor,
-    factors: ModuleFactors,
-    strategy: str | Strategy,
-    damping: Damping,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
+@dataclass
+class Preconditioner:
+    """One module's (G + λI)⁻¹ as the kernels need it (`preconditioner` builds it on the host; a
+    step places it on its device with device.to_device):
+
+    denominator       Λ + λ  [d_out, d_in] float64; None: no curvature (identity)
+    gradient_basis    Q_S    [d_out, d_out] in the scoring dtype; None: Λ lives in the parameter basis
+    activation_basis  Q_A    [d_in, d_in]
+    damping           λ (float)
+    singular          some Λ + λ ≤ 0 (damping 0 on a zero eigenvalue): preconditioning refuses it
+    """
+
+    denominator: torch.Tensor | None
+    gradient_basis: torch.Tensor | None = None
+    activation_basis: torch.Tensor | None = None
+    damping: float = 0.0
+    singular: bool = False
+
+
+def preconditioner(
+    factors: ModuleFactors, strategy: str | Strategy, damping: Damping, dtype: torch.dtype = torch.float64
+) -> Preconditioner:
+    """A module's preconditioner from its factors, on the factors' device (the host: this reads
+    values, λ from mean Λ and the singular check); the bases in `dtype`."""
+    strategy = get_strategy(strategy)
+    if not strategy.curvature:
+        return Preconditioner(None)
+    eigenvalues = factors.diagonal()
+    value = damping.value(eigenvalues)
+    denominator = eigenvalues + value
+    singular = bool((denominator <= 0).any())
+    if not strategy.covariance:
+        return Preconditioner(denominator, damping=value, singular=singular)
+    return Preconditioner(
+        denominator,
+        factors.gradient_eigenvectors.to(dtype),
+        factors.activation_eigenvectors.to(dtype),
+        damping=value,
+        singular=singular,
+    )
+
+
+def precondition(gradient: torch.Tensor, curvature: Preconditioner, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """P for a batch of query gradients.
 
-    gradient: [Q, d_out, d_in]; returns [Q, d_out, d_in] in `dtype` on the gradient's device.
+    gradient: [Q, d_out, d_in] on the preconditioner's device; returns [Q, d_out, d_in] in `dtype`.
     The rotations run in `dtype` (float32 for float32 models); Λ + λ and the division in float64.
     """
-    strategy = get_strategy(strategy)
     gradient = gradient.to(dtype)
-    if not strategy.curvature:
+    if curvature.denominator is None:
         return gradient
-    eigenvalues = factors.diagonal().to(gradient.device)
-    denominator = eigenvalues + damping.value(eigenvalues)
-    if bool((denominator <= 0).any()):
+    if curvature.singular:
         raise InputError("damping is zero and some eigenvalues are zero: the curvature is singular; set --damping > 0")
-    if not strategy.covariance:  # Λ lives in the parameter basis
-        return (gradient.to(torch.float64) / denominator).to(dtype)
-    q_s = factors.gradient_eigenvectors.to(gradient.device, dtype)
-    q_a = factors.activation_eigenvectors.to(gradient.device, dtype)
-    scaled = (rotate(gradient, q_s, q_a).to(torch.float64) / denominator).to(dtype)
+    if curvature.gradient_basis is None:  # Λ lives in the parameter basis
+        return (gradient.to(torch.float64) / curvature.denominator).to(dtype)
+    q_s, q_a = curvature.gradient_basis.to(dtype), curvature.activation_basis.to(dtype)
+    scaled = (rotate(gradient, q_s, q_a).to(torch.float64) / curvature.denominator).to(dtype)
     return rotate(scaled, q_s.T, q_a.T)
 
 
-def self_influence_terms(
-    rotated: torch.Tensor, factors: ModuleFactors, strategy: str | Strategy, damping: Damping
-) -> torch.Tensor:
+def self_influence_terms(rotated: torch.Tensor, curvature: Preconditioner) -> torch.Tensor:
     """⟨P_m, DW_m⟩ per sequence from its rotated gradient G̃_m = Q_Sᵀ DW_m Q_A: [B, d_out, d_in] -> [B].
 
     In the eigenbasis the preconditioner is diagonal, so this is Σ G̃² / (Λ + λ).
     """
     squared = rotated.to(torch.float64).square()
-    if not get_strategy(strategy).curvature:
+    if curvature.denominator is None:
         return squared.sum((1, 2))
-    eigenvalues = factors.diagonal().to(rotated.device)
-    return (squared / (eigenvalues + damping.value(eigenvalues))).sum((1, 2))
+    return (squared / curvature.denominator).sum((1, 2))
 
 
 def low_rank(preconditioned: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,13 +24,12 @@ def rotated_per_sequence_gradients(
     batch's padded length N (`rotation_order`): short sequences rotate their tokens, N·(d_out² +
     d_in²) per sequence; long ones rotate the materialised gradient, d_out·d_in·(d_out + d_in),
     independent of N (3x fewer for a 2,048-token sequence through a 576 x 1536 MLP). With no
-    basis (diagonal strategy) it is DW itself.
+    basis (diagonal strategy) it is DW itself. The bases are on the capture's device, in its dtype.
     """
     s, a = capture.s, capture.a
     if gradient_basis is None:
         return torch.bmm(s.transpose(1, 2), a)
-    q_s, q_a = gradient_basis.to(s), activation_basis.to(a)
-    return rotate_in_order(s, a, q_s, q_a, rotation_order(s.shape[1], s.shape[2], a.shape[2]))
+    return rotate_in_order(s, a, gradient_basis, activation_basis, rotation_order(s.shape[1], s.shape[2], a.shape[2]))
 
 
 def rotate(gradient: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

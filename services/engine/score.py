@@ -11,7 +11,8 @@ nats of the completion's log-probability per unit of up-weighting z_m's summed l
     prepared = scorer.prepare(queries, mean_tokens)         # query gradients, IHVPs, kernels: once per job
     mask     = scorer.tfidf_mask(queries, sequences)        # [Q, N] TF-IDF candidates (None: all), once
     partial  = scorer.score(prepared, shard, mask=mask)     # per data shard: per-module scores [M, Q, n]
-    result   = scorer.merge(partials, prepared, sequence_of, mask=mask)   # scores, top-k, per-token for the top-k
+    result   = merge(partials, scorer.names, config, mask)  # scores, top-k (no model)
+    scorer.attach_token_scores(prepared, result.top, sequence_of)   # per-token for the top-k (--per-token)
     partial  = scorer.self_influence(shard)                 # per data shard: ⟨P_m, DW_m⟩ [n]
     scores   = merge_self_influence(partials)               # [N]
 
@@ -21,13 +22,17 @@ does the service system's one-task scoring of a one-shard dataset (the `score_on
 The multi-shard score stages (services/query_svc/stages.py) run the same steps per shard with the
 prepared queries and the mask stored between tasks; `compute_self_influence` and the self stages
 share `self_influence` and `merge_self_influence` alike.
+
+The Scorer computes on its model's device (`scorer.device`): the factors (as preconditioners) are
+placed there once, prepared queries handed to `score`, `token_scores` or `attach_token_scores`
+(from the store: CPU) on each call (device.py's placement rule).
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -36,13 +41,14 @@ from ..errors import InputError, PreconditionError
 from ..options import BATCH_SIZE, DAMPING, DAMPING_FACTOR, MAX_LENGTH, QUERY_RANK, TFIDF, TOP_K
 from .capture import accumulation_dtype, capture
 from .data import TokenizedSequence, collate, tokenize_queries, tokenize_training
+from .device import exact_arithmetic, to_device
 from .factors import FactorSet
 from .finite import first_non_finite, require_finite
 from .fit import prepare_model
-from .model_io import model_fingerprint
+from .model_io import cached_fingerprint
 from .modules import device_of
 from .passes import QUERY, captured_batches
-from .precondition import Damping, low_rank, precondition, self_influence_terms
+from .precondition import Damping, Preconditioner, low_rank, precondition, preconditioner, self_influence_terms
 from .progress import Progress
 from .records import Query, TrainingExample
 from .rotation import rotated_per_sequence_gradients
@@ -140,19 +146,6 @@ def concatenate(partials: Sequence[ShardScores]) -> torch.Tensor:
     return torch.cat([partial.scores for partial in partials], dim=-1)
 
 
-# Fingerprints already computed per model object and module set: a worker that keeps a model
-# loaded checks factor sets against it without re-hashing the weights for every task.
-_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _fingerprint(model: nn.Module, names: Sequence[str]) -> str:
-    known = _FINGERPRINTS.setdefault(model, {})
-    key = tuple(sorted(names))
-    if key not in known:
-        known[key] = model_fingerprint(model, list(key))
-    return known[key]
-
-
 def module_pattern(factors: FactorSet) -> str:
     """A --modules regex selecting exactly the factors' modules."""
     names = list(factors.modules)
@@ -173,13 +166,24 @@ class Scorer:
             raise PreconditionError(
                 f"factors were fitted for modules this model does not have: {', '.join(missing[:3])}"
             )
-        if factors.model_fingerprint and _fingerprint(model, list(self.modules)) != factors.model_fingerprint:
+        if factors.model_fingerprint and cached_fingerprint(model, list(self.modules)) != factors.model_fingerprint:
             raise PreconditionError(
                 "factors were fitted for another model (model fingerprint differs); refit them for this model"
             )
         self.names = list(self.modules)  # model order: the row order of per-module scores
         self.dtype = accumulation_dtype(next(model.parameters()).dtype)
+        self.device = device_of(model)
         self.pad_token_id = tokenizer.pad_token_id
+
+    @cached_property
+    def preconditioners(self) -> dict[str, Preconditioner]:
+        """Each module's preconditioner (λ, Λ + λ, bases in the scoring dtype), prepared on the host
+        from the factors and placed on the model's device: once per Scorer, when first needed."""
+        damping, strategy = self.config.damping_policy, self.factors.strategy
+        return {
+            name: to_device(preconditioner(self.factors.factors[name], strategy, damping, self.dtype), self.device)
+            for name in self.names
+        }
 
     def tokenize_training(self, examples: Sequence[TrainingExample]) -> list[TokenizedSequence]:
         if not examples:
@@ -199,21 +203,22 @@ class Scorer:
             **extra,
         )
 
+    @exact_arithmetic()
     def query_gradients(self, queries: Sequence[Query], progress: Progress | None = None) -> dict[str, torch.Tensor]:
-        """∇ log p(completion | prompt) per query and module: {name: [Q, d_out, d_in]} in query order."""
+        """∇ log p(completion | prompt) per query and module: {name: [Q, d_out, d_in]} in query
+        order, on the model's device."""
         if not queries:
             raise InputError("no queries to score")
         sequences = tokenize_queries(self.tokenizer, queries, self.config.max_length)
-        device = device_of(self.model)
         gradients: dict[str, torch.Tensor] = {}
         for batch, captures in self._passes(sequences, "queries", progress, subject=QUERY):
             for name, module_capture in captures.items():
                 per_query = module_capture.per_sequence_gradients()
                 if name not in gradients:
                     gradients[name] = torch.zeros(
-                        (len(sequences), *per_query.shape[1:]), dtype=per_query.dtype, device=device
+                        (len(sequences), *per_query.shape[1:]), dtype=per_query.dtype, device=self.device
                     )
-                gradients[name][batch.indices.to(device)] = per_query
+                gradients[name][batch.indices.to(self.device)] = per_query
         return gradients
 
     def prepare(
@@ -223,18 +228,19 @@ class Scorer:
         of `mean_tokens` tokens on average (scoring.py)."""
         return self.prepare_gradients(self.query_gradients(queries, progress), mean_tokens)
 
+    @exact_arithmetic()
     def prepare_gradients(self, gradients: dict[str, torch.Tensor], mean_tokens: float) -> PreparedQueries:
-        """`prepare` from query gradients already computed ({name: [Q, d_out, d_in]}; not kept)."""
-        damping, strategy = self.config.damping_policy, self.factors.strategy
+        """`prepare` from query gradients already computed ({name: [Q, d_out, d_in]} on the model's
+        device; not kept). The prepared queries stay on the device."""
         prepared = {}
         for name in self.names:
-            module_factors = self.factors.factors[name]
-            preconditioned = precondition(gradients[name], module_factors, strategy, damping, self.dtype)
+            preconditioned = precondition(gradients[name], self.preconditioners[name], self.dtype)
             require_finite(preconditioned, f"the preconditioned query gradients of module {name}", "damping too small?")
             factor_pair = low_rank(preconditioned, self.config.query_rank) if self.config.query_rank else None
             prepared[name] = plan_module_queries(preconditioned, factor_pair, mean_tokens, self.dtype)
         return PreparedQueries(prepared)
 
+    @exact_arithmetic()
     def score(
         self,
         prepared: PreparedQueries,
@@ -244,8 +250,10 @@ class Scorer:
     ) -> ShardScores:
         """Per-module scores of every prepared query against `sequences` (any shard of the data):
         float64 [M, Q, len(sequences)], column j for sequences[j]. With `mask` [Q, N] (bool over
-        global indices: the sequences each query scores, `tfidf_mask`), just the sequences some
-        query asks for are computed; the other columns are 0."""
+        global indices, on the host: the sequences each query scores, `tfidf_mask`), just the
+        sequences some query asks for are computed; the other columns are 0. `prepared` may be
+        anywhere (e.g. read from the store): it is placed on the model's device here."""
+        prepared = to_device(prepared, self.device)
         column = {sequence.index: position for position, sequence in enumerate(sequences)}
         per_module = torch.zeros((len(self.names), prepared.n_queries, len(sequences)), dtype=torch.float64)
         wanted = None if mask is None else mask.any(0)  # [N] bool: some query scores the sequence
@@ -270,42 +278,14 @@ class Scorer:
             mask[query, columns] = True
         return mask
 
-    def merge(
-        self,
-        partials: Sequence[ShardScores],
-        prepared: Callable[[], PreparedQueries],
-        sequence_of: Callable[[int], TokenizedSequence],
-        progress: Progress | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> ScoreResult:
-        """The shards' scores as one result: totals, top-k per query, and token-wise attribution of
-        the top-k (their sequences are recomputed; `prepared()` is called only then). With `mask`
-        [Q, N] (bool: which sequences each query scored, e.g. its TF-IDF candidates), the others
-        are 0 in the result and never in a top-k."""
-        per_module = concatenate(partials)  # [M, Q, N]
-        if mask is not None:
-            per_module = per_module * mask
-        scores = per_module.sum(0)
-        result = ScoreResult(
-            scores=scores.to(torch.float32),
-            module_names=self.names,
-            per_module=per_module.to(torch.float32) if self.config.per_module else None,
-        )
-        ranked = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
-        result.top = top_k_entries(
-            ranked, per_module if self.config.per_module else None, self.names, self.config.top_k
-        )
-        if self.config.per_token and self.config.top_k:
-            queries = prepared()
-            result.kernels = {name: queries.modules[name].kernel for name in self.names}
-            self.attach_token_scores(queries, result.top, sequence_of, progress)
-        return result
-
+    @exact_arithmetic()
     def token_scores(
         self, sequence: TokenizedSequence, prepared: PreparedQueries, queries: Sequence[int]
     ) -> torch.Tensor:
-        """Per-token attribution of one training sequence to the given queries: float64 [len(queries), T]."""
-        batch = collate([sequence], self.pad_token_id).to(device_of(self.model))
+        """Per-token attribution of one training sequence to the given queries: float64 [len(queries), T]
+        on the host (`prepared` placed on the model's device here)."""
+        prepared = to_device(prepared, self.device)
+        batch = collate([sequence], self.pad_token_id).to(self.device)
         captures = capture(self.model, self.modules, batch, "true")
         rows = [
             sum(
@@ -326,7 +306,9 @@ class Scorer:
         progress: Progress | None = None,
     ) -> None:
         """Fill each top-k entry's tokens and token scores; each distinct training sequence is
-        recomputed once, for all queries that rank it."""
+        recomputed once, for all queries that rank it. `prepared` is placed on the model's device
+        once, here."""
+        prepared = to_device(prepared, self.device)
         progress = progress or Progress()
         wanted = sorted({entry.index for entries in top for entry in entries})
         progress.stage("token scores", len(wanted), "sequence")
@@ -342,21 +324,19 @@ class Scorer:
                 entry.token_scores = row.tolist()
             progress.advance(1, sequence.length)
 
+    @exact_arithmetic()
     def self_influence(self, sequences: Sequence[TokenizedSequence], progress: Progress | None = None) -> ShardScores:
         """⟨P_m, DW_m⟩ for `sequences` (any shard): float64 [len(sequences)], in list order."""
         column = {sequence.index: position for position, sequence in enumerate(sequences)}
         scores = torch.zeros(len(sequences), dtype=torch.float64)
-        damping, strategy = self.config.damping_policy, self.factors.strategy
         for batch, captures in self._passes(sequences, "self", progress):
             columns = torch.tensor([column[int(index)] for index in batch.indices])
             for name, module_capture in captures.items():
-                module_factors = self.factors.factors[name]
-                gradient_basis = activation_basis = None
-                if module_factors.has_basis:
-                    gradient_basis = module_factors.gradient_eigenvectors.to(module_capture.a)
-                    activation_basis = module_factors.activation_eigenvectors.to(module_capture.a)
-                rotated = rotated_per_sequence_gradients(module_capture, gradient_basis, activation_basis)
-                scores[columns] += self_influence_terms(rotated, module_factors, strategy, damping).to("cpu")
+                curvature = self.preconditioners[name]
+                rotated = rotated_per_sequence_gradients(
+                    module_capture, curvature.gradient_basis, curvature.activation_basis
+                )
+                scores[columns] += self_influence_terms(rotated, curvature).to("cpu")
         _check_scores(scores, sequences, self.names)
         return ShardScores(scores, torch.tensor([sequence.index for sequence in sequences]))
 
@@ -376,6 +356,27 @@ def _check_scores(per_module: torch.Tensor, sequences: Sequence[TokenizedSequenc
         f"the score of training sequence {sequences[column].index + 1} (in file order{where})",
         "the model produces non-finite gradients on this sequence",
     )
+
+
+def merge(
+    partials: Sequence[ShardScores], names: list[str], config: ScoreConfig, mask: torch.Tensor | None = None
+) -> ScoreResult:
+    """The shards' scores as one result (no model needed): totals, and the top-k per query. With
+    `mask` [Q, N] (bool: which sequences each query scored, e.g. its TF-IDF candidates), the others
+    are 0 in the result and never in a top-k. `names`: the per-module rows' modules (Scorer.names).
+    Token-wise attribution of the top-k is the Scorer's (`attach_token_scores`: it needs the model)."""
+    per_module = concatenate(partials)  # [M, Q, N]
+    if mask is not None:
+        per_module = per_module * mask
+    scores = per_module.sum(0)
+    result = ScoreResult(
+        scores=scores.to(torch.float32),
+        module_names=names,
+        per_module=per_module.to(torch.float32) if config.per_module else None,
+    )
+    ranked = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
+    result.top = top_k_entries(ranked, per_module if config.per_module else None, names, config.top_k)
+    return result
 
 
 def top_k_entries(
@@ -424,7 +425,9 @@ def score_in_memory(
     prepared = scorer.prepare(queries, mean_length(sequences), progress)
     mask = scorer.tfidf_mask(queries, sequences)
     partial = scorer.score(prepared, sequences, progress, mask)
-    result = scorer.merge([partial], lambda: prepared, sequences.__getitem__, progress, mask)
+    result = merge([partial], scorer.names, scorer.config, mask)
+    if scorer.config.per_token and scorer.config.top_k:
+        scorer.attach_token_scores(prepared, result.top, sequences.__getitem__, progress)
     result.kernels = {name: prepared.modules[name].kernel for name in scorer.names}
     return InMemoryScores(result, partial, mask)
 

@@ -1,14 +1,20 @@
 """FactorService's job: a fit, as stages over the engine's shard-level steps (engine/fit.py).
 
     covariance × shards -> eigen -> correction × shards -> finalize      -> factorSets/{id}
-    (kfac skips the correction; diagonal skips covariance and eigen; identity is finalize only)
-    one shard: fit_one_shard, the same steps in one task with their outputs kept in memory
+    (kfac skips the correction; diagonal skips covariance and eigen)
+    one shard, or identity (no pass): fit_one_shard, the same steps in one task with their outputs
+    kept in memory
 
 Every stage reads its inputs from the store (through the worker's cache when it wrote them
 itself) and writes its output to a deterministic key (system/layout.py); a redelivered task
 rewrites the same bytes. A covariance task's captures become visible to this worker's
 correction task of the same shard only once the task has succeeded (context.captures), and
 are released when the job ends for any reason.
+
+Only the passes (covariance, correction, fit_one_shard) load the model, on the job's device;
+each pass task also stores what eigen and finalize need of the model (engine FittedModel: the
+tracked modules, dtype, fingerprint, how the passes computed), so those two run on any worker,
+e.g. a CPU pool's, without the model. A fit that makes no pass (identity) is one fit_one_shard task.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from ..catalog.datasets import DATASETS, dataset_path, shard_sequences
 from ..catalog.factor_sets import FACTOR_SETS, FactorSetInfo
 from ..engine.correction import CorrectionAccumulator
 from ..engine.covariance import CovarianceAccumulator, Eigenbases
-from ..engine.fit import FitModel, eigendecompose, fit_in_memory
+from ..engine.fit import FitModel, FittedModel, eigendecompose, finalize, fit_in_memory
 from ..rpc.messages import packed
 from ..storage import get_tensors, put_tensors
 from ..system import layout
@@ -30,10 +36,22 @@ from .messages import factor_set_message
 
 
 def _fit(call: StageCall) -> FitModel:
-    """The task's model, prepared for the fit once."""
+    """The task's model, prepared for the fit once; what the model-free stages need of it is
+    stored for them (the same bytes from every pass task)."""
     job: FitJob = call.job
     model, tokenizer = call.context.models.get(job.model)
-    return FitModel(model, tokenizer, job.config)
+    fit = FitModel(model, tokenizer, job.config)
+    key = layout.job_model(call.job_id)
+    if key not in call.context.artifacts:
+        call.context.store.put_bytes(key, fit.fitted.to_json())
+        call.context.artifacts.put(key, fit.fitted)
+    return fit
+
+
+def _fitted(call: StageCall) -> FittedModel:
+    """The job's model as its pass tasks described it: no model loaded."""
+    key = layout.job_model(call.job_id)
+    return call.context.artifacts.get(key, lambda: FittedModel.from_json(call.context.store.get_bytes(key)))
 
 
 def _sequences(call: StageCall, shard: int):
@@ -59,10 +77,11 @@ def _take_partials(call: StageCall, stage: str) -> list[dict[str, torch.Tensor]]
     return [artifacts.take(key, lambda key=key: get_tensors(store, key)) for key in keys]
 
 
-def _eigenbases(call: StageCall, fit: FitModel) -> Eigenbases | None:
-    if not fit.strategy.covariance:
+def _eigenbases(call: StageCall, modules) -> Eigenbases | None:
+    job: FitJob = call.job
+    if not job.config.strategy_spec.covariance:
         return None
-    return Eigenbases.from_tensors(_get(call, layout.job_output(call.job_id, "eigen")), fit.tracked)
+    return Eigenbases.from_tensors(_get(call, layout.job_output(call.job_id, "eigen")), modules)
 
 
 def run_covariance(call: StageCall) -> None:
@@ -81,27 +100,35 @@ def run_covariance(call: StageCall) -> None:
 
 
 def run_eigen(call: StageCall) -> None:
-    fit = _fit(call)
-    partials = (CovarianceAccumulator.from_state(fit.tracked, state) for state in _take_partials(call, "covariance"))
-    eigen = eigendecompose(partials, fit.storage_dtype(), call.context.progress)
-    _put(call, layout.job_output(call.job_id, "eigen"), eigen.to_tensors(fit.storage_dtype()))
+    """No model: the covariance tasks described it."""
+    fitted = _fitted(call)
+    partials = (CovarianceAccumulator.from_state(fitted.modules, state) for state in _take_partials(call, "covariance"))
+    eigen = eigendecompose(partials, fitted.storage_dtype, call.context.progress)
+    _put(call, layout.job_output(call.job_id, "eigen"), eigen.to_tensors(fitted.storage_dtype))
 
 
 def run_correction(call: StageCall) -> None:
     fit = _fit(call)
     cache = call.context.captures.take(call.job_id, call.shard)
-    partial = fit.correction(_sequences(call, call.shard), _eigenbases(call, fit), call.context.progress, cache)
+    eigen = _eigenbases(call, fit.tracked)
+    partial = fit.correction(_sequences(call, call.shard), eigen, call.context.progress, cache)
     _put(call, layout.job_partial(call.job_id, "correction", call.shard), partial.state())
 
 
 def run_finalize(call: StageCall) -> FactorSetInfo:
-    fit = _fit(call)
+    """No model: the pass tasks described it."""
+    job: FitJob = call.job
+    fitted = _fitted(call)
     corrections = []
-    if fit.strategy.correction:
+    if job.config.strategy_spec.correction:
         corrections = (
-            CorrectionAccumulator.from_state(fit.tracked, None, state) for state in _take_partials(call, "correction")
+            CorrectionAccumulator.from_state(fitted.modules, None, state)
+            for state in _take_partials(call, "correction")
         )
-    return _publish(call, fit, _eigenbases(call, fit), corrections)
+    factor_set = finalize(
+        fitted, job.config, _eigenbases(call, fitted.modules), corrections, _n_sequences(call), _provenance(call)
+    )
+    return _publish_factor_set(call, factor_set)
 
 
 def run_fit_one_shard(call: StageCall) -> FactorSetInfo:
@@ -110,7 +137,12 @@ def run_fit_one_shard(call: StageCall) -> FactorSetInfo:
     tasks would only buy a finer-grained retry; a retried task recomputes it all."""
     fit = _fit(call)
     factor_set = fit_in_memory(
-        fit, _sequences(call, 0), call.context.captures.budget, call.context.progress, _provenance(call)
+        fit,
+        _sequences(call, 0),
+        call.context.captures.budget,
+        call.context.progress,
+        _provenance(call),
+        n_sequences=_n_sequences(call),
     )
     return _publish_factor_set(call, factor_set)
 
@@ -125,10 +157,6 @@ def _n_sequences(call: StageCall) -> int:
     return DATASETS.read(call.context.store, job.dataset_id).sequences_within(job.config.max_examples)
 
 
-def _publish(call: StageCall, fit: FitModel, eigen: Eigenbases | None, corrections) -> FactorSetInfo:
-    return _publish_factor_set(call, fit.finalize(eigen, corrections, _n_sequences(call), _provenance(call)))
-
-
 def _publish_factor_set(call: StageCall, factor_set) -> FactorSetInfo:
     """Publish factorSets/{id}, kept in this worker's cache: a score job here reads none back."""
     job: FitJob = call.job
@@ -136,12 +164,10 @@ def _publish_factor_set(call: StageCall, factor_set) -> FactorSetInfo:
 
 
 def _first(job: FitJob) -> str:
-    if job.num_shards == 1:  # nothing to fan out: one task
-        return "fit_one_shard"
     strategy = job.config.strategy_spec
-    if strategy.covariance:
-        return "covariance"
-    return "correction" if strategy.correction else "finalize"
+    if job.num_shards == 1 or not (strategy.covariance or strategy.correction):  # nothing to fan out: one task
+        return "fit_one_shard"
+    return "covariance" if strategy.covariance else "correction"
 
 
 def _after(job: FitJob, stage: str) -> str | None:
@@ -154,11 +180,11 @@ def _after(job: FitJob, stage: str) -> str | None:
 
 
 STAGES = [
-    Stage("covariance", run_covariance, per_shard=True),
-    Stage("eigen", run_eigen),
-    Stage("correction", run_correction, per_shard=True),
-    Stage("finalize", run_finalize),
-    Stage("fit_one_shard", run_fit_one_shard),
+    Stage("covariance", run_covariance, per_shard=True, loads_model=True),
+    Stage("eigen", run_eigen, loads_model=False),
+    Stage("correction", run_correction, per_shard=True, loads_model=True),
+    Stage("finalize", run_finalize, loads_model=False),
+    Stage("fit_one_shard", run_fit_one_shard, loads_model=True),
 ]
 PLANS = [
     JobPlan(

@@ -17,6 +17,7 @@ import torch
 from ..catalog.datasets import load_records, load_shard
 from ..engine.capture import capture
 from ..engine.data import collate
+from ..engine.device import exact_arithmetic
 from ..engine.finite import require_finite
 from ..engine.fit import prepare_model
 from ..engine.modules import device_of
@@ -38,13 +39,14 @@ def gradient_blocks(
         if progress is not None:
             progress.check_cancelled()
         block = sequences[start : start + block_size]
-        captures = capture(model, tracked_modules, collate(block, tokenizer.pad_token_id).to(device), "true")
+        with exact_arithmetic():
+            captures = capture(model, tracked_modules, collate(block, tokenizer.pad_token_id).to(device), "true")
+            gradients = {name: c.per_sequence_gradients().to("cpu", torch.float32) for name, c in captures.items()}
         tensors = {
             name: require_finite(
-                c.per_sequence_gradients().to("cpu", torch.float32).contiguous(),
-                f"the gradient block {start // block_size} of shard {shard}, module {name}",
+                gradient.contiguous(), f"the gradient block {start // block_size} of shard {shard}, module {name}"
             )
-            for name, c in captures.items()
+            for name, gradient in gradients.items()
         }
         tensors["example_index"] = torch.tensor([sequence.index for sequence in block])
         if progress is not None:

@@ -154,10 +154,10 @@ def run_index_publish(call: StageCall) -> IndexInfo:
 
 
 STAGES = [
-    Stage("register", run_register),
-    Stage("blocks", run_blocks),
-    Stage("index_shard", run_index_shard, per_shard=True),
-    Stage("index_publish", run_index_publish),
+    Stage("register", run_register, loads_model=False),
+    Stage("blocks", run_blocks, loads_model=True),
+    Stage("index_shard", run_index_shard, per_shard=True, loads_model=True),
+    Stage("index_publish", run_index_publish, loads_model=False),
 ]
 PLANS = [
     JobPlan(

@@ -10,9 +10,14 @@ Each task builds its Scorer once (model, factor set, modules matched, fingerprin
 prepare writes the preconditioned queries once per job, each score task contracts one shard's
 training gradients with them in place, and merge takes the top-k, recomputes the top-k's
 sequences for token-wise attribution, and publishes results.json and scores.safetensors.
+merge loads the model only for token-wise attribution (--per-token); self_merge and index_score
+never do: they run on any worker (engine/device.py: what a step reads from the store is placed on
+its model's device by the step itself).
 """
 
 from __future__ import annotations
+
+import json
 
 import torch
 
@@ -21,6 +26,7 @@ from ..catalog.datasets import DATASETS, DatasetView, shard_sequences
 from ..catalog.factor_sets import FACTOR_SETS
 from ..catalog.indexes import IndexView
 from ..catalog.results import RESULTS, ResultInfo
+from ..engine.device import to_device
 from ..engine.finite import require_finite
 from ..engine.index import Indexer, queries_from_tensors, queries_to_tensors, score_block, two_stage
 from ..engine.score import (
@@ -29,6 +35,7 @@ from ..engine.score import (
     ScoreResult,
     ShardScores,
     concatenate,
+    merge,
     merge_self_influence,
     score_in_memory,
 )
@@ -73,9 +80,15 @@ def _shard(call: StageCall, shard: int):
     return shard_sequences(call.context.artifacts, call.context.store, call.job.dataset_id, shard)
 
 
-def _prepared(call: StageCall, scorer: Scorer) -> tuple[PreparedQueries, torch.Tensor | None]:
+def _prepared_tensors(call: StageCall) -> dict[str, torch.Tensor]:
+    """What prepare (or index_prepare) stored, as read from the store (on the host)."""
     key = layout.job_output(call.job_id, "prepared")
-    tensors = call.context.artifacts.get(key, lambda: get_tensors(call.context.store, key))
+    return call.context.artifacts.get(key, lambda: get_tensors(call.context.store, key))
+
+
+def _prepared(call: StageCall, scorer: Scorer) -> tuple[PreparedQueries, torch.Tensor | None]:
+    """The prepared queries and the TF-IDF mask, on the host: the Scorer places the queries itself."""
+    tensors = _prepared_tensors(call)
     return PreparedQueries.from_tensors(tensors, scorer.names), tensors.get("tfidf_mask")
 
 
@@ -86,15 +99,23 @@ def _partials(call: StageCall, stage: str) -> list[ShardScores]:
     return [ShardScores.from_tensors(get_tensors(store, key)) for key in keys]
 
 
+def _put_prepared(call: StageCall, tensors: dict[str, torch.Tensor]) -> None:
+    """Store the prepared queries, and keep them in this worker's cache exactly as the store returns
+    them (on the host), so a later stage here gets what it would read back and places it itself."""
+    key = layout.job_output(call.job_id, "prepared")
+    tensors = to_device(tensors, "cpu")
+    put_tensors(call.context.store, key, tensors)
+    call.context.artifacts.put(key, tensors)
+
+
 def run_prepare(call: StageCall) -> None:
     scorer = _scorer(call)
+    call.context.store.put_bytes(layout.job_modules(call.job_id), json.dumps(scorer.names).encode())
     tensors = _prepare(call, scorer).to_tensors()
     mask = _tfidf_mask(call, scorer)
     if mask is not None:
         tensors["tfidf_mask"] = mask
-    key = layout.job_output(call.job_id, "prepared")
-    put_tensors(call.context.store, key, tensors)
-    call.context.artifacts.put(key, tensors)
+    _put_prepared(call, tensors)
 
 
 def run_score(call: StageCall) -> None:
@@ -106,12 +127,21 @@ def run_score(call: StageCall) -> None:
 
 
 def run_merge(call: StageCall) -> ResultInfo:
-    scorer = _scorer(call)
-    _, mask = _prepared(call, scorer)
+    """The shards' scores merged without the model; only token-wise attribution of the top-k
+    (--per-token) loads it, on the job's device, to recompute their sequences."""
+    job: ScoreJob = call.job
+    names = json.loads(call.context.store.get_bytes(layout.job_modules(call.job_id)))  # prepare's (model) order
+    strategy = FACTOR_SETS.read(call.context.store, job.factor_set_id).strategy  # its manifest alone
+    mask = _prepared_tensors(call).get("tfidf_mask")
     partials = _partials(call, "score")
-    view = DatasetView(call.context.artifacts, call.context.store, call.job.dataset_id)
-    result = scorer.merge(partials, lambda: _prepared(call, scorer)[0], view.sequence, call.context.progress, mask)
-    return _publish_scores(call, scorer, view, result, partials, mask)
+    view = DatasetView(call.context.artifacts, call.context.store, job.dataset_id)
+    result = merge(partials, names, job.config, mask)
+    if job.config.per_token and job.config.top_k:
+        scorer = _scorer(call)
+        prepared, _ = _prepared(call, scorer)
+        scorer.attach_token_scores(prepared, result.top, view.sequence, call.context.progress)
+        result.kernels = {name: prepared.modules[name].kernel for name in names}
+    return _publish_scores(call, strategy, names, view, result, partials, mask)
 
 
 def run_score_one_shard(call: StageCall) -> ResultInfo:
@@ -121,12 +151,15 @@ def run_score_one_shard(call: StageCall) -> ResultInfo:
     scorer = _scorer(call)
     scored = score_in_memory(scorer, call.job.queries, _shard(call, 0), call.context.progress)
     view = DatasetView(call.context.artifacts, call.context.store, call.job.dataset_id)
-    return _publish_scores(call, scorer, view, scored.result, [scored.partial], scored.mask)
+    return _publish_scores(
+        call, scorer.factors.strategy, scorer.names, view, scored.result, [scored.partial], scored.mask
+    )
 
 
 def _publish_scores(
     call: StageCall,
-    scorer: Scorer,
+    strategy: str,
+    names: list[str],
     view: DatasetView,
     result: ScoreResult,
     partials: list[ShardScores],
@@ -145,10 +178,10 @@ def _publish_scores(
         job.queries,
         result.top,
         view.record,
-        strategy=scorer.factors.strategy,
+        strategy=strategy,
         damping=job.config.damping_policy.describe(),
         query_rank=job.config.query_rank,
-        modules=scorer.names,
+        modules=names,
         settings=settings_of(job),
     )
     if mask is not None:
@@ -180,9 +213,7 @@ def run_index_prepare(call: StageCall) -> None:
     tensors.update(
         {f"index/{key}": value for key, value in queries_to_tensors(indexer.queries_from(gradients)).items()}
     )
-    key = layout.job_output(call.job_id, "prepared")
-    put_tensors(call.context.store, key, tensors)
-    call.context.artifacts.put(key, tensors)
+    _put_prepared(call, tensors)
 
 
 def run_index_score(call: StageCall) -> None:
@@ -190,8 +221,7 @@ def run_index_score(call: StageCall) -> None:
     no model, a block or two in memory."""
     index = _index(call)
     _, _, shard = index.info.shards()[call.shard]
-    key = layout.job_output(call.job_id, "prepared")
-    prepared = call.context.artifacts.get(key, lambda: get_tensors(call.context.store, key))
+    prepared = _prepared_tensors(call)
     queries = queries_from_tensors(
         {name.removeprefix("index/"): value for name, value in prepared.items() if name.startswith("index/")},
         list(index.info.modules),
@@ -294,15 +324,15 @@ def _first_score_stage(job: ScoreJob) -> str:
 
 
 STAGES = [
-    Stage("index_prepare", run_index_prepare),
-    Stage("index_score", run_index_score, per_shard=True),
-    Stage("index_merge", run_index_merge),
-    Stage("prepare", run_prepare),
-    Stage("score", run_score, per_shard=True),
-    Stage("merge", run_merge),
-    Stage("score_one_shard", run_score_one_shard),
-    Stage("self", run_self, per_shard=True),
-    Stage("self_merge", run_self_merge),
+    Stage("index_prepare", run_index_prepare, loads_model=True),
+    Stage("index_score", run_index_score, per_shard=True, loads_model=False),
+    Stage("index_merge", run_index_merge, loads_model=True),
+    Stage("prepare", run_prepare, loads_model=True),
+    Stage("score", run_score, per_shard=True, loads_model=True),
+    Stage("merge", run_merge, loads_model=True),
+    Stage("score_one_shard", run_score_one_shard, loads_model=True),
+    Stage("self", run_self, per_shard=True, loads_model=True),
+    Stage("self_merge", run_self_merge, loads_model=False),
 ]
 PLANS = [
     JobPlan(

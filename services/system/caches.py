@@ -42,7 +42,8 @@ class ModelCache:
         self.place_on(device)  # this worker's device
 
     def place_on(self, device: str) -> str:
-        """Run models on `device` (cpu, cuda, or "": cuda if available, else cpu); returns it resolved."""
+        """Run models on `device` (cpu, cuda, or "": cuda if available, else cpu); returns it resolved.
+        (A worker resolves "" itself, by whether CUDA works: system/context.py.)"""
         if device not in ("", "cpu", "cuda"):
             raise InputError(f"worker device must be cpu or cuda, got {device!r}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,6 +122,9 @@ class ArtifactCache:
         self.capacity, self.max_bytes = capacity, max_bytes
         self._entries: OrderedDict = OrderedDict()  # key -> (value, bytes)
         self._bytes = 0
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
 
     def get(self, key, load):
         if key in self._entries:

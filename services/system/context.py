@@ -3,8 +3,10 @@ of the capture caches, the worker's device, and the current task's progress repo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..engine.device import cuda_problem
 from ..engine.progress import Progress
 from ..engine.resources import MemoryBudget, default_cache_bytes
 from ..storage import ArtifactStore
@@ -21,13 +23,23 @@ class WorkerContext:
     # index blocks this worker keeps (hot blocks of the indexes it scores against), within 1 GiB
     blocks: ArtifactCache = field(default_factory=lambda: ArtifactCache(capacity=100_000, max_bytes=1 << 30))
     progress: Progress = field(default_factory=Progress)
-    # the device this worker runs models on: cpu, cuda, or "" (cuda if available, else cpu); a
-    # task whose model asks for no device runs on it, one asking for cuda on a cpu worker is refused
+    # the device this worker runs models on: cpu, cuda, or "" (cuda if usable, else cpu); a task
+    # whose model asks for no device runs on it, one asking for cuda on a cpu worker is refused
     device: str = ""
+    # why this process cannot compute on CUDA, or None (engine.device.cuda_problem; tests that
+    # simulate a GPU worker on a CPU machine give one that finds none)
+    gpu_check: Callable[[], str | None] = cuda_problem
+    # set when built: why this worker cannot run its device's tasks (asked for cuda, no usable
+    # GPU), or None. Such a worker reports NOT_SERVING and takes no task (system/runner.py).
+    device_problem: str | None = field(init=False, default=None)
 
     def __post_init__(self):
         self.models = self.models or ModelCache()
-        self.device = self.models.place_on(self.device)
+        problem = self.gpu_check() if self.device in ("", "cuda") else None
+        if self.device == "":  # the machine's: cuda when it works
+            self.device, problem = ("cpu" if problem else "cuda"), None
+        self.device = self.models.place_on(self.device)  # InputError unless cpu or cuda
+        self.device_problem = f"asked for cuda, but {problem}" if problem else None
         self.captures = CapturePool(
             MemoryBudget(default_cache_bytes() if self.cache_bytes is None else self.cache_bytes)
         )

@@ -40,6 +40,18 @@ def job_output(job_id: str, name: str) -> str:
     return f"jobs/{job_id}/{name}.safetensors"
 
 
+def job_model(job_id: str) -> str:
+    """A fit's model as its pass tasks describe it for the stages that do not load it (JSON:
+    tracked modules, dtype, fingerprint, how the passes computed; engine/fit.py FittedModel)."""
+    return f"jobs/{job_id}/model.json"
+
+
+def job_modules(job_id: str) -> str:
+    """A score job's module order (JSON list: the rows of its per-module scores, the model's order),
+    written by prepare for merge, which loads no model."""
+    return f"jobs/{job_id}/modules.json"
+
+
 def job_block(job_id: str, block: int) -> str:
     """StreamBlocks: block i of a blocks job (a serialised GradientBlock; gradient_svc/blocks.py)."""
     return f"jobs/{job_id}/blocks/{block:05d}.pb"

@@ -4,6 +4,9 @@ What this process did:
     influence_task_seconds{kind, outcome}        histogram: wall time of each task it ran
                                                  (outcome: succeeded, failed, retry, cancelled,
                                                  dead_lettered, skipped)
+    influence_worker_serving{consumer, device}   1 while a worker takes tasks, 0 when it cannot
+                                                 (asked for cuda without a usable GPU: NOT_SERVING;
+                                                 `influence worker`'s /healthz then answers 503)
     influence_store_bytes_total{backend, direction}  bytes read from / written to the artifact store
 The shared state, read from Redis when scraped (API servers export it; workers do not, so a sum
 over pods does not multiply it — take max() over the servers):
@@ -16,8 +19,13 @@ over pods does not multiply it — take max() over the servers):
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from ..storage import traffic
@@ -29,6 +37,13 @@ TASK_SECONDS = Histogram(
     ["kind", "outcome"],
     registry=REGISTRY,
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+)
+
+WORKER_SERVING = Gauge(
+    "influence_worker_serving",
+    "1 while a worker takes tasks; 0 when it cannot (asked for cuda without a usable GPU).",
+    ["consumer", "device"],
+    registry=REGISTRY,
 )
 
 
@@ -85,15 +100,33 @@ class SystemState(Collector):
         yield from (up, tasks, lag, dead, operations)
 
 
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:
+        """Scrapes every few seconds are not worth a log line each."""
+
+
 class MetricsServer:
     """/metrics on `port` (0: a free one, see `.port`) until `close()`; with a system, its
-    shared state too."""
+    shared state too. With `health` (None when serving, else why not), GET /healthz answers 200
+    "SERVING" or 503 "NOT_SERVING: why": a worker's probe (it serves no gRPC health)."""
 
-    def __init__(self, port: int, host: str = "0.0.0.0", system=None):
+    def __init__(self, port: int, host: str = "0.0.0.0", system=None, health: Callable[[], str | None] | None = None):
         self._state = SystemState(system) if system is not None else None
         if self._state is not None:
             REGISTRY.register(self._state)
-        self._server, self._thread = start_http_server(port, addr=host, registry=REGISTRY)
+        metrics_app = make_wsgi_app(REGISTRY)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") != "/healthz" or health is None:
+                return metrics_app(environ, start_response)
+            problem = health()
+            status = "200 OK" if problem is None else "503 Service Unavailable"
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+            return [("SERVING\n" if problem is None else f"NOT_SERVING: {problem}\n").encode()]
+
+        self._server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
         self.port = self._server.server_port
 
     def close(self) -> None:

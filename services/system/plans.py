@@ -36,6 +36,10 @@ class Stage:
     name: str  # also the task kind: the Redis stream its tasks go to, what a worker pool takes
     run: Callable[[StageCall], object | None]
     per_shard: bool = False
+    # True when the stage may load the job's model on the job's device: its kind belongs to a pool of
+    # that device (a cuda job's task on a CPU worker is left for another, WrongWorkerError). False:
+    # it never does, so any worker runs it (the chart's CPU pools take only such kinds).
+    loads_model: bool = True
 
 
 @dataclass(frozen=True)

@@ -256,8 +256,23 @@ class Worker:
         self.lease = LeaseKeeper(self.system.queue, self.consumer)
         self._deleter = PrefixDeleter(self.system.store)
 
+    @property
+    def not_serving(self) -> str | None:
+        """Why this worker takes no task (its device is unusable: WorkerContext.device_problem), or None."""
+        return self.context.device_problem
+
     def run_forever(self, block_ms: int = 500) -> None:
-        log.info("worker %s taking %s", self.consumer, ",".join(self.kinds))
+        serving = metrics.WORKER_SERVING.labels(self.consumer, self.context.device)
+        if self.not_serving:
+            # One line, then nothing: a task taken here could only fail, and not by its caller's fault.
+            log.error("worker %s NOT_SERVING, taking no tasks: %s", self.consumer, self.not_serving)
+            serving.set(0)
+            self.stop.wait()
+            with contextlib.suppress(KeyError):  # another worker of this name removed it
+                metrics.WORKER_SERVING.remove(self.consumer, self.context.device)
+            return
+        log.info("worker %s taking %s on %s", self.consumer, ",".join(self.kinds), self.context.device)
+        serving.set(1)
         # Always set: torch keeps one global default that any thread's set_num_threads changes.
         torch.set_num_threads(self.torch_threads or available_cores())
         try:
@@ -268,6 +283,8 @@ class Worker:
                     log.exception("worker %s: task loop error", self.consumer)
                     self.stop.wait(1.0)
         finally:
+            with contextlib.suppress(KeyError):  # another worker of this name removed it
+                metrics.WORKER_SERVING.remove(self.consumer, self.context.device)
             self.lease.close()
             self._deleter.close()
             for job in self.context.captures.jobs():
@@ -275,7 +292,9 @@ class Worker:
 
     def run_once(self, block_ms: int = 500) -> bool:
         """Run the next task if one comes within `block_ms`; True if one ran. Either way, release
-        the capture caches of jobs that have ended."""
+        the capture caches of jobs that have ended. A worker that is not serving takes none."""
+        if self.not_serving:
+            return False
         task = self.system.queue.take(self.kinds, self.consumer, block_ms)
         if task is not None:
             started = time.perf_counter()

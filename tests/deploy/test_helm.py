@@ -145,7 +145,7 @@ def test_gpu_pools_get_gpus_tolerations_affinity_the_cuda_image_and_device():
 
 def test_a_kind_of_a_gpu_pool_cannot_land_on_a_cpu_pool():
     stderr = render_fails(
-        "workers.pools.cpu.kinds={register,eigen,finalize,merge,self_merge,index_publish,index_score,score}"
+        "workers.pools.cpu.kinds={register,eigen,finalize,self_merge,index_publish,index_score,score}"
     )
     assert "workers.pools.cpu: a CPU pool takes kinds a GPU pool takes: score (GPU pool gpu)" in stderr, stderr
     # A CPU-only system (no GPU pool) may give every kind to CPU workers.
@@ -578,10 +578,10 @@ def test_every_task_kind_must_be_taken_by_an_enabled_pool():
     The chart's list of kinds (schema enum and the check) is the stage table's kinds (services/assembly.STAGE_TABLE)."""
     schema = json.loads((CHART / "values.schema.json").read_text())
     assert sorted(schema["definitions"]["pool"]["properties"]["kinds"]["items"]["enum"]) == sorted(STAGE_TABLE.kinds)
-    stderr = render_fails("workers.pools.gpu.kinds={covariance,correction,prepare,score,self}")
+    stderr = render_fails("workers.pools.gpu.kinds={covariance,correction,prepare,score,merge,self}")
     assert "no enabled pool takes blocks, fit_one_shard, score_one_shard" in stderr, stderr
     stderr = render_fails("workers.pools.cpu.enabled=false")
-    assert "no enabled pool takes register, eigen, finalize, merge, self_merge" in stderr, stderr
+    assert "no enabled pool takes register, eigen, finalize, self_merge" in stderr, stderr
 
 
 @pytest.mark.parametrize(

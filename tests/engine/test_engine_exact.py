@@ -19,7 +19,7 @@ import torch
 from services.engine.data import tokenize_queries, tokenize_training
 from services.engine.fit import FitConfig, fit_factors, prepare_model
 from services.engine.modules import weight_gradient_layout
-from services.engine.precondition import Damping, precondition
+from services.engine.precondition import Damping, precondition, preconditioner
 from services.engine.records import Query, TrainingExample
 from services.engine.score import ScoreConfig, Scorer, compute_scores
 from tests.support.numerics import assert_close, model_tolerance, relative_error
@@ -72,7 +72,7 @@ def test_kfac_and_ekfac_equal_exact_damped_ggn_when_it_factorises(strategy, bias
     expected = torch.linalg.solve(
         ggn + damping_value * torch.eye(ggn.shape[0], dtype=torch.float64), vectors.reshape(3, -1).T
     ).T
-    actual = precondition(vectors, factors.factors[name], strategy, damping).reshape(3, -1)
+    actual = precondition(vectors, preconditioner(factors.factors[name], strategy, damping)).reshape(3, -1)
     assert_close(actual, expected, TOL, what=f"{strategy} IHVP vs exact damped GGN inverse")
 
 
@@ -132,7 +132,7 @@ def test_ekfac_is_closer_to_the_exact_fisher_than_kfac():
         ihvp_errors = {}
         for strategy, factor_set in fitted.items():
             approx = precondition(
-                query_grads[name], factor_set.factors[name], strategy, Damping(absolute=damping_value)
+                query_grads[name], preconditioner(factor_set.factors[name], strategy, Damping(absolute=damping_value))
             )
             ihvp_errors[strategy] = relative_error(approx.reshape(len(queries), -1).T, exact)
         assert ihvp_errors["ekfac"] < ihvp_errors["kfac"], (name, ihvp_errors)

@@ -16,9 +16,17 @@ from services.engine.capture import capture, describe_all
 from services.engine.data import collate, length_bucketed_batches, tokenize_queries, tokenize_training
 from services.engine.factor_io import from_artifact, to_artifact
 from services.engine.factors import ModuleFactors
-from services.engine.fit import CaptureCache, FitConfig, FitModel, eigendecompose, fit_factors, prepare_model
+from services.engine.fit import (
+    CaptureCache,
+    FitConfig,
+    FitModel,
+    eigendecompose,
+    finalize,
+    fit_factors,
+    prepare_model,
+)
 from services.engine.modules import select_modules
-from services.engine.precondition import Damping, low_rank, precondition
+from services.engine.precondition import Damping, low_rank, precondition, preconditioner
 from services.engine.score import (
     ScoreConfig,
     Scorer,
@@ -26,6 +34,7 @@ from services.engine.score import (
     compute_self_influence,
     concatenate,
     mean_length,
+    merge,
     merge_self_influence,
     score_in_memory,
 )
@@ -147,7 +156,8 @@ def test_partitioned_fit_equals_unpartitioned():
     sequences = fit.tokenize(examples)
     shards = [sequences[:5], sequences[5:6], sequences[6:]]
     eigen = eigendecompose([fit.covariance(shard) for shard in shards], torch.float64)
-    merged = fit.finalize(eigen, [fit.correction(shard, eigen) for shard in reversed(shards)], len(sequences)).factors
+    corrections = [fit.correction(shard, eigen) for shard in reversed(shards)]
+    merged = finalize(fit.fitted, config, eigen, corrections, len(sequences)).factors
     tracked = fit.tracked
     for name in tracked:
         for field, value in whole.factors[name].tensors().items():
@@ -161,8 +171,8 @@ def test_partitioned_fit_equals_unpartitioned():
             3, *whole.factors[name].diagonal().shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
         )
         assert_close(
-            precondition(gradient, merged[name], "ekfac", Damping()),
-            precondition(gradient, whole.factors[name], "ekfac", Damping()),
+            precondition(gradient, preconditioner(merged[name], "ekfac", Damping())),
+            precondition(gradient, preconditioner(whole.factors[name], "ekfac", Damping())),
             TOL,
             f"{name} IHVP",
         )
@@ -186,7 +196,8 @@ def test_partitioned_scoring_equals_the_in_memory_chain():
     prepared = scorer.prepare(queries, mean_length(sequences))
     mask = scorer.tfidf_mask(queries, sequences)
     partials = [scorer.score(prepared, shard, mask=mask) for shard in shards]
-    merged = scorer.merge(partials, lambda: prepared, sequences.__getitem__, mask=mask)
+    merged = merge(partials, scorer.names, config, mask)
+    scorer.attach_token_scores(prepared, merged.top, sequences.__getitem__)
     assert mask is not None and torch.equal(mask, whole.mask) and not bool(mask.any(0).all())
     assert torch.equal(concatenate(partials), whole.partial.scores)
     assert torch.equal(merged.scores, whole.result.scores)
@@ -340,7 +351,8 @@ def test_self_influence_is_the_preconditioned_gradient_norm():
     expected = torch.zeros(len(examples), dtype=torch.float64)
     for name in modules:
         shape = factors.factors[name].diagonal().shape
-        preconditioned = precondition(gradients[name].reshape(-1, *shape), factors.factors[name], "ekfac", Damping())
+        curvature = preconditioner(factors.factors[name], "ekfac", Damping())
+        preconditioned = precondition(gradients[name].reshape(-1, *shape), curvature)
         expected += (preconditioned.reshape(len(examples), -1) * gradients[name]).sum(-1)
     assert_close(self_scores.to(torch.float64), expected, 1e-6, "self-influence")
 

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.assembly import job_system, make_server
 from services.client import InfluenceClient
 from services.embedded import EmbeddedSystem
-from services.engine import score as engine_score
+from services.engine import model_io
 from services.engine.fit import FitConfig, fit_factors
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.records import read_training_jsonl
@@ -198,11 +198,11 @@ def test_a_fit_on_max_examples_counts_only_their_tokens(workspace):
 
 def test_fingerprints_are_remembered_per_model_object_not_per_id(workspace):
     model, _ = load_model_and_tokenizer(str(workspace / "model"))
-    engine_score._fingerprint(model, ["transformer.h.0.mlp.c_fc"])
-    assert model in engine_score._FINGERPRINTS
+    model_io.cached_fingerprint(model, ["transformer.h.0.mlp.c_fc"])
+    assert model in model_io._FINGERPRINTS
     del model
     gc.collect()
-    assert len(engine_score._FINGERPRINTS) == 0, "a dropped model leaves no entry a new model could inherit"
+    assert len(model_io._FINGERPRINTS) == 0, "a dropped model leaves no entry a new model could inherit"
 
 
 def test_the_container_memory_limit_bounds_the_default_budget(tmp_path):

@@ -166,6 +166,9 @@ types and unknown keys first; this checks what a schema cannot say well.
 {{- end }}
 {{- end }}
 {{- $pools := include "influence.pools" . | fromYaml }}
+{{- /* The kinds whose stages never load the job's model (services' Stage.loads_model is False;
+tests/test_device_pools.py keeps this list equal to the stage table's). */}}
+{{- $modelFree := list "register" "eigen" "finalize" "self_merge" "index_publish" "index_score" }}
 {{- $gpuKinds := dict }}
 {{- range $name, $pool := $pools }}
 {{- if $pool.gpu }}
@@ -189,6 +192,11 @@ types and unknown keys first; this checks what a schema cannot say well.
 {{- range $kind := $pool.kinds }}{{ if hasKey $gpuKinds $kind }}{{ $shared = append $shared (printf "%s (GPU pool %s)" $kind (index $gpuKinds $kind)) }}{{ end }}{{ end }}
 {{- if $shared }}
 {{- $problems = append $problems (printf "workers.pools.%s: a CPU pool takes kinds a GPU pool takes: %s; their cuda tasks could land here. Give each kind to GPU pools or to CPU pools, not both" $name (join ", " $shared)) }}
+{{- end }}
+{{- $loading := list }}
+{{- range $kind := $pool.kinds }}{{ if not (or (has $kind $modelFree) (hasKey $gpuKinds $kind)) }}{{ $loading = append $loading $kind }}{{ end }}{{ end }}
+{{- if and $gpuKinds $loading }}
+{{- $problems = append $problems (printf "workers.pools.%s: a CPU pool takes kinds that load the job's model (%s) while GPU pools exist: a job naming cuda would wait on them here. Give them to a GPU pool; CPU pools may take %s" $name (join ", " $loading) (join ", " $modelFree)) }}
 {{- end }}
 {{- end }}
 {{- if not $pool.kinds }}
