@@ -19,7 +19,7 @@ how fast, in how much GPU memory? One JSON line per stage on stdout (run through
     summary      every stage's verdict, the wall time
 
 `--dry-run` (= `--device cpu --small`) runs every stage at toy sizes on the CPU: what
-tests/test_gpu_check.py runs, so the check cannot rot where no GPU is lent.
+tests/deploy/test_gpu_check.py runs, so the check cannot rot where no GPU is lent.
 """
 
 from __future__ import annotations

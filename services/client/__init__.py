@@ -21,7 +21,7 @@ certificate (INFLUENCE_TLS_CA), and for mutual TLS `tls_cert=`/`tls_key=` the cl
     connection.py   stubs, calls under the retry policy, operations (create, wait, list, cancel)
     resources.py    InfluenceClient: datasets, factor sets, indexes, score results
 
-No torch and no server-side module is imported here (tests/test_layering.py checks it).
+No torch and no server-side module is imported here (tests/services/test_layering.py checks it).
 """
 
 from .connection import operation_metadata

@@ -5,7 +5,7 @@
 queries, index-space queries, cached captures: CPU tensors as the store, a cache or a file returns
 them — is moved there by `to_device` at the step's entry, before any kernel sees it: the factors
 (as `Preconditioner`s) and eigenbases once per task, prepared queries once per call. Kernels (the
-functions that do the arithmetic; tests/test_device_placement.py lists and runs every one of them
+functions that do the arithmetic; tests/engine/test_device_placement.py lists and runs every one of them
 on fake CUDA tensors) take tensors on one device and never move them. Results reach the host in
 one place each: `sums.accumulate` into the float64 host sums, and the scores `.to("cpu")` per batch.
 

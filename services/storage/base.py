@@ -1,7 +1,7 @@
 """The artifact store interface: what every backend does, identically.
 
 Keys follow services/storage/keys.py. Semantics every backend guarantees (the contract
-tests in tests/test_storage.py check them against each backend):
+tests in tests/services/storage/test_storage.py check them against each backend):
 - put_* (bytes, buffers, file) replaces the object atomically: a reader sees the old or the new bytes, never a mix;
 - get_* of a missing key raises NotFoundError (get_file then leaves no file behind);
 - list(prefix) is recursive and sorted, and is a plain string-prefix match ("jobs/a" also

@@ -167,7 +167,7 @@ types and unknown keys first; this checks what a schema cannot say well.
 {{- end }}
 {{- $pools := include "influence.pools" . | fromYaml }}
 {{- /* The kinds whose stages never load the job's model (services' Stage.loads_model is False;
-tests/test_device_pools.py keeps this list equal to the stage table's). */}}
+tests/services/system/test_device_pools.py keeps this list equal to the stage table's). */}}
 {{- $modelFree := list "register" "eigen" "finalize" "self_merge" "index_publish" "index_score" }}
 {{- $gpuKinds := dict }}
 {{- range $name, $pool := $pools }}
