@@ -26,18 +26,20 @@ def build_server(
     probe: Callable[[], str | None] | None = None,
     probe_seconds: float = 5.0,
     interceptors: tuple = (),
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[grpc.aio.Server, Callable[[], None]]:
     """(server, stop_probe): an aio server with the registered services, health (overall and per
     service) and reflection. Health is SERVING, or, with a `probe` (None when healthy, else the
     reason: Redis or the store unreachable), follows the probe, run on a thread every
     `probe_seconds`; `stop_probe()` ends that loop (call it when the server stops).
-    `interceptors`: e.g. rpc/auth.py's AuthInterceptor."""
+    `interceptors`: e.g. rpc/door.py's Door. A message larger than `max_receive_bytes` (0: no limit)
+    is refused with RESOURCE_EXHAUSTED by gRPC from its length prefix, before its body is received."""
     server = grpc.aio.server(
         interceptors=list(interceptors),
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
+            ("grpc.max_receive_message_length", max_receive_bytes or -1),
+        ],
     )
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
     for name, add in registrations:
