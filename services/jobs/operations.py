@@ -421,14 +421,24 @@ class OperationStore:
         return self._finish_shard(keys=keys, args=arguments) == 1
 
     @redis_unavailable
-    def note_error(self, operation_id: str, task: str, text: str) -> None:
+    def note_error(self, operation_id: str, task: str, text: str, caller_text: str = "") -> None:
         """Keep the last failure of one task (`task`: "stage/shard"), reported as the cause if that
-        task is dead-lettered. Each task has its own field, so the cause quoted is its own."""
-        self._report(keys=[self._key(operation_id)], args=[0, f"last_error:{task}", text[:500]])
+        task is dead-lettered: `text` in full for the dead-letter stream (the operator's), and
+        `caller_text` (errors.caller_message; default `text`) for the operation's error, which its
+        caller reads. Each task has its own fields, so the cause quoted is its own."""
+        fields = [f"last_error:{task}", text[:500], f"caller_error:{task}", (caller_text or text)[:500]]
+        self._report(keys=[self._key(operation_id)], args=[0, *fields])
 
     @redis_unavailable
     def last_error(self, operation_id: str, task: str) -> str:
+        """The task's last failure in full (`note_error`'s `text`)."""
         raw = self.client.hget(self._key(operation_id), f"last_error:{task}")
+        return raw.decode() if raw else ""
+
+    @redis_unavailable
+    def caller_error(self, operation_id: str, task: str) -> str:
+        """The task's last failure as its caller may read it (`note_error`'s `caller_text`)."""
+        raw = self.client.hget(self._key(operation_id), f"caller_error:{task}")
         return raw.decode() if raw else ""
 
     @redis_unavailable

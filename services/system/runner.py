@@ -35,7 +35,15 @@ from google.rpc import code_pb2
 
 from ..engine.progress import Progress
 from ..engine.resources import available_cores
-from ..errors import CancelledError, DomainError, ResourceExhaustedError, UnavailableError, code_of, message_of
+from ..errors import (
+    CancelledError,
+    DomainError,
+    ResourceExhaustedError,
+    UnavailableError,
+    caller_message,
+    code_of,
+    message_of,
+)
 from ..gen.influence.internal.v1 import tasks_pb2
 from ..jobs.operations import SUCCEEDED, TERMINAL, OperationStore, new_operation_id
 from ..jobs.queue import LeaseKeeper, Task, TaskQueue
@@ -377,10 +385,12 @@ class Worker:
         where = f"{payload.stage} task (shard {payload.shard})"
         task_name = f"{payload.stage}/{payload.shard}"
         if task.deliveries > queue.max_deliveries:
-            cause = operations.last_error(payload.operation, task_name) or "the worker running it was lost"
-            message = f"{where} failed {task.deliveries - 1} times; last error: {cause}"
-            queue.dead_letter(task, message)
-            operations.fail(payload.operation, code_pb2.ABORTED, message)
+            failed = f"{where} failed {task.deliveries - 1} times; last error: "
+            lost = "the worker running it was lost"
+            # the full cause for the operator (the dead-letter stream), what a caller may read for the operation
+            queue.dead_letter(task, failed + (operations.last_error(payload.operation, task_name) or lost))
+            told = operations.caller_error(payload.operation, task_name) or lost
+            operations.fail(payload.operation, code_pb2.ABORTED, failed + told)
             self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=self._target(record))
             return "dead_lettered"
         # the task reads and writes its operation's tenant's part of the store, nothing else
@@ -438,7 +448,7 @@ class Worker:
             queue.ack(task)
             return "skipped"
         if isinstance(error, DomainError) and error.callers_fault:
-            operations.fail(payload.operation, code_pb2.Code.Value(code_of(error)), f"{where}: {error}")
+            operations.fail(payload.operation, code_pb2.Code.Value(code_of(error)), f"{where}: {caller_message(error)}")
             queue.ack(task)
             self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=target)
             return "failed"
@@ -447,7 +457,8 @@ class Worker:
         else:  # a bug: the traceback belongs in the log
             log.exception("%s of %s failed", where, payload.operation)
         try:
-            operations.note_error(payload.operation, task_name, f"{type(error).__name__}: {message_of(error)}")
+            detail = f"{type(error).__name__}: {message_of(error)}"  # the operator's: the dead-letter stream
+            operations.note_error(payload.operation, task_name, detail, caller_message(error))
             queue.release(task, self.consumer, queue.retry_backoff(task.deliveries))
         except Exception as unreachable:  # Redis away too: the task stays pending, reclaimed after its lease
             log.warning("could not release %s of %s: %s", where, payload.operation, unreachable)
