@@ -5,6 +5,7 @@ servicers a server has is the caller's choice (services/assembly.py)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable
@@ -143,6 +144,32 @@ def server_credentials(tls_cert: str, tls_key: str, tls_client_ca: str = "") -> 
         root_certificates=read(tls_client_ca, "--tls-client-ca") if tls_client_ca else None,
         require_client_auth=bool(tls_client_ca),
     )
+
+
+def loopback(host: str) -> bool:
+    """Whether `host` (an address to listen on) reaches this machine only."""
+    host = host.strip("[]")
+    if host == "localhost" or host.startswith("unix:"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to anything
+        return False
+
+
+def warn_if_exposed(host: str, *, authenticated: bool, encrypted: bool) -> None:
+    """Log a warning when serving beyond this machine without tokens or without TLS."""
+    if loopback(host) or (authenticated and encrypted):
+        return
+    missing = " and ".join(
+        what
+        for what, present in (
+            ("without tokens (--auth-tokens): anyone who reaches it is the default tenant", authenticated),
+            ("without TLS (--tls-cert, --tls-key): calls and tokens travel in plaintext", encrypted),
+        )
+        if not present
+    )
+    log.warning("listening on %s, beyond this machine, %s", host, missing)
 
 
 def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:

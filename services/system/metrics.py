@@ -89,7 +89,7 @@ class MetricsServer:
     """/metrics on `port` (0: a free one, see `.port`) until `close()`; with a system, its
     shared state too."""
 
-    def __init__(self, port: int, host: str = "0.0.0.0", system=None):
+    def __init__(self, port: int, host: str = "127.0.0.1", system=None):
         self._state = SystemState(system) if system is not None else None
         if self._state is not None:
             REGISTRY.register(self._state)
