@@ -21,6 +21,13 @@ log = logging.getLogger("influence.server")
 # add(server) registers one servicer; name is its full service name (for health and reflection)
 Registration = tuple[str, Callable[[grpc.aio.Server], None]]
 
+# How many bytes of one call the server reads ahead of its handler (the HTTP/2 stream window). Fixed:
+# gRPC's BDP probing would grow it to tens of MiB per stream, and a flood of large requests (even
+# refused ones, until their refusal reaches the caller) would then sit in the server's buffers
+# (bench/abuse.py: +330 MiB, against +14 MiB fixed). 4 MiB in flight keeps an upload over a
+# 20 ms link at ~200 MB/s.
+RECEIVE_WINDOW_BYTES = 4 * 2**20
+
 
 def build_server(
     registrations: list[Registration],
@@ -40,6 +47,8 @@ def build_server(
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", max_receive_bytes or -1),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
         ],
     )
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
