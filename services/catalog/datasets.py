@@ -113,7 +113,8 @@ def _shard_key(dataset_id: str, shard: int) -> tuple:
 class ShardRecords:
     """A shard's records file ({"id", "text"} per sequence, in order: the bytes of `json.dumps` of
     the list) written to a temporary file as the examples come, so that a shard's texts are never
-    in memory together. `add` them, then hand it to DatasetWriter.add_shard (which closes it)."""
+    in memory together: `with ShardRecords() as records:` add them, then hand it to
+    DatasetWriter.add_shard; the file goes when the block ends."""
 
     def __init__(self):
         self._directory = tempfile.TemporaryDirectory(prefix="shard-records-")
@@ -135,7 +136,10 @@ class ShardRecords:
             self._handle.close()
         return self.path
 
-    def close(self) -> None:
+    def __enter__(self) -> ShardRecords:
+        return self
+
+    def __exit__(self, *_) -> None:
         self._handle.close()
         self._directory.cleanup()
 
@@ -154,13 +158,12 @@ class DatasetWriter:
         """The next shard: its sequences and the records ({"id", "text"}) they were tokenised from
         (examples, or a ShardRecords written as they were tokenised)."""
         shard = self.num_shards
-        records = examples if isinstance(examples, ShardRecords) else ShardRecords()
-        try:
-            if records is not examples:
+        if isinstance(examples, ShardRecords):
+            self._writer.add_file(_records_file(shard), examples.finish())
+        else:
+            with ShardRecords() as records:
                 records.add(examples)
-            self._writer.add_file(_records_file(shard), records.finish())
-        finally:
-            records.close()
+                self._writer.add_file(_records_file(shard), records.finish())
         self._writer.add_tensors(_tokens_file(shard), pack_sequences(sequences))
         if self.cache is not None:
             self.cache.put(_shard_key(self.dataset_id, shard), sequences)

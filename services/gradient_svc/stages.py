@@ -68,12 +68,13 @@ def run_register(call: StageCall) -> DatasetInfo:
         num_tokens = 0
         try:
             for shard in range(num_shards):
-                sequences, records = [], ShardRecords()
-                for batch in _batches(itertools.islice(examples, job.shard_size)):
-                    start = shard * job.shard_size + len(sequences)
-                    sequences += tokenize_training(tokenizer, batch, job.max_length, start_index=start)
-                    records.add(batch)
-                writer.add_shard(sequences, records)
+                sequences: list[TokenizedSequence] = []
+                with ShardRecords() as records:
+                    for batch in _batches(itertools.islice(examples, job.shard_size)):
+                        start = shard * job.shard_size + len(sequences)
+                        sequences += tokenize_training(tokenizer, batch, job.max_length, start_index=start)
+                        records.add(batch)
+                    writer.add_shard(sequences, records)
                 tokens = sum(sequence.length for sequence in sequences)
                 num_tokens += tokens
                 context.progress.advance(1, tokens)

@@ -58,7 +58,7 @@ class Door(grpc.aio.ServerInterceptor):
             name, whose = "max_streams_per_tenant", f"tenant {tenant!r}'s calls" if self.tokens is not None else "calls"
         limit = getattr(self.limits, name)
         count = self.in_flight[tenant] + 1
-        validation.within_limit(count, limit, name, f"this would be {count} {whose} in flight", advice="retry later")
+        validation.within_limit(count, limit, name, f"{whose} in flight would be {count}", advice="retry later")
         self.in_flight[tenant] = count
 
     def _leave(self, tenant: str | None) -> None:
