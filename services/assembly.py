@@ -39,8 +39,9 @@ from .jobs.operations import DEFAULT_TTL_SECONDS, OperationStore
 from .jobs.queue import TaskQueue
 from .query_svc import stages as query_stages
 from .query_svc.servicer import QueryServicer
-from .rpc.auth import AuthInterceptor, TokenFile
+from .rpc.auth import TokenFile
 from .rpc.common import Limits
+from .rpc.door import Door
 from .rpc.operations import OperationsServicer
 from .rpc.server import build_server, serve_until_signalled
 from .storage import open_store
@@ -61,7 +62,9 @@ def job_system(store, client, *, prefix: str = "influence", lease_seconds: float
     expire INFLUENCE_OPERATION_TTL_SECONDS (default 7 days) after their operation ended; a job is
     refused (RESOURCE_EXHAUSTED) while its first stage's queue holds INFLUENCE_MAX_QUEUED_TASKS
     tasks (default 10,000; 0: no bound); a task running over INFLUENCE_MAX_TASK_SECONDS (default 0:
-    no limit) is taken to hang and reclaimed by another worker a lease later."""
+    no limit) is taken to hang and reclaimed by another worker a lease later; a submission that has
+    not made its operation INFLUENCE_SUBMIT_GRACE_SECONDS (default 900) after it began is abandoned
+    and its inputs swept."""
     ttl = int(os.environ.get("INFLUENCE_OPERATION_TTL_SECONDS", DEFAULT_TTL_SECONDS))
     return JobSystem(
         store,
@@ -75,6 +78,7 @@ def job_system(store, client, *, prefix: str = "influence", lease_seconds: float
         ),
         STAGE_TABLE,
         max_queued_tasks=int(os.environ.get("INFLUENCE_MAX_QUEUED_TASKS", DEFAULT_MAX_QUEUED_TASKS)),
+        submit_grace_seconds=float(os.environ.get("INFLUENCE_SUBMIT_GRACE_SECONDS", "900")),
     )
 
 
@@ -115,8 +119,9 @@ def make_server(
     system: JobSystem, roles: tuple[str, ...] = ROLES, limits: Limits | None = None, tokens: TokenFile | None = None
 ):
     """(server, close): an aio server with the roles' services and Operations; `close()` after
-    it stopped releases the operation watcher. Call on the event loop that will serve. With
-    `tokens`, every call but health and reflection needs a token, and runs as its tenant."""
+    it stopped releases the operation watcher. Call on the event loop that will serve. Every call
+    passes the Door (rpc/door.py) under `limits`; with `tokens`, every call but health and reflection
+    needs a token, and runs as its tenant."""
     limits = limits or Limits()
     if tokens is not None:  # tenants: none may name the server's own files
         limits = dataclasses.replace(limits, server_paths=False)
@@ -157,8 +162,12 @@ def make_server(
             ),
         )
     )
-    interceptors = (AuthInterceptor(tokens),) if tokens is not None else ()
-    server, stop_probe = build_server(registrations, probe=system.unhealthy, interceptors=interceptors)
+    server, stop_probe = build_server(
+        registrations,
+        probe=system.unhealthy,
+        interceptors=(Door(tokens, limits),),
+        max_receive_bytes=limits.max_message_bytes,
+    )
 
     def close() -> None:
         stop_probe()

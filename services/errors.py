@@ -35,6 +35,10 @@ class DomainError(Exception):
     retryable = False  # a client may retry the call
     callers_fault = False  # retrying cannot help: a job task failing with it fails the job at once
     exit_code = 1
+    # What a caller is told instead of the error's own text (None: the text itself). Set for the
+    # system's own failures, whose text names its endpoints, keys and classes: those are for the
+    # operator's log, never for callers (see `caller_message`).
+    caller_text: str | None = None
 
     def __init__(self, *args, field: str = ""):
         super().__init__(*args)
@@ -85,6 +89,7 @@ class PermissionDeniedError(DomainError):
     """A backing service refused the system's credentials."""
 
     code = "PERMISSION_DENIED"
+    caller_text = "the object store refused this system's credentials: its operator must fix them (see the server log)"
 
 
 class UnauthenticatedError(DomainError):
@@ -128,6 +133,7 @@ class InternalError(DomainError):
     """An unexpected failure (the server's log has the traceback)."""
 
     code = "INTERNAL"
+    caller_text = "internal error: the server's log has the details"
 
 
 _BY_CODE: dict[str, type[DomainError]] = {
@@ -169,6 +175,16 @@ def message_of(error: BaseException) -> str:
     return text.splitlines()[0][:1000]
 
 
+def caller_message(error: BaseException) -> str:
+    """What a caller may read of an error (a status message, an operation's error): the error's
+    own text when it is about the caller's request; for the system's own failures (INTERNAL,
+    PERMISSION_DENIED, the store or Redis away; any exception that is not a DomainError) a fixed
+    sentence that names no endpoint, key layout, path or class. The full text belongs in the log."""
+    if not isinstance(error, DomainError):
+        return InternalError.caller_text
+    return message_of(error) if error.caller_text is None else error.caller_text
+
+
 # -- more specific names, each one of the classes above ------------------------------------------
 
 
@@ -197,6 +213,10 @@ class StorageFull(ResourceExhaustedError):
 class StorageUnavailable(UnavailableError):
     """The object store did not answer after bounded retries."""
 
+    caller_text = "the object store is unavailable; retry later"
+
 
 class QueueUnavailable(UnavailableError):
     """Redis did not answer."""
+
+    caller_text = "Redis unavailable: the job queue did not answer; retry later"

@@ -3,12 +3,16 @@
 import hashlib
 from typing import NamedTuple
 
-# Largest gRPC message either side sends or accepts. Artifacts larger than one message travel as
-# chunked streams (FileChunk), never whole.
+# Largest gRPC message a server sends and a client accepts (a score result, a gradient block).
+# What a server accepts is far smaller (REQUEST_LIMITS["max_message_bytes"]): data larger than one
+# message travels as chunked streams (FileChunk, UploadDatasetRequest), never whole.
 MAX_MESSAGE_BYTES = 512 * 2**20
 
-# Default size of one FileChunk's data.
+# Size of one chunk's data, both ways (an upload's chunks, a download's by default).
 CHUNK_BYTES = 1 * 2**20
+
+# The smallest message limit a server may set: one chunk and its framing must fit.
+MIN_MESSAGE_BYTES = 2 * CHUNK_BYTES
 
 
 class RequestLimit(NamedTuple):
@@ -18,16 +22,35 @@ class RequestLimit(NamedTuple):
     counts: str  # what the limit counts, for --help
 
 
-# What one request may ask of a server, each a field of rpc.common.Limits that the operator sets with
-# its `influence serve` flag or env variable (the chart's `limits` block); 0: no limit. A request
-# over one is refused with RESOURCE_EXHAUSTED naming the limit and its flag
-# (rpc/validation.within_limit).
+# What one request (or one caller, at once) may ask of a server, each a field of rpc.common.Limits
+# that the operator sets with its `influence serve` flag or env variable (the chart's `limits`
+# block); 0: no limit. A request over one is refused with RESOURCE_EXHAUSTED naming the limit and its
+# flag (rpc/validation.within_limit; a message over max_message_bytes by gRPC itself, which the
+# client turns into the same message).
 REQUEST_LIMITS = {
+    "max_message_bytes": RequestLimit(
+        4 * 2**20,
+        "--max-message-bytes",
+        "INFLUENCE_MAX_MESSAGE_BYTES",
+        f"bytes of one message a caller sends: a request, or one chunk of an upload (at least {MIN_MESSAGE_BYTES})",
+    ),
+    "max_streams_per_tenant": RequestLimit(
+        128,
+        "--max-streams-per-tenant",
+        "INFLUENCE_MAX_STREAMS_PER_TENANT",
+        "calls of one tenant in flight at once (without --auth-tokens: of all callers)",
+    ),
+    "max_unauthenticated_streams": RequestLimit(
+        32,
+        "--max-unauthenticated-streams",
+        "INFLUENCE_MAX_UNAUTHENTICATED_STREAMS",
+        "calls in flight at once that carry no token: health checks and reflection",
+    ),
     "max_upload_bytes": RequestLimit(
         256 * 2**20,
         "--max-upload-bytes",
         "INFLUENCE_MAX_UPLOAD_BYTES",
-        "bytes of JSONL uploaded in one RegisterDataset (more: by uri)",
+        "bytes of JSONL uploaded to register one dataset (more: by uri)",
     ),
     "max_queries": RequestLimit(4096, "--max-queries", "INFLUENCE_MAX_QUERIES", "queries in one ComputeScores request"),
     "max_query_chars": RequestLimit(
@@ -37,7 +60,7 @@ REQUEST_LIMITS = {
         10_000, "--max-top-k", "INFLUENCE_MAX_TOP_K", "top_k of one ComputeScores or ComputeSelfInfluence request"
     ),
     # Sized for a large fine-tuning corpus (billions of tokens); the register task reads a dataset
-    # whole, so long sequences call for a lower limit or more worker memory (docs/reliability.md).
+    # line by line (its memory follows the longest line, not the file: docs/reliability.md).
     "max_dataset_sequences": RequestLimit(
         10_000_000,
         "--max-dataset-sequences",

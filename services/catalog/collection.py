@@ -43,7 +43,8 @@ def reading_metadata(where: str) -> Iterator[None]:
     try:
         yield
     except (KeyError, TypeError, ValueError, AttributeError, InputError) as error:
-        raise PreconditionError(f"{where} has incomplete metadata ({type(error).__name__}: {error})") from None
+        detail = f"no {error}" if isinstance(error, KeyError) else str(error)
+        raise PreconditionError(f"{where} has incomplete metadata ({detail})") from None
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ a list of {"id", "text"}); its metadata (DatasetInfo) describes it. Every read i
 the manifest.
 
     DATASETS.open(store, id) / .read / .list / .delete      (catalog/collection.py)
-    DatasetWriter(store, id).add_shard(...) ... .publish(info)
+    DatasetWriter(store, id, cache).add_shard(...) ... .publish(info)
+    ShardRecords()                                          a shard's records file, written as they come
     shard_sequences(cache, store, id, shard)                a shard's sequences, through the worker's cache
     DatasetView(cache, store, id)                           sequences and records by global index
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,29 +110,68 @@ def _shard_key(dataset_id: str, shard: int) -> tuple:
     return ("shard", dataset_id, shard)
 
 
+class ShardRecords:
+    """A shard's records file ({"id", "text"} per sequence, in order: the bytes of `json.dumps` of
+    the list) written to a temporary file as the examples come, so that a shard's texts are never
+    in memory together: `with ShardRecords() as records:` add them, then hand it to
+    DatasetWriter.add_shard; the file goes when the block ends."""
+
+    def __init__(self):
+        self._directory = tempfile.TemporaryDirectory(prefix="shard-records-")
+        self.path = Path(self._directory.name) / "records.json"
+        self._handle = self.path.open("wb")
+        self._handle.write(b"[")
+        self.count = 0
+
+    def add(self, examples: Iterable[TrainingExample]) -> None:
+        for example in examples:
+            separator = b", " if self.count else b""
+            self._handle.write(separator + json.dumps({"id": example.id, "text": example.text}).encode())
+            self.count += 1
+
+    def finish(self) -> Path:
+        """The complete file (nothing may be added after)."""
+        if not self._handle.closed:
+            self._handle.write(b"]")
+            self._handle.close()
+        return self.path
+
+    def __enter__(self) -> ShardRecords:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._handle.close()
+        self._directory.cleanup()
+
+
 class DatasetWriter:
-    """Writes a dataset's shards, then publishes it (manifest last)."""
+    """Writes a dataset's shards, then publishes it (manifest last). With `cache` (the worker's),
+    each shard's sequences are kept there as written (within its budget), so a job that follows on
+    this worker reads none back."""
 
-    def __init__(self, store: ArtifactStore, dataset_id: str):
-        self.dataset_id = dataset_id
+    def __init__(self, store: ArtifactStore, dataset_id: str, cache: Cache | None = None):
+        self.dataset_id, self.cache = dataset_id, cache
         self._writer = ArtifactWriter(store, DATASETS.prefix(dataset_id))
-        self._shards: list[list[TokenizedSequence]] = []
+        self.num_shards = 0
 
-    def add_shard(self, sequences: list[TokenizedSequence], examples: Sequence[TrainingExample]) -> None:
-        """The next shard: its sequences and the records ({"id", "text"}) they were tokenised from."""
-        shard = len(self._shards)
+    def add_shard(self, sequences: list[TokenizedSequence], examples: Iterable[TrainingExample] | ShardRecords) -> None:
+        """The next shard: its sequences and the records ({"id", "text"}) they were tokenised from
+        (examples, or a ShardRecords written as they were tokenised)."""
+        shard = self.num_shards
+        if isinstance(examples, ShardRecords):
+            self._writer.add_file(_records_file(shard), examples.finish())
+        else:
+            with ShardRecords() as records:
+                records.add(examples)
+                self._writer.add_file(_records_file(shard), records.finish())
         self._writer.add_tensors(_tokens_file(shard), pack_sequences(sequences))
-        records = [{"id": example.id, "text": example.text} for example in examples]
-        self._writer.add_bytes(_records_file(shard), json.dumps(records).encode())
-        self._shards.append(sequences)
+        if self.cache is not None:
+            self.cache.put(_shard_key(self.dataset_id, shard), sequences)
+        self.num_shards += 1
 
-    def publish(self, info: DatasetInfo, cache: Cache | None = None) -> DatasetInfo:
-        """Write the manifest: the dataset is visible from now on. With `cache` (the worker's), its
-        shards are kept there, so a job that follows on this worker reads none back."""
+    def publish(self, info: DatasetInfo) -> DatasetInfo:
+        """Write the manifest: the dataset is visible from now on."""
         self._writer.publish(info.to_metadata())
-        if cache is not None:
-            for shard, sequences in enumerate(self._shards):
-                cache.put(_shard_key(self.dataset_id, shard), sequences)
         return info
 
 

@@ -48,6 +48,12 @@ CONNECTION = (
         help="serve Prometheus metrics at http://HOST:PORT/metrics (env INFLUENCE_METRICS_PORT; 0: off)",
     ),
     Flag(
+        "--metrics-host",
+        default=from_env("INFLUENCE_METRICS_HOST", ""),
+        help="the address the metrics port listens on (env INFLUENCE_METRICS_HOST; default: serve's --host, "
+        "a worker's 127.0.0.1)",
+    ),
+    Flag(
         "--model-roots",
         default=from_env("INFLUENCE_MODEL_ROOTS", ""),
         metavar="DIR[:DIR]",
@@ -117,7 +123,12 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add(
         parser,
         Flag("--role", default="factor,gradient,query", help="comma-separated: factor, gradient, query"),
-        Flag("--host", default="0.0.0.0"),
+        Flag(
+            "--host",
+            default=from_env("INFLUENCE_HOST", "127.0.0.1"),
+            help="the address to listen on (env INFLUENCE_HOST; default 127.0.0.1: this machine only; "
+            "0.0.0.0 for every interface, with --auth-tokens and TLS)",
+        ),
         Flag("--port", type=int, default=from_env("INFLUENCE_PORT", "50051")),
         Flag("--workers", type=int, default=1, help="in-process workers (0: only separate `influence worker`s)"),
         *CONNECTION,
@@ -175,7 +186,8 @@ def _metrics(args, system, shared_state: bool, health=None):
         return
     from ..system.metrics import MetricsServer
 
-    server = MetricsServer(args.metrics_port, system=system if shared_state else None, health=health)
+    host = args.metrics_host or getattr(args, "host", "127.0.0.1")  # serve's --host; a worker's loopback
+    server = MetricsServer(args.metrics_port, host, system=system if shared_state else None, health=health)
     try:
         yield
     finally:
@@ -187,7 +199,7 @@ def run_serve(args) -> int:
     from ..logs import configure_logging
     from ..rpc.auth import token_file_from_env
     from ..rpc.common import Limits
-    from ..rpc.server import server_credentials
+    from ..rpc.server import server_credentials, warn_if_exposed
     from ..system.runner import Worker, threads_per_worker
 
     tokens = token_file_from_env(args.auth_tokens)  # a bad file fails here, before anything starts
@@ -200,6 +212,7 @@ def run_serve(args) -> int:
     if unknown or not roles:
         raise InputError(f"--role takes factor, gradient and/or query, got {args.role!r}")
     configure_logging(args.log_level, args.log_format)  # after every check: a refused serve changes nothing
+    warn_if_exposed(args.host, authenticated=tokens is not None, encrypted=credentials is not None)
     with _connect(args) as system, _metrics(args, system, shared_state=True):
         system.max_queued_operations = args.max_queued_operations
         cores_each = threads_per_worker(args.workers)

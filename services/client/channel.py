@@ -4,6 +4,7 @@ for calls that fail: which are tried again, after what backoff, within what budg
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,28 +89,50 @@ class BearerToken(
         return continuation(self._details(details), request_iterator)
 
 
+def rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status our servers attach to every error they answer (rpc/status.py); None
+    when the failure did not come from one (no connection, a proxy, gRPC's own refusals)."""
+    for key, value in (error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else ():
+        if key == "grpc-status-details-bin":
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+# gRPC's own refusal of a message over the receiving side's limit
+_TOO_LARGE = re.compile(r"Received message larger than max \((\d+) vs\. (\d+)\)")
+
+
 def domain_error(error: grpc.RpcError) -> DomainError:
     """The domain error (services/errors.py) for a failed call's status, with the request field
     at fault when the server's rich status names one."""
     field = ""
-    for key, value in (error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else ():
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    request = error_details_pb2.BadRequest()
-                    detail.Unpack(request)
-                    field = next((v.field for v in request.field_violations), "")
-    return error_for_code(error.code().name, error.details() or "", field=field)
+    status = rich_status(error)
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            request = error_details_pb2.BadRequest()
+            detail.Unpack(request)
+            field = next((v.field for v in request.field_violations), "")
+    message = error.details() or ""
+    too_large = _TOO_LARGE.search(message)
+    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and too_large and not message.startswith("CLIENT"):
+        size, limit = too_large.groups()
+        message = (
+            f"one message of {size} bytes is over the server's limit of {limit} bytes per message "
+            "(--max-message-bytes): send large data in chunks (register_dataset uploads a file in chunks) "
+            "or by uri"
+        )
+    return error_for_code(error.code().name, message, field=field)
 
 
 class RetryPolicy:
     """The client's one rule for a failed call. Tried again: the errors the table calls
     `retryable` (services/errors.py: UNAVAILABLE, the server or what it needs being away), after a
     backoff of 0.2 s doubling to 2 s; create calls carry a request_id, so a retried create runs
-    once. Budget: `retries` attempts when given, else time: `connect_seconds` until the server has
+    once. Budget: `retries` attempts when given, else time: `connect_seconds` until a server has
     answered once (a wrong address fails fast), `retry_seconds` after (a server restarting mid-job
-    is waited for). Every other error is raised at once, as its domain error."""
+    is waited for). A server answers with a call's result or with an error status of its own (an
+    UNAVAILABLE it sends when Redis or the store is away counts: that outage is waited for, not
+    taken for a typo). Every other error is raised at once, as its domain error."""
 
     def __init__(self, retries: int | None, retry_seconds: float, connect_seconds: float):
         self.retries, self.retry_seconds, self.connect_seconds = retries, retry_seconds, connect_seconds
@@ -124,6 +147,8 @@ class RetryPolicy:
                 result = attempt()
             except grpc.RpcError as rpc_error:
                 error = domain_error(rpc_error)
+                if rich_status(rpc_error) is not None:  # a server answered
+                    self.reached = True
                 if not (error.retryable and self._may_retry(count, started, retries)):
                     raise error from None
                 time.sleep(delay)

@@ -93,7 +93,11 @@ class Connection:
     # -- calls ------------------------------------------------------------------------------
 
     def _call(self, method, request, *, timeout: float | None = None):
-        """A unary call under the retry policy; a failure raises its domain error."""
+        """A call under the retry policy; a failure raises its domain error. For a client-streaming
+        method `request` is a function that returns the messages (called again for each attempt),
+        and the call has no deadline (an upload takes as long as its bytes take)."""
+        if callable(request):
+            return self.retry.run(lambda: method(request(), timeout=None))
         return self.retry.run(lambda: method(request, timeout=timeout or self.timeout))
 
     def _stream(self, method, request):

@@ -16,7 +16,7 @@ from ..gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_
 from ..options import MAX_LENGTH, SHARD_SIZE
 from ..wire import dataset_id
 from .connection import Connection, paged, request_id
-from .transfers import sha256_file, upload_chunks
+from .transfers import dataset_upload, sha256_file, upload_chunks
 
 
 class InfluenceClient(Connection):
@@ -36,11 +36,11 @@ class InfluenceClient(Connection):
         progress=None,
         by_path: bool = False,
     ) -> gradient_service_pb2.Dataset:
-        """Register TRAIN.jsonl: its bytes in the request (up to the server's upload limit), or with
-        `by_path` its path, which the server reads itself (it must see the same file: the embedded
-        system, or a shared volume), or an "s3://bucket/key" string, an object the workers read
-        from the system's object store; no byte limit in the last two (the server's limit on training
-        sequences per dataset applies to all three)."""
+        """Register TRAIN.jsonl: its content (a path or bytes), uploaded in chunks (up to the
+        server's upload limit), or with `by_path` its path, which the server reads itself (it must
+        see the same file: the embedded system, or a shared volume), or an "s3://bucket/key" string,
+        an object the workers read from the system's object store; no byte limit in the last two
+        (the server's limit on training sequences per dataset applies to all three)."""
         request = gradient_service_pb2.RegisterDatasetRequest(
             request_id=request_id(),
             model=_model(model),
@@ -48,14 +48,15 @@ class InfluenceClient(Connection):
             shard_size=shard_size,
             max_length=max_length,
         )
+        content: Path | bytes | None = None
         if isinstance(jsonl, str) and jsonl.startswith("s3://"):
             request.uri = jsonl
         elif by_path:
             request.uri = Path(jsonl).resolve().as_uri()
             digest = sha256_file(Path(jsonl))
         else:
-            request.jsonl = jsonl if isinstance(jsonl, bytes) else Path(jsonl).read_bytes()
-            digest = hashlib.sha256(request.jsonl).hexdigest()
+            content = jsonl if isinstance(jsonl, bytes) else Path(jsonl)
+            digest = hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else sha256_file(content)
         if not request.uri.startswith("s3://"):
             # Datasets are content-addressed: one the server has is reused, not uploaded again.
             name = "datasets/" + dataset_id(digest, request.model.path, max_length, shard_size)
@@ -63,7 +64,10 @@ class InfluenceClient(Connection):
                 return self.get_dataset(name)
             except NotFoundError:
                 pass
-        operation = self._create(self.gradients.RegisterDataset, request)
+        if content is None:
+            operation = self._create(self.gradients.RegisterDataset, request)
+        else:
+            operation = self._create(self.gradients.UploadDataset, lambda: dataset_upload(request, content))
         return self.unpack(self.wait(operation, progress), gradient_service_pb2.Dataset)
 
     def get_dataset(self, name: str) -> gradient_service_pb2.Dataset:

@@ -1,5 +1,6 @@
-"""Files between the client and a server: a directory uploaded in chunks read from disk, and an
-artifact's files streamed into a directory, each checked against its sha256 and put in place
+"""Files between the client and a server: a dataset's JSONL and a directory uploaded in chunks
+read from disk (each one message, under any server's message limit), and an artifact's files
+streamed into a directory, each checked against its sha256 and put in place
 whole, a broken stream resumed where it stopped. Memory holds one chunk at a time either way."""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import os
 from pathlib import Path
 
 from ..errors import InternalError, StorageFull
-from ..gen.influence.v1 import common_pb2
+from ..gen.influence.v1 import common_pb2, gradient_service_pb2
+from ..wire import CHUNK_BYTES
 from .channel import RetryPolicy
 
 
@@ -36,7 +38,16 @@ def download(retry: RetryPolicy, method, request, out_dir: str | Path, last: str
         receiver.discard()
 
 
-UPLOAD_CHUNK_BYTES = 4 * 2**20
+def dataset_upload(settings: gradient_service_pb2.RegisterDatasetRequest, content: Path | bytes):
+    """UploadDataset's messages: the settings, then the JSONL's bytes in chunks (from disk, for a path)."""
+    yield gradient_service_pb2.UploadDatasetRequest(request=settings)
+    if isinstance(content, bytes):
+        for offset in range(0, len(content), CHUNK_BYTES):
+            yield gradient_service_pb2.UploadDatasetRequest(data=content[offset : offset + CHUNK_BYTES])
+        return
+    with content.open("rb") as handle:
+        while data := handle.read(CHUNK_BYTES):
+            yield gradient_service_pb2.UploadDatasetRequest(data=data)
 
 
 def upload_chunks(directory: Path, manifest: bytes, files, progress=None):
@@ -50,7 +61,7 @@ def upload_chunks(directory: Path, manifest: bytes, files, progress=None):
         with path.open("rb") as handle:
             offset = 0
             while True:
-                data = handle.read(UPLOAD_CHUNK_BYTES)
+                data = handle.read(CHUNK_BYTES)
                 if not data and offset:
                     break
                 yield common_pb2.FileChunk(file=name, offset=offset, data=data, size=size if offset == 0 else 0)

@@ -9,9 +9,11 @@ Ids default to the record's position (from 0); duplicates are an error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,38 +43,50 @@ def max_line_bytes() -> int:
 DEFAULT_MAX_LINE_BYTES = 4 * 2**20
 
 
-def _read_jsonl(path: str | Path, kind: str) -> list[dict]:
+def _existing(path: str | Path, kind: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"{kind} file not found: {path}")
+    return path
+
+
+def _too_long(source: str, line_number: int, length: int, limit: int) -> InputError:
+    return InputError(
+        f"{source}:{line_number}: line of {length} bytes is over the limit of {limit} (INFLUENCE_MAX_LINE_BYTES)"
+    )
+
+
+def file_lines(path: Path, source: str | None = None) -> Iterator[bytes]:
+    """The file's lines as bytes (without their newline), one at a time: memory holds one line,
+    never more than `max_line_bytes` of it (a longer line is an InputError naming `source` and the
+    line, its length counted without keeping it)."""
+    limit, source = max_line_bytes(), source or str(path)
     with path.open("rb") as handle:
-        return parse_jsonl(decoded_lines(handle, str(path)), str(path), kind)
+        for line_number, line in enumerate(iter(lambda: handle.readline(limit + 2), b""), start=1):
+            content = line[:-1] if line.endswith(b"\n") else line
+            if len(content) > limit:
+                length = len(content)
+                while not line.endswith(b"\n") and (line := handle.readline(1 << 20)):
+                    length += len(line) - line.endswith(b"\n")
+                raise _too_long(source, line_number, length, limit)
+            yield content
 
 
 def decoded_lines(raw_lines: Iterable[bytes], source: str) -> Iterable[str]:
-    """Lines (bytes, e.g. a binary file or `data.splitlines()`) as text; invalid UTF-8 or a line
+    """Lines (bytes, e.g. `file_lines` or `data.split(b"\\n")`) as text; invalid UTF-8 or a line
     over `max_line_bytes` is an InputError naming `source` and the line."""
     limit = max_line_bytes()
     for line_number, raw in enumerate(raw_lines, start=1):
         if len(raw) > limit:
-            raise InputError(
-                f"{source}:{line_number}: line of {len(raw)} bytes is over the limit of {limit} "
-                "(INFLUENCE_MAX_LINE_BYTES)"
-            )
+            raise _too_long(source, line_number, len(raw), limit)
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as error:
             raise InputError(f"{source}:{line_number}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
-def parse_jsonl_bytes(data: bytes, source: str, kind: str) -> list[dict]:
-    """`parse_jsonl` of uploaded bytes, checked line by line as a file is (`decoded_lines`)."""
-    return parse_jsonl(decoded_lines(data.split(b"\n"), source), source, kind)
-
-
-def parse_jsonl(lines: Iterable[str], source: str, kind: str) -> list[dict]:
-    """JSON objects, one per non-blank line; errors name `source` and the line number."""
-    records = []
+def jsonl_records(lines: Iterable[str], source: str) -> Iterator[dict]:
+    """JSON objects, one per non-blank line, as they are read; errors name `source` and the line."""
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -82,7 +96,12 @@ def parse_jsonl(lines: Iterable[str], source: str, kind: str) -> list[dict]:
             raise InputError(f"{source}:{line_number}: malformed JSON ({error.msg})") from None
         if not isinstance(record, dict):
             raise InputError(f"{source}:{line_number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
+        yield record
+
+
+def parse_jsonl(lines: Iterable[str], source: str, kind: str) -> list[dict]:
+    """`jsonl_records` as a list; InputError if there are none."""
+    records = list(jsonl_records(lines, source))
     if not records:
         raise InputError(f"{kind} file is empty: {source}")
     return records
@@ -97,42 +116,78 @@ def _string_field(record: dict, field: str, where: str, *, allow_empty: bool = F
     return value
 
 
-def _record_id(record: dict, default: str, where: str, seen: set[str]) -> str:
+def _record_id(record: dict, default: str, where: str) -> str:
     raw = record.get("id", default)
     if raw is None:
         raw = default
     if not isinstance(raw, (str, int)):
         raise InputError(f"{where}: field 'id' must be a string")
-    example_id = str(raw)
-    if example_id in seen:
-        raise InputError(f"{where}: duplicate id '{example_id}'")
-    seen.add(example_id)
-    return example_id
+    return str(raw)
+
+
+def _duplicate(where: str, example_id: str) -> InputError:
+    return InputError(f"{where}: duplicate id '{example_id}'")
 
 
 def read_training_jsonl(path: str | Path) -> list[TrainingExample]:
     """Read TRAIN.jsonl: one {"id": optional string, "text": string} per line."""
-    return training_examples(_read_jsonl(path, "training data"), str(path))
+    path = _existing(path, "training data")
+    return list(stream_training_jsonl(lambda: file_lines(path), str(path)))
+
+
+def stream_training_jsonl(open_lines: Callable[[], Iterable[bytes]], source: str) -> Iterator[TrainingExample]:
+    """TRAIN.jsonl's examples as its lines are read (`open_lines()`: its lines as bytes, e.g.
+    `file_lines`), each validated on the way; errors name `source` and the line or record. Memory
+    holds one line and 8 bytes per record (`unique_examples`); no lines at all is an InputError."""
+    empty = True
+    for example in unique_examples(lambda: jsonl_records(decoded_lines(open_lines(), source), source), source):
+        empty = False
+        yield example
+    if empty:
+        raise InputError(f"training data file is empty: {source}")
 
 
 def training_examples(records: Sequence[dict], source: str) -> list[TrainingExample]:
     """Validate training records ({"id": optional, "text": string}); ids default to the line position."""
-    seen: set[str] = set()
-    examples = []
-    for number, record in enumerate(records):
+    return list(unique_examples(lambda: records, source))
+
+
+def unique_examples(open_records: Callable[[], Iterable[dict]], source: str) -> Iterator[TrainingExample]:
+    """Training examples of the records `open_records()` gives, one at a time, each validated as
+    it comes. Ids must be unique: each one's 64-bit digest is kept (8 bytes a record), a repeated
+    digest is looked for after the last record, and only then are the records read again (a second
+    `open_records()`) to name the repeated id and where it repeats."""
+    digests = [array("Q") for _ in range(256)]  # by the digest's low byte: each set of them stays small
+    for number, record in enumerate(open_records()):
         where = f"{source}: record {number + 1}"
-        examples.append(
-            TrainingExample(
-                id=_record_id(record, str(number), where, seen),
-                text=_string_field(record, "text", where),
-            )
-        )
-    return examples
+        example = TrainingExample(id=_record_id(record, str(number), where), text=_string_field(record, "text", where))
+        digest = _id_digest(example.id)
+        digests[digest & 0xFF].append(digest)
+        yield example
+    repeated = {digest for bucket in digests for digest in _repeats(bucket)}
+    if repeated:  # a repeated id, or two ids with one digest (then no error)
+        first: dict[str, int] = {}
+        for number, record in enumerate(open_records()):
+            example_id = _record_id(record, str(number), "")
+            if _id_digest(example_id) in repeated:
+                if example_id in first:
+                    raise _duplicate(f"{source}: record {number + 1}", example_id)
+                first[example_id] = number
+
+
+def _id_digest(example_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(example_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+def _repeats(values: array) -> set[int]:
+    seen: set[int] = set()
+    return {value for value in values if value in seen or seen.add(value)}
 
 
 def read_queries_jsonl(path: str | Path) -> list[Query]:
     """Read QUERIES.jsonl: one {"id": optional, "prompt", "completion", "group": optional} per line."""
-    return query_records(_read_jsonl(path, "queries"), str(path))
+    path = _existing(path, "queries")
+    return query_records(parse_jsonl(decoded_lines(file_lines(path), str(path)), str(path), "queries"), str(path))
 
 
 def query_records(records: Sequence[dict], source: str) -> list[Query]:
@@ -143,9 +198,13 @@ def query_records(records: Sequence[dict], source: str) -> list[Query]:
     queries = []
     for number, record in enumerate(records):
         where = f"{source}: query {number + 1}"
+        query_id = _record_id(record, str(number), where)
+        if query_id in seen:
+            raise _duplicate(where, query_id)
+        seen.add(query_id)
         queries.append(
             Query(
-                id=_record_id(record, str(number), where, seen),
+                id=query_id,
                 prompt=_string_field(record, "prompt", where, allow_empty=True),
                 completion=_string_field(record, "completion", where),
                 group=_string_field(record, "group", where) if record.get("group") is not None else "",

@@ -25,8 +25,11 @@ from ..storage import MANIFEST, ArtifactReader, ArtifactStore, FileEntry, Manife
 
 def read_manifest(data: bytes, where: str) -> Manifest:
     """An uploaded manifest, whose files must all lie directly in the factor set (no '/', no
-    hidden names: each is spooled under its name)."""
-    manifest = Manifest.from_bytes(data, where)
+    hidden names: each is spooled under its name); bytes that are no manifest are InputError."""
+    try:
+        manifest = Manifest.from_bytes(data, where)
+    except IntegrityError as error:  # the caller's bytes, not stored ones: their input is at fault
+        raise InputError(f"{error}: send the manifest.json `influence fit` wrote", field="manifest") from None
     for name in manifest.files:
         if "/" in name or name.startswith(".") or name == MANIFEST:
             raise InputError(f"{where} lists an invalid file name {name!r}")

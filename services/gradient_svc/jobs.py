@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ..engine.index import IndexSpec
+from ..engine.records import stream_training_jsonl
 from ..engine.score import ScoreConfig
 from ..options import MAX_LENGTH, SHARD_SIZE
 from ..rpc import validation
@@ -30,6 +32,13 @@ class RegisterJob(Job):
     # the submitting server's --max-dataset-sequences, which the worker applies to what it reads
     # (0: no limit, as in specs written before the limit existed)
     max_dataset_sequences: int = 0
+
+
+def count_training_data(open_lines: Callable[[], Iterable[bytes]], source: str) -> int:
+    """How many training sequences a TRAIN.jsonl holds (`open_lines()`: its lines as bytes), every
+    record validated on the way (InputError naming `source` and the line, or a repeated id); read
+    line by line, so memory holds one line (engine/records.stream_training_jsonl)."""
+    return sum(1 for _ in stream_training_jsonl(open_lines, source))
 
 
 def check_dataset_size(sequences: int, limit: int, source: str, field: str = "") -> None:

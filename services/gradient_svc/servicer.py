@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import uuid
+from pathlib import Path
 
 from ..catalog import datasets, indexes
 from ..catalog.datasets import DATASETS, DatasetInfo, dataset_path
@@ -17,7 +19,7 @@ from ..catalog.indexes import INDEXES, index_path
 from ..engine.index import IndexSpec
 from ..engine.model_io import ModelRef
 from ..engine.modules import check_selection
-from ..engine.records import parse_jsonl_bytes, read_training_jsonl, training_examples
+from ..engine.records import file_lines
 from ..engine.score import ScoreConfig
 from ..enums import enum_word
 from ..errors import InputError, NotFoundError, PreconditionError, error_for_code
@@ -43,10 +45,20 @@ from ..storage import split_s3_uri
 from ..storage.manifest import sha256_bytes, sha256_file
 from ..system import layout
 from ..wire import dataset_id
-from .jobs import BlocksJob, IndexJob, RegisterJob, check_dataset_size
+from .jobs import BlocksJob, IndexJob, RegisterJob, check_dataset_size, count_training_data
 from .messages import dataset_message, index_message
 
 _POLL_SECONDS = 0.05  # how often StreamBlocks looks for the worker's next block
+
+
+def _upload_settings(message) -> gradient_service_pb2.RegisterDatasetRequest:
+    """The settings an UploadDataset stream's first message carries (its bytes come after)."""
+    if message.WhichOneof("part") != "request":
+        raise InputError("an upload starts with a message holding `request` (the settings)", field="request")
+    if message.request.jsonl or message.request.uri:
+        message = "an upload's `request` leaves jsonl and uri empty: the bytes follow as `data`"
+        raise InputError(message, field="request")
+    return message.request
 
 
 class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceServicer):
@@ -55,7 +67,34 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
     async def RegisterDataset(self, request, context):
         return await asyncio.to_thread(self._register, request)
 
-    def _register(self, request):
+    @grpc_errors
+    async def UploadDataset(self, request_iterator, context):
+        """The settings, then the JSONL's bytes: spooled to a temporary file as they come (memory
+        holds one message), refused as soon as they pass the upload limit, then registered as
+        RegisterDataset registers its `jsonl`."""
+        with tempfile.TemporaryDirectory(prefix="dataset-upload-") as directory:
+            spool, settings, size = Path(directory) / "train.jsonl", None, 0
+            with spool.open("wb") as handle:
+                async for message in request_iterator:
+                    if settings is None:
+                        settings = _upload_settings(message)
+                        continue
+                    if message.WhichOneof("part") != "data":
+                        raise InputError("an upload sends `request` once, first, then only `data`", field="request")
+                    size += len(message.data)
+                    self._check_upload_size(size, f"the upload is {size} bytes so far", "data")
+                    await asyncio.to_thread(handle.write, message.data)
+            if settings is None:
+                raise InputError("an upload starts with a message holding `request` (the settings)", field="request")
+            return await asyncio.to_thread(self._register, settings, spool)
+
+    def _check_upload_size(self, size: int, what: str, field: str) -> None:
+        advice = "register a larger dataset by uri (file:// or s3://)"
+        validation.within_limit(size, self.limits.max_upload_bytes, "max_upload_bytes", what, field, advice)
+
+    def _register(self, request, uploaded: Path | None = None):
+        """RegisterDataset's work: the JSONL in `request.jsonl` or `uploaded` (a spooled file), or
+        at `request.uri`; every source is read line by line (memory holds one line)."""
         model = model_ref(request.model)
         source_uri, upload = "", None
         if request.uri and request.jsonl:
@@ -67,21 +106,25 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
                 raise NotFoundError(f"training data not found: {request.uri}")
             source_uri = request.uri  # read (and validated, naming its lines) by the worker, not here
             digest = sha256_bytes(f"{request.uri} {uuid.uuid4()}".encode())  # an object can change: never reused
-        elif request.uri:
-            upload = self.server_file(request.uri, "uri")
-            if not upload.is_file():
-                raise NotFoundError(f"training data file not found: {upload}")
-            examples = read_training_jsonl(upload)  # validated where it lies: errors name its lines
-            check_dataset_size(len(examples), self.limits.max_dataset_sequences, request.uri, "uri")
+        elif request.uri or uploaded is not None:
+            if uploaded is None:
+                upload = self.server_file(request.uri, "uri")
+                if not upload.is_file():
+                    raise NotFoundError(f"training data file not found: {upload}")
+                source, field = request.uri, "uri"
+            else:
+                upload, source, field = uploaded, "uploaded dataset", "data"
+            # validated where it lies, line by line: errors name its lines
+            sequences = count_training_data(lambda: file_lines(upload, source), source)
+            check_dataset_size(sequences, self.limits.max_dataset_sequences, source, field)
             digest = sha256_file(upload)[0]
         else:
             if not request.jsonl:
                 raise InputError('jsonl is empty: upload at least one {"text": ...} line (or give a uri)')
             size = len(request.jsonl)
-            what, advice = f"jsonl is {size} bytes", "register a larger dataset by uri (file:// or s3://)"
-            validation.within_limit(size, self.limits.max_upload_bytes, "max_upload_bytes", what, "jsonl", advice)
-            examples = training_examples(parse_jsonl_bytes(request.jsonl, "jsonl", "training data"), "jsonl")
-            check_dataset_size(len(examples), self.limits.max_dataset_sequences, "jsonl", "jsonl")
+            self._check_upload_size(size, f"jsonl is {size} bytes", "jsonl")
+            sequences = count_training_data(lambda: request.jsonl.split(b"\n"), "jsonl")
+            check_dataset_size(sequences, self.limits.max_dataset_sequences, "jsonl", "jsonl")
             upload = request.jsonl
             digest = sha256_bytes(upload)
         shard_size = validation.positive(request.shard_size, "shard_size", SHARD_SIZE.default, SHARD_SIZE.maximum)

@@ -8,17 +8,21 @@ index:     index_shard × shards -> index_publish  -> indexes/{id}/ (a new index
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 from ..catalog import factor_sets, indexes
-from ..catalog.datasets import DATASETS, DatasetInfo, DatasetWriter, load_records, shard_sequences
+from ..catalog.datasets import DATASETS, DatasetInfo, DatasetWriter, ShardRecords, load_records, shard_sequences
 from ..catalog.factor_sets import FACTOR_SETS
 from ..catalog.indexes import INDEXES, IndexDamping, IndexInfo, IndexPart, IndexShard
 from ..engine.data import TokenizedSequence, tokenize_training
 from ..engine.index import Indexer
 from ..engine.model_io import tokenizer_fingerprint
-from ..engine.records import parse_jsonl_bytes, training_examples
+from ..engine.records import TrainingExample, file_lines, stream_training_jsonl
 from ..rpc.messages import empty_response, packed
 from ..storage import FileEntry, split_s3_uri
 from ..storage.manifest import sha256_buffers
@@ -26,37 +30,59 @@ from ..storage.tensors import encode_tensors
 from ..system import layout
 from ..system.plans import JobPlan, Stage, StageCall
 from .blocks import gradient_blocks, write_blocks
-from .jobs import BlocksJob, IndexJob, RegisterJob, check_dataset_size
+from .jobs import BlocksJob, IndexJob, RegisterJob, check_dataset_size, count_training_data
 from .messages import dataset_message, index_message
+
+# A tokeniser call takes at least one example, more while their texts stay under this many bytes:
+# batching keeps the tokeniser fast, the bound keeps memory at about one line's worth.
+_TOKENIZE_BYTES = 1 << 20
 
 
 def run_register(call: StageCall) -> DatasetInfo:
     """Tokenise the uploaded JSONL (or the object at the job's s3:// URI) into shards and publish
-    the dataset."""
+    the dataset. The JSONL is copied to a local file and read line by line, twice: once to validate
+    and count it, once to tokenise it, each shard written as it fills; memory holds about one line
+    and one shard's (truncated) token ids, never the file."""
     job: RegisterJob = call.job
     context = call.context
-    if job.source_uri:
-        bucket, key = split_s3_uri(job.source_uri, "uri")
-        raw, what = context.store.in_bucket(bucket).get_bytes(key), job.source_uri
-    else:
-        raw, what = context.store.get_bytes(layout.job_upload(call.job_id)), "uploaded dataset"
-    examples = training_examples(parse_jsonl_bytes(raw, what, "training data"), what)
-    check_dataset_size(len(examples), job.max_dataset_sequences, what)  # permanent: fails the job at once
-    tokenizer = context.models.tokenizer(job.model.path)
-    num_shards = math.ceil(len(examples) / job.shard_size)
-    num_tokens = 0
-    context.progress.stage("register", num_shards, "shard")
-    writer = DatasetWriter(context.store, job.dataset_id)
-    for shard in range(num_shards):
-        start = shard * job.shard_size
-        part = examples[start : start + job.shard_size]
-        sequences = tokenize_training(tokenizer, part, job.max_length, start_index=start)
-        num_tokens += sum(sequence.length for sequence in sequences)
-        writer.add_shard(sequences, part)
-        context.progress.advance(1, sum(sequence.length for sequence in sequences))
+    with tempfile.TemporaryDirectory(prefix="register-") as directory:
+        local = Path(directory) / "train.jsonl"
+        if job.source_uri:
+            bucket, key = split_s3_uri(job.source_uri, "uri")
+            context.store.in_bucket(bucket).get_file(key, local)
+            what = job.source_uri
+        else:
+            context.store.get_file(layout.job_upload(call.job_id), local)
+            what = "uploaded dataset"
+
+        def open_lines():
+            return file_lines(local, what)
+
+        count = count_training_data(open_lines, what)
+        check_dataset_size(count, job.max_dataset_sequences, what)  # permanent: fails the job at once
+        tokenizer = context.models.tokenizer(job.model.path)
+        num_shards = math.ceil(count / job.shard_size)
+        context.progress.stage("register", num_shards, "shard")
+        writer = DatasetWriter(context.store, job.dataset_id, context.artifacts)
+        examples = stream_training_jsonl(open_lines, what)
+        num_tokens = 0
+        try:
+            for shard in range(num_shards):
+                sequences: list[TokenizedSequence] = []
+                with ShardRecords() as records:
+                    for batch in _batches(itertools.islice(examples, job.shard_size)):
+                        start = shard * job.shard_size + len(sequences)
+                        sequences += tokenize_training(tokenizer, batch, job.max_length, start_index=start)
+                        records.add(batch)
+                    writer.add_shard(sequences, records)
+                tokens = sum(sequence.length for sequence in sequences)
+                num_tokens += tokens
+                context.progress.advance(1, tokens)
+        finally:
+            examples.close()
     info = DatasetInfo(
         id=job.dataset_id,
-        num_examples=len(examples),
+        num_examples=count,
         num_shards=num_shards,
         shard_size=job.shard_size,
         max_length=job.max_length,
@@ -65,7 +91,20 @@ def run_register(call: StageCall) -> DatasetInfo:
         display_name=job.display_name,
         create_time=job.create_time,
     )
-    return writer.publish(info, context.artifacts)  # the fit that follows on this worker reads no shard back
+    return writer.publish(info)
+
+
+def _batches(examples: Iterator[TrainingExample]) -> Iterator[list[TrainingExample]]:
+    """The examples in consecutive lists of at least one, more while under _TOKENIZE_BYTES of text."""
+    batch, size = [], 0
+    for example in examples:
+        if batch and size + len(example.text) > _TOKENIZE_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(example)
+        size += len(example.text)
+    if batch:
+        yield batch
 
 
 def run_blocks(call: StageCall) -> dict:

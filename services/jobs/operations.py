@@ -3,7 +3,9 @@
 One hash per operation (`{prefix}:op:{id}`) with: kind, state, metadata (JSON), response
 (serialised google.protobuf.Any), error code and message, request id, times. A sorted set
 indexes operations by creation time for listing; `{prefix}:request:{request_id}` maps a
-create call's request id to its operation, so retried creates return the same operation.
+create call's request id to its operation, so retried creates return the same operation. An
+operation is created in one atomic step (`create`: the request id claimed, the record written and
+listed, its first tasks enqueued), so a crash leaves all of it or none.
 Tenants: each record names its tenant; a tenant other than the default one has its own listing
 index, request ids and active set under `{prefix}:tenant:{tenant}:` (the default tenant keeps the
 names above), and callers check the record's tenant before showing or changing it.
@@ -17,10 +19,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 
 import redis
 
-from ..errors import QueueUnavailable, ResourceExhaustedError
+from ..errors import QueueUnavailable, ResourceExhaustedError, UnavailableError
 from ..wire import DEFAULT_TENANT
 from .connection import redis_unavailable
 
@@ -57,20 +60,45 @@ for i = counters_end + 2, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload'
 return 1
 """
 
-# KEYS: the tenant's active set. ARGV: quota, operation id, operation-hash key prefix. Drops the
-# operations that ended (or vanished) from the set, then admits the new one if the set holds
-# fewer than the quota: the check and the admission are one atomic step, so concurrent submits
-# cannot overshoot the quota.
-_ADMIT = """
-for _, member in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local state = redis.call('HGET', ARGV[3] .. member, 'state')
-  if not state or state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then
-    redis.call('SREM', KEYS[1], member)
-  end
+# KEYS: the request-id key, the operation hash, the listing index, the tenant's listing index, the
+# tenant's active set, the submissions in progress. ARGV: the request key's TTL (0: no request id),
+# the operation id, the tenant's quota (0: none), the operation-hash key prefix, the submission
+# ('': none), the TTL of an ended record (0: the record does not start ended), the ended channel,
+# the creation time, the number of (field, value) pairs, the pairs, then (stream, payload) pairs
+# to enqueue. One atomic step: a request id that names an existing operation returns it (0); a
+# submission swept as abandoned (-2) or a tenant at its quota (-1) creates nothing; else the
+# request id is claimed, the record written and listed, its first tasks enqueued and its
+# submission marker removed (1). Operations ending at once (a dataset registered before) publish.
+_CREATE = """
+local id = ARGV[2]
+if ARGV[1] ~= '0' then
+  local existing = redis.call('GET', KEYS[1])
+  if existing and redis.call('EXISTS', ARGV[4] .. existing) == 1 then return {0, existing} end
 end
-if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[1]) then return redis.call('SCARD', KEYS[1]) end
-redis.call('SADD', KEYS[1], ARGV[2])
-return -1
+if ARGV[5] ~= '' and not redis.call('ZSCORE', KEYS[6], ARGV[5]) then return {-2, ''} end
+if tonumber(ARGV[3]) > 0 then
+  for _, member in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+    local state = redis.call('HGET', ARGV[4] .. member, 'state')
+    if not state or state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then
+      redis.call('SREM', KEYS[5], member)
+    end
+  end
+  local active = redis.call('SCARD', KEYS[5])
+  if active >= tonumber(ARGV[3]) then return {-1, tostring(active)} end
+  redis.call('SADD', KEYS[5], id)
+end
+if ARGV[1] ~= '0' then redis.call('SET', KEYS[1], id, 'EX', ARGV[1]) end
+local fields_end = 9 + 2 * tonumber(ARGV[9])
+for i = 10, fields_end, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[3], ARGV[8], id)
+if KEYS[4] ~= KEYS[3] then redis.call('ZADD', KEYS[4], ARGV[8], id) end
+for i = fields_end + 1, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1]) end
+if ARGV[5] ~= '' then redis.call('ZREM', KEYS[6], ARGV[5]) end
+if ARGV[6] ~= '0' then
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
+  redis.call('PUBLISH', ARGV[7], id)
+end
+return {1, id}
 """
 
 # KEYS: operation hash. ARGV: ended channel, operation id, TTL of an ended record, then (field,
@@ -98,6 +126,11 @@ return 1
 """
 
 DEFAULT_TTL_SECONDS = 7 * 86400
+REQUEST_ID_SECONDS = 7 * 86400  # how long a request id keeps naming its operation
+
+
+def new_operation_id() -> str:
+    return uuid.uuid4().hex[:20]
 
 
 class OperationStore:
@@ -115,7 +148,8 @@ class OperationStore:
         self._finish_shard = client.register_script(_FINISH_SHARD)
         self._transition = client.register_script(_TRANSITION)
         self._report = client.register_script(_REPORT)
-        self._admit = client.register_script(_ADMIT)
+        self._create = client.register_script(_CREATE)
+        self.submissions = f"{prefix}:submitting"  # submissions whose operation is not created yet
 
     def _key(self, operation_id: str) -> str:
         return f"{self.prefix}:op:{operation_id}"
@@ -124,55 +158,117 @@ class OperationStore:
         """A per-tenant key; the default tenant keeps the names that predate tenants."""
         return f"{self.prefix}:{name}" if tenant == DEFAULT_TENANT else f"{self.prefix}:tenant:{tenant}:{name}"
 
+    def _request_key(self, tenant: str, request_id: str) -> str:
+        return f"{self._tenant_key(tenant, 'request')}:{request_id}"
+
     def create(
-        self, kind: str, metadata: dict, request_id: str = "", *, tenant: str = DEFAULT_TENANT, quota: int = 0
+        self,
+        kind: str,
+        metadata: dict,
+        request_id: str = "",
+        *,
+        tenant: str = DEFAULT_TENANT,
+        quota: int = 0,
+        operation_id: str = "",
+        stage: str = "",
+        tasks: Sequence[tuple[str, bytes]] = (),
+        response: bytes | None = None,
+        submission: str = "",
     ) -> tuple[dict, bool]:
-        """(operation, created). With a request_id the tenant used before, the earlier operation
-        and False. With a `quota`, ResourceExhaustedError when the tenant already has that many
-        operations queued or running."""
-        operation_id = uuid.uuid4().hex[:20]
+        """(operation, created), in one atomic step (a Lua script), so that no crash can leave a
+        request id claimed without its record, or a record without its first tasks:
+        - a `request_id` the tenant used before for an operation that still exists returns that
+          operation and False, and nothing else happens;
+        - with a `quota`, ResourceExhaustedError when the tenant already has that many operations
+          queued or running;
+        - else the operation `operation_id` (default: a new id) is written: PENDING, or RUNNING at
+          `stage` with its first `tasks` ((stream, payload) pairs) enqueued, or SUCCEEDED with
+          `response`; the request id is claimed, and the `submission` (begin_submission) ends. A
+          submission already swept as abandoned creates nothing (UnavailableError: retry)."""
+        operation_id = operation_id or new_operation_id()
+        now = time.time()
+        fields = {
+            "id": operation_id,
+            "kind": kind,
+            "state": PENDING,
+            "metadata": json.dumps(metadata),
+            "request_id": request_id,
+            "tenant": tenant,
+            "create_time": now,
+            "update_time": now,
+        }
+        if response is not None:
+            fields.update(state=SUCCEEDED, response=response)
+        elif stage:
+            fields.update(state=RUNNING, stage=stage, shards_total=len(tasks))
+        keys = [
+            self._request_key(tenant, request_id),
+            self._key(operation_id),
+            f"{self.prefix}:ops",  # every tenant's (metrics, the default's list)
+            self._tenant_key(tenant, "ops"),
+            self._tenant_key(tenant, "active"),
+            self.submissions,
+        ]
+        arguments = [
+            REQUEST_ID_SECONDS if request_id else 0,
+            operation_id,
+            quota,
+            f"{self.prefix}:op:",
+            submission,
+            self.ttl_seconds if response is not None else 0,
+            self.ended_channel,
+            now,
+            len(fields),
+        ]
+        for pair in [*fields.items(), *tasks]:
+            arguments += pair
         try:
-            if request_id:
-                request_key = f"{self._tenant_key(tenant, 'request')}:{request_id}"
-                claimed = self.client.set(request_key, operation_id, nx=True, ex=7 * 86400)
-                if not claimed:
-                    existing = self.client.get(request_key).decode()
-                    for _ in range(50):  # the creator may still be writing its record
-                        record = self.get(existing)
-                        if record is not None:
-                            return record, False
-                        time.sleep(0.02)
-            if quota:
-                active = self._admit(
-                    keys=[self._tenant_key(tenant, "active")], args=[quota, operation_id, f"{self.prefix}:op:"]
-                )
-                if active != -1:
-                    if request_id:  # not created: a retry after the quota frees up must be able to
-                        self.client.delete(request_key)
-                    raise ResourceExhaustedError(
-                        f"tenant {tenant!r} has {active} operations queued or running; its quota "
-                        f"(--max-queued-operations) is {quota}: wait for one to finish or cancel one"
-                    )
-            now = time.time()
-            fields = {
-                "id": operation_id,
-                "kind": kind,
-                "state": PENDING,
-                "metadata": json.dumps(metadata),
-                "request_id": request_id,
-                "tenant": tenant,
-                "create_time": now,
-                "update_time": now,
-            }
-            pipe = self.client.pipeline()
-            pipe.hset(self._key(operation_id), mapping=fields)
-            pipe.zadd(f"{self.prefix}:ops", {operation_id: now})  # every tenant's (metrics, the default's list)
-            if tenant != DEFAULT_TENANT:
-                pipe.zadd(self._tenant_key(tenant, "ops"), {operation_id: now})
-            pipe.execute()
+            outcome, value = self._create(keys=keys, args=arguments)
         except redis.RedisError as error:
             raise QueueUnavailable(f"cannot create an operation: {error}") from None
-        return self.get(operation_id), True
+        if outcome == -1:
+            raise ResourceExhaustedError(
+                f"tenant {tenant!r} has {int(value)} operations queued or running; its quota "
+                f"(--max-queued-operations) is {quota}: wait for one to finish or cancel one"
+            )
+        if outcome == -2:
+            raise UnavailableError("the submission took too long and was abandoned: retry")
+        return self.get(value.decode() if outcome == 0 else operation_id), outcome == 1
+
+    @redis_unavailable
+    def find_request(self, request_id: str, tenant: str = DEFAULT_TENANT) -> dict | None:
+        """The tenant's operation of `request_id`, if it made one that still exists."""
+        if not request_id:
+            return None
+        existing = self.client.get(self._request_key(tenant, request_id))
+        return self.get(existing.decode()) if existing else None
+
+    # A submission (runner.JobSystem.submit) writes the job's inputs to the store before `create`
+    # makes its operation; its marker (a sorted set member "tenant/operation_id" scored by its start)
+    # names them until then, so a submission that never got there (its server died, Redis or the
+    # store failed and its own clean-up could not run) is found and its inputs deleted by a sweep.
+
+    @redis_unavailable
+    def begin_submission(self, tenant: str, operation_id: str) -> str:
+        member = f"{tenant}/{operation_id}"
+        self.client.zadd(self.submissions, {member: time.time()})
+        return member
+
+    @redis_unavailable
+    def end_submission(self, member: str) -> None:
+        self.client.zrem(self.submissions, member)
+
+    @redis_unavailable
+    def keep_submission(self, member: str, since: float | None = None) -> None:
+        """Mark `member` again (its clean-up failed): a later sweep retries it."""
+        self.client.zadd(self.submissions, {member: since or time.time()}, nx=True)
+
+    @redis_unavailable
+    def take_abandoned_submissions(self, older_than_seconds: float) -> list[tuple[str, float]]:
+        """(member, start) of the submissions begun over `older_than_seconds` ago, each removed from
+        the set by this call (concurrent sweepers take each once)."""
+        found = self.client.zrangebyscore(self.submissions, "-inf", time.time() - older_than_seconds, withscores=True)
+        return [(member.decode(), start) for member, start in found if self.client.zrem(self.submissions, member)]
 
     @redis_unavailable
     def get(self, operation_id: str) -> dict | None:
@@ -325,14 +421,24 @@ class OperationStore:
         return self._finish_shard(keys=keys, args=arguments) == 1
 
     @redis_unavailable
-    def note_error(self, operation_id: str, task: str, text: str) -> None:
+    def note_error(self, operation_id: str, task: str, text: str, caller_text: str = "") -> None:
         """Keep the last failure of one task (`task`: "stage/shard"), reported as the cause if that
-        task is dead-lettered. Each task has its own field, so the cause quoted is its own."""
-        self._report(keys=[self._key(operation_id)], args=[0, f"last_error:{task}", text[:500]])
+        task is dead-lettered: `text` in full for the dead-letter stream (the operator's), and
+        `caller_text` (errors.caller_message; default `text`) for the operation's error, which its
+        caller reads. Each task has its own fields, so the cause quoted is its own."""
+        fields = [f"last_error:{task}", text[:500], f"caller_error:{task}", (caller_text or text)[:500]]
+        self._report(keys=[self._key(operation_id)], args=[0, *fields])
 
     @redis_unavailable
     def last_error(self, operation_id: str, task: str) -> str:
+        """The task's last failure in full (`note_error`'s `text`)."""
         raw = self.client.hget(self._key(operation_id), f"last_error:{task}")
+        return raw.decode() if raw else ""
+
+    @redis_unavailable
+    def caller_error(self, operation_id: str, task: str) -> str:
+        """The task's last failure as its caller may read it (`note_error`'s `caller_text`)."""
+        raw = self.client.hget(self._key(operation_id), f"caller_error:{task}")
         return raw.decode() if raw else ""
 
     @redis_unavailable

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import redis
 
 from ..errors import QueueUnavailable
+from .connection import redis_unavailable
 
 log = logging.getLogger("influence.jobs")
 GROUP = "workers"
@@ -195,6 +196,7 @@ class TaskQueue:
         pipe.xdel(self.stream(task.kind), task.message_id)
         pipe.execute()
 
+    @redis_unavailable
     def depth(self, kind: str) -> int:
         """Tasks not yet acknowledged (waiting or running)."""
         self._ensure_group(kind)

@@ -6,17 +6,17 @@ comment). `TokenFile` re-reads it when its mtime changes (checked at most every
 keeps the previous tokens (and says so in the log, never quoting the file). Tokens are kept only
 as SHA-256 digests, and never logged.
 
-`AuthInterceptor` (a grpc.aio server interceptor) lets health checks and reflection through,
-answers any other call without a valid `authorization: Bearer TOKEN` with UNAUTHENTICATED, and
-runs the call with `current_tenant()` set to the token's tenant. Without --auth-tokens there is
-no interceptor and every call is the DEFAULT_TENANT's (the layout that existed before tenants).
+rpc/door.py decides each call's tenant from its metadata (`tenant_of_call`) before reading its
+body: health checks and reflection need no token, any other call without a valid
+`authorization: Bearer TOKEN` is answered UNAUTHENTICATED, and an accepted one runs with
+`current_tenant()` set to its token's tenant (`serving_as`). Without --auth-tokens every call is
+the DEFAULT_TENANT's (the layout that existed before tenants).
 """
 
 from __future__ import annotations
 
 import contextvars
 import hashlib
-import inspect
 import logging
 import os
 import re
@@ -25,11 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
-
 from ..errors import InputError, UnauthenticatedError, message_of
 from ..wire import DEFAULT_TENANT
-from .status import status_code
 
 log = logging.getLogger("influence.auth")
 
@@ -44,6 +41,11 @@ _tenant: contextvars.ContextVar[str] = contextvars.ContextVar("influence_tenant"
 def current_tenant() -> str:
     """The tenant of the call being served (DEFAULT_TENANT without authentication)."""
     return _tenant.get()
+
+
+def serving_as(tenant: str) -> None:
+    """Make `tenant` the current tenant of the running call (each call is its own asyncio task)."""
+    _tenant.set(tenant)
 
 
 def _digest(token: str) -> str:
@@ -120,6 +122,23 @@ class TokenFile:
                 )
 
 
+def tenant_of_call(tokens: TokenFile | None, method: str, metadata) -> str | None:
+    """The tenant a call runs as, from its method and metadata alone: DEFAULT_TENANT without
+    tokens, None for a call exempt from them (health, reflection); UnauthenticatedError when it
+    needs a token and has no valid one."""
+    if method.startswith(EXEMPT_SERVICES):
+        return None
+    if tokens is None:
+        return DEFAULT_TENANT
+    token = bearer_token(metadata)
+    tenant = tokens.tenant_of(token) if token else None
+    if tenant is None:
+        reason = "an invalid token" if token else "no 'authorization: Bearer TOKEN' metadata"
+        log.debug("refused %s: %s", method, reason)
+        raise UnauthenticatedError(f"{method}: {reason}; this server needs a token (INFLUENCE_TOKEN or --token)")
+    return tenant
+
+
 def bearer_token(metadata) -> str | None:
     for key, value in metadata or ():
         if key == "authorization":
@@ -128,82 +147,6 @@ def bearer_token(metadata) -> str | None:
                 return token.strip()
             return None
     return None
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks `authorization: Bearer TOKEN` on every call but health and reflection."""
-
-    def __init__(self, tokens: TokenFile):
-        self.tokens = tokens
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(EXEMPT_SERVICES):
-            return handler
-        token = bearer_token(details.invocation_metadata)
-        tenant = self.tokens.tenant_of(token) if token else None
-        if tenant is None:
-            reason = "an invalid token" if token else "no 'authorization: Bearer TOKEN' metadata"
-            log.debug("refused %s: %s", details.method, reason)
-            return _refusing(
-                handler,
-                UnauthenticatedError(
-                    f"{details.method}: {reason}; this server needs a token (INFLUENCE_TOKEN or --token)"
-                ),
-            )
-        return _as_tenant(handler, tenant)
-
-
-def _replace(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:
-    """The handler with its behaviour wrapped (wrap_stream for response-streaming methods)."""
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
-        )
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
-    )
-
-
-def _refusing(handler: grpc.RpcMethodHandler, error: UnauthenticatedError) -> grpc.RpcMethodHandler:
-    async def refuse(request, context):
-        await context.abort(status_code(error), message_of(error))
-
-    async def refuse_stream(request, context):
-        await context.abort(status_code(error), message_of(error))
-        yield  # pragma: no cover (an async generator, like the handler it replaces)
-
-    return _replace(handler, lambda _: refuse, lambda _: refuse_stream)
-
-
-def _as_tenant(handler: grpc.RpcMethodHandler, tenant: str) -> grpc.RpcMethodHandler:
-    """The handler, run with current_tenant() == tenant (each call is its own asyncio task)."""
-
-    def wrap_unary(behaviour):
-        async def unary(request, context):
-            _tenant.set(tenant)
-            result = behaviour(request, context)
-            return await result if inspect.isawaitable(result) else result
-
-        return unary
-
-    def wrap_stream(behaviour):
-        async def streaming(request, context):
-            _tenant.set(tenant)
-            async for item in behaviour(request, context):
-                yield item
-
-        return streaming
-
-    return _replace(handler, wrap_unary, wrap_stream)
 
 
 def token_file_from_env(path: str) -> TokenFile | None:

@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..gen.influence.v1 import common_pb2
 from ..jobs.operations import CANCELLED, FAILED, SUCCEEDED, TERMINAL
 from ..storage import MANIFEST, ArtifactReader
-from ..wire import REQUEST_LIMITS
+from ..wire import CHUNK_BYTES, MIN_MESSAGE_BYTES, REQUEST_LIMITS
 from . import paging, validation
 from .auth import current_tenant
 from .messages import timestamp
@@ -36,12 +36,15 @@ class Limits:
     """What one request may ask of this server. The max_* fields are wire.REQUEST_LIMITS (set by
     `influence serve --max-...`; 0: no limit), each checked with validation.within_limit."""
 
+    max_message_bytes: int = REQUEST_LIMITS["max_message_bytes"].default
+    max_streams_per_tenant: int = REQUEST_LIMITS["max_streams_per_tenant"].default
+    max_unauthenticated_streams: int = REQUEST_LIMITS["max_unauthenticated_streams"].default
     max_upload_bytes: int = REQUEST_LIMITS["max_upload_bytes"].default
     max_queries: int = REQUEST_LIMITS["max_queries"].default
     max_query_chars: int = REQUEST_LIMITS["max_query_chars"].default
     max_top_k: int = REQUEST_LIMITS["max_top_k"].default
     max_dataset_sequences: int = REQUEST_LIMITS["max_dataset_sequences"].default
-    chunk_bytes: int = 1 * 2**20
+    chunk_bytes: int = CHUNK_BYTES
     # whether callers may name files on the server (file:// uris: register in place, by path).
     # Off on a server with tokens: a tenant must not read the server's filesystem.
     server_paths: bool = True
@@ -50,6 +53,9 @@ class Limits:
         for name, limit in REQUEST_LIMITS.items():
             if getattr(self, name) < 0:
                 raise InputError(f"{limit.flag} must be >= 0 (0: no limit), got {getattr(self, name)}")
+        if 0 < self.max_message_bytes < MIN_MESSAGE_BYTES:
+            flag = REQUEST_LIMITS["max_message_bytes"].flag
+            raise InputError(f"{flag} must be 0 (no limit) or >= {MIN_MESSAGE_BYTES} (one upload chunk must fit)")
 
 
 class TenantScoped:

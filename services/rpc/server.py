@@ -5,6 +5,7 @@ servicers a server has is the caller's choice (services/assembly.py)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable
@@ -20,24 +21,35 @@ log = logging.getLogger("influence.server")
 # add(server) registers one servicer; name is its full service name (for health and reflection)
 Registration = tuple[str, Callable[[grpc.aio.Server], None]]
 
+# How many bytes of one call the server reads ahead of its handler (the HTTP/2 stream window). Fixed:
+# gRPC's BDP probing would grow it to tens of MiB per stream, and a flood of large requests (even
+# refused ones, until their refusal reaches the caller) would then sit in the server's buffers
+# (bench/abuse.py: +330 MiB, against +14 MiB fixed). 4 MiB in flight keeps an upload over a
+# 20 ms link at ~200 MB/s.
+RECEIVE_WINDOW_BYTES = 4 * 2**20
+
 
 def build_server(
     registrations: list[Registration],
     probe: Callable[[], str | None] | None = None,
     probe_seconds: float = 5.0,
     interceptors: tuple = (),
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[grpc.aio.Server, Callable[[], None]]:
     """(server, stop_probe): an aio server with the registered services, health (overall and per
     service) and reflection. Health is SERVING, or, with a `probe` (None when healthy, else the
     reason: Redis or the store unreachable), follows the probe, run on a thread every
     `probe_seconds`; `stop_probe()` ends that loop (call it when the server stops).
-    `interceptors`: e.g. rpc/auth.py's AuthInterceptor."""
+    `interceptors`: e.g. rpc/door.py's Door. A message larger than `max_receive_bytes` (0: no limit)
+    is refused with RESOURCE_EXHAUSTED by gRPC from its length prefix, before its body is received."""
     server = grpc.aio.server(
         interceptors=list(interceptors),
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
+            ("grpc.max_receive_message_length", max_receive_bytes or -1),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
+        ],
     )
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
     for name, add in registrations:
@@ -141,6 +153,32 @@ def server_credentials(tls_cert: str, tls_key: str, tls_client_ca: str = "") -> 
         root_certificates=read(tls_client_ca, "--tls-client-ca") if tls_client_ca else None,
         require_client_auth=bool(tls_client_ca),
     )
+
+
+def loopback(host: str) -> bool:
+    """Whether `host` (an address to listen on) reaches this machine only."""
+    host = host.strip("[]")
+    if host == "localhost" or host.startswith("unix:"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to anything
+        return False
+
+
+def warn_if_exposed(host: str, *, authenticated: bool, encrypted: bool) -> None:
+    """Log a warning when serving beyond this machine without tokens or without TLS."""
+    if loopback(host) or (authenticated and encrypted):
+        return
+    missing = " and ".join(
+        what
+        for what, present in (
+            ("without tokens (--auth-tokens): anyone who reaches it is the default tenant", authenticated),
+            ("without TLS (--tls-cert, --tls-key): calls and tokens travel in plaintext", encrypted),
+        )
+        if not present
+    )
+    log.warning("listening on %s, beyond this machine, %s", host, missing)
 
 
 def bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> int:

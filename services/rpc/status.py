@@ -3,9 +3,11 @@
 Servicers never pick codes themselves: they raise domain errors and `grpc_errors` turns them into
 `context.abort(code, message)`, with the rich status (google.rpc.Status in the
 `grpc-status-details-bin` trailer) carrying an ErrorInfo (reason: the error's stable name, domain
-influence.dev) and, when the error names a request field, a BadRequest field violation. Anything
-unexpected is INTERNAL with a one-line message (the traceback goes to the server log). Operation
-records keep google.rpc.Code numbers; `rpc_code` and `code_name` convert.
+influence.dev) and, when the error names a request field, a BadRequest field violation. The message
+is `errors.caller_message`: the system's own failures (INTERNAL, the store or Redis away) reach the
+caller as a fixed sentence, never naming an endpoint, a key layout or a class; their full text goes
+to the server log (an INTERNAL one with its traceback and a reference the caller's message quotes).
+Operation records keep google.rpc.Code numbers; `rpc_code` and `code_name` convert.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import uuid
 
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from ..errors import DomainError, code_of, message_of
+from ..errors import DomainError, caller_message, code_of, message_of
 
 log = logging.getLogger("influence.rpc")
 
@@ -56,17 +59,26 @@ def rich_status(error: BaseException, message: str) -> status_pb2.Status:
     return status
 
 
+def abort_arguments(error: BaseException, where: str) -> tuple:
+    """(code, message, trailing metadata) of `context.abort` for `error`, raised serving `where`
+    (a method's name, for the log): the caller's message (errors.caller_message) and rich status.
+    What the caller is not told is logged: the full text, and for INTERNAL the traceback."""
+    code = status_code(error)
+    message = caller_message(error)
+    if code == grpc.StatusCode.INTERNAL:
+        reference = uuid.uuid4().hex[:12]
+        log.error("internal error %s in %s", reference, where, exc_info=error)
+        message = f"{message} (reference {reference})"
+    elif message != message_of(error):
+        log.warning("%s: %s: %s", where, type(error).__name__, message_of(error))
+    return code, message, ((DETAILS_KEY, rich_status(error, message).SerializeToString()),)
+
+
 def grpc_errors(method):
     """Decorate an async servicer method (unary or server-streaming) to map errors to statuses."""
 
     def _abort_args(error: BaseException):
-        code = status_code(error)
-        if code == grpc.StatusCode.INTERNAL:
-            log.exception("internal error in %s", method.__qualname__)
-            message = f"internal error: {type(error).__name__}: {message_of(error)}"
-        else:
-            message = message_of(error)
-        return code, message, ((DETAILS_KEY, rich_status(error, message).SerializeToString()),)
+        return abort_arguments(error, method.__qualname__)
 
     if inspect.isasyncgenfunction(method):
 

@@ -27,9 +27,19 @@ def model_path(spec, field: str = "model.path") -> str:
     if not spec.path:
         raise InputError(f"{field} is required (a model directory readable by the workers)", field=field)
     model_access().check(spec.path)  # before looking at the filesystem: no probing outside the roots
+    _usable(Path(spec.path), field)
     if not Path(spec.path).is_dir():
         raise NotFoundError(f"model directory not found: {spec.path}")
     return spec.path
+
+
+def _usable(path: Path, field: str) -> Path:
+    """`path`, if the filesystem can look it up at all (InputError for a name too long, ...)."""
+    try:
+        path.exists()
+    except OSError as error:
+        raise InputError(f"{field} is no path this server can look up ({error.strerror})", field=field) from None
+    return path
 
 
 def positive(value: int, field: str, default: int, maximum: int | None = None) -> int:
@@ -56,4 +66,4 @@ def file_uri(uri: str, field: str) -> Path:
     parsed = urlparse(uri or "")
     if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
         raise InputError(f"{field} must be a file:///absolute/path URI, got {uri!r}", field=field)
-    return Path(unquote(parsed.path))
+    return _usable(Path(unquote(parsed.path)), field)

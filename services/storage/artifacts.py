@@ -122,15 +122,13 @@ class ArtifactReader:
         try:
             return fetch(self.store, self.prefix + name)
         except NotFoundError:
-            raise IntegrityError(
-                f"{self.prefix}{name} is listed in the manifest but missing (store {self.store.describe()})"
-            ) from None
+            raise IntegrityError(f"{self.prefix}{name} is listed in the manifest but missing") from None
 
     def _check(self, entry: FileEntry, sha256: str, size: int) -> None:
         if size != entry.size or sha256 != entry.sha256:
             raise IntegrityError(
                 f"{self.prefix}{entry.name} is corrupted: sha256 {sha256[:12]}.. and {size} bytes, but the "
-                f"manifest says {entry.sha256[:12]}.. and {entry.size} bytes (store {self.store.describe()})"
+                f"manifest says {entry.sha256[:12]}.. and {entry.size} bytes"
             )
 
     def read_bytes(self, name: str) -> bytes:
@@ -173,7 +171,7 @@ def open_artifact(store: ArtifactStore, prefix: str, what: str | None = None) ->
     except NotFoundError:
         if what:
             raise NotFoundError(f"{what} not found") from None
-        raise NotFoundError(f"no published artifact at {prefix} in {store.describe()} (no {MANIFEST})") from None
+        raise NotFoundError(f"no published artifact at {prefix} (no {MANIFEST})") from None
     return ArtifactReader(store, prefix, Manifest.from_bytes(data, prefix + MANIFEST))
 
 

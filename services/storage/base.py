@@ -75,7 +75,7 @@ class ArtifactStore(abc.ABC):
     def in_bucket(self, bucket: str) -> ArtifactStore:
         """The same store reading another bucket with the same endpoint and credentials (for
         s3:// URIs users give, e.g. a dataset to register); InputError where there are no buckets."""
-        raise InputError(f"this system's object store is {self.describe()}, not S3: it cannot read s3://{bucket}/...")
+        raise InputError(f"this system's object store is a directory, not S3: it cannot read s3://{bucket}/...")
 
     def size(self, key: str) -> int:
         return self.stat(key).size

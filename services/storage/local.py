@@ -64,7 +64,7 @@ class LocalStore(ArtifactStore):
         if link is not None:
             raise InputError(f"cannot store {key!r}: {link.relative_to(self.root)} is a read-only linked directory")
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        with disk_full_is_permanent(f"storing {key!r} in {self.describe()}"):
+        with disk_full_is_permanent(f"storing {key!r}"):
             for attempt in range(3):
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ class LocalStore(ArtifactStore):
         try:
             data = self._path(key).read_bytes()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise NotFoundError(f"no object at {key!r} in {self.describe()}") from None
+            raise NotFoundError(f"no object at {key!r}") from None
         traffic.count("local", "read", len(data))
         return data
 
@@ -156,7 +156,7 @@ class LocalStore(ArtifactStore):
             try:
                 source = open(self._path(key), "rb")  # noqa: SIM115 (closed right below)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                raise NotFoundError(f"no object at {key!r} in {self.describe()}") from None
+                raise NotFoundError(f"no object at {key!r}") from None
             with disk_full_is_permanent(f"copying {key!r} to {target}"), source, open(temporary, "xb") as handle:
                 shutil.copyfileobj(source, handle, _COPY_CHUNK)
                 traffic.count("local", "read", handle.tell())
@@ -168,7 +168,7 @@ class LocalStore(ArtifactStore):
     def stat(self, key: str) -> ObjectInfo:
         path = self._path(key)
         if not path.is_file():
-            raise NotFoundError(f"no object at {key!r} in {self.describe()}")
+            raise NotFoundError(f"no object at {key!r}")
         return ObjectInfo(key, path.stat().st_size)
 
     def exists(self, key: str) -> bool:

@@ -57,7 +57,7 @@ class Manifest:
             }
             metadata = document.get("metadata", {})
         except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise IntegrityError(f"manifest {where} is unreadable: {type(error).__name__}: {error}") from None
+            raise IntegrityError(f"manifest {where} is unreadable ({error})") from None
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise UnsupportedFormat(
                 f"manifest {where} has format version {version!r}; this code reads up to {FORMAT_VERSION}"

@@ -166,9 +166,9 @@ class S3Store(ArtifactStore):
         else:
             return None
         if code in _MISSING:
-            return NotFoundError(f"no object at {key!r} in {self.describe()}")
+            return NotFoundError(f"no object at {key!r}")
         if code == "NoSuchBucket":
-            return NotFoundError(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
+            return NotFoundError(f"bucket {self.bucket!r} does not exist")
         if code in _DENIED or status == 403:
             return PermissionDeniedError(
                 f"object store {self.describe()} refused access ({code or status}) during {what}: check the "
@@ -254,7 +254,7 @@ class S3Store(ArtifactStore):
         check_key(key)
         found = self._call("stat", key, lambda: self.client.stat_object(bucket_name=self.bucket, object_name=key))
         if found.is_dir:
-            raise NotFoundError(f"no object at {key!r} in {self.describe()}")
+            raise NotFoundError(f"no object at {key!r}")
         return ObjectInfo(key, int(found.size))
 
     def exists(self, key: str) -> bool:

@@ -92,4 +92,4 @@ def put_tensors(store: ArtifactStore, key: str, tensors: Mapping[str, torch.Tens
 
 
 def get_tensors(store: ArtifactStore, key: str) -> dict[str, torch.Tensor]:
-    return tensors_from_bytes(store.get_bytes(key), f"{key!r} in {store.describe()}")
+    return tensors_from_bytes(store.get_bytes(key), repr(key))

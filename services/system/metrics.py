@@ -110,7 +110,7 @@ class MetricsServer:
     shared state too. With `health` (None when serving, else why not), GET /healthz answers 200
     "SERVING" or 503 "NOT_SERVING: why": a worker's probe (it serves no gRPC health)."""
 
-    def __init__(self, port: int, host: str = "0.0.0.0", system=None, health: Callable[[], str | None] | None = None):
+    def __init__(self, port: int, host: str = "127.0.0.1", system=None, health: Callable[[], str | None] | None = None):
         self._state = SystemState(system) if system is not None else None
         if self._state is not None:
             REGISTRY.register(self._state)

@@ -2,10 +2,13 @@
 operation records. Which stages a job has is the table's business (plans.py), given by the
 top-level assembly.
 
-Submit: create the operation (idempotent by request_id), write the job's inputs and spec to
-the store, then enqueue the first stage's tasks. Run: take a task, skip it if its operation
-ended, parse its job once, run the stage under a renewed lease, then record completion; the last
-task of a stage atomically enqueues the next stage (or finishes the operation with its response).
+Submit: write the job's inputs and spec to the store, then create the operation, claim its
+request id and enqueue the first stage's tasks in one atomic step (OperationStore.create); a
+submission that fails before that step deletes what it wrote, and one whose clean-up cannot run
+(its server died, the store or Redis away) is found by a worker's sweep of abandoned submissions.
+Run: take a task, skip it if its operation ended, parse its job once, run the stage under a
+renewed lease, then record completion; the last task of a stage atomically enqueues the next
+stage (or finishes the operation with its response).
 Failures: an error that is the caller's fault (errors.py `callers_fault`) fails the operation at
 once; anything else releases the task for a redelivery after a short backoff (a worker that dies
 leaves it to be reclaimed after its lease); past the delivery limit it is dead-lettered and the
@@ -18,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -30,9 +35,17 @@ from google.rpc import code_pb2
 
 from ..engine.progress import Progress
 from ..engine.resources import available_cores
-from ..errors import CancelledError, DomainError, ResourceExhaustedError, UnavailableError, code_of, message_of
+from ..errors import (
+    CancelledError,
+    DomainError,
+    ResourceExhaustedError,
+    UnavailableError,
+    caller_message,
+    code_of,
+    message_of,
+)
 from ..gen.influence.internal.v1 import tasks_pb2
-from ..jobs.operations import SUCCEEDED, TERMINAL, OperationStore
+from ..jobs.operations import SUCCEEDED, TERMINAL, OperationStore, new_operation_id
 from ..jobs.queue import LeaseKeeper, Task, TaskQueue
 from ..storage import MANIFEST, ArtifactStore, PrefixedStore
 from . import layout, metrics
@@ -58,6 +71,9 @@ class JobSystem:
     tenant: str = layout.DEFAULT_TENANT
     # per tenant: at most this many queued or running operations (0: no quota)
     max_queued_operations: int = 0
+    # a submission that has not made its operation this long after it began is abandoned, its
+    # inputs deleted by a worker's sweep (INFLUENCE_SUBMIT_GRACE_SECONDS)
+    submit_grace_seconds: float = 900.0
 
     def for_tenant(self, tenant: str) -> JobSystem:
         """The system as `tenant` sees it: its own part of the store (layout.tenant_prefix), its
@@ -90,12 +106,20 @@ class JobSystem:
         ]
 
     def submit(
-        self, kind: str, job: Job, *, request_id: str = "", target: str = "", upload: bytes | None = None
+        self, kind: str, job: Job, *, request_id: str = "", target: str = "", upload: bytes | Path | None = None
     ) -> dict:
-        """Create the operation and enqueue the job (once per request_id). ResourceExhaustedError
-        when the first stage's stream is full (`max_queued_tasks`)."""
+        """Create the operation and enqueue the job, once per request_id (a request id used before
+        returns its operation, and nothing is written). ResourceExhaustedError when the first
+        stage's stream is full (`max_queued_tasks`) or the tenant at its quota. Nothing is left
+        half-made: the inputs (`upload`) and spec are written under a fresh id first, the operation
+        made in one atomic step after; a failure in between deletes them again (or leaves them to
+        `sweep_submissions` if it cannot), and a crash in between leaves no operation and no claimed
+        request id, so a retry makes the job once."""
         self.table.check_operation(kind, job)
         stage = self.table.plan(job).first(job)
+        earlier = self.operations.find_request(request_id, self.tenant)
+        if earlier is not None:
+            return earlier
         if self.max_queued_tasks:
             queued, adding = self.queue.depth(stage), self.table.tasks(job, stage)
             if queued + adding > self.max_queued_tasks:
@@ -103,30 +127,78 @@ class JobSystem:
                     f"the {stage} queue holds {queued} tasks; the limit is {self.max_queued_tasks} "
                     "(INFLUENCE_MAX_QUEUED_TASKS): try again later"
                 )
-        record, created = self.operations.create(
-            kind, {"kind": kind, "target": target}, request_id, tenant=self.tenant, quota=self.max_queued_operations
-        )
-        if not created:
-            return record
-        job_id = record["id"]
-        if isinstance(upload, Path):
-            self.store.put_file(layout.job_upload(job_id), upload)
-        elif upload is not None:
-            self.store.put_bytes(layout.job_upload(job_id), upload)
-        self.store.put_bytes(layout.job_spec(job_id), encode_job(job))
-        self.operations.start(job_id, stage, self.table.tasks(job, stage))
-        for _, payload in self.stage_tasks(job_id, job, stage):
-            self.queue.enqueue(stage, payload)
-        return self.operations.get(job_id)
+        job_id = new_operation_id()
+        submission = self.operations.begin_submission(self.tenant, job_id)
+        try:
+            if isinstance(upload, Path):
+                self.store.put_file(layout.job_upload(job_id), upload)
+            elif upload is not None:
+                self.store.put_bytes(layout.job_upload(job_id), upload)
+            self.store.put_bytes(layout.job_spec(job_id), encode_job(job))
+            crash_point("submit:written")
+            record, created = self.operations.create(
+                kind,
+                {"kind": kind, "target": target},
+                request_id,
+                tenant=self.tenant,
+                quota=self.max_queued_operations,
+                operation_id=job_id,
+                stage=stage,
+                tasks=self.stage_tasks(job_id, job, stage),
+                submission=submission,
+            )
+            crash_point("submit:created")
+        except BaseException:
+            self._abandon(job_id, submission)
+            raise
+        if not created:  # a concurrent call with the same request id made its operation first
+            self._abandon(job_id, submission)
+        return record
+
+    def _abandon(self, job_id: str, submission: str) -> None:
+        """Delete the inputs of a submission that made no operation; when that cannot be done now
+        (Redis or the store away), its marker stays for `sweep_submissions`."""
+        try:
+            if self.operations.get(job_id) is None:  # else it was made after all (its reply was lost)
+                self.store.delete_prefix(layout.job_prefix(job_id))
+            self.operations.end_submission(submission)
+        except Exception as error:
+            log.warning("the inputs of abandoned submission %s stay for a sweep: %s", job_id, message_of(error))
+            with contextlib.suppress(Exception):
+                self.operations.keep_submission(submission)
+
+    def sweep_submissions(self) -> int:
+        """Delete the inputs of submissions begun over `submit_grace_seconds` ago that never made
+        their operation; how many. Each is taken by one sweeper; one whose inputs cannot be deleted
+        now is put back for a later sweep. A submission still running when swept is refused when it
+        tries to make its operation (and its caller retries)."""
+        swept = 0
+        for member, started in self.operations.take_abandoned_submissions(self.submit_grace_seconds):
+            tenant, job_id = member.split("/", 1)
+            try:
+                if self.operations.get(job_id) is None:
+                    tenant_store(self.store, tenant).delete_prefix(layout.job_prefix(job_id))
+                    swept += 1
+            except Exception as error:
+                log.warning("could not sweep abandoned submission %s: %s", job_id, message_of(error))
+                self.operations.keep_submission(member, started)
+        return swept
 
     def record_done(self, kind: str, response: bytes, *, request_id: str = "", target: str = "") -> dict:
         """An operation that is done at once with `response` (e.g. a dataset registered before):
         callers see the usual operation, without a job."""
         self.table.check_operation(kind)
-        record, created = self.operations.create(kind, {"kind": kind, "target": target}, request_id)
-        if created:
-            self.operations.succeed(record["id"], response)
-        return self.operations.get(record["id"])
+        record, _ = self.operations.create(
+            kind, {"kind": kind, "target": target}, request_id, tenant=self.tenant, response=response
+        )
+        return record
+
+
+def crash_point(name: str) -> None:
+    """Tests only: the process SIGKILLs itself here when INFLUENCE_TEST_CRASH_AT is `name` (to prove
+    what a server dying at exactly this point leaves behind)."""
+    if os.environ.get("INFLUENCE_TEST_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def tenant_store(store: ArtifactStore, tenant: str) -> ArtifactStore:
@@ -249,6 +321,7 @@ class Worker:
     # torch CPU threads for this worker's thread (None: every available core). Several workers
     # in one process should split the cores (see `threads_per_worker`).
     torch_threads: int | None = None
+    _next_sweep: float = field(default=0.0, init=False)  # when to sweep abandoned submissions next
 
     def __post_init__(self):
         self.kinds = self.system.table.check_kinds(self.kinds or self.system.table.kinds)
@@ -292,7 +365,8 @@ class Worker:
 
     def run_once(self, block_ms: int = 500) -> bool:
         """Run the next task if one comes within `block_ms`; True if one ran. Either way, release
-        the capture caches of jobs that have ended. A worker that is not serving takes none."""
+        the capture caches of jobs that have ended, and now and then sweep abandoned submissions. A
+        worker that is not serving takes none."""
         if self.not_serving:
             return False
         task = self.system.queue.take(self.kinds, self.consumer, block_ms)
@@ -301,6 +375,10 @@ class Worker:
             outcome = self.handle(task)
             metrics.TASK_SECONDS.labels(task.kind, outcome).observe(time.perf_counter() - started)
         self.release_ended_caches()
+        if time.monotonic() >= self._next_sweep:  # at most every minute (half the grace, if shorter)
+            self._next_sweep = time.monotonic() + min(60.0, self.system.submit_grace_seconds / 2)
+            if swept := self.system.sweep_submissions():
+                log.info("deleted the inputs of %d abandoned submissions", swept)
         return task is not None
 
     def release_ended_caches(self) -> None:
@@ -327,10 +405,12 @@ class Worker:
         where = f"{payload.stage} task (shard {payload.shard})"
         task_name = f"{payload.stage}/{payload.shard}"
         if task.deliveries > queue.max_deliveries:
-            cause = operations.last_error(payload.operation, task_name) or "the worker running it was lost"
-            message = f"{where} failed {task.deliveries - 1} times; last error: {cause}"
-            queue.dead_letter(task, message)
-            operations.fail(payload.operation, code_pb2.ABORTED, message)
+            failed = f"{where} failed {task.deliveries - 1} times; last error: "
+            lost = "the worker running it was lost"
+            # the full cause for the operator (the dead-letter stream), what a caller may read for the operation
+            queue.dead_letter(task, failed + (operations.last_error(payload.operation, task_name) or lost))
+            told = operations.caller_error(payload.operation, task_name) or lost
+            operations.fail(payload.operation, code_pb2.ABORTED, failed + told)
             self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=self._target(record))
             return "dead_lettered"
         # the task reads and writes its operation's tenant's part of the store, nothing else
@@ -388,7 +468,7 @@ class Worker:
             queue.ack(task)
             return "skipped"
         if isinstance(error, DomainError) and error.callers_fault:
-            operations.fail(payload.operation, code_pb2.Code.Value(code_of(error)), f"{where}: {error}")
+            operations.fail(payload.operation, code_pb2.Code.Value(code_of(error)), f"{where}: {caller_message(error)}")
             queue.ack(task)
             self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=target)
             return "failed"
@@ -397,7 +477,8 @@ class Worker:
         else:  # a bug: the traceback belongs in the log
             log.exception("%s of %s failed", where, payload.operation)
         try:
-            operations.note_error(payload.operation, task_name, f"{type(error).__name__}: {message_of(error)}")
+            detail = f"{type(error).__name__}: {message_of(error)}"  # the operator's: the dead-letter stream
+            operations.note_error(payload.operation, task_name, detail, caller_message(error))
             queue.release(task, self.consumer, queue.retry_backoff(task.deliveries))
         except Exception as unreachable:  # Redis away too: the task stays pending, reclaimed after its lease
             log.warning("could not release %s of %s: %s", where, payload.operation, unreachable)

@@ -121,6 +121,8 @@ def test_gpu_pools_get_gpus_tolerations_affinity_the_cuda_image_and_device():
         "$(POD_NAME)",
         "--metrics-port",
         "9090",
+        "--metrics-host",
+        "0.0.0.0",  # Prometheus scrapes the pod: explicit, as a worker's default is loopback
     ]
     assert container["image"] == "registry.example.com/influence:1.2.3-cuda"
     assert container["livenessProbe"]["exec"]["command"][0] == "python"

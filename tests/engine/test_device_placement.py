@@ -465,9 +465,9 @@ KERNEL_CASES = {
 
 # Reads values: cannot run on fake tensors; kept outside the kernels; covered by CPU runs.
 VALUE_READING = {
-    "finite.is_finite": "bool(isfinite().all()): every check of finite.py (tests/test_non_finite.py)",
-    "finite.require_finite": "raises naming what it checked (tests/test_non_finite.py)",
-    "finite.first_non_finite": "which sequence or module is non-finite (tests/test_non_finite.py)",
+    "finite.is_finite": "bool(isfinite().all()): every check of finite.py (tests/services/cli/test_non_finite.py)",
+    "finite.require_finite": "raises naming what it checked (tests/services/cli/test_non_finite.py)",
+    "finite.first_non_finite": "which sequence or module is non-finite (tests/services/cli/test_non_finite.py)",
     "precondition.Damping.value": "λ = factor × mean Λ, read on the host when a Preconditioner is prepared",
     "precondition.preconditioner": "λ and the singular check on the host, before placement (test_engine_exact)",
     "correction.sequence_tokens": "int(token_mask.sum()): the tokens a correction pass saw",
@@ -481,7 +481,7 @@ VALUE_READING = {
 }
 
 # A step's entry: places what it is handed, then calls the kernels above; covered by the CPU runs
-# of the stages that call it (tests/test_system.py, test_index.py, test_engine_*.py).
+# of the stages that call it (tests/services/system/test_system.py, test_index.py, test_engine_*.py).
 STEPS = {
     "score.Scorer.__init__": "the model's device; the factors placed as preconditioners (once)",
     "score.Scorer.prepare_gradients": "precondition, require_finite, low_rank, plan_module_queries",

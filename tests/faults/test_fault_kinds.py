@@ -9,8 +9,8 @@ per kind. The doomed worker is a separate process (tests/support/doomed_worker.p
 itself SIGKILL there: nothing after it runs (no acknowledgement, no release, no recorded error,
 no finally block), its heartbeat stops, the task stays pending under the dead consumer until
 its lease expires and the surviving worker reclaims it, and the dead worker's caches go with
-it. (tests/test_system.py SIGKILLs a whole worker process from outside during a fit;
-tests/test_fault_restarts.py kills the API server and Redis.)
+it. (tests/services/system/test_system.py SIGKILLs a whole worker process from outside during a fit;
+tests/faults/test_fault_restarts.py kills the API server and Redis.)
 
 Every artifact's files (sha256 by name), and every streamed block, must equal the undisturbed run's.
 """

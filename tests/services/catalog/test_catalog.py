@@ -206,9 +206,9 @@ def test_the_worker_cache_is_filled_by_publishing_and_read_through_one_function(
     store.delete_prefix("factors/f1/")  # only the cache can answer now
     assert factor_sets.load_cached(cache, store, "f1").strategy == factor_set.strategy
     examples = random_examples(4)
-    writer = DatasetWriter(store, "d1")
+    writer = DatasetWriter(store, "d1", cache)
     writer.add_shard(tokenize_training(IntTokenizer(), examples, 16), examples)
-    writer.publish(DatasetInfo("d1", 4, 1, 4, 16, 20), cache)
+    writer.publish(DatasetInfo("d1", 4, 1, 4, 16, 20))
     store.delete_prefix("datasets/d1/")
     assert len(datasets.shard_sequences(cache, store, "d1", 0)) == 4
     assert [s.index for s in datasets.shard_sequences(cache, store, "d1", 0, limit=2)] == [0, 1]

@@ -123,7 +123,7 @@ def test_an_interrupt_while_a_job_is_being_created_is_held_until_the_job_is_name
     cluster = Cluster(redis_server.url, s3_server.url(f"b{uuid.uuid4().hex[:10]}"), workers=0)
     try:
         client = cluster.client
-        dataset_operation = client.gradients.RegisterDataset
+        dataset_operation = client.gradients.UploadDataset  # register_dataset uploads in chunks
         started = []
 
         def interrupted_in_flight(request, **kwargs):
@@ -131,7 +131,7 @@ def test_an_interrupt_while_a_job_is_being_created_is_held_until_the_job_is_name
             started.append(dataset_operation(request, **kwargs))
             return started[-1]
 
-        client.gradients.RegisterDataset = interrupted_in_flight
+        client.gradients.UploadDataset = interrupted_in_flight
         with pytest.raises(KeyboardInterrupt):
             client.register_dataset(str(tmp_path / "model"), tmp_path / "train.jsonl")
         assert len(started) == 1, "the interrupt cut the create call short"

@@ -289,7 +289,7 @@ password (in-chart, expanded into the URL by the kubelet), and the S3 keys when 
 `influence serve`). Not in the ConfigMap, so changing a limit rolls the API pods only; `int64`
 keeps large values out of float notation. */}}
 {{- define "influence.limitsEnv" -}}
-{{- $names := dict "maxUploadBytes" "INFLUENCE_MAX_UPLOAD_BYTES" "maxQueries" "INFLUENCE_MAX_QUERIES" "maxQueryChars" "INFLUENCE_MAX_QUERY_CHARS" "maxTopK" "INFLUENCE_MAX_TOP_K" "maxDatasetSequences" "INFLUENCE_MAX_DATASET_SEQUENCES" }}
+{{- $names := dict "maxMessageBytes" "INFLUENCE_MAX_MESSAGE_BYTES" "maxStreamsPerTenant" "INFLUENCE_MAX_STREAMS_PER_TENANT" "maxUnauthenticatedStreams" "INFLUENCE_MAX_UNAUTHENTICATED_STREAMS" "maxUploadBytes" "INFLUENCE_MAX_UPLOAD_BYTES" "maxQueries" "INFLUENCE_MAX_QUERIES" "maxQueryChars" "INFLUENCE_MAX_QUERY_CHARS" "maxTopK" "INFLUENCE_MAX_TOP_K" "maxDatasetSequences" "INFLUENCE_MAX_DATASET_SEQUENCES" }}
 {{- range $key := keys $names | sortAlpha }}
 - name: {{ index $names $key }}
   value: {{ index $.Values.limits $key | int64 | quote }}

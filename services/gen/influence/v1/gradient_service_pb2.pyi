@@ -172,6 +172,14 @@ class RegisterDatasetRequest(_message.Message):
     uri: str
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., display_name: _Optional[str] = ..., jsonl: _Optional[bytes] = ..., shard_size: _Optional[int] = ..., max_length: _Optional[int] = ..., uri: _Optional[str] = ...) -> None: ...
 
+class UploadDatasetRequest(_message.Message):
+    __slots__ = ("request", "data")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    request: RegisterDatasetRequest
+    data: bytes
+    def __init__(self, request: _Optional[_Union[RegisterDatasetRequest, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class GetDatasetRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,11 @@ class GradientServiceStub:
                 request_serializer=influence_dot_v1_dot_gradient__service__pb2.RegisterDatasetRequest.SerializeToString,
                 response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
+        self.UploadDataset = channel.stream_unary(
+                '/influence.v1.GradientService/UploadDataset',
+                request_serializer=influence_dot_v1_dot_gradient__service__pb2.UploadDatasetRequest.SerializeToString,
+                response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
         self.GetDataset = channel.unary_unary(
                 '/influence.v1.GradientService/GetDataset',
                 request_serializer=influence_dot_v1_dot_gradient__service__pb2.GetDatasetRequest.SerializeToString,
@@ -116,6 +121,17 @@ class GradientServiceServicer:
     def RegisterDataset(self, request, context):
         """Tokenises JSONL ({"id": optional, "text": ...} per line), sent in the request or read by the
         workers from a URI (file:// or s3://), with the model's tokenizer and writes shards.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadDataset(self, request_iterator, context):
+        """RegisterDataset with the JSONL's bytes sent as a stream, for a file of any size up to the
+        server's upload limit: first a message with `request` (RegisterDatasetRequest's settings, its
+        `jsonl` and `uri` empty), then the file's bytes in `data` messages, in order, each at most the
+        server's message limit (1 MiB is what the client sends). The server refuses an upload as soon as
+        it passes the limit, and reads nothing of a caller it refuses.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -213,6 +229,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     request_deserializer=influence_dot_v1_dot_gradient__service__pb2.RegisterDatasetRequest.FromString,
                     response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
             ),
+            'UploadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDataset,
+                    request_deserializer=influence_dot_v1_dot_gradient__service__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
             'GetDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDataset,
                     request_deserializer=influence_dot_v1_dot_gradient__service__pb2.GetDatasetRequest.FromString,
@@ -303,6 +324,33 @@ class GradientService:
             target,
             '/influence.v1.GradientService/RegisterDataset',
             influence_dot_v1_dot_gradient__service__pb2.RegisterDatasetRequest.SerializeToString,
+            google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/influence.v1.GradientService/UploadDataset',
+            influence_dot_v1_dot_gradient__service__pb2.UploadDatasetRequest.SerializeToString,
             google_dot_longrunning_dot_operations__pb2.Operation.FromString,
             options,
             channel_credentials,
