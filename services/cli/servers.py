@@ -151,6 +151,14 @@ def add_worker_flags(parser: argparse.ArgumentParser) -> None:
             "(env INFLUENCE_DEVICE; default: cuda if available, else cpu)",
         ),
         Flag(
+            "--drain-seconds",
+            type=float,
+            default=from_env("INFLUENCE_DRAIN_SECONDS", "0"),
+            help="on SIGTERM take no further task and let the running one finish for this long, then hand "
+            "its lease back and exit (env INFLUENCE_DRAIN_SECONDS; 0: finish however long it takes). "
+            "Set below the pod's termination grace period",
+        ),
+        Flag(
             "--until-done",
             default="",
             metavar="OPERATION",
@@ -251,7 +259,7 @@ def run_worker(args) -> int:
             context=_worker_context(args, system),
         )
         with _metrics(args, system, shared_state=False, health=lambda: worker.not_serving):
-            signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
+            signal.signal(signal.SIGTERM, lambda *_: worker.drain(args.drain_seconds, then=_exit_now))
             if args.until_done:
                 stop_when_ended(system, args.until_done.removeprefix("operations/"), worker.stop)
             if worker.not_serving:
@@ -260,6 +268,15 @@ def run_worker(args) -> int:
                 print(f"influence: worker {worker.consumer} taking {','.join(kinds)}", flush=True)
             worker.run_forever()
     return 0
+
+
+def _exit_now() -> None:
+    """A drained worker's exit, from its drain thread while the main thread still runs the task it
+    handed back: the task's result would be discarded anyway (another worker has it)."""
+    import logging
+
+    logging.shutdown()
+    os._exit(0)
 
 
 def stop_when_ended(system, operation: str, stop, every: float = 2.0) -> None:

@@ -17,6 +17,7 @@ and concurrent workers (a Lua script makes the check-and-mark atomic).
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ import redis
 from ..errors import QueueUnavailable, ResourceExhaustedError, UnavailableError
 from ..wire import DEFAULT_TENANT
 from .connection import redis_unavailable
+
+log = logging.getLogger("influence.jobs")
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = {SUCCEEDED, FAILED, CANCELLED}
@@ -150,6 +153,32 @@ class OperationStore:
         self._report = client.register_script(_REPORT)
         self._create = client.register_script(_CREATE)
         self.submissions = f"{prefix}:submitting"  # submissions whose operation is not created yet
+        self._marker: bytes | None = None  # the data marker this process saw last (check_data)
+        self.data_lost_at: float | None = None  # wall time this process noticed Redis had lost its data
+
+    def check_data(self) -> None:
+        """Notice a Redis that lost its data since this process last looked (a restart without
+        persistence, a failover to an empty replica): the processes sharing the prefix share one
+        marker key, made by whichever looks first; when the one this process saw is gone or
+        replaced, every record went with it, and `data_lost_at` says when that was noticed (what a
+        caller asking for a lost operation is told). The API servers' health probe calls it."""
+        key = f"{self.prefix}:data-marker"
+        pipe = self.client.pipeline()
+        pipe.set(key, uuid.uuid4().hex, nx=True)
+        pipe.get(key)
+        _, current = pipe.execute()
+        if self._marker is not None and current != self._marker:
+            self.data_lost_at = time.time()
+            log.error("Redis lost its data (restarted without persistence?): every operation record is gone")
+        self._marker = current
+
+    def lost_data(self) -> str:
+        """A sentence for a caller whose operation is not found, when Redis lost its data since
+        this process started ("" if not)."""
+        if self.data_lost_at is None:
+            return ""
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.data_lost_at))
+        return f"; Redis lost its data at about {when}, and the records of the operations it held: submit the job again"
 
     def _key(self, operation_id: str) -> str:
         return f"{self.prefix}:op:{operation_id}"
@@ -277,7 +306,16 @@ class OperationStore:
             return None
         record = {key.decode(): value for key, value in raw.items()}
         for key in (
-            "id", "kind", "state", "request_id", "error_message", "stage", "last_error", "step", "step_unit", "tenant"
+            "id",
+            "kind",
+            "state",
+            "request_id",
+            "error_message",
+            "stage",
+            "last_error",
+            "step",
+            "step_unit",
+            "tenant",
         ):
             if key in record:
                 record[key] = record[key].decode()

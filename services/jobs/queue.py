@@ -5,12 +5,19 @@ Delivery is at-least-once:
   XAUTOCLAIM (min idle = lease); both count a delivery (XPENDING's times-delivered);
 - while the handler runs, a heartbeat thread renews the lease with XCLAIM ... JUSTID, which
   resets the idle time without counting a delivery;
-- the task is acknowledged (XACK, then XDEL) only after its handler returned, so a worker that
-  dies mid-task leaves it pending, and another worker reclaims it after the lease;
+- the task is acknowledged only after its handler returned, so a worker that dies mid-task leaves
+  it pending, and another worker reclaims it after the lease. Acknowledging trims the stream up to
+  its oldest entry still pending (XACK, then XTRIM MINID, in one script), never XDEL: a deletion
+  behind the group's last delivered entry makes Redis 7 report the group's `lag` as NULL, and the
+  group's lag (waiting) and pending count (running) are what autoscalers read (KEDA's
+  redis-streams `lagCount` and `pendingEntriesCount`, `stats` here);
 - a task whose handler failed is released (`release`: XCLAIM ... IDLE, which backdates its idle
   time) so that it becomes reclaimable after a short backoff instead of a whole lease;
 - after `max_deliveries` the task is moved to the kind's dead-letter stream with its cause.
 Payloads are bytes (serialised protobuf TaskPayload messages); never pickle.
+A Redis that lost its data (restarted without persistence, failed over to an empty replica) has
+no consumer groups: every call that names the group recreates it on NOGROUP (from the stream's
+start, so tasks enqueued since are taken) and retries once.
 """
 
 from __future__ import annotations
@@ -29,6 +36,27 @@ from .connection import redis_unavailable
 
 log = logging.getLogger("influence.jobs")
 GROUP = "workers"
+
+# Acknowledge one task (and, with a dead-letter stream, move it there first), then trim the stream
+# to its oldest entry still pending: every entry before that one was delivered and acknowledged.
+# With nothing pending, the entries up to the acknowledged one go (later ones may wait). XTRIM
+# leaves no tombstone, so the group's lag stays defined (XDEL would make it NULL).
+# KEYS: stream, dead-letter stream or ""; ARGV: group, id, and for a dead letter payload, cause.
+ACK_AND_TRIM = """
+if KEYS[2] ~= '' then
+  redis.call('XADD', KEYS[2], '*', 'payload', ARGV[3], 'cause', ARGV[4], 'message_id', ARGV[2])
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])
+local floor
+if tonumber(pending[1]) > 0 then
+  floor = pending[2]
+else
+  local ms, seq = string.match(ARGV[2], '^(%d+)-(%d+)$')
+  floor = ms .. '-' .. (tonumber(seq) + 1)
+end
+redis.call('XTRIM', KEYS[1], 'MINID', floor)
+"""
 
 
 @dataclass
@@ -102,6 +130,26 @@ class TaskQueue:
                 raise
         self._groups.add(kind)
 
+    def ensure_groups(self, kinds: list[str]) -> None:
+        """Make sure every kind's stream and group exist, asking Redis (not this queue's memory of
+        having made them): the health probe's check that the queue can work, and its repair after
+        Redis lost its data. Raises what Redis raises (e.g. READONLY on a replica)."""
+        for kind in kinds:
+            self._groups.discard(kind)
+            self._ensure_group(kind)
+
+    def _regrouping(self, kinds: list[str], call):
+        """`call()`, and once more after recreating the groups of `kinds` if Redis answered
+        NOGROUP (it lost its data since the groups were made)."""
+        try:
+            return call()
+        except redis.ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            log.warning("the consumer groups of %s were gone (Redis lost its data?): recreated", ",".join(kinds))
+            self.ensure_groups(kinds)
+            return call()
+
     def enqueue(self, kind: str, payload: bytes) -> str:
         """Append a task; it is durable in Redis when this returns."""
         try:
@@ -115,6 +163,9 @@ class TaskQueue:
 
         Expired leases are looked for at most every lease/4 (≤ 1 s) while none is found: a lease
         takes `lease` to expire anyway, and the scan costs a round trip per kind."""
+        return self._regrouping(kinds, lambda: self._take(kinds, consumer, block_ms))
+
+    def _take(self, kinds: list[str], consumer: str, block_ms: int) -> Task | None:
         if self.clock.now() >= self._next_reclaim_scan.get(tuple(kinds), 0.0):
             for kind in kinds:
                 self._ensure_group(kind)
@@ -168,14 +219,21 @@ class TaskQueue:
         return Task(kind, message_id, fields[b"payload"], deliveries)
 
     def renew(self, task: Task, consumer: str) -> None:
-        """Reset the task's idle time (its lease) without counting a delivery."""
+        """Reset the task's idle time (its lease) without counting a delivery. (A group recreated
+        after Redis lost its data holds no lease to renew: the task reaches the new group as a new
+        delivery, if it is still in the stream.)"""
         self.client.xclaim(self.stream(task.kind), GROUP, consumer, 0, [task.message_id], justid=True)
 
     def release(self, task: Task, consumer: str, after_seconds: float) -> None:
         """Make a task this consumer holds reclaimable `after_seconds` from now (at most a lease),
         without counting a delivery: its idle time is set to lease - after_seconds."""
         idle = max(0, self.lease_ms - int(after_seconds * 1000))
-        self.client.xclaim(self.stream(task.kind), GROUP, consumer, 0, [task.message_id], idle=idle, justid=True)
+        self._regrouping(
+            [task.kind],
+            lambda: self.client.xclaim(
+                self.stream(task.kind), GROUP, consumer, 0, [task.message_id], idle=idle, justid=True
+            ),
+        )
 
     def retry_backoff(self, deliveries: int) -> float:
         """Seconds before a failed task is offered again: 1 s after its first delivery, doubling
@@ -183,45 +241,55 @@ class TaskQueue:
         return min(self.lease_ms / 1000, 2.0 ** max(0, deliveries - 1))
 
     def ack(self, task: Task) -> None:
-        pipe = self.client.pipeline()
-        pipe.xack(self.stream(task.kind), GROUP, task.message_id)
-        pipe.xdel(self.stream(task.kind), task.message_id)
-        pipe.execute()
+        """The task is done: out of the pending list, and out of the stream (ACK_AND_TRIM)."""
+        self._regrouping(
+            [task.kind], lambda: self.client.eval(ACK_AND_TRIM, 2, self.stream(task.kind), "", GROUP, task.message_id)
+        )
 
     def dead_letter(self, task: Task, cause: str) -> None:
         """Move the task to the dead-letter stream with its cause, and out of the live stream."""
-        pipe = self.client.pipeline()
-        pipe.xadd(self.dead_stream(task.kind), {"payload": task.payload, "cause": cause, "message_id": task.message_id})
-        pipe.xack(self.stream(task.kind), GROUP, task.message_id)
-        pipe.xdel(self.stream(task.kind), task.message_id)
-        pipe.execute()
+        self._regrouping([task.kind], lambda: self.client.eval(
+            ACK_AND_TRIM, 2, self.stream(task.kind), self.dead_stream(task.kind),
+            GROUP, task.message_id, task.payload, cause,
+        ))  # fmt: skip
 
     @redis_unavailable
     def depth(self, kind: str) -> int:
         """Tasks not yet acknowledged (waiting or running)."""
-        self._ensure_group(kind)
-        return int(self.client.xlen(self.stream(kind)))
+        stats = self.stats(kind)
+        return stats.waiting + stats.running
 
     def stats(self, kind: str) -> QueueStats:
-        """Waiting and running tasks of `kind`, the age of the oldest waiting one, dead letters."""
+        """Waiting and running tasks of `kind`, the age of the oldest waiting one, dead letters.
+
+        Waiting is the group's lag and running its pending count (XINFO GROUPS): the numbers KEDA's
+        redis-streams trigger reads (`lagCount`, `pendingEntriesCount`), so the chart's scaler and
+        this process's metrics agree. A Redis without lag (6.x: the embedded server) counts the
+        entries after the group's last delivered one instead."""
+        return self._regrouping([kind], lambda: self._stats(kind))
+
+    def _stats(self, kind: str) -> QueueStats:
         self._ensure_group(kind)
         stream = self.stream(kind)
         pipe = self.client.pipeline()
-        pipe.xlen(stream)
-        pipe.xpending(stream, GROUP)
         pipe.xinfo_groups(stream)
         pipe.xlen(self.dead_stream(kind))
-        length, pending, groups, dead = pipe.execute()
-        running = int(pending["pending"])
-        delivered = next((g["last-delivered-id"] for g in groups if g["name"] in (GROUP, GROUP.encode())), b"0-0")
+        groups, dead = pipe.execute()
+        group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
+        if group is None:  # the stream is there, its group is not: Redis lost its data meanwhile
+            raise redis.ResponseError(f"NOGROUP no group {GROUP} on {stream}")
+        delivered = group["last-delivered-id"]
         delivered = delivered.decode() if isinstance(delivered, bytes) else delivered
         oldest = self.client.xrange(stream, min=f"({delivered}", count=1)
+        waiting = group.get("lag")
+        if waiting is None:  # no lag on this Redis
+            waiting = len(self.client.xrange(stream, min=f"({delivered}")) if oldest else 0
         age = 0.0
         if oldest:
             enqueued_ms = int(oldest[0][0].decode().split("-")[0])
             age = max(0.0, time.time() - enqueued_ms / 1000)
         return QueueStats(
-            waiting=max(0, int(length) - running), running=running, oldest_waiting_seconds=age, dead_letters=int(dead)
+            waiting=int(waiting), running=int(group["pending"]), oldest_waiting_seconds=age, dead_letters=int(dead)
         )
 
     def dead_letters(self, kind: str) -> list[dict]:
@@ -258,6 +326,16 @@ class LeaseKeeper:
         finally:
             with self._lock:
                 self._task = None
+
+    def hand_back(self) -> Task | None:
+        """Stop renewing the held task and make it reclaimable now (a draining worker that cannot
+        finish it before it is killed): another worker takes it at once instead of a lease later.
+        The task, or None when none was held."""
+        with self._lock:
+            task, self._task = self._task, None
+        if task is not None:
+            self.queue.release(task, self.consumer, 0)
+        return task
 
     def _run(self) -> None:
         interval = max(self.queue.lease_ms / 3000, 0.05)

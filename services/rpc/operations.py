@@ -64,7 +64,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         """The caller's operation `name`: another tenant's is not found, exactly as a missing one."""
         record = self.operations.get(validation.operation_id(name))
         if record is None or record["tenant"] != current_tenant():
-            raise NotFoundError(f"operation {name!r} not found")
+            raise NotFoundError(f"operation {name!r} not found{self.operations.lost_data()}")
         return record
 
     @grpc_errors

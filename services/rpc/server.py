@@ -21,6 +21,11 @@ log = logging.getLogger("influence.server")
 # add(server) registers one servicer; name is its full service name (for health and reflection)
 Registration = tuple[str, Callable[[grpc.aio.Server], None]]
 
+# The health service name a liveness probe asks for: SERVING while the process answers at all,
+# whatever its dependencies (Redis or the store away makes the others NOT_SERVING: readiness). A
+# liveness probe on dependencies would restart every API pod during a Redis outage.
+LIVENESS = "liveness"
+
 # How many bytes of one call the server reads ahead of its handler (the HTTP/2 stream window). Fixed:
 # gRPC's BDP probing would grow it to tens of MiB per stream, and a flood of large requests (even
 # refused ones, until their refusal reaches the caller) would then sit in the server's buffers
@@ -37,8 +42,8 @@ def build_server(
     max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[grpc.aio.Server, Callable[[], None]]:
     """(server, stop_probe): an aio server with the registered services, health (overall and per
-    service) and reflection. Health is SERVING, or, with a `probe` (None when healthy, else the
-    reason: Redis or the store unreachable), follows the probe, run on a thread every
+    service, and LIVENESS: always SERVING) and reflection. Health is SERVING, or, with a `probe`
+    (None when healthy, else the reason: Redis or the store unreachable), follows the probe, run on a thread every
     `probe_seconds`; `stop_probe()` ends that loop (call it when the server stops).
     `interceptors`: e.g. rpc/door.py's Door. A message larger than `max_receive_bytes` (0: no limit)
     is refused with RESOURCE_EXHAUSTED by gRPC from its length prefix, before its body is received."""
@@ -64,7 +69,9 @@ def build_server(
 
 
 async def _keep_health(health_servicer, names: list[str], probe: Callable[[], str | None] | None, seconds: float):
-    """SERVING for every name, then (with a probe) whatever the probe says, every `seconds`."""
+    """SERVING for every name, then (with a probe) whatever the probe says, every `seconds`;
+    LIVENESS is SERVING throughout."""
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     for name in names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     serving = True

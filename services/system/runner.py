@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,11 +84,18 @@ class JobSystem:
         return dataclasses.replace(self, store=tenant_store(self.store, tenant), tenant=tenant)
 
     def unhealthy(self) -> str | None:
-        """Why the system cannot serve right now (Redis or the store unreachable), or None."""
+        """Why the system cannot serve right now (Redis unreachable or unable to hold the queue:
+        read-only, out of memory; the store unreachable), or None. Redis that lost its data is
+        noticed here (`OperationStore.check_data`) and its consumer groups made again."""
         try:
             self.queue.client.ping()
         except Exception as error:  # any failure to reach Redis is the answer, not an error here
             return f"Redis unreachable: {error}"
+        try:
+            self.operations.check_data()
+            self.queue.ensure_groups(self.table.kinds)
+        except Exception as error:
+            return f"Redis cannot hold the queue: {error}"
         try:
             self.store.exists("health-probe")
         except Exception as error:
@@ -322,6 +330,8 @@ class Worker:
     # in one process should split the cores (see `threads_per_worker`).
     torch_threads: int | None = None
     _next_sweep: float = field(default=0.0, init=False)  # when to sweep abandoned submissions next
+    # set when run_forever has returned (its task, if any, finished)
+    stopped: threading.Event = field(default_factory=threading.Event, init=False)
 
     def __post_init__(self):
         self.kinds = self.system.table.check_kinds(self.kinds or self.system.table.kinds)
@@ -343,6 +353,7 @@ class Worker:
             self.stop.wait()
             with contextlib.suppress(KeyError):  # another worker of this name removed it
                 metrics.WORKER_SERVING.remove(self.consumer, self.context.device)
+            self.stopped.set()
             return
         log.info("worker %s taking %s on %s", self.consumer, ",".join(self.kinds), self.context.device)
         serving.set(1)
@@ -362,6 +373,28 @@ class Worker:
             self._deleter.close()
             for job in self.context.captures.jobs():
                 self.context.captures.release_job(job)
+            self.stopped.set()
+
+    def drain(self, seconds: float, then: Callable[[], None]) -> None:
+        """Take no further task (a pod being stopped: SIGTERM); the running one may finish for
+        `seconds` (0: however long it takes). Past that, hand its lease back (another worker takes
+        it at once, rather than a lease after this one is killed) and call `then` (the process
+        exits). Returns at once."""
+        self.stop.set()
+        if seconds <= 0:
+            return
+
+        def deadline() -> None:
+            if self.stopped.wait(seconds):
+                return  # finished in time
+            task = self.lease.hand_back()
+            if task is not None:
+                log.warning(
+                    "worker %s draining: %s task %s handed back unfinished", self.consumer, task.kind, task.message_id
+                )
+            then()
+
+        threading.Thread(target=deadline, name="drain", daemon=True).start()
 
     def run_once(self, block_ms: int = 500) -> bool:
         """Run the next task if one comes within `block_ms`; True if one ran. Either way, release

@@ -14,6 +14,7 @@ import urllib.request
 
 import grpc
 import pytest
+import redis as redis_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cli import main
@@ -41,7 +42,9 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 
 @pytest.fixture()
-def observed_server(tmp_path):
+def observed_server(request, tmp_path):
+    """`influence serve` with one in-process worker (or as many as the test's indirect parameter says)."""
+    workers = getattr(request, "param", 1)
     redis = RedisServer().start()
     grpc_port, metrics_port = free_ports(2)
     log_path = tmp_path / "serve.log"
@@ -55,7 +58,17 @@ def observed_server(tmp_path):
     }
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1", "--state-dir", str(tmp_path / "s")],
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                *("--workers", str(workers)),
+                "--state-dir",
+                str(tmp_path / "s"),
+            ],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -80,6 +93,7 @@ def observed_server(tmp_path):
             "status": status,
             "redis": redis,
             "log": log_path,
+            "state": tmp_path / "s",
         }
     finally:
         channel.close()
@@ -100,15 +114,18 @@ def test_metrics_health_and_logs_follow_the_work_and_the_dependencies(observed_s
     arguments = ["--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl"), "--quiet"]
     assert main(["fit", "--server", server["target"], *arguments, "--out", str(tmp_path / "f")]) == 0
 
-    after = scrape(server["metrics_port"])
+    def succeeded_tasks(text: str) -> float:
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("influence_task_seconds_count") and 'outcome="succeeded"' in line
+        )
+
     # the server's own Redis, new to this test: the dataset's registration and the fit, one task each
+    # (a task's time is observed just after its operation ends: the CLI may return first)
+    wait_until(lambda: succeeded_tasks(scrape(server["metrics_port"])) == 2, 10, "both tasks observed")
+    after = scrape(server["metrics_port"])
     assert sample(after, "influence_operations", state="SUCCEEDED") == 2
-    ran = [
-        line
-        for line in after.splitlines()
-        if line.startswith("influence_task_seconds_count") and 'outcome="succeeded"' in line
-    ]
-    assert ran and sum(float(line.split()[-1]) for line in ran) == 2, after
     assert sample(after, "influence_store_bytes_total", backend="local", direction="written") > 0
     assert sample(after, "influence_store_bytes_total", backend="local", direction="read") > 0
 
@@ -122,3 +139,64 @@ def test_metrics_health_and_logs_follow_the_work_and_the_dependencies(observed_s
     warnings = [entry for entry in entries if entry["level"] == "warning" and "NOT_SERVING" in entry["message"]]
     assert warnings and "Redis unreachable" in warnings[0]["message"]
     assert {"time", "logger", "process", "thread"} <= set(warnings[0])
+
+
+def test_liveness_stays_serving_while_a_dependency_is_down(observed_server):
+    """Kubernetes' livenessProbe asks for the `liveness` service: the process, not Redis, so an
+    outage makes the pods unready but restarts none of them."""
+    server = observed_server
+    with grpc.insecure_channel(server["target"]) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def live() -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=2).status
+
+        assert live() == health_pb2.HealthCheckResponse.SERVING
+        server["redis"].stop()
+        try:
+            wait_until(lambda: server["status"]() == health_pb2.HealthCheckResponse.NOT_SERVING, 30, "NOT_SERVING")
+            assert live() == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            server["redis"].start()
+
+
+@pytest.mark.parametrize("observed_server", [0], indirect=True)  # the separate worker runs every task
+def test_redis_that_comes_back_empty_is_noticed_repaired_and_the_next_job_runs(observed_server, workspace, tmp_path):
+    """FLUSHALL under a running `influence serve` and a separate `influence worker` (what a Redis
+    restarted without persistence, or a failover to an empty replica, looks like): the consumer
+    groups come back (API and worker), /metrics answers, an operation whose record was lost is
+    NOT_FOUND saying so, and a new fit runs to completion through the worker."""
+    from services.client import InfluenceClient
+    from services.errors import NotFoundError
+
+    server = observed_server
+    env = {**os.environ, "INFLUENCE_REDIS_URL": server["redis"].url, "INFLUENCE_LOG_LEVEL": "info"}
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "worker", "--state-dir", str(server["state"])],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        arguments = ["--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl"), "--quiet"]
+        assert main(["fit", "--server", server["target"], *arguments, "--out", str(tmp_path / "before")]) == 0
+        with InfluenceClient(server["target"]) as client:
+            name = client.list_operations()[0].name
+        redis_client.Redis.from_url(server["redis"].url).flushall()
+        wait_until(lambda: "Redis lost its data" in server["log"].read_text(), 30, "the loss noticed")
+        assert sample(scrape(server["metrics_port"]), "influence_up", dependency="redis") == 1
+        assert server["status"]() == health_pb2.HealthCheckResponse.SERVING
+        with InfluenceClient(server["target"]) as client, pytest.raises(NotFoundError, match="lost its data"):
+            client.get_operation(name)
+        fit = subprocess.run(
+            [sys.executable, "-m", "services.cli", "fit", "--server", server["target"], *arguments,
+             "--out", str(tmp_path / "after")],
+            env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert fit.returncode == 0, fit.stderr + (tmp_path / "worker.log").read_text()
+        assert (tmp_path / "after" / "manifest.json").exists()
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(60)
