@@ -221,7 +221,7 @@ def run_serve(args) -> int:
         raise InputError(f"--role takes factor, gradient and/or query, got {args.role!r}")
     configure_logging(args.log_level, args.log_format)  # after every check: a refused serve changes nothing
     warn_if_exposed(args.host, authenticated=tokens is not None, encrypted=credentials is not None)
-    with _connect(args) as system, _metrics(args, system, shared_state=True):
+    with _connect(args) as system, _metrics(args, system, shared_state=True, health=system.unhealthy):
         system.max_queued_operations = args.max_queued_operations
         cores_each = threads_per_worker(args.workers)
         workers = [

@@ -108,7 +108,9 @@ class _Quiet(WSGIRequestHandler):
 class MetricsServer:
     """/metrics on `port` (0: a free one, see `.port`) until `close()`; with a system, its
     shared state too. With `health` (None when serving, else why not), GET /healthz answers 200
-    "SERVING" or 503 "NOT_SERVING: why": a worker's probe (it serves no gRPC health)."""
+    "SERVING" or 503 "NOT_SERVING: why" (readiness: a worker's, which serves no gRPC health, and a
+    TLS server's, whose gRPC health the kubelet cannot ask); GET /livez answers 200 while the process
+    does (liveness)."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", system=None, health: Callable[[], str | None] | None = None):
         self._state = SystemState(system) if system is not None else None
@@ -117,6 +119,9 @@ class MetricsServer:
         metrics_app = make_wsgi_app(REGISTRY)
 
         def app(environ, start_response):
+            if environ.get("PATH_INFO") == "/livez":  # the process answers: a liveness probe's question
+                start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
+                return [b"alive\n"]
             if environ.get("PATH_INFO") != "/healthz" or health is None:
                 return metrics_app(environ, start_response)
             problem = health()

@@ -15,6 +15,7 @@ import yaml
 
 from services.assembly import ROLES, STAGE_TABLE
 from services.jobs.queue import GROUP, TaskQueue
+from services.rpc.server import LIVENESS
 from services.wire import REQUEST_LIMITS
 from tests.support import ROOT
 from tests.support.helm import (
@@ -107,8 +108,13 @@ def test_gpu_pools_get_gpus_tolerations_affinity_the_cuda_image_and_device():
     )
     assert container["resources"]["requests"]["cpu"] == "8"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["tolerations"]
-    terms = gpu["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    assert terms == [{"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]}]
+    # GPU Feature Discovery's label is preferred, not required: plain GKE and EKS GPU nodes lack it, and the
+    # nvidia.com/gpu request already keeps the pods on GPU nodes
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in gpu["affinity"]["nodeAffinity"]
+    preferred = gpu["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred[0]["preference"] == {
+        "matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]
+    }
     assert gpu["nodeSelector"] == {"cloud.example.com/accelerator": "a100"}
     assert gpu["terminationGracePeriodSeconds"] == 900
     assert container["args"] == [
@@ -215,9 +221,14 @@ def test_services_use_grpc_probes_and_config_from_env():
         for component in components:
             template = pod(docs, component)
             container = template["spec"]["containers"][0]
-            for probe in ("readinessProbe", "livenessProbe"):
-                assert container[probe]["grpc"] == {"port": 50051}
-                assert container[probe]["periodSeconds"] == 10
+            # readiness asks for the dependencies (the server's overall health); liveness and
+            # startup for the process only (the `liveness` service): a Redis outage restarts nothing
+            assert container["readinessProbe"]["grpc"] == {"port": 50051}
+            for probe in ("livenessProbe", "startupProbe"):
+                assert container[probe]["grpc"] == {"port": 50051, "service": LIVENESS}
+            assert container["readinessProbe"]["periodSeconds"] == container["livenessProbe"]["periodSeconds"] == 10
+            startup = container["startupProbe"]
+            assert (startup["periodSeconds"], startup["failureThreshold"]) == (5, 60)
             roles = ",".join(ROLES) if component == "api" else component
             assert container["args"] == [
                 "serve", "--role", roles, "--host", "0.0.0.0", "--port", "50051", "--workers", "0",
@@ -446,13 +457,26 @@ def test_keda_scales_each_pool_on_its_kinds_streams_and_hpa_the_api():
         assert "replicas" not in deployment["spec"]  # KEDA's business
         args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         kinds = args[args.index("--kinds") + 1].split(",")
-        assert [trigger["metadata"]["stream"] for trigger in spec["triggers"]] == [queue.stream(k) for k in kinds]
+        # per kind the pool takes (its --kinds, from the same list in values): waiting and running tasks
+        streams = [queue.stream(k) for k in kinds for _ in range(2)]
+        assert [trigger["metadata"]["stream"] for trigger in spec["triggers"]] == streams
+        for waiting, running in zip(spec["triggers"][::2], spec["triggers"][1::2], strict=True):
+            assert (waiting["metadata"]["lagCount"], running["metadata"]["pendingEntriesCount"]) == ("2", "1")
+            assert "pendingEntriesCount" not in waiting["metadata"] and "lagCount" not in running["metadata"]
         for trigger in spec["triggers"]:
             assert trigger["type"] == "redis-streams"
             assert trigger["metadata"]["consumerGroup"] == GROUP
             assert trigger["metadata"]["address"] == "rel-influence-redis.default.svc:6379"
-            assert trigger["metadata"]["lagCount"] == "2"
             assert trigger["authenticationRef"] == {"name": "rel-influence-keda-redis"}
+        # scale-in waits 5 leases (queue.leaseSeconds 60); while the metric fails, replicas are kept
+        assert spec["cooldownPeriod"] == 300
+        assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"] == {
+            "stabilizationWindowSeconds": 300
+        }
+        assert spec["fallback"] == {"failureThreshold": 3, "replicas": 1, "behavior": "currentReplicasIfHigher"}
+        # a stopped worker lets its task run until 15 s before the grace period ends, then hands it back
+        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert env(deployment["spec"]["template"])["INFLUENCE_DRAIN_SECONDS"]["value"] == str(grace - 15)
     assert objects["rel-influence-worker-gpu"]["minReplicaCount"] == 0  # scale to zero
     assert objects["rel-influence-worker-gpu"]["maxReplicaCount"] == 8
     assert objects["rel-influence-worker-a100"]["minReplicaCount"] == 1
@@ -501,9 +525,13 @@ def test_service_monitor_network_policy_and_launcher_rbac():
     ]
     policies = {doc["metadata"]["name"]: doc["spec"] for doc in docs if doc["kind"] == "NetworkPolicy"}
     main = policies["rel-influence"]
+    release = {"app.kubernetes.io/name": "influence", "app.kubernetes.io/instance": "rel"}
+    own_pods = {"podSelector": {"matchLabels": release}}
     assert main["ingress"][0]["from"] == [
-        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "research"}}}
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "research"}}},
+        own_pods,  # the helm test pod
     ]
+    assert {"to": [own_pods], "ports": [{"port": 50051, "protocol": "TCP"}]} in main["egress"]
     assert main["ingress"][0]["ports"] == [{"port": 50051, "protocol": "TCP"}]
     assert {"port": 6379, "protocol": "TCP"} in main["egress"][1]["ports"]
     assert main["egress"][-1] == {

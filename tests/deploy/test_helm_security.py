@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.assembly import ROLES
 from tests.support.helm import env, get, pod, render, render_fails
 
 pytestmark = pytest.mark.needs_helm  # every test renders the chart
@@ -34,9 +35,13 @@ def test_tokens_and_tls_come_from_secrets_mounted_into_the_api_pods_only():
         assert volumes["auth-tokens"]["secret"]["items"] == [{"key": "tokens.txt", "path": "tokens.txt"}]
         assert volumes["tls"]["secret"]["secretName"] == "influence-tls"
         assert volumes["models"]["persistentVolumeClaim"] == {"claimName": "models"}
-        # the kubelet's gRPC probes cannot speak TLS: the port is probed instead
+        # the kubelet's gRPC probes cannot speak TLS: the metrics port's /healthz and /livez answer instead
+        # (without a metrics port, the gRPC port is probed by TCP)
         for probe in ("readinessProbe", "livenessProbe"):
-            assert container[probe]["tcpSocket"] == {"port": "grpc"} and "grpc" not in container[probe]
+            assert container[probe]["httpGet"]["port"] == "metrics" and "grpc" not in container[probe]
+    bare = render("secure.yaml", sets=tuple(f"services.{role}.metricsPort=0" for role in ("api", *ROLES)))
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert pod(bare, "api")["spec"]["containers"][0][probe]["tcpSocket"] == {"port": "grpc"}
     for worker in ("worker-gpu", "worker-cpu"):
         template = pod(docs, worker)
         assert not {"INFLUENCE_AUTH_TOKENS", "INFLUENCE_SERVE_TLS_KEY"} & set(env(template))

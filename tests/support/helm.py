@@ -32,8 +32,17 @@ def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def template_args(value_files: tuple[str, ...], sets: tuple[str, ...]) -> list[str]:
+# The APIs of a cluster with KEDA and prometheus-operator (the chart renders their resources only
+# where the cluster serves them, or where they are forced in values).
+CLUSTER_APIS = ("keda.sh/v1alpha1", "monitoring.coreos.com/v1")
+
+
+def template_args(
+    value_files: tuple[str, ...], sets: tuple[str, ...], apis: tuple[str, ...] = CLUSTER_APIS
+) -> list[str]:
     args = ["template", "rel", str(CHART)]
+    for api in apis:
+        args += ["--api-versions", api]
     for name in value_files:
         args += ["-f", str(CHART / "ci" / name)]
     for item in sets:
@@ -42,12 +51,13 @@ def template_args(value_files: tuple[str, ...], sets: tuple[str, ...]) -> list[s
 
 
 @cache
-def _render(value_files: tuple[str, ...], sets: tuple[str, ...]) -> tuple[dict, ...]:
-    return tuple(doc for doc in yaml.safe_load_all(helm(*template_args(value_files, sets)).stdout) if doc)
+def _render(value_files: tuple[str, ...], sets: tuple[str, ...], apis: tuple[str, ...]) -> tuple[dict, ...]:
+    return tuple(doc for doc in yaml.safe_load_all(helm(*template_args(value_files, sets, apis)).stdout) if doc)
 
 
-def render(*value_files: str, sets: tuple[str, ...] = ()) -> list[dict]:
-    return list(_render(value_files, sets))
+def render(*value_files: str, sets: tuple[str, ...] = (), apis: tuple[str, ...] = CLUSTER_APIS) -> list[dict]:
+    """The chart rendered with `value_files` (from ci/) and `--set` items, for a cluster serving `apis`."""
+    return list(_render(value_files, sets, apis))
 
 
 def render_fails(*sets: str, value_files: tuple[str, ...] = ("default.yaml",)) -> str:

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import grpc
@@ -27,6 +28,14 @@ pytestmark = [pytest.mark.needs_servers, pytest.mark.slow]  # a server of its ow
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return response.read().decode()
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:
@@ -156,6 +165,9 @@ def test_liveness_stays_serving_while_a_dependency_is_down(observed_server):
         try:
             wait_until(lambda: server["status"]() == health_pb2.HealthCheckResponse.NOT_SERVING, 30, "NOT_SERVING")
             assert live() == health_pb2.HealthCheckResponse.SERVING
+            # the same two questions over HTTP, for probes that cannot speak gRPC (TLS)
+            assert http_status(server["metrics_port"], "/livez") == 200
+            assert http_status(server["metrics_port"], "/healthz") == 503
         finally:
             server["redis"].start()
 

@@ -48,10 +48,70 @@ app.kubernetes.io/part-of: influence
 {{- end }}
 {{- end }}
 
-{{/* The image of a pod: the CPU image, or with `cuda: true` the CUDA one (tag + image.cudaTagSuffix). */}}
+{{/* The image of a pod: the CPU image, or with `cuda: true` the CUDA one (tag + image.cudaTagSuffix),
+pinned by digest when image.digest / image.cudaDigest is set (scripts/build-images.sh prints them);
+global.imageRegistry (a parent chart's) replaces the repository's registry. */}}
 {{- define "influence.image" -}}
-{{- $tag := .root.Values.image.tag | default .root.Chart.AppVersion }}
-{{- .root.Values.image.repository }}:{{ $tag }}{{ if .cuda }}{{ .root.Values.image.cudaTagSuffix }}{{ end }}
+{{- $image := .root.Values.image }}
+{{- $tag := $image.tag | default .root.Chart.AppVersion }}
+{{- $repository := include "influence.registry" (dict "root" .root "repository" $image.repository) }}
+{{- $digest := .cuda | default false | ternary $image.cudaDigest $image.digest }}
+{{- $repository }}:{{ $tag }}{{ if .cuda }}{{ $image.cudaTagSuffix }}{{ end }}{{ with $digest }}@{{ . }}{{ end }}
+{{- end }}
+
+{{/* `repository` under global.imageRegistry when a parent chart sets one (its first path part is
+replaced when it names a registry: one with a dot or a colon, or localhost). */}}
+{{- define "influence.registry" -}}
+{{- $registry := (default dict .root.Values.global).imageRegistry }}
+{{- if not $registry }}{{ .repository }}
+{{- else }}
+{{- $parts := splitList "/" .repository }}
+{{- $first := first $parts }}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}
+{{- printf "%s/%s" $registry (join "/" (rest $parts)) }}
+{{- else }}{{ printf "%s/%s" $registry .repository }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* imagePullSecrets of every pod: the chart's and a parent chart's global ones (names or {name}). */}}
+{{- define "influence.imagePullSecrets" -}}
+{{- $secrets := list }}
+{{- range $secret := concat .Values.imagePullSecrets (default list (default dict .Values.global).imagePullSecrets) }}
+{{- $entry := kindIs "string" $secret | ternary (dict "name" $secret) $secret }}
+{{- if not (has $entry $secrets) }}{{ $secrets = append $secrets $entry }}{{ end }}
+{{- end }}
+{{- with $secrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* How a pool autoscales: "keda", "hpa" or "" (not at all). engine auto: KEDA where the cluster
+(or `helm template --api-versions`) serves keda.sh/v1alpha1, else an HPA. */}}
+{{- define "influence.autoscaler" -}}
+{{- $auto := .spec.autoscaling }}
+{{- if $auto.enabled }}
+{{- if eq $auto.engine "auto" }}{{ .root.Capabilities.APIVersions.Has "keda.sh/v1alpha1" | ternary "keda" "hpa" }}
+{{- else }}{{ $auto.engine }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* A pool's scale-in wait (KEDA's cooldownPeriod and the HPA's scale-down window): its own, or 5 task leases. */}}
+{{- define "influence.cooldownSeconds" -}}
+{{- $cooldown := .spec.autoscaling.cooldownPeriod }}
+{{- if kindIs "invalid" $cooldown }}{{ mul 5 (int .root.Values.queue.leaseSeconds) }}{{ else }}{{ int $cooldown }}{{ end }}
+{{- end }}
+
+{{/* How long a SIGTERMed worker lets its task run before handing the lease back: the grace period
+less 15 s to hand it back and exit (0: the grace period is too short to wait at all). */}}
+{{- define "influence.drainSeconds" -}}
+{{- max 0 (sub (int .terminationGracePeriodSeconds) 15) }}
+{{- end }}
+
+{{- define "influence.grpcPorts" -}}
+{{- range $port := list .Values.services.api.port .Values.services.factor.port .Values.services.gradient.port .Values.services.query.port | uniq }}
+- {port: {{ $port }}, protocol: TCP}
+{{- end }}
 {{- end }}
 
 {{- define "influence.queuePrefix" -}}
@@ -211,7 +271,7 @@ tests/services/system/test_device_pools.py keeps this list equal to the stage ta
 {{- if and $pool.autoscaling.enabled (gt (int $pool.autoscaling.minReplicaCount) (int $pool.autoscaling.maxReplicaCount)) }}
 {{- $problems = append $problems (printf "workers.pools.%s.autoscaling: minReplicaCount above maxReplicaCount" $name) }}
 {{- end }}
-{{- if and $pool.autoscaling.enabled (not $redis.enabled) (not $.Values.workers.keda.address) }}
+{{- if and (eq (include "influence.autoscaler" (dict "root" $ "spec" $pool)) "keda") (not $redis.enabled) (not $.Values.workers.keda.address) }}
 {{- $problems = append $problems (printf "workers.keda.address: pool %s autoscales with KEDA on an external Redis: set its host:port (and passwordSecret if it has one)" $name) }}
 {{- end }}
 {{- end }}
@@ -414,6 +474,6 @@ key: password
 {{- define "influence.kedaAuth" -}}
 {{- $pools := include "influence.pools" . | fromYaml }}
 {{- $scaled := false }}
-{{- range $name, $pool := $pools }}{{ if $pool.autoscaling.enabled }}{{ $scaled = true }}{{ end }}{{ end }}
+{{- range $name, $pool := $pools }}{{ if eq (include "influence.autoscaler" (dict "root" $ "spec" $pool)) "keda" }}{{ $scaled = true }}{{ end }}{{ end }}
 {{- if and $scaled (or (include "influence.redisAuth" .) (and (not .Values.redis.enabled) .Values.workers.keda.passwordSecret.name)) }}true{{ end }}
 {{- end }}
