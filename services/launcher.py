@@ -62,9 +62,15 @@ def pool_deployment_name(release_fullname: str, pool: str) -> str:
     return f"{release_fullname}-worker-{pool}"[:63].rstrip("-")
 
 
-def job_manifest(deployment: dict, operation: str, workers: int, *, ttl_seconds: int = 3600) -> dict:
+def job_manifest(
+    deployment: dict, operation: str, workers: int, *, ttl_seconds: int = 3600, deadline_seconds: float = 86_400.0
+) -> dict:
     """The Indexed Job (a plain dict, as the API takes it) of `workers` pods cut from the pool's
-    Deployment `deployment` (a dict as the API returns it), each working until `operation` ends."""
+    Deployment `deployment` (a dict as the API returns it), each working until `operation` ends.
+    Bounded whatever happens to the launcher: Kubernetes ends the Job after `deadline_seconds`
+    (activeDeadlineSeconds), a pod index that keeps failing gives up after 2 retries of its own
+    (backoffLimitPerIndex; Kubernetes >= 1.29, ignored before), and the finished Job is deleted
+    `ttl_seconds` later."""
     if workers < 1:
         raise InputError(f"workers must be at least 1, got {workers}")
     operation_id = operation.removeprefix("operations/")
@@ -104,6 +110,8 @@ def job_manifest(deployment: dict, operation: str, workers: int, *, ttl_seconds:
             "completions": workers,
             "parallelism": workers,
             "backoffLimit": 2 * workers,
+            "backoffLimitPerIndex": 2,
+            "activeDeadlineSeconds": max(1, int(deadline_seconds)),
             "ttlSecondsAfterFinished": ttl_seconds,  # a safety net: the launcher deletes it itself
             "template": template,
         },
@@ -138,8 +146,8 @@ class Launcher:
         except HTTPError as error:
             raise UnavailableError(f"{what}: cannot reach the Kubernetes API: {error}") from None
 
-    def launch(self, deployment_name: str, operation: str, workers: int) -> str:
-        """Create the Job; returns its name."""
+    def launch(self, deployment_name: str, operation: str, workers: int, deadline_seconds: float = 86_400.0) -> str:
+        """Create the Job (ended by Kubernetes after `deadline_seconds`); returns its name."""
         # Raw JSON both ways (_preload_content=False): the pod template goes back as it came,
         # never through the client's typed models.
         response = self._api(
@@ -149,7 +157,7 @@ class Launcher:
             self.namespace,
             _preload_content=False,
         )
-        manifest = job_manifest(json.loads(response.data), operation, workers)
+        manifest = job_manifest(json.loads(response.data), operation, workers, deadline_seconds=deadline_seconds)
         self._api(
             f"creating Job {manifest['metadata']['name']}",
             self.batch.create_namespaced_job,
@@ -210,7 +218,7 @@ class Launcher:
 
     def run(self, deployment_name: str, operation: str, workers: int, timeout: float = 86_400.0) -> LaunchResult:
         """Launch, watch to the end, clean up (also when interrupted)."""
-        job = self.launch(deployment_name, operation, workers)
+        job = self.launch(deployment_name, operation, workers, timeout)
         try:
             outcome, succeeded, failed = self.wait(job, timeout)
         finally:

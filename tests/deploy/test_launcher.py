@@ -170,6 +170,9 @@ def test_launch_creates_an_indexed_job_of_the_pools_pods_watches_it_and_deletes_
     labels = template["metadata"]["labels"]
     assert labels["app.kubernetes.io/component"] == "launch-gpu"  # not the pool's: its PDB and Deployment ignore it
     assert labels["influence.io/operation"] == "0123456789abcdef"
+    # bounded by Kubernetes itself, whatever happens to the launcher: a deadline (the launcher's
+    # --timeout, a day by default) and a few retries per pod index
+    assert (spec["activeDeadlineSeconds"], spec["backoffLimitPerIndex"]) == (86_400, 2)
     assert fake.deleted == [(result.job, {"propagationPolicy": "Background"})]
     assert [method for method, _ in fake.requests] == ["GET", "POST", "GET", "DELETE"]
 
@@ -273,3 +276,26 @@ def test_the_chart_renders_the_launchers_least_privilege():
         {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"], "resourceNames": pools},
     ]
     assert pod(docs, "worker-gpu")["spec"]["serviceAccountName"] == "rel-influence"  # workers keep theirs
+
+
+@pytest.mark.needs_helm
+def test_the_in_cluster_launcher_manifest_is_a_bounded_job_of_the_charts_launcher_account():
+    """deploy/kubernetes/launcher-job.yaml: valid (strict), bounded, run as the ServiceAccount the
+    chart's launcher.rbac makes (for release RELEASE), with arguments the launcher accepts."""
+    from tests.support import ROOT
+
+    job = yaml.safe_load((ROOT / "deploy" / "kubernetes" / "launcher-job.yaml").read_text())
+    kubernetes_validate.validate(job, KUBERNETES, strict=True)
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] > 86_400 and spec["ttlSecondsAfterFinished"]
+    pod_spec = spec["template"]["spec"]
+    docs = render("everything.yaml", sets=("fullnameOverride=RELEASE-influence",))
+    [account] = [doc for doc in docs if doc["kind"] == "ServiceAccount" and "launcher" in doc["metadata"]["name"]]
+    assert pod_spec["serviceAccountName"] == account["metadata"]["name"]
+    container = pod_spec["containers"][0]
+    assert container["command"] == ["python", "-m", "services.launcher"]
+    timeout = next(arg for arg in container["args"] if arg.startswith("--timeout="))
+    assert spec["activeDeadlineSeconds"] > float(timeout.split("=")[1])
+    with pytest.raises(SystemExit) as parsed:  # every flag is the launcher's: only --help exits 0 here
+        main([*container["args"], "--help"])
+    assert parsed.value.code == 0
