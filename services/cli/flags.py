@@ -104,9 +104,20 @@ TLS_CERT = Flag(
     "--tls-cert", default=None, help="with --server: mutual TLS, this client certificate (env INFLUENCE_TLS_CERT)"
 )
 TLS_KEY = Flag("--tls-key", default=None, help="with --server: its private key (env INFLUENCE_TLS_KEY)")
-CLIENT_SECURITY = (TOKEN, TLS_CA, TLS_CERT, TLS_KEY)
+# split mode (the chart's per-role services): a service's own address, instead of --server's for it
+SERVICE_TARGETS = tuple(
+    Flag(
+        f"--{role}-server",
+        default="",
+        metavar="HOST:PORT",
+        help=f"with --server: the {role} service's own address when the services are deployed apart "
+        "(default: --server)",
+    )
+    for role in ("factor", "gradient", "query")
+)
+CLIENT_CONNECTION = (TOKEN, TLS_CA, TLS_CERT, TLS_KEY, *SERVICE_TARGETS)
 # a job through the system: where it runs, how its data is read, what it shows
-THROUGH_SYSTEM = (BATCH_SIZE, MAX_LENGTH, QUIET, JSON, SERVER, DETACH, *CLIENT_SECURITY, SHARD_SIZE)
+THROUGH_SYSTEM = (BATCH_SIZE, MAX_LENGTH, QUIET, JSON, SERVER, DETACH, *CLIENT_CONNECTION, SHARD_SIZE)
 
 
 def add_model_job_flags(parser) -> None:

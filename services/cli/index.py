@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..gen.influence.v1 import common_pb2
 from ..options import BATCH_SIZE, DIM, MAX_LENGTH, PROJECTION, RANK, SEED, SHARD_SIZE, STORAGE_DTYPE
 from .flags import (
-    CLIENT_SECURITY,
+    CLIENT_CONNECTION,
     DATA,
     DETACH,
     FACTORS,
@@ -66,7 +66,7 @@ def add_append_flags(parser) -> None:
         JSON,
         SERVER,
         DETACH,
-        *CLIENT_SECURITY,
+        *CLIENT_CONNECTION,
     )
 
 

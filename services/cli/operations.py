@@ -18,9 +18,9 @@ import sys
 from ..client import InfluenceClient, operation_metadata
 from ..errors import InputError
 from ..gen.influence.v1 import factor_service_pb2, gradient_service_pb2, query_service_pb2
-from .flags import CLIENT_SECURITY, DEPLOYED, JSON, QUIET, Flag, add
+from .flags import CLIENT_CONNECTION, DEPLOYED, JSON, QUIET, Flag, add
 from .progress import StageBars, phase_of
-from .running import client_security, done, log, out_dir, progress_for
+from .running import client_options, done, log, out_dir, progress_for
 
 CANCELLED = 1  # google.rpc.Code.CANCELLED
 
@@ -70,14 +70,14 @@ def add_operations_flags(parser) -> None:
         Flag("--follow", default="", metavar="NAME", help="follow operations/ID to its end"),
         QUIET,
         JSON,
-        *CLIENT_SECURITY,
+        *CLIENT_CONNECTION,
     )
 
 
 def run_operations(args) -> int:
     if not args.server:
         raise InputError("influence operations lists a deployed system's jobs: give --server HOST:PORT")
-    with InfluenceClient(args.server, **client_security(args)) as client:
+    with InfluenceClient(**client_options(args)) as client:
         if args.follow:
             name = args.follow if args.follow.startswith("operations/") else f"operations/{args.follow}"
             with progress_for(args) as bars:
@@ -103,7 +103,7 @@ def add_wait_flags(parser) -> None:
         Flag("--out", default="", help="download the factor set, result or index into this directory"),
         Flag("--cancel", action="store_true", help="cancel the operation instead of waiting"),
         QUIET,
-        *CLIENT_SECURITY,
+        *CLIENT_CONNECTION,
     )
 
 
@@ -114,7 +114,7 @@ def run_wait(args) -> int:
     if not args.operation.startswith("operations/"):
         raise InputError(f"expected an operation name 'operations/ID', got {args.operation!r}")
     out = out_dir(args.out) if args.out else None
-    with InfluenceClient(args.server, **client_security(args)) as client:
+    with InfluenceClient(**client_options(args)) as client:
         if args.cancel:
             client.cancel(args.operation)
             log(args, f"influence: cancelled {args.operation}")

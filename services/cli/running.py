@@ -46,9 +46,12 @@ def out_dir(path: str) -> Path:
     return out
 
 
-def client_security(args) -> dict:
-    """InfluenceClient's token and TLS options from the command's flags (None: the environment's)."""
-    return {name: getattr(args, name, None) for name in ("token", "tls_ca", "tls_cert", "tls_key")}
+def client_options(args) -> dict:
+    """InfluenceClient's targets (--server, and each service's own in split mode) and its token and
+    TLS options (None: the environment's) from the command's flags."""
+    targets = {f"{role}_target": getattr(args, f"{role}_server", "") for role in ("factor", "gradient", "query")}
+    security = {name: getattr(args, name, None) for name in ("token", "tls_ca", "tls_cert", "tls_key")}
+    return {"target": args.server, **targets, **security}
 
 
 def through_system(args, body: Callable[..., T]) -> T:
@@ -57,7 +60,7 @@ def through_system(args, body: Callable[..., T]) -> T:
     from ..client import InfluenceClient
 
     if args.server:
-        with InfluenceClient(args.server, **client_security(args)) as client:
+        with InfluenceClient(**client_options(args)) as client:
             client.on_operation = lambda name: _started(args, name)
             try:
                 return body(client)

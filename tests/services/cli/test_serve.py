@@ -150,3 +150,22 @@ def test_serve_stops_gracefully_on_sigterm(redis_server, s3_server, tmp_path):
         started = time.monotonic()
         assert process.wait(30) == 0
         assert time.monotonic() - started < 20
+
+
+@pytest.mark.slow
+def test_split_services_are_reached_through_per_service_targets(redis_server, s3_server, workspace, tmp_path):
+    """The chart's split mode: the factor service on one server, gradient and query on another,
+    one Redis and bucket. `--server` alone reaches no FactorService there; `--factor-server` does."""
+    import uuid
+
+    shared = {"INFLUENCE_STORE_URL": s3_server.url(f"split{uuid.uuid4().hex[:8]}"), "INFLUENCE_QUEUE_PREFIX": "split"}
+    factor_args, rest_args = ("--role", "factor"), ("--role", "gradient,query", "--workers", "0")
+    with (
+        serving(redis_server, s3_server, tmp_path / "factor", factor_args, env=shared) as (factor, _),
+        serving(redis_server, s3_server, tmp_path / "rest", rest_args, env=shared) as (rest, _),
+    ):
+        arguments = ["--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl"), "--quiet"]
+        assert main(["fit", "--server", rest, *arguments, "--out", str(tmp_path / "no")]) != 0
+        split = ["--server", rest, "--factor-server", factor]
+        assert main(["fit", *split, *arguments, "--out", str(tmp_path / "f")]) == 0
+        assert (tmp_path / "f" / "manifest.json").exists()
