@@ -42,9 +42,11 @@ from .query_svc.servicer import QueryServicer
 from .rpc.auth import TokenFile
 from .rpc.common import Limits
 from .rpc.door import Door
+from .rpc.observed import Observed
 from .rpc.operations import OperationsServicer
 from .rpc.server import build_server, serve_until_signalled
 from .storage import open_store
+from .system import metrics
 from .system.plans import StageTable
 from .system.runner import JobSystem
 
@@ -165,7 +167,7 @@ def make_server(
     server, stop_probe = build_server(
         registrations,
         probe=system.unhealthy,
-        interceptors=(Door(tokens, limits),),
+        interceptors=(Observed(metrics.observe_rpc), Door(tokens, limits)),
         max_receive_bytes=limits.max_message_bytes,
     )
 

@@ -1,6 +1,10 @@
 """Prometheus metrics, served over HTTP at /metrics (`influence serve|worker --metrics-port`).
 
 What this process did:
+    influence_rpc_seconds{method, code}          histogram: each gRPC call it answered (rate, errors,
+                                                 latency per method: rpc/observed.py)
+    influence_build_info{version, python, torch} 1: which build runs
+    process_*, python_*                          CPU, memory, open files, start time; the interpreter
     influence_task_seconds{kind, outcome}        histogram: wall time of each task it ran
                                                  (outcome: succeeded, failed, retry, cancelled,
                                                  dead_lettered, skipped)
@@ -23,7 +27,15 @@ import threading
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, make_wsgi_app
+from prometheus_client import (
+    CollectorRegistry,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    make_wsgi_app,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
@@ -37,6 +49,21 @@ TASK_SECONDS = Histogram(
     ["kind", "outcome"],
     registry=REGISTRY,
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+)
+
+RPC_SECONDS = Histogram(
+    "influence_rpc_seconds",
+    "Duration of the gRPC calls this server answered, by method and status code.",
+    ["method", "code"],
+    registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+BUILD_INFO = Gauge(
+    "influence_build_info",
+    "Always 1; the labels say which build runs: the package version, Python and torch.",
+    ["version", "python", "torch"],
+    registry=REGISTRY,
 )
 
 WORKER_SERVING = Gauge(
@@ -60,6 +87,29 @@ class StoreTraffic(Collector):
 
 
 REGISTRY.register(StoreTraffic())
+# the process: CPU seconds, resident memory, open files, start time (process_*), and Python's own
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+
+def observe_rpc(method: str, code: str, seconds: float) -> None:
+    """One answered call (rpc/observed.py's callback)."""
+    RPC_SECONDS.labels(method, code).observe(seconds)
+
+
+def record_build() -> None:
+    """Set influence_build_info once per process (torch's version read from its metadata: no import)."""
+    import platform
+    from importlib import metadata
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    BUILD_INFO.labels(version("influence-services"), platform.python_version(), version("torch")).set(1)
 
 
 class SystemState(Collector):
@@ -113,6 +163,7 @@ class MetricsServer:
     does (liveness)."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", system=None, health: Callable[[], str | None] | None = None):
+        record_build()
         self._state = SystemState(system) if system is not None else None
         if self._state is not None:
             REGISTRY.register(self._state)

@@ -133,8 +133,20 @@ def test_metrics_health_and_logs_follow_the_work_and_the_dependencies(observed_s
     # the server's own Redis, new to this test: the dataset's registration and the fit, one task each
     # (a task's time is observed just after its operation ends: the CLI may return first)
     wait_until(lambda: succeeded_tasks(scrape(server["metrics_port"])) == 2, 10, "both tasks observed")
+    from services.client import InfluenceClient
+    from services.errors import NotFoundError
+
+    with InfluenceClient(server["target"]) as client, pytest.raises(NotFoundError):
+        client.get_operation("operations/0123456789abcdef0123")
     after = scrape(server["metrics_port"])
     assert sample(after, "influence_operations", state="SUCCEEDED") == 2
+    # per method and status code: rate, errors, latency
+    fit = "/influence.v1.FactorService/FitFactors"
+    assert sample(after, "influence_rpc_seconds_count", method=fit, code="OK") == 1
+    missing = "/google.longrunning.Operations/GetOperation"
+    assert sample(after, "influence_rpc_seconds_count", method=missing, code="NOT_FOUND") == 1
+    assert sample(after, "process_resident_memory_bytes") > 0
+    assert sample(after, "influence_build_info", version="0.1.0") == 1
     assert sample(after, "influence_store_bytes_total", backend="local", direction="written") > 0
     assert sample(after, "influence_store_bytes_total", backend="local", direction="read") > 0
 
