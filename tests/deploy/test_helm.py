@@ -61,7 +61,7 @@ def test_the_ci_value_sets_render_everything_the_chart_can_make():
     assert kinds == {
         "ConfigMap", "Secret", "ServiceAccount", "Service", "Deployment", "StatefulSet", "Pod",
         "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy", "Role", "RoleBinding",
-        "ScaledObject", "TriggerAuthentication", "ServiceMonitor",
+        "ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule",
     }  # fmt: skip
 
 

@@ -190,3 +190,51 @@ def test_global_registry_pull_secrets_and_storage_class_and_digests_are_honoured
     assert redis["volumeClaimTemplates"][0]["spec"]["storageClassName"] == "fast-ssd"
     for doc in docs:
         validate(doc)
+
+
+def exported_metric_names(redis_url: str, store: str) -> set[str]:
+    """Every series name an API server's /metrics shows (after one call and one task were observed),
+    from a real MetricsServer over a real JobSystem."""
+    import re
+    import urllib.request
+
+    from services.assembly import connect
+    from services.system import metrics
+
+    with connect(redis_url, store) as system:
+        server = metrics.MetricsServer(0, system=system)
+        try:
+            metrics.observe_rpc("/influence.v1.FactorService/FitFactors", "OK", 0.1)
+            metrics.TASK_SECONDS.labels("covariance", "succeeded").observe(1.0)
+            metrics.WORKER_SERVING.labels("probe", "cpu").set(1)
+            system.store.put_bytes("probe", b"x")  # store traffic
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10) as response:
+                text = response.read().decode()
+        finally:
+            metrics.WORKER_SERVING.remove("probe", "cpu")
+            server.close()
+    return set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{| )", text, re.MULTILINE))
+
+
+def test_alerts_and_dashboard_render_valid_and_name_only_metrics_the_system_exports(redis_server, tmp_path):
+    import json
+    import re
+
+    docs = render("everything.yaml")
+    rule = get(docs, "PrometheusRule", "rel-influence")
+    validate(rule)
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    alerts = {entry["alert"]: entry for entry in rule["spec"]["groups"][0]["rules"]}
+    assert {
+        "InfluenceQueueStalled", "InfluenceDeadLetters", "InfluenceDependencyDown", "InfluenceWorkerNotServing",
+        "InfluenceErrorRate",
+    } == set(alerts)  # fmt: skip
+    assert "> 600" in alerts["InfluenceQueueStalled"]["expr"]
+    dashboard = json.loads(get(docs, "ConfigMap", "rel-influence-dashboard")["data"]["influence.json"])
+    assert get(docs, "ConfigMap", "rel-influence-dashboard")["metadata"]["labels"]["grafana_dashboard"] == "1"
+    expressions = [entry["expr"] for entry in alerts.values()]
+    expressions += [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    named = {name for expr in expressions for name in re.findall(r"\b((?:influence|process)_[a-z_]+)\b", expr)}
+    exported = exported_metric_names(redis_server.url, str(tmp_path / "store"))
+    assert named and named <= exported, f"not exported: {sorted(named - exported)}"
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
