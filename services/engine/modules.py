@@ -302,6 +302,7 @@ class Coverage:
             "mlp_left_out": list(self.mlp_left_out),
             "model_share": round(self.model_share, 6),
             "mlp_share": round(self.mlp_share, 6),
+            "summary": self.summary(),
         }
 
     def summary(self) -> str:
