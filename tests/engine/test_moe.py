@@ -215,3 +215,13 @@ def test_per_expert_ggn_is_exact_and_carries_the_gate(family):
         routed += 1
         assert_close(engine_ggn, exact, tolerance(family), f"{family} {name} GGN")
     assert routed == TOP_K_EXPERTS
+
+
+def test_a_fit_no_token_reached_an_expert_of_is_refused_naming_it():
+    """An expert the fit data never reached has no curvature to speak of: refused, not scored as zero."""
+    model, _ = float64_moe("mixtral")
+    with torch.no_grad():  # a zero router: every token goes to the same two experts (of 4, in 2 layers)
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.zero_()
+    with pytest.raises(InputError, match=r"no token of the fit data reached 8 of the 18 modules \(model\.layers\.0\."):
+        fit_factors(model, IntTokenizer(), random_examples(4, vocab=VOCAB, seed=2), FitConfig(batch_size=4))

@@ -117,7 +117,7 @@ MOE_FAMILIES = {
 }
 EXPERTS, TOP_K_EXPERTS = 4, 2
 
-# MLP module names of block 0, per family, in model order
+# MLP module names of one block (block 1 of a MoE family: DeepSeek-V3's block 0 is dense), per family, in model order
 MLP_NAMES = {
     "llama": ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"],
     "mistral": ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"],
@@ -125,6 +125,13 @@ MLP_NAMES = {
     "gpt2": ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"],
     "gpt_neox": ["gpt_neox.layers.0.mlp.dense_h_to_4h", "gpt_neox.layers.0.mlp.dense_4h_to_h"],
     "opt": ["model.decoder.layers.0.fc1", "model.decoder.layers.0.fc2"],
+    **{
+        family: [
+            f"model.layers.1.mlp.{'router' if family == 'gpt_oss' else 'gate'}",
+            *(f"model.layers.1.mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_up_proj", "down_proj")),
+        ]
+        for family in MOE_FAMILIES
+    },
 }
 
 
@@ -326,10 +333,12 @@ def build_family_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     config = _config(family, len(tokenizer), tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    with torch.no_grad():  # random biases and norms, so biases matter to the gradients
+    with torch.no_grad():  # random biases and norms, so biases matter to the gradients; routers that route
         for name, parameter in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln" in name:
                 parameter.add_(0.1 * torch.randn_like(parameter))
+            elif name.endswith(("mlp.gate.weight", "mlp.router.weight")) and parameter.dim() == 2:
+                parameter.normal_(0, 1.0)  # some families start their routers at zero: one fixed top-k
     model.eval()
     assert type(model).__name__ == known[family].model_class, type(model).__name__
     save_model_dir(model, tokenizer, out_dir)
