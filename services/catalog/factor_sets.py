@@ -78,6 +78,12 @@ class FactorSetInfo:
     def create_time(self) -> float | None:
         return self.provenance.get("create_time")
 
+    @property
+    def coverage(self) -> dict:
+        """What its modules cover of the model (engine modules.Coverage.to_dict; {} for a factor
+        set fitted before coverage was recorded)."""
+        return self.provenance.get("coverage", {})
+
     def tracked(self) -> dict[str, TrackedModule]:
         """Its modules as the engine tracks them."""
         return {name: module.tracked(name) for name, module in self.modules.items()}

@@ -128,7 +128,8 @@ def run_fit(args) -> int:
             return factor_set
 
         factor_set = through_system(args, fit)
-    timings = json.loads((out / "manifest.json").read_text())["metadata"].get("provenance", {}).get("timings") or {}
+    provenance = json.loads((out / "manifest.json").read_text())["metadata"].get("provenance", {})
+    timings, coverage = provenance.get("timings") or {}, provenance.get("coverage") or {}
     steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in timings.items())
     strategy = enum_word(factor_service_pb2.Strategy, factor_set.strategy)
     seconds = time.perf_counter() - started
@@ -137,7 +138,8 @@ def run_fit(args) -> int:
         f"fitted {strategy} factors for {len(factor_set.modules)} modules on {factor_set.num_sequences} "
         f"sequences ({factor_set.num_tokens} tokens) in {seconds:.1f}s"
         + (f" ({steps})" if steps else "")
-        + f" -> {out}",
+        + f" -> {out}"
+        + (f"\n{coverage['summary']}" if coverage else ""),
         factor_set=factor_set.name,
         strategy=strategy,
         modules=len(factor_set.modules),
@@ -145,6 +147,7 @@ def run_fit(args) -> int:
         tokens=factor_set.num_tokens,
         seconds=round(seconds, 3),
         out=str(out),
+        coverage=coverage,
     )
     return 0
 

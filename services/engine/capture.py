@@ -9,6 +9,12 @@ Layout of a `ModuleCapture` (B sequences, N token positions, N = T × calls):
     calls:      how many times the module ran in the forward pass (a shared module contributes
                 every call; its per-sequence gradient is Σ over all N positions)
 
+A mixture-of-experts expert (`modules.ExpertLinear`) sees only the tokens routed to it: its
+rows are scattered back to their token positions, the other positions hold a = s = 0 and are
+not in its token_mask (so its covariance averages over its routed tokens only); an expert no
+token of the batch was routed to captures zeros. A router's output is its logits (the first of
+the (logits, scores, indices) it returns).
+
 The per-sequence gradient of the objective w.r.t. the module's W ∈ R^{d_out × d_in_full} is
     DW_b = Σ_n s[b, n] a[b, n]ᵀ = s[b]ᵀ a[b].
 Only activation gradients are computed: `torch.autograd.grad` is asked for the module outputs,
@@ -32,7 +38,7 @@ import torch
 from torch import nn
 
 from .data import Batch
-from .modules import TrackedModule, describe
+from .modules import ExpertLinear, TrackedModule, describe
 
 
 @dataclass
@@ -136,7 +142,8 @@ class _Recorder:
 
     def __init__(self, modules: dict[str, nn.Module]):
         self.modules = modules
-        self.inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        # per call: the input and, for an expert, (token_index [T_e], n_tokens) of its routed rows
+        self.inputs: dict[str, list[tuple[torch.Tensor, tuple | None]]] = {name: [] for name in modules}
         self.outputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
         self._handles = []
 
@@ -147,8 +154,9 @@ class _Recorder:
 
     def _hook(self, name: str) -> Callable:
         def record(module, args, output):
-            self.inputs[name].append(args[0].detach())
-            self.outputs[name].append(output)
+            routed = tuple(args[1:3]) if isinstance(module, ExpertLinear) else None
+            self.inputs[name].append((args[0].detach(), routed))
+            self.outputs[name].append(output[0] if isinstance(output, tuple) else output)
 
         return record
 
@@ -158,9 +166,26 @@ class _Recorder:
         self._handles.clear()
 
 
-def _token_layout(x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """[B, ..., d] -> [B, N, d] with all middle dimensions as token positions."""
-    return x.reshape(batch_size, -1, x.shape[-1])
+def _token_layout(x: torch.Tensor, batch_size: int, routed: tuple | None = None) -> torch.Tensor:
+    """[B, ..., d] -> [B, N, d] with all middle dimensions as token positions; an expert's routed
+    rows [T_e, d] (routed = (token_index [T_e], n_tokens)) scattered to their positions, zeros elsewhere."""
+    if routed is None:
+        return x.reshape(batch_size, -1, x.shape[-1])
+    token_index, n_tokens = routed
+    rows = x.new_zeros(n_tokens, x.shape[-1]).index_copy_(0, token_index, x)
+    return rows.reshape(batch_size, -1, x.shape[-1])
+
+
+def _unrouted(tracked: TrackedModule, batch: Batch, dtype: torch.dtype) -> ModuleCapture:
+    """The capture of an expert no token of `batch` was routed to: zeros, no token counted."""
+    batch_size, length = batch.input_ids.shape
+    device = batch.input_ids.device
+    return ModuleCapture(
+        a=torch.zeros(batch_size, length, tracked.d_in_full, dtype=dtype, device=device),
+        s=torch.zeros(batch_size, length, tracked.d_out, dtype=dtype, device=device),
+        token_mask=torch.zeros(batch_size, length, dtype=torch.bool, device=device),
+        calls=1,
+    )
 
 
 def capture(
@@ -190,25 +215,32 @@ def capture(
     padded = not bool(batch.attention_mask.bool().all())
     captures: dict[str, ModuleCapture] = {}
     position = 0
-    for name in names:
+    for name in modules:
         module = modules[name]
         tracked = describe(name, module)
         inputs = recorder.inputs[name]
+        if not inputs:
+            if isinstance(module, ExpertLinear):
+                captures[name] = _unrouted(tracked, batch, dtype)
+            continue
         calls = len(inputs)
         call_gradients = gradients[position : position + calls]
         position += calls
         a_parts, s_parts, mask_parts = [], [], []
-        for x, output, g in zip(inputs, recorder.outputs[name], call_gradients, strict=True):
-            a = _token_layout(x, batch_size).to(dtype)
+        for (x, routed), g in zip(inputs, call_gradients, strict=True):
+            a = _token_layout(x, batch_size, routed).to(dtype)
             s = (
-                torch.zeros_like(_token_layout(output.detach(), batch_size), dtype=dtype)
+                torch.zeros(*a.shape[:2], tracked.d_out, dtype=dtype, device=a.device)
                 if g is None
-                else (_token_layout(g, batch_size).to(dtype))
+                else (_token_layout(g, batch_size, routed).to(dtype))
             )
             if a.shape[1] == length:
                 token_mask = batch.attention_mask.bool()
             else:  # not token-aligned: every position counts
                 token_mask = torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
+            if routed is not None:
+                chosen = torch.zeros(routed[1], dtype=torch.bool, device=a.device).index_fill_(0, routed[0], True)
+                token_mask = token_mask & chosen.reshape(a.shape[:2])
             if tracked.has_bias:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
             if padded:  # zero both at padding (s is zero there already, but only by construction);

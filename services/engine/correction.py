@@ -86,6 +86,6 @@ def correction_update(
 
 
 def sequence_tokens(captures: dict[str, ModuleCapture]) -> int:
-    """Real tokens of a batch's sequences (one call of the first module's positions)."""
-    first = next(iter(captures.values()))
-    return int(first.token_mask[:, : first.token_mask.shape[1] // first.calls].sum())
+    """Real tokens of a batch's sequences (one call of a module's positions; the most over the
+    modules, since an expert counts only the tokens routed to it)."""
+    return max(int(c.token_mask[:, : c.token_mask.shape[1] // c.calls].sum()) for c in captures.values())

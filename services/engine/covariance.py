@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InputError
 from .capture import ModuleCapture
 from .factors import ModuleFactors
 from .finite import require_finite
@@ -104,6 +105,13 @@ class CovarianceAccumulator:
         spread over `workers` threads (default: the threads torch may use here) that each run one thread."""
         progress = progress or Progress()
         names = list(self.modules)
+        unseen = [name for name in names if self.token_counts[name] == 0]
+        if unseen and len(unseen) < len(names):  # experts no token of the fit was routed to
+            raise InputError(
+                f"no token of the fit data reached {len(unseen)} of the {len(names)} modules ({', '.join(unseen[:3])}"
+                f"{', ...' if len(unseen) > 3 else ''}): their curvature is unknown; fit on more (or more varied) "
+                "data, or leave them out on purpose with a --modules regular expression"
+            )
         progress.stage("eigendecomposition", len(names), "module")
 
         def one(name: str) -> tuple[str, ModuleFactors]:

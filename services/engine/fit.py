@@ -47,7 +47,7 @@ from .factor_io import storage_dtype_for_model
 from .factors import FactorSet, ModuleFactors
 from .finite import check_module_weights
 from .model_io import DTYPES, cached_fingerprint
-from .modules import TrackedModule, check_selection, device_of, freeze_except, select_modules
+from .modules import TrackedModule, check_selection, coverage, device_of, freeze_except, select_modules
 from .passes import captured_batches
 from .progress import Progress
 from .records import TrainingExample
@@ -140,14 +140,16 @@ def prepare_model(model: nn.Module, selection: str) -> tuple[dict[str, nn.Module
 @dataclass(frozen=True)
 class FittedModel:
     """What a fit's model-free steps (eigendecompose, finalize) need of its model: the tracked
-    modules (model order), the model's dtype and fingerprint, and how its passes computed (device,
-    GPU, torch and CUDA versions, TF32: device.arithmetic_provenance, taken where the passes ran).
+    modules (model order), the model's dtype and fingerprint, how its passes computed (device,
+    GPU, torch and CUDA versions, TF32: device.arithmetic_provenance, taken where the passes ran)
+    and what the modules cover of the model (`modules.Coverage.to_dict`).
     The tasks that run passes store it as JSON (`to_json`) for the tasks that do not load the model."""
 
     modules: dict[str, TrackedModule]
     dtype: torch.dtype
     fingerprint: str
     arithmetic: dict = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -160,6 +162,7 @@ class FittedModel:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "fingerprint": self.fingerprint,
                 "arithmetic": self.arithmetic,
+                "coverage": self.coverage,
             }
         ).encode()
 
@@ -171,18 +174,22 @@ class FittedModel:
             dtype=DTYPES[described["dtype"]],
             fingerprint=described["fingerprint"],
             arithmetic=described["arithmetic"],
+            coverage=described.get("coverage", {}),  # absent in a job stored before coverage was recorded
         )
 
 
 class FitModel:
     """A model ready for a fit's passes (see the module docstring): its tracked modules selected,
-    their weights checked, everything else frozen, on the model's device. Built once per task."""
+    their coverage of the model stated (a keyword selection that would leave out a weight matrix
+    of its kind refused: InputError), their weights checked, everything else frozen, on the
+    model's device. Built once per task."""
 
     def __init__(self, model: nn.Module, tokenizer, config: FitConfig):
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.strategy = config.strategy_spec
         self.modules, self.tracked = prepare_model(model, config.modules)
+        self.coverage = coverage(model, self.modules, config.modules)
         self.dtype = next(model.parameters()).dtype
         self.device = device_of(model)
 
@@ -190,7 +197,9 @@ class FitModel:
     def fitted(self) -> FittedModel:
         """What eigendecompose and finalize need of this model (its fingerprint computed once per model)."""
         fingerprint = cached_fingerprint(self.model, list(self.tracked))
-        return FittedModel(self.tracked, self.dtype, fingerprint, arithmetic_provenance(self.device))
+        return FittedModel(
+            self.tracked, self.dtype, fingerprint, arithmetic_provenance(self.device), self.coverage.to_dict()
+        )
 
     def tokenize(self, examples: Sequence[TrainingExample]) -> list[TokenizedSequence]:
         """The fit's training sequences: the first `max_examples` examples, tokenised."""
@@ -295,8 +304,9 @@ def finalize(
 ) -> FactorSet:
     """Reduce the correction partial sums and assemble the factor set: of each module's tensors
     the passes produced, the ones the strategy stores (`combine`). Needs no model: `fitted`
-    describes it. The provenance records the fit's config, the model's dtype, and how the passes
-    computed (device, torch and CUDA versions, TF32: device.arithmetic_provenance)."""
+    describes it. The provenance records the fit's config, the model's dtype, how the passes
+    computed (device, torch and CUDA versions, TF32: device.arithmetic_provenance) and what the
+    modules cover of the model ("coverage": modules.Coverage.to_dict)."""
     strategy = config.strategy_spec
     correction = reduce(corrections) if strategy.correction else None
     n_tokens = eigen.n_tokens if eigen is not None else (correction.n_tokens if correction is not None else 0)
@@ -312,6 +322,7 @@ def finalize(
             "fit_config": asdict(config),
             "model_dtype": str(fitted.dtype).removeprefix("torch."),
             **fitted.arithmetic,
+            **({"coverage": fitted.coverage} if fitted.coverage else {}),
             **(provenance or {}),
         },
     )

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, NotFoundError
+from .modules import weight_parameter_name
 
 DTYPES = {
     "float32": torch.float32,
@@ -187,7 +188,8 @@ def model_fingerprint(model: torch.nn.Module, tracked_names: list[str] | None = 
 
     Hashes the config (without fields that describe how it was loaded: path, dtype, attention
     implementation, library version), every parameter's name and shape, and a strided sample of
-    up to 4096 values of each tracked module's weight (of every parameter when none are named).
+    up to 4096 values of each tracked module's weight (of every parameter when none are named; of
+a fused experts parameter once for all its experts).
     Fine-tuning or re-initialising the model changes those values, so factors fitted for one
     model are recognised as foreign to another.
 
@@ -203,7 +205,7 @@ def model_fingerprint(model: torch.nn.Module, tracked_names: list[str] | None = 
     parameters = dict(model.named_parameters())
     for name in sorted(parameters):
         digest.update(f"{name}:{tuple(parameters[name].shape)};".encode())
-    sampled = sorted({f"{name}.weight" for name in tracked_names} if tracked_names else parameters)
+    sampled = sorted({weight_parameter_name(n, parameters) for n in tracked_names} if tracked_names else parameters)
     for name in sampled:
         values = parameters[name].detach().reshape(-1)
         stride = max(1, values.numel() // 4096)

@@ -22,4 +22,23 @@ def factor_set_message(info: FactorSetInfo) -> factor_service_pb2.FactorSet:
         num_tokens=info.n_tokens,
         model_fingerprint=info.model_fingerprint,
         create_time=timestamp(info.create_time),
+        coverage=coverage_message(info.coverage),
+    )
+
+
+def coverage_message(coverage: dict) -> factor_service_pb2.ModuleCoverage | None:
+    """The factor set's recorded coverage (engine modules.Coverage.to_dict), None when it has none."""
+    if not coverage:
+        return None
+    return factor_service_pb2.ModuleCoverage(
+        selection=coverage["selection"],
+        explicit_subset=coverage["explicit"],
+        modules=coverage["modules"],
+        expert_projections=coverage["experts"],
+        tracked_parameters=coverage["tracked_parameters"],
+        model_parameters=coverage["model_parameters"],
+        tracked_mlp_parameters=coverage["tracked_mlp_parameters"],
+        mlp_parameters=coverage["mlp_parameters"],
+        mlp_left_out=coverage["mlp_left_out"],
+        summary=coverage["summary"],
     )

@@ -119,6 +119,7 @@ def _settings(data: ReportData) -> str:
         ("query rank", report.get("query_rank") or "full"),
         ("top k", settings.get("top_k", "")),
         ("modules", f"{len(report.get('modules', []))}: " + ", ".join(report.get("modules", []))),
+        ("coverage", settings.get("coverage", {}).get("summary", "not recorded")),
         ("queries x training sequences", f"{len(data.queries)} x {data.scores.shape[1]}"),
     ]
     tfidf = data.tfidf

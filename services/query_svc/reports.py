@@ -90,10 +90,11 @@ def _top_entry(rank: int, entry: TopEntry, record_of) -> dict:
     return record
 
 
-def settings_of(job) -> dict:
-    """The run's settings as the report shows them (a ScoreJob: model, factor set, data, options)."""
+def settings_of(job, coverage: dict | None = None) -> dict:
+    """The run's settings as the report shows them (a ScoreJob: model, factor set, data, options,
+    and what the factor set's modules cover of the model when it recorded that)."""
     config = job.config
-    return {
+    settings = {
         "model": job.model.path,
         "dtype": job.model.dtype,
         "factor_set": factor_set_path(job.factor_set_id),
@@ -103,3 +104,6 @@ def settings_of(job) -> dict:
         "per_token": config.per_token,
         "max_length": config.max_length,
     }
+    if coverage:
+        settings["coverage"] = coverage
+    return settings

@@ -156,6 +156,11 @@ def run_score_one_shard(call: StageCall) -> ResultInfo:
     )
 
 
+def _coverage(call: StageCall) -> dict:
+    """What the job's factor set covers of the model, as its manifest records it (for the report)."""
+    return FACTOR_SETS.read(call.context.store, call.job.factor_set_id).coverage
+
+
 def _publish_scores(
     call: StageCall,
     strategy: str,
@@ -182,7 +187,7 @@ def _publish_scores(
         damping=job.config.damping_policy.describe(),
         query_rank=job.config.query_rank,
         modules=names,
-        settings=settings_of(job),
+        settings=settings_of(job, _coverage(call)),
     )
     if mask is not None:
         report["tfidf"] = {"k": job.config.tfidf, "scored_sequences": int(mask.any(0).sum())}
@@ -263,7 +268,7 @@ def run_index_merge(call: StageCall) -> ResultInfo:
         damping=job.config.damping_policy.describe(),
         query_rank=job.config.query_rank,
         modules=scorer.names,
-        settings=settings_of(job),
+        settings=settings_of(job, _coverage(call)),
     )
     report["index"] = {
         "name": index.name,

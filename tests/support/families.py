@@ -11,6 +11,17 @@ Families and what each one exercises:
     gpt2      GPT2LMHeadModel: Conv1D layers with biases, tied embeddings, no BOS, no pad token
     gpt_neox  GPTNeoXForCausalLM: dense_h_to_4h/dense_4h_to_h with biases
     opt       OPTForCausalLM: fc1/fc2 with biases, a tokenizer with a pad token
+
+Mixture-of-experts families (MOE_FAMILIES: experts stored fused as 3-D parameters, as
+transformers 5 builds every sparse-MoE family; 4 experts, top-2, so a batch leaves some
+expert-token pairs unrouted):
+    mixtral      MixtralForCausalLM: router + experts, nothing else in the MLP
+    qwen2_moe    Qwen2MoeForCausalLM: + a shared expert (nn.Linear) and its sigmoid gate
+    qwen3_moe    Qwen3MoeForCausalLM: q/k norms, no shared expert
+    olmoe        OlmoeForCausalLM: q/k norms, no shared expert
+    gpt_oss      GptOssForCausalLM: transposed, interleaved experts with biases, a biased router,
+                 attention sinks
+    deepseek_v3  DeepseekV3ForCausalLM: sigmoid group routing, a shared expert, a dense first layer, MLA
 """
 
 from __future__ import annotations
@@ -25,13 +36,19 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     GPT2Config,
     GPTNeoXConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    OlmoeConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3MoeConfig,
 )
 
 from services.toy.models import save_model_dir
@@ -90,7 +107,17 @@ FAMILIES = {
     "opt": Family("opt", "OPTForCausalLM", "mlp", bos=True, pad=True),
 }
 
-# MLP module names of block 0, per family, in model order
+MOE_FAMILIES = {
+    "mixtral": Family("mixtral", "MixtralForCausalLM", "mlp", bos=True, pad=False),
+    "qwen2_moe": Family("qwen2_moe", "Qwen2MoeForCausalLM", "mlp", bos=False, pad=False),
+    "qwen3_moe": Family("qwen3_moe", "Qwen3MoeForCausalLM", "mlp", bos=False, pad=False),
+    "olmoe": Family("olmoe", "OlmoeForCausalLM", "mlp", bos=False, pad=True),
+    "gpt_oss": Family("gpt_oss", "GptOssForCausalLM", "mlp", bos=False, pad=False),
+    "deepseek_v3": Family("deepseek_v3", "DeepseekV3ForCausalLM", "mlp", bos=True, pad=False),
+}
+EXPERTS, TOP_K_EXPERTS = 4, 2
+
+# MLP module names of one block (block 1 of a MoE family: DeepSeek-V3's block 0 is dense), per family, in model order
 MLP_NAMES = {
     "llama": ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"],
     "mistral": ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"],
@@ -98,6 +125,13 @@ MLP_NAMES = {
     "gpt2": ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"],
     "gpt_neox": ["gpt_neox.layers.0.mlp.dense_h_to_4h", "gpt_neox.layers.0.mlp.dense_4h_to_h"],
     "opt": ["model.decoder.layers.0.fc1", "model.decoder.layers.0.fc2"],
+    **{
+        family: [
+            f"model.layers.1.mlp.{'router' if family == 'gpt_oss' else 'gate'}",
+            *(f"model.layers.1.mlp.experts.{e}.{p}" for e in range(EXPERTS) for p in ("gate_up_proj", "down_proj")),
+        ]
+        for family in MOE_FAMILIES
+    },
 }
 
 
@@ -138,11 +172,80 @@ def bpe_tokenizer(family: Family, vocab_size: int = 320) -> PreTrainedTokenizerF
     )
 
 
+def moe_config(family: str, vocab: int, special: dict | None = None, width: int = 16, expert_ffn: int = 12):
+    """A tiny config of MoE `family`: 2 layers, `EXPERTS` experts of width `expert_ffn`, top-2."""
+    common = {
+        "vocab_size": vocab,
+        "hidden_size": width,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+        **(special or {}),
+    }
+    if family == "deepseek_v3":  # multi-head latent attention: as many key/value heads as heads
+        common["num_key_value_heads"] = 2
+    experts = {"num_experts_per_tok": TOP_K_EXPERTS}
+    if family == "mixtral":
+        return MixtralConfig(**common, **experts, intermediate_size=expert_ffn, num_local_experts=EXPERTS)
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(
+            **common,
+            **experts,
+            intermediate_size=2 * expert_ffn,
+            moe_intermediate_size=expert_ffn,
+            shared_expert_intermediate_size=expert_ffn,
+            num_experts=EXPERTS,
+        )
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **common,
+            **experts,
+            intermediate_size=2 * expert_ffn,
+            moe_intermediate_size=expert_ffn,
+            num_experts=EXPERTS,
+            head_dim=width // 2,
+        )
+    if family == "olmoe":
+        return OlmoeConfig(**common, **experts, intermediate_size=expert_ffn, num_experts=EXPERTS)
+    if family == "gpt_oss":
+        return GptOssConfig(
+            **common,
+            **experts,
+            intermediate_size=expert_ffn,
+            num_local_experts=EXPERTS,
+            head_dim=width // 2,
+            layer_types=["full_attention"] * 2,
+        )
+    if family == "deepseek_v3":
+        return DeepseekV3Config(
+            **common,
+            **experts,
+            intermediate_size=2 * expert_ffn,
+            moe_intermediate_size=expert_ffn,
+            n_routed_experts=EXPERTS,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            q_lora_rank=8,
+            kv_lora_rank=8,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=width // 2,
+            rope_scaling=None,
+        )
+    raise ValueError(family)
+
+
 def _config(family: str, vocab: int, tokenizer) -> object:
     width, ffn, layers, heads = 16, 24, 2, 2
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     if tokenizer.pad_token_id is not None:
         special["pad_token_id"] = tokenizer.pad_token_id
+    if family in MOE_FAMILIES:
+        return moe_config(family, vocab, special, width)
     if family == "llama":
         return LlamaConfig(
             vocab_size=vocab,
@@ -225,15 +328,18 @@ def _config(family: str, vocab: int, tokenizer) -> object:
 
 def build_family_model(family: str, out_dir: Path, seed: int = 0) -> Path:
     """A tiny random `family` model and its tokenizer saved with save_pretrained into out_dir."""
-    tokenizer = bpe_tokenizer(FAMILIES[family])
+    known = FAMILIES | MOE_FAMILIES
+    tokenizer = bpe_tokenizer(known[family])
     config = _config(family, len(tokenizer), tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    with torch.no_grad():  # random biases and norms, so biases matter to the gradients
+    with torch.no_grad():  # random biases and norms, so biases matter to the gradients; routers that route
         for name, parameter in model.named_parameters():
             if name.endswith("bias") or "norm" in name or "ln" in name:
                 parameter.add_(0.1 * torch.randn_like(parameter))
+            elif name.endswith(("mlp.gate.weight", "mlp.router.weight")) and parameter.dim() == 2:
+                parameter.normal_(0, 1.0)  # some families start their routers at zero: one fixed top-k
     model.eval()
-    assert type(model).__name__ == FAMILIES[family].model_class, type(model).__name__
+    assert type(model).__name__ == known[family].model_class, type(model).__name__
     save_model_dir(model, tokenizer, out_dir)
     return out_dir

@@ -1,7 +1,10 @@
 """The public contract on every architecture family the README names (tests/support/families.py):
 `influence fit` -> `influence score --per-module --per-token` -> `influence self`, in embedded
 mode and with --server against `influence serve`, each checked against the in-process engine
-on the same model and factors.
+on the same model and factors. Mixture-of-experts families (MOE_FAMILIES: Mixtral, Qwen2-MoE,
+Qwen3-MoE, OLMoE, gpt-oss, DeepSeek-V3) go the same way, every expert tracked, and on to
+`influence index build` and scoring through the index; every fit states its coverage (the
+factor manifest, and through the server the FactorSet message): all of the MLP by default.
 
 Tolerances: the CLI and the engine run the same float32 model over differently composed batches
 (the system shards and buckets on its own), so scores agree to float32 round-off (FLOAT32);
@@ -20,13 +23,14 @@ from safetensors.torch import load_file
 
 from services.catalog.factor_sets import load_factors
 from services.cli import main
+from services.client import InfluenceClient
 from services.engine.data import tokenize_training
 from services.engine.fit import FitConfig, fit_factors
 from services.engine.model_io import load_model_and_tokenizer, model_fingerprint
 from services.engine.modules import select_modules
 from services.engine.records import Query, TrainingExample, read_queries_jsonl, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
-from tests.support.families import FAMILIES, MLP_NAMES, build_family_model, sentences
+from tests.support.families import FAMILIES, MLP_NAMES, MOE_FAMILIES, build_family_model, sentences
 from tests.support.numerics import FLOAT32, assert_close
 
 TOP_K = 3
@@ -45,7 +49,7 @@ def zoo(tmp_path_factory):
         {"prompt": "seven sailors sing about", "completion": " silver rivers"},  # id defaults to its position
     ]
     (root / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    models = {family: build_family_model(family, root / family) for family in FAMILIES}
+    models = {family: build_family_model(family, root / family) for family in FAMILIES | MOE_FAMILIES}
     return root, models
 
 
@@ -65,7 +69,7 @@ def run_cli(args: list[str], server: str | None) -> None:
 
 def fit_score_self(family: str, model_dir: Path, root: Path, out: Path, server: str | None) -> None:
     data, queries = str(root / "train.jsonl"), str(root / "queries.jsonl")
-    modules = FAMILIES[family].modules
+    modules = (FAMILIES | MOE_FAMILIES)[family].modules
     run_cli(
         ["fit", "--model", str(model_dir), "--data", data, "--out", str(out / "factors"), "--modules", modules], server
     )
@@ -84,7 +88,7 @@ def check_against_the_engine(family: str, model_dir: Path, root: Path, out: Path
     factors = load_factors(out / "factors")
 
     # the factors cover exactly the modules the selection names
-    in_model_order = list(select_modules(model, FAMILIES[family].modules))
+    in_model_order = list(select_modules(model, (FAMILIES | MOE_FAMILIES)[family].modules))
     assert set(factors.modules) == set(in_model_order) and set(MLP_NAMES[family]) <= set(in_model_order)
 
     config = ScoreConfig(per_module=True, per_token=True, top_k=TOP_K, batch_size=4)
@@ -127,21 +131,51 @@ def check_against_the_engine(family: str, model_dir: Path, root: Path, out: Path
     ]
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+def check_coverage(family: str, out: Path) -> dict:
+    """The factor manifest states the fit's coverage: all of the MLP (every expert of a MoE)."""
+    coverage = json.loads((out / "factors" / "manifest.json").read_text())["metadata"]["provenance"]["coverage"]
+    assert coverage["mlp_share"] == 1.0 and coverage["mlp_left_out"] == [] and 0 < coverage["model_share"] < 1
+    assert (coverage["experts"] > 0) == (family in MOE_FAMILIES)
+    return coverage
+
+
+def index_scores_like_recompute(model_dir: Path, root: Path, out: Path, server: str | None) -> None:
+    """An uncompressed index of the training data scores the queries as recomputing does."""
+    data, queries = str(root / "train.jsonl"), str(root / "queries.jsonl")
+    common = ["--model", str(model_dir), "--factors", str(out / "factors")]
+    run_cli(["index", "build", *common, "--data", data, "--out", str(out / "index"), "--projection", "none"], server)
+    run_cli(
+        ["score", *common, "--index", str(out / "index"), "--queries", queries, "--out", str(out / "indexed")], server
+    )
+    indexed = load_file(str(out / "indexed" / "scores.safetensors"))["scores"]
+    assert_close(indexed, load_file(str(out / "scores" / "scores.safetensors"))["scores"], FLOAT32, "index scores")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES) + list(MOE_FAMILIES))
 @pytest.mark.needs_servers
 @pytest.mark.slow
 def test_fit_score_self_embedded(zoo, family, tmp_path):
     root, models = zoo
     fit_score_self(family, models[family], root, tmp_path, server=None)
     check_against_the_engine(family, models[family], root, tmp_path)
+    check_coverage(family, tmp_path)
+    if family in MOE_FAMILIES:
+        index_scores_like_recompute(models[family], root, tmp_path, server=None)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES) + list(MOE_FAMILIES))
 def test_fit_score_self_through_influence_serve(zoo, served, family, tmp_path):
     root, models = zoo
     target, _ = served
     fit_score_self(family, models[family], root, tmp_path, server=target)
     check_against_the_engine(family, models[family], root, tmp_path)
+    coverage = check_coverage(family, tmp_path)
+    with InfluenceClient(target) as client:
+        fitted = [f for f in client.list_factor_sets() if f.model.path == str(models[family])]
+    assert fitted and all(f.coverage.summary == coverage["summary"] for f in fitted)
+    assert fitted[0].coverage.mlp_parameters == fitted[0].coverage.tracked_mlp_parameters > 0
+    if family in MOE_FAMILIES:
+        index_scores_like_recompute(models[family], root, tmp_path, server=target)
 
 
 def test_the_fingerprint_depends_on_the_model_only(zoo, tmp_path):

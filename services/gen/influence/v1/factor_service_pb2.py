@@ -30,7 +30,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from services.gen.influence.v1 import common_pb2 as influence_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!influence/v1/factor_service.proto\x12\x0cinfluence.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19influence/v1/common.proto\"\xc3\x03\n\tFactorSet\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12/\n\x07\x64\x61taset\x18\x02 \x01(\tB\x1e\xe2\x41\x01\x03\xfa\x41\x17\n\x15influence.dev/Dataset\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x17.influence.v1.ModelSpecB\x04\xe2\x41\x01\x03\x12.\n\x08strategy\x18\x0b \x01(\x0e\x32\x16.influence.v1.StrategyB\x04\xe2\x41\x01\x03\x12*\n\x06\x66isher\x18\x0c \x01(\x0e\x32\x14.influence.v1.FisherB\x04\xe2\x41\x01\x03\x12\x15\n\x07modules\x18\x06 \x03(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rnum_sequences\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nnum_tokens\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1f\n\x11model_fingerprint\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:5\xea\x41\x32\n\x17influence.dev/FactorSet\x12\x17\x66\x61\x63torSets/{factor_set}J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"\xd1\x02\n\x11\x46itFactorsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpecB\x04\xe2\x41\x01\x02\x12/\n\x07\x64\x61taset\x18\x03 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15influence.dev/Dataset\x12(\n\x08strategy\x18\x0b \x01(\x0e\x32\x16.influence.v1.Strategy\x12$\n\x06\x66isher\x18\x0c \x01(\x0e\x32\x14.influence.v1.Fisher\x12\x0f\n\x07modules\x18\x06 \x01(\t\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x14\n\x0cmax_examples\x18\x08 \x01(\x03\x12\x0c\n\x04seed\x18\t \x01(\x03\x12\x16\n\tcache_gib\x18\n \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_cache_gibJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"E\n\x13GetFactorSetRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17influence.dev/FactorSet\"H\n\x16\x44\x65leteFactorSetRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17influence.dev/FactorSet\">\n\x15ListFactorSetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x16ListFactorSetsResponse\x12,\n\x0b\x66\x61\x63tor_sets\x18\x01 \x03(\x0b\x32\x17.influence.v1.FactorSet\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x17PlanFactorImportRequest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\"P\n\x10\x46\x61\x63torImportPlan\x12\x12\n\nfactor_set\x18\x01 \x01(\t\x12\x11\n\tpublished\x18\x02 \x01(\x08\x12\x15\n\rmissing_files\x18\x03 \x03(\t\"%\n\x16RegisterFactorsRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\"\x98\x01\n\x14StreamFactorsRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17influence.dev/FactorSet\x12\x0f\n\x07modules\x18\x02 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x05\x12\x13\n\x0bresume_file\x18\x04 \x01(\t\x12\x15\n\rresume_offset\x18\x05 \x01(\x03*y\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x15\n\x11STRATEGY_IDENTITY\x10\x01\x12\x15\n\x11STRATEGY_DIAGONAL\x10\x02\x12\x11\n\rSTRATEGY_KFAC\x10\x03\x12\x12\n\x0eSTRATEGY_EKFAC\x10\x04*J\n\x06\x46isher\x12\x16\n\x12\x46ISHER_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ISHER_SAMPLED\x10\x01\x12\x14\n\x10\x46ISHER_EMPIRICAL\x10\x02\x32\xbc\x05\n\rFactorService\x12o\n\nFitFactors\x12\x1f.influence.v1.FitFactorsRequest\x1a\x1d.google.longrunning.Operation\"!\xca\x41\x1e\n\tFactorSet\x12\x11OperationMetadata\x12J\n\x0cGetFactorSet\x12!.influence.v1.GetFactorSetRequest\x1a\x17.influence.v1.FactorSet\x12[\n\x0eListFactorSets\x12#.influence.v1.ListFactorSetsRequest\x1a$.influence.v1.ListFactorSetsResponse\x12O\n\x0f\x44\x65leteFactorSet\x12$.influence.v1.DeleteFactorSetRequest\x1a\x16.google.protobuf.Empty\x12N\n\rStreamFactors\x12\".influence.v1.StreamFactorsRequest\x1a\x17.influence.v1.FileChunk0\x01\x12Y\n\x10PlanFactorImport\x12%.influence.v1.PlanFactorImportRequest\x1a\x1e.influence.v1.FactorImportPlan\x12\x43\n\rImportFactors\x12\x17.influence.v1.FileChunk\x1a\x17.influence.v1.FactorSet(\x01\x12P\n\x0fRegisterFactors\x12$.influence.v1.RegisterFactorsRequest\x1a\x17.influence.v1.FactorSetb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!influence/v1/factor_service.proto\x12\x0cinfluence.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19influence/v1/common.proto\"\xf9\x03\n\tFactorSet\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12/\n\x07\x64\x61taset\x18\x02 \x01(\tB\x1e\xe2\x41\x01\x03\xfa\x41\x17\n\x15influence.dev/Dataset\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x17.influence.v1.ModelSpecB\x04\xe2\x41\x01\x03\x12.\n\x08strategy\x18\x0b \x01(\x0e\x32\x16.influence.v1.StrategyB\x04\xe2\x41\x01\x03\x12*\n\x06\x66isher\x18\x0c \x01(\x0e\x32\x14.influence.v1.FisherB\x04\xe2\x41\x01\x03\x12\x15\n\x07modules\x18\x06 \x03(\tB\x04\xe2\x41\x01\x03\x12\x1b\n\rnum_sequences\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nnum_tokens\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1f\n\x11model_fingerprint\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\x08\x63overage\x18\r \x01(\x0b\x32\x1c.influence.v1.ModuleCoverageB\x04\xe2\x41\x01\x03:5\xea\x41\x32\n\x17influence.dev/FactorSet\x12\x17\x66\x61\x63torSets/{factor_set}J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"\xfe\x01\n\x0eModuleCoverage\x12\x11\n\tselection\x18\x01 \x01(\t\x12\x17\n\x0f\x65xplicit_subset\x18\x02 \x01(\x08\x12\x0f\n\x07modules\x18\x03 \x01(\x03\x12\x1a\n\x12\x65xpert_projections\x18\x04 \x01(\x03\x12\x1a\n\x12tracked_parameters\x18\x05 \x01(\x03\x12\x18\n\x10model_parameters\x18\x06 \x01(\x03\x12\x1e\n\x16tracked_mlp_parameters\x18\x07 \x01(\x03\x12\x16\n\x0emlp_parameters\x18\x08 \x01(\x03\x12\x14\n\x0cmlp_left_out\x18\t \x03(\t\x12\x0f\n\x07summary\x18\n \x01(\t\"\xd1\x02\n\x11\x46itFactorsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x17.influence.v1.ModelSpecB\x04\xe2\x41\x01\x02\x12/\n\x07\x64\x61taset\x18\x03 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15influence.dev/Dataset\x12(\n\x08strategy\x18\x0b \x01(\x0e\x32\x16.influence.v1.Strategy\x12$\n\x06\x66isher\x18\x0c \x01(\x0e\x32\x14.influence.v1.Fisher\x12\x0f\n\x07modules\x18\x06 \x01(\t\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x14\n\x0cmax_examples\x18\x08 \x01(\x03\x12\x0c\n\x04seed\x18\t \x01(\x03\x12\x16\n\tcache_gib\x18\n \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_cache_gibJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"E\n\x13GetFactorSetRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17influence.dev/FactorSet\"H\n\x16\x44\x65leteFactorSetRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17influence.dev/FactorSet\">\n\x15ListFactorSetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x16ListFactorSetsResponse\x12,\n\x0b\x66\x61\x63tor_sets\x18\x01 \x03(\x0b\x32\x17.influence.v1.FactorSet\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"+\n\x17PlanFactorImportRequest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\"P\n\x10\x46\x61\x63torImportPlan\x12\x12\n\nfactor_set\x18\x01 \x01(\t\x12\x11\n\tpublished\x18\x02 \x01(\x08\x12\x15\n\rmissing_files\x18\x03 \x03(\t\"%\n\x16RegisterFactorsRequest\x12\x0b\n\x03uri\x18\x01 \x01(\t\"\x98\x01\n\x14StreamFactorsRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17influence.dev/FactorSet\x12\x0f\n\x07modules\x18\x02 \x03(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x05\x12\x13\n\x0bresume_file\x18\x04 \x01(\t\x12\x15\n\rresume_offset\x18\x05 \x01(\x03*y\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x15\n\x11STRATEGY_IDENTITY\x10\x01\x12\x15\n\x11STRATEGY_DIAGONAL\x10\x02\x12\x11\n\rSTRATEGY_KFAC\x10\x03\x12\x12\n\x0eSTRATEGY_EKFAC\x10\x04*J\n\x06\x46isher\x12\x16\n\x12\x46ISHER_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x46ISHER_SAMPLED\x10\x01\x12\x14\n\x10\x46ISHER_EMPIRICAL\x10\x02\x32\xbc\x05\n\rFactorService\x12o\n\nFitFactors\x12\x1f.influence.v1.FitFactorsRequest\x1a\x1d.google.longrunning.Operation\"!\xca\x41\x1e\n\tFactorSet\x12\x11OperationMetadata\x12J\n\x0cGetFactorSet\x12!.influence.v1.GetFactorSetRequest\x1a\x17.influence.v1.FactorSet\x12[\n\x0eListFactorSets\x12#.influence.v1.ListFactorSetsRequest\x1a$.influence.v1.ListFactorSetsResponse\x12O\n\x0f\x44\x65leteFactorSet\x12$.influence.v1.DeleteFactorSetRequest\x1a\x16.google.protobuf.Empty\x12N\n\rStreamFactors\x12\".influence.v1.StreamFactorsRequest\x1a\x17.influence.v1.FileChunk0\x01\x12Y\n\x10PlanFactorImport\x12%.influence.v1.PlanFactorImportRequest\x1a\x1e.influence.v1.FactorImportPlan\x12\x43\n\rImportFactors\x12\x17.influence.v1.FileChunk\x1a\x17.influence.v1.FactorSet(\x01\x12P\n\x0fRegisterFactors\x12$.influence.v1.RegisterFactorsRequest\x1a\x17.influence.v1.FactorSetb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,6 +57,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FACTORSET'].fields_by_name['model_fingerprint']._serialized_options = b'\342A\001\003'
   _globals['_FACTORSET'].fields_by_name['create_time']._loaded_options = None
   _globals['_FACTORSET'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_FACTORSET'].fields_by_name['coverage']._loaded_options = None
+  _globals['_FACTORSET'].fields_by_name['coverage']._serialized_options = b'\342A\001\003'
   _globals['_FACTORSET']._loaded_options = None
   _globals['_FACTORSET']._serialized_options = b'\352A2\n\027influence.dev/FactorSet\022\027factorSets/{factor_set}'
   _globals['_FITFACTORSREQUEST'].fields_by_name['model']._loaded_options = None
@@ -71,30 +73,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMFACTORSREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\031\n\027influence.dev/FactorSet'
   _globals['_FACTORSERVICE'].methods_by_name['FitFactors']._loaded_options = None
   _globals['_FACTORSERVICE'].methods_by_name['FitFactors']._serialized_options = b'\312A\036\n\tFactorSet\022\021OperationMetadata'
-  _globals['_STRATEGY']._serialized_start=1658
-  _globals['_STRATEGY']._serialized_end=1779
-  _globals['_FISHER']._serialized_start=1781
-  _globals['_FISHER']._serialized_end=1855
+  _globals['_STRATEGY']._serialized_start=1969
+  _globals['_STRATEGY']._serialized_end=2090
+  _globals['_FISHER']._serialized_start=2092
+  _globals['_FISHER']._serialized_end=2166
   _globals['_FACTORSET']._serialized_start=238
-  _globals['_FACTORSET']._serialized_end=689
-  _globals['_FITFACTORSREQUEST']._serialized_start=692
-  _globals['_FITFACTORSREQUEST']._serialized_end=1029
-  _globals['_GETFACTORSETREQUEST']._serialized_start=1031
-  _globals['_GETFACTORSETREQUEST']._serialized_end=1100
-  _globals['_DELETEFACTORSETREQUEST']._serialized_start=1102
-  _globals['_DELETEFACTORSETREQUEST']._serialized_end=1174
-  _globals['_LISTFACTORSETSREQUEST']._serialized_start=1176
-  _globals['_LISTFACTORSETSREQUEST']._serialized_end=1238
-  _globals['_LISTFACTORSETSRESPONSE']._serialized_start=1240
-  _globals['_LISTFACTORSETSRESPONSE']._serialized_end=1335
-  _globals['_PLANFACTORIMPORTREQUEST']._serialized_start=1337
-  _globals['_PLANFACTORIMPORTREQUEST']._serialized_end=1380
-  _globals['_FACTORIMPORTPLAN']._serialized_start=1382
-  _globals['_FACTORIMPORTPLAN']._serialized_end=1462
-  _globals['_REGISTERFACTORSREQUEST']._serialized_start=1464
-  _globals['_REGISTERFACTORSREQUEST']._serialized_end=1501
-  _globals['_STREAMFACTORSREQUEST']._serialized_start=1504
-  _globals['_STREAMFACTORSREQUEST']._serialized_end=1656
-  _globals['_FACTORSERVICE']._serialized_start=1858
-  _globals['_FACTORSERVICE']._serialized_end=2558
+  _globals['_FACTORSET']._serialized_end=743
+  _globals['_MODULECOVERAGE']._serialized_start=746
+  _globals['_MODULECOVERAGE']._serialized_end=1000
+  _globals['_FITFACTORSREQUEST']._serialized_start=1003
+  _globals['_FITFACTORSREQUEST']._serialized_end=1340
+  _globals['_GETFACTORSETREQUEST']._serialized_start=1342
+  _globals['_GETFACTORSETREQUEST']._serialized_end=1411
+  _globals['_DELETEFACTORSETREQUEST']._serialized_start=1413
+  _globals['_DELETEFACTORSETREQUEST']._serialized_end=1485
+  _globals['_LISTFACTORSETSREQUEST']._serialized_start=1487
+  _globals['_LISTFACTORSETSREQUEST']._serialized_end=1549
+  _globals['_LISTFACTORSETSRESPONSE']._serialized_start=1551
+  _globals['_LISTFACTORSETSRESPONSE']._serialized_end=1646
+  _globals['_PLANFACTORIMPORTREQUEST']._serialized_start=1648
+  _globals['_PLANFACTORIMPORTREQUEST']._serialized_end=1691
+  _globals['_FACTORIMPORTPLAN']._serialized_start=1693
+  _globals['_FACTORIMPORTPLAN']._serialized_end=1773
+  _globals['_REGISTERFACTORSREQUEST']._serialized_start=1775
+  _globals['_REGISTERFACTORSREQUEST']._serialized_end=1812
+  _globals['_STREAMFACTORSREQUEST']._serialized_start=1815
+  _globals['_STREAMFACTORSREQUEST']._serialized_end=1967
+  _globals['_FACTORSERVICE']._serialized_start=2169
+  _globals['_FACTORSERVICE']._serialized_end=2869
 # @@protoc_insertion_point(module_scope)

@@ -38,7 +38,7 @@ FISHER_SAMPLED: Fisher
 FISHER_EMPIRICAL: Fisher
 
 class FactorSet(_message.Message):
-    __slots__ = ("name", "dataset", "model", "strategy", "fisher", "modules", "num_sequences", "num_tokens", "model_fingerprint", "create_time")
+    __slots__ = ("name", "dataset", "model", "strategy", "fisher", "modules", "num_sequences", "num_tokens", "model_fingerprint", "create_time", "coverage")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class FactorSet(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     dataset: str
     model: _common_pb2.ModelSpec
@@ -59,7 +60,32 @@ class FactorSet(_message.Message):
     num_tokens: int
     model_fingerprint: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., fisher: _Optional[_Union[Fisher, str]] = ..., modules: _Optional[_Iterable[str]] = ..., num_sequences: _Optional[int] = ..., num_tokens: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    coverage: ModuleCoverage
+    def __init__(self, name: _Optional[str] = ..., dataset: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., fisher: _Optional[_Union[Fisher, str]] = ..., modules: _Optional[_Iterable[str]] = ..., num_sequences: _Optional[int] = ..., num_tokens: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., coverage: _Optional[_Union[ModuleCoverage, _Mapping]] = ...) -> None: ...
+
+class ModuleCoverage(_message.Message):
+    __slots__ = ("selection", "explicit_subset", "modules", "expert_projections", "tracked_parameters", "model_parameters", "tracked_mlp_parameters", "mlp_parameters", "mlp_left_out", "summary")
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    EXPLICIT_SUBSET_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_PROJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    TRACKED_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    TRACKED_MLP_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    MLP_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    MLP_LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    selection: str
+    explicit_subset: bool
+    modules: int
+    expert_projections: int
+    tracked_parameters: int
+    model_parameters: int
+    tracked_mlp_parameters: int
+    mlp_parameters: int
+    mlp_left_out: _containers.RepeatedScalarFieldContainer[str]
+    summary: str
+    def __init__(self, selection: _Optional[str] = ..., explicit_subset: _Optional[bool] = ..., modules: _Optional[int] = ..., expert_projections: _Optional[int] = ..., tracked_parameters: _Optional[int] = ..., model_parameters: _Optional[int] = ..., tracked_mlp_parameters: _Optional[int] = ..., mlp_parameters: _Optional[int] = ..., mlp_left_out: _Optional[_Iterable[str]] = ..., summary: _Optional[str] = ...) -> None: ...
 
 class FitFactorsRequest(_message.Message):
     __slots__ = ("request_id", "model", "dataset", "strategy", "fisher", "modules", "batch_size", "max_examples", "seed", "cache_gib")
