@@ -17,7 +17,7 @@ from ..engine.records import read_queries_jsonl
 from ..enums import enum_word
 from ..errors import InputError, NotFoundError
 from ..gen.influence.v1 import factor_service_pb2
-from ..options import FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, SEED, STRATEGY, TFIDF, TOP_K
+from ..options import BM25, FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, SEED, STRATEGY, TFIDF, TOP_K
 from .flags import DATA, FACTORS, JSON, QUIET, Flag, add, add_damping_flags, add_model_job_flags
 from .inputs import check_data, check_factors, factor_set_name, index_name, model_of, register, score_config
 from .running import done, out_dir, progress_for, through_system
@@ -70,6 +70,7 @@ def add_score_flags(parser) -> None:
             help="with --index: candidates per query rescored exactly (default 2%%)",
         ),
         TFIDF,
+        BM25,
         Flag("--report", default=None, metavar="REPORT.html", help="also write the HTML report here"),
     )
 
@@ -151,12 +152,17 @@ def run_fit(args) -> int:
 
 def run_score(args) -> int:
     config = score_config(
-        args, query_rank=args.query_rank, per_module=args.per_module, per_token=args.per_token, tfidf=args.tfidf
+        args,
+        query_rank=args.query_rank,
+        per_module=args.per_module,
+        per_token=args.per_token,
+        tfidf=args.tfidf,
+        bm25=args.bm25,
     )
     queries = read_queries_jsonl(args.queries)
     if args.index:
-        if args.data or args.tfidf:
-            raise InputError("--index holds its own data: give neither --data nor --tfidf with it")
+        if args.data or args.tfidf or args.bm25:
+            raise InputError("--index holds its own data: give neither --data nor --tfidf/--bm25 with it")
         if not (Path(args.index) / "manifest.json").is_file():
             raise NotFoundError(f"no index at {args.index} (missing manifest.json)")
     elif not args.data:
@@ -180,7 +186,7 @@ def run_score(args) -> int:
                 options = {"index": index_name(client, args, Path(args.index)), "rescore": args.rescore}
             else:
                 dataset = register(client, args, model, bars)
-                options = {"tfidf": config.tfidf}
+                options = {"tfidf": config.tfidf, "bm25": config.bm25}
             result = client.compute_scores(
                 model,
                 factor_set,

@@ -9,14 +9,14 @@ nats of the completion's log-probability per unit of up-weighting z_m's summed l
 
     scorer   = Scorer(model, tokenizer, factors, config)   # modules matched, fingerprint checked, once
     prepared = scorer.prepare(queries, mean_tokens)         # query gradients, IHVPs, kernels: once per job
-    mask     = scorer.tfidf_mask(queries, sequences)        # [Q, N] TF-IDF candidates (None: all), once
+    mask     = scorer.lexical_mask(queries, sequences)      # [Q, N] BM25/TF-IDF candidates (None: all), once
     partial  = scorer.score(prepared, shard, mask=mask)     # per data shard: per-module scores [M, Q, n]
     result   = merge(partials, scorer.names, config, mask)  # scores, top-k (no model)
     scorer.attach_token_scores(prepared, result.top, sequence_of)   # per-token for the top-k (--per-token)
     partial  = scorer.self_influence(shard)                 # per data shard: ⟨P_m, DW_m⟩ [n]
     scores   = merge_self_influence(partials)               # [N]
 
-`score_in_memory` chains prepare, tfidf_mask, score and merge on one shard with every
+`score_in_memory` chains prepare, lexical_mask, score and merge on one shard with every
 intermediate in memory: `compute_scores` (the in-process API) runs it on the whole data, and so
 does the service system's one-task scoring of a one-shard dataset (the `score_one_shard` stage).
 The multi-shard score stages (services/query_svc/stages.py) run the same steps per shard with the
@@ -38,13 +38,14 @@ import torch
 from torch import nn
 
 from ..errors import InputError, PreconditionError
-from ..options import BATCH_SIZE, DAMPING, DAMPING_FACTOR, MAX_LENGTH, QUERY_RANK, TFIDF, TOP_K
+from ..options import BATCH_SIZE, BM25, DAMPING, DAMPING_FACTOR, MAX_LENGTH, QUERY_RANK, TFIDF, TOP_K
 from .capture import accumulation_dtype, capture
 from .data import TokenizedSequence, collate, tokenize_queries, tokenize_training
 from .device import exact_arithmetic, to_device
 from .factors import FactorSet
 from .finite import first_non_finite, require_finite
 from .fit import prepare_model
+from .lexical import lexical_candidates
 from .model_io import cached_fingerprint
 from .modules import device_of
 from .passes import QUERY, captured_batches
@@ -53,7 +54,6 @@ from .progress import Progress
 from .records import Query, TrainingExample
 from .rotation import rotated_per_sequence_gradients
 from .scoring import ModuleQueries, module_scores, module_token_scores, plan_module_queries
-from .tfidf import tfidf_candidates
 
 
 @dataclass
@@ -67,6 +67,7 @@ class ScoreConfig:
     per_module: bool = False
     per_token: bool = False
     tfidf: int = TFIDF.default  # score only each query's tfidf nearest training sequences by TF-IDF (0: all)
+    bm25: int = BM25.default  # score only each query's bm25 best training sequences by BM25 (0: all)
 
     def validate(self) -> None:
         BATCH_SIZE.check(self.batch_size)
@@ -74,7 +75,17 @@ class ScoreConfig:
         QUERY_RANK.check(self.query_rank)
         MAX_LENGTH.check(self.max_length)
         TFIDF.check(self.tfidf)
+        BM25.check(self.bm25)
+        if self.tfidf and self.bm25:
+            raise InputError("give one lexical pre-filter: --bm25 or --tfidf, not both")
         _ = self.damping_policy  # validates the damping values
+
+    @property
+    def lexical(self) -> tuple[str, int] | None:
+        """The lexical pre-filter: (method, candidates per query), or None (every sequence is scored)."""
+        if self.bm25:
+            return "bm25", self.bm25
+        return ("tfidf", self.tfidf) if self.tfidf else None
 
     @property
     def damping_policy(self) -> Damping:
@@ -250,7 +261,7 @@ class Scorer:
     ) -> ShardScores:
         """Per-module scores of every prepared query against `sequences` (any shard of the data):
         float64 [M, Q, len(sequences)], column j for sequences[j]. With `mask` [Q, N] (bool over
-        global indices, on the host: the sequences each query scores, `tfidf_mask`), just the
+        global indices, on the host: the sequences each query scores, `lexical_mask`), just the
         sequences some query asks for are computed; the other columns are 0. `prepared` may be
         anywhere (e.g. read from the store): it is placed on the model's device here."""
         prepared = to_device(prepared, self.device)
@@ -266,15 +277,16 @@ class Scorer:
         _check_scores(per_module, sequences, self.names)
         return ShardScores(per_module, torch.tensor([sequence.index for sequence in sequences]))
 
-    def tfidf_mask(self, queries: Sequence[Query], sequences: Sequence[TokenizedSequence]) -> torch.Tensor | None:
-        """[Q, len(sequences)] bool: each query's `config.tfidf` nearest of `sequences` (the whole
-        data, whose idf it needs, in global index order) by TF-IDF; None when `config.tfidf` is 0
-        (every sequence is scored)."""
-        if not self.config.tfidf:
+    def lexical_mask(self, queries: Sequence[Query], sequences: Sequence[TokenizedSequence]) -> torch.Tensor | None:
+        """[Q, len(sequences)] bool: each query's candidates among `sequences` (the whole data, whose
+        document frequencies it needs, in global index order) by the config's lexical pre-filter
+        (`config.lexical`: BM25 or TF-IDF, engine/lexical.py); None without one (every sequence is scored)."""
+        if self.config.lexical is None:
             return None
+        method, k = self.config.lexical
         query_sequences = tokenize_queries(self.tokenizer, queries, self.config.max_length)
         mask = torch.zeros(len(queries), len(sequences), dtype=torch.bool)
-        for query, columns in enumerate(tfidf_candidates(query_sequences, sequences, self.config.tfidf)):
+        for query, columns in enumerate(lexical_candidates(method, query_sequences, sequences, k)):
             mask[query, columns] = True
         return mask
 
@@ -362,7 +374,7 @@ def merge(
     partials: Sequence[ShardScores], names: list[str], config: ScoreConfig, mask: torch.Tensor | None = None
 ) -> ScoreResult:
     """The shards' scores as one result (no model needed): totals, and the top-k per query. With
-    `mask` [Q, N] (bool: which sequences each query scored, e.g. its TF-IDF candidates), the others
+    `mask` [Q, N] (bool: which sequences each query scored, e.g. its lexical candidates), the others
     are 0 in the result and never in a top-k. `names`: the per-module rows' modules (Scorer.names).
     Token-wise attribution of the top-k is the Scorer's (`attach_token_scores`: it needs the model)."""
     per_module = concatenate(partials)  # [M, Q, N]
@@ -410,7 +422,7 @@ class InMemoryScores:
 
     result: ScoreResult
     partial: ShardScores  # float64 [M, Q, N] per-module scores, before the mask (0 for sequences no query scores)
-    mask: torch.Tensor | None  # [Q, N] bool: the sequences each query scored (its TF-IDF candidates); None: all
+    mask: torch.Tensor | None  # [Q, N] bool: the sequences each query scored (its lexical candidates); None: all
 
 
 def score_in_memory(
@@ -423,7 +435,7 @@ def score_in_memory(
     indices 0..N-1 in order); the queries are prepared for their mean length, and the prepared
     queries, a score job's largest intermediate, never leave memory."""
     prepared = scorer.prepare(queries, mean_length(sequences), progress)
-    mask = scorer.tfidf_mask(queries, sequences)
+    mask = scorer.lexical_mask(queries, sequences)
     partial = scorer.score(prepared, sequences, progress, mask)
     result = merge([partial], scorer.names, scorer.config, mask)
     if scorer.config.per_token and scorer.config.top_k:
