@@ -55,6 +55,8 @@ from .records import Query, TrainingExample
 from .rotation import rotated_per_sequence_gradients
 from .scoring import ModuleQueries, module_scores, module_token_scores, plan_module_queries
 
+DAMPING_CHECK_SCALES = (0.1, 10.0)  # --damping-check: the dampings, as multiples of the chosen one
+
 
 @dataclass
 class ScoreConfig:
@@ -68,6 +70,7 @@ class ScoreConfig:
     per_token: bool = False
     tfidf: int = TFIDF.default  # score only each query's tfidf nearest training sequences by TF-IDF (0: all)
     bm25: int = BM25.default  # score only each query's bm25 best training sequences by BM25 (0: all)
+    damping_check: bool = False  # also score at DAMPING_CHECK_SCALES x the damping, in the same pass
 
     def validate(self) -> None:
         BATCH_SIZE.check(self.batch_size)
@@ -110,6 +113,9 @@ class ScoreResult:
     per_module: torch.Tensor | None = None  # [n_modules, n_queries, n_train] float32
     top: list[list[TopEntry]] = field(default_factory=list)
     kernels: dict[str, str] = field(default_factory=dict)
+    # --damping-check: per scale ("0.1x", "10x"), each query's top-k overlap (share of its top-k
+    # also in the top-k at that damping, among the same scored sequences): [Q] floats
+    damping_overlap: dict[str, list[float]] | None = None
 
 
 @dataclass
@@ -136,25 +142,31 @@ class PreparedQueries:
 @dataclass
 class ShardScores:
     """One shard's scores: per_module float64 [M, Q, n] (self-influence: [n]) and the sequences'
-    global indices [n] (ascending: shards hold consecutive sequences)."""
+    global indices [n] (ascending: shards hold consecutive sequences); with --damping-check, the
+    totals at the other dampings, float64 [len(DAMPING_CHECK_SCALES), Q, n]."""
 
     scores: torch.Tensor
     index: torch.Tensor
+    alternates: torch.Tensor | None = None
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"scores": self.scores.contiguous(), "index": self.index.contiguous()}
+        tensors = {"scores": self.scores.contiguous(), "index": self.index.contiguous()}
+        if self.alternates is not None:
+            tensors["alternates"] = self.alternates.contiguous()
+        return tensors
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ShardScores:
-        return cls(tensors["scores"], tensors["index"])
+        return cls(tensors["scores"], tensors["index"], tensors.get("alternates"))
 
 
-def concatenate(partials: Sequence[ShardScores]) -> torch.Tensor:
-    """The shards' scores side by side in global index order: [..., N]; every index 0..N-1 once."""
+def concatenate(partials: Sequence[ShardScores], part: str = "scores") -> torch.Tensor:
+    """The shards' scores (or `part`: "alternates") side by side in global index order: [..., N];
+    every index 0..N-1 once."""
     index = torch.cat([partial.index for partial in partials])
     if not torch.equal(index, torch.arange(index.numel())):
         raise PreconditionError("the shards' scores do not cover the dataset's sequences once each, in order")
-    return torch.cat([partial.scores for partial in partials], dim=-1)
+    return torch.cat([getattr(partial, part) for partial in partials], dim=-1)
 
 
 def module_pattern(factors: FactorSet) -> str:
@@ -190,11 +202,22 @@ class Scorer:
     def preconditioners(self) -> dict[str, Preconditioner]:
         """Each module's preconditioner (λ, Λ + λ, bases in the scoring dtype), prepared on the host
         from the factors and placed on the model's device: once per Scorer, when first needed."""
-        damping, strategy = self.config.damping_policy, self.factors.strategy
+        return self._preconditioners_at(self.config.damping_policy)
+
+    def _preconditioners_at(self, damping: Damping) -> dict[str, Preconditioner]:
+        strategy = self.factors.strategy
         return {
             name: to_device(preconditioner(self.factors.factors[name], strategy, damping, self.dtype), self.device)
             for name in self.names
         }
+
+    def curvatures(self) -> list[dict[str, Preconditioner]]:
+        """The preconditioners queries are prepared with: the chosen damping's, then (--damping-check)
+        those at DAMPING_CHECK_SCALES x it, from the same factors."""
+        if not self.config.damping_check:
+            return [self.preconditioners]
+        policy = self.config.damping_policy
+        return [self.preconditioners, *(self._preconditioners_at(policy.scaled(s)) for s in DAMPING_CHECK_SCALES)]
 
     def tokenize_training(self, examples: Sequence[TrainingExample]) -> list[TokenizedSequence]:
         if not examples:
@@ -244,8 +267,10 @@ class Scorer:
         """`prepare` from query gradients already computed ({name: [Q, d_out, d_in]} on the model's
         device; not kept). The prepared queries stay on the device."""
         prepared = {}
+        curvatures = self.curvatures()
         for name in self.names:
-            preconditioned = precondition(gradients[name], self.preconditioners[name], self.dtype)
+            # [C·Q, d_out, d_in]: the queries at each damping, the chosen one first (C = 1 without --damping-check)
+            preconditioned = torch.cat([precondition(gradients[name], c[name], self.dtype) for c in curvatures])
             require_finite(preconditioned, f"the preconditioned query gradients of module {name}", "damping too small?")
             factor_pair = low_rank(preconditioned, self.config.query_rank) if self.config.query_rank else None
             prepared[name] = plan_module_queries(preconditioned, factor_pair, mean_tokens, self.dtype)
@@ -275,7 +300,12 @@ class Scorer:
                 scores = module_scores(captures[name], prepared.modules[name])
                 per_module[position][:, columns] = scores.to("cpu", torch.float64)
         _check_scores(per_module, sequences, self.names)
-        return ShardScores(per_module, torch.tensor([sequence.index for sequence in sequences]))
+        index = torch.tensor([sequence.index for sequence in sequences])
+        if not self.config.damping_check:
+            return ShardScores(per_module, index)
+        n_queries = prepared.n_queries // (1 + len(DAMPING_CHECK_SCALES))  # rows: the chosen damping first
+        alternates = per_module.sum(0)[n_queries:].reshape(len(DAMPING_CHECK_SCALES), n_queries, len(sequences))
+        return ShardScores(per_module[:, :n_queries].contiguous(), index, alternates)
 
     def lexical_mask(self, queries: Sequence[Query], sequences: Sequence[TokenizedSequence]) -> torch.Tensor | None:
         """[Q, len(sequences)] bool: each query's candidates among `sequences` (the whole data, whose
@@ -388,7 +418,35 @@ def merge(
     )
     ranked = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
     result.top = top_k_entries(ranked, per_module if config.per_module else None, names, config.top_k)
+    if partials and partials[0].alternates is not None:
+        result.damping_overlap = damping_overlap(ranked, concatenate(partials, "alternates"), mask, config.top_k)
     return result
+
+
+def damping_overlap(
+    ranked: torch.Tensor, alternates: torch.Tensor, mask: torch.Tensor | None, k: int
+) -> dict[str, list[float]]:
+    """How much each query's top-k moves with the damping: per scale of DAMPING_CHECK_SCALES, the
+    share of the top-k (by `ranked` [Q, N], -inf where not scored) that is also in the top-k by
+    that damping's totals (`alternates` [S, Q, N], the same sequences scored). Ties by index."""
+    k = min(k, ranked.shape[1])
+    if mask is not None:
+        k = min(k, int(mask.sum(1).min()))
+    if k == 0:
+        return {f"{scale:g}x": [1.0] * ranked.shape[0] for scale in DAMPING_CHECK_SCALES}
+
+    def top(scores: torch.Tensor) -> torch.Tensor:
+        return torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+
+    chosen = top(ranked)
+    overlap = {}
+    for scale, other in zip(DAMPING_CHECK_SCALES, alternates, strict=True):
+        other = other if mask is None else other.masked_fill(~mask, float("-inf"))
+        moved = top(other)
+        overlap[f"{scale:g}x"] = [
+            len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(chosen, moved, strict=True)
+        ]
+    return overlap
 
 
 def top_k_entries(

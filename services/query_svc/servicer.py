@@ -72,6 +72,7 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
             per_token=request.per_token,
             tfidf=validation.positive(request.tfidf, "tfidf", TFIDF.default, TFIDF.maximum),
             bm25=validation.positive(request.bm25, "bm25", BM25.default, BM25.maximum),
+            damping_check=request.damping_check,
         )
         job = ScoreJob(
             model,
@@ -118,6 +119,8 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
             raise PreconditionError(f"{request.dataset} is not in {request.index}")
         if request.tfidf or request.bm25:
             raise InputError("tfidf and bm25 filter recompute scoring; an index query has its own first stage")
+        if request.damping_check:
+            raise InputError("damping_check needs recompute scoring; an index is whitened at one damping")
         config = self._config(
             request,
             indexes.first_dataset(self.system.store, index),

@@ -48,7 +48,7 @@ from .jobs import ScoreJob, SelfJob
 from .messages import result_message
 from .report_data import from_artifact
 from .report_html import render
-from .reports import pairwise_report, self_report, settings_of, top_tensors
+from .reports import add_damping_check, pairwise_report, self_report, settings_of, top_tensors
 
 
 def _scorer(call: StageCall) -> Scorer:
@@ -187,6 +187,8 @@ def _publish_scores(
     if mask is not None:
         method, k = job.config.lexical
         report[method] = {"k": k, "scored_sequences": int(mask.any(0).sum())}  # "tfidf" or "bm25"
+    if result.damping_overlap is not None:
+        add_damping_check(report, result.damping_overlap)
     return _publish_result(call, tensors, report, num_queries=len(job.queries))
 
 

@@ -182,3 +182,18 @@ def test_an_index_built_on_a_server_scores_there(ws, served, tmp_path):
     )
     assert indexed(paths, tmp_path / "index", tmp_path / "s2", "--rescore", "0", server=target) == 0
     assert_close(scores(tmp_path / "s2"), recompute(paths, "all", tmp_path / "r2"), FLOAT32, "server append")
+
+
+def test_the_damping_check_reports_each_querys_top_k_overlap_and_needs_recompute_scoring(ws, tmp_path, capsys):
+    _, paths = ws
+    args = ["score", "--model", paths["model"], "--factors", paths["factors"], "--data", paths["train"]]
+    out = tmp_path / "checked"
+    assert main([*args, "--queries", paths["queries"], "--out", str(out), "--top-k", "3", "--damping-check"]) == 0
+    assert "top-k kept at 0.1x the damping: mean " in capsys.readouterr().err
+    report = json.loads((out / "results.json").read_text())
+    assert sorted(report["damping_check"]) == ["0.1x", "10x"]
+    for query in report["queries"]:
+        assert sorted(query["damping_overlap"]) == ["0.1x", "10x"]
+        assert all(0 <= value <= 1 for value in query["damping_overlap"].values())
+    assert indexed(paths, tmp_path / "no-index", tmp_path / "x", "--damping-check") == 2
+    assert "--damping-check needs recompute scoring" in capsys.readouterr().err
