@@ -47,53 +47,63 @@ def read_scores(path: Path) -> tuple[str, np.ndarray, float | None]:
     return name, scores, None if seconds is None else float(seconds)
 
 
+def _ids(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
+
+
 def evaluate(paths: list[Path], truth_dir: Path, expected_path: Path | None, draws: int, k: int = 10) -> dict:
-    truth = load_ground_truth(truth_dir)
+    """The table's numbers. Without retrained subsets in `truth_dir` (a corpus measured by fact
+    tracing only) the ids come from its demo directory and the LDS columns are left out."""
+    truth = load_ground_truth(truth_dir) if any(Path(truth_dir).glob("subset-*.json")) else None
+    if truth is not None:
+        training_ids, query_ids = truth.training_ids, truth.query_ids
+    else:
+        training_ids = _ids(Path(truth_dir) / "demo" / "TRAIN.jsonl")
+        query_ids = _ids(Path(truth_dir) / "demo" / "QUERIES.jsonl")
     expected = None
     if expected_path is not None and expected_path.exists():
         by_id = json.loads(expected_path.read_text())
-        column = {training_id: position for position, training_id in enumerate(truth.training_ids)}
-        expected = [[column[i] for i in by_id.get(query_id, [])] for query_id in truth.query_ids]
+        column = {training_id: position for position, training_id in enumerate(training_ids)}
+        expected = [[column[i] for i in by_id.get(query_id, [])] for query_id in query_ids]
     files = [read_scores(path) for path in paths]
     for name, scores, _ in files:
-        if scores.shape != (len(truth.query_ids), len(truth.training_ids)):
+        if scores.shape != (len(query_ids), len(training_ids)):
             raise SystemExit(
-                f"{name}: scores of shape {tuple(scores.shape)}, the ground truth has "
-                f"{len(truth.query_ids)} queries x {len(truth.training_ids)} training sequences"
+                f"{name}: scores of shape {tuple(scores.shape)}, the corpus has "
+                f"{len(query_ids)} queries x {len(training_ids)} training sequences"
             )
-    lds_draws = bootstrap_lds([s for _, s, _ in files], truth.masks, truth.measured, draws)
+    lds_draws = bootstrap_lds([s for _, s, _ in files], truth.masks, truth.measured, draws) if truth else None
     tracing = [fact_tracing_per_query(s, expected, k) for _, s, _ in files] if expected else None
     recall_key = f"recall@{k}"
     rows = []
     for position, (name, scores, seconds) in enumerate(files):
-        row = {
-            "name": name,
-            "lds": interval(lds_per_query(scores, truth.masks, truth.measured).mean(), lds_draws[position]),
-            "seconds": seconds,
-        }
+        row = {"name": name, "seconds": seconds}
+        if truth:
+            row["lds"] = interval(lds_per_query(scores, truth.masks, truth.measured).mean(), lds_draws[position])
         if tracing:
             recall_draws, rr_draws = bootstrap_means([tracing[position][recall_key], tracing[position]["rr"]], draws)
             row[recall_key] = interval(tracing[position][recall_key].mean(), recall_draws)
             row["mrr"] = interval(tracing[position]["rr"].mean(), rr_draws)
-        if position:
+        if position and truth:
             base = lds_per_query(files[0][1], truth.masks, truth.measured).mean()
             row["lds_diff"] = interval(row["lds"].value - base, lds_draws[position] - lds_draws[0])
-            if tracing:
-                for key, source in ((recall_key, recall_key), ("mrr", "rr")):
-                    diff = tracing[position][source] - tracing[0][source]
-                    row[f"{key}_diff"] = interval(diff.mean(), bootstrap_means([diff], draws)[0])
+        if position and tracing:
+            for key, source in ((recall_key, recall_key), ("mrr", "rr")):
+                diff = tracing[position][source] - tracing[0][source]
+                row[f"{key}_diff"] = interval(diff.mean(), bootstrap_means([diff], draws)[0])
         rows.append(row)
-    return {"subsets": int(truth.masks.shape[0]), "queries": len(truth.query_ids), "rows": rows}
+    return {"subsets": int(truth.masks.shape[0]) if truth else 0, "queries": len(query_ids), "rows": rows}
 
 
 def print_table(summary: dict, k: int = 10) -> None:
-    print(f"{summary['subsets']} retrained subsets, {summary['queries']} queries; 95% bootstrap CIs\n")
+    subsets = f"{summary['subsets']} retrained subsets" if summary["subsets"] else "no retrained subsets (no LDS)"
+    print(f"{subsets}, {summary['queries']} queries; 95% bootstrap CIs\n")
     print(f"| setting | LDS [CI] | recall@{k} [CI] | MRR [CI] | time (s) | Δ LDS vs first | Δ recall | Δ MRR |")
     print("|---|---|---|---|---|---|---|---|")
     for row in summary["rows"]:
         cells = [
             row["name"],
-            str(row["lds"]),
+            str(row.get("lds", "-")),
             str(row.get(f"recall@{k}", "-")),
             str(row.get("mrr", "-")),
             "-" if row["seconds"] is None else f"{row['seconds']:.1f}",

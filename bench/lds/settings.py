@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--truth", type=Path, default=DEFAULT_TRUTH)
     parser.add_argument("--only", help="comma-separated setting names (default: all)")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # on a shared, busy host one thread wastes nothing waiting on the others
     demo = args.truth / "demo"
     out = args.truth / "scores"
     out.mkdir(parents=True, exist_ok=True)
@@ -73,6 +74,7 @@ def main() -> None:
 
     def factors(strategy: str):
         if strategy not in fitted:
+            print(f"fitting {strategy} factors", flush=True)
             started = time.perf_counter()
             fitted[strategy] = (
                 fit_factors(

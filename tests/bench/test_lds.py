@@ -162,3 +162,17 @@ def test_the_pipeline_on_a_tiny_demo_builds_resumable_ground_truth_and_evaluates
     row = summary["rows"][0]
     assert summary["subsets"] == 3 and -1 <= row["lds"].low <= row["lds"].value <= row["lds"].high <= 1
     assert 0 <= row["recall@10"].value <= 1 and 0 < row["mrr"].value <= 1
+
+
+def test_evaluate_without_retrained_subsets_measures_fact_tracing_only(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "demo").mkdir(parents=True)
+    (corpus / "demo" / "TRAIN.jsonl").write_text(
+        "".join(json.dumps({"id": f"t{m}", "text": "x"}) + "\n" for m in range(4))
+    )
+    (corpus / "demo" / "QUERIES.jsonl").write_text(json.dumps({"id": "q0", "prompt": "a", "completion": "b"}) + "\n")
+    (corpus / "demo" / "EXPECTED.json").write_text(json.dumps({"q0": ["t2"]}))
+    save_file({"scores": np.array([[0.1, 0.3, 0.2, 0.0]], dtype=np.float32)}, str(tmp_path / "s.safetensors"))
+    summary = evaluate.evaluate([tmp_path / "s.safetensors"], corpus, corpus / "demo" / "EXPECTED.json", 20)
+    assert summary["subsets"] == 0 and "lds" not in summary["rows"][0]
+    assert summary["rows"][0]["mrr"].value == 0.5
