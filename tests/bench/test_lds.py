@@ -117,7 +117,7 @@ def test_evaluate_reads_files_and_tells_the_exact_attribution_from_noise(tmp_pat
         evaluate.evaluate([tmp_path / "short.safetensors"], tmp_path / "truth", None, 10)
 
 
-@pytest.mark.slow  # three retrainings of a tiny demo in child processes, a fit and a score: ~30-60 s on 2 busy cores
+@pytest.mark.slow  # three retrainings of a tiny demo in child processes, a fit, a score: ~1 min idle, more when busy
 def test_the_pipeline_on_a_tiny_demo_builds_resumable_ground_truth_and_evaluates(tmp_path):
     ground_truth = load("ground_truth")
     from services.engine.fit import FitConfig, fit_factors
