@@ -72,6 +72,9 @@ QUERY_RANK = Option("query_rank", None, "low-rank query batching with rank R", m
 TFIDF = Option(
     "tfidf", 0, "score only each query's K nearest sequences by TF-IDF; 0: every sequence", minimum=0, maximum=10**9
 )
+BM25 = Option(
+    "bm25", 0, "score only each query's K best sequences by BM25; 0: every sequence", minimum=0, maximum=10**9
+)
 
 # -- the index -------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from ..engine.records import read_queries_jsonl
 from ..enums import enum_word
 from ..errors import InputError, NotFoundError
 from ..gen.influence.v1 import factor_service_pb2
-from ..options import FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, SEED, STRATEGY, TFIDF, TOP_K
+from ..options import BM25, FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, SEED, STRATEGY, TFIDF, TOP_K
 from .flags import DATA, FACTORS, JSON, QUIET, Flag, add, add_damping_flags, add_model_job_flags
 from .inputs import check_data, check_factors, factor_set_name, index_name, model_of, register, score_config
 from .running import done, out_dir, progress_for, through_system
@@ -70,6 +70,12 @@ def add_score_flags(parser) -> None:
             help="with --index: candidates per query rescored exactly (default 2%%)",
         ),
         TFIDF,
+        BM25,
+        Flag(
+            "--damping-check",
+            action="store_true",
+            help="also rank at 0.1x and 10x the damping (same pass) and report each query's top-k overlap",
+        ),
         Flag("--report", default=None, metavar="REPORT.html", help="also write the HTML report here"),
     )
 
@@ -154,12 +160,20 @@ def run_fit(args) -> int:
 
 def run_score(args) -> int:
     config = score_config(
-        args, query_rank=args.query_rank, per_module=args.per_module, per_token=args.per_token, tfidf=args.tfidf
+        args,
+        query_rank=args.query_rank,
+        per_module=args.per_module,
+        per_token=args.per_token,
+        tfidf=args.tfidf,
+        bm25=args.bm25,
+        damping_check=args.damping_check,
     )
     queries = read_queries_jsonl(args.queries)
     if args.index:
-        if args.data or args.tfidf:
-            raise InputError("--index holds its own data: give neither --data nor --tfidf with it")
+        if args.data or args.tfidf or args.bm25:
+            raise InputError("--index holds its own data: give neither --data nor --tfidf/--bm25 with it")
+        if args.damping_check:
+            raise InputError("--damping-check needs recompute scoring (--data): an index is whitened at one damping")
         if not (Path(args.index) / "manifest.json").is_file():
             raise NotFoundError(f"no index at {args.index} (missing manifest.json)")
     elif not args.data:
@@ -183,7 +197,7 @@ def run_score(args) -> int:
                 options = {"index": index_name(client, args, Path(args.index)), "rescore": args.rescore}
             else:
                 dataset = register(client, args, model, bars)
-                options = {"tfidf": config.tfidf}
+                options = {"tfidf": config.tfidf, "bm25": config.bm25, "damping_check": config.damping_check}
             result = client.compute_scores(
                 model,
                 factor_set,
@@ -205,10 +219,13 @@ def run_score(args) -> int:
         result = through_system(args, score)
     seconds = time.perf_counter() - started
     report = _write_report(args, out, Path(args.report)) if args.report else None
+    check = json.loads((out / "results.json").read_text()).get("damping_check") if config.damping_check else None
     done(
         args,
         f"scored {result.num_queries} queries x {result.num_train} sequences in {seconds:.1f}s -> {out}"
-        + (f"; report -> {report}" if report else ""),
+        + (f"; report -> {report}" if report else "")
+        + (f"; {damping_check_line(check)}" if check else ""),
+        damping_check=check,
         result=result.name,
         queries=result.num_queries,
         sequences=result.num_train,
@@ -217,6 +234,14 @@ def run_score(args) -> int:
         report=str(report) if report else None,
     )
     return 0
+
+
+def damping_check_line(check: dict) -> str:
+    """results.json's damping check in one line: each other damping's mean (and worst) top-k overlap."""
+    parts = [
+        f"{scale} the damping: mean {value['mean']:.2f} (min {value['min']:.2f})" for scale, value in check.items()
+    ]
+    return "top-k kept at " + ", at ".join(parts)
 
 
 def _write_report(args, results: Path, path: Path) -> Path:

@@ -208,8 +208,8 @@ class InfluenceClient(Connection):
         rescore: int | None = None,
         **options,
     ) -> query_service_pb2.ScoreResult:
-        """Score queries against a dataset (recompute; options tfidf=K to score only TF-IDF
-        candidates) or, with index="indexes/{id}" (dataset may be ""), against an index, the top
+        """Score queries against a dataset (recompute; options bm25=K or tfidf=K to score only
+        each query's K lexical candidates) or, with index="indexes/{id}" (dataset may be ""), against an index, the top
         `rescore` candidates per query rescored exactly (default: the server's, 2% of the corpus)."""
         request = query_service_pb2.ComputeScoresRequest(
             model=_model(model),

@@ -42,6 +42,10 @@ class Damping:
             return float(self.absolute)
         return float(self.factor * eigenvalues.to(torch.float64).mean())
 
+    def scaled(self, scale: float) -> Damping:
+        """This damping times `scale` (the absolute value, or the factor)."""
+        return Damping(self.factor * scale, None if self.absolute is None else self.absolute * scale)
+
     def describe(self) -> str:
         return f"absolute {self.absolute}" if self.absolute is not None else f"{self.factor} x mean eigenvalue"
 

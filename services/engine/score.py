@@ -9,14 +9,14 @@ nats of the completion's log-probability per unit of up-weighting z_m's summed l
 
     scorer   = Scorer(model, tokenizer, factors, config)   # modules matched, fingerprint checked, once
     prepared = scorer.prepare(queries, mean_tokens)         # query gradients, IHVPs, kernels: once per job
-    mask     = scorer.tfidf_mask(queries, sequences)        # [Q, N] TF-IDF candidates (None: all), once
+    mask     = scorer.lexical_mask(queries, sequences)      # [Q, N] BM25/TF-IDF candidates (None: all), once
     partial  = scorer.score(prepared, shard, mask=mask)     # per data shard: per-module scores [M, Q, n]
     result   = merge(partials, scorer.names, config, mask)  # scores, top-k (no model)
     scorer.attach_token_scores(prepared, result.top, sequence_of)   # per-token for the top-k (--per-token)
     partial  = scorer.self_influence(shard)                 # per data shard: ⟨P_m, DW_m⟩ [n]
     scores   = merge_self_influence(partials)               # [N]
 
-`score_in_memory` chains prepare, tfidf_mask, score and merge on one shard with every
+`score_in_memory` chains prepare, lexical_mask, score and merge on one shard with every
 intermediate in memory: `compute_scores` (the in-process API) runs it on the whole data, and so
 does the service system's one-task scoring of a one-shard dataset (the `score_one_shard` stage).
 The multi-shard score stages (services/query_svc/stages.py) run the same steps per shard with the
@@ -38,13 +38,14 @@ import torch
 from torch import nn
 
 from ..errors import InputError, PreconditionError
-from ..options import BATCH_SIZE, DAMPING, DAMPING_FACTOR, MAX_LENGTH, QUERY_RANK, TFIDF, TOP_K
+from ..options import BATCH_SIZE, BM25, DAMPING, DAMPING_FACTOR, MAX_LENGTH, QUERY_RANK, TFIDF, TOP_K
 from .capture import accumulation_dtype, capture
 from .data import TokenizedSequence, collate, tokenize_queries, tokenize_training
 from .device import exact_arithmetic, to_device
 from .factors import FactorSet
 from .finite import first_non_finite, require_finite
 from .fit import prepare_model
+from .lexical import lexical_candidates
 from .model_io import cached_fingerprint
 from .modules import device_of
 from .passes import QUERY, captured_batches
@@ -53,7 +54,8 @@ from .progress import Progress
 from .records import Query, TrainingExample
 from .rotation import rotated_per_sequence_gradients
 from .scoring import ModuleQueries, module_scores, module_token_scores, plan_module_queries
-from .tfidf import tfidf_candidates
+
+DAMPING_CHECK_SCALES = (0.1, 10.0)  # --damping-check: the dampings, as multiples of the chosen one
 
 
 @dataclass
@@ -67,6 +69,8 @@ class ScoreConfig:
     per_module: bool = False
     per_token: bool = False
     tfidf: int = TFIDF.default  # score only each query's tfidf nearest training sequences by TF-IDF (0: all)
+    bm25: int = BM25.default  # score only each query's bm25 best training sequences by BM25 (0: all)
+    damping_check: bool = False  # also score at DAMPING_CHECK_SCALES x the damping, in the same pass
 
     def validate(self) -> None:
         BATCH_SIZE.check(self.batch_size)
@@ -74,7 +78,17 @@ class ScoreConfig:
         QUERY_RANK.check(self.query_rank)
         MAX_LENGTH.check(self.max_length)
         TFIDF.check(self.tfidf)
+        BM25.check(self.bm25)
+        if self.tfidf and self.bm25:
+            raise InputError("give one lexical pre-filter: --bm25 or --tfidf, not both")
         _ = self.damping_policy  # validates the damping values
+
+    @property
+    def lexical(self) -> tuple[str, int] | None:
+        """The lexical pre-filter: (method, candidates per query), or None (every sequence is scored)."""
+        if self.bm25:
+            return "bm25", self.bm25
+        return ("tfidf", self.tfidf) if self.tfidf else None
 
     @property
     def damping_policy(self) -> Damping:
@@ -99,6 +113,9 @@ class ScoreResult:
     per_module: torch.Tensor | None = None  # [n_modules, n_queries, n_train] float32
     top: list[list[TopEntry]] = field(default_factory=list)
     kernels: dict[str, str] = field(default_factory=dict)
+    # --damping-check: per scale ("0.1x", "10x"), each query's top-k overlap (share of its top-k
+    # also in the top-k at that damping, among the same scored sequences): [Q] floats
+    damping_overlap: dict[str, list[float]] | None = None
 
 
 @dataclass
@@ -125,25 +142,31 @@ class PreparedQueries:
 @dataclass
 class ShardScores:
     """One shard's scores: per_module float64 [M, Q, n] (self-influence: [n]) and the sequences'
-    global indices [n] (ascending: shards hold consecutive sequences)."""
+    global indices [n] (ascending: shards hold consecutive sequences); with --damping-check, the
+    totals at the other dampings, float64 [len(DAMPING_CHECK_SCALES), Q, n]."""
 
     scores: torch.Tensor
     index: torch.Tensor
+    alternates: torch.Tensor | None = None
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"scores": self.scores.contiguous(), "index": self.index.contiguous()}
+        tensors = {"scores": self.scores.contiguous(), "index": self.index.contiguous()}
+        if self.alternates is not None:
+            tensors["alternates"] = self.alternates.contiguous()
+        return tensors
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ShardScores:
-        return cls(tensors["scores"], tensors["index"])
+        return cls(tensors["scores"], tensors["index"], tensors.get("alternates"))
 
 
-def concatenate(partials: Sequence[ShardScores]) -> torch.Tensor:
-    """The shards' scores side by side in global index order: [..., N]; every index 0..N-1 once."""
+def concatenate(partials: Sequence[ShardScores], part: str = "scores") -> torch.Tensor:
+    """The shards' scores (or `part`: "alternates") side by side in global index order: [..., N];
+    every index 0..N-1 once."""
     index = torch.cat([partial.index for partial in partials])
     if not torch.equal(index, torch.arange(index.numel())):
         raise PreconditionError("the shards' scores do not cover the dataset's sequences once each, in order")
-    return torch.cat([partial.scores for partial in partials], dim=-1)
+    return torch.cat([getattr(partial, part) for partial in partials], dim=-1)
 
 
 def module_pattern(factors: FactorSet) -> str:
@@ -179,11 +202,22 @@ class Scorer:
     def preconditioners(self) -> dict[str, Preconditioner]:
         """Each module's preconditioner (λ, Λ + λ, bases in the scoring dtype), prepared on the host
         from the factors and placed on the model's device: once per Scorer, when first needed."""
-        damping, strategy = self.config.damping_policy, self.factors.strategy
+        return self._preconditioners_at(self.config.damping_policy)
+
+    def _preconditioners_at(self, damping: Damping) -> dict[str, Preconditioner]:
+        strategy = self.factors.strategy
         return {
             name: to_device(preconditioner(self.factors.factors[name], strategy, damping, self.dtype), self.device)
             for name in self.names
         }
+
+    def curvatures(self) -> list[dict[str, Preconditioner]]:
+        """The preconditioners queries are prepared with: the chosen damping's, then (--damping-check)
+        those at DAMPING_CHECK_SCALES x it, from the same factors."""
+        if not self.config.damping_check:
+            return [self.preconditioners]
+        policy = self.config.damping_policy
+        return [self.preconditioners, *(self._preconditioners_at(policy.scaled(s)) for s in DAMPING_CHECK_SCALES)]
 
     def tokenize_training(self, examples: Sequence[TrainingExample]) -> list[TokenizedSequence]:
         if not examples:
@@ -233,8 +267,10 @@ class Scorer:
         """`prepare` from query gradients already computed ({name: [Q, d_out, d_in]} on the model's
         device; not kept). The prepared queries stay on the device."""
         prepared = {}
+        curvatures = self.curvatures()
         for name in self.names:
-            preconditioned = precondition(gradients[name], self.preconditioners[name], self.dtype)
+            # [C·Q, d_out, d_in]: the queries at each damping, the chosen one first (C = 1 without --damping-check)
+            preconditioned = torch.cat([precondition(gradients[name], c[name], self.dtype) for c in curvatures])
             require_finite(preconditioned, f"the preconditioned query gradients of module {name}", "damping too small?")
             factor_pair = low_rank(preconditioned, self.config.query_rank) if self.config.query_rank else None
             prepared[name] = plan_module_queries(preconditioned, factor_pair, mean_tokens, self.dtype)
@@ -250,7 +286,7 @@ class Scorer:
     ) -> ShardScores:
         """Per-module scores of every prepared query against `sequences` (any shard of the data):
         float64 [M, Q, len(sequences)], column j for sequences[j]. With `mask` [Q, N] (bool over
-        global indices, on the host: the sequences each query scores, `tfidf_mask`), just the
+        global indices, on the host: the sequences each query scores, `lexical_mask`), just the
         sequences some query asks for are computed; the other columns are 0. `prepared` may be
         anywhere (e.g. read from the store): it is placed on the model's device here."""
         prepared = to_device(prepared, self.device)
@@ -264,17 +300,23 @@ class Scorer:
                 scores = module_scores(captures[name], prepared.modules[name])
                 per_module[position][:, columns] = scores.to("cpu", torch.float64)
         _check_scores(per_module, sequences, self.names)
-        return ShardScores(per_module, torch.tensor([sequence.index for sequence in sequences]))
+        index = torch.tensor([sequence.index for sequence in sequences])
+        if not self.config.damping_check:
+            return ShardScores(per_module, index)
+        n_queries = prepared.n_queries // (1 + len(DAMPING_CHECK_SCALES))  # rows: the chosen damping first
+        alternates = per_module.sum(0)[n_queries:].reshape(len(DAMPING_CHECK_SCALES), n_queries, len(sequences))
+        return ShardScores(per_module[:, :n_queries].contiguous(), index, alternates)
 
-    def tfidf_mask(self, queries: Sequence[Query], sequences: Sequence[TokenizedSequence]) -> torch.Tensor | None:
-        """[Q, len(sequences)] bool: each query's `config.tfidf` nearest of `sequences` (the whole
-        data, whose idf it needs, in global index order) by TF-IDF; None when `config.tfidf` is 0
-        (every sequence is scored)."""
-        if not self.config.tfidf:
+    def lexical_mask(self, queries: Sequence[Query], sequences: Sequence[TokenizedSequence]) -> torch.Tensor | None:
+        """[Q, len(sequences)] bool: each query's candidates among `sequences` (the whole data, whose
+        document frequencies it needs, in global index order) by the config's lexical pre-filter
+        (`config.lexical`: BM25 or TF-IDF, engine/lexical.py); None without one (every sequence is scored)."""
+        if self.config.lexical is None:
             return None
+        method, k = self.config.lexical
         query_sequences = tokenize_queries(self.tokenizer, queries, self.config.max_length)
         mask = torch.zeros(len(queries), len(sequences), dtype=torch.bool)
-        for query, columns in enumerate(tfidf_candidates(query_sequences, sequences, self.config.tfidf)):
+        for query, columns in enumerate(lexical_candidates(method, query_sequences, sequences, k)):
             mask[query, columns] = True
         return mask
 
@@ -362,7 +404,7 @@ def merge(
     partials: Sequence[ShardScores], names: list[str], config: ScoreConfig, mask: torch.Tensor | None = None
 ) -> ScoreResult:
     """The shards' scores as one result (no model needed): totals, and the top-k per query. With
-    `mask` [Q, N] (bool: which sequences each query scored, e.g. its TF-IDF candidates), the others
+    `mask` [Q, N] (bool: which sequences each query scored, e.g. its lexical candidates), the others
     are 0 in the result and never in a top-k. `names`: the per-module rows' modules (Scorer.names).
     Token-wise attribution of the top-k is the Scorer's (`attach_token_scores`: it needs the model)."""
     per_module = concatenate(partials)  # [M, Q, N]
@@ -376,7 +418,35 @@ def merge(
     )
     ranked = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
     result.top = top_k_entries(ranked, per_module if config.per_module else None, names, config.top_k)
+    if partials and partials[0].alternates is not None:
+        result.damping_overlap = damping_overlap(ranked, concatenate(partials, "alternates"), mask, config.top_k)
     return result
+
+
+def damping_overlap(
+    ranked: torch.Tensor, alternates: torch.Tensor, mask: torch.Tensor | None, k: int
+) -> dict[str, list[float]]:
+    """How much each query's top-k moves with the damping: per scale of DAMPING_CHECK_SCALES, the
+    share of the top-k (by `ranked` [Q, N], -inf where not scored) that is also in the top-k by
+    that damping's totals (`alternates` [S, Q, N], the same sequences scored). Ties by index."""
+    k = min(k, ranked.shape[1])
+    if mask is not None:
+        k = min(k, int(mask.sum(1).min()))
+    if k == 0:
+        return {f"{scale:g}x": [1.0] * ranked.shape[0] for scale in DAMPING_CHECK_SCALES}
+
+    def top(scores: torch.Tensor) -> torch.Tensor:
+        return torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+
+    chosen = top(ranked)
+    overlap = {}
+    for scale, other in zip(DAMPING_CHECK_SCALES, alternates, strict=True):
+        other = other if mask is None else other.masked_fill(~mask, float("-inf"))
+        moved = top(other)
+        overlap[f"{scale:g}x"] = [
+            len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(chosen, moved, strict=True)
+        ]
+    return overlap
 
 
 def top_k_entries(
@@ -410,7 +480,7 @@ class InMemoryScores:
 
     result: ScoreResult
     partial: ShardScores  # float64 [M, Q, N] per-module scores, before the mask (0 for sequences no query scores)
-    mask: torch.Tensor | None  # [Q, N] bool: the sequences each query scored (its TF-IDF candidates); None: all
+    mask: torch.Tensor | None  # [Q, N] bool: the sequences each query scored (its lexical candidates); None: all
 
 
 def score_in_memory(
@@ -423,7 +493,7 @@ def score_in_memory(
     indices 0..N-1 in order); the queries are prepared for their mean length, and the prepared
     queries, a score job's largest intermediate, never leave memory."""
     prepared = scorer.prepare(queries, mean_length(sequences), progress)
-    mask = scorer.tfidf_mask(queries, sequences)
+    mask = scorer.lexical_mask(queries, sequences)
     partial = scorer.score(prepared, sequences, progress, mask)
     result = merge([partial], scorer.names, scorer.config, mask)
     if scorer.config.per_token and scorer.config.top_k:

@@ -16,8 +16,8 @@ from ..system.specs import Job
 
 @dataclass
 class ScoreJob(Job):
-    """Recompute scoring of a dataset (optionally of each query's `config.tfidf` nearest sequences
-    only), or, with `index_id`, index scoring over the index's shards and exact rescoring of each
+    """Recompute scoring of a dataset (optionally of each query's lexical candidates only:
+    `config.lexical`), or, with `index_id`, index scoring over the index's shards and exact rescoring of each
     query's `rescore` best candidates. (Specs written with a `tfidf` key, which nothing read,
     still decode: unknown keys are ignored.)"""
 

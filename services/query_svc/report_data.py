@@ -77,8 +77,12 @@ class ReportData:
     missing: dict[str, str] = field(default_factory=dict)  # view -> why it is not shown
 
     @property
-    def tfidf(self) -> dict | None:
-        return self.report.get("tfidf")
+    def lexical(self) -> tuple[str, dict] | None:
+        """The lexical pre-filter: ("BM25" or "TF-IDF", {"k", "scored_sequences"}), or None."""
+        for key, name in (("bm25", "BM25"), ("tfidf", "TF-IDF")):
+            if self.report.get(key):
+                return name, self.report[key]
+        return None
 
 
 def load_result(directory: str | Path) -> ReportData:

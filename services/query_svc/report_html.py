@@ -122,8 +122,13 @@ def _settings(data: ReportData) -> str:
         ("coverage", settings.get("coverage", {}).get("summary", "not recorded")),
         ("queries x training sequences", f"{len(data.queries)} x {data.scores.shape[1]}"),
     ]
-    tfidf = data.tfidf
-    rows.append(("TF-IDF filter", f"{tfidf['k']} per query, {tfidf['scored_sequences']} scored" if tfidf else "off"))
+    lexical = data.lexical
+    rows.append(
+        (
+            "lexical filter",
+            f"{lexical[0]}: {lexical[1]['k']} per query, {lexical[1]['scored_sequences']} scored" if lexical else "off",
+        )
+    )
     index = report.get("index")
     rows.append(
         (
@@ -263,8 +268,8 @@ def _distribution(data: ReportData) -> str:
     )
     if data.scored is not None:
         caption += (
-            " This run was TF-IDF filtered: only each query's candidates were scored, so only their distribution "
-            "is in the result (score without --tfidf for the unfiltered one)."
+            " This run was lexically filtered (--bm25 or --tfidf): only each query's candidates were scored, so only "
+            "their distribution is in the result (score without the filter for the unfiltered one)."
         )
     if len(curves) > len(shown):
         caption += f" The first {len(shown)} of {len(curves)} queries are drawn; the table lists all."

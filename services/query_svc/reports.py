@@ -47,6 +47,18 @@ def _query(query: Query, top: list[TopEntry], record_of) -> dict:
     return record
 
 
+def add_damping_check(report: dict, overlap: dict[str, list[float]]) -> None:
+    """results.json's damping check (--damping-check): each query's top-k overlap with the ranking
+    at each other damping ("0.1x", "10x": the share of its top-k kept), per query and summarised."""
+    for position, query in enumerate(report["queries"]):
+        query["damping_overlap"] = {scale: round(values[position], 4) for scale, values in overlap.items()}
+    report["damping_check"] = {
+        scale: {"mean": round(sum(values) / len(values), 4), "min": round(min(values), 4)}
+        for scale, values in overlap.items()
+        if values
+    }
+
+
 def top_tensors(top: list[list[TopEntry]], per_module=None) -> dict:
     """scores.safetensors' view of the top-k, for the report: "top_index" int64 [Q, k] (each query's
     top-k as global training indices, -1 where a query has fewer) and, given per_module [M, Q, N]

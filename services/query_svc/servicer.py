@@ -18,7 +18,7 @@ from ..engine.records import query_records
 from ..engine.score import ScoreConfig
 from ..errors import InputError, PreconditionError
 from ..gen.influence.v1 import query_service_pb2, query_service_pb2_grpc
-from ..options import BATCH_SIZE, DAMPING_FACTOR, TFIDF, TOP_K
+from ..options import BATCH_SIZE, BM25, DAMPING_FACTOR, TFIDF, TOP_K
 from ..rpc import validation
 from ..rpc.common import TenantScoped, in_thread, model_ref, new_id, operation_message
 from ..rpc.status import grpc_errors
@@ -71,6 +71,8 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
             per_module=request.per_module,
             per_token=request.per_token,
             tfidf=validation.positive(request.tfidf, "tfidf", TFIDF.default, TFIDF.maximum),
+            bm25=validation.positive(request.bm25, "bm25", BM25.default, BM25.maximum),
+            damping_check=request.damping_check,
         )
         job = ScoreJob(
             model,
@@ -115,8 +117,10 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
             raise PreconditionError(f"{request.index} was built with {index.factor_set}, not {request.factor_set}")
         if request.dataset and request.dataset not in [part.dataset for part in index.parts]:
             raise PreconditionError(f"{request.dataset} is not in {request.index}")
-        if request.tfidf:
-            raise InputError("tfidf filters recompute scoring; an index query has its own first stage")
+        if request.tfidf or request.bm25:
+            raise InputError("tfidf and bm25 filter recompute scoring; an index query has its own first stage")
+        if request.damping_check:
+            raise InputError("damping_check needs recompute scoring; an index is whitened at one damping")
         config = self._config(
             request,
             indexes.first_dataset(self.system.store, index),

@@ -48,7 +48,7 @@ from .jobs import ScoreJob, SelfJob
 from .messages import result_message
 from .report_data import from_artifact
 from .report_html import render
-from .reports import pairwise_report, self_report, settings_of, top_tensors
+from .reports import add_damping_check, pairwise_report, self_report, settings_of, top_tensors
 
 
 def _scorer(call: StageCall) -> Scorer:
@@ -66,13 +66,13 @@ def _prepare(call: StageCall, scorer: Scorer) -> PreparedQueries:
     return scorer.prepare(job.queries, mean_tokens, call.context.progress)
 
 
-def _tfidf_mask(call: StageCall, scorer: Scorer) -> torch.Tensor | None:
-    """[Q, N] TF-IDF candidates over the whole dataset (its idf needs every shard), or None."""
+def _lexical_mask(call: StageCall, scorer: Scorer) -> torch.Tensor | None:
+    """[Q, N] lexical candidates over the whole dataset (document frequencies need every shard), or None."""
     job: ScoreJob = call.job
-    if not job.config.tfidf:  # no candidates: no need to read every shard
+    if job.config.lexical is None:  # no candidates: no need to read every shard
         return None
     sequences = [s for shard in range(job.num_shards) for s in _shard(call, shard)]
-    return scorer.tfidf_mask(job.queries, sequences)
+    return scorer.lexical_mask(job.queries, sequences)
 
 
 def _shard(call: StageCall, shard: int):
@@ -87,9 +87,9 @@ def _prepared_tensors(call: StageCall) -> dict[str, torch.Tensor]:
 
 
 def _prepared(call: StageCall, scorer: Scorer) -> tuple[PreparedQueries, torch.Tensor | None]:
-    """The prepared queries and the TF-IDF mask, on the host: the Scorer places the queries itself."""
+    """The prepared queries and the lexical mask, on the host: the Scorer places the queries itself."""
     tensors = _prepared_tensors(call)
-    return PreparedQueries.from_tensors(tensors, scorer.names), tensors.get("tfidf_mask")
+    return PreparedQueries.from_tensors(tensors, scorer.names), tensors.get("lexical_mask")
 
 
 def _partials(call: StageCall, stage: str) -> list[ShardScores]:
@@ -112,9 +112,9 @@ def run_prepare(call: StageCall) -> None:
     scorer = _scorer(call)
     call.context.store.put_bytes(layout.job_modules(call.job_id), json.dumps(scorer.names).encode())
     tensors = _prepare(call, scorer).to_tensors()
-    mask = _tfidf_mask(call, scorer)
+    mask = _lexical_mask(call, scorer)
     if mask is not None:
-        tensors["tfidf_mask"] = mask
+        tensors["lexical_mask"] = mask
     _put_prepared(call, tensors)
 
 
@@ -132,7 +132,7 @@ def run_merge(call: StageCall) -> ResultInfo:
     job: ScoreJob = call.job
     names = json.loads(call.context.store.get_bytes(layout.job_modules(call.job_id)))  # prepare's (model) order
     strategy = FACTOR_SETS.read(call.context.store, job.factor_set_id).strategy  # its manifest alone
-    mask = _prepared_tensors(call).get("tfidf_mask")
+    mask = _prepared_tensors(call).get("lexical_mask")
     partials = _partials(call, "score")
     view = DatasetView(call.context.artifacts, call.context.store, job.dataset_id)
     result = merge(partials, names, job.config, mask)
@@ -190,7 +190,10 @@ def _publish_scores(
         settings=settings_of(job, _coverage(call)),
     )
     if mask is not None:
-        report["tfidf"] = {"k": job.config.tfidf, "scored_sequences": int(mask.any(0).sum())}
+        method, k = job.config.lexical
+        report[method] = {"k": k, "scored_sequences": int(mask.any(0).sum())}  # "tfidf" or "bm25"
+    if result.damping_overlap is not None:
+        add_damping_check(report, result.damping_overlap)
     return _publish_result(call, tensors, report, num_queries=len(job.queries))
 
 

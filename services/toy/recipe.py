@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +57,21 @@ def build_corpus(config: DemoSettings, seed: int) -> Corpus:
     )
 
 
-def train_and_save(corpus: Corpus, config: DemoSettings, seed: int, model_dir: Path, progress: bool) -> dict:
-    """Train a GPT-2 on the corpus, save it with its tokenizer; returns time (s) and query accuracy."""
+def train_and_save(
+    corpus: Corpus,
+    config: DemoSettings,
+    seed: int,
+    model_dir: Path | None,
+    progress: bool,
+    keep: Sequence[int] | None = None,
+) -> dict:
+    """Train a GPT-2 on the corpus, save it with its tokenizer; returns time (s) and query accuracy.
+
+    `keep`: train on just these training sequences (positions in corpus.training), with the same
+    tokenizer, model shape, seed and recipe (bench/lds retrains on random subsets this way);
+    `model_dir` None: save nothing. The report's `query_logprobs` are the queries' completion
+    log-probabilities (nats, summed over completion tokens) unrounded, in query order.
+    """
     tokenizer = build_word_tokenizer(corpus.vocabulary())
     longest = max(len(tokenizer(s.text)["input_ids"]) for s in corpus.training)
     model = build_tiny_model(
@@ -77,15 +91,20 @@ def train_and_save(corpus: Corpus, config: DemoSettings, seed: int, model_dir: P
         seed=seed,
     )
     started = time.perf_counter()
-    losses = train_causal_lm(model, tokenizer, [s.text for s in corpus.training], train_config, progress=progress)
+    texts = [s.text for s in corpus.training]
+    if keep is not None:
+        texts = [texts[position] for position in keep]
+    losses = train_causal_lm(model, tokenizer, texts, train_config, progress=progress)
     seconds = time.perf_counter() - started
     scores = score_completions(model, tokenizer, [(q.prompt, q.completion) for q in corpus.queries])
-    save_model_dir(model, tokenizer, model_dir)
+    if model_dir is not None:
+        save_model_dir(model, tokenizer, model_dir)
     report = {
         "seconds": round(seconds, 1),
         "final_loss": round(losses[-1], 4),
         "query_accuracy": sum(s.correct for s in scores) / len(scores),
         "query_mean_logprob": round(sum(s.logprob for s in scores) / len(scores), 4),
+        "query_logprobs": [s.logprob for s in scores],
         "per_query": {
             q.id: {"logprob": round(s.logprob, 4), "correct": s.correct}
             for q, s in zip(corpus.queries, scores, strict=True)

@@ -1,10 +1,13 @@
 """Train the demo model in a child process with pinned numerics: the same weight bytes on any x86-64 CPU.
 
     python -m services.toy.train_demo WORK_DIR --seed S --settings JSON [--quiet] [--numerics pinned|inherit]
+                                      [--keep JSON]
 
 reads nothing but its arguments, regenerates the corpus (pure Python, deterministic in the seed),
 builds and trains the model, saves it with its tokenizer into WORK_DIR/model and prints the
 training report as one JSON line on stdout (progress goes to stderr). `train_in_child` starts it.
+With `--keep` (a JSON list of training positions) it trains on just those sequences, with the
+same recipe, and saves nothing: the report is what bench/lds wants (`query_logprobs`).
 
 Why a child process: what decides float32 rounding on a CPU is process-wide and mostly read once,
 when torch and MKL load (the ATen kernel dispatch, MKL's code path and its thread pool); a child
@@ -40,7 +43,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 NUMERICS_VERSION = 1  # bump when PINNED_ENV changes: it changes the trained weights
@@ -77,12 +80,13 @@ def train_in_child(
     progress: bool = True,
     numerics: str = "pinned",
     env: Mapping[str, str] | None = None,
+    keep: Sequence[int] | None = None,
 ) -> dict:
     """Train and save the demo model into `work_dir`/model in a child process; returns its report.
 
     `env` is the child's base environment (default: this process's); `numerics="pinned"` overlays
     PINNED_ENV, "inherit" leaves it as is (for measuring what pinning changes). The child's stderr
-    (progress) is this process's.
+    (progress) is this process's. `keep`: train on just these training positions and save nothing.
     """
     command = [
         sys.executable,
@@ -98,6 +102,8 @@ def train_in_child(
     ]
     if not progress:
         command.append("--quiet")
+    if keep is not None:
+        command += ["--keep", json.dumps(list(keep))]
     completed = subprocess.run(
         command, env=child_environment(numerics, env), stdout=subprocess.PIPE, text=True, check=False
     )
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default="{}", help="DemoSettings fields as a JSON object")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--numerics", choices=("pinned", "inherit"), default="pinned")
+    parser.add_argument("--keep", help="train on these training positions only (a JSON list) and save nothing")
     args = parser.parse_args(argv)
     if args.numerics == "pinned":
         if "torch" in sys.modules:
@@ -163,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
 
     config = DemoSettings(**json.loads(args.settings))
     corpus = build_corpus(config, args.seed)
-    report = train_and_save(corpus, config, args.seed, args.work_dir / "model", progress=not args.quiet)
+    keep = None if args.keep is None else [int(position) for position in json.loads(args.keep)]
+    model_dir = None if keep is not None else args.work_dir / "model"
+    report = train_and_save(corpus, config, args.seed, model_dir, progress=not args.quiet, keep=keep)
     report["numerics"] = {"mode": args.numerics, **info}
     print(json.dumps(report), flush=True)
     return 0

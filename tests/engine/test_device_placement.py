@@ -475,6 +475,7 @@ VALUE_READING = {
     "correction.CorrectionAccumulator.add": "correction_update per module, then the token count",
     "score.top_k_entries": "topk and .tolist() of host scores (test_engine_invariance)",
     "score.merge": "the shards' host scores: sum, mask, top-k (test_engine_invariance, test_system)",
+    "score.damping_overlap": "argsort and .tolist() of the merged host scores (tests/engine/test_damping_check.py)",
     "score.concatenate": "torch.equal of the shards' indices (test_engine_invariance)",
     "index.two_stage": "topk of index scores on the host, then Scorer.score on the chosen (test_index_engine)",
     "capture.sequence_uniforms": "indices.tolist(): each sequence's CPU generator (test_device_placement CPU draws)",

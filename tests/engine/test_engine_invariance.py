@@ -194,7 +194,7 @@ def test_partitioned_scoring_equals_the_in_memory_chain():
 
     shards = [sequences[:5], sequences[5:6], sequences[6:]]
     prepared = scorer.prepare(queries, mean_length(sequences))
-    mask = scorer.tfidf_mask(queries, sequences)
+    mask = scorer.lexical_mask(queries, sequences)
     partials = [scorer.score(prepared, shard, mask=mask) for shard in shards]
     merged = merge(partials, scorer.names, config, mask)
     scorer.attach_token_scores(prepared, merged.top, sequences.__getitem__)

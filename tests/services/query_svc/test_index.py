@@ -142,16 +142,17 @@ def test_an_index_refuses_other_factors_and_other_damping(ws, tmp_path, capsys):
     assert "whitened with damping 0.1 x mean eigenvalue" in capsys.readouterr().err
 
 
-def test_tfidf_scores_only_each_querys_candidates_exactly(ws, tmp_path):
+@pytest.mark.parametrize("method", ["tfidf", "bm25"])
+def test_a_lexical_filter_scores_only_each_querys_candidates_exactly(ws, tmp_path, method):
     _, paths = ws
     exact = recompute(paths, "train", tmp_path / "all")
-    filtered = recompute(paths, "train", tmp_path / "tfidf", "--tfidf", "5", "--top-k", "3")
-    scored = load_file(str(tmp_path / "tfidf" / "scores.safetensors"))["scored"]
+    filtered = recompute(paths, "train", tmp_path / method, f"--{method}", "5", "--top-k", "3")
+    scored = load_file(str(tmp_path / method / "scores.safetensors"))["scored"]
     assert scored.shape == exact.shape and (scored.sum(1) == 5).all()
     assert torch.allclose(filtered[scored], exact[scored], rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
     assert (filtered[~scored] == 0).all()
-    report = json.loads((tmp_path / "tfidf" / "results.json").read_text())
-    assert report["tfidf"]["k"] == 5
+    report = json.loads((tmp_path / method / "results.json").read_text())
+    assert report[method]["k"] == 5
     ids = [json.loads(line)["id"] for line in Path(paths["train"]).read_text().splitlines()]
     for row, query in enumerate(report["queries"]):
         assert all(bool(scored[row, ids.index(entry["id"])]) for entry in query["top"])
@@ -181,3 +182,18 @@ def test_an_index_built_on_a_server_scores_there(ws, served, tmp_path):
     )
     assert indexed(paths, tmp_path / "index", tmp_path / "s2", "--rescore", "0", server=target) == 0
     assert_close(scores(tmp_path / "s2"), recompute(paths, "all", tmp_path / "r2"), FLOAT32, "server append")
+
+
+def test_the_damping_check_reports_each_querys_top_k_overlap_and_needs_recompute_scoring(ws, tmp_path, capsys):
+    _, paths = ws
+    args = ["score", "--model", paths["model"], "--factors", paths["factors"], "--data", paths["train"]]
+    out = tmp_path / "checked"
+    assert main([*args, "--queries", paths["queries"], "--out", str(out), "--top-k", "3", "--damping-check"]) == 0
+    assert "top-k kept at 0.1x the damping: mean " in capsys.readouterr().err
+    report = json.loads((out / "results.json").read_text())
+    assert sorted(report["damping_check"]) == ["0.1x", "10x"]
+    for query in report["queries"]:
+        assert sorted(query["damping_overlap"]) == ["0.1x", "10x"]
+        assert all(0 <= value <= 1 for value in query["damping_overlap"].values())
+    assert indexed(paths, tmp_path / "no-index", tmp_path / "x", "--damping-check") == 2
+    assert "--damping-check needs recompute scoring" in capsys.readouterr().err

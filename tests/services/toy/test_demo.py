@@ -109,3 +109,17 @@ def test_training_progress_writes_no_carriage_returns_when_stderr_is_not_a_termi
     model = build_tiny_model("gpt2", len(tokenizer), n_layer=1, d_model=8, n_head=2)
     losses = train_causal_lm(model, tokenizer, ["a b c", "c b a", "a a b"], TrainConfig(epochs=3, batch_size=2))
     assert len(losses) == 3 and "\r" not in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three trainings of the tiny demo: a few seconds on an idle host, a minute on a busy one
+def test_training_on_a_subset_keeps_the_recipe_and_saves_nothing(tmp_path):
+    """bench/lds retrains on subsets: keeping every sequence is the full training (same log-probs,
+    unrounded in `query_logprobs`), keeping half changes them, and no model directory is written."""
+    corpus = build_corpus(TINY, 0)
+    full = train_and_save(corpus, TINY, 0, tmp_path / "model", progress=False)
+    everything = train_and_save(corpus, TINY, 0, None, progress=False, keep=range(len(corpus.training)))
+    half = train_and_save(corpus, TINY, 0, None, progress=False, keep=range(0, len(corpus.training), 2))
+    assert everything["query_logprobs"] == full["query_logprobs"]
+    assert [round(value, 4) for value in full["query_logprobs"]] == [q["logprob"] for q in full["per_query"].values()]
+    assert half["query_logprobs"] != full["query_logprobs"] and len(half["query_logprobs"]) == TINY.num_queries
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]

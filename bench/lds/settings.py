@@ -1,0 +1,131 @@
+"""Score files for every setting the tool offers (and the baselines beside it), on the demo model.
+
+    nice -n 19 .venv/bin/python bench/lds/settings.py [--truth DIR] [--only NAME,...]
+    .venv/bin/python bench/lds/evaluate.py DIR/scores/ekfac-d0.1.safetensors DIR/scores/*.safetensors
+
+Writes DIR/scores/NAME.safetensors (`scores` [Q, N], metadata `seconds`: the setting's scoring
+time, plus its fit's for the settings that fit their own factors) for:
+
+    ekfac-dF            EK-FAC, damping F x mean eigenvalue (today's default F = 0.1)
+    kfac-d0.1, identity the other curvatures (identity: plain gradient dot products)
+    bm25                BM25 over tokens alone (engine/lexical.py's scores; no model)
+    tfidf-K-ekfac       TF-IDF pre-filter (--tfidf K) then EK-FAC at the default damping
+    bm25-K-ekfac        BM25 pre-filter (--bm25 K) then EK-FAC at the default damping
+    index-P-rescore-K   the index (projection P at its default size), K candidates rescored exactly
+                        (0: the index's own scores)
+
+through the engine's in-process API, on the demo's settings (batch 16, max length 128, MLP
+modules), exactly what `influence score` computes for each flag. The ground truth and the demo's
+directory are ground_truth.py's (DIR, default bench/out/lds/demo-seed0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from metrics import DEFAULT_TRUTH  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from services.engine.data import tokenize_queries  # noqa: E402
+from services.engine.fit import FitConfig, fit_factors  # noqa: E402
+from services.engine.index import Indexer, IndexSpec, two_stage  # noqa: E402
+from services.engine.lexical import bm25_scores  # noqa: E402
+from services.engine.model_io import load_model_and_tokenizer  # noqa: E402
+from services.engine.records import read_queries_jsonl, read_training_jsonl  # noqa: E402
+from services.engine.score import ScoreConfig, Scorer, mean_length, score_in_memory  # noqa: E402
+
+BATCH, MAX_LENGTH = 16, 128
+DAMPINGS = (0.001, 0.01, 0.1, 1.0)
+FILTER_K = (20, 50, 100)
+INDEX = (("svd", 0), ("svd", 20), ("svd", 100), ("random", 20))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--truth", type=Path, default=DEFAULT_TRUTH)
+    parser.add_argument("--only", help="comma-separated setting names (default: all)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # on a shared, busy host one thread wastes nothing waiting on the others
+    demo = args.truth / "demo"
+    out = args.truth / "scores"
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model_and_tokenizer(demo / "model")
+    examples = read_training_jsonl(demo / "TRAIN.jsonl")
+    queries = read_queries_jsonl(demo / "QUERIES.jsonl")
+    only = set(args.only.split(",")) if args.only else None
+
+    def save(name: str, scores: torch.Tensor, seconds: float) -> None:
+        save_file(
+            {"scores": scores.to(torch.float32).contiguous()},
+            str(out / f"{name}.safetensors"),
+            metadata={"seconds": f"{seconds:.2f}"},
+        )
+        print(f"{name:24s} {seconds:7.1f} s", flush=True)
+
+    fitted: dict[str, tuple[object, float]] = {}
+
+    def factors(strategy: str):
+        if strategy not in fitted:
+            print(f"fitting {strategy} factors", flush=True)
+            started = time.perf_counter()
+            fitted[strategy] = (
+                fit_factors(
+                    model, tokenizer, examples, FitConfig(strategy=strategy, batch_size=BATCH, max_length=MAX_LENGTH)
+                ),
+                time.perf_counter() - started,
+            )
+        return fitted[strategy]
+
+    def scored(name: str, strategy: str, **config) -> None:
+        if only and name not in only:
+            return
+        factor_set, fit_seconds = factors(strategy)
+        started = time.perf_counter()
+        scorer = Scorer(model, tokenizer, factor_set, ScoreConfig(batch_size=BATCH, max_length=MAX_LENGTH, **config))
+        result = score_in_memory(scorer, queries, scorer.tokenize_training(examples)).result
+        save(name, result.scores, fit_seconds + time.perf_counter() - started)
+
+    for factor in DAMPINGS:
+        scored(f"ekfac-d{factor:g}", "ekfac", damping_factor=factor)
+    scored("kfac-d0.1", "kfac")
+    scored("identity", "identity")
+    for k in FILTER_K:
+        scored(f"tfidf-{k}-ekfac", "ekfac", tfidf=k)
+        scored(f"bm25-{k}-ekfac", "ekfac", bm25=k)
+    if not only or "bm25" in only:
+        started = time.perf_counter()
+        training = Scorer(model, tokenizer, factors("ekfac")[0], ScoreConfig(max_length=MAX_LENGTH))
+        sequences = training.tokenize_training(examples)
+        save(
+            "bm25",
+            bm25_scores(tokenize_queries(tokenizer, queries, MAX_LENGTH), sequences),
+            time.perf_counter() - started,
+        )
+    for projection, rescore in INDEX:
+        name = f"index-{projection}-rescore-{rescore}"
+        if only and name not in only:
+            continue
+        factor_set, fit_seconds = factors("ekfac")
+        started = time.perf_counter()
+        config = ScoreConfig(batch_size=BATCH, max_length=MAX_LENGTH)
+        indexer = Indexer(model, tokenizer, factor_set, IndexSpec(projection=projection), config)
+        sequences = indexer.scorer.tokenize_training(examples)
+        index_queries = indexer.queries(queries)
+        index_scores = torch.zeros(len(queries), len(sequences), dtype=torch.float64)
+        for block in indexer.blocks(sequences):
+            index_scores[:, block["index"].long()] = indexer.score_block(index_queries, block).to(torch.float64)
+        prepared = indexer.scorer.prepare(queries, mean_length(sequences))
+        result, _ = two_stage(indexer.scorer, prepared, index_scores, sequences.__getitem__, rescore)
+        save(name, result.scores, fit_seconds + time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()
