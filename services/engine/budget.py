@@ -63,10 +63,12 @@ class WorkerBudget:
     def of_process(cls, device: torch.device | str = "cpu") -> WorkerBudget:
         """This process's budget: `INFLUENCE_WORKER_HOST_GIB` / `INFLUENCE_WORKER_DEVICE_GIB` when set
         (an API server planning for its workers, whose pods are not its own), else the container's
-        memory limit and, on a GPU, its total memory (`torch.cuda.mem_get_info`)."""
+        memory limit and, on a GPU, its total memory (`torch.cuda.mem_get_info`; none known when
+        this process sees no GPU). Device "": the machine's (cuda when there is one)."""
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         host = _gib_from_env("INFLUENCE_WORKER_HOST_GIB") or memory_limit_bytes()
         device_bytes = _gib_from_env("INFLUENCE_WORKER_DEVICE_GIB")
-        if device_bytes is None and torch.device(device).type == "cuda":
+        if device_bytes is None and torch.device(device).type == "cuda" and torch.cuda.is_available():
             _, device_bytes = torch.cuda.mem_get_info(torch.device(device))
         return cls(host, device_bytes)
 

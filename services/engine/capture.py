@@ -63,9 +63,7 @@ def sequence_generator(seed: int, index: int) -> torch.Generator:
 def sequence_uniforms(indices: torch.Tensor, positions: int, seed: int) -> torch.Tensor:
     """The uniforms of each sequence's label draws, on the host: [B, positions] float32 in [0, 1),
     row b from sequence indices[b]'s own generator (`sequence_generator`). indices: [B] (CPU)."""
-    return torch.stack(
-        [torch.rand(positions, generator=sequence_generator(seed, index)) for index in indices.tolist()]
-    )
+    return torch.stack([torch.rand(positions, generator=sequence_generator(seed, index)) for index in indices.tolist()])
 
 
 def sample_labels(logits: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:

@@ -130,6 +130,15 @@ class CaptureCache:
         self._reserved = 0
 
 
+def plan_model_fit(model: nn.Module, config: FitConfig, budget: WorkerBudget) -> FitPlan:
+    """The module groups and batch size of a fit of `model` under `budget` (budget.plan_fit): from
+    its modules' shapes alone, so `model` may be a skeleton on the meta device (model_io.model_skeleton)."""
+    tracked = describe_all(select_modules(model, config.modules))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+    return plan_fit(tracked, weights, budget, config.batch_size, config.max_length, vocab)
+
+
 def prepare_model(model: nn.Module, selection: str) -> tuple[dict[str, nn.Module], dict[str, TrackedModule]]:
     """Select tracked modules, check their weights are finite, freeze every other parameter."""
     modules = select_modules(model, selection)
@@ -200,9 +209,7 @@ class FitModel:
 
     def plan(self, budget: WorkerBudget) -> FitPlan:
         """The module groups and batch size of this fit under `budget` (budget.plan_fit)."""
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        vocab = getattr(getattr(self.model, "config", None), "vocab_size", 0) or 0
-        return plan_fit(self.tracked, weights, budget, self.config.batch_size, self.config.max_length, vocab)
+        return plan_model_fit(self.model, self.config, budget)
 
     def tokenize(self, examples: Sequence[TrainingExample]) -> list[TokenizedSequence]:
         """The fit's training sequences: the first `max_examples` examples, tokenised."""

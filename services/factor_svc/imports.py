@@ -120,4 +120,3 @@ class FactorUpload:
         if self._handle is not None:
             self._handle.close()
         self._spool.cleanup()
-
