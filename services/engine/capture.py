@@ -103,7 +103,7 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 64) 
     columns = chosen * block + torch.arange(block, device=weights.device)  # [..., block]
     inside = weights.gather(-1, columns.clamp_max(vocab - 1)).masked_fill(columns >= vocab, 0).cumsum(-1)
     offset = torch.searchsorted(inside, target - before).clamp_max(block - 1)
-    limit = torch.minimum(vocab - 1 - chosen * block, torch.tensor(block - 1, device=weights.device))
+    limit = (vocab - 1 - chosen * block).clamp_max(block - 1)
     return (chosen * block + torch.minimum(offset, limit)).squeeze(-1)
 
 
@@ -185,7 +185,7 @@ def capture(
         outputs = [output for name in names for output in recorder.outputs[name]]
         gradients = torch.autograd.grad(logits, outputs, grad_outputs=logits_gradient, allow_unused=True)
     del logits, logits_gradient
-    padded = not bool(batch.attention_mask.bool().all())
+    padded = batch.padded  # known on the host: reading the mask would wait for the device
     captures: dict[str, ModuleCapture] = {}
     position = 0
     for name in names:

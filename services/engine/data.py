@@ -42,21 +42,35 @@ class TokenizedSequence:
 class Batch:
     """Right-padded batch.
 
-    indices: [B] positions of the sequences in their source list;
-    input_ids, attention_mask, target_mask: [B, T].
+    indices: [B] positions of the sequences in their source list (always on the host);
+    input_ids, attention_mask, target_mask: [B, T];
+    padded: whether any row is padded, and tokens: the real tokens, both known on the host when
+    the batch is made, so a pass on a GPU never reads them back from the device.
     """
 
     indices: torch.Tensor
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     target_mask: torch.Tensor
+    padded: bool = True
+    tokens: int = 0
 
     def to(self, device: torch.device | str) -> Batch:
+        """The batch on `device`; to a GPU from pinned memory without blocking the host (the
+        model's forward queues behind the copies on the same stream)."""
+        device = torch.device(device)
+        pinned = device.type == "cuda" and torch.cuda.is_available()
+
+        def moved(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.pin_memory().to(device, non_blocking=True) if pinned else tensor.to(device)
+
         return Batch(
             self.indices,
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.target_mask.to(device),
+            moved(self.input_ids),
+            moved(self.attention_mask),
+            moved(self.target_mask),
+            self.padded,
+            self.tokens,
         )
 
 
@@ -135,7 +149,8 @@ def collate(sequences: Sequence[TokenizedSequence], pad_token_id: int) -> Batch:
         attention_mask[row, : sequence.length] = 1
         target_mask[row, : sequence.length] = sequence.target_mask
     indices = torch.tensor([sequence.index for sequence in sequences], dtype=torch.long)
-    return Batch(indices, input_ids, attention_mask, target_mask)
+    tokens = sum(sequence.length for sequence in sequences)
+    return Batch(indices, input_ids, attention_mask, target_mask, tokens < batch_size * longest, tokens)
 
 
 def length_bucketed_batches(

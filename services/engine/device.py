@@ -7,7 +7,8 @@ them — is moved there by `to_device` at the step's entry, before any kernel se
 (as `Preconditioner`s) and eigenbases once per task, prepared queries once per call. Kernels (the
 functions that do the arithmetic; tests/engine/test_device_placement.py lists and runs every one of them
 on fake CUDA tensors) take tensors on one device and never move them. Results reach the host in
-one place each: `sums.accumulate` into the float64 host sums, and the scores `.to("cpu")` per batch.
+one place each: `sums.RunningSums.to_host` (a pass's sums, once per task), and the scores `.to("cpu")`
+per batch.
 
 Code that reads values (finiteness checks, counts of real tokens, the damping λ from mean Λ, the
 singular-curvature check, top-k, TF-IDF) stays outside kernels: on the host before placement

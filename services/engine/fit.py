@@ -256,7 +256,8 @@ class FitModel:
 
     def _within_memory(self, run: Callable[[int], Accumulator], stage: str, cache: CaptureCache | None) -> Accumulator:
         """`run(batch_size)`, and once more at the budget's lower batch size (budget.lower_batch_size)
-        when it runs out of memory; a second failure is RESOURCE_EXHAUSTED (never retried as it was)."""
+        when it runs out of memory, which this task's later passes then keep; a second failure is
+        RESOURCE_EXHAUSTED (a failure of the caller's settings: never retried as it was)."""
         try:
             return run(self.batch_size)
         except Exception as error:
@@ -267,10 +268,13 @@ class FitModel:
         release_device_memory(self.device)
         lowered = lower_batch_size(self.batch_size)
         try:
-            return run(lowered)
+            result = run(lowered)
         except Exception as error:
             if not is_out_of_memory(error):
                 raise
+        else:
+            self.batch_size = lowered  # the task's later passes start there
+            return result
         release_device_memory(self.device)
         raise ResourceExhaustedError(
             f"the {stage} pass ran out of memory at batch size {self.batch_size} and again at {lowered}: "

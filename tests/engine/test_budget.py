@@ -150,7 +150,7 @@ def test_out_of_memory_lowers_the_batch_size_once_and_the_manifest_says_so():
         )
     finally:
         handle.remove()
-    assert oom.batches[0] == 4 and set(oom.batches[1:]) <= {1, 2}  # one failed batch, then half
+    assert oom.batches[0] == 4 and set(oom.batches[1:]) <= {1, 2}  # one failed batch, then half, kept
     assert factors.metadata["effective_batch_sizes"] == [2]
     assert factors.metadata["planned_batch_size"] == 4
     reference = fit_factors(model, tokenizer, random_examples(9, seed=1), FitConfig(batch_size=2), worker_budget=ROOMY)

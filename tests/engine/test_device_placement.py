@@ -49,6 +49,7 @@ from services.engine.covariance import CovarianceAccumulator, Eigenbases, covari
 from services.engine.data import collate
 from services.engine.device import exact_arithmetic, tf32_settings, to_device
 from services.engine.factor_io import from_artifact, to_artifact
+from services.engine.finite import all_finite
 from services.engine.fit import FitConfig, FitModel, FittedModel, fit_factors
 from services.engine.index import (
     Indexer,
@@ -395,6 +396,12 @@ def case_correction_accumulator_add(loaded: Loaded) -> None:
     assert_on_cuda(accumulator._tokens, "token count")
 
 
+def case_all_finite(loaded: Loaded) -> None:
+    """A GPU pass's per-batch finiteness check: a device flag, read once per pass (passes.py)."""
+    capture = cuda_capture(3, 2)
+    assert_on_cuda(all_finite([capture.a, capture.s]), "finiteness flag")
+
+
 def case_sequence_tokens(loaded: Loaded) -> None:
     assert_on_cuda(sequence_tokens({"m": cuda_capture(3, 2)}), "token count")
 
@@ -494,6 +501,7 @@ KERNEL_CASES = {
     "covariance.CovarianceAccumulator.add": case_covariance_accumulator_add,
     "correction.CorrectionAccumulator.add": case_correction_accumulator_add,
     "correction.sequence_tokens": case_sequence_tokens,
+    "finite.all_finite": case_all_finite,
     "covariance.gram": case_gram,
     "covariance.covariance_update": case_covariance_update,
     "correction.correction_update": case_correction_update,
