@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .data import Batch
+from .device import host_to_device
 from .modules import TrackedModule, describe
 
 
@@ -79,7 +80,7 @@ def sample_from(probabilities: torch.Tensor, indices: torch.Tensor, seed: int) -
     the device. indices: [B] (CPU). Returns [B, T-1] int64.
     """
     _, positions, _ = probabilities.shape
-    uniforms = sequence_uniforms(indices, positions, seed).to(probabilities.device)
+    uniforms = host_to_device(sequence_uniforms(indices, positions, seed), probabilities.device)
     return inverse_cdf(probabilities, uniforms)
 
 

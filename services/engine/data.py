@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
+from .device import host_to_device
 from .records import Query, TrainingExample
 
 
@@ -56,19 +57,12 @@ class Batch:
     tokens: int = 0
 
     def to(self, device: torch.device | str) -> Batch:
-        """The batch on `device`; to a GPU from pinned memory without blocking the host (the
-        model's forward queues behind the copies on the same stream)."""
-        device = torch.device(device)
-        pinned = device.type == "cuda" and torch.cuda.is_available()
-
-        def moved(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.pin_memory().to(device, non_blocking=True) if pinned else tensor.to(device)
-
+        """The batch on `device` (a GPU's copies from pinned memory, not blocking: device.host_to_device)."""
         return Batch(
             self.indices,
-            moved(self.input_ids),
-            moved(self.attention_mask),
-            moved(self.target_mask),
+            host_to_device(self.input_ids, device),
+            host_to_device(self.attention_mask, device),
+            host_to_device(self.target_mask, device),
             self.padded,
             self.tokens,
         )

@@ -50,6 +50,16 @@ def to_device(value, device: torch.device | str):
     return value
 
 
+def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory without blocking the host (kernels
+    queued after it on the same stream wait for it, the host does not): a pageable copy would be a
+    synchronisation per batch."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def release_device_memory(device: torch.device | str) -> None:
     """Give the CUDA caching allocator's free blocks back (after an out-of-memory error, before the
     retry at a lower batch size); nothing on the CPU."""

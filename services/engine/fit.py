@@ -503,9 +503,9 @@ def fit_factors(
     """Fit the configured strategy's factors on `examples`: the steps above, the data as one shard,
     in the module groups and at the batch size `worker_budget` allows (default: this process's,
     budget.WorkerBudget.of_process)."""
-    config = config or FitConfig()
-    plan = FitModel(model, tokenizer, config).plan(worker_budget or WorkerBudget.of_process(device_of(model)))
-    fit = FitModel(model, tokenizer, config, batch_size=plan.batch_size)
+    fit = FitModel(model, tokenizer, config or FitConfig())
+    plan = fit.plan(worker_budget or WorkerBudget.of_process(fit.device))
+    fit.batch_size = plan.batch_size
     progress = progress or Progress()
     factor_set = fit_in_memory(
         fit,

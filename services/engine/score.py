@@ -41,7 +41,7 @@ from ..errors import InputError, PreconditionError
 from ..options import BATCH_SIZE, DAMPING, DAMPING_FACTOR, MAX_LENGTH, QUERY_RANK, TFIDF, TOP_K
 from .capture import accumulation_dtype, capture
 from .data import TokenizedSequence, collate, tokenize_queries, tokenize_training
-from .device import exact_arithmetic, to_device
+from .device import exact_arithmetic, host_to_device, to_device
 from .factors import FactorSet
 from .finite import first_non_finite, require_finite
 from .fit import prepare_model
@@ -331,7 +331,7 @@ class Scorer:
         column = {sequence.index: position for position, sequence in enumerate(sequences)}
         scores = torch.zeros(len(sequences), dtype=torch.float64, device=self.device)
         for batch, captures in self._passes(sequences, "self", progress):
-            columns = torch.tensor([column[int(index)] for index in batch.indices]).to(self.device)
+            columns = host_to_device(torch.tensor([column[int(index)] for index in batch.indices]), self.device)
             for name, module_capture in captures.items():
                 curvature = self.preconditioners[name]
                 rotated = rotated_per_sequence_gradients(

@@ -545,6 +545,7 @@ STEPS = {
     "score.compute_scores": "the in-process API: Scorer and score_in_memory",
     "score.compute_self_influence": "the in-process API: Scorer.self_influence",
     "data.Batch.to": "places a batch's ids and masks on the model's device (captured_batches); indices stay",
+    "device.host_to_device": "the one host-to-GPU copy (pinned, not blocking): batches, label uniforms, columns",
 }
 
 # Host-side by contract, or the model pass itself.
