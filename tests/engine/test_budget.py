@@ -66,7 +66,7 @@ def grouped_and_whole(model, tokenizer, examples, config: FitConfig, state_bytes
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
 def test_module_groups_give_the_factors_of_one_group_byte_for_byte(strategy):
-    model, tokenizer = tiny_model("llama", n_layer=3), IntTokenizer()
+    model, tokenizer = tiny_model("llama"), IntTokenizer()
     config = FitConfig(strategy=strategy, modules="all", batch_size=3, fisher="sampled")
     fit = FitModel(model, tokenizer, config)
     largest = max(module_state_bytes(m) for m in fit.tracked.values())
@@ -214,3 +214,11 @@ def test_the_cgroup_cpu_limit_caps_the_cores(tmp_path):
     assert cgroup_cpu_limit((v2, v1)) == 2
     v1.write_text("-1\n")
     assert cgroup_cpu_limit((v2, v1)) is None
+
+
+def test_an_api_server_plans_with_its_workers_budget_from_the_environment(monkeypatch):
+    monkeypatch.setenv("INFLUENCE_WORKER_HOST_GIB", "48")
+    monkeypatch.setenv("INFLUENCE_WORKER_DEVICE_GIB", "80")
+    assert WorkerBudget.of_process("") == WorkerBudget(48 * GIB, 80 * GIB)
+    monkeypatch.delenv("INFLUENCE_WORKER_DEVICE_GIB")
+    assert WorkerBudget.of_process("cuda").device is None  # this CPU machine: no GPU to ask
