@@ -513,7 +513,7 @@ def stage_fed(args, device: torch.device) -> dict:
         sizes = {"words": 1000, "sequences": 16, "length": 32}
     else:
         config = llama(49152, 576, 1536, 30, 9, 3, tie_word_embeddings=True, rms_norm_eps=1e-5)
-        sizes = {"words": 2000, "sequences": 256, "length": 256}
+        sizes = {"words": 2000, "sequences": 128, "length": 256}  # 8 batches: the check's 7 minutes hold
     batch = 4 if args.small else 16
     clock = Clock(device)
     tokenizer = word_tokenizer(sizes["words"])

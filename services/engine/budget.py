@@ -13,7 +13,7 @@ and its module groups. One mechanism; every number below is decided here and now
     correction sums Σ (Q_Sᵀ DW Q_A)²      8 d_out d_in
 A task holds the state of its group's modules on the device that computes (the sums accumulate
 there) and, once per task, on the host (where they are written from, and where eigen reduces them
-shard by shard). A group is a run of modules in model order whose state fits `state_share` of the
+shard by shard). A group is a run of modules in model order whose state fits `STATE_SHARE` of the
 smaller of the two budgets left after the model's weights (on the device; the host keeps no model
 when a GPU computes). When a factor set's state exceeds that, the fit runs as tasks per (data shard,
 module group): each group's captures, sums, eigenbases and Λ are computed, written and read on their
