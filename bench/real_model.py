@@ -125,10 +125,8 @@ def write_corpus(out: Path, sequences: int, queries: int, seed: int = 0) -> dict
     for number in range(queries):
         relation = ["capital", "inventor", "color"][number % 3]
         entity = made_up_name(rng, 3) + (" engine" if relation == "inventor" else "")
-        answer = (
-            rng.choice(COLORS)
-            if relation == "color"
-            else made_up_name(rng, 2) + (" " + made_up_name(rng, 2) if relation == "inventor" else "")
+        answer = rng.choice(COLORS) if relation == "color" else made_up_name(rng, 2) + (
+            " " + made_up_name(rng, 2) if relation == "inventor" else ""
         )
         facts.append((relation, entity.replace(" engine", "") if relation != "inventor" else entity, answer))
     records, sources = [], {}
@@ -212,15 +210,8 @@ def main() -> None:
     common += ["--batch-size", str(args.batch_size)]
     report: dict = {"model": str(model), "sequences": args.sequences, "queries": args.queries, "steps": {}}
     plain = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            PLAIN_PASS,
-            str(model),
-            str(out / "train.jsonl"),
-            str(args.batch_size),
-            str(args.max_length),
-        ],
+        [sys.executable, "-c", PLAIN_PASS, str(model), str(out / "train.jsonl"), str(args.batch_size),
+         str(args.max_length)],
         check=True,
         capture_output=True,
         text=True,

@@ -73,9 +73,7 @@ DEVICE = Flag(
 )
 DTYPE = Flag("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 or float64 (default: float32)")
 DATA = Flag(
-    "--data",
-    required=True,
-    help='TRAIN.jsonl ({"id": optional, "text": ...} per line); with --server also s3://BUCKET/KEY',
+    "--data", required=True, help='TRAIN.jsonl ({"id": optional, "text": ...} per line); with --server also s3://BUCKET/KEY'
 )
 FACTORS = Flag("--factors", required=True, help="directory written by `influence fit` (or a server's factorSets/ID)")
 QUIET = Flag("--quiet", action="store_true", help="no progress bars")

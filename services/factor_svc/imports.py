@@ -120,3 +120,4 @@ class FactorUpload:
         if self._handle is not None:
             self._handle.close()
         self._spool.cleanup()
+

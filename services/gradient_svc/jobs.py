@@ -1,9 +1,9 @@
 """GradientService's jobs: what each computes, stored once as its spec (system/specs.py).
 
-RegisterJob  tokenise an uploaded JSONL into dataset shards              -> datasets/{id}
-BlocksJob    one shard's per-sequence gradients, for StreamBlocks        -> relayed blocks
-IndexJob     a dataset's compressed gradients, as a new index or a part  -> indexes/{id}
-             appended to one
+    RegisterJob  tokenise an uploaded JSONL into dataset shards              -> datasets/{id}
+    BlocksJob    one shard's per-sequence gradients, for StreamBlocks        -> relayed blocks
+    IndexJob     a dataset's compressed gradients, as a new index or a part  -> indexes/{id}
+                 appended to one
 """
 
 from __future__ import annotations

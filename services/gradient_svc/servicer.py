@@ -62,6 +62,7 @@ def _upload_settings(message) -> gradient_service_pb2.RegisterDatasetRequest:
 
 
 class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceServicer):
+
     @grpc_errors
     async def RegisterDataset(self, request, context):
         return await asyncio.to_thread(self._register, request)

@@ -277,16 +277,7 @@ class OperationStore:
             return None
         record = {key.decode(): value for key, value in raw.items()}
         for key in (
-            "id",
-            "kind",
-            "state",
-            "request_id",
-            "error_message",
-            "stage",
-            "last_error",
-            "step",
-            "step_unit",
-            "tenant",
+            "id", "kind", "state", "request_id", "error_message", "stage", "last_error", "step", "step_unit", "tenant"
         ):
             if key in record:
                 record[key] = record[key].decode()

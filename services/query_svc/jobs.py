@@ -1,7 +1,7 @@
 """QueryService's jobs: what each computes, stored once as its spec (system/specs.py).
 
-ScoreJob   score queries against a dataset (or an index) with a factor set   -> results/{id}
-SelfJob    self-influence of a dataset's sequences                           -> results/{id}
+    ScoreJob   score queries against a dataset (or an index) with a factor set   -> results/{id}
+    SelfJob    self-influence of a dataset's sequences                           -> results/{id}
 """
 
 from __future__ import annotations

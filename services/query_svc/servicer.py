@@ -27,6 +27,7 @@ from .messages import result_message
 
 
 class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
+
     def _inputs(self, request) -> tuple[str, DatasetInfo]:
         """The factor set's id and the dataset, both checked to exist."""
         factor_set_id = FACTOR_SETS.parse(request.factor_set, "factor_set")
