@@ -16,6 +16,10 @@ how fast, in how much GPU memory? One JSON line per stage on stdout (run through
                  index build, with timings and peak GPU memory
     llama_4096   a 2-layer Llama at 4096/11008 in bfloat16: EK-FAC on the attention projections,
                  the diagonal strategy on the MLPs (no 11008² eigendecomposition), rank-32 scores
+    fed          is the GPU fed (issue 25): SmolLM2's configuration, the covariance and correction
+                 passes in units of a plain forward+backward, synchronisations per batch (torch's
+                 sync debug mode), time in host copies, eigh on the device, peak GPU memory, and
+                 the fit in module groups against one group (time; factor files byte-identical)
     summary      every stage's verdict, the wall time
 
 `--dry-run` (= `--device cpu --small`) runs every stage at toy sizes on the CPU: what
@@ -35,6 +39,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -464,16 +469,136 @@ def stage_service(args, device: torch.device) -> dict:
     }
 
 
+def count_syncs(device: torch.device):
+    """A context whose `.count` is how many host-device synchronisations torch reported inside it
+    (torch.cuda.set_sync_debug_mode("warn")); None on the CPU, where nothing synchronises."""
+
+    class Counter(contextlib.AbstractContextManager):
+        count: int | None = None
+
+        def __enter__(self):
+            if device.type == "cuda":
+                self._warnings = warnings.catch_warnings(record=True)
+                self._caught = self._warnings.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            return self
+
+        def __exit__(self, *exc):
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+                self._warnings.__exit__(*exc)
+                self.count = sum("synchroniz" in str(w.message) for w in self._caught)
+            return False
+
+    return Counter()
+
+
+def stage_fed(args, device: torch.device) -> dict:
+    """Is the GPU fed (issue 25)? SmolLM2-135M's configuration in bfloat16, its MLPs: a plain
+    forward+backward per batch is the unit; the covariance and correction passes in those units,
+    the synchronisations per batch (torch's sync debug mode), the time in host copies (the sums to
+    the host, once per task), the eigendecomposition on the device, peak GPU memory; and the same
+    fit in module groups (a budget that forces them) against one group: time, and whether the
+    factor files are the same bytes."""
+    from services.engine import sums as sums_module
+    from services.engine.budget import WorkerBudget, module_groups, module_state_bytes
+    from services.engine.factor_io import to_artifact
+    from services.engine.fit import FitModel, eigendecompose, fit_in_memory
+    from services.engine.resources import MemoryBudget
+    from services.storage.tensors import tensors_to_bytes
+
+    if args.small:
+        config = llama(2100, 64, 160, 2, 4, 2, tie_word_embeddings=True)
+        sizes = {"words": 1000, "sequences": 16, "length": 32}
+    else:
+        config = llama(49152, 576, 1536, 30, 9, 3, tie_word_embeddings=True, rms_norm_eps=1e-5)
+        sizes = {"words": 2000, "sequences": 128, "length": 256}  # 8 batches: the check's 7 minutes hold
+    batch = 4 if args.small else 16
+    clock = Clock(device)
+    tokenizer = word_tokenizer(sizes["words"])
+    data = examples(sizes["sequences"], sizes["length"], sizes["words"])
+    model = build(config, torch.bfloat16, device)
+    fit = FitModel(model, tokenizer, FitConfig(strategy="ekfac", modules="mlp", batch_size=batch))
+    sequences = fit.tokenize(data)
+    batches = -(-len(sequences) // batch)
+
+    from services.engine.data import length_bucketed_batches
+
+    def plain_forward_backward():
+        for plain in length_bucketed_batches(sequences, batch, tokenizer.pad_token_id):
+            plain = plain.to(device)
+            out = model(input_ids=plain.input_ids, attention_mask=plain.attention_mask, labels=plain.input_ids)
+            out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    plain_forward_backward()  # warm-up: kernels chosen, allocator filled
+    with clock.step("forward+backward"):
+        plain_forward_backward()
+    unit = clock.seconds["forward+backward"]
+
+    copies = {"seconds": 0.0}
+    to_host = sums_module.RunningSums.to_host
+
+    def timed_to_host(self):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        host = to_host(self)
+        copies["seconds"] += time.perf_counter() - started
+        return host
+
+    sums_module.RunningSums.to_host = timed_to_host
+    try:
+        with count_syncs(device) as covariance_syncs, clock.step("covariance"):
+            partial = fit.covariance(sequences)
+        with clock.step("eigendecomposition"):
+            eigen = eigendecompose([partial], torch.float32, device=device if device.type == "cuda" else "cpu")
+        with count_syncs(device) as correction_syncs, clock.step("correction"):
+            fit.correction(sequences, eigen)
+    finally:
+        sums_module.RunningSums.to_host = to_host
+
+    def files(factor_set) -> dict[str, bytes]:
+        return {name: tensors_to_bytes(tensors) for name, tensors in to_artifact(factor_set)[1].items()}
+
+    plan = fit.plan(WorkerBudget.of_process(device))
+    state = sum(module_state_bytes(m) for m in fit.tracked.values())
+    groups = module_groups(fit.tracked, state // 4)  # what a worker with room for a quarter of it plans
+    with clock.step("fit one group"):
+        whole = fit_in_memory(fit, sequences, MemoryBudget(0))
+    with clock.step("fit in groups"):
+        grouped = fit_in_memory(fit, sequences, MemoryBudget(0), groups=groups)
+    in_units = {step: round(clock.seconds[step] / unit, 2) for step in ("covariance", "correction")}
+    return {
+        "ok": files(whole) == files(grouped),
+        "batches": batches,
+        "batch_size": batch,
+        "plan": {"groups": len(plan.groups), "batch_size": plan.batch_size, "budget": plan.budget.describe()},
+        "unit_forward_backward_seconds": unit,
+        "passes_in_units": in_units,
+        "syncs_per_batch": {
+            "covariance": None if covariance_syncs.count is None else round(covariance_syncs.count / batches, 2),
+            "correction": None if correction_syncs.count is None else round(correction_syncs.count / batches, 2),
+        },
+        "host_copy_seconds": round(copies["seconds"], 3),
+        "groups": {"count": len(groups), "identical_factor_files": files(whole) == files(grouped)},
+        "grouped_over_one_group": round(clock.seconds["fit in groups"] / clock.seconds["fit one group"], 2),
+        **clock.fields(),
+    }
+
+
 STAGES = {
     "environment": stage_environment,
     "exactness": stage_exactness,
     "precision": stage_precision,
     "smollm2": stage_smollm2,
     "llama_4096": stage_llama_4096,
+    "fed": stage_fed,
     "service": stage_service,  # last: the one that needs the carried wheels and could wait on a server
 }
 # A stage running past this is reported failed and the check ends (its output so far kept).
-STAGE_SECONDS = {"service": 240, "smollm2": 240, "llama_4096": 240}
+STAGE_SECONDS = {"service": 240, "smollm2": 240, "llama_4096": 240, "fed": 240}
 
 
 def timed_out(name: str, seconds: float, verdicts: dict) -> None:

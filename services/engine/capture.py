@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .data import Batch
+from .device import host_to_device
 from .modules import ExpertLinear, TrackedModule, describe
 
 
@@ -69,9 +70,7 @@ def sequence_generator(seed: int, index: int) -> torch.Generator:
 def sequence_uniforms(indices: torch.Tensor, positions: int, seed: int) -> torch.Tensor:
     """The uniforms of each sequence's label draws, on the host: [B, positions] float32 in [0, 1),
     row b from sequence indices[b]'s own generator (`sequence_generator`). indices: [B] (CPU)."""
-    return torch.stack(
-        [torch.rand(positions, generator=sequence_generator(seed, index)) for index in indices.tolist()]
-    )
+    return torch.stack([torch.rand(positions, generator=sequence_generator(seed, index)) for index in indices.tolist()])
 
 
 def sample_labels(logits: torch.Tensor, indices: torch.Tensor, seed: int) -> torch.Tensor:
@@ -87,7 +86,7 @@ def sample_from(probabilities: torch.Tensor, indices: torch.Tensor, seed: int) -
     the device. indices: [B] (CPU). Returns [B, T-1] int64.
     """
     _, positions, _ = probabilities.shape
-    uniforms = sequence_uniforms(indices, positions, seed).to(probabilities.device)
+    uniforms = host_to_device(sequence_uniforms(indices, positions, seed), probabilities.device)
     return inverse_cdf(probabilities, uniforms)
 
 
@@ -111,7 +110,7 @@ def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 64) 
     columns = chosen * block + torch.arange(block, device=weights.device)  # [..., block]
     inside = weights.gather(-1, columns.clamp_max(vocab - 1)).masked_fill(columns >= vocab, 0).cumsum(-1)
     offset = torch.searchsorted(inside, target - before).clamp_max(block - 1)
-    limit = torch.minimum(vocab - 1 - chosen * block, torch.tensor(block - 1, device=weights.device))
+    limit = (vocab - 1 - chosen * block).clamp_max(block - 1)
     return (chosen * block + torch.minimum(offset, limit)).squeeze(-1)
 
 
@@ -212,7 +211,7 @@ def capture(
         outputs = [output for name in names for output in recorder.outputs[name]]
         gradients = torch.autograd.grad(logits, outputs, grad_outputs=logits_gradient, allow_unused=True)
     del logits, logits_gradient
-    padded = not bool(batch.attention_mask.bool().all())
+    padded = batch.padded  # known on the host: reading the mask would wait for the device
     captures: dict[str, ModuleCapture] = {}
     position = 0
     for name in modules:

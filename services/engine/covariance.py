@@ -15,9 +15,10 @@ triangle [d(d+1)/2] (row-major). `eigendecompose` normalises the reduced sums an
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,30 +28,51 @@ from .factors import ModuleFactors
 from .finite import require_finite
 from .modules import TrackedModule
 from .progress import Progress
-from .resources import single_threaded_torch
-from .sums import accumulate
+from .resources import available_cores, single_threaded_torch
+from .sums import RunningSums
 
 
 class CovarianceAccumulator:
-    """Σ a aᵀ and Σ s sᵀ over real tokens, per module, in float64."""
+    """Σ a aᵀ and Σ s sᵀ over real tokens, per module: during a pass on its device (`sums.RunningSums`,
+    token counts as device tensors: adding a batch never waits for the device), after `finish`
+    (once per task) and when read from the store in float64 on the host. `batch_sizes`: the batch
+    sizes the passes ran with (a task that ran out of memory lowered its own)."""
 
-    def __init__(self, modules: dict[str, TrackedModule], allocate: bool = True):
+    def __init__(self, modules: dict[str, TrackedModule], device: torch.device | str | None = "cpu"):
+        """`device`: where a pass adds its batches; None for a partial sum read from the store."""
         self.modules = modules
-        self.activation_sums = {
-            n: torch.zeros(m.d_in_full, m.d_in_full, dtype=torch.float64) for n, m in modules.items() if allocate
-        }
-        self.gradient_sums = {
-            n: torch.zeros(m.d_out, m.d_out, dtype=torch.float64) for n, m in modules.items() if allocate
-        }
+        self.activation_sums: dict[str, torch.Tensor] = {}
+        self.gradient_sums: dict[str, torch.Tensor] = {}
         self.token_counts = dict.fromkeys(modules, 0)
         self.n_sequences = 0
+        self.batch_sizes: set[int] = set()
+        self._running = None
+        if device is not None:
+            shapes = {}
+            for name, module in modules.items():
+                shapes[f"{name}/activation"] = (module.d_in_full, module.d_in_full)
+                shapes[f"{name}/gradient"] = (module.d_out, module.d_out)
+            self._running = RunningSums(shapes, device)
+            self._tokens = {name: torch.zeros((), dtype=torch.int64, device=device) for name in modules}
 
     def add(self, captures: dict[str, ModuleCapture], n_sequences: int) -> None:
-        """Add one batch. Padding rows of a and s are zero, so plain matmuls skip them."""
+        """Add one batch on its device. Padding rows of a and s are zero, so plain matmuls skip them."""
         for name, capture in captures.items():
-            covariance_update(self.activation_sums[name], self.gradient_sums[name], capture)
-            self.token_counts[name] += int(capture.token_mask.sum())
+            covariance_update(self._running, name, capture)
+            self._tokens[name] += capture.token_mask.sum()
         self.n_sequences += n_sequences
+
+    def finish(self, batch_size: int) -> CovarianceAccumulator:
+        """The pass's sums and counts to the host (float64), once, checked for NaN and Inf."""
+        host = self._running.to_host()
+        for name in self.modules:
+            self.activation_sums[name] = host.pop(f"{name}/activation")
+            self.gradient_sums[name] = host.pop(f"{name}/gradient")
+            self.token_counts[name] = int(self._tokens.pop(name))
+        self._running = None
+        self.batch_sizes = {batch_size}
+        self.check_finite()
+        return self
 
     def merge(self, other: CovarianceAccumulator) -> None:
         for name in self.modules:
@@ -58,6 +80,7 @@ class CovarianceAccumulator:
             self.gradient_sums[name] += other.gradient_sums[name]
             self.token_counts[name] += other.token_counts[name]
         self.n_sequences += other.n_sequences
+        self.batch_sizes |= other.batch_sizes
 
     def check_finite(self) -> None:
         """NonFiniteError naming the first module whose sums hold NaN or Inf."""
@@ -72,7 +95,10 @@ class CovarianceAccumulator:
     def state(self) -> dict[str, torch.Tensor]:
         """Flat tensor dict (for safetensors): counts, and each symmetric sum as its upper triangle
         (row-major, [d(d+1)/2]): half the bytes of a partial sum through the store."""
-        state = {"n_sequences": torch.tensor([self.n_sequences], dtype=torch.int64)}
+        state = {
+            "n_sequences": torch.tensor([self.n_sequences], dtype=torch.int64),
+            "batch_sizes": torch.tensor(sorted(self.batch_sizes), dtype=torch.int64),
+        }
         for name in self.modules:
             state[f"{name}/activation_sum_upper"] = upper_triangle(self.activation_sums[name])
             state[f"{name}/gradient_sum_upper"] = upper_triangle(self.gradient_sums[name])
@@ -81,8 +107,9 @@ class CovarianceAccumulator:
 
     @classmethod
     def from_state(cls, modules: dict[str, TrackedModule], state: dict[str, torch.Tensor]) -> CovarianceAccumulator:
-        accumulator = cls(modules, allocate=False)
+        accumulator = cls(modules, device=None)
         accumulator.n_sequences = int(state["n_sequences"][0])
+        accumulator.batch_sizes = set(state["batch_sizes"].tolist()) if "batch_sizes" in state else set()
         for name, module in modules.items():
             accumulator.activation_sums[name] = symmetric_from_upper(
                 state[f"{name}/activation_sum_upper"].to(torch.float64), module.d_in_full
@@ -94,15 +121,22 @@ class CovarianceAccumulator:
         return accumulator
 
     def eigendecompose(
-        self, progress: Progress | None = None, workers: int | None = None, dtype: torch.dtype = torch.float64
+        self,
+        progress: Progress | None = None,
+        workers: int | None = None,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
     ) -> Eigenbases:
         """Normalise and eigendecompose A and S (float64), module by module, keeping the result in
-        `dtype`. Each module's sums are freed as soon as it is done, so the float64 work never
-        holds more than `workers` modules beyond the sums themselves.
+        `dtype` on the host. Each module's sums are freed as soon as it is done, so the float64 work
+        never holds more than `workers` modules beyond the sums themselves.
 
-        LAPACK's symmetric eigensolver scales badly across threads on small CPUs (measured on 2
-        cores: a 1536² eigh takes 1.3 s on one thread and 2.4 s on two), so the modules are
-        spread over `workers` threads (default: the threads torch may use here) that each run one thread."""
+        On a GPU (`device` cuda) the modules go one after the other through cuSOLVER's float64
+        eigh (an 11008² one takes seconds there, minutes on a CPU thread). On the CPU, LAPACK's
+        symmetric eigensolver scales badly across threads on small CPUs (measured on 2 cores: a
+        1536² eigh takes 1.3 s on one thread and 2.4 s on two), so the modules are spread over
+        `workers` threads (default: the cores this process may use, the container's CPU limit
+        included: resources.available_cores) that each run one thread."""
         progress = progress or Progress()
         names = list(self.modules)
         unseen = [name for name in names if self.token_counts[name] == 0]
@@ -117,9 +151,9 @@ class CovarianceAccumulator:
         def one(name: str) -> tuple[str, ModuleFactors]:
             activation = self.activation_sums.pop(name) / max(self.token_counts[name], 1)
             gradient = self.gradient_sums.pop(name) / max(self.n_sequences, 1)
-            activation_eigenvalues, activation_eigenvectors = symmetric_eigh(activation)
+            activation_eigenvalues, activation_eigenvectors = symmetric_eigh(activation, device)
             del activation
-            gradient_eigenvalues, gradient_eigenvectors = symmetric_eigh(gradient)
+            gradient_eigenvalues, gradient_eigenvectors = symmetric_eigh(gradient, device)
             del gradient
             factors = ModuleFactors(
                 activation_eigenvectors=activation_eigenvectors.to(dtype),
@@ -132,14 +166,16 @@ class CovarianceAccumulator:
             return name, factors
 
         factors: dict[str, ModuleFactors] = {}
-        workers = max(1, min(workers or torch.get_num_threads(), len(names)))
-        with single_threaded_torch(), ThreadPoolExecutor(workers, thread_name_prefix="eigh") as pool:
+        on_gpu = torch.device(device).type == "cuda"
+        workers = 1 if on_gpu else max(1, min(workers or available_cores(), len(names)))
+        threads = contextlib.nullcontext() if on_gpu else single_threaded_torch()
+        with threads, ThreadPoolExecutor(workers, thread_name_prefix="eigh") as pool:
             for name, module_factors in pool.map(one, names):
                 progress.check_cancelled()
                 factors[name] = module_factors
                 progress.advance(1, 0)
         n_tokens = max(self.token_counts.values(), default=0)
-        return Eigenbases({name: factors[name] for name in names}, n_tokens=n_tokens)
+        return Eigenbases({name: factors[name] for name in names}, n_tokens=n_tokens, batch_sizes=self.batch_sizes)
 
 
 @dataclass
@@ -149,6 +185,7 @@ class Eigenbases:
 
     factors: dict[str, ModuleFactors]
     n_tokens: int
+    batch_sizes: set[int] = field(default_factory=set)  # the covariance passes' (budget.py)
 
     def bases(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """(Q_S, Q_A) per module: the basis the correction pass measures Λ in."""
@@ -163,6 +200,7 @@ class Eigenbases:
             for key, value in factors.tensors().items()
         }
         tensors["n_tokens"] = torch.tensor([self.n_tokens])
+        tensors["batch_sizes"] = torch.tensor(sorted(self.batch_sizes), dtype=torch.int64)
         return tensors
 
     @classmethod
@@ -173,16 +211,23 @@ class Eigenbases:
             )
             for name in modules
         }
-        return cls(factors, int(tensors["n_tokens"][0]))
+        batch_sizes = set(tensors["batch_sizes"].tolist()) if "batch_sizes" in tensors else set()
+        return cls(factors, int(tensors["n_tokens"][0]), batch_sizes)
+
+    def merged(self, other: Eigenbases) -> Eigenbases:
+        """These modules' bases and another group's (model order as given), over the same data."""
+        return Eigenbases(
+            {**self.factors, **other.factors}, max(self.n_tokens, other.n_tokens), self.batch_sizes | other.batch_sizes
+        )
 
 
-def covariance_update(activation_sum: torch.Tensor, gradient_sum: torch.Tensor, capture: ModuleCapture) -> None:
-    """activation_sum += Σ a aᵀ and gradient_sum += Σ s sᵀ over the batch's positions (padding rows
-    are zero): the sums float64 [d_in, d_in], [d_out, d_out] on the host, the capture on any device."""
+def covariance_update(sums: RunningSums, name: str, capture: ModuleCapture) -> None:
+    """Module `name`'s sums "{name}/activation" += Σ a aᵀ [d_in, d_in] and "{name}/gradient" += Σ s sᵀ
+    [d_out, d_out] over the batch's positions (padding rows are zero); sums and capture on one device."""
     a = capture.a.reshape(-1, capture.a.shape[-1])  # [B·N, d_in]
     s = capture.s.reshape(-1, capture.s.shape[-1])  # [B·N, d_out]
-    accumulate(activation_sum, gram(a))
-    accumulate(gradient_sum, gram(s))
+    sums.add(f"{name}/activation", gram(a))
+    sums.add(f"{name}/gradient", gram(s))
 
 
 def gram(x: torch.Tensor, block: int = 128) -> torch.Tensor:
@@ -223,8 +268,10 @@ def symmetric_from_upper(upper: torch.Tensor, d: int) -> torch.Tensor:
     return torch.where(mask, matrix, matrix.T)
 
 
-def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending, clamped at 0) and eigenvectors of a symmetric PSD matrix, in float64."""
-    matrix = matrix.to(torch.float64)
+def symmetric_eigh(matrix: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending, clamped at 0) and eigenvectors of a symmetric PSD matrix, in float64,
+    computed on `device` and returned where `matrix` was."""
+    home = matrix.device
+    matrix = matrix.to(device=device, dtype=torch.float64)
     eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
-    return eigenvalues.clamp_min(0.0), eigenvectors
+    return eigenvalues.clamp_min(0.0).to(home), eigenvectors.to(home)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
+from .device import host_to_device
 from .records import Query, TrainingExample
 
 
@@ -42,21 +43,28 @@ class TokenizedSequence:
 class Batch:
     """Right-padded batch.
 
-    indices: [B] positions of the sequences in their source list;
-    input_ids, attention_mask, target_mask: [B, T].
+    indices: [B] positions of the sequences in their source list (always on the host);
+    input_ids, attention_mask, target_mask: [B, T];
+    padded: whether any row is padded, and tokens: the real tokens, both known on the host when
+    the batch is made, so a pass on a GPU never reads them back from the device.
     """
 
     indices: torch.Tensor
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     target_mask: torch.Tensor
+    padded: bool = True
+    tokens: int = 0
 
     def to(self, device: torch.device | str) -> Batch:
+        """The batch on `device` (a GPU's copies from pinned memory, not blocking: device.host_to_device)."""
         return Batch(
             self.indices,
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.target_mask.to(device),
+            host_to_device(self.input_ids, device),
+            host_to_device(self.attention_mask, device),
+            host_to_device(self.target_mask, device),
+            self.padded,
+            self.tokens,
         )
 
 
@@ -135,7 +143,8 @@ def collate(sequences: Sequence[TokenizedSequence], pad_token_id: int) -> Batch:
         attention_mask[row, : sequence.length] = 1
         target_mask[row, : sequence.length] = sequence.target_mask
     indices = torch.tensor([sequence.index for sequence in sequences], dtype=torch.long)
-    return Batch(indices, input_ids, attention_mask, target_mask)
+    tokens = sum(sequence.length for sequence in sequences)
+    return Batch(indices, input_ids, attention_mask, target_mask, tokens < batch_size * longest, tokens)
 
 
 def length_bucketed_batches(

@@ -7,7 +7,8 @@ them — is moved there by `to_device` at the step's entry, before any kernel se
 (as `Preconditioner`s) and eigenbases once per task, prepared queries once per call. Kernels (the
 functions that do the arithmetic; tests/engine/test_device_placement.py lists and runs every one of them
 on fake CUDA tensors) take tensors on one device and never move them. Results reach the host in
-one place each: `sums.accumulate` into the float64 host sums, and the scores `.to("cpu")` per batch.
+one place each: `sums.RunningSums.to_host` (a pass's sums, once per task), and the scores `.to("cpu")`
+per batch.
 
 Code that reads values (finiteness checks, counts of real tokens, the damping λ from mean Λ, the
 singular-curvature check, top-k, TF-IDF) stays outside kernels: on the host before placement
@@ -47,6 +48,23 @@ def to_device(value, device: torch.device | str):
         fields = [field.name for field in dataclasses.fields(value) if field.init]
         return dataclasses.replace(value, **{name: to_device(getattr(value, name), device) for name in fields})
     return value
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory without blocking the host (kernels
+    queued after it on the same stream wait for it, the host does not): a pageable copy would be a
+    synchronisation per batch."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def release_device_memory(device: torch.device | str) -> None:
+    """Give the CUDA caching allocator's free blocks back (after an out-of-memory error, before the
+    retry at a lower batch size); nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class _ExactArithmetic:

@@ -27,6 +27,11 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every tensor is free of NaN and Inf, as a 0-dim bool tensor on their device (no read)."""
+    return torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all()
+
+
 def require_finite(tensor: torch.Tensor, what: str, hint: str = "") -> torch.Tensor:
     """`tensor` unchanged, or NonFiniteError("{what} holds NaN or Inf[; hint]")."""
     if not is_finite(tensor):

@@ -29,20 +29,21 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, ResourceExhaustedError
 from ..options import BATCH_SIZE, FISHER, MAX_EXAMPLES, MAX_LENGTH, MODULES, SEED, STRATEGY
 from .arena import HostArena
+from .budget import FitPlan, WorkerBudget, is_out_of_memory, lower_batch_size, plan_fit
 from .capture import ModuleCapture, accumulation_dtype, describe_all
 from .correction import CorrectionAccumulator, sequence_tokens
 from .covariance import CovarianceAccumulator, Eigenbases
 from .data import TokenizedSequence, tokenize_training
-from .device import arithmetic_provenance, exact_arithmetic, to_device
+from .device import arithmetic_provenance, exact_arithmetic, release_device_memory, to_device
 from .factor_io import storage_dtype_for_model
 from .factors import FactorSet, ModuleFactors
 from .finite import check_module_weights
@@ -53,7 +54,7 @@ from .progress import Progress
 from .records import TrainingExample
 from .resources import MemoryBudget, default_cache_bytes, gib_to_bytes
 from .strategies import FISHERS, Strategy, get_strategy
-from .sums import reduce
+from .sums import Accumulator, reduce
 
 
 @dataclass
@@ -129,6 +130,15 @@ class CaptureCache:
         self._reserved = 0
 
 
+def plan_model_fit(model: nn.Module, config: FitConfig, budget: WorkerBudget) -> FitPlan:
+    """The module groups and batch size of a fit of `model` under `budget` (budget.plan_fit): from
+    its modules' shapes alone, so `model` may be a skeleton on the meta device (model_io.model_skeleton)."""
+    tracked = describe_all(select_modules(model, config.modules))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+    return plan_fit(tracked, weights, budget, config.batch_size, config.max_length, vocab)
+
+
 def prepare_model(model: nn.Module, selection: str) -> tuple[dict[str, nn.Module], dict[str, TrackedModule]]:
     """Select tracked modules, check their weights are finite, freeze every other parameter."""
     modules = select_modules(model, selection)
@@ -182,9 +192,13 @@ class FitModel:
     """A model ready for a fit's passes (see the module docstring): its tracked modules selected,
     their coverage of the model stated (a keyword selection that would leave out a weight matrix
     of its kind refused: InputError), their weights checked, everything else frozen, on the
-    model's device. Built once per task."""
+    model's device. Built once per task.
 
-    def __init__(self, model: nn.Module, tokenizer, config: FitConfig):
+    `batch_size`: what the passes run with (the plan's, budget.py; default the config's). A pass
+    may run on a `group` of the tracked modules (names, model order): its captures, sums and
+    eigenbases are that group's alone, and the same numbers as in a pass over all of them."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: FitConfig, batch_size: int | None = None):
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.strategy = config.strategy_spec
@@ -192,6 +206,7 @@ class FitModel:
         self.coverage = coverage(model, self.modules, config.modules)
         self.dtype = next(model.parameters()).dtype
         self.device = device_of(model)
+        self.batch_size = batch_size or config.batch_size
 
     @property
     def fitted(self) -> FittedModel:
@@ -201,6 +216,10 @@ class FitModel:
             self.tracked, self.dtype, fingerprint, arithmetic_provenance(self.device), self.coverage.to_dict()
         )
 
+    def plan(self, budget: WorkerBudget) -> FitPlan:
+        """The module groups and batch size of this fit under `budget` (budget.plan_fit)."""
+        return plan_model_fit(self.model, self.config, budget)
+
     def tokenize(self, examples: Sequence[TrainingExample]) -> list[TokenizedSequence]:
         """The fit's training sequences: the first `max_examples` examples, tokenised."""
         examples = list(examples)[: self.config.max_examples] if self.config.max_examples else list(examples)
@@ -208,36 +227,75 @@ class FitModel:
             raise InputError("no training examples to fit on")
         return tokenize_training(self.tokenizer, examples, self.config.max_length)
 
-    def capture_cache(self, budget: MemoryBudget, sequences: Sequence[TokenizedSequence]) -> CaptureCache | None:
+    def capture_cache(
+        self, budget: MemoryBudget, sequences: Sequence[TokenizedSequence], group: Sequence[str] | None = None
+    ) -> CaptureCache | None:
         """A cache for the covariance pass's captures, when the correction pass can replay them and
         they fit: within this fit's cap and what the budget has free. Decided up front from the
         captures' size (`capture_bytes`), so a pass whose captures cannot fit never fills memory
-        only to give it back."""
-        if not self.strategy.reuses_captures:
+        only to give it back. Never on a GPU: copying captures to the host and back costs more
+        than the GPU takes to recompute them."""
+        if not self.strategy.reuses_captures or self.device.type == "cuda":
             return None
         cap = gib_to_bytes(self.config.cache_gib)
-        needed = self.capture_bytes(sequences)
+        needed = self.capture_bytes(sequences, group)
         free = budget.total - budget.used
         if needed > free or (cap is not None and needed > cap):
             return None
         return CaptureCache(budget, cap)
 
-    def capture_bytes(self, sequences: Sequence[TokenizedSequence]) -> int:
+    def capture_bytes(self, sequences: Sequence[TokenizedSequence], group: Sequence[str] | None = None) -> int:
         """Bytes of the covariance pass's captures of `sequences`: per padded token position, a and
-        s of every tracked module ((d_in (+1) + d_out) × element size), over the pass's
+        s of every tracked module (of `group`) ((d_in (+1) + d_out) × element size), over the pass's
         length-bucketed batches (modules called more than once per forward count once here)."""
         lengths = sorted((sequence.length for sequence in sequences), reverse=True)
-        batch = self.config.batch_size
+        batch = self.batch_size
         positions = sum(lengths[start] * len(lengths[start : start + batch]) for start in range(0, len(lengths), batch))
         element = torch.tensor([], dtype=accumulation_dtype(self.dtype)).element_size()
-        return positions * element * sum(m.d_in_full + m.d_out for m in self.tracked.values())
+        modules = [self.tracked[name] for name in group] if group is not None else self.tracked.values()
+        return positions * element * sum(m.d_in_full + m.d_out for m in modules)
 
-    def _passes(self, sequences, stage: str, progress: Progress | None):
+    def _group(self, group: Sequence[str] | None) -> tuple[dict[str, nn.Module], dict[str, TrackedModule]]:
+        if group is None:
+            return self.modules, self.tracked
+        unknown = [name for name in group if name not in self.tracked]
+        if unknown:
+            raise InputError(f"module group names modules the fit does not track: {', '.join(unknown[:3])}")
+        return {name: self.modules[name] for name in group}, {name: self.tracked[name] for name in group}
+
+    def _within_memory(self, run: Callable[[int], Accumulator], stage: str, cache: CaptureCache | None) -> Accumulator:
+        """`run(batch_size)`, and once more at the budget's lower batch size (budget.lower_batch_size)
+        when it runs out of memory, which this task's later passes then keep; a second failure is
+        RESOURCE_EXHAUSTED (a failure of the caller's settings: never retried as it was)."""
+        try:
+            return run(self.batch_size)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+        if cache is not None:
+            cache.release()  # it held the failed attempt's batches: the correction recomputes
+        release_device_memory(self.device)
+        lowered = lower_batch_size(self.batch_size)
+        try:
+            result = run(lowered)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+        else:
+            self.batch_size = lowered  # the task's later passes start there
+            return result
+        release_device_memory(self.device)
+        raise ResourceExhaustedError(
+            f"the {stage} pass ran out of memory at batch size {self.batch_size} and again at {lowered}: "
+            "lower --batch-size or --max-length, or give the workers more memory"
+        )
+
+    def _passes(self, sequences, stage: str, progress: Progress | None, modules: dict[str, nn.Module], batch_size):
         return captured_batches(
             self.model,
-            self.modules,
+            modules,
             sequences,
-            batch_size=self.config.batch_size,
+            batch_size=batch_size,
             pad_token_id=self.tokenizer.pad_token_id,
             stage=stage,
             objective=self.config.objective,
@@ -251,15 +309,21 @@ class FitModel:
         sequences: Sequence[TokenizedSequence],
         progress: Progress | None = None,
         cache: CaptureCache | None = None,
+        group: Sequence[str] | None = None,
     ) -> CovarianceAccumulator:
-        """Σ a aᵀ and Σ s sᵀ over `sequences` (any shard of the data); `cache` keeps the captures."""
-        accumulator = CovarianceAccumulator(self.tracked)
-        for batch, captures in self._passes(sequences, "covariance", progress):
-            accumulator.add(captures, len(batch.indices))
-            if cache is not None:
-                cache.offer(captures, len(batch.indices))
-        accumulator.check_finite()
-        return accumulator
+        """Σ a aᵀ and Σ s sᵀ over `sequences` (any shard of the data) of the tracked modules (of
+        `group`), summed on the model's device and brought to the host once; `cache` keeps the captures."""
+        modules, tracked = self._group(group)
+
+        def run(batch_size: int) -> CovarianceAccumulator:
+            accumulator = CovarianceAccumulator(tracked, self.device)
+            for batch, captures in self._passes(sequences, "covariance", progress, modules, batch_size):
+                accumulator.add(captures, len(batch.indices))
+                if cache is not None:
+                    cache.offer(captures, len(batch.indices))
+            return accumulator.finish(batch_size)
+
+        return self._within_memory(run, "covariance", cache)
 
     @exact_arithmetic()
     def correction(
@@ -268,30 +332,40 @@ class FitModel:
         eigen: Eigenbases | None,
         progress: Progress | None = None,
         cache: CaptureCache | None = None,
+        group: Sequence[str] | None = None,
     ) -> CorrectionAccumulator:
-        """Σ_m (Q_Sᵀ DW_m Q_A)² over `sequences` in `eigen`'s bases (or Σ_m DW_m² with none);
+        """Σ_m (Q_Sᵀ DW_m Q_A)² over `sequences` in `eigen`'s bases (or Σ_m DW_m² with none) of the
+        tracked modules (of `group`), summed on the model's device and brought to the host once;
         from `cache` when it holds the whole covariance pass of these sequences (then released).
         The bases (and replayed captures) are placed on the model's device here, once."""
+        modules, tracked = self._group(group)
         bases = None
         if eigen is not None:
             work = accumulation_dtype(self.dtype)
-            bases = to_device({n: (q_s.to(work), q_a.to(work)) for n, (q_s, q_a) in eigen.bases().items()}, self.device)
-        accumulator = CorrectionAccumulator(self.tracked, bases)
+            bases = to_device(
+                {n: (q_s.to(work), q_a.to(work)) for n, (q_s, q_a) in eigen.bases().items() if n in tracked},
+                self.device,
+            )
         if cache is not None and cache.complete:
+            accumulator = CorrectionAccumulator(tracked, bases, self.device)
             progress = progress or Progress()
             progress.stage("correction", len(cache.batches))
             try:
                 for captures, n_sequences in cache.batches:
                     progress.check_cancelled()
                     accumulator.add(to_device(captures, self.device), n_sequences)
-                    progress.advance(1, sequence_tokens(captures))
+                    progress.advance(1, int(sequence_tokens(captures)))  # host captures
             finally:
                 cache.release()  # single use: the memory goes back now, not when the caller drops it
-        else:
-            for batch, captures in self._passes(sequences, "correction", progress):
+            return accumulator.finish(self.batch_size)
+
+        def run(batch_size: int) -> CorrectionAccumulator:
+            accumulator = CorrectionAccumulator(tracked, bases, self.device)
+            for batch, captures in self._passes(sequences, "correction", progress, modules, batch_size):
                 accumulator.add(captures, len(batch.indices))
-        accumulator.check_finite()
-        return accumulator
+            return accumulator.finish(batch_size)
+
+        return self._within_memory(run, "correction", None)
 
 
 def finalize(
@@ -310,6 +384,9 @@ def finalize(
     strategy = config.strategy_spec
     correction = reduce(corrections) if strategy.correction else None
     n_tokens = eigen.n_tokens if eigen is not None else (correction.n_tokens if correction is not None else 0)
+    batch_sizes = (eigen.batch_sizes if eigen is not None else set()) | (
+        correction.batch_sizes if correction is not None else set()
+    )
     return FactorSet(
         strategy=strategy.name,
         fisher=config.fisher,
@@ -323,6 +400,7 @@ def finalize(
             "model_dtype": str(fitted.dtype).removeprefix("torch."),
             **fitted.arithmetic,
             **({"coverage": fitted.coverage} if fitted.coverage else {}),
+            **({"effective_batch_sizes": sorted(batch_sizes)} if batch_sizes else {}),
             **(provenance or {}),
         },
     )
@@ -348,11 +426,15 @@ def combine(
 
 
 def eigendecompose(
-    partials: Iterable[CovarianceAccumulator], dtype: torch.dtype, progress: Progress | None = None
+    partials: Iterable[CovarianceAccumulator],
+    dtype: torch.dtype,
+    progress: Progress | None = None,
+    device: torch.device | str = "cpu",
 ) -> Eigenbases:
-    """Reduce covariance partial sums (in the order given) and eigendecompose them in float64, the
+    """Reduce covariance partial sums (in the order given; a generator is read one partial at a
+    time) and eigendecompose them in float64 on `device` (a GPU's cuSOLVER when there is one), the
     result rounded to `dtype` (the factor set's storage dtype), the form every later step uses."""
-    return reduce(partials).eigendecompose(progress, dtype=dtype)
+    return reduce(partials).eigendecompose(progress, dtype=dtype, device=device)
 
 
 def fit_in_memory(
@@ -362,35 +444,62 @@ def fit_in_memory(
     progress: Progress | None = None,
     provenance: dict | None = None,
     n_sequences: int | None = None,
+    groups: Sequence[Sequence[str]] | None = None,
 ) -> FactorSet:
-    """The steps above on one shard, chained in memory (the capture cache replays the covariance
-    pass for the correction when it fits the budget). The time of each step goes into the factor
-    set's provenance ("timings", seconds). `n_sequences`: what the factor set says it was fitted
-    on (default: the sequences; an identity fit, which makes no pass, of a whole dataset)."""
+    """The steps above on one shard, chained in memory, one module group after the other (`groups`,
+    model order; default one group of every tracked module): each group's covariance, eigenbases
+    and correction are computed and let go before the next group's, so a fit holds one group's
+    state at a time; the factors are the same bytes whatever the grouping. The capture cache
+    replays a group's covariance pass for its correction when it fits the budget. The time of each
+    step goes into the factor set's provenance ("timings", seconds, summed over groups).
+    `n_sequences`: what the factor set says it was fitted on (default: the sequences; an identity
+    fit, which makes no pass, of a whole dataset)."""
     progress = progress or Progress()
     timings: dict[str, float] = {}
+    replayed = []
 
-    def timed(step: str, work):
+    def timed(step: str, work, *arguments):
         started = time.perf_counter()
-        result = work()
-        timings[step] = round(time.perf_counter() - started, 3)
+        result = work(*arguments)
+        timings[step] = round(timings.get(step, 0.0) + time.perf_counter() - started, 3)
         return result
 
-    cache = fit.capture_cache(budget, sequences)
-    try:
-        eigen = None
-        if fit.strategy.covariance:
-            partial = timed("covariance", lambda: fit.covariance(sequences, progress, cache))
-            eigen = timed("eigendecomposition", lambda: eigendecompose([partial], fit.fitted.storage_dtype, progress))
-            del partial
-        corrections = []
-        if fit.strategy.correction:
-            corrections = [timed("correction", lambda: fit.correction(sequences, eigen, progress, cache))]
-    finally:
-        if cache is not None:
-            cache.release()
-    provenance = {**(provenance or {}), "timings": timings, "correction_replayed_captures": cache is not None}
+    eigen: Eigenbases | None = None
+    corrections: list[CorrectionAccumulator] = []
+    for group in groups or [list(fit.tracked)]:
+        group = list(group)
+        cache = fit.capture_cache(budget, sequences, group)
+        try:
+            group_eigen = None
+            if fit.strategy.covariance:
+                partial = timed("covariance", fit.covariance, sequences, progress, cache, group)
+                group_eigen = timed(
+                    "eigendecomposition",
+                    eigendecompose,
+                    [partial],
+                    fit.fitted.storage_dtype,
+                    progress,
+                    eigen_device(fit.device),
+                )
+                del partial
+                eigen = group_eigen if eigen is None else eigen.merged(group_eigen)
+            if fit.strategy.correction:
+                correction = timed("correction", fit.correction, sequences, group_eigen, progress, cache, group)
+                if corrections:
+                    corrections[0].merge_modules(correction)
+                else:
+                    corrections.append(correction)
+        finally:
+            if cache is not None:
+                cache.release()
+        replayed.append(cache is not None)
+    provenance = {**(provenance or {}), "timings": timings, "correction_replayed_captures": all(replayed)}
     return finalize(fit.fitted, fit.config, eigen, corrections, n_sequences or len(sequences), provenance)
+
+
+def eigen_device(device: torch.device) -> torch.device:
+    """Where a fit's eigendecompositions run: on the GPU its passes ran on, else the CPU."""
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 def fit_factors(
@@ -400,10 +509,22 @@ def fit_factors(
     config: FitConfig | None = None,
     progress: Progress | None = None,
     budget: MemoryBudget | None = None,
+    worker_budget: WorkerBudget | None = None,
 ) -> FactorSet:
-    """Fit the configured strategy's factors on `examples`: the steps above, the data as one shard."""
+    """Fit the configured strategy's factors on `examples`: the steps above, the data as one shard,
+    in the module groups and at the batch size `worker_budget` allows (default: this process's,
+    budget.WorkerBudget.of_process)."""
     fit = FitModel(model, tokenizer, config or FitConfig())
+    plan = fit.plan(worker_budget or WorkerBudget.of_process(fit.device))
+    fit.batch_size = plan.batch_size
     progress = progress or Progress()
-    factor_set = fit_in_memory(fit, fit.tokenize(examples), budget or MemoryBudget(default_cache_bytes()), progress)
+    factor_set = fit_in_memory(
+        fit,
+        fit.tokenize(examples),
+        budget or MemoryBudget(default_cache_bytes()),
+        progress,
+        plan.to_provenance(),
+        groups=plan.groups,
+    )
     progress.close()
     return factor_set

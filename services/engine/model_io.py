@@ -140,7 +140,10 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: 
             model_dir,
             local_files_only=True,
             dtype=torch_dtype,
-            attn_implementation="eager",
+            # the tracked modules are linear maps: none needs attention's internals, so a GPU runs
+            # SDPA (no B·H·T² probabilities kept for the backward); the CPU keeps eager, the
+            # arithmetic its reference tests were written against
+            attn_implementation="sdpa" if torch_device.type == "cuda" else "eager",
             use_safetensors=True,  # never unpickle weights
             trust_remote_code=access.allow_remote_code,
         )
@@ -149,6 +152,28 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: 
     model.to(torch_device)
     model.eval()
     return model, tokenizer
+
+
+def model_skeleton(model_dir: str | Path, dtype: str = "float32") -> torch.nn.Module:
+    """The model of a local directory built from its config on the meta device: its modules and
+    shapes, no weights read and no memory taken (what a fit's plan needs at submission)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    access = model_access()
+    model_dir = access.check(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(
+            model_dir, local_files_only=True, trust_remote_code=access.allow_remote_code
+        )
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config, dtype=parse_dtype(dtype), trust_remote_code=access.allow_remote_code
+            )
+    except Exception as error:
+        raise InputError(
+            f"cannot read a causal language model's config from {model_dir}: {_first_line(error)}"
+        ) from None
 
 
 def load_tokenizer(model_dir: str | Path):

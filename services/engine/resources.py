@@ -1,5 +1,6 @@
-"""The machine's resources as this process may use them: cores, memory, and the budget the fit's
-capture cache draws on.
+"""The machine's resources as this process may use them: cores (the cgroup's CPU limit), memory,
+and the budget the fit's capture cache draws on. (What a fit plans from them, its batch size and
+module groups: budget.py.)
 
 A container's limit (cgroup v2 `memory.max`, or v1 `memory.limit_in_bytes`) is what the kernel
 enforces, not the host's RAM: a worker in a 16 GiB pod on a 512 GiB node that sized its cache from
@@ -84,12 +85,41 @@ class MemoryBudget:
             self.used = max(0, self.used - nbytes)
 
 
+_CGROUP_CPU_LIMITS = (
+    Path("/sys/fs/cgroup/cpu.max"),  # cgroup v2: "QUOTA PERIOD" or "max PERIOD"
+    Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),  # cgroup v1: the quota alone (-1: none), period beside it
+)
+
+
+def cgroup_cpu_limit(paths=_CGROUP_CPU_LIMITS) -> int | None:
+    """The container's CPU limit in whole cores (quota / period, rounded up), or None when unlimited
+    or not in a CPU cgroup. A pod limited to 4 cores on a 64-core node sees 64 CPUs in its affinity
+    mask: threads sized by the node would be throttled by the kernel to 4 cores' worth of time."""
+    v2, v1 = paths
+    try:
+        quota, _, period = v2.read_text().strip().partition(" ")
+        if quota == "max":
+            return None
+        return max(1, -(-int(quota) // int(period or 100_000)))
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(v1.read_text().strip())
+        period = int((v1.parent / "cpu.cfs_period_us").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return max(1, -(-quota // period)) if quota > 0 and period > 0 else None
+
+
 def available_cores() -> int:
-    """CPU threads this process may use: OMP_NUM_THREADS if set, else the CPUs it is allowed on."""
+    """CPU threads this process may use: OMP_NUM_THREADS if set, else the CPUs it is allowed on,
+    at most the container's CPU limit (`cgroup_cpu_limit`)."""
     configured = os.environ.get("OMP_NUM_THREADS", "")
     if configured.isdigit() and int(configured) > 0:
         return int(configured)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return min(allowed, limit) if limit else allowed
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ from ..errors import InputError, PreconditionError
 from ..options import BATCH_SIZE, BM25, DAMPING, DAMPING_FACTOR, MAX_LENGTH, QUERY_RANK, TFIDF, TOP_K
 from .capture import accumulation_dtype, capture
 from .data import TokenizedSequence, collate, tokenize_queries, tokenize_training
-from .device import exact_arithmetic, to_device
+from .device import exact_arithmetic, host_to_device, to_device
 from .factors import FactorSet
 from .finite import first_non_finite, require_finite
 from .fit import prepare_model
@@ -368,17 +368,19 @@ class Scorer:
 
     @exact_arithmetic()
     def self_influence(self, sequences: Sequence[TokenizedSequence], progress: Progress | None = None) -> ShardScores:
-        """⟨P_m, DW_m⟩ for `sequences` (any shard): float64 [len(sequences)], in list order."""
+        """⟨P_m, DW_m⟩ for `sequences` (any shard): float64 [len(sequences)], in list order. The
+        scores add up on the model's device and reach the host once, after the pass."""
         column = {sequence.index: position for position, sequence in enumerate(sequences)}
-        scores = torch.zeros(len(sequences), dtype=torch.float64)
+        scores = torch.zeros(len(sequences), dtype=torch.float64, device=self.device)
         for batch, captures in self._passes(sequences, "self", progress):
-            columns = torch.tensor([column[int(index)] for index in batch.indices])
+            columns = host_to_device(torch.tensor([column[int(index)] for index in batch.indices]), self.device)
             for name, module_capture in captures.items():
                 curvature = self.preconditioners[name]
                 rotated = rotated_per_sequence_gradients(
                     module_capture, curvature.gradient_basis, curvature.activation_basis
                 )
-                scores[columns] += self_influence_terms(rotated, curvature).to("cpu")
+                scores[columns] += self_influence_terms(rotated, curvature)
+        scores = scores.to("cpu")
         _check_scores(scores, sequences, self.names)
         return ShardScores(scores, torch.tensor([sequence.index for sequence in sequences]))
 

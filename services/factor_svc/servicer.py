@@ -11,8 +11,9 @@ import asyncio
 from ..catalog import factor_sets
 from ..catalog.datasets import DATASETS
 from ..catalog.factor_sets import FACTOR_SETS, factor_set_path
-from ..engine.fit import FitConfig
-from ..engine.model_io import load_tokenizer, tokenizer_fingerprint
+from ..engine.budget import WorkerBudget
+from ..engine.fit import FitConfig, plan_model_fit
+from ..engine.model_io import load_tokenizer, model_skeleton, tokenizer_fingerprint
 from ..enums import enum_word
 from ..errors import InputError, PreconditionError
 from ..gen.influence.v1 import factor_service_pb2, factor_service_pb2_grpc
@@ -28,7 +29,6 @@ from .messages import factor_set_message
 
 
 class FactorServicer(TenantScoped, factor_service_pb2_grpc.FactorServiceServicer):
-
     @grpc_errors
     async def FitFactors(self, request, context):
         return await asyncio.to_thread(self._fit, request)
@@ -49,12 +49,15 @@ class FactorServicer(TenantScoped, factor_service_pb2_grpc.FactorServiceServicer
             cache_gib=request.cache_gib if request.HasField("cache_gib") else None,
         )
         config.validate()
+        plan = plan_model_fit(model_skeleton(model.path, model.dtype), config, WorkerBudget.of_process(model.device))
         job = FitJob(
             model,
             dataset_id=dataset.id,
             shards=-(-dataset.sequences_within(config.max_examples) // dataset.shard_size),
             factor_set_id=new_id(),
             config=config,
+            module_groups=plan.groups if len(plan.groups) > 1 else [],
+            batch_size=plan.batch_size,
         )
         record = self.system.submit(
             "fit_factors", job, request_id=request.request_id, target=factor_set_path(job.factor_set_id)

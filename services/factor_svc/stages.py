@@ -1,7 +1,11 @@
 """FactorService's job: a fit, as stages over the engine's shard-level steps (engine/fit.py).
 
-    covariance × shards -> eigen -> correction × shards -> finalize      -> factorSets/{id}
+    covariance × shards × groups -> eigen × groups -> correction × shards × groups -> finalize
+                                                                                 -> factorSets/{id}
     (kfac skips the correction; diagonal skips covariance and eigen)
+    groups: the module groups the budget chose at submission (FitJob.module_groups, engine/budget.py),
+    one when the factors fit a worker; each group's sums and eigenbases are written and read on
+    their own (task t of a stage is shard t // groups, group t % groups; its key is t's)
     one shard, or identity (no pass): fit_one_shard, the same steps in one task with their outputs
     kept in memory
 
@@ -19,6 +23,8 @@ e.g. a CPU pool's, without the model. A fit that makes no pass (identity) is one
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..catalog import factor_sets
@@ -27,6 +33,7 @@ from ..catalog.factor_sets import FACTOR_SETS, FactorSetInfo
 from ..engine.correction import CorrectionAccumulator
 from ..engine.covariance import CovarianceAccumulator, Eigenbases
 from ..engine.fit import FitModel, FittedModel, eigendecompose, finalize, fit_in_memory
+from ..engine.sums import reduce
 from ..rpc.messages import packed
 from ..storage import get_tensors, put_tensors
 from ..system import layout
@@ -40,7 +47,7 @@ def _fit(call: StageCall) -> FitModel:
     stored for them (the same bytes from every pass task)."""
     job: FitJob = call.job
     model, tokenizer = call.context.models.get(job.model)
-    fit = FitModel(model, tokenizer, job.config)
+    fit = FitModel(model, tokenizer, job.config, batch_size=job.batch_size or None)
     key = layout.job_model(call.job_id)
     if key not in call.context.artifacts:
         call.context.store.put_bytes(key, fit.fitted.to_json())
@@ -69,65 +76,91 @@ def _get(call: StageCall, key: str) -> dict[str, torch.Tensor]:
     return call.context.artifacts.get(key, lambda: get_tensors(call.context.store, key))
 
 
-def _take_partials(call: StageCall, stage: str) -> list[dict[str, torch.Tensor]]:
-    """Every shard's partial sums of `stage`, in shard order, from this worker's memory if it
-    wrote them (taken out: they are merged in place), else from the store."""
+def _partials(call: StageCall, stage: str, group: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Every shard's partial sums of `stage` for module group `group`, in shard order, one at a time
+    (a reduce holds two at once, never all): from this worker's memory if it wrote them (taken out:
+    they are merged in place), else from the store."""
     store, artifacts = call.context.store, call.context.artifacts
-    keys = [layout.job_partial(call.job_id, stage, shard) for shard in range(call.job.num_shards)]
-    return [artifacts.take(key, lambda key=key: get_tensors(store, key)) for key in keys]
+    job: FitJob = call.job
+    for shard in range(job.num_shards):
+        key = layout.job_partial(call.job_id, stage, shard * job.num_groups + group)
+        yield artifacts.take(key, lambda key=key: get_tensors(store, key))
 
 
-def _eigenbases(call: StageCall, modules) -> Eigenbases | None:
+def _eigen_key(call: StageCall, group: int) -> str:
+    job: FitJob = call.job
+    return layout.job_output(call.job_id, "eigen" if job.num_groups == 1 else f"eigen-{group:05d}")
+
+
+def _eigenbases(call: StageCall, modules, group: int) -> Eigenbases | None:
+    """Module group `group`'s eigenbases (of `modules`, the group's)."""
     job: FitJob = call.job
     if not job.config.strategy_spec.covariance:
         return None
-    return Eigenbases.from_tensors(_get(call, layout.job_output(call.job_id, "eigen")), modules)
+    return Eigenbases.from_tensors(_get(call, _eigen_key(call, group)), modules)
+
+
+def _group_modules(call: StageCall, modules: dict, group: int) -> dict:
+    names = call.job.group(group)
+    return modules if names is None else {name: modules[name] for name in names}
 
 
 def run_covariance(call: StageCall) -> None:
     fit = _fit(call)
     sequences = _sequences(call, call.shard)
-    cache = fit.capture_cache(call.context.captures.budget, sequences)
+    group = call.job.group(call.group)
+    cache = fit.capture_cache(call.context.captures.budget, sequences, group)
     try:
-        partial = fit.covariance(sequences, call.context.progress, cache)
-        _put(call, layout.job_partial(call.job_id, "covariance", call.shard), partial.state())
+        partial = fit.covariance(sequences, call.context.progress, cache, group)
+        _put(call, layout.job_partial(call.job_id, "covariance", call.task), partial.state())
     except BaseException:
         if cache is not None:  # a failed pass leaves no half-filled cache behind
             cache.release()
         raise
     if cache is not None and cache.complete:  # a cache that gave up (over its budget) holds nothing
-        call.context.captures.keep(call.job_id, call.shard, cache)
+        call.context.captures.keep(call.job_id, call.task, cache)
 
 
 def run_eigen(call: StageCall) -> None:
-    """No model: the covariance tasks described it."""
+    """No model: the covariance tasks described it. One module group's partial sums, read shard by
+    shard, eigendecomposed on this worker's GPU when it has one."""
     fitted = _fitted(call)
-    partials = (CovarianceAccumulator.from_state(fitted.modules, state) for state in _take_partials(call, "covariance"))
-    eigen = eigendecompose(partials, fitted.storage_dtype, call.context.progress)
-    _put(call, layout.job_output(call.job_id, "eigen"), eigen.to_tensors(fitted.storage_dtype))
+    modules = _group_modules(call, fitted.modules, call.group)
+    partials = (CovarianceAccumulator.from_state(modules, state) for state in _partials(call, "covariance", call.group))
+    device = "cuda" if call.context.device == "cuda" else "cpu"
+    eigen = eigendecompose(partials, fitted.storage_dtype, call.context.progress, device)
+    _put(call, _eigen_key(call, call.group), eigen.to_tensors(fitted.storage_dtype))
 
 
 def run_correction(call: StageCall) -> None:
     fit = _fit(call)
-    cache = call.context.captures.take(call.job_id, call.shard)
-    eigen = _eigenbases(call, fit.tracked)
-    partial = fit.correction(_sequences(call, call.shard), eigen, call.context.progress, cache)
-    _put(call, layout.job_partial(call.job_id, "correction", call.shard), partial.state())
+    cache = call.context.captures.take(call.job_id, call.task)
+    group = call.job.group(call.group)
+    eigen = _eigenbases(call, _group_modules(call, fit.tracked, call.group), call.group)
+    partial = fit.correction(_sequences(call, call.shard), eigen, call.context.progress, cache, group)
+    _put(call, layout.job_partial(call.job_id, "correction", call.task), partial.state())
 
 
 def run_finalize(call: StageCall) -> FactorSetInfo:
-    """No model: the pass tasks described it."""
+    """No model: the pass tasks described it. Each module group's eigenbases and correction sums
+    (reduced shard by shard) are read on their own and joined."""
     job: FitJob = call.job
     fitted = _fitted(call)
-    corrections = []
-    if job.config.strategy_spec.correction:
-        corrections = (
-            CorrectionAccumulator.from_state(fitted.modules, None, state)
-            for state in _take_partials(call, "correction")
-        )
-    factor_set = finalize(
-        fitted, job.config, _eigenbases(call, fitted.modules), corrections, _n_sequences(call), _provenance(call)
-    )
+    eigen, correction = None, None
+    for group in range(job.num_groups):
+        modules = _group_modules(call, fitted.modules, group)
+        group_eigen = _eigenbases(call, modules, group)
+        if group_eigen is not None:
+            eigen = group_eigen if eigen is None else eigen.merged(group_eigen)
+        if job.config.strategy_spec.correction:
+            states = _partials(call, "correction", group)
+            group_correction = reduce(CorrectionAccumulator.from_state(modules, None, state) for state in states)
+            if correction is None:
+                correction = group_correction
+            else:
+                correction.merge_modules(group_correction)
+    corrections = [correction] if correction is not None else []
+    factor_set = finalize(fitted, job.config, eigen, corrections, _n_sequences(call), _provenance(call))
     return _publish_factor_set(call, factor_set)
 
 
@@ -143,13 +176,20 @@ def run_fit_one_shard(call: StageCall) -> FactorSetInfo:
         call.context.progress,
         _provenance(call),
         n_sequences=_n_sequences(call),
+        groups=call.job.module_groups or None,
     )
     return _publish_factor_set(call, factor_set)
 
 
 def _provenance(call: StageCall) -> dict:
     job: FitJob = call.job
-    return {"dataset": dataset_path(job.dataset_id), "model_path": job.model.path, "create_time": job.create_time}
+    planned = {"module_groups": job.num_groups, "planned_batch_size": job.batch_size} if job.batch_size else {}
+    return {
+        "dataset": dataset_path(job.dataset_id),
+        "model_path": job.model.path,
+        "create_time": job.create_time,
+        **planned,
+    }
 
 
 def _n_sequences(call: StageCall) -> int:
@@ -180,9 +220,9 @@ def _after(job: FitJob, stage: str) -> str | None:
 
 
 STAGES = [
-    Stage("covariance", run_covariance, per_shard=True, loads_model=True),
-    Stage("eigen", run_eigen, loads_model=False),
-    Stage("correction", run_correction, per_shard=True, loads_model=True),
+    Stage("covariance", run_covariance, per_shard=True, per_group=True, loads_model=True),
+    Stage("eigen", run_eigen, per_group=True, loads_model=False),
+    Stage("correction", run_correction, per_shard=True, per_group=True, loads_model=True),
     Stage("finalize", run_finalize, loads_model=False),
     Stage("fit_one_shard", run_fit_one_shard, loads_model=True),
 ]

@@ -39,6 +39,8 @@ class WorkerContext:
         if self.device == "":  # the machine's: cuda when it works
             self.device, problem = ("cpu" if problem else "cuda"), None
         self.device = self.models.place_on(self.device)  # InputError unless cpu or cuda
+        if self.device == "cuda":  # one model on a GPU: a second's weights would take its fit's budget
+            self.models.capacity = 1
         self.device_problem = f"asked for cuda, but {problem}" if problem else None
         self.captures = CapturePool(
             MemoryBudget(default_cache_bytes() if self.cache_bytes is None else self.cache_bytes)

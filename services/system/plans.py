@@ -5,9 +5,12 @@ with the job's spec class, the operation kinds that submit it and where the arti
 names lives; the top-level assembly (services/assembly.py) puts them in one `StageTable` that the
 runner is given: the job runtime in services/system knows no job, stage or operation by name.
 
-A stage runs as one task, or as one task per data shard (`per_shard`); a stage's tasks all
-finish before the next stage's are enqueued (fan-in, jobs/operations.py). A stage function takes
-a `StageCall` and returns the published artifact's info when it is its job's last stage, else None.
+A stage runs as one task, or as one task per data shard (`per_shard`), per module group of a job
+that splits its model's modules into groups (`per_group`, Job.num_groups: a fit too large for one
+worker's memory, engine/budget.py), or per (shard, group): task t is shard t // groups, group
+t % groups. A stage's tasks all finish before the next stage's are enqueued (fan-in,
+jobs/operations.py). A stage function takes a `StageCall` and returns the published artifact's
+info when it is its job's last stage, else None.
 """
 
 from __future__ import annotations
@@ -22,13 +25,20 @@ from .specs import Job, decode_job
 
 @dataclass
 class StageCall:
-    """One task: the worker's context, the job (parsed once), its id, the stage and the shard."""
+    """One task: the worker's context, the job (parsed once), its id, the stage, the shard and the
+    module group (0 unless the stage runs per group), and `task`, the task's index in its stage."""
 
     context: WorkerContext
     job: Job
     job_id: str
     stage: str
     shard: int
+    group: int = 0
+    task: int = -1  # -1: the shard's
+
+    def __post_init__(self):
+        if self.task < 0:
+            self.task = self.shard
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class Stage:
     name: str  # also the task kind: the Redis stream its tasks go to, what a worker pool takes
     run: Callable[[StageCall], object | None]
     per_shard: bool = False
+    per_group: bool = False  # one task per module group of the job (times the shards when per_shard)
     # True when the stage may load the job's model on the job's device: its kind belongs to a pool of
     # that device (a cuda job's task on a CPU worker is left for another, WrongWorkerError). False:
     # it never does, so any worker runs it (the chart's CPU pools take only such kinds).
@@ -103,8 +114,16 @@ class StageTable:
         return self.stages[name]
 
     def tasks(self, job: Job, stage: str) -> int:
-        """How many tasks a stage has: one per data shard for per-shard stages, else one."""
-        return job.num_shards if self.stage(stage).per_shard else 1
+        """How many tasks a stage has: one per data shard for per-shard stages, times one per module
+        group for per-group stages, else one."""
+        declared = self.stage(stage)
+        return (job.num_shards if declared.per_shard else 1) * (job.num_groups if declared.per_group else 1)
+
+    def call(self, context: WorkerContext, job: Job, job_id: str, stage: str, task: int) -> StageCall:
+        """The StageCall of task `task` of a stage: its shard and module group."""
+        groups = job.num_groups if self.stage(stage).per_group else 1
+        shard, group = divmod(task, groups)
+        return StageCall(context, job, job_id, stage, shard, group, task)
 
     def check_kinds(self, kinds: list[str]) -> list[str]:
         unknown = sorted(set(kinds) - set(self.stages))

@@ -51,7 +51,7 @@ from ..jobs.queue import LeaseKeeper, Task, TaskQueue
 from ..storage import MANIFEST, ArtifactStore, PrefixedStore
 from . import layout, metrics
 from .context import WorkerContext
-from .plans import StageCall, StageTable
+from .plans import StageTable
 from .specs import Job, encode_job
 
 log = logging.getLogger("influence.worker")
@@ -453,7 +453,7 @@ class Worker:
         try:  # everything the task reads, the job spec included, fails inside the error handling
             progress.stage("starting", 1, "task")  # until the stage's first step: loading its model and inputs
             job = self.system.table.decode(self.context.store.get_bytes(layout.job_spec(payload.job)))
-            call = StageCall(self.context, job, payload.job, payload.stage, payload.shard)
+            call = self.system.table.call(self.context, job, payload.job, payload.stage, payload.shard)
             with self.lease.holding(task):
                 published = self.system.table.stage(payload.stage).run(call)
         except CancelledError:

@@ -37,6 +37,11 @@ class Job:
     def num_shards(self) -> int:
         return 1
 
+    @property
+    def num_groups(self) -> int:
+        """Module groups the job's per-group stages run over (plans.Stage.per_group)."""
+        return 1
+
 
 def encode_job(job: Job) -> bytes:
     return json.dumps({"kind": job.kind, **asdict(job)}, sort_keys=True).encode()

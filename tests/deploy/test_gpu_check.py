@@ -13,7 +13,7 @@ import pytest
 
 from tests.support import ROOT
 
-STAGES = ["environment", "exactness", "precision", "smollm2", "llama_4096", "service", "summary"]
+STAGES = ["environment", "exactness", "precision", "smollm2", "llama_4096", "fed", "service", "summary"]
 
 
 @pytest.mark.slow
@@ -35,6 +35,7 @@ def test_the_device_check_runs_every_stage_on_the_cpu():
     assert by_stage["environment"]["tf32_inside_the_engine"]["matmul_tf32"] is False
     assert by_stage["service"]["shards"] > 1 and by_stage["service"]["token_scores"]
     assert set(by_stage["precision"]["spearman"]) == {"float32", "bfloat16"}
+    assert by_stage["fed"]["groups"]["count"] > 1 and by_stage["fed"]["groups"]["identical_factor_files"]
     for stage in ("smollm2", "llama_4096"):
         assert by_stage[stage]["seconds"] and by_stage[stage]["tokens"] > 0, by_stage[stage]
 

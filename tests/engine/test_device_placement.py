@@ -35,6 +35,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -43,11 +44,12 @@ from torch.overrides import TorchFunctionMode
 
 from services.engine import capture as capture_module
 from services.engine.capture import ModuleCapture, inverse_cdf, log_likelihood_gradient, sample_from, sample_labels
-from services.engine.correction import correction_update
-from services.engine.covariance import Eigenbases, covariance_update, gram
+from services.engine.correction import CorrectionAccumulator, correction_update, sequence_tokens
+from services.engine.covariance import CovarianceAccumulator, Eigenbases, covariance_update, gram
 from services.engine.data import collate
 from services.engine.device import exact_arithmetic, tf32_settings, to_device
 from services.engine.factor_io import from_artifact, to_artifact
+from services.engine.finite import all_finite
 from services.engine.fit import FitConfig, FitModel, FittedModel, fit_factors
 from services.engine.index import (
     Indexer,
@@ -61,7 +63,7 @@ from services.engine.precondition import Damping, low_rank, precondition, precon
 from services.engine.rotation import ROTATION_ORDERS, rotate, rotate_in_order, rotated_per_sequence_gradients
 from services.engine.score import PreparedQueries, ScoreConfig, Scorer, mean_length
 from services.engine.scoring import module_scores, module_token_scores, plan_module_queries
-from services.engine.sums import accumulate
+from services.engine.sums import RunningSums, accumulate
 from services.storage.tensors import tensors_from_bytes, tensors_to_bytes
 from tests.support import ROOT
 from tests.support.reference import IntTokenizer
@@ -326,11 +328,30 @@ def case_self_influence_terms(loaded: Loaded) -> None:
             assert_on_cuda(self_influence_terms(rotated, curvature), f"self_influence_terms {strategy}")
 
 
+@contextlib.contextmanager
+def gpu_of_capability(capability: tuple[int, int]):
+    """torch.cuda answers as a GPU of `capability` would (this CPU build has none to ask)."""
+    with mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: capability):
+        yield
+
+
 def case_accumulate(loaded: Loaded) -> None:
-    """A device value into a float64 host sum: the one way results reach the host; the sum stays there."""
-    total = torch.zeros(4, 4, dtype=torch.float64)
-    accumulate(total, torch.empty(4, 4, device=CUDA))
-    assert total.device.type == "cpu"
+    """A device value into a device sum: float64, and float32 with its compensation (sums.py)."""
+    for dtype, compensation in ((torch.float64, None), (torch.float32, torch.zeros(4, 4, device=CUDA))):
+        total = torch.zeros(4, 4, dtype=dtype, device=CUDA)
+        total, compensation = accumulate(total, torch.empty(4, 4, device=CUDA), compensation)
+        assert_on_cuda([total] + ([compensation] if compensation is not None else []), f"{dtype} sum")
+
+
+def case_running_sums_add(loaded: Loaded) -> None:
+    """A pass's running sums live on the device, float64 on a full-rate GPU, float32 compensated
+    on others; only `to_host` (once per task) moves them."""
+    for capability, dtype in (((9, 0), torch.float64), ((8, 9), torch.float32)):
+        with gpu_of_capability(capability):
+            sums = RunningSums({"m": (4, 4)}, CUDA)
+        sums.add("m", torch.empty(4, 4, device=CUDA))
+        assert sums.totals["m"].dtype == dtype
+        assert_on_cuda(sums.totals["m"], f"running sum on capability {capability}")
 
 
 def case_gram(loaded: Loaded) -> None:
@@ -341,9 +362,18 @@ def case_gram(loaded: Loaded) -> None:
 def case_covariance_update(loaded: Loaded) -> None:
     name = loaded.names[0]
     d_in, d_out = loaded.shape(name)
-    activation, gradient = torch.zeros(d_in, d_in, dtype=torch.float64), torch.zeros(d_out, d_out, dtype=torch.float64)
-    covariance_update(activation, gradient, cuda_capture(d_in, d_out))
-    assert activation.device.type == gradient.device.type == "cpu"
+    sums = RunningSums({f"{name}/activation": (d_in, d_in), f"{name}/gradient": (d_out, d_out)}, CUDA, False)
+    covariance_update(sums, name, cuda_capture(d_in, d_out))
+    assert_on_cuda(sums.totals, "covariance sums")
+
+
+def case_covariance_accumulator_add(loaded: Loaded) -> None:
+    """Adding a batch: the sums and the token counts stay on the device (nothing read per batch)."""
+    with gpu_of_capability((8, 0)):
+        accumulator = CovarianceAccumulator(loaded.tracked, CUDA)
+    accumulator.add({name: cuda_capture(*loaded.shape(name)) for name in loaded.names}, BATCH)
+    assert_on_cuda(accumulator._running.totals, "covariance sums")
+    assert_on_cuda(accumulator._tokens, "token counts")
 
 
 def case_correction_update(loaded: Loaded) -> None:
@@ -353,9 +383,27 @@ def case_correction_update(loaded: Loaded) -> None:
     for name in loaded.names:
         d_in, d_out = loaded.shape(name)
         for basis in (bases[name], None):
-            squared = torch.zeros(d_out, d_in, dtype=torch.float64)
-            correction_update(squared, cuda_capture(d_in, d_out), basis)
-            assert squared.device.type == "cpu"
+            sums = RunningSums({name: (d_out, d_in)}, CUDA, compensated=True)
+            correction_update(sums, name, cuda_capture(d_in, d_out), basis)
+            assert_on_cuda(sums.totals, "correction sums")
+
+
+def case_correction_accumulator_add(loaded: Loaded) -> None:
+    with gpu_of_capability((8, 6)):
+        accumulator = CorrectionAccumulator(loaded.tracked, to_device(loaded.eigen.bases(), CUDA), CUDA)
+    accumulator.add({name: cuda_capture(*loaded.shape(name)) for name in loaded.names}, BATCH)
+    assert_on_cuda(accumulator._running.totals, "correction sums")
+    assert_on_cuda(accumulator._tokens, "token count")
+
+
+def case_all_finite(loaded: Loaded) -> None:
+    """A GPU pass's per-batch finiteness check: a device flag, read once per pass (passes.py)."""
+    capture = cuda_capture(3, 2)
+    assert_on_cuda(all_finite([capture.a, capture.s]), "finiteness flag")
+
+
+def case_sequence_tokens(loaded: Loaded) -> None:
+    assert_on_cuda(sequence_tokens({"m": cuda_capture(3, 2)}), "token count")
 
 
 def _module_indexer(loaded: Loaded, projection: str, name: str, strategy: str = "ekfac") -> ModuleIndexer:
@@ -449,6 +497,11 @@ KERNEL_CASES = {
     "rotation.rotate_in_order": case_rotate_in_order,
     "rotation.rotated_per_sequence_gradients": case_rotated_per_sequence_gradients,
     "sums.accumulate": case_accumulate,
+    "sums.RunningSums.add": case_running_sums_add,
+    "covariance.CovarianceAccumulator.add": case_covariance_accumulator_add,
+    "correction.CorrectionAccumulator.add": case_correction_accumulator_add,
+    "correction.sequence_tokens": case_sequence_tokens,
+    "finite.all_finite": case_all_finite,
     "covariance.gram": case_gram,
     "covariance.covariance_update": case_covariance_update,
     "correction.correction_update": case_correction_update,
@@ -470,9 +523,6 @@ VALUE_READING = {
     "finite.first_non_finite": "which sequence or module is non-finite (tests/services/cli/test_non_finite.py)",
     "precondition.Damping.value": "λ = factor × mean Λ, read on the host when a Preconditioner is prepared",
     "precondition.preconditioner": "λ and the singular check on the host, before placement (test_engine_exact)",
-    "correction.sequence_tokens": "int(token_mask.sum()): the tokens a correction pass saw",
-    "covariance.CovarianceAccumulator.add": "covariance_update per module, then int(token_mask.sum())",
-    "correction.CorrectionAccumulator.add": "correction_update per module, then the token count",
     "score.top_k_entries": "topk and .tolist() of host scores (test_engine_invariance)",
     "score.merge": "the shards' host scores: sum, mask, top-k (test_engine_invariance, test_system)",
     "score.damping_overlap": "argsort and .tolist() of the merged host scores (tests/engine/test_damping_check.py)",
@@ -496,6 +546,7 @@ STEPS = {
     "score.compute_scores": "the in-process API: Scorer and score_in_memory",
     "score.compute_self_influence": "the in-process API: Scorer.self_influence",
     "data.Batch.to": "places a batch's ids and masks on the model's device (captured_batches); indices stay",
+    "device.host_to_device": "the one host-to-GPU copy (pinned, not blocking): batches, label uniforms, columns",
 }
 
 # Host-side by contract, or the model pass itself.
@@ -506,6 +557,8 @@ HOST = {
     "arena.HostArena.copy": "a contiguous host copy",
     "correction.CorrectionAccumulator.__init__": "holds the host sums and the bases its caller placed",
     "correction.CorrectionAccumulator.merge": "host float64 sums",
+    "correction.CorrectionAccumulator.merge_modules": "host float64 sums of another module group",
+    "covariance.Eigenbases.merged": "host bases of another module group",
     "correction.CorrectionAccumulator.from_state": "from the store",
     "covariance.CovarianceAccumulator.merge": "host float64 sums",
     "covariance.CovarianceAccumulator.from_state": "from the store",
@@ -519,7 +572,7 @@ HOST = {
     "score.ShardScores.to_tensors": "for the store",
     "covariance.upper_triangle": "packing host sums for the store",
     "covariance.symmetric_from_upper": "unpacking them",
-    "covariance.symmetric_eigh": "float64 eigh of the host sums",
+    "covariance.symmetric_eigh": "float64 eigh of the host sums (on the GPU when the worker has one)",
     "data.unpack_sequences": "token shards from the store",
     "factor_io.to_artifact": "factor files",
     "factor_io.module_factors": "factor files",
@@ -620,7 +673,10 @@ def test_without_the_placement_step_the_loaded_inputs_meet_cuda_on_the_cpu(loade
             lambda: module_scores(cuda_capture(d_in, d_out), loaded.prepared[1].modules[name]),
             lambda: precondition(torch.empty(2, d_out, d_in, device=CUDA), host_curvature, torch.float32),
             lambda: correction_update(
-                torch.zeros(d_out, d_in, dtype=torch.float64), cuda_capture(d_in, d_out), loaded.eigen.bases()[name]
+                RunningSums({name: (d_out, d_in)}, CUDA, compensated=True),
+                name,
+                cuda_capture(d_in, d_out),
+                loaded.eigen.bases()[name],
             ),
             lambda: ModuleIndexer(loaded.tracked[name], factors, host_curvature, loaded.specs["none"]).queries(
                 torch.empty(2, d_out, d_in, device=CUDA)

@@ -26,12 +26,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
-from services.catalog.factor_sets import load_factors
+from services.catalog.datasets import parse_dataset_path
+from services.catalog.factor_sets import factor_set_path, load_factors
+from services.engine.budget import module_groups, module_state_bytes
+from services.engine.capture import describe_all
 from services.engine.fit import FitConfig, fit_factors
-from services.engine.model_io import load_model_and_tokenizer
+from services.engine.model_io import ModelRef, load_model_and_tokenizer, model_skeleton
+from services.engine.modules import select_modules
 from services.engine.records import read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
 from services.errors import DataLossError, InputError, NotFoundError, PreconditionError
+from services.factor_svc.jobs import FitJob
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.system.caches import ArtifactCache
 from tests.support.servers.ports import wait_until
@@ -537,3 +542,42 @@ def test_stream_blocks_relays_a_workers_job_and_a_consumer_leaving_cancels_it(cl
         list(stream(modules=r"^nothing\.matches$"))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "matches no linear module" in raised.value.details()
+
+
+def test_a_fit_over_a_workers_budget_runs_per_shard_and_module_group_with_the_same_factors(
+    cluster, workspace, tmp_path
+):
+    """A fit planned in module groups (FitJob.module_groups, what the servicer plans when the factors
+    exceed its workers' budget: engine/budget.py; a tiny model's would not, so the groups are given
+    here): covariance, eigen and correction run per (shard, group), each group's sums and eigenbases
+    written and read on their own, and the factor files are the bytes of the one-group fit's."""
+    client, model = cluster.client, str(workspace / "model")
+    dataset = client.register_dataset(model, workspace / "train.jsonl", shard_size=8, max_length=64)
+    assert dataset.num_shards == 3
+    whole = client.fit_factors(model, dataset.name, batch_size=3, modules="all")
+    skeleton = model_skeleton(model)
+    tracked = describe_all(select_modules(skeleton, "all"))
+    groups = module_groups(tracked, max(module_state_bytes(m) for m in tracked.values()))
+    assert len(groups) >= 4
+    job = FitJob(
+        ModelRef(model, ""),
+        dataset_id=parse_dataset_path(dataset.name),
+        shards=3,
+        factor_set_id=uuid.uuid4().hex[:20],
+        config=FitConfig(modules="all", batch_size=3, max_length=64),
+        module_groups=groups,
+        batch_size=3,
+    )
+    record = cluster.system.submit("fit_factors", job, target=factor_set_path(job.factor_set_id))
+    stages = []
+    done = client.wait_for(f"operations/{record['id']}", lambda m: stages.append((m.stage, m.shards_total)))
+    grouped = client.unpack(done, factor_service_pb2.FactorSet)
+    assert ("covariance", 3 * len(groups)) in stages or ("eigen", len(groups)) in stages, stages
+    client.download_factors(whole.name, tmp_path / "whole")
+    client.download_factors(grouped.name, tmp_path / "grouped")
+    files = sorted(path.name for path in (tmp_path / "whole").glob("*.safetensors"))
+    assert files == sorted(path.name for path in (tmp_path / "grouped").glob("*.safetensors")) and files
+    for name in files:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "grouped" / name).read_bytes(), name
+    provenance = json.loads((tmp_path / "grouped" / "manifest.json").read_text())["metadata"]["provenance"]
+    assert provenance["module_groups"] == len(groups) and provenance["effective_batch_sizes"] == [3]
