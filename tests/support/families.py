@@ -339,6 +339,8 @@ def build_family_model(family: str, out_dir: Path, seed: int = 0) -> Path:
                 parameter.add_(0.1 * torch.randn_like(parameter))
             elif name.endswith(("mlp.gate.weight", "mlp.router.weight")) and parameter.dim() == 2:
                 parameter.normal_(0, 1.0)  # some families start their routers at zero: one fixed top-k
+            elif family in MOE_FAMILIES and name.endswith("embed_tokens.weight"):
+                parameter.normal_(0, 1.0)  # tokens that differ more than the random biases do: varied routing
     model.eval()
     assert type(model).__name__ == known[family].model_class, type(model).__name__
     save_model_dir(model, tokenizer, out_dir)
