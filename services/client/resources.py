@@ -217,7 +217,14 @@ class InfluenceClient(Connection):
             dataset=dataset,
             queries=[
                 query_service_pb2.Query(
-                    id=q.id, prompt=q.prompt, completion=q.completion, group=getattr(q, "group", "")
+                    id=q.id,
+                    prompt=q.prompt,
+                    completion=q.completion,
+                    group=getattr(q, "group", ""),
+                    messages=[
+                        query_service_pb2.ChatMessage(role=m.role, content=m.content)
+                        for m in getattr(q, "messages", ())
+                    ],
                 )
                 for q in queries
             ],

@@ -19,7 +19,7 @@ from ..catalog import factor_sets, indexes
 from ..catalog.datasets import DATASETS, DatasetInfo, DatasetWriter, ShardRecords, load_records, shard_sequences
 from ..catalog.factor_sets import FACTOR_SETS
 from ..catalog.indexes import INDEXES, IndexDamping, IndexInfo, IndexPart, IndexShard
-from ..engine.data import TokenizedSequence, tokenize_training
+from ..engine.data import TokenizedSequence, rendered, tokenize_training
 from ..engine.index import Indexer
 from ..engine.model_io import tokenizer_fingerprint
 from ..engine.records import TrainingExample, file_lines, stream_training_jsonl
@@ -71,6 +71,7 @@ def run_register(call: StageCall) -> DatasetInfo:
                 sequences: list[TokenizedSequence] = []
                 with ShardRecords() as records:
                     for batch in _batches(itertools.islice(examples, job.shard_size)):
+                        batch = rendered(tokenizer, batch)  # chats as the records keep them: rendered
                         start = shard * job.shard_size + len(sequences)
                         sequences += tokenize_training(tokenizer, batch, job.max_length, start_index=start)
                         records.add(batch)
@@ -98,11 +99,12 @@ def _batches(examples: Iterator[TrainingExample]) -> Iterator[list[TrainingExamp
     """The examples in consecutive lists of at least one, more while under _TOKENIZE_BYTES of text."""
     batch, size = [], 0
     for example in examples:
-        if batch and size + len(example.text) > _TOKENIZE_BYTES:
+        length = len(example.text) + sum(len(message.content) for message in example.messages)
+        if batch and size + length > _TOKENIZE_BYTES:
             yield batch
             batch, size = [], 0
         batch.append(example)
-        size += len(example.text)
+        size += length
     if batch:
         yield batch
 
