@@ -73,7 +73,28 @@ DEVICE = Flag(
 )
 DTYPE = Flag("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 or float64 (default: float32)")
 DATA = Flag(
-    "--data", required=True, help='TRAIN.jsonl ({"id": optional, "text": ...} per line); with --server also s3://BUCKET/KEY'
+    "--data",
+    required=True,
+    help='TRAIN.jsonl ({"id": optional, "text": ...} or {"id", "messages": [...]} per line), a Parquet file or '
+    "directory, or a `datasets` save_to_disk directory; with --server also s3://BUCKET/KEY (or a prefix/)",
+)
+# the training data as a corpus (engine/corpora.py): token shards instead of --data, a table's columns
+CORPUS = (
+    Flag(
+        "--tokens",
+        default=None,
+        metavar="DIR",
+        help="pre-tokenized token shards (.npy, or raw .bin) instead of --data, cut into --sequence-length tokens; "
+        "with --server also s3://BUCKET/PREFIX/",
+    ),
+    Flag("--sequence-length", type=int, default=None, help="with --tokens: tokens per training sequence"),
+    Flag("--token-dtype", default="uint16", choices=("uint16", "uint32"), help="with --tokens: raw shards' ids"),
+    Flag("--text-field", default="text", help="a Parquet or datasets table's text column (default: text)"),
+    Flag(
+        "--messages-field",
+        default="messages",
+        help="its chat column, read when there is no text column (default: messages)",
+    ),
 )
 FACTORS = Flag("--factors", required=True, help="directory written by `influence fit` (or a server's factorSets/ID)")
 QUIET = Flag("--quiet", action="store_true", help="no progress bars")

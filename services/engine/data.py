@@ -12,6 +12,8 @@ Conventions (shared by every pass):
   does. A chat query's prompt is the conversation before its last assistant turn rendered with
   the generation prompt; its completion is the rest of the whole conversation's rendering (the
   assistant's text and the template's end-of-turn tokens), so only the completion counts.
+- Pre-tokenized training sequences (`tokens`) are taken as they are (truncated to `max_length`);
+  each id must lie in the tokenizer's vocabulary. Their text (for the records) is their decoding.
 - Batches are right-padded. `target_mask[b, t]` is 1 where token t is a scored target
   (predicted from position t-1); position 0 is never a target.
 """
@@ -86,16 +88,24 @@ def _chat_text(tokenizer, messages: Sequence[ChatMessage], what: str, *, generat
 
 
 def rendered(tokenizer, examples: Sequence[TrainingExample]) -> list[TrainingExample]:
-    """The examples with every chat's `text` its rendering by the chat template (plain texts, and
-    chats already rendered, as they are)."""
-    return [
-        TrainingExample(
-            example.id, _chat_text(tokenizer, example.messages, f"training example '{example.id}'"), example.messages
-        )
-        if example.messages and not example.text
-        else example
-        for example in examples
-    ]
+    """The examples with every chat's `text` its rendering by the chat template and every
+    pre-tokenized sequence's its decoding (plain texts, and examples already rendered, as they are)."""
+    return [_rendered(tokenizer, example) for example in examples]
+
+
+def _rendered(tokenizer, example: TrainingExample) -> TrainingExample:
+    if example.text or not (example.messages or example.tokens):
+        return example
+    if example.tokens:
+        vocabulary = len(tokenizer)
+        if max(example.tokens) >= vocabulary:
+            raise InputError(
+                f"training example '{example.id}': token id {max(example.tokens)} is outside the tokenizer's "
+                f"vocabulary of {vocabulary}: were the shards written with this model's tokenizer?"
+            )
+        return TrainingExample(example.id, tokenizer.decode(list(example.tokens)), tokens=example.tokens)
+    text = _chat_text(tokenizer, example.messages, f"training example '{example.id}'")
+    return TrainingExample(example.id, text, example.messages)
 
 
 def tokenize_training(
@@ -112,9 +122,13 @@ def tokenize_training(
     # One batched call per kind (the Rust tokenizer encodes in bulk; per text, the Python wrapper
     # cost twice the encoding), and one flat tensor that the sequences are views of. A chat's
     # rendering holds its special tokens already.
-    token_lists: list[list[int]] = [[] for _ in examples]
+    token_lists: list[list[int]] = [list(example.tokens[:max_length]) for example in examples]
     for chat in (False, True):
-        positions = [position for position, example in enumerate(examples) if bool(example.messages) == chat]
+        positions = [
+            position
+            for position, example in enumerate(examples)
+            if not example.tokens and bool(example.messages) == chat
+        ]
         if positions:
             texts = [examples[position].text for position in positions]
             for position, ids in zip(

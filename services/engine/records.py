@@ -3,6 +3,7 @@ name the file and line. No torch here: the client and the CLI's checks import th
 
     TRAIN.jsonl     {"id": optional string, "text": string} per line, or a chat:
                     {"id": optional string, "messages": [{"role": string, "content": string}, ...]}
+                    or pre-tokenized: {"id": optional string, "tokens": [token id, ...]}
     QUERIES.jsonl   {"id": optional string, "prompt": string, "completion": string,
                      "group": optional string (related queries, e.g. translations)} per line, or a chat:
                     {"id", "messages": [..., {"role": "assistant", "content": the completion}], "group"}
@@ -33,12 +34,13 @@ class ChatMessage:
 
 @dataclass(frozen=True)
 class TrainingExample:
-    """A training text, or a chat (`messages`), whose `text` is empty until the tokenizer's chat
-    template renders it (engine/data.rendered)."""
+    """A training text, or a chat (`messages`) or token ids (`tokens`), whose `text` is empty until
+    the tokenizer renders it (engine/data.rendered: the chat template, or the decoded tokens)."""
 
     id: str
     text: str
     messages: tuple[ChatMessage, ...] = ()
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,18 @@ def _messages(record: dict, where: str, *, query: bool) -> tuple[ChatMessage, ..
     return tuple(messages)
 
 
+def _tokens(record: dict, where: str) -> tuple[int, ...]:
+    """A record's "tokens": a list of at least 2 non-negative integer token ids."""
+    if "text" in record:
+        raise InputError(f"{where}: give 'tokens' or 'text', not both")
+    tokens = record["tokens"]
+    if not isinstance(tokens, list) or not all(type(token) is int and token >= 0 for token in tokens):
+        raise InputError(f"{where}: field 'tokens' must be a list of non-negative integer token ids")
+    if len(tokens) < 2:
+        raise InputError(f"{where}: field 'tokens' has fewer than 2 tokens; nothing to predict")
+    return tuple(tokens)
+
+
 def _record_id(record: dict, default: str, where: str) -> str:
     raw = record.get("id", default)
     if raw is None:
@@ -208,6 +222,8 @@ def unique_examples(open_records: Callable[[], Iterable[dict]], source: str) -> 
         example_id = _record_id(record, str(number), where)
         if "messages" in record:
             example = TrainingExample(example_id, "", _messages(record, where, query=False))
+        elif "tokens" in record:
+            example = TrainingExample(example_id, "", tokens=_tokens(record, where))
         else:
             example = TrainingExample(example_id, _string_field(record, "text", where))
         digest = _id_digest(example.id)

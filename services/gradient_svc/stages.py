@@ -19,6 +19,7 @@ from ..catalog import factor_sets, indexes
 from ..catalog.datasets import DATASETS, DatasetInfo, DatasetWriter, ShardRecords, load_records, shard_sequences
 from ..catalog.factor_sets import FACTOR_SETS
 from ..catalog.indexes import INDEXES, IndexDamping, IndexInfo, IndexPart, IndexShard
+from ..engine.corpora import CorpusSpec, write_jsonl
 from ..engine.data import TokenizedSequence, rendered, tokenize_training
 from ..engine.index import Indexer
 from ..engine.model_io import tokenizer_fingerprint
@@ -47,7 +48,10 @@ def run_register(call: StageCall) -> DatasetInfo:
     context = call.context
     with tempfile.TemporaryDirectory(prefix="register-") as directory:
         local = Path(directory) / "train.jsonl"
-        if job.source_uri:
+        if job.source_uri and job.corpus is not None:
+            _corpus_jsonl(context.store, job.source_uri, job.corpus, Path(directory) / "corpus", local)
+            what = job.source_uri
+        elif job.source_uri:
             bucket, key = split_s3_uri(job.source_uri, "uri")
             context.store.in_bucket(bucket).get_file(key, local)
             what = job.source_uri
@@ -93,6 +97,19 @@ def run_register(call: StageCall) -> DatasetInfo:
         create_time=job.create_time,
     )
     return writer.publish(info)
+
+
+def _corpus_jsonl(store, uri: str, corpus: CorpusSpec, directory: Path, out: Path) -> None:
+    """The corpus at `uri` (an object, or every object under a prefix "…/", fetched one at a time
+    into `directory` under their names below it) as TRAIN.jsonl lines in `out` (engine/corpora.py)."""
+    bucket, key = split_s3_uri(uri, "uri", prefix=True)
+    source = store.in_bucket(bucket)
+    if not key.endswith("/"):
+        write_jsonl(source.get_file(key, directory / Path(key).name), corpus, out)
+        return
+    for name in source.list(key):
+        source.get_file(name, directory / name[len(key) :])
+    write_jsonl(directory, corpus, out)
 
 
 def _batches(examples: Iterator[TrainingExample]) -> Iterator[list[TrainingExample]]:
