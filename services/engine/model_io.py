@@ -5,6 +5,11 @@ is always set, so a hub id fails at once with a clear error. Weights load from s
 (a directory holding only pickle-based `pytorch_model.bin` is refused: unpickling runs code), and
 never with a model's own Python code unless the operator allowed it.
 
+A PEFT adapter directory (`adapter_config.json` beside `adapter_model.safetensors`) loads as its
+base model (the local directory its config names, under the same access policy) with the adapter
+applied (peft's PeftModel, imported only then); its tokenizer is the adapter's own when it saved
+one, else the base's. A merged adapter (merge_and_unload, save_pretrained) is an ordinary model.
+
 `set_model_access(ModelAccess(roots, allow_remote_code))` is the process's policy (`influence
 serve/worker --model-roots --allow-remote-code`); every load goes through `ModelAccess.check`.
 With roots, a path outside them is refused with one message whether or not it exists, so a
@@ -127,6 +132,7 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: 
     torch_dtype = parse_dtype(dtype)
     torch_device = parse_device(device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
+    adapter, model_dir = (model_dir, adapter_base(model_dir)) if is_adapter_dir(model_dir) else (None, model_dir)
     if not any(model_dir.glob("*.safetensors")):
         pickled = sorted(path.name for path in model_dir.iterdir() if path.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         raise InputError(
@@ -145,9 +151,52 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: 
         )
     except Exception as error:
         raise InputError(f"cannot load a causal language model from {model_dir}: {_first_line(error)}") from None
+    if adapter is not None:
+        model = _with_adapter(model, adapter)
     model.to(torch_device)
     model.eval()
     return model, tokenizer
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(model_dir: str | Path) -> bool:
+    """A PEFT adapter directory (its adapter_config.json), not a model of its own."""
+    return (Path(model_dir) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(adapter_dir: Path) -> Path:
+    """The base model directory an adapter's config names (`base_model_name_or_path`): a local
+    directory (no hub ids), checked against the access policy like any model path."""
+    try:
+        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+    except (OSError, ValueError) as error:
+        raise InputError(f"{adapter_dir / ADAPTER_CONFIG} is unreadable: {_first_line(error)}") from None
+    path = Path(base)
+    if not path.is_absolute():
+        path = (adapter_dir / path) if (adapter_dir / path).is_dir() else path
+    if not base or not path.is_dir():
+        raise NotFoundError(
+            f"the adapter at {adapter_dir} names base model {base!r}, which is no local directory: set "
+            f"base_model_name_or_path in its {ADAPTER_CONFIG} to the base model's directory"
+        )
+    return model_access().check(path.resolve() if not model_access().roots else path)
+
+
+def _with_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """`model` with the adapter at `adapter_dir` applied (weights from safetensors only)."""
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise InputError(
+            f"{adapter_dir} holds no adapter_model.safetensors; save the adapter with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    except Exception as error:
+        raise InputError(f"cannot apply the adapter at {adapter_dir}: {_first_line(error)}") from None
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -159,6 +208,8 @@ def load_tokenizer(model_dir: str | Path):
     model_dir = access.check(model_dir)
     if not model_dir.is_dir():
         raise NotFoundError(f"model directory not found: {model_dir}")
+    if is_adapter_dir(model_dir) and not (model_dir / "tokenizer_config.json").is_file():
+        model_dir = adapter_base(model_dir)  # an adapter saved without a tokenizer uses its base's
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model_dir, local_files_only=True, trust_remote_code=access.allow_remote_code
@@ -200,16 +251,34 @@ def model_fingerprint(model: torch.nn.Module, tracked_names: list[str] | None = 
     if config is not None:
         config_dict = {key: value for key, value in config.to_dict().items() if key not in _LOAD_ONLY_CONFIG_KEYS}
         digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    for name, adapter in sorted(getattr(model, "peft_config", {}).items()):  # an adapter's rank, scale, targets
+        settings = {key: value for key, value in adapter.to_dict().items() if key not in _ADAPTER_LOAD_ONLY_KEYS}
+        digest.update(name.encode() + json.dumps(settings, sort_keys=True, default=_sorted_set).encode())
     parameters = dict(model.named_parameters())
     for name in sorted(parameters):
         digest.update(f"{name}:{tuple(parameters[name].shape)};".encode())
-    sampled = sorted({f"{name}.weight" for name in tracked_names} if tracked_names else parameters)
+    sampled = {f"{name}.weight" for name in tracked_names} if tracked_names else set(parameters)
+    # a LoRA matrix's fingerprint covers the base weight it adapts (…q_proj.base_layer.weight)
+    sampled |= {_base_weight(name) for name in sampled if _base_weight(name) in parameters}
+    sampled = sorted(sampled)
     for name in sampled:
         values = parameters[name].detach().reshape(-1)
         stride = max(1, values.numel() // 4096)
         sample = values[::stride][:4096].to(device="cpu").to(torch.bfloat16)
         digest.update(name.encode() + b"\0" + sample.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _sorted_set(value):
+    """JSON for what json cannot write: a set (peft's target_modules) sorted, so that the hash seed
+    of the process does not change it; anything else as its str."""
+    return sorted(value, key=str) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def _base_weight(name: str) -> str:
+    """The base layer's weight beside a LoRA matrix's ("….lora_A.default.weight" -> "….base_layer.weight")."""
+    head, _, _ = name.partition(".lora_")
+    return f"{head}.base_layer.weight" if head != name else ""
 
 
 # Fingerprints already computed per model object and module set: a worker that keeps a model
@@ -227,6 +296,8 @@ def cached_fingerprint(model: torch.nn.Module, names: Sequence[str]) -> str:
     return known[key]
 
 
+# Adapter config fields that say where it was loaded from or how it runs, not what it is.
+_ADAPTER_LOAD_ONLY_KEYS = frozenset(("base_model_name_or_path", "revision", "inference_mode", "runtime_config"))
 # Config fields that say how a checkpoint was loaded or saved, not what the model is.
 _LOAD_ONLY_CONFIG_KEYS = frozenset(
     ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation", "attn_implementation")

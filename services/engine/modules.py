@@ -9,6 +9,8 @@ Selection keywords:
 - `mlp`: the feed-forward linear layers of every transformer block (the paper's default),
 - `attention`: the attention projections of every block,
 - `all`: both,
+- `adapter`: the LoRA matrices (lora_A, lora_B) of a PEFT adapter model, and the default there:
+  an adapter model asked for the default (`mlp`) tracks its adapter (what fine-tuning changed),
 - anything else: a regular expression searched in the module's full name.
 """
 
@@ -25,6 +27,8 @@ from ..errors import InputError
 _BLOCK = re.compile(r"\.(\d+)\.")
 _MLP_WORDS = re.compile(r"(^|\.)(mlp|feed_forward|ffn|ff|fc1|fc2|dense_h_to_4h|dense_4h_to_h)(\.|$)")
 _ATTENTION_WORDS = re.compile(r"(^|\.)(attn|attention|self_attn|self_attention|cross_attn)(\.|$)")
+_LORA = re.compile(r"\.lora_[AB]\.[^.]+$")  # peft's LoRA matrices: ….q_proj.lora_A.default
+KEYWORDS = ("mlp", "attention", "all", "adapter")
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ def _kind(name: str) -> str | None:
 
 def check_selection(selection: str) -> None:
     """Raise InputError for an invalid --modules regular expression (keywords are always valid)."""
-    if selection in ("mlp", "attention", "all"):
+    if selection in KEYWORDS:
         return
     try:
         re.compile(selection)
@@ -86,7 +90,11 @@ def select_modules(model: nn.Module, selection: str = "mlp") -> dict[str, nn.Mod
     Raises InputError when the selection matches nothing or the regex is invalid.
     """
     candidates = [(name, module) for name, module in model.named_modules() if is_trackable(module)]
-    if selection in ("mlp", "attention"):
+    if selection == "mlp" and is_adapter_model(model):
+        selection = "adapter"  # the default of an adapter model
+    if selection == "adapter":
+        chosen = [(n, m) for n, m in candidates if _LORA.search(n)]
+    elif selection in ("mlp", "attention"):
         chosen = [(n, m) for n, m in candidates if _kind(n) == selection]
     elif selection == "all":
         chosen = [(n, m) for n, m in candidates if _kind(n) is not None]
@@ -101,6 +109,11 @@ def select_modules(model: nn.Module, selection: str = "mlp") -> dict[str, nn.Mod
             f"{', ...' if len(candidates) > 6 else ''})"
         )
     return dict(chosen)
+
+
+def is_adapter_model(model: nn.Module) -> bool:
+    """A base model with a PEFT adapter applied (engine/model_io.py loads adapter directories so)."""
+    return bool(getattr(model, "peft_config", None))
 
 
 def weight_gradient_layout(tracked: TrackedModule, gradient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
