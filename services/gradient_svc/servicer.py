@@ -125,7 +125,7 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
                 raise NotFoundError(f"training data not found: {request.uri}")
             source_uri = request.uri  # read (and validated, naming its lines) by the worker, not here
             digest = sha256_bytes(f"{request.uri} {uuid.uuid4()}".encode())  # an object can change: never reused
-        elif corpus is not None:
+        elif corpus is not None or (request.uri and not is_jsonl_name(request.uri)):
             message = "a corpus is read from s3:// (a local one is sent as its TRAIN.jsonl lines: `influence fit` does)"
             raise InputError(message, field="corpus")
         elif request.uri or uploaded is not None:

@@ -12,9 +12,11 @@ from safetensors.torch import load_file
 
 from services.catalog.factor_sets import load_factors
 from services.cli import main
+from services.client import InfluenceClient
 from services.engine.model_io import load_model_and_tokenizer
-from services.engine.records import read_queries_jsonl, read_training_jsonl
+from services.engine.records import ChatMessage, Query, read_queries_jsonl, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores
+from services.errors import InputError
 from tests.support.chat import add_chat_template
 from tests.support.families import build_family_model, sentences
 from tests.support.numerics import FLOAT32, assert_close
@@ -82,6 +84,15 @@ def test_chat_data_fit_and_score_through_influence_serve(chat_data, served, tmp_
     root, model, _ = chat_data
     _fit_and_score(root, model, tmp_path, server=served[0])
     _check_against_the_engine(root, model, tmp_path)
+    # registration validates chat lines as the CLI does, naming the line; a chat query as well
+    bad = b'{"text": "a b"}\n{"messages": [{"role": "user"}]}\n'
+    with InfluenceClient(served[0]) as client:
+        with pytest.raises(InputError, match="dataset: record 2: message 1: field 'content' must be a string"):
+            client.register_dataset(str(model), bad)
+        query = Query("q", "", "", messages=(ChatMessage("user", "the dog"),))
+        with pytest.raises(InputError, match="the last message must be the assistant's completion"):
+            factor_set, dataset = client.list_factor_sets()[0].name, client.list_datasets()[0].name  # any: the query is refused
+            client.compute_scores(str(model), factor_set, dataset, [query])
 
 
 def test_chat_data_for_a_model_without_a_chat_template_is_one_line(chat_data, tmp_path, capsys):

@@ -16,10 +16,12 @@ from safetensors.torch import load_file
 
 from services.catalog.factor_sets import load_factors
 from services.cli import main
+from services.client import InfluenceClient
 from services.engine.corpora import CorpusSpec, corpus_records
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.records import read_queries_jsonl, training_examples
 from services.engine.score import ScoreConfig, compute_scores
+from services.errors import InputError
 from services.storage import S3Store
 from tests.support.chat import add_chat_template
 from tests.support.families import build_family_model, sentences
@@ -93,6 +95,9 @@ def test_corpora_from_s3_through_influence_serve(corpora, served, s3_server, tmp
     tokens = ["--tokens", f"s3://{bucket}/tokens/", "--sequence-length", "6"]
     _fit_and_score(model, tokens, root, tmp_path / "tokens", server)
     _check(model, root, tmp_path / "tokens", root / "tokens", CorpusSpec(sequence_length=6))
+    # a corpus by a path on the server is refused, naming what works
+    with InfluenceClient(server) as client, pytest.raises(InputError, match="a corpus is read from s3://"):
+        client.register_dataset(str(model), root / "parquet" / "a.parquet", by_path=True)
     # a local corpus through a server is sent as its TRAIN.jsonl lines
     _fit_and_score(model, ["--data", str(root / "parquet" / "a.parquet")], root, tmp_path / "local", server)
     _check(model, root, tmp_path / "local", root / "parquet" / "a.parquet", CorpusSpec())
