@@ -91,7 +91,8 @@ def test_chat_data_fit_and_score_through_influence_serve(chat_data, served, tmp_
             client.register_dataset(str(model), bad)
         query = Query("q", "", "", messages=(ChatMessage("user", "the dog"),))
         with pytest.raises(InputError, match="the last message must be the assistant's completion"):
-            factor_set, dataset = client.list_factor_sets()[0].name, client.list_datasets()[0].name  # any: the query is refused
+            # any factor set and dataset: the query is refused
+            factor_set, dataset = client.list_factor_sets()[0].name, client.list_datasets()[0].name
             client.compute_scores(str(model), factor_set, dataset, [query])
 
 
