@@ -130,9 +130,18 @@ CLIENT_SECURITY = (TOKEN, TLS_CA, TLS_CERT, TLS_KEY)
 THROUGH_SYSTEM = (BATCH_SIZE, MAX_LENGTH, QUIET, JSON, SERVER, DETACH, *CLIENT_SECURITY, SHARD_SIZE)
 
 
+BASE_MODEL = Flag(
+    "--base-model",
+    default="",
+    metavar="DIR",
+    help="with a PEFT adapter directory as --model: its base model's directory (default: the one its "
+    "adapter_config.json names)",
+)
+
+
 def add_model_job_flags(parser) -> None:
     """The flags of a job that loads the model (fit, score, self, index build)."""
-    add(parser, MODEL, DEVICE, DTYPE, *THROUGH_SYSTEM)
+    add(parser, MODEL, BASE_MODEL, DEVICE, DTYPE, *THROUGH_SYSTEM)
 
 
 def add_damping_flags(parser) -> None:

@@ -20,16 +20,18 @@ def model_of(args) -> common_pb2.ModelSpec:
     from ..engine.model_io import load_tokenizer, parse_device, parse_dtype
 
     parse_dtype(args.dtype)
-    path = Path(args.model)
+    path, base = Path(args.model), args.base_model
     if not args.server:
         if args.device:  # none: the worker's device (cuda if this machine has one, else cpu)
             parse_device(args.device)
         if not path.is_dir():
             raise NotFoundError(f"model directory not found: {path}")
-        load_tokenizer(path)  # fail fast, before uploading anything, if the directory holds no model
+        base = str(Path(base).resolve()) if base else ""
+        load_tokenizer(path, base)  # fail fast, before uploading anything, if the directory holds no model
         path = path.resolve()
     return common_pb2.ModelSpec(
         path=str(path),
+        base_model=base,
         device=enum_value(common_pb2.Device, args.device, "--device"),
         dtype=enum_value(common_pb2.Dtype, args.dtype, "--dtype"),
     )

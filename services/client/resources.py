@@ -63,7 +63,8 @@ class InfluenceClient(Connection):
             digest = hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else sha256_file(content)
         if not request.uri.startswith("s3://"):
             # Datasets are content-addressed: one the server has is reused, not uploaded again.
-            name = "datasets/" + dataset_id(digest, request.model.path, max_length, shard_size)
+            spec = request.model
+            name = "datasets/" + dataset_id(digest, spec.path, max_length, shard_size, spec.base_model)
             try:
                 return self.get_dataset(name)
             except NotFoundError:

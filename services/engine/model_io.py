@@ -42,11 +42,13 @@ DTYPES = {
 @dataclass(frozen=True)
 class ModelRef:
     """How to load and run a model: a local Hugging Face directory, a device ("" in a job: the
-    device of the worker that runs the task) and a dtype."""
+    device of the worker that runs the task) and a dtype; with an adapter directory in `path`,
+    `base` may name its base model's directory ("": the one its config names)."""
 
     path: str
     device: str = "cpu"
     dtype: str = "float32"
+    base: str = ""
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -113,11 +115,14 @@ def model_access() -> ModelAccess:
     return _access
 
 
-def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", tokenizer=None):
+def load_model_and_tokenizer(
+    model_dir: str | Path, device: str = "cpu", dtype: str = "float32", tokenizer=None, base: str = ""
+):
     """Load `AutoModelForCausalLM` and `AutoTokenizer` from a local directory, in eval mode.
 
     Returns (model, tokenizer). The tokenizer always has a pad token id (eos, else 0). A
-    `tokenizer` already loaded from `model_dir` (by `load_tokenizer`) is used as it is.
+    `tokenizer` already loaded from `model_dir` (by `load_tokenizer`) is used as it is. `base`:
+    an adapter's base model directory instead of the one its config names.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
@@ -131,8 +136,10 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: 
         raise NotFoundError(f"model directory not found: {model_dir}")
     torch_dtype = parse_dtype(dtype)
     torch_device = parse_device(device)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
-    adapter, model_dir = (model_dir, adapter_base(model_dir)) if is_adapter_dir(model_dir) else (None, model_dir)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir, base)
+    adapter, model_dir = (
+        (model_dir, adapter_base(model_dir, base)) if is_adapter_dir(model_dir, base) else (None, model_dir)
+    )
     if not any(model_dir.glob("*.safetensors")):
         pickled = sorted(path.name for path in model_dir.iterdir() if path.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         raise InputError(
@@ -161,14 +168,23 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def is_adapter_dir(model_dir: str | Path) -> bool:
-    """A PEFT adapter directory (its adapter_config.json), not a model of its own."""
-    return (Path(model_dir) / ADAPTER_CONFIG).is_file()
+def is_adapter_dir(model_dir: str | Path, base: str = "") -> bool:
+    """A PEFT adapter directory (its adapter_config.json), not a model of its own; InputError when
+    a `base` is given for a directory that is no adapter."""
+    adapter = (Path(model_dir) / ADAPTER_CONFIG).is_file()
+    if base and not adapter:
+        raise InputError(f"a base model is for a PEFT adapter directory; {model_dir} has no {ADAPTER_CONFIG}")
+    return adapter
 
 
-def adapter_base(adapter_dir: Path) -> Path:
-    """The base model directory an adapter's config names (`base_model_name_or_path`): a local
-    directory (no hub ids), checked against the access policy like any model path."""
+def adapter_base(adapter_dir: Path, base: str = "") -> Path:
+    """The adapter's base model directory: `base` when given, else the one its config names
+    (`base_model_name_or_path`): a local directory (no hub ids), checked against the access policy
+    like any model path."""
+    if base:
+        if not model_access().check(base).is_dir():
+            raise NotFoundError(f"base model directory not found: {base}")
+        return Path(base).resolve()
     try:
         base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
     except (OSError, ValueError) as error:
@@ -178,10 +194,10 @@ def adapter_base(adapter_dir: Path) -> Path:
         path = (adapter_dir / path) if (adapter_dir / path).is_dir() else path
     if not base or not path.is_dir():
         raise NotFoundError(
-            f"the adapter at {adapter_dir} names base model {base!r}, which is no local directory: set "
-            f"base_model_name_or_path in its {ADAPTER_CONFIG} to the base model's directory"
+            f"the adapter at {adapter_dir} names base model {base!r}, which is no local directory: give the "
+            f"base's directory (--base-model DIR), or set base_model_name_or_path in its {ADAPTER_CONFIG}"
         )
-    return model_access().check(path.resolve() if not model_access().roots else path)
+    return model_access().check(path.resolve())
 
 
 def _with_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
@@ -199,8 +215,9 @@ def _with_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
         raise InputError(f"cannot apply the adapter at {adapter_dir}: {_first_line(error)}") from None
 
 
-def load_tokenizer(model_dir: str | Path):
-    """Only the tokenizer of a local model directory (with a pad token id, as above)."""
+def load_tokenizer(model_dir: str | Path, base: str = ""):
+    """Only the tokenizer of a local model directory (with a pad token id, as above); an adapter's
+    own, else its base's (`base`, or the one its config names)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
@@ -208,8 +225,8 @@ def load_tokenizer(model_dir: str | Path):
     model_dir = access.check(model_dir)
     if not model_dir.is_dir():
         raise NotFoundError(f"model directory not found: {model_dir}")
-    if is_adapter_dir(model_dir) and not (model_dir / "tokenizer_config.json").is_file():
-        model_dir = adapter_base(model_dir)  # an adapter saved without a tokenizer uses its base's
+    if is_adapter_dir(model_dir, base) and not (model_dir / "tokenizer_config.json").is_file():
+        model_dir = adapter_base(model_dir, base)  # an adapter saved without a tokenizer uses its base's
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model_dir, local_files_only=True, trust_remote_code=access.allow_remote_code

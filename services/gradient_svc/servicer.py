@@ -153,7 +153,7 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
         max_length = validation.positive(request.max_length, "max_length", MAX_LENGTH.default, MAX_LENGTH.maximum)
         job = RegisterJob(
             model,
-            dataset_id=dataset_id(digest, model.path, max_length, shard_size),
+            dataset_id=dataset_id(digest, model.path, max_length, shard_size, model.base),
             display_name=request.display_name,
             shard_size=shard_size,
             max_length=max_length,

@@ -64,7 +64,7 @@ def run_register(call: StageCall) -> DatasetInfo:
 
         count = count_training_data(open_lines, what)
         check_dataset_size(count, job.max_dataset_sequences, what)  # permanent: fails the job at once
-        tokenizer = context.models.tokenizer(job.model.path)
+        tokenizer = context.models.tokenizer(job.model.path, job.model.base)
         num_shards = math.ceil(count / job.shard_size)
         context.progress.stage("register", num_shards, "shard")
         writer = DatasetWriter(context.store, job.dataset_id, context.artifacts)

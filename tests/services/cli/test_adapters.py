@@ -6,6 +6,7 @@ in-process engine on the same adapter model and factors."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from safetensors.torch import load_file
@@ -79,3 +80,19 @@ def test_adapter_fit_and_score_through_influence_serve(adapters, served, family,
     root, built = adapters
     _fit_and_score(root, built[family], tmp_path, server=served[0])
     _check(root, built[family], tmp_path)
+
+
+def test_an_adapter_whose_config_names_a_hub_id_runs_on_the_base_model_given(adapters, served, tmp_path):
+    """--base-model DIR: the same model as the adapter on the base its config named, so the same
+    factors' fingerprint; without it, one line naming the fix."""
+    root, built = adapters
+    moved = shutil.copytree(built["llama"], tmp_path / "moved")
+    config = json.loads((moved / "adapter_config.json").read_text())
+    base = config["base_model_name_or_path"]
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/llama"}))
+    fit = ["fit", "--model", str(moved), "--data", str(root / "train.jsonl"), "--quiet", "--server", served[0]]
+    assert main([*fit, "--out", str(tmp_path / "refused")]) == 2
+    assert main([*fit, "--base-model", base, "--out", str(tmp_path / "factors")]) == 0
+    model, _ = load_model_and_tokenizer(built["llama"])
+    fingerprint = json.loads((tmp_path / "factors" / "manifest.json").read_text())["metadata"]["model_fingerprint"]
+    assert fingerprint == model_fingerprint(model, list(select_modules(model, "adapter")))
