@@ -56,7 +56,12 @@ def add_score_flags(parser) -> None:
             required=False, help="the training data, as fit takes it (not with --index: the index holds its data)"
         ),
         *CORPUS,
-        Flag("--queries", required=True, help='QUERIES.jsonl: {"id", "prompt", "completion"} per line'),
+        Flag(
+            "--queries",
+            required=True,
+            help='QUERIES.jsonl: {"id", "prompt", "completion"} or {"id", "messages": [...]} (the last, '
+            "assistant, turn the completion) per line",
+        ),
         RESULT_OUT,
         TOP_K,
     )
