@@ -93,7 +93,7 @@ def test_an_adapter_directory_loads_on_its_base_and_the_fingerprint_covers_both(
     assert model_fingerprint(load_model_and_tokenizer(moved)[0], names) != fingerprint
     # a base that is no local directory is named, with the fix
     (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/hub-id"}))
-    with pytest.raises(NotFoundError, match="names base model .org/hub-id., which is no local directory: give the base.s directory"):
+    with pytest.raises(NotFoundError, match=r"names base model 'org/hub-id', which is no local directory: give"):
         load_model_and_tokenizer(moved)
     (moved / "adapter_config.json").write_text(json.dumps(config))
     (moved / "adapter_model.safetensors").rename(moved / "adapter_model.bin")
