@@ -59,7 +59,7 @@ STRATEGY = Option(
 FISHER = Option(
     "fisher", "sampled", "the Fisher's labels: the model's samples or the data's", str, choices=("sampled", "empirical")
 )
-MODULES = Option("modules", "mlp", "mlp | attention | all | a regex over module names", type=str)
+MODULES = Option("modules", "mlp", "mlp | attention | all | adapter (an adapter model's default) | a regex", type=str)
 MAX_EXAMPLES = Option("max_examples", None, "fit on the first N training sequences", minimum=1)
 SEED = Option("seed", 0, "seed of the sampled labels (fit) or of the random projections (index build)")
 

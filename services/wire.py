@@ -70,11 +70,12 @@ REQUEST_LIMITS = {
 }
 
 
-def dataset_id(content_sha256: str, model_path: str, max_length: int, shard_size: int) -> str:
+def dataset_id(content_sha256: str, model_path: str, max_length: int, shard_size: int, base_model: str = "") -> str:
     """The id of the dataset registered from JSONL bytes with this sha256, for this model directory
-    and these settings. Content-addressed: registering the same data again reuses the dataset
-    (the client asks for it before uploading; the server returns it without a new job)."""
-    key = f"{content_sha256}\n{model_path}\n{max_length}\n{shard_size}"
+    (and an adapter's base model directory, when given) and these settings. Content-addressed:
+    registering the same data again reuses the dataset (the client asks for it before uploading;
+    the server returns it without a new job)."""
+    key = f"{content_sha256}\n{model_path}\n{max_length}\n{shard_size}" + (f"\n{base_model}" if base_model else "")
     return "c" + hashlib.sha256(key.encode()).hexdigest()[:23]
 
 

@@ -73,7 +73,28 @@ DEVICE = Flag(
 )
 DTYPE = Flag("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 or float64 (default: float32)")
 DATA = Flag(
-    "--data", required=True, help='TRAIN.jsonl ({"id": optional, "text": ...} per line); with --server also s3://BUCKET/KEY'
+    "--data",
+    required=True,
+    help='TRAIN.jsonl ({"id": optional, "text": ...} or {"id", "messages": [...]} per line), a Parquet file or '
+    "directory, or a `datasets` save_to_disk directory; with --server also s3://BUCKET/KEY (or a prefix/)",
+)
+# the training data as a corpus (engine/corpora.py): token shards instead of --data, a table's columns
+CORPUS = (
+    Flag(
+        "--tokens",
+        default=None,
+        metavar="DIR",
+        help="pre-tokenized token shards (.npy, or raw .bin) instead of --data, cut into --sequence-length tokens; "
+        "with --server also s3://BUCKET/PREFIX/",
+    ),
+    Flag("--sequence-length", type=int, default=None, help="with --tokens: tokens per training sequence"),
+    Flag("--token-dtype", default="uint16", choices=("uint16", "uint32"), help="with --tokens: raw shards' ids"),
+    Flag("--text-field", default="text", help="a Parquet or datasets table's text column (default: text)"),
+    Flag(
+        "--messages-field",
+        default="messages",
+        help="its chat column, read when there is no text column (default: messages)",
+    ),
 )
 FACTORS = Flag("--factors", required=True, help="directory written by `influence fit` (or a server's factorSets/ID)")
 QUIET = Flag("--quiet", action="store_true", help="no progress bars")
@@ -120,9 +141,18 @@ CLIENT_CONNECTION = (TOKEN, TLS_CA, TLS_CERT, TLS_KEY, *SERVICE_TARGETS)
 THROUGH_SYSTEM = (BATCH_SIZE, MAX_LENGTH, QUIET, JSON, SERVER, DETACH, *CLIENT_CONNECTION, SHARD_SIZE)
 
 
+BASE_MODEL = Flag(
+    "--base-model",
+    default="",
+    metavar="DIR",
+    help="with a PEFT adapter directory as --model: its base model's directory (default: the one its "
+    "adapter_config.json names)",
+)
+
+
 def add_model_job_flags(parser) -> None:
     """The flags of a job that loads the model (fit, score, self, index build)."""
-    add(parser, MODEL, DEVICE, DTYPE, *THROUGH_SYSTEM)
+    add(parser, MODEL, BASE_MODEL, DEVICE, DTYPE, *THROUGH_SYSTEM)
 
 
 def add_damping_flags(parser) -> None:

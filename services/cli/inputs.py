@@ -5,12 +5,14 @@ factor set (a local directory, registered or uploaded, or a server's name), and 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
-from ..engine.records import read_training_jsonl
+from ..engine.corpora import CorpusSpec, is_jsonl, is_jsonl_name, write_jsonl
+from ..engine.records import file_lines, read_training_jsonl, stream_training_jsonl
 from ..enums import enum_value
-from ..errors import NotFoundError, PreconditionError
-from ..gen.influence.v1 import common_pb2
+from ..errors import InputError, NotFoundError, PreconditionError
+from ..gen.influence.v1 import common_pb2, gradient_service_pb2
 
 
 def model_of(args) -> common_pb2.ModelSpec:
@@ -18,37 +20,86 @@ def model_of(args) -> common_pb2.ModelSpec:
     from ..engine.model_io import load_tokenizer, parse_device, parse_dtype
 
     parse_dtype(args.dtype)
-    path = Path(args.model)
+    path, base = Path(args.model), args.base_model
     if not args.server:
         if args.device:  # none: the worker's device (cuda if this machine has one, else cpu)
             parse_device(args.device)
         if not path.is_dir():
             raise NotFoundError(f"model directory not found: {path}")
-        load_tokenizer(path)  # fail fast, before uploading anything, if the directory holds no model
+        base = str(Path(base).resolve()) if base else ""
+        load_tokenizer(path, base)  # fail fast, before uploading anything, if the directory holds no model
         path = path.resolve()
     return common_pb2.ModelSpec(
         path=str(path),
+        base_model=base,
         device=enum_value(common_pb2.Device, args.device, "--device"),
         dtype=enum_value(common_pb2.Dtype, args.dtype, "--dtype"),
     )
 
 
-def check_data(data: str) -> None:
-    """Validate a local TRAIN.jsonl before starting anything (errors name the file and line); an
-    s3:// object is validated by the worker that reads it."""
-    if not data.startswith("s3://"):
+def data_source(args) -> tuple[str, CorpusSpec | None]:
+    """The training data (--data, or --tokens where the command takes it) and how to read it: None
+    for TRAIN.jsonl, else the corpus' spec (engine/corpora.py)."""
+    tokens = getattr(args, "tokens", None)
+    if tokens:
+        if args.data:
+            raise InputError("give --data or --tokens, not both")
+        if not args.sequence_length:
+            raise InputError("--tokens needs --sequence-length (tokens per training sequence)")
+        spec = CorpusSpec(sequence_length=args.sequence_length, token_dtype=args.token_dtype)
+        return tokens, spec.validate()
+    if not args.data:
+        raise InputError("give --data TRAIN.jsonl (or a corpus, or --tokens DIR)")
+    spec = CorpusSpec(
+        text_field=getattr(args, "text_field", CorpusSpec.text_field),  # index commands read JSONL only
+        messages_field=getattr(args, "messages_field", CorpusSpec.messages_field),
+    )
+    if args.data.startswith("s3://"):
+        return args.data, None if is_jsonl_name(args.data) else spec.validate()
+    return args.data, None if is_jsonl(Path(args.data)) or not Path(args.data).exists() else spec.validate()
+
+
+def _corpus_message(corpus: CorpusSpec | None) -> gradient_service_pb2.Corpus | None:
+    if corpus is None:
+        return None
+    return gradient_service_pb2.Corpus(
+        text_field=corpus.text_field,
+        messages_field=corpus.messages_field,
+        sequence_length=corpus.sequence_length,
+        token_type=enum_value(gradient_service_pb2.TokenType, corpus.token_dtype, "--token-dtype"),
+    )
+
+
+def check_data(args) -> None:
+    """Validate local training data before starting anything: a TRAIN.jsonl read through (errors
+    name the file and line; a corpus is read when it is registered); an s3:// source is validated
+    by the worker that reads it."""
+    data, corpus = data_source(args)
+    if data.startswith("s3://"):
+        return
+    if corpus is None:
         read_training_jsonl(data)
+    elif not Path(data).exists():
+        raise NotFoundError(f"training data not found: {data}")
 
 
 def register(client, args, model, bars) -> str:
-    check_data(args.data)
-    # the embedded system reads a local file where it is; a server is sent its bytes; an s3:// URI
-    # is read by the workers from the system's object store
-    data = args.data if args.data.startswith("s3://") else Path(args.data)
-    dataset = client.register_dataset(
-        model, data, max_length=args.max_length, shard_size=args.shard_size, progress=bars, by_path=not args.server
-    )
-    return dataset.name
+    """The training data registered as a dataset: the embedded system reads a local TRAIN.jsonl
+    where it is; a server is sent its bytes; an s3:// source is read by the workers from the
+    system's object store; a local corpus becomes TRAIN.jsonl lines first (streamed to a temporary
+    file), registered as such."""
+    data, corpus = data_source(args)
+    settings = {"max_length": args.max_length, "shard_size": args.shard_size, "progress": bars}
+    if data.startswith("s3://"):
+        return client.register_dataset(model, data, corpus=_corpus_message(corpus), **settings).name
+    if corpus is None:
+        return client.register_dataset(model, Path(data), by_path=not args.server, **settings).name
+    with tempfile.TemporaryDirectory(prefix="influence-corpus-") as directory:
+        jsonl = Path(directory) / "train.jsonl"
+        write_jsonl(Path(data), corpus, jsonl)
+        for _ in stream_training_jsonl(lambda: file_lines(jsonl, data), data):  # validated as TRAIN.jsonl is
+            pass
+        return client.register_dataset(model, jsonl, by_path=not args.server, **settings).name
 
 
 def _names_server_factors(args) -> bool:

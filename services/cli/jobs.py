@@ -18,7 +18,7 @@ from ..enums import enum_word
 from ..errors import InputError, NotFoundError
 from ..gen.influence.v1 import factor_service_pb2
 from ..options import BM25, FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, SEED, STRATEGY, TFIDF, TOP_K
-from .flags import DATA, FACTORS, JSON, QUIET, Flag, add, add_damping_flags, add_model_job_flags
+from .flags import CORPUS, DATA, FACTORS, JSON, QUIET, Flag, add, add_damping_flags, add_model_job_flags
 from .inputs import check_data, check_factors, factor_set_name, index_name, model_of, register, score_config
 from .running import done, out_dir, progress_for, through_system
 
@@ -29,7 +29,8 @@ def add_fit_flags(parser) -> None:
     add_model_job_flags(parser)
     add(
         parser,
-        DATA,
+        DATA.replace(required=False),
+        *CORPUS,
         Flag("--out", required=True, help="output directory for the factors"),
         STRATEGY,
         FISHER,
@@ -51,8 +52,16 @@ def add_score_flags(parser) -> None:
     add(
         parser,
         FACTORS,
-        Flag("--data", default=None, help="TRAIN.jsonl (not with --index: the index holds its data)"),
-        Flag("--queries", required=True, help='QUERIES.jsonl: {"id", "prompt", "completion"} per line'),
+        DATA.replace(
+            required=False, help="the training data, as fit takes it (not with --index: the index holds its data)"
+        ),
+        *CORPUS,
+        Flag(
+            "--queries",
+            required=True,
+            help='QUERIES.jsonl: {"id", "prompt", "completion"} or {"id", "messages": [...]} (the last, '
+            "assistant, turn the completion) per line",
+        ),
         RESULT_OUT,
         TOP_K,
     )
@@ -82,7 +91,7 @@ def add_score_flags(parser) -> None:
 
 def add_self_flags(parser) -> None:
     add_model_job_flags(parser)
-    add(parser, FACTORS, DATA, RESULT_OUT, TOP_K)
+    add(parser, FACTORS, DATA.replace(required=False), *CORPUS, RESULT_OUT, TOP_K)
     add_damping_flags(parser)
 
 
@@ -110,7 +119,7 @@ def run_fit(args) -> int:
         cache_gib=args.cache_gib,
     )
     config.validate()
-    check_data(args.data)
+    check_data(args)
     out = out_dir(args.out)
     model = model_of(args)
     started = time.perf_counter()
@@ -170,16 +179,16 @@ def run_score(args) -> int:
     )
     queries = read_queries_jsonl(args.queries)
     if args.index:
-        if args.data or args.tfidf or args.bm25:
-            raise InputError("--index holds its own data: give neither --data nor --tfidf/--bm25 with it")
+        if args.data or args.tokens or args.tfidf or args.bm25:
+            raise InputError("--index holds its own data: give neither --data, --tokens nor --tfidf/--bm25 with it")
         if args.damping_check:
             raise InputError("--damping-check needs recompute scoring (--data): an index is whitened at one damping")
         if not (Path(args.index) / "manifest.json").is_file():
             raise NotFoundError(f"no index at {args.index} (missing manifest.json)")
-    elif not args.data:
-        raise InputError("give --data TRAIN.jsonl (or --index INDEX_DIR)")
+    elif not (args.data or args.tokens):
+        raise InputError("give --data TRAIN.jsonl (or --tokens DIR, or --index INDEX_DIR)")
     else:
-        check_data(args.data)
+        check_data(args)
     if args.rescore is not None and (args.rescore < 0 or not args.index):
         raise InputError("--rescore takes a count >= 0, with --index")
     if args.report and Path(args.report).is_dir():
@@ -264,7 +273,7 @@ def run_report(args) -> int:
 
 def run_self(args) -> int:
     config = score_config(args)
-    check_data(args.data)
+    check_data(args)
     check_factors(args)
     out = out_dir(args.out)
     model = model_of(args)

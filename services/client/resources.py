@@ -35,12 +35,14 @@ class InfluenceClient(Connection):
         display_name: str = "",
         progress=None,
         by_path: bool = False,
+        corpus: gradient_service_pb2.Corpus | None = None,
     ) -> gradient_service_pb2.Dataset:
         """Register TRAIN.jsonl: its content (a path or bytes), uploaded in chunks (up to the
         server's upload limit), or with `by_path` its path, which the server reads itself (it must
         see the same file: the embedded system, or a shared volume), or an "s3://bucket/key" string,
-        an object the workers read from the system's object store; no byte limit in the last two
-        (the server's limit on training sequences per dataset applies to all three)."""
+        an object the workers read from the system's object store (with `corpus`: a Parquet object,
+        or a prefix "s3://bucket/dir/" of Parquet, `datasets` or token shards); no byte limit in the
+        last two (the server's limit on training sequences per dataset applies to all three)."""
         request = gradient_service_pb2.RegisterDatasetRequest(
             request_id=request_id(),
             model=_model(model),
@@ -51,6 +53,8 @@ class InfluenceClient(Connection):
         content: Path | bytes | None = None
         if isinstance(jsonl, str) and jsonl.startswith("s3://"):
             request.uri = jsonl
+            if corpus is not None:
+                request.corpus.CopyFrom(corpus)
         elif by_path:
             request.uri = Path(jsonl).resolve().as_uri()
             digest = sha256_file(Path(jsonl))
@@ -59,7 +63,8 @@ class InfluenceClient(Connection):
             digest = hashlib.sha256(content).hexdigest() if isinstance(content, bytes) else sha256_file(content)
         if not request.uri.startswith("s3://"):
             # Datasets are content-addressed: one the server has is reused, not uploaded again.
-            name = "datasets/" + dataset_id(digest, request.model.path, max_length, shard_size)
+            spec = request.model
+            name = "datasets/" + dataset_id(digest, spec.path, max_length, shard_size, spec.base_model)
             try:
                 return self.get_dataset(name)
             except NotFoundError:
@@ -217,7 +222,14 @@ class InfluenceClient(Connection):
             dataset=dataset,
             queries=[
                 query_service_pb2.Query(
-                    id=q.id, prompt=q.prompt, completion=q.completion, group=getattr(q, "group", "")
+                    id=q.id,
+                    prompt=q.prompt,
+                    completion=q.completion,
+                    group=getattr(q, "group", ""),
+                    messages=[
+                        query_service_pb2.ChatMessage(role=m.role, content=m.content)
+                        for m in getattr(q, "messages", ())
+                    ],
                 )
                 for q in queries
             ],

@@ -7,6 +7,13 @@ Conventions (shared by every pass):
 - A query is `prompt` tokens followed by `completion` tokens (each tokenised separately, the
   completion without special tokens), so the boundary is exact. Its measurement is the summed
   log-probability of the completion tokens only; prompt tokens are masked.
+- A chat (`messages`, engine/records.py) is rendered by the tokenizer's chat template and
+  tokenised without adding special tokens (the template writes them), as `apply_chat_template`
+  does. A chat query's prompt is the conversation before its last assistant turn rendered with
+  the generation prompt; its completion is the rest of the whole conversation's rendering (the
+  assistant's text and the template's end-of-turn tokens), so only the completion counts.
+- Pre-tokenized training sequences (`tokens`) are taken as they are (truncated to `max_length`);
+  each id must lie in the tokenizer's vocabulary. Their text (for the records) is their decoding.
 - Batches are right-padded. `target_mask[b, t]` is 1 where token t is a scored target
   (predicted from position t-1); position 0 is never a target.
 """
@@ -20,7 +27,7 @@ import torch
 
 from ..errors import InputError
 from .device import host_to_device
-from .records import Query, TrainingExample
+from .records import ChatMessage, Query, TrainingExample
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,43 @@ def _token_ids(tokenizer, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def _chat_text(tokenizer, messages: Sequence[ChatMessage], what: str, *, generation_prompt: bool = False) -> str:
+    """The conversation as the tokenizer's chat template renders it; InputError naming the fix
+    when the tokenizer has none."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            f"{what} is a chat (messages) but this model's tokenizer has no chat template: add one "
+            "(chat_template.jinja or chat_template in tokenizer_config.json) or give text lines instead"
+        )
+    turns = [{"role": message.role, "content": message.content} for message in messages]
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as error:  # the template's own checks (e.g. roles that must alternate)
+        message = (str(error).strip() or type(error).__name__).splitlines()[0][:300]
+        raise InputError(f"{what}: the chat template cannot render it: {message}") from None
+
+
+def rendered(tokenizer, examples: Sequence[TrainingExample]) -> list[TrainingExample]:
+    """The examples with every chat's `text` its rendering by the chat template and every
+    pre-tokenized sequence's its decoding (plain texts, and examples already rendered, as they are)."""
+    return [_rendered(tokenizer, example) for example in examples]
+
+
+def _rendered(tokenizer, example: TrainingExample) -> TrainingExample:
+    if example.text or not (example.messages or example.tokens):
+        return example
+    if example.tokens:
+        vocabulary = len(tokenizer)
+        if max(example.tokens) >= vocabulary:
+            raise InputError(
+                f"training example '{example.id}': token id {max(example.tokens)} is outside the tokenizer's "
+                f"vocabulary of {vocabulary}: were the shards written with this model's tokenizer?"
+            )
+        return TrainingExample(example.id, tokenizer.decode(list(example.tokens)), tokens=example.tokens)
+    text = _chat_text(tokenizer, example.messages, f"training example '{example.id}'")
+    return TrainingExample(example.id, text, example.messages)
+
+
 def tokenize_training(
     tokenizer, examples: Sequence[TrainingExample], max_length: int, start_index: int = 0
 ) -> list[TokenizedSequence]:
@@ -82,10 +126,23 @@ def tokenize_training(
     """
     if not examples:
         return []
-    # One batched call (the Rust tokenizer encodes in bulk; per text, the Python wrapper cost
-    # twice the encoding), and one flat tensor that the sequences are views of.
-    token_lists = tokenizer([example.text for example in examples], add_special_tokens=True)["input_ids"]
-    token_lists = [list(ids[:max_length]) for ids in token_lists]
+    examples = rendered(tokenizer, examples)
+    # One batched call per kind (the Rust tokenizer encodes in bulk; per text, the Python wrapper
+    # cost twice the encoding), and one flat tensor that the sequences are views of. A chat's
+    # rendering holds its special tokens already.
+    token_lists: list[list[int]] = [list(example.tokens[:max_length]) for example in examples]
+    for chat in (False, True):
+        positions = [
+            position
+            for position, example in enumerate(examples)
+            if not example.tokens and bool(example.messages) == chat
+        ]
+        if positions:
+            texts = [examples[position].text for position in positions]
+            for position, ids in zip(
+                positions, tokenizer(texts, add_special_tokens=not chat)["input_ids"], strict=True
+            ):
+                token_lists[position] = list(ids[:max_length])
     for example, ids in zip(examples, token_lists, strict=True):
         if len(ids) < 2:
             raise InputError(f"training example '{example.id}' has fewer than 2 tokens; nothing to predict")
@@ -111,10 +168,13 @@ def tokenize_queries(tokenizer, queries: Sequence[Query], max_length: int) -> li
     """
     sequences = []
     for index, query in enumerate(queries):
-        prompt_ids = _token_ids(tokenizer, query.prompt, special=True) if query.prompt else []
-        if not prompt_ids and tokenizer.bos_token_id is not None:
-            prompt_ids = [tokenizer.bos_token_id]
-        completion_ids = _token_ids(tokenizer, query.completion, special=False)
+        if query.messages:
+            prompt_ids, completion_ids = _chat_query_ids(tokenizer, query)
+        else:
+            prompt_ids = _token_ids(tokenizer, query.prompt, special=True) if query.prompt else []
+            if not prompt_ids and tokenizer.bos_token_id is not None:
+                prompt_ids = [tokenizer.bos_token_id]
+            completion_ids = _token_ids(tokenizer, query.completion, special=False)
         if not completion_ids:
             raise InputError(f"query '{query.id}': completion tokenises to no tokens")
         if len(completion_ids) >= max_length:
@@ -129,6 +189,20 @@ def tokenize_queries(tokenizer, queries: Sequence[Query], max_length: int) -> li
         target_mask[len(prompt_ids) :] = True
         sequences.append(TokenizedSequence(index, torch.tensor(ids, dtype=torch.long), target_mask))
     return sequences
+
+
+def _chat_query_ids(tokenizer, query: Query) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of a chat query: the turns before the last rendered with the
+    generation prompt, then the rest of the whole conversation's rendering."""
+    what = f"query '{query.id}'"
+    prompt = _chat_text(tokenizer, query.messages[:-1], what, generation_prompt=True)
+    whole = _chat_text(tokenizer, query.messages, what)
+    if not whole.startswith(prompt):
+        raise InputError(
+            f"{what}: the chat template does not render the turns before the last as a prefix of the whole "
+            "conversation, so the completion cannot be told apart"
+        )
+    return _token_ids(tokenizer, prompt, special=False), _token_ids(tokenizer, whole[len(prompt) :], special=False)
 
 
 def collate(sequences: Sequence[TokenizedSequence], pad_token_id: int) -> Batch:

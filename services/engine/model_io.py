@@ -5,6 +5,11 @@ is always set, so a hub id fails at once with a clear error. Weights load from s
 (a directory holding only pickle-based `pytorch_model.bin` is refused: unpickling runs code), and
 never with a model's own Python code unless the operator allowed it.
 
+A PEFT adapter directory (`adapter_config.json` beside `adapter_model.safetensors`) loads as its
+base model (the local directory its config names, under the same access policy) with the adapter
+applied (peft's PeftModel, imported only then); its tokenizer is the adapter's own when it saved
+one, else the base's. A merged adapter (merge_and_unload, save_pretrained) is an ordinary model.
+
 `set_model_access(ModelAccess(roots, allow_remote_code))` is the process's policy (`influence
 serve/worker --model-roots --allow-remote-code`); every load goes through `ModelAccess.check`.
 With roots, a path outside them is refused with one message whether or not it exists, so a
@@ -38,11 +43,13 @@ DTYPES = {
 @dataclass(frozen=True)
 class ModelRef:
     """How to load and run a model: a local Hugging Face directory, a device ("" in a job: the
-    device of the worker that runs the task) and a dtype."""
+    device of the worker that runs the task) and a dtype; with an adapter directory in `path`,
+    `base` may name its base model's directory ("": the one its config names)."""
 
     path: str
     device: str = "cpu"
     dtype: str = "float32"
+    base: str = ""
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -109,11 +116,14 @@ def model_access() -> ModelAccess:
     return _access
 
 
-def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", tokenizer=None):
+def load_model_and_tokenizer(
+    model_dir: str | Path, device: str = "cpu", dtype: str = "float32", tokenizer=None, base: str = ""
+):
     """Load `AutoModelForCausalLM` and `AutoTokenizer` from a local directory, in eval mode.
 
     Returns (model, tokenizer). The tokenizer always has a pad token id (eos, else 0). A
-    `tokenizer` already loaded from `model_dir` (by `load_tokenizer`) is used as it is.
+    `tokenizer` already loaded from `model_dir` (by `load_tokenizer`) is used as it is. `base`:
+    an adapter's base model directory instead of the one its config names.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM
@@ -127,7 +137,10 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: 
         raise NotFoundError(f"model directory not found: {model_dir}")
     torch_dtype = parse_dtype(dtype)
     torch_device = parse_device(device)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir, base)
+    adapter, model_dir = (
+        (model_dir, adapter_base(model_dir, base)) if is_adapter_dir(model_dir, base) else (None, model_dir)
+    )
     if not any(model_dir.glob("*.safetensors")):
         pickled = sorted(path.name for path in model_dir.iterdir() if path.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         raise InputError(
@@ -149,19 +162,24 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: 
         )
     except Exception as error:
         raise InputError(f"cannot load a causal language model from {model_dir}: {_first_line(error)}") from None
+    if adapter is not None:
+        model = _with_adapter(model, adapter)
     model.to(torch_device)
     model.eval()
     return model, tokenizer
 
 
-def model_skeleton(model_dir: str | Path, dtype: str = "float32") -> torch.nn.Module:
+def model_skeleton(model_dir: str | Path, dtype: str = "float32", base: str = "") -> torch.nn.Module:
     """The model of a local directory built from its config on the meta device: its modules and
-    shapes, no weights read and no memory taken (what a fit's plan needs at submission)."""
+    shapes, no weights read and no memory taken (what a fit's plan needs at submission). An
+    adapter directory gives its base's skeleton (the LoRA matrices are small beside it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     access = model_access()
     model_dir = access.check(model_dir)
+    if is_adapter_dir(model_dir, base):
+        model_dir = adapter_base(model_dir, base)
     try:
         config = AutoConfig.from_pretrained(
             model_dir, local_files_only=True, trust_remote_code=access.allow_remote_code
@@ -176,8 +194,59 @@ def model_skeleton(model_dir: str | Path, dtype: str = "float32") -> torch.nn.Mo
         ) from None
 
 
-def load_tokenizer(model_dir: str | Path):
-    """Only the tokenizer of a local model directory (with a pad token id, as above)."""
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter_dir(model_dir: str | Path, base: str = "") -> bool:
+    """A PEFT adapter directory (its adapter_config.json), not a model of its own; InputError when
+    a `base` is given for a directory that is no adapter."""
+    adapter = (Path(model_dir) / ADAPTER_CONFIG).is_file()
+    if base and not adapter:
+        raise InputError(f"a base model is for a PEFT adapter directory; {model_dir} has no {ADAPTER_CONFIG}")
+    return adapter
+
+
+def adapter_base(adapter_dir: Path, base: str = "") -> Path:
+    """The adapter's base model directory: `base` when given, else the one its config names
+    (`base_model_name_or_path`): a local directory (no hub ids), checked against the access policy
+    like any model path."""
+    if base:
+        if not model_access().check(base).is_dir():
+            raise NotFoundError(f"base model directory not found: {base}")
+        return Path(base).resolve()
+    try:
+        base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+    except (OSError, ValueError) as error:
+        raise InputError(f"{adapter_dir / ADAPTER_CONFIG} is unreadable: {_first_line(error)}") from None
+    path = Path(base)
+    if not path.is_absolute():
+        path = (adapter_dir / path) if (adapter_dir / path).is_dir() else path
+    if not base or not path.is_dir():
+        raise NotFoundError(
+            f"the adapter at {adapter_dir} names base model {base!r}, which is no local directory: give the "
+            f"base's directory (--base-model DIR), or set base_model_name_or_path in its {ADAPTER_CONFIG}"
+        )
+    return model_access().check(path.resolve())
+
+
+def _with_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """`model` with the adapter at `adapter_dir` applied (weights from safetensors only)."""
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise InputError(
+            f"{adapter_dir} holds no adapter_model.safetensors; save the adapter with "
+            "save_pretrained(..., safe_serialization=True)"
+        )
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    except Exception as error:
+        raise InputError(f"cannot apply the adapter at {adapter_dir}: {_first_line(error)}") from None
+
+
+def load_tokenizer(model_dir: str | Path, base: str = ""):
+    """Only the tokenizer of a local model directory (with a pad token id, as above); an adapter's
+    own, else its base's (`base`, or the one its config names)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
@@ -185,6 +254,8 @@ def load_tokenizer(model_dir: str | Path):
     model_dir = access.check(model_dir)
     if not model_dir.is_dir():
         raise NotFoundError(f"model directory not found: {model_dir}")
+    if is_adapter_dir(model_dir, base) and not (model_dir / "tokenizer_config.json").is_file():
+        model_dir = adapter_base(model_dir, base)  # an adapter saved without a tokenizer uses its base's
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model_dir, local_files_only=True, trust_remote_code=access.allow_remote_code
@@ -227,16 +298,34 @@ a fused experts parameter once for all its experts).
     if config is not None:
         config_dict = {key: value for key, value in config.to_dict().items() if key not in _LOAD_ONLY_CONFIG_KEYS}
         digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    for name, adapter in sorted(getattr(model, "peft_config", {}).items()):  # an adapter's rank, scale, targets
+        settings = {key: value for key, value in adapter.to_dict().items() if key not in _ADAPTER_LOAD_ONLY_KEYS}
+        digest.update(name.encode() + json.dumps(settings, sort_keys=True, default=_sorted_set).encode())
     parameters = dict(model.named_parameters())
     for name in sorted(parameters):
         digest.update(f"{name}:{tuple(parameters[name].shape)};".encode())
-    sampled = sorted({weight_parameter_name(n, parameters) for n in tracked_names} if tracked_names else parameters)
+    sampled = {weight_parameter_name(n, parameters) for n in tracked_names} if tracked_names else set(parameters)
+    # a LoRA matrix's fingerprint covers the base weight it adapts (…q_proj.base_layer.weight)
+    sampled |= {_base_weight(name) for name in sampled if _base_weight(name) in parameters}
+    sampled = sorted(sampled)
     for name in sampled:
         values = parameters[name].detach().reshape(-1)
         stride = max(1, values.numel() // 4096)
         sample = values[::stride][:4096].to(device="cpu").to(torch.bfloat16)
         digest.update(name.encode() + b"\0" + sample.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _sorted_set(value):
+    """JSON for what json cannot write: a set (peft's target_modules) sorted, so that the hash seed
+    of the process does not change it; anything else as its str."""
+    return sorted(value, key=str) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def _base_weight(name: str) -> str:
+    """The base layer's weight beside a LoRA matrix's ("….lora_A.default.weight" -> "….base_layer.weight")."""
+    head, _, _ = name.partition(".lora_")
+    return f"{head}.base_layer.weight" if head != name else ""
 
 
 # Fingerprints already computed per model object and module set: a worker that keeps a model
@@ -254,6 +343,8 @@ def cached_fingerprint(model: torch.nn.Module, names: Sequence[str]) -> str:
     return known[key]
 
 
+# Adapter config fields that say where it was loaded from or how it runs, not what it is.
+_ADAPTER_LOAD_ONLY_KEYS = frozenset(("base_model_name_or_path", "revision", "inference_mode", "runtime_config"))
 # Config fields that say how a checkpoint was loaded or saved, not what the model is.
 _LOAD_ONLY_CONFIG_KEYS = frozenset(
     ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation", "attn_implementation")

@@ -22,6 +22,8 @@ Selection keywords:
   MLPs, routers, every expert of every fused experts module, shared experts,
 - `attention`: the attention projections of every block,
 - `all`: both,
+- `adapter`: the LoRA matrices (lora_A, lora_B) of a PEFT adapter model, and the default there:
+  an adapter model asked for the default (`mlp`) tracks its adapter (what fine-tuning changed),
 - anything else: a regular expression searched in the module's full name (a subset on purpose).
 A keyword selection that would leave out a weight matrix of the kind it names (one this code
 cannot track, e.g. an experts module of an unknown layout) is refused, naming what is left out:
@@ -45,6 +47,8 @@ _ROUTER_CLASS = re.compile(r"Top[Kk]Router$")
 _KEYWORDS = {"mlp": ("mlp",), "attention": ("attention",), "all": ("mlp", "attention")}
 _MLP_WORDS = re.compile(r"(^|\.)(mlp|feed_forward|ffn|ff|fc1|fc2|dense_h_to_4h|dense_4h_to_h)(\.|$)")
 _ATTENTION_WORDS = re.compile(r"(^|\.)(attn|attention|self_attn|self_attention|cross_attn)(\.|$)")
+_LORA = re.compile(r"\.lora_[AB]\.[^.]+$")  # peft's LoRA matrices: ….q_proj.lora_A.default
+KEYWORDS = (*_KEYWORDS, "adapter")  # every selection word; the rest are regular expressions
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,7 @@ def _kind(name: str) -> str | None:
 
 def check_selection(selection: str) -> None:
     """Raise InputError for an invalid --modules regular expression (keywords are always valid)."""
-    if selection in ("mlp", "attention", "all"):
+    if selection in KEYWORDS:
         return
     try:
         re.compile(selection)
@@ -230,7 +234,10 @@ def select_modules(model: nn.Module, selection: str = "mlp") -> dict[str, nn.Mod
     Raises InputError when the selection matches nothing or the regex is invalid.
     """
     candidates = candidate_modules(model)
-    if selection in _KEYWORDS:
+    selection = resolved_selection(model, selection)
+    if selection == "adapter":
+        chosen = [(n, m) for n, m in candidates if _LORA.search(n)]
+    elif selection in _KEYWORDS:
         chosen = [(n, m) for n, m in candidates if _kind(n) in _KEYWORDS[selection]]
     else:
         check_selection(selection)
@@ -243,6 +250,16 @@ def select_modules(model: nn.Module, selection: str = "mlp") -> dict[str, nn.Mod
             f"{', ...' if len(candidates) > 6 else ''})"
         )
     return dict(chosen)
+
+
+def is_adapter_model(model: nn.Module) -> bool:
+    """A base model with a PEFT adapter applied (engine/model_io.py loads adapter directories so)."""
+    return bool(getattr(model, "peft_config", None))
+
+
+def resolved_selection(model: nn.Module, selection: str) -> str:
+    """`selection` as applied to `model`: the default (`mlp`) of an adapter model is `adapter`."""
+    return "adapter" if selection == "mlp" and is_adapter_model(model) else selection
 
 
 def weight_gradient_layout(tracked: TrackedModule, gradient: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -343,6 +360,7 @@ def coverage(model: nn.Module, modules: dict[str, nn.Module], selection: str) ->
     Raises InputError when a keyword selection leaves out a weight matrix (≥ 2 dimensions) of a
     kind it names, naming the matrices and the module that holds them: a default fit never
     tracks a silent subset. Vectors (norms, attention sinks) are counted, never refused."""
+    selection = resolved_selection(model, selection)
     covered = _tracked_elements(modules)
     parameters = dict(model.named_parameters())
     mlp = {n: p for n, p in parameters.items() if _kind(n.rsplit(".", 1)[0]) == "mlp"}
@@ -366,7 +384,7 @@ def coverage(model: nn.Module, modules: dict[str, nn.Module], selection: str) ->
     experts = sum(isinstance(m, ExpertLinear) for m in modules.values())
     return Coverage(
         selection=selection,
-        explicit=selection not in _KEYWORDS,
+        explicit=selection not in KEYWORDS,
         modules=len(modules),
         experts=experts,
         tracked_parameters=sum(covered.values()),

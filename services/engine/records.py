@@ -1,10 +1,14 @@
 """Training examples and queries as users write them (JSONL), read and validated with errors that
 name the file and line. No torch here: the client and the CLI's checks import this alone.
 
-    TRAIN.jsonl     {"id": optional string, "text": string} per line
+    TRAIN.jsonl     {"id": optional string, "text": string} per line, or a chat:
+                    {"id": optional string, "messages": [{"role": string, "content": string}, ...]}
+                    or pre-tokenized: {"id": optional string, "tokens": [token id, ...]}
     QUERIES.jsonl   {"id": optional string, "prompt": string, "completion": string,
-                     "group": optional string (related queries, e.g. translations)} per line
-Ids default to the record's position (from 0); duplicates are an error.
+                     "group": optional string (related queries, e.g. translations)} per line, or a chat:
+                    {"id", "messages": [..., {"role": "assistant", "content": the completion}], "group"}
+Ids default to the record's position (from 0); duplicates are an error. Chats are rendered with
+the model's chat template where the tokenizer is (engine/data.py), not here.
 """
 
 from __future__ import annotations
@@ -21,17 +25,34 @@ from ..errors import InputError, NotFoundError
 
 
 @dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation: its role ("system", "user", "assistant", ...) and text."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
 class TrainingExample:
+    """A training text, or a chat (`messages`) or token ids (`tokens`), whose `text` is empty until
+    the tokenizer renders it (engine/data.rendered: the chat template, or the decoded tokens)."""
+
     id: str
     text: str
+    messages: tuple[ChatMessage, ...] = ()
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Query:
+    """A prompt and its completion, or a chat (`messages`, prompt and completion empty) whose last
+    assistant turn is the completion."""
+
     id: str
     prompt: str
     completion: str
     group: str = ""  # related queries share a group (the report's cross-query table)
+    messages: tuple[ChatMessage, ...] = ()
 
 
 def max_line_bytes() -> int:
@@ -116,6 +137,44 @@ def _string_field(record: dict, field: str, where: str, *, allow_empty: bool = F
     return value
 
 
+def _messages(record: dict, where: str, *, query: bool) -> tuple[ChatMessage, ...]:
+    """A record's "messages": a non-empty list of {"role": string, "content": string}; a query's
+    ends with an assistant turn (its completion) after at least one other turn."""
+    raw = record["messages"]
+    others = [field for field in (("prompt", "completion") if query else ("text",)) if field in record]
+    if others:
+        raise InputError(f"{where}: give 'messages' or {' and '.join(others)!r}, not both")
+    if not isinstance(raw, list) or not raw:
+        raise InputError(f'{where}: field \'messages\' must be a non-empty list of {{"role", "content"}} objects')
+    messages = []
+    for number, message in enumerate(raw, start=1):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+            raise InputError(f"{where}: message {number} must be an object with a string 'role'")
+        if not isinstance(message.get("content"), str):
+            raise InputError(f"{where}: message {number}: field 'content' must be a string")
+        messages.append(ChatMessage(message["role"], message["content"]))
+    if query:
+        if messages[-1].role != "assistant" or not messages[-1].content.strip():
+            raise InputError(
+                f"{where}: the last message must be the assistant's completion (role 'assistant', not empty)"
+            )
+        if len(messages) < 2:
+            raise InputError(f"{where}: the completion needs at least one message before it to answer")
+    return tuple(messages)
+
+
+def _tokens(record: dict, where: str) -> tuple[int, ...]:
+    """A record's "tokens": a list of at least 2 non-negative integer token ids."""
+    if "text" in record:
+        raise InputError(f"{where}: give 'tokens' or 'text', not both")
+    tokens = record["tokens"]
+    if not isinstance(tokens, list) or not all(type(token) is int and token >= 0 for token in tokens):
+        raise InputError(f"{where}: field 'tokens' must be a list of non-negative integer token ids")
+    if len(tokens) < 2:
+        raise InputError(f"{where}: field 'tokens' has fewer than 2 tokens; nothing to predict")
+    return tuple(tokens)
+
+
 def _record_id(record: dict, default: str, where: str) -> str:
     raw = record.get("id", default)
     if raw is None:
@@ -130,7 +189,7 @@ def _duplicate(where: str, example_id: str) -> InputError:
 
 
 def read_training_jsonl(path: str | Path) -> list[TrainingExample]:
-    """Read TRAIN.jsonl: one {"id": optional string, "text": string} per line."""
+    """Read TRAIN.jsonl: one {"id": optional string, "text": string} (or "messages") per line."""
     path = _existing(path, "training data")
     return list(stream_training_jsonl(lambda: file_lines(path), str(path)))
 
@@ -148,7 +207,7 @@ def stream_training_jsonl(open_lines: Callable[[], Iterable[bytes]], source: str
 
 
 def training_examples(records: Sequence[dict], source: str) -> list[TrainingExample]:
-    """Validate training records ({"id": optional, "text": string}); ids default to the line position."""
+    """Validate training records ({"id": optional, "text": string} or "messages"); ids default to the line position."""
     return list(unique_examples(lambda: records, source))
 
 
@@ -160,7 +219,13 @@ def unique_examples(open_records: Callable[[], Iterable[dict]], source: str) -> 
     digests = [array("Q") for _ in range(256)]  # by the digest's low byte: each set of them stays small
     for number, record in enumerate(open_records()):
         where = f"{source}: record {number + 1}"
-        example = TrainingExample(id=_record_id(record, str(number), where), text=_string_field(record, "text", where))
+        example_id = _record_id(record, str(number), where)
+        if "messages" in record:
+            example = TrainingExample(example_id, "", _messages(record, where, query=False))
+        elif "tokens" in record:
+            example = TrainingExample(example_id, "", tokens=_tokens(record, where))
+        else:
+            example = TrainingExample(example_id, _string_field(record, "text", where))
         digest = _id_digest(example.id)
         digests[digest & 0xFF].append(digest)
         yield example
@@ -185,7 +250,7 @@ def _repeats(values: array) -> set[int]:
 
 
 def read_queries_jsonl(path: str | Path) -> list[Query]:
-    """Read QUERIES.jsonl: one {"id": optional, "prompt", "completion", "group": optional} per line."""
+    """Read QUERIES.jsonl: one {"id": optional, "prompt", "completion" (or "messages"), "group": optional} per line."""
     path = _existing(path, "queries")
     return query_records(parse_jsonl(decoded_lines(file_lines(path), str(path)), str(path), "queries"), str(path))
 
@@ -202,12 +267,10 @@ def query_records(records: Sequence[dict], source: str) -> list[Query]:
         if query_id in seen:
             raise _duplicate(where, query_id)
         seen.add(query_id)
-        queries.append(
-            Query(
-                id=query_id,
-                prompt=_string_field(record, "prompt", where, allow_empty=True),
-                completion=_string_field(record, "completion", where),
-                group=_string_field(record, "group", where) if record.get("group") is not None else "",
-            )
-        )
+        group = _string_field(record, "group", where) if record.get("group") is not None else ""
+        if "messages" in record:
+            queries.append(Query(query_id, "", "", group, _messages(record, where, query=True)))
+            continue
+        prompt = _string_field(record, "prompt", where, allow_empty=True)
+        queries.append(Query(query_id, prompt, _string_field(record, "completion", where), group))
     return queries

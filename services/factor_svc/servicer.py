@@ -36,7 +36,7 @@ class FactorServicer(TenantScoped, factor_service_pb2_grpc.FactorServiceServicer
     def _fit(self, request):
         model = model_ref(request.model)
         dataset = DATASETS.read(self.system.store, DATASETS.parse(request.dataset, "dataset"))
-        if tokenizer_fingerprint(load_tokenizer(model.path)) != dataset.tokenizer_fingerprint:
+        if tokenizer_fingerprint(load_tokenizer(model.path, model.base)) != dataset.tokenizer_fingerprint:
             raise PreconditionError(f"{request.dataset} was tokenised with another tokenizer than {model.path}'s")
         config = FitConfig(
             strategy=enum_word(factor_service_pb2.Strategy, request.strategy, "strategy") or STRATEGY.default,
@@ -49,7 +49,7 @@ class FactorServicer(TenantScoped, factor_service_pb2_grpc.FactorServiceServicer
             cache_gib=request.cache_gib if request.HasField("cache_gib") else None,
         )
         config.validate()
-        plan = plan_model_fit(model_skeleton(model.path, model.dtype), config, WorkerBudget.of_process(model.device))
+        plan = plan_model_fit(model_skeleton(model.path, model.dtype, model.base), config, WorkerBudget.of_process(model.device))
         job = FitJob(
             model,
             dataset_id=dataset.id,

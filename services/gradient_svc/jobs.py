@@ -1,6 +1,6 @@
 """GradientService's jobs: what each computes, stored once as its spec (system/specs.py).
 
-    RegisterJob  tokenise an uploaded JSONL into dataset shards              -> datasets/{id}
+    RegisterJob  tokenise an uploaded JSONL (or a corpus) into dataset shards -> datasets/{id}
     BlocksJob    one shard's per-sequence gradients, for StreamBlocks        -> relayed blocks
     IndexJob     a dataset's compressed gradients, as a new index or a part  -> indexes/{id}
                  appended to one
@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..engine.corpora import CorpusSpec
 from ..engine.index import IndexSpec
 from ..engine.records import stream_training_jsonl
 from ..engine.score import ScoreConfig
@@ -32,6 +33,9 @@ class RegisterJob(Job):
     # the submitting server's --max-dataset-sequences, which the worker applies to what it reads
     # (0: no limit, as in specs written before the limit existed)
     max_dataset_sequences: int = 0
+    # how to read `source_uri` when it is a corpus (a Parquet object, or a prefix of Parquet,
+    # `datasets` or token files) rather than TRAIN.jsonl
+    corpus: CorpusSpec | None = None
 
 
 def count_training_data(open_lines: Callable[[], Iterable[bytes]], source: str) -> int:

@@ -16,6 +16,7 @@ from ..catalog import datasets, indexes
 from ..catalog.datasets import DATASETS, DatasetInfo, dataset_path
 from ..catalog.factor_sets import FACTOR_SETS
 from ..catalog.indexes import INDEXES, index_path
+from ..engine.corpora import CorpusSpec, is_jsonl_name
 from ..engine.index import IndexSpec
 from ..engine.model_io import ModelRef
 from ..engine.modules import check_selection
@@ -61,6 +62,20 @@ def _upload_settings(message) -> gradient_service_pb2.RegisterDatasetRequest:
     return message.request
 
 
+def _corpus(request) -> CorpusSpec | None:
+    """The request's corpus settings, checked (None: TRAIN.jsonl)."""
+    if not request.HasField("corpus"):
+        return None
+    corpus = request.corpus
+    return CorpusSpec(
+        text_field=corpus.text_field or CorpusSpec.text_field,
+        messages_field=corpus.messages_field or CorpusSpec.messages_field,
+        sequence_length=corpus.sequence_length,
+        token_dtype=enum_word(gradient_service_pb2.TokenType, corpus.token_type, "corpus.token_type")
+        or CorpusSpec.token_dtype,
+    ).validate()
+
+
 class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceServicer):
 
     @grpc_errors
@@ -99,13 +114,20 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
         source_uri, upload = "", None
         if request.uri and request.jsonl:
             raise InputError("send the dataset as jsonl or as uri, not both", field="uri")
+        corpus = _corpus(request)
         if request.uri.startswith("s3://"):
             self.check_caller_locations("uri")  # the system's bucket holds every tenant's data
-            bucket, key = split_s3_uri(request.uri, "uri")
-            if not self.system.store.in_bucket(bucket).exists(key):
+            if corpus is None and not is_jsonl_name(request.uri):
+                corpus = CorpusSpec()  # a Parquet object or a prefix, read by its default columns
+            bucket, key = split_s3_uri(request.uri, "uri", prefix=corpus is not None)
+            bucket_store = self.system.store.in_bucket(bucket)
+            if not (bucket_store.list(key) if key.endswith("/") else bucket_store.exists(key)):
                 raise NotFoundError(f"training data not found: {request.uri}")
             source_uri = request.uri  # read (and validated, naming its lines) by the worker, not here
             digest = sha256_bytes(f"{request.uri} {uuid.uuid4()}".encode())  # an object can change: never reused
+        elif corpus is not None or (request.uri and not is_jsonl_name(request.uri)):
+            message = "a corpus is read from s3:// (a local one is sent as its TRAIN.jsonl lines: `influence fit` does)"
+            raise InputError(message, field="corpus")
         elif request.uri or uploaded is not None:
             if uploaded is None:
                 upload = self.server_file(request.uri, "uri")
@@ -131,12 +153,13 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
         max_length = validation.positive(request.max_length, "max_length", MAX_LENGTH.default, MAX_LENGTH.maximum)
         job = RegisterJob(
             model,
-            dataset_id=dataset_id(digest, model.path, max_length, shard_size),
+            dataset_id=dataset_id(digest, model.path, max_length, shard_size, model.base),
             display_name=request.display_name,
             shard_size=shard_size,
             max_length=max_length,
             source_uri=source_uri,
             max_dataset_sequences=self.limits.max_dataset_sequences,  # the worker checks an s3:// source
+            corpus=corpus,
         )
         target = dataset_path(job.dataset_id)
         if DATASETS.exists(self.system.store, job.dataset_id):  # registered before

@@ -19,7 +19,8 @@ from ..catalog import factor_sets, indexes
 from ..catalog.datasets import DATASETS, DatasetInfo, DatasetWriter, ShardRecords, load_records, shard_sequences
 from ..catalog.factor_sets import FACTOR_SETS
 from ..catalog.indexes import INDEXES, IndexDamping, IndexInfo, IndexPart, IndexShard
-from ..engine.data import TokenizedSequence, tokenize_training
+from ..engine.corpora import CorpusSpec, write_jsonl
+from ..engine.data import TokenizedSequence, rendered, tokenize_training
 from ..engine.index import Indexer
 from ..engine.model_io import tokenizer_fingerprint
 from ..engine.records import TrainingExample, file_lines, stream_training_jsonl
@@ -47,7 +48,10 @@ def run_register(call: StageCall) -> DatasetInfo:
     context = call.context
     with tempfile.TemporaryDirectory(prefix="register-") as directory:
         local = Path(directory) / "train.jsonl"
-        if job.source_uri:
+        if job.source_uri and job.corpus is not None:
+            _corpus_jsonl(context.store, job.source_uri, job.corpus, Path(directory) / "corpus", local)
+            what = job.source_uri
+        elif job.source_uri:
             bucket, key = split_s3_uri(job.source_uri, "uri")
             context.store.in_bucket(bucket).get_file(key, local)
             what = job.source_uri
@@ -60,7 +64,7 @@ def run_register(call: StageCall) -> DatasetInfo:
 
         count = count_training_data(open_lines, what)
         check_dataset_size(count, job.max_dataset_sequences, what)  # permanent: fails the job at once
-        tokenizer = context.models.tokenizer(job.model.path)
+        tokenizer = context.models.tokenizer(job.model.path, job.model.base)
         num_shards = math.ceil(count / job.shard_size)
         context.progress.stage("register", num_shards, "shard")
         writer = DatasetWriter(context.store, job.dataset_id, context.artifacts)
@@ -71,6 +75,7 @@ def run_register(call: StageCall) -> DatasetInfo:
                 sequences: list[TokenizedSequence] = []
                 with ShardRecords() as records:
                     for batch in _batches(itertools.islice(examples, job.shard_size)):
+                        batch = rendered(tokenizer, batch)  # chats as the records keep them: rendered
                         start = shard * job.shard_size + len(sequences)
                         sequences += tokenize_training(tokenizer, batch, job.max_length, start_index=start)
                         records.add(batch)
@@ -94,15 +99,29 @@ def run_register(call: StageCall) -> DatasetInfo:
     return writer.publish(info)
 
 
+def _corpus_jsonl(store, uri: str, corpus: CorpusSpec, directory: Path, out: Path) -> None:
+    """The corpus at `uri` (an object, or every object under a prefix "…/", fetched one at a time
+    into `directory` under their names below it) as TRAIN.jsonl lines in `out` (engine/corpora.py)."""
+    bucket, key = split_s3_uri(uri, "uri", prefix=True)
+    source = store.in_bucket(bucket)
+    if not key.endswith("/"):
+        write_jsonl(source.get_file(key, directory / Path(key).name), corpus, out)
+        return
+    for name in source.list(key):
+        source.get_file(name, directory / name[len(key) :])
+    write_jsonl(directory, corpus, out)
+
+
 def _batches(examples: Iterator[TrainingExample]) -> Iterator[list[TrainingExample]]:
     """The examples in consecutive lists of at least one, more while under _TOKENIZE_BYTES of text."""
     batch, size = [], 0
     for example in examples:
-        if batch and size + len(example.text) > _TOKENIZE_BYTES:
+        length = len(example.text) + sum(len(message.content) for message in example.messages)
+        if batch and size + length > _TOKENIZE_BYTES:
             yield batch
             batch, size = [], 0
         batch.append(example)
-        size += len(example.text)
+        size += length
     if batch:
         yield batch
 

@@ -41,6 +41,10 @@ def pairwise_report(
 
 def _query(query: Query, top: list[TopEntry], record_of) -> dict:
     record = {"id": query.id, "prompt": query.prompt, "completion": query.completion}
+    if query.messages:  # a chat: shown as its turns before the completion, then the completion
+        turns = [{"role": message.role, "content": message.content} for message in query.messages]
+        shown = "\n".join(f"{turn['role']}: {turn['content']}" for turn in turns[:-1])
+        record.update(prompt=shown, completion=turns[-1]["content"], messages=turns)
     if query.group:
         record["group"] = query.group
     record["top"] = [_top_entry(rank, entry, record_of) for rank, entry in enumerate(top, start=1)]

@@ -91,17 +91,23 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
 
     def _queries(self, request) -> list:
         if not request.queries:
-            raise InputError("queries is empty: send at least one {id, prompt, completion}")
+            raise InputError("queries is empty: send at least one {id, prompt, completion} (or {id, messages})")
         count = len(request.queries)
         validation.within_limit(
             count, self.limits.max_queries, "max_queries", f"the request has {count} queries", "queries"
         )
         records = []
         for position, query in enumerate(request.queries):
-            chars = len(query.prompt) + len(query.completion)
-            what = f"query {position + 1} has {chars} characters (prompt and completion)"
+            chars = len(query.prompt) + len(query.completion) + sum(len(m.content) for m in query.messages)
+            parts = "its messages" if query.messages else "prompt and completion"
+            what = f"query {position + 1} has {chars} characters ({parts})"
             validation.within_limit(chars, self.limits.max_query_chars, "max_query_chars", what, "queries")
-            record = {"prompt": query.prompt, "completion": query.completion}
+            if query.messages:  # a chat: validated as QUERIES.jsonl's chat lines are
+                record = {"messages": [{"role": m.role, "content": m.content} for m in query.messages]}
+                if query.prompt or query.completion:
+                    record["prompt"] = query.prompt
+            else:
+                record = {"prompt": query.prompt, "completion": query.completion}
             if query.id:
                 record["id"] = query.id
             if query.group:

@@ -125,6 +125,7 @@ def model_ref(spec: common_pb2.ModelSpec) -> ModelRef:
         validation.model_path(spec),
         enum_word(common_pb2.Device, spec.device, "model.device"),
         enum_word(common_pb2.Dtype, spec.dtype, "model.dtype") or "float32",
+        validation.model_directory(spec.base_model, "model.base_model") if spec.base_model else "",
     )
 
 

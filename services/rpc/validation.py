@@ -26,11 +26,16 @@ def operation_id(name: str, field: str = "name") -> str:
 def model_path(spec, field: str = "model.path") -> str:
     if not spec.path:
         raise InputError(f"{field} is required (a model directory readable by the workers)", field=field)
-    model_access().check(spec.path)  # before looking at the filesystem: no probing outside the roots
-    _usable(Path(spec.path), field)
-    if not Path(spec.path).is_dir():
-        raise NotFoundError(f"model directory not found: {spec.path}")
-    return spec.path
+    return model_directory(spec.path, field)
+
+
+def model_directory(path: str, field: str) -> str:
+    """`path`, a model directory the access policy allows and the filesystem holds."""
+    model_access().check(path)  # before looking at the filesystem: no probing outside the roots
+    _usable(Path(path), field)
+    if not Path(path).is_dir():
+        raise NotFoundError(f"model directory not found: {path}")
+    return path
 
 
 def _usable(path: Path, field: str) -> Path:

@@ -307,10 +307,12 @@ class S3Store(ArtifactStore):
         return f"s3://{self.bucket}?endpoint={self.endpoint}{secure}{region}"
 
 
-def split_s3_uri(uri: str, field: str) -> tuple[str, str]:
-    """(bucket, key) of "s3://bucket/key" (InputError naming the field otherwise)."""
+def split_s3_uri(uri: str, field: str, *, prefix: bool = False) -> tuple[str, str]:
+    """(bucket, key) of "s3://bucket/key", or with `prefix` also of "s3://bucket/dir/" (a key
+    ending in "/"); InputError naming the field otherwise."""
     parsed = urlparse(uri or "")
     key = unquote(parsed.path.lstrip("/"))
-    if parsed.scheme != "s3" or not parsed.netloc or not key or key.endswith("/") or parsed.query:
-        raise InputError(f"{field} must look like s3://BUCKET/KEY, got {uri!r}", field=field)
+    if parsed.scheme != "s3" or not parsed.netloc or not key or (key.endswith("/") and not prefix) or parsed.query:
+        shape = "s3://BUCKET/KEY or s3://BUCKET/PREFIX/" if prefix else "s3://BUCKET/KEY"
+        raise InputError(f"{field} must look like {shape}, got {uri!r}", field=field)
     return parsed.netloc, key

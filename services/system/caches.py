@@ -31,13 +31,13 @@ class ModelCache:
         tokenizer_loader: Callable | None = None,
         device: str = "",
     ):
-        """`loader(path, device, dtype, tokenizer=...)` -> (model, tokenizer) and
-        `tokenizer_loader(path)` default to loading local Hugging Face directories."""
+        """`loader(path, device, dtype, tokenizer=..., base=...)` -> (model, tokenizer) and
+        `tokenizer_loader(path, base)` default to loading local Hugging Face directories."""
         self.capacity = capacity
         self.loader = loader or load_model_and_tokenizer
         self.tokenizer_loader = tokenizer_loader or load_tokenizer
         self._entries: OrderedDict = OrderedDict()
-        self._tokenizers: OrderedDict = OrderedDict()  # path -> tokenizer, for tokenising alone
+        self._tokenizers: OrderedDict = OrderedDict()  # (path, base) -> tokenizer, for tokenising alone
         self._lock = threading.Lock()
         self.place_on(device)  # this worker's device
 
@@ -60,33 +60,33 @@ class ModelCache:
 
     def get(self, ref: ModelRef):
         ref = self.placed(ref)
-        key = (ref.path, ref.device, ref.dtype)
+        key = (ref.path, ref.device, ref.dtype, ref.base)
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
-            tokenizer = self._tokenizers.get(ref.path)
+            tokenizer = self._tokenizers.get((ref.path, ref.base))
         with _LOADING:
-            loaded = self.loader(ref.path, ref.device, ref.dtype, tokenizer=tokenizer)
+            loaded = self.loader(ref.path, ref.device, ref.dtype, tokenizer=tokenizer, base=ref.base)
         with self._lock:
             self._entries[key] = loaded
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         return loaded
 
-    def tokenizer(self, path: str):
-        """The tokenizer of the model directory `path` (a dataset registration needs no model);
-        a model loaded later from `path` shares it."""
+    def tokenizer(self, path: str, base: str = ""):
+        """The tokenizer of the model directory `path` (with an adapter's `base`: ModelRef.base; a
+        dataset registration needs no model); a model loaded later from `path` shares it."""
         with self._lock:
-            for (entry_path, _, _), (_, tokenizer) in self._entries.items():
-                if entry_path == path:
+            for (entry_path, _, _, entry_base), (_, tokenizer) in self._entries.items():
+                if (entry_path, entry_base) == (path, base):
                     return tokenizer
-            if path in self._tokenizers:
-                self._tokenizers.move_to_end(path)
-                return self._tokenizers[path]
-        tokenizer = self.tokenizer_loader(path)
+            if (path, base) in self._tokenizers:
+                self._tokenizers.move_to_end((path, base))
+                return self._tokenizers[(path, base)]
+        tokenizer = self.tokenizer_loader(path, base)
         with self._lock:
-            self._tokenizers[path] = tokenizer
+            self._tokenizers[(path, base)] = tokenizer
             while len(self._tokenizers) > self.capacity:
                 self._tokenizers.popitem(last=False)
         return tokenizer

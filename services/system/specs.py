@@ -59,7 +59,7 @@ def decode_job(data: bytes, job_types: Mapping[str, type[Job]]) -> Job:
 
 def _decode(kind: Any, value: Any) -> Any:
     """`value` (parsed JSON) as the type `kind`: a dataclass from its fields (unknown keys
-    ignored), a list item by item, an optional as None or its type; anything else as it is."""
+    ignored), a list (or a tuple[X, ...]) item by item, an optional as None or its type; anything else as it is."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         if value is None:
@@ -69,6 +69,8 @@ def _decode(kind: Any, value: Any) -> Any:
     if origin is list:
         (item,) = typing.get_args(kind)
         return [_decode(item, element) for element in value]
+    if origin is tuple:  # tuple[X, ...]
+        return tuple(_decode(typing.get_args(kind)[0], element) for element in value)
     if dataclasses.is_dataclass(kind):
         hints = typing.get_type_hints(kind)
         return kind(

@@ -68,9 +68,9 @@ def simulated_gpu_context(store) -> WorkerContext:
     """A worker of the GPU pool on this CPU machine: it claims cuda (tasks naming cuda are its),
     finds its GPU check passing, and loads the models on the CPU."""
 
-    def on_cpu(path, device, dtype, tokenizer=None):
+    def on_cpu(path, device, dtype, tokenizer=None, base=""):
         assert device == "cuda", device  # what the job asked for reached the loader
-        return load_model_and_tokenizer(path, "cpu", dtype, tokenizer=tokenizer)
+        return load_model_and_tokenizer(path, "cpu", dtype, tokenizer=tokenizer, base=base)
 
     return WorkerContext(store, models=ModelCache(loader=on_cpu, device="cuda"), device="cuda", gpu_check=lambda: None)
 
@@ -139,7 +139,7 @@ def test_a_cuda_job_finishes_through_a_cpu_pool_and_a_gpu_pool(workspace, tmp_pa
             pools.stop()
         cpu, gpu = pools.workers["cpu-pool"], pools.workers["gpu-pool"]
         assert not cpu.context.models._entries, "the CPU pool never loads the job's model"
-        assert {device for (_, device, _) in gpu.context.models._entries} == {"cuda"}
+        assert {device for (_, device, _, _) in gpu.context.models._entries} == {"cuda"}
 
         # the same jobs on one CPU worker taking every kind: the same numbers
         single = Pools(system, {"one": (None, WorkerContext(store, device="cpu"))})

@@ -69,7 +69,7 @@ def test_a_cpu_worker_leaves_cuda_tasks_and_runs_deviceless_ones_on_cpu(workspac
         while outcome == "skipped":  # the cancelled fit's other shard, delivered again
             outcome = cpu.handle(take(cpu, "covariance"))
         assert outcome == "succeeded"
-        assert {device for (_, device, _) in cpu.context.models._entries} == {"cpu"}
+        assert {device for (_, device, _, _) in cpu.context.models._entries} == {"cpu"}
 
 
 def test_the_worker_device_is_checked_and_defaults_to_what_the_machine_has(tmp_path):

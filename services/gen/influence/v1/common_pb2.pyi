@@ -91,11 +91,13 @@ class StreamArtifactFilesRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., resume_file: _Optional[str] = ..., resume_offset: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("path", "device", "dtype")
+    __slots__ = ("path", "device", "dtype", "base_model")
     PATH_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     path: str
     device: Device
     dtype: Dtype
-    def __init__(self, path: _Optional[str] = ..., device: _Optional[_Union[Device, str]] = ..., dtype: _Optional[_Union[Dtype, str]] = ...) -> None: ...
+    base_model: str
+    def __init__(self, path: _Optional[str] = ..., device: _Optional[_Union[Device, str]] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., base_model: _Optional[str] = ...) -> None: ...

@@ -22,11 +22,20 @@ class Projection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROJECTION_SVD: _ClassVar[Projection]
     PROJECTION_EIGEN: _ClassVar[Projection]
     PROJECTION_RANDOM: _ClassVar[Projection]
+
+class TokenType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_TYPE_UNSPECIFIED: _ClassVar[TokenType]
+    TOKEN_TYPE_UINT16: _ClassVar[TokenType]
+    TOKEN_TYPE_UINT32: _ClassVar[TokenType]
 PROJECTION_UNSPECIFIED: Projection
 PROJECTION_NONE: Projection
 PROJECTION_SVD: Projection
 PROJECTION_EIGEN: Projection
 PROJECTION_RANDOM: Projection
+TOKEN_TYPE_UNSPECIFIED: TokenType
+TOKEN_TYPE_UINT16: TokenType
+TOKEN_TYPE_UINT32: TokenType
 
 class Index(_message.Message):
     __slots__ = ("name", "datasets", "factor_set", "model", "projection", "rank", "dim", "seed", "storage_dtype", "num_examples", "bytes_per_sequence", "model_fingerprint", "create_time")
@@ -155,7 +164,7 @@ class Dataset(_message.Message):
     def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., num_examples: _Optional[int] = ..., num_shards: _Optional[int] = ..., shard_size: _Optional[int] = ..., max_length: _Optional[int] = ..., num_tokens: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RegisterDatasetRequest(_message.Message):
-    __slots__ = ("request_id", "model", "display_name", "jsonl", "shard_size", "max_length", "uri")
+    __slots__ = ("request_id", "model", "display_name", "jsonl", "shard_size", "max_length", "uri", "corpus")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +172,7 @@ class RegisterDatasetRequest(_message.Message):
     SHARD_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
+    CORPUS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: _common_pb2.ModelSpec
     display_name: str
@@ -170,7 +180,20 @@ class RegisterDatasetRequest(_message.Message):
     shard_size: int
     max_length: int
     uri: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., display_name: _Optional[str] = ..., jsonl: _Optional[bytes] = ..., shard_size: _Optional[int] = ..., max_length: _Optional[int] = ..., uri: _Optional[str] = ...) -> None: ...
+    corpus: Corpus
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., display_name: _Optional[str] = ..., jsonl: _Optional[bytes] = ..., shard_size: _Optional[int] = ..., max_length: _Optional[int] = ..., uri: _Optional[str] = ..., corpus: _Optional[_Union[Corpus, _Mapping]] = ...) -> None: ...
+
+class Corpus(_message.Message):
+    __slots__ = ("text_field", "messages_field", "sequence_length", "token_type")
+    TEXT_FIELD_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
+    text_field: str
+    messages_field: str
+    sequence_length: int
+    token_type: TokenType
+    def __init__(self, text_field: _Optional[str] = ..., messages_field: _Optional[str] = ..., sequence_length: _Optional[int] = ..., token_type: _Optional[_Union[TokenType, str]] = ...) -> None: ...
 
 class UploadDatasetRequest(_message.Message):
     __slots__ = ("request", "data")

@@ -25,16 +25,26 @@ RESULT_KIND_PAIRWISE: ResultKind
 RESULT_KIND_SELF: ResultKind
 
 class Query(_message.Message):
-    __slots__ = ("id", "prompt", "completion", "group")
+    __slots__ = ("id", "prompt", "completion", "group", "messages")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     id: str
     prompt: str
     completion: str
     group: str
-    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ..., group: _Optional[str] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., completion: _Optional[str] = ..., group: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ComputeScoresRequest(_message.Message):
     __slots__ = ("request_id", "model", "factor_set", "dataset", "queries", "top_k", "damping_factor", "damping", "query_rank", "per_module", "per_token", "batch_size", "index", "rescore", "tfidf", "report", "bm25", "damping_check")
