@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.cli import main
+from services.query_svc.report_html import build_report
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 from tests.support.numerics import FLOAT32, assert_close
@@ -153,6 +154,8 @@ def test_a_lexical_filter_scores_only_each_querys_candidates_exactly(ws, tmp_pat
     assert (filtered[~scored] == 0).all()
     report = json.loads((tmp_path / method / "results.json").read_text())
     assert report[method]["k"] == 5
+    page = build_report(tmp_path / method)
+    assert f"{'BM25' if method == 'bm25' else 'TF-IDF'}: 5 per query" in page and "lexically filtered" in page
     ids = [json.loads(line)["id"] for line in Path(paths["train"]).read_text().splitlines()]
     for row, query in enumerate(report["queries"]):
         assert all(bool(scored[row, ids.index(entry["id"])]) for entry in query["top"])
