@@ -500,6 +500,7 @@ STEPS = {
 # Host-side by contract, or the model pass itself.
 HOST = {
     "capture.capture": "the model's forward and backward (fake-CUDA autograd aborts the process): CPU runs",
+    "score.require_modules": "the factors' module names against the model's (no tensor is read)",
     "arena.HostArena.copy": "a contiguous host copy",
     "correction.CorrectionAccumulator.__init__": "holds the host sums and the bases its caller placed",
     "correction.CorrectionAccumulator.merge": "host float64 sums",
