@@ -150,6 +150,26 @@ def load_model_and_tokenizer(model_dir: str | Path, device: str = "cpu", dtype: 
     return model, tokenizer
 
 
+def module_names(model_dir: str | Path) -> set[str] | None:
+    """The module names of the model a local directory's config describes, built on the meta device
+    (no weights read, no memory used): what a factor set's modules can be checked against before
+    anything loads. None when the config cannot be built here (e.g. remote code): the check is then
+    the worker's, with the weights."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    access = model_access()
+    try:
+        config = AutoConfig.from_pretrained(
+            access.check(model_dir), local_files_only=True, trust_remote_code=access.allow_remote_code
+        )
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=access.allow_remote_code)
+    except Exception:  # the full load, later, says what is wrong with the directory
+        return None
+    return {name for name, _ in model.named_modules()}
+
+
 def load_tokenizer(model_dir: str | Path):
     """Only the tokenizer of a local model directory (with a pad token id, as above)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
