@@ -109,6 +109,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports matplotlib and draws: ~5 s
 @pytest.mark.parametrize(
     ("blocked", "code"), [({"torch", "transformers"}, 0), ({"torch", "transformers", "matplotlib"}, 2)]
 )
