@@ -9,7 +9,6 @@ downloaded into --out.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .inputs import (
     register,
     score_config,
 )
+from .progress import fit_passes
 from .running import done, out_dir, out_file, progress_for, through_system
 
 RESULT_OUT = Flag("--out", required=True, help="output directory: scores.safetensors, results.json")
@@ -137,8 +137,7 @@ def run_fit(args) -> int:
             return factor_set
 
         factor_set = through_system(args, fit)
-    timings = json.loads((out / "manifest.json").read_text())["metadata"].get("provenance", {}).get("timings") or {}
-    steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in timings.items())
+    steps = fit_passes(out)
     strategy = enum_word(factor_service_pb2.Strategy, factor_set.strategy)
     seconds = time.perf_counter() - started
     done(

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..gen.influence.v1 import common_pb2
 
@@ -129,6 +130,13 @@ class StageBars:
 
     def __exit__(self, error_type, *exc) -> None:
         self.close(clear=error_type is not None)  # an error message stays a single line
+
+
+def fit_passes(factors_dir: Path) -> str:
+    """Every pass of a fit with its seconds ("covariance 75.4s, eigen 1.1s, correction 30.2s"), from
+    the factor set's provenance: passes shorter than a progress poll show no bar, but all are here."""
+    timings = json.loads((factors_dir / "manifest.json").read_text())["metadata"].get("provenance", {}).get("timings")
+    return ", ".join(f"{step} {seconds:.1f}s" for step, seconds in (timings or {}).items())
 
 
 class JsonProgress:

@@ -68,3 +68,12 @@ def test_an_out_directory_under_missing_ones_is_stated(tmp_path, capsys):
     assert f"created --out {tmp_path / 'a' / 'b' / 'out'}" in capsys.readouterr().err
     out_dir(str(tmp_path / "a" / "b" / "again"), Args())  # only its own directory was missing: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_every_pass_of_a_fit_is_listed_from_its_provenance(tmp_path):
+    """A pass shorter than a progress poll shows no bar; the fit's summary names it anyway."""
+    from services.cli.progress import fit_passes
+
+    timings = {"covariance": 75.4, "eigen": 1.1, "correction": 0.04}
+    (tmp_path / "manifest.json").write_text(json.dumps({"metadata": {"provenance": {"timings": timings}}}))
+    assert fit_passes(tmp_path) == "covariance 75.4s, eigen 1.1s, correction 0.0s"
