@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 
+from .. import version
 from ..errors import DomainError, exit_code_of, message_of
 from . import demo, index, jobs, operations, servers
 from .flags import Command, add_commands
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="influence",
         description="Which training sequences made the model say this? EK-FAC influence functions for causal LMs.",
     )
+    parser.add_argument("--version", action="version", version=f"influence {version()}")
     add_commands(parser, COMMANDS, dest="command", metavar="COMMAND")
     return parser
 

@@ -70,7 +70,7 @@ def fit_score_and_report(
     """
     from ..embedded import EmbeddedSystem
     from ..query_svc.report_html import build_report
-    from .progress import StageBars
+    from .progress import StageBars, fit_passes
 
     started = time.perf_counter() if started is None else started
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +90,7 @@ def fit_score_and_report(
         with StageBars(not quiet) as bars:
             factor_set = client.fit_factors(model, dataset.name, batch_size=16, progress=bars)
         client.download_factors(factor_set.name, out / "factors")
+        say(f"      passes: {fit_passes(out / 'factors')}")
         say(f"[4/4] scoring {len(queries)} queries against {dataset.num_examples} training sequences")
         with StageBars(not quiet) as bars:
             result = client.compute_scores(

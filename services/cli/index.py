@@ -75,7 +75,7 @@ def run_build(args) -> int:
 
     spec = IndexSpec(args.projection, args.rank, args.dim, args.seed, args.storage_dtype)
     spec.validate()
-    out = out_dir(args.out)
+    out = out_dir(args.out, args)
     model = model_of(args)
     started = time.perf_counter()
     with progress_for(args) as bars:

@@ -4,6 +4,7 @@ factor set (a local directory, registered or uploaded, or a server's name), and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -108,11 +109,18 @@ def _names_server_factors(args) -> bool:
 
 
 def check_factors(args) -> None:
-    """A local --factors directory is loaded (and verified) before anything is started or uploaded."""
+    """A local --factors directory is loaded (and verified) before anything is started or uploaded,
+    and, where the model directory is here too, checked to be for this model's architecture (its
+    config built without weights): factors of another model are refused before any upload."""
     if not _names_server_factors(args):
         from ..catalog.factor_sets import load_factors
+        from ..engine.model_io import module_names
+        from ..engine.score import require_modules
 
-        load_factors(args.factors)
+        factors = load_factors(args.factors)
+        present = module_names(args.model) if Path(args.model).is_dir() else None
+        if present is not None:
+            require_modules(factors, present)
 
 
 def factor_set_name(client, args) -> str:
@@ -163,3 +171,35 @@ def index_name(client, args, index_dir: Path) -> str:
             f"{index_dir} was not built on {args.server}: build the index there (influence index build --server)"
         )
     return source["index"]
+
+
+def record_inputs(results: Path, **paths: str | None) -> None:
+    """Add "inputs" to a downloaded results.json: each named local input's path and sha256, so a
+    result says what made it. A file: its bytes; a directory with a manifest.json (factors, an
+    index): the manifest's bytes (which hold every file's sha256); any other directory (a model):
+    every file's relative name and bytes, in name order (about a second per GB). An input that is
+    not here (an s3:// object, a model on the server) is recorded by its name alone."""
+    inputs = {}
+    for name, value in paths.items():
+        if value:
+            path = Path(value)
+            inputs[name] = {"path": str(path.resolve()) if path.exists() else value}
+            if path.exists():
+                inputs[name]["sha256"] = _sha256(path)
+    report = json.loads(results.read_text())
+    report["inputs"] = inputs
+    results.write_text(json.dumps(report, indent=2, allow_nan=False))
+
+
+def _sha256(path: Path) -> str:
+    if path.is_dir() and (path / "manifest.json").is_file():
+        path = path / "manifest.json"
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(f"{file.relative_to(path).as_posix()}\0".encode())
+        with file.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -15,12 +15,22 @@ from pathlib import Path
 
 from ..engine.records import read_queries_jsonl
 from ..enums import enum_word
-from ..errors import InputError, NotFoundError
+from ..errors import InputError, NotFoundError, PreconditionError
 from ..gen.influence.v1 import factor_service_pb2
 from ..options import BM25, FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, SEED, STRATEGY, TFIDF, TOP_K
 from .flags import CORPUS, DATA, FACTORS, JSON, QUIET, Flag, add, add_damping_flags, add_model_job_flags
-from .inputs import check_data, check_factors, factor_set_name, index_name, model_of, register, score_config
-from .running import done, out_dir, progress_for, through_system
+from .inputs import (
+    check_data,
+    check_factors,
+    factor_set_name,
+    index_name,
+    model_of,
+    record_inputs,
+    register,
+    score_config,
+)
+from .progress import fit_passes
+from .running import done, out_dir, out_file, progress_for, through_system
 
 RESULT_OUT = Flag("--out", required=True, help="output directory: scores.safetensors, results.json")
 
@@ -120,7 +130,7 @@ def run_fit(args) -> int:
     )
     config.validate()
     check_data(args)
-    out = out_dir(args.out)
+    out = out_dir(args.out, args)
     model = model_of(args)
     started = time.perf_counter()
     with progress_for(args) as bars:
@@ -144,8 +154,8 @@ def run_fit(args) -> int:
 
         factor_set = through_system(args, fit)
     provenance = json.loads((out / "manifest.json").read_text())["metadata"].get("provenance", {})
-    timings, coverage = provenance.get("timings") or {}, provenance.get("coverage") or {}
-    steps = ", ".join(f"{step} {seconds:.1f}s" for step, seconds in timings.items())
+    coverage = provenance.get("coverage") or {}
+    steps = fit_passes(out)
     strategy = enum_word(factor_service_pb2.Strategy, factor_set.strategy)
     seconds = time.perf_counter() - started
     done(
@@ -191,10 +201,9 @@ def run_score(args) -> int:
         check_data(args)
     if args.rescore is not None and (args.rescore < 0 or not args.index):
         raise InputError("--rescore takes a count >= 0, with --index")
-    if args.report and Path(args.report).is_dir():
-        raise InputError(f"--report {args.report} is a directory; give a file name such as report.html")
+    report_path = out_file(args.report, "--report") if args.report else None
     check_factors(args)
-    out = out_dir(args.out)
+    out = out_dir(args.out, args)
     model = model_of(args)
     started = time.perf_counter()
     with progress_for(args) as bars:
@@ -226,12 +235,21 @@ def run_score(args) -> int:
             return result
 
         result = through_system(args, score)
+    record_inputs(
+        out / "results.json",
+        model=args.model,
+        data=args.data,
+        index=args.index,
+        factors=args.factors,
+        queries=args.queries,
+    )
     seconds = time.perf_counter() - started
-    report = _write_report(args, out, Path(args.report)) if args.report else None
+    report = _write_report(out, report_path) if report_path else None
     check = json.loads((out / "results.json").read_text()).get("damping_check") if config.damping_check else None
     done(
         args,
         f"scored {result.num_queries} queries x {result.num_train} sequences in {seconds:.1f}s -> {out}"
+        + _all_ranked(config.top_k, result.num_train)
         + (f"; report -> {report}" if report else "")
         + (f"; {damping_check_line(check)}" if check else ""),
         damping_check=check,
@@ -253,20 +271,30 @@ def damping_check_line(check: dict) -> str:
     return "top-k kept at " + ", at ".join(parts)
 
 
-def _write_report(args, results: Path, path: Path) -> Path:
-    from ..query_svc.report_html import build_report
+def _all_ranked(top_k: int, sequences: int) -> str:
+    """The note that --top-k asked for more sequences than there are ("" when it did not)."""
+    return f" (--top-k {top_k} > {sequences} sequences: all {sequences} ranked)" if top_k > sequences else ""
 
-    if path.is_dir():
-        raise InputError(f"--report {path} is a directory; give a file name such as report.html")
-    page = build_report(results)
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+def _write_report(results: Path, path: Path) -> Path:
+    """The HTML report of a result directory, written to `path` (checked by out_file). Needs numpy,
+    safetensors and matplotlib (not torch): a client-only install is told in one line how to add them."""
+    try:
+        from ..query_svc.report_html import build_report
+
+        page = build_report(results)
+    except ModuleNotFoundError as missing:
+        raise PreconditionError(
+            f"the report needs {missing.name}: pip install 'influence-services[report]' (numpy, safetensors, "
+            "matplotlib; no torch)"
+        ) from None
     path.write_text(page, encoding="utf-8")
     return path
 
 
 def run_report(args) -> int:
     """`influence report`: the HTML report of a result directory (results.json + scores.safetensors)."""
-    path = _write_report(args, Path(args.results), Path(args.out))
+    path = _write_report(Path(args.results), out_file(args.out, "--out"))
     done(args, f"report -> {path}", report=str(path), bytes=path.stat().st_size)
     return 0
 
@@ -275,7 +303,7 @@ def run_self(args) -> int:
     config = score_config(args)
     check_data(args)
     check_factors(args)
-    out = out_dir(args.out)
+    out = out_dir(args.out, args)
     model = model_of(args)
     with progress_for(args) as bars:
 
@@ -298,7 +326,7 @@ def run_self(args) -> int:
         result = through_system(args, self_influence)
     done(
         args,
-        f"self-influence of {result.num_train} sequences -> {out}",
+        f"self-influence of {result.num_train} sequences -> {out}" + _all_ranked(config.top_k, result.num_train),
         result=result.name,
         sequences=result.num_train,
         out=str(out),

@@ -113,7 +113,7 @@ def run_wait(args) -> int:
     stops watching: the operation goes on (cancel it with --cancel)."""
     if not args.operation.startswith("operations/"):
         raise InputError(f"expected an operation name 'operations/ID', got {args.operation!r}")
-    out = out_dir(args.out) if args.out else None
+    out = out_dir(args.out, args) if args.out else None
     with InfluenceClient(**client_options(args)) as client:
         if args.cancel:
             client.cancel(args.operation)

@@ -38,11 +38,30 @@ def done(args, message: str, **fields) -> None:
         log(args, message)
 
 
-def out_dir(path: str) -> Path:
+def out_dir(path: str, args) -> Path:
+    """--out as a directory, made if missing; missing parents are made too, and said so on stderr
+    (unless --quiet or --json), so a typo in a path does not pass unnoticed."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
+    missing = [parent for parent in out.parents if not parent.exists()]
     out.mkdir(parents=True, exist_ok=True)
+    if missing and not (getattr(args, "quiet", False) or getattr(args, "json", False)):
+        print(
+            f"influence: created --out {out} and the directories above it that were missing: {missing[-1]}",
+            file=sys.stderr,
+        )
+    return out
+
+
+def out_file(path: str, flag: str) -> Path:
+    """An output file's path (--report, report's --out): neither a directory nor in a directory that
+    does not exist (nothing is created on the way)."""
+    out = Path(path)
+    if out.is_dir():
+        raise InputError(f"{flag} {out} is a directory; give a file name such as {out / 'report.html'}")
+    if not out.parent.is_dir():
+        raise InputError(f"{flag} {out}: the directory {out.parent} does not exist (create it first)")
     return out
 
 

@@ -364,6 +364,8 @@ def two_stage(
     if candidates <= 0:  # no second stage: the index's own ranking
         result = ScoreResult(scores=index_scores.to(torch.float32), module_names=scorer.names)
         result.top = top_k_entries(index_scores, None, scorer.names, config.top_k)
+        for entry in (entry for entries in result.top for entry in entries):
+            entry.approximate = True
         if config.per_token and config.top_k:
             scorer.attach_token_scores(prepared, result.top, sequence_of, progress)
         return result, 0

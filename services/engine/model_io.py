@@ -194,6 +194,20 @@ def model_skeleton(model_dir: str | Path, dtype: str = "float32", base: str = ""
         ) from None
 
 
+def module_names(model_dir: str | Path) -> set[str] | None:
+    """The module names of the model a local directory's config describes (model_skeleton: no
+    weights read): what a factor set's modules can be checked against before anything loads. None
+    when the skeleton cannot be built here (e.g. remote code) or the directory is an adapter (its
+    LoRA modules exist only once peft applies it): the check is then the worker's, with the weights."""
+    if is_adapter_dir(model_dir):
+        return None
+    try:
+        model = model_skeleton(model_dir)
+    except InputError:  # the full load, later, says what is wrong with the directory
+        return None
+    return {name for name, _ in model.named_modules()}
+
+
 ADAPTER_CONFIG = "adapter_config.json"
 
 

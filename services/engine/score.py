@@ -104,6 +104,7 @@ class TopEntry:
     per_module: dict[str, float] | None = None
     tokens: list[str] | None = None
     token_scores: list[float] | None = None
+    approximate: bool = False  # an index score, not rescored exactly
 
 
 @dataclass
@@ -116,6 +117,7 @@ class ScoreResult:
     # --damping-check: per scale ("0.1x", "10x"), each query's top-k overlap (share of its top-k
     # also in the top-k at that damping, among the same scored sequences): [Q] floats
     damping_overlap: dict[str, list[float]] | None = None
+    query_tokens: list[list[tuple[str, float | None]]] | None = None  # Scorer.query_tokens (--per-token)
 
 
 @dataclass
@@ -175,6 +177,18 @@ def module_pattern(factors: FactorSet) -> str:
     return "^(" + "|".join(name.replace(".", r"\.") for name in names) + ")$"
 
 
+def require_modules(factors: FactorSet, present: set[str]) -> None:
+    """PreconditionError unless a model with modules `present` has every module the factors were
+    fitted for: another architecture is told so, before module selection could speak of a
+    --modules never given."""
+    missing = [name for name in factors.modules if name not in present]
+    if missing:
+        raise PreconditionError(
+            "factors were fitted for another model (model fingerprint differs: this model has no module "
+            f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); refit them for this model"
+        )
+
+
 class Scorer:
     """A model ready to be scored against a factor set (see the module docstring): the factors'
     modules selected in model order, their weights checked, the model's fingerprint matched to
@@ -183,12 +197,8 @@ class Scorer:
     def __init__(self, model: nn.Module, tokenizer, factors: FactorSet, config: ScoreConfig):
         config.validate()
         self.model, self.tokenizer, self.factors, self.config = model, tokenizer, factors, config
+        require_modules(factors, {name for name, _ in model.named_modules()})
         self.modules, _ = prepare_model(model, module_pattern(factors))
-        missing = [name for name in factors.modules if name not in self.modules]
-        if missing:
-            raise PreconditionError(
-                f"factors were fitted for modules this model does not have: {', '.join(missing[:3])}"
-            )
         if factors.model_fingerprint and cached_fingerprint(model, list(self.modules)) != factors.model_fingerprint:
             raise PreconditionError(
                 "factors were fitted for another model (model fingerprint differs); refit them for this model"
@@ -254,6 +264,23 @@ class Scorer:
                     )
                 gradients[name][batch.indices.to(self.device)] = per_query
         return gradients
+
+    @exact_arithmetic()
+    @torch.no_grad()
+    def query_tokens(self, queries: Sequence[Query]) -> list[list[tuple[str, float | None]]]:
+        """Each query's tokens as scored (prompt, then completion) with the log-probability the model
+        gives each completion token, log p(token t | tokens before t) in nats (None on prompt tokens,
+        which are not targets). One forward per query, on the model's device."""
+        tokens = []
+        for sequence in tokenize_queries(self.tokenizer, queries, self.config.max_length):
+            ids = sequence.input_ids.to(self.device)  # [T]
+            logits = self.model(input_ids=ids.unsqueeze(0)).logits[0, :-1].to(torch.float64)  # [T - 1, V]
+            # position t predicts token t + 1: its log-probability belongs to the predicted token
+            logprobs = torch.log_softmax(logits, dim=-1).gather(1, ids[1:, None])[:, 0].to("cpu").tolist()
+            targets = sequence.target_mask.tolist()
+            names = self.tokenizer.convert_ids_to_tokens(sequence.input_ids.tolist())
+            tokens.append([(str(name), logprobs[t - 1] if targets[t] else None) for t, name in enumerate(names)])
+        return tokens
 
     def prepare(
         self, queries: Sequence[Query], mean_tokens: float, progress: Progress | None = None

@@ -3,9 +3,10 @@ scores.safetensors, as `influence score` writes them and StreamResultFiles sends
 server's result downloaded into a directory reports the same as a local one.
 
 What each view needs, and where it comes from:
-    tokens       results.json top entries' "tokens" (--per-token)
+    tokens       results.json top entries' "tokens" and the queries' own "tokens" (--per-token)
     layers       results.json top entries' "per_module" (--per-module), else scores.safetensors'
                  "top_per_module" [M, Q, k] (written for every recompute run)
+    modules      results.json top entries' "per_module" (--per-module): a row per module
     distribution scores.safetensors' "scores" [Q, N] (and "scored" [Q, N] under TF-IDF)
     cross-query  "scores" [Q, N] and "top_index" [Q, k] with the queries' "group"
 A view whose data a result does not hold is reported as missing (older results lack
@@ -26,6 +27,7 @@ from ..errors import InputError, NotFoundError
 
 RESULTS = "results.json"
 SCORES = "scores.safetensors"
+SIGN = "positive = up-weighting the training sequence makes the completion more likely"
 
 
 @dataclass
@@ -36,11 +38,12 @@ class TopSequence:
     text: str
     tokens: list[str] | None = None
     token_scores: list[float] | None = None
+    approximate: bool = False  # an index score that was not rescored exactly
 
 
 @dataclass
 class LayerView:
-    """Influence of a query's top sequences by layer. scores: [L, k] (rows bottom to top)."""
+    """Influence of a query's top sequences by layer (or by module). scores: [L, k] (rows bottom to top)."""
 
     layers: list[str]
     scores: np.ndarray
@@ -54,6 +57,8 @@ class QueryView:
     group: str
     top: list[TopSequence]
     layers: LayerView | None = None
+    modules: LayerView | None = None  # a row per module, in the model's order (--per-module)
+    tokens: list[tuple[str, float | None]] | None = None  # as scored, with completion log-probabilities
 
 
 @dataclass
@@ -128,6 +133,7 @@ def _top(entries: list[dict]) -> list[TopSequence]:
             text=entry.get("text", ""),
             tokens=[token["token"] for token in entry["tokens"]] if "tokens" in entry else None,
             token_scores=[float(token["score"]) for token in entry["tokens"]] if "tokens" in entry else None,
+            approximate=bool(entry.get("approximate", False)),
         )
         for entry in entries
     ]
@@ -154,6 +160,7 @@ def _pairwise_data(report: dict, tensors: dict[str, np.ndarray]) -> ReportData:
             completion=query["completion"],
             group=query.get("group", ""),
             top=_top(query["top"]),
+            tokens=[(t["token"], t["logprob"]) for t in query["tokens"]] if "tokens" in query else None,
         )
         for query in report["queries"]
     ]
@@ -202,6 +209,8 @@ def _attach_layers(data: ReportData, report: dict, tensors: dict[str, np.ndarray
         else:
             per_module = np.asarray(top_per_module[:, position, :k], dtype=np.float64)
         query.layers = LayerView(labels, sums @ per_module)
+        if entries_have_breakdown:
+            query.modules = LayerView(modules, per_module)
 
 
 def _attach_cross(data: ReportData, top_index: np.ndarray | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,35 +40,24 @@ def to_svg(figure) -> str:
 # -- layers -----------------------------------------------------------------------------------
 
 
-def layer_bin_shares(layer_scores: list[np.ndarray], bins: int = LAYER_BINS) -> np.ndarray:
-    """Average share of influence per layer bin over queries: [min(bins, L)], sums to 1.
+def layer_bin_share(scores: np.ndarray, bins: int = LAYER_BINS) -> np.ndarray | None:
+    """One query's share of influence per layer bin: [min(bins, L)], sums to 1 (None: no influence).
 
-    layer_scores: per query an [L, k] array (rows bottom to top). A query's share of layer l is
-    Σ_s |S[l, s]| / Σ_l Σ_s |S[l, s]| over its top-k sequences s; layers go into `bins`
-    consecutive bins of (nearly) equal size; queries with no influence at all are skipped."""
-    n_layers = layer_scores[0].shape[0]
+    scores: [L, k] (rows bottom to top). The share of layer l is Σ_s |S[l, s]| / Σ_l Σ_s |S[l, s]|
+    over its top-k sequences s; layers go into `bins` consecutive bins of (nearly) equal size."""
+    n_layers = scores.shape[0]
     bins = min(bins, n_layers)
-    bin_of = (np.arange(n_layers) * bins) // n_layers
-    shares = []
-    for scores in layer_scores:
-        weight = np.abs(scores).sum(axis=1)
-        if weight.sum() > 0:
-            shares.append(np.bincount(bin_of, weights=weight / weight.sum(), minlength=bins))
-    return np.mean(shares, axis=0) if shares else np.zeros(bins)
+    weight = np.abs(scores).sum(axis=1)
+    if not weight.sum() > 0:
+        return None
+    return np.bincount((np.arange(n_layers) * bins) // n_layers, weights=weight / weight.sum(), minlength=bins)
 
 
-def layer_heatmap(labels: list[str], scores: np.ndarray, columns: list[str]) -> str:
-    """Influence per layer (rows, bottom to top) x top sequence (columns), red + / blue -."""
-    rows, width = scores.shape
-    figure, axes = _figure(min(1.6 + 0.55 * width, 9.0), min(1.2 + 0.32 * rows, 6.0))
-    limit = float(np.abs(scores).max()) or 1.0
-    image = axes.imshow(scores, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", origin="lower")
-    axes.set_yticks(range(rows), labels, fontsize=7)
-    axes.set_xticks(range(width), columns, fontsize=7, rotation=45, ha="right")
-    axes.set_xlabel("top sequences (by rank)", fontsize=8)
-    colorbar = figure.colorbar(image, ax=axes, fraction=0.05)
-    colorbar.ax.tick_params(labelsize=7)
-    return to_svg(figure)
+def layer_bin_shares(layer_scores: list[np.ndarray], bins: int = LAYER_BINS) -> np.ndarray:
+    """Average share of influence per layer bin over queries (layer_bin_share of each; queries with
+    no influence at all are skipped): [min(bins, L)]."""
+    shares = [share for share in (layer_bin_share(scores, bins) for scores in layer_scores) if share is not None]
+    return np.mean(shares, axis=0) if shares else np.zeros(min(bins, layer_scores[0].shape[0]))
 
 
 def layer_bin_chart(shares: np.ndarray, n_layers: int) -> str:
@@ -120,24 +110,68 @@ def ccdf_points(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return positive, (len(positive) - np.arange(len(positive))) / len(positive)
 
 
-def ccdf_chart(curves: list[tuple[str, np.ndarray]], fits: list[PowerLawTail | None]) -> str:
-    """1 - CDF of each curve's positive values on log-log axes, its fitted tail dashed."""
+def thinned(x: np.ndarray, y: np.ndarray, points: int = 80) -> tuple[np.ndarray, np.ndarray]:
+    """At most `points` of a 1 - CDF's steps, evenly spaced in log x (always the first and last):
+    a thousand queries' curves then draw in a figure of a few hundred kB."""
+    if len(x) <= points:
+        return x, y
+    keep = np.unique(np.searchsorted(x, np.geomspace(x[0], x[-1], points)).clip(0, len(x) - 1))
+    return x[keep], y[keep]
+
+
+TAIL_COLORS = {"positive": "#dc2626", "negative": "#2563eb"}
+
+
+def tails_chart(curves: list[tuple[str, np.ndarray]], fits: list[PowerLawTail | None]) -> str:
+    """Both tails of a few queries' scores on log-log axes, a colour per query: 1 - CDF of the
+    positive scores (solid, its fitted power law dashed) and of the negative scores' magnitudes
+    (dotted). curves: (label, scores [N]) per query."""
     import matplotlib
 
     figure, axes = _figure(6.4, 3.6)
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for (label, values), fit, color in zip(curves, fits, itertools.cycle(colors), strict=False):
-        x, y = ccdf_points(values)
-        if not len(x):
+        for side, tail in (("positive", values), ("negative", -values)):
+            x, y = thinned(*ccdf_points(tail))
+            if not len(x):
+                continue
+            fitted = f" (α = {fit.alpha:.2f})" if side == "positive" and fit else ""
+            style = "-" if side == "positive" else ":"
+            axes.step(x, y, style, where="post", color=color, linewidth=1.2, label=f"{label}, {side}{fitted}")
+            if side == "positive" and fit is not None:
+                xs = np.geomspace(fit.x_min, float(x.max()), 20)
+                axes.plot(xs, (fit.tail / fit.n) * (xs / fit.x_min) ** (1 - fit.alpha), "--", color=color, linewidth=1)
+    return _tail_axes(figure, axes)
+
+
+def tails_band_chart(curves: list[np.ndarray], points: int = 100) -> str:
+    """Both tails of many queries' scores: per tail the median over queries of 1 - CDF (of the
+    positive scores, of the negative scores' magnitudes) on a common log grid, and the band from
+    the 10th to the 90th percentile. curves: scores [N] per query."""
+    figure, axes = _figure(6.4, 3.6)
+    for side, sign in (("positive", 1.0), ("negative", -1.0)):
+        tails = [np.sort(sign * values[sign * values > 0]) for values in curves]
+        tails = [tail for tail in tails if len(tail)]
+        if not tails:
             continue
-        name = label if fit is None else f"{label} (α = {fit.alpha:.2f})"
-        axes.step(x, y, where="post", color=color, linewidth=1.2, label=name)
-        if fit is not None:
-            xs = np.geomspace(fit.x_min, float(x.max()), 20)
-            axes.plot(xs, (fit.tail / fit.n) * (xs / fit.x_min) ** (1 - fit.alpha), "--", color=color, linewidth=1)
+        grid = np.geomspace(min(float(t[0]) for t in tails), max(float(t[-1]) for t in tails), points)
+        # [queries, points]: the share of each query's tail at or above each x (nan where none is)
+        above = np.array([(len(t) - np.searchsorted(t, grid, side="left")) / len(t) for t in tails])
+        above[above == 0] = np.nan
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a grid point above every query's tail
+            low, median, high = np.nanpercentile(above, [10, 50, 90], axis=0)
+        color, style = TAIL_COLORS[side], "-" if side == "positive" else ":"
+        axes.fill_between(grid, low, high, color=color, alpha=0.15, linewidth=0, step="post")
+        label = f"{side} tails: median of {len(tails)}"
+        axes.step(grid, median, style, where="post", color=color, linewidth=1.4, label=label)
+    return _tail_axes(figure, axes)
+
+
+def _tail_axes(figure, axes) -> str:
     axes.set_xscale("log")
     axes.set_yscale("log")
-    axes.set_xlabel("influence score (positive scores)", fontsize=9)
+    axes.set_xlabel("|influence score| (positive: solid, negative: dotted)", fontsize=9)
     axes.set_ylabel("1 - CDF", fontsize=9)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=7, loc="lower left")

@@ -1,15 +1,32 @@
-"""The JSON reports written next to scores (results.json), shared by the CLI and the services."""
+"""The JSON reports written next to scores (results.json), shared by the CLI and the services.
+
+results.json's schema (SCHEMA_VERSION; a result without "schema_version" is version 1):
+    kind, sign, strategy, damping, query_rank, modules
+    queries[]: id, prompt, completion, group?, tokens? (--per-token: the query's tokens, each with the
+               log-probability of a completion token given those before it, null on prompt tokens),
+               top[]: rank, id, score, text, per_module?, tokens? (each position's score is that of
+               predicting the next token), approximate? (true: an index score not rescored exactly)
+    settings: model, dtype, factor_set, dataset, top_k, per_module, per_token, max_length, fisher,
+              model_fingerprint, tool_version, created (UTC, ISO 8601)
+    tfidf?, index?: what filtered or ranked the candidates
+    inputs?: {"model" | "data" | "factors" | "queries": {"path", "sha256"}}, added by the CLI (cli/inputs.py)
+Version 2 added schema_version, approximate, the queries' tokens, the settings' fisher, fingerprint,
+version and date, and inputs.
+"""
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 
+from .. import version
 from ..catalog.datasets import dataset_path
 from ..catalog.factor_sets import factor_set_path
 from ..engine.records import Query
 from ..engine.score import TopEntry
+from .report_data import SIGN
 
-SIGN = "positive = up-weighting the training sequence makes the completion more likely"
+SCHEMA_VERSION = 2
 
 
 def pairwise_report(
@@ -22,24 +39,30 @@ def pairwise_report(
     query_rank: int | None,
     modules: list[str],
     settings: dict | None = None,
+    query_tokens: list[list[tuple[str, float | None]]] | None = None,
 ) -> dict:
     """results.json of a pairwise run; `record_of(index)` gives a training sequence's (id, text).
-    `settings` (model, factor set, dataset, top_k, ...) are recorded as given, for the report."""
+    `settings` (model, factor set, dataset, top_k, ...) are recorded as given, for the report;
+    `query_tokens` (Scorer.query_tokens, --per-token) as each query's "tokens"."""
     report = {
+        "schema_version": SCHEMA_VERSION,
         "kind": "pairwise",
         "sign": SIGN,
         "strategy": strategy,
         "damping": damping,
         "query_rank": query_rank,
         "modules": modules,
-        "queries": [_query(query, top[position], record_of) for position, query in enumerate(queries)],
+        "queries": [
+            _query(query, top[position], record_of, query_tokens[position] if query_tokens else None)
+            for position, query in enumerate(queries)
+        ],
     }
     if settings:
         report["settings"] = settings
     return report
 
 
-def _query(query: Query, top: list[TopEntry], record_of) -> dict:
+def _query(query: Query, top: list[TopEntry], record_of, tokens: list[tuple[str, float | None]] | None) -> dict:
     record = {"id": query.id, "prompt": query.prompt, "completion": query.completion}
     if query.messages:  # a chat: shown as its turns before the completion, then the completion
         turns = [{"role": message.role, "content": message.content} for message in query.messages]
@@ -47,6 +70,8 @@ def _query(query: Query, top: list[TopEntry], record_of) -> dict:
         record.update(prompt=shown, completion=turns[-1]["content"], messages=turns)
     if query.group:
         record["group"] = query.group
+    if tokens is not None:
+        record["tokens"] = [{"token": token, "logprob": logprob} for token, logprob in tokens]
     record["top"] = [_top_entry(rank, entry, record_of) for rank, entry in enumerate(top, start=1)]
     return record
 
@@ -86,6 +111,7 @@ def self_report(scores, record_of, *, strategy: str, damping: str, top_k: int) -
     """results.json of a self-influence run. scores: [n_train]."""
     order = scores.argsort(descending=True)[:top_k].tolist()
     return {
+        "schema_version": SCHEMA_VERSION,
         "kind": "self",
         "strategy": strategy,
         "damping": damping,
@@ -99,6 +125,8 @@ def self_report(scores, record_of, *, strategy: str, damping: str, top_k: int) -
 def _top_entry(rank: int, entry: TopEntry, record_of) -> dict:
     example_id, text = record_of(entry.index)
     record = {"rank": rank, "id": example_id, "score": entry.score, "text": text}
+    if entry.approximate:
+        record["approximate"] = True
     if entry.per_module is not None:
         record["per_module"] = entry.per_module
     if entry.token_scores is not None:
@@ -106,9 +134,10 @@ def _top_entry(rank: int, entry: TopEntry, record_of) -> dict:
     return record
 
 
-def settings_of(job, coverage: dict | None = None) -> dict:
-    """The run's settings as the report shows them (a ScoreJob: model, factor set, data, options,
-    and what the factor set's modules cover of the model when it recorded that)."""
+def settings_of(job, factors, coverage: dict | None = None) -> dict:
+    """The run's settings as the report shows them (a ScoreJob: model, factor set, data, options;
+    the factor set's Fisher and model fingerprint; what its modules cover of the model when it
+    recorded that; the tool's version and the date)."""
     config = job.config
     settings = {
         "model": job.model.path,
@@ -119,6 +148,10 @@ def settings_of(job, coverage: dict | None = None) -> dict:
         "per_module": config.per_module,
         "per_token": config.per_token,
         "max_length": config.max_length,
+        "fisher": factors.fisher,
+        "model_fingerprint": factors.model_fingerprint,
+        "tool_version": version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if coverage:
         settings["coverage"] = coverage

@@ -23,10 +23,11 @@ import torch
 
 from ..catalog import factor_sets, indexes, results
 from ..catalog.datasets import DATASETS, DatasetView, shard_sequences
-from ..catalog.factor_sets import FACTOR_SETS
+from ..catalog.factor_sets import FACTOR_SETS, FactorSetInfo
 from ..catalog.indexes import IndexView
 from ..catalog.results import RESULTS, ResultInfo
 from ..engine.device import to_device
+from ..engine.factors import FactorSet
 from ..engine.finite import require_finite
 from ..engine.index import Indexer, queries_from_tensors, queries_to_tensors, score_block, two_stage
 from ..engine.score import (
@@ -131,7 +132,7 @@ def run_merge(call: StageCall) -> ResultInfo:
     (--per-token) loads it, on the job's device, to recompute their sequences."""
     job: ScoreJob = call.job
     names = json.loads(call.context.store.get_bytes(layout.job_modules(call.job_id)))  # prepare's (model) order
-    strategy = FACTOR_SETS.read(call.context.store, job.factor_set_id).strategy  # its manifest alone
+    factors = FACTOR_SETS.read(call.context.store, job.factor_set_id)  # its manifest alone
     mask = _prepared_tensors(call).get("lexical_mask")
     partials = _partials(call, "score")
     view = DatasetView(call.context.artifacts, call.context.store, job.dataset_id)
@@ -141,7 +142,8 @@ def run_merge(call: StageCall) -> ResultInfo:
         prepared, _ = _prepared(call, scorer)
         scorer.attach_token_scores(prepared, result.top, view.sequence, call.context.progress)
         result.kernels = {name: prepared.modules[name].kernel for name in names}
-    return _publish_scores(call, strategy, names, view, result, partials, mask)
+        result.query_tokens = scorer.query_tokens(job.queries)
+    return _publish_scores(call, factors, names, view, result, partials, mask)
 
 
 def run_score_one_shard(call: StageCall) -> ResultInfo:
@@ -150,10 +152,10 @@ def run_score_one_shard(call: StageCall) -> ResultInfo:
     job, never leave memory. A retried task recomputes it all."""
     scorer = _scorer(call)
     scored = score_in_memory(scorer, call.job.queries, _shard(call, 0), call.context.progress)
+    if call.job.config.per_token:
+        scored.result.query_tokens = scorer.query_tokens(call.job.queries)
     view = DatasetView(call.context.artifacts, call.context.store, call.job.dataset_id)
-    return _publish_scores(
-        call, scorer.factors.strategy, scorer.names, view, scored.result, [scored.partial], scored.mask
-    )
+    return _publish_scores(call, scorer.factors, scorer.names, view, scored.result, [scored.partial], scored.mask)
 
 
 def _coverage(call: StageCall) -> dict:
@@ -163,14 +165,15 @@ def _coverage(call: StageCall) -> dict:
 
 def _publish_scores(
     call: StageCall,
-    strategy: str,
+    factors: FactorSet | FactorSetInfo,
     names: list[str],
     view: DatasetView,
     result: ScoreResult,
     partials: list[ShardScores],
     mask: torch.Tensor | None,
 ) -> ResultInfo:
-    """results/{id}: the merged result, its top-k's per-module view and the report."""
+    """results/{id}: the merged result, its top-k's per-module view and the report. `factors`: the
+    factor set used (its strategy, Fisher and model fingerprint go into results.json)."""
     job: ScoreJob = call.job
     tensors = {"scores": result.scores.contiguous()}
     if result.per_module is not None:
@@ -183,11 +186,12 @@ def _publish_scores(
         job.queries,
         result.top,
         view.record,
-        strategy=strategy,
+        strategy=factors.strategy,
         damping=job.config.damping_policy.describe(),
         query_rank=job.config.query_rank,
         modules=names,
-        settings=settings_of(job, _coverage(call)),
+        settings=settings_of(job, factors, _coverage(call)),
+        query_tokens=result.query_tokens,
     )
     if mask is not None:
         method, k = job.config.lexical
@@ -263,6 +267,8 @@ def run_index_merge(call: StageCall) -> ResultInfo:
     prepared, _ = _prepared(call, scorer)
     view = IndexView(call.context.artifacts, call.context.store, index)
     result, rescored = two_stage(scorer, prepared, index_scores, view.sequence, job.rescore, call.context.progress)
+    if job.config.per_token:
+        result.query_tokens = scorer.query_tokens(job.queries)
     report = pairwise_report(
         job.queries,
         result.top,
@@ -271,7 +277,8 @@ def run_index_merge(call: StageCall) -> ResultInfo:
         damping=job.config.damping_policy.describe(),
         query_rank=job.config.query_rank,
         modules=scorer.names,
-        settings=settings_of(job, _coverage(call)),
+        settings=settings_of(job, scorer.factors, _coverage(call)),
+        query_tokens=result.query_tokens,
     )
     report["index"] = {
         "name": index.name,

@@ -554,6 +554,7 @@ HOST = {
     "capture.capture": "the model's forward and backward (fake-CUDA autograd aborts the process): CPU runs",
     "modules.ExpertLinear.forward": "one expert inside the model's forward, on the model's device: CPU runs "
     "(tests/engine/test_moe.py)",
+    "score.require_modules": "the factors' module names against the model's (no tensor is read)",
     "arena.HostArena.copy": "a contiguous host copy",
     "correction.CorrectionAccumulator.__init__": "holds the host sums and the bases its caller placed",
     "correction.CorrectionAccumulator.merge": "host float64 sums",

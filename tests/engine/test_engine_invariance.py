@@ -375,6 +375,10 @@ def test_factor_files_round_trip_and_are_verified(tmp_path):
     other_model = tiny_model("gpt2", seed=1)
     with pytest.raises(PreconditionError, match="another model"):
         compute_scores(other_model, tokenizer, loaded, examples, queries)
+    # another architecture: the fingerprint's message, not one about a --modules never given
+    with pytest.raises(PreconditionError, match=r"another model .*has no module") as refused:
+        compute_scores(tiny_model("llama"), tokenizer, loaded, examples, queries)
+    assert "--modules" not in str(refused.value)
     victim = next((tmp_path / "f").glob("*.safetensors"))
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF

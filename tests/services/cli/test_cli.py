@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from services.catalog.factor_sets import load_factors
 from services.cli import main
-from services.cli.progress import StageBars
+from services.cli.progress import Phase, StageBars, phase_of
 from services.engine.model_io import load_model_and_tokenizer
 from services.engine.records import read_queries_jsonl, read_training_jsonl
 from services.engine.score import ScoreConfig, compute_scores
@@ -227,6 +227,34 @@ def test_stage_bars_redraw_on_a_terminal_and_print_a_line_per_stage_in_a_log():
     assert len(lines) == 2 and "\r" not in log.getvalue(), lines
     assert lines[0].strip().startswith("covariance: 4/4 shards in"), lines
     assert lines[1].strip().startswith("eigendecomposition: 8/8 modules in"), lines
+    # within the shard that runs, its task's step moves the bar (3 of 9 batches of the first of 4
+    # shards); a step at its end (counted in shards_done, or left from the stage before) does not
+    running = dict(stage="covariance", shards_done=0, shards_total=4, step="covariance", step_done=3, step_total=9)
+    assert phase_of(common_pb2.OperationMetadata(**running)).running == pytest.approx(1 / 3)
+    ended = dict(running, shards_done=1, step_done=9)
+    assert phase_of(common_pb2.OperationMetadata(**ended)) == Phase("covariance", 1, 4, "shard", 0.0)
+
+
+def test_a_terminal_of_no_width_gets_the_log_lines_not_blank_bars(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+        def fileno(self) -> int:
+            return 2
+
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd: os.terminal_size((0, 0)))
+    stream = Terminal()
+    with StageBars(True, stream) as bars:
+        for update in (
+            dict(stage="merge", shards_total=1, step="scores", step_done=1, step_total=2),
+            dict(stage="done"),
+        ):
+            bars(common_pb2.OperationMetadata(**update))
+    assert (
+        stream.getvalue().splitlines() == [stream.getvalue().strip("\n")]
+        and "scores: 2/2 batches in" in stream.getvalue()
+    )
 
 
 def bad_cases(workspace: Path, tmp: Path):

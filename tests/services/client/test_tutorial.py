@@ -48,3 +48,4 @@ def test_the_tutorial_runs_as_written(served, tmp_path, monkeypatch, capsys):
     # the server's report and the one built locally from the downloaded files are the same page
     assert (tmp_path / "report.html").read_text() == (tmp_path / "scores" / "report.html").read_text()
     assert re.search(r"operations/\S+ done", printed)
+    assert re.search(r"^factorSets/\S+ ekfac \d+ modules$", printed, re.M)  # the strategy by name

@@ -98,6 +98,15 @@ def test_an_uncompressed_index_scores_like_recompute_and_an_append_like_the_conc
     ids = [e["id"] for e in json.loads((tmp_path / "s2" / "results.json").read_text())["queries"][0]["top"]]
     expected = [e["id"] for e in json.loads((tmp_path / "r2" / "results.json").read_text())["queries"][0]["top"]]
     assert ids == expected
+    # not rescored: index scores, marked approximate (the recomputed result's are exact)
+    report = json.loads((tmp_path / "s2" / "results.json").read_text())
+    assert report["schema_version"] == 2
+    assert all(e["approximate"] for q in report["queries"] for e in q["top"])
+    assert not any(
+        "approximate" in e
+        for q in json.loads((tmp_path / "r2" / "results.json").read_text())["queries"]
+        for e in q["top"]
+    )
     # the same ids again: refused, and the index is unchanged
     manifest = (tmp_path / "index" / "manifest.json").read_bytes()
     assert cli(["index", "append", "--index", str(tmp_path / "index"), "--data", paths["more"]]) == 2
@@ -117,6 +126,7 @@ def test_a_compressed_index_rescores_its_candidates_exactly(ws, tmp_path):
         for entry in query["top"]:
             column = ids.index(entry["id"])
             assert entry["score"] == pytest.approx(float(exact[row, column]), rel=1e-5, abs=1e-6)
+            assert "approximate" not in entry  # rescored: exact
             assert sum(t["score"] for t in entry["tokens"]) == pytest.approx(entry["score"], rel=1e-4, abs=1e-5)
             assert sum(entry["per_module"].values()) == pytest.approx(entry["score"], rel=1e-4, abs=1e-5)
     # its final ranking is the exact ranking of its candidates

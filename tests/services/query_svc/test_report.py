@@ -1,12 +1,15 @@
 """The HTML report as users meet it: `influence score --report`, `influence report`, and
 QueryService's report.html (ComputeScoresRequest.report) through a real `influence serve`;
 read with an HTML parser for its contents and in headless Chromium (scripts/install/chromium.sh)
-for how it shows: no console errors, every section, nothing wider than its box at 1280x800,
-and screenshots with real content (kept under the test's tmp dir)."""
+for how it shows: no console errors, every section, cards drawn when opened, nothing wider than
+its box at 1280x800, and screenshots with real content (kept under the test's tmp dir). The
+page's behaviour at scale (1,000 queries x top-100) is test_report_page.py's."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -57,6 +60,7 @@ def scored(tmp_path_factory):
                 "--top-k",
                 str(TOP_K),
                 "--per-token",
+                "--per-module",
                 "--report",
                 str(root / "report.html"),
             ]
@@ -100,6 +104,13 @@ class Page(HTMLParser):
             self._in_cell = False
 
 
+def cards_of(text: str) -> list[dict]:
+    """The data of each query's card, as the page carries it for its script."""
+    found = re.findall(r'<script type="application/json" id="card-(\d+)">(.*?)</script>', text, re.S)
+    assert [int(n) for n, _ in found] == list(range(len(found)))
+    return [json.loads(payload) for _, payload in found]
+
+
 def test_the_report_is_built_from_the_result_alone(scored, tmp_path, capsys):
     """`influence report` on the result directory writes the same bytes `score --report` did, and
     the result holds what the layer-wise and cross-query views read."""
@@ -125,29 +136,69 @@ def test_the_report_is_built_from_the_result_alone(scored, tmp_path, capsys):
         )
 
 
+def test_each_query_carries_its_tokens_and_their_log_probabilities(scored):
+    """--per-token: a query's tokens as scored, the completion's each with log p(token | tokens before),
+    as the model (loaded here on its own) gives it; prompt tokens have none."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(scored / "model", torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(scored / "model")
+    report = json.loads((scored / "out" / "results.json").read_text())
+    for query in report["queries"]:
+        tokens = query["tokens"]
+        ids = torch.tensor([tokenizer.convert_tokens_to_ids([t["token"] for t in tokens])])
+        completion = tokenizer(query["completion"], add_special_tokens=False)["input_ids"]
+        assert [t["logprob"] is not None for t in tokens] == [False] * (len(tokens) - len(completion)) + [True] * len(
+            completion
+        )
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None])[:, 0]
+        for position, token in enumerate(tokens):
+            if token["logprob"] is not None:
+                assert token["logprob"] == pytest.approx(float(logprobs[position - 1]), abs=1e-4), (
+                    query["id"],
+                    position,
+                )
+
+
 def test_the_report_shows_every_view_offline(scored):
     text = (scored / "report.html").read_text()
     page = Page(text)
     assert page.sections == list(SECTIONS)
-    assert page.urls == [] and "script" not in page.tags and "link" not in page.tags and "img" not in page.tags
+    assert page.urls == [] and "link" not in page.tags and "img" not in page.tags  # inline scripts only
     assert "positive = up-weighting the training sequence makes the completion more likely" in text
-    assert "nats of the completion" in text
+    assert "nats of the completion" in text and "influence of predicting the next token" in text
     report = json.loads((scored / "out" / "results.json").read_text())
+    assert report["schema_version"] == 2
+    settings = report["settings"]
+    assert settings["fisher"] and settings["model_fingerprint"] and settings["created"] and settings["tool_version"]
+    inputs = report["inputs"]  # the CLI's inputs, with their checksums
+    assert set(inputs) == {"model", "data", "factors", "queries"}
+    assert inputs["data"]["path"] == str(scored / "train.jsonl")
+    assert inputs["data"]["sha256"] == hashlib.sha256((scored / "train.jsonl").read_bytes()).hexdigest()
+    assert inputs["data"]["sha256"] in text and settings["model_fingerprint"] in text
     for query in read_queries_jsonl(scored / "queries.jsonl"):
         assert query.prompt in text and query.completion.strip() in text
-    # every token of every top sequence is a shaded span; a shared scale per query
+    # the overview: a row per query, its top-1 id and score; a card per query
+    first = report["queries"][0]["top"][0]
+    assert page.classes["overview"] == 1 and text.count("<tr data-q=") == 5
+    assert text.count('<details class="query"') == 5
+    assert f"{first['score']:+.4g}" in text
+    # every card's data: every token of every top sequence, each layer and each module x top sequence
+    cards = cards_of(text)
     tokens = sum(len(e["tokens"]) for q in report["queries"] for e in q["top"])
-    assert text.count('<span style="background:rgba(') == tokens
-    assert page.classes["scale"] == 5
-    # a layer heatmap per query, the layer-bin chart and the 1 - CDF
-    assert text.count("<svg") == 5 + 2
-    assert page.classes["figure"] == 7
-    # one tail-exponent row per query, each fitted (24 sequences: a tail of 5 needs 5 positive scores)
+    assert sum(sum(card["tokens"]["counts"]) for card in cards) == tokens
+    for card in cards:
+        assert len(card["modules"]["rows"]) == len(report["modules"]) and len(card["top"]) == TOP_K
+    # the layer-bin chart and the distribution's two tails; a layer-share sparkline per query
+    assert page.classes["figure"] == 2 and page.classes["spark"] == 5
     for query in report["queries"]:
-        assert f"query {query['id']}" in text
+        assert f"query {query['id']}, positive" in text and f"query {query['id']}, negative" in text
     # cross-query: a table per group of two; its diagonal is each query's mean top-k score
-    assert text.count("<h3>Group ") == 2 and "Group fox" in text and "Group sea" in text
-    cells = [cell for cell in page.cells if cell.startswith(("+", "-"))]
+    cross = text[text.index('<section id="cross-query">') :]
+    assert cross.count("<h3>Group ") == 2 and "Group fox" in cross and "Group sea" in cross
+    cells = [cell for cell in Page(cross).cells if cell.startswith(("+", "-"))]
     for position in (0, 1, 2, 3):
         mean = np.mean([e["score"] for e in report["queries"][position]["top"]])
         group_start = 0 if position < 2 else 2
@@ -167,14 +218,16 @@ def test_an_older_result_reports_the_views_it_can(scored, tmp_path, capsys):
         query.pop("group", None)
         for entry in query["top"]:
             entry.pop("tokens")
-    report.pop("settings")
+            entry.pop("per_module")
+    for key in ("settings", "schema_version", "inputs"):
+        report.pop(key)
     (old / "results.json").write_text(json.dumps(report))
     assert main(["report", "--results", str(old), "--out", str(tmp_path / "old.html"), "--quiet"]) == 0
     text = (tmp_path / "old.html").read_text()
     assert Page(text).sections == list(SECTIONS)
     assert "score with --per-module" in text and "score with --per-token" in text
     assert "shared &quot;group&quot; in QUERIES.jsonl" in text
-    assert text.count("<svg") == 1  # the distribution only
+    assert Page(text).classes["figure"] == 1  # the distribution only
 
 
 def test_bad_report_arguments_are_one_line_errors(scored, tmp_path, capsys):
@@ -209,7 +262,7 @@ def test_query_service_returns_the_report_as_a_result_file(scored, served, tmp_p
     assert main(["report", "--results", str(tmp_path / "result"), "--out", str(tmp_path / "cli.html"), "--quiet"]) == 0
     assert (tmp_path / "cli.html").read_text() == served_page
     page = Page(served_page)
-    assert page.sections == list(SECTIONS) and "Group fox" in served_page and served_page.count("<svg") == 7
+    assert page.sections == list(SECTIONS) and "Group fox" in served_page and page.classes["figure"] == 2
 
 
 # -- in Chromium ----------------------------------------------------------------------------------
@@ -231,6 +284,8 @@ def test_the_report_in_headless_chromium(scored, tmp_path):
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "run scripts/install/chromium.sh"
+    report = json.loads((scored / "out" / "results.json").read_text())
+    entries = [e for q in report["queries"] for e in q["top"]]
     problems = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -246,6 +301,32 @@ def test_the_report_in_headless_chromium(scored, tmp_path):
             for section in SECTIONS:
                 box = page.locator(f"section#{section}").bounding_box()
                 assert box and box["width"] > 600 and box["height"] > 40, section
+            # cards are drawn when opened: every top sequence's tokens, a layer and a module heatmap each
+            assert page.locator("details.query[data-drawn]").count() == 0
+            page.click("#expand-all")
+            assert page.locator("details.query[data-drawn]").count() == 5
+            shown = sum(min(len(e["tokens"]), 60) if len(e["tokens"]) > 80 else len(e["tokens"]) for e in entries)
+            assert page.locator("details.query .tokens span").count() == shown
+            assert page.locator(".heat").count() == 10
+            assert page.locator(".query-tokens .target").count() == sum(
+                t["logprob"] is not None for q in report["queries"] for t in q["tokens"]
+            )
+            ids = page.locator("details#query-0 .heat").first.locator(".col").all_inner_texts()
+            assert ids == [e["id"] for e in report["queries"][0]["top"]]
+            # the convention: each position's score is that of predicting the next token; shown by
+            # default on the predicted token, on the predicting position once the box is unticked
+            first = report["queries"][0]["top"][0]["tokens"]
+            scale = max(abs(t["score"]) for e in report["queries"][0]["top"] for t in e["tokens"])
+            for predicted, offset in ((True, 1), (False, 0)):
+                page.set_checked("#predicted", predicted)
+                titles = (
+                    page.locator("details#query-0 li")
+                    .first.locator(".tokens span")
+                    .evaluate_all("spans => spans.map(s => +s.title)")
+                )
+                for position in range(1, min(len(first), 80)):
+                    expected = first[position - offset]["score"]
+                    assert titles[position] == pytest.approx(expected, abs=scale / 100), (predicted, position)
             assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
             assert page.evaluate(OVERFLOWING) == []
             for figure in page.locator("svg.figure").all():  # every plot inside its section
