@@ -17,7 +17,7 @@ from ..engine.records import read_queries_jsonl
 from ..enums import enum_word
 from ..errors import InputError, NotFoundError
 from ..gen.influence.v1 import factor_service_pb2
-from ..options import FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, SEED, STRATEGY, TFIDF, TOP_K
+from ..options import FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, RESCORE, SEED, STRATEGY, TFIDF, TOP_K
 from .flags import DATA, FACTORS, JSON, QUIET, Flag, add, add_damping_flags, add_model_job_flags
 from .inputs import check_data, check_factors, factor_set_name, index_name, model_of, register, score_config
 from .running import done, out_dir, progress_for, through_system
@@ -67,7 +67,7 @@ def add_score_flags(parser) -> None:
             "--rescore",
             type=int,
             default=None,
-            help="with --index: candidates per query rescored exactly (default 2%%)",
+            help=f"with --index: candidates per query rescored exactly (default {RESCORE.default}; 0: none)",
         ),
         TFIDF,
         Flag("--report", default=None, metavar="REPORT.html", help="also write the HTML report here"),

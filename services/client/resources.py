@@ -210,7 +210,7 @@ class InfluenceClient(Connection):
     ) -> query_service_pb2.ScoreResult:
         """Score queries against a dataset (recompute; options tfidf=K to score only TF-IDF
         candidates) or, with index="indexes/{id}" (dataset may be ""), against an index, the top
-        `rescore` candidates per query rescored exactly (default: the server's, 2% of the corpus)."""
+        `rescore` candidates per query rescored exactly (default: the server's, 100 candidates)."""
         request = query_service_pb2.ComputeScoresRequest(
             model=_model(model),
             factor_set=factor_set,

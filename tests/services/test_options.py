@@ -28,7 +28,11 @@ OPTIONS = {value.name: value for value in vars(options).values() if isinstance(v
 COMMAND_PATHS = [(name,) for name in COMMANDS if name != "index"] + [("index", action) for action in ACTIONS]
 # same name, another setting: the demo's --seed seeds its corpus and model; IndexSpec.query_rank is
 # the rank of the query side in index space, not the scoring's --query-rank
-NOT_SHARED = {("demo", "seed"), ("IndexSpec", "query_rank")}
+# score --rescore is unset unless given: the server applies its default (RESCORE.default), and the
+# CLI refuses --rescore without --index
+# IndexSpec's energy defaults to 1 (every pair: what a spec written before issue 24 meant); requests
+# get ENERGY.default at the edge (the servicer, the CLI)
+NOT_SHARED = {("demo", "seed"), ("IndexSpec", "query_rank"), ("score", "rescore"), ("IndexSpec", "energy")}
 
 
 def subparser(path: tuple[str, ...]) -> argparse.ArgumentParser:
