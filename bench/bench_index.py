@@ -37,10 +37,13 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from services.engine.fit import FitConfig, fit_factors  # noqa: E402
-from services.engine.index import Indexer, IndexSpec, default_rescore, score_block  # noqa: E402
+from services.engine.index import Indexer, IndexSpec, block_bytes  # noqa: E402
+from services.engine.index_scan import score_index_shard  # noqa: E402
 from services.engine.model_io import load_model_and_tokenizer  # noqa: E402
 from services.engine.records import Query, TrainingExample  # noqa: E402
 from services.engine.score import ScoreConfig, compute_scores  # noqa: E402
+from services.engine.two_stage import top_candidates, two_stage  # noqa: E402
+from services.options import ENERGY, RESCORE  # noqa: E402
 
 SETTINGS = [
     IndexSpec("none", storage_dtype="float32"),
@@ -154,12 +157,9 @@ def index_scores(indexer: Indexer, sequences, index_queries, block_sequences=Non
     started = time.perf_counter()
     blocks = list(indexer.blocks(sequences, block_sequences=block_sequences))
     build = time.perf_counter() - started
-    scores = None
-    for block in blocks:
-        block_scores = score_block(index_queries, block)  # [Q, sequences in the block]
-        if scores is None:
-            scores = torch.zeros(block_scores.shape[0], len(sequences))
-        scores[:, block["index"]] = block_scores
+    shard = score_index_shard(index_queries, blocks)
+    scores = torch.zeros(shard.scores.shape[0], len(sequences))
+    scores[:, shard.index] = shard.scores.float()
     return scores, blocks, build
 
 
@@ -181,8 +181,8 @@ def quality(workload: dict, model_dir: Path, n_queries: int) -> dict:
         indexer = Indexer(model, tokenizer, factors, spec, config)
         sequences = indexer.scorer.tokenize_training(examples)
         index_queries = indexer.queries(queries)
-        scores, _, build = index_scores(indexer, sequences, index_queries)
-        per_sequence = spec.bytes_per_sequence(factors.modules)
+        scores, blocks, build = index_scores(indexer, sequences, index_queries)
+        per_sequence = round(sum(block_bytes(block) for block in blocks) / len(sequences))
         none_bytes = none_bytes or per_sequence
         row = {"setting": label(spec), "bytes_per_sequence": per_sequence, "smaller": none_bytes / per_sequence}
         row.update(agreement(scores, exact))
@@ -221,34 +221,30 @@ from pathlib import Path
 from safetensors.torch import load_file
 sys.path.insert(0, "bench")
 from common import peak_rss_mib
-from services.engine.index import score_block
+from services.engine.index_scan import score_index_shard
 queries = torch.load(sys.argv[1])
 started = time.perf_counter()
-for path in sorted(Path(sys.argv[2]).glob("block-*.safetensors")):
-    score_block(queries, load_file(str(path)))
+score_index_shard(queries, (load_file(str(path)) for path in sorted(Path(sys.argv[2]).glob("block-*.safetensors"))))
 print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib()}))
 """
 
 
 def timed_batch(indexer: Indexer, sequences, queries, block_sequences=None) -> dict:
     """One 16-query batch against an index built here, timed in its parts (seconds): the query side
-    (query gradients, index-space queries, preconditioned queries for rescoring), the build, index
-    scoring alone over the warm blocks, and the exact rescoring of the default K candidates."""
-    from services.engine.index import two_stage
-
+    (query gradients as per-token factors, index-space queries, preconditioned queries for
+    rescoring), the build, index scoring alone over the warm blocks, and the exact rescoring of the
+    default K candidates per query."""
+    k = RESCORE.default
     started = time.perf_counter()
-    gradients = indexer.scorer.query_gradients(queries)
-    index_queries = indexer.queries_from(gradients)
-    prepared = indexer.scorer.prepare_gradients(gradients, sum(s.length for s in sequences) / len(sequences))
+    mean_tokens = sum(s.length for s in sequences) / len(sequences)
+    index_queries, prepared = indexer.query_side(queries, mean_tokens, min(len(sequences), len(queries) * k))
     query_side = time.perf_counter() - started
     scores, blocks, build = index_scores(indexer, sequences, index_queries, block_sequences=block_sequences)
     started = time.perf_counter()
-    for block in blocks:
-        score_block(index_queries, block)
+    score_index_shard(index_queries, blocks)
     index_alone = time.perf_counter() - started
-    k = default_rescore(len(sequences), indexer.scorer.config.top_k)
     started = time.perf_counter()
-    two_stage(indexer.scorer, prepared, scores, sequences.__getitem__, k)
+    two_stage(indexer.scorer, prepared, scores, top_candidates(scores, k), sequences.__getitem__)
     return {
         "query_side": query_side,
         "scores": scores,
@@ -369,7 +365,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     report = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "models": {}}
-    default = IndexSpec()
+    default = IndexSpec(energy=ENERGY.default)
     for family in args.models.split(","):
         print(f"[{family}] workload", file=sys.stderr)
         workload = build_workload(out, family)

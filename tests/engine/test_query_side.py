@@ -53,6 +53,7 @@ def test_prepared_queries_equal_preconditioned_materialised_gradients(setup):
         assert_close(module.full.reshape(expected.shape), expected, EXACT, name)
 
 
+@pytest.mark.slow
 def test_queries_kept_in_the_eigenbasis_score_as_rotated_back(setup):
     _, _, scorer, examples, queries = setup
     sequences = scorer.tokenize_training(examples)
@@ -101,6 +102,7 @@ def test_index_queries_at_full_rank_equal_the_old_whitening(setup):
         assert_close(index_queries[name]["w"].double(), expected, 1e-6, name)  # index queries are float32
 
 
+@pytest.mark.slow
 def test_randomized_query_low_rank_is_near_the_optimal_truncation():
     """The index's query side truncates by the build's randomized SVD (float32, one power
     iteration): its Frobenius error stays within 10% of the optimal rank-r error on these queries
