@@ -237,7 +237,7 @@ def timed_batch(indexer: Indexer, sequences, queries, block_sequences=None) -> d
     k = RESCORE.default
     started = time.perf_counter()
     mean_tokens = sum(s.length for s in sequences) / len(sequences)
-    index_queries, prepared = indexer.query_side(queries, mean_tokens, min(len(sequences), len(queries) * k))
+    index_queries, prepared = indexer.query_side(queries, mean_tokens)
     query_side = time.perf_counter() - started
     scores, blocks, build = index_scores(indexer, sequences, index_queries, block_sequences=block_sequences)
     started = time.perf_counter()

@@ -390,18 +390,19 @@ class Indexer:
 
     @exact_arithmetic()
     def query_side(
-        self, queries, mean_tokens: float, sequences: int | None = None, progress=None
+        self, queries, mean_tokens: float, progress=None
     ) -> tuple[dict[str, dict[str, torch.Tensor]], PreparedQueries]:
         """Both query sides of a batch, modules streamed: each module's rotated query gradients are
         formed once (from the queries' per-token factors), turned into its index-space queries and
-        its exact prepared queries (for rescoring `sequences` candidates of `mean_tokens` tokens:
-        Scorer.prepare_module), and dropped. Returns ({name: index-space queries}, prepared)."""
+        its exact prepared queries (Scorer.prepare_module: full rank in the eigenbasis, settled by
+        two_stage once the candidates are known), and dropped. Returns ({name: index-space
+        queries}, prepared)."""
         factors = self.scorer.query_factors(queries, progress)
         index_queries, prepared = {}, {}
         for name, module in self.modules.items():
             rotated = self.scorer.rotated_query_gradients(name, factors.pop(name))
             index_queries[name] = module.queries(rotated)
-            prepared[name] = self.scorer.prepare_module(name, rotated, mean_tokens, sequences)
+            prepared[name] = self.scorer.prepare_module(name, rotated, mean_tokens)
         return index_queries, PreparedQueries(prepared)
 
     @exact_arithmetic()

@@ -250,29 +250,26 @@ class Scorer:
         return factors.rotated(curvature.gradient_basis, curvature.activation_basis)
 
     def prepare(
-        self,
-        queries: Sequence[Query],
-        mean_tokens: float,
-        progress: Progress | None = None,
-        sequences: int | None = None,
+        self, queries: Sequence[Query], mean_tokens: float, progress: Progress | None = None
     ) -> PreparedQueries:
         """Query gradients, preconditioned once, each module's kernel planned for training sequences
-        of `mean_tokens` tokens on average (scoring.py); `sequences`: how many training sequences
-        they will score (None: a whole corpus), which decides whether a full-rank query stays in
-        the eigenbasis (`settle`)."""
+        of `mean_tokens` tokens on average (scoring.py), for scoring a whole corpus (settled: in the
+        parameter basis)."""
         factors = self.query_factors(queries, progress)
         return PreparedQueries(
-            {name: self.prepare_module(name, factors.pop(name), mean_tokens, sequences) for name in self.names}
+            {
+                name: self._settled(name, self.prepare_module(name, factors.pop(name), mean_tokens), None, mean_tokens)
+                for name in self.names
+            }
         )
 
     @exact_arithmetic()
-    def prepare_module(
-        self, name: str, factors: QueryFactors | torch.Tensor, mean_tokens: float, sequences: int | None = None
-    ) -> ModuleQueries:
+    def prepare_module(self, name: str, factors: QueryFactors | torch.Tensor, mean_tokens: float) -> ModuleQueries:
         """One module's prepared queries from its query factors (or its rotated query gradients
         G̃ [Q, d_out, d_in], `rotated_query_gradients`): P̃ = G̃ ⊘ (Λ + λ) in the eigenbasis, then
-        its low-rank factors rotated back (--query-rank), or P̃ kept in the eigenbasis or rotated
-        back as `settle` decides for `sequences` training sequences. On the model's device."""
+        its low-rank factors rotated back (--query-rank, kernel planned for `mean_tokens`), or P̃
+        itself, kept in the eigenbasis until `settle` knows how many sequences it will score. On
+        the model's device."""
         rotated = factors if isinstance(factors, torch.Tensor) else self.rotated_query_gradients(name, factors)
         curvature = self.preconditioners[name]
         preconditioned = divided(rotated, curvature, self.dtype)
@@ -286,15 +283,15 @@ class Scorer:
         if basis[0] is None:
             return plan_module_queries(preconditioned, None, mean_tokens, self.dtype)
         n_queries = preconditioned.shape[0]
-        queries = ModuleQueries(n_queries, None, full=preconditioned.reshape(n_queries, -1), eigenbasis=True)
-        return self._settled(name, queries, sequences, mean_tokens)
+        return ModuleQueries(n_queries, None, full=preconditioned.reshape(n_queries, -1), eigenbasis=True)
 
     @exact_arithmetic()
-    def settle(self, prepared: PreparedQueries, sequences: int, mean_tokens: float) -> PreparedQueries:
+    def settle(self, prepared: PreparedQueries, sequences: int | None, mean_tokens: float) -> PreparedQueries:
         """The prepared queries placed on the model's device, each module's full-rank queries in
         the eigenbasis rotated back to the parameter basis where that costs less than rotating
         `sequences` training sequences of `mean_tokens` tokens to meet them (Q·d_out·d_in·(d_out +
-        d_in) once against the cheapest per-sequence rotation, rotation.py)."""
+        d_in) once against the cheapest per-sequence rotation, rotation.py; None: a whole corpus,
+        always rotated back)."""
         prepared = to_device(prepared, self.device)
         return PreparedQueries(
             {name: self._settled(name, queries, sequences, mean_tokens) for name, queries in prepared.modules.items()}

@@ -210,9 +210,8 @@ def run_index_prepare(call: StageCall) -> None:
     factors = factor_sets.load_cached(call.context.artifacts, call.context.store, job.factor_set_id)
     indexer = Indexer(model, tokenizer, factors, index.spec, job.config)
     tokens = sum(DATASETS.read(call.context.store, dataset_id).num_tokens for dataset_id in index.dataset_ids)
-    candidates = min(index.num_examples, len(job.queries) * job.rescore)
     index_queries, prepared = indexer.query_side(
-        job.queries, tokens / max(index.num_examples, 1), candidates, call.context.progress
+        job.queries, tokens / max(index.num_examples, 1), call.context.progress
     )
     tensors = prepared.to_tensors()
     tensors.update({f"index/{key}": value for key, value in queries_to_tensors(index_queries).items()})

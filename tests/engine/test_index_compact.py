@@ -143,7 +143,7 @@ def test_candidates_from_two_sources_are_merged_and_rescored_exactly(fitted):
     from_index = top_candidates(scores, 3)
     lexical = [[query, query + 10] for query in range(len(queries))]  # another source's candidates
     candidates = merged(from_index, lexical)
-    _, prepared = indexer.query_side(queries, 8.0, sequences=12)
+    _, prepared = indexer.query_side(queries, 8.0)
     result, rescored = two_stage(indexer.scorer, prepared, scores, candidates, sequences.__getitem__)
     exact = compute_scores(model, IntTokenizer(), factors, examples, queries, ScoreConfig(batch_size=4)).scores
     assert rescored == len(set().union(*map(set, candidates)))

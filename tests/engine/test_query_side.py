@@ -13,7 +13,7 @@ from services.engine.fit import FitConfig, fit_factors
 from services.engine.index import Indexer, IndexSpec
 from services.engine.precondition import low_rank, precondition
 from services.engine.rotation import rotate
-from services.engine.score import ScoreConfig, Scorer, mean_length
+from services.engine.score import PreparedQueries, ScoreConfig, Scorer, mean_length
 from tests.support.numerics import assert_close
 from tests.support.reference import IntTokenizer
 from tests.support.tiny import random_examples, random_queries, tiny_model
@@ -58,9 +58,13 @@ def test_queries_kept_in_the_eigenbasis_score_as_rotated_back(setup):
     _, _, scorer, examples, queries = setup
     sequences = scorer.tokenize_training(examples)
     back = scorer.prepare(queries, mean_length(sequences))  # a whole corpus: rotated back
-    kept = scorer.prepare(queries, mean_length(sequences), sequences=1)  # one candidate: stays where cheaper
+    factors = scorer.query_factors(queries)
+    kept = PreparedQueries(
+        {name: scorer.prepare_module(name, factors[name], mean_length(sequences)) for name in scorer.names}
+    )  # full rank: in the eigenbasis until settled
     if scorer.preconditioners[scorer.names[0]].gradient_basis is not None:
-        assert any(module.eigenbasis for module in kept.modules.values())
+        assert all(module.eigenbasis for module in kept.modules.values())
+        assert all(module.eigenbasis for module in scorer.settle(kept, 1, 8.0).modules.values())  # one: cheaper
     assert_close(scorer.score(kept, sequences).scores, scorer.score(back, sequences).scores, EXACT, "scores")
     token_kept = scorer.token_scores(sequences[0], kept, [0, 2])
     assert_close(token_kept, scorer.token_scores(sequences[0], back, [0, 2]), EXACT, "token scores")
