@@ -77,7 +77,7 @@ def label(spec: IndexSpec) -> str:
 # workloads
 
 
-def build_workload(out: Path, family: str, seed: int = 0) -> dict:
+def build_workload(out: Path, family: str, seed: int = 0, epochs: int = 30) -> dict:
     """A model trained on a planted-facts corpus (~1,150 sequences) and queries cut from it."""
     from services.toy.corpus import generate_corpus
     from services.toy.models import build_tiny_model, save_model_dir
@@ -95,7 +95,7 @@ def build_workload(out: Path, family: str, seed: int = 0) -> dict:
     sizes = {"llama": dict(d_model=64, d_ff=256, n_layer=4, n_head=4), "gpt2": dict(d_model=96, n_layer=4, n_head=4)}
     model = build_tiny_model(family, len(tokenizer), max_positions=128, seed=seed, **sizes[family])
     started = time.perf_counter()
-    train_causal_lm(model, tokenizer, texts, TrainConfig(epochs=30, batch_size=16, seed=seed), progress=False)
+    train_causal_lm(model, tokenizer, texts, TrainConfig(epochs=epochs, batch_size=16, seed=seed), progress=False)
     save_model_dir(model, tokenizer, work / "model")
     workload = {
         "family": family,
@@ -327,30 +327,35 @@ def speed(workload: dict, model_dir: Path, out: Path, spec: IndexSpec, copies_li
     return results
 
 
-def projection_7b(spec: IndexSpec) -> dict:
-    """The default setting scaled to a 7B Llama (32 layers, MLP 4096 x 11008, three modules each)
-    over 1B training tokens in 2,048-token sequences, from per-module arithmetic."""
+def projection_7b(spec: IndexSpec, pairs_share: float = 1.0) -> dict:
+    """A setting scaled to a 7B Llama (32 layers, MLP 4096 x 11008, three modules each) over 1B
+    training tokens in 2,048-token sequences, from per-module arithmetic; `pairs_share`: the mean
+    share of the R pairs per module a sequence keeps (1 for a fixed rank; measured for an energy
+    share, bench/index_frontier.py)."""
+    from services.engine.quantize import row_bytes
+
     modules = 32 * 3
     d_small, d_large = 4096, 11008
-    element = 2 if spec.storage_dtype != "float32" else 4
-    per_sequence = modules * min(spec.rank, d_small) * (d_small + d_large) * element
+    pairs = pairs_share * min(spec.rank, d_small)  # per module and sequence, on average
+    pair_bytes = row_bytes(d_small, spec.storage_dtype) + row_bytes(d_large, spec.storage_dtype)
+    per_sequence = round(modules * (pairs * pair_bytes + 4))
     sequences = 10**9 // 2048
     forward_backward_flops = 6 * 6.7e9 * 1e9
     # randomized SVD: ~4 (R + 8) d_out d_in per module and sequence; rotations: T (d_out² + d_in²)
     svd_flops = sequences * modules * 4 * (spec.rank + 8) * d_small * d_large
     rotation_flops = 10**9 * modules * (d_small**2 + d_large**2)
     a100 = 312e12 * 0.4  # bf16 peak at 40% utilisation
+    contraction = 16 * sequences * modules * (spec.query_rank or 16) * pairs * (d_small + d_large) * 2
     return {
         "sequences": sequences,
         "bytes_per_sequence": per_sequence,
         "index_tib": round(per_sequence * sequences / 2**40, 2),
         "build_gpu_hours_a100": round((forward_backward_flops * 0.67 + svd_flops + rotation_flops) / a100 / 3600),
         "plain_forward_backward_gpu_hours_a100": round(forward_backward_flops / a100 / 3600),
-        "query_batch_flops_16q": 16 * sequences * modules * (spec.query_rank or 16) * spec.rank * (d_small + d_large),
-        "query_batch_seconds_one_a100": round(
-            16 * sequences * modules * (spec.query_rank or 16) * spec.rank * (d_small + d_large) / a100, 1
-        ),
+        "query_batch_flops_16q": contraction,
+        "query_batch_seconds_one_a100": round(contraction / a100, 1),
         "query_batch_read_seconds_at_10_GBps": round(per_sequence * sequences / 10e9, 1),
+        "query_batch_read_seconds_16_shards": round(per_sequence * sequences / 10e9 / 16, 1),
     }
 
 

@@ -107,7 +107,7 @@ def workload(args) -> tuple:
         examples, queries = read_training_jsonl(out / "train.jsonl"), read_queries_jsonl(out / "queries.jsonl")
         batch, max_length = 8, 128
     else:
-        data = build_workload(Path(args.out), args.model)
+        data = build_workload(Path(args.out), args.model, epochs=args.epochs)
         model, tokenizer = load_model_and_tokenizer(Path(args.out) / args.model / "model")
         examples, queries = examples_of(data), queries_of(data, args.queries)
         batch, max_length = 16, 512
@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--smollm2", default="/work/models/smollm2/model")
     parser.add_argument("--factors", default="", help="a factor directory to reuse (metadata.json + files)")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=30, help="toys: training epochs of a new workload")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer, factors, examples, queries, batch, max_length = workload(args)
