@@ -280,15 +280,19 @@ def select_ranks(parts: dict[str, SvdFactors], spec: IndexSpec) -> dict[str, tor
     Per sequence, the pairs of all modules in the order of σ² per stored byte (within a module,
     descending σ), kept while the energy before them is under `spec.energy` of the sequence's
     whitened energy Σ_modules ‖W‖² and their bytes fit `spec.budget` (the greedy choice for the
-    whitened gradient's Frobenius error per byte). Without selection: every pair, R per module."""
+    whitened gradient's Frobenius error per byte). Without selection: every pair, R per module
+    (at most `spec.rank` of the pairs given)."""
     if not spec.selects:
-        return {name: torch.full((part.u.shape[0],), part.u.shape[2], dtype=torch.long) for name, part in parts.items()}
+        return {
+            name: torch.full((part.u.shape[0],), min(spec.rank, part.u.shape[2]), dtype=torch.long)
+            for name, part in parts.items()
+        }
     names = list(parts)
     values, costs, owners = [], [], []
     for position, name in enumerate(names):
         part = parts[name]
         pair = row_bytes(part.u.shape[1], spec.storage_dtype) + row_bytes(part.v.shape[1], spec.storage_dtype)
-        squared = part.squared_singular_values.double()  # [B, R]
+        squared = part.squared_singular_values.double()[:, : spec.rank]  # [B, R]
         values.append(squared)
         costs.append(torch.full_like(squared, pair))
         owners.append(torch.full(squared.shape[1:], position, dtype=torch.long, device=squared.device))
