@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import InputError
-from ..options import BUDGET, DIM, PROJECTION, RANK, SEED, STORAGE_DTYPE
+from ..options import BUDGET, DIM, ENERGY, PROJECTION, RANK, SEED, STORAGE_DTYPE
 from .capture import ModuleCapture
 from .device import exact_arithmetic, to_device
 from .factors import ModuleFactors
@@ -81,9 +81,9 @@ class IndexSpec:
     seed: int = SEED.default  # random projections and the randomized SVD's test matrices
     storage_dtype: str = STORAGE_DTYPE.default
     query_rank: int | None = 16  # svd: the query side's rank in index space (None: full)
-    # svd: the share of each sequence's whitened energy kept. 1 (every pair, R per module) is what a
-    # spec without it meant before issue 24; requests get ENERGY.default (the servicer, the CLI)
-    energy: float = 1.0
+    # svd: the share of each sequence's whitened energy kept; 1: every pair, R per module (what a
+    # spec without it meant before issue 24)
+    energy: float = ENERGY.default
     budget: int = BUDGET.default  # svd: at most this many bytes per sequence (0: no limit)
 
     def validate(self) -> None:

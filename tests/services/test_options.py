@@ -30,9 +30,7 @@ COMMAND_PATHS = [(name,) for name in COMMANDS if name != "index"] + [("index", a
 # the rank of the query side in index space, not the scoring's --query-rank
 # score --rescore is unset unless given: the server applies its default (RESCORE.default), and the
 # CLI refuses --rescore without --index
-# IndexSpec's energy defaults to 1 (every pair: what a spec written before issue 24 meant); requests
-# get ENERGY.default at the edge (the servicer, the CLI)
-NOT_SHARED = {("demo", "seed"), ("IndexSpec", "query_rank"), ("score", "rescore"), ("IndexSpec", "energy")}
+NOT_SHARED = {("demo", "seed"), ("IndexSpec", "query_rank"), ("score", "rescore")}
 
 
 def subparser(path: tuple[str, ...]) -> argparse.ArgumentParser:

@@ -105,7 +105,7 @@ def test_an_uncompressed_index_scores_like_recompute_and_an_append_like_the_conc
 
 def test_a_compressed_index_rescores_its_candidates_exactly(ws, tmp_path):
     _, paths = ws
-    build(paths, tmp_path / "index", "--rank", "2")  # svd, int8, energy 0.9: the defaults, compressed hard
+    build(paths, tmp_path / "index", "--rank", "2")  # svd, int8: the defaults, compressed hard
     exact = recompute(paths, "train", tmp_path / "r", "--per-module", "--per-token")
     assert indexed(paths, tmp_path / "index", tmp_path / "s", "--rescore", "8", "--per-module", "--per-token") == 0
     report = json.loads((tmp_path / "s" / "results.json").read_text())
