@@ -142,7 +142,7 @@ class IndexInfo:
     def from_metadata(cls, metadata: dict, where: str) -> IndexInfo:
         """PreconditionError unless `metadata` describes an index of the format this code reads."""
         if metadata.get("kind") != KIND:
-            raise PreconditionError(f"{where} is not an index")
+            raise PreconditionError(f"{where} is not an index this code reads")
         version = metadata.get("format_version")
         if version not in READABLE_VERSIONS:
             raise PreconditionError(
