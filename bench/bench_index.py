@@ -37,10 +37,13 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from services.engine.fit import FitConfig, fit_factors  # noqa: E402
-from services.engine.index import Indexer, IndexSpec, default_rescore, score_block  # noqa: E402
+from services.engine.index import Indexer, IndexSpec, block_bytes  # noqa: E402
+from services.engine.index_scan import score_index_shard  # noqa: E402
 from services.engine.model_io import load_model_and_tokenizer  # noqa: E402
 from services.engine.records import Query, TrainingExample  # noqa: E402
 from services.engine.score import ScoreConfig, compute_scores  # noqa: E402
+from services.engine.two_stage import top_candidates, two_stage  # noqa: E402
+from services.options import ENERGY, RESCORE  # noqa: E402
 
 SETTINGS = [
     IndexSpec("none", storage_dtype="float32"),
@@ -74,7 +77,7 @@ def label(spec: IndexSpec) -> str:
 # workloads
 
 
-def build_workload(out: Path, family: str, seed: int = 0) -> dict:
+def build_workload(out: Path, family: str, seed: int = 0, epochs: int = 30) -> dict:
     """A model trained on a planted-facts corpus (~1,150 sequences) and queries cut from it."""
     from services.toy.corpus import generate_corpus
     from services.toy.models import build_tiny_model, save_model_dir
@@ -92,7 +95,7 @@ def build_workload(out: Path, family: str, seed: int = 0) -> dict:
     sizes = {"llama": dict(d_model=64, d_ff=256, n_layer=4, n_head=4), "gpt2": dict(d_model=96, n_layer=4, n_head=4)}
     model = build_tiny_model(family, len(tokenizer), max_positions=128, seed=seed, **sizes[family])
     started = time.perf_counter()
-    train_causal_lm(model, tokenizer, texts, TrainConfig(epochs=30, batch_size=16, seed=seed), progress=False)
+    train_causal_lm(model, tokenizer, texts, TrainConfig(epochs=epochs, batch_size=16, seed=seed), progress=False)
     save_model_dir(model, tokenizer, work / "model")
     workload = {
         "family": family,
@@ -154,12 +157,9 @@ def index_scores(indexer: Indexer, sequences, index_queries, block_sequences=Non
     started = time.perf_counter()
     blocks = list(indexer.blocks(sequences, block_sequences=block_sequences))
     build = time.perf_counter() - started
-    scores = None
-    for block in blocks:
-        block_scores = score_block(index_queries, block)  # [Q, sequences in the block]
-        if scores is None:
-            scores = torch.zeros(block_scores.shape[0], len(sequences))
-        scores[:, block["index"]] = block_scores
+    shard = score_index_shard(index_queries, blocks)
+    scores = torch.zeros(shard.scores.shape[0], len(sequences))
+    scores[:, shard.index] = shard.scores.float()
     return scores, blocks, build
 
 
@@ -181,8 +181,8 @@ def quality(workload: dict, model_dir: Path, n_queries: int) -> dict:
         indexer = Indexer(model, tokenizer, factors, spec, config)
         sequences = indexer.scorer.tokenize_training(examples)
         index_queries = indexer.queries(queries)
-        scores, _, build = index_scores(indexer, sequences, index_queries)
-        per_sequence = spec.bytes_per_sequence(factors.modules)
+        scores, blocks, build = index_scores(indexer, sequences, index_queries)
+        per_sequence = round(sum(block_bytes(block) for block in blocks) / len(sequences))
         none_bytes = none_bytes or per_sequence
         row = {"setting": label(spec), "bytes_per_sequence": per_sequence, "smaller": none_bytes / per_sequence}
         row.update(agreement(scores, exact))
@@ -221,34 +221,30 @@ from pathlib import Path
 from safetensors.torch import load_file
 sys.path.insert(0, "bench")
 from common import peak_rss_mib
-from services.engine.index import score_block
+from services.engine.index_scan import score_index_shard
 queries = torch.load(sys.argv[1])
 started = time.perf_counter()
-for path in sorted(Path(sys.argv[2]).glob("block-*.safetensors")):
-    score_block(queries, load_file(str(path)))
+score_index_shard(queries, (load_file(str(path)) for path in sorted(Path(sys.argv[2]).glob("block-*.safetensors"))))
 print(json.dumps({"seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mib()}))
 """
 
 
 def timed_batch(indexer: Indexer, sequences, queries, block_sequences=None) -> dict:
     """One 16-query batch against an index built here, timed in its parts (seconds): the query side
-    (query gradients, index-space queries, preconditioned queries for rescoring), the build, index
-    scoring alone over the warm blocks, and the exact rescoring of the default K candidates."""
-    from services.engine.index import two_stage
-
+    (query gradients as per-token factors, index-space queries, preconditioned queries for
+    rescoring), the build, index scoring alone over the warm blocks, and the exact rescoring of the
+    default K candidates per query."""
+    k = RESCORE.default
     started = time.perf_counter()
-    gradients = indexer.scorer.query_gradients(queries)
-    index_queries = indexer.queries_from(gradients)
-    prepared = indexer.scorer.prepare_gradients(gradients, sum(s.length for s in sequences) / len(sequences))
+    mean_tokens = sum(s.length for s in sequences) / len(sequences)
+    index_queries, prepared = indexer.query_side(queries, mean_tokens)
     query_side = time.perf_counter() - started
     scores, blocks, build = index_scores(indexer, sequences, index_queries, block_sequences=block_sequences)
     started = time.perf_counter()
-    for block in blocks:
-        score_block(index_queries, block)
+    score_index_shard(index_queries, blocks)
     index_alone = time.perf_counter() - started
-    k = default_rescore(len(sequences), indexer.scorer.config.top_k)
     started = time.perf_counter()
-    two_stage(indexer.scorer, prepared, scores, sequences.__getitem__, k)
+    two_stage(indexer.scorer, prepared, scores, top_candidates(scores, k), sequences.__getitem__)
     return {
         "query_side": query_side,
         "scores": scores,
@@ -331,30 +327,35 @@ def speed(workload: dict, model_dir: Path, out: Path, spec: IndexSpec, copies_li
     return results
 
 
-def projection_7b(spec: IndexSpec) -> dict:
-    """The default setting scaled to a 7B Llama (32 layers, MLP 4096 x 11008, three modules each)
-    over 1B training tokens in 2,048-token sequences, from per-module arithmetic."""
+def projection_7b(spec: IndexSpec, pairs_share: float = 1.0) -> dict:
+    """A setting scaled to a 7B Llama (32 layers, MLP 4096 x 11008, three modules each) over 1B
+    training tokens in 2,048-token sequences, from per-module arithmetic; `pairs_share`: the mean
+    share of the R pairs per module a sequence keeps (1 for a fixed rank; measured for an energy
+    share, bench/index_frontier.py)."""
+    from services.engine.quantize import row_bytes
+
     modules = 32 * 3
     d_small, d_large = 4096, 11008
-    element = 2 if spec.storage_dtype != "float32" else 4
-    per_sequence = modules * min(spec.rank, d_small) * (d_small + d_large) * element
+    pairs = pairs_share * min(spec.rank, d_small)  # per module and sequence, on average
+    pair_bytes = row_bytes(d_small, spec.storage_dtype) + row_bytes(d_large, spec.storage_dtype)
+    per_sequence = round(modules * (pairs * pair_bytes + 4))
     sequences = 10**9 // 2048
     forward_backward_flops = 6 * 6.7e9 * 1e9
     # randomized SVD: ~4 (R + 8) d_out d_in per module and sequence; rotations: T (d_out² + d_in²)
     svd_flops = sequences * modules * 4 * (spec.rank + 8) * d_small * d_large
     rotation_flops = 10**9 * modules * (d_small**2 + d_large**2)
     a100 = 312e12 * 0.4  # bf16 peak at 40% utilisation
+    contraction = 16 * sequences * modules * (spec.query_rank or 16) * pairs * (d_small + d_large) * 2
     return {
         "sequences": sequences,
         "bytes_per_sequence": per_sequence,
         "index_tib": round(per_sequence * sequences / 2**40, 2),
         "build_gpu_hours_a100": round((forward_backward_flops * 0.67 + svd_flops + rotation_flops) / a100 / 3600),
         "plain_forward_backward_gpu_hours_a100": round(forward_backward_flops / a100 / 3600),
-        "query_batch_flops_16q": 16 * sequences * modules * (spec.query_rank or 16) * spec.rank * (d_small + d_large),
-        "query_batch_seconds_one_a100": round(
-            16 * sequences * modules * (spec.query_rank or 16) * spec.rank * (d_small + d_large) / a100, 1
-        ),
+        "query_batch_flops_16q": contraction,
+        "query_batch_seconds_one_a100": round(contraction / a100, 1),
         "query_batch_read_seconds_at_10_GBps": round(per_sequence * sequences / 10e9, 1),
+        "query_batch_read_seconds_16_shards": round(per_sequence * sequences / 10e9 / 16, 1),
     }
 
 
@@ -369,7 +370,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     report = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "models": {}}
-    default = IndexSpec()
+    default = IndexSpec(energy=ENERGY.default)
     for family in args.models.split(","):
         print(f"[{family}] workload", file=sys.stderr)
         workload = build_workload(out, family)

@@ -50,9 +50,11 @@ import torch  # noqa: E402
 
 from services.engine.device import cuda_problem, driver_version, exact_arithmetic, tf32_settings  # noqa: E402
 from services.engine.fit import FitConfig, fit_factors  # noqa: E402
-from services.engine.index import Indexer, IndexSpec, score_block  # noqa: E402
+from services.engine.index import Indexer, IndexSpec, block_bytes  # noqa: E402
+from services.engine.index_scan import score_index_shard  # noqa: E402
 from services.engine.records import Query, TrainingExample  # noqa: E402
 from services.engine.score import ScoreConfig, compute_scores, compute_self_influence  # noqa: E402
+from services.options import ENERGY  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(2000)]
 
@@ -291,7 +293,7 @@ def model_stage(args, device: torch.device, config, *, fits, score_fits, index: 
     with clock.step(f"self {first}"):
         finite &= bool(torch.isfinite(compute_self_influence(model, tokenizer, factor_sets[first], data)).all())
     if index:
-        spec = IndexSpec(projection="svd", rank=16, storage_dtype="bfloat16")
+        spec = IndexSpec(projection="svd", rank=16, storage_dtype="int8", energy=ENERGY.default)
         indexer = Indexer(model, tokenizer, factor_sets[first], spec, ScoreConfig(batch_size=fits[first].batch_size))
         sequences = indexer.scorer.tokenize_training(data)
         with clock.step("index build"):
@@ -299,10 +301,10 @@ def model_stage(args, device: torch.device, config, *, fits, score_fits, index: 
         with clock.step("index queries"):
             index_queries = indexer.queries(asked)
         with clock.step("index scores"):
-            index_scores = torch.cat([score_block(index_queries, block) for block in blocks], dim=1)
+            index_scores = score_index_shard(index_queries, blocks).scores
         finite &= bool(torch.isfinite(index_scores).all())
         fields["index"] = {
-            "bytes_per_sequence": spec.bytes_per_sequence(factor_sets[first].modules),
+            "bytes_per_sequence": round(sum(block_bytes(block) for block in blocks) / len(sequences)),
             "blocks": len(blocks),
         }
     tokens = sum(len(tokenizer(example.text)["input_ids"]) for example in data)

@@ -4,7 +4,7 @@ append adds one) and manifest.json, whose metadata (IndexInfo) describes the ind
     kind "index", format_version, name, spec (engine.index.IndexSpec), strategy, factor_set,
     model_path, model_fingerprint, tokenizer_fingerprint,
     damping {factor, absolute, policy, values per module} (the whitening's; queries must match),
-    modules (model order), bytes_per_sequence, num_examples, create_time,
+    modules (model order), bytes_per_sequence (the mean stored), num_examples, create_time,
     parts [{dataset, start, num_examples, shards [{shard, count, blocks [file names]}]}]
 A sequence's global index is its part's `start` plus its index in the part's dataset. Blocks
 hold "index" [n] (global) and each module's compressed gradients (engine/index.py).
@@ -30,7 +30,13 @@ from .factor_sets import factor_set_path, parse_factor_set_path
 from .links import linkable_manifest
 
 KIND = "index"
-FORMAT_VERSION = 1
+# 2 (issue 24): svd blocks hold the kept factor pairs of each sequence and their counts, int8 with
+# scales where stored so, and the spec says its energy and budget. Format 1 (svd blocks u [n, d_out, R],
+# v [n, d_in, R]; every pair of every module) is still read, its spec as energy 1 and no budget; an
+# append onto it publishes format 2 (its old blocks stay as they are: engine/index_scan.py reads both).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+FORMAT_1_SPEC = {"energy": 1.0, "budget": 0}
 
 
 @dataclass(frozen=True)
@@ -135,13 +141,20 @@ class IndexInfo:
     @classmethod
     def from_metadata(cls, metadata: dict, where: str) -> IndexInfo:
         """PreconditionError unless `metadata` describes an index of the format this code reads."""
-        if metadata.get("kind") != KIND or metadata.get("format_version") != FORMAT_VERSION:
-            raise PreconditionError(f"{where} is not an index this code reads (format {FORMAT_VERSION})")
+        if metadata.get("kind") != KIND:
+            raise PreconditionError(f"{where} is not an index this code reads")
+        version = metadata.get("format_version")
+        if version not in READABLE_VERSIONS:
+            raise PreconditionError(
+                f"{where} is an index of format {version!r}, which this code does not read (it reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}): rebuild it with `influence index build`"
+            )
         with reading_metadata(where):
             damping = metadata["damping"]
+            spec = metadata["spec"] if version == FORMAT_VERSION else {**metadata["spec"], **FORMAT_1_SPEC}
             return cls(
                 id=parse_index_path(metadata["name"]),
-                spec=IndexSpec(**metadata["spec"]),
+                spec=IndexSpec(**spec),
                 strategy=metadata["strategy"],
                 factor_set_id=parse_factor_set_path(metadata["factor_set"]),
                 model_path=metadata["model_path"],

@@ -18,7 +18,18 @@ from pathlib import Path
 from ..engine.records import read_training_jsonl
 from ..errors import InputError
 from ..gen.influence.v1 import common_pb2
-from ..options import BATCH_SIZE, DIM, MAX_LENGTH, PROJECTION, RANK, SEED, SHARD_SIZE, STORAGE_DTYPE
+from ..options import (
+    BATCH_SIZE,
+    BUDGET,
+    DIM,
+    ENERGY,
+    MAX_LENGTH,
+    PROJECTION,
+    RANK,
+    SEED,
+    SHARD_SIZE,
+    STORAGE_DTYPE,
+)
 from .flags import (
     CLIENT_CONNECTION,
     DATA,
@@ -50,6 +61,8 @@ def add_build_flags(parser) -> None:
         DIM,
         SEED,
         STORAGE_DTYPE,
+        ENERGY,
+        BUDGET,
     )
     add_damping_flags(parser)
 
@@ -73,7 +86,9 @@ def add_append_flags(parser) -> None:
 def run_build(args) -> int:
     from ..engine.index import IndexSpec
 
-    spec = IndexSpec(args.projection, args.rank, args.dim, args.seed, args.storage_dtype)
+    spec = IndexSpec(
+        args.projection, args.rank, args.dim, args.seed, args.storage_dtype, energy=args.energy, budget=args.budget
+    )
     spec.validate()
     out = out_dir(args.out, args)
     model = model_of(args)
@@ -84,7 +99,8 @@ def run_build(args) -> int:
             factor_set = factor_set_name(client, args)
             dataset = register(client, args, model, bars)
             options = {"projection": spec.projection, "rank": spec.rank, "dim": spec.dim, "seed": spec.seed}
-            options.update(storage_dtype=spec.storage_dtype, batch_size=args.batch_size)
+            options.update(storage_dtype=spec.storage_dtype, energy=spec.energy, budget=spec.budget)
+            options["batch_size"] = args.batch_size
             if args.damping is not None:
                 options["damping"] = args.damping
             else:

@@ -17,7 +17,7 @@ from ..engine.records import read_queries_jsonl
 from ..enums import enum_word
 from ..errors import InputError, NotFoundError, PreconditionError
 from ..gen.influence.v1 import factor_service_pb2
-from ..options import BM25, FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, SEED, STRATEGY, TFIDF, TOP_K
+from ..options import BM25, FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, RESCORE, SEED, STRATEGY, TFIDF, TOP_K
 from .flags import CORPUS, DATA, FACTORS, JSON, QUIET, Flag, add, add_damping_flags, add_model_job_flags
 from .inputs import (
     check_data,
@@ -86,7 +86,7 @@ def add_score_flags(parser) -> None:
             "--rescore",
             type=int,
             default=None,
-            help="with --index: candidates per query rescored exactly (default 2%%)",
+            help=f"with --index: candidates per query rescored exactly (default {RESCORE.default}; 0: none)",
         ),
         TFIDF,
         BM25,

@@ -214,8 +214,9 @@ class InfluenceClient(Connection):
         **options,
     ) -> query_service_pb2.ScoreResult:
         """Score queries against a dataset (recompute; options bm25=K or tfidf=K to score only
-        each query's K lexical candidates) or, with index="indexes/{id}" (dataset may be ""), against an index, the top
-        `rescore` candidates per query rescored exactly (default: the server's, 2% of the corpus)."""
+        each query's K lexical candidates) or, with index="indexes/{id}" (dataset may be ""), against
+        an index, the top `rescore` candidates per query rescored exactly (default: the server's,
+        100 candidates)."""
         request = query_service_pb2.ComputeScoresRequest(
             model=_model(model),
             factor_set=factor_set,

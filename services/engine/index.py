@@ -10,10 +10,14 @@ so an index stores each sequence's whitened gradient W_m (or a compression of it
 query batch costs one inner product per (query, sequence) pair. Compressions (`--projection`):
 
     none     W_m itself [d_out, d_in]: exact (tests, small models)
-    svd      W_m ≈ U_m V_mᵀ, its rank-R truncated SVD (singular values folded into V): U [d_out, R],
-             V [d_in, R]. The truncation is optimal for the whitened inner product, the one that
-             scores. Computed by a randomized SVD (one power iteration) in ≈ 4·d_out·d_in·(R+8)
-             multiply-adds per sequence.
+    svd      W_m ≈ Σ_r u_r v_rᵀ, its truncated SVD (singular values folded into v): at most `rank`
+             factor pairs per sequence and module. The truncation is optimal for the whitened inner
+             product, the one that scores. Computed by a randomized SVD (one power iteration) in
+             ≈ 4·d_out·d_in·(R+8) multiply-adds per sequence. How many pairs each sequence keeps in
+             each module is chosen from its whitened singular values (`select_ranks`): the fewest,
+             across all modules, that carry `energy` of the sequence's whitened energy ‖W‖², within
+             `budget` bytes per sequence; a module whose gradient concentrates in few directions,
+             or carries little of the sequence's score, keeps fewer.
     eigen    W_m restricted to the K output and K input eigendirections that carry the most
              curvature (largest row / column sums of Λ): [K, K].
     random   Kronecker-structured Gaussian projections (LoGra-style) of the raw gradient:
@@ -21,19 +25,26 @@ query batch costs one inner product per (query, sequence) pair. Compressions (`-
              same way, so each score is an unbiased (Johnson-Lindenstrauss) estimate of the exact
              one; no curvature is fitted in the projected space (LoGra does, at the cost of another
              pass over the data).
-The query side: none/eigen/svd whiten the query gradient the same way (svd then keeps the query's
-rank-R_q truncation, so a pair costs R·R_q·(d_out + d_in) instead of d_out·d_in); random projects
-the preconditioned query. Scores of a compressed index are approximations: two-stage retrieval
-rescores an index's top candidates exactly.
+Storage (`--storage-dtype`, quantize.py): a float dtype, or int8 with one absmax scale per row.
 
-Layout of a block (one safetensors file; n sequences): per module "{module}/w" [n, a, b] (none,
-eigen, random) or "{module}/u" [n, d_out, R] and "{module}/v" [n, d_in, R] (svd), in the storage
-dtype, and "index" [n] (global sequence indices).
+The query side starts from each query's per-token factors rotated into the eigenbasis (G̃_q, in
+the cheapest order for its length: Scorer.rotated_query_gradients), then whitens it the same way
+(svd keeps the query's rank-R_q truncation, by the build's randomized SVD in float32, so a pair
+costs R·R_q·(d_out + d_in) instead of d_out·d_in); random projects the preconditioned query,
+(R_S Q_S) P̃ (R_A Q_A)ᵀ, without forming P. Scores of a compressed index are approximations:
+two-stage retrieval rescores candidates exactly (two_stage.py); block scoring is index_scan.py.
+
+Layout of a block (one safetensors file; n sequences) by format (catalog/indexes.py's
+format_version): per module "{module}/w" [n, a, b] (none, eigen, random), or (svd) "{module}/u"
+[K, d_out] and "{module}/v" [K, d_in], the K kept factor pairs of the block's sequences in order,
+and "{module}/count" [n] int32, how many of them each sequence has (format 2; format 1 stored
+u [n, d_out, R] and v [n, d_in, R], read as R pairs each: index_scan.module_part). Each stored in
+the storage dtype, int8 ones with "{key}.scale"; and "index" [n] (global sequence indices).
 
 Placement (device.py): a ModuleIndexer prepares its whitening, rows and columns, projections and
-test matrix on the host (from the factors as loaded, and CPU generators: the same on every
+test matrices on the host (from the factors as loaded, and CPU generators: the same on every
 device) and places them on the model's device once; `compress` and `queries` then read only
-tensors there. `score_block` takes index-space queries and a block on one device (the index_score
+tensors there. Scoring takes index-space queries and a block on one device (the index_score
 stage: both as read from the store, on the host).
 """
 
@@ -44,19 +55,19 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import InputError
-from ..options import DIM, PROJECTION, RANK, SEED, STORAGE_DTYPE
+from ..options import BUDGET, DIM, ENERGY, PROJECTION, RANK, SEED, STORAGE_DTYPE
 from .capture import ModuleCapture
 from .device import exact_arithmetic, to_device
 from .factors import ModuleFactors
-from .model_io import parse_dtype
 from .modules import TrackedModule
 from .passes import captured_batches
-from .precondition import Preconditioner, low_rank, precondition
+from .precondition import Preconditioner, divided
+from .quantize import row_bytes, stored
 from .rotation import rotated_per_sequence_gradients
-from .score import Scorer, ScoreResult, TopEntry, top_k_entries
+from .score import PreparedQueries, Scorer
 
 PROJECTIONS = ("none", "svd", "eigen", "random")
-STORAGE_DTYPES = ("float32", "bfloat16", "float16")
+STORAGE_DTYPES = ("int8", "bfloat16", "float16", "float32")
 _OVERSAMPLE = 8  # extra columns of the randomized SVD's test matrix
 
 
@@ -65,11 +76,15 @@ class IndexSpec:
     """How an index compresses each sequence's gradient (see the module docstring)."""
 
     projection: str = PROJECTION.default
-    rank: int = RANK.default  # svd: R per sequence
+    rank: int = RANK.default  # svd: at most R factor pairs per sequence and module
     dim: int = DIM.default  # eigen, random: K (or k) per side
     seed: int = SEED.default  # random projections and the randomized SVD's test matrices
     storage_dtype: str = STORAGE_DTYPE.default
     query_rank: int | None = 16  # svd: the query side's rank in index space (None: full)
+    # svd: the share of each sequence's whitened energy kept; 1: every pair, R per module (what a
+    # spec without it meant before issue 24)
+    energy: float = ENERGY.default
+    budget: int = BUDGET.default  # svd: at most this many bytes per sequence (0: no limit)
 
     def validate(self) -> None:
         if self.projection not in PROJECTIONS:
@@ -80,23 +95,33 @@ class IndexSpec:
             raise InputError(f"--rank and --dim must be >= 1, got {self.rank} and {self.dim}")
         if self.query_rank is not None and self.query_rank < 1:
             raise InputError(f"the index query rank must be >= 1, got {self.query_rank}")
+        if not 0 < self.energy <= 1:
+            raise InputError(f"--energy must be in (0, 1], got {self.energy}")
+        if self.budget < 0:
+            raise InputError(f"--budget must be >= 0 bytes, got {self.budget}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def selects(self) -> bool:
+        """Whether svd ranks are chosen per sequence (an energy share below 1, or a budget)."""
+        return self.projection == "svd" and (self.energy < 1 or self.budget > 0)
+
     def bytes_per_sequence(self, modules: dict) -> int:
-        """Stored bytes of one sequence's compressed gradient over `modules` (TrackedModule)."""
-        element = torch.tensor([], dtype=parse_dtype(self.storage_dtype)).element_size()
+        """Stored bytes of one sequence's compressed gradient over `modules` (TrackedModule): svd
+        ranks chosen per sequence store at most this (the budget, or every module at rank R)."""
         total = 0
         for module in modules.values():
             d_out, d_in = module.d_out, module.d_in_full
             if self.projection == "none":
-                total += d_out * d_in
+                total += d_out * row_bytes(d_in, self.storage_dtype)
             elif self.projection == "svd":
-                total += min(self.rank, d_out, d_in) * (d_out + d_in)
+                pair = row_bytes(d_out, self.storage_dtype) + row_bytes(d_in, self.storage_dtype)
+                total += min(self.rank, d_out, d_in) * pair + 4  # and the sequence's count
             else:
-                total += min(self.dim, d_out) * min(self.dim, d_in)
-        return total * element
+                total += min(self.dim, d_out) * row_bytes(min(self.dim, d_in), self.storage_dtype)
+        return min(total, self.budget) if self.projection == "svd" and self.budget else total
 
 
 def _generator(seed: int, name: str, salt: int) -> torch.Generator:
@@ -104,11 +129,27 @@ def _generator(seed: int, name: str, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + digest * 7919 + salt) % (2**63 - 1))
 
 
+@dataclass
+class SvdFactors:
+    """A batch's truncated whitened gradients in one module, before rank selection and storage:
+    u [B, d_out, R] (orthonormal columns), v [B, d_in, R] (σ folded in; columns by descending σ),
+    energy [B] = ‖W‖² of each sequence's whitened gradient (all of it, not only the R pairs)."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+    energy: torch.Tensor
+
+    @property
+    def squared_singular_values(self) -> torch.Tensor:
+        """σ_r² [B, R]."""
+        return self.v.square().sum(1)
+
+
 class ModuleIndexer:
     """One module's compression and its query side, from the factors and the build's damping.
 
-    Tensors: s [B, N, d_out], a [B, N, d_in] (a capture); query gradients [Q, d_out, d_in]; all on
-    `curvature`'s device (the model's), where everything this holds is placed once, when built."""
+    Tensors: s [B, N, d_out], a [B, N, d_in] (a capture); rotated query gradients [Q, d_out, d_in];
+    all on `curvature`'s device (the model's), where everything this holds is placed once, when built."""
 
     def __init__(
         self,
@@ -137,10 +178,15 @@ class ModuleIndexer:
         if spec.projection == "svd":
             rank = min(spec.rank, d_out, d_in)
             host["test_matrix"] = torch.randn(d_in, rank + _OVERSAMPLE, generator=_generator(spec.seed, name, 3))
+            if spec.query_rank:
+                query_rank = min(spec.query_rank, d_out, d_in)
+                host["query_test_matrix"] = torch.randn(
+                    d_in, query_rank + _OVERSAMPLE, generator=_generator(spec.seed, name, 4)
+                )
         placed = to_device(host, device)
         self.rows, self.columns = placed.get("rows"), placed.get("columns")
         self.project_s, self.project_a = placed.get("project_s"), placed.get("project_a")
-        self.test_matrix = placed.get("test_matrix")
+        self.test_matrix, self.query_test_matrix = placed.get("test_matrix"), placed.get("query_test_matrix")
         # √(Λ + λ) [d_out, d_in] float64, on the device (None: no curvature)
         self.scale = None if curvature.denominator is None else curvature.denominator.sqrt()
 
@@ -151,14 +197,14 @@ class ModuleIndexer:
             return torch.arange(k)
         return torch.topk(weights, k).indices.sort().values
 
-    # -- the training side ----------------------------------------------------------------------
-
     def _whitened(self, rotated: torch.Tensor) -> torch.Tensor:
         return rotated if self.scale is None else rotated / self.scale.to(rotated.dtype)
 
-    def compress(self, capture: ModuleCapture) -> dict[str, torch.Tensor]:
-        """A batch's compressed gradients (in the capture's dtype; the caller stores them in the
-        storage dtype)."""
+    # -- the training side ----------------------------------------------------------------------
+
+    def compress(self, capture: ModuleCapture) -> dict[str, torch.Tensor] | SvdFactors:
+        """A batch's compressed gradients in the capture's dtype: {"w": [B, a, b]} (none, eigen,
+        random), or (svd) its truncated whitened gradients before rank selection and storage."""
         dtype = capture.a.dtype
         projection = self.spec.projection
         if projection == "random":
@@ -180,64 +226,113 @@ class ModuleIndexer:
         whitened = self._whitened(rotated_per_sequence_gradients(capture, *basis))  # [B, d_out, d_in]
         if projection == "none":
             return {"w": whitened}
-        return dict(zip(("u", "v"), self._randomized_svd(whitened), strict=True))
-
-    def _randomized_svd(self, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rank-R truncated SVD of a stack [B, m, n] as U [B, m, R] (orthonormal columns) and
-        V [B, n, R] (σ folded in): a shared Gaussian test matrix, one power iteration, then the
-        small projection P = Basisᵀ M [B, R+p, n] truncated through the eigenvectors E of P Pᵀ
-        [R+p, R+p] (its left singular vectors): U = Basis E_R, V = Pᵀ E_R, so U Vᵀ = Basis E_R E_Rᵀ P.
-        The symmetric eigensolver on (R+p)² matrices costs a fraction of an SVD of P on CPU, and
-        nothing is divided by a singular value (a zero gradient gives zero factors)."""
-        rank = min(self.spec.rank, *matrices.shape[1:])
-        omega = self.test_matrix[: matrices.shape[2]].to(matrices.dtype)  # [n, R+p]
-        sketch = matrices @ omega  # [B, m, R+p]
-        sketch = matrices @ (matrices.transpose(1, 2) @ sketch)  # one power iteration
-        basis, _ = torch.linalg.qr(sketch)  # [B, m, R+p]
-        small = basis.transpose(1, 2) @ matrices  # [B, R+p, n]
-        _, vectors = torch.linalg.eigh(small @ small.transpose(1, 2))  # ascending eigenvalues
-        top = vectors[..., -rank:]  # [B, R+p, R]
-        return basis @ top, small.transpose(1, 2) @ top
+        u, v = randomized_svd(whitened, self.spec.rank, self.test_matrix)
+        return SvdFactors(u, v, whitened.square().sum((1, 2)))
 
     # -- the query side -------------------------------------------------------------------------
 
-    def queries(self, gradients: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The index-space form of query gradients [Q, d_out, d_in] (see the module docstring)."""
+    def queries(self, rotated: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The index-space form of queries from their rotated gradients G̃ = Q_Sᵀ ∇ Q_A
+        [Q, d_out, d_in] (the gradients themselves without a basis; Scorer.rotated_query_gradients)."""
         projection = self.spec.projection
-        gradients = gradients.to(torch.float32)
+        rotated = rotated.to(torch.float32)
         if projection == "random":
-            preconditioned = precondition(gradients, self.curvature, torch.float32)
-            return {"w": self.project_s @ preconditioned @ self.project_a.T}
-        rotated = gradients
-        if self.has_basis:
-            q_s, q_a = self.curvature.gradient_basis.float(), self.curvature.activation_basis.float()
-            rotated = q_s.T @ gradients @ q_a
+            preconditioned = divided(rotated, self.curvature, torch.float32)  # P̃
+            left, right = self.project_s, self.project_a
+            if self.has_basis:  # R_S P R_Aᵀ = (R_S Q_S) P̃ (R_A Q_A)ᵀ
+                left, right = (
+                    left @ self.curvature.gradient_basis.float(),
+                    right @ self.curvature.activation_basis.float(),
+                )
+            return {"w": left @ preconditioned @ right.T}
         whitened = self._whitened(rotated)
         if projection == "eigen":
             return {"w": whitened[:, self.rows][:, :, self.columns]}
         if projection == "svd" and self.spec.query_rank:
-            u, v = low_rank(whitened, self.spec.query_rank)
+            u, v = randomized_svd(whitened, self.spec.query_rank, self.query_test_matrix)
             return {"u": u, "v": v}
         return {"w": whitened}
 
-    @staticmethod
-    def scores(queries: dict[str, torch.Tensor], block: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Index scores of every query against every sequence of a block: [Q, n] float32.
 
-        Block and query tensors as `compress` and `queries` make them (any storage dtype)."""
-        if "w" in block:  # none, eigen, random: plain inner products of [a, b] matrices
-            w = block["w"].float().reshape(block["w"].shape[0], -1)  # [n, a·b]
-            if "w" in queries:
-                return queries["w"].reshape(queries["w"].shape[0], -1) @ w.T
-            raise InputError("index blocks and queries disagree")
-        u, v = block["u"].float(), block["v"].float()  # [n, d_out, R], [n, d_in, R]
-        if "u" in queries:  # ⟨U_q V_qᵀ, U_m V_mᵀ⟩ = Σ (U_qᵀ U_m) ⊙ (V_qᵀ V_m)
-            left = torch.einsum("qor,nos->qnrs", queries["u"], u)  # [Q, n, R_q, R]
-            right = torch.einsum("qir,nis->qnrs", queries["v"], v)
-            return (left * right).sum((2, 3))
-        w = queries["w"]  # [Q, d_out, d_in]: Σ_r u_rᵀ W_q v_r
-        projected = torch.einsum("qoi,nir->qnor", w, v)  # [Q, n, d_out, R]
-        return torch.einsum("qnor,nor->qn", projected, u)
+def randomized_svd(matrices: torch.Tensor, rank: int, test_matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-R truncated SVD of a stack [B, m, n] as U [B, m, R] (orthonormal columns) and
+    V [B, n, R] (σ folded in), columns by descending σ: a shared Gaussian test matrix [n', R+p]
+    (n' ≥ n), one power iteration, then the small projection P = Basisᵀ M [B, R+p, n] truncated
+    through the eigenvectors E of P Pᵀ [R+p, R+p] (its left singular vectors): U = Basis E_R,
+    V = Pᵀ E_R, so U Vᵀ = Basis E_R E_Rᵀ P. The symmetric eigensolver on (R+p)² matrices costs a
+    fraction of an SVD of P on CPU, and nothing is divided by a singular value (a zero gradient
+    gives zero factors). Error: within the randomized range finder's bound (Halko et al. 2011,
+    10.6) of the optimal rank-R truncation; exact when R + p ≥ min(m, n)."""
+    rank = min(rank, *matrices.shape[1:])
+    omega = test_matrix[: matrices.shape[2]].to(matrices.dtype)  # [n, R+p]
+    sketch = matrices @ omega  # [B, m, R+p]
+    sketch = matrices @ (matrices.transpose(1, 2) @ sketch)  # one power iteration
+    basis, _ = torch.linalg.qr(sketch)  # [B, m, R+p]
+    small = basis.transpose(1, 2) @ matrices  # [B, R+p, n]
+    _, vectors = torch.linalg.eigh(small @ small.transpose(1, 2))  # ascending eigenvalues
+    top = vectors[..., -rank:].flip(-1)  # [B, R+p, R], descending
+    return basis @ top, small.transpose(1, 2) @ top
+
+
+def select_ranks(parts: dict[str, SvdFactors], spec: IndexSpec) -> dict[str, torch.Tensor]:
+    """How many factor pairs each sequence keeps in each module: {name: [B] int64}.
+
+    Per sequence, the pairs of all modules in the order of σ² per stored byte (within a module,
+    descending σ), kept while the energy before them is under `spec.energy` of the sequence's
+    whitened energy Σ_modules ‖W‖² and their bytes fit `spec.budget` (the greedy choice for the
+    whitened gradient's Frobenius error per byte). Without selection: every pair, R per module
+    (at most `spec.rank` of the pairs given)."""
+    if not spec.selects:
+        return {
+            name: torch.full((part.u.shape[0],), min(spec.rank, part.u.shape[2]), dtype=torch.long)
+            for name, part in parts.items()
+        }
+    names = list(parts)
+    values, costs, owners = [], [], []
+    for position, name in enumerate(names):
+        part = parts[name]
+        pair = row_bytes(part.u.shape[1], spec.storage_dtype) + row_bytes(part.v.shape[1], spec.storage_dtype)
+        squared = part.squared_singular_values.double()[:, : spec.rank]  # [B, R]
+        values.append(squared)
+        costs.append(torch.full_like(squared, pair))
+        owners.append(torch.full(squared.shape[1:], position, dtype=torch.long, device=squared.device))
+    squared, cost = torch.cat(values, 1), torch.cat(costs, 1)  # [B, ΣR]
+    owner = torch.cat(owners)  # [ΣR]
+    order = torch.argsort(squared / cost, dim=1, descending=True, stable=True)
+    energy_before = squared.gather(1, order).cumsum(1) - squared.gather(1, order)
+    total = sum(part.energy.double() for part in parts.values()).unsqueeze(1)  # [B, 1]
+    keep = energy_before < spec.energy * total
+    if spec.budget:
+        fixed = 4 * len(names)  # each module's count
+        keep &= cost.gather(1, order).cumsum(1) + fixed <= spec.budget
+    kept_owner = torch.where(keep, owner[order], len(names))  # [B, ΣR]: a module, or none
+    counts = torch.zeros(squared.shape[0], len(names) + 1, dtype=torch.long, device=squared.device)
+    counts.scatter_add_(1, kept_owner, torch.ones_like(kept_owner))
+    return {name: counts[:, position] for position, name in enumerate(names)}
+
+
+def packed(name: str, part: dict[str, torch.Tensor] | SvdFactors, count: torch.Tensor | None, storage_dtype: str):
+    """One module's block tensors for a batch (on the host, in the storage dtype): "{name}/w", or
+    the kept pairs' "{name}/u" [K, d_out], "{name}/v" [K, d_in] and "{name}/count" [B]."""
+    if not isinstance(part, SvdFactors):
+        return {f"{name}/{key}": tensor for key, tensor in stored("w", part["w"], storage_dtype).items()}
+    rank = part.u.shape[2]
+    kept = torch.arange(rank, device=count.device).unsqueeze(0) < count.unsqueeze(1)  # [B, R]
+    tensors = {f"{name}/count": count.to("cpu", torch.int32)}
+    for key, factors in (("u", part.u), ("v", part.v)):
+        rows = factors.transpose(1, 2)[kept]  # [K, d]
+        tensors.update({f"{name}/{k}": t for k, t in stored(key, rows, storage_dtype).items()})
+    return tensors
+
+
+def pack_batch(parts: dict[str, dict[str, torch.Tensor] | SvdFactors], spec: IndexSpec) -> dict[str, torch.Tensor]:
+    """A batch's compressed gradients of every module as block tensors (rank selection, storage)."""
+    svd = {name: part for name, part in parts.items() if isinstance(part, SvdFactors)}
+    counts = select_ranks(svd, spec) if svd else {}
+    tensors = {}
+    for name, part in parts.items():
+        tensors.update(packed(name, part, counts.get(name), spec.storage_dtype))
+    return tensors
 
 
 class Indexer:
@@ -255,10 +350,6 @@ class Indexer:
             for name in self.scorer.names
         }
 
-    @property
-    def storage_dtype(self) -> torch.dtype:
-        return parse_dtype(self.spec.storage_dtype)
-
     def damping_values(self) -> dict[str, float]:
         return {name: module.damping_value for name, module in self.modules.items()}
 
@@ -269,13 +360,8 @@ class Indexer:
         batch = self.scorer.config.batch_size
         return max(batch, target_bytes // max(per_sequence, 1) // batch * batch)
 
-    def blocks(self, sequences, progress=None, block_sequences: int | None = None):
-        """Compressed gradients of `sequences` as blocks (dicts of tensors in the storage dtype with
-        "index" [n]), each of at most `block_sequences` sequences, in the pass's batch order."""
-        limit = block_sequences or self.block_sequences()
-        pending: dict[str, list[torch.Tensor]] = {}
-        indices: list[torch.Tensor] = []
-        count = 0
+    def compressed_batches(self, sequences, progress=None):
+        """(batch indices [B], {name: ModuleIndexer.compress of the batch}) in the pass's batch order."""
         with exact_arithmetic():
             for batch, captures in captured_batches(
                 self.scorer.model,
@@ -286,111 +372,58 @@ class Indexer:
                 stage="index",
                 progress=progress,
             ):
-                for name, module in self.modules.items():
-                    for key, value in module.compress(captures[name]).items():
-                        pending.setdefault(f"{name}/{key}", []).append(value.to("cpu", self.storage_dtype))
-                indices.append(batch.indices.clone())
-                count += len(batch.indices)
-                if count >= limit:
-                    yield _joined(pending, indices)
-                    pending, indices, count = {}, [], 0
-        if count:
-            yield _joined(pending, indices)
+                yield (
+                    batch.indices.clone(),
+                    {name: module.compress(captures[name]) for name, module in self.modules.items()},
+                )
 
-    def queries(self, queries, progress=None) -> dict[str, dict[str, torch.Tensor]]:
-        """Index-space queries per module (from the query gradients, computed once)."""
-        return self.queries_from(self.scorer.query_gradients(queries, progress))
+    def blocks(self, sequences, progress=None, block_sequences: int | None = None):
+        """Compressed gradients of `sequences` as blocks (dicts of host tensors in the storage dtype
+        with "index" [n]), each of at most `block_sequences` sequences, in the pass's batch order."""
+        limit = block_sequences or self.block_sequences()
+        pending: list[dict[str, torch.Tensor]] = []
+        count = 0
+        for indices, parts in self.compressed_batches(sequences, progress):
+            pending.append({**pack_batch(parts, self.spec), "index": indices})
+            count += len(indices)
+            if count >= limit:
+                yield joined(pending)
+                pending, count = [], 0
+        if count:
+            yield joined(pending)
 
     @exact_arithmetic()
-    def queries_from(self, gradients: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """Index-space queries from query gradients already computed ({name: [Q, d_out, d_in]})."""
-        return {name: module.queries(gradients[name]) for name, module in self.modules.items()}
+    def query_side(
+        self, queries, mean_tokens: float, progress=None
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], PreparedQueries]:
+        """Both query sides of a batch, modules streamed: each module's rotated query gradients are
+        formed once (from the queries' per-token factors), turned into its index-space queries and
+        its exact prepared queries (Scorer.prepare_module: full rank in the eigenbasis, settled by
+        two_stage once the candidates are known), and dropped. Returns ({name: index-space
+        queries}, prepared)."""
+        factors = self.scorer.query_factors(queries, progress)
+        index_queries, prepared = {}, {}
+        for name, module in self.modules.items():
+            rotated = self.scorer.rotated_query_gradients(name, factors.pop(name))
+            index_queries[name] = module.queries(rotated)
+            prepared[name] = self.scorer.prepare_module(name, rotated, mean_tokens)
+        return index_queries, PreparedQueries(prepared)
 
-    def score_block(self, queries: dict[str, dict[str, torch.Tensor]], block: dict[str, torch.Tensor]) -> torch.Tensor:
-        return score_block(queries, block)
-
-
-def score_block(queries: dict[str, dict[str, torch.Tensor]], block: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[Q, n] index scores of a block: the sum over modules. Needs no model: a scoring worker
-    holds only the index-space queries and streams blocks."""
-    total = None
-    for name, module_queries in queries.items():
-        part = {key[len(name) + 1 :]: value for key, value in block.items() if key.startswith(name + "/")}
-        scores = ModuleIndexer.scores(module_queries, part)
-        total = scores if total is None else total + scores
-    return total
-
-
-def queries_to_tensors(queries: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Flat tensors "{module}/{key}" for storage (index-space queries)."""
-    return {f"{name}/{key}": value.contiguous() for name, parts in queries.items() for key, value in parts.items()}
-
-
-def queries_from_tensors(tensors: dict[str, torch.Tensor], modules) -> dict[str, dict[str, torch.Tensor]]:
-    return {
-        name: {key[len(name) + 1 :]: value for key, value in tensors.items() if key.startswith(name + "/")}
-        for name in modules
-    }
+    @exact_arithmetic()
+    def queries(self, queries, progress=None) -> dict[str, dict[str, torch.Tensor]]:
+        """The index-space queries alone ({name: {key: tensor}}), modules streamed."""
+        factors = self.scorer.query_factors(queries, progress)
+        return {
+            name: module.queries(self.scorer.rotated_query_gradients(name, factors.pop(name)))
+            for name, module in self.modules.items()
+        }
 
 
-def _joined(pending: dict[str, list[torch.Tensor]], indices: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    block = {key: torch.cat(parts).contiguous() for key, parts in pending.items()}
-    block["index"] = torch.cat(indices)
-    return block
+def block_bytes(block: dict[str, torch.Tensor]) -> int:
+    """Stored bytes of a block's compressed gradients (its tensors but the global indices)."""
+    return sum(value.numel() * value.element_size() for key, value in block.items() if key != "index")
 
 
-def default_rescore(n_train: int, top_k: int) -> int:
-    """Candidates rescored exactly per query by default: 2% of the corpus, at least 2 x top_k
-    (and at least 20), at most the corpus (bench/bench_index.py measures the recall of each K)."""
-    return min(n_train, max(20, 2 * top_k, -(-2 * n_train // 100)))
-
-
-def two_stage(
-    scorer: Scorer,
-    prepared,
-    index_scores: torch.Tensor,
-    sequence_of,
-    candidates: int,
-    progress=None,
-):
-    """Rescore each query's top `candidates` by index score exactly (full-rank EK-FAC, their
-    sequences recomputed: the union over queries once) and rank its final top-k among them.
-
-    index_scores: [Q, N]. Returns a ScoreResult whose scores are the index scores with every
-    rescored column exact, and whose top-k (with per-module and per-token breakdowns as configured)
-    come from exact scores only."""
-    n_queries, n_train = index_scores.shape
-    config = scorer.config
-    if candidates <= 0:  # no second stage: the index's own ranking
-        result = ScoreResult(scores=index_scores.to(torch.float32), module_names=scorer.names)
-        result.top = top_k_entries(index_scores, None, scorer.names, config.top_k)
-        for entry in (entry for entries in result.top for entry in entries):
-            entry.approximate = True
-        if config.per_token and config.top_k:
-            scorer.attach_token_scores(prepared, result.top, sequence_of, progress)
-        return result, 0
-    k = min(candidates, n_train)
-    chosen = [torch.topk(index_scores[query], k).indices.tolist() for query in range(n_queries)]
-    union = sorted(set().union(*chosen))
-    exact = scorer.score(prepared, [sequence_of(index) for index in union], progress)  # [M, Q, U]
-    column = {index: position for position, index in enumerate(union)}
-    totals = exact.scores.sum(0)  # [Q, U]
-    scores = index_scores.to(torch.float64).clone()
-    scores[:, union] = totals
-    top = []
-    for query in range(n_queries):
-        columns = torch.tensor([column[index] for index in chosen[query]])
-        values = totals[query, columns]
-        order = torch.argsort(values, descending=True, stable=True)[: config.top_k]
-        entries = []
-        for position in order.tolist():
-            index, value = chosen[query][position], float(values[position])
-            breakdown = None
-            if config.per_module:
-                breakdown = {name: float(exact.scores[m, query, column[index]]) for m, name in enumerate(scorer.names)}
-            entries.append(TopEntry(index=index, score=value, per_module=breakdown))
-        top.append(entries)
-    result = ScoreResult(scores=scores.to(torch.float32), module_names=scorer.names, top=top)
-    if config.per_token and config.top_k:
-        scorer.attach_token_scores(prepared, result.top, sequence_of, progress)
-    return result, len(union)
+def joined(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Batches' block tensors as one block: every key concatenated along its first dimension."""
+    return {key: torch.cat([part[key] for part in parts]).contiguous() for key in parts[0]}

@@ -93,21 +93,27 @@ def preconditioner(
 
 
 def precondition(gradient: torch.Tensor, curvature: Preconditioner, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """P for a batch of query gradients.
+    """P for a batch of query gradients: rotate, divide (`divided`), rotate back.
 
     gradient: [Q, d_out, d_in] on the preconditioner's device; returns [Q, d_out, d_in] in `dtype`.
     The rotations run in `dtype` (float32 for float32 models); Λ + λ and the division in float64.
     """
     gradient = gradient.to(dtype)
+    if curvature.gradient_basis is None:
+        return divided(gradient, curvature, dtype)
+    q_s, q_a = curvature.gradient_basis.to(dtype), curvature.activation_basis.to(dtype)
+    return rotate(divided(rotate(gradient, q_s, q_a), curvature, dtype), q_s.T, q_a.T)
+
+
+def divided(rotated: torch.Tensor, curvature: Preconditioner, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """P̃ = G̃ ⊘ (Λ + λ): the preconditioned gradients in the eigenbasis, from gradients G̃ already
+    rotated into it ([Q, d_out, d_in]; the diagonal strategy: in the parameter basis; identity:
+    returned unchanged). The division in float64, the result in `dtype`."""
     if curvature.denominator is None:
-        return gradient
+        return rotated.to(dtype)
     if curvature.singular:
         raise InputError("damping is zero and some eigenvalues are zero: the curvature is singular; set --damping > 0")
-    if curvature.gradient_basis is None:  # Λ lives in the parameter basis
-        return (gradient.to(torch.float64) / curvature.denominator).to(dtype)
-    q_s, q_a = curvature.gradient_basis.to(dtype), curvature.activation_basis.to(dtype)
-    scaled = (rotate(gradient, q_s, q_a).to(torch.float64) / curvature.denominator).to(dtype)
-    return rotate(scaled, q_s.T, q_a.T)
+    return (rotated.to(torch.float64) / curvature.denominator).to(dtype)
 
 
 def self_influence_terms(rotated: torch.Tensor, curvature: Preconditioner) -> torch.Tensor:

@@ -46,17 +46,22 @@ def rotate(gradient: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> t
 ROTATION_ORDERS = ("tokens", "outputs", "inputs", "gradient")
 
 
-def rotation_order(tokens: int, d_out: int, d_in: int) -> str:
-    """The cheapest association of Q_Sᵀ sᵀ a Q_A, by multiply-adds per sequence beyond the
-    N·d_out·d_in of the product itself: rotate both token sides ("tokens"), rotate the output side
-    and then the product's inputs ("outputs"), the reverse ("inputs"), or neither token side
-    ("gradient": rotate sᵀ a)."""
-    costs = {
+def rotation_costs(tokens: int, d_out: int, d_in: int) -> dict[str, int]:
+    """Multiply-adds per sequence of each association of Q_Sᵀ sᵀ a Q_A beyond the N·d_out·d_in of
+    the product itself: rotate both token sides ("tokens"), rotate the output side and then the
+    product's inputs ("outputs"), the reverse ("inputs"), or neither token side ("gradient": rotate
+    sᵀ a)."""
+    return {
         "tokens": tokens * (d_out * d_out + d_in * d_in),
         "outputs": tokens * d_out * d_out + d_out * d_in * d_in,
         "inputs": tokens * d_in * d_in + d_out * d_out * d_in,
         "gradient": d_out * d_in * (d_out + d_in),
     }
+
+
+def rotation_order(tokens: int, d_out: int, d_in: int) -> str:
+    """The cheapest association of Q_Sᵀ sᵀ a Q_A for sequences of `tokens` positions (`rotation_costs`)."""
+    costs = rotation_costs(tokens, d_out, d_in)
     return min(ROTATION_ORDERS, key=costs.__getitem__)
 
 

@@ -30,6 +30,7 @@ placed there once, prepared queries handed to `score`, `token_scores` or `attach
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -39,7 +40,7 @@ from torch import nn
 
 from ..errors import InputError, PreconditionError
 from ..options import BATCH_SIZE, BM25, DAMPING, DAMPING_FACTOR, MAX_LENGTH, QUERY_RANK, TFIDF, TOP_K
-from .capture import accumulation_dtype, capture
+from .capture import ModuleCapture, accumulation_dtype, capture
 from .data import TokenizedSequence, collate, tokenize_queries, tokenize_training
 from .device import exact_arithmetic, host_to_device, to_device
 from .factors import FactorSet
@@ -49,10 +50,10 @@ from .lexical import lexical_candidates
 from .model_io import cached_fingerprint
 from .modules import device_of
 from .passes import QUERY, captured_batches
-from .precondition import Damping, Preconditioner, low_rank, precondition, preconditioner, self_influence_terms
+from .precondition import Damping, Preconditioner, divided, low_rank, preconditioner, self_influence_terms
 from .progress import Progress
 from .records import Query, TrainingExample
-from .rotation import rotated_per_sequence_gradients
+from .rotation import rotate, rotated_per_sequence_gradients, rotation_costs
 from .scoring import ModuleQueries, module_scores, module_token_scores, plan_module_queries
 
 DAMPING_CHECK_SCALES = (0.1, 10.0)  # --damping-check: the dampings, as multiples of the chosen one
@@ -139,6 +140,29 @@ class PreparedQueries:
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], names: Sequence[str]) -> PreparedQueries:
         return cls({name: ModuleQueries.from_tensors(name, tensors) for name in names})
+
+
+@dataclass
+class QueryFactors:
+    """One module's query gradients as per-token factors: for each query batch, the positions of
+    its queries [B] and its capture (s [B, N, d_out], a [B, N, d_in]: ∇ = sᵀ a per query)."""
+
+    n_queries: int
+    parts: list[tuple[torch.Tensor, ModuleCapture]] = field(default_factory=list)
+
+    def rotated(self, gradient_basis: torch.Tensor | None, activation_basis: torch.Tensor | None) -> torch.Tensor:
+        """Q_Sᵀ ∇ Q_A per query: [Q, d_out, d_in] (no basis: ∇ itself), in the captures' dtype."""
+        gradients = None
+        for indices, module_capture in self.parts:
+            rotated = rotated_per_sequence_gradients(module_capture, gradient_basis, activation_basis)
+            if gradients is None:
+                gradients = rotated.new_zeros((self.n_queries, *rotated.shape[1:]))
+            gradients[indices] = rotated
+        return gradients
+
+    def gradients(self) -> torch.Tensor:
+        """∇ per query, materialised in the parameter basis: [Q, d_out, d_in]."""
+        return self.rotated(None, None)
 
 
 @dataclass
@@ -248,22 +272,26 @@ class Scorer:
         )
 
     @exact_arithmetic()
-    def query_gradients(self, queries: Sequence[Query], progress: Progress | None = None) -> dict[str, torch.Tensor]:
-        """∇ log p(completion | prompt) per query and module: {name: [Q, d_out, d_in]} in query
-        order, on the model's device."""
+    def query_factors(self, queries: Sequence[Query], progress: Progress | None = None) -> dict[str, QueryFactors]:
+        """∇ log p(completion | prompt) per query and module as per-token factors (the captures of
+        the query batches, on the model's device): a query has tens of tokens, so its gradient is
+        kept as the sum of tens of outer products and never materialised in the parameter basis."""
         if not queries:
             raise InputError("no queries to score")
         sequences = tokenize_queries(self.tokenizer, queries, self.config.max_length)
-        gradients: dict[str, torch.Tensor] = {}
+        factors = {name: QueryFactors(len(sequences)) for name in self.names}
         for batch, captures in self._passes(sequences, "queries", progress, subject=QUERY):
             for name, module_capture in captures.items():
-                per_query = module_capture.per_sequence_gradients()
-                if name not in gradients:
-                    gradients[name] = torch.zeros(
-                        (len(sequences), *per_query.shape[1:]), dtype=per_query.dtype, device=self.device
-                    )
-                gradients[name][batch.indices.to(self.device)] = per_query
-        return gradients
+                factors[name].parts.append((batch.indices.to(self.device), module_capture))
+        return factors
+
+    def rotated_query_gradients(self, name: str, factors: QueryFactors) -> torch.Tensor:
+        """G̃ = Q_Sᵀ ∇ Q_A of every query for module `name`: [Q, d_out, d_in] on the model's device,
+        each batch's per-token factors rotated in the cheapest order for its length (rotation.py;
+        2·T·(d_out² + d_in²) per query instead of 2·d_out·d_in·(d_out + d_in) for a materialised
+        gradient). Without a basis (diagonal, identity): the gradient itself."""
+        curvature = self.preconditioners[name]
+        return factors.rotated(curvature.gradient_basis, curvature.activation_basis)
 
     @exact_arithmetic()
     @torch.no_grad()
@@ -286,22 +314,64 @@ class Scorer:
         self, queries: Sequence[Query], mean_tokens: float, progress: Progress | None = None
     ) -> PreparedQueries:
         """Query gradients, preconditioned once, each module's kernel planned for training sequences
-        of `mean_tokens` tokens on average (scoring.py)."""
-        return self.prepare_gradients(self.query_gradients(queries, progress), mean_tokens)
+        of `mean_tokens` tokens on average (scoring.py), for scoring a whole corpus (settled: in the
+        parameter basis)."""
+        factors = self.query_factors(queries, progress)
+        return PreparedQueries(
+            {
+                name: self._settled(name, self.prepare_module(name, factors.pop(name), mean_tokens), None, mean_tokens)
+                for name in self.names
+            }
+        )
 
     @exact_arithmetic()
-    def prepare_gradients(self, gradients: dict[str, torch.Tensor], mean_tokens: float) -> PreparedQueries:
-        """`prepare` from query gradients already computed ({name: [Q, d_out, d_in]} on the model's
-        device; not kept). The prepared queries stay on the device."""
-        prepared = {}
-        curvatures = self.curvatures()
-        for name in self.names:
-            # [C·Q, d_out, d_in]: the queries at each damping, the chosen one first (C = 1 without --damping-check)
-            preconditioned = torch.cat([precondition(gradients[name], c[name], self.dtype) for c in curvatures])
-            require_finite(preconditioned, f"the preconditioned query gradients of module {name}", "damping too small?")
-            factor_pair = low_rank(preconditioned, self.config.query_rank) if self.config.query_rank else None
-            prepared[name] = plan_module_queries(preconditioned, factor_pair, mean_tokens, self.dtype)
-        return PreparedQueries(prepared)
+    def prepare_module(self, name: str, factors: QueryFactors | torch.Tensor, mean_tokens: float) -> ModuleQueries:
+        """One module's prepared queries from its query factors (or its rotated query gradients
+        G̃ [Q, d_out, d_in], `rotated_query_gradients`): P̃ = G̃ ⊘ (Λ + λ) in the eigenbasis, then
+        its low-rank factors rotated back (--query-rank, kernel planned for `mean_tokens`), or P̃
+        itself, kept in the eigenbasis until `settle` knows how many sequences it will score. On
+        the model's device."""
+        rotated = factors if isinstance(factors, torch.Tensor) else self.rotated_query_gradients(name, factors)
+        curvature = self.preconditioners[name]
+        # [C·Q, d_out, d_in]: the queries at each damping, the chosen one first (C = 1 without
+        # --damping-check); every damping shares the factors' eigenbasis
+        preconditioned = torch.cat([divided(rotated, c[name], self.dtype) for c in self.curvatures()])
+        require_finite(preconditioned, f"the preconditioned query gradients of module {name}", "damping too small?")
+        basis = (curvature.gradient_basis, curvature.activation_basis)
+        if self.config.query_rank:
+            left, right = low_rank(preconditioned, self.config.query_rank)  # of P̃: rotated back, of P
+            if basis[0] is not None:
+                left, right = basis[0] @ left, basis[1] @ right
+            return plan_module_queries(preconditioned, (left, right), mean_tokens, self.dtype)
+        if basis[0] is None:
+            return plan_module_queries(preconditioned, None, mean_tokens, self.dtype)
+        n_queries = preconditioned.shape[0]
+        return ModuleQueries(n_queries, None, full=preconditioned.reshape(n_queries, -1), eigenbasis=True)
+
+    @exact_arithmetic()
+    def settle(self, prepared: PreparedQueries, sequences: int | None, mean_tokens: float) -> PreparedQueries:
+        """The prepared queries placed on the model's device, each module's full-rank queries in
+        the eigenbasis rotated back to the parameter basis where that costs less than rotating
+        `sequences` training sequences of `mean_tokens` tokens to meet them (Q·d_out·d_in·(d_out +
+        d_in) once against the cheapest per-sequence rotation, rotation.py; None: a whole corpus,
+        always rotated back)."""
+        prepared = to_device(prepared, self.device)
+        return PreparedQueries(
+            {name: self._settled(name, queries, sequences, mean_tokens) for name, queries in prepared.modules.items()}
+        )
+
+    def _settled(self, name: str, queries: ModuleQueries, sequences: int | None, mean_tokens: float) -> ModuleQueries:
+        if not queries.eigenbasis:
+            return queries
+        curvature = self.preconditioners[name]
+        q_s, q_a = curvature.gradient_basis, curvature.activation_basis
+        d_out, d_in = q_s.shape[0], q_a.shape[0]
+        back = queries.n_queries * d_out * d_in * (d_out + d_in)
+        tokens = max(1, math.ceil(mean_tokens))
+        if sequences is not None and sequences * min(rotation_costs(tokens, d_out, d_in).values()) < back:
+            return queries
+        full = rotate(queries.full.reshape(-1, d_out, d_in), q_s.T, q_a.T)
+        return ModuleQueries(queries.n_queries, None, full=full.reshape(queries.n_queries, -1))
 
     @exact_arithmetic()
     def score(
@@ -324,7 +394,7 @@ class Scorer:
         for batch, captures in self._passes(scored, "scores", progress):
             columns = torch.tensor([column[int(index)] for index in batch.indices])
             for position, name in enumerate(self.names):
-                scores = module_scores(captures[name], prepared.modules[name])
+                scores = module_scores(captures[name], prepared.modules[name], self._basis(name))
                 per_module[position][:, columns] = scores.to("cpu", torch.float64)
         _check_scores(per_module, sequences, self.names)
         index = torch.tensor([sequence.index for sequence in sequences])
@@ -333,6 +403,10 @@ class Scorer:
         n_queries = prepared.n_queries // (1 + len(DAMPING_CHECK_SCALES))  # rows: the chosen damping first
         alternates = per_module.sum(0)[n_queries:].reshape(len(DAMPING_CHECK_SCALES), n_queries, len(sequences))
         return ShardScores(per_module[:, :n_queries].contiguous(), index, alternates)
+
+    def _basis(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        curvature = self.preconditioners[name]
+        return curvature.gradient_basis, curvature.activation_basis
 
     def lexical_mask(self, queries: Sequence[Query], sequences: Sequence[TokenizedSequence]) -> torch.Tensor | None:
         """[Q, len(sequences)] bool: each query's candidates among `sequences` (the whole data, whose
@@ -358,7 +432,9 @@ class Scorer:
         captures = capture(self.model, self.modules, batch, "true")
         rows = [
             sum(
-                module_token_scores(captures[name], 0, prepared.modules[name], query).to("cpu", torch.float64)
+                module_token_scores(captures[name], 0, prepared.modules[name], query, self._basis(name)).to(
+                    "cpu", torch.float64
+                )
                 for name in self.names
             )
             for query in queries

@@ -11,6 +11,11 @@ The plan picks the cheaper per module from the expected token count. A full-rank
 Per-token attribution of sequence b to query q at position n: s_nᵀ P_q a_n; these sum over n
 to the sequence's score exactly. A shared module contributes at every call; token scores are
 summed over calls.
+
+A full-rank P may also be kept in the factors' eigenbasis, P̃ = Q_Sᵀ P Q_A (`eigenbasis`): then
+each training sequence's gradient is rotated instead (⟨P, DW⟩ = ⟨P̃, Q_Sᵀ DW Q_A⟩, rotated in the
+cheapest order, rotation.py), which is cheaper than rotating Q queries back when few sequences
+are scored (two-stage rescoring: `Scorer.settle` decides per module).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .capture import ModuleCapture
+from .rotation import rotated_per_sequence_gradients
 
 
 @dataclass
@@ -29,6 +35,7 @@ class ModuleQueries:
     full:  [Q, d_out·d_in] flattened P (materialise kernel), or None
     left:  [d_out, Q·r] U of all queries side by side (contract kernel), or None
     right: [d_in, Q·r]  V likewise
+    eigenbasis: `full` holds P̃ = Q_Sᵀ P Q_A (the training side is rotated to meet it)
     """
 
     n_queries: int
@@ -36,6 +43,7 @@ class ModuleQueries:
     full: torch.Tensor | None = None
     left: torch.Tensor | None = None
     right: torch.Tensor | None = None
+    eigenbasis: bool = False
 
     @property
     def kernel(self) -> str:
@@ -43,7 +51,7 @@ class ModuleQueries:
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Flat tensors for storage under `prefix/...` (rank -1 means full rank)."""
-        tensors = {f"{prefix}/shape": torch.tensor([self.n_queries, self.rank or -1])}
+        tensors = {f"{prefix}/shape": torch.tensor([self.n_queries, self.rank or -1, int(self.eigenbasis)])}
         for field in ("full", "left", "right"):
             value = getattr(self, field)
             if value is not None:
@@ -52,13 +60,14 @@ class ModuleQueries:
 
     @classmethod
     def from_tensors(cls, prefix: str, tensors: dict[str, torch.Tensor]) -> ModuleQueries:
-        n_queries, rank = tensors[f"{prefix}/shape"].tolist()
+        n_queries, rank, eigenbasis = tensors[f"{prefix}/shape"].tolist()
         return cls(
             int(n_queries),
             None if rank < 0 else int(rank),
             full=tensors.get(f"{prefix}/full"),
             left=tensors.get(f"{prefix}/left"),
             right=tensors.get(f"{prefix}/right"),
+            eigenbasis=bool(eigenbasis),
         )
 
 
@@ -98,11 +107,17 @@ def plan_module_queries(
     return ModuleQueries(n_queries, rank, full=rebuilt.reshape(n_queries, -1).to(dtype))
 
 
-def module_scores(capture: ModuleCapture, queries: ModuleQueries) -> torch.Tensor:
-    """Scores of every query against every sequence of the batch for one module: [Q, B]."""
+def module_scores(
+    capture: ModuleCapture, queries: ModuleQueries, basis: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Scores of every query against every sequence of the batch for one module: [Q, B].
+    `basis` (Q_S, Q_A) on the capture's device: needed when the queries are in the eigenbasis."""
     batch = capture.a.shape[0]
     if queries.full is not None:
-        gradients = capture.per_sequence_gradients().reshape(batch, -1)  # [B, d_out·d_in]
+        if queries.eigenbasis:
+            gradients = rotated_per_sequence_gradients(capture, *basis).reshape(batch, -1)  # [B, d_out·d_in]
+        else:
+            gradients = capture.per_sequence_gradients().reshape(batch, -1)
         return queries.full @ gradients.T
     rank = queries.rank
     projected_s = capture.s @ queries.left  # [B, N, Q·r]
@@ -111,9 +126,18 @@ def module_scores(capture: ModuleCapture, queries: ModuleQueries) -> torch.Tenso
     return products.reshape(batch, queries.n_queries, rank).sum(-1).T
 
 
-def module_token_scores(capture: ModuleCapture, row: int, queries: ModuleQueries, query: int) -> torch.Tensor:
-    """s_nᵀ P_q a_n for every position n of sequence `row`, summed over calls: [T]."""
+def module_token_scores(
+    capture: ModuleCapture,
+    row: int,
+    queries: ModuleQueries,
+    query: int,
+    basis: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """s_nᵀ P_q a_n for every position n of sequence `row`, summed over calls: [T]. `basis` as
+    for `module_scores` (a query in the eigenbasis meets the rotated tokens s_n Q_S, a_n Q_A)."""
     s, a = capture.s[row], capture.a[row]  # [N, d_out], [N, d_in]
+    if queries.full is not None and queries.eigenbasis:
+        s, a = s @ basis[0], a @ basis[1]
     if queries.full is not None:
         d_out, d_in = s.shape[-1], a.shape[-1]
         preconditioned = queries.full[query].reshape(d_out, d_in)

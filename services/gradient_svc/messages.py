@@ -37,6 +37,8 @@ def index_message(info: IndexInfo) -> gradient_service_pb2.Index:
         storage_dtype=enum_value(common_pb2.Dtype, spec.storage_dtype, "storage_dtype"),
         num_examples=info.num_examples,
         bytes_per_sequence=info.bytes_per_sequence,
+        energy=spec.energy,
+        budget=spec.budget,
         model_fingerprint=info.model_fingerprint,
         create_time=timestamp(info.create_time),
     )

@@ -31,6 +31,7 @@ from ..options import (
     BLOCK_SIZE,
     DAMPING_FACTOR,
     DIM,
+    ENERGY,
     MAX_LENGTH,
     MODULES,
     PROJECTION,
@@ -280,6 +281,8 @@ class GradientServicer(TenantScoped, gradient_service_pb2_grpc.GradientServiceSe
             dim=validation.positive(request.dim, "dim", DIM.default, DIM.maximum),
             seed=request.seed,
             storage_dtype=enum_word(common_pb2.Dtype, request.storage_dtype, "storage_dtype") or STORAGE_DTYPE.default,
+            energy=request.energy or ENERGY.default,
+            budget=request.budget,
         )
         spec.validate()
         job = IndexJob(

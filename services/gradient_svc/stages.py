@@ -21,7 +21,7 @@ from ..catalog.factor_sets import FACTOR_SETS
 from ..catalog.indexes import INDEXES, IndexDamping, IndexInfo, IndexPart, IndexShard
 from ..engine.corpora import CorpusSpec, write_jsonl
 from ..engine.data import TokenizedSequence, rendered, tokenize_training
-from ..engine.index import Indexer
+from ..engine.index import Indexer, block_bytes
 from ..engine.model_io import tokenizer_fingerprint
 from ..engine.records import TrainingExample, file_lines, stream_training_jsonl
 from ..rpc.messages import empty_response, packed
@@ -152,14 +152,21 @@ def run_index_shard(call: StageCall) -> None:
         TokenizedSequence(job.start + sequence.index, sequence.input_ids, sequence.target_mask)
         for sequence in shard_sequences(call.context.artifacts, call.context.store, job.dataset_id, call.shard)
     ]
-    prefix, written, count = INDEXES.prefix(job.index_id), {}, 0
+    prefix, written, count, stored = INDEXES.prefix(job.index_id), {}, 0, 0
     for number, block in enumerate(indexer.blocks(sequences, call.context.progress)):
         name = indexes.block_file(job.part, call.shard, number)
         buffers = encode_tensors(block)
         call.context.store.put_buffers(prefix + name, buffers)
         written[name] = {"sha256": sha256_buffers(buffers), "size": sum(buffer.nbytes for buffer in buffers)}
         count += int(block["index"].numel())
-    entries = {"shard": call.shard, "count": count, "files": written, "damping": indexer.damping_values()}
+        stored += block_bytes(block)
+    entries = {
+        "shard": call.shard,
+        "count": count,
+        "bytes": stored,
+        "files": written,
+        "damping": indexer.damping_values(),
+    }
     call.context.store.put_bytes(
         layout.job_entries(call.job_id, "index_shard", call.shard), json.dumps(entries).encode()
     )
@@ -200,13 +207,18 @@ def run_index_publish(call: StageCall) -> IndexInfo:
                 values=shards[0]["damping"],
             ),
             modules=tuple(shards[0]["damping"]),
-            bytes_per_sequence=job.spec.bytes_per_sequence(factors.tracked()),
+            bytes_per_sequence=round(sum(s["bytes"] for s in shards) / max(part.num_examples, 1)),
             create_time=job.create_time,
             parts=(part,),
         )
     else:
         base = IndexInfo.from_metadata(job.base, INDEXES.describe(job.index_id))
-        info = dataclasses.replace(base, parts=(*base.parts, part))
+        total = base.bytes_per_sequence * base.num_examples + sum(s["bytes"] for s in shards)
+        info = dataclasses.replace(
+            base,
+            parts=(*base.parts, part),
+            bytes_per_sequence=round(total / max(base.num_examples + part.num_examples, 1)),
+        )
         files.update(INDEXES.open(store, job.index_id).reader.manifest.files)
     return indexes.publish(store, info, files)
 

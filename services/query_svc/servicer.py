@@ -13,12 +13,11 @@ from ..catalog.datasets import DATASETS, DatasetInfo
 from ..catalog.factor_sets import FACTOR_SETS
 from ..catalog.indexes import INDEXES
 from ..catalog.results import RESULTS, result_path
-from ..engine.index import default_rescore
 from ..engine.records import query_records
 from ..engine.score import ScoreConfig
 from ..errors import InputError, PreconditionError
 from ..gen.influence.v1 import query_service_pb2, query_service_pb2_grpc
-from ..options import BATCH_SIZE, BM25, DAMPING_FACTOR, TFIDF, TOP_K
+from ..options import BATCH_SIZE, BM25, DAMPING_FACTOR, RESCORE, TFIDF, TOP_K
 from ..rpc import validation
 from ..rpc.common import TenantScoped, in_thread, model_ref, new_id, operation_message
 from ..rpc.status import grpc_errors
@@ -142,7 +141,7 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
                 f"{request.index} is whitened with damping {damping.policy}; query it with the same damping "
                 "(or leave damping unset)"
             )
-        rescore = request.rescore if request.HasField("rescore") else default_rescore(index.num_examples, config.top_k)
+        rescore = request.rescore if request.HasField("rescore") else RESCORE.default
         if rescore < 0:
             raise InputError(f"rescore must be >= 0, got {rescore}")
         job = ScoreJob(

@@ -29,7 +29,8 @@ from ..catalog.results import RESULTS, ResultInfo
 from ..engine.device import to_device
 from ..engine.factors import FactorSet
 from ..engine.finite import require_finite
-from ..engine.index import Indexer, queries_from_tensors, queries_to_tensors, score_block, two_stage
+from ..engine.index import Indexer
+from ..engine.index_scan import queries_from_tensors, queries_to_tensors, score_index_shard
 from ..engine.score import (
     PreparedQueries,
     Scorer,
@@ -40,6 +41,7 @@ from ..engine.score import (
     merge_self_influence,
     score_in_memory,
 )
+from ..engine.two_stage import top_candidates, two_stage
 from ..errors import PreconditionError
 from ..rpc.messages import packed
 from ..storage import get_tensors, put_tensors
@@ -211,20 +213,20 @@ def _index(call: StageCall):
 
 
 def run_index_prepare(call: StageCall) -> None:
-    """Query gradients once: the exact preconditioned queries (for rescoring) and their
-    index-space form (for the index score tasks)."""
+    """The query side once: each module's query gradients rotated into the eigenbasis from the
+    queries' per-token factors, turned into the exact preconditioned queries (for rescoring) and
+    their index-space form (for the index score tasks), modules streamed."""
     job: ScoreJob = call.job
     index = _index(call).info
     model, tokenizer = call.context.models.get(job.model)
     factors = factor_sets.load_cached(call.context.artifacts, call.context.store, job.factor_set_id)
     indexer = Indexer(model, tokenizer, factors, index.spec, job.config)
-    gradients = indexer.scorer.query_gradients(job.queries, call.context.progress)
     tokens = sum(DATASETS.read(call.context.store, dataset_id).num_tokens for dataset_id in index.dataset_ids)
-    prepared = indexer.scorer.prepare_gradients(gradients, tokens / max(index.num_examples, 1))
-    tensors = prepared.to_tensors()
-    tensors.update(
-        {f"index/{key}": value for key, value in queries_to_tensors(indexer.queries_from(gradients)).items()}
+    index_queries, prepared = indexer.query_side(
+        job.queries, tokens / max(index.num_examples, 1), call.context.progress
     )
+    tensors = prepared.to_tensors()
+    tensors.update({f"index/{key}": value for key, value in queries_to_tensors(index_queries).items()})
     _put_prepared(call, tensors)
 
 
@@ -240,14 +242,8 @@ def run_index_score(call: StageCall) -> None:
     )
     progress = call.context.progress
     progress.stage("index scores", len(shard.blocks), "block")
-    scores, indices = [], []
-    for name in shard.blocks:
-        progress.check_cancelled()
-        block = indexes.read_block(call.context.blocks, index, name)
-        scores.append(score_block(queries, block))
-        indices.append(block["index"])
-        progress.advance(1, 0)
-    partial = ShardScores(torch.cat(scores, dim=-1).to(torch.float64), torch.cat(indices))
+    blocks = (indexes.read_block(call.context.blocks, index, name) for name in shard.blocks)
+    partial = score_index_shard(queries, blocks, progress)
     require_finite(partial.scores, f"the index scores of shard {call.shard}")
     put_tensors(call.context.store, layout.job_partial(call.job_id, "index_score", call.shard), partial.to_tensors())
 
@@ -266,7 +262,8 @@ def run_index_merge(call: StageCall) -> ResultInfo:
         raise PreconditionError(f"index scores cover {index_scores.shape[1]} of {expected} sequences")
     prepared, _ = _prepared(call, scorer)
     view = IndexView(call.context.artifacts, call.context.store, index)
-    result, rescored = two_stage(scorer, prepared, index_scores, view.sequence, job.rescore, call.context.progress)
+    candidates = top_candidates(index_scores, job.rescore)
+    result, rescored = two_stage(scorer, prepared, index_scores, candidates, view.sequence, call.context.progress)
     if job.config.per_token:
         result.query_tokens = scorer.query_tokens(job.queries)
     report = pairwise_report(

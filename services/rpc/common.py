@@ -19,6 +19,7 @@ from google.longrunning import operations_pb2
 from google.protobuf import any_pb2, empty_pb2
 from google.rpc import status_pb2
 
+from ..engine.model_io import DTYPES as MODEL_DTYPES
 from ..engine.model_io import ModelRef
 from ..enums import enum_word
 from ..errors import InputError
@@ -121,10 +122,13 @@ class TenantScoped:
 
 def model_ref(spec: common_pb2.ModelSpec) -> ModelRef:
     """The job's model: device "" (unspecified) is the device of the worker that runs each task."""
+    dtype = enum_word(common_pb2.Dtype, spec.dtype, "model.dtype") or "float32"
+    if dtype not in MODEL_DTYPES:
+        raise InputError(f"model.dtype must be one of {', '.join(MODEL_DTYPES)}, got {dtype}")
     return ModelRef(
         validation.model_path(spec),
         enum_word(common_pb2.Device, spec.device, "model.device"),
-        enum_word(common_pb2.Dtype, spec.dtype, "model.dtype") or "float32",
+        dtype,
         validation.model_directory(spec.base_model, "model.base_model") if spec.base_model else "",
     )
 

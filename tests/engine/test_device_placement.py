@@ -51,17 +51,26 @@ from services.engine.device import exact_arithmetic, tf32_settings, to_device
 from services.engine.factor_io import from_artifact, to_artifact
 from services.engine.finite import all_finite
 from services.engine.fit import FitConfig, FitModel, FittedModel, fit_factors
-from services.engine.index import (
-    Indexer,
-    IndexSpec,
-    ModuleIndexer,
+from services.engine.index import Indexer, IndexSpec, ModuleIndexer, randomized_svd
+from services.engine.index_scan import (
+    module_index_scores,
+    module_part,
     queries_from_tensors,
     queries_to_tensors,
     score_block,
 )
-from services.engine.precondition import Damping, low_rank, precondition, preconditioner, self_influence_terms
+from services.engine.precondition import (
+    Damping,
+    divided,
+    low_rank,
+    precondition,
+    preconditioner,
+    self_influence_terms,
+)
+from services.engine.quantize import loaded as loaded_tensor
+from services.engine.quantize import stored as stored_tensor
 from services.engine.rotation import ROTATION_ORDERS, rotate, rotate_in_order, rotated_per_sequence_gradients
-from services.engine.score import PreparedQueries, ScoreConfig, Scorer, mean_length
+from services.engine.score import PreparedQueries, QueryFactors, ScoreConfig, Scorer, mean_length
 from services.engine.scoring import module_scores, module_token_scores, plan_module_queries
 from services.engine.sums import RunningSums, accumulate
 from services.storage.tensors import tensors_from_bytes, tensors_to_bytes
@@ -270,13 +279,45 @@ def case_precondition(loaded: Loaded) -> None:
             assert_on_cuda(result, f"precondition {strategy}")
 
 
+def case_divided(loaded: Loaded) -> None:
+    for strategy in STRATEGIES:
+        name = loaded.names[0]
+        d_in, d_out = loaded.shape(name)
+        curvature = to_device(loaded.curvature[strategy][name], CUDA)
+        result = divided(torch.empty(2, d_out, d_in, device=CUDA), curvature, torch.float32)
+        assert_on_cuda(result, f"divided {strategy}")
+
+
+def case_query_factors(loaded: Loaded) -> None:
+    """The queries' per-token factors as the query pass leaves them (captures on cuda, batch
+    positions on cuda: Scorer.query_factors), rotated by the placed bases, or materialised."""
+    name = loaded.names[0]
+    d_in, d_out = loaded.shape(name)
+    factors = QueryFactors(4, [(torch.tensor([0, 2, 3], device=CUDA), cuda_capture(d_in, d_out))])
+    curvature = to_device(loaded.curvature["ekfac"][name], CUDA)
+    assert_on_cuda(factors.rotated(curvature.gradient_basis, curvature.activation_basis), "QueryFactors.rotated")
+    assert_on_cuda(factors.gradients(), "QueryFactors.gradients")
+
+
+def case_randomized_svd(loaded: Loaded) -> None:
+    d_in, d_out = loaded.shape(loaded.names[0])
+    test_matrix = torch.randn(d_in, 2 + 8).to(CUDA)  # drawn on the host, placed (ModuleIndexer)
+    assert_on_cuda(randomized_svd(torch.empty(2, d_out, d_in, device=CUDA), 2, test_matrix), "randomized_svd")
+
+
+def case_loaded_tensor(loaded: Loaded) -> None:
+    """int8 rows with their scales, as read from the store and placed, back to float32."""
+    part = to_device(stored_tensor("u", torch.randn(3, 5), "int8"), CUDA)
+    assert_on_cuda(loaded_tensor(part, "u"), "quantize.loaded")
+
+
 def case_low_rank(loaded: Loaded) -> None:
     d_in, d_out = loaded.shape(loaded.names[0])
     assert_on_cuda(low_rank(torch.empty(2, d_out, d_in, device=CUDA), 2), "low_rank")
 
 
 def case_plan_module_queries(loaded: Loaded) -> None:
-    """The preparation of queries on cuda (Scorer.prepare_gradients: precondition, low rank, plan),
+    """The preparation of queries on cuda (Scorer.prepare_module: divided, low rank, plan),
     and its reload: what the prepare stage writes lies on the host; read back (its shapes are values:
     the real stored queries here), placed as Scorer.score places them, it scores on cuda."""
     name = loaded.names[0]
@@ -443,13 +484,12 @@ def case_queries(loaded: Loaded) -> None:
                 assert_on_cuda(index_queries, f"index queries {projection} {strategy}")
 
 
-def case_scores(loaded: Loaded) -> None:
+def case_module_index_scores(loaded: Loaded) -> None:
     """Index scores of the stored queries against a stored block, both placed on one device."""
     for projection, queries in loaded.index_queries.items():
         block = loaded.blocks[projection]
         for name in loaded.names:
-            part = {key[len(name) + 1 :]: value for key, value in block.items() if key.startswith(name + "/")}
-            scores = ModuleIndexer.scores(to_device(queries[name], CUDA), to_device(part, CUDA))
+            scores = module_index_scores(to_device(queries[name], CUDA), to_device(module_part(block, name), CUDA))
             assert_on_cuda(scores, f"index scores {projection}")
 
 
@@ -493,6 +533,11 @@ KERNEL_CASES = {
     "precondition.precondition": case_precondition,
     "precondition.self_influence_terms": case_self_influence_terms,
     "precondition.low_rank": case_low_rank,
+    "precondition.divided": case_divided,
+    "score.QueryFactors.rotated": case_query_factors,
+    "score.QueryFactors.gradients": case_query_factors,
+    "index.randomized_svd": case_randomized_svd,
+    "quantize.loaded": case_loaded_tensor,
     "rotation.rotate": case_rotate,
     "rotation.rotate_in_order": case_rotate_in_order,
     "rotation.rotated_per_sequence_gradients": case_rotated_per_sequence_gradients,
@@ -508,8 +553,8 @@ KERNEL_CASES = {
     "index.ModuleIndexer.__init__": case_module_indexer,
     "index.ModuleIndexer.compress": case_compress,
     "index.ModuleIndexer.queries": case_queries,
-    "index.ModuleIndexer.scores": case_scores,
-    "index.score_block": case_score_block,
+    "index_scan.module_index_scores": case_module_index_scores,
+    "index_scan.score_block": case_score_block,
     "capture.inverse_cdf": case_inverse_cdf,
     "capture.sample_from": case_sample_from,
     "capture.sample_labels": case_sample_labels,
@@ -527,7 +572,10 @@ VALUE_READING = {
     "score.merge": "the shards' host scores: sum, mask, top-k (test_engine_invariance, test_system)",
     "score.damping_overlap": "argsort and .tolist() of the merged host scores (tests/engine/test_damping_check.py)",
     "score.concatenate": "torch.equal of the shards' indices (test_engine_invariance)",
-    "index.two_stage": "topk of index scores on the host, then Scorer.score on the chosen (test_index_engine)",
+    "two_stage.two_stage": "the union of candidates (lists), then Scorer.settle and Scorer.score (test_index_engine)",
+    "two_stage.top_candidates": "topk(...).tolist() of host index scores (test_index_engine)",
+    "index.packed": "the kept pairs by boolean mask (a shape from values), to the host (test_index_compact)",
+    "index.pack_batch": "select_ranks then packed per module (test_index_compact)",
     "capture.sequence_uniforms": "indices.tolist(): each sequence's CPU generator (test_device_placement CPU draws)",
 }
 
@@ -535,14 +583,15 @@ VALUE_READING = {
 # of the stages that call it (tests/services/system/test_system.py, test_index.py, test_engine_*.py).
 STEPS = {
     "score.Scorer.__init__": "the model's device; the factors placed as preconditioners (once)",
-    "score.Scorer.prepare_gradients": "precondition, require_finite, low_rank, plan_module_queries",
+    "score.Scorer.prepare_module": "QueryFactors.rotated, divided, require_finite, low_rank, plan_module_queries",
+    "score.Scorer.settle": "to_device(prepared) then rotate per module",
+    "index_scan.score_index_shard": "score_block per block as it is given",
+    "index_scan.module_part": "a block's keys for one module (views; format 1 reshaped): case_score_block",
     "score.Scorer.score": "to_device(prepared) then module_scores per batch",
     "score.Scorer.token_scores": "to_device(prepared) then module_token_scores",
     "score.Scorer.attach_token_scores": "to_device(prepared) once, then token_scores per sequence",
     "fit.FitModel.correction": "to_device(eigen bases, replayed captures) then CorrectionAccumulator.add",
     "fit.CaptureCache.offer": "copies a pass's captures to the host arena (a transfer, by design)",
-    "index.Indexer.queries_from": "ModuleIndexer.queries per module (its tensors placed when built)",
-    "index.Indexer.score_block": "score_block on what it is given",
     "score.compute_scores": "the in-process API: Scorer and score_in_memory",
     "score.compute_self_influence": "the in-process API: Scorer.self_influence",
     "data.Batch.to": "places a batch's ids and masks on the model's device (captured_batches); indices stay",
@@ -584,8 +633,11 @@ HOST = {
     "fit.finalize": "host sums into a factor set (no model)",
     "fit.combine": "host sums into a factor set",
     "fit.eigendecompose": "float64 eigh of the host sums",
-    "index.queries_to_tensors": "for the store",
-    "index.queries_from_tensors": "from the store",
+    "index_scan.queries_to_tensors": "for the store",
+    "index_scan.queries_from_tensors": "from the store",
+    "index.block_bytes": "sizes of host block tensors",
+    "index.joined": "host block tensors concatenated",
+    "quantize.stored": "for the store: cast or quantised, on the host",
     "modules.weight_gradient_layout": "views for StreamBlocks' host blocks",
     "score.PreparedQueries.from_tensors": "from the store (case_plan_module_queries reloads and places them)",
     "score.ShardScores.from_tensors": "from the store",

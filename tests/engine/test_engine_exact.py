@@ -114,9 +114,8 @@ def test_ekfac_is_closer_to_the_exact_fisher_than_kfac():
     }
     modules, _ = prepare_model(model, "mlp")
     gradients = loop_gradients(model, modules, tokenize_training(tokenizer, examples, 64))
-    query_grads = Scorer(model, tokenizer, fitted["ekfac"], ScoreConfig(batch_size=4, max_length=64)).query_gradients(
-        queries
-    )
+    factors = Scorer(model, tokenizer, fitted["ekfac"], ScoreConfig(batch_size=4, max_length=64)).query_factors(queries)
+    query_grads = {name: module_factors.gradients() for name, module_factors in factors.items()}
     for name in modules:
         fisher_matrix = exact_fisher(gradients[name])
         errors = {

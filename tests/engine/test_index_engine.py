@@ -9,6 +9,7 @@ import torch
 
 from services.engine.fit import FitConfig, fit_factors
 from services.engine.index import Indexer, IndexSpec
+from services.engine.index_scan import score_index_shard
 from services.engine.score import ScoreConfig, compute_scores
 from tests.support.numerics import assert_close
 from tests.support.reference import IntTokenizer
@@ -20,10 +21,10 @@ def index_scores(model, factors, examples, queries, spec: IndexSpec, batch_size:
     indexer = Indexer(model, tokenizer, factors, spec, ScoreConfig(batch_size=batch_size))
     sequences = indexer.scorer.tokenize_training(examples)
     index_queries = indexer.queries(queries)
-    scores = torch.zeros(len(queries), len(examples))
-    for block in indexer.blocks(sequences, block_sequences=5):
-        scores[:, block["index"]] = indexer.score_block(index_queries, block)
-    return scores
+    shard = score_index_shard(index_queries, indexer.blocks(sequences, block_sequences=5))
+    scores = torch.zeros(len(queries), len(examples), dtype=torch.float64)
+    scores[:, shard.index] = shard.scores
+    return scores.float()
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,8 @@ def fitted():
     "spec",
     [
         IndexSpec("none", storage_dtype="float32"),
-        IndexSpec("svd", rank=64, storage_dtype="float32", query_rank=None),
-        IndexSpec("svd", rank=64, storage_dtype="float32", query_rank=64),
+        IndexSpec("svd", rank=64, storage_dtype="float32", query_rank=None, energy=1.0),
+        IndexSpec("svd", rank=64, storage_dtype="float32", query_rank=64, energy=1.0),
         IndexSpec("eigen", dim=64, storage_dtype="float32"),
     ],
     ids=["none", "svd-full-rank", "svd-full-rank-queries", "eigen-full"],
@@ -59,7 +60,9 @@ def test_uncompressed_indexes_score_exactly(fitted, strategy, spec):
 def test_compressed_indexes_approximate_and_random_projections_are_unbiased(fitted):
     model, examples, queries, factors = fitted
     exact = compute_scores(model, IntTokenizer(), factors["ekfac"], examples, queries, ScoreConfig()).scores
-    low = index_scores(model, factors["ekfac"], examples, queries, IndexSpec("svd", rank=2, storage_dtype="float32"))
+    low = index_scores(
+        model, factors["ekfac"], examples, queries, IndexSpec("svd", rank=2, storage_dtype="float32", energy=1.0)
+    )
     assert 1e-4 < float((low - exact).norm() / exact.norm()) < 0.9
     estimates = torch.stack(
         [
@@ -80,7 +83,7 @@ def test_compressed_indexes_approximate_and_random_projections_are_unbiased(fitt
 
 def test_blocks_do_not_depend_on_batching(fitted):
     model, examples, queries, factors = fitted
-    spec = IndexSpec("svd", rank=3, storage_dtype="bfloat16")
+    spec = IndexSpec("svd", rank=3, storage_dtype="bfloat16", energy=1.0)
     one = index_scores(model, factors["ekfac"], examples, queries, spec, batch_size=1)
     many = index_scores(model, factors["ekfac"], examples, queries, spec, batch_size=8)
     assert_close(many, one, 1e-2, "bfloat16 blocks, batch 1 vs 8")  # bfloat16 storage: 8-bit mantissa

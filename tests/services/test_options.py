@@ -28,7 +28,9 @@ OPTIONS = {value.name: value for value in vars(options).values() if isinstance(v
 COMMAND_PATHS = [(name,) for name in COMMANDS if name != "index"] + [("index", action) for action in ACTIONS]
 # same name, another setting: the demo's --seed seeds its corpus and model; IndexSpec.query_rank is
 # the rank of the query side in index space, not the scoring's --query-rank
-NOT_SHARED = {("demo", "seed"), ("IndexSpec", "query_rank")}
+# score --rescore is unset unless given: the server applies its default (RESCORE.default), and the
+# CLI refuses --rescore without --index
+NOT_SHARED = {("demo", "seed"), ("IndexSpec", "query_rank"), ("score", "rescore")}
 
 
 def subparser(path: tuple[str, ...]) -> argparse.ArgumentParser:

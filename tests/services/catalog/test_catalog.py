@@ -128,10 +128,20 @@ def factor_set():
     ids=["dataset", "index", "result", "index result"],
 )
 def test_an_info_writes_back_exactly_the_metadata_it_was_read_from(info_type, metadata):
+    if info_type is IndexInfo:  # format 1 (before issue 24) is read, and written back as format 2
+        metadata = {**metadata, "format_version": 2, "spec": {**metadata["spec"], "energy": 1.0, "budget": 0}}
     info = info_type.from_metadata(json.loads(json.dumps(metadata)), "it")
     assert info.to_metadata() == metadata
     assert json.dumps(info.to_metadata(), sort_keys=True) == json.dumps(metadata, sort_keys=True)
     assert dataclasses.is_dataclass(info) and info.__dataclass_params__.frozen
+
+
+def test_an_index_of_format_1_reads_as_every_pair_and_a_later_format_is_refused_naming_the_rebuild():
+    info = IndexInfo.from_metadata(json.loads(json.dumps(INDEX)), "it")
+    assert info.spec.energy == 1.0 and info.spec.budget == 0 and info.spec.storage_dtype == "bfloat16"
+    assert info.to_metadata()["format_version"] == 2
+    with pytest.raises(PreconditionError, match=r"format 3.*rebuild it with `influence index build`"):
+        IndexInfo.from_metadata({**INDEX, "format_version": 3}, "it")
 
 
 def test_a_factor_set_info_writes_back_the_engines_metadata(factor_set):

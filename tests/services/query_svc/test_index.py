@@ -115,7 +115,7 @@ def test_an_uncompressed_index_scores_like_recompute_and_an_append_like_the_conc
 
 def test_a_compressed_index_rescores_its_candidates_exactly(ws, tmp_path):
     _, paths = ws
-    build(paths, tmp_path / "index", "--rank", "2")  # svd, bfloat16: the defaults, compressed hard
+    build(paths, tmp_path / "index", "--rank", "2")  # svd, int8: the defaults, compressed hard
     exact = recompute(paths, "train", tmp_path / "r", "--per-module", "--per-token")
     assert indexed(paths, tmp_path / "index", tmp_path / "s", "--rescore", "8", "--per-module", "--per-token") == 0
     report = json.loads((tmp_path / "s" / "results.json").read_text())
@@ -132,6 +132,61 @@ def test_a_compressed_index_rescores_its_candidates_exactly(ws, tmp_path):
     # its final ranking is the exact ranking of its candidates
     for query in report["queries"]:
         assert [e["score"] for e in query["top"]] == sorted((e["score"] for e in query["top"]), reverse=True)
+
+
+def as_format_1(index: Path) -> None:
+    """Rewrite an index built with every pair in bfloat16 (`--storage-dtype bfloat16 --energy 1`)
+    as the code before issue 24 wrote it: format 1, its spec without energy and budget, its svd
+    blocks u [n, d_out, R] and v [n, d_in, R]."""
+    from safetensors.torch import save_file
+
+    from services.storage.manifest import sha256_file
+
+    manifest = json.loads((index / "manifest.json").read_text())
+    metadata = manifest["metadata"]
+    metadata["format_version"] = 1
+    rank = metadata["spec"]["rank"]
+    for key in ("energy", "budget"):
+        del metadata["spec"][key]
+    for name in list(manifest["files"]):
+        if not name.endswith(".safetensors"):
+            continue
+        block = load_file(str(index / name))
+        old = {"index": block["index"]}
+        for key, value in block.items():
+            module, _, field = key.rpartition("/")
+            if field in ("u", "v"):
+                count = block[f"{module}/count"]
+                assert bool((count == rank).all())
+                old[key] = value.reshape(len(count), rank, -1).transpose(1, 2).contiguous()
+        save_file(old, str(index / name))
+        digest, size = sha256_file(index / name)
+        manifest["files"][name] = {"sha256": digest, "size": size}
+    (index / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_an_index_of_format_1_still_scores_and_takes_an_append(ws, tmp_path, capsys):
+    _, paths = ws
+    index = tmp_path / "index"
+    build(paths, index, "--rank", "3", "--storage-dtype", "bfloat16", "--energy", "1", "--shard-size", "7")
+    assert indexed(paths, index, tmp_path / "new", "--rescore", "0") == 0
+    as_format_1(index)
+    assert indexed(paths, index, tmp_path / "old", "--rescore", "0") == 0
+    assert torch.equal(scores(tmp_path / "old"), scores(tmp_path / "new"))
+    assert cli(["index", "append", "--index", str(index), "--data", paths["more"]]) == 0
+    metadata = json.loads((index / "manifest.json").read_text())["metadata"]
+    assert metadata["format_version"] == 2 and metadata["spec"]["energy"] == 1.0 and metadata["spec"]["budget"] == 0
+    assert indexed(paths, index, tmp_path / "appended", "--rescore", "4") == 0
+    appended = scores(tmp_path / "appended")
+    assert appended.shape[1] == 42 and bool(torch.isfinite(appended).all())
+    # a format this code does not read: one line naming the rebuild
+    manifest = json.loads((index / "manifest.json").read_text())
+    manifest["metadata"]["format_version"] = 3
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert indexed(paths, index, tmp_path / "refused", "--rescore", "0") != 0
+    error = capsys.readouterr().err.strip()
+    assert "format 3" in error and "rebuild it with `influence index build`" in error and "\n" not in error
 
 
 def test_an_index_refuses_other_factors_and_other_damping(ws, tmp_path, capsys):

@@ -23,6 +23,7 @@ class Dtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_BFLOAT16: _ClassVar[Dtype]
     DTYPE_FLOAT16: _ClassVar[Dtype]
     DTYPE_FLOAT64: _ClassVar[Dtype]
+    DTYPE_INT8: _ClassVar[Dtype]
 DEVICE_UNSPECIFIED: Device
 DEVICE_CPU: Device
 DEVICE_CUDA: Device
@@ -31,6 +32,7 @@ DTYPE_FLOAT32: Dtype
 DTYPE_BFLOAT16: Dtype
 DTYPE_FLOAT16: Dtype
 DTYPE_FLOAT64: Dtype
+DTYPE_INT8: Dtype
 
 class OperationMetadata(_message.Message):
     __slots__ = ("kind", "stage", "shards_done", "shards_total", "tokens_processed", "bytes_written", "bytes_read", "create_time", "update_time", "target", "step", "step_done", "step_total", "step_unit")

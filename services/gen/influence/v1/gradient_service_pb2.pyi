@@ -38,7 +38,7 @@ TOKEN_TYPE_UINT16: TokenType
 TOKEN_TYPE_UINT32: TokenType
 
 class Index(_message.Message):
-    __slots__ = ("name", "datasets", "factor_set", "model", "projection", "rank", "dim", "seed", "storage_dtype", "num_examples", "bytes_per_sequence", "model_fingerprint", "create_time")
+    __slots__ = ("name", "datasets", "factor_set", "model", "projection", "rank", "dim", "seed", "storage_dtype", "num_examples", "bytes_per_sequence", "energy", "budget", "model_fingerprint", "create_time")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     FACTOR_SET_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,8 @@ class Index(_message.Message):
     STORAGE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     name: str
@@ -63,12 +65,14 @@ class Index(_message.Message):
     storage_dtype: _common_pb2.Dtype
     num_examples: int
     bytes_per_sequence: int
+    energy: float
+    budget: int
     model_fingerprint: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., datasets: _Optional[_Iterable[str]] = ..., factor_set: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., projection: _Optional[_Union[Projection, str]] = ..., rank: _Optional[int] = ..., dim: _Optional[int] = ..., seed: _Optional[int] = ..., storage_dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., num_examples: _Optional[int] = ..., bytes_per_sequence: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., datasets: _Optional[_Iterable[str]] = ..., factor_set: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., projection: _Optional[_Union[Projection, str]] = ..., rank: _Optional[int] = ..., dim: _Optional[int] = ..., seed: _Optional[int] = ..., storage_dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., num_examples: _Optional[int] = ..., bytes_per_sequence: _Optional[int] = ..., energy: _Optional[float] = ..., budget: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class BuildIndexRequest(_message.Message):
-    __slots__ = ("request_id", "model", "factor_set", "dataset", "projection", "rank", "dim", "seed", "storage_dtype", "batch_size", "damping_factor", "damping")
+    __slots__ = ("request_id", "model", "factor_set", "dataset", "projection", "rank", "dim", "seed", "storage_dtype", "energy", "budget", "batch_size", "damping_factor", "damping")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FACTOR_SET_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +82,8 @@ class BuildIndexRequest(_message.Message):
     DIM_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STORAGE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     DAMPING_FACTOR_FIELD_NUMBER: _ClassVar[int]
     DAMPING_FIELD_NUMBER: _ClassVar[int]
@@ -90,10 +96,12 @@ class BuildIndexRequest(_message.Message):
     dim: int
     seed: int
     storage_dtype: _common_pb2.Dtype
+    energy: float
+    budget: int
     batch_size: int
     damping_factor: float
     damping: float
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., projection: _Optional[_Union[Projection, str]] = ..., rank: _Optional[int] = ..., dim: _Optional[int] = ..., seed: _Optional[int] = ..., storage_dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., batch_size: _Optional[int] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., projection: _Optional[_Union[Projection, str]] = ..., rank: _Optional[int] = ..., dim: _Optional[int] = ..., seed: _Optional[int] = ..., storage_dtype: _Optional[_Union[_common_pb2.Dtype, str]] = ..., energy: _Optional[float] = ..., budget: _Optional[int] = ..., batch_size: _Optional[int] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ...) -> None: ...
 
 class AppendIndexRequest(_message.Message):
     __slots__ = ("request_id", "index", "dataset", "batch_size")
