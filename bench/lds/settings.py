@@ -36,11 +36,13 @@ from safetensors.torch import save_file  # noqa: E402
 
 from services.engine.data import tokenize_queries  # noqa: E402
 from services.engine.fit import FitConfig, fit_factors  # noqa: E402
-from services.engine.index import Indexer, IndexSpec, two_stage  # noqa: E402
+from services.engine.index import Indexer, IndexSpec  # noqa: E402
+from services.engine.index_scan import score_index_shard  # noqa: E402
 from services.engine.lexical import bm25_scores  # noqa: E402
 from services.engine.model_io import load_model_and_tokenizer  # noqa: E402
 from services.engine.records import read_queries_jsonl, read_training_jsonl  # noqa: E402
 from services.engine.score import ScoreConfig, Scorer, mean_length, score_in_memory  # noqa: E402
+from services.engine.two_stage import top_candidates, two_stage  # noqa: E402
 
 BATCH, MAX_LENGTH = 16, 128
 DAMPINGS = (0.001, 0.01, 0.1, 1.0)
@@ -118,12 +120,12 @@ def main() -> None:
         config = ScoreConfig(batch_size=BATCH, max_length=MAX_LENGTH)
         indexer = Indexer(model, tokenizer, factor_set, IndexSpec(projection=projection), config)
         sequences = indexer.scorer.tokenize_training(examples)
-        index_queries = indexer.queries(queries)
+        index_queries, prepared = indexer.query_side(queries, mean_length(sequences))
+        shard = score_index_shard(index_queries, indexer.blocks(sequences))
         index_scores = torch.zeros(len(queries), len(sequences), dtype=torch.float64)
-        for block in indexer.blocks(sequences):
-            index_scores[:, block["index"].long()] = indexer.score_block(index_queries, block).to(torch.float64)
-        prepared = indexer.scorer.prepare(queries, mean_length(sequences))
-        result, _ = two_stage(indexer.scorer, prepared, index_scores, sequences.__getitem__, rescore)
+        index_scores[:, shard.indices.long()] = shard.scores
+        candidates = top_candidates(index_scores, rescore)
+        result, _ = two_stage(indexer.scorer, prepared, index_scores, candidates, sequences.__getitem__)
         save(name, result.scores, fit_seconds + time.perf_counter() - started)
 
 
