@@ -570,6 +570,24 @@ def test_request_limits_reach_the_env_of_every_serving_pod_and_no_worker():
     assert "maxTopk" in render_fails("limits.maxTopk=5")
 
 
+def test_the_api_plans_fits_for_the_fitting_pool_s_memory(monkeypatch):
+    """`workerBudget` reaches the env of every pod that runs `influence serve` (the fit's plan is
+    made at submission, engine/budget.py), and what the env says is the budget the planner reads."""
+    from services.engine.budget import WorkerBudget
+
+    variables = env(pod(render("default.yaml"), "api"))
+    for name in ("INFLUENCE_WORKER_HOST_GIB", "INFLUENCE_WORKER_DEVICE_GIB"):
+        monkeypatch.setenv(name, variables[name]["value"])
+    assert WorkerBudget.of_process("cpu") == WorkerBudget.of_gib(64, 78)
+    split = render("split.yaml", sets=("workerBudget.hostGiB=120", "workerBudget.deviceGiB=0"))
+    for role in ROLES:
+        variables = env(pod(split, role))
+        assert variables["INFLUENCE_WORKER_HOST_GIB"]["value"] == "120"
+        assert "INFLUENCE_WORKER_DEVICE_GIB" not in variables  # 0: plan from the host budget alone
+    assert "INFLUENCE_WORKER_HOST_GIB" not in env(pod(render("default.yaml"), "worker-gpu"))
+    assert "hostGiB" in render_fails("workerBudget.hostGiB=0")
+
+
 def test_global_is_accepted_and_kube_version_is_enforced():
     assert render("everything.yaml")  # has a `global` block, as when this chart is a subchart
     result = helm(*template_args(("default.yaml",), ()), "--kube-version", "1.26.0", check=False)

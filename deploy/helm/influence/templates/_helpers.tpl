@@ -356,6 +356,16 @@ keeps large values out of float notation. */}}
 {{- end }}
 {{- end }}
 
+{{/* The fit planner's budget on the API pods (engine/budget.py WorkerBudget.of_process). */}}
+{{- define "influence.budgetEnv" -}}
+- name: INFLUENCE_WORKER_HOST_GIB
+  value: {{ .Values.workerBudget.hostGiB | quote }}
+{{- if .Values.workerBudget.deviceGiB }}
+- name: INFLUENCE_WORKER_DEVICE_GIB
+  value: {{ .Values.workerBudget.deviceGiB | quote }}
+{{- end }}
+{{- end }}
+
 {{- define "influence.envFrom" -}}
 - configMapRef:
     name: {{ include "influence.fullname" . }}
