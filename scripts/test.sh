@@ -9,4 +9,4 @@ done
 cd "$root"
 export HF_HUB_OFFLINE=1
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=25 "$@"
