@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, NotFoundError
+from . import modules
 from .modules import weight_parameter_name
 
 DTYPES = {
@@ -205,7 +206,7 @@ def module_names(model_dir: str | Path) -> set[str] | None:
         model = model_skeleton(model_dir)
     except InputError:  # the full load, later, says what is wrong with the directory
         return None
-    return {name for name, _ in model.named_modules()}
+    return modules.module_names(model)
 
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -207,6 +207,12 @@ def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return candidates
 
 
+def module_names(model: nn.Module) -> set[str]:
+    """The names a factor set's modules may have in `model`: its modules' and each expert's
+    projection (`{experts}.{e}.{projection}`, candidate_modules)."""
+    return {name for name, _ in model.named_modules()} | {name for name, _ in candidate_modules(model)}
+
+
 def _kind(name: str) -> str | None:
     """'mlp', 'attention' or None for a linear module inside a numbered transformer block."""
     if not _BLOCK.search(f".{name}."):

@@ -48,7 +48,7 @@ from .finite import first_non_finite, require_finite
 from .fit import prepare_model
 from .lexical import lexical_candidates
 from .model_io import cached_fingerprint
-from .modules import device_of
+from .modules import device_of, module_names
 from .passes import QUERY, captured_batches
 from .precondition import Damping, Preconditioner, divided, low_rank, preconditioner, self_influence_terms
 from .progress import Progress
@@ -221,7 +221,7 @@ class Scorer:
     def __init__(self, model: nn.Module, tokenizer, factors: FactorSet, config: ScoreConfig):
         config.validate()
         self.model, self.tokenizer, self.factors, self.config = model, tokenizer, factors, config
-        require_modules(factors, {name for name, _ in model.named_modules()})
+        require_modules(factors, module_names(model))
         self.modules, _ = prepare_model(model, module_pattern(factors))
         if factors.model_fingerprint and cached_fingerprint(model, list(self.modules)) != factors.model_fingerprint:
             raise PreconditionError(
