@@ -109,3 +109,11 @@ BUDGET = Option("budget", 0, "svd: at most this many stored bytes per sequence (
 RESCORE = Option(
     "rescore", 100, "with --index: candidates per query rescored exactly (0: the index's own ranking)", minimum=0
 )
+LEXICAL = Option(
+    "lexical",
+    0,
+    "with --index: also rescore each query's K best sequences by BM25 over the index's training text, merged with "
+    "the index's --rescore candidates (0: the index's candidates alone)",
+    minimum=0,
+    maximum=10**9,
+)

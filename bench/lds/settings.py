@@ -13,6 +13,9 @@ time, plus its fit's for the settings that fit their own factors) for:
     bm25-K-ekfac        BM25 pre-filter (--bm25 K) then EK-FAC at the default damping
     index-P-rescore-K   the index (projection P at its default size), K candidates rescored exactly
                         (0: the index's own scores)
+    index-P-rescore-K-bm25-L  the same, each query's L BM25 candidates merged with the index's K
+                        before rescoring (--lexical L); prints what each source held of its final top-10
+                        and, where ekfac-d0.1 was scored, of the exact top-10
 
 through the engine's in-process API, on the demo's settings (batch 16, max length 128, MLP
 modules), exactly what `influence score` computes for each flag. The ground truth and the demo's
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from metrics import DEFAULT_TRUTH  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from services.engine.data import tokenize_queries  # noqa: E402
 from services.engine.fit import FitConfig, fit_factors  # noqa: E402
@@ -42,12 +45,22 @@ from services.engine.lexical import bm25_scores  # noqa: E402
 from services.engine.model_io import load_model_and_tokenizer  # noqa: E402
 from services.engine.records import read_queries_jsonl, read_training_jsonl  # noqa: E402
 from services.engine.score import ScoreConfig, Scorer, mean_length, score_in_memory  # noqa: E402
-from services.engine.two_stage import top_candidates, two_stage  # noqa: E402
+from services.engine.two_stage import contributions, merged, recall, top_candidates, two_stage  # noqa: E402
 
 BATCH, MAX_LENGTH = 16, 128
 DAMPINGS = (0.001, 0.01, 0.1, 1.0)
 FILTER_K = (20, 50, 100)
-INDEX = (("svd", 0), ("svd", 20), ("svd", 100), ("random", 20))
+# (projection, rescore, lexical): lexical > 0 merges each query's BM25 candidates (--lexical)
+INDEX = (
+    ("svd", 0, 0),
+    ("svd", 20, 0),
+    ("svd", 100, 0),
+    ("random", 20, 0),
+    ("svd", 20, 20),
+    ("svd", 20, 100),
+    ("random", 20, 20),
+    ("random", 20, 100),
+)
 
 
 def main() -> None:
@@ -111,8 +124,8 @@ def main() -> None:
             bm25_scores(tokenize_queries(tokenizer, queries, MAX_LENGTH), sequences),
             time.perf_counter() - started,
         )
-    for projection, rescore in INDEX:
-        name = f"index-{projection}-rescore-{rescore}"
+    for projection, rescore, lexical in INDEX:
+        name = f"index-{projection}-rescore-{rescore}" + (f"-bm25-{lexical}" if lexical else "")
         if only and name not in only:
             continue
         factor_set, fit_seconds = factors("ekfac")
@@ -123,10 +136,23 @@ def main() -> None:
         index_queries, prepared = indexer.query_side(queries, mean_length(sequences))
         shard = score_index_shard(index_queries, indexer.blocks(sequences))
         index_scores = torch.zeros(len(queries), len(sequences), dtype=torch.float64)
-        index_scores[:, shard.indices.long()] = shard.scores
-        candidates = top_candidates(index_scores, rescore)
+        index_scores[:, shard.index.long()] = shard.scores
+        sources = {"index": top_candidates(index_scores, rescore)}
+        if lexical:
+            sources["lexical"] = indexer.scorer.lexical_candidates("bm25", queries, sequences, lexical)
+        candidates = merged(*sources.values())
         result, _ = two_stage(indexer.scorer, prepared, index_scores, candidates, sequences.__getitem__)
         save(name, result.scores, fit_seconds + time.perf_counter() - started)
+        if lexical:
+            exact = out / "ekfac-d0.1.safetensors"  # the exact top-10, where that setting was scored
+            truth = torch.topk(load_file(str(exact))["scores"], 10).indices.tolist() if exact.exists() else None
+            for source, share in contributions({**sources, "union": candidates}, result.top).items():
+                found = sources.get(source, candidates)
+                print(
+                    f"    {source:8s} {share['candidates']:5d} candidates, {share['recall']:.3f} of the final top-10"
+                    + (f", {recall(found, truth):.3f} of the exact top-10" if truth else ""),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

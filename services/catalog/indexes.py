@@ -256,6 +256,11 @@ class IndexView:
         sequence = view.sequence(local)
         return TokenizedSequence(index, sequence.input_ids, sequence.target_mask)
 
+    def sequences(self, count: int) -> list[TokenizedSequence]:
+        """The first `count` sequences, in global index order (a sequence's position is its index):
+        the training text of a job's shards, e.g. for lexical candidates."""
+        return [self.sequence(index) for index in range(count)]
+
     def record(self, index: int) -> tuple[str, str]:
         local, view = self._locate(index)
         return view.record(local)

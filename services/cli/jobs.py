@@ -17,7 +17,19 @@ from ..engine.records import read_queries_jsonl
 from ..enums import enum_word
 from ..errors import InputError, NotFoundError, PreconditionError
 from ..gen.influence.v1 import factor_service_pb2
-from ..options import BM25, FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, RESCORE, SEED, STRATEGY, TFIDF, TOP_K
+from ..options import (
+    BM25,
+    FISHER,
+    LEXICAL,
+    MAX_EXAMPLES,
+    MODULES,
+    QUERY_RANK,
+    RESCORE,
+    SEED,
+    STRATEGY,
+    TFIDF,
+    TOP_K,
+)
 from .flags import CORPUS, DATA, FACTORS, JSON, QUIET, Flag, add, add_damping_flags, add_model_job_flags
 from .inputs import (
     check_data,
@@ -88,6 +100,7 @@ def add_score_flags(parser) -> None:
             default=None,
             help=f"with --index: candidates per query rescored exactly (default {RESCORE.default}; 0: none)",
         ),
+        LEXICAL,
         TFIDF,
         BM25,
         Flag(
@@ -201,6 +214,9 @@ def run_score(args) -> int:
         check_data(args)
     if args.rescore is not None and (args.rescore < 0 or not args.index):
         raise InputError("--rescore takes a count >= 0, with --index")
+    LEXICAL.check(args.lexical)
+    if args.lexical and not args.index:
+        raise InputError("--lexical adds BM25 candidates to an index query's: give it with --index (--bm25 filters)")
     report_path = out_file(args.report, "--report") if args.report else None
     check_factors(args)
     out = out_dir(args.out, args)
@@ -212,7 +228,8 @@ def run_score(args) -> int:
             factor_set = factor_set_name(client, args)
             if args.index:
                 dataset = ""
-                options = {"index": index_name(client, args, Path(args.index)), "rescore": args.rescore}
+                index = index_name(client, args, Path(args.index))
+                options = {"index": index, "rescore": args.rescore, "lexical": args.lexical}
             else:
                 dataset = register(client, args, model, bars)
                 options = {"tfidf": config.tfidf, "bm25": config.bm25, "damping_check": config.damping_check}

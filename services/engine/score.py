@@ -415,11 +415,18 @@ class Scorer:
         if self.config.lexical is None:
             return None
         method, k = self.config.lexical
-        query_sequences = tokenize_queries(self.tokenizer, queries, self.config.max_length)
         mask = torch.zeros(len(queries), len(sequences), dtype=torch.bool)
-        for query, columns in enumerate(lexical_candidates(method, query_sequences, sequences, k)):
+        for query, columns in enumerate(self.lexical_candidates(method, queries, sequences, k)):
             mask[query, columns] = True
         return mask
+
+    def lexical_candidates(
+        self, method: str, queries: Sequence[Query], sequences: Sequence[TokenizedSequence], k: int
+    ) -> list[list[int]]:
+        """Each query's k best positions in `sequences` by `method` ("bm25" or "tfidf",
+        engine/lexical.py), ascending; a query read as its prompt ⊕ completion tokens."""
+        query_sequences = tokenize_queries(self.tokenizer, queries, self.config.max_length)
+        return lexical_candidates(method, query_sequences, sequences, k)
 
     @exact_arithmetic()
     def token_scores(

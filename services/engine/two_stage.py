@@ -3,10 +3,12 @@
     candidates = top_candidates(index_scores, k)                 # each query's k best by index score
     candidates = merged(candidates, other)                       # another source's (e.g. lexical), per query
     result, n  = two_stage(scorer, prepared, index_scores, candidates, sequence_of)
+    shares     = contributions({"index": ..., "lexical": ..., "union": candidates}, result.top)
 
 The rescoring budget is a number of candidates per query (`--rescore`, RESCORE.default), not a
 share of the corpus: its cost is the union's recompute (at most Q·k sequences), whatever N is.
-`recall` measures a source: the share of a reference top-k (exact scores) inside its candidates.
+`recall` measures a source: the share of a reference top-k (exact scores) inside its candidates;
+`contributions` does so for each source against the final top-k (what each source brought to it).
 """
 
 from __future__ import annotations
@@ -36,6 +38,22 @@ def recall(candidates: Sequence[Sequence[int]], truth: Sequence[Sequence[int]]) 
         len(set(found) & set(wanted)) / max(len(wanted), 1) for found, wanted in zip(candidates, truth, strict=True)
     ]
     return sum(shares) / max(len(shares), 1)
+
+
+def contributions(sources: dict[str, Sequence[Sequence[int]]], top: Sequence[Sequence[TopEntry]]) -> dict[str, dict]:
+    """What each candidate source (e.g. "index", "lexical" and their "union") holds of the final
+    top-k: {name: {"candidates": its candidates over all queries, "in_top_k": the final top-k
+    entries among them over all queries, "recall": the mean share of a query's final top-k inside
+    its candidates}}. The final top-k comes from the union, so the union's recall is 1."""
+    final = [[entry.index for entry in entries] for entries in top]
+    return {
+        name: {
+            "candidates": sum(len(found) for found in candidates),
+            "in_top_k": sum(len(set(found) & set(wanted)) for found, wanted in zip(candidates, final, strict=True)),
+            "recall": recall(candidates, final),
+        }
+        for name, candidates in sources.items()
+    }
 
 
 def two_stage(

@@ -18,8 +18,8 @@ from ..system.specs import Job
 class ScoreJob(Job):
     """Recompute scoring of a dataset (optionally of each query's lexical candidates only:
     `config.lexical`), or, with `index_id`, index scoring over the index's shards and exact rescoring of each
-    query's `rescore` best candidates. (Specs written with a `tfidf` key, which nothing read,
-    still decode: unknown keys are ignored.)"""
+    query's `rescore` best candidates, merged with its `lexical` best by BM25 (0: none). (Specs written
+    with a `tfidf` key, which nothing read, still decode: unknown keys are ignored.)"""
 
     kind: ClassVar[str] = "score"
     dataset_id: str
@@ -30,6 +30,7 @@ class ScoreJob(Job):
     queries: list[Query]
     index_id: str = ""
     rescore: int = 0
+    lexical: int = 0  # with index_id: each query's BM25 candidates merged with the index's (0: none)
     report: bool = False  # also publish report.html (query_svc/report_html.py) with the result
 
     @property

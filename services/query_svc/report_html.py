@@ -414,13 +414,24 @@ def settings_rows(data: ReportData) -> list[tuple[str, str]]:
         (
             "index and rescoring",
             f"{index['name']}: {index.get('projection', '')} projection, rescored "
-            f"{index.get('rescore')} per query ({index.get('rescored_sequences')} sequences)"
+            f"{index.get('rescore')} per query ({index.get('rescored_sequences')} sequences)" + _lexical_sources(index)
             if index
             else "none (every sequence's gradient recomputed)",
         )
     )
     rows.append(("exact or approximate", _exactness(data)))
     return rows
+
+
+def _lexical_sources(index: dict) -> str:
+    """With --lexical: the BM25 candidates merged in, and the share of the final top-k each source held."""
+    if not index.get("lexical"):
+        return ""
+    sources = index["sources"]
+    return (
+        f", with {index['lexical']} BM25 candidates per query; of the final top-k the index's candidates held "
+        f"{sources['index']['recall']:.0%}, BM25's {sources['lexical']['recall']:.0%}"
+    )
 
 
 def _exactness(data: ReportData) -> str:

@@ -8,7 +8,9 @@ results.json's schema (SCHEMA_VERSION; a result without "schema_version" is vers
                predicting the next token), approximate? (true: an index score not rescored exactly)
     settings: model, dtype, factor_set, dataset, top_k, per_module, per_token, max_length, fisher,
               model_fingerprint, tool_version, created (UTC, ISO 8601)
-    tfidf?, index?: what filtered or ranked the candidates
+    tfidf?, bm25?, index?: what filtered or ranked the candidates; index.lexical? and index.sources?
+              (--lexical K): per candidate source ("index", "lexical", "union") its "candidates",
+              the final top-k entries among them ("in_top_k") and their mean share per query ("recall")
     inputs?: {"model" | "data" | "factors" | "queries": {"path", "sha256"}}, added by the CLI (cli/inputs.py)
 Version 2 added schema_version, approximate, the queries' tokens, the settings' fisher, fingerprint,
 version and date, and inputs.

@@ -17,7 +17,7 @@ from ..engine.records import query_records
 from ..engine.score import ScoreConfig
 from ..errors import InputError, PreconditionError
 from ..gen.influence.v1 import query_service_pb2, query_service_pb2_grpc
-from ..options import BATCH_SIZE, BM25, DAMPING_FACTOR, RESCORE, TFIDF, TOP_K
+from ..options import BATCH_SIZE, BM25, DAMPING_FACTOR, LEXICAL, RESCORE, TFIDF, TOP_K
 from ..rpc import validation
 from ..rpc.common import TenantScoped, in_thread, model_ref, new_id, operation_message
 from ..rpc.status import grpc_errors
@@ -62,6 +62,11 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
         model = model_ref(request.model)
         if request.index:
             return self._index_scores(request, model)
+        if request.lexical:
+            raise InputError(
+                "lexical adds BM25 candidates to an index query's: give it with index (bm25 filters recompute scoring)",
+                field="lexical",
+            )
         factor_set_id, dataset = self._inputs(request)
         config = self._config(
             request,
@@ -144,6 +149,7 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
         rescore = request.rescore if request.HasField("rescore") else RESCORE.default
         if rescore < 0:
             raise InputError(f"rescore must be >= 0, got {rescore}")
+        lexical = validation.positive(request.lexical, "lexical", LEXICAL.default, LEXICAL.maximum)
         job = ScoreJob(
             model,
             dataset_id="",
@@ -155,6 +161,7 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
             report=request.report,
             index_id=index.id,
             rescore=rescore,
+            lexical=lexical,
         )
         record = self.system.submit(
             "compute_scores", job, request_id=request.request_id, target=result_path(job.result_id)

@@ -41,7 +41,7 @@ from ..engine.score import (
     merge_self_influence,
     score_in_memory,
 )
-from ..engine.two_stage import top_candidates, two_stage
+from ..engine.two_stage import contributions, merged, top_candidates, two_stage
 from ..errors import PreconditionError
 from ..rpc.messages import packed
 from ..storage import get_tensors, put_tensors
@@ -249,8 +249,9 @@ def run_index_score(call: StageCall) -> None:
 
 
 def run_index_merge(call: StageCall) -> ResultInfo:
-    """Index scores of every shard, each query's best `rescore` candidates rescored exactly, the
-    final top-k (with the breakdowns asked for) from exact scores."""
+    """Index scores of every shard, each query's best `rescore` candidates (and, with `lexical`,
+    its best by BM25) rescored exactly, the final top-k (with the breakdowns asked for) from exact
+    scores."""
     job: ScoreJob = call.job
     index = _index(call).info
     scorer = _scorer(call)
@@ -262,7 +263,10 @@ def run_index_merge(call: StageCall) -> ResultInfo:
         raise PreconditionError(f"index scores cover {index_scores.shape[1]} of {expected} sequences")
     prepared, _ = _prepared(call, scorer)
     view = IndexView(call.context.artifacts, call.context.store, index)
-    candidates = top_candidates(index_scores, job.rescore)
+    sources = {"index": top_candidates(index_scores, job.rescore)}
+    if job.lexical:  # BM25 over the training text of the job's shards (document frequencies need all of it)
+        sources["lexical"] = scorer.lexical_candidates("bm25", job.queries, view.sequences(expected), job.lexical)
+    candidates = merged(*sources.values())
     result, rescored = two_stage(scorer, prepared, index_scores, candidates, view.sequence, call.context.progress)
     if job.config.per_token:
         result.query_tokens = scorer.query_tokens(job.queries)
@@ -283,6 +287,9 @@ def run_index_merge(call: StageCall) -> ResultInfo:
         "rescore": job.rescore,
         "rescored_sequences": rescored,
     }
+    if job.lexical:  # what each candidate source brought to the final top-k
+        report["index"]["lexical"] = job.lexical
+        report["index"]["sources"] = contributions({**sources, "union": candidates}, result.top)
     tensors = {"scores": result.scores.contiguous(), **top_tensors(result.top)}
     return _publish_result(call, tensors, report, num_queries=len(job.queries))
 

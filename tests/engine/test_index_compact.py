@@ -1,6 +1,6 @@
 """The compact index (issue 24): int8 storage within its error bound, ranks chosen per sequence by
 energy share and byte budget, format-1 svd blocks scored as before, the one block loop, and the
-candidate sources of two-stage retrieval merged and rescored exactly."""
+candidate sources of two-stage retrieval (the index's, BM25's) merged and rescored exactly."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from services.engine.index import Indexer, IndexSpec, SvdFactors, block_bytes, p
 from services.engine.index_scan import score_block, score_index_shard
 from services.engine.progress import Progress
 from services.engine.quantize import LEVELS, loaded, row_bytes, stored
+from services.engine.records import Query
 from services.engine.score import ScoreConfig, compute_scores
-from services.engine.two_stage import merged, recall, top_candidates, two_stage
+from services.engine.two_stage import contributions, merged, recall, top_candidates, two_stage
 from tests.support.numerics import assert_close
 from tests.support.reference import IntTokenizer
 from tests.support.tiny import random_examples, random_queries, tiny_model
@@ -154,3 +155,59 @@ def test_candidates_from_two_sources_are_merged_and_rescored_exactly(fitted):
     truth = [torch.topk(exact[query], 3).indices.tolist() for query in range(len(queries))]
     assert recall(candidates, truth) >= recall(from_index, truth)
     assert recall([[1, 2]], [[2, 9]]) == 0.5
+
+
+def test_a_sequence_only_bm25_finds_reaches_the_top_k_when_it_scores_best(fitted):
+    model, examples, _, factors = fitted
+    own = [2, 5, 11, 17]  # each query is one training sequence's text, split into prompt and completion
+    queries = []
+    for index in own:
+        words = examples[index].text.split()
+        queries.append(Query(f"q{index}", " ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])))
+    exact = compute_scores(model, IntTokenizer(), factors, examples, queries, ScoreConfig(batch_size=4)).scores
+    assert exact.argmax(1).tolist() == own  # its own sequence scores best, exactly
+    indexer = Indexer(model, IntTokenizer(), factors, IndexSpec("svd", rank=1), ScoreConfig(batch_size=4))
+    sequences = indexer.scorer.tokenize_training(examples)
+    index_queries, prepared = indexer.query_side(queries, 8.0)
+    shard = score_index_shard(index_queries, indexer.blocks(sequences, block_sequences=8))
+    scores = torch.zeros(len(queries), len(examples), dtype=torch.float64)
+    scores[:, shard.index] = shard.scores
+    scores[range(len(own)), own] = scores.min() - 1  # an index that ranks it last: only BM25 finds it
+    from_index = top_candidates(scores, 3)
+    lexical = indexer.scorer.lexical_candidates("bm25", queries, sequences, 3)
+    assert all(index not in found for index, found in zip(own, from_index, strict=True))
+    assert all(index in found for index, found in zip(own, lexical, strict=True))
+
+    alone, _ = two_stage(indexer.scorer, prepared, scores, from_index, sequences.__getitem__)
+    assert all(top[0].index != index for top, index in zip(alone.top, own, strict=True))
+    candidates = merged(from_index, lexical)
+    result, rescored = two_stage(indexer.scorer, prepared, scores, candidates, sequences.__getitem__)
+    assert rescored == len(set().union(*map(set, candidates)))
+    for query, chosen in enumerate(candidates):  # every merged candidate rescored exactly
+        assert_close(result.scores[query, chosen], exact[query, chosen], 1e-5, "rescored")
+        assert result.top[query][0].index == own[query]
+        assert result.top[query][0].score == pytest.approx(float(exact[query, own[query]]), rel=1e-5)
+        ranked = sorted(chosen, key=lambda index: -float(exact[query, index]))[: len(result.top[query])]
+        assert [entry.index for entry in result.top[query]] == ranked
+
+    shares = contributions({"index": from_index, "lexical": lexical, "union": candidates}, result.top)
+    final = [[entry.index for entry in entries] for entries in result.top]
+    for name, source in (("index", from_index), ("lexical", lexical), ("union", candidates)):
+        assert shares[name]["candidates"] == sum(map(len, source))
+        assert shares[name]["in_top_k"] == sum(len(set(a) & set(b)) for a, b in zip(source, final, strict=True))
+        assert shares[name]["recall"] == pytest.approx(recall(source, final))
+    assert shares["union"]["recall"] == 1.0 and shares["union"]["in_top_k"] == sum(map(len, final))
+    assert shares["lexical"]["in_top_k"] >= len(own)  # each query's best came from BM25 alone
+
+
+def test_contributions_count_each_sources_share_of_the_final_top_k():
+    class Entry:
+        def __init__(self, index):
+            self.index = index
+
+    top = [[Entry(4), Entry(1)], [Entry(7)]]
+    shares = contributions({"a": [[1, 2, 3], [7]], "b": [[4], [8, 9]]}, top)
+    assert shares == {
+        "a": {"candidates": 4, "in_top_k": 2, "recall": 0.75},
+        "b": {"candidates": 3, "in_top_k": 1, "recall": 0.25},
+    }

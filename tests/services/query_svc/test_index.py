@@ -265,3 +265,36 @@ def test_the_damping_check_reports_each_querys_top_k_overlap_and_needs_recompute
         assert all(0 <= value <= 1 for value in query["damping_overlap"].values())
     assert indexed(paths, tmp_path / "no-index", tmp_path / "x", "--damping-check") == 2
     assert "--damping-check needs recompute scoring" in capsys.readouterr().err
+
+
+def test_lexical_candidates_join_the_index_candidates_and_the_result_says_what_each_source_held(ws, tmp_path, capsys):
+    _, paths = ws
+    index = tmp_path / "index"
+    build(paths, index, "--rank", "1")  # compressed hard: its own candidates miss much of the exact top-k
+    exact = recompute(paths, "train", tmp_path / "r")
+    assert indexed(paths, index, tmp_path / "plain", "--rescore", "2", "--top-k", "3") == 0
+    assert indexed(paths, index, tmp_path / "both", "--rescore", "2", "--lexical", "4", "--top-k", "3") == 0
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    both = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert "lexical" not in plain["index"] and "sources" not in plain["index"]  # off: the result as before
+    assert both["index"]["lexical"] == 4
+    sources = both["index"]["sources"]
+    queries = len(both["queries"])
+    assert sources["index"]["candidates"] == 2 * queries and sources["lexical"]["candidates"] == 4 * queries
+    assert sources["union"] == {"candidates": sources["union"]["candidates"], "in_top_k": 3 * queries, "recall": 1.0}
+    assert max(sources["index"]["candidates"], sources["lexical"]["candidates"]) <= sources["union"]["candidates"]
+    assert sources["index"]["in_top_k"] + sources["lexical"]["in_top_k"] >= 3 * queries
+    for name in ("index", "lexical"):
+        assert sources[name]["recall"] == pytest.approx(sources[name]["in_top_k"] / (3 * queries))
+    assert both["index"]["rescored_sequences"] > plain["index"]["rescored_sequences"]
+    ids = [json.loads(line)["id"] for line in Path(paths["train"]).read_text().splitlines()]
+    for row, query in enumerate(both["queries"]):
+        assert len(query["top"]) == 3  # the index's 2 candidates alone could not fill it
+        for entry in query["top"]:
+            assert entry["score"] == pytest.approx(float(exact[row, ids.index(entry["id"])]), rel=1e-5, abs=1e-6)
+            assert "approximate" not in entry
+    assert "4 BM25 candidates per query" in build_report(tmp_path / "both")
+    capsys.readouterr()
+    args = ["score", "--model", paths["model"], "--factors", paths["factors"], "--data", paths["train"]]
+    assert cli([*args, "--queries", paths["queries"], "--out", str(tmp_path / "x"), "--lexical", "3"]) == 2
+    assert "give it with --index" in capsys.readouterr().err
