@@ -41,7 +41,7 @@ from ..engine.score import (
     merge_self_influence,
     score_in_memory,
 )
-from ..engine.two_stage import top_candidates, two_stage
+from ..engine.two_stage import merged, top_candidates, two_stage
 from ..errors import PreconditionError
 from ..rpc.messages import packed
 from ..storage import get_tensors, put_tensors
@@ -142,7 +142,7 @@ def run_merge(call: StageCall) -> ResultInfo:
     if job.config.per_token and job.config.top_k:
         scorer = _scorer(call)
         prepared, _ = _prepared(call, scorer)
-        scorer.attach_token_scores(prepared, result.top, view.sequence, call.context.progress)
+        scorer.attach_token_scores(prepared, result.ranked, view.sequence, call.context.progress)
         result.kernels = {name: prepared.modules[name].kernel for name in names}
         result.query_tokens = scorer.query_tokens(job.queries)
     return _publish_scores(call, factors, names, view, result, partials, mask)
@@ -263,6 +263,8 @@ def run_index_merge(call: StageCall) -> ResultInfo:
     prepared, _ = _prepared(call, scorer)
     view = IndexView(call.context.artifacts, call.context.store, index)
     candidates = top_candidates(index_scores, job.rescore)
+    if job.config.bottom_k:  # the most negative come from the other end of the index ranking
+        candidates = merged(candidates, top_candidates(index_scores, job.rescore, largest=False))
     result, rescored = two_stage(scorer, prepared, index_scores, candidates, view.sequence, call.context.progress)
     if job.config.per_token:
         result.query_tokens = scorer.query_tokens(job.queries)
