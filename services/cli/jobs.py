@@ -17,7 +17,7 @@ from ..engine.records import read_queries_jsonl
 from ..enums import enum_word
 from ..errors import InputError, NotFoundError, PreconditionError
 from ..gen.influence.v1 import factor_service_pb2
-from ..options import BM25, FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, RESCORE, SEED, STRATEGY, TFIDF, TOP_K
+from ..options import BM25, BOTTOM_K, FISHER, MAX_EXAMPLES, MODULES, QUERY_RANK, RESCORE, SEED, STRATEGY, TFIDF, TOP_K
 from .flags import CORPUS, DATA, FACTORS, JSON, QUIET, Flag, add, add_damping_flags, add_model_job_flags
 from .inputs import (
     check_data,
@@ -74,6 +74,7 @@ def add_score_flags(parser) -> None:
         ),
         RESULT_OUT,
         TOP_K,
+        BOTTOM_K,
     )
     add_damping_flags(parser)
     add(
@@ -186,6 +187,7 @@ def run_score(args) -> int:
         tfidf=args.tfidf,
         bm25=args.bm25,
         damping_check=args.damping_check,
+        bottom_k=args.bottom_k,
     )
     queries = read_queries_jsonl(args.queries)
     if args.index:
@@ -226,6 +228,7 @@ def run_score(args) -> int:
                 damping_factor=config.damping_factor,
                 query_rank=config.query_rank or 0,
                 top_k=config.top_k,
+                bottom_k=config.bottom_k,
                 per_module=config.per_module,
                 per_token=config.per_token,
                 batch_size=config.batch_size,

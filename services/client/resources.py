@@ -216,7 +216,8 @@ class InfluenceClient(Connection):
         """Score queries against a dataset (recompute; options bm25=K or tfidf=K to score only
         each query's K lexical candidates) or, with index="indexes/{id}" (dataset may be ""), against
         an index, the top `rescore` candidates per query rescored exactly (default: the server's,
-        100 candidates)."""
+        100 candidates). Option bottom_k=N also keeps each query's N most negative sequences
+        (with an index: `rescore` candidates from each end of its ranking)."""
         request = query_service_pb2.ComputeScoresRequest(
             model=_model(model),
             factor_set=factor_set,

@@ -194,6 +194,7 @@ def _publish_scores(
         modules=names,
         settings=settings_of(job, factors, _coverage(call)),
         query_tokens=result.query_tokens,
+        bottom=result.bottom,
     )
     if mask is not None:
         method, k = job.config.lexical
@@ -278,6 +279,7 @@ def run_index_merge(call: StageCall) -> ResultInfo:
         modules=scorer.names,
         settings=settings_of(job, scorer.factors, _coverage(call)),
         query_tokens=result.query_tokens,
+        bottom=result.bottom,
     )
     report["index"] = {
         "name": index.name,
