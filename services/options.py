@@ -66,6 +66,9 @@ SEED = Option("seed", 0, "seed of the sampled labels (fit) or of the random proj
 # -- scoring ---------------------------------------------------------------------------------------
 
 TOP_K = Option("top_k", 10, "training sequences kept per query, best first", minimum=1)
+BOTTOM_K = Option(
+    "bottom_k", 0, "also keep each query's N most negative training sequences, most negative first (0: none)", minimum=0
+)
 DAMPING_FACTOR = Option("damping_factor", 0.1, "damping = F x mean eigenvalue per module", float, minimum=0)
 DAMPING = Option("damping", None, "absolute damping (overrides --damping-factor)", float, minimum=0)
 QUERY_RANK = Option("query_rank", None, "low-rank query batching with rank R", minimum=1)

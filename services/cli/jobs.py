@@ -19,6 +19,7 @@ from ..errors import InputError, NotFoundError, PreconditionError
 from ..gen.influence.v1 import factor_service_pb2
 from ..options import (
     BM25,
+    BOTTOM_K,
     FISHER,
     LEXICAL,
     MAX_EXAMPLES,
@@ -86,6 +87,7 @@ def add_score_flags(parser) -> None:
         ),
         RESULT_OUT,
         TOP_K,
+        BOTTOM_K,
     )
     add_damping_flags(parser)
     add(
@@ -199,6 +201,7 @@ def run_score(args) -> int:
         tfidf=args.tfidf,
         bm25=args.bm25,
         damping_check=args.damping_check,
+        bottom_k=args.bottom_k,
     )
     queries = read_queries_jsonl(args.queries)
     if args.index:
@@ -243,6 +246,7 @@ def run_score(args) -> int:
                 damping_factor=config.damping_factor,
                 query_rank=config.query_rank or 0,
                 top_k=config.top_k,
+                bottom_k=config.bottom_k,
                 per_module=config.per_module,
                 per_token=config.per_token,
                 batch_size=config.batch_size,

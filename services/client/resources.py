@@ -217,7 +217,9 @@ class InfluenceClient(Connection):
         each query's K lexical candidates) or, with index="indexes/{id}" (dataset may be ""), against
         an index, the top `rescore` candidates per query rescored exactly (default: the server's,
         100 candidates), with lexical=K also each query's K best sequences by BM25 over the index's
-        training text (results.json's index.sources: what each source held of the final top-k)."""
+        training text (results.json's index.sources: what each source held of the final top-k).
+        Option bottom_k=N also keeps each query's N most negative sequences (with an index:
+        `rescore` candidates from each end of its ranking)."""
         request = query_service_pb2.ComputeScoresRequest(
             model=_model(model),
             factor_set=factor_set,

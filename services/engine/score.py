@@ -11,8 +11,8 @@ nats of the completion's log-probability per unit of up-weighting z_m's summed l
     prepared = scorer.prepare(queries, mean_tokens)         # query gradients, IHVPs, kernels: once per job
     mask     = scorer.lexical_mask(queries, sequences)      # [Q, N] BM25/TF-IDF candidates (None: all), once
     partial  = scorer.score(prepared, shard, mask=mask)     # per data shard: per-module scores [M, Q, n]
-    result   = merge(partials, scorer.names, config, mask)  # scores, top-k (no model)
-    scorer.attach_token_scores(prepared, result.top, sequence_of)   # per-token for the top-k (--per-token)
+    result   = merge(partials, scorer.names, config, mask)  # scores, top-k and bottom-k (no model)
+    scorer.attach_token_scores(prepared, result.ranked, sequence_of)  # per-token for them (--per-token)
     partial  = scorer.self_influence(shard)                 # per data shard: ⟨P_m, DW_m⟩ [n]
     scores   = merge_self_influence(partials)               # [N]
 
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, PreconditionError
-from ..options import BATCH_SIZE, BM25, DAMPING, DAMPING_FACTOR, MAX_LENGTH, QUERY_RANK, TFIDF, TOP_K
+from ..options import BATCH_SIZE, BM25, BOTTOM_K, DAMPING, DAMPING_FACTOR, MAX_LENGTH, QUERY_RANK, TFIDF, TOP_K
 from .capture import ModuleCapture, accumulation_dtype, capture
 from .data import TokenizedSequence, collate, tokenize_queries, tokenize_training
 from .device import exact_arithmetic, host_to_device, to_device
@@ -67,6 +67,7 @@ class ScoreConfig:
     batch_size: int = BATCH_SIZE.default
     max_length: int = MAX_LENGTH.default
     top_k: int = TOP_K.default
+    bottom_k: int = BOTTOM_K.default  # also each query's bottom_k most negative sequences (0: none)
     per_module: bool = False
     per_token: bool = False
     tfidf: int = TFIDF.default  # score only each query's tfidf nearest training sequences by TF-IDF (0: all)
@@ -76,6 +77,7 @@ class ScoreConfig:
     def validate(self) -> None:
         BATCH_SIZE.check(self.batch_size)
         TOP_K.check(self.top_k)
+        BOTTOM_K.check(self.bottom_k)
         QUERY_RANK.check(self.query_rank)
         MAX_LENGTH.check(self.max_length)
         TFIDF.check(self.tfidf)
@@ -98,7 +100,7 @@ class ScoreConfig:
 
 @dataclass
 class TopEntry:
-    """One of a query's top-k training sequences."""
+    """One of a query's top-k (or bottom-k) training sequences."""
 
     index: int
     score: float
@@ -114,11 +116,17 @@ class ScoreResult:
     module_names: list[str]
     per_module: torch.Tensor | None = None  # [n_modules, n_queries, n_train] float32
     top: list[list[TopEntry]] = field(default_factory=list)
+    bottom: list[list[TopEntry]] = field(default_factory=list)  # --bottom-k: most negative first ([] per query: off)
     kernels: dict[str, str] = field(default_factory=dict)
     # --damping-check: per scale ("0.1x", "10x"), each query's top-k overlap (share of its top-k
     # also in the top-k at that damping, among the same scored sequences): [Q] floats
     damping_overlap: dict[str, list[float]] | None = None
     query_tokens: list[list[tuple[str, float | None]]] | None = None  # Scorer.query_tokens (--per-token)
+
+    @property
+    def ranked(self) -> list[list[TopEntry]]:
+        """Each query's top-k entries, then its bottom-k ones (the entries token scores are attached to)."""
+        return [top + bottom for top, bottom in zip(self.top, self.bottom or [[]] * len(self.top), strict=True)]
 
 
 @dataclass
@@ -530,6 +538,11 @@ def merge(
     )
     ranked = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
     result.top = top_k_entries(ranked, per_module if config.per_module else None, names, config.top_k)
+    if config.bottom_k:
+        lowest = scores if mask is None else scores.masked_fill(~mask, float("inf"))
+        result.bottom = top_k_entries(
+            lowest, per_module if config.per_module else None, names, config.bottom_k, largest=False
+        )
     if partials and partials[0].alternates is not None:
         result.damping_overlap = damping_overlap(ranked, concatenate(partials, "alternates"), mask, config.top_k)
     return result
@@ -562,17 +575,22 @@ def damping_overlap(
 
 
 def top_k_entries(
-    scores: torch.Tensor, per_module: torch.Tensor | None, names: list[str], k: int
+    scores: torch.Tensor, per_module: torch.Tensor | None, names: list[str], k: int, largest: bool = True
 ) -> list[list[TopEntry]]:
-    """The k highest-scoring training sequences per query (entries scored -inf, i.e. not scored,
-    never rank). scores: [Q, N]; per_module: [M, Q, N]."""
+    """The k highest-scoring training sequences per query, highest first, or with largest=False the
+    k lowest, lowest first (entries scored -inf, resp. +inf, i.e. not scored, never rank).
+    scores: [Q, N]; per_module: [M, Q, N]."""
     k = min(k, scores.shape[1])
+    unscored = float("-inf") if largest else float("inf")
     top = []
     for query in range(scores.shape[0]):
-        values, indices = torch.topk(scores[query], k) if k else (torch.empty(0), torch.empty(0, dtype=torch.long))
+        if k:
+            values, indices = torch.topk(scores[query], k, largest=largest)
+        else:
+            values, indices = torch.empty(0), torch.empty(0, dtype=torch.long)
         entries = []
         for value, index in zip(values.tolist(), indices.tolist(), strict=True):
-            if value == float("-inf"):
+            if value == unscored:
                 break
             breakdown = None
             if per_module is not None:
@@ -609,7 +627,7 @@ def score_in_memory(
     partial = scorer.score(prepared, sequences, progress, mask)
     result = merge([partial], scorer.names, scorer.config, mask)
     if scorer.config.per_token and scorer.config.top_k:
-        scorer.attach_token_scores(prepared, result.top, sequences.__getitem__, progress)
+        scorer.attach_token_scores(prepared, result.ranked, sequences.__getitem__, progress)
     result.kernels = {name: prepared.modules[name].kernel for name in scorer.names}
     return InMemoryScores(result, partial, mask)
 

@@ -1,6 +1,7 @@
 """Two-stage retrieval: candidates from cheap sources, then exact EK-FAC rescoring of their union.
 
     candidates = top_candidates(index_scores, k)                 # each query's k best by index score
+    candidates = merged(candidates, top_candidates(index_scores, k, largest=False))  # --bottom-k: both ends
     candidates = merged(candidates, other)                       # another source's (e.g. lexical), per query
     result, n  = two_stage(scorer, prepared, index_scores, candidates, sequence_of)
     shares     = contributions({"index": ..., "lexical": ..., "union": candidates}, result.top)
@@ -20,10 +21,11 @@ import torch
 from .score import PreparedQueries, Scorer, ScoreResult, TopEntry, mean_length, top_k_entries
 
 
-def top_candidates(index_scores: torch.Tensor, k: int) -> list[list[int]]:
-    """Each query's `k` best sequences by index score (index_scores [Q, N]), best first."""
+def top_candidates(index_scores: torch.Tensor, k: int, largest: bool = True) -> list[list[int]]:
+    """Each query's `k` best sequences by index score (index_scores [Q, N]), best first; with
+    largest=False its `k` most negative, most negative first (the bottom-k's candidates)."""
     k = min(k, index_scores.shape[1])
-    return [torch.topk(row, k).indices.tolist() if k else [] for row in index_scores]
+    return [torch.topk(row, k, largest=largest).indices.tolist() if k else [] for row in index_scores]
 
 
 def merged(*sources: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -65,22 +67,25 @@ def two_stage(
     progress=None,
 ) -> tuple[ScoreResult, int]:
     """Rescore each query's candidates exactly (full EK-FAC, their sequences recomputed: the union
-    over queries once) and rank its final top-k among them; without candidates, the index's own
-    ranking.
+    over queries once) and rank its final top-k (and, with config.bottom_k, its bottom-k: give
+    candidates from both ends of the index ranking then) among them; without candidates, the
+    index's own ranking.
 
     index_scores: [Q, N]. Returns (a ScoreResult whose scores are the index scores with every
-    rescored column exact, and whose top-k, with per-module and per-token breakdowns as
-    configured, come from exact scores only; the number of sequences rescored). `prepared` is
+    rescored column exact, and whose top-k and bottom-k, with per-module and per-token breakdowns
+    as configured, come from exact scores only; the number of sequences rescored). `prepared` is
     settled for the union (Scorer.settle: queries kept in the eigenbasis where that is cheaper)."""
     config = scorer.config
     union = sorted(set().union(*map(set, candidates)))
     if not union:  # no second stage: the index's own ranking
         result = ScoreResult(scores=index_scores.to(torch.float32), module_names=scorer.names)
         result.top = top_k_entries(index_scores, None, scorer.names, config.top_k)
-        for entry in (entry for entries in result.top for entry in entries):
+        if config.bottom_k:
+            result.bottom = top_k_entries(index_scores, None, scorer.names, config.bottom_k, largest=False)
+        for entry in (entry for entries in result.ranked for entry in entries):
             entry.approximate = True  # an index score, not rescored exactly
         if config.per_token and config.top_k:
-            scorer.attach_token_scores(prepared, result.top, sequence_of, progress)
+            scorer.attach_token_scores(prepared, result.ranked, sequence_of, progress)
         return result, 0
     sequences = [sequence_of(index) for index in union]
     prepared = scorer.settle(prepared, len(sequences), mean_length(sequences))
@@ -89,20 +94,25 @@ def two_stage(
     totals = exact.scores.sum(0)  # [Q, U]
     scores = index_scores.to(torch.float64).clone()
     scores[:, union] = totals
-    top = []
-    for query, chosen in enumerate(candidates):
+
+    def entries(query: int, chosen: Sequence[int], k: int, descending: bool) -> list[TopEntry]:
+        """The query's k highest (descending) or lowest exact scores among its candidates `chosen`."""
         columns = torch.tensor([column[index] for index in chosen], dtype=torch.long)
         values = totals[query, columns]
-        order = torch.argsort(values, descending=True, stable=True)[: config.top_k]
-        entries = []
+        order = torch.argsort(values, descending=descending, stable=True)[:k]
+        ranked = []
         for position in order.tolist():
             index, value = chosen[position], float(values[position])
             breakdown = None
             if config.per_module:
                 breakdown = {name: float(exact.scores[m, query, column[index]]) for m, name in enumerate(scorer.names)}
-            entries.append(TopEntry(index=index, score=value, per_module=breakdown))
-        top.append(entries)
+            ranked.append(TopEntry(index=index, score=value, per_module=breakdown))
+        return ranked
+
+    top = [entries(query, chosen, config.top_k, True) for query, chosen in enumerate(candidates)]
     result = ScoreResult(scores=scores.to(torch.float32), module_names=scorer.names, top=top)
+    if config.bottom_k:
+        result.bottom = [entries(query, chosen, config.bottom_k, False) for query, chosen in enumerate(candidates)]
     if config.per_token and config.top_k:
-        scorer.attach_token_scores(prepared, result.top, sequence_of, progress)
+        scorer.attach_token_scores(prepared, result.ranked, sequence_of, progress)
     return result, len(union)

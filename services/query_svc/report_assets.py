@@ -2,7 +2,7 @@
 
 The script draws a query's card when its `<details>` opens, from the JSON the page carries
 (`#sequences`: [id, text, display tokens] of every training sequence a card shows; `#queries-data`:
-[id, group, prompt, completion] per query; `#card-N`: one query's top sequences, token-wise
+[id, group, prompt, completion] per query; `#card-N`: one query's top (and bottom) sequences, token-wise
 influence and heatmaps, as report_html._card_payload writes them), filters the overview and the
 cards by a search, and makes a query's rows into a CSV or JSON download (a blob: no network).
 """
@@ -45,6 +45,8 @@ details.query>summary{cursor:pointer;padding:2px 0}
 .query-tokens .target{text-decoration:underline;text-decoration-color:#9a6700;text-underline-offset:3px}
 ol.top{padding-left:30px;margin:6px 0}
 ol.top li{margin:6px 0}
+.tails{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:12px}
+.tails h4{margin:6px 0 0;font-size:13px}
 .meta{color:#57606a;font-size:12px}
 .approx{color:#9a6700;font-weight:600}
 .tokens{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px;line-height:1.9;
@@ -83,7 +85,7 @@ function unpack(text, bits) {  // report_html._packed: base64 of little-endian i
   return Float64Array.from(ints, (v) => v / levels);
 }
 const unpacked = {};
-function tokenScores(i, r) {  // query i's r-th top sequence's token scores over the query's scale (null: none)
+function tokenScores(i, r) {  // query i's r-th sequence's token scores (top, then bottom) over the query's scale (null: none)
   const card = json('card-' + i);
   if (!card.tokens || !card.tokens.counts[r]) return null;
   const all = unpacked['t' + i] || (unpacked['t' + i] = unpack(card.tokens.values, 8));
@@ -146,8 +148,14 @@ function heatmap(view, ids, what) {
 function rows(i) {
   const [id, group, prompt, completion] = json('queries-data')[i];
   const card = json('card-' + i), sequences = json('sequences');
-  const top = card.top.map(([s, score, approximate], r) => ({rank: r + 1, id: sequences[s][0], score, approximate: !!approximate, text: sequences[s][1]}));
-  return {query: {id, group, prompt, completion}, top};
+  const entries = (list) => list.map(([s, score, approximate], r) => ({rank: r + 1, id: sequences[s][0], score, approximate: !!approximate, text: sequences[s][1]}));
+  const out = {query: {id, group, prompt, completion}, top: entries(card.top)};
+  if (card.bottom) out.bottom = entries(card.bottom);  // --bottom-k: most negative first
+  return out;
+}
+
+function entry(card, r) {  // the r-th sequence of a card: its top ones, then its bottom ones
+  return r < card.top.length ? card.top[r] : card.bottom[r - card.top.length];
 }
 
 function csvCell(v) {
@@ -159,8 +167,12 @@ function download(i, kind) {
   const r = rows(i);
   let text, type;
   if (kind === 'csv') {
-    const lines = [['query_id', 'rank', 'training_id', 'score', 'approximate', 'text'].join(',')];
-    for (const t of r.top) lines.push([r.query.id, t.rank, t.id, t.score, t.approximate, t.text].map(csvCell).join(','));
+    const header = ['query_id', 'rank', 'training_id', 'score', 'approximate', 'text'];
+    const tails = r.bottom ? [['top', r.top], ['bottom', r.bottom]] : [[null, r.top]];  // a tail column with --bottom-k
+    const lines = [(r.bottom ? [...header, 'tail'] : header).join(',')];
+    for (const [tail, list] of tails) {
+      for (const t of list) lines.push([r.query.id, t.rank, t.id, t.score, t.approximate, t.text, ...(tail ? [tail] : [])].map(csvCell).join(','));
+    }
     text = lines.join('\n') + '\n'; type = 'text/csv';
   } else {
     text = JSON.stringify(r, null, 1); type = 'application/json';
@@ -190,14 +202,22 @@ function drawCard(details) {
       + `<span class="bar"></span><span>${fmt(scale)}</span><span>(blue lowers, red raises the completion's log-probability)</span></div>`;
   }
   if (!card.top.length) out += '<p class="note">no training sequence ranked</p>';
-  out += '<ol class="top">' + card.top.map(([s, score, approximate], r) => {
-    const [id, text, tokens] = sequences[s];
+  const list = (entries, offset) => entries.map(([s, score, approximate], n) => {
+    const [id, text, tokens] = sequences[s], r = offset + n;
     const mark = approximate ? '<span class="approx" title="an index score, not rescored exactly">≈ approximate</span> ' : '';
     const q = tokenScores(i, r);
     const body = q && tokens ? tokensView(tokens, q, card.tokens.scale, false) : textView(text, false);
-    return `<li data-r="${r}"><span class="meta">#${r + 1} · ${esc(id)} · score ${mark}${fmt(score)}</span>`
+    return `<li data-r="${r}"><span class="meta">#${n + 1} · ${esc(id)} · score ${mark}${fmt(score)}</span>`
       + `<div class="tokens">${body}</div></li>`;
-  }).join('') + '</ol>';
+  }).join('');
+  if (card.bottom) {  // --bottom-k: the most negative beside the most positive
+    out += '<div class="tails"><div><h4>most positive (raise the completion\'s log-probability)</h4>'
+      + `<ol class="top">${list(card.top, 0)}</ol></div>`
+      + '<div><h4>most negative (lower it), most negative first</h4>'
+      + `<ol class="top bottom">${list(card.bottom, card.top.length)}</ol></div></div>`;
+  } else {
+    out += `<ol class="top">${list(card.top, 0)}</ol>`;
+  }
   if (card.layers) out += heatmap(card.layers, ids, 'layer');
   if (card.modules) out += `<details><summary>per module (${card.modules.rows.length} rows)</summary>${heatmap(card.modules, ids, 'module')}</details>`;
   details.querySelector('.card').innerHTML = out;
@@ -207,7 +227,7 @@ function drawCard(details) {
 function wholeSequence(button) {
   const li = button.closest('li'), details = button.closest('details.query');
   const i = +details.dataset.q, r = +li.dataset.r, card = json('card-' + i);
-  const [s] = card.top[r], [, text, tokens] = json('sequences')[s];
+  const [s] = entry(card, r), [, text, tokens] = json('sequences')[s];
   const q = tokenScores(i, r);
   li.querySelector('.tokens').innerHTML = q && tokens ? tokensView(tokens, q, card.tokens.scale, true) : textView(text, true);
 }
@@ -216,7 +236,7 @@ const haystacks = [];
 function haystack(i) {
   if (haystacks[i] === undefined) {
     const r = rows(i);
-    haystacks[i] = [r.query.id, r.query.group, r.query.prompt, r.query.completion, ...r.top.map((t) => t.id + ' ' + t.text)].join('\n').toLowerCase();
+    haystacks[i] = [r.query.id, r.query.group, r.query.prompt, r.query.completion, ...[...r.top, ...(r.bottom || [])].map((t) => t.id + ' ' + t.text)].join('\n').toLowerCase();
   }
   return haystacks[i];
 }

@@ -3,7 +3,8 @@ scores.safetensors, as `influence score` writes them and StreamResultFiles sends
 server's result downloaded into a directory reports the same as a local one.
 
 What each view needs, and where it comes from:
-    tokens       results.json top entries' "tokens" and the queries' own "tokens" (--per-token)
+    tokens       results.json top (and bottom) entries' "tokens", the queries' own "tokens" (--per-token)
+    bottom       results.json queries' "bottom" (--bottom-k): the most negative sequences
     layers       results.json top entries' "per_module" (--per-module), else scores.safetensors'
                  "top_per_module" [M, Q, k] (written for every recompute run)
     modules      results.json top entries' "per_module" (--per-module): a row per module
@@ -57,6 +58,7 @@ class QueryView:
     group: str
     top: list[TopSequence]
     layers: LayerView | None = None
+    bottom: list[TopSequence] = field(default_factory=list)  # --bottom-k: most negative first
     modules: LayerView | None = None  # a row per module, in the model's order (--per-module)
     tokens: list[tuple[str, float | None]] | None = None  # as scored, with completion log-probabilities
 
@@ -160,6 +162,7 @@ def _pairwise_data(report: dict, tensors: dict[str, np.ndarray]) -> ReportData:
             completion=query["completion"],
             group=query.get("group", ""),
             top=_top(query["top"]),
+            bottom=_top(query.get("bottom", [])),
             tokens=[(t["token"], t["logprob"]) for t in query["tokens"]] if "tokens" in query else None,
         )
         for query in report["queries"]

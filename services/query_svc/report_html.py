@@ -204,7 +204,7 @@ def _sequence_table(data: ReportData) -> tuple[list, dict[str, int]]:
     position of each id in that list."""
     table, position = [], {}
     for query in data.queries:
-        for sequence in query.top:
+        for sequence in query.top + query.bottom:
             if sequence.id not in position:
                 position[sequence.id] = len(table)
                 tokens = token_text(sequence.tokens) if sequence.tokens else None
@@ -214,15 +214,18 @@ def _sequence_table(data: ReportData) -> tuple[list, dict[str, int]]:
 
 def _card_payload(query: QueryView, sequence_position: dict[str, int]) -> dict:
     """One query's card: its own tokens as scored [[text, log-probability or None]] (--per-token),
-    its top sequences [[sequence, score, approximate]], token-wise influence
-    (every sequence's token scores in one int8 array of the query's token scale, and each one's
-    count) and heatmaps (rows x top sequences, int16 of their own scale, row by row)."""
+    its top sequences [[sequence, score, approximate]] and its bottom ones alike (--bottom-k),
+    token-wise influence (every sequence's token scores, top then bottom, in one int8 array of the
+    query's token scale, and each one's count) and heatmaps (rows x top sequences, int16 of their
+    own scale, row by row)."""
     card = {"top": [[sequence_position[s.id], s.score, int(s.approximate)] for s in query.top]}
+    if query.bottom:
+        card["bottom"] = [[sequence_position[s.id], s.score, int(s.approximate)] for s in query.bottom]
     if query.tokens:
         shown = token_text([token for token, _ in query.tokens])
         card["query"] = [[text, logprob] for text, (_, logprob) in zip(shown, query.tokens, strict=True)]
-    if any(s.token_scores for s in query.top):
-        rows = [np.asarray(s.token_scores or [], dtype=np.float64) for s in query.top]
+    if any(s.token_scores for s in query.top + query.bottom):
+        rows = [np.asarray(s.token_scores or [], dtype=np.float64) for s in query.top + query.bottom]
         values = np.concatenate(rows)
         scale = float(np.abs(values).max()) if values.size else 0.0
         counts = [len(row) for row in rows]
@@ -402,6 +405,8 @@ def settings_rows(data: ReportData) -> list[tuple[str, str]]:
         ("coverage", settings.get("coverage", {}).get("summary", "not recorded")),
         ("queries x training sequences", f"{len(data.queries)} x {data.scores.shape[1]}"),
     ]
+    if settings.get("bottom_k"):
+        rows.insert(rows.index(("top k", settings.get("top_k", ""))) + 1, ("bottom k", settings["bottom_k"]))
     lexical = data.lexical
     rows.append(
         (

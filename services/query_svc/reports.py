@@ -6,14 +6,17 @@ results.json's schema (SCHEMA_VERSION; a result without "schema_version" is vers
                log-probability of a completion token given those before it, null on prompt tokens),
                top[]: rank, id, score, text, per_module?, tokens? (each position's score is that of
                predicting the next token), approximate? (true: an index score not rescored exactly)
-    settings: model, dtype, factor_set, dataset, top_k, per_module, per_token, max_length, fisher,
+               bottom[]? (--bottom-k: the most negative sequences, most negative first, rank 1 the
+               most negative): entries as top's
+    settings: model, dtype, factor_set, dataset, top_k, bottom_k?, per_module, per_token, max_length, fisher,
               model_fingerprint, tool_version, created (UTC, ISO 8601)
     tfidf?, bm25?, index?: what filtered or ranked the candidates; index.lexical? and index.sources?
               (--lexical K): per candidate source ("index", "lexical", "union") its "candidates",
               the final top-k entries among them ("in_top_k") and their mean share per query ("recall")
     inputs?: {"model" | "data" | "factors" | "queries": {"path", "sha256"}}, added by the CLI (cli/inputs.py)
 Version 2 added schema_version, approximate, the queries' tokens, the settings' fisher, fingerprint,
-version and date, and inputs.
+version and date, and inputs. Version 3 added the queries' "bottom" and the settings' bottom_k
+(present with --bottom-k only).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ..engine.records import Query
 from ..engine.score import TopEntry
 from .report_data import SIGN
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def pairwise_report(
@@ -42,10 +45,12 @@ def pairwise_report(
     modules: list[str],
     settings: dict | None = None,
     query_tokens: list[list[tuple[str, float | None]]] | None = None,
+    bottom: list[list[TopEntry]] | None = None,
 ) -> dict:
     """results.json of a pairwise run; `record_of(index)` gives a training sequence's (id, text).
     `settings` (model, factor set, dataset, top_k, ...) are recorded as given, for the report;
-    `query_tokens` (Scorer.query_tokens, --per-token) as each query's "tokens"."""
+    `query_tokens` (Scorer.query_tokens, --per-token) as each query's "tokens"; `bottom`
+    (ScoreResult.bottom, --bottom-k; None or [] when off) as each query's "bottom"."""
     report = {
         "schema_version": SCHEMA_VERSION,
         "kind": "pairwise",
@@ -55,7 +60,13 @@ def pairwise_report(
         "query_rank": query_rank,
         "modules": modules,
         "queries": [
-            _query(query, top[position], record_of, query_tokens[position] if query_tokens else None)
+            _query(
+                query,
+                top[position],
+                record_of,
+                query_tokens[position] if query_tokens else None,
+                bottom[position] if bottom else None,
+            )
             for position, query in enumerate(queries)
         ],
     }
@@ -64,7 +75,13 @@ def pairwise_report(
     return report
 
 
-def _query(query: Query, top: list[TopEntry], record_of, tokens: list[tuple[str, float | None]] | None) -> dict:
+def _query(
+    query: Query,
+    top: list[TopEntry],
+    record_of,
+    tokens: list[tuple[str, float | None]] | None,
+    bottom: list[TopEntry] | None,
+) -> dict:
     record = {"id": query.id, "prompt": query.prompt, "completion": query.completion}
     if query.messages:  # a chat: shown as its turns before the completion, then the completion
         turns = [{"role": message.role, "content": message.content} for message in query.messages]
@@ -75,6 +92,8 @@ def _query(query: Query, top: list[TopEntry], record_of, tokens: list[tuple[str,
     if tokens is not None:
         record["tokens"] = [{"token": token, "logprob": logprob} for token, logprob in tokens]
     record["top"] = [_top_entry(rank, entry, record_of) for rank, entry in enumerate(top, start=1)]
+    if bottom is not None:
+        record["bottom"] = [_top_entry(rank, entry, record_of) for rank, entry in enumerate(bottom, start=1)]
     return record
 
 
@@ -147,6 +166,7 @@ def settings_of(job, factors, coverage: dict | None = None) -> dict:
         "factor_set": factor_set_path(job.factor_set_id),
         "dataset": dataset_path(job.dataset_id) if job.dataset_id else "",
         "top_k": config.top_k,
+        **({"bottom_k": config.bottom_k} if config.bottom_k else {}),
         "per_module": config.per_module,
         "per_token": config.per_token,
         "max_length": config.max_length,

@@ -54,6 +54,12 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
         top_k = validation.positive(request.top_k, "top_k", min(TOP_K.default, limit) if limit else TOP_K.default)
         return validation.within_limit(top_k, limit, "max_top_k", f"top_k is {top_k}", "top_k")
 
+    def _bottom_k(self, request) -> int:
+        """bottom_k (0: none), within this server's max_top_k like top_k."""
+        bottom_k = validation.positive(request.bottom_k, "bottom_k", 0)
+        limit = self.limits.max_top_k
+        return validation.within_limit(bottom_k, limit, "max_top_k", f"bottom_k is {bottom_k}", "bottom_k")
+
     @grpc_errors
     async def ComputeScores(self, request, context):
         return await asyncio.to_thread(self._scores, request)
@@ -77,6 +83,7 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
             tfidf=validation.positive(request.tfidf, "tfidf", TFIDF.default, TFIDF.maximum),
             bm25=validation.positive(request.bm25, "bm25", BM25.default, BM25.maximum),
             damping_check=request.damping_check,
+            bottom_k=self._bottom_k(request),
         )
         job = ScoreJob(
             model,
@@ -137,6 +144,7 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
             query_rank=request.query_rank or None,
             per_module=request.per_module,
             per_token=request.per_token,
+            bottom_k=self._bottom_k(request),
         )
         damping = index.damping
         if not request.HasField("damping") and not request.HasField("damping_factor"):

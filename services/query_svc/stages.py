@@ -142,7 +142,7 @@ def run_merge(call: StageCall) -> ResultInfo:
     if job.config.per_token and job.config.top_k:
         scorer = _scorer(call)
         prepared, _ = _prepared(call, scorer)
-        scorer.attach_token_scores(prepared, result.top, view.sequence, call.context.progress)
+        scorer.attach_token_scores(prepared, result.ranked, view.sequence, call.context.progress)
         result.kernels = {name: prepared.modules[name].kernel for name in names}
         result.query_tokens = scorer.query_tokens(job.queries)
     return _publish_scores(call, factors, names, view, result, partials, mask)
@@ -194,6 +194,7 @@ def _publish_scores(
         modules=names,
         settings=settings_of(job, factors, _coverage(call)),
         query_tokens=result.query_tokens,
+        bottom=result.bottom,
     )
     if mask is not None:
         method, k = job.config.lexical
@@ -266,6 +267,8 @@ def run_index_merge(call: StageCall) -> ResultInfo:
     sources = {"index": top_candidates(index_scores, job.rescore)}
     if job.lexical:  # BM25 over the training text of the job's shards (document frequencies need all of it)
         sources["lexical"] = scorer.lexical_candidates("bm25", job.queries, view.sequences(expected), job.lexical)
+    if job.config.bottom_k:  # the most negative come from the other end of the index ranking
+        sources["index_bottom"] = top_candidates(index_scores, job.rescore, largest=False)
     candidates = merged(*sources.values())
     result, rescored = two_stage(scorer, prepared, index_scores, candidates, view.sequence, call.context.progress)
     if job.config.per_token:
@@ -280,6 +283,7 @@ def run_index_merge(call: StageCall) -> ResultInfo:
         modules=scorer.names,
         settings=settings_of(job, scorer.factors, _coverage(call)),
         query_tokens=result.query_tokens,
+        bottom=result.bottom,
     )
     report["index"] = {
         "name": index.name,

@@ -24,20 +24,23 @@ def write_result(
     groups: int = 0,
     approximate: bool = False,
     seed: int = 0,
+    bottom_k: int = 0,
 ) -> Path:
     """A pairwise result of `queries` x `train` heavy-tailed scores (both signs), each query's top_k
     with `tokens` token scores per sequence (0: no --per-token) and a layer-wise breakdown over
-    `layers` layers of two modules each; queries in `groups` groups of two (0: none)."""
+    `layers` layers of two modules each; queries in `groups` groups of two (0: none); with `bottom_k`,
+    each query's bottom_k most negative as its "bottom" (schema version 3)."""
     rng = np.random.default_rng(seed)
     texts = [" ".join(rng.choice(WORDS, size=tokens or 30)) for _ in range(train)]
     scores = rng.pareto(2.5, size=(queries, train)) * rng.choice([-1, 1], size=(queries, train), p=[0.3, 0.7])
     scores = scores.astype(np.float32)
     modules = [f"model.layers.{layer}.mlp.{part}" for layer in range(layers) for part in ("up_proj", "down_proj")]
     top_index = np.argsort(-scores, axis=1)[:, :top_k]
-    report_queries = []
-    for q in range(queries):
-        top = []
-        for rank, index in enumerate(top_index[q], start=1):
+    bottom_index = np.argsort(scores, axis=1)[:, :bottom_k]
+
+    def entries(indices) -> list[dict]:
+        listed = []
+        for rank, index in enumerate(indices, start=1):
             entry = {"rank": rank, "id": f"train-{index}", "score": float(scores[q, index]), "text": texts[index]}
             if tokens:
                 words = texts[index].split()
@@ -47,14 +50,21 @@ def write_result(
                 ]
             if approximate:
                 entry["approximate"] = True
-            top.append(entry)
+            listed.append(entry)
+        return listed
+
+    report_queries = []
+    for q in range(queries):
+        top = entries(top_index[q])
         query = {"id": f"q{q}", "prompt": f"question {q}: what did the king", "completion": " rule", "top": top}
+        if bottom_k:
+            query["bottom"] = entries(bottom_index[q])
         if groups and q < 2 * groups:
             query["group"] = f"g{q // 2}"
         report_queries.append(query)
     per_module = (rng.normal(size=(len(modules), queries, top_k)) * 1e-2).astype(np.float32)
     report = {
-        "schema_version": 2,
+        "schema_version": 3 if bottom_k else 2,
         "kind": "pairwise",
         "sign": "positive = up-weighting the training sequence makes the completion more likely",
         "strategy": "ekfac",
@@ -62,7 +72,13 @@ def write_result(
         "query_rank": None,
         "modules": modules,
         "queries": report_queries,
-        "settings": {"model": "synthetic", "factor_set": "factorSets/synthetic", "top_k": top_k, "fisher": "sampled"},
+        "settings": {
+            "model": "synthetic",
+            "factor_set": "factorSets/synthetic",
+            "top_k": top_k,
+            **({"bottom_k": bottom_k} if bottom_k else {}),
+            "fisher": "sampled",
+        },
     }
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "results.json").write_text(json.dumps(report))

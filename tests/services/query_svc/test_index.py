@@ -6,6 +6,7 @@ TF-IDF filtering scores only each query's candidates, exactly."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def test_an_uncompressed_index_scores_like_recompute_and_an_append_like_the_conc
     assert ids == expected
     # not rescored: index scores, marked approximate (the recomputed result's are exact)
     report = json.loads((tmp_path / "s2" / "results.json").read_text())
-    assert report["schema_version"] == 2
+    assert report["schema_version"] == 3
     assert all(e["approximate"] for q in report["queries"] for e in q["top"])
     assert not any(
         "approximate" in e
@@ -132,6 +133,40 @@ def test_a_compressed_index_rescores_its_candidates_exactly(ws, tmp_path):
     # its final ranking is the exact ranking of its candidates
     for query in report["queries"]:
         assert [e["score"] for e in query["top"]] == sorted((e["score"] for e in query["top"]), reverse=True)
+
+
+def test_bottom_k_in_recompute_and_index_scoring(ws, tmp_path):
+    """--bottom-k: each query's most negative sequences by exact scores, most negative first, from
+    recompute scoring and from an index (candidates from both ends, rescored exactly); off by
+    default (no "bottom" in results.json)."""
+    _, paths = ws
+    ids = [json.loads(line)["id"] for line in Path(paths["train"]).read_text().splitlines()]
+    page = tmp_path / "r.html"
+    exact = recompute(paths, "train", tmp_path / "r", "--bottom-k", "3", "--per-token", "--report", str(page))
+    report = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert report["settings"]["bottom_k"] == 3
+    for row, query in enumerate(report["queries"]):
+        lowest = [ids[i] for i in exact[row].argsort(stable=True)[:3].tolist()]
+        assert [e["id"] for e in query["bottom"]] == lowest and [e["rank"] for e in query["bottom"]] == [1, 2, 3]
+        assert all("tokens" in e for e in query["bottom"])
+    cards = re.findall(r'<script type="application/json" id="card-\d+">(.*?)</script>', page.read_text())
+    assert [len(json.loads(card)["bottom"]) for card in cards] == [3, 3]  # the cards carry the bottom lists
+    recompute(paths, "train", tmp_path / "r0")
+    plain = json.loads((tmp_path / "r0" / "results.json").read_text())
+    assert all("bottom" not in query for query in plain["queries"]) and "bottom_k" not in plain["settings"]
+
+    build(paths, tmp_path / "index", "--rank", "2")
+    assert indexed(paths, tmp_path / "index", tmp_path / "all", "--rescore", str(len(ids)), "--bottom-k", "3") == 0
+    everything = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert [[e["id"] for e in q["bottom"]] for q in everything["queries"]] == [
+        [e["id"] for e in q["bottom"]] for q in report["queries"]
+    ]
+    assert indexed(paths, tmp_path / "index", tmp_path / "s", "--rescore", "4", "--bottom-k", "3") == 0
+    for row, query in enumerate(json.loads((tmp_path / "s" / "results.json").read_text())["queries"]):
+        assert len(query["bottom"]) == 3 and all("approximate" not in e for e in query["bottom"])
+        for entry in query["bottom"]:
+            assert entry["score"] == pytest.approx(float(exact[row, ids.index(entry["id"])]), rel=1e-5, abs=1e-6)
+        assert [e["score"] for e in query["bottom"]] == sorted(e["score"] for e in query["bottom"])
 
 
 def as_format_1(index: Path) -> None:

@@ -61,6 +61,60 @@ def test_approximate_scores_are_marked(tmp_path):
     assert all(approximate == 1 for card in _cards(text) for _, _, approximate in card["top"])
 
 
+def test_the_most_negative_sequences_ride_in_each_card(tmp_path):
+    """--bottom-k: each card carries its bottom list (most negative first) after its top one, and
+    their token scores after the top's; the settings name bottom k."""
+    result = write_result(tmp_path / "r", queries=3, top_k=4, train=40, tokens=6, bottom_k=3)
+    text = build_report(result)
+    report = json.loads((result / "results.json").read_text())
+    sequences = json.loads(re.search(r'<script type="application/json" id="sequences">(.*?)</script>', text).group(1))
+    for card, query in zip(_cards(text), report["queries"], strict=True):
+        assert [sequences[s][0] for s, _, _ in card["bottom"]] == [e["id"] for e in query["bottom"]]
+        scores = [score for _, score, _ in card["bottom"]]
+        assert scores == sorted(scores) and scores[0] < 0
+        assert card["tokens"]["counts"] == [len(e["tokens"]) for e in query["top"] + query["bottom"]]
+    assert "bottom k</th><td>3" in text and "results.json schema</th><td>3" in text
+    plain = build_report(write_result(tmp_path / "plain", queries=3, top_k=4, train=40, tokens=6))
+    assert "bottom k</th>" not in plain and all("bottom" not in card for card in _cards(plain))
+
+
+@pytest.mark.needs_browser
+def test_the_bottom_list_beside_the_top_in_chromium(tmp_path):
+    """A card shows the most negative sequences beside the most positive; a sequence of either
+    list expands; the CSV download marks each row's tail."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "run scripts/install/chromium.sh"
+    result = write_result(tmp_path / "r", queries=2, top_k=3, train=30, tokens=0, bottom_k=2)
+    page_path = tmp_path / "report.html"
+    assert main(["report", "--results", str(result), "--out", str(page_path), "--quiet"]) == 0
+    query = json.loads((result / "results.json").read_text())["queries"][1]
+    problems = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(accept_downloads=True)
+            page.on("console", lambda m: m.type in ("error", "warning") and problems.append(m.text))
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(page_path.as_uri())
+            page.click("table.overview a[href='#query-1']")
+            card = page.locator("details#query-1")
+            card.locator(".tails").wait_for(state="visible")
+            assert card.locator("ol.top li").count() == 5 and card.locator("ol.bottom li").count() == 2
+            shown = card.locator("ol.bottom li .meta").all_inner_texts()
+            assert [e["id"] in line for e, line in zip(query["bottom"], shown, strict=True)] == [True, True]
+            if card.locator("ol.bottom button.whole").count():
+                card.locator("ol.bottom button.whole").first.click()
+            with page.expect_download() as download:
+                card.locator("button[data-download='csv']").click()
+            rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+            assert [row["tail"] for row in rows] == ["top"] * 3 + ["bottom"] * 2
+            assert [row["training_id"] for row in rows[3:]] == [e["id"] for e in query["bottom"]]
+        finally:
+            browser.close()
+    assert problems == []
+
+
 def test_a_self_influence_result_has_an_overview_too(tmp_path):
     from safetensors.numpy import save_file
 

@@ -1,8 +1,8 @@
 """Job specs as the services register them: the runtime decodes them generically from their field
 types, and every spec the code before the registration wrote (literal JSON below, written by
 services/system/specs.py's encode_job at 619833f) decodes to the same job and encodes back to the
-same bytes (the dead ScoreJob.tfidf key apart, ScoreConfig.bm25 and damping_check and ScoreJob.lexical
-added at their defaults). No servers."""
+same bytes (the dead ScoreJob.tfidf key apart, ScoreConfig.bm25, damping_check and bottom_k and
+ScoreJob.lexical added at their defaults). No servers."""
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def test_a_spec_written_before_the_registration_decodes_to_the_same_job_and_enco
             query["messages"] = []  # a query's chat, written since chat queries exist (none: a prompt's)
         old["lexical"] = 0  # an index query's BM25 candidates, written since --lexical exists (none)
     if "tfidf" in old.get("config", {}):
-        old["config"].update(bm25=0, damping_check=False)  # ScoreConfig fields added since: their defaults
+        old["config"].update(bm25=0, damping_check=False, bottom_k=0)  # ScoreConfig fields added since: defaults
     if job.kind == "fit":  # the budget's plan (engine/budget.py), added since: its defaults, one group
         old.update(module_groups=[], batch_size=0)
     if job.kind == "register":

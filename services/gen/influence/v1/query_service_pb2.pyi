@@ -47,7 +47,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class ComputeScoresRequest(_message.Message):
-    __slots__ = ("request_id", "model", "factor_set", "dataset", "queries", "top_k", "damping_factor", "damping", "query_rank", "per_module", "per_token", "batch_size", "index", "rescore", "tfidf", "report", "bm25", "damping_check", "lexical")
+    __slots__ = ("request_id", "model", "factor_set", "dataset", "queries", "top_k", "damping_factor", "damping", "query_rank", "per_module", "per_token", "batch_size", "index", "rescore", "tfidf", "report", "bm25", "damping_check", "lexical", "bottom_k")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FACTOR_SET_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class ComputeScoresRequest(_message.Message):
     BM25_FIELD_NUMBER: _ClassVar[int]
     DAMPING_CHECK_FIELD_NUMBER: _ClassVar[int]
     LEXICAL_FIELD_NUMBER: _ClassVar[int]
+    BOTTOM_K_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: _common_pb2.ModelSpec
     factor_set: str
@@ -86,7 +87,8 @@ class ComputeScoresRequest(_message.Message):
     bm25: int
     damping_check: bool
     lexical: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., top_k: _Optional[int] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ..., query_rank: _Optional[int] = ..., per_module: _Optional[bool] = ..., per_token: _Optional[bool] = ..., batch_size: _Optional[int] = ..., index: _Optional[str] = ..., rescore: _Optional[int] = ..., tfidf: _Optional[int] = ..., report: _Optional[bool] = ..., bm25: _Optional[int] = ..., damping_check: _Optional[bool] = ..., lexical: _Optional[int] = ...) -> None: ...
+    bottom_k: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., factor_set: _Optional[str] = ..., dataset: _Optional[str] = ..., queries: _Optional[_Iterable[_Union[Query, _Mapping]]] = ..., top_k: _Optional[int] = ..., damping_factor: _Optional[float] = ..., damping: _Optional[float] = ..., query_rank: _Optional[int] = ..., per_module: _Optional[bool] = ..., per_token: _Optional[bool] = ..., batch_size: _Optional[int] = ..., index: _Optional[str] = ..., rescore: _Optional[int] = ..., tfidf: _Optional[int] = ..., report: _Optional[bool] = ..., bm25: _Optional[int] = ..., damping_check: _Optional[bool] = ..., lexical: _Optional[int] = ..., bottom_k: _Optional[int] = ...) -> None: ...
 
 class ComputeSelfInfluenceRequest(_message.Message):
     __slots__ = ("request_id", "model", "factor_set", "dataset", "damping_factor", "damping", "top_k", "batch_size")
