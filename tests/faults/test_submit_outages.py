@@ -24,9 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.assembly import job_system, make_server
 from services.cli import main
@@ -42,6 +40,7 @@ from services.storage.retry import RetryPolicy
 from services.system.runner import Worker
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
+from tests.support.servers.influence import wait_serving
 from tests.support.servers.ports import free_ports, wait_until
 from tests.support.servers.redis import RedisServer
 from tests.support.servers.s3 import S3Server
@@ -177,24 +176,7 @@ def serve(port: int, env: dict, log: Path, *args: str) -> subprocess.Popen:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    health = health_pb2_grpc.HealthStub(channel)
-
-    def serving() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(log.read_text())
-        try:
-            return (
-                health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                == health_pb2.HealthCheckResponse.SERVING
-            )
-        except grpc.RpcError:
-            return False
-
-    try:
-        wait_until(serving, 240, "influence serve", log)
-    finally:
-        channel.close()
+    wait_serving(f"127.0.0.1:{port}", process, log)
     return process
 
 

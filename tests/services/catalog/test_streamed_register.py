@@ -17,15 +17,14 @@ import subprocess
 import sys
 import uuid
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client import InfluenceClient
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 from tests.support.memory import PeakRss
-from tests.support.servers.ports import free_ports, wait_until
+from tests.support.servers.influence import wait_serving
+from tests.support.servers.ports import free_ports
 
 pytestmark = pytest.mark.needs_servers  # every test here runs real servers
 
@@ -61,20 +60,7 @@ def test_registering_long_lines_holds_about_one_line_in_memory(redis_server, s3_
         )  # fmt: skip
     target = f"127.0.0.1:{port}"
     try:
-        channel = grpc.insecure_channel(target)
-        health = health_pb2_grpc.HealthStub(channel)
-
-        def serving() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(log.read_text())
-            try:
-                status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                return status == health_pb2.HealthCheckResponse.SERVING
-            except grpc.RpcError:
-                return False
-
-        wait_until(serving, 240, "influence serve", log)
-        channel.close()
+        wait_serving(target, process, log)
         start, peak = 0, {}
         with InfluenceClient(target) as client:
             client.register_dataset(str(tmp_path / "model"), b'{"text": "w1 w2 w3"}\n', max_length=64)  # warm up

@@ -48,6 +48,7 @@ from services.system.runner import Worker
 from services.toy.models import build_tiny_model, save_model_dir
 from services.toy.tokenizer import build_word_tokenizer
 from tests.support.memory import PeakRss
+from tests.support.servers.influence import wait_serving
 from tests.support.servers.ports import free_ports, wait_until
 from tests.support.servers.redis import RedisServer
 from tests.support.servers.s3 import S3Server
@@ -95,23 +96,10 @@ def serve_process(redis_url: str, s3: S3Server, directory: Path, *args: str, env
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    health = health_pb2_grpc.HealthStub(channel)
-
-    def serving() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError(log.read_text())
-        try:
-            status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-            return status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
-
     try:
-        wait_until(serving, 240, "influence serve", log)
+        wait_serving(f"127.0.0.1:{port}", process, log)
         yield process, port, log
     finally:
-        channel.close()
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
             try:

@@ -41,27 +41,33 @@ def serving(redis_server, s3_server, state: Path, args: tuple[str, ...] = (), en
         start_new_session=True,
     )
     target = f"127.0.0.1:{port}"
+    try:
+        wait_serving(target, process)
+        yield target, process
+    finally:
+        _stop(process)
+
+
+def wait_serving(target: str, process: subprocess.Popen, log: Path | None = None, timeout: float = 240) -> None:
+    """Wait until `influence serve` (`process`) at `target` reports SERVING; RuntimeError with its
+    output (`log`, else its piped stdout) as soon as it exits. A loaded 2-core machine can take
+    minutes to import torch and start: wait, but never leak."""
     channel = grpc.insecure_channel(target)
     health = health_pb2_grpc.HealthStub(channel)
 
     def ready() -> bool:
         if process.poll() is not None:
-            raise RuntimeError(process.stdout.read().decode())
+            raise RuntimeError(log.read_text() if log is not None else process.stdout.read().decode())
         try:
-            return (
-                health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                == health_pb2.HealthCheckResponse.SERVING
-            )
+            status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            return status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             return False
 
     try:
-        # a loaded 2-core machine can take minutes to import torch and start: wait, but never leak
-        wait_until(ready, 240, "influence serve")
-        yield target, process
+        wait_until(ready, timeout, "influence serve", log)
     finally:
         channel.close()
-        _stop(process)
 
 
 @pytest.fixture(scope="session")
