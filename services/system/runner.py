@@ -209,6 +209,12 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _test_unit_seconds() -> float:
+    """Tests only: INFLUENCE_TEST_UNIT_SECONDS slows every unit of a task's progress (a batch) by this
+    long, so that a test can stop a worker while its task surely has much left to do."""
+    return float(os.environ.get("INFLUENCE_TEST_UNIT_SECONDS", "0") or 0)
+
+
 def tenant_store(store: ArtifactStore, tenant: str) -> ArtifactStore:
     """`store` as `tenant` sees it (the store itself for the default tenant)."""
     prefix = layout.tenant_prefix(tenant)
@@ -229,6 +235,7 @@ class OperationProgress(Progress):
         self._reported = 0.0  # a task's first step is written at once
         self._step: dict | None = None
         self._step_dirty = False
+        self._unit_seconds = _test_unit_seconds()
 
     def stage(self, name: str, total: int, unit: str = "batch") -> None:
         self._step = {"step": name, "step_done": 0, "step_total": total, "step_unit": unit}
@@ -236,6 +243,8 @@ class OperationProgress(Progress):
         self._report(self.NEW_STEP_SECONDS)
 
     def advance(self, units: int = 1, tokens: int = 0) -> None:
+        if self._unit_seconds:
+            time.sleep(self._unit_seconds * units)
         self._tokens += tokens
         if self._step is not None:
             self._step["step_done"] += units

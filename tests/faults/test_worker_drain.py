@@ -53,11 +53,11 @@ def deployment(tmp_path):
     }
     processes = []
 
-    def spawn(name: str, *arguments: str) -> subprocess.Popen:
+    def spawn(name: str, *arguments: str, **extra_env: str) -> subprocess.Popen:
         log = (root / f"{name}.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "services.cli", *arguments, "--state-dir", str(root / "state")],
-            env=env,
+            env={**env, **extra_env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -101,7 +101,10 @@ def tokens_processed(target: str) -> int:
 
 def test_a_stopped_worker_hands_its_running_task_to_the_next_at_once(deployment):
     root, target = deployment["root"], deployment["target"]
-    first = deployment["spawn"]("first", "worker", "--name", "first", "--drain-seconds", "1")
+    # The first worker takes 0.2 s more per batch: its task (80 batches) cannot end within the drain.
+    first = deployment["spawn"](
+        "first", "worker", "--name", "first", "--drain-seconds", "1", INFLUENCE_TEST_UNIT_SECONDS="0.2"
+    )
     command = [sys.executable, "-m", "services.cli", "fit", "--server", target, "--quiet", "--out", str(root / "out")]
     command += ["--model", str(root / "model"), "--data", str(root / "train.jsonl"), "--batch-size", "2"]
     fit = subprocess.Popen(command, env=deployment["env"], stderr=subprocess.PIPE, text=True)
