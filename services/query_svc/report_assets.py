@@ -148,7 +148,7 @@ function heatmap(view, ids, what) {
 function rows(i) {
   const [id, group, prompt, completion] = json('queries-data')[i];
   const card = json('card-' + i), sequences = json('sequences');
-  const entries = (list) => list.map(([s, score, approximate], r) => ({rank: r + 1, id: sequences[s][0], score, approximate: !!approximate, text: sequences[s][1]}));
+  const entries = (list) => list.map(([s, score, approximate], r) => ({rank: r + 1, id: sequences[s][0], line: sequences[s][3], score, approximate: !!approximate, text: sequences[s][1]}));
   const out = {query: {id, group, prompt, completion}, top: entries(card.top)};
   if (card.bottom) out.bottom = entries(card.bottom);  // --bottom-k: most negative first
   return out;
@@ -167,11 +167,11 @@ function download(i, kind) {
   const r = rows(i);
   let text, type;
   if (kind === 'csv') {
-    const header = ['query_id', 'rank', 'training_id', 'score', 'approximate', 'text'];
+    const header = ['query_id', 'rank', 'training_id', 'line', 'score', 'approximate', 'text'];  // line: empty where not recorded
     const tails = r.bottom ? [['top', r.top], ['bottom', r.bottom]] : [[null, r.top]];  // a tail column with --bottom-k
     const lines = [(r.bottom ? [...header, 'tail'] : header).join(',')];
     for (const [tail, list] of tails) {
-      for (const t of list) lines.push([r.query.id, t.rank, t.id, t.score, t.approximate, t.text, ...(tail ? [tail] : [])].map(csvCell).join(','));
+      for (const t of list) lines.push([r.query.id, t.rank, t.id, t.line ?? '', t.score, t.approximate, t.text, ...(tail ? [tail] : [])].map(csvCell).join(','));
     }
     text = lines.join('\n') + '\n'; type = 'text/csv';
   } else {
@@ -203,11 +203,11 @@ function drawCard(details) {
   }
   if (!card.top.length) out += '<p class="note">no training sequence ranked</p>';
   const list = (entries, offset) => entries.map(([s, score, approximate], n) => {
-    const [id, text, tokens] = sequences[s], r = offset + n;
+    const [id, text, tokens, line] = sequences[s], r = offset + n;
     const mark = approximate ? '<span class="approx" title="an index score, not rescored exactly">≈ approximate</span> ' : '';
     const q = tokenScores(i, r);
     const body = q && tokens ? tokensView(tokens, q, card.tokens.scale, false) : textView(text, false);
-    return `<li data-r="${r}"><span class="meta">#${n + 1} · ${esc(id)} · score ${mark}${fmt(score)}</span>`
+    return `<li data-r="${r}"><span class="meta">#${n + 1} · ${esc(id)} · <span class="line" title="line in the training data file">line ${line ?? '—'}</span> · score ${mark}${fmt(score)}</span>`
       + `<div class="tokens">${body}</div></li>`;
   }).join('');
   if (card.bottom) {  // --bottom-k: the most negative beside the most positive

@@ -40,6 +40,7 @@ class TopSequence:
     tokens: list[str] | None = None
     token_scores: list[float] | None = None
     approximate: bool = False  # an index score that was not rescored exactly
+    line: int | None = None  # its 1-based line in the user's TRAIN.jsonl (None: not recorded)
 
 
 @dataclass
@@ -136,6 +137,7 @@ def _top(entries: list[dict]) -> list[TopSequence]:
             tokens=[token["token"] for token in entry["tokens"]] if "tokens" in entry else None,
             token_scores=[float(token["score"]) for token in entry["tokens"]] if "tokens" in entry else None,
             approximate=bool(entry.get("approximate", False)),
+            line=entry.get("line"),
         )
         for entry in entries
     ]

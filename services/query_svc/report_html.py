@@ -42,6 +42,7 @@ TOKEN_CONVENTION = (
 )
 APPROXIMATE = "≈"  # marks an index score that was not rescored exactly
 SNIPPET = 90  # characters of the top sequence's text in the overview
+LINE_HEADER = '<th title="its line in the training data file (a corpus: its row); — where not recorded">line</th>'
 OVERVIEW_ROWS = 100  # rows of the overview listed before a search or "show all" (a browser lays out 1,000 slowly)
 _POSITIVE, _NEGATIVE = (220, 38, 38), (37, 99, 235)
 
@@ -122,6 +123,11 @@ def _distribution_rows(data: ReportData) -> list[np.ndarray]:
     return rows
 
 
+def _line(sequence: TopSequence) -> str:
+    """Its line in the user's TRAIN.jsonl, or "—" where the dataset did not record it."""
+    return str(sequence.line) if sequence.line is not None else "—"
+
+
 def _alpha(fit: plots.PowerLawTail | None) -> str:
     return f"{fit.alpha:.2f}" if fit else "—"
 
@@ -144,12 +150,12 @@ def _overview(data: ReportData) -> str:
     )
     if data.kind == "self":
         rows = "".join(
-            f"<tr><td class='num'>{s.rank}</td><td>{_e(s.id)}</td><td>{_e(s.text[:SNIPPET])}</td>"
-            f"<td class='num'>{s.score:+.4g}</td></tr>"
+            f"<tr><td class='num'>{s.rank}</td><td>{_e(s.id)}</td><td class='num'>{_line(s)}</td>"
+            f"<td>{_e(s.text[:SNIPPET])}</td><td class='num'>{s.score:+.4g}</td></tr>"
             for s in data.self_top
         )
         content = _note("A self-influence result: the training sequences with the highest self-influence.")
-        header = "<tr><th>rank</th><th>id</th><th>text</th><th>self-influence</th></tr>"
+        header = f"<tr><th>rank</th><th>id</th>{LINE_HEADER}<th>text</th><th>self-influence</th></tr>"
         table = f'<table class="overview">{header}{rows}</table>'
         return _section("overview", "Overview", content + table)
     fits = _tail_fits(data)
@@ -161,16 +167,16 @@ def _overview(data: ReportData) -> str:
             f'<tr data-q="{position}"{" hidden" if position >= OVERVIEW_ROWS else ""}>'
             f'<td><a href="#query-{position}">{_e(query.id)}</a></td><td>{_e(query.group)}</td>'
             + (
-                f"<td>{_e(first.id)}</td><td class='snippet'>{_e(first.text[:SNIPPET])}</td>"
-                f"<td class='num'>{_score(first)}</td>"
+                f"<td>{_e(first.id)}</td><td class='num'>{_line(first)}</td>"
+                f"<td class='snippet'>{_e(first.text[:SNIPPET])}</td><td class='num'>{_score(first)}</td>"
                 if first
-                else "<td colspan='3'>no training sequence ranked</td>"
+                else "<td colspan='4'>no training sequence ranked</td>"
             )
             + f"<td class='num'>{_alpha(positive)}</td><td class='num'>{_alpha(negative)}</td>"
             f"<td>{_sparkline(share)}</td></tr>"
         )
     header = (
-        "<tr><th>query</th><th>group</th><th>top-1 training id</th><th>its text</th><th>score</th>"
+        f"<tr><th>query</th><th>group</th><th>top-1 training id</th>{LINE_HEADER}<th>its text</th><th>score</th>"
         '<th title="power-law exponent of the positive tail">α +</th>'
         '<th title="power-law exponent of the negative tail (magnitudes)">α −</th><th>layer share</th></tr>'
     )
@@ -200,15 +206,15 @@ def _overview(data: ReportData) -> str:
 
 
 def _sequence_table(data: ReportData) -> tuple[list, dict[str, int]]:
-    """Every training sequence a card shows, once: [id, text, display tokens or null], and the
-    position of each id in that list."""
+    """Every training sequence a card shows, once: [id, text, display tokens or null, line in the
+    user's file or null], and the position of each id in that list."""
     table, position = [], {}
     for query in data.queries:
         for sequence in query.top + query.bottom:
             if sequence.id not in position:
                 position[sequence.id] = len(table)
                 tokens = token_text(sequence.tokens) if sequence.tokens else None
-                table.append([sequence.id, sequence.text, tokens])
+                table.append([sequence.id, sequence.text, tokens, sequence.line])
     return table, position
 
 

@@ -101,7 +101,7 @@ def test_an_uncompressed_index_scores_like_recompute_and_an_append_like_the_conc
     assert ids == expected
     # not rescored: index scores, marked approximate (the recomputed result's are exact)
     report = json.loads((tmp_path / "s2" / "results.json").read_text())
-    assert report["schema_version"] == 3
+    assert report["schema_version"] == 4
     assert all(e["approximate"] for q in report["queries"] for e in q["top"])
     assert not any(
         "approximate" in e
