@@ -129,7 +129,7 @@ function textView(text, whole) {
   return esc(text.slice(0, TEXT)) + ` …<button type="button" class="whole">show all ${text.length} characters</button>`;
 }
 
-function heatmap(view, ids, what) {
+function heatmap(view, ids, what, tail = 'top') {
   const k = ids.length, rows = view.rows.length, cells = unpack(view.cells, 16);
   let out = `<div class="heat" style="grid-template-columns:minmax(60px,max-content) repeat(${k},minmax(3px,24px))">`;
   for (let r = rows - 1; r >= 0; r--) {  // bottom layer last
@@ -140,9 +140,10 @@ function heatmap(view, ids, what) {
     }
   }
   out += '<div></div>' + ids.map((id) => `<div class="col" title="${esc(id)}">${esc(id)}</div>`).join('') + '</div>';
-  return `<figure>${out}<figcaption>Influence of each ${what} (rows, bottom to top) on this query, for its top `
-    + 'sequences (columns, by training id, best first); red raises, blue lowers the completion\'s log-probability; '
-    + 'hover a cell for its value.</figcaption></figure>';
+  const which = tail === 'top' ? 'top sequences (columns, by training id, best first)'
+    : 'most negative sequences (columns, by training id, most negative first)';
+  return `<figure>${out}<figcaption>Influence of each ${what} (rows, bottom to top) on this query, for its ${which}; `
+    + 'red raises, blue lowers the completion\'s log-probability; hover a cell for its value.</figcaption></figure>';
 }
 
 function rows(i) {
@@ -220,6 +221,7 @@ function drawCard(details) {
   }
   if (card.layers) out += heatmap(card.layers, ids, 'layer');
   if (card.modules) out += `<details><summary>per module (${card.modules.rows.length} rows)</summary>${heatmap(card.modules, ids, 'module')}</details>`;
+  if (card.bottom_layers) out += heatmap(card.bottom_layers, card.bottom.map(([s]) => sequences[s][0]), 'layer', 'bottom');
   details.querySelector('.card').innerHTML = out;
   details.dataset.drawn = '1';
 }

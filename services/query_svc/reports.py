@@ -112,22 +112,32 @@ def add_damping_check(report: dict, overlap: dict[str, list[float]]) -> None:
     }
 
 
-def top_tensors(top: list[list[TopEntry]], per_module=None) -> dict:
-    """scores.safetensors' view of the top-k, for the report: "top_index" int64 [Q, k] (each query's
-    top-k as global training indices, -1 where a query has fewer) and, given per_module [M, Q, N]
-    (float, the merge's per-module scores, whether or not the full breakdown is kept),
-    "top_per_module" float32 [M, Q, k] (0 where top_index is -1): the layer-wise view of the
-    top-k at the cost of M x Q x k numbers."""
+def rank_tensors(top: list[list[TopEntry]], bottom: list[list[TopEntry]] | None = None, per_module=None) -> dict:
+    """scores.safetensors' view of the ranked sequences, for the report: "top_index" int64 [Q, k]
+    (each query's top-k as global training indices, -1 where a query has fewer) and, given
+    `bottom` (--bottom-k), "bottom_index" int64 [Q, b] alike (most negative first); given
+    per_module [M, Q, N] (float, the merge's per-module scores, whether or not the full breakdown
+    is kept), "top_per_module" float32 [M, Q, k] (and "bottom_per_module" [M, Q, b]; 0 where the
+    index is -1): the layer-wise view of both tails at the cost of M x Q x (k + b) numbers. Readers
+    of files without the bottom tensors (older results, runs without --bottom-k) see top-k only."""
+    tensors = _rank_tensors("top", top, per_module)
+    if bottom:
+        tensors.update(_rank_tensors("bottom", bottom, per_module))
+    return tensors
+
+
+def _rank_tensors(tail: str, entries_of: list[list[TopEntry]], per_module) -> dict:
     import torch
 
-    k = max((len(entries) for entries in top), default=0)
-    index = torch.full((len(top), k), -1, dtype=torch.int64)
-    for query, entries in enumerate(top):
+    k = max((len(entries) for entries in entries_of), default=0)
+    index = torch.full((len(entries_of), k), -1, dtype=torch.int64)
+    for query, entries in enumerate(entries_of):
         index[query, : len(entries)] = torch.tensor([entry.index for entry in entries], dtype=torch.int64)
-    tensors = {"top_index": index}
+    tensors = {f"{tail}_index": index}
     if per_module is not None:
         gathered = per_module.gather(2, index.clamp(min=0).unsqueeze(0).expand(per_module.shape[0], -1, -1))
-        tensors["top_per_module"] = gathered.masked_fill(index.unsqueeze(0) < 0, 0).to(torch.float32).contiguous()
+        masked = gathered.masked_fill(index.unsqueeze(0) < 0, 0)
+        tensors[f"{tail}_per_module"] = masked.to(torch.float32).contiguous()
     return tensors
 
 
