@@ -320,18 +320,19 @@ def _layers(data: ReportData) -> str:
         f"<tr><th>{_e(label)}</th>" + "".join(f'<td class="num">{share:.1%}</td>' for share in shares) + "</tr>"
         for label, shares in series
     )
-    tails = (
-        f"top sequences (red) and of its {len(bottom)} queries' most negative sequences (blue, --bottom-k)"
+    negative = (
+        f" Blue bars: the same for the most negative sequences of {len(bottom)} queries (--bottom-k)."
         if bottom
-        else "top sequences"
+        else ""
     )
     return _section(
         "layers",
         title,
         f"<figure>{plots.layer_bin_chart(series, len(views[0].layers))}<figcaption>Average share of influence "
         f"per layer bin over {len(views)} queries (a query's share of a layer: the absolute influence of its "
-        f"{tails} there, over all layers). Each query's card has its heatmaps (layers, and modules with "
-        "--per-module, x its top sequences; layers x its most negative ones with --bottom-k).</figcaption></figure>"
+        f"top sequences there, over all layers).{negative} Each query's card has its heatmaps (layers, and "
+        "modules with --per-module, x its top sequences; layers x its most negative ones with --bottom-k)."
+        "</figcaption></figure>"
         f"<table><tr><th></th>{header}</tr>{rows}</table>",
     )
 
