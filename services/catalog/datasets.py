@@ -1,13 +1,14 @@
 """Registered datasets: datasets/{id}/ holds each shard's packed token ids
 (shards/{shard:05d}.safetensors, engine.data.pack_sequences) and records (shards/{shard:05d}.json,
-a list of {"id", "text"}); its metadata (DatasetInfo) describes it. Every read is checked against
-the manifest.
+a list of {"id", "text", "line"}: "line" the sequence's 1-based line in the registered TRAIN.jsonl,
+absent in datasets registered before it was recorded); its metadata (DatasetInfo) describes it.
+Every read is checked against the manifest.
 
     DATASETS.open(store, id) / .read / .list / .delete      (catalog/collection.py)
     DatasetWriter(store, id, cache).add_shard(...) ... .publish(info)
     ShardRecords()                                          a shard's records file, written as they come
     shard_sequences(cache, store, id, shard)                a shard's sequences, through the worker's cache
-    DatasetView(cache, store, id)                           sequences and records by global index
+    DatasetView(cache, store, id)                           sequences and records (TrainingRecord) by global index
 """
 
 from __future__ import annotations
@@ -80,6 +81,16 @@ class DatasetInfo:
         return {"kind": KIND, "name": self.name, **{key: value for key, value in fields.items() if key != "id"}}
 
 
+@dataclass(frozen=True)
+class TrainingRecord:
+    """A training sequence as results name it: its id, its (rendered) text and its 1-based line in
+    the TRAIN.jsonl it was registered from (None for datasets registered before lines were kept)."""
+
+    id: str
+    text: str
+    line: int | None = None
+
+
 def _info(dataset_id: str, metadata: dict) -> DatasetInfo:
     return DatasetInfo.from_metadata(metadata, DATASETS.describe(dataset_id))
 
@@ -111,10 +122,11 @@ def _shard_key(dataset_id: str, shard: int) -> tuple:
 
 
 class ShardRecords:
-    """A shard's records file ({"id", "text"} per sequence, in order: the bytes of `json.dumps` of
-    the list) written to a temporary file as the examples come, so that a shard's texts are never
-    in memory together: `with ShardRecords() as records:` add them, then hand it to
-    DatasetWriter.add_shard; the file goes when the block ends."""
+    """A shard's records file ({"id", "text", "line"} per sequence, in order: the bytes of
+    `json.dumps` of the list; "line" only for examples read from a file) written to a temporary
+    file as the examples come, so that a shard's texts are never in memory together:
+    `with ShardRecords() as records:` add them, then hand it to DatasetWriter.add_shard; the file
+    goes when the block ends."""
 
     def __init__(self):
         self._directory = tempfile.TemporaryDirectory(prefix="shard-records-")
@@ -126,7 +138,10 @@ class ShardRecords:
     def add(self, examples: Iterable[TrainingExample]) -> None:
         for example in examples:
             separator = b", " if self.count else b""
-            self._handle.write(separator + json.dumps({"id": example.id, "text": example.text}).encode())
+            record = {"id": example.id, "text": example.text}
+            if example.line is not None:
+                record["line"] = example.line
+            self._handle.write(separator + json.dumps(record).encode())
             self.count += 1
 
     def finish(self) -> Path:
@@ -181,7 +196,7 @@ def load_shard(dataset: ArtifactReader, shard: int) -> list[TokenizedSequence]:
 
 
 def load_records(dataset: ArtifactReader, shard: int) -> list[dict]:
-    """A shard's {"id", "text"} records, in shard order."""
+    """A shard's {"id", "text", "line"?} records, in shard order."""
     return json.loads(dataset.read_bytes(_records_file(shard)))
 
 
@@ -215,12 +230,12 @@ class DatasetView:
         shard, offset = self.dataset.info.shard_of(index)
         return shard_sequences(self.cache, self.store, self.dataset.id, shard)[offset]
 
-    def record(self, index: int) -> tuple[str, str]:
+    def record(self, index: int) -> TrainingRecord:
         shard, offset = self.dataset.info.shard_of(index)
         if shard not in self._records:
             self._records[shard] = load_records(self.dataset.reader, shard)
         entry = self._records[shard][offset]
-        return entry["id"], entry["text"]
+        return TrainingRecord(entry["id"], entry["text"], entry.get("line"))
 
 
 def link(store: ArtifactStore, directory: Path) -> DatasetInfo:

@@ -25,7 +25,7 @@ from ..errors import PreconditionError
 from ..storage import MANIFEST, ArtifactStore, FileEntry, Manifest
 from . import datasets
 from .collection import Cache, Collection, Published, reading_metadata
-from .datasets import DATASETS, DatasetInfo, DatasetView, dataset_path, parse_dataset_path
+from .datasets import DATASETS, DatasetInfo, DatasetView, TrainingRecord, dataset_path, parse_dataset_path
 from .factor_sets import factor_set_path, parse_factor_set_path
 from .links import linkable_manifest
 
@@ -261,7 +261,7 @@ class IndexView:
         the training text of a job's shards, e.g. for lexical candidates."""
         return [self.sequence(index) for index in range(count)]
 
-    def record(self, index: int) -> tuple[str, str]:
+    def record(self, index: int) -> TrainingRecord:
         local, view = self._locate(index)
         return view.record(local)
 

@@ -110,17 +110,23 @@ def _names_server_factors(args) -> bool:
 
 def check_factors(args) -> None:
     """A local --factors directory is loaded (and verified) before anything is started or uploaded,
-    and, where the model directory is here too, checked to be for this model's architecture (its
-    config built without weights): factors of another model are refused before any upload."""
+    and, where the model directory is here too, checked to be for this model: its architecture
+    (module names, its config built without weights), then its fingerprint (computed from the
+    directory's config, shapes and sampled weights, as the worker computes it from the loaded
+    model): factors of another model, even one of the same architecture, are refused before any
+    upload, with the worker's message."""
     if not _names_server_factors(args):
         from ..catalog.factor_sets import load_factors
-        from ..engine.model_io import module_names
-        from ..engine.score import require_modules
+        from ..engine.model_io import directory_fingerprint, module_names
+        from ..engine.score import require_fingerprint, require_modules
 
         factors = load_factors(args.factors)
         present = module_names(args.model) if Path(args.model).is_dir() else None
         if present is not None:
             require_modules(factors, present)
+            fingerprint = directory_fingerprint(args.model, list(factors.modules))
+            if fingerprint is not None:
+                require_fingerprint(factors, fingerprint)
 
 
 def factor_set_name(client, args) -> str:

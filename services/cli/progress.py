@@ -26,16 +26,48 @@ class Phase:
     running: float = 0.0  # by shards: the share of the shard whose task reported last (0 <= running < 1)
 
 
+DONE = "done"  # the stage of an operation that succeeded
+
+
 def phase_of(metadata: common_pb2.OperationMetadata) -> Phase:
     """A stage fanned out over several shards is shown by shards, moving within a shard by the step
     its running task reports (a step at its end, or one left from the stage before, adds nothing:
     its shard is counted done, or not begun); a stage that is one task (a one-shard fit, the
-    eigendecomposition, a merge) by the step its task reports."""
+    eigendecomposition, a merge) by the step its task reports; an operation that ended is "done"
+    (its record keeps the last step reported)."""
+    if metadata.stage == DONE:
+        return Phase(DONE, metadata.shards_done, metadata.shards_total, "shard")
     if metadata.shards_total > 1 or not metadata.step:
         within = 0 < metadata.step_done < metadata.step_total and metadata.shards_done < metadata.shards_total
         running = metadata.step_done / metadata.step_total if within else 0.0
         return Phase(metadata.stage, metadata.shards_done, metadata.shards_total, "shard", running)
     return Phase(metadata.step, metadata.step_done, metadata.step_total, metadata.step_unit or "batch")
+
+
+class ShownPhases:
+    """The phases a progress display has shown, and the steps of the metadata's history (`steps`,
+    in the order they ran) none of them covers: steps no poll saw running. A phase covers the step
+    of its name, and a stage shown by shards covers its tasks' steps; a step that did no unit of
+    work (a task's "starting", replaced by its first step) needs no showing."""
+
+    def __init__(self):
+        self.names: set[str] = set()
+        self.sharded: set[str] = set()  # stages shown by shards
+
+    def add(self, phase: Phase) -> None:
+        self.names.add(phase.name)
+        if phase.unit == "shard" and phase.total > 1:
+            self.sharded.add(phase.name)
+
+    def missed(self, metadata: common_pb2.OperationMetadata, current: Phase) -> list[Phase]:
+        """The history's steps not shown nor covered by `current`, each as a phase at its last counts."""
+        names = self.names | {current.name}
+        sharded = self.sharded | ({current.name} if current.unit == "shard" and current.total > 1 else set())
+        return [
+            Phase(step.step, step.done, step.total, step.unit or "batch")
+            for step in metadata.steps
+            if step.done > 0 and step.step not in names and step.stage not in sharded
+        ]
 
 
 def plural(unit: str) -> str:
@@ -60,7 +92,12 @@ class StageBars:
 
     On a terminal the bars redraw in place, never backwards. When stderr is not a terminal (a log
     file, CI) or is one of no width (a 0-column pseudo-terminal, where a bar draws as a blank
-    line), a bar's redraws would flood the log, so each phase prints one line when it ends instead."""
+    line), a bar's redraws would flood the log, so each phase prints one line when it ends instead.
+
+    A step that began and ended between two polls (the EK-FAC correction pass of a small fit) is
+    never the metadata's current step, but it is in the metadata's step history (`steps`): when a
+    poll shows steps of the history no bar has shown, each gets its bar (or line), complete, at
+    that poll, in the order they ran, before the phase now running."""
 
     def __init__(self, enabled: bool, stream=None):
         self.enabled = enabled
@@ -69,6 +106,8 @@ class StageBars:
         self._bar = None
         self._phase: Phase | None = None
         self._started, self._start_tokens = time.monotonic(), 0
+        self._shown = ShownPhases()
+        self._missed = False  # the phase shown is a step that ran between two polls
 
     def _rate(self, tokens_processed: int) -> float:
         return (tokens_processed - self._start_tokens) / max(time.monotonic() - self._started, 1e-9)
@@ -77,22 +116,13 @@ class StageBars:
         if not self.enabled:
             return
         phase = phase_of(metadata)
-        if self._phase is None or phase.name != self._phase.name:
+        missed = self._shown.missed(metadata, phase)
+        if missed or self._phase is None or phase.name != self._phase.name:
             self._end_phase(metadata)
-            self._phase = phase
-            self._started, self._start_tokens = time.monotonic(), metadata.tokens_processed
-            if phase.name != "done" and self.interactive:
-                from tqdm import tqdm
-
-                by_shards = {"bar_format": SHARDS} if phase.unit == "shard" else {}
-                self._bar = tqdm(
-                    total=phase.total or None,
-                    desc=f"{phase.name:>18}",
-                    unit=phase.unit,
-                    dynamic_ncols=True,
-                    file=self.stream,
-                    **by_shards,
-                )
+            for step in missed:  # shown complete, each as its own phase
+                self._start(step, metadata, missed=True)
+                self._end_phase(metadata)
+            self._start(phase, metadata)
         self._phase = phase
         if self._bar is not None:
             if metadata.tokens_processed > self._start_tokens:
@@ -100,10 +130,28 @@ class StageBars:
             reached = phase.done + phase.running if phase.running else phase.done  # ints stay ints
             self._bar.update(max(0, reached - self._bar.n))
 
+    def _start(self, phase: Phase, metadata: common_pb2.OperationMetadata, missed: bool = False) -> None:
+        """Show `phase` from now (`missed`: a step that ran between two polls, about to be ended)."""
+        self._phase, self._missed = phase, missed
+        self._shown.add(phase)
+        self._started, self._start_tokens = time.monotonic(), metadata.tokens_processed
+        if phase.name != DONE and self.interactive:
+            from tqdm import tqdm
+
+            by_shards = {"bar_format": SHARDS} if phase.unit == "shard" else {}
+            self._bar = tqdm(
+                total=phase.total or None,
+                desc=f"{phase.name:>18}",
+                unit=phase.unit,
+                dynamic_ncols=True,
+                file=self.stream,
+                **by_shards,
+            )
+
     def _end_phase(self, metadata: common_pb2.OperationMetadata) -> None:
         """The phase that was running is over: `metadata` (of the next one) holds its last counts."""
         phase = self._phase
-        if phase is None or phase.name == "done":
+        if phase is None or phase.name == DONE:
             return
         rate = self._rate(metadata.tokens_processed)
         if self._bar is not None:
@@ -115,7 +163,8 @@ class StageBars:
         else:
             elapsed = time.monotonic() - self._started
             tokens = f", {rate:,.0f} tok/s" if rate > 0 else ""
-            line = f"{phase.name:>18}: {phase.total}/{phase.total} {plural(phase.unit)} in {elapsed:.1f}s{tokens}"
+            took = "between two polls" if self._missed else f"in {elapsed:.1f}s{tokens}"
+            line = f"{phase.name:>18}: {phase.total}/{phase.total} {plural(phase.unit)} {took}"
             print(line, file=self.stream, flush=True)
 
     def close(self, clear: bool = False) -> None:
@@ -134,7 +183,7 @@ class StageBars:
 
 def fit_passes(factors_dir: Path) -> str:
     """Every pass of a fit with its seconds ("covariance 75.4s, eigen 1.1s, correction 30.2s"), from
-    the factor set's provenance: passes shorter than a progress poll show no bar, but all are here."""
+    the factor set's provenance: the fit's summary line."""
     timings = json.loads((factors_dir / "manifest.json").read_text())["metadata"].get("provenance", {}).get("timings")
     return ", ".join(f"{step} {seconds:.1f}s" for step, seconds in (timings or {}).items())
 
@@ -142,29 +191,33 @@ def fit_passes(factors_dir: Path) -> str:
 class JsonProgress:
     """`--json`'s progress: one JSON object per line on stdout (flushed) whenever an operation's
     phase or counts change: {"event": "progress", "kind", "phase", "done", "total", "unit",
-    "tokens"}. Same interface as StageBars."""
+    "tokens"}; a step no poll saw running (the metadata's step history) with its last counts,
+    before the phase now running. Same interface as StageBars."""
 
     def __init__(self, enabled: bool, stream=None):
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self._last: dict | None = None
+        self._shown = ShownPhases()
 
     def __call__(self, metadata: common_pb2.OperationMetadata) -> None:
         if not self.enabled:
             return
         phase = phase_of(metadata)
-        event = {
-            "event": "progress",
-            "kind": metadata.kind,
-            "phase": phase.name,
-            "done": phase.done,
-            "total": phase.total,
-            "unit": phase.unit,
-            "tokens": metadata.tokens_processed,
-        }
-        if event != self._last:
-            print(json.dumps(event), file=self.stream, flush=True)
-            self._last = event
+        for shown in [*self._shown.missed(metadata, phase), phase]:  # steps no poll saw, first
+            self._shown.add(shown)
+            event = {
+                "event": "progress",
+                "kind": metadata.kind,
+                "phase": shown.name,
+                "done": shown.done,
+                "total": shown.total,
+                "unit": shown.unit,
+                "tokens": metadata.tokens_processed,
+            }
+            if event != self._last:
+                print(json.dumps(event), file=self.stream, flush=True)
+                self._last = event
 
     def close(self, clear: bool = False) -> None:
         pass

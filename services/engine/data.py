@@ -21,7 +21,7 @@ Conventions (shared by every pass):
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -111,9 +111,8 @@ def _rendered(tokenizer, example: TrainingExample) -> TrainingExample:
                 f"training example '{example.id}': token id {max(example.tokens)} is outside the tokenizer's "
                 f"vocabulary of {vocabulary}: were the shards written with this model's tokenizer?"
             )
-        return TrainingExample(example.id, tokenizer.decode(list(example.tokens)), tokens=example.tokens)
-    text = _chat_text(tokenizer, example.messages, f"training example '{example.id}'")
-    return TrainingExample(example.id, text, example.messages)
+        return replace(example, text=tokenizer.decode(list(example.tokens)))
+    return replace(example, text=_chat_text(tokenizer, example.messages, f"training example '{example.id}'"))
 
 
 def tokenize_training(

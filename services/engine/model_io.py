@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import weakref
 from collections.abc import Sequence
@@ -300,35 +301,104 @@ def model_fingerprint(model: torch.nn.Module, tracked_names: list[str] | None = 
     Hashes the config (without fields that describe how it was loaded: path, dtype, attention
     implementation, library version), every parameter's name and shape, and a strided sample of
     up to 4096 values of each tracked module's weight (of every parameter when none are named; of
-a fused experts parameter once for all its experts).
+    a fused experts parameter once for all its experts).
     Fine-tuning or re-initialising the model changes those values, so factors fitted for one
     model are recognised as foreign to another.
 
     Depends only on the model: not on the order of `tracked_names` (they are sorted), nor on the
     device, nor on the dtype it was loaded in (float32, float64 and bfloat16 loads of one
-    checkpoint agree: samples are hashed rounded to bfloat16).
+    checkpoint agree: samples are hashed rounded to bfloat16). `directory_fingerprint` computes
+    the same from a model directory without loading it.
     """
-    digest = hashlib.sha256()
     config = getattr(model, "config", None)
+    parameters = dict(model.named_parameters())
+    return _fingerprint(
+        config.to_dict() if config is not None else None,
+        getattr(model, "peft_config", {}),
+        {name: tuple(parameter.shape) for name, parameter in parameters.items()},
+        tracked_names,
+        lambda name, indices: parameters[name].detach().reshape(-1)[indices.to(parameters[name].device)],
+    )
+
+
+def _fingerprint(config: dict | None, adapters: dict, shapes: dict[str, tuple], tracked_names, sample) -> str:
+    """`model_fingerprint` of a model described by its config dict, peft adapters' configs,
+    parameter shapes (name -> shape) and `sample(name, indices)`: the values at `indices` (int64
+    [n]) of the flattened parameter `name`."""
+    digest = hashlib.sha256()
     if config is not None:
-        config_dict = {key: value for key, value in config.to_dict().items() if key not in _LOAD_ONLY_CONFIG_KEYS}
+        config_dict = {key: value for key, value in config.items() if key not in _LOAD_ONLY_CONFIG_KEYS}
         digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
-    for name, adapter in sorted(getattr(model, "peft_config", {}).items()):  # an adapter's rank, scale, targets
+    for name, adapter in sorted(adapters.items()):  # an adapter's rank, scale, targets
         settings = {key: value for key, value in adapter.to_dict().items() if key not in _ADAPTER_LOAD_ONLY_KEYS}
         digest.update(name.encode() + json.dumps(settings, sort_keys=True, default=_sorted_set).encode())
-    parameters = dict(model.named_parameters())
-    for name in sorted(parameters):
-        digest.update(f"{name}:{tuple(parameters[name].shape)};".encode())
-    sampled = {weight_parameter_name(n, parameters) for n in tracked_names} if tracked_names else set(parameters)
+    for name in sorted(shapes):
+        digest.update(f"{name}:{shapes[name]};".encode())
+    sampled = {weight_parameter_name(n, shapes) for n in tracked_names} if tracked_names else set(shapes)
     # a LoRA matrix's fingerprint covers the base weight it adapts (…q_proj.base_layer.weight)
-    sampled |= {_base_weight(name) for name in sampled if _base_weight(name) in parameters}
-    sampled = sorted(sampled)
-    for name in sampled:
-        values = parameters[name].detach().reshape(-1)
-        stride = max(1, values.numel() // 4096)
-        sample = values[::stride][:4096].to(device="cpu").to(torch.bfloat16)
-        digest.update(name.encode() + b"\0" + sample.view(torch.int16).numpy().tobytes())
+    sampled |= {_base_weight(name) for name in sampled if _base_weight(name) in shapes}
+    for name in sorted(sampled):
+        numel = math.prod(shapes[name])
+        indices = torch.arange(0, numel, max(1, numel // 4096), dtype=torch.int64)[:4096]
+        values = sample(name, indices).to(device="cpu").to(torch.bfloat16)
+        digest.update(name.encode() + b"\0" + values.view(torch.int16).numpy().tobytes())
     return digest.hexdigest()
+
+
+def directory_fingerprint(model_dir: str | Path, tracked_names: list[str]) -> str | None:
+    """`model_fingerprint(model, tracked_names)` of the model a local directory holds, without
+    loading it: the config and shapes from its skeleton (no weights), the sampled values read
+    from its safetensors files (only the pages that hold them). None where that cannot be the
+    loaded model's (an adapter, a skeleton that cannot be built here, a checkpoint whose tensors
+    are not the model's parameters as they are named, e.g. converted at load, or not in
+    safetensors files): the worker's check, with the weights loaded, is then the only one."""
+    if is_adapter_dir(model_dir):
+        return None
+    try:
+        skeleton = model_skeleton(model_dir)
+    except InputError:
+        return None
+    shapes = {name: tuple(parameter.shape) for name, parameter in skeleton.named_parameters()}
+    stored = _safetensors_entries(Path(model_dir))
+    if any(name not in stored or stored[name].shape != shape for name, shape in shapes.items()):
+        return None
+    return _fingerprint(
+        skeleton.config.to_dict(), {}, shapes, tracked_names, lambda name, indices: stored[name].values(indices)
+    )
+
+
+@dataclass(frozen=True)
+class _StoredTensor:
+    """A tensor in a safetensors file: read element by element through a memory map."""
+
+    path: Path
+    offset: int  # of its first byte in the file
+    dtype: str  # the safetensors dtype: F32, F16, BF16, F64
+    shape: tuple[int, ...]
+
+    def values(self, indices: torch.Tensor) -> torch.Tensor:
+        """The flattened tensor's values at `indices` (int64 [n])."""
+        import numpy as np
+
+        numpy_dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}[self.dtype]
+        array = np.memmap(self.path, dtype=numpy_dtype, mode="r", offset=self.offset, shape=(math.prod(self.shape),))
+        picked = torch.from_numpy(np.ascontiguousarray(array[indices.numpy()]))
+        return picked.view(torch.bfloat16) if self.dtype == "BF16" else picked
+
+
+def _safetensors_entries(model_dir: Path) -> dict[str, _StoredTensor]:
+    """Every floating-point tensor of the directory's *.safetensors files, by name (their
+    headers read, no data)."""
+    entries = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__" and entry["dtype"] in ("F32", "F16", "BF16", "F64"):
+                start = 8 + length + entry["data_offsets"][0]
+                entries[name] = _StoredTensor(path, start, entry["dtype"], tuple(entry["shape"]))
+    return entries
 
 
 def _sorted_set(value):

@@ -7,8 +7,10 @@ name the file and line. No torch here: the client and the CLI's checks import th
     QUERIES.jsonl   {"id": optional string, "prompt": string, "completion": string,
                      "group": optional string (related queries, e.g. translations)} per line, or a chat:
                     {"id", "messages": [..., {"role": "assistant", "content": the completion}], "group"}
-Ids default to the record's position (from 0); duplicates are an error. Chats are rendered with
-the model's chat template where the tokenizer is (engine/data.py), not here.
+Ids default to the record's position (from 0); duplicates are an error. Each training example
+read from a file keeps its 1-based line there (`TrainingExample.line`: blank lines are skipped but
+counted), so results can point back into the user's file. Chats are rendered with the model's
+chat template where the tokenizer is (engine/data.py), not here.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class TrainingExample:
     text: str
     messages: tuple[ChatMessage, ...] = ()
     tokens: tuple[int, ...] = ()
+    line: int | None = None  # its 1-based line in the file it was read from (None: not read from a file)
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,9 @@ def decoded_lines(raw_lines: Iterable[bytes], source: str) -> Iterable[str]:
             raise InputError(f"{source}:{line_number}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
-def jsonl_records(lines: Iterable[str], source: str) -> Iterator[dict]:
-    """JSON objects, one per non-blank line, as they are read; errors name `source` and the line."""
+def jsonl_records(lines: Iterable[str], source: str) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, JSON object), one per non-blank line, as they are read; errors name
+    `source` and the line."""
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -117,12 +121,12 @@ def jsonl_records(lines: Iterable[str], source: str) -> Iterator[dict]:
             raise InputError(f"{source}:{line_number}: malformed JSON ({error.msg})") from None
         if not isinstance(record, dict):
             raise InputError(f"{source}:{line_number}: expected a JSON object, got {type(record).__name__}")
-        yield record
+        yield line_number, record
 
 
 def parse_jsonl(lines: Iterable[str], source: str, kind: str) -> list[dict]:
     """`jsonl_records` as a list; InputError if there are none."""
-    records = list(jsonl_records(lines, source))
+    records = [record for _, record in jsonl_records(lines, source)]
     if not records:
         raise InputError(f"{kind} file is empty: {source}")
     return records
@@ -207,32 +211,36 @@ def stream_training_jsonl(open_lines: Callable[[], Iterable[bytes]], source: str
 
 
 def training_examples(records: Sequence[dict], source: str) -> list[TrainingExample]:
-    """Validate training records ({"id": optional, "text": string} or "messages"); ids default to the line position."""
-    return list(unique_examples(lambda: records, source))
+    """Validate training records ({"id": optional, "text": string} or "messages"); ids default to
+    the position; no line numbers (they were not read from a file)."""
+    return list(unique_examples(lambda: ((None, record) for record in records), source))
 
 
-def unique_examples(open_records: Callable[[], Iterable[dict]], source: str) -> Iterator[TrainingExample]:
-    """Training examples of the records `open_records()` gives, one at a time, each validated as
-    it comes. Ids must be unique: each one's 64-bit digest is kept (8 bytes a record), a repeated
-    digest is looked for after the last record, and only then are the records read again (a second
-    `open_records()`) to name the repeated id and where it repeats."""
+def unique_examples(
+    open_records: Callable[[], Iterable[tuple[int | None, dict]]], source: str
+) -> Iterator[TrainingExample]:
+    """Training examples of the (line or None, record) pairs `open_records()` gives, one at a
+    time, each validated as it comes and keeping its line. Ids must be unique: each one's 64-bit
+    digest is kept (8 bytes a record), a repeated digest is looked for after the last record, and
+    only then are the records read again (a second `open_records()`) to name the repeated id and
+    where it repeats."""
     digests = [array("Q") for _ in range(256)]  # by the digest's low byte: each set of them stays small
-    for number, record in enumerate(open_records()):
+    for number, (line, record) in enumerate(open_records()):
         where = f"{source}: record {number + 1}"
         example_id = _record_id(record, str(number), where)
         if "messages" in record:
-            example = TrainingExample(example_id, "", _messages(record, where, query=False))
+            example = TrainingExample(example_id, "", _messages(record, where, query=False), line=line)
         elif "tokens" in record:
-            example = TrainingExample(example_id, "", tokens=_tokens(record, where))
+            example = TrainingExample(example_id, "", tokens=_tokens(record, where), line=line)
         else:
-            example = TrainingExample(example_id, _string_field(record, "text", where))
+            example = TrainingExample(example_id, _string_field(record, "text", where), line=line)
         digest = _id_digest(example.id)
         digests[digest & 0xFF].append(digest)
         yield example
     repeated = {digest for bucket in digests for digest in _repeats(bucket)}
     if repeated:  # a repeated id, or two ids with one digest (then no error)
         first: dict[str, int] = {}
-        for number, record in enumerate(open_records()):
+        for number, (_, record) in enumerate(open_records()):
             example_id = _record_id(record, str(number), "")
             if _id_digest(example_id) in repeated:
                 if example_id in first:

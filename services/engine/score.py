@@ -221,6 +221,15 @@ def require_modules(factors: FactorSet, present: set[str]) -> None:
         )
 
 
+def require_fingerprint(factors: FactorSet, fingerprint: str) -> None:
+    """PreconditionError unless the model of `fingerprint` (model_io.model_fingerprint over the
+    factors' modules) is the one the factors were fitted for (factors that recorded none pass)."""
+    if factors.model_fingerprint and fingerprint != factors.model_fingerprint:
+        raise PreconditionError(
+            "factors were fitted for another model (model fingerprint differs); refit them for this model"
+        )
+
+
 class Scorer:
     """A model ready to be scored against a factor set (see the module docstring): the factors'
     modules selected in model order, their weights checked, the model's fingerprint matched to
@@ -231,10 +240,7 @@ class Scorer:
         self.model, self.tokenizer, self.factors, self.config = model, tokenizer, factors, config
         require_modules(factors, module_names(model))
         self.modules, _ = prepare_model(model, module_pattern(factors))
-        if factors.model_fingerprint and cached_fingerprint(model, list(self.modules)) != factors.model_fingerprint:
-            raise PreconditionError(
-                "factors were fitted for another model (model fingerprint differs); refit them for this model"
-            )
+        require_fingerprint(factors, cached_fingerprint(model, list(self.modules)))
         self.names = list(self.modules)  # model order: the row order of per-module scores
         self.dtype = accumulation_dtype(next(model.parameters()).dtype)
         self.device = device_of(model)

@@ -125,11 +125,26 @@ _REPORT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if tonumber(ARGV[1]) ~= 0 then redis.call('HINCRBY', KEYS[1], 'counter:tokens_processed', ARGV[1]) end
 for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local step = redis.call('HGET', KEYS[1], 'step')
+if #ARGV > 1 and step then
+  local field = 'seen:' .. step
+  local seen = redis.call('HGET', KEYS[1], field)
+  local order = seen and cjson.decode(seen)['order'] or redis.call('HINCRBY', KEYS[1], 'seen_count', 1)
+  redis.call('HSET', KEYS[1], field, cjson.encode({
+    order = order, stage = redis.call('HGET', KEYS[1], 'stage') or '', step = step,
+    done = tonumber(redis.call('HGET', KEYS[1], 'step_done') or 0),
+    total = tonumber(redis.call('HGET', KEYS[1], 'step_total') or 0),
+    unit = redis.call('HGET', KEYS[1], 'step_unit') or ''}))
+end
 return 1
 """
 
 DEFAULT_TTL_SECONDS = 7 * 86400
 REQUEST_ID_SECONDS = 7 * 86400  # how long a request id keeps naming its operation
+
+
+def _order(step: dict) -> int:
+    return step["order"]
 
 
 def new_operation_id() -> str:
@@ -328,6 +343,8 @@ class OperationStore:
         record["counters"] = {
             key.removeprefix("counter:"): int(value) for key, value in record.items() if key.startswith("counter:")
         }
+        steps = sorted((json.loads(value) for key, value in record.items() if key.startswith("seen:")), key=_order)
+        record["steps"] = [{key: step[key] for key in ("stage", "step", "done", "total", "unit")} for step in steps]
         for key in ("create_time", "update_time"):
             record[key] = float(record[key])
         return record
@@ -406,7 +423,9 @@ class OperationStore:
     @redis_unavailable
     def report(self, operation_id: str, *, step: dict | None = None, tokens: int = 0) -> None:
         """A task's progress in one round trip: its current step's fields (step, step_done,
-        step_total, step_unit) and tokens processed since the last report."""
+        step_total, step_unit) and tokens processed since the last report. Each step reported is
+        also kept in the record's step history (`steps` of `get`: its stage, name and last counts,
+        in the order first reported), so a step no poll saw running is still known."""
         arguments: list = [int(tokens)]
         for key, value in (step or {}).items():
             arguments += [key, value]

@@ -129,7 +129,7 @@ function textView(text, whole) {
   return esc(text.slice(0, TEXT)) + ` …<button type="button" class="whole">show all ${text.length} characters</button>`;
 }
 
-function heatmap(view, ids, what) {
+function heatmap(view, ids, what, tail = 'top') {
   const k = ids.length, rows = view.rows.length, cells = unpack(view.cells, 16);
   let out = `<div class="heat" style="grid-template-columns:minmax(60px,max-content) repeat(${k},minmax(3px,24px))">`;
   for (let r = rows - 1; r >= 0; r--) {  // bottom layer last
@@ -140,15 +140,16 @@ function heatmap(view, ids, what) {
     }
   }
   out += '<div></div>' + ids.map((id) => `<div class="col" title="${esc(id)}">${esc(id)}</div>`).join('') + '</div>';
-  return `<figure>${out}<figcaption>Influence of each ${what} (rows, bottom to top) on this query, for its top `
-    + 'sequences (columns, by training id, best first); red raises, blue lowers the completion\'s log-probability; '
-    + 'hover a cell for its value.</figcaption></figure>';
+  const which = tail === 'top' ? 'top sequences (columns, by training id, best first)'
+    : 'most negative sequences (columns, by training id, most negative first)';
+  return `<figure>${out}<figcaption>Influence of each ${what} (rows, bottom to top) on this query, for its ${which}; `
+    + 'red raises, blue lowers the completion\'s log-probability; hover a cell for its value.</figcaption></figure>';
 }
 
 function rows(i) {
   const [id, group, prompt, completion] = json('queries-data')[i];
   const card = json('card-' + i), sequences = json('sequences');
-  const entries = (list) => list.map(([s, score, approximate], r) => ({rank: r + 1, id: sequences[s][0], score, approximate: !!approximate, text: sequences[s][1]}));
+  const entries = (list) => list.map(([s, score, approximate], r) => ({rank: r + 1, id: sequences[s][0], line: sequences[s][3], score, approximate: !!approximate, text: sequences[s][1]}));
   const out = {query: {id, group, prompt, completion}, top: entries(card.top)};
   if (card.bottom) out.bottom = entries(card.bottom);  // --bottom-k: most negative first
   return out;
@@ -167,11 +168,11 @@ function download(i, kind) {
   const r = rows(i);
   let text, type;
   if (kind === 'csv') {
-    const header = ['query_id', 'rank', 'training_id', 'score', 'approximate', 'text'];
+    const header = ['query_id', 'rank', 'training_id', 'line', 'score', 'approximate', 'text'];  // line: empty where not recorded
     const tails = r.bottom ? [['top', r.top], ['bottom', r.bottom]] : [[null, r.top]];  // a tail column with --bottom-k
     const lines = [(r.bottom ? [...header, 'tail'] : header).join(',')];
     for (const [tail, list] of tails) {
-      for (const t of list) lines.push([r.query.id, t.rank, t.id, t.score, t.approximate, t.text, ...(tail ? [tail] : [])].map(csvCell).join(','));
+      for (const t of list) lines.push([r.query.id, t.rank, t.id, t.line ?? '', t.score, t.approximate, t.text, ...(tail ? [tail] : [])].map(csvCell).join(','));
     }
     text = lines.join('\n') + '\n'; type = 'text/csv';
   } else {
@@ -203,11 +204,11 @@ function drawCard(details) {
   }
   if (!card.top.length) out += '<p class="note">no training sequence ranked</p>';
   const list = (entries, offset) => entries.map(([s, score, approximate], n) => {
-    const [id, text, tokens] = sequences[s], r = offset + n;
+    const [id, text, tokens, line] = sequences[s], r = offset + n;
     const mark = approximate ? '<span class="approx" title="an index score, not rescored exactly">≈ approximate</span> ' : '';
     const q = tokenScores(i, r);
     const body = q && tokens ? tokensView(tokens, q, card.tokens.scale, false) : textView(text, false);
-    return `<li data-r="${r}"><span class="meta">#${n + 1} · ${esc(id)} · score ${mark}${fmt(score)}</span>`
+    return `<li data-r="${r}"><span class="meta">#${n + 1} · ${esc(id)} · <span class="line" title="line in the training data file">line ${line ?? '—'}</span> · score ${mark}${fmt(score)}</span>`
       + `<div class="tokens">${body}</div></li>`;
   }).join('');
   if (card.bottom) {  // --bottom-k: the most negative beside the most positive
@@ -220,6 +221,7 @@ function drawCard(details) {
   }
   if (card.layers) out += heatmap(card.layers, ids, 'layer');
   if (card.modules) out += `<details><summary>per module (${card.modules.rows.length} rows)</summary>${heatmap(card.modules, ids, 'module')}</details>`;
+  if (card.bottom_layers) out += heatmap(card.bottom_layers, card.bottom.map(([s]) => sequences[s][0]), 'layer', 'bottom');
   details.querySelector('.card').innerHTML = out;
   details.dataset.drawn = '1';
 }

@@ -5,13 +5,15 @@ server's result downloaded into a directory reports the same as a local one.
 What each view needs, and where it comes from:
     tokens       results.json top (and bottom) entries' "tokens", the queries' own "tokens" (--per-token)
     bottom       results.json queries' "bottom" (--bottom-k): the most negative sequences
-    layers       results.json top entries' "per_module" (--per-module), else scores.safetensors'
-                 "top_per_module" [M, Q, k] (written for every recompute run)
+    layers       results.json top (and bottom) entries' "per_module" (--per-module), else
+                 scores.safetensors' "top_per_module" [M, Q, k] (written for every recompute run)
+                 and "bottom_per_module" [M, Q, b] (with --bottom-k)
     modules      results.json top entries' "per_module" (--per-module): a row per module
     distribution scores.safetensors' "scores" [Q, N] (and "scored" [Q, N] under TF-IDF)
-    cross-query  "scores" [Q, N] and "top_index" [Q, k] with the queries' "group"
+    cross-query  "scores" [Q, N] and "top_index" [Q, k] (and "bottom_index" [Q, b], --bottom-k)
+                 with the queries' "group"
 A view whose data a result does not hold is reported as missing (older results lack
-"top_index" and "top_per_module"), never guessed.
+"top_index" and "top_per_module", and every result before them the bottom tensors), never guessed.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class TopSequence:
     tokens: list[str] | None = None
     token_scores: list[float] | None = None
     approximate: bool = False  # an index score that was not rescored exactly
+    line: int | None = None  # its 1-based line in the user's TRAIN.jsonl (None: not recorded)
 
 
 @dataclass
@@ -60,16 +63,19 @@ class QueryView:
     layers: LayerView | None = None
     bottom: list[TopSequence] = field(default_factory=list)  # --bottom-k: most negative first
     modules: LayerView | None = None  # a row per module, in the model's order (--per-module)
+    bottom_layers: LayerView | None = None  # the bottom sequences' layers (--bottom-k), [L, b]
     tokens: list[tuple[str, float | None]] | None = None  # as scored, with completion log-probabilities
 
 
 @dataclass
 class CrossQuery:
-    """One group's table: cell [a, b] = mean score on query b of query a's top-k sequences."""
+    """One group's table: cell [a, b] = mean score on query b of query a's top-k sequences (and,
+    with --bottom-k, `bottom` the same for query a's bottom-k sequences)."""
 
     group: str
     query_ids: list[str]
     table: np.ndarray
+    bottom: np.ndarray | None = None
 
 
 @dataclass
@@ -136,6 +142,7 @@ def _top(entries: list[dict]) -> list[TopSequence]:
             tokens=[token["token"] for token in entry["tokens"]] if "tokens" in entry else None,
             token_scores=[float(token["score"]) for token in entry["tokens"]] if "tokens" in entry else None,
             approximate=bool(entry.get("approximate", False)),
+            line=entry.get("line"),
         )
         for entry in entries
     ]
@@ -173,7 +180,7 @@ def _pairwise_data(report: dict, tensors: dict[str, np.ndarray]) -> ReportData:
     if not any(sequence.tokens for query in queries for sequence in query.top):
         data.missing["tokens"] = "no token-wise scores in this result (score with --per-token)"
     _attach_layers(data, report, tensors)
-    _attach_cross(data, tensors.get("top_index"))
+    _attach_cross(data, tensors.get("top_index"), tensors.get("bottom_index"))
     return data
 
 
@@ -205,6 +212,7 @@ def _attach_layers(data: ReportData, report: dict, tensors: dict[str, np.ndarray
         data.missing["layers"] = "no layer-wise scores in this result (score with --per-module)"
         return
     labels, sums = layer_rows(modules)
+    bottom_per_module = tensors.get("bottom_per_module")
     for position, (query, raw) in enumerate(zip(data.queries, report["queries"], strict=True)):
         k = len(query.top)
         if entries_have_breakdown:
@@ -214,9 +222,16 @@ def _attach_layers(data: ReportData, report: dict, tensors: dict[str, np.ndarray
         query.layers = LayerView(labels, sums @ per_module)
         if entries_have_breakdown:
             query.modules = LayerView(modules, per_module)
+        bottom = raw.get("bottom", [])
+        if bottom and all("per_module" in entry for entry in bottom):
+            tail = np.array([[entry["per_module"][m] for entry in bottom] for m in modules]).reshape(-1, len(bottom))
+            query.bottom_layers = LayerView(labels, sums @ tail)
+        elif bottom and bottom_per_module is not None:
+            tail = np.asarray(bottom_per_module[:, position, : len(bottom)], dtype=np.float64)
+            query.bottom_layers = LayerView(labels, sums @ tail)
 
 
-def _attach_cross(data: ReportData, top_index: np.ndarray | None) -> None:
+def _attach_cross(data: ReportData, top_index: np.ndarray | None, bottom_index: np.ndarray | None) -> None:
     groups: dict[str, list[int]] = {}
     for position, query in enumerate(data.queries):
         if query.group:
@@ -229,9 +244,17 @@ def _attach_cross(data: ReportData, top_index: np.ndarray | None) -> None:
         data.missing["cross"] = "this result does not record its top-k's indices (written by newer versions)"
         return
     for name, members in groups.items():
-        table = np.zeros((len(members), len(members)))
-        for row, source in enumerate(members):
-            chosen = [int(i) for i in top_index[source] if i >= 0]
-            for column, target in enumerate(members):
-                table[row, column] = data.scores[target, chosen].mean() if chosen else math.nan
-        data.cross.append(CrossQuery(name, [data.queries[m].id for m in members], table))
+        bottom = _cross_table(data.scores, members, bottom_index) if bottom_index is not None else None
+        ids = [data.queries[m].id for m in members]
+        data.cross.append(CrossQuery(name, ids, _cross_table(data.scores, members, top_index), bottom))
+
+
+def _cross_table(scores: np.ndarray, members: list[int], chosen_index: np.ndarray) -> np.ndarray:
+    """[a, b] = mean score on query members[b] of the sequences chosen_index [Q, k] lists for
+    members[a] (-1: none; NaN where a query lists none)."""
+    table = np.zeros((len(members), len(members)))
+    for row, source in enumerate(members):
+        chosen = [int(i) for i in chosen_index[source] if i >= 0]
+        for column, target in enumerate(members):
+            table[row, column] = scores[target, chosen].mean() if chosen else math.nan
+    return table

@@ -42,6 +42,7 @@ TOKEN_CONVENTION = (
 )
 APPROXIMATE = "≈"  # marks an index score that was not rescored exactly
 SNIPPET = 90  # characters of the top sequence's text in the overview
+LINE_HEADER = '<th title="its line in the training data file (a corpus: its row); — where not recorded">line</th>'
 OVERVIEW_ROWS = 100  # rows of the overview listed before a search or "show all" (a browser lays out 1,000 slowly)
 _POSITIVE, _NEGATIVE = (220, 38, 38), (37, 99, 235)
 
@@ -122,6 +123,11 @@ def _distribution_rows(data: ReportData) -> list[np.ndarray]:
     return rows
 
 
+def _line(sequence: TopSequence) -> str:
+    """Its line in the user's TRAIN.jsonl, or "—" where the dataset did not record it."""
+    return str(sequence.line) if sequence.line is not None else "—"
+
+
 def _alpha(fit: plots.PowerLawTail | None) -> str:
     return f"{fit.alpha:.2f}" if fit else "—"
 
@@ -144,12 +150,12 @@ def _overview(data: ReportData) -> str:
     )
     if data.kind == "self":
         rows = "".join(
-            f"<tr><td class='num'>{s.rank}</td><td>{_e(s.id)}</td><td>{_e(s.text[:SNIPPET])}</td>"
-            f"<td class='num'>{s.score:+.4g}</td></tr>"
+            f"<tr><td class='num'>{s.rank}</td><td>{_e(s.id)}</td><td class='num'>{_line(s)}</td>"
+            f"<td>{_e(s.text[:SNIPPET])}</td><td class='num'>{s.score:+.4g}</td></tr>"
             for s in data.self_top
         )
         content = _note("A self-influence result: the training sequences with the highest self-influence.")
-        header = "<tr><th>rank</th><th>id</th><th>text</th><th>self-influence</th></tr>"
+        header = f"<tr><th>rank</th><th>id</th>{LINE_HEADER}<th>text</th><th>self-influence</th></tr>"
         table = f'<table class="overview">{header}{rows}</table>'
         return _section("overview", "Overview", content + table)
     fits = _tail_fits(data)
@@ -161,16 +167,16 @@ def _overview(data: ReportData) -> str:
             f'<tr data-q="{position}"{" hidden" if position >= OVERVIEW_ROWS else ""}>'
             f'<td><a href="#query-{position}">{_e(query.id)}</a></td><td>{_e(query.group)}</td>'
             + (
-                f"<td>{_e(first.id)}</td><td class='snippet'>{_e(first.text[:SNIPPET])}</td>"
-                f"<td class='num'>{_score(first)}</td>"
+                f"<td>{_e(first.id)}</td><td class='num'>{_line(first)}</td>"
+                f"<td class='snippet'>{_e(first.text[:SNIPPET])}</td><td class='num'>{_score(first)}</td>"
                 if first
-                else "<td colspan='3'>no training sequence ranked</td>"
+                else "<td colspan='4'>no training sequence ranked</td>"
             )
             + f"<td class='num'>{_alpha(positive)}</td><td class='num'>{_alpha(negative)}</td>"
             f"<td>{_sparkline(share)}</td></tr>"
         )
     header = (
-        "<tr><th>query</th><th>group</th><th>top-1 training id</th><th>its text</th><th>score</th>"
+        f"<tr><th>query</th><th>group</th><th>top-1 training id</th>{LINE_HEADER}<th>its text</th><th>score</th>"
         '<th title="power-law exponent of the positive tail">α +</th>'
         '<th title="power-law exponent of the negative tail (magnitudes)">α −</th><th>layer share</th></tr>'
     )
@@ -200,15 +206,15 @@ def _overview(data: ReportData) -> str:
 
 
 def _sequence_table(data: ReportData) -> tuple[list, dict[str, int]]:
-    """Every training sequence a card shows, once: [id, text, display tokens or null], and the
-    position of each id in that list."""
+    """Every training sequence a card shows, once: [id, text, display tokens or null, line in the
+    user's file or null], and the position of each id in that list."""
     table, position = [], {}
     for query in data.queries:
         for sequence in query.top + query.bottom:
             if sequence.id not in position:
                 position[sequence.id] = len(table)
                 tokens = token_text(sequence.tokens) if sequence.tokens else None
-                table.append([sequence.id, sequence.text, tokens])
+                table.append([sequence.id, sequence.text, tokens, sequence.line])
     return table, position
 
 
@@ -217,7 +223,7 @@ def _card_payload(query: QueryView, sequence_position: dict[str, int]) -> dict:
     its top sequences [[sequence, score, approximate]] and its bottom ones alike (--bottom-k),
     token-wise influence (every sequence's token scores, top then bottom, in one int8 array of the
     query's token scale, and each one's count) and heatmaps (rows x top sequences, int16 of their
-    own scale, row by row)."""
+    own scale, row by row; the bottom sequences' layers on their own scale)."""
     card = {"top": [[sequence_position[s.id], s.score, int(s.approximate)] for s in query.top]}
     if query.bottom:
         card["bottom"] = [[sequence_position[s.id], s.score, int(s.approximate)] for s in query.bottom]
@@ -230,7 +236,7 @@ def _card_payload(query: QueryView, sequence_position: dict[str, int]) -> dict:
         scale = float(np.abs(values).max()) if values.size else 0.0
         counts = [len(row) for row in rows]
         card["tokens"] = {"scale": scale, "counts": counts, "values": _packed(values, scale, np.int8)}
-    for key, view in (("layers", query.layers), ("modules", query.modules)):
+    for key, view in (("layers", query.layers), ("modules", query.modules), ("bottom_layers", query.bottom_layers)):
         if view is not None and query.top:
             scale = float(np.abs(view.scores).max()) if view.scores.size else 0.0
             card[key] = {"rows": view.layers, "scale": scale, "cells": _packed(view.scores, scale, np.int16)}
@@ -305,16 +311,29 @@ def _layers(data: ReportData) -> str:
     views = [query.layers for query in data.queries if query.layers is not None and query.top]
     if not views:
         return _section("layers", title, _note(data.missing.get("layers", "no query has a top sequence")))
-    shares = plots.layer_bin_shares([view.scores for view in views])
-    table = "".join(f'<td class="num">{share:.1%}</td>' for share in shares)
+    series = [("most positive (top-k)", plots.layer_bin_shares([view.scores for view in views]))]
+    bottom = [query.bottom_layers for query in data.queries if query.bottom_layers is not None and query.bottom]
+    if bottom:
+        series.append(("most negative (bottom-k)", plots.layer_bin_shares([view.scores for view in bottom])))
+    header = "".join(f"<th>bin {b + 1}</th>" for b in range(len(series[0][1])))
+    rows = "".join(
+        f"<tr><th>{_e(label)}</th>" + "".join(f'<td class="num">{share:.1%}</td>' for share in shares) + "</tr>"
+        for label, shares in series
+    )
+    negative = (
+        f" Blue bars: the same for the most negative sequences of {len(bottom)} queries (--bottom-k)."
+        if bottom
+        else ""
+    )
     return _section(
         "layers",
         title,
-        f"<figure>{plots.layer_bin_chart(shares, len(views[0].layers))}<figcaption>Average share of influence "
+        f"<figure>{plots.layer_bin_chart(series, len(views[0].layers))}<figcaption>Average share of influence "
         f"per layer bin over {len(views)} queries (a query's share of a layer: the absolute influence of its "
-        "top sequences there, over all layers). Each query's card has its heatmap (layers, and modules with "
-        "--per-module, x its top sequences).</figcaption></figure>"
-        f"<table><tr>{''.join(f'<th>bin {b + 1}</th>' for b in range(len(shares)))}</tr><tr>{table}</tr></table>",
+        f"top sequences there, over all layers).{negative} Each query's card has its heatmaps (layers, and "
+        "modules with --per-module, x its top sequences; layers x its most negative ones with --bottom-k)."
+        "</figcaption></figure>"
+        f"<table><tr><th></th>{header}</tr>{rows}</table>",
     )
 
 
@@ -367,19 +386,29 @@ def _cross(data: ReportData) -> str:
             "Row a, column b: the mean score on query b of query a's top sequences; shaded on one scale per "
             "group (red +, blue -). A strong diagonal and weak off-diagonal mean the related queries draw on "
             "different training sequences."
+            + (
+                " With --bottom-k, a second table does the same for each query's most negative sequences: "
+                "a strongly negative diagonal with negative off-diagonal cells means the related queries are "
+                "lowered by the same training sequences."
+                if any(cross.bottom is not None for cross in data.cross)
+                else ""
+            )
         )
     ]
     for cross in data.cross:
-        finite = cross.table[np.isfinite(cross.table)]
+        tables = [("top", cross.table)] + ([("most negative", cross.bottom)] if cross.bottom is not None else [])
+        finite = np.concatenate([table[np.isfinite(table)] for _, table in tables])
         scale = float(np.abs(finite).max()) if finite.size else 0.0
         header = "".join(f"<th>on {_e(q)}</th>" for q in cross.query_ids)
-        body = "".join(
-            f"<tr><th>top of {_e(source)}</th>"
-            + "".join(f'<td class="num" style="{_shade(value, scale)}">{value:+.4g}</td>' for value in cross.table[row])
-            + "</tr>"
-            for row, source in enumerate(cross.query_ids)
-        )
-        parts.append(f"<h3>Group {_e(cross.group)}</h3><table><tr><th></th>{header}</tr>{body}</table>")
+        parts.append(f"<h3>Group {_e(cross.group)}</h3>")
+        for tail, table in tables:
+            body = "".join(
+                f"<tr><th>{tail} of {_e(source)}</th>"
+                + "".join(f'<td class="num" style="{_shade(value, scale)}">{value:+.4g}</td>' for value in table[row])
+                + "</tr>"
+                for row, source in enumerate(cross.query_ids)
+            )
+            parts.append(f'<table class="cross {tail.replace(" ", "-")}"><tr><th></th>{header}</tr>{body}</table>')
     return _section("cross-query", title, "".join(parts))
 
 

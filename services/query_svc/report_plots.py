@@ -60,16 +60,24 @@ def layer_bin_shares(layer_scores: list[np.ndarray], bins: int = LAYER_BINS) -> 
     return np.mean(shares, axis=0) if shares else np.zeros(min(bins, layer_scores[0].shape[0]))
 
 
-def layer_bin_chart(shares: np.ndarray, n_layers: int) -> str:
+def layer_bin_chart(series: list[tuple[str, np.ndarray]], n_layers: int) -> str:
+    """Bars of the share of influence per layer bin, one colour per series (label, shares [bins]):
+    the top-k's, and the bottom-k's beside them when a result has both tails (a legend then)."""
     figure, axes = _figure(6.0, 2.8)
-    bins = len(shares)
+    bins = len(series[0][1])
     edges = [(b * n_layers + bins - 1) // bins for b in range(bins + 1)]
     labels = [f"{edges[b]}–{edges[b + 1] - 1}" if edges[b + 1] - 1 > edges[b] else f"{edges[b]}" for b in range(bins)]
-    axes.bar(range(bins), shares, color="#4c72b0")
+    width = 0.8 / len(series)
+    colours = ("#c0392b", "#2563eb") if len(series) > 1 else ("#4c72b0",)
+    for number, ((label, shares), colour) in enumerate(zip(series, colours, strict=True)):
+        offset = (number - (len(series) - 1) / 2) * width
+        axes.bar(np.arange(bins) + offset, shares, width=width, color=colour, label=label)
+    if len(series) > 1:
+        axes.legend(fontsize=8, frameon=False)
     axes.set_xticks(range(bins), labels, fontsize=8)
     axes.set_xlabel("layer bin (bottom to top)", fontsize=9)
     axes.set_ylabel("share of influence", fontsize=9)
-    axes.set_ylim(0, max(float(shares.max()) * 1.15, 0.05))
+    axes.set_ylim(0, max(max(float(shares.max()) for _, shares in series) * 1.15, 0.05))
     return to_svg(figure)
 
 

@@ -4,7 +4,9 @@ results.json's schema (SCHEMA_VERSION; a result without "schema_version" is vers
     kind, sign, strategy, damping, query_rank, modules
     queries[]: id, prompt, completion, group?, tokens? (--per-token: the query's tokens, each with the
                log-probability of a completion token given those before it, null on prompt tokens),
-               top[]: rank, id, score, text, per_module?, tokens? (each position's score is that of
+               top[]: rank, id, score, text, line? (the sequence's 1-based line in the TRAIN.jsonl it
+               was registered from; a corpus' row in reading order, 1-based; absent for datasets
+               registered before lines were kept), per_module?, tokens? (each position's score is that of
                predicting the next token), approximate? (true: an index score not rescored exactly)
                bottom[]? (--bottom-k: the most negative sequences, most negative first, rank 1 the
                most negative): entries as top's
@@ -16,7 +18,7 @@ results.json's schema (SCHEMA_VERSION; a result without "schema_version" is vers
     inputs?: {"model" | "data" | "factors" | "queries": {"path", "sha256"}}, added by the CLI (cli/inputs.py)
 Version 2 added schema_version, approximate, the queries' tokens, the settings' fisher, fingerprint,
 version and date, and inputs. Version 3 added the queries' "bottom" and the settings' bottom_k
-(present with --bottom-k only).
+(present with --bottom-k only). Version 4 added the entries' "line" (a self-influence result's too).
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ import datetime
 from collections.abc import Sequence
 
 from .. import version
-from ..catalog.datasets import dataset_path
+from ..catalog.datasets import TrainingRecord, dataset_path
 from ..catalog.factor_sets import factor_set_path
 from ..engine.records import Query
 from ..engine.score import TopEntry
 from .report_data import SIGN
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def pairwise_report(
@@ -47,7 +49,8 @@ def pairwise_report(
     query_tokens: list[list[tuple[str, float | None]]] | None = None,
     bottom: list[list[TopEntry]] | None = None,
 ) -> dict:
-    """results.json of a pairwise run; `record_of(index)` gives a training sequence's (id, text).
+    """results.json of a pairwise run; `record_of(index)` gives a training sequence's
+    TrainingRecord (catalog/datasets.py: id, text, line).
     `settings` (model, factor set, dataset, top_k, ...) are recorded as given, for the report;
     `query_tokens` (Scorer.query_tokens, --per-token) as each query's "tokens"; `bottom`
     (ScoreResult.bottom, --bottom-k; None or [] when off) as each query's "bottom"."""
@@ -109,22 +112,32 @@ def add_damping_check(report: dict, overlap: dict[str, list[float]]) -> None:
     }
 
 
-def top_tensors(top: list[list[TopEntry]], per_module=None) -> dict:
-    """scores.safetensors' view of the top-k, for the report: "top_index" int64 [Q, k] (each query's
-    top-k as global training indices, -1 where a query has fewer) and, given per_module [M, Q, N]
-    (float, the merge's per-module scores, whether or not the full breakdown is kept),
-    "top_per_module" float32 [M, Q, k] (0 where top_index is -1): the layer-wise view of the
-    top-k at the cost of M x Q x k numbers."""
+def rank_tensors(top: list[list[TopEntry]], bottom: list[list[TopEntry]] | None = None, per_module=None) -> dict:
+    """scores.safetensors' view of the ranked sequences, for the report: "top_index" int64 [Q, k]
+    (each query's top-k as global training indices, -1 where a query has fewer) and, given
+    `bottom` (--bottom-k), "bottom_index" int64 [Q, b] alike (most negative first); given
+    per_module [M, Q, N] (float, the merge's per-module scores, whether or not the full breakdown
+    is kept), "top_per_module" float32 [M, Q, k] (and "bottom_per_module" [M, Q, b]; 0 where the
+    index is -1): the layer-wise view of both tails at the cost of M x Q x (k + b) numbers. Readers
+    of files without the bottom tensors (older results, runs without --bottom-k) see top-k only."""
+    tensors = _rank_tensors("top", top, per_module)
+    if bottom:
+        tensors.update(_rank_tensors("bottom", bottom, per_module))
+    return tensors
+
+
+def _rank_tensors(tail: str, entries_of: list[list[TopEntry]], per_module) -> dict:
     import torch
 
-    k = max((len(entries) for entries in top), default=0)
-    index = torch.full((len(top), k), -1, dtype=torch.int64)
-    for query, entries in enumerate(top):
+    k = max((len(entries) for entries in entries_of), default=0)
+    index = torch.full((len(entries_of), k), -1, dtype=torch.int64)
+    for query, entries in enumerate(entries_of):
         index[query, : len(entries)] = torch.tensor([entry.index for entry in entries], dtype=torch.int64)
-    tensors = {"top_index": index}
+    tensors = {f"{tail}_index": index}
     if per_module is not None:
         gathered = per_module.gather(2, index.clamp(min=0).unsqueeze(0).expand(per_module.shape[0], -1, -1))
-        tensors["top_per_module"] = gathered.masked_fill(index.unsqueeze(0) < 0, 0).to(torch.float32).contiguous()
+        masked = gathered.masked_fill(index.unsqueeze(0) < 0, 0)
+        tensors[f"{tail}_per_module"] = masked.to(torch.float32).contiguous()
     return tensors
 
 
@@ -136,16 +149,20 @@ def self_report(scores, record_of, *, strategy: str, damping: str, top_k: int) -
         "kind": "self",
         "strategy": strategy,
         "damping": damping,
-        "top": [
-            {"rank": rank, "id": record_of(i)[0], "score": float(scores[i]), "text": record_of(i)[1]}
-            for rank, i in enumerate(order, start=1)
-        ],
+        "top": [_entry(rank, record_of(i), float(scores[i])) for rank, i in enumerate(order, start=1)],
     }
 
 
+def _entry(rank: int, record: TrainingRecord, score: float) -> dict:
+    """A ranked training sequence: rank, id, score, text and (when the dataset kept it) its line."""
+    entry = {"rank": rank, "id": record.id, "score": score, "text": record.text}
+    if record.line is not None:
+        entry["line"] = record.line
+    return entry
+
+
 def _top_entry(rank: int, entry: TopEntry, record_of) -> dict:
-    example_id, text = record_of(entry.index)
-    record = {"rank": rank, "id": example_id, "score": entry.score, "text": text}
+    record = _entry(rank, record_of(entry.index), entry.score)
     if entry.approximate:
         record["approximate"] = True
     if entry.per_module is not None:

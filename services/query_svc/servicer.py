@@ -222,6 +222,7 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
                     train_id=entry["id"],
                     score=entry["score"],
                     text=entry["text"],
+                    line=entry.get("line"),
                     per_module=entry.get("per_module", {}),
                     tokens=[
                         query_service_pb2.TokenScore(token=t["token"], score=t["score"])

@@ -51,7 +51,7 @@ from .jobs import ScoreJob, SelfJob
 from .messages import result_message
 from .report_data import from_artifact
 from .report_html import render
-from .reports import add_damping_check, pairwise_report, self_report, settings_of, top_tensors
+from .reports import add_damping_check, pairwise_report, rank_tensors, self_report, settings_of
 
 
 def _scorer(call: StageCall) -> Scorer:
@@ -183,7 +183,7 @@ def _publish_scores(
     if mask is not None:
         tensors["scored"] = mask.contiguous()
     per_module = result.per_module if result.per_module is not None else concatenate(partials)
-    tensors.update(top_tensors(result.top, per_module if mask is None else per_module * mask))
+    tensors.update(rank_tensors(result.top, result.bottom, per_module if mask is None else per_module * mask))
     report = pairwise_report(
         job.queries,
         result.top,
@@ -294,7 +294,7 @@ def run_index_merge(call: StageCall) -> ResultInfo:
     if job.lexical:  # what each candidate source brought to the final top-k
         report["index"]["lexical"] = job.lexical
         report["index"]["sources"] = contributions({**sources, "union": candidates}, result.top)
-    tensors = {"scores": result.scores.contiguous(), **top_tensors(result.top)}
+    tensors = {"scores": result.scores.contiguous(), **rank_tensors(result.top, result.bottom)}
     return _publish_result(call, tensors, report, num_queries=len(job.queries))
 
 

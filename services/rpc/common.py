@@ -155,6 +155,7 @@ def operation_message(record: dict) -> operations_pb2.Operation:
         step_done=record.get("step_done", 0),
         step_total=record.get("step_total", 0),
         step_unit=record.get("step_unit", ""),
+        steps=[common_pb2.StepProgress(**step) for step in record.get("steps", [])],
     )
     packed = any_pb2.Any()
     packed.Pack(metadata)

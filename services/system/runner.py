@@ -223,8 +223,9 @@ def tenant_store(store: ArtifactStore, tenant: str) -> ArtifactStore:
 
 class OperationProgress(Progress):
     """Reports the task's step (name, units done of total) and tokens to the operation record, at
-    most twice a second (a step that just began is written within 0.1 s), and notices cancellation
-    (checked at most once a second)."""
+    most twice a second (a step that just began is written within 0.1 s; a step that ends, its
+    final counts at once, so the record's step history holds every step), and notices
+    cancellation (checked at most once a second)."""
 
     WRITE_SECONDS = 0.5
     NEW_STEP_SECONDS = 0.1
@@ -238,6 +239,7 @@ class OperationProgress(Progress):
         self._unit_seconds = _test_unit_seconds()
 
     def stage(self, name: str, total: int, unit: str = "batch") -> None:
+        self.flush()  # the step that ends has its final counts written, however short it was
         self._step = {"step": name, "step_done": 0, "step_total": total, "step_unit": unit}
         self._step_dirty = True
         self._report(self.NEW_STEP_SECONDS)

@@ -604,6 +604,9 @@ HOST = {
     "modules.ExpertLinear.forward": "one expert inside the model's forward, on the model's device: CPU runs "
     "(tests/engine/test_moe.py)",
     "score.require_modules": "the factors' module names against the model's (no tensor is read)",
+    "score.require_fingerprint": "the factors' recorded fingerprint against a computed one (no tensor is read)",
+    "model_io._StoredTensor.values": "sampled values of a checkpoint file, read on the host for the CLI's "
+    "fingerprint check (tests/services/cli/test_cli_checks.py)",
     "arena.HostArena.copy": "a contiguous host copy",
     "correction.CorrectionAccumulator.__init__": "holds the host sums and the bases its caller placed",
     "correction.CorrectionAccumulator.merge": "host float64 sums",

@@ -25,11 +25,15 @@ def write_result(
     approximate: bool = False,
     seed: int = 0,
     bottom_k: int = 0,
+    lines: bool = False,
+    bottom_tensors: bool = True,
 ) -> Path:
     """A pairwise result of `queries` x `train` heavy-tailed scores (both signs), each query's top_k
     with `tokens` token scores per sequence (0: no --per-token) and a layer-wise breakdown over
     `layers` layers of two modules each; queries in `groups` groups of two (0: none); with `bottom_k`,
-    each query's bottom_k most negative as its "bottom" (schema version 3)."""
+    each query's bottom_k most negative as its "bottom" (schema version 3); with `lines`, each
+    entry's "line" (training index + 1; schema version 4). With bottom_k, scores.safetensors holds
+    "bottom_index" and "bottom_per_module" unless `bottom_tensors` is False (as results before them)."""
     rng = np.random.default_rng(seed)
     texts = [" ".join(rng.choice(WORDS, size=tokens or 30)) for _ in range(train)]
     scores = rng.pareto(2.5, size=(queries, train)) * rng.choice([-1, 1], size=(queries, train), p=[0.3, 0.7])
@@ -42,6 +46,8 @@ def write_result(
         listed = []
         for rank, index in enumerate(indices, start=1):
             entry = {"rank": rank, "id": f"train-{index}", "score": float(scores[q, index]), "text": texts[index]}
+            if lines:
+                entry["line"] = int(index) + 1
             if tokens:
                 words = texts[index].split()
                 entry["tokens"] = [
@@ -64,7 +70,7 @@ def write_result(
         report_queries.append(query)
     per_module = (rng.normal(size=(len(modules), queries, top_k)) * 1e-2).astype(np.float32)
     report = {
-        "schema_version": 3 if bottom_k else 2,
+        "schema_version": 4 if lines else 3 if bottom_k else 2,
         "kind": "pairwise",
         "sign": "positive = up-weighting the training sequence makes the completion more likely",
         "strategy": "ekfac",
@@ -80,10 +86,11 @@ def write_result(
             "fisher": "sampled",
         },
     }
+    tensors = {"scores": scores, "top_index": top_index.astype(np.int64), "top_per_module": per_module}
+    if bottom_k and bottom_tensors:
+        tensors["bottom_index"] = bottom_index.astype(np.int64)
+        tensors["bottom_per_module"] = (rng.normal(size=(len(modules), queries, bottom_k)) * 1e-2).astype(np.float32)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "results.json").write_text(json.dumps(report))
-    save_file(
-        {"scores": scores, "top_index": top_index.astype(np.int64), "top_per_module": per_module},
-        str(directory / "scores.safetensors"),
-    )
+    save_file(tensors, str(directory / "scores.safetensors"))
     return directory

@@ -255,3 +255,20 @@ def test_linking_a_directory_in_place_is_one_checked_step_for_factor_sets_indexe
     _register(LocalStore(dataset_directory), "d1")
     linked = datasets.link(store, dataset_directory / "datasets" / "d1")  # the files under shards/ too
     assert DATASETS.read(store, "d1") == linked
+
+
+def test_a_datasets_records_keep_each_lines_number_and_older_shards_read_without_one(tmp_path):
+    """DatasetView.record: id, text and the 1-based line the example was read from; a shard
+    written before lines were kept (records without "line") reads with line None."""
+    from services.system.caches import ArtifactCache
+
+    store = LocalStore(tmp_path / "store")
+    read = [dataclasses.replace(example, line=3 * n + 2) for n, example in enumerate(random_examples(3))]
+    writer = DatasetWriter(store, "lines")
+    writer.add_shard(tokenize_training(IntTokenizer(), read, 16), read)
+    writer.publish(DatasetInfo("lines", 3, 1, 3, 16, 20))
+    view = datasets.DatasetView(ArtifactCache(), store, "lines")
+    assert [view.record(i) for i in range(3)] == [datasets.TrainingRecord(e.id, e.text, e.line) for e in read]
+    _register(store, "old", 2)  # examples not read from a file: their records carry no "line"
+    assert all("line" not in record for record in datasets.load_records(DATASETS.open(store, "old").reader, 0))
+    assert datasets.DatasetView(ArtifactCache(), store, "old").record(1).line is None

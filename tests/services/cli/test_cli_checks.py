@@ -1,5 +1,6 @@
 """What the command line checks and says before anything starts, with no server: `--version`,
-factors of another architecture refused before any upload (not a word about a --modules never
+factors of another architecture, or of another model of the same architecture (the fingerprint,
+computed from the model directory), refused before any upload (not a word about a --modules never
 given), output paths that do not exist refused or stated."""
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def other_architecture(tmp_path_factory):
         root / "factors",
     )
     build_family_model("llama", root / "llama")
+    build_family_model("gpt2", root / "gpt2-retrained", seed=1)  # the same architecture, other weights
     (root / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     (root / "queries.jsonl").write_text(json.dumps({"prompt": "the quick", "completion": " brown fox"}) + "\n")
     return root
@@ -58,6 +60,29 @@ def test_factors_of_another_architecture_are_refused_before_any_upload(other_arc
     assert not (tmp_path / "o").exists()
 
 
+def test_factors_of_another_model_of_the_same_architecture_are_refused_before_any_upload(
+    other_architecture, tmp_path, capsys
+):
+    """Module names match; the fingerprint (config, shapes and sampled weights, read from the
+    directory without loading it) does not: the worker's own one-line message, before any call."""
+    from services.cli.inputs import check_factors
+
+    root = other_architecture
+    args = ["score", "--model", str(root / "gpt2-retrained"), "--factors", str(root / "factors")]
+    args += ["--data", str(root / "train.jsonl"), "--queries", str(root / "queries.jsonl")]
+    args += ["--out", str(tmp_path / "o"), "--server", "127.0.0.1:9"]  # no server listens: refused before any call
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    expected = "factors were fitted for another model (model fingerprint differs); refit them for this model"
+    assert expected in error and error.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+    class Args:  # the factors' own model passes the same check
+        model, factors = str(root / "gpt2"), str(root / "factors")
+
+    check_factors(Args())
+
+
 def test_an_out_directory_under_missing_ones_is_stated(tmp_path, capsys):
     from services.cli.running import out_dir
 
@@ -71,7 +96,7 @@ def test_an_out_directory_under_missing_ones_is_stated(tmp_path, capsys):
 
 
 def test_every_pass_of_a_fit_is_listed_from_its_provenance(tmp_path):
-    """A pass shorter than a progress poll shows no bar; the fit's summary names it anyway."""
+    """The fit's summary names every pass with its seconds (its bars: test_progress_steps.py)."""
     from services.cli.progress import fit_passes
 
     timings = {"covariance": 75.4, "eigen": 1.1, "correction": 0.04}

@@ -70,6 +70,8 @@ def _check(model_dir, root, out, source, spec: CorpusSpec) -> None:
     assert_close(load_file(str(out / "scores" / "scores.safetensors"))["scores"], expected.scores, FLOAT32, "scores")
     report = json.loads((out / "scores" / "results.json").read_text())
     assert {entry["id"] for query in report["queries"] for entry in query["top"]} <= {e.id for e in examples}
+    row = {example.id: position + 1 for position, example in enumerate(examples)}  # a corpus' line: its row
+    assert all(entry["line"] == row[entry["id"]] for query in report["queries"] for entry in query["top"])
 
 
 @pytest.mark.slow

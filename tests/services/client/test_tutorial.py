@@ -43,8 +43,8 @@ def test_the_tutorial_runs_as_written(served, tmp_path, monkeypatch, capsys):
     results = json.loads((tmp_path / "scores" / "results.json").read_text())
     assert [len(query["top"]) for query in results["queries"]] == [3, 3]
     assert all(entry["tokens"] for query in results["queries"] for entry in query["top"])
-    rows = [line for line in printed.splitlines() if re.match(r"^[ab] [123] t\d+ [+-]\d", line)]
-    assert len(rows) == 6
+    rows = [line.split() for line in printed.splitlines() if re.match(r"^[ab] [123] t\d+ line \d+ [+-]\d", line)]
+    assert len(rows) == 6 and all(int(row[4]) == int(row[2][1:]) + 1 for row in rows)  # t{i} is on line i + 1
     # the server's report and the one built locally from the downloaded files are the same page
     assert (tmp_path / "report.html").read_text() == (tmp_path / "scores" / "report.html").read_text()
     assert re.search(r"operations/\S+ done", printed)

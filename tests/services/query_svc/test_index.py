@@ -101,7 +101,7 @@ def test_an_uncompressed_index_scores_like_recompute_and_an_append_like_the_conc
     assert ids == expected
     # not rescored: index scores, marked approximate (the recomputed result's are exact)
     report = json.loads((tmp_path / "s2" / "results.json").read_text())
-    assert report["schema_version"] == 3
+    assert report["schema_version"] == 4
     assert all(e["approximate"] for q in report["queries"] for e in q["top"])
     assert not any(
         "approximate" in e
@@ -149,15 +149,29 @@ def test_bottom_k_in_recompute_and_index_scoring(ws, tmp_path):
         lowest = [ids[i] for i in exact[row].argsort(stable=True)[:3].tolist()]
         assert [e["id"] for e in query["bottom"]] == lowest and [e["rank"] for e in query["bottom"]] == [1, 2, 3]
         assert all("tokens" in e for e in query["bottom"])
+    tensors = load_file(str(tmp_path / "r" / "scores.safetensors"))  # the bottom index beside the top one
+    assert [[ids[i] for i in row] for row in tensors["bottom_index"].tolist()] == [
+        [e["id"] for e in q["bottom"]] for q in report["queries"]
+    ]
+    assert tensors["bottom_per_module"].shape == (len(report["modules"]), 2, 3)
+    assert_close(
+        tensors["bottom_per_module"].sum(0),
+        torch.tensor([[e["score"] for e in q["bottom"]] for q in report["queries"]]),
+        FLOAT32,
+        "bottom-k layer-wise sums",
+    )
     cards = re.findall(r'<script type="application/json" id="card-\d+">(.*?)</script>', page.read_text())
     assert [len(json.loads(card)["bottom"]) for card in cards] == [3, 3]  # the cards carry the bottom lists
+    assert all("bottom_layers" in json.loads(card) for card in cards)  # the bottom tail's heatmap
     recompute(paths, "train", tmp_path / "r0")
     plain = json.loads((tmp_path / "r0" / "results.json").read_text())
+    assert "bottom_index" not in load_file(str(tmp_path / "r0" / "scores.safetensors"))
     assert all("bottom" not in query for query in plain["queries"]) and "bottom_k" not in plain["settings"]
 
     build(paths, tmp_path / "index", "--rank", "2")
     assert indexed(paths, tmp_path / "index", tmp_path / "all", "--rescore", str(len(ids)), "--bottom-k", "3") == 0
     everything = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert torch.equal(load_file(str(tmp_path / "all" / "scores.safetensors"))["bottom_index"], tensors["bottom_index"])
     assert [[e["id"] for e in q["bottom"]] for q in everything["queries"]] == [
         [e["id"] for e in q["bottom"]] for q in report["queries"]
     ]

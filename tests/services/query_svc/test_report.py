@@ -170,7 +170,7 @@ def test_the_report_shows_every_view_offline(scored):
     assert "positive = up-weighting the training sequence makes the completion more likely" in text
     assert "nats of the completion" in text and "influence of predicting the next token" in text
     report = json.loads((scored / "out" / "results.json").read_text())
-    assert report["schema_version"] == 3
+    assert report["schema_version"] == 4
     settings = report["settings"]
     assert settings["fisher"] and settings["model_fingerprint"] and settings["created"] and settings["tool_version"]
     inputs = report["inputs"]  # the CLI's inputs, with their checksums

@@ -81,11 +81,12 @@ def test_the_most_negative_sequences_ride_in_each_card(tmp_path):
 @pytest.mark.needs_browser
 def test_the_bottom_list_beside_the_top_in_chromium(tmp_path):
     """A card shows the most negative sequences beside the most positive; a sequence of either
-    list expands; the CSV download marks each row's tail."""
+    list expands; each names its line in the training file; the CSV download marks each row's tail
+    and line; the bottom list has its layer heatmap beside the top's."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "run scripts/install/chromium.sh"
-    result = write_result(tmp_path / "r", queries=2, top_k=3, train=30, tokens=0, bottom_k=2)
+    result = write_result(tmp_path / "r", queries=2, top_k=3, train=30, tokens=0, bottom_k=2, lines=True)
     page_path = tmp_path / "report.html"
     assert main(["report", "--results", str(result), "--out", str(page_path), "--quiet"]) == 0
     query = json.loads((result / "results.json").read_text())["queries"][1]
@@ -102,7 +103,9 @@ def test_the_bottom_list_beside_the_top_in_chromium(tmp_path):
             card.locator(".tails").wait_for(state="visible")
             assert card.locator("ol.top li").count() == 5 and card.locator("ol.bottom li").count() == 2
             shown = card.locator("ol.bottom li .meta").all_inner_texts()
-            assert [e["id"] in line for e, line in zip(query["bottom"], shown, strict=True)] == [True, True]
+            for entry, line in zip(query["bottom"], shown, strict=True):
+                assert entry["id"] in line and f"line {entry['line']} " in line
+            assert card.locator(".heat").count() == 2  # layers x top sequences, layers x most negative ones
             if card.locator("ol.bottom button.whole").count():
                 card.locator("ol.bottom button.whole").first.click()
             with page.expect_download() as download:
@@ -110,9 +113,42 @@ def test_the_bottom_list_beside_the_top_in_chromium(tmp_path):
             rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
             assert [row["tail"] for row in rows] == ["top"] * 3 + ["bottom"] * 2
             assert [row["training_id"] for row in rows[3:]] == [e["id"] for e in query["bottom"]]
+            assert [int(row["line"]) for row in rows] == [e["line"] for e in query["top"] + query["bottom"]]
         finally:
             browser.close()
     assert problems == []
+
+
+def test_both_tails_in_the_cross_query_and_layer_views(tmp_path):
+    """With the bottom index in scores.safetensors (--bottom-k), the cross-query view has a table
+    of each query's most negative sequences beside its top one, and the layer view a bar per tail;
+    a result without the bottom tensors (older files) shows the top tail alone."""
+    from services.query_svc.report_data import load_result
+    from services.query_svc.report_html import render
+
+    result = write_result(tmp_path / "r", queries=4, top_k=3, train=40, tokens=0, groups=2, bottom_k=3)
+    data = load_result(result)
+    report = json.loads((result / "results.json").read_text())
+    ids = {f"train-{i}": i for i in range(40)}
+    for cross in data.cross:
+        members = [int(q[1:]) for q in cross.query_ids]
+        for row, source in enumerate(members):
+            chosen = [ids[e["id"]] for e in report["queries"][source]["bottom"]]
+            expected = [data.scores[target, chosen].mean() for target in members]
+            np.testing.assert_allclose(cross.bottom[row], expected, rtol=1e-12)
+    assert all(q.bottom_layers is not None and q.bottom_layers.scores.shape == (12, 3) for q in data.queries)
+    text = render(data)
+    assert text.count('<table class="cross most-negative">') == 2 and text.count('<table class="cross top">') == 2
+    assert "<th>most negative (bottom-k)</th>" in text
+    assert all("bottom_layers" in card for card in _cards(text))
+
+    old = write_result(
+        tmp_path / "old", queries=4, top_k=3, train=40, tokens=0, groups=2, bottom_k=3, bottom_tensors=False
+    )
+    data = load_result(old)
+    assert all(cross.bottom is None for cross in data.cross) and all(q.bottom_layers is None for q in data.queries)
+    text = render(data)
+    assert '<table class="cross most-negative">' not in text and "<th>most negative (bottom-k)</th>" not in text
 
 
 def test_a_self_influence_result_has_an_overview_too(tmp_path):

@@ -2,10 +2,11 @@ import datetime
 
 from google.api import field_behavior_pb2 as _field_behavior_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -35,7 +36,7 @@ DTYPE_FLOAT64: Dtype
 DTYPE_INT8: Dtype
 
 class OperationMetadata(_message.Message):
-    __slots__ = ("kind", "stage", "shards_done", "shards_total", "tokens_processed", "bytes_written", "bytes_read", "create_time", "update_time", "target", "step", "step_done", "step_total", "step_unit")
+    __slots__ = ("kind", "stage", "shards_done", "shards_total", "tokens_processed", "bytes_written", "bytes_read", "create_time", "update_time", "target", "step", "step_done", "step_total", "step_unit", "steps")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     SHARDS_DONE_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +51,7 @@ class OperationMetadata(_message.Message):
     STEP_DONE_FIELD_NUMBER: _ClassVar[int]
     STEP_TOTAL_FIELD_NUMBER: _ClassVar[int]
     STEP_UNIT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     stage: str
     shards_done: int
@@ -64,7 +66,22 @@ class OperationMetadata(_message.Message):
     step_done: int
     step_total: int
     step_unit: str
-    def __init__(self, kind: _Optional[str] = ..., stage: _Optional[str] = ..., shards_done: _Optional[int] = ..., shards_total: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., bytes_written: _Optional[int] = ..., bytes_read: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., step: _Optional[str] = ..., step_done: _Optional[int] = ..., step_total: _Optional[int] = ..., step_unit: _Optional[str] = ...) -> None: ...
+    steps: _containers.RepeatedCompositeFieldContainer[StepProgress]
+    def __init__(self, kind: _Optional[str] = ..., stage: _Optional[str] = ..., shards_done: _Optional[int] = ..., shards_total: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., bytes_written: _Optional[int] = ..., bytes_read: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., target: _Optional[str] = ..., step: _Optional[str] = ..., step_done: _Optional[int] = ..., step_total: _Optional[int] = ..., step_unit: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[StepProgress, _Mapping]]] = ...) -> None: ...
+
+class StepProgress(_message.Message):
+    __slots__ = ("stage", "step", "done", "total", "unit")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    step: str
+    done: int
+    total: int
+    unit: str
+    def __init__(self, stage: _Optional[str] = ..., step: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., unit: _Optional[str] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("file", "offset", "data", "size", "sha256")

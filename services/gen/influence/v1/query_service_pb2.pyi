@@ -173,7 +173,7 @@ class TokenScore(_message.Message):
     def __init__(self, token: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class ScoreRow(_message.Message):
-    __slots__ = ("query_id", "rank", "train_id", "score", "text", "per_module", "tokens")
+    __slots__ = ("query_id", "rank", "train_id", "score", "text", "per_module", "tokens", "line")
     class PerModuleEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +188,7 @@ class ScoreRow(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     PER_MODULE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     rank: int
     train_id: str
@@ -195,4 +196,5 @@ class ScoreRow(_message.Message):
     text: str
     per_module: _containers.ScalarMap[str, float]
     tokens: _containers.RepeatedCompositeFieldContainer[TokenScore]
-    def __init__(self, query_id: _Optional[str] = ..., rank: _Optional[int] = ..., train_id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., per_module: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ...) -> None: ...
+    line: int
+    def __init__(self, query_id: _Optional[str] = ..., rank: _Optional[int] = ..., train_id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., per_module: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., line: _Optional[int] = ...) -> None: ...
