@@ -24,13 +24,14 @@ import torch
 from ..catalog import factor_sets, indexes, results
 from ..catalog.datasets import DATASETS, DatasetView, shard_sequences
 from ..catalog.factor_sets import FACTOR_SETS, FactorSetInfo
-from ..catalog.indexes import IndexView
+from ..catalog.indexes import IndexInfo, IndexView
 from ..catalog.results import RESULTS, ResultInfo
 from ..engine.device import to_device
 from ..engine.factors import FactorSet
 from ..engine.finite import require_finite
 from ..engine.index import Indexer
 from ..engine.index_scan import queries_from_tensors, queries_to_tensors, score_index_shards
+from ..engine.lexical import Bm25Index
 from ..engine.score import (
     PreparedQueries,
     Scorer,
@@ -297,6 +298,13 @@ def _put_index_partial(call: StageCall, partial: ShardScores) -> Exception | Non
     return None
 
 
+def _bm25(call: StageCall, index: IndexInfo, view: IndexView, count: int) -> Bm25Index:
+    """BM25 over the index's first `count` sequences (the job's shards), built once per index and
+    count on this worker and kept in its artifact cache (its sparse matrix counted against the
+    cache's bytes): later jobs against the same index neither read its text nor rebuild it."""
+    return call.context.artifacts.get(("bm25", index.id, count), lambda: Bm25Index.build(view.sequences(count)))
+
+
 def run_index_merge(call: StageCall) -> ResultInfo:
     """Index scores of every shard, each query's best `rescore` candidates (and, with `lexical`,
     its best by BM25) rescored exactly, the final top-k (with the breakdowns asked for) from exact
@@ -314,7 +322,7 @@ def run_index_merge(call: StageCall) -> ResultInfo:
     view = IndexView(call.context.artifacts, call.context.store, index)
     sources = {"index": top_candidates(index_scores, job.rescore)}
     if job.lexical:  # BM25 over the training text of the job's shards (document frequencies need all of it)
-        sources["lexical"] = scorer.lexical_candidates("bm25", job.queries, view.sequences(expected), job.lexical)
+        sources["lexical"] = scorer.bm25_candidates(_bm25(call, index, view, expected), job.queries, job.lexical)
     if job.config.bottom_k:  # the most negative come from the other end of the index ranking
         sources["index_bottom"] = top_candidates(index_scores, job.rescore, largest=False)
     candidates = merged(*sources.values())

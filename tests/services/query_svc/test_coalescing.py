@@ -1,7 +1,8 @@
 """Coalesced index scans through the real service (gRPC, Redis, the S3 store): two concurrent
 requests of one tenant against the same index, their index_score tasks run as one batch on one
 worker, give each exactly the result it gets alone; a member whose operation was cancelled is
-dropped and one whose task fails fails on its own, neither touching the other. (Tenants never
+dropped and one whose task fails fails on its own, neither touching the other. And the BM25 of
+`--lexical` is built once per index on a worker, not per job. (Tenants never
 share a batch: the batch key carries the tenant, tests/services/jobs/test_jobs.py's take_matching
 test shows another key is never taken.)"""
 
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.client import InfluenceClient
+from services.engine.lexical import Bm25Index
 from services.engine.records import Query
 from services.errors import CancelledError, NotFoundError
 from services.gen.influence.internal.v1 import tasks_pb2
@@ -45,17 +47,17 @@ def system(redis_server, s3_server, workspace):
     dataset = cluster.client.register_dataset(model, workspace / "train.jsonl")
     factors = cluster.client.fit_factors(model, dataset.name)
     index = cluster.client.build_index(model, factors.name, dataset.name)
-    yield cluster, model, factors.name, index.name
+    yield cluster, model, factors.name, index.name, helper
     helper.stop.set()
     thread.join(30)
     cluster.close()
 
 
-def request(system, queries, out):
+def request(system, queries, out, **options):
     """Score `queries` against the index (waiting for the result) and download it into `out`."""
-    cluster, model, factors, index = system
+    cluster, model, factors, index, _ = system
     with InfluenceClient(cluster.server.target) as client:
-        result = client.compute_scores(model, factors, "", queries, index=index, rescore=6, top_k=4)
+        result = client.compute_scores(model, factors, "", queries, index=index, rescore=6, top_k=4, **options)
         client.download_result(result.name, out)
     return out
 
@@ -152,3 +154,26 @@ def test_a_failed_or_cancelled_member_ends_alone_and_the_other_gets_its_result(s
         assert_same(alone[1], kept.result(timeout=120))
         with pytest.raises(CancelledError):
             cancelled.result(timeout=120)
+
+
+def test_the_bm25_of_an_index_is_built_once_per_worker_not_per_job(system, tmp_path, monkeypatch):
+    """--lexical: the first job against the index builds its BM25 on the worker that merges, the
+    next ones find it in that worker's cache (neither reading the index's text nor rebuilding)."""
+    cluster, helper = system[0], system[4]
+    built = []
+    build = Bm25Index.build.__func__
+
+    def counted(cls, training):
+        built.append(len(training))
+        return build(cls, training)
+
+    monkeypatch.setattr(Bm25Index, "build", classmethod(counted))
+    scanner = Worker(cluster.system, kinds=["index_score"], consumer="lexical")
+    with ThreadPoolExecutor(1) as pool:
+        for number, queries in enumerate((FIRST, SECOND, FIRST)):
+            future = pool.submit(request, system, queries, tmp_path / f"r{number}", lexical=3)
+            step(scanner, "index_score", timeout=60)
+            report = json.loads((future.result(timeout=120) / "results.json").read_text())
+            assert report["index"]["lexical"] == 3 and "lexical" in report["index"]["sources"]
+    index_id = system[3].split("/")[-1]
+    assert built == [23] and ("bm25", index_id, 23) in helper.context.artifacts
