@@ -142,7 +142,22 @@ def run_load(target, model, factor_set, dataset, clients: int, seconds: float) -
     }
 
 
-def serve_process(state: Path, port: int, tokens: Path, roots: Path, workers: int, coalesce_ms: float):
+def task_seconds(metrics_port: int) -> dict[str, list[float]]:
+    """{kind: [seconds, tasks]} of the succeeded tasks so far (the server's influence_task_seconds)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    totals: dict[str, list[float]] = {}
+    for suffix, position in (("_sum", 0), ("_count", 1)):
+        pattern = rf'influence_task_seconds{suffix}{{kind="(\w+)",outcome="succeeded"}} ([0-9.e+]+)'
+        for kind, value in re.findall(pattern, text):
+            totals.setdefault(kind, [0.0, 0.0])[position] = float(value)
+    return totals
+
+
+def serve_process(
+    state: Path, port: int, tokens: Path, roots: Path, workers: int, coalesce_ms: float, metrics_port: int
+):
     """`influence serve` (all roles, embedded Redis and store in `state`, `workers` in-process
     workers, tenants from `tokens`) as a child process, its log in state/serve.log."""
     import subprocess
@@ -152,6 +167,7 @@ def serve_process(state: Path, port: int, tokens: Path, roots: Path, workers: in
     command = [sys.executable, "-m", "services.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--state-dir", str(state), "--workers", str(workers), "--auth-tokens", str(tokens)]
     command += ["--model-roots", str(roots), "--coalesce-ms", f"{coalesce_ms:g}", "--log-level", "info"]
+    command += ["--metrics-port", str(metrics_port)]
     environment = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
 
@@ -210,7 +226,8 @@ def index_burst(args, scratch: Path) -> dict:
         port = free_port()
         target = f"127.0.0.1:{port}"
         state = scratch / f"serve-{coalesce_ms:g}"
-        process = serve_process(state, port, tokens, scratch, args.workers, coalesce_ms)
+        metrics_port = free_port()
+        process = serve_process(state, port, tokens, scratch, args.workers, coalesce_ms, metrics_port)
         try:
             wait_for_server(target, process, state / "serve.log")
             indexes = {}
@@ -243,7 +260,10 @@ def index_burst(args, scratch: Path) -> dict:
                     raise RuntimeError(f"{args.burst - len(latencies)} requests failed")
                 if round_number:
                     rounds.append({"wall_seconds": round(wall, 2), "latencies": latencies})
+                else:
+                    warm = task_seconds(metrics_port)
                 print(f"coalesce {coalesce_ms:g} ms, round {round_number}: {wall:.1f} s", flush=True)
+            measured = task_seconds(metrics_port)
         finally:
             process.terminate()
             process.wait(60)
@@ -260,6 +280,12 @@ def index_burst(args, scratch: Path) -> dict:
             "round_walls": [entry["wall_seconds"] for entry in rounds],
             "coalesced_batches": len(batches),
             "coalesced_tasks": sum(batches),
+            # the measured rounds' tasks per kind: [wall seconds summed (a batch's once per member), tasks]
+            "task_seconds": {
+                kind: [round(total[0] - warm.get(kind, [0, 0])[0], 2), int(total[1] - warm.get(kind, [0, 0])[1])]
+                for kind, total in measured.items()
+                if kind.startswith("index_") and kind != "index_shard" and kind != "index_publish"
+            },
         }
         print(json.dumps({"coalesce_ms": coalesce_ms, **settings[f"{coalesce_ms:g}"]}), flush=True)
     return settings
@@ -295,14 +321,16 @@ def main() -> int:
         print()
         print(
             "| --coalesce-ms | requests | p50 s | p99 s | mean s | requests/s | rounds' wall s "
-            "| coalesced tasks (batches) |"
+            "| coalesced tasks (batches) | task wall s summed per kind (tasks) |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for setting, r in settings.items():
             print(
                 f"| {setting} | {r['requests']} | {r['p50_seconds']} | {r['p99_seconds']} | {r['mean_seconds']} | "
                 f"{r['requests_per_second']} | {', '.join(map(str, r['round_walls']))} | "
-                f"{r['coalesced_tasks']} ({r['coalesced_batches']}) |"
+                f"{r['coalesced_tasks']} ({r['coalesced_batches']}) | "
+                + ", ".join(f"{kind} {seconds} ({tasks})" for kind, (seconds, tasks) in r["task_seconds"].items())
+                + " |"
             )
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

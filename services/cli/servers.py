@@ -238,6 +238,7 @@ def run_serve(args) -> int:
     if args.max_queued_operations < 0:
         raise InputError(f"--max-queued-operations must be >= 0, got {args.max_queued_operations}")
     limits = Limits(**{name: getattr(args, name) for name in REQUEST_LIMITS})
+    coalescing = _coalescing(args)
     roles = tuple(role.strip() for role in args.role.split(",") if role.strip())
     unknown = set(roles) - set(ROLES)
     if unknown or not roles:
@@ -253,7 +254,7 @@ def run_serve(args) -> int:
                 consumer=f"serve-{n}",
                 context=_worker_context(args, system),
                 torch_threads=cores_each,
-                **_coalescing(args),
+                **coalescing,
             )
             for n in range(args.workers)
         ]
@@ -277,6 +278,7 @@ def run_worker(args) -> int:
     from ..logs import configure_logging
     from ..system.runner import Worker
 
+    coalescing = _coalescing(args)
     configure_logging(args.log_level, args.log_format)
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()] if args.kinds else STAGE_TABLE.kinds
     STAGE_TABLE.check_kinds(kinds)
@@ -286,7 +288,7 @@ def run_worker(args) -> int:
             kinds=kinds,
             consumer=args.name or f"worker-{Path('/proc/self').resolve().name}",
             context=_worker_context(args, system),
-            **_coalescing(args),
+            **coalescing,
         )
         with _metrics(args, system, shared_state=False, health=lambda: worker.not_serving):
             signal.signal(signal.SIGTERM, lambda *_: worker.drain(args.drain_seconds, then=_exit_now))

@@ -59,6 +59,10 @@ class Stage:
     batch_key: Callable[[Job, int], str] | None = None
     run_batch: Callable[[list[StageCall], list], list[object]] | None = None
 
+    def __post_init__(self):
+        if (self.batch_key is None) != (self.run_batch is None):
+            raise ValueError(f"stage {self.name}: a batch key needs run_batch, and run_batch a batch key")
+
 
 @dataclass(frozen=True)
 class JobPlan:
