@@ -55,6 +55,7 @@ class EmbeddedSystem:
         lease_seconds: float = 60.0,
         foreground: bool = False,
         cache_bytes: int | None = None,
+        coalesce_seconds: float = 0.0,
     ):
         self._temporary = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="influence-embedded-"))
@@ -62,6 +63,7 @@ class EmbeddedSystem:
         self.lease_seconds = lease_seconds
         self.foreground = foreground
         self.cache_bytes = cache_bytes  # each worker's capture-cache budget (None: ¼ of the memory limit)
+        self.coalesce_seconds = coalesce_seconds  # each worker's batch window (Worker.coalesce_seconds; 0: off)
         self.redis: EmbeddedRedis | None = None
         self.server: BackgroundServer | None = None
         self.workers: list[Worker] = []
@@ -80,6 +82,7 @@ class EmbeddedSystem:
                 consumer=f"embedded-{number}",
                 context=WorkerContext(self.system.store, cache_bytes=self.cache_bytes),
                 torch_threads=threads,
+                coalesce_seconds=self.coalesce_seconds,
             )
             self.workers.append(worker)
             if self.foreground and number == 0:

@@ -73,6 +73,20 @@ CONNECTION = (
         help="memory each worker may keep of covariance passes for their correction passes "
         "(default: 1/4 of the memory limit, the container's if any)",
     ),
+    Flag(
+        "--coalesce-ms",
+        type=float,
+        default=from_env("INFLUENCE_COALESCE_MS", "200"),
+        help="a worker taking an index_score task also takes the tenant's tasks for the same index shard "
+        "enqueued within this many ms of it, and scans the blocks once for all (env INFLUENCE_COALESCE_MS; "
+        "0: every task alone)",
+    ),
+    Flag(
+        "--coalesce-limit",
+        type=int,
+        default=from_env("INFLUENCE_COALESCE_LIMIT", "16"),
+        help="at most this many tasks in one coalesced scan (env INFLUENCE_COALESCE_LIMIT)",
+    ),
 )
 SERVER_SECURITY = (
     Flag(
@@ -185,6 +199,15 @@ def _worker_context(args, system):
     return WorkerContext(system.store, cache_bytes=gib_to_bytes(args.cache_gib), device=getattr(args, "device", ""))
 
 
+def _coalescing(args) -> dict:
+    """The Worker's coalescing settings from --coalesce-ms / --coalesce-limit (InputError when negative)."""
+    if args.coalesce_ms < 0 or args.coalesce_limit < 1:
+        raise InputError(
+            f"--coalesce-ms must be >= 0 and --coalesce-limit >= 1, got {args.coalesce_ms:g} and {args.coalesce_limit}"
+        )
+    return {"coalesce_seconds": args.coalesce_ms / 1000, "coalesce_limit": args.coalesce_limit}
+
+
 @contextlib.contextmanager
 def _metrics(args, system, shared_state: bool, health=None):
     """Prometheus metrics on --metrics-port while the block runs (nothing when it is 0); with
@@ -215,6 +238,7 @@ def run_serve(args) -> int:
     if args.max_queued_operations < 0:
         raise InputError(f"--max-queued-operations must be >= 0, got {args.max_queued_operations}")
     limits = Limits(**{name: getattr(args, name) for name in REQUEST_LIMITS})
+    coalescing = _coalescing(args)
     roles = tuple(role.strip() for role in args.role.split(",") if role.strip())
     unknown = set(roles) - set(ROLES)
     if unknown or not roles:
@@ -225,7 +249,13 @@ def run_serve(args) -> int:
         system.max_queued_operations = args.max_queued_operations
         cores_each = threads_per_worker(args.workers)
         workers = [
-            Worker(system, consumer=f"serve-{n}", context=_worker_context(args, system), torch_threads=cores_each)
+            Worker(
+                system,
+                consumer=f"serve-{n}",
+                context=_worker_context(args, system),
+                torch_threads=cores_each,
+                **coalescing,
+            )
             for n in range(args.workers)
         ]
         threads = [threading.Thread(target=w.run_forever, daemon=True) for w in workers]
@@ -248,6 +278,7 @@ def run_worker(args) -> int:
     from ..logs import configure_logging
     from ..system.runner import Worker
 
+    coalescing = _coalescing(args)
     configure_logging(args.log_level, args.log_format)
     kinds = [kind.strip() for kind in args.kinds.split(",") if kind.strip()] if args.kinds else STAGE_TABLE.kinds
     STAGE_TABLE.check_kinds(kinds)
@@ -257,6 +288,7 @@ def run_worker(args) -> int:
             kinds=kinds,
             consumer=args.name or f"worker-{Path('/proc/self').resolve().name}",
             context=_worker_context(args, system),
+            **coalescing,
         )
         with _metrics(args, system, shared_state=False, health=lambda: worker.not_serving):
             signal.signal(signal.SIGTERM, lambda *_: worker.drain(args.drain_seconds, then=_exit_now))

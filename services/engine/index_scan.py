@@ -1,21 +1,24 @@
 """Scoring index blocks: a query batch in index space against a stream of blocks, no model.
 
-    score_index_shard(queries, blocks)  -> ShardScores([Q, n] float64, index [n])   the one block loop
+    score_index_shards(batches, blocks) -> [ShardScores | CancelledError]          the one block loop
+    score_index_shard(queries, blocks)  -> ShardScores([Q, n] float64, index [n])   one batch of it
     score_block(queries, block)         -> [Q, n] float32                            one block
     module_index_scores(queries, part)  -> [Q, n]                                    one module of one block
 
 A block is what engine/index.py's Indexer.blocks makes (its docstring: the layout by format), as
 read from the store or held in memory; the index-space queries are Indexer.queries'. A worker of
-the index_score stage, a bench or a test all score through `score_index_shard`.
+the index_score stage, a bench or a test all score through `score_index_shard`, or, for several
+query batches at once (a worker's coalesced requests), `score_index_shards`: each block is read
+once for all of them, each batch scored against it exactly as alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..errors import InputError
+from ..errors import CancelledError, InputError
 from .progress import Progress
 from .quantize import loaded
 from .score import ShardScores
@@ -66,6 +69,41 @@ def score_block(queries: dict[str, dict[str, torch.Tensor]], block: dict[str, to
     return total
 
 
+def score_index_shards(
+    batches: Sequence[tuple[dict[str, dict[str, torch.Tensor]], Progress | None]],
+    blocks: Iterable[dict[str, torch.Tensor]],
+) -> list[ShardScores | CancelledError]:
+    """Index scores of several query batches (each with its progress, or None) over one stream of
+    blocks (one at a time in memory, read once for all): per batch, float64 [Q_b, n] with the
+    sequences' global indices [n], in the blocks' order, each equal bit for bit to the batch scored
+    alone; or CancelledError for a batch whose progress said so between two blocks (its queries are
+    dropped from the blocks after). Each live batch's progress advances by one per block."""
+    scores: list[list[torch.Tensor]] = [[] for _ in batches]
+    outcomes: list[ShardScores | CancelledError | None] = [None] * len(batches)
+    indices = []
+    for block in blocks:
+        for member, (_, progress) in enumerate(batches):
+            if outcomes[member] is None and progress is not None and progress.cancelled():
+                outcomes[member] = CancelledError("cancelled")
+        live = [member for member, outcome in enumerate(outcomes) if outcome is None]
+        if not live:
+            break
+        for member in live:
+            queries, progress = batches[member]
+            scores[member].append(score_block(queries, block).to(torch.float64))
+            if progress is not None:
+                progress.advance(1, 0)
+        indices.append(block["index"])
+    if all(outcome is not None for outcome in outcomes):  # every batch cancelled
+        return outcomes
+    if not indices:
+        raise InputError("no index blocks to score")
+    return [
+        outcome if outcome is not None else ShardScores(torch.cat(scores[member], dim=-1), torch.cat(indices))
+        for member, outcome in enumerate(outcomes)
+    ]
+
+
 def score_index_shard(
     queries: dict[str, dict[str, torch.Tensor]],
     blocks: Iterable[dict[str, torch.Tensor]],
@@ -73,18 +111,11 @@ def score_index_shard(
 ) -> ShardScores:
     """Index scores of a stream of blocks (one at a time in memory): float64 [Q, n] with the
     sequences' global indices [n], in the blocks' order. `progress` is checked for cancellation
-    and advanced by one per block."""
-    scores, indices = [], []
-    for block in blocks:
-        if progress is not None:
-            progress.check_cancelled()
-        scores.append(score_block(queries, block).to(torch.float64))
-        indices.append(block["index"])
-        if progress is not None:
-            progress.advance(1, 0)
-    if not scores:
-        raise InputError("no index blocks to score")
-    return ShardScores(torch.cat(scores, dim=-1), torch.cat(indices))
+    (CancelledError) and advanced by one per block."""
+    (outcome,) = score_index_shards([(queries, progress)], blocks)
+    if isinstance(outcome, CancelledError):
+        raise outcome
+    return outcome
 
 
 def queries_to_tensors(queries: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ from .device import exact_arithmetic, host_to_device, to_device
 from .factors import FactorSet
 from .finite import first_non_finite, require_finite
 from .fit import prepare_model
-from .lexical import lexical_candidates
+from .lexical import Bm25Index, lexical_candidates
 from .model_io import cached_fingerprint
 from .modules import device_of, module_names
 from .passes import QUERY, captured_batches
@@ -441,6 +441,11 @@ class Scorer:
         engine/lexical.py), ascending; a query read as its prompt ⊕ completion tokens."""
         query_sequences = tokenize_queries(self.tokenizer, queries, self.config.max_length)
         return lexical_candidates(method, query_sequences, sequences, k)
+
+    def bm25_candidates(self, bm25: Bm25Index, queries: Sequence[Query], k: int) -> list[list[int]]:
+        """Each query's k best positions by a BM25 built before (over an index's sequences, kept
+        on the worker), ascending: `lexical_candidates("bm25", ...)` without building it again."""
+        return bm25.candidates(tokenize_queries(self.tokenizer, queries, self.config.max_length), k)
 
     @exact_arithmetic()
     def token_scores(

@@ -35,7 +35,7 @@ TERMINAL = {SUCCEEDED, FAILED, CANCELLED}
 
 # KEYS: shards set, done flag, operation hash. ARGV: shard, total, stage-after, shards-after,
 # response ('' = not final), ended channel, operation id, number of counters, the (counter,
-# increment) pairs, the TTL (seconds) of a record once ended, then (stream, payload) pairs to
+# increment) pairs, the TTL (seconds) of a record once ended, then (stream, payload, batch key) triples to
 # enqueue when the stage completes. A task of an operation that ended (or expired) records nothing.
 # Completion, enqueueing the next stage and finishing the operation are one atomic step, so a
 # worker dying at any point can neither lose the advance nor make it happen twice.
@@ -59,7 +59,10 @@ if ARGV[5] ~= '' then
   return 1
 end
 redis.call('HSET', KEYS[3], 'stage', ARGV[3], 'shards_total', ARGV[4], 'counter:shards_done', 0)
-for i = counters_end + 2, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1]) end
+for i = counters_end + 2, #ARGV, 3 do
+  if ARGV[i + 2] == '' then redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1])
+  else redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1], 'key', ARGV[i + 2]) end
+end
 return 1
 """
 
@@ -67,7 +70,7 @@ return 1
 # tenant's active set, the submissions in progress. ARGV: the request key's TTL (0: no request id),
 # the operation id, the tenant's quota (0: none), the operation-hash key prefix, the submission
 # ('': none), the TTL of an ended record (0: the record does not start ended), the ended channel,
-# the creation time, the number of (field, value) pairs, the pairs, then (stream, payload) pairs
+# the creation time, the number of (field, value) pairs, the pairs, then (stream, payload, batch key) triples
 # to enqueue. One atomic step: a request id that names an existing operation returns it (0); a
 # submission swept as abandoned (-2) or a tenant at its quota (-1) creates nothing; else the
 # request id is claimed, the record written and listed, its first tasks enqueued and its
@@ -95,7 +98,10 @@ local fields_end = 9 + 2 * tonumber(ARGV[9])
 for i = 10, fields_end, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('ZADD', KEYS[3], ARGV[8], id)
 if KEYS[4] ~= KEYS[3] then redis.call('ZADD', KEYS[4], ARGV[8], id) end
-for i = fields_end + 1, #ARGV, 2 do redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1]) end
+for i = fields_end + 1, #ARGV, 3 do
+  if ARGV[i + 2] == '' then redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1])
+  else redis.call('XADD', ARGV[i], '*', 'payload', ARGV[i + 1], 'key', ARGV[i + 2]) end
+end
 if ARGV[5] ~= '' then redis.call('ZREM', KEYS[6], ARGV[5]) end
 if ARGV[6] ~= '0' then
   redis.call('EXPIRE', KEYS[2], ARGV[6])
@@ -215,7 +221,7 @@ class OperationStore:
         quota: int = 0,
         operation_id: str = "",
         stage: str = "",
-        tasks: Sequence[tuple[str, bytes]] = (),
+        tasks: Sequence[tuple[str, bytes, str]] = (),
         response: bytes | None = None,
         submission: str = "",
     ) -> tuple[dict, bool]:
@@ -226,8 +232,8 @@ class OperationStore:
         - with a `quota`, ResourceExhaustedError when the tenant already has that many operations
           queued or running;
         - else the operation `operation_id` (default: a new id) is written: PENDING, or RUNNING at
-          `stage` with its first `tasks` ((stream, payload) pairs) enqueued, or SUCCEEDED with
-          `response`; the request id is claimed, and the `submission` (begin_submission) ends. A
+          `stage` with its first `tasks` ((stream, payload, batch key) triples) enqueued, or SUCCEEDED
+          with `response`; the request id is claimed, and the `submission` (begin_submission) ends. A
           submission already swept as abandoned creates nothing (UnavailableError: retry)."""
         operation_id = operation_id or new_operation_id()
         now = time.time()
@@ -264,8 +270,8 @@ class OperationStore:
             now,
             len(fields),
         ]
-        for pair in [*fields.items(), *tasks]:
-            arguments += pair
+        for entry in [*fields.items(), *tasks]:
+            arguments += entry
         try:
             outcome, value = self._create(keys=keys, args=arguments)
         except redis.RedisError as error:
@@ -453,7 +459,7 @@ class OperationStore:
         total: int,
         *,
         next_stage: str = "",
-        next_tasks: list[tuple[str, bytes]] = (),
+        next_tasks: list[tuple[str, bytes, str]] = (),
         response: bytes = b"",
         counters: dict[str, int] | None = None,
     ) -> bool:
@@ -462,7 +468,7 @@ class OperationStore:
         this shard is recorded, not again for a duplicate delivery.
 
         At that moment, atomically: either the operation succeeds with `response` (the last
-        stage), or the stage becomes `next_stage` and `next_tasks` ((stream, payload) pairs)
+        stage), or the stage becomes `next_stage` and `next_tasks` ((stream, payload, batch key) triples)
         are appended to their streams.
         """
         base = f"{self.prefix}:fanin:{operation_id}:{stage}"
@@ -472,8 +478,8 @@ class OperationStore:
         for name, increment in counters.items():
             arguments += [name, int(increment)]
         arguments.append(self.ttl_seconds)
-        for stream, payload in next_tasks:
-            arguments += [stream, payload]
+        for task in next_tasks:
+            arguments += task
         keys = [f"{base}:shards", f"{base}:done", self._key(operation_id)]
         return self._finish_shard(keys=keys, args=arguments) == 1
 

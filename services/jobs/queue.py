@@ -13,7 +13,10 @@ Delivery is at-least-once:
   redis-streams `lagCount` and `pendingEntriesCount`, `stats` here);
 - a task whose handler failed is released (`release`: XCLAIM ... IDLE, which backdates its idle
   time) so that it becomes reclaimable after a short backoff instead of a whole lease;
-- after `max_deliveries` the task is moved to the kind's dead-letter stream with its cause.
+- after `max_deliveries` the task is moved to the kind's dead-letter stream with its cause;
+- a task may carry a batch key (the `key` field beside its payload): a consumer holding such a task
+  takes the next waiting tasks of the same kind and key with it (`take_matching`, from the head of
+  the stream only, so no task is passed over), to run them as one batch (a worker's coalescing).
 Payloads are bytes (serialised protobuf TaskPayload messages); never pickle.
 A Redis that lost its data (restarted without persistence, failed over to an empty replica) has
 no consumer groups: every call that names the group recreates it on NOGROUP (from the stream's
@@ -59,12 +62,46 @@ redis.call('XTRIM', KEYS[1], 'MINID', floor)
 """
 
 
+# Deliver to a consumer the waiting tasks at the head of a stream while they carry a batch key, at
+# most a number of them (XREADGROUP COUNT 1 each, after a look at the head with XRANGE: a task of
+# another key stops it, for another consumer to take). KEYS: stream; ARGV: group, consumer, key,
+# limit. Returns Redis's time (ms), then the (id, fields) entries delivered.
+TAKE_MATCHING = """
+local last
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  if info['name'] == ARGV[1] then last = info['last-delivered-id'] end
+end
+if not last then return redis.error_reply('NOGROUP no group ' .. ARGV[1] .. ' on ' .. KEYS[1]) end
+local now = redis.call('TIME')
+local taken = {tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)}
+for _ = 1, tonumber(ARGV[4]) do
+  local head = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
+  if #head == 0 then break end
+  local fields, key = head[1][2], nil
+  for i = 1, #fields, 2 do if fields[i] == 'key' then key = fields[i + 1] end end
+  if key ~= ARGV[3] then break end
+  redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[1], '>')
+  last = head[1][1]
+  table.insert(taken, head[1])
+end
+return taken
+"""
+
+
 @dataclass
 class Task:
     kind: str
     message_id: str
     payload: bytes
     deliveries: int
+    key: str = ""  # its batch key ("": it runs alone)
+
+    @property
+    def enqueued_ms(self) -> int:
+        """When it was enqueued: Redis's time in ms (the stream entry's id)."""
+        return int(self.message_id.split("-")[0])
 
 
 class Clock:
@@ -150,11 +187,13 @@ class TaskQueue:
             self.ensure_groups(kinds)
             return call()
 
-    def enqueue(self, kind: str, payload: bytes) -> str:
-        """Append a task; it is durable in Redis when this returns."""
+    def enqueue(self, kind: str, payload: bytes, key: str = "") -> str:
+        """Append a task (with a batch `key`, see `take_matching`); it is durable in Redis when this
+        returns. (A job's tasks are enqueued by jobs/operations.py's scripts, as the same fields.)"""
+        fields = {"payload": payload, **({"key": key} if key else {})}
         try:
             self._ensure_group(kind)
-            return self.client.xadd(self.stream(kind), {"payload": payload}).decode()
+            return self.client.xadd(self.stream(kind), fields).decode()
         except redis.RedisError as error:
             raise QueueUnavailable(f"cannot enqueue a {kind} task: {error}") from None
 
@@ -195,6 +234,19 @@ class TaskQueue:
             self._surplus.setdefault(consumer, []).extend(delivered[1:])
         return self._task(*delivered[0])
 
+    def take_matching(self, task: Task, consumer: str, limit: int) -> tuple[list[Task], int]:
+        """Up to `limit` more tasks of `task`'s kind and batch key for `consumer`: those waiting at
+        the head of the stream, in order, up to the first of another key (never one passed over);
+        and Redis's time now (ms), against which a batch window is measured (Task.enqueued_ms)."""
+        if not task.key or limit <= 0:
+            return [], task.enqueued_ms
+        self._ensure_group(task.kind)
+        stream = self.stream(task.kind)
+        now, *entries = self._regrouping(
+            [task.kind], lambda: self.client.eval(TAKE_MATCHING, 1, stream, GROUP, consumer, task.key, limit)
+        )
+        return [self._task(task.kind, message_id, fields, fresh=True) for message_id, fields in entries], int(now)
+
     def _next_surplus(self, kinds: list[str], consumer: str) -> Task | None:
         """A task delivered to `consumer` by an earlier read and not yet returned, if it still holds
         it (another worker may have reclaimed it after its lease); its lease is renewed."""
@@ -212,11 +264,18 @@ class TaskQueue:
                 self.renew(task, consumer)
                 return task
 
-    def _task(self, kind: str, message_id, fields) -> Task:
+    def _task(self, kind: str, message_id, fields, fresh: bool = False) -> Task:
+        """The Task of a delivered entry (`fields` a dict, or Redis's flat list); `fresh`: delivered
+        for the first time just now (no need to ask for its delivery count)."""
         message_id = message_id.decode() if isinstance(message_id, bytes) else message_id
-        pending = self.client.xpending_range(self.stream(kind), GROUP, message_id, message_id, 1)
-        deliveries = int(pending[0]["times_delivered"]) if pending else 1
-        return Task(kind, message_id, fields[b"payload"], deliveries)
+        if isinstance(fields, list):
+            fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        deliveries = 1
+        if not fresh:
+            pending = self.client.xpending_range(self.stream(kind), GROUP, message_id, message_id, 1)
+            deliveries = int(pending[0]["times_delivered"]) if pending else 1
+        key = fields.get(b"key", b"").decode()
+        return Task(kind, message_id, fields[b"payload"], deliveries, key)
 
     def renew(self, task: Task, consumer: str) -> None:
         """Reset the task's idle time (its lease) without counting a delivery. (A group recreated
@@ -300,23 +359,23 @@ class TaskQueue:
 
 
 class LeaseKeeper:
-    """Renews the lease of the task a worker is running (`with keeper.holding(task):`) every
-    lease/3 seconds, for at most the queue's `max_task_seconds` (a hung task is then reclaimed),
-    from one thread per worker that lives across tasks (a thread per task cost ~1 ms of start and
-    join per task). `close` stops it."""
+    """Renews the leases of the tasks a worker is running (`with keeper.holding(task, ...):`: one,
+    or a coalesced batch) every lease/3 seconds, for at most the queue's `max_task_seconds` (a hung
+    task is then reclaimed), from one thread per worker that lives across tasks (a thread per task
+    cost ~1 ms of start and join per task). `close` stops it."""
 
     def __init__(self, queue: TaskQueue, consumer: str):
         self.queue, self.consumer = queue, consumer
-        self._task: Task | None = None
-        self._since = 0.0  # when the held task started
+        self._tasks: tuple[Task, ...] = ()
+        self._since = 0.0  # when the held tasks started
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def holding(self, task: Task) -> Iterator[None]:
+    def holding(self, *tasks: Task) -> Iterator[None]:
         with self._lock:
-            self._task, self._since = task, self.queue.clock.now()
+            self._tasks, self._since = tasks, self.queue.clock.now()
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
                 self._thread = threading.Thread(target=self._run, name=f"lease-{self.consumer}", daemon=True)
@@ -325,36 +384,38 @@ class LeaseKeeper:
             yield
         finally:
             with self._lock:
-                self._task = None
+                self._tasks = ()
 
-    def hand_back(self) -> Task | None:
-        """Stop renewing the held task and make it reclaimable now (a draining worker that cannot
-        finish it before it is killed): another worker takes it at once instead of a lease later.
-        The task, or None when none was held."""
+    def hand_back(self) -> tuple[Task, ...]:
+        """Stop renewing the held tasks and make them reclaimable now (a draining worker that cannot
+        finish them before it is killed): other workers take them at once instead of a lease later.
+        The tasks (none when none was held)."""
         with self._lock:
-            task, self._task = self._task, None
-        if task is not None:
+            tasks, self._tasks = self._tasks, ()
+        for task in tasks:
             self.queue.release(task, self.consumer, 0)
-        return task
+        return tasks
 
     def _run(self) -> None:
         interval = max(self.queue.lease_ms / 3000, 0.05)
         while not self.queue.clock.wait(self._stop, interval):
             with self._lock:
-                task, since = self._task, self._since
-            if task is None:
+                tasks, since = self._tasks, self._since
+            if not tasks:
                 continue
             limit = self.queue.max_task_seconds
-            if limit and self.queue.clock.now() - since > limit:  # hung: let the lease lapse (once per task)
-                log.warning("%s task %s ran over %g s: its lease is left to expire", task.kind, task.message_id, limit)
+            if limit and self.queue.clock.now() - since > limit:  # hung: let the leases lapse (once per task)
+                first = tasks[0]
+                log.warning("%s task %s ran over %g s: its lease lapses", first.kind, first.message_id, limit)
                 with self._lock:
-                    if self._task is task:
-                        self._task = None
+                    if self._tasks is tasks:
+                        self._tasks = ()
                 continue
-            try:  # renewing a task acknowledged meanwhile is a no-op (it left the pending list)
-                self.queue.renew(task, self.consumer)
-            except redis.RedisError as error:  # Redis briefly away: try again next tick
-                log.warning("lease renewal of %s failed: %s", task.message_id, error)
+            for task in tasks:
+                try:  # renewing a task acknowledged meanwhile is a no-op (it left the pending list)
+                    self.queue.renew(task, self.consumer)
+                except redis.RedisError as error:  # Redis briefly away: try again next tick
+                    log.warning("lease renewal of %s failed: %s", task.message_id, error)
 
     def close(self) -> None:
         self._stop.set()

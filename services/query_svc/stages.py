@@ -24,13 +24,14 @@ import torch
 from ..catalog import factor_sets, indexes, results
 from ..catalog.datasets import DATASETS, DatasetView, shard_sequences
 from ..catalog.factor_sets import FACTOR_SETS, FactorSetInfo
-from ..catalog.indexes import IndexView
+from ..catalog.indexes import IndexInfo, IndexView
 from ..catalog.results import RESULTS, ResultInfo
 from ..engine.device import to_device
 from ..engine.factors import FactorSet
 from ..engine.finite import require_finite
 from ..engine.index import Indexer
-from ..engine.index_scan import queries_from_tensors, queries_to_tensors, score_index_shard
+from ..engine.index_scan import queries_from_tensors, queries_to_tensors, score_index_shards
+from ..engine.lexical import Bm25Index
 from ..engine.score import (
     PreparedQueries,
     Scorer,
@@ -231,22 +232,77 @@ def run_index_prepare(call: StageCall) -> None:
     _put_prepared(call, tensors)
 
 
-def run_index_score(call: StageCall) -> None:
-    """One index shard's scores, block by block from the store (or the worker's block cache):
-    no model, a block or two in memory."""
-    index = _index(call)
-    _, _, shard = index.info.shards()[call.shard]
+def _index_queries(call: StageCall, index) -> dict[str, dict[str, torch.Tensor]]:
+    """The job's index-space queries, as index_prepare stored them (on the host)."""
     prepared = _prepared_tensors(call)
-    queries = queries_from_tensors(
+    return queries_from_tensors(
         {name.removeprefix("index/"): value for name, value in prepared.items() if name.startswith("index/")},
         list(index.info.modules),
     )
-    progress = call.context.progress
-    progress.stage("index scores", len(shard.blocks), "block")
-    blocks = (indexes.read_block(call.context.blocks, index, name) for name in shard.blocks)
-    partial = score_index_shard(queries, blocks, progress)
-    require_finite(partial.scores, f"the index scores of shard {call.shard}")
-    put_tensors(call.context.store, layout.job_partial(call.job_id, "index_score", call.shard), partial.to_tensors())
+
+
+def run_index_score(call: StageCall) -> None:
+    """One index shard's scores, block by block from the store (or the worker's block cache):
+    no model, a block or two in memory."""
+    (outcome,) = run_index_score_batch([call], [call.context.progress])
+    if isinstance(outcome, Exception):
+        raise outcome
+
+
+def index_score_key(job: ScoreJob, task: int) -> str:
+    """What index_score tasks may run together (with the runner's tenant): one index, factor set and shard."""
+    return f"{job.index_id}/{job.factor_set_id}/{task}"
+
+
+def run_index_score_batch(calls: list[StageCall], progresses: list) -> list[Exception | None]:
+    """index_score tasks of several jobs (one tenant's coalesced requests: Stage.run_batch), each
+    with its progress: the tasks that read the same blocks are scored in one pass over them
+    (score_index_shards: each block read once, each job's queries scored exactly as alone), each
+    job's partial written to its own key. Per task: None, or the exception it ends with
+    (CancelledError when its operation was cancelled meanwhile: the others go on)."""
+    outcomes: list[Exception | None] = [None] * len(calls)
+    passes: dict[tuple, list[int]] = {}  # (index id, block names) -> the members reading those blocks
+    opened = []
+    for member, call in enumerate(calls):
+        try:
+            index = _index(call)
+            _, _, shard = index.info.shards()[call.shard]
+            opened.append((index, _index_queries(call, index)))
+            passes.setdefault((index.id, tuple(shard.blocks)), []).append(member)
+        except Exception as error:
+            opened.append(None)
+            outcomes[member] = error
+    for (_, names), members in passes.items():
+        index = opened[members[0]][0]
+        context = calls[members[0]].context
+        for member in members:
+            progresses[member].stage("index scores", len(names), "block")
+        blocks = (indexes.read_block(context.blocks, index, name) for name in names)
+        try:
+            scored = score_index_shards([(opened[member][1], progresses[member]) for member in members], blocks)
+        except Exception as error:  # the pass failed: every member of it with it (each retried alone)
+            scored = [error] * len(members)
+        for member, partial in zip(members, scored, strict=True):
+            outcomes[member] = partial if isinstance(partial, Exception) else _put_index_partial(calls[member], partial)
+    return outcomes
+
+
+def _put_index_partial(call: StageCall, partial: ShardScores) -> Exception | None:
+    """Write one task's index scores (checked finite); None, or the exception that stopped it."""
+    try:
+        require_finite(partial.scores, f"the index scores of shard {call.shard}")
+        key = layout.job_partial(call.job_id, "index_score", call.shard)
+        put_tensors(call.context.store, key, partial.to_tensors())
+    except Exception as error:
+        return error
+    return None
+
+
+def _bm25(call: StageCall, index: IndexInfo, view: IndexView, count: int) -> Bm25Index:
+    """BM25 over the index's first `count` sequences (the job's shards), built once per index and
+    count on this worker and kept in its artifact cache (its sparse matrix counted against the
+    cache's bytes): later jobs against the same index neither read its text nor rebuild it."""
+    return call.context.artifacts.get(("bm25", index.id, count), lambda: Bm25Index.build(view.sequences(count)))
 
 
 def run_index_merge(call: StageCall) -> ResultInfo:
@@ -266,7 +322,7 @@ def run_index_merge(call: StageCall) -> ResultInfo:
     view = IndexView(call.context.artifacts, call.context.store, index)
     sources = {"index": top_candidates(index_scores, job.rescore)}
     if job.lexical:  # BM25 over the training text of the job's shards (document frequencies need all of it)
-        sources["lexical"] = scorer.lexical_candidates("bm25", job.queries, view.sequences(expected), job.lexical)
+        sources["lexical"] = scorer.bm25_candidates(_bm25(call, index, view, expected), job.queries, job.lexical)
     if job.config.bottom_k:  # the most negative come from the other end of the index ranking
         sources["index_bottom"] = top_candidates(index_scores, job.rescore, largest=False)
     candidates = merged(*sources.values())
@@ -348,7 +404,14 @@ def _first_score_stage(job: ScoreJob) -> str:
 
 STAGES = [
     Stage("index_prepare", run_index_prepare, loads_model=True),
-    Stage("index_score", run_index_score, per_shard=True, loads_model=False),
+    Stage(
+        "index_score",
+        run_index_score,
+        per_shard=True,
+        loads_model=False,
+        batch_key=index_score_key,
+        run_batch=run_index_score_batch,
+    ),
     Stage("index_merge", run_index_merge, loads_model=True),
     Stage("prepare", run_prepare, loads_model=True),
     Stage("score", run_score, per_shard=True, loads_model=True),

@@ -51,6 +51,17 @@ class Stage:
     # that device (a cuda job's task on a CPU worker is left for another, WrongWorkerError). False:
     # it never does, so any worker runs it (the chart's CPU pools take only such kinds).
     loads_model: bool = True
+    # Coalescing (runner.Worker's batch window): `batch_key(job, task)` names which tasks of the stage
+    # may run together (the runner adds the tenant: tenants never share a batch), and
+    # `run_batch(calls, progresses)` runs such tasks at once, each call's outcome its own: what it
+    # would have returned alone, or the exception it would have raised (CancelledError: its operation
+    # was cancelled; the others go on). None: each task runs alone.
+    batch_key: Callable[[Job, int], str] | None = None
+    run_batch: Callable[[list[StageCall], list], list[object]] | None = None
+
+    def __post_init__(self):
+        if (self.batch_key is None) != (self.run_batch is None):
+            raise ValueError(f"stage {self.name}: a batch key needs run_batch, and run_batch a batch key")
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,11 @@ class StageTable:
         group for per-group stages, else one."""
         declared = self.stage(stage)
         return (job.num_shards if declared.per_shard else 1) * (job.num_groups if declared.per_group else 1)
+
+    def batch_key(self, job: Job, stage: str, task: int, tenant: str) -> str:
+        """The batch key of a task ("": it runs alone), the tenant's own."""
+        declared = self.stage(stage)
+        return f"{tenant}/{declared.batch_key(job, task)}" if declared.batch_key is not None else ""
 
     def call(self, context: WorkerContext, job: Job, job_id: str, stage: str, task: int) -> StageCall:
         """The StageCall of task `task` of a stage: its shard and module group."""

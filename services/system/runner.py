@@ -51,7 +51,7 @@ from ..jobs.queue import LeaseKeeper, Task, TaskQueue
 from ..storage import MANIFEST, ArtifactStore, PrefixedStore
 from . import layout, metrics
 from .context import WorkerContext
-from .plans import StageTable
+from .plans import StageCall, StageTable
 from .specs import Job, encode_job
 
 log = logging.getLogger("influence.worker")
@@ -107,10 +107,15 @@ class JobSystem:
             operation=operation, job=operation, stage=stage, shard=shard, num_shards=job.num_shards
         ).SerializeToString()
 
-    def stage_tasks(self, operation: str, job: Job, stage: str) -> list[tuple[str, bytes]]:
+    def stage_tasks(self, operation: str, job: Job, stage: str, tenant: str) -> list[tuple[str, bytes, str]]:
+        """The (stream, payload, batch key) of each task of a job's stage, for `tenant`'s operation."""
         return [
-            (self.queue.stream(stage), self.payload(operation, job, stage, shard))
-            for shard in range(self.table.tasks(job, stage))
+            (
+                self.queue.stream(stage),
+                self.payload(operation, job, stage, task),
+                self.table.batch_key(job, stage, task, tenant),
+            )
+            for task in range(self.table.tasks(job, stage))
         ]
 
     def submit(
@@ -152,7 +157,7 @@ class JobSystem:
                 quota=self.max_queued_operations,
                 operation_id=job_id,
                 stage=stage,
-                tasks=self.stage_tasks(job_id, job, stage),
+                tasks=self.stage_tasks(job_id, job, stage, self.tenant),
                 submission=submission,
             )
             crash_point("submit:created")
@@ -329,6 +334,22 @@ class PrefixDeleter:
 
 
 @dataclass
+class _Member:
+    """A task admitted to run (runner.Worker._admit): its payload, its operation's tenant and target
+    prefix, how its errors name it, its progress; its job and StageCall once its spec is read."""
+
+    task: Task
+    payload: tasks_pb2.TaskPayload
+    tenant: str
+    target: str
+    where: str
+    task_name: str
+    progress: OperationProgress
+    job: Job | None = None
+    call: StageCall | None = None
+
+
+@dataclass
 class Worker:
     """Takes tasks of `kinds` (default: every stage of the table) and runs them until `stop` is set."""
 
@@ -340,6 +361,13 @@ class Worker:
     # torch CPU threads for this worker's thread (None: every available core). Several workers
     # in one process should split the cores (see `threads_per_worker`).
     torch_threads: int | None = None
+    # Coalescing: a task of a stage that runs batches (Stage.run_batch) is run together with the tasks
+    # of its batch key (same tenant, index and shard: plans.StageTable.batch_key) waiting at the head
+    # of its stream or enqueued until `coalesce_seconds` after it was (a task that waited that long
+    # already goes with those waiting), at most `coalesce_limit` in all. 0 s: every task alone (the
+    # default here; `influence serve|worker --coalesce-ms` default to 200 ms).
+    coalesce_seconds: float = 0.0
+    coalesce_limit: int = 16
     _next_sweep: float = field(default=0.0, init=False)  # when to sweep abandoned submissions next
     # set when run_forever has returned (its task, if any, finished)
     stopped: threading.Event = field(default_factory=threading.Event, init=False)
@@ -398,8 +426,7 @@ class Worker:
         def deadline() -> None:
             if self.stopped.wait(seconds):
                 return  # finished in time
-            task = self.lease.hand_back()
-            if task is not None:
+            for task in self.lease.hand_back():
                 log.warning(
                     "worker %s draining: %s task %s handed back unfinished", self.consumer, task.kind, task.message_id
                 )
@@ -416,8 +443,9 @@ class Worker:
         task = self.system.queue.take(self.kinds, self.consumer, block_ms)
         if task is not None:
             started = time.perf_counter()
-            outcome = self.handle(task)
-            metrics.TASK_SECONDS.labels(task.kind, outcome).observe(time.perf_counter() - started)
+            tasks = self.coalesced(task)
+            for each, outcome in zip(tasks, self.handle_batch(tasks), strict=True):
+                metrics.TASK_SECONDS.labels(each.kind, outcome).observe(time.perf_counter() - started)
         self.release_ended_caches()
         if time.monotonic() >= self._next_sweep:  # at most every minute (half the grace, if shorter)
             self._next_sweep = time.monotonic() + min(60.0, self.system.submit_grace_seconds / 2)
@@ -434,9 +462,49 @@ class Worker:
 
         self.context.captures.release_ended(ended)
 
+    def coalesced(self, task: Task) -> list[Task]:
+        """`task` and the tasks this worker takes to run with it (see `coalesce_seconds`), in order:
+        `task` alone when coalescing is off or it has no batch key."""
+        if not task.key or self.coalesce_seconds <= 0 or self.coalesce_limit <= 1:
+            return [task]
+        tasks, deadline_ms = [task], task.enqueued_ms + 1000 * self.coalesce_seconds
+        while len(tasks) < self.coalesce_limit:
+            more, now_ms = self.system.queue.take_matching(task, self.consumer, self.coalesce_limit - len(tasks))
+            tasks += more
+            if now_ms >= deadline_ms or len(tasks) >= self.coalesce_limit:
+                break
+            if self.stop.wait(min(0.05, (deadline_ms - now_ms) / 1000)):
+                break
+        if len(tasks) > 1:
+            log.info("worker %s: %d %s tasks coalesced", self.consumer, len(tasks), task.kind)
+        return tasks
+
     def handle(self, task: Task) -> str:
         """Run one task; its outcome: succeeded, failed (the operation failed), retry (released for
         redelivery after a backoff), cancelled, dead_lettered, or skipped (its operation had ended)."""
+        return self.handle_batch([task])[0]
+
+    def handle_batch(self, tasks: list[Task]) -> list[str]:
+        """Run tasks of one kind (a coalesced batch: `coalesced`; one task otherwise) and give each
+        its own outcome, as `handle` does for one: a member whose operation ended is skipped, one past
+        its deliveries dead-lettered, the others run together (Stage.run_batch) and each settled
+        alone (recorded, released for a retry, failed, cancelled). Tenants never share a run."""
+        outcomes: list[str | None] = [None] * len(tasks)
+        by_tenant: dict[str, list[tuple[int, _Member]]] = {}
+        for position, task in enumerate(tasks):
+            admitted = self._admit(task)
+            if isinstance(admitted, str):
+                outcomes[position] = admitted
+            else:
+                by_tenant.setdefault(admitted.tenant, []).append((position, admitted))
+        for members in by_tenant.values():
+            for (position, _), outcome in zip(members, self._run([m for _, m in members]), strict=True):
+                outcomes[position] = outcome
+        return outcomes
+
+    def _admit(self, task: Task) -> _Member | str:
+        """The task to run, or the outcome of one that must not run: skipped (its operation ended),
+        dead_lettered (past its deliveries)."""
         queue, operations = self.system.queue, self.system.operations
         payload = tasks_pb2.TaskPayload.FromString(task.payload)
         record = operations.get(payload.operation)
@@ -457,23 +525,54 @@ class Worker:
             operations.fail(payload.operation, code_pb2.ABORTED, failed + told)
             self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=self._target(record))
             return "dead_lettered"
-        # the task reads and writes its operation's tenant's part of the store, nothing else
-        self.context.store = tenant_store(self.system.store, tenant)
         progress = OperationProgress(operations, payload.operation)
-        self.context.progress = progress
-        try:  # everything the task reads, the job spec included, fails inside the error handling
-            progress.stage("starting", 1, "task")  # until the stage's first step: loading its model and inputs
-            job = self.system.table.decode(self.context.store.get_bytes(layout.job_spec(payload.job)))
-            call = self.system.table.call(self.context, job, payload.job, payload.stage, payload.shard)
-            with self.lease.holding(task):
-                published = self.system.table.stage(payload.stage).run(call)
-        except CancelledError:
+        return _Member(task, payload, tenant, self._target(record), where, task_name, progress)
+
+    def _run(self, members: list[_Member]) -> list[str]:
+        """Run admitted tasks of one tenant and stage (alone, or as one batch), then settle each."""
+        # the tasks read and write their operations' tenant's part of the store, nothing else
+        self.context.store = tenant_store(self.system.store, members[0].tenant)
+        self.context.progress = members[0].progress
+        results: list[object] = [None] * len(members)
+        ready = []
+        for position, member in enumerate(members):
+            try:  # everything the task reads, the job spec included, fails inside the error handling
+                member.progress.stage("starting", 1, "task")  # until the stage's first step: loading its inputs
+                member.job = self.system.table.decode(self.context.store.get_bytes(layout.job_spec(member.payload.job)))
+                member.call = self.system.table.call(
+                    self.context, member.job, member.payload.job, member.payload.stage, member.payload.shard
+                )
+                ready.append(position)
+            except Exception as error:
+                results[position] = error
+        if ready:
+            stage = self.system.table.stage(members[ready[0]].payload.stage)
+            calls = [members[position].call for position in ready]
+            with self.lease.holding(*(members[position].task for position in ready)):
+                try:
+                    if len(calls) == 1:
+                        ran = [stage.run(calls[0])]
+                    else:
+                        ran = stage.run_batch(calls, [members[position].progress for position in ready])
+                except Exception as error:  # the batch as a whole failed: each member is settled with it
+                    ran = [error] * len(calls)
+            for position, result in zip(ready, ran, strict=True):
+                results[position] = result
+        return [self._settle(member, result) for member, result in zip(members, results, strict=True)]
+
+    def _settle(self, member: _Member, result: object) -> str:
+        """Record a task's success (and the next stage, or the operation's response), or handle what
+        it raised (`result` an exception): its outcome."""
+        queue, operations = self.system.queue, self.system.operations
+        task, payload, tenant, where = member.task, member.payload, member.tenant, member.where
+        if isinstance(result, CancelledError):
             queue.ack(task)
-            self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=self._target(record))
+            self.discard_intermediates(payload.job, tenant=tenant, ended=True, target=member.target)
             return "cancelled"
-        except Exception as error:
-            return self._failed(task, payload, where, task_name, error, self._target(record), tenant)
-        progress.flush()
+        if isinstance(result, Exception):
+            return self._failed(task, payload, where, member.task_name, result, member.target, tenant)
+        member.progress.flush()
+        job = member.job
         plan = self.system.table.plan(job)
         following = plan.after(job, payload.stage)
         completed = self._with_redis_retries(
@@ -483,9 +582,9 @@ class Worker:
                 payload.shard,
                 self.system.table.tasks(job, payload.stage),
                 next_stage=following or "",
-                next_tasks=self.system.stage_tasks(payload.operation, job, following) if following else [],
-                response=plan.respond(job, published) if following is None else b"",
-                counters={"shards_done": 1, **progress.unreported()},
+                next_tasks=self.system.stage_tasks(payload.operation, job, following, tenant) if following else [],
+                response=plan.respond(job, result) if following is None else b"",
+                counters={"shards_done": 1, **member.progress.unreported()},
             ),
             f"recording {where} of {payload.operation}",
         )

@@ -454,3 +454,12 @@ def test_the_demo_runs_end_to_end(tmp_path, capsys):
     page = tmp_path / "out" / "report.html"
     assert printed.strip().splitlines()[-1] == f"Report: {page.resolve()}"
     assert all(f'id="{section}"' in page.read_text() for section in SECTIONS)
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+@pytest.mark.parametrize("flag", [["--coalesce-ms", "-1"], ["--coalesce-limit", "0"]])
+def test_a_negative_coalescing_window_is_refused_before_anything_starts(command, flag, tmp_path, capsys):
+    code, err = run([command, "--state-dir", str(tmp_path / "state"), *flag], capsys)
+    given = "-1 and 16" if flag[0] == "--coalesce-ms" else "200 and 0"
+    assert code == 2 and err.strip().splitlines()[-1].endswith(f"--coalesce-limit >= 1, got {given}"), err
+    assert not (tmp_path / "state").exists()  # nothing started

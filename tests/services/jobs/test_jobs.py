@@ -12,7 +12,7 @@ import pytest
 from services.jobs.connection import EmbeddedRedis, connect, process_running
 from services.jobs.ended import EndedWatcher
 from services.jobs.operations import OperationStore
-from services.jobs.queue import LeaseKeeper, TaskQueue
+from services.jobs.queue import LeaseKeeper, QueueStats, TaskQueue
 from tests.support.clock import ManualClock, age, idle_ms
 
 
@@ -155,7 +155,7 @@ def test_fan_in_advances_exactly_once_under_duplicates_and_concurrency(redis):
     queue, operations = fresh(redis)
     record, _ = operations.create("fit", {})
     operations.start(record["id"], "covariance", 6)
-    next_tasks = [(queue.stream("eigen"), b"eigen-task")]
+    next_tasks = [(queue.stream("eigen"), b"eigen-task", "")]
     outcomes = []
 
     def finish(shard):
@@ -245,3 +245,36 @@ def test_queue_stats_count_waiting_running_lag_and_dead_letters(redis):
     for _ in range(2):
         queue.ack(queue.take(["score"], "consumer-1", block_ms=100))
     assert queue.stats("score") == type(stats)(waiting=0, running=0, oldest_waiting_seconds=0.0, dead_letters=1)
+
+
+def test_take_matching_takes_the_waiting_tasks_of_a_batch_key_from_the_head_only(redis):
+    """A consumer holding a task with a batch key takes the next waiting tasks of that key, in order,
+    up to its limit, and stops at the first task of another key (a tenant's other key: never passed
+    over, never taken); tasks without a key run alone. What it took is pending on it, each a first
+    delivery, and renewed, acknowledged and counted like any task."""
+    queue, _ = fresh(redis)
+    for payload, key in [
+        (b"a1", "alice/idx/f/0"),
+        (b"a2", "alice/idx/f/0"),
+        (b"a3", "alice/idx/f/0"),
+        (b"b1", "bob/idx/f/0"),
+        (b"a4", "alice/idx/f/0"),
+        (b"plain", ""),
+    ]:
+        queue.enqueue("index_score", payload, key)
+    first = queue.take(["index_score"], "w1", block_ms=100)
+    assert (first.payload, first.key, first.deliveries) == (b"a1", "alice/idx/f/0", 1)
+    second, now_ms = queue.take_matching(first, "w1", limit=1)
+    assert [task.payload for task in second] == [b"a2"] and now_ms >= first.enqueued_ms
+    more, _ = queue.take_matching(first, "w1", limit=5)
+    assert [(task.payload, task.deliveries, task.key) for task in more] == [(b"a3", 1, "alice/idx/f/0")]
+    assert queue.stats("index_score").running == 3 and queue.stats("index_score").waiting == 3
+    bob = queue.take(["index_score"], "w2", block_ms=100)
+    assert bob.payload == b"b1" and queue.take_matching(bob, "w2", limit=5)[0] == []  # a4 is alice's
+    alice = queue.take(["index_score"], "w2", block_ms=100)
+    assert alice.payload == b"a4" and queue.take_matching(alice, "w2", limit=5)[0] == []  # "plain" has no key
+    plain = queue.take(["index_score"], "w1", block_ms=100)
+    assert plain.key == "" and queue.take_matching(plain, "w1", limit=5) == ([], plain.enqueued_ms)
+    for task in [first, *second, *more, bob, alice, plain]:
+        queue.ack(task)
+    assert queue.stats("index_score") == QueueStats(waiting=0, running=0, oldest_waiting_seconds=0.0, dead_letters=0)
