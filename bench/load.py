@@ -11,6 +11,14 @@ for the job to end; a RESOURCE_EXHAUSTED refusal (queue full) is counted and ret
 100 ms. Afterwards every accepted operation is looked up: each must exist once and have
 SUCCEEDED ("accounted"). Prints, per client count: accepted, refused, completed jobs/s, and
 submit and end-to-end latency percentiles; writes bench/out/load.json.
+
+    .venv/bin/python bench/load.py --burst 20 [--rounds 3] [--tenants 2] [--queries 2] [--workers 2]
+                                   [--coalesce-ms 0,200] [--sequences 2000] [--out FILE]
+
+With --burst: index requests instead (`index_burst`): for each --coalesce-ms setting a fresh
+`influence serve` with tokens for --tenants tenants, each with its own index; rounds of --burst
+concurrent requests released together; p50/p99 latency, throughput, coalesced scans (BENCHMARKS.md,
+"Coalescing: concurrent index requests").
 """
 
 from __future__ import annotations
