@@ -120,7 +120,7 @@ def check_factors(args) -> None:
         factors = load_factors(args.factors)
         present = module_names(args.model) if Path(args.model).is_dir() else None
         if present is not None:
-            require_modules(factors, present)
+            require_modules(list(factors.modules), present)
 
 
 def factor_set_name(client, args) -> str:

@@ -72,19 +72,25 @@ class WorkerBudget:
 
     host: int
     device: int | None = None
+    sharing: int = 1  # workers whose models share the GPU `device` is this worker's share of
 
     @classmethod
     def of_process(cls, device: torch.device | str = "cpu") -> WorkerBudget:
         """This process's budget: `INFLUENCE_WORKER_HOST_GIB` / `INFLUENCE_WORKER_DEVICE_GIB` when set
         (an API server planning for its workers, whose pods are not its own), else the container's
         memory limit and, on a GPU, its total memory (`torch.cuda.mem_get_info`; none known when
-        this process sees no GPU). Device "": the machine's (cuda when there is one)."""
+        this process sees no GPU) divided among the `INFLUENCE_WORKERS_PER_GPU` workers that load
+        a model each on it (`influence serve --workers N` on a GPU sets it: N copies must fit).
+        Device "": the machine's (cuda when there is one)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         host = _gib_from_env("INFLUENCE_WORKER_HOST_GIB") or memory_limit_bytes()
         device_bytes = _gib_from_env("INFLUENCE_WORKER_DEVICE_GIB")
+        sharing = 1
         if device_bytes is None and torch.device(device).type == "cuda" and torch.cuda.is_available():
-            _, device_bytes = torch.cuda.mem_get_info(torch.device(device))
-        return cls(host, device_bytes)
+            _, total = torch.cuda.mem_get_info(torch.device(device))
+            sharing = max(1, int(os.environ.get("INFLUENCE_WORKERS_PER_GPU", "1") or 1))
+            device_bytes = total // sharing
+        return cls(host, device_bytes, sharing)
 
     @classmethod
     def of_gib(cls, host_gib: float, device_gib: float | None = None) -> WorkerBudget:
@@ -97,7 +103,14 @@ class WorkerBudget:
 
     def describe(self) -> str:
         host = f"host {self.host / GIB:.1f} GiB"
-        return host + (f", device {self.device / GIB:.1f} GiB" if self.device is not None else "")
+        shared = f", 1/{self.sharing} of a GPU its {self.sharing} workers share" if self.sharing > 1 else ""
+        return host + (f", device {self.device / GIB:.1f} GiB{shared}" if self.device is not None else "")
+
+    def fix(self) -> str:
+        """What gives a worker more memory, in words for an error message."""
+        if self.sharing > 1:
+            return f"serve fewer workers per GPU (--workers {self.sharing} loads {self.sharing} models on one)"
+        return "give the workers more memory (INFLUENCE_WORKER_HOST_GIB/_DEVICE_GIB: the pool's)"
 
 
 def _gib_from_env(name: str) -> int | None:
@@ -180,7 +193,7 @@ def plan_fit(
     if min(usable, host_usable) <= 0:
         raise ResourceExhaustedError(
             f"the model's weights ({weight_bytes / GIB:.1f} GiB) leave nothing of the worker's memory "
-            f"({budget.describe()}) for a fit"
+            f"({budget.describe()}) for a fit or a score: {budget.fix()}"
         )
     groups = module_groups(modules, int(min(usable, host_usable) * STATE_SHARE), state)
     largest_state = max((sum(state(modules[n]) for n in group) for group in groups), default=0)
@@ -191,7 +204,7 @@ def plan_fit(
     if fitting < 1:
         raise ResourceExhaustedError(
             f"one sequence of {max_length} tokens does not fit the worker's memory ({budget.describe()}) "
-            "beside the model and one module's sums: lower --max-length or give the workers more memory"
+            f"beside the model and one module group's state: lower --max-length, or {budget.fix()}"
         )
     return MemoryPlan(groups, int(min(batch_size, fitting)), budget)
 

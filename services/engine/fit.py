@@ -134,9 +134,14 @@ def plan_model_fit(model: nn.Module, config: FitConfig, budget: WorkerBudget) ->
     """The module groups and batch size of a fit of `model` under `budget` (budget.plan_fit): from
     its modules' shapes alone, so `model` may be a skeleton on the meta device (model_io.model_skeleton)."""
     tracked = describe_all(select_modules(model, config.modules))
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+    weights, vocab = weights_and_vocab(model)
     return plan_fit(tracked, weights, budget, config.batch_size, config.max_length, vocab)
+
+
+def weights_and_vocab(model: nn.Module) -> tuple[int, int]:
+    """What a plan needs of a model besides its tracked modules: its weights' bytes and its vocabulary."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights, getattr(getattr(model, "config", None), "vocab_size", 0) or 0
 
 
 def prepare_model(model: nn.Module, selection: str) -> tuple[dict[str, nn.Module], dict[str, TrackedModule]]:

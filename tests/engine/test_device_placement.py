@@ -590,6 +590,7 @@ STEPS = {
     "score.Scorer.score": "to_device(prepared) then module_scores per batch",
     "score.Scorer.token_scores": "to_device(prepared) then module_token_scores",
     "score.Scorer.attach_token_scores": "to_device(prepared) once, then token_scores per sequence",
+    "index.Indexer.write_blocks": "blocks (host tensors) handed to the caller's writer, the pass under within_memory",
     "fit.FitModel.correction": "to_device(eigen bases, replayed captures) then CorrectionAccumulator.add",
     "fit.CaptureCache.offer": "copies a pass's captures to the host arena (a transfer, by design)",
     "score.compute_scores": "the in-process API: Scorer and score_in_memory",
@@ -603,7 +604,6 @@ HOST = {
     "capture.capture": "the model's forward and backward (fake-CUDA autograd aborts the process): CPU runs",
     "modules.ExpertLinear.forward": "one expert inside the model's forward, on the model's device: CPU runs "
     "(tests/engine/test_moe.py)",
-    "score.require_modules": "the factors' module names against the model's (no tensor is read)",
     "arena.HostArena.copy": "a contiguous host copy",
     "correction.CorrectionAccumulator.__init__": "holds the host sums and the bases its caller placed",
     "correction.CorrectionAccumulator.merge": "host float64 sums",
@@ -642,7 +642,7 @@ HOST = {
     "score.PreparedQueries.from_tensors": "from the store (case_plan_module_queries reloads and places them)",
     "score.ShardScores.from_tensors": "from the store",
     "score.merge_self_influence": "host scores",
-    "score.module_pattern": "names",
+    "score.joined": "host scores: a shard's module groups' rows side by side",
     "scoring.ModuleQueries.from_tensors": "from the store (see PreparedQueries.from_tensors)",
 }
 
