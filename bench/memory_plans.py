@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.engine.budget import GIB, FitPlan, WorkerBudget, plan_fit  # noqa: E402
+from services.engine.budget import GIB, MemoryPlan, WorkerBudget, plan_fit  # noqa: E402
 from services.engine.modules import TrackedModule  # noqa: E402
 from services.errors import ResourceExhaustedError  # noqa: E402
 
@@ -104,9 +104,9 @@ def sizes(model: Llama, attention: bool = False, batch: int = 8, tokens: int = 2
 GPU_WORKER = WorkerBudget.of_gib(64, 80)  # the chart's GPU pool: a 64 GiB pod with one 80 GB GPU
 
 
-def plans(budget: WorkerBudget = GPU_WORKER, max_length: int = 2048) -> dict[str, FitPlan | str]:
+def plans(budget: WorkerBudget = GPU_WORKER, max_length: int = 2048) -> dict[str, MemoryPlan | str]:
     """Each model's plan under `budget`, or why there is none (the refusal's words)."""
-    chosen: dict[str, FitPlan | str] = {}
+    chosen: dict[str, MemoryPlan | str] = {}
     for model in MODELS:
         for selection in ("mlp", "all"):
             modules = llama_modules(
@@ -129,7 +129,7 @@ def main() -> None:
     chosen = {}
     for name, plan in plans().items():
         chosen[name] = (
-            {"groups": len(plan.groups), "batch_size": plan.batch_size} if isinstance(plan, FitPlan) else plan
+            {"groups": len(plan.groups), "batch_size": plan.batch_size} if isinstance(plan, MemoryPlan) else plan
         )
     if args.json:
         print(json.dumps({"sizes_gib": table, "plans": chosen, "budget": GPU_WORKER.describe()}, indent=1))

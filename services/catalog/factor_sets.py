@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +162,30 @@ def _read(reader: ArtifactReader, what: str) -> FactorSet:
 def _cache_key(factor_set_id: str) -> tuple:
     """A factor set in a worker's cache."""
     return ("factors", factor_set_id)
+
+
+def publish_groups(store: ArtifactStore, factor_set_id: str, groups: Iterable[FactorSet]) -> FactorSetInfo:
+    """Publish factorSets/{id} from a fit's module groups (each a FactorSet of its modules, model
+    order), one group in memory at a time: each group's module files are written as it comes, then
+    one manifest of every module (the tokens counted: the largest of the groups', as
+    Eigenbases.merged takes them; the effective batch sizes: every group's). Its files are the bytes
+    `publish` writes for the joined set; nothing is kept in a cache (that would hold every group)."""
+    writer = ArtifactWriter(store, FACTOR_SETS.prefix(factor_set_id))
+    metadata, batch_sizes = None, set()
+    for group in groups:
+        group_metadata, files = to_artifact(group)
+        for name, tensors in sorted(files.items()):
+            writer.add_tensors(name, tensors)
+        batch_sizes |= set(group_metadata["provenance"].get("effective_batch_sizes", ()))
+        if metadata is None:
+            metadata = group_metadata
+        else:
+            metadata["modules"].update(group_metadata["modules"])
+            metadata["n_tokens"] = max(metadata["n_tokens"], group_metadata["n_tokens"])
+    if batch_sizes:
+        metadata["provenance"]["effective_batch_sizes"] = sorted(batch_sizes)
+    writer.publish(metadata)
+    return FactorSetInfo.from_metadata(metadata, factor_set_id)
 
 
 def publish(

@@ -59,6 +59,9 @@ class IndexPart:
     start: int
     num_examples: int
     shards: tuple[IndexShard, ...]
+    # the batch sizes its index_shard passes ran at (a lowered one after an out-of-memory error,
+    # engine/budget.within_memory); empty in a part built before they were recorded
+    batch_sizes: tuple[int, ...] = ()
 
     @property
     def dataset(self) -> str:
@@ -72,6 +75,7 @@ class IndexPart:
             metadata["start"],
             metadata["num_examples"],
             tuple(IndexShard(s["shard"], s["count"], tuple(s["blocks"])) for s in metadata["shards"]),
+            tuple(metadata.get("batch_sizes", ())),
         )
 
     def to_metadata(self) -> dict:
@@ -80,6 +84,7 @@ class IndexPart:
             "start": self.start,
             "num_examples": self.num_examples,
             "shards": [shard.to_metadata() for shard in self.shards],
+            **({"batch_sizes": list(self.batch_sizes)} if self.batch_sizes else {}),
         }
 
 

@@ -123,7 +123,7 @@ def check_factors(args) -> None:
         factors = load_factors(args.factors)
         present = module_names(args.model) if Path(args.model).is_dir() else None
         if present is not None:
-            require_modules(factors, present)
+            require_modules(list(factors.modules), present)
             fingerprint = directory_fingerprint(args.model, list(factors.modules))
             if fingerprint is not None:
                 require_fingerprint(factors, fingerprint)

@@ -258,6 +258,7 @@ def run_serve(args) -> int:
             )
             for n in range(args.workers)
         ]
+        share_the_gpu(workers)
         threads = [threading.Thread(target=w.run_forever, daemon=True) for w in workers]
         for thread in threads:
             thread.start()
@@ -271,6 +272,24 @@ def run_serve(args) -> int:
             for thread in threads:
                 thread.join(60)
     return 0
+
+
+def share_the_gpu(workers) -> None:
+    """In-process workers on a GPU load a model each on it (threads never share a model: a pass's
+    capture hooks and frozen parameters are its own), so the servicers of this process plan each
+    worker with its share of the GPU (INFLUENCE_WORKERS_PER_GPU, engine/budget.py): a model whose
+    copies do not all fit is refused at submission (RESOURCE_EXHAUSTED, naming --workers)."""
+    import logging
+
+    on_gpu = sum(worker.context.device == "cuda" for worker in workers)
+    if on_gpu > 1:
+        os.environ["INFLUENCE_WORKERS_PER_GPU"] = str(on_gpu)
+        logging.getLogger("influence.serve").warning(
+            "%d workers share one GPU: each loads its own model and plans with 1/%d of the GPU's memory "
+            "(jobs whose model does not fit that are refused; serve --workers 1 for the whole GPU)",
+            on_gpu,
+            on_gpu,
+        )
 
 
 def run_worker(args) -> int:

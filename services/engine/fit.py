@@ -35,15 +35,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..errors import InputError, ResourceExhaustedError
+from ..errors import InputError
 from ..options import BATCH_SIZE, FISHER, MAX_EXAMPLES, MAX_LENGTH, MODULES, SEED, STRATEGY
 from .arena import HostArena
-from .budget import FitPlan, WorkerBudget, is_out_of_memory, lower_batch_size, plan_fit
+from .budget import MemoryPlan, WorkerBudget, plan_fit, within_memory
 from .capture import ModuleCapture, accumulation_dtype, describe_all
 from .correction import CorrectionAccumulator, sequence_tokens
 from .covariance import CovarianceAccumulator, Eigenbases
 from .data import TokenizedSequence, tokenize_training
-from .device import arithmetic_provenance, exact_arithmetic, release_device_memory, to_device
+from .device import arithmetic_provenance, exact_arithmetic, to_device
 from .factor_io import storage_dtype_for_model
 from .factors import FactorSet, ModuleFactors
 from .finite import check_module_weights
@@ -130,13 +130,18 @@ class CaptureCache:
         self._reserved = 0
 
 
-def plan_model_fit(model: nn.Module, config: FitConfig, budget: WorkerBudget) -> FitPlan:
+def plan_model_fit(model: nn.Module, config: FitConfig, budget: WorkerBudget) -> MemoryPlan:
     """The module groups and batch size of a fit of `model` under `budget` (budget.plan_fit): from
     its modules' shapes alone, so `model` may be a skeleton on the meta device (model_io.model_skeleton)."""
     tracked = describe_all(select_modules(model, config.modules))
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    vocab = getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+    weights, vocab = weights_and_vocab(model)
     return plan_fit(tracked, weights, budget, config.batch_size, config.max_length, vocab)
+
+
+def weights_and_vocab(model: nn.Module) -> tuple[int, int]:
+    """What a plan needs of a model besides its tracked modules: its weights' bytes and its vocabulary."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights, getattr(getattr(model, "config", None), "vocab_size", 0) or 0
 
 
 def prepare_model(model: nn.Module, selection: str) -> tuple[dict[str, nn.Module], dict[str, TrackedModule]]:
@@ -216,7 +221,7 @@ class FitModel:
             self.tracked, self.dtype, fingerprint, arithmetic_provenance(self.device), self.coverage.to_dict()
         )
 
-    def plan(self, budget: WorkerBudget) -> FitPlan:
+    def plan(self, budget: WorkerBudget) -> MemoryPlan:
         """The module groups and batch size of this fit under `budget` (budget.plan_fit)."""
         return plan_model_fit(self.model, self.config, budget)
 
@@ -264,31 +269,12 @@ class FitModel:
         return {name: self.modules[name] for name in group}, {name: self.tracked[name] for name in group}
 
     def _within_memory(self, run: Callable[[int], Accumulator], stage: str, cache: CaptureCache | None) -> Accumulator:
-        """`run(batch_size)`, and once more at the budget's lower batch size (budget.lower_batch_size)
-        when it runs out of memory, which this task's later passes then keep; a second failure is
-        RESOURCE_EXHAUSTED (a failure of the caller's settings: never retried as it was)."""
-        try:
-            return run(self.batch_size)
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-        if cache is not None:
-            cache.release()  # it held the failed attempt's batches: the correction recomputes
-        release_device_memory(self.device)
-        lowered = lower_batch_size(self.batch_size)
-        try:
-            result = run(lowered)
-        except Exception as error:
-            if not is_out_of_memory(error):
-                raise
-        else:
-            self.batch_size = lowered  # the task's later passes start there
-            return result
-        release_device_memory(self.device)
-        raise ResourceExhaustedError(
-            f"the {stage} pass ran out of memory at batch size {self.batch_size} and again at {lowered}: "
-            "lower --batch-size or --max-length, or give the workers more memory"
+        """`run(batch_size)` under the budget's out-of-memory rule (budget.within_memory): a lowered
+        batch size is kept for the task's later passes."""
+        result, self.batch_size = within_memory(
+            run, self.batch_size, stage, self.device, cache.release if cache is not None else None
         )
+        return result
 
     def _passes(self, sequences, stage: str, progress: Progress | None, modules: dict[str, nn.Module], batch_size):
         return captured_batches(

@@ -50,12 +50,14 @@ stage: both as read from the store, on the host).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
 from ..errors import InputError
 from ..options import BUDGET, DIM, ENERGY, PROJECTION, RANK, SEED, STORAGE_DTYPE
+from .budget import within_memory
 from .capture import ModuleCapture
 from .device import exact_arithmetic, to_device
 from .factors import ModuleFactors
@@ -360,14 +362,15 @@ class Indexer:
         batch = self.scorer.config.batch_size
         return max(batch, target_bytes // max(per_sequence, 1) // batch * batch)
 
-    def compressed_batches(self, sequences, progress=None):
-        """(batch indices [B], {name: ModuleIndexer.compress of the batch}) in the pass's batch order."""
+    def compressed_batches(self, sequences, progress=None, batch_size: int | None = None):
+        """(batch indices [B], {name: ModuleIndexer.compress of the batch}) in the pass's batch order
+        (batches of `batch_size`, default the Scorer's)."""
         with exact_arithmetic():
             for batch, captures in captured_batches(
                 self.scorer.model,
                 self.scorer.modules,
                 sequences,
-                batch_size=self.scorer.config.batch_size,
+                batch_size=batch_size or self.scorer.batch_size,
                 pad_token_id=self.scorer.pad_token_id,
                 stage="index",
                 progress=progress,
@@ -377,13 +380,13 @@ class Indexer:
                     {name: module.compress(captures[name]) for name, module in self.modules.items()},
                 )
 
-    def blocks(self, sequences, progress=None, block_sequences: int | None = None):
+    def blocks(self, sequences, progress=None, block_sequences: int | None = None, batch_size: int | None = None):
         """Compressed gradients of `sequences` as blocks (dicts of host tensors in the storage dtype
         with "index" [n]), each of at most `block_sequences` sequences, in the pass's batch order."""
         limit = block_sequences or self.block_sequences()
         pending: list[dict[str, torch.Tensor]] = []
         count = 0
-        for indices, parts in self.compressed_batches(sequences, progress):
+        for indices, parts in self.compressed_batches(sequences, progress, batch_size):
             pending.append({**pack_batch(parts, self.spec), "index": indices})
             count += len(indices)
             if count >= limit:
@@ -391,6 +394,18 @@ class Indexer:
                 pending, count = [], 0
         if count:
             yield joined(pending)
+
+    def write_blocks(self, sequences, write: Callable[[int, dict[str, torch.Tensor]], None], progress=None) -> int:
+        """`write(number, block)` for each of `blocks(sequences)`, under the budget's out-of-memory
+        rule (budget.within_memory: the pass once more at a lower batch size, its blocks written
+        again under the same numbers); the batch size the pass ran at."""
+
+        def run(batch_size: int) -> None:
+            for number, block in enumerate(self.blocks(sequences, progress, batch_size=batch_size)):
+                write(number, block)
+
+        _, used = within_memory(run, self.scorer.batch_size, "index", self.scorer.device)
+        return used
 
     @exact_arithmetic()
     def query_side(

@@ -11,7 +11,8 @@ nats of the completion's log-probability per unit of up-weighting z_m's summed l
     prepared = scorer.prepare(queries, mean_tokens)         # query gradients, IHVPs, kernels: once per job
     mask     = scorer.lexical_mask(queries, sequences)      # [Q, N] BM25/TF-IDF candidates (None: all), once
     partial  = scorer.score(prepared, shard, mask=mask)     # per data shard: per-module scores [M, Q, n]
-    result   = merge(partials, scorer.names, config, mask)  # scores, top-k and bottom-k (no model)
+    partial  = joined([partial])                            # (a shard's module groups' rows, in model order)
+    result   = merge(partials, scorer.all_names, config, mask)  # scores, top-k and bottom-k (no model)
     scorer.attach_token_scores(prepared, result.ranked, sequence_of)  # per-token for them (--per-token)
     partial  = scorer.self_influence(shard)                 # per data shard: ⟨P_m, DW_m⟩ [n]
     scores   = merge_self_influence(partials)               # [N]
@@ -26,6 +27,15 @@ share `self_influence` and `merge_self_influence` alike.
 The Scorer computes on its model's device (`scorer.device`): the factors (as preconditioners) are
 placed there once, prepared queries handed to `score`, `token_scores` or `attach_token_scores`
 (from the store: CPU) on each call (device.py's placement rule).
+
+**Module groups** (engine/budget.py's `plan_score`: when the preconditioners and prepared queries
+of every module exceed a worker's budget): `Scorer(..., group=names)` prepares, scores and
+attributes tokens for that group's modules alone. A module's per-module scores never depend on the
+other modules of its batch, so `joined` puts the groups' rows side by side in model order and the
+merge sums them as it sums one group's; token scores accumulate group after group in model order
+(`attach_token_scores` continues each entry's running sum), so grouped results are the same numbers
+as one group's. Every pass runs under the budget's out-of-memory rule (budget.within_memory): a
+lowered batch size is kept for the Scorer's later passes and reported in `batch_sizes`.
 """
 
 from __future__ import annotations
@@ -40,15 +50,16 @@ from torch import nn
 
 from ..errors import InputError, PreconditionError
 from ..options import BATCH_SIZE, BM25, BOTTOM_K, DAMPING, DAMPING_FACTOR, MAX_LENGTH, QUERY_RANK, TFIDF, TOP_K
-from .capture import ModuleCapture, accumulation_dtype, capture
+from .budget import MemoryPlan, WorkerBudget, plan_score, within_memory
+from .capture import ModuleCapture, accumulation_dtype, capture, describe_all
 from .data import TokenizedSequence, collate, tokenize_queries, tokenize_training
 from .device import exact_arithmetic, host_to_device, to_device
 from .factors import FactorSet
 from .finite import first_non_finite, require_finite
-from .fit import prepare_model
+from .fit import prepare_model, weights_and_vocab
 from .lexical import Bm25Index, lexical_candidates
 from .model_io import cached_fingerprint
-from .modules import device_of, module_names
+from .modules import device_of, module_names, select_modules
 from .passes import QUERY, captured_batches
 from .precondition import Damping, Preconditioner, divided, low_rank, preconditioner, self_influence_terms
 from .progress import Progress
@@ -122,6 +133,7 @@ class ScoreResult:
     # also in the top-k at that damping, among the same scored sequences): [Q] floats
     damping_overlap: dict[str, list[float]] | None = None
     query_tokens: list[list[tuple[str, float | None]]] | None = None  # Scorer.query_tokens (--per-token)
+    batch_sizes: list[int] = field(default_factory=list)  # what the scoring passes ran at (budget.within_memory)
 
     @property
     def ranked(self) -> list[list[TopEntry]]:
@@ -177,21 +189,42 @@ class QueryFactors:
 class ShardScores:
     """One shard's scores: per_module float64 [M, Q, n] (self-influence: [n]) and the sequences'
     global indices [n] (ascending: shards hold consecutive sequences); with --damping-check, the
-    totals at the other dampings, float64 [len(DAMPING_CHECK_SCALES), Q, n]."""
+    totals at the other dampings, float64 [len(DAMPING_CHECK_SCALES), Q, n] (`joined` splits them off
+    the rows `Scorer.score` computes: [M, C·Q, n]); `batch_sizes`: the batch sizes its passes ran at."""
 
     scores: torch.Tensor
     index: torch.Tensor
     alternates: torch.Tensor | None = None
+    batch_sizes: set[int] = field(default_factory=set)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {"scores": self.scores.contiguous(), "index": self.index.contiguous()}
         if self.alternates is not None:
             tensors["alternates"] = self.alternates.contiguous()
+        if self.batch_sizes:
+            tensors["batch_sizes"] = torch.tensor(sorted(self.batch_sizes), dtype=torch.int64)
         return tensors
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ShardScores:
-        return cls(tensors["scores"], tensors["index"], tensors.get("alternates"))
+        batch_sizes = set(tensors["batch_sizes"].tolist()) if "batch_sizes" in tensors else set()
+        return cls(tensors["scores"], tensors["index"], tensors.get("alternates"), batch_sizes)
+
+
+def joined(groups: Sequence[ShardScores], damping_check: bool = False) -> ShardScores:
+    """One shard's scores from its module groups' (`Scorer.score` of each group, model order): the
+    per-module rows side by side [M, C·Q, n], then with `damping_check` the other dampings' totals
+    (rows Q.. summed over every module) split off the chosen damping's rows [M, Q, n]."""
+    index = groups[0].index
+    if any(not torch.equal(group.index, index) for group in groups[1:]):
+        raise PreconditionError("the module groups' scores are not of the same sequences")
+    per_module = torch.cat([group.scores for group in groups]) if len(groups) > 1 else groups[0].scores
+    batch_sizes = set().union(*(group.batch_sizes for group in groups))
+    if not damping_check:
+        return ShardScores(per_module, index, batch_sizes=batch_sizes)
+    n_queries = per_module.shape[1] // (1 + len(DAMPING_CHECK_SCALES))  # rows: the chosen damping first
+    alternates = per_module.sum(0)[n_queries:].reshape(len(DAMPING_CHECK_SCALES), n_queries, per_module.shape[-1])
+    return ShardScores(per_module[:, :n_queries].contiguous(), index, alternates, batch_sizes)
 
 
 def concatenate(partials: Sequence[ShardScores], part: str = "scores") -> torch.Tensor:
@@ -203,17 +236,16 @@ def concatenate(partials: Sequence[ShardScores], part: str = "scores") -> torch.
     return torch.cat([getattr(partial, part) for partial in partials], dim=-1)
 
 
-def module_pattern(factors: FactorSet) -> str:
-    """A --modules regex selecting exactly the factors' modules."""
-    names = list(factors.modules)
+def module_pattern(names: Sequence[str]) -> str:
+    """A --modules regex selecting exactly the modules `names` (a factor set's)."""
     return "^(" + "|".join(name.replace(".", r"\.") for name in names) + ")$"
 
 
-def require_modules(factors: FactorSet, present: set[str]) -> None:
-    """PreconditionError unless a model with modules `present` has every module the factors were
-    fitted for: another architecture is told so, before module selection could speak of a
+def require_modules(names: Sequence[str], present: set[str]) -> None:
+    """PreconditionError unless a model with modules `present` has every module `names` the factors
+    were fitted for: another architecture is told so, before module selection could speak of a
     --modules never given."""
-    missing = [name for name in factors.modules if name not in present]
+    missing = [name for name in names if name not in present]
     if missing:
         raise PreconditionError(
             "factors were fitted for another model (model fingerprint differs: this model has no module "
@@ -230,18 +262,52 @@ def require_fingerprint(factors: FactorSet, fingerprint: str) -> None:
         )
 
 
+def plan_model_score(
+    model: nn.Module, names: Sequence[str], config: ScoreConfig, n_queries: int, budget: WorkerBudget
+) -> MemoryPlan:
+    """The module groups and batch size of a score of `n_queries` queries against factors of the
+    modules `names` of `model` under `budget` (budget.plan_score): from the modules' shapes alone,
+    so `model` may be a skeleton on the meta device (model_io.model_skeleton). Factors of modules
+    the skeleton lacks (an adapter's LoRA matrices exist only once peft applies them; another
+    model's, which the Scorer refuses) are planned as one group at the requested batch size."""
+    if not set(names) <= module_names(model):
+        return MemoryPlan([list(names)], config.batch_size, budget)
+    tracked = describe_all(select_modules(model, module_pattern(names)))
+    weights, vocab = weights_and_vocab(model)
+    rows = n_queries * (1 + len(DAMPING_CHECK_SCALES) if config.damping_check else 1)
+    return plan_score(tracked, weights, budget, config.batch_size, config.max_length, vocab, rows)
+
+
 class Scorer:
     """A model ready to be scored against a factor set (see the module docstring): the factors'
     modules selected in model order, their weights checked, the model's fingerprint matched to
-    the factors'. Built once per task."""
+    the factors'. Built once per task. `group`: the module group it computes (names, model order;
+    None: every module of the factors); `batch_size`: what its passes run with (the plan's,
+    budget.py; default the config's)."""
 
-    def __init__(self, model: nn.Module, tokenizer, factors: FactorSet, config: ScoreConfig):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        factors: FactorSet,
+        config: ScoreConfig,
+        group: Sequence[str] | None = None,
+        batch_size: int | None = None,
+    ):
         config.validate()
         self.model, self.tokenizer, self.factors, self.config = model, tokenizer, factors, config
-        require_modules(factors, module_names(model))
-        self.modules, _ = prepare_model(model, module_pattern(factors))
+        require_modules(list(factors.modules), module_names(model))
+        self.modules, _ = prepare_model(model, module_pattern(list(factors.modules)))
         require_fingerprint(factors, cached_fingerprint(model, list(self.modules)))
-        self.names = list(self.modules)  # model order: the row order of per-module scores
+        self.all_names = list(self.modules)  # model order: the row order of per-module scores
+        if group is not None:
+            unknown = [name for name in group if name not in self.modules]
+            if unknown:
+                raise InputError(f"module group names modules the factors do not have: {', '.join(unknown[:3])}")
+            self.modules = {name: self.modules[name] for name in self.all_names if name in set(group)}
+        self.names = list(self.modules)  # the group's (all_names without a group)
+        self.batch_size = batch_size or config.batch_size
+        self.batch_sizes: set[int] = set()  # what the passes ran at (a lowered one after out-of-memory)
         self.dtype = accumulation_dtype(next(model.parameters()).dtype)
         self.device = device_of(model)
         self.pad_token_id = tokenizer.pad_token_id
@@ -267,23 +333,34 @@ class Scorer:
         policy = self.config.damping_policy
         return [self.preconditioners, *(self._preconditioners_at(policy.scaled(s)) for s in DAMPING_CHECK_SCALES)]
 
+    def for_group(self, group: Sequence[str]) -> Scorer:
+        """This model and factor set scored for module group `group` alone (names, model order)."""
+        return Scorer(self.model, self.tokenizer, self.factors, self.config, group, self.batch_size)
+
     def tokenize_training(self, examples: Sequence[TrainingExample]) -> list[TokenizedSequence]:
         if not examples:
             raise InputError("no training examples to score")
         return tokenize_training(self.tokenizer, examples, self.config.max_length)
 
-    def _passes(self, sequences, stage: str, progress: Progress | None, subject=None):
+    def _passes(self, sequences, stage: str, progress: Progress | None, batch_size: int, subject=None):
         extra = {"subject": subject} if subject else {}
         return captured_batches(
             self.model,
             self.modules,
             sequences,
-            batch_size=self.config.batch_size,
+            batch_size=batch_size,
             pad_token_id=self.pad_token_id,
             stage=stage,
             progress=progress,
             **extra,
         )
+
+    def _within_memory(self, run: Callable[[int], object], stage: str):
+        """`run(batch_size)` under the budget's out-of-memory rule (budget.within_memory); the batch
+        size it ran at is kept for the later passes and recorded."""
+        result, self.batch_size = within_memory(run, self.batch_size, stage, self.device)
+        self.batch_sizes.add(self.batch_size)
+        return result
 
     @exact_arithmetic()
     def query_factors(self, queries: Sequence[Query], progress: Progress | None = None) -> dict[str, QueryFactors]:
@@ -293,11 +370,15 @@ class Scorer:
         if not queries:
             raise InputError("no queries to score")
         sequences = tokenize_queries(self.tokenizer, queries, self.config.max_length)
-        factors = {name: QueryFactors(len(sequences)) for name in self.names}
-        for batch, captures in self._passes(sequences, "queries", progress, subject=QUERY):
-            for name, module_capture in captures.items():
-                factors[name].parts.append((batch.indices.to(self.device), module_capture))
-        return factors
+
+        def run(batch_size: int) -> dict[str, QueryFactors]:
+            factors = {name: QueryFactors(len(sequences)) for name in self.names}
+            for batch, captures in self._passes(sequences, "queries", progress, batch_size, subject=QUERY):
+                for name, module_capture in captures.items():
+                    factors[name].parts.append((batch.indices.to(self.device), module_capture))
+            return factors
+
+        return self._within_memory(run, "query")
 
     def rotated_query_gradients(self, name: str, factors: QueryFactors) -> torch.Tensor:
         """G̃ = Q_Sᵀ ∇ Q_A of every query for module `name`: [Q, d_out, d_in] on the model's device,
@@ -395,28 +476,31 @@ class Scorer:
         progress: Progress | None = None,
         mask: torch.Tensor | None = None,
     ) -> ShardScores:
-        """Per-module scores of every prepared query against `sequences` (any shard of the data):
-        float64 [M, Q, len(sequences)], column j for sequences[j]. With `mask` [Q, N] (bool over
-        global indices, on the host: the sequences each query scores, `lexical_mask`), just the
-        sequences some query asks for are computed; the other columns are 0. `prepared` may be
-        anywhere (e.g. read from the store): it is placed on the model's device here."""
+        """Per-module scores of every prepared query against `sequences` (any shard of the data),
+        for this Scorer's modules (its group's): float64 [M, C·Q, len(sequences)] (C = 3 with
+        --damping-check: `joined` splits those rows off), column j for sequences[j]. With `mask`
+        [Q, N] (bool over global indices, on the host: the sequences each query scores,
+        `lexical_mask`), just the sequences some query asks for are computed; the other columns
+        are 0. `prepared` may be anywhere (e.g. read from the store): it is placed on the model's
+        device here."""
         prepared = to_device(prepared, self.device)
         column = {sequence.index: position for position, sequence in enumerate(sequences)}
-        per_module = torch.zeros((len(self.names), prepared.n_queries, len(sequences)), dtype=torch.float64)
         wanted = None if mask is None else mask.any(0)  # [N] bool: some query scores the sequence
         scored = sequences if wanted is None else [sequence for sequence in sequences if bool(wanted[sequence.index])]
-        for batch, captures in self._passes(scored, "scores", progress):
-            columns = torch.tensor([column[int(index)] for index in batch.indices])
-            for position, name in enumerate(self.names):
-                scores = module_scores(captures[name], prepared.modules[name], self._basis(name))
-                per_module[position][:, columns] = scores.to("cpu", torch.float64)
+
+        def run(batch_size: int) -> torch.Tensor:
+            per_module = torch.zeros((len(self.names), prepared.n_queries, len(sequences)), dtype=torch.float64)
+            for batch, captures in self._passes(scored, "scores", progress, batch_size):
+                columns = torch.tensor([column[int(index)] for index in batch.indices])
+                for position, name in enumerate(self.names):
+                    scores = module_scores(captures[name], prepared.modules[name], self._basis(name))
+                    per_module[position][:, columns] = scores.to("cpu", torch.float64)
+            return per_module
+
+        per_module = self._within_memory(run, "score")
         _check_scores(per_module, sequences, self.names)
         index = torch.tensor([sequence.index for sequence in sequences])
-        if not self.config.damping_check:
-            return ShardScores(per_module, index)
-        n_queries = prepared.n_queries // (1 + len(DAMPING_CHECK_SCALES))  # rows: the chosen damping first
-        alternates = per_module.sum(0)[n_queries:].reshape(len(DAMPING_CHECK_SCALES), n_queries, len(sequences))
-        return ShardScores(per_module[:, :n_queries].contiguous(), index, alternates)
+        return ShardScores(per_module, index, batch_sizes={self.batch_size})
 
     def _basis(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         curvature = self.preconditioners[name]
@@ -449,25 +533,35 @@ class Scorer:
 
     @exact_arithmetic()
     def token_scores(
-        self, sequence: TokenizedSequence, prepared: PreparedQueries, queries: Sequence[int]
+        self,
+        sequence: TokenizedSequence,
+        prepared: PreparedQueries,
+        queries: Sequence[int],
+        so_far: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Per-token attribution of one training sequence to the given queries: float64 [len(queries), T]
-        on the host (`prepared` placed on the model's device here)."""
+        on the host (`prepared` placed on the model's device here), summed over this Scorer's
+        modules in model order, each query's sum continuing `so_far` (an earlier module group's rows
+        [T]; None: from 0)."""
         prepared = to_device(prepared, self.device)
         batch = collate([sequence], self.pad_token_id).to(self.device)
         captures = capture(self.model, self.modules, batch, "true")
+        so_far = so_far or [None] * len(queries)
         rows = [
             sum(
-                module_token_scores(captures[name], 0, prepared.modules[name], query, self._basis(name)).to(
-                    "cpu", torch.float64
-                )
-                for name in self.names
+                (
+                    module_token_scores(captures[name], 0, prepared.modules[name], query, self._basis(name)).to(
+                        "cpu", torch.float64
+                    )[: sequence.length]
+                    for name in self.names
+                ),
+                start if start is not None else 0,
             )
-            for query in queries
+            for query, start in zip(queries, so_far, strict=True)
         ]
         if not rows:
             return torch.zeros(0, sequence.length, dtype=torch.float64)
-        return torch.stack(rows)[:, : sequence.length]
+        return torch.stack(rows)
 
     def attach_token_scores(
         self,
@@ -478,7 +572,8 @@ class Scorer:
     ) -> None:
         """Fill each top-k entry's tokens and token scores; each distinct training sequence is
         recomputed once, for all queries that rank it. `prepared` is placed on the model's device
-        once, here."""
+        once, here. Entries that hold token scores already (an earlier module group's) get this
+        group's added, module by module in model order."""
         prepared = to_device(prepared, self.device)
         progress = progress or Progress()
         wanted = sorted({entry.index for entries in top for entry in entries})
@@ -487,7 +582,11 @@ class Scorer:
             progress.check_cancelled()
             sequence = sequence_of(index)
             asking = [(query, entry) for query, entries in enumerate(top) for entry in entries if entry.index == index]
-            rows = self.token_scores(sequence, prepared, [query for query, _ in asking])
+            so_far = [
+                None if entry.token_scores is None else torch.tensor(entry.token_scores, dtype=torch.float64)
+                for _, entry in asking
+            ]
+            rows = self.token_scores(sequence, prepared, [query for query, _ in asking], so_far)
             require_finite(rows, f"the token scores of training sequence {index + 1} (in file order)")
             tokens = [str(token) for token in self.tokenizer.convert_ids_to_tokens(sequence.input_ids.tolist())]
             for row, (_, entry) in zip(rows, asking, strict=True):
@@ -500,18 +599,23 @@ class Scorer:
         """⟨P_m, DW_m⟩ for `sequences` (any shard): float64 [len(sequences)], in list order. The
         scores add up on the model's device and reach the host once, after the pass."""
         column = {sequence.index: position for position, sequence in enumerate(sequences)}
-        scores = torch.zeros(len(sequences), dtype=torch.float64, device=self.device)
-        for batch, captures in self._passes(sequences, "self", progress):
-            columns = host_to_device(torch.tensor([column[int(index)] for index in batch.indices]), self.device)
-            for name, module_capture in captures.items():
-                curvature = self.preconditioners[name]
-                rotated = rotated_per_sequence_gradients(
-                    module_capture, curvature.gradient_basis, curvature.activation_basis
-                )
-                scores[columns] += self_influence_terms(rotated, curvature)
-        scores = scores.to("cpu")
+
+        def run(batch_size: int) -> torch.Tensor:
+            scores = torch.zeros(len(sequences), dtype=torch.float64, device=self.device)
+            for batch, captures in self._passes(sequences, "self", progress, batch_size):
+                columns = host_to_device(torch.tensor([column[int(index)] for index in batch.indices]), self.device)
+                for name, module_capture in captures.items():
+                    curvature = self.preconditioners[name]
+                    rotated = rotated_per_sequence_gradients(
+                        module_capture, curvature.gradient_basis, curvature.activation_basis
+                    )
+                    scores[columns] += self_influence_terms(rotated, curvature)
+            return scores.to("cpu")
+
+        scores = self._within_memory(run, "self-influence")
         _check_scores(scores, sequences, self.names)
-        return ShardScores(scores, torch.tensor([sequence.index for sequence in sequences]))
+        index = torch.tensor([sequence.index for sequence in sequences])
+        return ShardScores(scores, index, batch_sizes={self.batch_size})
 
 
 def _check_scores(per_module: torch.Tensor, sequences: Sequence[TokenizedSequence], names: list[str]) -> None:
@@ -546,6 +650,7 @@ def merge(
         scores=scores.to(torch.float32),
         module_names=names,
         per_module=per_module.to(torch.float32) if config.per_module else None,
+        batch_sizes=sorted(set().union(*(partial.batch_sizes for partial in partials))),
     )
     ranked = scores if mask is None else scores.masked_fill(~mask, float("-inf"))
     result.top = top_k_entries(ranked, per_module if config.per_module else None, names, config.top_k)
@@ -629,17 +734,29 @@ def score_in_memory(
     queries: Sequence[Query],
     sequences: Sequence[TokenizedSequence],
     progress: Progress | None = None,
+    groups: Sequence[Sequence[str]] | None = None,
 ) -> InMemoryScores:
     """The steps above on one shard, chained in memory: `sequences` are the whole data (global
     indices 0..N-1 in order); the queries are prepared for their mean length, and the prepared
-    queries, a score job's largest intermediate, never leave memory."""
-    prepared = scorer.prepare(queries, mean_length(sequences), progress)
+    queries, a score job's largest intermediate, never leave memory. In module `groups` (model
+    order; default one of every module) each group's queries are prepared and scored and let go
+    before the next group's (prepared once more for --per-token), the same numbers as one group."""
+    mean_tokens = mean_length(sequences)
     mask = scorer.lexical_mask(queries, sequences)
-    partial = scorer.score(prepared, sequences, progress, mask)
-    result = merge([partial], scorer.names, scorer.config, mask)
+    scorers = [scorer] if not groups else [scorer.for_group(group) for group in groups]
+    parts, kernels, kept = [], {}, None
+    for group in scorers:
+        prepared = group.prepare(queries, mean_tokens, progress)
+        parts.append(group.score(prepared, sequences, progress, mask))
+        kernels.update({name: prepared.modules[name].kernel for name in group.names})
+        kept = prepared if len(scorers) == 1 else None  # one group's is attributed without preparing again
+    partial = joined(parts, scorer.config.damping_check)
+    result = merge([partial], scorer.all_names, scorer.config, mask)
     if scorer.config.per_token and scorer.config.top_k:
-        scorer.attach_token_scores(prepared, result.ranked, sequences.__getitem__, progress)
-    result.kernels = {name: prepared.modules[name].kernel for name in scorer.names}
+        for group in scorers:
+            prepared = kept or group.prepare(queries, mean_tokens, progress)
+            group.attach_token_scores(prepared, result.ranked, sequences.__getitem__, progress)
+    result.kernels = kernels
     return InMemoryScores(result, partial, mask)
 
 

@@ -23,6 +23,7 @@ e.g. a CPU pool's, without the model. A fit that makes no pass (identity) is one
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -32,6 +33,7 @@ from ..catalog.datasets import DATASETS, dataset_path, shard_sequences
 from ..catalog.factor_sets import FACTOR_SETS, FactorSetInfo
 from ..engine.correction import CorrectionAccumulator
 from ..engine.covariance import CovarianceAccumulator, Eigenbases
+from ..engine.factors import FactorSet
 from ..engine.fit import FitModel, FittedModel, eigendecompose, finalize, fit_in_memory
 from ..engine.sums import reduce
 from ..rpc.messages import packed
@@ -143,25 +145,26 @@ def run_correction(call: StageCall) -> None:
 
 def run_finalize(call: StageCall) -> FactorSetInfo:
     """No model: the pass tasks described it. Each module group's eigenbases and correction sums
-    (reduced shard by shard) are read on their own and joined."""
+    (reduced shard by shard) are read, finalized and written on their own, one group in memory at
+    a time (factor_sets.publish_groups); one group is published as before, kept in this worker's cache."""
     job: FitJob = call.job
     fitted = _fitted(call)
-    eigen, correction = None, None
-    for group in range(job.num_groups):
+    n_sequences, provenance = _n_sequences(call), _provenance(call)
+
+    def finalized(group: int) -> FactorSet:
         modules = _group_modules(call, fitted.modules, group)
-        group_eigen = _eigenbases(call, modules, group)
-        if group_eigen is not None:
-            eigen = group_eigen if eigen is None else eigen.merged(group_eigen)
+        eigen = _eigenbases(call, modules, group)
+        corrections = []
         if job.config.strategy_spec.correction:
             states = _partials(call, "correction", group)
-            group_correction = reduce(CorrectionAccumulator.from_state(modules, None, state) for state in states)
-            if correction is None:
-                correction = group_correction
-            else:
-                correction.merge_modules(group_correction)
-    corrections = [correction] if correction is not None else []
-    factor_set = finalize(fitted, job.config, eigen, corrections, _n_sequences(call), _provenance(call))
-    return _publish_factor_set(call, factor_set)
+            corrections = [reduce(CorrectionAccumulator.from_state(modules, None, state) for state in states)]
+        group_fitted = dataclasses.replace(fitted, modules=modules)
+        return finalize(group_fitted, job.config, eigen, corrections, n_sequences, provenance)
+
+    if job.num_groups == 1:
+        return _publish_factor_set(call, finalized(0))
+    groups = (finalized(group) for group in range(job.num_groups))
+    return factor_sets.publish_groups(call.context.store, job.factor_set_id, groups)
 
 
 def run_fit_one_shard(call: StageCall) -> FactorSetInfo:

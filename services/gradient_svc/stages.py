@@ -152,20 +152,26 @@ def run_index_shard(call: StageCall) -> None:
         TokenizedSequence(job.start + sequence.index, sequence.input_ids, sequence.target_mask)
         for sequence in shard_sequences(call.context.artifacts, call.context.store, job.dataset_id, call.shard)
     ]
-    prefix, written, count, stored = INDEXES.prefix(job.index_id), {}, 0, 0
-    for number, block in enumerate(indexer.blocks(sequences, call.context.progress)):
+    prefix, written, sizes = INDEXES.prefix(job.index_id), {}, {}
+
+    def write(number: int, block: dict) -> None:
+        if number == 0:  # the pass (again, at a lower batch size after an out-of-memory error): from the start
+            written.clear()
+            sizes.clear()
         name = indexes.block_file(job.part, call.shard, number)
         buffers = encode_tensors(block)
         call.context.store.put_buffers(prefix + name, buffers)
         written[name] = {"sha256": sha256_buffers(buffers), "size": sum(buffer.nbytes for buffer in buffers)}
-        count += int(block["index"].numel())
-        stored += block_bytes(block)
+        sizes[name] = (int(block["index"].numel()), block_bytes(block))
+
+    batch_size = indexer.write_blocks(sequences, write, call.context.progress)
     entries = {
         "shard": call.shard,
-        "count": count,
-        "bytes": stored,
+        "count": sum(count for count, _ in sizes.values()),
+        "bytes": sum(size for _, size in sizes.values()),
         "files": written,
         "damping": indexer.damping_values(),
+        "batch_size": batch_size,  # the pass's (lower than the job's after an out-of-memory error)
     }
     call.context.store.put_bytes(
         layout.job_entries(call.job_id, "index_shard", call.shard), json.dumps(entries).encode()
@@ -186,6 +192,7 @@ def run_index_publish(call: StageCall) -> IndexInfo:
         start=job.start,
         num_examples=dataset.num_examples,
         shards=tuple(IndexShard(s["shard"], s["count"], tuple(sorted(s["files"]))) for s in shards),
+        batch_sizes=tuple(sorted({s["batch_size"] for s in shards if "batch_size" in s})),
     )
     files = {
         name: FileEntry(name, entry["sha256"], entry["size"]) for s in shards for name, entry in s["files"].items()

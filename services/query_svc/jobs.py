@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..engine.records import Query
@@ -32,10 +32,22 @@ class ScoreJob(Job):
     rescore: int = 0
     lexical: int = 0  # with index_id: each query's BM25 candidates merged with the index's (0: none)
     report: bool = False  # also publish report.html (query_svc/report_html.py) with the result
+    # the plan the budget chose at submission (engine/budget.py plan_score): module groups (names,
+    # model order; empty: one group of every module of the factor set) and the batch size (0: the config's)
+    module_groups: list[list[str]] = field(default_factory=list)
+    batch_size: int = 0
 
     @property
     def num_shards(self) -> int:
         return self.shards
+
+    @property
+    def num_groups(self) -> int:
+        return max(1, len(self.module_groups))
+
+    def group(self, index: int) -> list[str] | None:
+        """The module names of group `index`, or None for every module of the factor set (one group)."""
+        return self.module_groups[index] if self.module_groups else None
 
 
 @dataclass

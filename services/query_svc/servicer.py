@@ -13,8 +13,10 @@ from ..catalog.datasets import DATASETS, DatasetInfo
 from ..catalog.factor_sets import FACTOR_SETS
 from ..catalog.indexes import INDEXES
 from ..catalog.results import RESULTS, result_path
+from ..engine.budget import WorkerBudget
+from ..engine.model_io import model_skeleton
 from ..engine.records import query_records
-from ..engine.score import ScoreConfig
+from ..engine.score import ScoreConfig, plan_model_score
 from ..errors import InputError, PreconditionError
 from ..gen.influence.v1 import query_service_pb2, query_service_pb2_grpc
 from ..options import BATCH_SIZE, BM25, DAMPING_FACTOR, LEXICAL, RESCORE, TFIDF, TOP_K
@@ -85,6 +87,11 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
             damping_check=request.damping_check,
             bottom_k=self._bottom_k(request),
         )
+        queries = self._queries(request)
+        # the module groups and batch size of the workers' budget (engine/budget.py plan_score)
+        modules = list(FACTOR_SETS.read(self.system.store, factor_set_id).modules)
+        skeleton = model_skeleton(model.path, model.dtype, model.base)
+        plan = plan_model_score(skeleton, modules, config, len(queries), WorkerBudget.of_process(model.device))
         job = ScoreJob(
             model,
             dataset_id=dataset.id,
@@ -92,8 +99,10 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
             factor_set_id=factor_set_id,
             result_id=new_id(),
             config=config,
-            queries=self._queries(request),
+            queries=queries,
             report=request.report,
+            module_groups=plan.groups if len(plan.groups) > 1 else [],
+            batch_size=plan.batch_size,
         )
         record = self.system.submit(
             "compute_scores", job, request_id=request.request_id, target=result_path(job.result_id)

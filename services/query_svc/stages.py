@@ -1,9 +1,14 @@
 """QueryService's jobs: scoring and self-influence, as stages over the engine's shard-level steps
 (engine/score.py).
 
-    score:  prepare -> score × shards -> merge                  -> results/{id}
+    score:  prepare × groups -> score × shards × groups -> merge   -> results/{id}
             one shard: score_one_shard, the engine's score_in_memory in one task (the prepared
             queries never leave memory)
+            groups: the module groups the budget chose at submission (ScoreJob.module_groups,
+            engine/budget.py plan_score), one when every module's preconditioner and prepared
+            queries fit a worker; each group's prepared queries are written and read on their
+            own, and merge joins the groups' per-module scores (score task t: shard t // groups,
+            group t % groups)
     self:   self × shards -> self_merge                         -> results/{id}
 
 Each task builds its Scorer once (model, factor set, modules matched, fingerprint checked);
@@ -38,6 +43,7 @@ from ..engine.score import (
     ScoreResult,
     ShardScores,
     concatenate,
+    joined,
     merge,
     merge_self_influence,
     score_in_memory,
@@ -55,13 +61,15 @@ from .report_html import render
 from .reports import add_damping_check, pairwise_report, rank_tensors, self_report, settings_of
 
 
-def _scorer(call: StageCall) -> Scorer:
-    """The task's model and factor set, matched once."""
+def _scorer(call: StageCall, group: int | None = None) -> Scorer:
+    """The task's model and factor set, matched once; for module group `group` (default the task's)
+    of a score job planned in groups."""
     job: ScoreJob | SelfJob = call.job
     context = call.context
     model, tokenizer = context.models.get(job.model)
     factors = factor_sets.load_cached(context.artifacts, context.store, job.factor_set_id)
-    return Scorer(model, tokenizer, factors, job.config)
+    names = job.group(call.group if group is None else group) if isinstance(job, ScoreJob) else None
+    return Scorer(model, tokenizer, factors, job.config, names, getattr(job, "batch_size", 0) or None)
 
 
 def _prepare(call: StageCall, scorer: Scorer) -> PreparedQueries:
@@ -84,16 +92,22 @@ def _shard(call: StageCall, shard: int):
     return shard_sequences(call.context.artifacts, call.context.store, call.job.dataset_id, shard)
 
 
-def _prepared_tensors(call: StageCall) -> dict[str, torch.Tensor]:
-    """What prepare (or index_prepare) stored, as read from the store (on the host)."""
-    key = layout.job_output(call.job_id, "prepared")
+def _prepared_key(call: StageCall, group: int) -> str:
+    return layout.job_output(call.job_id, "prepared" if call.job.num_groups == 1 else f"prepared-{group:05d}")
+
+
+def _prepared_tensors(call: StageCall, group: int = 0) -> dict[str, torch.Tensor]:
+    """What prepare (or index_prepare) stored for module group `group`, as read from the store (on
+    the host); group 0's also holds the lexical mask."""
+    key = _prepared_key(call, group)
     return call.context.artifacts.get(key, lambda: get_tensors(call.context.store, key))
 
 
-def _prepared(call: StageCall, scorer: Scorer) -> tuple[PreparedQueries, torch.Tensor | None]:
-    """The prepared queries and the lexical mask, on the host: the Scorer places the queries itself."""
-    tensors = _prepared_tensors(call)
-    return PreparedQueries.from_tensors(tensors, scorer.names), tensors.get("lexical_mask")
+def _prepared(call: StageCall, scorer: Scorer, group: int = 0) -> tuple[PreparedQueries, torch.Tensor | None]:
+    """Module group `group`'s prepared queries (of `scorer`, the group's) and the lexical mask, on
+    the host: the Scorer places the queries itself."""
+    tensors = _prepared_tensors(call, group)
+    return PreparedQueries.from_tensors(tensors, scorer.names), _prepared_tensors(call).get("lexical_mask")
 
 
 def _partials(call: StageCall, stage: str) -> list[ShardScores]:
@@ -103,31 +117,49 @@ def _partials(call: StageCall, stage: str) -> list[ShardScores]:
     return [ShardScores.from_tensors(get_tensors(store, key)) for key in keys]
 
 
-def _put_prepared(call: StageCall, tensors: dict[str, torch.Tensor]) -> None:
-    """Store the prepared queries, and keep them in this worker's cache exactly as the store returns
-    them (on the host), so a later stage here gets what it would read back and places it itself."""
-    key = layout.job_output(call.job_id, "prepared")
+def _score_partials(call: StageCall) -> list[ShardScores]:
+    """Every shard's per-module scores, its module groups' joined (model order), in shard order."""
+    job: ScoreJob = call.job
+    store = call.context.store
+
+    def group_partial(task: int) -> ShardScores:
+        return ShardScores.from_tensors(get_tensors(store, layout.job_partial(call.job_id, "score", task)))
+
+    groups = range(job.num_groups)
+    return [
+        joined([group_partial(shard * job.num_groups + group) for group in groups], job.config.damping_check)
+        for shard in range(job.num_shards)
+    ]
+
+
+def _put_prepared(call: StageCall, tensors: dict[str, torch.Tensor], group: int = 0) -> None:
+    """Store the prepared queries (of module group `group`), and keep them in this worker's cache
+    exactly as the store returns them (on the host), so a later stage here gets what it would read
+    back and places it itself."""
+    key = _prepared_key(call, group)
     tensors = to_device(tensors, "cpu")
     put_tensors(call.context.store, key, tensors)
     call.context.artifacts.put(key, tensors)
 
 
 def run_prepare(call: StageCall) -> None:
+    """One module group's prepared queries; group 0's task also computes the lexical mask."""
     scorer = _scorer(call)
-    call.context.store.put_bytes(layout.job_modules(call.job_id), json.dumps(scorer.names).encode())
+    call.context.store.put_bytes(layout.job_modules(call.job_id), json.dumps(scorer.all_names).encode())
     tensors = _prepare(call, scorer).to_tensors()
-    mask = _lexical_mask(call, scorer)
+    mask = _lexical_mask(call, scorer) if call.group == 0 else None
     if mask is not None:
         tensors["lexical_mask"] = mask
-    _put_prepared(call, tensors)
+    _put_prepared(call, tensors, call.group)
 
 
 def run_score(call: StageCall) -> None:
+    """One shard's per-module scores for one module group."""
     scorer = _scorer(call)
     sequences = _shard(call, call.shard)
-    prepared, mask = _prepared(call, scorer)
+    prepared, mask = _prepared(call, scorer, call.group)
     partial = scorer.score(prepared, sequences, call.context.progress, mask)
-    put_tensors(call.context.store, layout.job_partial(call.job_id, "score", call.shard), partial.to_tensors())
+    put_tensors(call.context.store, layout.job_partial(call.job_id, "score", call.task), partial.to_tensors())
 
 
 def run_merge(call: StageCall) -> ResultInfo:
@@ -137,14 +169,15 @@ def run_merge(call: StageCall) -> ResultInfo:
     names = json.loads(call.context.store.get_bytes(layout.job_modules(call.job_id)))  # prepare's (model) order
     factors = FACTOR_SETS.read(call.context.store, job.factor_set_id)  # its manifest alone
     mask = _prepared_tensors(call).get("lexical_mask")
-    partials = _partials(call, "score")
+    partials = _score_partials(call)
     view = DatasetView(call.context.artifacts, call.context.store, job.dataset_id)
     result = merge(partials, names, job.config, mask)
     if job.config.per_token and job.config.top_k:
-        scorer = _scorer(call)
-        prepared, _ = _prepared(call, scorer)
-        scorer.attach_token_scores(prepared, result.ranked, view.sequence, call.context.progress)
-        result.kernels = {name: prepared.modules[name].kernel for name in names}
+        for group in range(job.num_groups):  # token scores summed group after group, in model order
+            scorer = _scorer(call, group)
+            prepared, _ = _prepared(call, scorer, group)
+            scorer.attach_token_scores(prepared, result.ranked, view.sequence, call.context.progress)
+            result.kernels.update({name: prepared.modules[name].kernel for name in scorer.names})
         result.query_tokens = scorer.query_tokens(job.queries)
     return _publish_scores(call, factors, names, view, result, partials, mask)
 
@@ -153,12 +186,21 @@ def run_score_one_shard(call: StageCall) -> ResultInfo:
     """A one-shard scoring in one task: the engine's in-memory chain (score_in_memory), the same
     steps as prepare, score and merge; the prepared queries, the largest intermediate of a score
     job, never leave memory. A retried task recomputes it all."""
+    job: ScoreJob = call.job
     scorer = _scorer(call)
-    scored = score_in_memory(scorer, call.job.queries, _shard(call, 0), call.context.progress)
-    if call.job.config.per_token:
-        scored.result.query_tokens = scorer.query_tokens(call.job.queries)
-    view = DatasetView(call.context.artifacts, call.context.store, call.job.dataset_id)
-    return _publish_scores(call, scorer.factors, scorer.names, view, scored.result, [scored.partial], scored.mask)
+    scored = score_in_memory(scorer, job.queries, _shard(call, 0), call.context.progress, job.module_groups or None)
+    if job.config.per_token:
+        scored.result.query_tokens = scorer.query_tokens(job.queries)
+    view = DatasetView(call.context.artifacts, call.context.store, job.dataset_id)
+    return _publish_scores(call, scorer.factors, scorer.all_names, view, scored.result, [scored.partial], scored.mask)
+
+
+def _planned(job: ScoreJob, batch_sizes: list[int]) -> dict:
+    """What results.json's settings record of the memory plan (engine/budget.py), where the factor
+    set's provenance records a fit's: the module groups and batch size planned at submission, and
+    the batch sizes the scoring passes ran at (a lowered one after an out-of-memory error)."""
+    planned = {"module_groups": job.num_groups, "planned_batch_size": job.batch_size} if job.batch_size else {}
+    return {**planned, **({"effective_batch_sizes": batch_sizes} if batch_sizes else {})}
 
 
 def _coverage(call: StageCall) -> dict:
@@ -197,6 +239,7 @@ def _publish_scores(
         query_tokens=result.query_tokens,
         bottom=result.bottom,
     )
+    report["settings"].update(_planned(job, result.batch_sizes))
     if mask is not None:
         method, k = job.config.lexical
         report[method] = {"k": k, "scored_sequences": int(mask.any(0).sum())}  # "tfidf" or "bm25"
@@ -413,8 +456,8 @@ STAGES = [
         run_batch=run_index_score_batch,
     ),
     Stage("index_merge", run_index_merge, loads_model=True),
-    Stage("prepare", run_prepare, loads_model=True),
-    Stage("score", run_score, per_shard=True, loads_model=True),
+    Stage("prepare", run_prepare, per_group=True, loads_model=True),
+    Stage("score", run_score, per_shard=True, per_group=True, loads_model=True),
     Stage("merge", run_merge, loads_model=True),
     Stage("score_one_shard", run_score_one_shard, loads_model=True),
     Stage("self", run_self, per_shard=True, loads_model=True),

@@ -17,6 +17,7 @@ from services.engine.resources import MemoryBudget, cgroup_cpu_limit
 from services.engine.sums import RunningSums
 from services.errors import ResourceExhaustedError
 from services.storage.tensors import tensors_to_bytes
+from tests.support.memory import RunsOutOfMemory
 from tests.support.reference import IntTokenizer
 from tests.support.tiny import random_examples, tiny_model
 
@@ -127,19 +128,6 @@ def test_a_smollm2_and_a_7b_plan_on_paper():
     assert all(sum(module_state_bytes(seven[n]) for n in group) <= limit or len(group) == 1 for group in plan.groups)
 
 
-class RunsOutOfMemory:
-    """A forward pre-hook that raises torch's out-of-memory error for batches larger than `most`."""
-
-    def __init__(self, most: int):
-        self.most, self.batches = most, []
-
-    def __call__(self, module, args, kwargs):
-        size = kwargs["input_ids"].shape[0]
-        self.batches.append(size)
-        if size > self.most:
-            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated at batch {size})")
-
-
 def test_out_of_memory_lowers_the_batch_size_once_and_the_manifest_says_so():
     model, tokenizer = tiny_model("llama"), IntTokenizer()
     oom = RunsOutOfMemory(most=2)
@@ -222,3 +210,22 @@ def test_an_api_server_plans_with_its_workers_budget_from_the_environment(monkey
     assert WorkerBudget.of_process("") == WorkerBudget(48 * GIB, 80 * GIB)
     monkeypatch.delenv("INFLUENCE_WORKER_DEVICE_GIB")
     assert WorkerBudget.of_process("cuda").device is None  # this CPU machine: no GPU to ask
+
+
+def test_workers_sharing_a_gpu_each_plan_with_their_share_and_are_told_the_fix(monkeypatch):
+    """`influence serve --workers N` on a GPU loads N models on it (INFLUENCE_WORKERS_PER_GPU): each
+    worker's device budget is 1/N of the GPU, and a model whose N copies do not fit is refused with
+    a line naming --workers (a fake GPU of 80 GiB: this machine has none)."""
+    monkeypatch.delenv("INFLUENCE_WORKER_DEVICE_GIB", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * GIB, 80 * GIB))
+    assert WorkerBudget.of_process("cuda").device == 80 * GIB
+    monkeypatch.setenv("INFLUENCE_WORKERS_PER_GPU", "4")
+    shared = WorkerBudget.of_process("cuda")
+    assert (shared.device, shared.sharing) == (20 * GIB, 4)
+    model = tiny_model("llama")
+    fit = FitModel(model, IntTokenizer(), FitConfig(batch_size=2, max_length=8))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert fit.plan(WorkerBudget(64 * GIB, device=4 * weights, sharing=1)).batch_size >= 1
+    with pytest.raises(ResourceExhaustedError, match=r"1/4 of a GPU.*serve fewer workers per GPU \(--workers 4"):
+        fit.plan(WorkerBudget(64 * GIB, device=weights, sharing=4))

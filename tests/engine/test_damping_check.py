@@ -15,6 +15,7 @@ from services.engine.score import (
     Scorer,
     compute_scores,
     damping_overlap,
+    joined,
     mean_length,
     merge,
     score_in_memory,
@@ -67,7 +68,9 @@ def test_the_check_across_shards_equals_the_in_memory_chain(setup):
     whole = score_in_memory(scorer, queries, sequences)
     prepared = scorer.prepare(queries, mean_length(sequences))
     assert prepared.n_queries == 3 * len(queries)
-    partials = [scorer.score(prepared, part) for part in (sequences[:6], sequences[6:])]
+    rows = [scorer.score(prepared, part) for part in (sequences[:6], sequences[6:])]
+    assert all(r.scores.shape[1] == 3 * len(queries) and r.alternates is None for r in rows)  # every damping's
+    partials = [joined([r], damping_check=True) for r in rows]  # the other dampings' totals split off
     assert all(p.scores.shape[1] == len(queries) and p.alternates.shape[:2] == (2, len(queries)) for p in partials)
     merged = merge(partials, scorer.names, config)
     assert merged.damping_overlap == whole.result.damping_overlap

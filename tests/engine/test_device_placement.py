@@ -577,6 +577,9 @@ VALUE_READING = {
     "index.packed": "the kept pairs by boolean mask (a shape from values), to the host (test_index_compact)",
     "index.pack_batch": "select_ranks then packed per module (test_index_compact)",
     "capture.sequence_uniforms": "indices.tolist(): each sequence's CPU generator (test_device_placement CPU draws)",
+    "lexical.Bm25Index.build": "bm25s over token ids on the host, its sparse matrix as host tensors (test_lexical)",
+    "lexical.Bm25Index.scores": "host BM25 scores from bm25s (numpy), float64 (test_lexical)",
+    "lexical.Bm25Index.candidates": "argsort of host BM25 scores, .tolist() (test_lexical)",
 }
 
 # A step's entry: places what it is handed, then calls the kernels above; covered by the CPU runs
@@ -586,10 +589,12 @@ STEPS = {
     "score.Scorer.prepare_module": "QueryFactors.rotated, divided, require_finite, low_rank, plan_module_queries",
     "score.Scorer.settle": "to_device(prepared) then rotate per module",
     "index_scan.score_index_shard": "score_block per block as it is given",
+    "index_scan.score_index_shards": "score_block per block and batch as it is given (test_index_coalesce)",
     "index_scan.module_part": "a block's keys for one module (views; format 1 reshaped): case_score_block",
     "score.Scorer.score": "to_device(prepared) then module_scores per batch",
     "score.Scorer.token_scores": "to_device(prepared) then module_token_scores",
     "score.Scorer.attach_token_scores": "to_device(prepared) once, then token_scores per sequence",
+    "index.Indexer.write_blocks": "blocks (host tensors) handed to the caller's writer, the pass under within_memory",
     "fit.FitModel.correction": "to_device(eigen bases, replayed captures) then CorrectionAccumulator.add",
     "fit.CaptureCache.offer": "copies a pass's captures to the host arena (a transfer, by design)",
     "score.compute_scores": "the in-process API: Scorer and score_in_memory",
@@ -603,7 +608,6 @@ HOST = {
     "capture.capture": "the model's forward and backward (fake-CUDA autograd aborts the process): CPU runs",
     "modules.ExpertLinear.forward": "one expert inside the model's forward, on the model's device: CPU runs "
     "(tests/engine/test_moe.py)",
-    "score.require_modules": "the factors' module names against the model's (no tensor is read)",
     "score.require_fingerprint": "the factors' recorded fingerprint against a computed one (no tensor is read)",
     "model_io._StoredTensor.values": "sampled values of a checkpoint file, read on the host for the CLI's "
     "fingerprint check (tests/services/cli/test_cli_checks.py)",
@@ -645,7 +649,7 @@ HOST = {
     "score.PreparedQueries.from_tensors": "from the store (case_plan_module_queries reloads and places them)",
     "score.ShardScores.from_tensors": "from the store",
     "score.merge_self_influence": "host scores",
-    "score.module_pattern": "names",
+    "score.joined": "host scores: a shard's module groups' rows side by side",
     "scoring.ModuleQueries.from_tensors": "from the store (see PreparedQueries.from_tensors)",
 }
 

@@ -1,10 +1,12 @@
-"""Memory measured from outside a process, for tests that bound what a server keeps."""
+"""Memory measured from outside a process, for tests that bound what a server keeps; an
+out-of-memory error raised on demand, for tests of the budget's rule (engine/budget.within_memory)."""
 
 from __future__ import annotations
 
 import threading
 
 import psutil
+import torch
 
 
 class PeakRss:
@@ -26,3 +28,17 @@ class PeakRss:
     def __exit__(self, *_):
         self._stop.set()
         self._thread.join()
+
+
+class RunsOutOfMemory:
+    """A forward pre-hook that raises torch's out-of-memory error for batches larger than `most`
+    (an allocation failure at a batch size, as a GPU would raise it), recording every batch size."""
+
+    def __init__(self, most: int):
+        self.most, self.batches = most, []
+
+    def __call__(self, module, args, kwargs):
+        size = kwargs["input_ids"].shape[0]
+        self.batches.append(size)
+        if size > self.most:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated at batch {size})")

@@ -151,7 +151,7 @@ def test_a_spec_written_before_the_registration_decodes_to_the_same_job_and_enco
         old["lexical"] = 0  # an index query's BM25 candidates, written since --lexical exists (none)
     if "tfidf" in old.get("config", {}):
         old["config"].update(bm25=0, damping_check=False, bottom_k=0)  # ScoreConfig fields added since: defaults
-    if job.kind == "fit":  # the budget's plan (engine/budget.py), added since: its defaults, one group
+    if job.kind in ("fit", "score"):  # the budget's plan (engine/budget.py), added since: its defaults, one group
         old.update(module_groups=[], batch_size=0)
     if job.kind == "register":
         old["corpus"] = None  # how to read a corpus, written since corpora register (none: TRAIN.jsonl)

@@ -28,14 +28,22 @@ from safetensors.torch import save as save_tensors
 
 from services.catalog.datasets import parse_dataset_path
 from services.catalog.factor_sets import factor_set_path, load_factors
-from services.engine.budget import module_groups, module_state_bytes
+from services.engine.budget import (
+    GIB,
+    STATE_SHARE,
+    USABLE_SHARE,
+    WorkerBudget,
+    module_groups,
+    module_state_bytes,
+    query_state_bytes,
+)
 from services.engine.capture import describe_all
-from services.engine.fit import FitConfig, fit_factors
+from services.engine.fit import FitConfig, fit_factors, plan_model_fit
 from services.engine.model_io import ModelRef, load_model_and_tokenizer, model_skeleton
 from services.engine.modules import select_modules
 from services.engine.records import read_training_jsonl
-from services.engine.score import ScoreConfig, compute_scores, compute_self_influence
-from services.errors import DataLossError, InputError, NotFoundError, PreconditionError
+from services.engine.score import ScoreConfig, compute_scores, compute_self_influence, plan_model_score
+from services.errors import DataLossError, InputError, NotFoundError, PreconditionError, ResourceExhaustedError
 from services.factor_svc.jobs import FitJob
 from services.gen.influence.v1 import common_pb2, factor_service_pb2, gradient_service_pb2, query_service_pb2
 from services.system.caches import ArtifactCache
@@ -581,3 +589,99 @@ def test_a_fit_over_a_workers_budget_runs_per_shard_and_module_group_with_the_sa
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "grouped" / name).read_bytes(), name
     provenance = json.loads((tmp_path / "grouped" / "manifest.json").read_text())["metadata"]["provenance"]
     assert provenance["module_groups"] == len(groups) and provenance["effective_batch_sizes"] == [3]
+
+
+def _host_gib_for_groups(weights: int, state_bytes: int) -> str:
+    """INFLUENCE_WORKER_HOST_GIB of a worker whose module groups hold at most `state_bytes` of state
+    (engine/budget.py: half of 80 % of the budget less the weights)."""
+    return repr(((state_bytes / STATE_SHARE + weights) / USABLE_SHARE + 1) / GIB)
+
+
+@pytest.mark.slow
+def test_the_servicers_plan_a_fit_and_a_score_in_module_groups_from_the_workers_budget(
+    cluster, workspace, tmp_path, monkeypatch
+):
+    """The servicers' own planning end to end: with a small INFLUENCE_WORKER_HOST_GIB (the workers'
+    budget the API server plans with) FitFactors plans module groups (the manifest's provenance says
+    how many, and the batch sizes used) and ComputeScores plans its own (prepare per group, score per
+    (shard, group); results.json's settings say how many): the factors and the scores, per-module
+    scores, damping-check overlaps, top-k, bottom-k and token scores are those of one group at the
+    same batch size, on a sharded and a one-shard dataset; a budget the model's weights alone
+    exceed is refused at submission, in one line."""
+    client, model = cluster.client, str(workspace / "model")
+    length = 8  # short sequences: a batch's captures fit beside a group of this tiny model's state
+    sharded = client.register_dataset(model, workspace / "train.jsonl", shard_size=8, max_length=length)
+    whole_data = client.register_dataset(model, workspace / "train.jsonl", shard_size=100, max_length=length)
+    skeleton = model_skeleton(model)
+    weights = sum(p.numel() * p.element_size() for p in skeleton.parameters())
+    tracked = describe_all(select_modules(skeleton, "all"))
+
+    fit_budget = _host_gib_for_groups(weights, max(module_state_bytes(m) for m in tracked.values()))
+    monkeypatch.setenv("INFLUENCE_WORKER_HOST_GIB", fit_budget)
+    fit_plan = plan_model_fit(
+        skeleton, FitConfig(modules="all", batch_size=3, max_length=length), WorkerBudget.of_process("")
+    )
+    assert len(fit_plan.groups) >= 4
+    grouped = client.fit_factors(model, sharded.name, batch_size=3, modules="all")
+    monkeypatch.delenv("INFLUENCE_WORKER_HOST_GIB")
+    whole = client.fit_factors(model, sharded.name, batch_size=fit_plan.batch_size, modules="all")
+    for name, fit in (("whole", whole), ("grouped", grouped)):
+        client.download_factors(fit.name, tmp_path / name)
+    files = sorted(path.name for path in (tmp_path / "whole").glob("*.safetensors"))
+    assert files
+    for name in files:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "grouped" / name).read_bytes(), name
+    provenance = json.loads((tmp_path / "grouped" / "manifest.json").read_text())["metadata"]["provenance"]
+    assert provenance["module_groups"] == len(fit_plan.groups)
+    assert provenance["effective_batch_sizes"] == [fit_plan.batch_size]
+
+    options = {"top_k": 4, "bottom_k": 2, "per_module": True, "per_token": True, "damping_check": True}
+    state = query_state_bytes(3 * len(QUERIES))  # --damping-check prepares each query at three dampings
+    score_budget = _host_gib_for_groups(weights, max(state(m) for m in tracked.values()))
+    monkeypatch.setenv("INFLUENCE_WORKER_HOST_GIB", score_budget)
+    config = ScoreConfig(batch_size=3, max_length=length, damping_check=True)
+    score_plan = plan_model_score(skeleton, list(tracked), config, len(QUERIES), WorkerBudget.of_process(""))
+    monkeypatch.delenv("INFLUENCE_WORKER_HOST_GIB")
+    assert len(score_plan.groups) >= 4
+    for dataset, plan in ((sharded, {"prepare", "score", "merge"}), (whole_data, {"score_one_shard"})):
+        outputs = []
+        for host_gib in (None, score_budget):
+            if host_gib:
+                monkeypatch.setenv("INFLUENCE_WORKER_HOST_GIB", host_gib)
+            stages = []
+            result = client.compute_scores(
+                model,
+                whole.name,
+                dataset.name,
+                QUERIES,
+                batch_size=3 if host_gib else score_plan.batch_size,
+                progress=lambda m, seen=stages: seen.append((m.stage, m.shards_total)),
+                **options,
+            )
+            monkeypatch.delenv("INFLUENCE_WORKER_HOST_GIB", raising=False)
+            assert {stage for stage, _ in stages} <= plan | {"done"}, stages
+            if host_gib and dataset is sharded:  # a task per group, per (shard, group)
+                tasks = {("prepare", len(score_plan.groups)), ("score", sharded.num_shards * len(score_plan.groups))}
+                assert tasks & set(stages), stages
+            out = tmp_path / f"scores-{dataset.num_shards}-{bool(host_gib)}"
+            client.download_result(result.name, out)
+            outputs.append((load_file(str(out / "scores.safetensors")), json.loads((out / "results.json").read_text())))
+        (one_tensors, one_report), (grouped_tensors, grouped_report) = outputs
+        assert set(one_tensors) == set(grouped_tensors)
+        for key, value in one_tensors.items():
+            assert torch.equal(grouped_tensors[key], value), key
+        assert grouped_report["queries"] == one_report["queries"]
+        assert grouped_report["damping_check"] == one_report["damping_check"]
+        assert all(entry["tokens"] for query in one_report["queries"] for entry in query["top"])
+        assert grouped_report["settings"]["module_groups"] == len(score_plan.groups)
+        assert one_report["settings"]["module_groups"] == 1
+        assert grouped_report["settings"]["effective_batch_sizes"] == [score_plan.batch_size]
+
+    monkeypatch.setenv("INFLUENCE_WORKER_HOST_GIB", repr(weights / 2 / GIB))
+    for submit in (
+        lambda: client.fit_factors(model, sharded.name, batch_size=3),
+        lambda: client.compute_scores(model, whole.name, sharded.name, QUERIES, top_k=3),
+    ):
+        with pytest.raises(ResourceExhaustedError) as refused:
+            submit()
+        assert "leave nothing of the worker's memory" in str(refused.value) and "\n" not in str(refused.value)
