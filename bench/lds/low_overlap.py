@@ -43,7 +43,10 @@ DEFAULT_OUT = ROOT / "bench" / "out" / "lds" / "low-overlap"
 
 PEOPLE, QUERIED, FILLER_SEQUENCES = 24, 24, 16
 TRAINED_LAYERS = 8
-MODULES = r"model\.layers\.(2[2-9])\.mlp\."  # the trained MLPs: the last 8 of SmolLM2's 30 layers
+# the modules scored: the down projections of the trained layers (all their MLPs would hold three
+# times the prepared query gradients: 4 GB x 3 for 48 queries at three dampings, beyond this host)
+MODULES = r"model\.layers\.(2[2-9])\.mlp\.down_proj"
+FILTERS = (("bm25", 10), ("bm25", 30), ("tfidf", 10), ("tfidf", 30))
 
 SYLLABLES = ["ka", "vor", "mel", "tis", "dra", "lun", "pe", "zor", "qua", "bel", "nix", "ro", "sha", "ven", "tu", "gri"]
 RELATIONS = ("town", "employer", "dog")
@@ -269,7 +272,7 @@ def fine_tune(base: Path, corpus: Corpus, target: Path, recipe: Recipe) -> dict:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            total, batches = total + float(loss), batches + 1
+            total, batches = total + float(loss.detach()), batches + 1
         losses.append(round(total / batches, 4))
         print(f"epoch {epoch}: mean loss {losses[-1]} ({time.perf_counter() - started:.0f} s)", flush=True)
     model.eval()
@@ -281,6 +284,79 @@ def fine_tune(base: Path, corpus: Corpus, target: Path, recipe: Recipe) -> dict:
     return {"seconds": round(seconds, 1), "epoch_losses": losses, "base": before, "fine_tuned": after}
 
 
+# ------------------------------------------------------------------------------------------------
+# the scores
+
+
+def score_settings(out: Path, modules: str = MODULES) -> None:
+    """DIR/scores/NAME.safetensors (settings.py's names and format) for EK-FAC at dampings 0.001,
+    0.01 and 0.1 x the mean eigenvalue, the lexical filters FILTERS + EK-FAC at the default damping,
+    and BM25 alone; through the engine's API, as settings.py does, in one fit and ONE scoring pass:
+    the pass runs at damping 0.01 with `--damping-check`, whose alternates are exactly the scores
+    at 0.1x and 10x (0.001 and 0.1), and a filter's scores are the default damping's restricted to
+    the tool's own lexical candidates (`Scorer.lexical_candidates`), the others ranked last (-inf)
+    as the tool's top-k ranks them: what `--bm25 K` computes, without another pass over the
+    training data. Identity needs its own pass: `settings.py --only identity`."""
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from settings import BATCH, MAX_LENGTH
+
+    from services.engine.data import tokenize_queries
+    from services.engine.fit import FitConfig, fit_factors
+    from services.engine.lexical import bm25_scores
+    from services.engine.model_io import load_model_and_tokenizer
+    from services.engine.records import read_queries_jsonl, read_training_jsonl
+    from services.engine.score import DAMPING_CHECK_SCALES, ScoreConfig, Scorer, score_in_memory
+
+    demo, target = out / "demo", out / "scores"
+    target.mkdir(parents=True, exist_ok=True)
+
+    def save(name: str, scores: torch.Tensor, seconds: float) -> None:
+        save_file(
+            {"scores": scores.to(torch.float32).contiguous()},
+            str(target / f"{name}.safetensors"),
+            metadata={"seconds": f"{seconds:.2f}"},
+        )
+        print(f"{name:24s} {seconds:7.1f} s", flush=True)
+
+    model, tokenizer = load_model_and_tokenizer(demo / "model")
+    examples = read_training_jsonl(demo / "TRAIN.jsonl")
+    queries = read_queries_jsonl(demo / "QUERIES.jsonl")
+    started = time.perf_counter()
+    config = FitConfig(strategy="ekfac", modules=modules, batch_size=BATCH, max_length=MAX_LENGTH)
+    factor_set = fit_factors(model, tokenizer, examples, config)
+    fit_seconds = time.perf_counter() - started
+    print(f"fit: {fit_seconds:.0f} s", flush=True)
+    started = time.perf_counter()
+    middle = 0.01
+    scorer = Scorer(
+        model,
+        tokenizer,
+        factor_set,
+        ScoreConfig(batch_size=BATCH, max_length=MAX_LENGTH, damping_factor=middle, damping_check=True),
+    )
+    sequences = scorer.tokenize_training(examples)
+    run = score_in_memory(scorer, queries, sequences)
+    seconds = fit_seconds + time.perf_counter() - started
+    by_damping = {middle: run.result.scores.to(torch.float64)}
+    for scale, scores in zip(DAMPING_CHECK_SCALES, run.partial.alternates, strict=True):
+        by_damping[round(middle * scale, 6)] = scores
+    for factor, scores in sorted(by_damping.items()):
+        save(f"ekfac-d{factor:g}", scores, seconds)
+    default = by_damping[0.1]
+    for method, k in FILTERS:
+        started = time.perf_counter()
+        mask = torch.zeros_like(default, dtype=torch.bool)
+        for row, columns in enumerate(scorer.lexical_candidates(method, queries, sequences, k)):
+            mask[row, columns] = True
+        save(f"{method}-{k}-ekfac", default.masked_fill(~mask, float("-inf")), seconds + time.perf_counter() - started)
+    started = time.perf_counter()
+    lexical = bm25_scores(tokenize_queries(tokenizer, queries, MAX_LENGTH), sequences)
+    save("bm25", lexical, time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=BASE_MODEL, help="the pretrained model (read only)")
@@ -288,11 +364,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=Recipe.epochs)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scores", action="store_true", help="score the fine-tuned model (score_settings)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.scores:
+        score_settings(args.out)
+        return
     corpus = build_corpus(args.seed)
     demo = args.out / "demo"
     write_corpus(corpus, demo)
