@@ -187,7 +187,7 @@ def write_corpus(corpus: Corpus, demo: Path) -> None:
 
 @dataclass(frozen=True)
 class Recipe:
-    epochs: int = 5
+    epochs: int = 2
     batch_size: int = 8
     learning_rate: float = 1e-3
     seed: int = 0
@@ -246,7 +246,6 @@ def fine_tune(base: Path, corpus: Corpus, target: Path, recipe: Recipe) -> dict:
     torch.manual_seed(recipe.seed)
     torch.use_deterministic_algorithms(True)
     model, tokenizer = load_model_and_tokenizer(base)
-    before = knowledge(model, tokenizer, corpus)
     layers = model.model.layers
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -277,11 +276,10 @@ def fine_tune(base: Path, corpus: Corpus, target: Path, recipe: Recipe) -> dict:
         print(f"epoch {epoch}: mean loss {losses[-1]} ({time.perf_counter() - started:.0f} s)", flush=True)
     model.eval()
     seconds = time.perf_counter() - started
-    after = knowledge(model, tokenizer, corpus)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
-    return {"seconds": round(seconds, 1), "epoch_losses": losses, "base": before, "fine_tuned": after}
+    return {"seconds": round(seconds, 1), "epoch_losses": losses}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,6 +363,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=Recipe.epochs)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scores", action="store_true", help="score the fine-tuned model (score_settings)")
+    parser.add_argument("--knowledge", action="store_true", help="what the base and the fine-tuned model know")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     import torch
@@ -372,6 +371,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.scores:
         score_settings(args.out)
+        return
+    if args.knowledge:
+        from services.engine.model_io import load_model_and_tokenizer
+
+        corpus = build_corpus(args.seed)
+        known = {}
+        for name, directory in (("base", args.model), ("fine_tuned", args.out / "demo" / "model")):
+            known[name] = knowledge(*load_model_and_tokenizer(directory), corpus)
+            print(name, known[name], flush=True)
+        (args.out / "knowledge.json").write_text(json.dumps(known, indent=1) + "\n")
         return
     corpus = build_corpus(args.seed)
     demo = args.out / "demo"
