@@ -1,11 +1,13 @@
 """Low-lexical-overlap fact tracing: SmolLM2-135M-Instruct fine-tuned on invented facts stated in
 one phrasing, queried in other words (an English paraphrase) and in French.
 
-    nice -n 19 .venv/bin/python bench/lds/low_overlap.py [--model DIR] [--out DIR]     # corpus + fine-tune
-    OMP_NUM_THREADS=2 nice -n 19 .venv/bin/python bench/lds/settings.py --truth DIR \\
-        --modules 'model\\.layers\\.(2[2-9])\\.mlp\\.' --filter-k 10,30 --only ekfac-d0.1,...
-    .venv/bin/python bench/lds/evaluate.py DIR/scores/ekfac-d0.1.safetensors ... --truth DIR \\
-        --expected DIR/demo/EXPECTED-en.json          # (or EXPECTED-fr.json)
+    nice -n 19 .venv/bin/python bench/lds/low_overlap.py [--model DIR] [--out DIR]   # corpus + fine-tune
+    nice -n 19 .venv/bin/python bench/lds/low_overlap.py --scores      # EK-FAC x3 dampings, filters, BM25
+    nice -n 19 .venv/bin/python bench/lds/low_overlap.py --knowledge   # base vs fine-tuned answers
+    nice -n 19 .venv/bin/python bench/lds/settings.py --truth DIR --only identity \
+        --modules 'model\.layers\.(2[2-9])\.mlp\.down_proj'
+    .venv/bin/python bench/lds/evaluate.py DIR/scores/ekfac-d0.1.safetensors DIR/scores/... --truth DIR \
+        --expected DIR/demo/EXPECTED-en.json          # (or EXPECTED-fr.json, EXPECTED.json: both)
 
 The corpus (`build_corpus`, pure Python and seeded): PEOPLE invented people (names made of
 syllables no language has, so the model cannot know them), each with one fact per RELATIONS
@@ -17,9 +19,11 @@ English paraphrase (`QUESTION_EN`) and French (`QUESTION_FR`), neither sharing a
 the statements (`content_words`; the test checks it). `word_overlap` puts the overlap in numbers.
 
 The model (`fine_tune`): the MLPs of the last TRAINED_LAYERS layers of the pretrained model are
-trained on the corpus (AdamW, seeded order, pinned numerics; everything else frozen) and saved as
-an ordinary Hugging Face directory at DIR/demo/model; the report compares each query's answer
-log-probability and its rank among the relation's pool under the base and the fine-tuned model.
+trained on the corpus (`Recipe`: AdamW, seeded order, deterministic kernels; everything else
+frozen) and saved as an ordinary Hugging Face directory at DIR/demo/model; `--knowledge` compares
+each query's answer log-probability, and whether it beats another value of the same pool, under the
+base and the fine-tuned model (DIR/knowledge.json). Scores cover the down projections of the
+trained layers (MODULES).
 
 DIR (default bench/out/lds/low-overlap) is laid out as settings.py and evaluate.py expect of a
 ground-truth directory without retrained subsets (fact tracing only): DIR/demo/{model, TRAIN.jsonl,
