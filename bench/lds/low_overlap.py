@@ -4,8 +4,7 @@ one phrasing, queried in other words (an English paraphrase) and in French.
     nice -n 19 .venv/bin/python bench/lds/low_overlap.py [--model DIR] [--out DIR]   # corpus + fine-tune
     nice -n 19 .venv/bin/python bench/lds/low_overlap.py --scores      # EK-FAC x3 dampings, filters, BM25
     nice -n 19 .venv/bin/python bench/lds/low_overlap.py --knowledge   # base vs fine-tuned answers
-    nice -n 19 .venv/bin/python bench/lds/settings.py --truth DIR --only identity \
-        --modules 'model\.layers\.(2[2-9])\.mlp\.down_proj'
+    nice -n 19 .venv/bin/python bench/lds/settings.py --truth DIR --only identity --modules MODULES
     .venv/bin/python bench/lds/evaluate.py DIR/scores/ekfac-d0.1.safetensors DIR/scores/... --truth DIR \
         --expected DIR/demo/EXPECTED-en.json          # (or EXPECTED-fr.json, EXPECTED.json: both)
 
