@@ -1,6 +1,7 @@
 """Score files for every setting the tool offers (and the baselines beside it), on the demo model.
 
-    nice -n 19 .venv/bin/python bench/lds/settings.py [--truth DIR] [--only NAME,...]
+    nice -n 19 .venv/bin/python bench/lds/settings.py [--truth DIR] [--only NAME,...] [--modules M]
+        [--filter-k 20,50,100] [--threads 1]
     .venv/bin/python bench/lds/evaluate.py DIR/scores/ekfac-d0.1.safetensors DIR/scores/*.safetensors
 
 Writes DIR/scores/NAME.safetensors (`scores` [Q, N], metadata `seconds`: the setting's scoring
@@ -18,8 +19,9 @@ time, plus its fit's for the settings that fit their own factors) for:
                         and, where ekfac-d0.1 was scored, of the exact top-10
 
 through the engine's in-process API, on the demo's settings (batch 16, max length 128, MLP
-modules), exactly what `influence score` computes for each flag. The ground truth and the demo's
-directory are ground_truth.py's (DIR, default bench/out/lds/demo-seed0).
+modules unless --modules names others: `influence fit --modules`), exactly what `influence score`
+computes for each flag. The ground truth and the demo's directory are ground_truth.py's (DIR,
+default bench/out/lds/demo-seed0), or low_overlap.py's (a model and corpus, no retrained subsets).
 """
 
 from __future__ import annotations
@@ -67,8 +69,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--truth", type=Path, default=DEFAULT_TRUTH)
     parser.add_argument("--only", help="comma-separated setting names (default: all)")
+    parser.add_argument("--modules", default="mlp", help="the modules fitted and scored (influence fit --modules)")
+    parser.add_argument("--filter-k", default=",".join(map(str, FILTER_K)), help="the K of the lexical filters")
+    parser.add_argument("--threads", type=int, default=1, help="one: on a shared, busy host it wastes no waits")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # on a shared, busy host one thread wastes nothing waiting on the others
+    torch.set_num_threads(args.threads)
+    filter_k = [int(k) for k in args.filter_k.split(",")]
     demo = args.truth / "demo"
     out = args.truth / "scores"
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +99,10 @@ def main() -> None:
             started = time.perf_counter()
             fitted[strategy] = (
                 fit_factors(
-                    model, tokenizer, examples, FitConfig(strategy=strategy, batch_size=BATCH, max_length=MAX_LENGTH)
+                    model,
+                    tokenizer,
+                    examples,
+                    FitConfig(strategy=strategy, modules=args.modules, batch_size=BATCH, max_length=MAX_LENGTH),
                 ),
                 time.perf_counter() - started,
             )
@@ -112,7 +121,7 @@ def main() -> None:
         scored(f"ekfac-d{factor:g}", "ekfac", damping_factor=factor)
     scored("kfac-d0.1", "kfac")
     scored("identity", "identity")
-    for k in FILTER_K:
+    for k in filter_k:
         scored(f"tfidf-{k}-ekfac", "ekfac", tfidf=k)
         scored(f"bm25-{k}-ekfac", "ekfac", bm25=k)
     if not only or "bm25" in only:
