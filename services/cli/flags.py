@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..options import BATCH_SIZE, DAMPING, DAMPING_FACTOR, MAX_LENGTH, SHARD_SIZE, Option
+from ..options import BATCH_SIZE, DAMPING, DAMPING_FACTOR, MAX_LENGTH, PRESETS, SHARD_SIZE, Option
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,25 @@ def add_model_job_flags(parser) -> None:
     add(parser, MODEL, BASE_MODEL, DEVICE, DTYPE, *THROUGH_SYSTEM)
 
 
+class _Preset(argparse.Action):
+    """--preset NAME: the settings of PRESETS[NAME] (services/options.py) set on the namespace."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, value)
+        for name, setting in PRESETS[value].items():
+            setattr(namespace, name, setting)
+
+
+PRESET = Flag(
+    "--preset",
+    choices=tuple(PRESETS),
+    action=_Preset,
+    help="sources: damping 0.1 x mean eigenvalue, the sequences that state what the query says (the default); "
+    "generalisation: damping 0.001 x, the sequences whose removal would change the query's log-probability "
+    "most (README, 'Which damping')",
+)
+
+
 def add_damping_flags(parser) -> None:
-    """--damping-factor F or --damping X, not both."""
-    add(parser.add_mutually_exclusive_group(), DAMPING_FACTOR, DAMPING)
+    """--damping-factor F, --damping X or --preset NAME, one of them."""
+    add(parser.add_mutually_exclusive_group(), DAMPING_FACTOR, DAMPING, PRESET)

@@ -134,6 +134,25 @@ def test_score_writes_the_documented_files_and_equals_the_engine(workspace, tmp_
 
 
 @pytest.mark.needs_servers
+def test_a_preset_is_the_damping_it_names(workspace, tmp_path, capsys):
+    """--preset generalisation scores exactly as --damping-factor 0.001; a preset beside a damping
+    flag is refused (exit 2)."""
+    common = ["score", "--model", str(workspace / "model"), "--factors", str(workspace / "factors")]
+    common += ["--data", str(workspace / "train.jsonl"), "--queries", str(workspace / "queries.jsonl"), "--quiet"]
+    assert run([*common, "--out", str(tmp_path / "preset"), "--preset", "generalisation"], capsys)[0] == 0
+    assert run([*common, "--out", str(tmp_path / "flag"), "--damping-factor", "0.001"], capsys)[0] == 0
+    preset = load_file(str(tmp_path / "preset" / "scores.safetensors"))["scores"]
+    assert torch.equal(preset, load_file(str(tmp_path / "flag" / "scores.safetensors"))["scores"])
+    default = run([*common, "--out", str(tmp_path / "default"), "--preset", "sources"], capsys)
+    assert default[0] == 0
+    assert not torch.equal(preset, load_file(str(tmp_path / "default" / "scores.safetensors"))["scores"])
+    with pytest.raises(SystemExit) as refused:
+        main([*common, "--out", str(tmp_path / "both"), "--preset", "sources", "--damping", "1"])
+    assert refused.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.needs_servers
 def test_self_writes_one_score_per_training_sequence(workspace, tmp_path, capsys):
     code, _ = run(
         [
