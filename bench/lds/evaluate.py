@@ -36,15 +36,24 @@ from metrics import (
 )
 
 
-def read_scores(path: Path) -> tuple[str, np.ndarray, float | None]:
-    """(name, scores [Q, N] float64, seconds or None) from a score file or a result directory."""
+def read_scores(path: Path) -> tuple[str, np.ndarray, float | None, np.ndarray | None]:
+    """(name, scores [Q, N] float64, seconds or None, scored [Q, N] bool or None) from a score file
+    or a result directory. `scored` (a lexical filter's candidates; None: every sequence scored):
+    an unscored sequence counts 0 toward a subset's sum (LDS) and ranks after every scored one
+    (fact tracing), as `influence score` ranks it."""
     path = Path(path)
     name = path.name if path.is_dir() else path.stem
     file = path / "scores.safetensors" if path.is_dir() else path
     with safe_open(str(file), "np") as handle:
         scores = handle.get_tensor("scores").astype(np.float64)
+        scored = handle.get_tensor("scored").astype(bool) if "scored" in handle.keys() else None
         seconds = (handle.metadata() or {}).get("seconds")
-    return name, scores, None if seconds is None else float(seconds)
+    return name, scores, None if seconds is None else float(seconds), scored
+
+
+def ranked_scores(scores: np.ndarray, scored: np.ndarray | None) -> np.ndarray:
+    """The scores fact tracing ranks: -inf where a query did not score a sequence."""
+    return scores if scored is None else np.where(scored, scores, -np.inf)
 
 
 def _ids(path: Path) -> list[str]:
@@ -66,17 +75,17 @@ def evaluate(paths: list[Path], truth_dir: Path, expected_path: Path | None, dra
         column = {training_id: position for position, training_id in enumerate(training_ids)}
         expected = [[column[i] for i in by_id.get(query_id, [])] for query_id in query_ids]
     files = [read_scores(path) for path in paths]
-    for name, scores, _ in files:
+    for name, scores, _, _ in files:
         if scores.shape != (len(query_ids), len(training_ids)):
             raise SystemExit(
                 f"{name}: scores of shape {tuple(scores.shape)}, the corpus has "
                 f"{len(query_ids)} queries x {len(training_ids)} training sequences"
             )
-    lds_draws = bootstrap_lds([s for _, s, _ in files], truth.masks, truth.measured, draws) if truth else None
-    tracing = [fact_tracing_per_query(s, expected, k) for _, s, _ in files] if expected else None
+    lds_draws = bootstrap_lds([s for _, s, _, _ in files], truth.masks, truth.measured, draws) if truth else None
+    tracing = [fact_tracing_per_query(ranked_scores(s, m), expected, k) for _, s, _, m in files] if expected else None
     recall_key = f"recall@{k}"
     rows = []
-    for position, (name, scores, seconds) in enumerate(files):
+    for position, (name, scores, seconds, _) in enumerate(files):
         row = {"name": name, "seconds": seconds}
         if truth:
             row["lds"] = interval(lds_per_query(scores, truth.masks, truth.measured).mean(), lds_draws[position])

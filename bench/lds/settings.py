@@ -83,9 +83,12 @@ def main() -> None:
     queries = read_queries_jsonl(demo / "QUERIES.jsonl")
     only = set(args.only.split(",")) if args.only else None
 
-    def save(name: str, scores: torch.Tensor, seconds: float) -> None:
+    def save(name: str, scores: torch.Tensor, seconds: float, scored: torch.Tensor | None = None) -> None:
+        tensors = {"scores": scores.to(torch.float32).contiguous()}
+        if scored is not None:  # a lexical filter's candidates, as `influence score` writes them
+            tensors["scored"] = scored.contiguous()
         save_file(
-            {"scores": scores.to(torch.float32).contiguous()},
+            tensors,
             str(out / f"{name}.safetensors"),
             metadata={"seconds": f"{seconds:.2f}"},
         )
@@ -114,8 +117,8 @@ def main() -> None:
         factor_set, fit_seconds = factors(strategy)
         started = time.perf_counter()
         scorer = Scorer(model, tokenizer, factor_set, ScoreConfig(batch_size=BATCH, max_length=MAX_LENGTH, **config))
-        result = score_in_memory(scorer, queries, scorer.tokenize_training(examples)).result
-        save(name, result.scores, fit_seconds + time.perf_counter() - started)
+        scored = score_in_memory(scorer, queries, scorer.tokenize_training(examples))
+        save(name, scored.result.scores, fit_seconds + time.perf_counter() - started, scored.mask)
 
     for factor in DAMPINGS:
         scored(f"ekfac-d{factor:g}", "ekfac", damping_factor=factor)

@@ -92,6 +92,18 @@ def write_truth(directory, masks, measured, training_ids, query_ids):
         (directory / f"subset-{subset:03d}.json").write_text(json.dumps(record))
 
 
+def test_a_filtered_file_ranks_its_unscored_sequences_last_for_fact_tracing(tmp_path):
+    """A lexical filter's scores hold 0 where a query scored nothing; the file's `scored` mask puts
+    those after every scored sequence, negative ones included, as `influence score` ranks them."""
+    scores = np.array([[0.0, -0.5, 0.0, 2.0]], dtype=np.float32)
+    scored = np.array([[False, True, False, True]])
+    save_file({"scores": scores, "scored": scored}, str(tmp_path / "filtered.safetensors"))
+    name, read, _, mask = evaluate.read_scores(tmp_path / "filtered.safetensors")
+    ranked = evaluate.ranked_scores(read, mask)
+    assert metrics.fact_tracing_per_query(ranked, [[1]], k=2)["rr"].tolist() == [0.5]
+    assert metrics.fact_tracing_per_query(read, [[1]], k=2)["rr"].tolist() == [0.25]  # without the mask
+
+
 def test_evaluate_reads_files_and_tells_the_exact_attribution_from_noise(tmp_path):
     weights, masks, measured = linear_world()
     training_ids = [f"t{m}" for m in range(weights.shape[1])]
