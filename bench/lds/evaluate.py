@@ -46,7 +46,8 @@ def read_scores(path: Path) -> tuple[str, np.ndarray, float | None, np.ndarray |
     file = path / "scores.safetensors" if path.is_dir() else path
     with safe_open(str(file), "np") as handle:
         scores = handle.get_tensor("scores").astype(np.float64)
-        scored = handle.get_tensor("scored").astype(bool) if "scored" in handle.keys() else None
+        names = handle.keys()
+        scored = handle.get_tensor("scored").astype(bool) if "scored" in names else None
         seconds = (handle.metadata() or {}).get("seconds")
     return name, scores, None if seconds is None else float(seconds), scored
 

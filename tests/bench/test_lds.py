@@ -98,7 +98,7 @@ def test_a_filtered_file_ranks_its_unscored_sequences_last_for_fact_tracing(tmp_
     scores = np.array([[0.0, -0.5, 0.0, 2.0]], dtype=np.float32)
     scored = np.array([[False, True, False, True]])
     save_file({"scores": scores, "scored": scored}, str(tmp_path / "filtered.safetensors"))
-    name, read, _, mask = evaluate.read_scores(tmp_path / "filtered.safetensors")
+    _, read, _, mask = evaluate.read_scores(tmp_path / "filtered.safetensors")
     ranked = evaluate.ranked_scores(read, mask)
     assert metrics.fact_tracing_per_query(ranked, [[1]], k=2)["rr"].tolist() == [0.5]
     assert metrics.fact_tracing_per_query(read, [[1]], k=2)["rr"].tolist() == [0.25]  # without the mask
