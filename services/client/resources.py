@@ -274,8 +274,11 @@ class InfluenceClient(Connection):
     def delete_result(self, name: str) -> None:
         self._call(self.queries.DeleteScoreResult, query_service_pb2.DeleteScoreResultRequest(name=name))
 
-    def score_rows(self, name: str) -> Iterable[query_service_pb2.ScoreRow]:
-        return self._stream(self.queries.StreamScoreRows, query_service_pb2.StreamScoreRowsRequest(name=name))
+    def score_rows(self, name: str, include_bottom: bool = False) -> Iterable[query_service_pb2.ScoreRow]:
+        """The result's top-k rows, query by query (include_bottom: each query's bottom-k rows after
+        its top ones, `row.bottom` set)."""
+        request = query_service_pb2.StreamScoreRowsRequest(name=name, include_bottom=include_bottom)
+        return self._stream(self.queries.StreamScoreRows, request)
 
     def download_result(self, name: str, out_dir: str | Path) -> Path:
         """Write scores.safetensors and results.json (the CLI's output format) into out_dir."""

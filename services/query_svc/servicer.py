@@ -220,29 +220,32 @@ class QueryServicer(TenantScoped, query_service_pb2_grpc.QueryServiceServicer):
     async def DeleteScoreResult(self, request, context):
         return await self.delete_resource(RESULTS, request.name)
 
-    def _rows(self, result):
+    def _rows(self, result, include_bottom: bool):
         report = results.read_report(result)
         groups = report["queries"] if report["kind"] == "pairwise" else [{"id": "", "top": report["top"]}]
+        tails = ("top", "bottom") if include_bottom else ("top",)
         for group in groups:
-            for entry in group["top"]:
-                yield query_service_pb2.ScoreRow(
-                    query_id=group["id"],
-                    rank=entry["rank"],
-                    train_id=entry["id"],
-                    score=entry["score"],
-                    text=entry["text"],
-                    line=entry.get("line"),
-                    per_module=entry.get("per_module", {}),
-                    tokens=[
-                        query_service_pb2.TokenScore(token=t["token"], score=t["score"])
-                        for t in entry.get("tokens", [])
-                    ],
-                )
+            for tail in tails:
+                for entry in group.get(tail, []):
+                    yield query_service_pb2.ScoreRow(
+                        query_id=group["id"],
+                        rank=entry["rank"],
+                        train_id=entry["id"],
+                        score=entry["score"],
+                        text=entry["text"],
+                        line=entry.get("line"),
+                        per_module=entry.get("per_module", {}),
+                        tokens=[
+                            query_service_pb2.TokenScore(token=t["token"], score=t["score"])
+                            for t in entry.get("tokens", [])
+                        ],
+                        bottom=tail == "bottom",
+                    )
 
     @grpc_errors
     async def StreamScoreRows(self, request, context):
         result = await self.open_resource(RESULTS, request.name)
-        async for row in in_thread(self._rows(result)):
+        async for row in in_thread(self._rows(result, request.include_bottom)):
             yield row
 
     @grpc_errors

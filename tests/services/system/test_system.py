@@ -65,7 +65,15 @@ def test_register_fit_score_self_over_grpc_equal_the_in_process_engine(cluster, 
     assert distinct[-1] == "done" and all(stage in plan for stage in distinct), seen_stages
     assert [plan.index(stage) for stage in distinct] == sorted(plan.index(stage) for stage in distinct), seen_stages
     result = client.compute_scores(
-        model, factor_set.name, dataset.name, QUERIES, batch_size=3, top_k=4, per_module=True, per_token=True
+        model,
+        factor_set.name,
+        dataset.name,
+        QUERIES,
+        batch_size=3,
+        top_k=4,
+        bottom_k=2,
+        per_module=True,
+        per_token=True,
     )
     self_result = client.compute_self_influence(model, factor_set.name, dataset.name, batch_size=3)
     client.download_result(result.name, tmp_path / "scores")
@@ -94,6 +102,12 @@ def test_register_fit_score_self_over_grpc_equal_the_in_process_engine(cluster, 
     assert sum(t["score"] for t in first["tokens"]) == pytest.approx(first["score"], rel=1e-4)
     rows = list(client.score_rows(result.name))
     assert len(rows) == 3 * 4 and rows[0].train_id == first["id"] and rows[0].tokens
+    assert not any(row.bottom for row in rows)
+    both = list(client.score_rows(result.name, include_bottom=True))  # each query's top 4, then its bottom 2
+    expected_order = [(False, 1), (False, 2), (False, 3), (False, 4), (True, 1), (True, 2)]
+    assert [(row.bottom, row.rank) for row in both[:6]] == expected_order
+    assert [row.train_id for row in both if row.bottom] == [e["id"] for q in report["queries"] for e in q["bottom"]]
+    assert both[4].score <= both[5].score <= both[3].score  # the most negative first, under the top
     assert [d.name for d in client.list_datasets()].count(dataset.name) == 1
     assert [f.name for f in client.list_factor_sets()].count(factor_set.name) == 1
 

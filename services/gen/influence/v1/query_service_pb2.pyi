@@ -159,10 +159,12 @@ class ListScoreResultsResponse(_message.Message):
     def __init__(self, score_results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class StreamScoreRowsRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "include_bottom")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_BOTTOM_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    include_bottom: bool
+    def __init__(self, name: _Optional[str] = ..., include_bottom: _Optional[bool] = ...) -> None: ...
 
 class TokenScore(_message.Message):
     __slots__ = ("token", "score")
@@ -173,7 +175,7 @@ class TokenScore(_message.Message):
     def __init__(self, token: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class ScoreRow(_message.Message):
-    __slots__ = ("query_id", "rank", "train_id", "score", "text", "per_module", "tokens", "line")
+    __slots__ = ("query_id", "rank", "train_id", "score", "text", "per_module", "tokens", "line", "bottom")
     class PerModuleEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +191,7 @@ class ScoreRow(_message.Message):
     PER_MODULE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LINE_FIELD_NUMBER: _ClassVar[int]
+    BOTTOM_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     rank: int
     train_id: str
@@ -197,4 +200,5 @@ class ScoreRow(_message.Message):
     per_module: _containers.ScalarMap[str, float]
     tokens: _containers.RepeatedCompositeFieldContainer[TokenScore]
     line: int
-    def __init__(self, query_id: _Optional[str] = ..., rank: _Optional[int] = ..., train_id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., per_module: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., line: _Optional[int] = ...) -> None: ...
+    bottom: bool
+    def __init__(self, query_id: _Optional[str] = ..., rank: _Optional[int] = ..., train_id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., per_module: _Optional[_Mapping[str, float]] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., line: _Optional[int] = ..., bottom: _Optional[bool] = ...) -> None: ...

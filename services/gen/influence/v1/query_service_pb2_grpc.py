@@ -112,7 +112,7 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamScoreRows(self, request, context):
-        """Top-k rows, query by query, rank by rank.
+        """Top-k rows, query by query, rank by rank (with include_bottom, then its bottom-k rows).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
