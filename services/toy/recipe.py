@@ -55,6 +55,9 @@ RECIPES = {
     # bench/bench_index.py's workloads: ~1,150 sequences of ~32 tokens, 48 planted-fact queries
     "toy-llama": DemoSettings(**_BENCH_INDEX_CORPUS, architecture="llama", n_layer=4, d_model=64, n_head=4, d_ff=256),
     "toy-gpt2": DemoSettings(**_BENCH_INDEX_CORPUS, architecture="gpt2", n_layer=4, d_model=96, n_head=4),
+    # the toy Llama's widths on the demo's corpus size and epochs (652 sequences, 48 queries): the
+    # second model of bench/lds, whose retrained halves cost ~2.6x less than the toy Llama's
+    "small-llama": DemoSettings(num_queries=48, architecture="llama", n_layer=4, d_model=64, n_head=4, d_ff=256),
 }
 
 

@@ -127,17 +127,24 @@ def test_training_on_a_subset_keeps_the_recipe_and_saves_nothing(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
 
 
-def test_the_toy_llama_recipe_is_bench_index_workload_with_completed_queries(tmp_path):
+def test_the_toy_llama_recipes_are_bench_index_workload_with_completed_queries():
     """RECIPES["toy-llama"] is bench/bench_index.py's toy Llama (~1,150 sequences, 48 planted-fact
-    queries, each a prompt and its answer as the completion, with the sequences stating it), and the
-    recipe trains a Llama of its shape: a tiny one here, on a subset, as bench/lds retrains it."""
+    queries, each a prompt and its answer as the completion, with the sequences stating it), and
+    "small-llama" (bench/lds's second model) its widths on a smaller corpus."""
     recipe = RECIPES["toy-llama"]
     corpus = build_corpus(recipe, 0)
     assert len(corpus.training) == 1152 and len(corpus.queries) == 48
     assert all(q.prompt.endswith("a :") and q.completion and len(q.expected_ids) == 4 for q in corpus.queries)
+    small = RECIPES["small-llama"]
+    assert (small.architecture, small.d_model, small.d_ff, small.n_layer) == ("llama", 64, 256, 4)
+    assert len(build_corpus(small, 0).training) == 652 and len(build_corpus(small, 0).queries) == 48
+
+
+@pytest.mark.slow  # a tiny Llama trained in-process: ~4 s of CPU, more on a busy host
+def test_the_recipe_trains_the_architecture_it_names(tmp_path):
+    """A Llama recipe trains a Llama of the settings' shape (d_ff included), as bench/lds retrains it."""
     tiny = replace(TINY, architecture="llama", d_ff=24)
-    corpus = build_corpus(tiny, 0)
-    report = train_and_save(corpus, tiny, 0, tmp_path / "model", progress=False, keep=None)
+    report = train_and_save(build_corpus(tiny, 0), tiny, 0, tmp_path / "model", progress=False)
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["intermediate_size"] == 24 and config["hidden_size"] == 16
     assert len(report["query_logprobs"]) == tiny.num_queries and all(v < 0 for v in report["query_logprobs"])
