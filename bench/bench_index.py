@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_index.py --out bench/out/index [--models llama,gpt2] [--queries 200]
 
 For each model (a small Llama and a GPT-2, each trained here on a planted-facts corpus of ~1,150
-sequences of ~32 tokens; cached under OUT):
+sequences of ~32 tokens by the repo's recipe, services.toy.recipe.RECIPES["toy-llama"/"toy-gpt2"];
+cached under OUT):
 1. exact EK-FAC scores of every query against every sequence (the reference);
 2. for each compression setting: bytes per sequence (and x smaller than the exact, float32 `none`
    index), Spearman and top-10 overlap against exact per query (averaged), the share of the exact
