@@ -3,7 +3,8 @@
     .venv/bin/python bench/bench_index.py --out bench/out/index [--models llama,gpt2] [--queries 200]
 
 For each model (a small Llama and a GPT-2, each trained here on a planted-facts corpus of ~1,150
-sequences of ~32 tokens; cached under OUT):
+sequences of ~32 tokens by the repo's recipe, services.toy.recipe.RECIPES["toy-llama"/"toy-gpt2"];
+cached under OUT):
 1. exact EK-FAC scores of every query against every sequence (the reference);
 2. for each compression setting: bytes per sequence (and x smaller than the exact, float32 `none`
    index), Spearman and top-10 overlap against exact per query (averaged), the share of the exact
@@ -26,6 +27,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,33 +79,31 @@ def label(spec: IndexSpec) -> str:
 # workloads
 
 
-def build_workload(out: Path, family: str, seed: int = 0, epochs: int = 30) -> dict:
-    """A model trained on a planted-facts corpus (~1,150 sequences) and queries cut from it."""
-    from services.toy.corpus import generate_corpus
-    from services.toy.models import build_tiny_model, save_model_dir
-    from services.toy.tokenizer import build_word_tokenizer
-    from services.toy.train import TrainConfig, train_causal_lm
+def build_workload(out: Path, family: str, seed: int = 0, epochs: int | None = None) -> dict:
+    """The toy model of `family` trained on its planted-facts corpus (~1,150 sequences), with its
+    training texts and planted queries (prompt + completion). The recipe is the repo's
+    (services.toy.recipe.RECIPES["toy-" + family], trained in the pinned child that bench/lds
+    retrains on subsets); `epochs` overrides its epochs. Cached under OUT/family (prepare_demo's
+    layout, plus workload.json)."""
+    from services.engine.records import read_queries_jsonl, read_training_jsonl
+    from services.toy.demo_data import STAMP_NAME, prepare_demo
+    from services.toy.recipe import RECIPES
 
+    settings = RECIPES[f"toy-{family}"]
+    if epochs is not None:
+        settings = replace(settings, epochs=epochs)
     work = out / family
-    marker = work / "workload.json"
-    if marker.is_file():
-        return json.loads(marker.read_text())
-    work.mkdir(parents=True, exist_ok=True)
-    corpus = generate_corpus(seed, num_entities=60, num_queries=48, num_filler_sequences=300, mentions_per_fact=4)
-    texts = [sequence.text for sequence in corpus.training]
-    tokenizer = build_word_tokenizer(corpus.vocabulary())
-    sizes = {"llama": dict(d_model=64, d_ff=256, n_layer=4, n_head=4), "gpt2": dict(d_model=96, n_layer=4, n_head=4)}
-    model = build_tiny_model(family, len(tokenizer), max_positions=128, seed=seed, **sizes[family])
-    started = time.perf_counter()
-    train_causal_lm(model, tokenizer, texts, TrainConfig(epochs=epochs, batch_size=16, seed=seed), progress=False)
-    save_model_dir(model, tokenizer, work / "model")
+    paths = prepare_demo(work, seed=seed, progress=False, **asdict(settings))  # reused when built before
     workload = {
         "family": family,
-        "texts": texts,
-        "planted_queries": [{"prompt": query.prompt, "completion": " " + query.completion} for query in corpus.queries],
-        "train_seconds": round(time.perf_counter() - started, 1),
+        "texts": [example.text for example in read_training_jsonl(paths.train_jsonl)],
+        "planted_queries": [
+            {"prompt": query.prompt, "completion": " " + query.completion}
+            for query in read_queries_jsonl(paths.queries_jsonl)
+        ],
+        "train_seconds": json.loads((work / STAMP_NAME).read_text())["training"]["seconds"],
     }
-    marker.write_text(json.dumps(workload))
+    (work / "workload.json").write_text(json.dumps(workload))  # what the plain forward+backward child reads
     return workload
 
 

@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--smollm2", default="/work/models/smollm2/model")
     parser.add_argument("--factors", default="", help="a factor directory to reuse (metadata.json + files)")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=30, help="toys: training epochs of a new workload")
+    parser.add_argument("--epochs", type=int, help="toys: training epochs (default: the recipe's, 30)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer, factors, examples, queries, batch, max_length = workload(args)

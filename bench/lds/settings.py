@@ -1,4 +1,4 @@
-"""Score files for every setting the tool offers (and the baselines beside it), on the demo model.
+"""Score files for every setting the tool offers (and the baselines beside it), on a ground truth's model.
 
     nice -n 19 .venv/bin/python bench/lds/settings.py [--truth DIR] [--only NAME,...] [--modules M]
         [--filter-k 20,50,100] [--threads 1]
@@ -12,16 +12,20 @@ time, plus its fit's for the settings that fit their own factors) for:
     bm25                BM25 over tokens alone (engine/lexical.py's scores; no model)
     tfidf-K-ekfac       TF-IDF pre-filter (--tfidf K) then EK-FAC at the default damping
     bm25-K-ekfac        BM25 pre-filter (--bm25 K) then EK-FAC at the default damping
-    index-P-rescore-K   the index (projection P at its default size), K candidates rescored exactly
-                        (0: the index's own scores)
+    index-P-rescore-K   the index (projection P at the options' defaults), K candidates rescored
+                        exactly (0: the index's own scores)
     index-P-rescore-K-bm25-L  the same, each query's L BM25 candidates merged with the index's K
                         before rescoring (--lexical L); prints what each source held of its final top-10
                         and, where ekfac-d0.1 was scored, of the exact top-10
+    index-compact-rescore-K   the compact index of issue 24 named in full, whatever the options'
+                        defaults are: svd rank <= 16, int8, energy 0.95
+    index-svd16-bf16-rescore-K  the index before issue 24: svd rank 16, bfloat16, every pair (energy 1)
 
-through the engine's in-process API, on the demo's settings (batch 16, max length 128, MLP
+through the engine's in-process API, on the recipe's settings (batch 16, max length 128, MLP
 modules unless --modules names others: `influence fit --modules`), exactly what `influence score`
-computes for each flag. The ground truth and the demo's directory are ground_truth.py's (DIR,
-default bench/out/lds/demo-seed0), or low_overlap.py's (a model and corpus, no retrained subsets).
+computes for each flag. The ground truth and the model's directory are ground_truth.py's (DIR,
+default bench/out/lds/demo-seed0; bench/out/lds/small-llama-seed0 for the second model), or
+low_overlap.py's (a model and corpus, no retrained subsets).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from services.engine.data import tokenize_queries  # noqa: E402
 from services.engine.fit import FitConfig, fit_factors  # noqa: E402
-from services.engine.index import Indexer, IndexSpec  # noqa: E402
+from services.engine.index import Indexer, IndexSpec, block_bytes  # noqa: E402
 from services.engine.index_scan import score_index_shard  # noqa: E402
 from services.engine.lexical import bm25_scores  # noqa: E402
 from services.engine.model_io import load_model_and_tokenizer  # noqa: E402
@@ -52,16 +56,23 @@ from services.engine.two_stage import contributions, merged, recall, top_candida
 BATCH, MAX_LENGTH = 16, 128
 DAMPINGS = (0.001, 0.01, 0.1, 1.0)
 FILTER_K = (20, 50, 100)
-# (projection, rescore, lexical): lexical > 0 merges each query's BM25 candidates (--lexical)
+COMPACT = IndexSpec("svd", rank=16, storage_dtype="int8", energy=0.95)  # issue 24's compact index
+SVD16_BF16 = IndexSpec("svd", rank=16, storage_dtype="bfloat16", energy=1.0)  # the index before issue 24
+# name prefix -> (spec, rescore, lexical): lexical > 0 merges each query's BM25 candidates (--lexical)
 INDEX = (
-    ("svd", 0, 0),
-    ("svd", 20, 0),
-    ("svd", 100, 0),
-    ("random", 20, 0),
-    ("svd", 20, 20),
-    ("svd", 20, 100),
-    ("random", 20, 20),
-    ("random", 20, 100),
+    ("index-svd", IndexSpec("svd"), 0, 0),
+    ("index-svd", IndexSpec("svd"), 20, 0),
+    ("index-svd", IndexSpec("svd"), 100, 0),
+    ("index-random", IndexSpec("random"), 20, 0),
+    ("index-svd", IndexSpec("svd"), 20, 20),
+    ("index-svd", IndexSpec("svd"), 20, 100),
+    ("index-random", IndexSpec("random"), 20, 20),
+    ("index-random", IndexSpec("random"), 20, 100),
+    ("index-compact", COMPACT, 0, 0),
+    ("index-compact", COMPACT, 20, 0),
+    ("index-compact", COMPACT, 100, 0),
+    ("index-svd16-bf16", SVD16_BF16, 0, 0),
+    ("index-svd16-bf16", SVD16_BF16, 100, 0),
 )
 
 
@@ -136,19 +147,34 @@ def main() -> None:
             bm25_scores(tokenize_queries(tokenizer, queries, MAX_LENGTH), sequences),
             time.perf_counter() - started,
         )
-    for projection, rescore, lexical in INDEX:
-        name = f"index-{projection}-rescore-{rescore}" + (f"-bm25-{lexical}" if lexical else "")
+    built: dict[IndexSpec, tuple] = {}
+
+    def index_of(spec: IndexSpec) -> tuple:
+        """(indexer, sequences, index scores [Q, N] float64, prepared queries, seconds), built once per
+        spec: the settings that differ only in rescoring share one build (each is charged its time)."""
+        if spec not in built:
+            started = time.perf_counter()
+            config = ScoreConfig(batch_size=BATCH, max_length=MAX_LENGTH)
+            indexer = Indexer(model, tokenizer, factors("ekfac")[0], spec, config)
+            sequences = indexer.scorer.tokenize_training(examples)
+            index_queries, prepared = indexer.query_side(queries, mean_length(sequences))
+            blocks = list(indexer.blocks(sequences))
+            shard = score_index_shard(index_queries, blocks)
+            index_scores = torch.zeros(len(queries), len(sequences), dtype=torch.float64)
+            index_scores[:, shard.index.long()] = shard.scores
+            seconds = time.perf_counter() - started
+            stored = sum(block_bytes(block) for block in blocks) / len(sequences)
+            print(f"index {spec}: {stored:,.0f} bytes per sequence, built and scanned in {seconds:.1f} s", flush=True)
+            built[spec] = (indexer, sequences, index_scores, prepared, seconds)
+        return built[spec]
+
+    for prefix, spec, rescore, lexical in INDEX:
+        name = f"{prefix}-rescore-{rescore}" + (f"-bm25-{lexical}" if lexical else "")
         if only and name not in only:
             continue
-        factor_set, fit_seconds = factors("ekfac")
-        started = time.perf_counter()
-        config = ScoreConfig(batch_size=BATCH, max_length=MAX_LENGTH)
-        indexer = Indexer(model, tokenizer, factor_set, IndexSpec(projection=projection), config)
-        sequences = indexer.scorer.tokenize_training(examples)
-        index_queries, prepared = indexer.query_side(queries, mean_length(sequences))
-        shard = score_index_shard(index_queries, indexer.blocks(sequences))
-        index_scores = torch.zeros(len(queries), len(sequences), dtype=torch.float64)
-        index_scores[:, shard.index.long()] = shard.scores
+        fit_seconds = factors("ekfac")[1]
+        indexer, sequences, index_scores, prepared, index_seconds = index_of(spec)
+        started = time.perf_counter() - index_seconds
         sources = {"index": top_candidates(index_scores, rescore)}
         if lexical:
             sources["lexical"] = indexer.scorer.lexical_candidates("bm25", queries, sequences, lexical)

@@ -104,7 +104,14 @@ def _cached(work_dir: Path, paths: DemoPaths, wanted: dict) -> bool:
         stamp = json.loads((work_dir / STAMP_NAME).read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(stamp, dict) or any(stamp.get(key) != value for key, value in wanted.items()):
+    if not isinstance(stamp, dict):
+        return False
+    if any(stamp.get(key) != value for key, value in wanted.items() if key != "settings"):
+        return False
+    try:  # compared as settings: a stamp written before a field existed has that field's default
+        if DemoSettings(**stamp.get("settings", {})) != DemoSettings(**wanted["settings"]):
+            return False
+    except TypeError:  # a field this version does not know
         return False
     if not paths.model_dir.is_dir():
         return False

@@ -1,6 +1,10 @@
 """The demo's recipe: corpus, model and training sizes (`DemoSettings`), the corpus they make, and
 training the demo model on it. `train_demo` runs `train_and_save` in a child process with pinned
-numerics; `demo_data` builds and caches the demo's directory."""
+numerics; `demo_data` builds and caches the demo's directory.
+
+`RECIPES` names the models trained this way: the demo, and bench/bench_index.py's toy Llama and
+GPT-2 (a larger planted-facts corpus, four layers), so bench/lds can retrain any of them on
+subsets with the recipe of the model being explained."""
 
 from __future__ import annotations
 
@@ -34,13 +38,27 @@ class DemoSettings:
     distractor_share: float = 0.30
     num_filler_sequences: int = 100
     max_extra_sentences: int = 1
+    architecture: str = "gpt2"  # services.toy.models.ARCHITECTURES
     n_layer: int = 2
     d_model: int = 96
     n_head: int = 4
+    d_ff: int | None = None  # feed-forward width; None: 4 * d_model
     epochs: int = 20
     batch_size: int = 16
     learning_rate: float = 3e-3
     weight_decay: float = 0.01
+
+
+_BENCH_INDEX_CORPUS = dict(num_entities=60, num_queries=48, num_filler_sequences=300, epochs=30)
+RECIPES = {
+    "demo": DemoSettings(),
+    # bench/bench_index.py's workloads: ~1,150 sequences of ~32 tokens, 48 planted-fact queries
+    "toy-llama": DemoSettings(**_BENCH_INDEX_CORPUS, architecture="llama", n_layer=4, d_model=64, n_head=4, d_ff=256),
+    "toy-gpt2": DemoSettings(**_BENCH_INDEX_CORPUS, architecture="gpt2", n_layer=4, d_model=96, n_head=4),
+    # the toy Llama's widths on the demo's corpus size and epochs (652 sequences, 48 queries): the
+    # second model of bench/lds, whose retrained halves cost ~2.6x less than the toy Llama's
+    "small-llama": DemoSettings(num_queries=48, architecture="llama", n_layer=4, d_model=64, n_head=4, d_ff=256),
+}
 
 
 def build_corpus(config: DemoSettings, seed: int) -> Corpus:
@@ -65,7 +83,7 @@ def train_and_save(
     progress: bool,
     keep: Sequence[int] | None = None,
 ) -> dict:
-    """Train a GPT-2 on the corpus, save it with its tokenizer; returns time (s) and query accuracy.
+    """Train the settings' architecture on the corpus, save it with its tokenizer; returns time (s) and query accuracy.
 
     `keep`: train on just these training sequences (positions in corpus.training), with the same
     tokenizer, model shape, seed and recipe (bench/lds retrains on random subsets this way);
@@ -75,11 +93,12 @@ def train_and_save(
     tokenizer = build_word_tokenizer(corpus.vocabulary())
     longest = max(len(tokenizer(s.text)["input_ids"]) for s in corpus.training)
     model = build_tiny_model(
-        "gpt2",
+        config.architecture,
         len(tokenizer),
         n_layer=config.n_layer,
         d_model=config.d_model,
         n_head=config.n_head,
+        d_ff=config.d_ff,
         max_positions=max(64, 2 * longest),
         seed=seed,
     )

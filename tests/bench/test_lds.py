@@ -188,3 +188,17 @@ def test_evaluate_without_retrained_subsets_measures_fact_tracing_only(tmp_path)
     summary = evaluate.evaluate([tmp_path / "s.safetensors"], corpus, corpus / "demo" / "EXPECTED.json", 20)
     assert summary["subsets"] == 0 and "lds" not in summary["rows"][0]
     assert summary["rows"][0]["mrr"].value == 0.5
+
+
+def test_a_ground_truth_manifest_written_before_the_recipe_fields_still_describes_its_corpus():
+    """The cached demo ground truth's manifest predates DemoSettings.architecture/d_ff: it still
+    resumes (the fields take their defaults), and the toy Llama's settings are another corpus."""
+    ground_truth = load("ground_truth")
+    from services.toy.recipe import RECIPES
+
+    wanted = {"model": "demo", "seed": 0, "settings": asdict(RECIPES["demo"]), "fraction": 0.5, "training_ids": ["t0"]}
+    old = {**wanted, "settings": {k: v for k, v in wanted["settings"].items() if k not in ("architecture", "d_ff")}}
+    assert ground_truth.same_corpus(old, wanted)
+    assert not ground_truth.same_corpus(old, {**wanted, "settings": asdict(RECIPES["toy-llama"])})
+    assert not ground_truth.same_corpus({**old, "seed": 1}, wanted)
+    assert not ground_truth.same_corpus({**old, "settings": {"unknown": 1}}, wanted)

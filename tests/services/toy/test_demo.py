@@ -8,13 +8,15 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
+from services.toy.corpus import GENERATOR_VERSION
+from services.toy.demo_data import STAMP_NAME, _cached, _content_hash, demo_paths
 from services.toy.models import build_tiny_model
-from services.toy.recipe import DemoSettings, build_corpus, train_and_save
+from services.toy.recipe import RECIPES, DemoSettings, build_corpus, train_and_save
 from services.toy.tokenizer import build_word_tokenizer
 from services.toy.train import TrainConfig, epoch_batches, train_causal_lm
 from services.toy.train_demo import PINNED_ENV, child_environment
@@ -123,3 +125,44 @@ def test_training_on_a_subset_keeps_the_recipe_and_saves_nothing(tmp_path):
     assert [round(value, 4) for value in full["query_logprobs"]] == [q["logprob"] for q in full["per_query"].values()]
     assert half["query_logprobs"] != full["query_logprobs"] and len(half["query_logprobs"]) == TINY.num_queries
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+def test_the_toy_llama_recipes_are_bench_index_workload_with_completed_queries():
+    """RECIPES["toy-llama"] is bench/bench_index.py's toy Llama (~1,150 sequences, 48 planted-fact
+    queries, each a prompt and its answer as the completion, with the sequences stating it), and
+    "small-llama" (bench/lds's second model) its widths on a smaller corpus."""
+    recipe = RECIPES["toy-llama"]
+    corpus = build_corpus(recipe, 0)
+    assert len(corpus.training) == 1152 and len(corpus.queries) == 48
+    assert all(q.prompt.endswith("a :") and q.completion and len(q.expected_ids) == 4 for q in corpus.queries)
+    small = RECIPES["small-llama"]
+    assert (small.architecture, small.d_model, small.d_ff, small.n_layer) == ("llama", 64, 256, 4)
+    assert len(build_corpus(small, 0).training) == 652 and len(build_corpus(small, 0).queries) == 48
+
+
+@pytest.mark.slow  # a tiny Llama trained in-process: ~4 s of CPU, more on a busy host
+def test_the_recipe_trains_the_architecture_it_names(tmp_path):
+    """A Llama recipe trains a Llama of the settings' shape (d_ff included), as bench/lds retrains it."""
+    tiny = replace(TINY, architecture="llama", d_ff=24)
+    report = train_and_save(build_corpus(tiny, 0), tiny, 0, tmp_path / "model", progress=False)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["intermediate_size"] == 24 and config["hidden_size"] == 16
+    assert len(report["query_logprobs"]) == tiny.num_queries and all(v < 0 for v in report["query_logprobs"])
+
+
+def test_a_demo_directory_stamped_before_the_architecture_fields_is_still_reused(tmp_path):
+    """A stamp written before DemoSettings had `architecture` and `d_ff` names the demo's GPT-2: the
+    cache (and bench/lds's manifest check) reads it with those fields at their defaults."""
+    paths = demo_paths(tmp_path)
+    for path in (paths.train_jsonl, paths.queries_jsonl, paths.expected_json):
+        path.write_text("{}\n")
+    paths.model_dir.mkdir()
+    (paths.model_dir / "config.json").write_text("{}")
+    old_settings = {k: v for k, v in asdict(DemoSettings()).items() if k not in ("architecture", "d_ff")}
+    wanted = {"version": GENERATOR_VERSION, "seed": 0, "settings": asdict(DemoSettings()), "numerics": "pinned-1"}
+    stamp = {**wanted, "settings": old_settings, "content_sha256": _content_hash(paths)}
+    (tmp_path / STAMP_NAME).write_text(json.dumps(stamp))
+    assert _cached(tmp_path, paths, wanted)
+    assert not _cached(tmp_path, paths, {**wanted, "settings": asdict(RECIPES["toy-llama"])})
+    (tmp_path / STAMP_NAME).write_text(json.dumps({**stamp, "settings": {**old_settings, "unknown": 1}}))
+    assert not _cached(tmp_path, paths, wanted)
