@@ -92,6 +92,23 @@ def metrics(scores: torch.Tensor, exact: torch.Tensor) -> dict:
     return {key: round(sum(row[key] for row in rows) / len(rows), 4) for key in rows[0]}
 
 
+def generated_examples(data: dict, count: int) -> list:
+    """`count` training sequences for a toy model: the workload's planted-facts corpus generated
+    again with the same seed, facts and vocabulary, with more filler sequences (the workload's own
+    texts among them; the model was trained on those only). At least the workload's size."""
+    from services.engine.records import TrainingExample
+    from services.toy.corpus import generate_corpus
+
+    extra = max(0, count - len(data["texts"]))
+    corpus = generate_corpus(0, num_entities=60, num_queries=48, num_filler_sequences=300 + extra, mentions_per_fact=4)
+    known = {word for text in data["texts"] for word in text.split()}
+    texts = [sequence.text for sequence in corpus.training]
+    unknown = {word for text in texts for word in text.split()} - known
+    if unknown:
+        raise SystemExit(f"the generated corpus has words the model's tokenizer lacks: {sorted(unknown)[:5]}")
+    return [TrainingExample(f"g{i}", text) for i, text in enumerate(texts)]
+
+
 def workload(args) -> tuple:
     """(model, tokenizer, factors, examples, queries, batch size, max length)."""
     from services.engine.factor_io import from_artifact, to_artifact
@@ -110,13 +127,16 @@ def workload(args) -> tuple:
         data = build_workload(Path(args.out), args.model, epochs=args.epochs)
         model, tokenizer = load_model_and_tokenizer(Path(args.out) / args.model / "model")
         examples, queries = examples_of(data), queries_of(data, args.queries)
+        if args.train_sequences:
+            examples = generated_examples(data, args.train_sequences)
         batch, max_length = 16, 512
     factor_dir = Path(args.factors) if args.factors else out / "factors"
     if not (factor_dir / "metadata.json").is_file():
         from safetensors.torch import save_file
 
         started = time.perf_counter()
-        fitted = fit_factors(model, tokenizer, examples, FitConfig(batch_size=batch, max_length=max_length))
+        fit_on = examples[: args.fit_sequences] if args.fit_sequences else examples
+        fitted = fit_factors(model, tokenizer, fit_on, FitConfig(batch_size=batch, max_length=max_length))
         print(f"fit {time.perf_counter() - started:.0f} s", file=sys.stderr)
         metadata, files = to_artifact(fitted)
         factor_dir.mkdir(parents=True, exist_ok=True)
@@ -138,7 +158,14 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=256, help="smollm2: corpus size")
     parser.add_argument("--smollm2", default="/work/models/smollm2/model")
     parser.add_argument("--factors", default="", help="a factor directory to reuse (metadata.json + files)")
+    parser.add_argument(
+        "--train-sequences", type=int, default=0, help="toys: score a generated corpus of this many sequences"
+    )
+    parser.add_argument(
+        "--fit-sequences", type=int, default=0, help="fit the factors on the first N sequences (0: all)"
+    )
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--energies", default="", help="only int8 settings at these energy shares, no baseline")
     parser.add_argument("--epochs", type=int, default=30, help="toys: training epochs of a new workload")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -154,11 +181,17 @@ def main() -> None:
     full_bytes = IndexSpec("none", storage_dtype="float32").bytes_per_sequence(factors.modules)
     rank16_bf16 = IndexSpec("svd", rank=args.rank, storage_dtype="bfloat16").bytes_per_sequence(factors.modules)
     specs = grid(args.rank, rank16_bf16)
+    if args.energies:  # only these energy shares (int8), without the baseline: the large-N checks
+        specs = [
+            IndexSpec("svd", rank=args.rank, storage_dtype="int8", energy=float(e)) for e in args.energies.split(",")
+        ]
     started = time.perf_counter()
     index_queries = cap.queries(queries)
     report["query_side_seconds"] = round(time.perf_counter() - started, 1)
     # TrackStar-style: k x k projections of raw gradients, fp16, unit-normalised per sequence
     track_ks = sorted({16, max(1, round(math.sqrt(rank16_bf16 / 4 / 2 / len(factors.modules))))})  # 1/4: the target
+    if args.energies:
+        track_ks = []
     trackers = {
         k: {
             name: ModuleIndexer(
