@@ -238,8 +238,9 @@ def one_size(n: int, setup: dict, args, cascades: list[Cascade]) -> dict:
     return row
 
 
-def scan_only(n_to: int, source: Path, cascades: list[Cascade], repeats: int) -> dict:
-    """The index stage over `n_to` sequences: the blocks under `source` read over and over, warm."""
+def scan_only(n_to: int, source: Path, cascades: list[Cascade], repeats: int, full: bool = True) -> dict:
+    """The index stage over `n_to` sequences: the blocks under `source` read over and over, warm
+    (the full scan unless `full` is False, and each cascade)."""
     from safetensors.torch import load_file
 
     blocks = [load_file(str(path)) for path in sorted((source / "blocks").glob("block-*.safetensors"))]
@@ -248,7 +249,7 @@ def scan_only(n_to: int, source: Path, cascades: list[Cascade], repeats: int) ->
     times = math.ceil(n_to / n)
     stream = [blocks[i % len(blocks)] for i in range(times * len(blocks))]
     row = {"sequences": times * n, "from": f"{n} sequences' blocks x {times}", "scans": []}
-    for cascade in [None, *cascades]:
+    for cascade in [None, *cascades] if full else cascades:
         seconds, _ = timed(lambda c=cascade: score_index_shard(index_queries, stream, cascade=c), repeats, "scan")
         row["scans"].append(
             {"setting": label(cascade), "index_stage_seconds": round(seconds, 3), "cpu_seconds": round(CPU["scan"], 3)}
