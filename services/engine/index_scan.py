@@ -39,7 +39,7 @@ from .score import ShardScores
 class Cascade:
     """A coarse scan of every sequence, then each query's best rescanned (the module docstring)."""
 
-    pairs: int = 2  # coarse: the first this many factor pairs of each sequence in each module
+    pairs: int = 4  # coarse: the first this many factor pairs of each sequence in each module (BENCHMARKS)
     query_rank: int = 4  # coarse: each query's leading this many factors
     keep: float = 0.03  # rescanned per query: this share of each block's sequences
     minimum: int = 100  # ... and at least this many of them (all of a smaller block)
