@@ -42,11 +42,20 @@ from bench_index import build_workload, examples_of, queries_of, spearman  # noq
 
 from services.engine.device import exact_arithmetic  # noqa: E402
 from services.engine.fit import FitConfig, fit_factors  # noqa: E402
-from services.engine.index import Indexer, IndexSpec, ModuleIndexer, block_bytes, pack_batch  # noqa: E402
+from services.engine.index import (  # noqa: E402
+    Indexer,
+    IndexSpec,
+    ModuleIndexer,
+    SvdFactors,
+    block_bytes,
+    pack_batch,
+    randomized_svd,
+)
 from services.engine.index_scan import score_block  # noqa: E402
 from services.engine.model_io import load_model_and_tokenizer  # noqa: E402
 from services.engine.passes import captured_batches  # noqa: E402
 from services.engine.precondition import Preconditioner  # noqa: E402
+from services.engine.rotation import rotated_per_sequence_gradients  # noqa: E402
 from services.engine.score import ScoreConfig, compute_scores  # noqa: E402
 
 ENERGIES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
@@ -63,6 +72,16 @@ def grid(rank: int, reference_bytes: int) -> list[IndexSpec]:
         for divisor in (4, 8, 16)
         for energy in (1.0, 0.9)
     ]
+
+
+def whitened_gradients(module: ModuleIndexer, capture) -> torch.Tensor:
+    """The batch's whitened per-sequence gradients W [B, d_out, d_in], as ModuleIndexer.compress
+    forms them before its randomized SVD (the exact `none` index: equal to recompute, BENCHMARKS)."""
+    basis = (None, None)
+    if module.has_basis:
+        dtype = capture.a.dtype
+        basis = (module.curvature.gradient_basis.to(dtype), module.curvature.activation_basis.to(dtype))
+    return module._whitened(rotated_per_sequence_gradients(capture, *basis))
 
 
 def label(spec: IndexSpec) -> str:
@@ -92,6 +111,23 @@ def metrics(scores: torch.Tensor, exact: torch.Tensor) -> dict:
     return {key: round(sum(row[key] for row in rows) / len(rows), 4) for key in rows[0]}
 
 
+def generated_examples(data: dict, count: int) -> list:
+    """`count` training sequences for a toy model: the workload's planted-facts corpus generated
+    again with the same seed, facts and vocabulary, with more filler sequences (the workload's own
+    texts among them; the model was trained on those only). At least the workload's size."""
+    from services.engine.records import TrainingExample
+    from services.toy.corpus import generate_corpus
+
+    extra = max(0, count - len(data["texts"]))
+    corpus = generate_corpus(0, num_entities=60, num_queries=48, num_filler_sequences=300 + extra, mentions_per_fact=4)
+    known = {word for text in data["texts"] for word in text.split()}
+    texts = [sequence.text for sequence in corpus.training]
+    unknown = {word for text in texts for word in text.split()} - known
+    if unknown:
+        raise SystemExit(f"the generated corpus has words the model's tokenizer lacks: {sorted(unknown)[:5]}")
+    return [TrainingExample(f"g{i}", text) for i, text in enumerate(texts)]
+
+
 def workload(args) -> tuple:
     """(model, tokenizer, factors, examples, queries, batch size, max length)."""
     from services.engine.factor_io import from_artifact, to_artifact
@@ -110,13 +146,16 @@ def workload(args) -> tuple:
         data = build_workload(Path(args.out), args.model, epochs=args.epochs)
         model, tokenizer = load_model_and_tokenizer(Path(args.out) / args.model / "model")
         examples, queries = examples_of(data), queries_of(data, args.queries)
+        if args.train_sequences:
+            examples = generated_examples(data, args.train_sequences)
         batch, max_length = 16, 512
     factor_dir = Path(args.factors) if args.factors else out / "factors"
     if not (factor_dir / "metadata.json").is_file():
         from safetensors.torch import save_file
 
         started = time.perf_counter()
-        fitted = fit_factors(model, tokenizer, examples, FitConfig(batch_size=batch, max_length=max_length))
+        fit_on = examples[: args.fit_sequences] if args.fit_sequences else examples
+        fitted = fit_factors(model, tokenizer, fit_on, FitConfig(batch_size=batch, max_length=max_length))
         print(f"fit {time.perf_counter() - started:.0f} s", file=sys.stderr)
         metadata, files = to_artifact(fitted)
         factor_dir.mkdir(parents=True, exist_ok=True)
@@ -138,27 +177,51 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=256, help="smollm2: corpus size")
     parser.add_argument("--smollm2", default="/work/models/smollm2/model")
     parser.add_argument("--factors", default="", help="a factor directory to reuse (metadata.json + files)")
+    parser.add_argument(
+        "--train-sequences", type=int, default=0, help="toys: score a generated corpus of this many sequences"
+    )
+    parser.add_argument(
+        "--fit-sequences", type=int, default=0, help="fit the factors on the first N sequences (0: all)"
+    )
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--exact-in-pass",
+        action="store_true",
+        help="exact scores from the pass's whitened gradients (the `none` index) instead of a recompute pass",
+    )
+    parser.add_argument("--energies", default="", help="only int8 settings at these energy shares, no baseline")
     parser.add_argument("--epochs", type=int, help="toys: training epochs (default: the recipe's, 30)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer, factors, examples, queries, batch, max_length = workload(args)
     config = ScoreConfig(batch_size=batch, max_length=max_length)
-    started = time.perf_counter()
-    exact = compute_scores(model, tokenizer, factors, examples, queries, config).scores.double()
     report = {"model": args.model, "sequences": len(examples), "queries": len(queries), "date": time.strftime("%F")}
-    report["recompute_seconds"] = round(time.perf_counter() - started, 1)
-    print(f"exact scores {report['recompute_seconds']} s", file=sys.stderr)
+    exact = None
+    if not args.exact_in_pass:
+        started = time.perf_counter()
+        exact = compute_scores(model, tokenizer, factors, examples, queries, config).scores.double()
+        report["recompute_seconds"] = round(time.perf_counter() - started, 1)
+        print(f"exact scores {report['recompute_seconds']} s", file=sys.stderr)
 
     cap = Indexer(model, tokenizer, factors, IndexSpec("svd", rank=args.rank, query_rank=16), config)
     full_bytes = IndexSpec("none", storage_dtype="float32").bytes_per_sequence(factors.modules)
     rank16_bf16 = IndexSpec("svd", rank=args.rank, storage_dtype="bfloat16").bytes_per_sequence(factors.modules)
     specs = grid(args.rank, rank16_bf16)
+    if args.energies:  # only these energy shares (int8), without the baseline: the large-N checks
+        specs = [
+            IndexSpec("svd", rank=args.rank, storage_dtype="int8", energy=float(e)) for e in args.energies.split(",")
+        ]
     started = time.perf_counter()
     index_queries = cap.queries(queries)
+    if args.exact_in_pass:  # the exact whitened queries: ⟨W_q, W_m⟩ over modules is the exact EK-FAC score
+        whole = Indexer(model, tokenizer, factors, IndexSpec("svd", rank=args.rank, query_rank=None), config)
+        exact_queries = {name: parts["w"].flatten(1) for name, parts in whole.queries(queries).items()}
+        exact = torch.zeros(len(queries), len(examples), dtype=torch.float64)
     report["query_side_seconds"] = round(time.perf_counter() - started, 1)
     # TrackStar-style: k x k projections of raw gradients, fp16, unit-normalised per sequence
     track_ks = sorted({16, max(1, round(math.sqrt(rank16_bf16 / 4 / 2 / len(factors.modules))))})  # 1/4: the target
+    if args.energies:
+        track_ks = []
     trackers = {
         k: {
             name: ModuleIndexer(
@@ -193,7 +256,15 @@ def main() -> None:
             model, cap.scorer.modules, sequences, batch_size=batch, pad_token_id=cap.scorer.pad_token_id, stage="index"
         ):
             indices = batch_data.indices
-            parts = {name: module.compress(captures[name]) for name, module in cap.modules.items()}
+            if args.exact_in_pass:
+                parts = {}
+                for name, module in cap.modules.items():
+                    whitened = whitened_gradients(module, captures[name])  # [B, d_out, d_in]
+                    exact[:, indices] += (exact_queries[name] @ whitened.flatten(1).T).double()
+                    u, v = randomized_svd(whitened, args.rank, module.test_matrix)
+                    parts[name] = SvdFactors(u, v, whitened.square().sum((1, 2)))
+            else:
+                parts = {name: module.compress(captures[name]) for name, module in cap.modules.items()}
             for spec in specs:
                 block = pack_batch(parts, spec)
                 scores[label(spec)][:, indices] = score_block(index_queries, block).double()

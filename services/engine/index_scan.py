@@ -1,20 +1,34 @@
 """Scoring index blocks: a query batch in index space against a stream of blocks, no model.
 
-    score_index_shards(batches, blocks) -> [ShardScores | CancelledError]          the one block loop
-    score_index_shard(queries, blocks)  -> ShardScores([Q, n] float64, index [n])   one batch of it
-    score_block(queries, block)         -> [Q, n] float32                            one block
-    module_index_scores(queries, part)  -> [Q, n]                                    one module of one block
+    score_index_shards(batches, blocks[, cascade]) -> [ShardScores | CancelledError]  the one block loop
+    score_index_shard(queries, blocks[, cascade])  -> ShardScores([Q, n] float64, index [n])   one batch of it
+    score_block(queries, block)                    -> [Q, n] float32     one block, every pair
+    cascade_block(queries, block, cascade)         -> [Q, n] float32     one block, coarse scan then rescan
+    module_index_scores(queries, part)             -> [Q, n]             one module of one block
 
 A block is what engine/index.py's Indexer.blocks makes (its docstring: the layout by format), as
 read from the store or held in memory; the index-space queries are Indexer.queries'. A worker of
 the index_score stage, a bench or a test all score through `score_index_shard`, or, for several
 query batches at once (a worker's coalesced requests), `score_index_shards`: each block is read
 once for all of them, each batch scored against it exactly as alone.
+
+**The cascade** (svd blocks and low-rank queries; `Cascade`). Per sequence, a full scan costs
+2·Q·R_q·R̄·Σ_modules(d_out + d_in) (R̄ the pairs a sequence keeps per module). The coarse stage
+scores every sequence with the first `pairs` factor pairs it keeps in each module (its largest
+whitened singular directions: pairs are stored by descending σ) against each query's leading
+`query_rank` factors: `pairs·query_rank / (R̄·R_q)` of the full cost. Each query's best `keep`
+share of the block (at least `minimum` sequences, and its most negative as many when `bottom`)
+by coarse score is rescanned at full index quality, that query alone against those sequences'
+every pair. A block's scores are then the full index score of each query's rescanned sequences
+and the coarse score of the rest (below that query's rescan cut in the block). Keeping every
+sequence is the full scan itself (the same arithmetic).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +36,25 @@ from ..errors import CancelledError, InputError
 from .progress import Progress
 from .quantize import loaded
 from .score import ShardScores
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """A coarse scan of every sequence, then each query's best rescanned (the module docstring)."""
+
+    pairs: int = 4  # coarse: the first this many factor pairs of each sequence in each module (BENCHMARKS)
+    query_rank: int = 4  # coarse: each query's leading this many factors
+    keep: float = 0.03  # rescanned per query: this share of each block's sequences
+    minimum: int = 100  # ... and at least this many of them (all of a smaller block)
+    bottom: bool = False  # also each query's most negative as many (a --bottom-k job)
+
+    def validate(self) -> None:
+        if self.pairs < 1 or self.query_rank < 1 or self.minimum < 0 or not 0 <= self.keep <= 1:
+            raise InputError(f"a cascade needs pairs, query rank >= 1, minimum >= 0 and keep in [0, 1]: {self}")
+
+    def kept(self, sequences: int) -> int:
+        """How many of a block's `sequences` each query rescans (from each end)."""
+        return min(sequences, max(self.minimum, math.ceil(self.keep * sequences)))
 
 
 def module_part(block: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -69,15 +102,75 @@ def score_block(queries: dict[str, dict[str, torch.Tensor]], block: dict[str, to
     return total
 
 
+def _pair_rows(count: torch.Tensor, sequences: torch.Tensor, pairs: int | None = None) -> torch.Tensor:
+    """The rows (pairs) of a module part that belong to `sequences` [s] (positions in the block),
+    in their order, the first `pairs` of each (None: all): [K'] int64."""
+    count = count.long()
+    starts = count.cumsum(0) - count  # [n]
+    taken = count[sequences] if pairs is None else count[sequences].clamp(max=pairs)  # [s]
+    first = torch.repeat_interleave(starts[sequences], taken)  # [K']: each row's sequence start
+    offsets = torch.arange(int(taken.sum()), device=count.device) - torch.repeat_interleave(
+        taken.cumsum(0) - taken, taken
+    )
+    return first + offsets
+
+
+def sub_part(
+    part: dict[str, torch.Tensor], sequences: torch.Tensor, pairs: int | None = None
+) -> dict[str, torch.Tensor]:
+    """An svd module part of only `sequences` [s] (positions in the block, in that order), each with
+    its first `pairs` pairs (None: all): the rows gathered in their stored dtype (with their scales)."""
+    rows = _pair_rows(part["count"], sequences, pairs)
+    count = part["count"][sequences].long()
+    sub = {"count": count if pairs is None else count.clamp(max=pairs)}
+    for key, value in part.items():
+        if key != "count":
+            sub[key] = value[rows]
+    return sub
+
+
+def cascade_block(
+    queries: dict[str, dict[str, torch.Tensor]], block: dict[str, torch.Tensor], cascade: Cascade
+) -> torch.Tensor:
+    """[Q, n] index scores of a block through the cascade (the module docstring): every sequence
+    coarse, each query's kept ones (by coarse score) at full index quality. Blocks or queries the
+    cascade does not apply to (dense parts, full-rank queries) are scanned in full."""
+    n = block["index"].numel()
+    kept = cascade.kept(n)
+    parts = {name: module_part(block, name) for name in queries}
+    low_rank = all("u" in module and "count" in parts[name] for name, module in queries.items())
+    if kept * (2 if cascade.bottom else 1) >= n or not low_rank:
+        return score_block(queries, block)
+    everyone = torch.arange(n, device=block["index"].device)
+    coarse = None
+    for name, module in queries.items():
+        leading = {key: value[..., : cascade.query_rank] for key, value in module.items()}  # u [Q, d_out, r_q], v
+        scores = module_index_scores(leading, sub_part(parts[name], everyone, cascade.pairs))
+        coarse = scores if coarse is None else coarse + scores
+    chosen = torch.topk(coarse, kept, dim=1).indices  # [Q, kept]
+    if cascade.bottom:
+        chosen = torch.cat([chosen, torch.topk(coarse, kept, dim=1, largest=False).indices], 1)
+    full = torch.zeros(chosen.shape, dtype=coarse.dtype, device=coarse.device)  # [Q, kept (x2)]
+    for name, module in queries.items():
+        for query in range(chosen.shape[0]):
+            one = {key: value[query : query + 1] for key, value in module.items()}
+            full[query] += module_index_scores(one, sub_part(parts[name], chosen[query]))[0]
+    return coarse.scatter(1, chosen, full)
+
+
 def score_index_shards(
     batches: Sequence[tuple[dict[str, dict[str, torch.Tensor]], Progress | None]],
     blocks: Iterable[dict[str, torch.Tensor]],
+    cascade: Cascade | None = None,
 ) -> list[ShardScores | CancelledError]:
     """Index scores of several query batches (each with its progress, or None) over one stream of
     blocks (one at a time in memory, read once for all): per batch, float64 [Q_b, n] with the
     sequences' global indices [n], in the blocks' order, each equal bit for bit to the batch scored
     alone; or CancelledError for a batch whose progress said so between two blocks (its queries are
-    dropped from the blocks after). Each live batch's progress advances by one per block."""
+    dropped from the blocks after). Each live batch's progress advances by one per block. Every
+    pair is scanned, or through `cascade` (cascade_block)."""
+    if cascade is not None:
+        cascade.validate()
     scores: list[list[torch.Tensor]] = [[] for _ in batches]
     outcomes: list[ShardScores | CancelledError | None] = [None] * len(batches)
     indices = []
@@ -90,7 +183,8 @@ def score_index_shards(
             break
         for member in live:
             queries, progress = batches[member]
-            scores[member].append(score_block(queries, block).to(torch.float64))
+            block_scores = score_block(queries, block) if cascade is None else cascade_block(queries, block, cascade)
+            scores[member].append(block_scores.to(torch.float64))
             if progress is not None:
                 progress.advance(1, 0)
         indices.append(block["index"])
@@ -108,11 +202,13 @@ def score_index_shard(
     queries: dict[str, dict[str, torch.Tensor]],
     blocks: Iterable[dict[str, torch.Tensor]],
     progress: Progress | None = None,
+    cascade: Cascade | None = None,
 ) -> ShardScores:
     """Index scores of a stream of blocks (one at a time in memory): float64 [Q, n] with the
-    sequences' global indices [n], in the blocks' order. `progress` is checked for cancellation
-    (CancelledError) and advanced by one per block."""
-    (outcome,) = score_index_shards([(queries, progress)], blocks)
+    sequences' global indices [n], in the blocks' order; every pair scanned, or through `cascade`
+    (cascade_block). `progress` is checked for cancellation (CancelledError) and advanced by one
+    per block."""
+    (outcome,) = score_index_shards([(queries, progress)], blocks, cascade)
     if isinstance(outcome, CancelledError):
         raise outcome
     return outcome

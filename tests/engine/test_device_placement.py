@@ -576,6 +576,8 @@ VALUE_READING = {
     "two_stage.top_candidates": "topk(...).tolist() of host index scores (test_index_engine)",
     "index.packed": "the kept pairs by boolean mask (a shape from values), to the host (test_index_compact)",
     "index.pack_batch": "select_ranks then packed per module (test_index_compact)",
+    "index_scan.sub_part": "int(sum of counts): how many pairs are gathered, from values (test_index_compact cascade)",
+    "index_scan.cascade_block": "coarse scores, topk, then sub_part per query and module (test_index_compact cascade)",
     "capture.sequence_uniforms": "indices.tolist(): each sequence's CPU generator (test_device_placement CPU draws)",
     "lexical.Bm25Index.build": "bm25s over token ids on the host, its sparse matrix as host tensors (test_lexical)",
     "lexical.Bm25Index.scores": "host BM25 scores from bm25s (numpy), float64 (test_lexical)",

@@ -9,7 +9,7 @@ import torch
 
 from services.engine.fit import FitConfig, fit_factors
 from services.engine.index import Indexer, IndexSpec, SvdFactors, block_bytes, pack_batch, select_ranks
-from services.engine.index_scan import score_block, score_index_shard
+from services.engine.index_scan import Cascade, score_block, score_index_shard
 from services.engine.progress import Progress
 from services.engine.quantize import LEVELS, loaded, row_bytes, stored
 from services.engine.records import Query
@@ -119,6 +119,26 @@ def test_the_shard_loop_scores_each_block_in_order_and_reports_progress(fitted):
     shard = score_index_shard(queries, iter(blocks), Counting())
     assert seen == [1] * len(blocks) and shard.index.tolist() == torch.cat([b["index"] for b in blocks]).tolist()
     assert torch.equal(shard.scores, torch.cat([score_block(queries, b) for b in blocks], 1).double())
+
+
+@pytest.mark.slow
+def test_the_cascade_rescans_each_querys_best_at_full_quality(fitted):
+    _, _, blocks, queries = index(fitted, IndexSpec("svd", rank=4, energy=0.95))
+    full = score_index_shard(queries, blocks).scores  # [Q, 30]
+    keeping_all = Cascade(pairs=1, query_rank=1, keep=1.0)
+    assert torch.equal(score_index_shard(queries, blocks, cascade=keeping_all).scores, full)
+    for bottom in (False, True):
+        cascade = Cascade(pairs=1, query_rank=2, keep=0.25, minimum=0, bottom=bottom)  # 2 of each 8-sequence block
+        scores = score_index_shard(queries, blocks, cascade=cascade).scores
+        rescanned = ~torch.isclose(scores, full, rtol=0, atol=0)  # where the coarse score stands
+        exact_positions = torch.isclose(scores, full, rtol=1e-5, atol=1e-6 * float(full.abs().max()))
+        per_block = [2 * (1 + bottom) if b["index"].numel() > 2 * (1 + bottom) else b["index"].numel() for b in blocks]
+        assert int(exact_positions.sum(1).min()) >= sum(per_block)  # each query's rescanned: full quality
+        assert bool(rescanned.any())  # and the rest coarse
+    # each query's best by the full scan is found when it is also its block's best by the coarse one
+    truth = [torch.topk(row, 3).indices.tolist() for row in full]
+    found = [torch.topk(row, 3).indices.tolist() for row in score_index_shard(queries, blocks, cascade=cascade).scores]
+    assert recall(found, truth) >= 0.5
 
 
 @pytest.mark.slow
