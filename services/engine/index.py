@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import InputError
-from ..options import BUDGET, DIM, ENERGY, PROJECTION, RANK, SEED, STORAGE_DTYPE
+from ..options import BUDGET, DIM, PROJECTION, RANK, SEED, STORAGE_DTYPE
 from .budget import within_memory
 from .capture import ModuleCapture
 from .device import exact_arithmetic, to_device
@@ -83,9 +83,10 @@ class IndexSpec:
     seed: int = SEED.default  # random projections and the randomized SVD's test matrices
     storage_dtype: str = STORAGE_DTYPE.default
     query_rank: int | None = 16  # svd: the query side's rank in index space (None: full)
-    # svd: the share of each sequence's whitened energy kept; 1: every pair, R per module (what a
-    # spec without it meant before issue 24)
-    energy: float = ENERGY.default
+    # svd: the share of each sequence's whitened energy kept; 1: every pair, R per module. A spec
+    # without it (written before issue 24: an index, a queued job) meant 1, so 1 is the field's
+    # default; a new build asks for ENERGY.default (0.95) through the CLI or the request.
+    energy: float = 1.0
     budget: int = BUDGET.default  # svd: at most this many bytes per sequence (0: no limit)
 
     def validate(self) -> None:
