@@ -8,31 +8,17 @@ and scores unrelated to w give an LDS near 0 whose bootstrap CI covers 0."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from tests.support import ROOT
+from tests.support.bench_scripts import load_lds_script
 
-LDS_DIR = ROOT / "bench" / "lds"
-
-
-def load(name: str):
-    sys.path.insert(0, str(LDS_DIR))  # the bench scripts import their siblings by name
-    spec = importlib.util.spec_from_file_location(f"bench_lds_{name}", LDS_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-metrics = load("metrics")
-evaluate = load("evaluate")
+metrics = load_lds_script("metrics")
+evaluate = load_lds_script("evaluate")
 
 
 def linear_world(n_train=60, n_queries=8, n_subsets=40, seed=0):
@@ -131,7 +117,7 @@ def test_evaluate_reads_files_and_tells_the_exact_attribution_from_noise(tmp_pat
 
 @pytest.mark.slow  # three retrainings of a tiny demo in child processes, a fit, a score: ~1 min idle, more when busy
 def test_the_pipeline_on_a_tiny_demo_builds_resumable_ground_truth_and_evaluates(tmp_path):
-    ground_truth = load("ground_truth")
+    ground_truth = load_lds_script("ground_truth")
     from services.engine.fit import FitConfig, fit_factors
     from services.engine.model_io import load_model_and_tokenizer
     from services.engine.records import read_queries_jsonl, read_training_jsonl
@@ -193,7 +179,7 @@ def test_evaluate_without_retrained_subsets_measures_fact_tracing_only(tmp_path)
 def test_a_ground_truth_manifest_written_before_the_recipe_fields_still_describes_its_corpus():
     """The cached demo ground truth's manifest predates DemoSettings.architecture/d_ff: it still
     resumes (the fields take their defaults), and the toy Llama's settings are another corpus."""
-    ground_truth = load("ground_truth")
+    ground_truth = load_lds_script("ground_truth")
     from services.toy.recipe import RECIPES
 
     wanted = {"model": "demo", "seed": 0, "settings": asdict(RECIPES["demo"]), "fraction": 0.5, "training_ids": ["t0"]}

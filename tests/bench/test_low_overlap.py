@@ -4,24 +4,9 @@ measure says so in numbers. Pure Python: no model is loaded."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from tests.support.bench_scripts import load_lds_script
 
-from tests.support import ROOT
-
-LDS_DIR = ROOT / "bench" / "lds"
-
-
-def load(name: str):
-    sys.path.insert(0, str(LDS_DIR))
-    spec = importlib.util.spec_from_file_location(f"bench_lds_{name}", LDS_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-low_overlap = load("low_overlap")
+low_overlap = load_lds_script("low_overlap")
 
 
 def template_words(templates) -> set[str]:
