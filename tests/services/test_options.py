@@ -30,7 +30,9 @@ COMMAND_PATHS = [(name,) for name in COMMANDS if name != "index"] + [("index", a
 # the rank of the query side in index space, not the scoring's --query-rank
 # score --rescore is unset unless given: the server applies its default (RESCORE.default), and the
 # CLI refuses --rescore without --index
-NOT_SHARED = {("demo", "seed"), ("IndexSpec", "query_rank"), ("score", "rescore")}
+# IndexSpec.energy: a stored spec without the field (written before issue 24) means every pair (1);
+# a new build asks for options.ENERGY's 0.95 through its flag or request field.
+NOT_SHARED = {("demo", "seed"), ("IndexSpec", "query_rank"), ("IndexSpec", "energy"), ("score", "rescore")}
 
 
 def subparser(path: tuple[str, ...]) -> argparse.ArgumentParser:
