@@ -18,6 +18,7 @@ and not slow"`, is the engine and the pure-Python contracts.
 
 from __future__ import annotations
 
+import signal
 import uuid
 from pathlib import Path
 
@@ -26,6 +27,11 @@ import pytest
 from tests.support.system import Cluster, build_workspace
 
 pytest_plugins = ["tests.support.servers.redis", "tests.support.servers.s3", "tests.support.servers.influence"]
+
+# A suite started in the background of a shell without job control inherits SIGINT ignored, and
+# so would every process it starts: the tests that interrupt a command (tests/services/cli/
+# test_signals.py) would fail or wait forever. Ctrl-C means KeyboardInterrupt here, as in a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 SERVER_FIXTURES = {"redis_server", "s3_server", "served"}  # and every fixture built on them
 FOLDERS_NEEDING_SERVERS = ("faults",)
